@@ -1,0 +1,83 @@
+"""The mutator both conv2d rewrites share: find conv2d(x, const OIHW weight) and its epilogue chain,
+ask the subclass what to emit, remap the chain's last variable to the new call."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.ir import IRModule
+
+from unsparse_tvm.formats import ConvGeometry
+
+from ._util import Epilogue, const_array, is_op, match_epilogue, shape_of, use_counts, users_of
+
+
+def conv_geometry(call: relax.Call, weight: np.ndarray) -> ConvGeometry | None:
+    """Geometry of a plain NCHW/OIHW float32 conv2d with static shapes; None if it is anything else."""
+    a = call.attrs
+    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
+        return None
+    xshape = shape_of(call.args[0])
+    if xshape is None or len(xshape) != 4 or weight.dtype != np.float32:
+        return None
+    if str(a.out_dtype) not in ("", "float32") or getattr(call.args[0].ty, "dtype", None) != "float32":
+        return None
+    n, c, h, w = xshape
+    k, _, r, s = weight.shape
+    return ConvGeometry(n, c, h, w, k, r, s, tuple(int(v) for v in a.strides),
+                        tuple(int(v) for v in a.padding), tuple(int(v) for v in a.dilation))
+
+
+class ConvChainRewriter(relax.PyExprMutator):
+    """Undecorated base (decorated classes cannot be subclassed): subclasses, decorated with
+    `@relax.expr_functor.mutator`, implement `rewrite(conv, weight, geo, epilogue) -> relax.Expr | None`."""
+
+    allow_residual = True
+
+    def __init__(self, mod: IRModule):
+        super().__init__(mod)
+        self.plans: dict[relax.Var, tuple[relax.Call, Epilogue]] = {}
+
+    def plan(self, func: relax.Function) -> None:
+        var2val = relax.analysis.get_var2val(func)
+        counts, users = use_counts(func), users_of(func)
+        self.plans = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if not is_op(b.value, "relax.nn.conv2d") or const_array(b.value.args[1]) is None:
+                    continue
+                out = shape_of(b.var)
+                if out is None:
+                    continue
+                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, self.allow_residual)
+                self.plans[ep.last] = (b.value, ep)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        planned = self.plans.get(binding.var)
+        new = None
+        if planned is not None:
+            conv, ep = planned
+            weight = const_array(conv.args[1])
+            geo = conv_geometry(conv, weight)
+            new = self.rewrite(conv, weight, geo, ep)
+        if new is None:
+            return super().visit_var_binding_(binding)
+        self.set_var_remap(binding.var, self.builder_.emit(new))
+
+    def rewrite(self, conv, weight, geo, ep):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def epilogue_args(self, ep: Epilogue) -> tuple[list[relax.Expr], dict]:
+        args = []
+        if ep.bias is not None:
+            args.append(relax.const(ep.bias))
+        if ep.residual is not None:
+            args.append(self.visit_expr(ep.residual))
+        return args, {"has_bias": ep.bias is not None, "has_residual": ep.residual is not None, "relu": ep.relu}
+
+    def run(self, mod: IRModule) -> IRModule:
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.plan(func)
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(self.builder_.finalize())

@@ -1,0 +1,181 @@
+"""Shared pieces of the rewrite passes: constants, use counts, epilogue chains, layer names, decisions."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from tvm import relax, tirx
+from tvm.ir import GenericConst, Op
+
+from unsparse_tvm.schedules._common import OP_ATTR
+
+
+def const_array(expr: relax.Expr) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, GenericConst) else None
+
+
+def shape_of(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty if hasattr(expr, "ty") else None
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return tuple(int(v) for v in shape.values)
+    except TypeError:  # symbolic dimension
+        return None
+
+
+def dtype_of(expr: relax.Expr) -> str | None:
+    return getattr(getattr(expr, "ty", None), "dtype", None)
+
+
+def is_op(expr: relax.Expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, Op) and expr.op.name == name
+
+
+def use_counts(func: relax.Function) -> dict[relax.Var, int]:
+    """How many times each bound variable is used (in later bindings or the function's result)."""
+    counts: dict[relax.Var, int] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, visit)
+    relax.analysis.post_order_visit(func.body.body, visit)
+    return counts
+
+
+@dataclass
+class Epilogue:
+    """conv/matmul -> [+ per-channel const bias] -> [+ residual tensor] -> [ReLU], each link used once."""
+
+    last: relax.Var                     # the variable the fused call replaces
+    bias: np.ndarray | None = None      # [K]
+    residual: relax.Expr | None = None
+    relu: bool = False
+    absorbed: list[relax.Var] = field(default_factory=list)
+
+
+def _single_user(var, users, counts):
+    if counts.get(var, 0) != 1:
+        return None
+    return users.get(var)
+
+
+def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: tuple[int, ...],
+                   var2val: dict, users: dict, counts: dict, allow_residual: bool = True) -> Epilogue:
+    """Follow `var` through a bias add, a residual add and a ReLU, as far as each link is its only use."""
+    ep = Epilogue(last=var)
+    cur = var
+    nxt = _single_user(cur, users, counts)
+    if nxt is not None and is_op(var2val[nxt], "relax.add"):
+        a, b = var2val[nxt].args
+        other = b if a.same_as(cur) else a
+        arr = const_array(other)
+        if arr is not None and _is_channel_vector(arr, channels, channel_axis, len(out_shape)):
+            ep.bias = arr.reshape(-1).astype(np.float32)
+            ep.absorbed.append(cur)
+            cur = nxt
+            nxt = _single_user(cur, users, counts)
+    if allow_residual and nxt is not None and is_op(var2val[nxt], "relax.add"):
+        a, b = var2val[nxt].args
+        other = b if a.same_as(cur) else a
+        if const_array(other) is None and shape_of(other) == out_shape and dtype_of(other) == "float32" \
+                and not other.same_as(cur):
+            ep.residual = other
+            ep.absorbed.append(cur)
+            cur = nxt
+            nxt = _single_user(cur, users, counts)
+    if nxt is not None and is_op(var2val[nxt], "relax.nn.relu"):
+        ep.relu = True
+        ep.absorbed.append(cur)
+        cur = nxt
+    ep.last = cur
+    return ep
+
+
+def _is_channel_vector(arr: np.ndarray, channels: int, axis: int, ndim: int) -> bool:
+    """Does arr broadcast against the output as one value per channel (e.g. [1, K, 1, 1] for NCHW)?"""
+    if arr.size != channels or arr.ndim > ndim:
+        return False
+    padded = (1,) * (ndim - arr.ndim) + arr.shape
+    return padded[axis] == channels
+
+
+def users_of(func: relax.Function) -> dict[relax.Var, relax.Var]:
+    """For each var, the (last seen) binding var that uses it; meaningful where the use count is 1."""
+    users: dict[relax.Var, relax.Var] = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            def visit(expr, _b=b):
+                if isinstance(expr, relax.Var):
+                    users[expr] = _b.var
+            relax.analysis.post_order_visit(b.value, visit)
+    return users
+
+
+def fingerprint(arr: np.ndarray) -> str:
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.blake2b(arr.tobytes(), digest_size=16)
+    return f"{arr.shape}:{arr.dtype}:{h.hexdigest()}"
+
+
+class LayerNames:
+    """Maps weight arrays to the PyTorch parameter names they came from (constants carry no names)."""
+
+    def __init__(self, named: dict[str, np.ndarray] | None = None):
+        self._names: dict[str, str] = {}
+        for name, arr in (named or {}).items():
+            self._names[fingerprint(arr)] = name.removesuffix(".weight")
+        self._count = 0
+
+    def alias(self, new: np.ndarray, old: np.ndarray) -> None:
+        name = self._names.get(fingerprint(old))
+        if name is not None:
+            self._names[fingerprint(new)] = name
+
+    def name_of(self, arr: np.ndarray, kind: str) -> str:
+        name = self._names.get(fingerprint(arr))
+        if name is None:
+            self._count += 1
+            name = f"{kind}{self._count}"
+        return name
+
+
+@dataclass
+class LayerDecision:
+    """What a rewrite pass did with one layer; `compile` and `bench` print these."""
+
+    name: str
+    op: str                      # conv2d or dense
+    shape: list[int]             # weight shape
+    sparsity: float
+    decision: str                # sparse, dense, or why it was left alone
+    format: str = "-"            # ell / hyb for sparse layers
+    nnz: int = 0
+    padded: int = 0              # stored entries including padding
+    input_shape: list[int] = field(default_factory=list)
+    fused: str = ""              # epilogue fused into the kernel, e.g. "bias+relu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fused_label(ep: Epilogue) -> str:
+    parts = [p for p, on in (("bias", ep.bias is not None), ("residual", ep.residual is not None), ("relu", ep.relu)) if on]
+    return "+".join(parts)
+
+
+def mark(builder: relax.BlockBuilder, call: relax.Call, attrs: dict) -> None:
+    """Attach unsparse attributes to the PrimFunc a call_te just created."""
+    gv = call.args[0]
+    func: tirx.PrimFunc = builder.get()[gv]
+    # op_pattern 8 (kOpaque): FuseOps must not fuse our kernels with neighbours (it would drop these attrs)
+    for key, value in {OP_ATTR: attrs.pop("op"), "op_pattern": 8, **attrs}.items():
+        func = func.with_attr(key, value)
+    builder.update_func(gv, func)

@@ -1,0 +1,71 @@
+"""The whole Relax pipeline, in phases: TVM's own passes around ours."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.target import Target
+
+from ._util import LayerNames
+from .fold_batchnorm import FoldBatchNormIntoConv
+from .lower_dense_conv2d import LowerDenseConv2d
+from .schedule_ops import ScheduleRemainingCPU, ScheduleUnsparseOps
+from .sparsify_conv2d import SparsifyConv2d
+from .sparsify_dense import SparsifyDense
+
+
+def build_pipeline(target: Target, *, threshold: float = 0.7, sparse: bool = True,
+                   names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
+                   configs: dict | None = None, database=None) -> tvm.transform.Pass:
+    """A module pass taking an imported Relax module to a VM-ready one for `target`."""
+    names = names if names is not None else LayerNames()
+    is_cpu = target.kind.name == "llvm"
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
+    from tvm.relax.backend.cuda import pipeline as cuda_backend
+
+    backend = cpu_backend if is_cpu else cuda_backend
+
+    passes = [
+        # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away
+        FoldBatchNormIntoConv(names),
+        relax.transform.FoldConstant(),
+    ]
+    if sparse:
+        # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
+        passes += [SparsifyConv2d(threshold, names, report, fmt), SparsifyDense(threshold, names, report, fmt)]
+    if is_cpu:
+        # Phase 3 (llvm): dense convs become the direct-conv operator with an x86 schedule
+        passes.append(LowerDenseConv2d())
+    # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)
+    passes += [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    # Phase 5: schedules: tuning records first, then our hand-written rules, then the rest
+    if database is not None:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+    passes.append(ScheduleUnsparseOps(target, configs))
+    if is_cpu:
+        passes.append(ScheduleRemainingCPU(target))
+    else:
+        from tvm.s_tir import dlight as dl
+
+        passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+    # Phase 6: TVM's lowering to the Relax VM
+    passes += backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+
+    seq = tvm.transform.Sequential(passes, name="unsparse_pipeline")
+
+    @tvm.transform.module_pass(opt_level=0, name="UnsparsePipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            if database is not None:
+                with database:
+                    return seq(mod)
+            return seq(mod)
+
+    return _pipeline

@@ -1,0 +1,67 @@
+"""SparsifyConv2d: conv2d with a constant weight of sparsity >= threshold -> TE sparse direct conv2d.
+
+The bias add, a residual add and the ReLU that follow the conv are fused into the same kernel.
+Grouped/depthwise convs and non-float32 convs stay dense. Every conv gets a LayerDecision.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+
+from unsparse_tvm import te_ops
+from unsparse_tvm.formats import conv_weight_rows
+
+from ._conv_match import ConvChainRewriter
+from ._util import LayerDecision, LayerNames, fused_label, mark
+
+
+@relax.expr_functor.mutator
+class _Sparsifier(ConvChainRewriter):
+    def __init__(self, mod: IRModule, threshold: float, names: LayerNames, report: list, fmt: str | None):
+        super().__init__(mod)
+        self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
+
+    def rewrite(self, conv, weight, geo, ep):
+        sparsity = float((weight == 0).sum()) / weight.size
+        name = self.names.name_of(weight, "conv")
+        decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "dense",
+                                 nnz=int((weight != 0).sum()), input_shape=[geo.n, geo.c, geo.h, geo.w] if geo else [])
+        self.report.append(decision)
+        if geo is None or int(conv.attrs.groups) != 1:
+            decision.decision = "dense (grouped or unsupported layout/dtype)"
+            return None
+        if sparsity < self.threshold:
+            decision.decision = "dense (below threshold)"
+            return None
+        rows = conv_weight_rows(weight, geo, self.fmt)
+        args = [self.visit_expr(conv.args[0]), relax.const(rows.data), relax.const(rows.off)]
+        if rows.fmt == "hyb":
+            args += [relax.const(rows.ovf_data), relax.const(rows.ovf_off), relax.const(rows.ovf_slot)]
+        extra, flags = self.epilogue_args(ep)
+        op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
+        call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint="sparse_conv2d")
+        mark(self.builder_, call, {"op": "sparse_conv2d", "unsparse.fmt": rows.fmt,
+                                   "unsparse.pad_shape": [geo.pad_channels, geo.hp, geo.wp],
+                                   "unsparse.flat": int(geo.flat_output)})
+        decision.decision, decision.format = "sparse", rows.fmt
+        decision.padded, decision.fused = rows.padded_size, fused_label(ep)
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="SparsifyConv2d")
+class SparsifyConv2d:
+    """Replace sufficiently sparse conv2d (+ bias/residual/ReLU) by TE sparse direct convolutions."""
+
+    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None,
+                 report: list | None = None, fmt: str | None = None):
+        self.threshold, self.fmt = threshold, fmt
+        self.names = names if names is not None else LayerNames()
+        self.report = report if report is not None else []
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt).run(mod)

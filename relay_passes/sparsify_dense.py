@@ -1,0 +1,106 @@
+"""SparsifyDense: linear layers (matmul with a constant weight, + bias, + ReLU) of sparsity >= threshold
+-> TE sparse dense operator."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+
+from unsparse_tvm import te_ops
+from unsparse_tvm.formats import dense_weight_rows
+
+from ._util import (LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue,
+                    shape_of, use_counts, users_of)
+
+
+def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:
+    """[out, in] weight of matmul(x, W^T) where W^T is a constant or permute_dims of a constant."""
+    if not is_op(call, "relax.matmul"):
+        return None
+    rhs = call.args[1]
+    rhs = var2val.get(rhs, rhs)
+    arr = const_array(rhs)
+    if arr is not None and arr.ndim == 2:
+        return np.ascontiguousarray(arr.T)
+    if is_op(rhs, "relax.permute_dims"):
+        inner = const_array(rhs.args[0])
+        axes = [int(a) for a in rhs.attrs.axes] if rhs.attrs.axes is not None else [1, 0]
+        if inner is not None and inner.ndim == 2 and axes == [1, 0]:
+            return inner
+    return None
+
+
+@relax.expr_functor.mutator
+class _Sparsifier(relax.PyExprMutator):
+    def __init__(self, mod, threshold, names, report, fmt):
+        super().__init__(mod)
+        self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
+        self.plans = {}
+
+    def plan(self, func: relax.Function) -> None:
+        var2val = relax.analysis.get_var2val(func)
+        counts, users = use_counts(func), users_of(func)
+        self.plans = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                weight = _linear_weight(b.value, var2val)
+                xshape, out = shape_of(b.value.args[0]) if weight is not None else None, shape_of(b.var)
+                if weight is None or xshape is None or len(xshape) != 2 or out is None:
+                    continue
+                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
+                self.plans[ep.last] = (b.value, weight, ep)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        planned = self.plans.get(binding.var)
+        new = self._rewrite(*planned) if planned is not None else None
+        if new is None:
+            return super().visit_var_binding_(binding)
+        self.set_var_remap(binding.var, self.builder_.emit(new))
+
+    def _rewrite(self, call, weight, ep):
+        sparsity = float((weight == 0).sum()) / weight.size
+        decision = LayerDecision(self.names.name_of(weight, "linear"), "dense", list(weight.shape),
+                                 round(sparsity, 4), "dense", nnz=int((weight != 0).sum()),
+                                 input_shape=list(shape_of(call.args[0])))
+        self.report.append(decision)
+        if weight.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
+            decision.decision = "dense (not float32)"
+            return None
+        if sparsity < self.threshold:
+            decision.decision = "dense (below threshold)"
+            return None
+        rows = dense_weight_rows(weight, self.fmt)
+        args = [self.visit_expr(call.args[0]), relax.const(rows.data), relax.const(rows.off)]
+        if rows.fmt == "hyb":
+            args += [relax.const(rows.ovf_data), relax.const(rows.ovf_off), relax.const(rows.ovf_slot)]
+        if ep.bias is not None:
+            args.append(relax.const(ep.bias))
+        new = self.builder_.call_te(te_ops.sparse_dense, *args, fmt=rows.fmt, has_bias=ep.bias is not None,
+                                    relu=ep.relu, primfunc_name_hint="sparse_dense")
+        mark(self.builder_, new, {"op": "sparse_dense", "unsparse.fmt": rows.fmt})
+        decision.decision, decision.format = "sparse", rows.fmt
+        decision.padded, decision.fused = rows.padded_size, fused_label(ep)
+        return new
+
+    def run(self, mod: IRModule) -> IRModule:
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.plan(func)
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(self.builder_.finalize())
+
+
+@tvm.transform.module_pass(opt_level=0, name="SparsifyDense")
+class SparsifyDense:
+    """Replace sufficiently sparse linear layers (+ bias/ReLU) by TE sparse dense operators."""
+
+    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None,
+                 report: list | None = None, fmt: str | None = None):
+        self.threshold, self.fmt = threshold, fmt
+        self.names = names if names is not None else LayerNames()
+        self.report = report if report is not None else []
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt).run(mod)

@@ -1,0 +1,73 @@
+"""Small helpers shared by the schedule rules."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+OP_ATTR = "unsparse.op"  # PrimFunc attribute set by the rewrite passes: which operator this is
+
+
+def op_of(func: tirx.PrimFunc) -> str | None:
+    """The unsparse operator a PrimFunc implements, or None for anything else."""
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or OP_ATTR not in func.attrs:
+        return None
+    return str(func.attrs[OP_ATTR])
+
+
+def is_scheduled(func: tirx.PrimFunc) -> bool:
+    return func.attrs is not None and "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
+
+
+def largest_divisor(n: int, cap: int) -> int:
+    """Largest divisor of n that is <= cap (>= 1)."""
+    for d in range(min(n, max(cap, 1)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # tvm raises a generic error for a missing block
+        return False
+
+
+def extents(sch: s_tir.Schedule, loops) -> list[int]:
+    return [int(sch.get(l).extent) for l in loops]
+
+
+def schedule_pad_cpu(sch: s_tir.Schedule, c: int, hp: int, wp: int) -> None:
+    """Flat padded input: split i back into (c, h, w) so the index div/mod fold away, parallel over c."""
+    n, i = sch.get_loops(sch.get_sblock("pad_flat"))
+    ci, _, _ = sch.split(i, [c, hp, wp])
+    sch.parallel(sch.fuse(n, ci))
+
+
+def schedule_pad_cuda(sch: s_tir.Schedule, threads: int = 256) -> None:
+    block = sch.get_sblock("pad_flat")
+    fused = sch.fuse(*sch.get_loops(block))
+    bx, tx = sch.split(fused, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
+def bind_elementwise_cuda(sch: s_tir.Schedule, block_name: str, threads: int = 256) -> None:
+    block = sch.get_sblock(block_name)
+    fused = sch.fuse(*sch.get_loops(block))
+    bx, tx = sch.split(fused, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
+def schedule_epilogue_cpu(sch: s_tir.Schedule, par, fuse_into_tile: bool) -> None:
+    """Crop + bias + residual + ReLU. Under the conv's parallel tile where the index map is affine
+    (the strided [N, K, OH, OW] domain); its own parallel loop for the flat domain (y*Wp + x is
+    not invertible for reverse_compute_at) and for hyb (two producers)."""
+    block = sch.get_sblock("epilogue")
+    if fuse_into_tile:
+        sch.reverse_compute_at(block, par)
+        return
+    n, k, y, x = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, k))

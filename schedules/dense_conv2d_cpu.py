@@ -1,0 +1,82 @@
+"""x86 schedule for the dense direct conv2d (te_ops.dense_conv2d): a register tile of
+tile_k output channels x unroll*vec outputs, each input vector load feeding tile_k FMAs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._common import extents, largest_divisor, op_of, schedule_epilogue_cpu, schedule_pad_cpu
+
+OP = "dense_conv2d"
+
+
+@dataclass
+class Config:
+    tile_k: int = 4    # output channels sharing each input load (register tile rows)
+    vec: int = 16      # lanes of the output axis
+    unroll: int = 2    # vectors per channel: 4 x 2 = 8 zmm accumulators
+
+    @staticmethod
+    def for_target(target: Target) -> "Config":
+        return Config()
+
+
+def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
+    if op_of(func) != OP or target.kind.name != "llvm":
+        return None
+    cfg = config or Config.for_target(target)
+    sch = s_tir.Schedule(func)
+    _schedule(sch, func, cfg.tile_k, cfg.vec, cfg.unroll, clamp=True)
+    return sch
+
+
+def space(sch: s_tir.Schedule) -> None:
+    func = sch.mod["main"]
+    k = sch.get_loops(sch.get_sblock("conv"))[1]
+    tile_k = sch.sample_perfect_tile(k, n=2, max_innermost_factor=8)[1]
+    vec = sch.sample_categorical([8, 16], [0.4, 0.6])
+    unroll = sch.sample_categorical([1, 2, 4], [0.3, 0.4, 0.3])
+    _schedule(sch, func, tile_k, vec, unroll, clamp=False)
+
+
+def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
+    cx, hp, wp = (int(v) for v in func.attrs["unsparse.pad_shape"])
+    flat = bool(int(func.attrs["unsparse.flat"]))
+    schedule_pad_cpu(sch, cx, hp, wp)
+    block = sch.get_sblock("conv")
+    acc = sch.cache_write(block, 0, "local")
+    loops = sch.get_loops(block)
+    ext = extents(sch, loops)
+    if clamp:
+        tile_k = largest_divisor(ext[1], tile_k)
+    n, k = loops[0], loops[1]
+    ko, ki = sch.split(k, [None, tile_k])
+    if flat:  # [n, k, q, rc, rr, rs]
+        q, rc, rr, rs = loops[2:]
+        if clamp:
+            vec = largest_divisor(ext[2], vec)
+            unroll = largest_divisor(ext[2] // vec, unroll)
+        qo, qu, qv = sch.split(q, [None, unroll, vec])
+        sch.reorder(n, ko, qo, rc, rr, rs, ki, qu, qv)
+        tile_loop = qo
+    else:     # [n, k, y, x, rc, rr, rs]
+        y, x, rc, rr, rs = loops[2:]
+        if clamp:
+            vec = largest_divisor(ext[3], vec)
+            unroll = largest_divisor(ext[3] // vec, unroll)
+        xo, qu, qv = sch.split(x, [None, unroll, vec])
+        sch.reorder(n, ko, y, xo, rc, rr, rs, ki, qu, qv)
+        tile_loop = xo
+    par = sch.fuse(n, ko)
+    sch.parallel(par)
+    sch.reverse_compute_at(acc, tile_loop)
+    sch.vectorize(qv)
+    sch.unroll(qu)
+    sch.unroll(ki)
+    init = sch.decompose_reduction(block, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    schedule_epilogue_cpu(sch, par, fuse_into_tile=not flat)

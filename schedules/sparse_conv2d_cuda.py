@@ -1,0 +1,75 @@
+"""CUDA schedule for the sparse direct conv2d (te_ops.sparse_conv2d).
+
+One thread block per (batch, tile of output channels, range of output positions); threadIdx.x runs
+over consecutive output positions, so each nonzero's input loads are coalesced, and the row's
+(weight, offset) pairs are the same address across a warp (a broadcast). Each thread accumulates
+`per_thread` outputs, strided by the thread count, in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._common import bind_elementwise_cuda, has_block, largest_divisor, op_of, schedule_pad_cuda, extents
+
+OP = "sparse_conv2d"
+
+
+@dataclass
+class Config:
+    threads_q: int = 64    # threads over output positions (two warps: coalesced loads)
+    threads_k: int = 2     # threads over output channels (different rows in one block)
+    per_thread: int = 2    # outputs per thread kept in registers
+
+    @staticmethod
+    def for_target(target: Target) -> "Config":
+        return Config()
+
+
+def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
+    if op_of(func) != OP or target.kind.name != "cuda":
+        return None
+    cfg = config or Config.for_target(target)
+    sch = s_tir.Schedule(func)
+    _schedule(sch, cfg.threads_q, cfg.threads_k, cfg.per_thread, clamp=True)
+    return sch
+
+
+def space(sch: s_tir.Schedule) -> None:
+    threads_q = sch.sample_categorical([32, 64, 128, 256], [0.25] * 4)
+    k = sch.get_loops(sch.get_sblock("conv"))[1]
+    threads_k = sch.sample_perfect_tile(k, n=2, max_innermost_factor=8)[1]
+    per_thread = sch.sample_categorical([1, 2, 4], [0.3, 0.4, 0.3])
+    _schedule(sch, threads_q, threads_k, per_thread, clamp=False)
+
+
+def _rows(sch, name, threads_q, threads_k, per_thread, clamp):
+    block = sch.get_sblock(name)
+    acc = sch.cache_write(block, 0, "local")
+    loops = sch.get_loops(block)
+    j = loops[-1]
+    n, k = loops[0], loops[1]
+    q = sch.fuse(*loops[2:-1])          # flat domain already; strided convs fuse (y, x)
+    if clamp:
+        threads_k = largest_divisor(extents(sch, [k])[0], threads_k)
+    ko, ki = sch.split(k, [None, threads_k])
+    qo, qp, qi = sch.split(q, [None, per_thread, threads_q])
+    sch.reorder(n, ko, qo, ki, qi, j, qp)
+    sch.bind(sch.fuse(n, ko), "blockIdx.y")
+    sch.bind(qo, "blockIdx.x")
+    sch.bind(ki, "threadIdx.y")
+    sch.bind(qi, "threadIdx.x")
+    sch.reverse_compute_at(acc, qi)
+    sch.unroll(qp)
+    sch.decompose_reduction(block, j)
+
+
+def _schedule(sch, threads_q, threads_k, per_thread, clamp: bool) -> None:
+    schedule_pad_cuda(sch)
+    _rows(sch, "conv", threads_q, threads_k, per_thread, clamp)
+    if has_block(sch, "conv_ovf"):
+        _rows(sch, "conv_ovf", threads_q, threads_k, per_thread, clamp)
+    bind_elementwise_cuda(sch, "epilogue")

@@ -1,0 +1,59 @@
+"""CUDA schedule for the sparse dense (linear) operator: one warp per output row, lanes striding over
+the row's nonzeros, a warp-level (cross-thread) reduction; rows_per_block warps per thread block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._common import bind_elementwise_cuda, extents, has_block, largest_divisor, op_of
+
+OP = "sparse_dense"
+
+
+@dataclass
+class Config:
+    lanes: int = 32          # threads over one row's nonzeros (a warp)
+    rows_per_block: int = 4  # rows (warps) per block
+
+    @staticmethod
+    def for_target(target: Target) -> "Config":
+        return Config()
+
+
+def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
+    if op_of(func) != OP or target.kind.name != "cuda":
+        return None
+    cfg = config or Config.for_target(target)
+    sch = s_tir.Schedule(func)
+    _schedule(sch, cfg.lanes, cfg.rows_per_block, clamp=True)
+    return sch
+
+
+def space(sch: s_tir.Schedule) -> None:
+    lanes = sch.sample_categorical([8, 16, 32], [0.2, 0.3, 0.5])
+    rows = sch.get_loops(sch.get_sblock("conv"))[1]
+    per_block = sch.sample_perfect_tile(rows, n=2, max_innermost_factor=8)[1]
+    _schedule(sch, lanes, per_block, clamp=False)
+
+
+def _rows(sch, name, lanes, rows_per_block, clamp):
+    block = sch.get_sblock(name)
+    n, o, j = sch.get_loops(block)
+    if clamp:
+        rows_per_block = largest_divisor(extents(sch, [o])[0], rows_per_block)
+    oo, oi = sch.split(o, [None, rows_per_block])
+    jo, ji = sch.split(j, [None, lanes])
+    sch.reorder(n, oo, oi, ji, jo)
+    sch.bind(sch.fuse(n, oo), "blockIdx.x")
+    sch.bind(oi, "threadIdx.y")
+    sch.bind(ji, "threadIdx.x")   # reduction over threads: lowered to a warp shuffle all-reduce
+
+
+def _schedule(sch, lanes, rows_per_block, clamp: bool) -> None:
+    _rows(sch, "conv", lanes, rows_per_block, clamp)
+    if has_block(sch, "conv_ovf"):
+        _rows(sch, "conv_ovf", lanes, rows_per_block, clamp)
+    bind_elementwise_cuda(sch, "epilogue")

@@ -1,0 +1,180 @@
+"""Sparse weight formats for the TE operators, built in numpy from a dense (pruned) weight.
+
+Both formats store, for each output row k (an output channel, or a linear layer's output feature),
+the row's nonzero values and, instead of column numbers, *offsets into the operator's flat input*:
+for a convolution the offset of (c, r, s) in the zero-padded input image (c*Hp*Wp + r*dh*Wp + s*dw),
+so the kernel's inner loop is one add and one contiguous load (Park et al., "Faster CNNs with direct
+sparse convolutions", ICLR 2017).
+
+- "ell": padded ELLPACK, data[K, L], off[K, L], L = the longest row. Rows shorter than L are padded
+  with zero values at offset 0 (a valid address), so no bounds checks are needed.
+- "hyb": ELL of width L1 for every row plus an overflow ELL of width L2 holding only the rows longer
+  than L1, gathered back by slot[K] (-1 for rows without overflow). Chosen when a few long rows would
+  make plain ELL mostly padding; L1 minimises the total padded size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# hyb only when it saves at least this much padded storage over ell (it costs an extra reduction stage)
+HYB_MIN_SAVING = 0.25
+
+
+@dataclass
+class SparseRows:
+    """A sparse matrix in ell or hyb form; offsets already mapped into the operator's input space."""
+
+    fmt: str                      # "ell" or "hyb"
+    data: np.ndarray              # [K, L] float32
+    off: np.ndarray               # [K, L] int32
+    nnz: int
+    shape: tuple[int, int]        # (K, columns) of the logical matrix
+    ovf_data: np.ndarray | None = None   # [K2, L2] float32, hyb only
+    ovf_off: np.ndarray | None = None    # [K2, L2] int32
+    ovf_slot: np.ndarray | None = None   # [K] int32: row of the overflow part, or -1
+    row_nnz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def padded_size(self) -> int:
+        size = self.data.size
+        if self.ovf_data is not None:
+            size += self.ovf_data.size
+        return int(size)
+
+    @property
+    def sparsity(self) -> float:
+        total = self.shape[0] * self.shape[1]
+        return 1.0 - self.nnz / total if total else 0.0
+
+
+def _best_split(row_nnz: np.ndarray) -> tuple[int, int]:
+    """(L1, padded size) minimising K*L1 + (#rows longer than L1) * (max - L1)."""
+    k, longest = len(row_nnz), int(row_nnz.max(initial=0))
+    best = (longest, k * longest)
+    for l1 in np.unique(row_nnz):
+        l1 = int(l1)
+        size = k * l1 + int((row_nnz > l1).sum()) * (longest - l1)
+        if size < best[1]:
+            best = (l1, size)
+    return best
+
+
+def choose_format(row_nnz: np.ndarray) -> str:
+    """ell where rows are balanced; hyb where a few long rows would blow up ell's padding."""
+    k, longest = len(row_nnz), int(row_nnz.max(initial=0))
+    l1, size = _best_split(row_nnz)
+    if 0 < l1 < longest and size <= (1.0 - HYB_MIN_SAVING) * k * longest:
+        return "hyb"
+    return "ell"
+
+
+def _pack(rows: list[np.ndarray], vals: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(width, 1)  # a zero-width reduction is not expressible; one zero entry is harmless
+    data = np.zeros((len(rows), width), np.float32)
+    off = np.zeros((len(rows), width), np.int32)
+    for i, (r, v) in enumerate(zip(rows, vals)):
+        data[i, : len(v)] = v
+        off[i, : len(r)] = r
+    return data, off
+
+
+def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None = None) -> SparseRows:
+    """Pack a [K, cols] matrix, mapping column j to input offset col_offset[j]."""
+    matrix = np.asarray(matrix, np.float32)
+    k, ncols = matrix.shape
+    assert col_offset.shape == (ncols,)
+    cols = [np.flatnonzero(matrix[i]) for i in range(k)]
+    row_nnz = np.array([len(c) for c in cols], np.int64)
+    offs = [col_offset[c].astype(np.int32) for c in cols]
+    vals = [matrix[i, c] for i, c in enumerate(cols)]
+    fmt = fmt or choose_format(row_nnz)
+    longest = int(row_nnz.max(initial=0))
+    if fmt == "ell":
+        data, off = _pack(offs, vals, longest)
+        return SparseRows("ell", data, off, int(row_nnz.sum()), (k, ncols), row_nnz=row_nnz)
+    if fmt != "hyb":
+        raise ValueError(f"unknown sparse format {fmt}")
+    l1, _ = _best_split(row_nnz)
+    l1 = max(l1, 1)
+    data, off = _pack([o[:l1] for o in offs], [v[:l1] for v in vals], l1)
+    long_rows = np.flatnonzero(row_nnz > l1)
+    slot = np.full(k, -1, np.int32)
+    slot[long_rows] = np.arange(len(long_rows), dtype=np.int32)
+    if len(long_rows) == 0:  # forced hyb on balanced rows: one empty overflow row keeps shapes valid
+        long_rows = np.array([0])
+    ovf_data, ovf_off = _pack([offs[i][l1:] for i in long_rows], [vals[i][l1:] for i in long_rows], longest - l1)
+    return SparseRows("hyb", data, off, int(row_nnz.sum()), (k, ncols), ovf_data, ovf_off, slot, row_nnz)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Static shape facts of one NCHW/OIHW conv2d, and the flat padded-input layout the kernel reads."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+
+    @property
+    def hp(self) -> int:
+        return self.h + self.padding[0] + self.padding[2]
+
+    @property
+    def wp(self) -> int:
+        return self.w + self.padding[1] + self.padding[3]
+
+    @property
+    def oh(self) -> int:
+        return (self.hp - self.dilation[0] * (self.r - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.wp - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def flat_output(self) -> bool:
+        """Stride 1: compute over the flat extended domain q = y*Wp + x (columns x >= OW are thrown
+        away), so that small images still fill whole vectors."""
+        return self.stride == (1, 1)
+
+    @property
+    def q_extent(self) -> int:
+        """Size of the flat extended output domain, rounded up to 16 lanes."""
+        return -(-self.oh * self.wp // 16) * 16
+
+    @property
+    def pad_channels(self) -> int:
+        """Channels of the flat padded input: C, plus zero channels so extended reads stay in bounds."""
+        plane = self.hp * self.wp
+        max_off = (self.c - 1) * plane + (self.r - 1) * self.dilation[0] * self.wp + (self.s - 1) * self.dilation[1]
+        if self.flat_output:
+            last = max_off + self.q_extent - 1
+        else:
+            last = max_off + (self.oh - 1) * self.stride[0] * self.wp + (self.ow - 1) * self.stride[1]
+        return max(self.c, last // plane + 1)
+
+    def column_offsets(self) -> np.ndarray:
+        """Flat padded-input offset of every weight column (c, r, s) in OIHW order."""
+        c, r, s = np.meshgrid(np.arange(self.c), np.arange(self.r), np.arange(self.s), indexing="ij")
+        off = c * self.hp * self.wp + r * self.dilation[0] * self.wp + s * self.dilation[1]
+        return off.reshape(-1).astype(np.int64)
+
+
+def conv_weight_rows(weight: np.ndarray, geo: ConvGeometry, fmt: str | None = None) -> SparseRows:
+    """Sparse rows of an OIHW conv weight, offsets into the flat padded input of `geo`."""
+    k = weight.shape[0]
+    return to_sparse_rows(weight.reshape(k, -1), geo.column_offsets(), fmt)
+
+
+def dense_weight_rows(weight: np.ndarray, fmt: str | None = None) -> SparseRows:
+    """Sparse rows of a [out, in] linear weight; offsets are plain column numbers."""
+    return to_sparse_rows(weight, np.arange(weight.shape[1]), fmt)

@@ -1,0 +1,49 @@
+"""Targets from the CLI's words (`--target llvm|cuda --arch sm_90`) to tvm.target.Target.
+
+TVM 0.27 accepts only JSON-dict targets; the llvm target gets the host CPU (so AVX-512/AVX2 are used)
+and the machine's core count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import UnsparseError
+
+TARGETS = ("llvm", "cuda")
+DEFAULT_ARCH = "sm_90"  # H100; pass --arch for other GPUs
+_ARCH = re.compile(r"^sm_(\d{2,3})[af]?$")
+
+
+def host_cpu() -> str:
+    from tvm.target import codegen
+
+    cpu = str(codegen.llvm_get_system_cpu())
+    return cpu if cpu and cpu != "generic" and codegen.llvm_is_valid_cpu(cpu, "x86_64-unknown-linux-gnu") else "x86-64"
+
+
+def llvm_target_dict(mcpu: str | None = None) -> dict:
+    return {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": mcpu or host_cpu(),
+            "num-cores": os.cpu_count() or 1}
+
+
+def check_arch(arch: str) -> str:
+    m = _ARCH.match(arch)
+    if not m or int(m.group(1)) < 50:
+        raise UnsparseError(f"unknown CUDA arch '{arch}': use the form sm_XY, e.g. sm_80 (A100) or sm_90 (H100)")
+    return arch
+
+
+def make_target(kind: str, arch: str | None = None):
+    """tvm.target.Target for 'llvm' or 'cuda' (with arch), or a clear error."""
+    import tvm
+
+    if kind not in TARGETS:
+        raise UnsparseError(f"unknown target '{kind}': use llvm (x86 CPU) or cuda")
+    if kind == "llvm":
+        if arch is not None:
+            raise UnsparseError("--arch is for --target cuda; the llvm target uses this machine's CPU")
+        return tvm.target.Target(llvm_target_dict())
+    arch = check_arch(arch or DEFAULT_ARCH)
+    return tvm.target.Target({"kind": "cuda", "arch": arch, "host": llvm_target_dict()})

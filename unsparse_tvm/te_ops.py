@@ -1,0 +1,149 @@
+"""TE definitions of the operators the passes substitute: sparse direct conv2d, sparse dense (linear),
+and, for llvm, a dense direct conv2d sharing the same flat-input formulation.
+
+Every operator is three stages, named so that schedules can find them:
+  "pad_flat"   zero-padded input flattened to [N, Cx*Hp*Wp] (Cx >= C: trailing zero channels keep the
+               extended reads of the flat domain in bounds)
+  "conv"       the reduction; "conv_ovf" is hyb's overflow reduction
+  "epilogue"   output cropping, hyb gather, bias, residual add and ReLU, fused in one elementwise stage
+Stride-1 convs compute "conv" over the flat extended domain q = y*Wp + x ([N, K, Q]); strided convs over
+[N, K, OH, OW]. See formats.ConvGeometry.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from .formats import ConvGeometry
+
+F32_ZERO = tirx.const(0.0, "float32")
+
+
+def pad_flat(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
+    """[N, C, H, W] -> [N, Cx*Hp*Wp] zero padded; schedules split the flat axis back into (c, h, w)."""
+    plane, (pt, pl, _, _) = geo.hp * geo.wp, geo.padding
+
+    def value(n, i):
+        c, h, w = i // plane, i % plane // geo.wp - pt, i % geo.wp - pl
+        inside = tirx.all(c < geo.c, h >= 0, h < geo.h, w >= 0, w < geo.w)
+        return tirx.if_then_else(inside, x[n, c, h, w], F32_ZERO)
+
+    return te.compute((geo.n, geo.pad_channels * plane), value, name="pad_flat")
+
+
+def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry, name: str) -> te.Tensor:
+    rows, width = data.shape
+    j = te.reduce_axis((0, width), name="j")
+    if geo.flat_output:
+        return te.compute(
+            (geo.n, rows, geo.q_extent),
+            lambda n, k, q: te.sum(data[k, j] * xf[n, off[k, j] + q], axis=j),
+            name=name,
+        )
+    sh, sw = geo.stride
+    return te.compute(
+        (geo.n, rows, geo.oh, geo.ow),
+        lambda n, k, y, x: te.sum(data[k, j] * xf[n, off[k, j] + y * (sh * geo.wp) + x * sw], axis=j),
+        name=name,
+    )
+
+
+def _at(t: te.Tensor, geo: ConvGeometry, n, k, y, x):
+    """Element (n, k, y, x) of a "conv" stage in either domain."""
+    return t[n, k, y * geo.wp + x] if geo.flat_output else t[n, k, y, x]
+
+
+def _epilogue(acc, shape, bias, residual, relu: bool) -> te.Tensor:
+    def value(*idx):
+        v = acc(*idx)
+        if bias is not None:
+            v = v + bias[idx[1]]
+        if residual is not None:
+            v = v + residual[idx]
+        if relu:
+            v = tirx.max(v, F32_ZERO)
+        return v
+
+    return te.compute(shape, value, name="epilogue")
+
+
+def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
+                  fmt: str, has_bias: bool, has_residual: bool, relu: bool) -> te.Tensor:
+    """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual]."""
+    rest = list(rest)
+    ovf = [rest.pop(0) for _ in range(3)] if fmt == "hyb" else None
+    bias = rest.pop(0) if has_bias else None
+    residual = rest.pop(0) if has_residual else None
+    xf = pad_flat(x, geo)
+    conv = _row_conv(xf, data, off, geo, "conv")
+    if ovf is not None:
+        ovf_data, ovf_off, slot = ovf
+        conv_ovf = _row_conv(xf, ovf_data, ovf_off, geo, "conv_ovf")
+
+        def acc(n, k, y, x_):
+            extra = _at(conv_ovf, geo, n, tirx.max(slot[k], 0), y, x_)
+            return _at(conv, geo, n, k, y, x_) + tirx.if_then_else(slot[k] >= 0, extra, F32_ZERO)
+    else:
+        def acc(n, k, y, x_):
+            return _at(conv, geo, n, k, y, x_)
+
+    return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu)
+
+
+def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
+                 has_bias: bool, has_residual: bool, relu: bool) -> te.Tensor:
+    """Dense direct conv2d over the same flat padded input (llvm's dense layers)."""
+    rest = list(rest)
+    bias = rest.pop(0) if has_bias else None
+    residual = rest.pop(0) if has_residual else None
+    xf = pad_flat(x, geo)
+    plane, (dh, dw) = geo.hp * geo.wp, geo.dilation
+    rc = te.reduce_axis((0, geo.c), name="rc")
+    rr = te.reduce_axis((0, geo.r), name="rr")
+    rs = te.reduce_axis((0, geo.s), name="rs")
+
+    def tap(n, base):
+        return xf[n, rc * plane + rr * (dh * geo.wp) + rs * dw + base]
+
+    if geo.flat_output:
+        conv = te.compute(
+            (geo.n, geo.k, geo.q_extent),
+            lambda n, k, q: te.sum(weight[k, rc, rr, rs] * tap(n, q), axis=[rc, rr, rs]),
+            name="conv",
+        )
+    else:
+        sh, sw = geo.stride
+        conv = te.compute(
+            (geo.n, geo.k, geo.oh, geo.ow),
+            lambda n, k, y, x_: te.sum(weight[k, rc, rr, rs] * tap(n, y * (sh * geo.wp) + x_ * sw),
+                                       axis=[rc, rr, rs]),
+            name="conv",
+        )
+    return _epilogue(lambda n, k, y, x_: _at(conv, geo, n, k, y, x_),
+                     (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu)
+
+
+def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, fmt: str,
+                 has_bias: bool, relu: bool) -> te.Tensor:
+    """y[n, o] = sum_j data[o, j] * x[n, off[o, j]] (+ bias, ReLU); x is [N, in]."""
+    rest = list(rest)
+    ovf = [rest.pop(0) for _ in range(3)] if fmt == "hyb" else None
+    bias = rest.pop(0) if has_bias else None
+    batch, rows = x.shape[0], data.shape[0]
+
+    def rows_mm(d, o, name):
+        j = te.reduce_axis((0, d.shape[1]), name="j")
+        return te.compute((batch, d.shape[0]), lambda n, k: te.sum(d[k, j] * x[n, o[k, j]], axis=j), name=name)
+
+    mm = rows_mm(data, off, "conv")
+    if ovf is not None:
+        ovf_data, ovf_off, slot = ovf
+        mm_ovf = rows_mm(ovf_data, ovf_off, "conv_ovf")
+
+        def acc(n, k):
+            return mm[n, k] + tirx.if_then_else(slot[k] >= 0, mm_ovf[n, tirx.max(slot[k], 0)], F32_ZERO)
+    else:
+        def acc(n, k):
+            return mm[n, k]
+
+    return _epilogue(acc, (batch, rows), bias, None, relu)

@@ -1,0 +1,282 @@
+"""Training and evaluation, and loading/saving models so that prune, quantize and train chain through .pt2 files.
+
+A .pt2 written by `train`, `prune` or `quantize` carries `unsparse_model.json` (the built-in model name and what
+was done to it) next to the program. Loading such a file rebuilds the real `nn.Module` and loads the program's
+weights into it, so it can be fine-tuned again: a reloaded `ep.module()` cannot (its `train()` is unsupported
+and its batch size is fixed). A foreign .pt2 is used as `ep.module()`: one-shot pruning/quantisation only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Dataset
+from .errors import UnsparseError
+from .models import BUILTIN_MODELS, build_model, export, load_pt2, program_input_shape
+
+MODEL_META = "unsparse_model.json"  # extra file in .pt2 archives we write: {"model": builtin name, ...}
+
+
+def read_extra_file(path: str, name: str) -> str | None:
+    """An extra file stored with `torch.export.save(..., extra_files=...)`, or None when absent.
+
+    Reads the zip member directly (no need to deserialise a large program); falls back to
+    `torch.export.load(path, extra_files=...)` if the archive layout is not the one we know.
+    """
+    if not os.path.exists(path):
+        raise UnsparseError(f"no such file: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if any(n.endswith("/archive_format") for n in names):  # layout known: absence is meaningful
+                hits = [n for n in names if n.endswith(f"/extra/{name}")]
+                return zf.read(hits[0]).decode("utf-8") if hits else None
+    except zipfile.BadZipFile:
+        raise UnsparseError(f"{path} could not be read as a torch.export program (not a zip archive)") from None
+    extra = {name: ""}
+    try:
+        torch.export.load(path, extra_files=extra)
+    except Exception as err:
+        raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
+    return extra[name] or None
+
+
+def read_model_meta(path: str) -> dict:
+    text = read_extra_file(path, MODEL_META)
+    return json.loads(text) if text else {}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to prune/quantise/train: `module` is trainable when `builtin` is set."""
+
+    module: nn.Module
+    input_shape: tuple[int, ...]                 # full input shape baked into the exported program (with batch)
+    builtin: str | None = None                   # built-in model name, or None for a foreign .pt2
+    ep: torch.export.ExportedProgram | None = None  # the loaded program of a foreign .pt2 (finds its weights)
+    source: str = ""
+    meta: dict = field(default_factory=dict)     # carried into the output's unsparse_model.json
+    trained: bool = False                        # False: seeded random weights (accuracy is chance level)
+
+    @property
+    def trainable(self) -> bool:
+        return self.builtin is not None
+
+
+def _load_state(module: nn.Module, path: str) -> None:
+    if not os.path.exists(path):
+        raise UnsparseError(f"no such weights file: {path}")
+    if path.endswith(".pt2"):
+        state = dict(load_pt2(path).state_dict)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise UnsparseError(f"{path} is not a state_dict saved with torch.save ({type(err).__name__})") from None
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+        if not isinstance(state, dict):
+            raise UnsparseError(f"{path} does not hold a state_dict")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UnsparseError(f"weights in {path} do not fit the model: {first}") from None
+
+
+def load_model(model: str, weights: str | None = None, batch: int | None = None) -> LoadedModel:
+    """A built-in name (optionally with `weights`: a state_dict .pt or a .pt2) or a .pt2 file."""
+    if batch is not None and batch < 1:
+        raise UnsparseError(f"batch must be at least 1, got {batch}")
+    if model in BUILTIN_MODELS:
+        net = build_model(model)
+        if weights:
+            _load_state(net, weights)
+        shape = (batch or 1, *BUILTIN_MODELS[model].input_shape)
+        return LoadedModel(net.eval(), shape, model, None, model, {"model": model, "trained": bool(weights)}, trained=bool(weights))
+    if not (model.endswith(".pt2") or os.path.sep in model or os.path.exists(model)):
+        raise UnsparseError(f"unknown model '{model}': use one of {', '.join(BUILTIN_MODELS)} or a .pt2 file")
+    ep = load_pt2(model)
+    shape = program_input_shape(ep)
+    if batch is not None:
+        shape = (batch, *shape[1:])
+    meta = read_model_meta(model)
+    if weights:
+        raise UnsparseError("--weights is for built-in model names; a .pt2 already holds its weights")
+    name = meta.get("model")
+    if name in BUILTIN_MODELS:  # one of ours: rebuild the real module so it can be fine-tuned
+        net = build_model(name)
+        try:
+            net.load_state_dict(dict(ep.state_dict), strict=True)
+        except RuntimeError:
+            name = None  # changed beyond recognition: treat it as foreign
+        else:
+            return LoadedModel(net.eval(), shape, name, None, model, meta, trained=bool(meta.get("trained", True)))
+    return LoadedModel(ep.module(), shape, None, ep, model, meta, trained=True)
+
+
+def check_output(path: str, overwrite: bool, inputs: tuple[str | None, ...] = (), suffix: str = ".pt2") -> None:
+    """Refuse a bad output path before any work: wrong suffix, existing without --force, or an input file."""
+    if not path.endswith(suffix):
+        raise UnsparseError(f"output {path} must end in {suffix}")
+    for src in inputs:
+        if src and os.path.exists(src) and os.path.exists(path) and os.path.samefile(src, path):
+            raise UnsparseError(f"output {path} is the input; write to another file (inputs are never modified)")
+    if os.path.exists(path) and not overwrite:
+        raise UnsparseError(f"{path} exists; pass --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UnsparseError(f"folder {parent} of output {path} does not exist")
+
+
+def export_model(loaded: LoadedModel) -> torch.export.ExportedProgram:
+    """torch.export the (pruned/quantised) module at the loaded input shape."""
+    loaded.module.eval()
+    if loaded.builtin is not None:
+        return export(loaded.module, loaded.input_shape)
+    with torch.no_grad():
+        return torch.export.export(loaded.module, (torch.randn(*loaded.input_shape),))
+
+
+def save_model(loaded: LoadedModel, path: str, overwrite: bool = False, quant: dict | None = None) -> torch.export.ExportedProgram:
+    """Export and save as .pt2 with `unsparse_model.json` (and `unsparse_quant.json` when quantised)."""
+    from .prune import save_program
+    from .quantize import QUANT_FILE
+
+    ep = export_model(loaded)
+    extra = {MODEL_META: json.dumps(loaded.meta)} if loaded.builtin else {}
+    if quant is not None:
+        extra[QUANT_FILE] = json.dumps(quant)
+    tmp = path + ".tmp.pt2"  # write then rename: an interrupted run never leaves half a file at `path`
+    try:
+        save_program(ep, tmp, overwrite=True, extra_files=extra)
+        if os.path.exists(path) and not overwrite:
+            raise UnsparseError(f"{path} exists; pass --force to overwrite it")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return ep
+
+
+def check_compatible(loaded: LoadedModel, data: Dataset) -> None:
+    """The data set's samples must fit the model's input and its classes its outputs."""
+    if tuple(loaded.input_shape[1:]) != data.input_shape:
+        raise UnsparseError(
+            f"{loaded.source} takes inputs of shape {list(loaded.input_shape[1:])} but {data.name} samples are "
+            f"{list(data.input_shape)}: use smallcnn with digits, vgg16-cifar with cifar10"
+        )
+    with torch.no_grad():
+        out = loaded.module.eval()(torch.zeros(*loaded.input_shape))  # [N,classes]
+    if out.ndim != 2 or out.shape[1] < data.num_classes:
+        raise UnsparseError(f"{loaded.source} has {out.shape[-1]} outputs, fewer than {data.name}'s {data.num_classes} classes")
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not sys.stderr.isatty())
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, data: Dataset, batch_size: int = 256, fixed_batch: int | None = None) -> float:
+    """Top-1 accuracy on the test split, in percent. `fixed_batch`: the program only accepts that batch size."""
+    module.eval()
+    correct = 0
+    bs = fixed_batch or batch_size
+    for i in range(0, len(data.x_test), bs):
+        x = data.x_test[i : i + bs]  # [b,C,H,W]
+        n = len(x)
+        if fixed_batch and n < fixed_batch:  # pad the last chunk up to the program's batch size
+            x = torch.cat([x, x.new_zeros(fixed_batch - n, *x.shape[1:])])
+        pred = module(x)[:n].argmax(1)  # [n]
+        correct += int((pred == data.y_test[i : i + n]).sum())
+    return 100.0 * correct / len(data.x_test)
+
+
+def evaluate_loaded(loaded: LoadedModel, data: Dataset) -> float:
+    return evaluate(loaded.module, data, fixed_batch=None if loaded.trainable else loaded.input_shape[0])
+
+
+def train(
+    module: nn.Module,
+    data: Dataset,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+    desc: str = "train",
+) -> None:
+    """Adam with a cosine learning-rate decay; `on_step(step, total)` runs before every step (mask updates)."""
+    if epochs < 0:
+        raise UnsparseError(f"epochs must be >= 0, got {epochs}")
+    if epochs == 0:
+        return
+    torch.manual_seed(seed)
+    loader = data.train_loader(batch_size, seed)
+    total = epochs * len(loader)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    # cosine to 5% of lr: the last epochs settle the weights under the final mask / quantiser
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / total)))
+    step = 0
+    with _progress(total, desc) as bar:
+        for epoch in range(epochs):
+            if on_epoch is not None:
+                on_epoch(epoch)
+            module.train()
+            for x, y in loader:
+                if on_step is not None:
+                    on_step(step, total)
+                loss = F.cross_entropy(module(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+    module.eval()
+
+
+def train_command(
+    model: str,
+    dataset: str,
+    epochs: int,
+    output: str,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    weights: str | None = None,
+    batch: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Dense training of a built-in model (or continue one of our .pt2 files); saves a .pt2, returns a summary."""
+    from .data import load_dataset
+
+    check_output(output, overwrite, inputs=(model, weights))
+    if epochs < 1:
+        raise UnsparseError(f"epochs must be >= 1, got {epochs}")
+    loaded = load_model(model, weights, batch)
+    if not loaded.trainable:
+        raise UnsparseError(f"{model} is not a built-in model or a .pt2 written by unsparse-tvm: it cannot be trained")
+    data = load_dataset(dataset, seed)
+    check_compatible(loaded, data)
+    before = evaluate_loaded(loaded, data)
+    train(loaded.module, data, epochs, lr=lr, batch_size=batch_size, seed=seed, desc=f"train {loaded.builtin}")
+    after = evaluate_loaded(loaded, data)
+    loaded.meta.update(trained=True, dataset=data.name, accuracy=round(after, 3))
+    save_model(loaded, output, overwrite)
+    return {"model": loaded.builtin, "dataset": data.name, "epochs": epochs, "accuracy_before": before, "accuracy_after": after}
