@@ -1,0 +1,165 @@
+"""Running and describing compiled modules with the TVM runtime only.
+
+Nothing here imports torch or TVM's compiler: `run_file` sets TVM_USE_RUNTIME_LIB=1 (only
+libtvm_runtime.so is loaded) and blocks the torch import that tvm_ffi attempts at start-up.
+A module's metadata (target, arch, inputs, per-layer decisions) is a JSON trailer appended to the
+.so: the dynamic loader ignores bytes after the ELF image, and `inspect` can read it without
+loading the module (which a CUDA module cannot be, on a machine without a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+
+from .errors import UnsparseError
+
+_MAGIC = b"UNSPARSE-TVM-META"
+_FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # 0xBA55ED50, little endian: a CUDA fatbin header
+
+
+def write_metadata(path: str, meta: dict) -> None:
+    blob = json.dumps(meta).encode()
+    with open(path, "ab") as f:
+        f.write(_MAGIC + blob + struct.pack("<Q", len(blob)) + _MAGIC)
+
+
+def read_metadata(path: str) -> dict:
+    if not os.path.exists(path):
+        raise UnsparseError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        tail = len(_MAGIC) + 8
+        if size < tail:
+            raise UnsparseError(f"{path} is not a module written by `unsparse-tvm compile`")
+        f.seek(size - tail)
+        end = f.read(tail)
+        if end[8:] != _MAGIC:
+            raise UnsparseError(f"{path} is not a module written by `unsparse-tvm compile` (no metadata)")
+        (length,) = struct.unpack("<Q", end[:8])
+        f.seek(size - tail - length - len(_MAGIC))
+        head = f.read(len(_MAGIC) + length)
+    return json.loads(head[len(_MAGIC):])
+
+
+def fatbin_images(data: bytes) -> list[tuple[str, int]]:
+    """(kind, SM arch) of every image in every fatbin inside `data`: ("cubin", 90), ("ptx", 90), ...
+
+    Fatbin layout: a 16-byte header (magic, version, header size, payload size), then entries whose
+    headers hold the kind (1 PTX, 2 ELF/cubin) at byte 0, their size at 4, payload size at 8 and the
+    SM arch at 28.
+    """
+    images, start = [], data.find(_FATBIN_MAGIC)
+    while start >= 0:
+        _, _, hsize, fsize = struct.unpack_from("<IHHQ", data, start)
+        off, end = start + hsize, start + hsize + fsize
+        while off + 32 <= end:
+            kind, _, ehsize, size = struct.unpack_from("<HHIQ", data, off)
+            arch = struct.unpack_from("<I", data, off + 28)[0]
+            images.append(({1: "ptx", 2: "cubin"}.get(kind, f"kind{kind}"), arch))
+            off += ehsize + size
+        start = data.find(_FATBIN_MAGIC, max(end, start + 1))
+    return images
+
+
+def device_code_summary(path: str) -> str:
+    """What device code the file really carries (read from its bytes, not taken from metadata)."""
+    data = open(path, "rb").read()
+    parts = [f"{kind} sm_{arch}" if kind == "cubin" else f"{kind} compute_{arch}" for kind, arch in fatbin_images(data)]
+    if b"extern \"C\" __global__" in data:
+        parts.append("CUDA source (needs a compiler at load time)")
+    return ", ".join(parts) if parts else "none"
+
+
+def describe_module(path: str) -> str:
+    meta = read_metadata(path)
+    lines = [
+        f"file:         {path} ({os.path.getsize(path) / 1e6:.1f} MB)",
+        f"model:        {meta['model']}",
+        f"target:       {meta['target']}" + (f" (host cpu {meta['mcpu']})" if meta.get("mcpu") else ""),
+        f"arch:         {meta['arch'] or '-'}",
+        f"device code:  {meta['device_code']}; found in file: {device_code_summary(path)}",
+        "inputs:       " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in meta["inputs"]),
+        f"sparse layers: {meta['sparse_layers']} of {len(meta['layers'])} (threshold {meta['threshold']})",
+        f"built with:   TVM {meta['tvm_version']} on {meta['created']}",
+    ]
+    for layer in meta["layers"]:
+        lines.append(f"  {layer['name'][:30]:30s} {layer['op']:7s} {str(layer['shape']):20s} "
+                     f"sparsity {layer['sparsity']:.3f}  {layer['decision']} {layer['format'] if layer['decision'] == 'sparse' else ''}")
+    return "\n".join(lines)
+
+
+def _import_runtime_only():
+    """`import tvm` with only libtvm_runtime.so and without torch."""
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # tvm_ffi tries `import torch` at start-up; make that a clean miss
+    import tvm
+
+    return tvm
+
+
+def load(path: str, device: str | None = None):
+    """(VirtualMachine, device, metadata) for a compiled module, runtime only."""
+    meta = read_metadata(path)
+    tvm = _import_runtime_only()
+    kind = device or ("cuda" if meta["target"] == "cuda" else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise UnsparseError(f"unknown device '{kind}': use cpu or cuda")
+    if kind != ("cuda" if meta["target"] == "cuda" else "cpu"):
+        raise UnsparseError(f"{path} was compiled for {meta['target']}; it cannot run on {kind}")
+    dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+    if kind == "cuda" and not dev.exist:
+        raise UnsparseError(f"{path} was compiled for CUDA but this machine has no usable CUDA GPU")
+    try:
+        lib = tvm.runtime.load_module(path)
+    except Exception as err:
+        raise UnsparseError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    from tvm.runtime.vm import VirtualMachine
+
+    return VirtualMachine(lib, dev), dev, meta
+
+
+def check_input(arr, meta: dict) -> None:
+    spec = meta["inputs"][0]
+    if str(arr.dtype) != spec["dtype"]:
+        raise UnsparseError(f"input dtype is {arr.dtype}, the module expects {spec['dtype']} "
+                            f"(convert with arr.astype('{spec['dtype']}'))")
+    if list(arr.shape) != list(spec["shape"]):
+        raise UnsparseError(f"input shape is {list(arr.shape)}, the module expects {spec['shape']}")
+
+
+def run_array(vm, dev, meta: dict, arr):
+    """Run the module's main function on one numpy array; returns a numpy array."""
+    import tvm
+
+    check_input(arr, meta)
+    out = vm["main"](tvm.runtime.tensor(arr, dev))
+    if not hasattr(out, "numpy"):  # torch.export programs return a tuple
+        out = out[0]
+    return out.numpy()
+
+
+def run_file(module: str, input_path: str, output_path: str, *, overwrite: bool = False,
+             device: str | None = None) -> None:
+    """`unsparse-tvm run`: .so + input .npy -> output .npy, runtime only."""
+    import numpy as np
+
+    if not os.path.exists(input_path):
+        raise UnsparseError(f"no such input file: {input_path}")
+    if not output_path.endswith(".npy"):
+        raise UnsparseError(f"output {output_path} must end in .npy")
+    if os.path.exists(output_path) and not overwrite:
+        raise UnsparseError(f"{output_path} exists; pass --force to overwrite it")
+    try:
+        arr = np.load(input_path, allow_pickle=False)
+    except Exception:
+        raise UnsparseError(f"{input_path} is not a .npy array file (save inputs with numpy.save)") from None
+    vm, dev, meta = load(module, device)
+    result = run_array(vm, dev, meta, arr)
+    np.save(output_path, result)
+    print(f"wrote {output_path} {list(result.shape)} {result.dtype}")
