@@ -20,7 +20,8 @@ def conv_geometry(call: relax.Call, weight: np.ndarray) -> ConvGeometry | None:
     xshape = shape_of(call.args[0])
     if xshape is None or len(xshape) != 4 or weight.dtype != np.float32:
         return None
-    if str(a.out_dtype) not in ("", "float32") or getattr(call.args[0].ty, "dtype", None) != "float32":
+    unset = ("", "void", "None")  # an unset out_dtype means "as the input"
+    if str(a.out_dtype) not in unset + ("float32",) or getattr(call.args[0].ty, "dtype", None) != "float32":
         return None
     n, c, h, w = xshape
     k, _, r, s = weight.shape

@@ -70,6 +70,7 @@ class FoldBatchNormIntoConv:
         self.names = names
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        mod = relax.transform.FoldConstant()(mod)  # the importer reshapes conv biases: make them constants
         folder = _Folder(mod, self.names)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):

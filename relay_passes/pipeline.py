@@ -14,52 +14,58 @@ from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
 
 
-def build_pipeline(target: Target, *, threshold: float = 0.7, sparse: bool = True,
-                   names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
-                   configs: dict | None = None, database=None) -> tvm.transform.Pass:
-    """A module pass taking an imported Relax module to a VM-ready one for `target`."""
-    names = names if names is not None else LayerNames()
-    is_cpu = target.kind.name == "llvm"
+def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = True,
+                    names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
+                    configs: dict | None = None, database=None) -> list[tuple[str, list]]:
+    """The pipeline as named phases of passes (tests run a prefix of them)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
     from tvm.relax.backend.cuda import pipeline as cuda_backend
 
+    names = names if names is not None else LayerNames()
+    is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
-
-    passes = [
-        # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away
-        FoldBatchNormIntoConv(names),
-        relax.transform.FoldConstant(),
-    ]
+    phases = []
+    # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away
+    phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant()]))
+    # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:
-        # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
-        passes += [SparsifyConv2d(threshold, names, report, fmt), SparsifyDense(threshold, names, report, fmt)]
+        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt),
+                                    SparsifyDense(threshold, names, report, fmt)]))
+    # Phase 3 (llvm): dense convs become the direct-conv operator with an x86 schedule
     if is_cpu:
-        # Phase 3 (llvm): dense convs become the direct-conv operator with an x86 schedule
-        passes.append(LowerDenseConv2d())
+        phases.append(("lower_dense", [LowerDenseConv2d()]))
     # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)
-    passes += [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
+    phases.append(("legalize", [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                relax.transform.FuseTIR()]))
     # Phase 5: schedules: tuning records first, then our hand-written rules, then the rest
-    if database is not None:
-        passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
-    passes.append(ScheduleUnsparseOps(target, configs))
+    schedule = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if database is not None else []
+    schedule.append(ScheduleUnsparseOps(target, configs))
     if is_cpu:
-        passes.append(ScheduleRemainingCPU(target))
+        schedule.append(ScheduleRemainingCPU(target))
     else:
         from tvm.s_tir import dlight as dl
 
-        passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+        schedule.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                                dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+    phases.append(("schedule", schedule))
     # Phase 6: TVM's lowering to the Relax VM
-    passes += backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+    phases.append(("lower", backend.dataflow_lower_passes(target) + backend.finalize_passes(target)))
+    return phases
 
-    seq = tvm.transform.Sequential(passes, name="unsparse_pipeline")
 
+def build_pipeline(target: Target, *, database=None, stop_after: str | None = None, **kwargs) -> tvm.transform.Pass:
+    """A module pass taking an imported Relax module to a VM-ready one for `target`
+    (or, with stop_after, through the named phase only)."""
+    passes = []
+    for name, phase in pipeline_phases(target, database=database, **kwargs):
+        passes += phase
+        if name == stop_after:
+            break
+    return _with_target(tvm.transform.Sequential(passes, name="unsparse_pipeline"), target, database)
+
+
+def _with_target(seq: tvm.transform.Pass, target: Target, database) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="UnsparsePipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         with target:

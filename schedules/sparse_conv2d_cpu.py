@@ -93,9 +93,9 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat):
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool) -> None:
     cx, hp, wp = (int(v) for v in func.attrs["unsparse.pad_shape"])
     flat = bool(int(func.attrs["unsparse.flat"]))
+    hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
     schedule_pad_cpu(sch, cx, hp, wp)
     par = _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, flat)
-    epilogue = sch.get_sblock("epilogue")
-    if has_block(sch, "conv_ovf"):
+    if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, flat)
-    schedule_epilogue_cpu(sch, par, fuse_into_tile=not flat and not has_block(sch, "conv_ovf"))
+    schedule_epilogue_cpu(sch, par, fuse_into_tile=not flat and not hyb)

@@ -30,24 +30,130 @@ def _fraction(name: str, upper_inclusive: bool = True):
 
 
 # ---- prune ---------------------------------------------------------------------------------------
-def _add_prune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prune", help="magnitude-prune every conv and linear weight; save as .pt2")
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--sparsity", type=_fraction("sparsity"), required=True, help="fraction of weights set to zero")
-    p.add_argument("--batch", type=int, default=1, help="batch size baked into the exported program")
+MODEL_INPUT_HELP = (MODEL_HELP + "; a .pt2 written by train/prune/quantize can be fine-tuned again, "
+                    "another .pt2 only pruned/quantised one-shot")
+DATASET_HELP = "digits (sklearn's bundled 8x8 digits) or cifar10:PATH (folder with data_batch_1..5 and test_batch)"
+WEIGHTS_HELP = ("weights for a built-in MODEL: a state_dict saved with torch.save(model.state_dict(), 'w.pt'), "
+                "or a .pt2 of the same model (default: seeded random weights)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, epochs_help: str, lr: float) -> None:
+    p.add_argument("--dataset", default=None, help=DATASET_HELP)
+    p.add_argument("--epochs", type=int, default=0, help=epochs_help)
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine-decayed (default {lr:g})")
+    p.add_argument("--batch-size", type=int, default=64, help="training mini-batch size (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data split and shuffling (default 0)")
+
+
+def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size baked into the exported program (default 1, or the input .pt2's)")
     p.add_argument("-o", "--output", required=True, help="output .pt2 file")
-    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    if report:
+        p.add_argument("--report", default=None, help="also write the report (accuracy, per-layer sparsity, bytes) as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite the output (and report) file if it exists")
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune", help="prune conv and linear weights (unstructured, vector, block, mixed), optionally while fine-tuning",
+        description="Prune every conv2d/linear weight and save the model as .pt2. Without --dataset/--epochs it is "
+                    "one-shot layer-wise magnitude pruning; with --dataset D --epochs N, sparsity ramps up on a cubic "
+                    "schedule (Zhu & Gupta) while fine-tuning. Chain: train -> prune -> quantize, passing .pt2 files.")
+    p.add_argument("model", help=MODEL_INPUT_HELP)
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="overall fraction of conv/linear weights set to zero, in [0, 1)")
+    p.add_argument("--method", default="unstructured",
+                   help="unstructured (default), vector (V output channels at one input position), "
+                        "block (B x B tiles of the [out, in*kh*kw] matrix), mixed (vector AND block masks)")
+    p.add_argument("--scope", default="layer", help="layer (default: each layer to the sparsity) or global "
+                                                    "(one magnitude ranking over all layers; unstructured only)")
+    p.add_argument("--vector-size", type=int, default=4, help="V for vector/mixed: 2, 4 or 8 (default 4)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="B for block/mixed: 2, 4, 8, 16, 32 (default 4 for block, 8 for mixed)")
+    p.add_argument("--block-share", type=float, default=0.5,
+                   help="mixed: part of the sparsity reached by the block mask (default 0.5)")
+    p.add_argument("--first-layer-sparsity", type=float, default=None,
+                   help="sparsity of the first layer (keep it denser); the others are raised to keep the overall sparsity")
+    p.add_argument("--last-layer-sparsity", type=float, default=None,
+                   help="sparsity of the last layer (the classifier); same rule")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="per-layer sparsity from a one-shot sensitivity scan (needs --dataset) instead of uniform")
+    _add_data_args(p, "fine-tuning epochs for gradual pruning (default 0: one-shot)", 1e-3)
+    _add_model_io_args(p)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import layer_sparsity, prune_to_program, save_program
+    from .inspection import format_report
+    from .prune import PruneConfig, prune_command
 
-    if not args.output.endswith(".pt2"):
-        raise UnsparseError(f"output {args.output} must end in .pt2")
-    ep = prune_to_program(args.model, args.sparsity, batch=args.batch)
-    save_program(ep, args.output, overwrite=args.force)
-    for name, shape, sp in layer_sparsity(ep):
-        print(f"  {name:40s} {str(list(shape)):22s} sparsity {sp:.3f}")
+    cfg = PruneConfig(
+        sparsity=args.sparsity, method=args.method, scope=args.scope, vector_size=args.vector_size,
+        block_size=args.block_size, block_share=args.block_share,
+        first_layer_sparsity=args.first_layer_sparsity, last_layer_sparsity=args.last_layer_sparsity,
+        sensitivity=args.sensitivity, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+    )
+    report = prune_command(args.model, cfg, args.output, dataset=args.dataset, weights=args.weights,
+                           batch=args.batch, report=args.report, overwrite=args.force)
+    print(f"pruned {args.model}: {cfg.describe()} ({report['seconds']:.1f} s)")
+    print(format_report(report))
+    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+# ---- quantize ------------------------------------------------------------------------------------
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="quantise conv and linear weights (int8, int4, kmeansB, pow2), zeros kept; save as .pt2",
+        description="Quantise the nonzero conv2d/linear weights; zeros stay exactly zero. The .pt2 keeps float "
+                    "weights holding the dequantised values, and carries the scheme with its per-layer scales or "
+                    "codebooks as unsparse_quant.json (unsparse_tvm.quantize.read_quantization).")
+    p.add_argument("model", help=MODEL_INPUT_HELP)
+    p.add_argument("--scheme", required=True,
+                   help="int8 | int4 (intB, B=2..8: symmetric per output channel) | kmeansB (B=2..8, per-layer "
+                        "codebook of 2^B values, e.g. kmeans4) | pow2 (+-scale*2^e, 4 bits)")
+    _add_data_args(p, "fine-tuning epochs with a straight-through estimator (default 0: one-shot)", 1e-4)
+    _add_model_io_args(p)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .inspection import format_report
+    from .quantize import quantize_command
+
+    report = quantize_command(args.model, args.scheme, args.output, dataset=args.dataset, epochs=args.epochs,
+                              lr=args.lr, batch_size=args.batch_size, weights=args.weights, batch=args.batch,
+                              report=args.report, overwrite=args.force, seed=args.seed)
+    print(f"quantised {args.model}: {args.scheme}" + (f", {args.epochs} fine-tuning epochs" if args.epochs else "")
+          + f" ({report['seconds']:.1f} s)")
+    print(format_report(report))
+    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+# ---- train ---------------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
+        description="Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
+                    "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
+                    "PyTorch training, pass the built-in name with --weights state.pt (a state_dict).")
+    p.add_argument("model", help="a built-in model (smallcnn for digits, vgg16-cifar for cifar10), "
+                                 "or a .pt2 written by unsparse-tvm to continue training")
+    _add_data_args(p, "training epochs", 3e-3)
+    p.set_defaults(epochs=None)
+    _add_model_io_args(p, report=False)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train_command
+
+    if args.dataset is None or args.epochs is None:
+        raise UnsparseError("train needs --dataset (digits or cifar10:PATH) and --epochs N")
+    res = train_command(args.model, args.dataset, args.epochs, args.output, lr=args.lr, batch_size=args.batch_size,
+                        seed=args.seed, weights=args.weights, batch=args.batch, overwrite=args.force)
+    print(f"trained {res['model']} on {res['dataset']} for {res['epochs']} epochs: test accuracy "
+          f"{res['accuracy_before']:.2f}% -> {res['accuracy_after']:.2f}%")
     print(f"wrote {args.output}")
     return 0
 
@@ -125,6 +231,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (median reported)")
     p.add_argument("--tuning-log", default=None, help="also time the model compiled with these tuning records")
+    p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -135,7 +242,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "train": (_add_train, _cmd_train),
     "prune": (_add_prune, _cmd_prune),
+    "quantize": (_add_quantize, _cmd_quantize),
     "compile": (_add_compile, _cmd_compile),
     "run": (_add_run, _cmd_run),
     "inspect": (_add_inspect, _cmd_inspect),

@@ -1,0 +1,84 @@
+"""Shared helpers: single-layer Relax modules compiled through our pipeline, PyTorch references,
+random sparsity patterns with empty and fully dense rows, and a per-session cache of pruned models."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
+
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+
+
+@pytest.fixture(scope="session")
+def llvm():
+    from unsparse_tvm.target import make_target
+
+    return make_target("llvm")
+
+
+@pytest.fixture(scope="session")
+def cuda():
+    from unsparse_tvm.target import make_target
+
+    return make_target("cuda", "sm_90")
+
+
+def sparse_weight(shape, sparsity: float, rng: np.random.Generator, empty_rows: int = 0,
+                  dense_rows: int = 0) -> np.ndarray:
+    """Random weight with ~sparsity zeros, some all-zero rows and some fully dense rows."""
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < sparsity] = 0.0
+    rows = w.reshape(shape[0], -1)
+    order = rng.permutation(shape[0])
+    rows[order[:empty_rows]] = 0.0
+    for r in order[empty_rows:empty_rows + dense_rows]:
+        rows[r] = rng.standard_normal(rows.shape[1]).astype(np.float32) + 0.1  # no exact zeros
+    return rows.reshape(shape)
+
+
+def run_layer(spec, target, threshold=0.7, fmt=None, sparse=True, x=None):
+    """Compile one LayerSpec through the pipeline, run it on llvm, return (output, report)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.bench import layer_module
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    report = []
+    pipeline = build_pipeline(target, threshold=threshold, fmt=fmt, sparse=sparse, report=report)
+    ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=pipeline)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    return out.numpy(), report
+
+
+def torch_conv(x, w, b, stride, padding, dilation, groups=1, relu=False):
+    t, l, bt, r = padding
+    y = F.conv2d(F.pad(torch.from_numpy(x), (l, r, t, bt)), torch.from_numpy(w),
+                 None if b is None else torch.from_numpy(b), stride, 0, dilation, groups)
+    return (F.relu(y) if relu else y).numpy()
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@functools.lru_cache(maxsize=None)
+def pruned_program(model: str, sparsity: float = 0.9):
+    """One pruned ExportedProgram per model and session (pruning VGG-16 takes a while)."""
+    from unsparse_tvm.prune import prune_to_program
+
+    return prune_to_program(model, sparsity)

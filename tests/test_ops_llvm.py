@@ -1,0 +1,98 @@
+"""Numerics of the sparse operators on llvm against PyTorch: a matrix of conv configurations and
+random sparsity patterns (empty rows, fully dense rows, 0% and 99%), both formats, fused epilogues."""
+
+import numpy as np
+import pytest
+
+from conftest import rel_err, run_layer, sparse_weight, torch_conv
+from unsparse_tvm.bench import LayerSpec
+
+# (N, C, H, W, K, R, S, stride, padding (t, l, b, r), dilation, sparsity)
+CONV_CASES = [
+    (1, 3, 8, 8, 4, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),
+    (2, 8, 9, 7, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.8),      # batch 2, odd sizes
+    (1, 8, 11, 11, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 0.9),    # stride 2
+    (1, 6, 10, 12, 8, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 0.7),     # 5x5
+    (1, 4, 15, 15, 8, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 0.9),     # 7x7 stride 2 (ResNet stem)
+    (1, 8, 9, 9, 8, 3, 3, (1, 1), (0, 1, 2, 1), (1, 1), 0.9),       # asymmetric padding
+    (1, 8, 12, 12, 8, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 0.9),     # dilation 2
+    (1, 8, 10, 9, 8, 3, 3, (1, 2), (1, 1, 1, 1), (1, 1), 0.85),     # different strides per axis
+    (1, 8, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.0),      # 0% sparsity (threshold 0)
+    (1, 16, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.99),    # 99% sparsity
+    (3, 16, 5, 5, 24, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 0.9),     # 1x1 stride 2 (downsample)
+    (1, 32, 2, 2, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.95),    # tiny spatial (VGG's last block)
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}-p{c[10]}")
+@pytest.mark.parametrize("fmt", [None, "ell", "hyb"])
+def test_sparse_conv2d_matches_torch(case, fmt, llvm):
+    n, c, h, w, k, r, s, stride, pad, dil, sp = case
+    rng = np.random.default_rng(hash((case, fmt)) % 2**32)
+    weight = sparse_weight((k, c, r, s), sp, rng, empty_rows=k // 8, dense_rows=1 if sp < 0.99 else 0)
+    bias = rng.standard_normal(k).astype(np.float32) if k % 2 == 0 else None
+    relu = bool(rng.integers(2))
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    spec = LayerSpec("conv2d", (n, c, h, w), weight, bias, relu,
+                     {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
+    threshold = 0.0 if sp == 0.0 else 0.5
+    y, report = run_layer(spec, llvm, threshold=threshold, fmt=fmt, x=x)
+    assert report[0].decision == "sparse"
+    if fmt is not None:
+        assert report[0].format == fmt
+    ref = torch_conv(x, weight, bias, stride, pad, dil, relu=relu)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_auto_format_picks_hyb_for_a_few_long_rows(llvm):
+    rng = np.random.default_rng(1)
+    weight = sparse_weight((32, 16, 3, 3), 0.95, rng, dense_rows=2)  # two rows 20x longer than the rest
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, None, False,
+                     {"strides": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1})
+    y, report = run_layer(spec, llvm, threshold=0.5, x=x)
+    assert report[0].format == "hyb"
+    assert report[0].padded < 32 * 144 * 0.5  # plain ELL would pad every row to 144
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1))) < 1e-5
+
+
+@pytest.mark.parametrize("n,i,o,sp,fmt", [(1, 37, 29, 0.9, None), (3, 64, 48, 0.8, "ell"), (2, 50, 40, 0.95, "hyb"),
+                                          (1, 512, 10, 0.99, None), (4, 16, 16, 0.0, None)])
+def test_sparse_dense_matches_torch(n, i, o, sp, fmt, llvm):
+    rng = np.random.default_rng(n * 1000 + i)
+    weight = sparse_weight((o, i), sp, rng, empty_rows=o // 8, dense_rows=1 if sp < 0.99 else 0)
+    bias = rng.standard_normal(o).astype(np.float32)
+    x = rng.standard_normal((n, i)).astype(np.float32)
+    y, report = run_layer(LayerSpec("dense", (n, i), weight, bias, True, {}), llvm,
+                          threshold=0.0 if sp == 0 else 0.5, fmt=fmt, x=x)
+    assert report[0].decision == "sparse" and report[0].fused == "bias+relu"
+    ref = np.maximum(x @ weight.T + bias, 0)
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[4], CONV_CASES[7]])
+def test_dense_direct_conv2d_matches_torch(case, llvm):
+    """Layers under the threshold run as our dense direct conv on llvm."""
+    n, c, h, w, k, r, s, stride, pad, dil, _ = case
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((k, c, r, s)).astype(np.float32)
+    bias = rng.standard_normal(k).astype(np.float32)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, bias, True,
+                     {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
+    y, report = run_layer(spec, llvm, threshold=0.7, x=x)
+    assert report[0].decision == "dense (below threshold)"
+    assert rel_err(y, torch_conv(x, weight, bias, stride, pad, dil, relu=True)) < 1e-5
+
+
+@pytest.mark.parametrize("groups", [2, 8])
+def test_grouped_and_depthwise_conv_stay_dense_and_correct(groups, llvm):
+    rng = np.random.default_rng(groups)
+    weight = sparse_weight((8, 8 // groups, 3, 3), 0.9, rng)
+    x = rng.standard_normal((1, 8, 7, 7)).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, None, False,
+                     {"strides": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": groups})
+    y, report = run_layer(spec, llvm, threshold=0.5, x=x)
+    assert report[0].decision.startswith("dense (grouped")
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), groups)) < 1e-5

@@ -1,0 +1,125 @@
+"""The Relax passes: batch-norm folding, per-layer decisions, epilogue fusion (incl. residual), and
+that nothing is left unscheduled on llvm."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import rel_err
+
+
+class ResBlock(nn.Module):
+    """conv-bn-relu, conv-bn + identity, relu: the ResNet pattern, with conv biases before BN too."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(y)) + x)
+
+
+def _prepared(model, shape, sparsity=0.9, seed=0):
+    from unsparse_tvm.prune import magnitude_prune
+
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    magnitude_prune(model.eval(), sparsity)
+    x = torch.randn(*shape)
+    return torch.export.export(model, (x,)), x
+
+
+def test_batchnorm_folded_residual_and_relu_fused(llvm):
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.compiler import compile_program
+
+    ep, x = _prepared(ResBlock(), (2, 8, 6, 6))
+    compiled = compile_program(ep, llvm, threshold=0.7)
+    fused = {r.name: r.fused for r in compiled.report}
+    assert fused == {"c1": "bias+relu", "c2": "bias+residual+relu"}
+    vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+    assert rel_err(y, ep.module()(x).detach().numpy()) < 1e-5
+
+
+def test_bn_fold_keeps_pruned_zeros_zero():
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.compiler import import_program
+    from unsparse_tvm.relay_passes import FoldBatchNormIntoConv
+    from unsparse_tvm.relay_passes._util import const_array, is_op
+
+    ep, _ = _prepared(ResBlock(), (1, 8, 6, 6))
+    mod, names = import_program(ep)
+    mod = tvm.transform.Sequential([FoldBatchNormIntoConv(names), relax.transform.FoldConstant()])(mod)
+    text = mod.script()
+    assert "batch_norm" not in text
+    convs = [b.value for blk in mod["main"].body.blocks for b in blk.bindings if is_op(b.value, "relax.nn.conv2d")]
+    original = [ep.state_dict["c1.weight"].detach().numpy(), ep.state_dict["c2.weight"].detach().numpy()]
+    for call, w in zip(convs, original):
+        folded = const_array(call.args[1])
+        np.testing.assert_array_equal(folded == 0, w == 0)
+
+
+@pytest.mark.parametrize("threshold,expected", [(0.95, "dense (below threshold)"), (0.85, "sparse"), (0.0, "sparse")])
+def test_threshold_decides_per_layer(threshold, expected, llvm):
+    from unsparse_tvm.compiler import compile_program
+
+    ep, _ = _prepared(ResBlock(), (1, 8, 6, 6), sparsity=0.9)
+    compiled = compile_program(ep, llvm, threshold=threshold)
+    assert {r.decision for r in compiled.report} == {expected}
+    for r in compiled.report:
+        assert r.shape == [8, 8, 3, 3] and r.nnz == round(8 * 72 * (1 - r.sparsity))
+        if expected == "sparse":
+            assert r.format in ("ell", "hyb") and r.padded >= r.nnz
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_nothing_left_unscheduled_on_llvm(sparse, llvm):
+    """Every PrimFunc leaving the schedule phase is scheduled, sparse or dense (pool, linear, add too)."""
+    from tvm import tirx
+
+    from unsparse_tvm.compiler import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.schedules._common import is_scheduled
+
+    from conftest import pruned_program
+
+    mod, names = import_program(pruned_program("smallcnn"))
+    with llvm:
+        mod = build_pipeline(llvm, sparse=sparse, names=names, stop_after="schedule")(mod)
+    funcs = [(gv.name_hint, f) for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert len(funcs) >= 4
+    unscheduled = [name for name, f in funcs if not is_scheduled(f)]
+    assert unscheduled == []
+    # and they really carry parallel loops, not just the flag
+    for name, f in funcs:
+        assert "T.parallel" in f.script() or "parallel" in f.script(), name
+
+
+def test_sparse_kernels_keep_their_identity_through_fusion(llvm):
+    """FuseOps must not merge our kernels with neighbours (their attributes would be lost)."""
+    from tvm import tirx
+
+    from unsparse_tvm.compiler import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.schedules._common import op_of
+
+    from conftest import pruned_program
+
+    mod, names = import_program(pruned_program("smallcnn"))
+    with llvm:
+        mod = build_pipeline(llvm, names=names, stop_after="legalize")(mod)
+    ops = sorted(op_of(f) for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and op_of(f))
+    assert ops == ["sparse_conv2d"] * 3 + ["sparse_dense"] * 2

@@ -1,0 +1,313 @@
+"""`unsparse-tvm bench`: the sparse-compiled model vs the same model compiled by TVM without the sparse
+pass vs PyTorch eager, end to end and per layer, on the same inputs, in one process.
+
+Timings are medians over rounds that visit every contender in turn (round-robin), so a noisy
+machine slows all of them alike; ratios from one run are what to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UnsparseError
+
+
+@dataclass
+class LayerSpec:
+    """One conv2d / linear layer as it appears in the imported graph (after batch-norm folding)."""
+
+    op: str                   # conv2d or dense
+    input_shape: tuple
+    weight: np.ndarray        # OIHW or [out, in]
+    bias: np.ndarray | None
+    relu: bool
+    attrs: dict               # conv2d: strides, padding (t, l, b, r), dilation, groups
+
+
+def extract_layers(ep) -> list[LayerSpec]:
+    """Every conv2d and linear with a constant weight, with the bias and ReLU that follow it."""
+    import tvm
+    from tvm import relax
+
+    from .compiler import import_program
+    from .relay_passes import FoldBatchNormIntoConv
+    from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
+    from .relay_passes.sparsify_dense import _linear_weight
+
+    mod, names = import_program(ep)
+    mod = tvm.transform.Sequential([FoldBatchNormIntoConv(names), relax.transform.FoldConstant()])(mod)
+    func = mod["main"]
+    var2val, counts, users = relax.analysis.get_var2val(func), use_counts(func), users_of(func)
+    layers = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            out = shape_of(b.var)
+            if is_op(b.value, "relax.nn.conv2d") and const_array(b.value.args[1]) is not None:
+                a = b.value.attrs
+                ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
+                layers.append(LayerSpec("conv2d", shape_of(b.value.args[0]), const_array(b.value.args[1]),
+                                        ep_.bias, ep_.relu,
+                                        {"strides": [int(v) for v in a.strides], "padding": [int(v) for v in a.padding],
+                                         "dilation": [int(v) for v in a.dilation], "groups": int(a.groups)}))
+            elif (w := _linear_weight(b.value, var2val)) is not None and out is not None:
+                ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
+                layers.append(LayerSpec("dense", shape_of(b.value.args[0]), w, ep_.bias, ep_.relu, {}))
+    return layers
+
+
+def layer_module(spec: LayerSpec):
+    """A one-layer Relax module: conv2d/linear [+ bias] [+ ReLU]."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(spec.input_shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if spec.op == "conv2d":
+                a = spec.attrs
+                y = bb.emit(relax.op.nn.conv2d(x, relax.const(spec.weight), strides=a["strides"],
+                                               padding=a["padding"], dilation=a["dilation"], groups=a["groups"]))
+                if spec.bias is not None:
+                    y = bb.emit(relax.op.add(y, relax.const(spec.bias.reshape(1, -1, 1, 1))))
+            else:
+                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(spec.weight.T))))
+                if spec.bias is not None:
+                    y = bb.emit(relax.op.add(y, relax.const(spec.bias)))
+            if spec.relu:
+                y = bb.emit(relax.op.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def torch_layer(spec: LayerSpec, device: str):
+    """The same layer as PyTorch eager would run it (dense weights)."""
+    import torch
+    import torch.nn.functional as F
+
+    w = torch.from_numpy(spec.weight).to(device)
+    b = torch.from_numpy(spec.bias).to(device) if spec.bias is not None else None
+
+    def run(x):
+        if spec.op == "conv2d":
+            t, l, bt, r = spec.attrs["padding"]
+            if (t, l) != (bt, r):
+                x = F.pad(x, (l, r, t, bt))
+                t = l = 0
+            y = F.conv2d(x, w, b, spec.attrs["strides"], (t, l), spec.attrs["dilation"], spec.attrs["groups"])
+        else:
+            y = F.linear(x, w, b)
+        return F.relu(y) if spec.relu else y
+
+    return run
+
+
+def _timer(fn, sync=None):
+    """A callable timing one batch of `number` calls, returning ms per call."""
+    def measure(number: int) -> float:
+        if sync:
+            sync()
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if sync:
+            sync()
+        return (time.perf_counter() - start) / number * 1e3
+    return measure
+
+
+def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0) -> dict[str, float]:
+    """Median ms per call of each contender, measured in alternating rounds after a warm-up."""
+    numbers = {}
+    for name, measure in contenders.items():
+        measure(2)  # warm-up (first-call allocations, thread pool start)
+        once = max(measure(1), 1e-3)
+        numbers[name] = max(1, int(min_batch_ms / once))
+    samples = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, measure in contenders.items():
+            samples[name].append(measure(numbers[name]))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _vm_timer(executable, dev, x_np, gpu: bool = False):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, dev)
+    x = tvm.runtime.tensor(x_np, dev)
+    fn = vm["main"]
+    out = fn(x)
+    out = out if hasattr(out, "numpy") else out[0]
+    sync = dev.sync if gpu else None
+    return _timer(lambda: fn(x), sync), out.numpy()
+
+
+def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
+          threshold: float = 0.7, batch: int = 1, repeat: int = 20, layers: bool = True,
+          tuning_log: str | None = None, seed: int = 0) -> dict:
+    import torch
+    import tvm
+
+    from .compiler import compile_program
+    from .models import example_input, load_program, program_input_shape
+    from .target import make_target
+
+    target = make_target(target_name, arch)
+    dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
+    if target_name == "cuda" and (not dev.exist or not torch.cuda.is_available()):
+        raise UnsparseError("bench --target cuda needs a CUDA GPU visible to both TVM and PyTorch")
+    torch_dev = "cuda" if target_name == "cuda" else "cpu"
+    torch.set_num_threads(os.cpu_count() or 1)  # PyTorch and TVM both get every core
+    if sparsity is not None:
+        from .prune import prune_to_program
+
+        ep = prune_to_program(model, sparsity, batch=batch)
+    else:
+        ep = load_program(model, batch=batch)
+    shape = program_input_shape(ep)
+    x = example_input(shape, seed)
+    x_np = x.numpy()
+
+    print(f"compiling {model} for {target_name}: sparse, then dense (TVM without the sparse pass)")
+    sparse = compile_program(ep, target, threshold=threshold, sparse=True)
+    dense = compile_program(ep, target, threshold=threshold, sparse=False)
+    contenders, outputs = {}, {}
+    contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda")
+    contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda")
+    if tuning_log is not None:
+        from .tuning import open_database
+
+        tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=open_database(tuning_log))
+        contenders["unsparse_tuned"], outputs["unsparse_tuned"] = _vm_timer(tuned.executable, dev, x_np, target_name == "cuda")
+    net = ep.module().to(torch_dev)
+    xt = x.to(torch_dev)
+    sync = torch.cuda.synchronize if torch_dev == "cuda" else None
+
+    def torch_call():
+        with torch.no_grad():
+            return net(xt)
+
+    ref = torch_call()
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).cpu().numpy()
+    contenders["torch"] = _timer(torch_call, sync)
+    errors = {k: float(np.abs(v - ref).max() / max(np.abs(ref).max(), 1e-12)) for k, v in outputs.items()}
+    for name, err in errors.items():
+        if err > 1e-3:
+            raise UnsparseError(f"{name} output differs from PyTorch (max relative error {err:.2e}); not timing it")
+    print(f"timing end to end ({repeat} rounds)")
+    e2e = round_robin(contenders, repeat)
+
+    result = {
+        "model": model, "target": target_name, "arch": arch, "sparsity": sparsity, "threshold": threshold,
+        "batch": shape[0], "input_shape": list(shape),
+        "end_to_end": {"unsparse_ms": e2e["unsparse"], "tvm_dense_ms": e2e["tvm_dense"], "torch_ms": e2e["torch"],
+                       **({"unsparse_tuned_ms": e2e["unsparse_tuned"]} if "unsparse_tuned" in e2e else {})},
+        "max_rel_error_vs_torch": errors,
+        "layers": [],
+        "machine": _machine(target_name),
+    }
+    if layers:
+        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, sparse.report)
+    return result
+
+
+def bench_layers(ep, target, dev, torch_dev, threshold, repeat, report) -> list[dict]:
+    import torch
+
+    from .compiler import compile_program
+
+    specs = extract_layers(ep)
+    rows = []
+    print(f"timing {len(specs)} layers one by one")
+    for spec, decision in zip(specs, report):
+        mod = layer_module(spec)
+        x_np = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
+        sparse = _compile_layer(mod, target, threshold, True)
+        dense = _compile_layer(mod, target, threshold, False)
+        contenders = {}
+        gpu = torch_dev == "cuda"
+        contenders["unsparse"], y = _vm_timer(sparse, dev, x_np, gpu)
+        contenders["tvm_dense"], _ = _vm_timer(dense, dev, x_np, gpu)
+        run = torch_layer(spec, torch_dev)
+        xt = torch.from_numpy(x_np).to(torch_dev)
+        sync = torch.cuda.synchronize if torch_dev == "cuda" else None
+        with torch.no_grad():
+            ref = run(xt).cpu().numpy()
+        contenders["torch"] = _timer(lambda: run(xt), sync)
+        with torch.no_grad():
+            t = round_robin(contenders, max(5, repeat // 2), min_batch_ms=5.0)
+        rows.append({
+            "name": decision.name, "op": spec.op, "shape": list(spec.weight.shape), "input_shape": list(spec.input_shape),
+            "sparsity": decision.sparsity, "format": decision.format if decision.decision == "sparse" else "dense",
+            "unsparse_ms": t["unsparse"], "tvm_dense_ms": t["tvm_dense"], "torch_ms": t["torch"],
+            "max_rel_error": float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)),
+        })
+    return rows
+
+
+def _compile_layer(mod, target, threshold, sparse):
+    import tvm
+
+    from .relay_passes import build_pipeline
+
+    return tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, threshold=threshold, sparse=sparse))
+
+
+def _machine(target_name: str) -> dict:
+    import platform
+
+    import torch
+    import tvm
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "tvm": tvm.__version__,
+            "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if target_name == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def print_result(r: dict) -> None:
+    e = r["end_to_end"]
+    if r["layers"]:
+        print(f"\n{'layer':26s} {'op':6s} {'weight':18s} {'sparsity':>8s} {'format':6s} {'unsparse':>9s} "
+              f"{'tvm dense':>9s} {'torch':>9s} {'vs torch':>8s}")
+        for l in r["layers"]:
+            print(f"{l['name'][:26]:26s} {l['op']:6s} {str(l['shape']):18s} {l['sparsity']:8.3f} {l['format']:6s} "
+                  f"{l['unsparse_ms']:9.3f} {l['tvm_dense_ms']:9.3f} {l['torch_ms']:9.3f} "
+                  f"{l['torch_ms'] / l['unsparse_ms']:7.2f}x")
+    print(f"\nend to end, {r['model']} on {r['target']} (batch {r['batch']}, sparsity "
+          f"{r['sparsity'] if r['sparsity'] is not None else 'as given'}), median ms:")
+    print(f"  unsparse (sparse kernels)   {e['unsparse_ms']:9.3f}")
+    if "unsparse_tuned_ms" in e:
+        print(f"  unsparse, tuned             {e['unsparse_tuned_ms']:9.3f}   "
+              f"{e['unsparse_ms'] / e['unsparse_tuned_ms']:.2f}x faster than default knobs")
+    print(f"  TVM dense (no sparse pass)  {e['tvm_dense_ms']:9.3f}")
+    print(f"  PyTorch eager               {e['torch_ms']:9.3f}")
+    print(f"speedup of unsparse: {e['torch_ms'] / e['unsparse_ms']:.2f}x vs PyTorch, "
+          f"{e['tvm_dense_ms'] / e['unsparse_ms']:.2f}x vs TVM dense")
+
+
+def bench_command(args) -> None:
+    if args.batch < 1:
+        raise UnsparseError(f"--batch must be at least 1, got {args.batch}")
+    if args.json and os.path.exists(args.json) and not getattr(args, "force", False):
+        raise UnsparseError(f"{args.json} exists; pass --force to overwrite it")
+    r = bench(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
+              batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log)
+    print_result(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+        print(f"wrote {args.json}")
