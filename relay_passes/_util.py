@@ -171,6 +171,14 @@ def fused_label(ep: Epilogue) -> str:
     return "+".join(parts)
 
 
+def rows_consts(rows) -> list[relax.Expr]:
+    """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]."""
+    arrays = [rows.data, rows.off]
+    if rows.fmt == "hyb":
+        arrays += [rows.ovf_data, rows.ovf_off, rows.ovf_slot]
+    return [relax.const(a) for a in arrays]
+
+
 def mark(builder: relax.BlockBuilder, call: relax.Call, attrs: dict) -> None:
     """Attach unsparse attributes to the PrimFunc a call_te just created."""
     gv = call.args[0]

@@ -17,7 +17,7 @@ from unsparse_tvm import te_ops
 from unsparse_tvm.formats import conv_weight_rows
 
 from ._conv_match import ConvChainRewriter
-from ._util import LayerDecision, LayerNames, fused_label, mark
+from ._util import LayerDecision, LayerNames, fused_label, mark, rows_consts
 
 
 @relax.expr_functor.mutator
@@ -39,9 +39,7 @@ class _Sparsifier(ConvChainRewriter):
             decision.decision = "dense (below threshold)"
             return None
         rows = conv_weight_rows(weight, geo, self.fmt)
-        args = [self.visit_expr(conv.args[0]), relax.const(rows.data), relax.const(rows.off)]
-        if rows.fmt == "hyb":
-            args += [relax.const(rows.ovf_data), relax.const(rows.ovf_off), relax.const(rows.ovf_slot)]
+        args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
         extra, flags = self.epilogue_args(ep)
         op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint="sparse_conv2d")

@@ -11,7 +11,7 @@ from tvm.ir import IRModule
 from unsparse_tvm import te_ops
 from unsparse_tvm.formats import dense_weight_rows
 
-from ._util import (LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue,
+from ._util import (LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue, rows_consts,
                     shape_of, use_counts, users_of)
 
 
@@ -72,9 +72,7 @@ class _Sparsifier(relax.PyExprMutator):
             decision.decision = "dense (below threshold)"
             return None
         rows = dense_weight_rows(weight, self.fmt)
-        args = [self.visit_expr(call.args[0]), relax.const(rows.data), relax.const(rows.off)]
-        if rows.fmt == "hyb":
-            args += [relax.const(rows.ovf_data), relax.const(rows.ovf_off), relax.const(rows.ovf_slot)]
+        args = [self.visit_expr(call.args[0]), *rows_consts(rows)]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))
         new = self.builder_.call_te(te_ops.sparse_dense, *args, fmt=rows.fmt, has_bias=ep.bias is not None,
