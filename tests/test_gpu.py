@@ -29,7 +29,10 @@ def _run_cuda(spec, target, x, fmt=None, threshold=0.5):
 
     from unsparse_tvm.relay_passes import build_pipeline
 
+    from unsparse_tvm.cuda_package import embed_device_code
+
     ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=build_pipeline(target, threshold=threshold, fmt=fmt))
+    embed_device_code(ex, str(target.attrs["arch"]))  # run what a deployed module runs: nvcc's fatbin
     dev = tvm.cuda(0)
     return relax.VirtualMachine(ex, dev)["main"](tvm.runtime.tensor(x, dev)).numpy()
 
@@ -73,7 +76,9 @@ def test_builtin_model_cuda_matches_torch(model, gpu_target):
     from unsparse_tvm.models import program_input_shape
 
     ep = pruned_program(model, 0.9)
-    ex = compile_program(ep, gpu_target).executable
+    from unsparse_tvm.cuda_package import embed_device_code
+
+    ex = embed_device_code(compile_program(ep, gpu_target).executable, str(gpu_target.attrs["arch"]))
     x = torch.randn(*program_input_shape(ep), generator=torch.Generator().manual_seed(2))
     dev = tvm.cuda(0)
     y = relax.VirtualMachine(ex, dev)["main"](tvm.runtime.tensor(x.numpy(), dev))[0].numpy()

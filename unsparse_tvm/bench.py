@@ -136,10 +136,14 @@ def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0) -> di
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def _vm_timer(executable, dev, x_np, gpu: bool = False):
+def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None):
     import tvm
     from tvm import relax
 
+    if gpu:  # in-memory CUDA modules carry source: compile it with nvcc, as `compile` does
+        from .cuda_package import embed_device_code
+
+        embed_device_code(executable, arch)
     vm = relax.VirtualMachine(executable, dev)
     x = tvm.runtime.tensor(x_np, dev)
     fn = vm["main"]
@@ -160,6 +164,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     from .target import make_target
 
     target = make_target(target_name, arch)
+    arch = str(target.attrs["arch"]) if target_name == "cuda" else None
     dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
     if target_name == "cuda" and (not dev.exist or not torch.cuda.is_available()):
         raise UnsparseError("bench --target cuda needs a CUDA GPU visible to both TVM and PyTorch")
@@ -179,13 +184,13 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     sparse = compile_program(ep, target, threshold=threshold, sparse=True)
     dense = compile_program(ep, target, threshold=threshold, sparse=False)
     contenders, outputs = {}, {}
-    contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda")
-    contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda")
+    contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
+    contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
     if tuning_log is not None:
         from .tuning import open_database
 
         tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=open_database(tuning_log))
-        contenders["unsparse_tuned"], outputs["unsparse_tuned"] = _vm_timer(tuned.executable, dev, x_np, target_name == "cuda")
+        contenders["unsparse_tuned"], outputs["unsparse_tuned"] = _vm_timer(tuned.executable, dev, x_np, target_name == "cuda", arch)
     net = ep.module().to(torch_dev)
     xt = x.to(torch_dev)
     sync = torch.cuda.synchronize if torch_dev == "cuda" else None
@@ -233,8 +238,9 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat, report) -> list[
         dense = _compile_layer(mod, target, threshold, False)
         contenders = {}
         gpu = torch_dev == "cuda"
-        contenders["unsparse"], y = _vm_timer(sparse, dev, x_np, gpu)
-        contenders["tvm_dense"], _ = _vm_timer(dense, dev, x_np, gpu)
+        arch = str(target.attrs["arch"]) if gpu else None
+        contenders["unsparse"], y = _vm_timer(sparse, dev, x_np, gpu, arch)
+        contenders["tvm_dense"], _ = _vm_timer(dense, dev, x_np, gpu, arch)
         run = torch_layer(spec, torch_dev)
         xt = torch.from_numpy(x_np).to(torch_dev)
         sync = torch.cuda.synchronize if torch_dev == "cuda" else None
