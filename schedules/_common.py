@@ -26,6 +26,15 @@ def largest_divisor(n: int, cap: int) -> int:
     return 1
 
 
+def sample_divisor(sch: s_tir.Schedule, n: int, cap: int):
+    """For space(): a divisor of n that is at most cap, drawn with sample_categorical (uniform), so a
+    tuned split is never ragged; a plain int when n has only one such divisor."""
+    choices = [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+    if len(choices) == 1:
+        return choices[0]
+    return sch.sample_categorical(choices, [1.0 / len(choices)] * len(choices))
+
+
 def has_block(sch: s_tir.Schedule, name: str) -> bool:
     try:
         sch.get_sblock(name)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import extents, has_block, largest_divisor, op_of, schedule_epilogue_cpu, schedule_pad_cpu
+from ._common import (extents, has_block, largest_divisor, op_of, sample_divisor, schedule_epilogue_cpu,
+                      schedule_pad_cpu)
 
 OP = "sparse_conv2d"
 
@@ -21,6 +22,8 @@ class Config:
     tile_k: int = 8    # output channels per parallel task (enough tasks for every core, L2-sized input band)
     vec: int = 16      # lanes of the innermost output axis: one AVX-512 register, two AVX2 registers
     unroll: int = 4    # vectors accumulated in registers per loaded (weight, offset): 4 zmm, few spills
+    k_inner: int = 0   # rows interleaved inside the nonzero loop: independent FMA chains where a row's
+                       # output tile is only a vector or two (VGG's 4x4, 2x2); 0 = ~16 accumulator vectors
 
     @staticmethod
     def for_target(target: Target) -> "Config":
@@ -32,18 +35,34 @@ def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> 
         return None
     cfg = config or Config.for_target(target)
     sch = s_tir.Schedule(func)
-    _schedule(sch, func, cfg.tile_k, cfg.vec, cfg.unroll, clamp=True)
+    _schedule(sch, func, cfg.tile_k, cfg.vec, cfg.unroll, clamp=True, k_inner=cfg.k_inner)
     return sch
 
 
-def space(sch: s_tir.Schedule) -> None:
-    """MetaSchedule design space: the same schedule with its knobs sampled."""
+def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+    """MetaSchedule design spaces (unsparse-tvm tune): the same schedule with its knobs sampled.
+
+    One design space per loop order and vector width; in each, tile_k and unroll are drawn with
+    sample_categorical from the exact divisors of their loops (no ragged tiles). Loop orders: "k" (apply's:
+    a row's nonzeros innermost, around `unroll` accumulator vectors) and "j" (the nonzero loop outside a
+    tile of rows, unrolled: tile_k x unroll independent accumulator chains interleave, which hides the FMA
+    latency where a row's outputs are one or two vectors, as in VGG's 4x4 and 2x2 layers). The structure
+    is fixed per design space, so traces replay it faithfully (a Python `if` on a sampled value would not
+    be in the trace)."""
     func = sch.mod["main"]
-    k, q = _conv_extents(sch, "conv")
-    tile_k = sch.sample_perfect_tile(sch.get_loops(sch.get_sblock("conv"))[1], n=2, max_innermost_factor=32)[1]
-    vec = sch.sample_categorical([4, 8, 16], [0.2, 0.3, 0.5])
-    unroll = sch.sample_categorical([1, 2, 4, 8], [0.2, 0.3, 0.3, 0.2])
-    _schedule(sch, func, tile_k, vec, unroll, clamp=False)
+    spaces = []
+    for j_outer in (False, True):
+        for vec in _vector_widths(sch, func):
+            s = sch.copy()
+            _schedule(s, func, None, vec, None, clamp=False, j_outer=j_outer)
+            spaces.append(s)
+    return spaces
+
+
+def _vector_widths(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[int]:
+    ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    inner = ext[2] if bool(int(func.attrs["unsparse.flat"])) else ext[3]
+    return [v for v in (16, 8) if inner % v == 0] or [largest_divisor(inner, 16)]
 
 
 def _conv_extents(sch: s_tir.Schedule, name: str) -> tuple[int, int]:
@@ -52,50 +71,56 @@ def _conv_extents(sch: s_tir.Schedule, name: str) -> tuple[int, int]:
     return ext[1], ext[2]
 
 
-def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat):
-    """Schedule one reduction stage ("conv" or "conv_ovf"); returns its parallel loop."""
+def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1, j_outer=False):
+    """Schedule one reduction stage ("conv" or "conv_ovf"); returns its parallel loop.
+
+    Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes
+    (j_outer: every row of the tile, k_inner = tile_k). With clamp (apply), the knobs are fitted to the
+    extents; without (space), tile_k and unroll left as None are drawn from their exact divisors."""
     block = sch.get_sblock(name)
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
     ext = extents(sch, loops)
+    q_axis = 2 if flat else 3
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
+        vec = largest_divisor(ext[q_axis], vec)
+        unroll = largest_divisor(ext[q_axis] // vec, unroll)
+        k_inner = tile_k if j_outer else largest_divisor(tile_k, k_inner or max(1, 16 // unroll))
+    else:
+        tile_k = tile_k if tile_k is not None else sample_divisor(sch, ext[1], 32)
+        unroll = unroll if unroll is not None else sample_divisor(sch, ext[q_axis] // vec, 8)
+        k_inner = tile_k if j_outer else k_inner
     n, k = loops[0], loops[1]
     ko, ki = sch.split(k, [None, tile_k])
+    kio, kii = sch.split(ki, [None, k_inner])
     if flat:  # [n, k, q, j]; q_extent is a multiple of 16
         q, j = loops[2], loops[3]
-        if clamp:
-            vec = largest_divisor(ext[2], vec)
-            unroll = largest_divisor(ext[2] // vec, unroll)
         qo, qu, qv = sch.split(q, [None, unroll, vec])
-        sch.reorder(n, ko, qo, ki, j, qu, qv)
-        outer = qo
+        sch.reorder(n, ko, qo, kio, j, kii, qu, qv)
     else:     # [n, k, y, x, j]
         y, x, j = loops[2], loops[3], loops[4]
-        if clamp:
-            vec = largest_divisor(ext[3], vec)
-            unroll = largest_divisor(ext[3] // vec, unroll)
-        xo, xu, xv = sch.split(x, [None, unroll, vec])
-        sch.reorder(n, ko, y, xo, ki, j, xu, xv)
-        outer = xo
-        qu, qv = xu, xv
+        qo, qu, qv = sch.split(x, [None, unroll, vec])
+        sch.reorder(n, ko, y, qo, kio, j, kii, qu, qv)
     par = sch.fuse(n, ko)
     sch.parallel(par)
-    sch.reverse_compute_at(acc, ki)
+    sch.reverse_compute_at(acc, kio)
     sch.vectorize(qv)
     sch.unroll(qu)
+    sch.unroll(kii)
     init = sch.decompose_reduction(block, j)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
     return par
 
 
-def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool) -> None:
+def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool,
+              k_inner: int = 1, j_outer: bool = False) -> None:
     cx, hp, wp = (int(v) for v in func.attrs["unsparse.pad_shape"])
     flat = bool(int(func.attrs["unsparse.flat"]))
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
     schedule_pad_cpu(sch, cx, hp, wp)
-    par = _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, flat)
+    par = _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, flat, k_inner, j_outer)
     if hyb:
-        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, flat)
+        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, flat, k_inner, j_outer)
     schedule_epilogue_cpu(sch, par, fuse_into_tile=not flat and not hyb)
