@@ -108,6 +108,16 @@ def torch_layer(spec: LayerSpec, device: str):
     return run
 
 
+def warn_if_busy() -> float:
+    """Other processes on the cores distort every figure, PyTorch's OpenMP threads most of all
+    (measured here: 5-50x slower eager inference while another process used one of two cores)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(f"warning: the machine is busy (1-minute load {load:.1f} on {cores} cores); "
+              "timings, PyTorch's above all, are unreliable: re-run on an idle machine")
+    return load
+
+
 def _timer(fn, sync=None):
     """A callable timing one batch of `number` calls, returning ms per call."""
     def measure(number: int) -> float:
@@ -206,6 +216,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     for name, err in errors.items():
         if err > 1e-3:
             raise UnsparseError(f"{name} output differs from PyTorch (max relative error {err:.2e}); not timing it")
+    warn_if_busy()
     print(f"timing end to end ({repeat} rounds)")
     e2e = round_robin(contenders, repeat)
 
@@ -216,7 +227,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
                        **({"unsparse_tuned_ms": e2e["unsparse_tuned"]} if "unsparse_tuned" in e2e else {})},
         "max_rel_error_vs_torch": errors,
         "layers": [],
-        "machine": _machine(target_name),
+        "machine": {**_machine(target_name), "load_before_timing": os.getloadavg()[0]},
     }
     if layers:
         result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, sparse.report)
