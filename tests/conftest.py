@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,3 +84,12 @@ def pruned_program(model: str, sparsity: float = 0.9):
     from unsparse_tvm.prune import prune_to_program
 
     return prune_to_program(model, sparsity)
+
+
+def cli(*args, check=True):
+    """Run `unsparse-tvm ARGS` in a fresh process (what a user runs); fail with its output."""
+    proc = subprocess.run([sys.executable, "-m", "unsparse_tvm.cli"] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"unsparse-tvm {args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc

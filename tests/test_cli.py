@@ -10,17 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cli
 from unsparse_tvm.cli import main
-
-CLI = [sys.executable, "-m", "unsparse_tvm.cli"]
-
-
-def cli(*args, check=True):
-    proc = subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"unsparse-tvm {args} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):

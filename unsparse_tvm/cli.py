@@ -42,7 +42,7 @@ def _add_data_args(p: argparse.ArgumentParser, epochs_help: str, lr: float) -> N
     p.add_argument("--epochs", type=int, default=0, help=epochs_help)
     p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine-decayed (default {lr:g})")
     p.add_argument("--batch-size", type=int, default=64, help="training mini-batch size (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the data split and shuffling (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffling and k-means (default 0; the train/test split is always the same)")
 
 
 def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
@@ -52,7 +52,8 @@ def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
     p.add_argument("-o", "--output", required=True, help="output .pt2 file")
     if report:
         p.add_argument("--report", default=None, help="also write the report (accuracy, per-layer sparsity, bytes) as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite the output (and report) file if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the output (and report) file if it exists" if report else "overwrite the output file if it exists")
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
@@ -80,7 +81,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="sparsity of the last layer (the classifier); same rule")
     p.add_argument("--sensitivity", action="store_true",
                    help="per-layer sparsity from a one-shot sensitivity scan (needs --dataset) instead of uniform")
-    _add_data_args(p, "fine-tuning epochs for gradual pruning (default 0: one-shot)", 1e-3)
+    _add_data_args(p, "fine-tuning epochs for gradual pruning (default 0: one-shot)", 3e-3)
     _add_model_io_args(p)
 
 
@@ -137,7 +138,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train", help="train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
         description="Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
                     "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
-                    "PyTorch training, pass the built-in name with --weights state.pt (a state_dict).")
+                    "PyTorch training, pass the built-in name with --weights state.pt (a state_dict). Weights that "
+                    "are exactly zero (a pruned .pt2) stay zero.")
     p.add_argument("model", help="a built-in model (smallcnn for digits, vgg16-cifar for cifar10), "
                                  "or a .pt2 written by unsparse-tvm to continue training")
     _add_data_args(p, "training epochs", 3e-3)

@@ -218,19 +218,21 @@ class PruneConfig:
     method: str = "unstructured"
     scope: str = "layer"                     # layer | global (global: unstructured only)
     vector_size: int = 4
-    block_size: int = 4
+    block_size: int | None = None           # default 4 for block, 8 for mixed
     block_share: float = 0.5                 # mixed: part of the target reached by the block mask
     first_layer_sparsity: float | None = None
     last_layer_sparsity: float | None = None
     sensitivity: bool = False                # per-layer sparsity from a one-shot sensitivity scan
     epochs: int = 0                          # 0: one-shot; > 0: gradual pruning while fine-tuning
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch_size: int = 64
     ramp_fraction: float = 0.6               # share of the fine-tuning steps over which sparsity ramps up
     updates: int = 30                        # mask updates along the ramp
     seed: int = 0
 
     def validate(self) -> "PruneConfig":
+        if self.block_size is None:
+            self.block_size = 8 if self.method == "mixed" else 4
         check_fraction("sparsity", self.sparsity, upper_inclusive=False)
         if self.method not in METHODS:
             raise UnsparseError(f"unknown pruning method '{self.method}': use one of {', '.join(METHODS)}")
@@ -275,6 +277,16 @@ class PruneConfig:
         return f"{self.method}{extra} to {self.sparsity:g}, {how}"
 
 
+def fixed_layers(names: list[str], cfg: PruneConfig) -> dict[str, float]:
+    """The first/last layer's own sparsity, where the config keeps them denser (or sparser)."""
+    fixed: dict[str, float] = {}
+    if cfg.first_layer_sparsity is not None:
+        fixed[names[0]] = cfg.first_layer_sparsity
+    if cfg.last_layer_sparsity is not None:
+        fixed[names[-1]] = cfg.last_layer_sparsity
+    return fixed
+
+
 def layer_targets(sizes: dict[str, int], cfg: PruneConfig,
                   sensitivity: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, float]:
     """Per-layer sparsity reaching `cfg.sparsity` overall; first/last layers may be fixed lower.
@@ -283,11 +295,7 @@ def layer_targets(sizes: dict[str, int], cfg: PruneConfig,
     is pruned as far as costs at most the same accuracy drop `d`, with `d` bisected to hit the total.
     """
     names = list(sizes)
-    fixed: dict[str, float] = {}
-    if cfg.first_layer_sparsity is not None:
-        fixed[names[0]] = cfg.first_layer_sparsity
-    if cfg.last_layer_sparsity is not None:
-        fixed[names[-1]] = cfg.last_layer_sparsity
+    fixed = fixed_layers(names, cfg)
     pool = [n for n in names if n not in fixed]
     total = sum(sizes.values())
     if not pool:
@@ -381,22 +389,31 @@ def _update_masks(layers: list[tuple[str, nn.Module, str]], fractions: dict[str,
                   pool: set[str]) -> None:
     """Bring every layer to `fractions[name]`; in global scope the `pool` layers share one magnitude ranking."""
     current = {fqn: _orig_and_mask(owner, pname) for fqn, owner, pname in layers}
+    capped: set[str] = set()
     if cfg.scope == "global" and pool:
-        # torch's global_unstructured ranks the same way: one top-k over all pool weights
+        # torch's global_unstructured ranks the same way: one top-k over all pool weights; but a layer is
+        # never pruned past MAX_LAYER_SPARSITY (an all-zero layer cuts the network), the others take up the rest
         names = [f for f, _, _ in layers if f in pool]
-        scores = torch.cat([(current[n][0] * current[n][1]).abs().flatten() for n in names])  # [sum numel]
-        k = round(fractions[names[0]] * scores.numel())
-        keep = torch.ones_like(scores)
-        if k:
-            keep[torch.topk(scores, k, largest=False).indices] = 0
-        offset = 0
-        for n in names:
-            numel = current[n][0].numel()
-            current[n] = (current[n][0], keep[offset : offset + numel].view_as(current[n][0]) * current[n][1])
-            offset += numel
+        numels = {n: current[n][0].numel() for n in names}
+        goal = round(fractions[names[0]] * sum(numels.values()))
+        while True:
+            free = [n for n in names if n not in capped]
+            scores = torch.cat([(current[n][0] * current[n][1]).abs().flatten() for n in free])  # [sum numel]
+            k = min(scores.numel(), max(0, goal - sum(round(MAX_LAYER_SPARSITY * numels[n]) for n in capped)))
+            keep = torch.ones_like(scores)
+            if k:
+                keep[torch.topk(scores, k, largest=False).indices] = 0
+            parts = dict(zip(free, torch.split(keep, [numels[n] for n in free])))
+            over = {n for n in free if float((parts[n] == 0).sum()) > MAX_LAYER_SPARSITY * numels[n]}
+            if not over or len(over) == len(free):
+                break
+            capped |= over
+        for n in free:
+            current[n] = (current[n][0], parts[n].view_as(current[n][0]) * current[n][1])
+        fractions = {**fractions, **{n: MAX_LAYER_SPARSITY for n in capped}}
     for fqn, owner, pname in layers:
         orig, mask = current[fqn]
-        if not (cfg.scope == "global" and fqn in pool):
+        if not (cfg.scope == "global" and fqn in pool and fqn not in capped):
             mask = cfg.method_for(fractions[fqn]).compute_mask(orig * mask, mask)
         _set_mask(owner, pname, mask)
 
@@ -414,7 +431,7 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
     Existing zeros stay zero (their mask starts at 0). With `cfg.epochs` > 0 and a data set, sparsity ramps
     up on the cubic schedule while fine-tuning, then the network trains on at the final mask.
     """
-    from .train import train
+    from .train import eval_mode, train
 
     cfg.validate()
     layers = prunable_parameters(module, ep)
@@ -428,9 +445,7 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
         log("sensitivity scan: pruning each layer alone ...")
         curves = sensitivity_scan(module, layers, data, cfg, fixed_batch=fixed_batch)
     targets = layer_targets(sizes, cfg, curves)
-    fixed = {n for n in (list(sizes)[0], list(sizes)[-1]) if
-             (n == list(sizes)[0] and cfg.first_layer_sparsity is not None)
-             or (n == list(sizes)[-1] and cfg.last_layer_sparsity is not None)}
+    fixed = fixed_layers(list(sizes), cfg)
     pool = {n for n in sizes if n not in fixed}
     # existing zeros (an already pruned model) stay pruned
     initial = {}
@@ -438,7 +453,8 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
         w = getattr(owner, pname).detach()
         initial[fqn] = float((w == 0).sum()) / w.numel()
         _set_mask(owner, pname, (w != 0).to(w.dtype))
-    targets = {n: max(t, initial[n]) for n, t in targets.items()}
+    # a layer already sparser than its target stays as it is (global: the shared ranking sees its zeros first)
+    targets = {n: t if (cfg.scope == "global" and n in pool) else max(t, initial[n]) for n, t in targets.items()}
     if cfg.scope == "global":
         pool_now = sum(initial[n] * sizes[n] for n in pool) / max(1, sum(sizes[n] for n in pool))
         initial.update({n: pool_now for n in pool})
@@ -456,7 +472,7 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
     _update_masks(layers, targets, cfg, pool)  # one-shot, or make sure the final target is reached
     for _, owner, pname in layers:
         tprune.remove(owner, pname)  # permanent: weight = weight_orig * weight_mask, hooks gone
-    module.eval()
+    eval_mode(module)
     return {"targets": targets, "sensitivity": curves}
 
 
@@ -483,7 +499,7 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
     """Load, (evaluate,) prune, (evaluate,) export to `output`; returns the report (also written to `report`)."""
     from .data import load_dataset
     from .inspection import weight_report
-    from .train import check_compatible, check_output, evaluate_loaded, load_model, save_model
+    from .train import check_compatible, check_output, compute_threads, evaluate_loaded, load_model, save_model
 
     start = time.perf_counter()
     cfg.validate()
@@ -495,27 +511,28 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
     if cfg.epochs and not loaded.trainable:
         raise UnsparseError(f"{model} was not written by unsparse-tvm, so it cannot be fine-tuned: use "
                             "--epochs 0 (one-shot) or a built-in model name with --weights")
-    data = load_dataset(dataset, cfg.seed) if dataset else None
-    acc_before = acc_after = None
-    if data is not None:
-        check_compatible(loaded, data)
-        if not loaded.trained:
-            log(f"note: {model} has random weights (train it first: unsparse-tvm train, or pass --weights)")
-        acc_before = evaluate_loaded(loaded, data)
-    fixed_batch = None if loaded.trainable else loaded.input_shape[0]
-    info = prune_model(loaded.module, cfg, data, loaded.ep, fixed_batch=fixed_batch, log=log)
-    if data is not None:
-        acc_after = evaluate_loaded(loaded, data)
-    loaded.meta["pruning"] = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "updates", "ramp_fraction")}
-    loaded.meta.pop("quantization", None)
-    save_model(loaded, output, overwrite)  # a pruned model is no longer quantised: no unsparse_quant.json
-    result = {
-        "command": "prune", "model": model, "output": output, "config": asdict(cfg),
-        "dataset": data.name if data else None,
-        "accuracy_before": acc_before, "accuracy_after": acc_after,
-        **weight_report(loaded.module, loaded.ep, None, targets=info["targets"]),
-        "sensitivity": info["sensitivity"],
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    data = load_dataset(dataset) if dataset else None  # the split is fixed: --seed must not leak test samples
+    with compute_threads(loaded.module):  # only idle cores: see compute_threads
+        acc_before = acc_after = None
+        if data is not None:
+            check_compatible(loaded, data)
+            if not loaded.trained:
+                log(f"note: {model} has random weights (train it first: unsparse-tvm train, or pass --weights)")
+            acc_before = evaluate_loaded(loaded, data)
+        fixed_batch = None if loaded.trainable else loaded.input_shape[0]
+        info = prune_model(loaded.module, cfg, data, loaded.ep, fixed_batch=fixed_batch, log=log)
+        if data is not None:
+            acc_after = evaluate_loaded(loaded, data)
+        loaded.meta["pruning"] = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "updates", "ramp_fraction")}
+        loaded.meta.pop("quantization", None)
+        save_model(loaded, output, overwrite)  # a pruned model is no longer quantised: no unsparse_quant.json
+        result = {
+            "command": "prune", "model": model, "output": output, "config": asdict(cfg),
+            "dataset": data.name if data else None,
+            "accuracy_before": acc_before, "accuracy_after": acc_after,
+            **weight_report(loaded.module, loaded.ep, None, targets=info["targets"]),
+            "sensitivity": info["sensitivity"],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
     write_report(result, report)
     return result

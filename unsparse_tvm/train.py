@@ -8,6 +8,7 @@ and its batch size is fixed). A foreign .pt2 is used as `ep.module()`: one-shot 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,11 +89,15 @@ def _load_state(module: nn.Module, path: str) -> None:
             state = state.state_dict()
         if not isinstance(state, dict):
             raise UnsparseError(f"{path} does not hold a state_dict")
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UnsparseError(f"weights in {path} do not fit the model: {first}") from None
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    if missing or unexpected or wrong:
+        example = (missing or unexpected or wrong)[0]
+        raise UnsparseError(f"weights in {path} do not fit {type(module).__name__}: {len(missing)} missing, "
+                            f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped tensors (e.g. {example})")
+    module.load_state_dict(state, strict=True)
 
 
 def load_model(model: str, weights: str | None = None, batch: int | None = None) -> LoadedModel:
@@ -126,6 +131,15 @@ def load_model(model: str, weights: str | None = None, batch: int | None = None)
     return LoadedModel(ep.module(), shape, None, ep, model, meta, trained=True)
 
 
+def eval_mode(module: nn.Module) -> nn.Module:
+    """module.eval(), except for a reloaded program's module, which is always in eval mode and refuses it."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+    return module
+
+
 def check_output(path: str, overwrite: bool, inputs: tuple[str | None, ...] = (), suffix: str = ".pt2") -> None:
     """Refuse a bad output path before any work: wrong suffix, existing without --force, or an input file."""
     if not path.endswith(suffix):
@@ -142,7 +156,7 @@ def check_output(path: str, overwrite: bool, inputs: tuple[str | None, ...] = ()
 
 def export_model(loaded: LoadedModel) -> torch.export.ExportedProgram:
     """torch.export the (pruned/quantised) module at the loaded input shape."""
-    loaded.module.eval()
+    eval_mode(loaded.module)
     if loaded.builtin is not None:
         return export(loaded.module, loaded.input_shape)
     with torch.no_grad():
@@ -178,9 +192,49 @@ def check_compatible(loaded: LoadedModel, data: Dataset) -> None:
             f"{list(data.input_shape)}: use smallcnn with digits, vgg16-cifar with cifar10"
         )
     with torch.no_grad():
-        out = loaded.module.eval()(torch.zeros(*loaded.input_shape))  # [N,classes]
+        out = eval_mode(loaded.module)(torch.zeros(*loaded.input_shape))  # [N,classes]
     if out.ndim != 2 or out.shape[1] < data.num_classes:
         raise UnsparseError(f"{loaded.source} has {out.shape[-1]} outputs, fewer than {data.name}'s {data.num_classes} classes")
+
+
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+@contextlib.contextmanager
+def compute_threads(module: nn.Module, threads: int | None = None):
+    """Use only the cores nobody else is using: when the machine is busy, torch's OpenMP threads spin-wait
+    for a descheduled partner and a 2-second job takes a minute (measured on a shared 2-core machine).
+    Small models always run on one thread, which costs them little."""
+    if threads is None:
+        small = sum(p.numel() for p in module.parameters()) < SMALL_MODEL_PARAMS
+        idle = (os.cpu_count() or 1) - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 1
+        threads = 1 if small else max(1, min(torch.get_num_threads(), idle))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def keep_zeros(module: nn.Module):
+    """Weights that are exactly zero stay zero while training (torch.nn.utils.prune masks, removed after)."""
+    import torch.nn.utils.prune as tprune
+
+    from .prune import prunable_parameters
+
+    masked = []
+    for _, owner, pname in prunable_parameters(module):
+        w = getattr(owner, pname).detach()
+        if bool((w == 0).any()):
+            tprune.custom_from_mask(owner, pname, (w != 0).to(w.dtype))
+            masked.append((owner, pname))
+    try:
+        yield
+    finally:
+        for owner, pname in masked:
+            tprune.remove(owner, pname)
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -190,7 +244,7 @@ def _progress(total: int, desc: str) -> tqdm:
 @torch.no_grad()
 def evaluate(module: nn.Module, data: Dataset, batch_size: int = 256, fixed_batch: int | None = None) -> float:
     """Top-1 accuracy on the test split, in percent. `fixed_batch`: the program only accepts that batch size."""
-    module.eval()
+    eval_mode(module)
     correct = 0
     bs = fixed_batch or batch_size
     for i in range(0, len(data.x_test), bs):
@@ -218,12 +272,21 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[int], None] | None = None,
     desc: str = "train",
+    threads: int | None = None,
 ) -> None:
-    """Adam with a cosine learning-rate decay; `on_step(step, total)` runs before every step (mask updates)."""
+    """Adam with a cosine learning-rate decay; `on_step(step, total)` runs before every step (mask updates).
+
+    `threads`: torch threads while training (default: 1 for small models, see `compute_threads`).
+    """
     if epochs < 0:
         raise UnsparseError(f"epochs must be >= 0, got {epochs}")
     if epochs == 0:
         return
+    with compute_threads(module, threads):
+        _train(module, data, epochs, lr, batch_size, seed, weight_decay, on_step, on_epoch, desc)
+
+
+def _train(module, data, epochs, lr, batch_size, seed, weight_decay, on_step, on_epoch, desc) -> None:
     torch.manual_seed(seed)
     loader = data.train_loader(batch_size, seed)
     total = epochs * len(loader)
@@ -248,7 +311,7 @@ def train(
                 step += 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-    module.eval()
+    eval_mode(module)
 
 
 def train_command(
@@ -256,7 +319,7 @@ def train_command(
     dataset: str,
     epochs: int,
     output: str,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     batch_size: int = 64,
     seed: int = 0,
     weights: str | None = None,
@@ -272,11 +335,14 @@ def train_command(
     loaded = load_model(model, weights, batch)
     if not loaded.trainable:
         raise UnsparseError(f"{model} is not a built-in model or a .pt2 written by unsparse-tvm: it cannot be trained")
-    data = load_dataset(dataset, seed)
-    check_compatible(loaded, data)
-    before = evaluate_loaded(loaded, data)
-    train(loaded.module, data, epochs, lr=lr, batch_size=batch_size, seed=seed, desc=f"train {loaded.builtin}")
-    after = evaluate_loaded(loaded, data)
+    data = load_dataset(dataset)  # the split is fixed, whatever --seed says
+    with compute_threads(loaded.module):
+        check_compatible(loaded, data)
+        before = evaluate_loaded(loaded, data)
+        with keep_zeros(loaded.module):  # continuing a pruned model keeps it pruned
+            train(loaded.module, data, epochs, lr=lr, batch_size=batch_size, seed=seed, desc=f"train {loaded.builtin}")
+        after = evaluate_loaded(loaded, data)
+    loaded.meta.pop("quantization", None)  # float training leaves the quantisation grid
     loaded.meta.update(trained=True, dataset=data.name, accuracy=round(after, 3))
     save_model(loaded, output, overwrite)
     return {"model": loaded.builtin, "dataset": data.name, "epochs": epochs, "accuracy_before": before, "accuracy_after": after}
