@@ -39,7 +39,11 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
                                 relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                 relax.transform.FuseTIR()]))
     # Phase 5: schedules: tuning records first, then our hand-written rules, then the rest
-    schedule = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if database is not None else []
+    schedule = []
+    if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled (unsparse_tvm.tuning)
+        from unsparse_tvm.tuning import ApplyTuningRecords
+
+        schedule.append(ApplyTuningRecords(database))
     schedule.append(ScheduleUnsparseOps(target, configs))
     if is_cpu:
         schedule.append(ScheduleRemainingCPU(target))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import extents, largest_divisor, op_of, schedule_epilogue_cpu, schedule_pad_cpu
+from ._common import extents, largest_divisor, op_of, sample_divisor, schedule_epilogue_cpu, schedule_pad_cpu
 
 OP = "dense_conv2d"
 
@@ -33,13 +33,19 @@ def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> 
     return sch
 
 
-def space(sch: s_tir.Schedule) -> None:
+def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+    """MetaSchedule design spaces (unsparse-tvm tune): one per vector width dividing the output axis;
+    tile_k and unroll drawn from the exact divisors of their loops (no ragged register tiles)."""
     func = sch.mod["main"]
-    k = sch.get_loops(sch.get_sblock("conv"))[1]
-    tile_k = sch.sample_perfect_tile(k, n=2, max_innermost_factor=8)[1]
-    vec = sch.sample_categorical([8, 16], [0.4, 0.6])
-    unroll = sch.sample_categorical([1, 2, 4], [0.3, 0.4, 0.3])
-    _schedule(sch, func, tile_k, vec, unroll, clamp=False)
+    ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    inner = ext[2] if bool(int(func.attrs["unsparse.flat"])) else ext[3]
+    spaces = []
+    for vec in [v for v in (16, 8) if inner % v == 0] or [largest_divisor(inner, 16)]:
+        s = sch.copy()
+        # tile_k >= 2: with a unit row tile the init block's loop nest changes shape, which a trace cannot follow
+        _schedule(s, func, sample_divisor(s, ext[1], 8, low=2), vec, sample_divisor(s, inner // vec, 4), clamp=False)
+        spaces.append(s)
+    return spaces
 
 
 def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:

@@ -42,21 +42,37 @@ def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     """MetaSchedule design spaces (unsparse-tvm tune): the same schedule with its knobs sampled.
 
-    One design space per loop order and vector width; in each, tile_k and unroll are drawn with
-    sample_categorical from the exact divisors of their loops (no ragged tiles). Loop orders: "k" (apply's:
-    a row's nonzeros innermost, around `unroll` accumulator vectors) and "j" (the nonzero loop outside a
-    tile of rows, unrolled: tile_k x unroll independent accumulator chains interleave, which hides the FMA
-    latency where a row's outputs are one or two vectors, as in VGG's 4x4 and 2x2 layers). The structure
-    is fixed per design space, so traces replay it faithfully (a Python `if` on a sampled value would not
-    be in the trace)."""
+    One design space per vector width and k_inner (rows interleaved inside the nonzero loop: 1 is a
+    row's nonzeros innermost, k_inner = tile_k the nonzero loop outside the whole row tile); in each,
+    tile_k (a multiple of k_inner) and unroll are drawn with sample_categorical from the exact divisors
+    of their loops, so no tile is ragged. Where the loops allow, the register tile k_inner x unroll holds
+    4..24 accumulator vectors (fewer leaves FMA latency exposed, more spills) and tile_k is at least 4
+    (parallel tasks of a useful size): a budget of a few trials per layer goes to sensible points.
+    Structure that depends on a knob is fixed per design space: a trace replays split factors, but a
+    Python `if` on a sampled value would not be in it."""
     func = sch.mod["main"]
+    ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    rows, inner = ext[1], ext[2] if bool(int(func.attrs["unsparse.flat"])) else ext[3]
     spaces = []
-    for j_outer in (False, True):
-        for vec in _vector_widths(sch, func):
+    for vec in _vector_widths(sch, func):
+        for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:
+            tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
+            tiles = [t for t in tiles if t >= 4] or tiles
+            unrolls = [u for u in range(1, 9) if (inner // vec) % u == 0]
+            unrolls = [u for u in unrolls if 4 <= k_inner * u <= 24] or [u for u in unrolls if k_inner * u <= 24]
+            if not unrolls:
+                continue
             s = sch.copy()
-            _schedule(s, func, None, vec, None, clamp=False, j_outer=j_outer)
+            _schedule(s, func, _categorical(s, tiles), vec, _categorical(s, unrolls), clamp=False, k_inner=k_inner)
             spaces.append(s)
     return spaces
+
+
+def _categorical(sch: s_tir.Schedule, choices: list[int]):
+    """A knob drawn uniformly from choices (a plain int when there is one)."""
+    if len(choices) == 1:
+        return choices[0]
+    return sch.sample_categorical(choices, [1.0 / len(choices)] * len(choices))
 
 
 def _vector_widths(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[int]:
@@ -65,17 +81,11 @@ def _vector_widths(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[int]:
     return [v for v in (16, 8) if inner % v == 0] or [largest_divisor(inner, 16)]
 
 
-def _conv_extents(sch: s_tir.Schedule, name: str) -> tuple[int, int]:
-    loops = sch.get_loops(sch.get_sblock(name))
-    ext = extents(sch, loops)
-    return ext[1], ext[2]
-
-
-def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1, j_outer=False):
+def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1):
     """Schedule one reduction stage ("conv" or "conv_ovf"); returns its parallel loop.
 
-    Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes
-    (j_outer: every row of the tile, k_inner = tile_k). With clamp (apply), the knobs are fitted to the
+    Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes.
+    With clamp (apply), the knobs are fitted to the
     extents; without (space), tile_k and unroll left as None are drawn from their exact divisors."""
     block = sch.get_sblock(name)
     acc = sch.cache_write(block, 0, "local")
@@ -86,11 +96,10 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1, j_out
         tile_k = largest_divisor(ext[1], tile_k)
         vec = largest_divisor(ext[q_axis], vec)
         unroll = largest_divisor(ext[q_axis] // vec, unroll)
-        k_inner = tile_k if j_outer else largest_divisor(tile_k, k_inner or max(1, 16 // unroll))
+        k_inner = largest_divisor(tile_k, k_inner or max(1, 16 // unroll))
     else:
         tile_k = tile_k if tile_k is not None else sample_divisor(sch, ext[1], 32)
         unroll = unroll if unroll is not None else sample_divisor(sch, ext[q_axis] // vec, 8)
-        k_inner = tile_k if j_outer else k_inner
     n, k = loops[0], loops[1]
     ko, ki = sch.split(k, [None, tile_k])
     kio, kii = sch.split(ki, [None, k_inner])
@@ -115,12 +124,12 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1, j_out
 
 
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool,
-              k_inner: int = 1, j_outer: bool = False) -> None:
+              k_inner: int = 1) -> None:
     cx, hp, wp = (int(v) for v in func.attrs["unsparse.pad_shape"])
     flat = bool(int(func.attrs["unsparse.flat"]))
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
     schedule_pad_cpu(sch, cx, hp, wp)
-    par = _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, flat, k_inner, j_outer)
+    par = _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, flat, k_inner)
     if hyb:
-        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, flat, k_inner, j_outer)
+        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, flat, k_inner)
     schedule_epilogue_cpu(sch, par, fuse_into_tile=not flat and not hyb)

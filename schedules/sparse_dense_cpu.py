@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import extents, has_block, largest_divisor, op_of
+from ._common import extents, has_block, largest_divisor, op_of, sample_divisor
 
 OP = "sparse_dense"
 
@@ -33,10 +33,9 @@ def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> 
 
 
 def space(sch: s_tir.Schedule) -> None:
-    rows = sch.get_loops(sch.get_sblock("conv"))[1]
-    tile = sch.sample_perfect_tile(rows, n=2, max_innermost_factor=64)[1]
-    unroll = sch.sample_categorical([1, 2, 4, 8], [0.25] * 4)
-    _schedule(sch, tile, unroll, clamp=False)
+    """MetaSchedule design space (unsparse-tvm tune): tile_rows and unroll_j drawn from the exact
+    divisors of their loops."""
+    _schedule(sch, None, None, clamp=False)
 
 
 def _rows(sch, name, tile_rows, unroll_j, clamp):
@@ -44,6 +43,10 @@ def _rows(sch, name, tile_rows, unroll_j, clamp):
     acc = sch.cache_write(block, 0, "local")
     n, o, j = sch.get_loops(block)
     ext = extents(sch, [n, o, j])
+    if tile_rows is None:  # space(): sampled per stage
+        tile_rows = sample_divisor(sch, ext[1], 64)
+    if unroll_j is None:
+        unroll_j = sample_divisor(sch, ext[2], 8)
     if clamp:
         tile_rows = largest_divisor(ext[1], tile_rows)
         unroll_j = largest_divisor(ext[2], unroll_j)

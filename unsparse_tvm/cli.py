@@ -243,6 +243,53 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tune / logs ---------------------------------------------------------------------------------
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help="tune the sparse kernels' schedule knobs with MetaSchedule (XGBoost), records to --log-dir",
+        description="One task per distinct sparse workload; MetaSchedule's evolutionary search with its XGBoost "
+                    "cost model draws the knobs of our hand-written schedules, timed with the layers' real sparse "
+                    "index arrays. Records are appended per measured batch: Ctrl-C loses nothing, and running the "
+                    "same command again resumes (records already in DIR count toward --trials).")
+    p.add_argument("model", help=MODEL_HELP)
+    _add_target_args(p)
+    p.add_argument("--sparsity", type=_fraction("sparsity"), default=None,
+                   help="magnitude-prune to this sparsity first (default: use the weights as they are)")
+    p.add_argument("--trials", type=int, required=True,
+                   help="measurements in total over all workloads (one per workload for the default knobs first)")
+    p.add_argument("--log-dir", required=True, help="directory of tuning records (created; appended to)")
+    p.add_argument("--include-dense", action="store_true", help="also tune the dense direct conv2d layers (llvm)")
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                   help="measure on the devices registered with this TVM RPC tracker instead of locally")
+    p.add_argument("--rpc-key", default=None, help="the key the RPC servers registered with")
+    p.add_argument("--batch", type=int, default=1, help="batch size for built-in models")
+    p.add_argument("--seed", type=int, default=1, help="search seed (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tuning import tune_command
+
+    return tune_command(args)
+
+
+def _add_logs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("logs", help="show or merge tuning logs")
+    lsub = p.add_subparsers(dest="logs_command", required=True)
+    show = lsub.add_parser("show", help="per workload: op, shapes, best time, trials, target")
+    show.add_argument("dir", help="a tuning log directory")
+    merge = lsub.add_parser("merge", help="keep the best record per workload and target of several logs")
+    merge.add_argument("dirs", nargs="+", help="tuning log directories")
+    merge.add_argument("-o", "--output", required=True, help="output log directory")
+    merge.add_argument("--force", action="store_true", help="overwrite an output directory that holds records")
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .logs import logs_command
+
+    return logs_command(args)
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "prune": (_add_prune, _cmd_prune),
@@ -251,6 +298,8 @@ COMMANDS = {
     "run": (_add_run, _cmd_run),
     "inspect": (_add_inspect, _cmd_inspect),
     "bench": (_add_bench, _cmd_bench),
+    "tune": (_add_tune, _cmd_tune),
+    "logs": (_add_logs, _cmd_logs),
 }
 
 

@@ -117,10 +117,12 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     if tuning_log is not None:
         from .tuning import open_database
 
-        database = open_database(tuning_log)
+        database = open_database(tuning_log, target)  # only records of this target
     ep = load_program(model, batch=batch)
     compiled = compile_program(ep, target, threshold=threshold, database=database)
     print_report(compiled.report, threshold)
+    if database is not None:
+        print(database.summary())  # how many layers were scheduled from the log
     meta = export(compiled, output, model=model, threshold=threshold, overwrite=overwrite)
     print(f"wrote {output} ({target_name}{' ' + arch if meta['arch'] else ''}, "
           f"{meta['sparse_layers']} sparse layers, compiled in {compiled.seconds:.1f} s)")

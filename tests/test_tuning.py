@@ -1,0 +1,398 @@
+"""Tuning (unsparse_tvm.tuning): task extraction, a tiny MetaSchedule tune of smallcnn with the real
+index arrays, resume, interruption, applying records at compile time (and never another target's),
+corrupt logs, and the errors users see."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from conftest import pruned_program
+from unsparse_tvm.errors import UnsparseError
+from unsparse_tvm.logs import RECORD_FILE, read_log
+
+TINY_TRIALS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_log() -> str:
+    """One tiny tune of smallcnn per test session (shared with test_logs.py); copy before changing it."""
+    from unsparse_tvm.target import make_target
+    from unsparse_tvm.tuning import tune
+
+    path = os.path.join(tempfile.mkdtemp(prefix="unsparse-tiny-log-"), "log")
+    res = tune(pruned_program("smallcnn"), make_target("llvm"), path, TINY_TRIALS, progress=False)
+    assert res.new_trials == TINY_TRIALS and not res.interrupted
+    return path
+
+
+def copy_log(tmp_path, name="log") -> str:
+    dst = str(tmp_path / name)
+    shutil.copytree(tiny_log(), dst)
+    return dst
+
+
+def record_lines(path: str) -> list[str]:
+    with open(os.path.join(path, RECORD_FILE)) as f:
+        return [line for line in f.read().split("\n") if line.strip()]
+
+
+def test_extract_tasks_dedupes_and_keeps_real_arrays(llvm):
+    from unsparse_tvm.tuning import extract_tasks
+
+    tasks = extract_tasks(pruned_program("smallcnn"), llvm)
+    assert [t.op for t in tasks].count("sparse_conv2d") == 3 and [t.op for t in tasks].count("sparse_dense") == 2
+    assert len({t.shash for t in tasks}) == len(tasks)
+    for t in tasks:
+        params = t.mod["main"].params
+        assert len(t.args) == len(params) and t.calls == 1 and t.flops > 0
+        ints = [a for a in t.args if a is not None and a.dtype == np.int32]
+        assert ints, "the index arrays of the call site travel with the task"
+        assert all(a.min() >= 0 for a in ints if a.ndim == 2)  # offsets (hyb's slot uses -1 for "none")
+        assert t.args[0] is None and t.args[-1] is None  # activation and output: not constants
+    assert tasks == sorted(tasks, key=lambda t: -t.weight)
+
+
+def test_tiny_tune_writes_records_for_this_target(llvm):
+    from unsparse_tvm.logs import target_identity
+
+    log = read_log(tiny_log())
+    assert log.corrupt == 0 and len(log.records) == TINY_TRIALS
+    assert len(log.workloads) == 5  # every task's workload is registered, even without a trial yet
+    for r in log.records:
+        assert r.ok and 0 < r.seconds < 0.1, "measured with the real index arrays: no failed candidates"
+        assert r.identity == target_identity(llvm)
+    # the first trial of each task is the default knobs (a trace without sampled decisions)
+    assert sum(1 for r in log.records if not r.trace[1]) == TINY_TRIALS
+
+
+def test_resume_counts_existing_records(tmp_path, llvm):
+    from unsparse_tvm.tuning import tune
+
+    path = copy_log(tmp_path)
+    again = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS, progress=False)
+    assert again.new_trials == 0 and len(record_lines(path)) == TINY_TRIALS
+    more = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS + 3, progress=False)
+    assert more.new_trials == 3
+    log = read_log(path)
+    assert len(log.records) == TINY_TRIALS + 3 and log.corrupt == 0
+    keys = [(r.workload, json.dumps(r.trace[1])) for r in log.records]
+    assert len(set(keys)) == len(keys), "a resumed run never measures a point twice"
+
+
+def test_interrupt_keeps_finished_batches(tmp_path, llvm, monkeypatch):
+    from unsparse_tvm import tuning
+
+    calls = {"n": 0}
+    real_run = tuning.Runner.run
+
+    def run_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(tuning.Runner, "run", run_then_interrupt)
+    path = str(tmp_path / "log")
+    res = tuning.tune(pruned_program("smallcnn"), llvm, path, 6, progress=False)
+    assert res.interrupted
+    assert len(record_lines(path)) == 2  # the two batches measured before Ctrl-C
+    monkeypatch.setattr(tuning.Runner, "run", real_run)
+    res = tuning.tune(pruned_program("smallcnn"), llvm, path, 6, progress=False)
+    assert not res.interrupted and res.new_trials == 4 and len(record_lines(path)) == 6
+
+
+@pytest.mark.slow
+def test_kill_keeps_records_and_resumes(tmp_path):
+    """`kill` (SIGTERM) of the CLI mid-run: exit 130, every appended line intact, the rerun resumes."""
+    path = str(tmp_path / "log")
+    cmd = [sys.executable, "-m", "unsparse_tvm.cli", "tune", "smallcnn", "--sparsity", "0.9", "--trials", "12",
+           "--log-dir", path, "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(os.path.join(path, RECORD_FILE)) and record_lines(path):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "resume" in err
+    done = len(record_lines(path))
+    assert 1 <= done < 12 and read_log(path).corrupt == 0
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{12 - done} new trials" in rerun.stdout and len(record_lines(path)) == 12
+
+
+def _distinct_record_log(tmp_path, llvm, target=None):
+    """A log with one record for smallcnn's biggest conv: a design-space point unlike the default
+    (k_inner 16, unroll 1), claimed fast so that it is the best record."""
+    from tvm import s_tir
+
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.tuning import extract_tasks, write_record
+
+    task = next(t for t in extract_tasks(pruned_program("smallcnn"), llvm) if t.op == "sparse_conv2d")
+    spaces = rule_for(task.op, "llvm").space(s_tir.Schedule(task.mod))
+    trace = spaces[-1].trace  # vec 8, k_inner 16: the last design space
+    path = str(tmp_path / "distinct")
+    write_record(path, task.mod, trace, [1e-7], target or llvm)
+    sch = s_tir.Schedule(task.mod)
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    return path, task, sch.mod["main"]
+
+
+def _scheduled(ep, target, database):
+    from unsparse_tvm.compiler import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    mod, names = import_program(ep)
+    return build_pipeline(target, names=names, database=database, stop_after="schedule")(mod)
+
+
+def test_record_is_applied_at_compile_time(tmp_path, llvm):
+    """The scheduled PrimFunc in the compiled module is exactly the record's schedule, not the default:
+    MetaScheduleApplyDatabase matches our functions (structural hash with attrs, tirx.noalias)."""
+    import tvm_ffi
+
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.tuning import open_database
+
+    path, task, expected = _distinct_record_log(tmp_path, llvm)
+    default = rule_for(task.op, "llvm").apply(task.mod["main"], llvm).mod["main"]
+    assert not tvm_ffi.structural_equal(expected.body, default.body, map_free_vars=True)
+    db = open_database(path, llvm)
+    mod = _scheduled(pruned_program("smallcnn"), llvm, db)
+    got = mod[task.name]
+    assert tvm_ffi.structural_equal(got.body, expected.body, map_free_vars=True)
+    assert db.stats["kernels_applied"] == 1 and db.stats["layers_applied"] == 1 and db.stats["layers"] == 5
+    assert "1 of 5" in db.summary()
+
+
+def test_record_of_another_target_is_never_applied(tmp_path, llvm, capsys):
+    import tvm_ffi
+
+    from unsparse_tvm.logs import target_dict
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.target import llvm_target_dict
+    from unsparse_tvm.tuning import open_database
+
+    other_cpu = "znver3" if target_dict(llvm)["mcpu"] != "znver3" else "skylake-avx512"
+    other = __import__("tvm").target.Target(llvm_target_dict(other_cpu))
+    path, task, expected = _distinct_record_log(tmp_path, llvm, target=other)
+    db = open_database(path, llvm)
+    err = capsys.readouterr().err
+    assert "skipped 1 record of another target" in err and err.count("\n") == 1
+    mod = _scheduled(pruned_program("smallcnn"), llvm, db)
+    default = rule_for(task.op, "llvm").apply(task.mod["main"], llvm).mod["main"]
+    assert tvm_ffi.structural_equal(mod[task.name].body, default.body, map_free_vars=True)
+    assert db.stats["kernels_applied"] == 0
+    # ... while the same log does apply to the target it was recorded for
+    db_other = open_database(path, other)
+    assert len(db_other) == 1
+
+
+def test_tuned_model_runs_and_matches_untuned(llvm):
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.compiler import compile_program
+    from unsparse_tvm.models import example_input, program_input_shape
+    from unsparse_tvm.tuning import open_database
+
+    ep = pruned_program("smallcnn")
+    db = open_database(tiny_log(), llvm)
+    tuned = compile_program(ep, llvm, database=db)
+    assert db.stats["kernels_applied"] == TINY_TRIALS  # one record per tuned task
+    plain = compile_program(ep, llvm)
+    x = example_input(program_input_shape(ep)).numpy()
+    outs = []
+    for c in (tuned, plain):
+        out = relax.VirtualMachine(c.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
+        outs.append((out if hasattr(out, "numpy") else out[0]).numpy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_cli_reports_layers_from_log(tmp_path, capsys):
+    from unsparse_tvm.cli import main
+
+    out = str(tmp_path / "m.so")
+    pt2 = str(tmp_path / "smallcnn.pt2")
+    from unsparse_tvm.prune import save_program
+
+    save_program(pruned_program("smallcnn"), pt2)
+    assert main(["compile", pt2, "-o", out, "--tuning-log", tiny_log()]) == 0
+    text = capsys.readouterr().out
+    assert f"{TINY_TRIALS} of 5 tunable layers" in text and os.path.exists(out)
+
+
+def test_corrupt_and_truncated_lines_are_skipped(tmp_path, llvm, capsys):
+    from unsparse_tvm.tuning import open_database, tune
+
+    path = copy_log(tmp_path)
+    idx, (trace, _, target, args_info) = json.loads(record_lines(path)[0])
+    damaged = json.loads(json.dumps(trace).replace('"conv"', '"no_such_block"'))
+    with open(os.path.join(path, RECORD_FILE), "a") as f:
+        f.write("this is not json\n")
+        f.write(json.dumps([idx, [damaged, [1e-9], target, args_info]]) + "\n")  # parses, claims to be best
+        f.write(json.dumps([99, [trace, [1e-9], target, args_info]]) + "\n")      # no such workload
+        f.write('[1, [[[["GetSBl')  # torn last line: a killed writer
+    db = open_database(path, llvm)
+    err = capsys.readouterr().err
+    assert "skipped 4 unreadable lines (corrupt or truncated)" in err and err.count("\n") == 1, err
+    assert len(db) == TINY_TRIALS  # every good record is there; the damaged one is not applied
+    # tuning on top of it appends on a fresh line: the torn line does not swallow the next record
+    res = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS + 1, progress=False)
+    assert res.new_trials == 1 and res.corrupt == 4
+    log = read_log(path)
+    assert len(log.records) == TINY_TRIALS + 2 and log.corrupt == 3  # parse-level: 3 (the damaged one parses)
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    from unsparse_tvm.cli import main
+    from unsparse_tvm.tuning import open_database
+
+    with pytest.raises(UnsparseError, match="does not exist"):
+        open_database(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsparseError, match="holds no tuning records"):
+        open_database(str(tmp_path / "empty"))
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        ["tune", "smallcnn", "--trials", "2", "--log-dir", str(tmp_path / "afile")],            # not a directory
+        ["tune", "smallcnn", "--trials", "2", "--log-dir", "/proc/unsparse-cannot-write"],       # unwritable
+        ["tune", "smallcnn", "--trials", "0", "--log-dir", str(tmp_path / "l")],                 # no budget
+        ["tune", "smallcnn", "--trials", "2", "--log-dir", str(tmp_path / "l"),
+         "--rpc-tracker", f"127.0.0.1:{_closed_port()}", "--rpc-key", "k"],                      # unreachable tracker
+        ["tune", "smallcnn", "--trials", "2", "--log-dir", str(tmp_path / "l"), "--rpc-tracker", "nohostport",
+         "--rpc-key", "k"],
+        ["tune", "smallcnn", "--trials", "2", "--log-dir", str(tmp_path / "l"), "--rpc-key", "k"],
+        ["compile", "smallcnn", "-o", str(tmp_path / "m.so"), "--tuning-log", str(tmp_path / "missing")],
+        ["compile", "smallcnn", "-o", str(tmp_path / "m.so"), "--tuning-log", str(tmp_path / "empty")],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, (argv, err)
+
+
+def test_tune_without_sparse_layers_says_so(tmp_path, capsys):
+    from unsparse_tvm.cli import main
+
+    assert main(["tune", "smallcnn", "--trials", "2", "--log-dir", str(tmp_path / "l"), "--no-progress"]) == 2
+    assert "no layer to tune" in capsys.readouterr().err
+
+
+def test_cuda_tuning_builds_candidates_but_needs_a_gpu_to_measure(tmp_path, cuda):
+    """No GPU here: `tune --target cuda` stops with a clear message; the candidates of the CUDA design
+    spaces do build (what a GPU or an RPC server would then time)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from unsparse_tvm.tuning import Builder, _make_context, extract_tasks, tune
+
+    if not tvm.cuda(0).exist:
+        with pytest.raises(UnsparseError, match="GPU"):
+            tune(pruned_program("smallcnn"), cuda, str(tmp_path / "l"), 2, progress=False)
+    builder = Builder(2)
+    try:
+        for task in extract_tasks(pruned_program("smallcnn"), cuda)[:2]:
+            ctx = _make_context(task, cuda, 1, 2, 16)
+            ctx.pre_tuning(max_trials=2, num_trials_per_iter=2, design_spaces=ctx.generate_design_space(),
+                           database=ms.database.MemoryDatabase(), cost_model=ms.cost_model.RandomModel())
+            cands = ctx.generate_measure_candidates()
+            built = builder.build([c.sch.mod for c in cands], cuda)
+            assert cands and all(path for path, _ in built), built
+    finally:
+        builder.close()
+
+
+def test_trials_follow_weights():
+    from unsparse_tvm.tuning import Task, TaskState, allocate
+
+    def state(name, calls, flops, default=None):
+        s = TaskState(Task(name, "sparse_conv2d", None, [], calls, flops, name))
+        if default is not None:
+            s.measured["default"] = default
+        return s
+
+    states = [state("a", 1, 1e6), state("b", 1, 1e8), state("c", 3, 1e8)]
+    allocate(states, 2)  # fewer trials than tasks: the heaviest get the default-knob trial
+    assert [s.budget for s in states] == [0, 1, 1]
+    allocate(states, 30)
+    assert sum(s.budget for s in states) == 30
+    assert states[2].budget > states[1].budget > states[0].budget >= 3
+    for s, t in zip(states, (1e-3, 1e-3, 1e-4)):  # measured default times take over from FLOPs
+        s.measured["default"] = t
+    allocate(states, 30)
+    assert states[0].budget == states[1].budget > states[2].budget
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sparsity", [0.9, None], ids=["sparse", "dense"])
+def test_every_point_of_the_design_spaces_replays(llvm, sparsity):
+    """The search mutates decisions and replays traces: every combination of every design space's
+    categorical knobs must replay (structure that changes with a knob breaks the evolutionary search)."""
+    import itertools
+
+    from tvm import s_tir
+
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.tuning import extract_tasks, load_model_program
+
+    ep = pruned_program("smallcnn") if sparsity else load_model_program("smallcnn", None)
+    tasks = extract_tasks(ep, llvm, include_dense=True)
+    assert tasks
+    for task in tasks:
+        rule = rule_for(task.op, "llvm")
+        sch = s_tir.Schedule(task.mod)
+        spaces = rule.space(sch) or [sch]
+        for space in spaces:
+            trace = space.trace
+            knobs = [i for i in trace.insts if i.kind.name == "SampleCategorical"]
+            for combo in itertools.product(*[range(len(i.attrs[0])) for i in knobs]):
+                t = trace
+                for inst, d in zip(knobs, combo):
+                    t = t.with_decision(inst, d, remove_postproc=True)
+                t.apply_to_schedule(s_tir.Schedule(task.mod), remove_postproc=True)
+
+
+@pytest.mark.slow
+def test_committed_log_matches_the_model_it_was_tuned_for(llvm):
+    """tuning_logs/x86-avx512 (see tuning_logs/README.md) must still cover every sparse workload of
+    vgg16-cifar at 0.9: a change to the operators or passes changes the workloads, and the log then needs
+    the tune command of the README again."""
+    from unsparse_tvm.logs import read_log, target_identity
+    from unsparse_tvm.tuning import extract_tasks, open_database
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tuning_logs", "x86-avx512")
+    recorded = {r.identity for r in read_log(path).records}
+    if target_identity(llvm) not in recorded:
+        pytest.skip(f"the committed log is for {recorded}, this machine is {target_identity(llvm)}")
+    db = open_database(path, llvm, quiet=True)
+    tasks = extract_tasks(pruned_program("vgg16-cifar"), llvm)
+    missing = [t.name for t in tasks if not db.has_workload(t.mod)]
+    assert not missing, f"re-tune tuning_logs/x86-avx512 (command in tuning_logs/README.md): no record for {missing}"

@@ -1,0 +1,339 @@
+"""Tuning logs: a directory of MetaSchedule JSON records, read tolerantly, keyed by target, shown and merged.
+
+A log directory holds the two files of `tvm.s_tir.meta_schedule.database.JSONDatabase`, one JSON value
+per line, so TVM's own JSONDatabase can open it too:
+  database_workload.json        [structural hash, base64 IRModule JSON]           (one line per workload)
+  database_tuning_record.json   [workload line number, [trace, run_secs, target, args_info]]
+Records are only ever appended (one line each, flushed per measured batch), so an interrupted tuning run
+loses at most the batch in flight, and a torn last line is skipped (and counted) on reading.
+
+TVM's lookups ignore a record's target (apache/tvm#15549); here every record is keyed by
+`target_identity` and only records of the compile target are used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UnsparseError
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+FAILED_SECS = 1e10  # the run time MetaSchedule gives a candidate that failed to build or run
+
+
+# ---- target identity -----------------------------------------------------------------------------
+def target_dict(target) -> dict:
+    """A tvm Target, or a record's target JSON, as a plain dict."""
+    if isinstance(target, dict):
+        return target
+    return plain(target.export())
+
+
+def plain(v):
+    """TVM FFI containers (Map, Array, String, IntImm) -> plain JSON values."""
+    if isinstance(v, (str, bool, int, float)) or v is None:
+        return v
+    if hasattr(v, "items"):
+        return {str(k): plain(x) for k, x in v.items()}
+    if hasattr(v, "value") and isinstance(v.value, (int, float)):
+        return v.value
+    if hasattr(v, "__iter__"):
+        return [plain(x) for x in v]
+    return str(v)
+
+
+def target_identity(target) -> tuple:
+    """What a record's target must share with the compile target for the record to be applied.
+
+    cuda: the kind and the arch (sm_XY): the schedule's thread/block shape is tuned to the GPU generation.
+    llvm: the kind, the triple, mcpu (the CPU model LLVM tunes code for: ISA extensions such as AVX-512
+    and the core microarchitecture) and mattr if given. num-cores is left out: a record stays valid and
+    close to best on the same CPU model with another core count. A cuda target's host part is left out
+    too (host code is not tuned). Anything else (e.g. a future kind): the kind and every attribute.
+    """
+    d = target_dict(target)
+    kind = d.get("kind")
+    if kind == "cuda":
+        return ("cuda", str(d.get("arch", "")))
+    if kind == "llvm":
+        mattr = d.get("mattr") or []
+        return ("llvm", str(d.get("mtriple", "")), str(d.get("mcpu", "")), ",".join(sorted(map(str, mattr))))
+    rest = {k: v for k, v in d.items() if k not in ("host", "tag", "keys", "num-cores")}
+    return (str(kind), json.dumps(rest, sort_keys=True, default=str))
+
+
+def describe_identity(ident: tuple) -> str:
+    if ident[0] == "cuda":
+        return f"cuda {ident[1]}"
+    if ident[0] == "llvm":
+        return f"llvm mcpu={ident[2] or '?'}" + (f" mattr={ident[3]}" if ident[3] else "")
+    return " ".join(ident)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    """One tuning record line, parsed but not turned into TVM objects."""
+
+    workload: int                 # line number in the workload file
+    trace: Any
+    run_secs: list[float] | None
+    target: dict
+    args_info: Any
+
+    @property
+    def seconds(self) -> float:
+        """Mean measured run time (MetaSchedule's ranking); inf for a failed candidate."""
+        if not self.run_secs or any(s >= FAILED_SECS / 10 for s in self.run_secs):
+            return math.inf
+        return statistics.fmean(self.run_secs)
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.seconds)
+
+    @property
+    def identity(self) -> tuple:
+        return target_identity(self.target)
+
+    def line(self, workload: int | None = None) -> str:
+        idx = self.workload if workload is None else workload
+        return json.dumps([idx, [self.trace, self.run_secs, self.target, self.args_info]], separators=(",", ":"))
+
+
+@dataclass
+class Workload:
+    shash: str
+    mod_json: str
+
+    def line(self) -> str:
+        return json.dumps([self.shash, self.mod_json], separators=(",", ":"))
+
+    def module(self):
+        """The workload's IRModule (parsed on demand: the JSON is large)."""
+        from tvm.s_tir.meta_schedule.database import Workload as TVMWorkload
+
+        return TVMWorkload.from_json([self.shash, self.mod_json]).mod
+
+
+@dataclass
+class LogContents:
+    path: str
+    workloads: list[Workload | None] = field(default_factory=list)   # None: a corrupt line (index kept)
+    records: list[Record] = field(default_factory=list)
+    corrupt: int = 0        # unreadable lines, and records pointing at a missing/corrupt workload
+
+    def by_workload(self) -> dict[int, list[Record]]:
+        out: dict[int, list[Record]] = {}
+        for r in self.records:
+            out.setdefault(r.workload, []).append(r)
+        return out
+
+
+def _parse_workload(line: str) -> Workload | None:
+    try:
+        v = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) and v[0].isdigit():
+        return Workload(v[0], v[1])
+    return None
+
+
+def _parse_record(line: str) -> Record | None:
+    try:
+        v = json.loads(line)
+    except ValueError:
+        return None
+    if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], list)
+            and len(v[1]) == 4):
+        return None
+    trace, run_secs, target, args_info = v[1]
+    if not (isinstance(trace, list) and len(trace) == 2 and isinstance(target, dict) and "kind" in target):
+        return None
+    if run_secs is not None and not (isinstance(run_secs, list) and run_secs
+                                     and all(isinstance(s, (int, float)) and s >= 0 for s in run_secs)):
+        return None
+    return Record(v[0], trace, run_secs, target, args_info)
+
+
+def _lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        return f.read().split("\n")
+
+
+def read_log(path: str) -> LogContents:
+    """Every readable record of a log directory; unreadable lines are counted, never fatal."""
+    if not os.path.isdir(path):
+        raise UnsparseError(f"tuning log {path} does not exist (or is not a directory)")
+    log = LogContents(path)
+    for line in _lines(os.path.join(path, WORKLOAD_FILE)):
+        if line.strip():
+            w = _parse_workload(line)
+            log.workloads.append(w)
+            log.corrupt += w is None
+    for line in _lines(os.path.join(path, RECORD_FILE)):
+        if not line.strip():
+            continue
+        r = _parse_record(line)
+        if r is None or not 0 <= r.workload < len(log.workloads) or log.workloads[r.workload] is None:
+            log.corrupt += 1
+            continue
+        log.records.append(r)
+    return log
+
+
+def read_nonempty_log(path: str) -> LogContents:
+    log = read_log(path)
+    if not log.records and not log.corrupt:
+        raise UnsparseError(f"tuning log {path} holds no tuning records (expected {RECORD_FILE}, "
+                            f"written by `unsparse-tvm tune ... --log-dir {path}`)")
+    return log
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def check_writable_dir(path: str) -> None:
+    """Create the log directory if needed; one clear error if it cannot be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UnsparseError(f"log directory {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test", delete=True)
+        probe.close()
+    except OSError as err:
+        raise UnsparseError(f"cannot write tuning records to {path}: {err.strerror or err}") from None
+
+
+def append_lines(path: str, lines: list[str]) -> None:
+    """Append whole lines and flush; a torn last line (a killed writer) is closed off first so it
+    stays one corrupt line instead of swallowing the next record."""
+    if not lines:
+        return
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(("\n".join(lines) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- show ----------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """One (workload, target) of a log."""
+
+    workload: int
+    op: str
+    shape: str
+    target: str
+    best_ms: float
+    trials: int
+    failed: int
+
+
+def _describe_workload(w: Workload) -> tuple[str, str]:
+    """(op, shapes) of a workload: the unsparse operator and its argument shapes."""
+    try:
+        mod = w.module()
+    except Exception:  # an unparsable module: still list its records
+        return "?", "?"
+    func = mod["main"] if "main" in [g.name_hint for g in mod.get_global_vars()] else next(iter(mod.functions.values()))
+    op = str(func.attrs["unsparse.op"]) if func.attrs is not None and "unsparse.op" in func.attrs else "?"
+    shapes = []
+    for p in func.params:
+        buf = getattr(p, "ty", None)
+        shape = getattr(buf, "shape", None)
+        try:
+            shapes.append("x".join(str(int(s)) for s in shape))
+        except TypeError:
+            shapes.append("?")
+    return op, " ".join(shapes)
+
+
+def summarize(log: LogContents) -> list[Summary]:
+    rows = []
+    described: dict[int, tuple[str, str]] = {}
+    groups: dict[tuple[int, tuple], list[Record]] = {}
+    for r in log.records:
+        groups.setdefault((r.workload, r.identity), []).append(r)
+    for (wl, ident), recs in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        if wl not in described:
+            described[wl] = _describe_workload(log.workloads[wl])
+        op, shape = described[wl]
+        best = min(r.seconds for r in recs)
+        rows.append(Summary(wl, op, shape, describe_identity(ident), best * 1e3 if math.isfinite(best) else math.inf,
+                            len(recs), sum(not r.ok for r in recs)))
+    return rows
+
+
+def show(path: str) -> str:
+    log = read_nonempty_log(path)
+    rows = summarize(log)
+    out = [f"{path}: {len(log.records)} records, {len(rows)} workload/target pairs"
+           + (f", {log.corrupt} unreadable lines skipped" if log.corrupt else "")]
+    out.append(f"{'#':>3s} {'op':14s} {'best ms':>9s} {'trials':>6s} {'failed':>6s} {'target':24s} argument shapes")
+    for s in rows:
+        best = f"{s.best_ms:9.4f}" if math.isfinite(s.best_ms) else f"{'-':>9s}"
+        out.append(f"{s.workload:3d} {s.op:14s} {best} {s.trials:6d} {s.failed:6d} {s.target:24s} {s.shape}")
+    return "\n".join(out)
+
+
+# ---- merge ---------------------------------------------------------------------------------------
+def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
+    """Keep the best record per (workload, target) of all inputs; write them to `output`."""
+    if not inputs:
+        raise UnsparseError("logs merge needs at least one input log directory")
+    logs = [read_nonempty_log(p) for p in inputs]
+    if os.path.isdir(output) and any(os.path.exists(os.path.join(output, f)) and os.path.getsize(os.path.join(output, f))
+                                     for f in (WORKLOAD_FILE, RECORD_FILE)) and not overwrite:
+        raise UnsparseError(f"{output} already holds tuning records; pass --force to overwrite it")
+    check_writable_dir(output)
+    workloads: dict[str, int] = {}      # structural hash -> output line
+    wl_lines: list[str] = []
+    best: dict[tuple[int, tuple], Record] = {}
+    corrupt = 0
+    for log in logs:
+        corrupt += log.corrupt
+        for r in log.records:
+            w = log.workloads[r.workload]
+            if w.shash not in workloads:
+                workloads[w.shash] = len(wl_lines)
+                wl_lines.append(w.line())
+            key = (workloads[w.shash], r.identity)
+            cur = best.get(key)
+            if cur is None or r.seconds < cur.seconds:
+                best[key] = Record(workloads[w.shash], r.trace, r.run_secs, r.target, r.args_info)
+    used = sorted({k[0] for k in best})
+    remap = {old: new for new, old in enumerate(used)}
+    rec_lines = [r.line(remap[r.workload]) for _, r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+    for name, lines in ((WORKLOAD_FILE, [wl_lines[i] for i in used]), (RECORD_FILE, rec_lines)):
+        tmp = os.path.join(output, f".{name}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        os.replace(tmp, os.path.join(output, name))
+    return {"inputs": len(inputs), "records_in": sum(len(l.records) for l in logs), "records_out": len(rec_lines),
+            "workloads": len(used), "corrupt": corrupt}
+
+
+def logs_command(args) -> int:
+    """`unsparse-tvm logs show DIR` / `unsparse-tvm logs merge DIR... -o OUT [--force]`."""
+    if args.logs_command == "show":
+        print(show(args.dir))
+        return 0
+    res = merge(args.dirs, args.output, overwrite=args.force)
+    print(f"merged {res['records_in']} records from {res['inputs']} log{'s' if res['inputs'] > 1 else ''} into "
+          f"{args.output}: the best of each workload and target, {res['records_out']} records"
+          + (f" ({res['corrupt']} unreadable lines skipped)" if res["corrupt"] else ""))
+    return 0
