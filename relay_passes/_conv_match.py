@@ -43,6 +43,7 @@ class ConvChainRewriter(relax.PyExprMutator):
         var2val = relax.analysis.get_var2val(func)
         counts, users = use_counts(func), users_of(func)
         self.plans = {}
+        claimed: set = set()  # epilogue nodes already fused into an earlier conv's chain
         for block in func.body.blocks:
             for b in block.bindings:
                 if not is_op(b.value, "relax.nn.conv2d") or const_array(b.value.args[1]) is None:
@@ -50,7 +51,7 @@ class ConvChainRewriter(relax.PyExprMutator):
                 out = shape_of(b.var)
                 if out is None:
                     continue
-                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, self.allow_residual)
+                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, self.allow_residual, claimed)
                 self.plans[ep.last] = (b.value, ep)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:

@@ -61,18 +61,22 @@ class Epilogue:
     absorbed: list[relax.Var] = field(default_factory=list)
 
 
-def _single_user(var, users, counts):
-    if counts.get(var, 0) != 1:
+def _single_user(var, users, counts, claimed):
+    if counts.get(var, 0) != 1 or users.get(var) in claimed:
         return None
     return users.get(var)
 
 
 def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: tuple[int, ...],
-                   var2val: dict, users: dict, counts: dict, allow_residual: bool = True) -> Epilogue:
-    """Follow `var` through a bias add, a residual add and a ReLU, as far as each link is its only use."""
+                   var2val: dict, users: dict, counts: dict, allow_residual: bool = True,
+                   claimed: set | None = None) -> Epilogue:
+    """Follow `var` through a bias add, a residual add and a ReLU, as far as each link is its only use
+    and no earlier chain has claimed it (two convs can meet at one residual add: only one may fuse it).
+    The chain's nodes are added to `claimed`."""
+    claimed = claimed if claimed is not None else set()
     ep = Epilogue(last=var)
     cur = var
-    nxt = _single_user(cur, users, counts)
+    nxt = _single_user(cur, users, counts, claimed)
     if nxt is not None and is_op(var2val[nxt], "relax.add"):
         a, b = var2val[nxt].args
         other = b if a.same_as(cur) else a
@@ -81,7 +85,7 @@ def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: 
             ep.bias = arr.reshape(-1).astype(np.float32)
             ep.absorbed.append(cur)
             cur = nxt
-            nxt = _single_user(cur, users, counts)
+            nxt = _single_user(cur, users, counts, claimed)
     if allow_residual and nxt is not None and is_op(var2val[nxt], "relax.add"):
         a, b = var2val[nxt].args
         other = b if a.same_as(cur) else a
@@ -90,12 +94,13 @@ def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: 
             ep.residual = other
             ep.absorbed.append(cur)
             cur = nxt
-            nxt = _single_user(cur, users, counts)
+            nxt = _single_user(cur, users, counts, claimed)
     if nxt is not None and is_op(var2val[nxt], "relax.nn.relu"):
         ep.relu = True
         ep.absorbed.append(cur)
         cur = nxt
     ep.last = cur
+    claimed.update(ep.absorbed + [cur])
     return ep
 
 

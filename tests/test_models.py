@@ -20,7 +20,11 @@ def test_builtin_model_at_90_percent_matches_torch(model, llvm):
 
     ep = pruned_program(model, 0.9)
     compiled = compile_program(ep, llvm, threshold=0.7)
-    assert compiled.report and all(r.decision == "sparse" for r in compiled.report)
+    from unsparse_tvm.prune import layer_sparsity
+
+    # every conv/linear layer got a decision (none silently left dense), and every one is sparse
+    assert sorted(r.name for r in compiled.report) == sorted(n.removesuffix(".weight") for n, _, _ in layer_sparsity(ep))
+    assert all(r.decision == "sparse" for r in compiled.report)
     x = torch.randn(*program_input_shape(ep), generator=torch.Generator().manual_seed(1))
     vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()

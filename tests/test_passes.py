@@ -123,3 +123,52 @@ def test_sparse_kernels_keep_their_identity_through_fusion(llvm):
         mod = build_pipeline(llvm, names=names, stop_after="legalize")(mod)
     ops = sorted(op_of(f) for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and op_of(f))
     assert ops == ["sparse_conv2d"] * 3 + ["sparse_dense"] * 2
+
+
+class DownBlock(nn.Module):
+    """ResNet's downsampling block: the 1x1 shortcut conv's chain ends after the main path's, so
+    decision order differs from conv order: what mislabelled bench's per-layer rows once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
+        self.b, self.bn_b = nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.down, self.bn_d = nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(x)))
+        y = torch.relu(self.bn_b(self.b(y)) + self.bn_d(self.down(x)))
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_bench_per_layer_rows_are_named_after_their_own_weights(tmp_path):
+    from unsparse_tvm.bench import bench
+
+    ep, _ = _prepared(DownBlock(), (1, 8, 8, 8))
+    path = str(tmp_path / "down.pt2")
+    torch.export.save(ep, path)
+    result = bench(path, "llvm", repeat=1)
+    shapes = {k.removesuffix(".weight"): list(v.shape) for k, v in ep.state_dict.items() if k.endswith("weight")}
+    assert sorted(r["name"] for r in result["layers"]) == ["a", "b", "down", "fc"]
+    for row in result["layers"]:
+        assert row["shape"] == shapes[row["name"]], row
+        assert row["max_rel_error"] < 1e-4
+
+
+def test_two_conv_chains_meeting_at_a_residual_add_are_both_sparse(llvm):
+    """The main path and the shortcut conv both lead into one add: only one chain may fuse it, and the
+    other conv must still become sparse (not silently stay dense)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.compiler import compile_program
+
+    ep, x = _prepared(DownBlock(), (2, 8, 8, 8))
+    compiled = compile_program(ep, llvm, threshold=0.7)
+    decisions = {r.name: r.decision for r in compiled.report}
+    assert decisions == {"a": "sparse", "b": "sparse", "down": "sparse", "fc": "sparse"}
+    fused = sorted(r.fused for r in compiled.report if r.name in ("b", "down"))
+    assert fused == ["bias", "bias+residual+relu"]
+    y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+    assert rel_err(y, ep.module()(x).detach().numpy()) < 1e-5

@@ -30,8 +30,9 @@ class LayerSpec:
     attrs: dict               # conv2d: strides, padding (t, l, b, r), dilation, groups
 
 
-def extract_layers(ep) -> list[LayerSpec]:
-    """Every conv2d and linear with a constant weight, with the bias and ReLU that follow it."""
+def extract_layers(ep) -> tuple[list[LayerSpec], object]:
+    """Every conv2d and linear with a constant weight, with the bias and ReLU that follow it, and the
+    LayerNames that name their (batch-norm folded) weights."""
     import tvm
     from tvm import relax
 
@@ -58,7 +59,7 @@ def extract_layers(ep) -> list[LayerSpec]:
             elif (w := _linear_weight(b.value, var2val)) is not None and out is not None:
                 ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
                 layers.append(LayerSpec("dense", shape_of(b.value.args[0]), w, ep_.bias, ep_.relu, {}))
-    return layers
+    return layers, names
 
 
 def layer_module(spec: LayerSpec):
@@ -236,22 +237,24 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         "machine": {**_machine(target_name), "load_before_timing": os.getloadavg()[0]},
     }
     if layers:
-        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, sparse.report)
+        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat)
     return result
 
 
-def bench_layers(ep, target, dev, torch_dev, threshold, repeat, report) -> list[dict]:
+def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
     import torch
 
     from .compiler import compile_program
 
-    specs = extract_layers(ep)
+    specs, names = extract_layers(ep)
     rows = []
     print(f"timing {len(specs)} layers one by one")
-    for spec, decision in zip(specs, report):
+    for spec in specs:
         mod = layer_module(spec)
         x_np = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
-        sparse = _compile_layer(mod, target, threshold, True)
+        layer_report: list = []  # this layer's own decision (same weights and threshold as in the model)
+        sparse = _compile_layer(mod, target, threshold, True, names, layer_report)
+        decision = layer_report[0]
         dense = _compile_layer(mod, target, threshold, False)
         contenders = {}
         gpu = torch_dev == "cuda"
@@ -275,12 +278,13 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat, report) -> list[
     return rows
 
 
-def _compile_layer(mod, target, threshold, sparse):
+def _compile_layer(mod, target, threshold, sparse, names=None, report=None):
     import tvm
 
     from .relay_passes import build_pipeline
 
-    return tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, threshold=threshold, sparse=sparse))
+    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report)
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
 def _machine(target_name: str) -> dict:
