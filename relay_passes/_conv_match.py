@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 from tvm import relax
-from tvm.ir import IRModule
 
 from unsparse_tvm.formats import ConvGeometry
 
-from ._util import Epilogue, const_array, is_op, match_epilogue, shape_of, use_counts, users_of
+from ._util import ChainRewriter, Epilogue, const_array, is_op, match_epilogue, shape_of, use_counts, users_of
 
 
 def conv_geometry(call: relax.Call, weight: np.ndarray) -> ConvGeometry | None:
@@ -29,15 +28,11 @@ def conv_geometry(call: relax.Call, weight: np.ndarray) -> ConvGeometry | None:
                         tuple(int(v) for v in a.padding), tuple(int(v) for v in a.dilation))
 
 
-class ConvChainRewriter(relax.PyExprMutator):
-    """Undecorated base (decorated classes cannot be subclassed): subclasses, decorated with
+class ConvChainRewriter(ChainRewriter):
+    """Base of the conv2d rewrites (undecorated, see ChainRewriter): subclasses, decorated with
     `@relax.expr_functor.mutator`, implement `rewrite(conv, weight, geo, epilogue) -> relax.Expr | None`."""
 
     allow_residual = True
-
-    def __init__(self, mod: IRModule):
-        super().__init__(mod)
-        self.plans: dict[relax.Var, tuple[relax.Call, Epilogue]] = {}
 
     def plan(self, func: relax.Function) -> None:
         var2val = relax.analysis.get_var2val(func)
@@ -54,17 +49,10 @@ class ConvChainRewriter(relax.PyExprMutator):
                 ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, self.allow_residual, claimed)
                 self.plans[ep.last] = (b.value, ep)
 
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        planned = self.plans.get(binding.var)
-        new = None
-        if planned is not None:
-            conv, ep = planned
-            weight = const_array(conv.args[1])
-            geo = conv_geometry(conv, weight)
-            new = self.rewrite(conv, weight, geo, ep)
-        if new is None:
-            return super().visit_var_binding_(binding)
-        self.set_var_remap(binding.var, self.builder_.emit(new))
+    def rewrite_plan(self, planned) -> relax.Expr | None:
+        conv, ep = planned
+        weight = const_array(conv.args[1])
+        return self.rewrite(conv, weight, conv_geometry(conv, weight), ep)
 
     def rewrite(self, conv, weight, geo, ep):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -76,10 +64,3 @@ class ConvChainRewriter(relax.PyExprMutator):
         if ep.residual is not None:
             args.append(self.visit_expr(ep.residual))
         return args, {"has_bias": ep.bias is not None, "has_residual": ep.residual is not None, "relu": ep.relu}
-
-    def run(self, mod: IRModule) -> IRModule:
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.plan(func)
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(self.builder_.finalize())

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tvm import relax, tirx
+from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
 from unsparse_tvm.schedules._common import OP_ATTR
@@ -48,6 +49,36 @@ def use_counts(func: relax.Function) -> dict[relax.Var, int]:
             relax.analysis.post_order_visit(b.value, visit)
     relax.analysis.post_order_visit(func.body.body, visit)
     return counts
+
+
+class ChainRewriter(relax.PyExprMutator):
+    """Undecorated base of the rewrite passes (decorated classes cannot be subclassed): `plan(func)` maps
+    the last variable of each matched chain to a plan, `rewrite_plan(plan)` returns the replacement (or
+    None to keep the chain); the chain's absorbed bindings become dead and are removed."""
+
+    def __init__(self, mod: IRModule):
+        super().__init__(mod)
+        self.plans: dict = {}
+
+    def plan(self, func: relax.Function) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rewrite_plan(self, planned) -> relax.Expr | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        planned = self.plans.get(binding.var)
+        new = self.rewrite_plan(planned) if planned is not None else None
+        if new is None:
+            return super().visit_var_binding_(binding)
+        self.set_var_remap(binding.var, self.builder_.emit(new))
+
+    def run(self, mod: IRModule) -> IRModule:
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.plan(func)
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(self.builder_.finalize())
 
 
 @dataclass

@@ -11,7 +11,7 @@ from tvm.ir import IRModule
 from unsparse_tvm import te_ops
 from unsparse_tvm.formats import dense_weight_rows
 
-from ._util import (LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue, rows_consts,
+from ._util import (ChainRewriter, LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue, rows_consts,
                     shape_of, use_counts, users_of)
 
 
@@ -33,11 +33,10 @@ def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:
 
 
 @relax.expr_functor.mutator
-class _Sparsifier(relax.PyExprMutator):
+class _Sparsifier(ChainRewriter):
     def __init__(self, mod, threshold, names, report, fmt):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
-        self.plans = {}
 
     def plan(self, func: relax.Function) -> None:
         var2val = relax.analysis.get_var2val(func)
@@ -52,14 +51,8 @@ class _Sparsifier(relax.PyExprMutator):
                 ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
                 self.plans[ep.last] = (b.value, weight, ep)
 
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        planned = self.plans.get(binding.var)
-        new = self._rewrite(*planned) if planned is not None else None
-        if new is None:
-            return super().visit_var_binding_(binding)
-        self.set_var_remap(binding.var, self.builder_.emit(new))
-
-    def _rewrite(self, call, weight, ep):
+    def rewrite_plan(self, planned) -> relax.Expr | None:
+        call, weight, ep = planned
         sparsity = float((weight == 0).sum()) / weight.size
         decision = LayerDecision(self.names.name_of(weight, "linear"), "dense", list(weight.shape),
                                  round(sparsity, 4), "dense", nnz=int((weight != 0).sum()),
@@ -81,13 +74,6 @@ class _Sparsifier(relax.PyExprMutator):
         decision.decision, decision.format = "sparse", rows.fmt
         decision.padded, decision.fused = rows.padded_size, fused_label(ep)
         return new
-
-    def run(self, mod: IRModule) -> IRModule:
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.plan(func)
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(self.builder_.finalize())
 
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyDense")

@@ -499,7 +499,7 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
     """Load, (evaluate,) prune, (evaluate,) export to `output`; returns the report (also written to `report`)."""
     from .data import load_dataset
     from .inspection import weight_report
-    from .train import check_compatible, check_output, compute_threads, evaluate_loaded, load_model, save_model
+    from .train import check_output, compute_threads, evaluated_around, load_model, save_model
 
     start = time.perf_counter()
     cfg.validate()
@@ -513,16 +513,9 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
                             "--epochs 0 (one-shot) or a built-in model name with --weights")
     data = load_dataset(dataset) if dataset else None  # the split is fixed: --seed must not leak test samples
     with compute_threads(loaded.module):  # only idle cores: see compute_threads
-        acc_before = acc_after = None
-        if data is not None:
-            check_compatible(loaded, data)
-            if not loaded.trained:
-                log(f"note: {model} has random weights (train it first: unsparse-tvm train, or pass --weights)")
-            acc_before = evaluate_loaded(loaded, data)
         fixed_batch = None if loaded.trainable else loaded.input_shape[0]
-        info = prune_model(loaded.module, cfg, data, loaded.ep, fixed_batch=fixed_batch, log=log)
-        if data is not None:
-            acc_after = evaluate_loaded(loaded, data)
+        info, acc_before, acc_after = evaluated_around(
+            loaded, data, model, lambda: prune_model(loaded.module, cfg, data, loaded.ep, fixed_batch=fixed_batch, log=log), log)
         loaded.meta["pruning"] = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "updates", "ramp_fraction")}
         loaded.meta.pop("quantization", None)
         save_model(loaded, output, overwrite)  # a pruned model is no longer quantised: no unsparse_quant.json

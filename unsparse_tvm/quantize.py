@@ -214,7 +214,7 @@ def quantize_command(model: str, scheme: str, output: str, dataset: str | None =
     from .data import load_dataset
     from .inspection import weight_report
     from .prune import check_report_path, write_report
-    from .train import check_compatible, check_output, compute_threads, evaluate_loaded, load_model, save_model
+    from .train import check_output, compute_threads, evaluated_around, load_model, save_model
 
     start = time.perf_counter()
     parse_scheme(scheme)
@@ -229,15 +229,8 @@ def quantize_command(model: str, scheme: str, output: str, dataset: str | None =
         raise UnsparseError(f"{model} was not written by unsparse-tvm, so it cannot be fine-tuned: use --epochs 0")
     data = load_dataset(dataset) if dataset else None  # the split is fixed: --seed must not leak test samples
     with compute_threads(loaded.module):  # only idle cores: see compute_threads
-        acc_before = acc_after = None
-        if data is not None:
-            check_compatible(loaded, data)
-            if not loaded.trained:
-                log(f"note: {model} has random weights (train it first: unsparse-tvm train, or pass --weights)")
-            acc_before = evaluate_loaded(loaded, data)
-        quant = quantize_model(loaded.module, scheme, data, epochs, lr, batch_size, seed, loaded.ep)
-        if data is not None:
-            acc_after = evaluate_loaded(loaded, data)
+        quant, acc_before, acc_after = evaluated_around(
+            loaded, data, model, lambda: quantize_model(loaded.module, scheme, data, epochs, lr, batch_size, seed, loaded.ep), log)
         loaded.meta["quantization"] = {"scheme": scheme, "epochs": epochs}
         save_model(loaded, output, overwrite, quant=quant)
         result = {

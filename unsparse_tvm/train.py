@@ -261,6 +261,21 @@ def evaluate_loaded(loaded: LoadedModel, data: Dataset) -> float:
     return evaluate(loaded.module, data, fixed_batch=None if loaded.trainable else loaded.input_shape[0])
 
 
+def evaluated_around(loaded: LoadedModel, data: Dataset | None, model: str, transform, log=print):
+    """(transform(), accuracy before, accuracy after): the accuracies are None without a data set.
+    Shared by `prune` and `quantize`; call it inside `compute_threads`."""
+    acc_before = acc_after = None
+    if data is not None:
+        check_compatible(loaded, data)
+        if not loaded.trained:
+            log(f"note: {model} has random weights (train it first: unsparse-tvm train, or pass --weights)")
+        acc_before = evaluate_loaded(loaded, data)
+    result = transform()
+    if data is not None:
+        acc_after = evaluate_loaded(loaded, data)
+    return result, acc_before, acc_after
+
+
 def train(
     module: nn.Module,
     data: Dataset,
