@@ -19,11 +19,13 @@ OP = "sparse_conv2d"
 
 @dataclass
 class Config:
-    tile_k: int = 8    # output channels per parallel task (enough tasks for every core, L2-sized input band)
-    vec: int = 16      # lanes of the innermost output axis: one AVX-512 register, two AVX2 registers
-    unroll: int = 4    # vectors accumulated in registers per loaded (weight, offset): 4 zmm, few spills
+    tile_k: int = 16   # output channels per parallel task (enough tasks for two cores on VGG's 64-row layers)
+    vec: int = 16      # widest lanes of the innermost output axis: one AVX-512 register; narrowed to 8
+                       # (AVX2) where 16 does not divide the flat domain (4x4 and 2x2 maps)
+    unroll: int = 0    # vectors accumulated in registers per loaded (weight, offset); 0 = the largest
+                       # divisor of the row's vectors up to 6 (a 5-vector 8x8 row stays in registers)
     k_inner: int = 0   # rows interleaved inside the nonzero loop: independent FMA chains where a row's
-                       # output tile is only a vector or two (VGG's 4x4, 2x2); 0 = ~16 accumulator vectors
+                       # output tile is only a vector or two; 0 = enough rows for ~16 accumulator vectors
 
     @staticmethod
     def for_target(target: Target) -> "Config":
@@ -81,6 +83,21 @@ def _vector_widths(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[int]:
     return [v for v in (16, 8) if inner % v == 0] or [largest_divisor(inner, 16)]
 
 
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n (vector widths the flat domain allows)."""
+    v = 1
+    while v * 2 <= cap and n % (v * 2) == 0:
+        v *= 2
+    return v
+
+
+def _pow2_at_least(n: int) -> int:
+    v = 1
+    while v < n:
+        v *= 2
+    return v
+
+
 def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1):
     """Schedule one reduction stage ("conv" or "conv_ovf"); returns its parallel loop.
 
@@ -94,16 +111,16 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1):
     q_axis = 2 if flat else 3
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
-        vec = largest_divisor(ext[q_axis], vec)
-        unroll = largest_divisor(ext[q_axis] // vec, unroll)
-        k_inner = largest_divisor(tile_k, k_inner or max(1, 16 // unroll))
+        vec = _pow2_divisor(ext[q_axis], vec) if flat else largest_divisor(ext[q_axis], vec)
+        unroll = largest_divisor(ext[q_axis] // vec, unroll or 6)
+        k_inner = largest_divisor(tile_k, k_inner or _pow2_at_least(-(-16 // unroll)))
     else:
         tile_k = tile_k if tile_k is not None else sample_divisor(sch, ext[1], 32)
         unroll = unroll if unroll is not None else sample_divisor(sch, ext[q_axis] // vec, 8)
     n, k = loops[0], loops[1]
     ko, ki = sch.split(k, [None, tile_k])
     kio, kii = sch.split(ki, [None, k_inner])
-    if flat:  # [n, k, q, j]; q_extent is a multiple of 16
+    if flat:  # [n, k, q, j]; q_extent is a multiple of 8
         q, j = loops[2], loops[3]
         qo, qu, qv = sch.split(q, [None, unroll, vec])
         sch.reorder(n, ko, qo, kio, j, kii, qu, qv)

@@ -148,8 +148,9 @@ class ConvGeometry:
 
     @property
     def q_extent(self) -> int:
-        """Size of the flat extended output domain, rounded up to 16 lanes."""
-        return -(-self.oh * self.wp // 16) * 16
+        """Size of the flat extended output domain, rounded up to 8 lanes (an AVX2 register; AVX-512
+        schedules use 16 where it divides). Not 16: a 2x2 map's 8 positions would then pay for 16."""
+        return -(-self.oh * self.wp // 8) * 8
 
     @property
     def pad_channels(self) -> int:
