@@ -27,8 +27,7 @@ class _Lowerer(ConvChainRewriter):
         op = partial(te_ops.dense_conv2d, geo=geo, **flags)  # call_te only passes TE-able kwargs
         call = self.builder_.call_te(op, self.visit_expr(conv.args[0]), relax.const(weight), *extra,
                                      primfunc_name_hint="dense_conv2d")
-        mark(self.builder_, call, {"op": "dense_conv2d", "unsparse.pad_shape": [geo.pad_channels, geo.hp, geo.wp],
-                                   "unsparse.flat": int(geo.flat_output)})
+        mark(self.builder_, call, {"op": "dense_conv2d", "unsparse.pad_shape": geo.pad_shape})
         return call
 
 

@@ -44,8 +44,7 @@ class _Sparsifier(ConvChainRewriter):
         op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint="sparse_conv2d")
         mark(self.builder_, call, {"op": "sparse_conv2d", "unsparse.fmt": rows.fmt,
-                                   "unsparse.pad_shape": [geo.pad_channels, geo.hp, geo.wp],
-                                   "unsparse.flat": int(geo.flat_output)})
+                                   "unsparse.pad_shape": geo.pad_shape})
         decision.decision, decision.format = "sparse", rows.fmt
         decision.padded, decision.fused = rows.padded_size, fused_label(ep)
         return call

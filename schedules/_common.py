@@ -26,6 +26,14 @@ def largest_divisor(n: int, cap: int) -> int:
     return 1
 
 
+def pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n (the vector widths a flat output domain allows)."""
+    v = 1
+    while v * 2 <= cap and n % (v * 2) == 0:
+        v *= 2
+    return v
+
+
 def sample_divisor(sch: s_tir.Schedule, n: int, cap: int, low: int = 1):
     """For space(): a divisor of n in [low, cap] (or 1 if there is none), drawn with sample_categorical
     (uniform), so a tuned split is never ragged; a plain int when there is only one such divisor."""
@@ -47,10 +55,11 @@ def extents(sch: s_tir.Schedule, loops) -> list[int]:
     return [int(sch.get(l).extent) for l in loops]
 
 
-def schedule_pad_cpu(sch: s_tir.Schedule, c: int, hp: int, wp: int) -> None:
-    """Flat padded input: split i back into (c, h, w) so the index div/mod fold away, parallel over c."""
+def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
+    """Flat padded input: split i back into (channel, phase row, column) so the index div/mod fold away,
+    parallel over channels."""
     n, i = sch.get_loops(sch.get_sblock("pad_flat"))
-    ci, _, _ = sch.split(i, [c, hp, wp])
+    ci, _, _ = sch.split(i, [c, rows, cols])
     sch.parallel(sch.fuse(n, ci))
 
 
@@ -70,13 +79,8 @@ def bind_elementwise_cuda(sch: s_tir.Schedule, block_name: str, threads: int = 2
     sch.bind(tx, "threadIdx.x")
 
 
-def schedule_epilogue_cpu(sch: s_tir.Schedule, par, fuse_into_tile: bool) -> None:
-    """Crop + bias + residual + ReLU. Under the conv's parallel tile where the index map is affine
-    (the strided [N, K, OH, OW] domain); its own parallel loop for the flat domain (y*Wp + x is
-    not invertible for reverse_compute_at) and for hyb (two producers)."""
-    block = sch.get_sblock("epilogue")
-    if fuse_into_tile:
-        sch.reverse_compute_at(block, par)
-        return
-    n, k, y, x = sch.get_loops(block)
+def schedule_epilogue_cpu(sch: s_tir.Schedule) -> None:
+    """Crop + bias + residual + ReLU in its own parallel loop over (batch, channel): the flat domain's
+    index map y*Wq + x is not invertible for reverse_compute_at, and hyb has two producers."""
+    n, k, y, x = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(n, k))

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import extents, largest_divisor, op_of, sample_divisor, schedule_epilogue_cpu, schedule_pad_cpu
+from ._common import (extents, largest_divisor, op_of, pow2_divisor, sample_divisor, schedule_epilogue_cpu,
+                      schedule_pad_cpu)
 
 OP = "dense_conv2d"
 
@@ -38,9 +39,9 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     tile_k and unroll drawn from the exact divisors of their loops (no ragged register tiles)."""
     func = sch.mod["main"]
     ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
-    inner = ext[2] if bool(int(func.attrs["unsparse.flat"])) else ext[3]
+    inner = ext[2]
     spaces = []
-    for vec in [v for v in (16, 8) if inner % v == 0] or [largest_divisor(inner, 16)]:
+    for vec in [v for v in (16, 8) if inner % v == 0]:  # q_extent is a multiple of 8
         s = sch.copy()
         # tile_k >= 2: with a unit row tile the init block's loop nest changes shape, which a trace cannot follow
         _schedule(s, func, sample_divisor(s, ext[1], 8, low=2), vec, sample_divisor(s, inner // vec, 4), clamp=False)
@@ -49,40 +50,27 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 
 
 def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
-    cx, hp, wp = (int(v) for v in func.attrs["unsparse.pad_shape"])
-    flat = bool(int(func.attrs["unsparse.flat"]))
-    schedule_pad_cpu(sch, cx, hp, wp)
+    cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
+    schedule_pad_cpu(sch, cx, rows, cols)
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
     ext = extents(sch, loops)
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
-    n, k = loops[0], loops[1]
+        vec = pow2_divisor(ext[2], vec)
+        unroll = largest_divisor(ext[2] // vec, unroll)
+    n, k, q, rc, rr, rs = loops
     ko, ki = sch.split(k, [None, tile_k])
-    if flat:  # [n, k, q, rc, rr, rs]
-        q, rc, rr, rs = loops[2:]
-        if clamp:
-            vec = largest_divisor(ext[2], vec)
-            unroll = largest_divisor(ext[2] // vec, unroll)
-        qo, qu, qv = sch.split(q, [None, unroll, vec])
-        sch.reorder(n, ko, qo, rc, rr, rs, ki, qu, qv)
-        tile_loop = qo
-    else:     # [n, k, y, x, rc, rr, rs]
-        y, x, rc, rr, rs = loops[2:]
-        if clamp:
-            vec = largest_divisor(ext[3], vec)
-            unroll = largest_divisor(ext[3] // vec, unroll)
-        xo, qu, qv = sch.split(x, [None, unroll, vec])
-        sch.reorder(n, ko, y, xo, rc, rr, rs, ki, qu, qv)
-        tile_loop = xo
+    qo, qu, qv = sch.split(q, [None, unroll, vec])
+    sch.reorder(n, ko, qo, rc, rr, rs, ki, qu, qv)
     par = sch.fuse(n, ko)
     sch.parallel(par)
-    sch.reverse_compute_at(acc, tile_loop)
+    sch.reverse_compute_at(acc, qo)
     sch.vectorize(qv)
     sch.unroll(qu)
     sch.unroll(ki)
     init = sch.decompose_reduction(block, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
-    schedule_epilogue_cpu(sch, par, fuse_into_tile=not flat)
+    schedule_epilogue_cpu(sch)

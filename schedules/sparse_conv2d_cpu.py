@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (extents, has_block, largest_divisor, op_of, sample_divisor, schedule_epilogue_cpu,
+from ._common import (extents, has_block, largest_divisor, op_of, pow2_divisor, sample_divisor, schedule_epilogue_cpu,
                       schedule_pad_cpu)
 
 OP = "sparse_conv2d"
@@ -54,7 +54,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     Python `if` on a sampled value would not be in it."""
     func = sch.mod["main"]
     ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
-    rows, inner = ext[1], ext[2] if bool(int(func.attrs["unsparse.flat"])) else ext[3]
+    rows, inner = ext[1], ext[2]
     spaces = []
     for vec in _vector_widths(sch, func):
         for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:
@@ -78,17 +78,8 @@ def _categorical(sch: s_tir.Schedule, choices: list[int]):
 
 
 def _vector_widths(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[int]:
-    ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
-    inner = ext[2] if bool(int(func.attrs["unsparse.flat"])) else ext[3]
-    return [v for v in (16, 8) if inner % v == 0] or [largest_divisor(inner, 16)]
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two <= cap dividing n (vector widths the flat domain allows)."""
-    v = 1
-    while v * 2 <= cap and n % (v * 2) == 0:
-        v *= 2
-    return v
+    inner = extents(sch, sch.get_loops(sch.get_sblock("conv")))[2]
+    return [v for v in (16, 8) if inner % v == 0] or [pow2_divisor(inner, 16)]
 
 
 def _pow2_at_least(n: int) -> int:
@@ -98,8 +89,8 @@ def _pow2_at_least(n: int) -> int:
     return v
 
 
-def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1):
-    """Schedule one reduction stage ("conv" or "conv_ovf"); returns its parallel loop.
+def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
+    """Schedule one reduction stage ("conv" or "conv_ovf", loops [n, k, q, j]); returns its parallel loop.
 
     Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes.
     With clamp (apply), the knobs are fitted to the
@@ -108,26 +99,19 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1):
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
     ext = extents(sch, loops)
-    q_axis = 2 if flat else 3
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
-        vec = _pow2_divisor(ext[q_axis], vec) if flat else largest_divisor(ext[q_axis], vec)
-        unroll = largest_divisor(ext[q_axis] // vec, unroll or 6)
+        vec = pow2_divisor(ext[2], vec)
+        unroll = largest_divisor(ext[2] // vec, unroll or 6)
         k_inner = largest_divisor(tile_k, k_inner or _pow2_at_least(-(-16 // unroll)))
     else:
         tile_k = tile_k if tile_k is not None else sample_divisor(sch, ext[1], 32)
-        unroll = unroll if unroll is not None else sample_divisor(sch, ext[q_axis] // vec, 8)
-    n, k = loops[0], loops[1]
+        unroll = unroll if unroll is not None else sample_divisor(sch, ext[2] // vec, 8)
+    n, k, q, j = loops
     ko, ki = sch.split(k, [None, tile_k])
     kio, kii = sch.split(ki, [None, k_inner])
-    if flat:  # [n, k, q, j]; q_extent is a multiple of 8
-        q, j = loops[2], loops[3]
-        qo, qu, qv = sch.split(q, [None, unroll, vec])
-        sch.reorder(n, ko, qo, kio, j, kii, qu, qv)
-    else:     # [n, k, y, x, j]
-        y, x, j = loops[2], loops[3], loops[4]
-        qo, qu, qv = sch.split(x, [None, unroll, vec])
-        sch.reorder(n, ko, y, qo, kio, j, kii, qu, qv)
+    qo, qu, qv = sch.split(q, [None, unroll, vec])  # q_extent is a multiple of 8
+    sch.reorder(n, ko, qo, kio, j, kii, qu, qv)
     par = sch.fuse(n, ko)
     sch.parallel(par)
     sch.reverse_compute_at(acc, kio)
@@ -142,11 +126,10 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, flat, k_inner=1):
 
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool,
               k_inner: int = 1) -> None:
-    cx, hp, wp = (int(v) for v in func.attrs["unsparse.pad_shape"])
-    flat = bool(int(func.attrs["unsparse.flat"]))
+    cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
-    schedule_pad_cpu(sch, cx, hp, wp)
-    par = _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, flat, k_inner)
+    schedule_pad_cpu(sch, cx, rows, cols)
+    _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner)
     if hyb:
-        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, flat, k_inner)
-    schedule_epilogue_cpu(sch, par, fuse_into_tile=not flat and not hyb)
+        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner)
+    schedule_epilogue_cpu(sch)

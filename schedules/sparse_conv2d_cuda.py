@@ -52,11 +52,11 @@ def _rows(sch, name, threads_q, threads_k, per_thread, clamp):
     loops = sch.get_loops(block)
     j = loops[-1]
     n, k = loops[0], loops[1]
-    q = sch.fuse(*loops[2:-1])          # flat domain already; strided convs fuse (y, x)
+    q = loops[2]                        # the flat output domain q = y*Wq + x
     if clamp:
         threads_k = largest_divisor(extents(sch, [k])[0], threads_k)
         if extents(sch, [q])[0] % (per_thread * threads_q):
-            per_thread = 1  # a ragged 3-way split trips TVM's bound analyzer (strided convs)
+            per_thread = 1  # a ragged 3-way split trips TVM's bound analyzer
     ko, ki = sch.split(k, [None, threads_k])
     qo, qp, qi = sch.split(q, [None, per_thread, threads_q])
     sch.reorder(n, ko, qo, ki, qi, j, qp)

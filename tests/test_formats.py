@@ -49,17 +49,35 @@ def test_all_zero_matrix_packs_to_one_zero_column():
     assert rows.data.shape == (4, 1) and not rows.data.any() and rows.nnz == 0 and rows.sparsity == 1.0
 
 
+def _phase_split(xpad: np.ndarray, geo: ConvGeometry) -> np.ndarray:
+    """Reference layout, written independently of ConvGeometry.tap_offset: [C, Hp, Wp] padded image ->
+    flat [C, sh, sw, Hq, Wq] with padded pixel (h, w) at phase (h % sh, w % sw), position (h // sh, w // sw)."""
+    (sh, sw), (c, hp, wp) = geo.stride, xpad.shape
+    out = np.zeros((geo.pad_channels, sh, sw, geo.hq, geo.wq), np.float32)  # extra channels, ragged phases: 0
+    for h in range(hp):
+        for w in range(wp):
+            out[:c, h % sh, w % sw, h // sh, w // sw] = xpad[:, h, w]
+    return out.reshape(-1)
+
+
 @pytest.mark.parametrize("stride,pad,dil", [((1, 1), (1, 1, 1, 1), (1, 1)), ((2, 2), (3, 3, 3, 3), (1, 1)),
-                                            ((1, 2), (0, 1, 2, 1), (2, 2))])
+                                            ((1, 2), (0, 1, 2, 1), (2, 2)), ((3, 2), (1, 0, 1, 2), (1, 1)),
+                                            ((2, 2), (0, 0, 0, 0), (1, 1))])
 def test_conv_offsets_address_the_padded_input(stride, pad, dil):
     geo = ConvGeometry(1, 5, 9, 11, 4, 3, 3, stride, pad, dil)
     w = np.random.default_rng(0).standard_normal((4, 5, 3, 3)).astype(np.float32)
     rows = conv_weight_rows(w, geo, "ell")
     offs = geo.column_offsets()
-    assert offs.max() < geo.c * geo.hp * geo.wp
     inverse = {int(o): j for j, o in enumerate(offs)}
+    assert len(inverse) == len(offs)  # distinct taps, distinct offsets
     np.testing.assert_array_equal(unpack(rows, 45, inverse), w.reshape(4, -1))
+    # tap (c, r, s) of output (y, x) at offs + y*Wq + x is padded pixel (y*sh + r*dh, x*sw + s*dw) of channel c
+    xpad = np.random.default_rng(1).standard_normal((geo.c, geo.hp, geo.wp)).astype(np.float32)
+    flat = _phase_split(xpad, geo)
+    (sh, sw), (dh, dw) = stride, dil
+    for j, (c, r, s_) in enumerate(np.ndindex(geo.c, geo.r, geo.s)):
+        for y in range(geo.oh):
+            got = flat[offs[j] + y * geo.wq + np.arange(geo.ow)]
+            np.testing.assert_array_equal(got, xpad[c, y * sh + r * dh, np.arange(geo.ow) * sw + s_ * dw])
     # the flat buffer (with its extra zero channels) covers every read of the extended domain
-    last_read = offs.max() + (geo.q_extent - 1 if geo.flat_output
-                              else (geo.oh - 1) * stride[0] * geo.wp + (geo.ow - 1) * stride[1])
-    assert last_read < geo.pad_channels * geo.hp * geo.wp
+    assert offs.max() + geo.q_extent - 1 < flat.size == geo.pad_channels * geo.channel_plane

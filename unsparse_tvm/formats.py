@@ -111,7 +111,14 @@ def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None =
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Static shape facts of one NCHW/OIHW conv2d, and the flat padded-input layout the kernel reads."""
+    """Static shape facts of one NCHW/OIHW conv2d, and the flat padded-input layout the kernel reads.
+
+    The padded input is stored split into its sh x sw *phases* (space-to-depth: padded row h' goes to
+    phase h' % sh, row h' // sh; columns likewise), each phase a plane of Hq x Wq. Tap (c, r, s) of
+    output (y, x) then reads phase ((r*dh) % sh, (s*dw) % sw) at row y + (r*dh) // sh, column
+    x + (s*dw) // sw: every conv, strided or not, is a stride-1 walk over a phase plane, so outputs
+    q = y*Wq + x read contiguous input (one vector load, not a strided gather). Stride 1 is the
+    plain padded image (one phase, Hq = Hp, Wq = Wp)."""
 
     n: int
     c: int
@@ -141,33 +148,51 @@ class ConvGeometry:
         return (self.wp - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
 
     @property
-    def flat_output(self) -> bool:
-        """Stride 1: compute over the flat extended domain q = y*Wp + x (columns x >= OW are thrown
-        away), so that small images still fill whole vectors."""
-        return self.stride == (1, 1)
+    def hq(self) -> int:
+        """Rows of one phase plane."""
+        return -(-self.hp // self.stride[0])
+
+    @property
+    def wq(self) -> int:
+        """Columns of one phase plane: the row pitch of the flat output domain."""
+        return -(-self.wp // self.stride[1])
+
+    @property
+    def channel_plane(self) -> int:
+        """Flat size of one input channel: its sh*sw phase planes."""
+        return self.stride[0] * self.stride[1] * self.hq * self.wq
+
+    @property
+    def pad_shape(self) -> list[int]:
+        """[channels, rows, columns] the flat padded input splits into (for the pad stage's schedule)."""
+        return [self.pad_channels, self.stride[0] * self.stride[1] * self.hq, self.wq]
 
     @property
     def q_extent(self) -> int:
-        """Size of the flat extended output domain, rounded up to 8 lanes (an AVX2 register; AVX-512
-        schedules use 16 where it divides). Not 16: a 2x2 map's 8 positions would then pay for 16."""
-        return -(-self.oh * self.wp // 8) * 8
+        """Size of the flat extended output domain q = y*Wq + x (columns x >= OW are computed and thrown
+        away, so that small images still fill whole vectors), rounded up to 8 lanes (an AVX2 register;
+        AVX-512 schedules use 16 where it divides). Not 16: a 2x2 map's 8 positions would pay for 16."""
+        return -(-self.oh * self.wq // 8) * 8
 
     @property
     def pad_channels(self) -> int:
         """Channels of the flat padded input: C, plus zero channels so extended reads stay in bounds."""
-        plane = self.hp * self.wp
-        max_off = (self.c - 1) * plane + (self.r - 1) * self.dilation[0] * self.wp + (self.s - 1) * self.dilation[1]
-        if self.flat_output:
-            last = max_off + self.q_extent - 1
-        else:
-            last = max_off + (self.oh - 1) * self.stride[0] * self.wp + (self.ow - 1) * self.stride[1]
-        return max(self.c, last // plane + 1)
+        last = int(self.column_offsets().max()) + self.q_extent - 1
+        return max(self.c, last // self.channel_plane + 1)
+
+    def tap_offset(self, c, r, s):
+        """Flat offset of tap (c, r, s) for output q = 0; ints or TE expressions."""
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        row, col = r * dh, s * dw
+        if sh == 1 and sw == 1:  # keep the stride-1 index free of div/mod
+            return c * self.channel_plane + row * self.wq + col
+        phase = (row % sh) * sw + col % sw
+        return (c * (sh * sw) + phase) * (self.hq * self.wq) + (row // sh) * self.wq + col // sw
 
     def column_offsets(self) -> np.ndarray:
         """Flat padded-input offset of every weight column (c, r, s) in OIHW order."""
         c, r, s = np.meshgrid(np.arange(self.c), np.arange(self.r), np.arange(self.s), indexing="ij")
-        off = c * self.hp * self.wp + r * self.dilation[0] * self.wp + s * self.dilation[1]
-        return off.reshape(-1).astype(np.int64)
+        return self.tap_offset(c, r, s).reshape(-1).astype(np.int64)
 
 
 def conv_weight_rows(weight: np.ndarray, geo: ConvGeometry, fmt: str | None = None) -> SparseRows:

@@ -2,12 +2,12 @@
 and, for llvm, a dense direct conv2d sharing the same flat-input formulation.
 
 Every operator is three stages, named so that schedules can find them:
-  "pad_flat"   zero-padded input flattened to [N, Cx*Hp*Wp] (Cx >= C: trailing zero channels keep the
-               extended reads of the flat domain in bounds)
+  "pad_flat"   zero-padded input, split into stride phases and flattened to [N, Cx*sh*sw*Hq*Wq]
+               (Cx >= C: trailing zero channels keep the extended reads of the flat domain in bounds)
   "conv"       the reduction; "conv_ovf" is hyb's overflow reduction
   "epilogue"   output cropping, hyb gather, bias, residual add and ReLU, fused in one elementwise stage
-Stride-1 convs compute "conv" over the flat extended domain q = y*Wp + x ([N, K, Q]); strided convs over
-[N, K, OH, OW]. See formats.ConvGeometry.
+"conv" is computed over the flat extended domain q = y*Wq + x ([N, K, Q]), strided convs included (their
+input is stored phase by phase). See formats.ConvGeometry.
 """
 
 from __future__ import annotations
@@ -20,37 +20,37 @@ F32_ZERO = tirx.const(0.0, "float32")
 
 
 def pad_flat(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
-    """[N, C, H, W] -> [N, Cx*Hp*Wp] zero padded; schedules split the flat axis back into (c, h, w)."""
-    plane, (pt, pl, _, _) = geo.hp * geo.wp, geo.padding
+    """[N, C, H, W] -> [N, Cx*sh*sw*Hq*Wq], zero padded, phase planes of each channel in (ph, pw) order;
+    schedules split the flat axis back into (c, phase*Hq + row, column)."""
+    (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
+    phase_plane = geo.hq * geo.wq
 
     def value(n, i):
-        c, h, w = i // plane, i % plane // geo.wp - pt, i % geo.wp - pl
+        c, rest = i // geo.channel_plane, i % geo.channel_plane
+        if sh == 1 and sw == 1:
+            h, w = rest // geo.wq - pt, rest % geo.wq - pl
+        else:
+            phase, hh, ww = rest // phase_plane, rest % phase_plane // geo.wq, rest % geo.wq
+            h, w = hh * sh + phase // sw - pt, ww * sw + phase % sw - pl
         inside = tirx.all(c < geo.c, h >= 0, h < geo.h, w >= 0, w < geo.w)
         return tirx.if_then_else(inside, x[n, c, h, w], F32_ZERO)
 
-    return te.compute((geo.n, geo.pad_channels * plane), value, name="pad_flat")
+    return te.compute((geo.n, geo.pad_channels * geo.channel_plane), value, name="pad_flat")
 
 
 def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry, name: str) -> te.Tensor:
     rows, width = data.shape
     j = te.reduce_axis((0, width), name="j")
-    if geo.flat_output:
-        return te.compute(
-            (geo.n, rows, geo.q_extent),
-            lambda n, k, q: te.sum(data[k, j] * xf[n, off[k, j] + q], axis=j),
-            name=name,
-        )
-    sh, sw = geo.stride
     return te.compute(
-        (geo.n, rows, geo.oh, geo.ow),
-        lambda n, k, y, x: te.sum(data[k, j] * xf[n, off[k, j] + y * (sh * geo.wp) + x * sw], axis=j),
+        (geo.n, rows, geo.q_extent),
+        lambda n, k, q: te.sum(data[k, j] * xf[n, off[k, j] + q], axis=j),
         name=name,
     )
 
 
 def _at(t: te.Tensor, geo: ConvGeometry, n, k, y, x):
-    """Element (n, k, y, x) of a "conv" stage in either domain."""
-    return t[n, k, y * geo.wp + x] if geo.flat_output else t[n, k, y, x]
+    """Element (n, k, y, x) of a "conv" stage (flat domain q = y*Wq + x)."""
+    return t[n, k, y * geo.wq + x]
 
 
 def _epilogue(acc, shape, bias, residual, relu: bool) -> te.Tensor:
@@ -97,28 +97,14 @@ def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeo
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
     xf = pad_flat(x, geo)
-    plane, (dh, dw) = geo.hp * geo.wp, geo.dilation
     rc = te.reduce_axis((0, geo.c), name="rc")
     rr = te.reduce_axis((0, geo.r), name="rr")
     rs = te.reduce_axis((0, geo.s), name="rs")
-
-    def tap(n, base):
-        return xf[n, rc * plane + rr * (dh * geo.wp) + rs * dw + base]
-
-    if geo.flat_output:
-        conv = te.compute(
-            (geo.n, geo.k, geo.q_extent),
-            lambda n, k, q: te.sum(weight[k, rc, rr, rs] * tap(n, q), axis=[rc, rr, rs]),
-            name="conv",
-        )
-    else:
-        sh, sw = geo.stride
-        conv = te.compute(
-            (geo.n, geo.k, geo.oh, geo.ow),
-            lambda n, k, y, x_: te.sum(weight[k, rc, rr, rs] * tap(n, y * (sh * geo.wp) + x_ * sw),
-                                       axis=[rc, rr, rs]),
-            name="conv",
-        )
+    conv = te.compute(
+        (geo.n, geo.k, geo.q_extent),
+        lambda n, k, q: te.sum(weight[k, rc, rr, rs] * xf[n, geo.tap_offset(rc, rr, rs) + q], axis=[rc, rr, rs]),
+        name="conv",
+    )
     return _epilogue(lambda n, k, y, x_: _at(conv, geo, n, k, y, x_),
                      (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu)
 

@@ -875,7 +875,7 @@ def sibling_key(task: Task) -> tuple:
     """Tasks with equal keys differ only in their nonzero count (the reduction extent): their design
     spaces draw from the same candidate lists, so one's schedule replays on the other."""
     func = task.mod["main"]
-    attrs = {k: str(func.attrs[k]) for k in ("unsparse.op", "unsparse.fmt", "unsparse.pad_shape", "unsparse.flat")
+    attrs = {k: str(func.attrs[k]) for k in ("unsparse.op", "unsparse.fmt", "unsparse.pad_shape")
              if func.attrs is not None and k in func.attrs}
     shapes = [tuple(a.shape) if a is not None else None for a in task.args]
     first_out = [str(getattr(p.ty, "shape", "")) for p in (func.params[0], func.params[-1])]
