@@ -3,6 +3,7 @@ bench's JSON, and every user error as one clear line with a non-zero exit status
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,18 @@ def test_prune_compile_run_matches_torch_in_runtime_only_mode(flow):
     with torch.no_grad():
         ref = ep.module()(torch.from_numpy(x)).numpy()
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_run_print_time_without_input_times_the_module(flow):
+    out = cli("run", flow / "v.so", "--print-time", "--number", 2, "--repeat", 3).stdout
+    assert "random normal [1, 3, 32, 32] float32" in out and "3 repeats x 2 calls" in out
+    stats = {k: float(v) for k, v in re.findall(r"(mean|median|min|max) ([0-9.]+) ms", out)}
+    assert set(stats) == {"mean", "median", "min", "max"}
+    assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+
+
+def test_run_with_nothing_to_do_says_so(flow, capsys):
+    _one_line_error(["run", flow / "v.so"], capsys, "nothing to do: give -o OUT.npy")
 
 
 def test_inspect_pt2_and_so(flow):

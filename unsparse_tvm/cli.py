@@ -190,16 +190,20 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a compiled .so with the TVM runtime only (no torch, no compiler)")
     p.add_argument("module", help="a .so written by `unsparse-tvm compile`")
-    p.add_argument("--input", required=True, help="input tensor as .npy")
-    p.add_argument("-o", "--output", required=True, help="where to write the output .npy")
+    p.add_argument("--input", default=None, help="input tensor as .npy (default: seeded random normal of the module's input shape)")
+    p.add_argument("-o", "--output", default=None, help="where to write the output .npy")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the module's target)")
+    p.add_argument("--print-time", action="store_true", help="time the module (as tvmc run --print-time)")
+    p.add_argument("--number", type=int, default=10, help="calls per timed repeat (default 10)")
+    p.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import run_file
 
-    run_file(args.module, args.input, args.output, overwrite=args.force, device=args.device)
+    run_file(args.module, args.input, args.output, overwrite=args.force, device=args.device,
+             print_time=args.print_time, number=args.number, repeat=args.repeat)
     return 0
 
 

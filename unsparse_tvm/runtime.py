@@ -144,22 +144,50 @@ def run_array(vm, dev, meta: dict, arr):
     return out.numpy()
 
 
-def run_file(module: str, input_path: str, output_path: str, *, overwrite: bool = False,
-             device: str | None = None) -> None:
-    """`unsparse-tvm run`: .so + input .npy -> output .npy, runtime only."""
+def time_module(vm, dev, arr, *, number: int, repeat: int) -> list[float]:
+    """Milliseconds per call of main, one value per repeat (each the mean of `number` back-to-back calls),
+    after one untimed call; TVM's time_evaluator, so no Python overhead between calls."""
+    import tvm
+
+    x = tvm.runtime.tensor(arr, dev)
+    vm["main"](x)
+    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+    return [t * 1e3 for t in timer(x).results]
+
+
+def run_file(module: str, input_path: str | None, output_path: str | None, *, overwrite: bool = False,
+             device: str | None = None, print_time: bool = False, number: int = 10, repeat: int = 10) -> None:
+    """`unsparse-tvm run`: .so (+ input .npy, or a seeded random input) -> output .npy and/or timings,
+    runtime only."""
     import numpy as np
 
-    if not os.path.exists(input_path):
+    if output_path is None and not print_time:
+        raise UnsparseError("nothing to do: give -o OUT.npy to save the output, or --print-time to time the module")
+    if number < 1 or repeat < 1:
+        raise UnsparseError(f"--number and --repeat must be at least 1 (got {number}, {repeat})")
+    if input_path is not None and not os.path.exists(input_path):
         raise UnsparseError(f"no such input file: {input_path}")
-    if not output_path.endswith(".npy"):
-        raise UnsparseError(f"output {output_path} must end in .npy")
-    if os.path.exists(output_path) and not overwrite:
-        raise UnsparseError(f"{output_path} exists; pass --force to overwrite it")
-    try:
-        arr = np.load(input_path, allow_pickle=False)
-    except Exception:
-        raise UnsparseError(f"{input_path} is not a .npy array file (save inputs with numpy.save)") from None
+    if output_path is not None:
+        if not output_path.endswith(".npy"):
+            raise UnsparseError(f"output {output_path} must end in .npy")
+        if os.path.exists(output_path) and not overwrite:
+            raise UnsparseError(f"{output_path} exists; pass --force to overwrite it")
     vm, dev, meta = load(module, device)
+    if input_path is None:  # tvmc's fill-mode random: timings do not depend on the values
+        spec = meta["inputs"][0]
+        arr = np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"])
+        print(f"input: random normal {spec['shape']} {spec['dtype']} (no --input given)")
+    else:
+        try:
+            arr = np.load(input_path, allow_pickle=False)
+        except Exception:
+            raise UnsparseError(f"{input_path} is not a .npy array file (save inputs with numpy.save)") from None
     result = run_array(vm, dev, meta, arr)
-    np.save(output_path, result)
-    print(f"wrote {output_path} {list(result.shape)} {result.dtype}")
+    if output_path is not None:
+        np.save(output_path, result)
+        print(f"wrote {output_path} {list(result.shape)} {result.dtype}")
+    if print_time:
+        ms = sorted(time_module(vm, dev, arr, number=number, repeat=repeat))
+        print(f"execution time summary ({repeat} repeats x {number} calls, {dev}):\n"
+              f"  mean {sum(ms) / len(ms):.3f} ms  median {ms[len(ms) // 2]:.3f} ms  "
+              f"min {ms[0]:.3f} ms  max {ms[-1]:.3f} ms")
