@@ -58,8 +58,9 @@ def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
     ext = extents(sch, loops)
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
-        vec = pow2_divisor(ext[2], vec)
-        unroll = largest_divisor(ext[2] // vec, unroll)
+        narrow = vec // pow2_divisor(ext[2], vec)  # 2 where 16 lanes do not divide q (4x4, 2x2 maps)
+        vec //= narrow
+        unroll = largest_divisor(ext[2] // vec, unroll * narrow)  # same register tile in narrower vectors
     n, k, q, rc, rr, rs = loops
     ko, ki = sch.split(k, [None, tile_k])
     qo, qu, qv = sch.split(q, [None, unroll, vec])

@@ -171,8 +171,14 @@ class ConvGeometry:
     def q_extent(self) -> int:
         """Size of the flat extended output domain q = y*Wq + x (columns x >= OW are computed and thrown
         away, so that small images still fill whole vectors), rounded up to 8 lanes (an AVX2 register;
-        AVX-512 schedules use 16 where it divides). Not 16: a 2x2 map's 8 positions would pay for 16."""
-        return -(-self.oh * self.wq // 8) * 8
+        AVX-512 schedules use 16 where it divides). Not 16: a 2x2 map's 8 positions would pay for 16.
+        Past 8 vectors of 16, rounded up further (by at most 56 lanes) until the vector count has a
+        divisor in 2..6, so that register tiles of several vectors fit it exactly (56x56: 3248 -> 3264,
+        whose 204 vectors split by 4, where 203 = 7 x 29 would leave one vector per tile)."""
+        q = -(-self.oh * self.wq // 8) * 8
+        while q > 128 and not (q % 16 == 0 and any((q // 16) % u == 0 for u in range(2, 7))):
+            q += 8
+        return q
 
     @property
     def pad_channels(self) -> int:
