@@ -23,7 +23,7 @@ class Config:
     vec: int = 16      # widest lanes of the innermost output axis: one AVX-512 register; narrowed to 8
                        # (AVX2) where 16 does not divide the flat domain (4x4 and 2x2 maps)
     unroll: int = 0    # vectors accumulated in registers per loaded (weight, offset); 0 = the largest
-                       # divisor of the row's vectors up to 6 (a 5-vector 8x8 row stays in registers)
+                       # divisor of the row's vectors up to 8 (a 5- or 7-vector row stays in registers)
     k_inner: int = 0   # rows interleaved inside the nonzero loop: independent FMA chains where a row's
                        # output tile is only a vector or two; 0 = enough rows for ~16 accumulator vectors
 
@@ -102,7 +102,7 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
         vec = pow2_divisor(ext[2], vec)
-        unroll = largest_divisor(ext[2] // vec, unroll or 6)
+        unroll = largest_divisor(ext[2] // vec, unroll or 8)
         k_inner = largest_divisor(tile_k, k_inner or _pow2_at_least(-(-16 // unroll)))
     else:
         tile_k = tile_k if tile_k is not None else sample_divisor(sch, ext[1], 32)
