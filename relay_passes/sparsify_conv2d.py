@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import IRModule

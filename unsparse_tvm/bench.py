@@ -244,8 +244,6 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
 def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
     import torch
 
-    from .compiler import compile_program
-
     specs, names = extract_layers(ep)
     rows = []
     print(f"timing {len(specs)} layers one by one")

@@ -178,9 +178,9 @@ class RealArguments:
         import tvm
 
         if self.rpc:
-            session, device, args_info, alloc_repeat = call_args
+            _session, device, args_info, alloc_repeat = call_args  # the RPC runner passes its session first
         else:
-            session, (device, args_info, alloc_repeat) = None, call_args
+            device, args_info, alloc_repeat = call_args
         rng = np.random.default_rng(0)
         repeated = []
         for _ in range(alloc_repeat):
@@ -956,8 +956,6 @@ def open_database(path: str, target=None, *, quiet: bool = False):
     """The records of `path` usable for `target`: corrupt lines and records of another target are
     skipped (one warning line), and per workload the best record whose trace still replays is kept.
     target=None: the current target scope (`with target:`), else every record (no filtering)."""
-    from tvm import s_tir
-    from tvm.s_tir.meta_schedule.database import TuningRecord
     from tvm.target import Target
 
     log = read_nonempty_log(path)
