@@ -81,3 +81,15 @@ def test_conv_offsets_address_the_padded_input(stride, pad, dil):
             np.testing.assert_array_equal(got, xpad[c, y * sh + r * dh, np.arange(geo.ow) * sw + s_ * dw])
     # the flat buffer (with its extra zero channels) covers every read of the extended domain
     assert offs.max() + geo.q_extent - 1 < flat.size == geo.pad_channels * geo.channel_plane
+
+
+@pytest.mark.parametrize("size,stride", [(2, 1), (4, 1), (7, 1), (14, 1), (28, 1), (56, 1), (224, 2), (56, 2),
+                                         (14, 2), (13, 3), (31, 1)])
+def test_flat_domain_covers_the_output_and_splits_into_register_tiles(size, stride):
+    geo = ConvGeometry(1, 4, size, size, 4, 3, 3, (stride, stride), (1, 1, 1, 1), (1, 1))
+    q, need = geo.q_extent, geo.oh * geo.wq
+    assert need <= q < need + 64 and q % 8 == 0
+    if q > 128:  # several-vector register tiles fit exactly: the 16-lane vector count has a divisor 2..6
+        assert q % 16 == 0 and any((q // 16) % u == 0 for u in range(2, 7))
+    if size == 2:
+        assert q == 8  # a 2x2 map's 2 rows of Wp = 4 fill one 8-lane vector, not 16 lanes

@@ -1,0 +1,38 @@
+"""The scripts in examples/ run end to end (small settings), so they cannot rot unnoticed."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _run(script: str, *args: str, cwd) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_compile_and_run_matches_torch(tmp_path):
+    out = _run("compile_and_run.py", "--model", "smallcnn", cwd=tmp_path)
+    err = float(re.search(r"max relative error vs PyTorch: (\S+)", out).group(1))
+    assert err < 1e-5 and "sparse" in out
+
+
+@pytest.mark.slow
+def test_prune_and_quantize_reports_footprint(tmp_path):
+    out = _run("prune_and_quantize.py", cwd=tmp_path)
+    assert "int8" in out and re.search(r"sparse int8 [\d,]+ B", out)
+
+
+@pytest.mark.slow
+def test_tune_and_compile_writes_records_and_compares(tmp_path):
+    log = tmp_path / "log"
+    out = _run("tune_and_compile.py", "--model", "smallcnn", "--trials", "6", "--log-dir", str(log), cwd=tmp_path)
+    assert (log / "database_tuning_record.json").stat().st_size > 0
+    assert re.search(r"default knobs [\d.]+ ms, tuned [\d.]+ ms", out)
