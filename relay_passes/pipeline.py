@@ -6,6 +6,8 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
+from unsparse_tvm.formats import HYB_MIN_SAVING
+
 from ._util import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
@@ -29,8 +31,9 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
     phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant()]))
     # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:
-        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt),
-                                    SparsifyDense(threshold, names, report, fmt)]))
+        saving = HYB_MIN_SAVING[target.kind.name]  # when hyb beats ell depends on the target
+        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, saving),
+                                    SparsifyDense(threshold, names, report, fmt, saving)]))
     # Phase 3 (llvm): dense convs become the direct-conv operator with an x86 schedule
     if is_cpu:
         phases.append(("lower_dense", [LowerDenseConv2d()]))

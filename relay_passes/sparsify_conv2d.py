@@ -13,7 +13,7 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm import te_ops
-from unsparse_tvm.formats import conv_weight_rows
+from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
 
 from ._conv_match import ConvChainRewriter
 from ._util import LayerDecision, LayerNames, fused_label, mark, rows_consts
@@ -21,9 +21,11 @@ from ._util import LayerDecision, LayerNames, fused_label, mark, rows_consts
 
 @relax.expr_functor.mutator
 class _Sparsifier(ConvChainRewriter):
-    def __init__(self, mod: IRModule, threshold: float, names: LayerNames, report: list, fmt: str | None):
+    def __init__(self, mod: IRModule, threshold: float, names: LayerNames, report: list, fmt: str | None,
+                 min_saving: float):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
+        self.min_saving = min_saving
 
     def rewrite(self, conv, weight, geo, ep):
         sparsity = float((weight == 0).sum()) / weight.size
@@ -37,7 +39,7 @@ class _Sparsifier(ConvChainRewriter):
         if sparsity < self.threshold:
             decision.decision = "dense (below threshold)"
             return None
-        rows = conv_weight_rows(weight, geo, self.fmt)
+        rows = conv_weight_rows(weight, geo, self.fmt, self.min_saving)
         args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
         extra, flags = self.epilogue_args(ep)
         op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
@@ -54,10 +56,10 @@ class SparsifyConv2d:
     """Replace sufficiently sparse conv2d (+ bias/residual/ReLU) by TE sparse direct convolutions."""
 
     def __init__(self, threshold: float = 0.7, names: LayerNames | None = None,
-                 report: list | None = None, fmt: str | None = None):
-        self.threshold, self.fmt = threshold, fmt
+                 report: list | None = None, fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
+        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt).run(mod)
+        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)

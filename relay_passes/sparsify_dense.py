@@ -9,7 +9,7 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm import te_ops
-from unsparse_tvm.formats import dense_weight_rows
+from unsparse_tvm.formats import HYB_MIN_SAVING, dense_weight_rows
 
 from ._util import (ChainRewriter, LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue, rows_consts,
                     shape_of, use_counts, users_of)
@@ -34,9 +34,10 @@ def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:
 
 @relax.expr_functor.mutator
 class _Sparsifier(ChainRewriter):
-    def __init__(self, mod, threshold, names, report, fmt):
+    def __init__(self, mod, threshold, names, report, fmt, min_saving):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
+        self.min_saving = min_saving
 
     def plan(self, func: relax.Function) -> None:
         var2val = relax.analysis.get_var2val(func)
@@ -64,7 +65,7 @@ class _Sparsifier(ChainRewriter):
         if sparsity < self.threshold:
             decision.decision = "dense (below threshold)"
             return None
-        rows = dense_weight_rows(weight, self.fmt)
+        rows = dense_weight_rows(weight, self.fmt, self.min_saving)
         args = [self.visit_expr(call.args[0]), *rows_consts(rows)]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))
@@ -81,10 +82,10 @@ class SparsifyDense:
     """Replace sufficiently sparse linear layers (+ bias/ReLU) by TE sparse dense operators."""
 
     def __init__(self, threshold: float = 0.7, names: LayerNames | None = None,
-                 report: list | None = None, fmt: str | None = None):
-        self.threshold, self.fmt = threshold, fmt
+                 report: list | None = None, fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
+        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt).run(mod)
+        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)
