@@ -24,6 +24,7 @@ import numpy as np
 # end (at 90% magnitude pruning ELL pads 12-27%). CUDA: a second kernel launch per layer, so only for
 # real outliers (a guess: not yet measured on a GPU).
 HYB_MIN_SAVING = {"llvm": 0.05, "cuda": 0.25}
+OVF_ROW_MULTIPLE = 8  # hyb's overflow ELL has a multiple of this many rows (padded with empty ones)
 
 
 @dataclass
@@ -107,9 +108,13 @@ def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None =
     long_rows = np.flatnonzero(row_nnz > l1)
     slot = np.full(k, -1, np.int32)
     slot[long_rows] = np.arange(len(long_rows), dtype=np.int32)
-    if len(long_rows) == 0:  # forced hyb on balanced rows: one empty overflow row keeps shapes valid
-        long_rows = np.array([0])
-    ovf_data, ovf_off = _pack([offs[i][l1:] for i in long_rows], [vals[i][l1:] for i in long_rows], longest - l1)
+    tails = [(offs[i][l1:], vals[i][l1:]) for i in long_rows]
+    # empty overflow rows up to a multiple of OVF_ROW_MULTIPLE (at least one row: a forced hyb on balanced
+    # rows keeps valid shapes): the overflow stage's row loop then splits into register tiles of several
+    # rows, where a prime row count would leave one FMA chain per task
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    tails += [empty] * (-len(tails) % OVF_ROW_MULTIPLE or (OVF_ROW_MULTIPLE if not tails else 0))
+    ovf_data, ovf_off = _pack([t[0] for t in tails], [t[1] for t in tails], longest - l1)
     return SparseRows("hyb", data, off, int(row_nnz.sum()), (k, ncols), ovf_data, ovf_off, slot, row_nnz)
 
 
