@@ -37,7 +37,11 @@ def pow2_divisor(n: int, cap: int) -> int:
 def sample_divisor(sch: s_tir.Schedule, n: int, cap: int, low: int = 1):
     """For space(): a divisor of n in [low, cap] (or 1 if there is none), drawn with sample_categorical
     (uniform), so a tuned split is never ragged; a plain int when there is only one such divisor."""
-    choices = [d for d in range(low, min(n, cap) + 1) if n % d == 0] or [1]
+    return sample_choice(sch, [d for d in range(low, min(n, cap) + 1) if n % d == 0] or [1])
+
+
+def sample_choice(sch: s_tir.Schedule, choices: list[int]):
+    """For space(): a knob drawn uniformly from choices (a plain int when there is only one)."""
     if len(choices) == 1:
         return choices[0]
     return sch.sample_categorical(choices, [1.0 / len(choices)] * len(choices))

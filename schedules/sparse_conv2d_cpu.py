@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (extents, has_block, largest_divisor, op_of, pow2_divisor, sample_divisor, schedule_epilogue_cpu,
+from ._common import (extents, has_block, largest_divisor, op_of, pow2_divisor, sample_choice, schedule_epilogue_cpu,
                       schedule_pad_cpu)
 
 OP = "sparse_conv2d"
@@ -56,7 +56,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     rows, inner = ext[1], ext[2]
     spaces = []
-    for vec in _vector_widths(sch, func):
+    for vec in [v for v in (16, 8) if inner % v == 0]:  # q_extent is a multiple of 8
         for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:
             tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
             tiles = [t for t in tiles if t >= 4] or tiles
@@ -65,21 +65,9 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
             if not unrolls:
                 continue
             s = sch.copy()
-            _schedule(s, func, _categorical(s, tiles), vec, _categorical(s, unrolls), clamp=False, k_inner=k_inner)
+            _schedule(s, func, sample_choice(s, tiles), vec, sample_choice(s, unrolls), clamp=False, k_inner=k_inner)
             spaces.append(s)
     return spaces
-
-
-def _categorical(sch: s_tir.Schedule, choices: list[int]):
-    """A knob drawn uniformly from choices (a plain int when there is one)."""
-    if len(choices) == 1:
-        return choices[0]
-    return sch.sample_categorical(choices, [1.0 / len(choices)] * len(choices))
-
-
-def _vector_widths(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[int]:
-    inner = extents(sch, sch.get_loops(sch.get_sblock("conv")))[2]
-    return [v for v in (16, 8) if inner % v == 0] or [pow2_divisor(inner, 16)]
 
 
 def _pow2_at_least(n: int) -> int:
@@ -93,8 +81,8 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
     """Schedule one reduction stage ("conv" or "conv_ovf", loops [n, k, q, j]); returns its parallel loop.
 
     Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes.
-    With clamp (apply), the knobs are fitted to the
-    extents; without (space), tile_k and unroll left as None are drawn from their exact divisors."""
+    With clamp (apply), the knobs are fitted to the extents; without (space), they arrive sampled
+    from exact divisors."""
     block = sch.get_sblock(name)
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
@@ -104,9 +92,6 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
         vec = pow2_divisor(ext[2], vec)
         unroll = largest_divisor(ext[2] // vec, unroll or 8)
         k_inner = largest_divisor(tile_k, k_inner or _pow2_at_least(-(-16 // unroll)))
-    else:
-        tile_k = tile_k if tile_k is not None else sample_divisor(sch, ext[1], 32)
-        unroll = unroll if unroll is not None else sample_divisor(sch, ext[2] // vec, 8)
     n, k, q, j = loops
     ko, ki = sch.split(k, [None, tile_k])
     kio, kii = sch.split(ki, [None, k_inner])

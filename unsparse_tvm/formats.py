@@ -112,8 +112,9 @@ def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None =
     # empty overflow rows up to a multiple of OVF_ROW_MULTIPLE (at least one row: a forced hyb on balanced
     # rows keeps valid shapes): the overflow stage's row loop then splits into register tiles of several
     # rows, where a prime row count would leave one FMA chain per task
-    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
-    tails += [empty] * (-len(tails) % OVF_ROW_MULTIPLE or (OVF_ROW_MULTIPLE if not tails else 0))
+    rows = max(len(tails), 1)
+    rows += -rows % OVF_ROW_MULTIPLE
+    tails += [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * (rows - len(tails))
     ovf_data, ovf_off = _pack([t[0] for t in tails], [t[1] for t in tails], longest - l1)
     return SparseRows("hyb", data, off, int(row_nnz.sum()), (k, ncols), ovf_data, ovf_off, slot, row_nnz)
 

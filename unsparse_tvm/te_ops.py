@@ -27,7 +27,7 @@ def pad_flat(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
 
     def value(n, i):
         c, rest = i // geo.channel_plane, i % geo.channel_plane
-        if sh == 1 and sw == 1:
+        if sh == 1 and sw == 1:  # one phase: no phase div/mod in the index (as in ConvGeometry.tap_offset)
             h, w = rest // geo.wq - pt, rest % geo.wq - pl
         else:
             phase, hh, ww = rest // phase_plane, rest % phase_plane // geo.wq, rest % geo.wq
