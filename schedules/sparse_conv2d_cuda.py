@@ -3,7 +3,10 @@
 One thread block per (batch, tile of output channels, range of output positions); threadIdx.x runs
 over consecutive output positions, so each nonzero's input loads are coalesced, and the row's
 (weight, offset) pairs are the same address across a warp (a broadcast). Each thread accumulates
-`per_thread` outputs, strided by the thread count, in registers.
+`per_thread` outputs, strided by the thread count, in registers: the per-thread axis is a virtual
+thread (vthread.x), so TVM keeps one accumulator per output and writes back exactly those. (A plain
+loop there made the local write-back cover the bounding box of a thread's strided outputs, storing
+uninitialised values over other threads' results: wrong whenever per_thread > 1.)
 """
 
 from __future__ import annotations
@@ -59,13 +62,13 @@ def _rows(sch, name, threads_q, threads_k, per_thread, clamp):
             per_thread = 1  # a ragged 3-way split trips TVM's bound analyzer
     ko, ki = sch.split(k, [None, threads_k])
     qo, qp, qi = sch.split(q, [None, per_thread, threads_q])
-    sch.reorder(n, ko, qo, ki, qi, j, qp)
+    sch.reorder(n, ko, qo, qp, ki, qi, j)
     sch.bind(sch.fuse(n, ko), "blockIdx.y")
     sch.bind(qo, "blockIdx.x")
+    sch.bind(qp, "vthread.x")
     sch.bind(ki, "threadIdx.y")
     sch.bind(qi, "threadIdx.x")
     sch.reverse_compute_at(acc, qi)
-    sch.unroll(qp)
     sch.decompose_reduction(block, j)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from conftest import pruned_program, rel_err, sparse_weight
 from test_ops_llvm import CONV_CASES
+from test_pocl import EXTRA_CONV_CASES
 from unsparse_tvm.bench import LayerSpec, layer_module
 
 pytestmark = pytest.mark.gpu
@@ -37,7 +38,7 @@ def _run_cuda(spec, target, x, fmt=None, threshold=0.5):
     return relax.VirtualMachine(ex, dev)["main"](tvm.runtime.tensor(x, dev)).numpy()
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}")
+@pytest.mark.parametrize("case", CONV_CASES + EXTRA_CONV_CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}")
 @pytest.mark.parametrize("fmt", ["ell", "hyb"])
 def test_sparse_conv2d_cuda_matches_torch(case, fmt, gpu_target):
     import torch.nn.functional as F
