@@ -7,6 +7,8 @@ over consecutive output positions, so each nonzero's input loads are coalesced, 
 thread (vthread.x), so TVM keeps one accumulator per output and writes back exactly those. (A plain
 loop there made the local write-back cover the bounding box of a thread's strided outputs, storing
 uninitialised values over other threads' results: wrong whenever per_thread > 1.)
+With batch > 1, each thread also keeps `batch_per_thread` images' outputs (a second virtual thread), so
+one load of a (weight, offset) pair feeds per_thread * batch_per_thread FMAs instead of per_thread.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import bind_elementwise_cuda, has_block, largest_divisor, op_of, schedule_pad_cuda, extents
+from ._common import (bind_elementwise_cuda, extents, has_block, largest_divisor, op_of, sample_divisor,
+                      schedule_pad_cuda)
 
 OP = "sparse_conv2d"
 
@@ -26,6 +29,7 @@ class Config:
     threads_q: int = 64    # threads over output positions (two warps: coalesced loads)
     threads_k: int = 2     # threads over output channels (different rows in one block)
     per_thread: int = 2    # outputs per thread kept in registers
+    batch_per_thread: int = 2  # images per thread (clamped to a divisor of the batch): weight loads shared
 
     @staticmethod
     def for_target(target: Target) -> "Config":
@@ -37,7 +41,7 @@ def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> 
         return None
     cfg = config or Config.for_target(target)
     sch = s_tir.Schedule(func)
-    _schedule(sch, cfg.threads_q, cfg.threads_k, cfg.per_thread, clamp=True)
+    _schedule(sch, cfg.threads_q, cfg.threads_k, cfg.per_thread, cfg.batch_per_thread, clamp=True)
     return sch
 
 
@@ -46,10 +50,12 @@ def space(sch: s_tir.Schedule) -> None:
     k = sch.get_loops(sch.get_sblock("conv"))[1]
     threads_k = sch.sample_perfect_tile(k, n=2, max_innermost_factor=8)[1]
     per_thread = sch.sample_categorical([1, 2, 4], [0.3, 0.4, 0.3])
-    _schedule(sch, threads_q, threads_k, per_thread, clamp=False)
+    batch = extents(sch, [sch.get_loops(sch.get_sblock("conv"))[0]])[0]
+    batch_per_thread = sample_divisor(sch, batch, 4)
+    _schedule(sch, threads_q, threads_k, per_thread, batch_per_thread, clamp=False)
 
 
-def _rows(sch, name, threads_q, threads_k, per_thread, clamp):
+def _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp):
     block = sch.get_sblock(name)
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
@@ -58,13 +64,16 @@ def _rows(sch, name, threads_q, threads_k, per_thread, clamp):
     q = loops[2]                        # the flat output domain q = y*Wq + x
     if clamp:
         threads_k = largest_divisor(extents(sch, [k])[0], threads_k)
+        batch_per_thread = largest_divisor(extents(sch, [n])[0], batch_per_thread)
         if extents(sch, [q])[0] % (per_thread * threads_q):
             per_thread = 1  # a ragged 3-way split trips TVM's bound analyzer
+    no, nb = sch.split(n, [None, batch_per_thread])
     ko, ki = sch.split(k, [None, threads_k])
     qo, qp, qi = sch.split(q, [None, per_thread, threads_q])
-    sch.reorder(n, ko, qo, qp, ki, qi, j)
-    sch.bind(sch.fuse(n, ko), "blockIdx.y")
+    sch.reorder(no, ko, qo, nb, qp, ki, qi, j)
+    sch.bind(sch.fuse(no, ko), "blockIdx.y")
     sch.bind(qo, "blockIdx.x")
+    sch.bind(nb, "vthread.y")
     sch.bind(qp, "vthread.x")
     sch.bind(ki, "threadIdx.y")
     sch.bind(qi, "threadIdx.x")
@@ -72,9 +81,8 @@ def _rows(sch, name, threads_q, threads_k, per_thread, clamp):
     sch.decompose_reduction(block, j)
 
 
-def _schedule(sch, threads_q, threads_k, per_thread, clamp: bool) -> None:
+def _schedule(sch, threads_q, threads_k, per_thread, batch_per_thread, clamp: bool) -> None:
     schedule_pad_cuda(sch)
-    _rows(sch, "conv", threads_q, threads_k, per_thread, clamp)
-    if has_block(sch, "conv_ovf"):
-        _rows(sch, "conv_ovf", threads_q, threads_k, per_thread, clamp)
+    for name in ("conv", "conv_ovf") if has_block(sch, "conv_ovf") else ("conv",):
+        _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp)
     bind_elementwise_cuda(sch, "epilogue")

@@ -95,7 +95,19 @@ def test_sparse_conv2d_cuda_per_thread_outputs(case, per_thread, pocl):
     check(OpenCLModule(schedule_for_cuda(mod, threshold=threshold, configs={"sparse_conv2d": cfg}), pocl)(x), ref)
 
 
-def _old_rows(sch, name, threads_q, threads_k, per_thread, clamp):
+@pytest.mark.parametrize("batch_per_thread", [1, 2, 8])
+def test_sparse_conv2d_cuda_batch_per_thread(batch_per_thread, pocl, cuda):
+    """Batch 8 with 1, 2 or 8 images per thread (each weight load feeding them all): same results, and the
+    thread keeps per_thread x batch_per_thread accumulators."""
+    mod, x, ref, threshold = conv_layer(EXTRA_CONV_CASES[3])
+    cfg = sparse_conv2d_cuda.Config(per_thread=1, batch_per_thread=batch_per_thread)
+    sched = schedule_for_cuda(mod, threshold=threshold, fmt="ell", configs={"sparse_conv2d": cfg})
+    check(OpenCLModule(sched, pocl)(x), ref)
+    conv = [u for u in module_cuda_limits(sched, cuda, registers=False) if u.block[1] > 1][0]
+    assert conv.grid[1] * batch_per_thread == 8 * 16 // cfg.threads_k  # blockIdx.y: images/bpt x row tiles
+
+
+def _old_rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp):
     """sparse_conv2d_cuda._rows before the fix (per-thread outputs on a plain unrolled loop): kept as
     the negative control that shows the harness catches the bug."""
     block = sch.get_sblock(name)
