@@ -1,0 +1,36 @@
+"""The GPU performance model's predictions behave as its terms say they must."""
+
+import numpy as np
+
+from unsparse_tvm.formats import ConvGeometry
+from unsparse_tvm.perf_model import H200, Knobs, magnitude_row_nnz, predict_cudnn, predict_sparse
+
+GEO = ConvGeometry(1, 256, 28, 28, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+
+
+def test_sparser_is_faster_and_cudnn_modes_are_ordered():
+    times = [predict_sparse(GEO, magnitude_row_nnz(256, 256 * 9, sp)).seconds for sp in (0.5, 0.8, 0.9, 0.98)]
+    assert all(a > b for a, b in zip(times, times[1:]))
+    fp32, tf32, fp16 = (predict_cudnn(GEO, m).seconds for m in ("fp32", "tf32", "fp16"))
+    assert fp32 > tf32 > fp16
+
+
+def test_magnitude_pruning_keeps_the_share_asked_for():
+    nnz = magnitude_row_nnz(64, 1000, 0.9)
+    assert abs(nnz.sum() / 64000 - 0.1) < 0.002
+
+
+def test_grouped_rows_cut_the_l1_term_and_batch_blocking_the_weight_loads():
+    rows = magnitude_row_nnz(256, 256 * 9, 0.9)
+    plain = predict_sparse(GEO, rows)
+    grouped = predict_sparse(GEO, magnitude_row_nnz(64, 256 * 9, 0.9), Knobs(group=4))
+    assert plain.bound == "l1" and grouped.terms["l1"] < plain.terms["l1"] / 3
+    geo8 = ConvGeometry(8, *list(GEO.__dict__.values())[1:])
+    one, two = (predict_sparse(geo8, rows, Knobs(batch_per_thread=b)) for b in (1, 2))
+    assert two.terms["l1"] < one.terms["l1"]
+
+
+def test_tiny_layers_are_launch_bound():
+    tiny = ConvGeometry(1, 16, 7, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    p = predict_sparse(tiny, magnitude_row_nnz(16, 144, 0.9))
+    assert p.bound == "launch" and np.isclose(p.terms["launch"], 3 * H200.launch_s)

@@ -1,0 +1,148 @@
+"""A small roofline-style performance model of one conv layer on a GPU: our sparse direct conv (the CUDA
+schedule in schedules/sparse_conv2d_cuda.py, at its knobs) against cuDNN's dense conv in FP32, TF32 and
+FP16. It predicts; the GPU kit measures, and the GPU issue puts the two side by side.
+
+Our kernel, per warp and per nonzero j of a row: one (weight, offset) pair loaded as two uniform loads
+(the same address in every lane), then per_thread x batch_per_thread input loads (32 consecutive floats
+at an arbitrary offset: two 128-byte lines, so two L1 wavefronts) and as many FMAs. Its time is the
+largest of
+  - the FP32 pipe: every FMA, ELL padding and the thrown-away columns of the flat domain included;
+  - L1 wavefronts (~1 per clock per SM): 2 + 2 * per_thread * batch_per_thread per warp and nonzero;
+  - DRAM/L2 bytes: weights and offsets re-read by every block over q, the padded input, the conv output
+    written and read back by the epilogue;
+divided by an occupancy factor (latency is hidden only with enough warps per SM), plus one launch per
+kernel (pad, conv, [overflow], epilogue).
+cuDNN: dense FLOPs at a realistic share of the peak, scaled by wave quantisation over 128x64 GEMM tiles
+(split along the reduction where a layer has too few tiles to fill the GPU), or its bytes at DRAM speed,
+whichever is slower, plus one launch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from .formats import ConvGeometry
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str = "NVIDIA H200 (SXM)"
+    sms: int = 132
+    clock_hz: float = 1.98e9
+    fp32_flops: float = 66.9e12       # 132 SMs x 128 lanes x 2 x 1.98 GHz (no tensor cores)
+    tf32_flops: float = 494.7e12      # dense tensor-core peak
+    fp16_flops: float = 989.4e12
+    dram_bytes_s: float = 4.8e12      # HBM3e
+    l2_bytes_s: float = 10e12         # assumption: ~2x DRAM, not a datasheet figure
+    l1_wavefronts_per_clk: float = 1.0  # 128 B per clock per SM
+    l2_bytes: int = 50 * 2**20
+    warps_to_hide_latency: int = 16   # warps per SM below which the throughput bounds are not reached
+    launch_s: float = 3e-6            # back-to-back launches from the Relax VM, per kernel
+    # shares of peak cuDNN reaches on large layers (assumptions, to be replaced by the kit's numbers)
+    cudnn_fp32_eff: float = 0.65
+    cudnn_tf32_eff: float = 0.45
+    cudnn_fp16_eff: float = 0.50
+
+
+H200 = GPU()
+
+
+@dataclass(frozen=True)
+class Knobs:  # sparse_conv2d_cuda.Config, as the model needs it
+    threads_q: int = 64
+    threads_k: int = 2
+    per_thread: int = 2
+    batch_per_thread: int = 2
+    group: int = 1    # V output channels sharing their offsets (vector-grouped format): one input load, V FMAs
+
+
+@dataclass
+class Prediction:
+    seconds: float
+    bound: str        # which term decided: fp32, l1, memory, or launch
+    terms: dict       # every term, in seconds
+
+
+def ell_width(row_nnz: np.ndarray) -> float:
+    """Padded entries per row of the format the CUDA pass would choose (ell, or hyb for outliers)."""
+    from .formats import HYB_MIN_SAVING, _best_split, choose_format
+
+    k, longest = len(row_nnz), int(row_nnz.max(initial=0))
+    if choose_format(row_nnz, HYB_MIN_SAVING["cuda"]) == "hyb":
+        return _best_split(row_nnz)[1] / k
+    return float(max(longest, 1))
+
+
+def magnitude_row_nnz(k: int, fan_in: int, sparsity: float, seed: int = 0) -> np.ndarray:
+    """Nonzeros per output row after layer-wise magnitude pruning of a random normal weight (what
+    `prune --method unstructured` does to the built-in models)."""
+    w = np.abs(np.random.default_rng(seed).standard_normal((k, fan_in), dtype=np.float32))
+    cut = np.quantile(w, sparsity) if sparsity > 0 else -1.0
+    return (w > cut).sum(axis=1)
+
+
+def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(), gpu: GPU = H200) -> Prediction:
+    n, k, q = geo.n, geo.k, geo.q_extent
+    width = ell_width(row_nnz)
+    pt = knobs.per_thread if q % (knobs.per_thread * knobs.threads_q) == 0 else 1  # as the schedule clamps
+    bt = math.gcd(n, knobs.batch_per_thread)
+    tk = math.gcd(k, knobs.threads_k)
+    v = knobs.group  # row_nnz is then per group of V rows (their union)
+    fmas = n * k * q * width
+    warp_iters = fmas / (32 * pt * bt * v)
+    fp32 = 2 * fmas / gpu.fp32_flops
+    # per warp and stored offset: the offset and the V weights (contiguous: one wavefront each), then the
+    # input loads at two wavefronts each
+    l1 = warp_iters * (2 + 2 * pt * bt) / (gpu.sms * gpu.clock_hz * gpu.l1_wavefronts_per_clk)
+    blocks = (n // bt) * (k // (tk * v) or 1) * math.ceil(q / (knobs.threads_q * pt))
+    weight_bytes = k * width * (4 + 4 / v) * math.ceil(q / (knobs.threads_q * pt)) * (n // bt)  # per block
+    pad_bytes = n * geo.pad_channels * geo.channel_plane * 4
+    io_bytes = 4 * n * geo.c * geo.h * geo.w + 2 * pad_bytes + 2 * 4 * n * k * q + 4 * n * k * geo.oh * geo.ow
+    memory = weight_bytes / gpu.l2_bytes_s + io_bytes / gpu.dram_bytes_s
+    warps = blocks * knobs.threads_q * tk / 32
+    occupancy = min(1.0, warps / (gpu.sms * gpu.warps_to_hide_latency))
+    launches = (4 if width != int(width) else 3) * gpu.launch_s
+    terms = {"fp32": fp32 / occupancy, "l1": l1 / occupancy, "memory": memory, "launch": launches}
+    body = max(terms["fp32"], terms["l1"], terms["memory"])
+    bound = max(("fp32", "l1", "memory"), key=lambda t: terms[t])
+    return Prediction(body + launches, bound if body > launches else "launch", terms)
+
+
+def predict_cudnn(geo: ConvGeometry, mode: str = "fp32", gpu: GPU = H200) -> Prediction:
+    """cuDNN's dense conv (implicit GEMM view: M = N*OH*OW, N = K, K = C*R*S)."""
+    peak, eff, size = {"fp32": (gpu.fp32_flops, gpu.cudnn_fp32_eff, 4), "tf32": (gpu.tf32_flops, gpu.cudnn_tf32_eff, 4),
+                       "fp16": (gpu.fp16_flops, gpu.cudnn_fp16_eff, 2)}[mode]
+    m, cols = geo.n * geo.oh * geo.ow, geo.k
+    flops = 2 * m * cols * geo.c * geo.r * geo.s
+    slots = gpu.sms * 2  # two 128x64 tiles resident per SM
+    tiles = math.ceil(m / 128) * math.ceil(cols / 64)
+    # small layers: the reduction (C*R*S) split into slices of >= 256 until the GPU is full (split-K)
+    tiles *= min(max(1, geo.c * geo.r * geo.s // 256), math.ceil(slots / tiles))
+    waves = tiles / (math.ceil(tiles / slots) * slots)  # share of the last wave's slots doing work
+    compute = flops / (peak * eff * waves)
+    memory = size * (geo.n * geo.c * geo.h * geo.w + geo.k * geo.c * geo.r * geo.s + m * cols) / gpu.dram_bytes_s
+    terms = {"compute": compute, "memory": memory, "launch": gpu.launch_s}
+    bound = "compute" if compute >= memory else "memory"
+    return Prediction(max(compute, memory) + gpu.launch_s, bound, terms)
+
+
+def layer_table(geos: list[tuple[str, ConvGeometry]], sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
+                knobs: Knobs = Knobs(), gpu: GPU = H200, vector: int = 4) -> list[dict]:
+    """One row per (layer, sparsity): predicted seconds of ours (unstructured, and vector-pruned with
+    groups of `vector` rows in the grouped format) and of cuDNN's three modes."""
+    rows = []
+    for name, geo in geos:
+        cudnn = {m: predict_cudnn(geo, m, gpu) for m in ("fp32", "tf32", "fp16")}
+        for sp in sparsities:
+            ours = predict_sparse(geo, magnitude_row_nnz(geo.k, geo.c * geo.r * geo.s, sp), knobs, gpu)
+            grouped = predict_sparse(geo, magnitude_row_nnz(geo.k // vector, geo.c * geo.r * geo.s, sp),
+                                     replace(knobs, group=vector), gpu)
+            rows.append({"layer": name, "geometry": asdict(geo), "sparsity": sp, "batch": geo.n,
+                         "ours_s": ours.seconds, "ours_bound": ours.bound, "ours_terms": ours.terms,
+                         f"ours_vector{vector}_s": grouped.seconds, f"ours_vector{vector}_bound": grouped.bound,
+                         **{f"cudnn_{m}_s": p.seconds for m, p in cudnn.items()},
+                         **{f"speedup_vs_{m}": p.seconds / ours.seconds for m, p in cudnn.items()}})
+    return rows
