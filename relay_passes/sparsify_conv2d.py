@@ -43,9 +43,9 @@ class _Sparsifier(ConvChainRewriter):
         args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
         extra, flags = self.epilogue_args(ep)
         op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
-        call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint="sparse_conv2d")
-        mark(self.builder_, call, {"op": "sparse_conv2d", "unsparse.fmt": rows.fmt,
-                                   "unsparse.pad_shape": geo.pad_shape})
+        kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"  # grouped rows: their own rules
+        call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
+        mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": geo.pad_shape})
         decision.decision, decision.format = "sparse", rows.fmt
         decision.padded, decision.fused = rows.padded_size, fused_label(ep)
         return call

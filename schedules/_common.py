@@ -88,3 +88,11 @@ def schedule_epilogue_cpu(sch: s_tir.Schedule) -> None:
     index map y*Wq + x is not invertible for reverse_compute_at, and hyb has two producers."""
     n, k, y, x = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(n, k))
+
+
+def cpu_vector_lanes(target) -> tuple[int, int]:
+    """(float32 lanes of one vector register, vector registers) of an llvm target: AVX-512's 16 x 32 where
+    the target has it, AVX2's 8 x 16 otherwise (read from the target, never assumed)."""
+    from tvm.target import codegen
+
+    return (16, 32) if codegen.target_has_features("avx512f", target) else (8, 16)

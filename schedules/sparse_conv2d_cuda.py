@@ -7,6 +7,8 @@ over consecutive output positions, so each nonzero's input loads are coalesced, 
 thread (vthread.x), so TVM keeps one accumulator per output and writes back exactly those. (A plain
 loop there made the local write-back cover the bounding box of a thread's strided outputs, storing
 uninitialised values over other threads' results: wrong whenever per_thread > 1.)
+Grouped rows (vellV, op sparse_conv2d_grouped) take the same schedule with threads_k over groups: each
+thread keeps the V rows of its group in registers, so one input load feeds V FMAs.
 With batch > 1, each thread also keeps `batch_per_thread` images' outputs (a second virtual thread), so
 one load of a (weight, offset) pair feeds per_thread * batch_per_thread FMAs instead of per_thread.
 """
@@ -22,6 +24,7 @@ from ._common import (bind_elementwise_cuda, extents, has_block, largest_divisor
                       schedule_pad_cuda)
 
 OP = "sparse_conv2d"
+OPS = (OP, "sparse_conv2d_grouped")  # grouped rows (vellV): the same schedule, each thread's V rows in registers
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Config:
 
 
 def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "cuda":
+    if op_of(func) not in OPS or target.kind.name != "cuda":
         return None
     cfg = config or Config.for_target(target)
     sch = s_tir.Schedule(func)
@@ -59,9 +62,8 @@ def _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp):
     block = sch.get_sblock(name)
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
-    j = loops[-1]
-    n, k = loops[0], loops[1]
-    q = loops[2]                        # the flat output domain q = y*Wq + x
+    n, k, q, j = loops[0], loops[1], loops[-2], loops[-1]  # k: rows, or groups of V rows; q = y*Wq + x
+    v = loops[2] if len(loops) == 5 else None               # grouped: the V rows sharing each offset
     if clamp:
         threads_k = largest_divisor(extents(sch, [k])[0], threads_k)
         batch_per_thread = largest_divisor(extents(sch, [n])[0], batch_per_thread)
@@ -70,7 +72,7 @@ def _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp):
     no, nb = sch.split(n, [None, batch_per_thread])
     ko, ki = sch.split(k, [None, threads_k])
     qo, qp, qi = sch.split(q, [None, per_thread, threads_q])
-    sch.reorder(no, ko, qo, nb, qp, ki, qi, j)
+    sch.reorder(no, ko, qo, nb, qp, ki, qi, j, *([v] if v is not None else []))
     sch.bind(sch.fuse(no, ko), "blockIdx.y")
     sch.bind(qo, "blockIdx.x")
     sch.bind(nb, "vthread.y")
@@ -78,6 +80,8 @@ def _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp):
     sch.bind(ki, "threadIdx.y")
     sch.bind(qi, "threadIdx.x")
     sch.reverse_compute_at(acc, qi)
+    if v is not None:
+        sch.unroll(v)
     sch.decompose_reduction(block, j)
 
 

@@ -11,6 +11,11 @@ sparse convolutions", ICLR 2017).
 - "hyb": ELL of width L1 for every row plus an overflow ELL of width L2 holding only the rows longer
   than L1, gathered back by slot[K] (-1 for rows without overflow). Chosen when a few long rows would
   make plain ELL mostly padding; L1 minimises the total padded size.
+- "vellV" (V = 2, 4, 8): grouped ELL. Rows k = g*V .. g*V+V-1 share one list of offsets (the union of
+  their nonzero columns), off[G, L]; their weights are stored V-contiguous, data[G, L, V] (explicit zeros
+  where a row lacks a column). A kernel loads one input vector per stored offset and feeds V
+  accumulators with it. What `prune --method vector|block|mixed` produces has no fill-in; chosen where
+  the fill-in stays under GROUP_MAX_FILL.
 """
 
 from __future__ import annotations
@@ -25,21 +30,31 @@ import numpy as np
 # real outliers (a guess: not yet measured on a GPU).
 HYB_MIN_SAVING = {"llvm": 0.05, "cuda": 0.25}
 OVF_ROW_MULTIPLE = 8  # hyb's overflow ELL has a multiple of this many rows (padded with empty ones)
+GROUPS = (8, 4, 2)    # row group sizes of the grouped format, largest (most reuse) first
+# grouped where its stored entries are at most this multiple of the ungrouped format's (ell or hyb): each
+# stored entry costs an FMA either way, but ungrouped rows pay ~1.5 loads per FMA and groups of 4 ~0.6
+# (x86, 4 vectors per offset), so a little fill-in still wins; unstructured 90% masks fill 1.9x at V = 2
+GROUP_MAX_FILL = 1.5
 
 
 @dataclass
 class SparseRows:
     """A sparse matrix in ell or hyb form; offsets already mapped into the operator's input space."""
 
-    fmt: str                      # "ell" or "hyb"
-    data: np.ndarray              # [K, L] float32
-    off: np.ndarray               # [K, L] int32
+    fmt: str                      # "ell", "hyb" or "vellV"
+    data: np.ndarray              # [K, L] float32 ([G, L, V] for vellV)
+    off: np.ndarray               # [K, L] int32 ([G, L] for vellV)
     nnz: int
     shape: tuple[int, int]        # (K, columns) of the logical matrix
     ovf_data: np.ndarray | None = None   # [K2, L2] float32, hyb only
     ovf_off: np.ndarray | None = None    # [K2, L2] int32
     ovf_slot: np.ndarray | None = None   # [K] int32: row of the overflow part, or -1
     row_nnz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def group(self) -> int:
+        """Rows per group: V for "vellV", 1 for ell and hyb."""
+        return int(self.fmt[4:]) if self.fmt.startswith("vell") else 1
 
     @property
     def padded_size(self) -> int:
@@ -85,14 +100,51 @@ def _pack(rows: list[np.ndarray], vals: list[np.ndarray], width: int) -> tuple[n
     return data, off
 
 
+def group_width(matrix: np.ndarray, v: int) -> int:
+    """Longest union of nonzero columns over the groups of v consecutive rows (the grouped format's L)."""
+    k, ncols = matrix.shape
+    return int((matrix.reshape(k // v, v, ncols) != 0).any(axis=1).sum(axis=1).max(initial=0))
+
+
+def choose_group(matrix: np.ndarray, max_fill: float = GROUP_MAX_FILL) -> int:
+    """The largest V in GROUPS dividing the rows whose grouped size (K * L_V) stays within max_fill of the
+    smaller of ell's and hyb's; 1 where none does."""
+    k = matrix.shape[0]
+    ungrouped = max(_best_split((matrix != 0).sum(axis=1))[1], 1)
+    for v in GROUPS:
+        if k % v == 0 and k > v and k * max(group_width(matrix, v), 1) <= max_fill * ungrouped:
+            return v
+    return 1
+
+
+def _to_grouped_rows(matrix: np.ndarray, col_offset: np.ndarray, v: int, row_nnz: np.ndarray) -> SparseRows:
+    k, ncols = matrix.shape
+    if k % v:
+        raise ValueError(f"grouped format vell{v} needs a multiple of {v} rows, not {k}")
+    groups = matrix.reshape(k // v, v, ncols)                    # [G, V, cols]
+    width = max(group_width(matrix, v), 1)
+    data = np.zeros((k // v, width, v), np.float32)              # [G, L, V]: a group's V weights contiguous
+    off = np.zeros((k // v, width), np.int32)                    # [G, L]
+    for g in range(k // v):
+        cols = np.flatnonzero((groups[g] != 0).any(axis=0))
+        data[g, : len(cols)] = groups[g][:, cols].T
+        off[g, : len(cols)] = col_offset[cols]
+    return SparseRows(f"vell{v}", data, off, int(row_nnz.sum()), (k, ncols), row_nnz=row_nnz)
+
+
 def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None = None,
-                   min_saving: float = HYB_MIN_SAVING["cuda"]) -> SparseRows:
-    """Pack a [K, cols] matrix, mapping column j to input offset col_offset[j]; fmt None: choose_format."""
+                   min_saving: float = HYB_MIN_SAVING["cuda"], grouped: bool = True) -> SparseRows:
+    """Pack a [K, cols] matrix, mapping column j to input offset col_offset[j]; fmt None: grouped (where
+    allowed) if choose_group finds groups, else choose_format's ell or hyb."""
     matrix = np.asarray(matrix, np.float32)
     k, ncols = matrix.shape
     assert col_offset.shape == (ncols,)
+    row_nnz = (matrix != 0).sum(axis=1).astype(np.int64)
+    if fmt is None and grouped and (v := choose_group(matrix)) > 1:
+        fmt = f"vell{v}"
+    if fmt is not None and fmt.startswith("vell"):
+        return _to_grouped_rows(matrix, col_offset, int(fmt[4:]), row_nnz)
     cols = [np.flatnonzero(matrix[i]) for i in range(k)]
-    row_nnz = np.array([len(c) for c in cols], np.int64)
     offs = [col_offset[c].astype(np.int32) for c in cols]
     vals = [matrix[i, c] for i, c in enumerate(cols)]
     fmt = fmt or choose_format(row_nnz, min_saving)
@@ -221,4 +273,4 @@ def conv_weight_rows(weight: np.ndarray, geo: ConvGeometry, fmt: str | None = No
 def dense_weight_rows(weight: np.ndarray, fmt: str | None = None,
                       min_saving: float = HYB_MIN_SAVING["cuda"]) -> SparseRows:
     """Sparse rows of a [out, in] linear weight; offsets are plain column numbers."""
-    return to_sparse_rows(weight, np.arange(weight.shape[1]), fmt, min_saving)
+    return to_sparse_rows(weight, np.arange(weight.shape[1]), fmt, min_saving, grouped=False)  # no grouped linear yet

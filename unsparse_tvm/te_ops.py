@@ -4,7 +4,7 @@ and, for llvm, a dense direct conv2d sharing the same flat-input formulation.
 Every operator is three stages, named so that schedules can find them:
   "pad_flat"   zero-padded input, split into stride phases and flattened to [N, Cx*sh*sw*Hq*Wq]
                (Cx >= C: trailing zero channels keep the extended reads of the flat domain in bounds)
-  "conv"       the reduction; "conv_ovf" is hyb's overflow reduction
+  "conv"       the reduction ([N, K, Q]; [N, G, V, Q] for grouped rows); "conv_ovf" is hyb's overflow
   "epilogue"   output cropping, hyb gather, bias, residual add and ReLU, fused in one elementwise stage
 "conv" is computed over the flat extended domain q = y*Wq + x ([N, K, Q]), strided convs included (their
 input is stored phase by phase). See formats.ConvGeometry.
@@ -48,6 +48,18 @@ def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry,
     )
 
 
+def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry) -> te.Tensor:
+    """Grouped rows (vellV): conv[n, g, v, q] = sum_j data[g, j, v] * xf[n, off[g, j] + q]; the V rows of a
+    group share each offset, so one input load feeds V products."""
+    groups, width, v = data.shape
+    j = te.reduce_axis((0, width), name="j")
+    return te.compute(
+        (geo.n, groups, v, geo.q_extent),
+        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, off[g, j] + q], axis=j),
+        name="conv",
+    )
+
+
 def _at(t: te.Tensor, geo: ConvGeometry, n, k, y, x):
     """Element (n, k, y, x) of a "conv" stage (flat domain q = y*Wq + x)."""
     return t[n, k, y * geo.wq + x]
@@ -69,12 +81,21 @@ def _epilogue(acc, shape, bias, residual, relu: bool) -> te.Tensor:
 
 def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
                   fmt: str, has_bias: bool, has_residual: bool, relu: bool) -> te.Tensor:
-    """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual]."""
+    """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual]; fmt "vellV"
+    takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q])."""
     rest = list(rest)
     ovf = [rest.pop(0) for _ in range(3)] if fmt == "hyb" else None
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
     xf = pad_flat(x, geo)
+    if fmt.startswith("vell"):
+        conv = _grouped_conv(xf, data, off, geo)
+        v = int(data.shape[2])
+
+        def acc(n, k, y, x_):
+            return conv[n, k // v, k % v, y * geo.wq + x_]
+
+        return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu)
     conv = _row_conv(xf, data, off, geo, "conv")
     if ovf is not None:
         ovf_data, ovf_off, slot = ovf

@@ -1,0 +1,76 @@
+"""x86 schedule for the grouped sparse direct conv2d (te_ops.sparse_conv2d with fmt "vellV").
+
+The V rows of a group share their offsets, so per stored offset the kernel loads `unroll` contiguous input
+vectors once and multiplies each by the V rows' weights (broadcasts): a register tile of V x unroll
+accumulators for 1 + V + unroll loads, against ~2 loads per FMA for ungrouped rows. Parallel over
+(batch, tiles of groups); the row tile's weights stay in L1 while it walks the whole flat domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._common import (cpu_vector_lanes, extents, largest_divisor, op_of, pow2_divisor, sample_choice,
+                      schedule_epilogue_cpu, schedule_pad_cpu)
+
+OP = "sparse_conv2d_grouped"
+
+
+@dataclass
+class Config:
+    tile_g: int = 0   # groups per parallel task; 0 = ~16 rows' worth (as the ungrouped rule's tile_k)
+    vec: int = 0      # lanes of the output axis; 0 = one vector register of the target (16 AVX-512, 8 AVX2)
+    unroll: int = 0   # vectors per group and offset; 0 = what leaves half the registers to accumulators
+
+
+def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
+    if op_of(func) != OP or target.kind.name != "llvm":
+        return None
+    cfg = config or Config()
+    lanes, registers = cpu_vector_lanes(target)
+    sch = s_tir.Schedule(func)
+    _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    vec = pow2_divisor(q, cfg.vec or lanes)  # the flat domain is a multiple of 8
+    unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers // 2 // v))
+    tile_g = largest_divisor(groups, cfg.tile_g or max(1, 16 // v))
+    _schedule(sch, func, tile_g, vec, unroll)
+    return sch
+
+
+def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+    """One design space per vector width; tile_g and unroll drawn from exact divisors, the register tile
+    V x unroll kept within 4..24 accumulators where the loops allow."""
+    func = sch.mod["main"]
+    _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    spaces = []
+    for vec in [w for w in (16, 8) if q % w == 0]:
+        unrolls = [u for u in range(1, 9) if (q // vec) % u == 0]
+        unrolls = [u for u in unrolls if 4 <= v * u <= 24] or [u for u in unrolls if v * u <= 24] or [1]
+        tiles = [t for t in range(1, min(groups, 32) + 1) if groups % t == 0]
+        s = sch.copy()
+        _schedule(s, func, sample_choice(s, tiles), vec, sample_choice(s, unrolls))
+        spaces.append(s)
+    return spaces
+
+
+def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> None:
+    cx, rows, cols = (int(d) for d in func.attrs["unsparse.pad_shape"])
+    schedule_pad_cpu(sch, cx, rows, cols)
+    block = sch.get_sblock("conv")
+    acc = sch.cache_write(block, 0, "local")
+    n, g, v, q, j = sch.get_loops(block)
+    go, gi = sch.split(g, [None, tile_g])
+    qo, qu, qv = sch.split(q, [None, unroll, vec])
+    sch.reorder(n, go, qo, gi, j, v, qu, qv)
+    sch.parallel(sch.fuse(n, go))
+    sch.reverse_compute_at(acc, gi)
+    sch.vectorize(qv)
+    sch.unroll(qu)
+    sch.unroll(v)
+    init = sch.decompose_reduction(block, j)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    schedule_epilogue_cpu(sch)

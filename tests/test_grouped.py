@@ -1,0 +1,127 @@
+"""Grouped rows (vellV): V output channels that share their nonzero positions (what vector pruning
+produces) stored once per group; the format, its choice, and the kernels on llvm and on PoCL (CUDA)."""
+
+import numpy as np
+import pytest
+
+from conftest import rel_err, run_layer, sparse_weight, torch_conv
+from test_pocl import check, pocl  # noqa: F401  (the module-scoped PoCL fixture)
+from unsparse_tvm.bench import LayerSpec, layer_module
+from unsparse_tvm.formats import choose_group, conv_weight_rows, to_sparse_rows
+from unsparse_tvm.testing.opencl import OpenCLModule, schedule_for_cuda, schedule_space_point
+
+
+def vector_weight(shape, v, sparsity, rng, empty_groups=1, dense_groups=0):
+    """Weight whose V consecutive output channels share one zero pattern (vector pruning's masks)."""
+    k = shape[0]
+    w = rng.standard_normal(shape).astype(np.float32)
+    keep = rng.random((k // v, *shape[1:])) >= sparsity
+    order = rng.permutation(k // v)
+    keep[order[:empty_groups]] = False
+    keep[order[empty_groups:empty_groups + dense_groups]] = True
+    return w * np.repeat(keep, v, axis=0)
+
+
+def test_choose_group_finds_vector_masks_and_leaves_unstructured_alone():
+    rng = np.random.default_rng(0)
+    for v in (2, 4, 8):
+        w = vector_weight((32, 8, 3, 3), v, 0.8, rng).reshape(32, -1)
+        assert choose_group(w) == v
+    assert choose_group(sparse_weight((32, 72), 0.9, rng)) == 1
+
+
+def test_grouped_rows_hold_exactly_the_weight():
+    rng = np.random.default_rng(1)
+    w = vector_weight((16, 5, 3, 3), 4, 0.7, rng)
+    cols = np.arange(45) * 3 + 1  # any distinct offsets
+    rows = to_sparse_rows(w.reshape(16, -1), cols, "vell4")
+    assert rows.fmt == "vell4" and rows.group == 4 and rows.data.shape[::2] == (4, 4)
+    back = np.zeros((16, cols.max() + 1), np.float32)
+    for g in range(4):
+        for j in range(rows.off.shape[1]):
+            back[g * 4:(g + 1) * 4, rows.off[g, j]] += rows.data[g, j]
+    assert np.array_equal(back[:, cols], w.reshape(16, -1))
+    assert rows.nnz == int((w != 0).sum())
+
+
+CASES = [  # (N, C, H, W, K, R, S, stride, padding, dilation, V)
+    (1, 8, 9, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),
+    (2, 6, 11, 7, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8),   # batch 2, stride 2, odd sizes
+    (1, 16, 8, 14, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),  # Q = 128
+    (3, 16, 6, 6, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 2),   # 1x1, batch 3
+    (1, 4, 12, 12, 16, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 4),  # dilation 2
+]
+
+
+def grouped_case(case, seed=3, relu=True):
+    n, c, h, w, k, r, s, stride, pad, dil, v = case
+    rng = np.random.default_rng(seed)
+    weight = vector_weight((k, c, r, s), v, 0.8, rng)
+    bias = rng.standard_normal(k).astype(np.float32)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, bias, relu,
+                     {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
+    return spec, x, torch_conv(x, weight, bias, stride, pad, dil, relu=relu), v
+
+
+def case_id(c):
+    return "x".join(map(str, c[:7])) + f"-s{c[7][0]}-V{c[10]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_grouped_conv_llvm_matches_torch(case, llvm):
+    spec, x, ref, v = grouped_case(case)
+    y, report = run_layer(spec, llvm, threshold=0.5, x=x)
+    assert report[0].decision == "sparse" and report[0].format == f"vell{v}"
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_grouped_format_forced_with_a_dense_group(llvm):
+    """A fully dense group makes every group as wide (ELL's padding): auto picks hyb, forced vell is exact."""
+    rng = np.random.default_rng(6)
+    weight = vector_weight((16, 8, 3, 3), 4, 0.9, rng, empty_groups=1, dense_groups=1)
+    x = rng.standard_normal((1, 8, 7, 9)).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, None, True,
+                     {"strides": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1})
+    assert run_layer(spec, llvm, threshold=0.5, x=x)[1][0].format == "hyb"
+    y, report = run_layer(spec, llvm, threshold=0.5, fmt="vell4", x=x)
+    assert report[0].format == "vell4"
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), relu=True)) < 1e-5
+
+
+def test_grouped_format_forced_on_unstructured_rows(llvm):
+    """Fill-in (explicit zeros) where rows do not share positions: still exact."""
+    rng = np.random.default_rng(4)
+    weight = sparse_weight((16, 8, 3, 3), 0.85, rng, empty_rows=2, dense_rows=1)
+    x = rng.standard_normal((2, 8, 7, 9)).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, None, False,
+                     {"strides": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1})
+    y, report = run_layer(spec, llvm, threshold=0.5, fmt="vell4", x=x)
+    assert report[0].format == "vell4"
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1))) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_grouped_conv_cuda_on_pocl(case, pocl):  # noqa: F811
+    spec, x, ref, v = grouped_case(case)
+    report = []
+    sched = schedule_for_cuda(layer_module(spec), threshold=0.5, report=report)
+    assert report[0].format == f"vell{v}"
+    check(OpenCLModule(sched, pocl)(x), ref)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grouped_conv_cuda_space_points_on_pocl(seed, pocl):  # noqa: F811
+    spec, x, ref, _ = grouped_case(CASES[1])
+    sched, knobs = schedule_space_point(layer_module(spec), seed, threshold=0.5)
+    y = OpenCLModule(sched, pocl)(x)
+    assert not np.isnan(y).any() and rel_err(y, ref) < 1e-5, f"knobs {knobs}"
+
+
+def test_conv_weight_rows_pick_grouped_for_vector_pruned_layers():
+    from unsparse_tvm.formats import ConvGeometry
+
+    rng = np.random.default_rng(5)
+    geo = ConvGeometry(1, 8, 10, 10, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    assert conv_weight_rows(vector_weight((32, 8, 3, 3), 4, 0.9, rng), geo).fmt == "vell4"
+    assert conv_weight_rows(sparse_weight((32, 8, 3, 3), 0.9, rng), geo).fmt in ("ell", "hyb")
