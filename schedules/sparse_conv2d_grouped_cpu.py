@@ -23,7 +23,8 @@ OP = "sparse_conv2d_grouped"
 class Config:
     tile_g: int = 0   # groups per parallel task; 0 = ~16 rows' worth (as the ungrouped rule's tile_k)
     vec: int = 0      # lanes of the output axis; 0 = one vector register of the target (16 AVX-512, 8 AVX2)
-    unroll: int = 0   # vectors per group and offset; 0 = what leaves half the registers to accumulators
+    unroll: int = 0   # vectors per group and offset; 0 = the most that keeps V x unroll accumulators within
+                      # 3/4 of the vector registers (the rest: the input vectors and the broadcast weight)
 
 
 def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
@@ -34,7 +35,7 @@ def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> 
     sch = s_tir.Schedule(func)
     _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     vec = pow2_divisor(q, cfg.vec or lanes)  # the flat domain is a multiple of 8
-    unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers // 2 // v))
+    unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers * 3 // 4 // v))
     tile_g = largest_divisor(groups, cfg.tile_g or max(1, 16 // v))
     _schedule(sch, func, tile_g, vec, unroll)
     return sch
