@@ -69,9 +69,10 @@ class _Sparsifier(ChainRewriter):
         args = [self.visit_expr(call.args[0]), *rows_consts(rows)]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))
+        kind = "sparse_dense_grouped" if rows.group > 1 else "sparse_dense"  # grouped rows: their own rules
         new = self.builder_.call_te(te_ops.sparse_dense, *args, fmt=rows.fmt, has_bias=ep.bias is not None,
-                                    relu=ep.relu, primfunc_name_hint="sparse_dense")
-        mark(self.builder_, new, {"op": "sparse_dense", "unsparse.fmt": rows.fmt})
+                                    relu=ep.relu, primfunc_name_hint=kind)
+        mark(self.builder_, new, {"op": kind, "unsparse.fmt": rows.fmt})
         decision.decision, decision.format = "sparse", rows.fmt
         decision.padded, decision.fused = rows.padded_size, fused_label(ep)
         return new

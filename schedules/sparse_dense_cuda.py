@@ -11,6 +11,7 @@ from tvm.target import Target
 from ._common import bind_elementwise_cuda, extents, has_block, largest_divisor, op_of
 
 OP = "sparse_dense"
+OPS = (OP, "sparse_dense_grouped")  # grouped rows (vellV): a warp per group, each lane summing V rows
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Config:
 
 
 def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "cuda":
+    if op_of(func) not in OPS or target.kind.name != "cuda":
         return None
     cfg = config or Config.for_target(target)
     sch = s_tir.Schedule(func)
@@ -41,12 +42,14 @@ def space(sch: s_tir.Schedule) -> None:
 
 def _rows(sch, name, lanes, rows_per_block, clamp):
     block = sch.get_sblock(name)
-    n, o, j = sch.get_loops(block)
+    loops = sch.get_loops(block)
+    n, o, j = loops[0], loops[1], loops[-1]  # o: rows, or groups of V rows
+    v = loops[2:-1]                          # grouped: the V rows, one reduction each, in every lane
     if clamp:
         rows_per_block = largest_divisor(extents(sch, [o])[0], rows_per_block)
     oo, oi = sch.split(o, [None, rows_per_block])
     jo, ji = sch.split(j, [None, lanes])
-    sch.reorder(n, oo, oi, ji, jo)
+    sch.reorder(n, oo, oi, *v, ji, jo)
     sch.bind(sch.fuse(n, oo), "blockIdx.x")
     sch.bind(oi, "threadIdx.y")
     sch.bind(ji, "threadIdx.x")   # reduction over threads: lowered to a warp shuffle all-reduce

@@ -8,6 +8,7 @@ from conftest import rel_err, run_layer, sparse_weight, torch_conv
 from test_pocl import check, pocl  # noqa: F401  (the module-scoped PoCL fixture)
 from unsparse_tvm.bench import LayerSpec, layer_module
 from unsparse_tvm.formats import choose_group, conv_weight_rows, to_sparse_rows
+from unsparse_tvm.testing.cuda_limits import module_cuda_limits
 from unsparse_tvm.testing.opencl import OpenCLModule, schedule_for_cuda, schedule_space_point
 
 
@@ -125,3 +126,20 @@ def test_conv_weight_rows_pick_grouped_for_vector_pruned_layers():
     geo = ConvGeometry(1, 8, 10, 10, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     assert conv_weight_rows(vector_weight((32, 8, 3, 3), 4, 0.9, rng), geo).fmt == "vell4"
     assert conv_weight_rows(sparse_weight((32, 8, 3, 3), 0.9, rng), geo).fmt in ("ell", "hyb")
+
+
+@pytest.mark.parametrize("batch,fin,fout,v", [(1, 200, 96, 8), (4, 64, 40, 4), (3, 37, 16, 2)])
+def test_grouped_linear_llvm_and_pocl_match_torch(batch, fin, fout, v, llvm, cuda, pocl):  # noqa: F811
+    rng = np.random.default_rng(batch)
+    weight = vector_weight((fout, fin), v, 0.85, rng)
+    bias = rng.standard_normal(fout).astype(np.float32)
+    x = rng.standard_normal((batch, fin)).astype(np.float32)
+    spec = LayerSpec("dense", x.shape, weight, bias, True, {})
+    ref = np.maximum(x.astype(np.float64) @ weight.T + bias, 0).astype(np.float32)
+    y, report = run_layer(spec, llvm, threshold=0.5, x=x)
+    assert report[0].format == f"vell{v}"
+    assert rel_err(y, ref) < 1e-5
+    sched = schedule_for_cuda(layer_module(spec), threshold=0.5)
+    check(OpenCLModule(sched, pocl)(x), ref)
+    for use in module_cuda_limits(sched, cuda, registers=batch == 1):  # nvcc compiles the warp reductions
+        assert not use.problems, use

@@ -273,4 +273,4 @@ def conv_weight_rows(weight: np.ndarray, geo: ConvGeometry, fmt: str | None = No
 def dense_weight_rows(weight: np.ndarray, fmt: str | None = None,
                       min_saving: float = HYB_MIN_SAVING["cuda"]) -> SparseRows:
     """Sparse rows of a [out, in] linear weight; offsets are plain column numbers."""
-    return to_sparse_rows(weight, np.arange(weight.shape[1]), fmt, min_saving, grouped=False)  # no grouped linear yet
+    return to_sparse_rows(weight, np.arange(weight.shape[1]), fmt, min_saving)

@@ -132,11 +132,18 @@ def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeo
 
 def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, fmt: str,
                  has_bias: bool, relu: bool) -> te.Tensor:
-    """y[n, o] = sum_j data[o, j] * x[n, off[o, j]] (+ bias, ReLU); x is [N, in]."""
+    """y[n, o] = sum_j data[o, j] * x[n, off[o, j]] (+ bias, ReLU); x is [N, in]. fmt "vellV": grouped
+    rows, data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V])."""
     rest = list(rest)
     ovf = [rest.pop(0) for _ in range(3)] if fmt == "hyb" else None
     bias = rest.pop(0) if has_bias else None
     batch, rows = x.shape[0], data.shape[0]
+    if fmt.startswith("vell"):  # grouped rows: mm[n, g, v] over data [G, L, V], off [G, L]
+        groups, width, v = data.shape
+        j = te.reduce_axis((0, width), name="j")
+        mm = te.compute((batch, groups, v), lambda n, g, r: te.sum(data[g, j, r] * x[n, off[g, j]], axis=j),
+                        name="conv")
+        return _epilogue(lambda n, k: mm[n, k // v, k % v], (batch, groups * v), bias, None, relu)
 
     def rows_mm(d, o, name):
         j = te.reduce_axis((0, d.shape[1]), name="j")

@@ -1,0 +1,62 @@
+"""x86 schedule for the grouped sparse dense (linear) operator (te_ops.sparse_dense with fmt "vellV").
+
+Per stored offset: one input value (broadcast) times the group's V contiguous weights (one vector load)
+into a V-lane accumulator: 3 loads for V FMAs, where ungrouped rows pay 3 loads per FMA. `inner` groups
+advance together through their offsets, so their FMA chains overlap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._common import extents, largest_divisor, op_of, sample_divisor
+
+OP = "sparse_dense_grouped"
+
+
+@dataclass
+class Config:
+    tile_groups: int = 0  # groups per parallel task; 0 = ~32 rows' worth
+    inner: int = 4        # groups interleaved per offset step: independent FMA chains (as sparse_dense's 4)
+
+
+def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
+    if op_of(func) != OP or target.kind.name != "llvm":
+        return None
+    cfg = config or Config()
+    sch = s_tir.Schedule(func)
+    _, groups, v, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    tile = largest_divisor(groups, cfg.tile_groups or max(1, 32 // v))
+    inner = largest_divisor(tile, cfg.inner)
+    _schedule(sch, tile // inner, inner)
+    return sch
+
+
+def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+    """One design space per `inner` (a structural choice); the task size drawn from exact divisors."""
+    groups = extents(sch, sch.get_loops(sch.get_sblock("conv")))[1]
+    spaces = []
+    for inner in [d for d in (1, 2, 4, 8) if groups % d == 0]:
+        s = sch.copy()
+        _schedule(s, sample_divisor(s, groups // inner, max(1, 32 // inner)), inner)
+        spaces.append(s)
+    return spaces
+
+
+def _schedule(sch: s_tir.Schedule, per_task: int, inner: int) -> None:
+    block = sch.get_sblock("conv")
+    acc = sch.cache_write(block, 0, "local")
+    n, g, v, j = sch.get_loops(block)
+    go, gg, gi = sch.split(g, [None, per_task, inner])
+    sch.reorder(n, go, gg, j, gi, v)
+    sch.parallel(sch.fuse(n, go))
+    sch.reverse_compute_at(acc, gg)
+    sch.unroll(gi)
+    sch.vectorize(v)
+    init = sch.decompose_reduction(block, j)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    n, o = sch.get_loops(sch.get_sblock("epilogue"))
+    sch.parallel(sch.fuse(n, o))
