@@ -1,7 +1,8 @@
-"""LowerDenseConv2d (llvm): the remaining dense conv2d (+ bias/residual/ReLU) -> TE dense direct conv2d.
+"""LowerDenseConv2d: the remaining dense conv2d (+ bias/residual/ReLU) -> TE dense direct conv2d.
 
-TVM's default llvm pipeline leaves a legalized conv2d as an unscheduled loop nest; this gives every
-dense conv the same flat-input formulation as the sparse kernel and a hand-written x86 schedule.
+TVM's default llvm pipeline leaves a legalized conv2d as an unscheduled loop nest, and its CUDA pipeline
+gives it dlight's fallback (one thread per output); this gives every dense conv the same flat-input
+formulation as the sparse kernel and a hand-written x86 or CUDA schedule.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class _Lowerer(ConvChainRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="LowerDenseConv2d")
 class LowerDenseConv2d:
-    """Lower dense conv2d chains to the direct-conv TE operator (for x86 schedules)."""
+    """Lower dense conv2d chains to the direct-conv TE operator (x86 and CUDA schedules)."""
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         return _Lowerer(mod).run(mod)

@@ -34,9 +34,8 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
         saving = HYB_MIN_SAVING[target.kind.name]  # when hyb beats ell depends on the target
         phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, saving),
                                     SparsifyDense(threshold, names, report, fmt, saving)]))
-    # Phase 3 (llvm): dense convs become the direct-conv operator with an x86 schedule
-    if is_cpu:
-        phases.append(("lower_dense", [LowerDenseConv2d()]))
+    # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
+    phases.append(("lower_dense", [LowerDenseConv2d()]))
     # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)
     phases.append(("legalize", [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                 relax.transform.FoldConstant(), relax.transform.FuseOps(),

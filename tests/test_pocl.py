@@ -247,3 +247,23 @@ def test_ptxas_reports_registers(cuda):
     func = [f for gv, f in sched.functions_items() if gv.name_hint != "main"][0]
     uses = check_cuda_limits(func, cuda)
     assert all(u.registers is not None and 0 < u.registers <= 255 for u in uses)
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[4], CONV_CASES[7], EXTRA_CONV_CASES[3]], ids=case_id)
+def test_dense_conv2d_cuda_on_pocl(case, pocl, cuda):
+    """Layers left dense run our direct conv's CUDA schedule (not dlight's fallback)."""
+    mod, x, ref, _ = conv_layer(case[:-1] + (0.3,))
+    sched = schedule_for_cuda(mod, threshold=0.9)
+    assert any(str(f.attrs.get("unsparse.op", "")) == "dense_conv2d" for _, f in sched.functions_items()
+               if isinstance(f, tirx.PrimFunc) and f.attrs is not None)
+    check(OpenCLModule(sched, pocl)(x), ref)
+    for use in module_cuda_limits(sched, cuda, registers=case is CONV_CASES[1]):
+        assert not use.problems, use
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dense_conv2d_cuda_space_points_on_pocl(seed, pocl):
+    mod, x, ref, _ = conv_layer(CONV_CASES[1][:-1] + (0.0,))
+    sched, knobs = schedule_space_point(mod, seed, threshold=0.9)
+    y = OpenCLModule(sched, pocl)(x)
+    assert not np.isnan(y).any() and rel_err(y, ref) < TOL, f"knobs {knobs}"
