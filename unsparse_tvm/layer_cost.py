@@ -1,0 +1,66 @@
+"""Per-layer choice by cost: for each conv/linear layer, the predicted time of its dense kernel and of
+its sparse kernel in the chosen format; the passes keep the layer sparse only where that is faster (so
+no layer is slower than its dense version), unless --threshold overrides.
+
+x86: time = work / rate, where work counts one FMA per stored entry (padding included) per output
+position, and the rates are per kernel family, measured per layer by `bench` on the 2-vCPU machines
+(README, Results): the dense direct conv ~55 GFMA/s, ungrouped sparse rows ~26 G/s (an input load and a
+weight broadcast per FMA), grouped rows ~2x that (one input load per V FMAs). Linear layers at batch 1 are
+memory-bound GEMVs on both sides (TVM's dense linear is the generic fallback, ~1 G/s).
+CUDA: unsparse_tvm.perf_model (the dense direct conv as a grouped kernel whose groups are its tile_k
+channels, with no fill-in).
+The rates are not calibrated per machine; `tune` measures instead of predicting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats import ConvGeometry, SparseRows
+
+# FMAs per second, all threads of the 2-vCPU machines the project measures on (see the module docstring)
+X86_RATES = {"dense_conv": 55e9, "ell": 26e9, "hyb": 26e9, "vell": 52e9, "dense_linear": 1.0e9, "sparse_linear": 1.2e9}
+
+
+@dataclass
+class LayerCost:
+    dense_us: float
+    sparse_us: float
+
+    @property
+    def sparse_wins(self) -> bool:
+        return self.sparse_us < self.dense_us
+
+
+def _family(fmt: str) -> str:
+    return "vell" if fmt.startswith("vell") else fmt
+
+
+def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCost:
+    """Predicted dense and sparse time (us) of one conv layer."""
+    positions = geo.n * geo.q_extent
+    if target_kind == "cuda":
+        from .perf_model import Knobs, predict_sparse
+
+        dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
+                               Knobs(group=8 if geo.k % 8 == 0 else 1)).seconds
+        per_row = rows.data.shape[1]  # stored entries per row or per group
+        sparse = predict_sparse(geo, np.full(rows.data.shape[0], per_row), Knobs(group=rows.group)).seconds
+        return LayerCost(dense * 1e6, sparse * 1e6)
+    dense = geo.k * geo.c * geo.r * geo.s * positions / X86_RATES["dense_conv"]
+    sparse = rows.padded_size * positions / X86_RATES[_family(rows.fmt)]
+    return LayerCost(dense * 1e6, sparse * 1e6)
+
+
+def linear_cost(batch: int, shape: tuple[int, int], rows: SparseRows, target_kind: str) -> LayerCost:
+    """Predicted dense and sparse time (us) of one linear layer ([out, in] weight)."""
+    dense = batch * shape[0] * shape[1] / X86_RATES["dense_linear"]
+    sparse = batch * rows.padded_size / X86_RATES["sparse_linear"] * (0.5 if rows.group > 1 else 1.0)
+    if target_kind == "cuda":  # both memory-bound GEMVs at batch 1: bytes at DRAM speed, plus a launch
+        from .perf_model import H200
+
+        dense = 4 * shape[0] * shape[1] / H200.dram_bytes_s + H200.launch_s
+        sparse = (4 + 4 / rows.group) * rows.padded_size / H200.dram_bytes_s + 2 * H200.launch_s
+    return LayerCost(dense * 1e6, sparse * 1e6)
