@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import UnsparseError
+from .outputs import check_output, writing
 from .runtime import write_metadata
 
 
@@ -15,6 +16,7 @@ class Compiled:
     executable: object                 # tvm.relax.Executable
     target: object                     # tvm.target.Target
     input_shape: tuple[int, ...]
+    outputs: list = field(default_factory=list)  # {"name", "shape", "dtype"} of every output, in order
     report: list = field(default_factory=list)   # LayerDecision per conv/linear layer
     seconds: float = 0.0
 
@@ -23,8 +25,10 @@ def import_program(ep):
     """ExportedProgram -> (Relax IRModule with weights as constants, LayerNames for reporting)."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    from .models import check_dtypes
     from .relay_passes._util import LayerNames
 
+    check_dtypes(ep)  # before TVM's importer, whose message for other dtypes is an IR dump
     try:
         mod = from_exported_program(ep)
     except Exception as err:  # the importer raises assorted errors; the first line names the op
@@ -39,7 +43,7 @@ def compile_program(ep, target, *, threshold: float = 0.7, sparse: bool = True, 
     """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass"."""
     import tvm
 
-    from .models import program_input_shape
+    from .models import program_input_shape, program_outputs
     from .relay_passes import build_pipeline
 
     mod, names = import_program(ep)
@@ -48,40 +52,37 @@ def compile_program(ep, target, *, threshold: float = 0.7, sparse: bool = True, 
                               fmt=fmt, configs=configs, database=database)
     start = time.perf_counter()
     executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
-    return Compiled(executable, target, program_input_shape(ep), report, time.perf_counter() - start)
+    return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
+                    time.perf_counter() - start)
+
+
+def format_report(report: list, threshold: float) -> str:
+    """The per-layer table: whole names (the column is as wide as the longest), whole reasons."""
+    name_w = max([len("layer")] + [len(r.name) for r in report])
+    dec_w = max([len("decision")] + [len(r.decision) for r in report])
+    lines = [f"{'layer':{name_w}s} {'op':7s} {'weight shape':20s} {'sparsity':>8s} {'decision':{dec_w}s} {'format':6s} "
+             f"{'nnz':>9s} {'padded':>9s} fused"]
+    for r in report:
+        lines.append(f"{r.name:{name_w}s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.decision:{dec_w}s} "
+                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {r.fused}".rstrip())
+    if not any(r.decision == "sparse" for r in report):
+        lines.append(f"note: no layer reaches the sparsity threshold {threshold}; the model was compiled dense")
+    return "\n".join(lines)
 
 
 def print_report(report: list, threshold: float) -> None:
-    sparse = [r for r in report if r.decision == "sparse"]
-    print(f"{'layer':28s} {'op':7s} {'weight shape':20s} {'sparsity':>8s} {'decision':26s} {'format':6s} "
-          f"{'nnz':>9s} {'padded':>9s} fused")
-    for r in report:
-        print(f"{r.name[:28]:28s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.decision[:26]:26s} "
-              f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {r.fused}")
-    if not sparse:
-        print(f"note: no layer reaches the sparsity threshold {threshold}; the model was compiled dense")
+    print(format_report(report, threshold))
 
 
 def export(compiled: Compiled, path: str, *, model: str, threshold: float, overwrite: bool = False) -> dict:
-    """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata."""
+    """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
+    temp file that is removed on any exit (unsparse_tvm.outputs)."""
     import tvm
 
-    if not path.endswith(".so"):
-        raise UnsparseError(f"output {path} must end in .so")
-    if os.path.exists(path) and not overwrite:
-        raise UnsparseError(f"{path} exists; pass --force to overwrite it")
-    out_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise UnsparseError(f"cannot write {path}: directory {out_dir} is missing or not writable")
+    check_output(path, overwrite=overwrite, suffixes=(".so",))
     target = compiled.target
     kind = target.kind.name
     arch = str(target.attrs["arch"]) if kind == "cuda" else None
-    if kind == "cuda":
-        from .cuda_package import embed_device_code
-
-        embed_device_code(compiled.executable, arch)
-    tmp = f"{path}.tmp{os.getpid()}.so"
-    compiled.executable.export_library(tmp)
     host = target.host if kind == "cuda" else target
     meta = {
         "format": 1,
@@ -91,27 +92,33 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float, overw
         "mcpu": str(host.attrs["mcpu"]) if host is not None and "mcpu" in host.attrs else None,
         "device_code": "fatbin" if kind == "cuda" else "none (host code only)",
         "inputs": [{"name": "x", "shape": list(compiled.input_shape), "dtype": "float32"}],
+        "outputs": compiled.outputs,
         "threshold": threshold,
         "sparse_layers": sum(1 for r in compiled.report if r.decision == "sparse"),
         "layers": [r.as_dict() for r in compiled.report],
         "tvm_version": tvm.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_metadata(tmp, meta)
-    os.replace(tmp, path)  # the user's file is only replaced once the new one is complete
+    with writing(path, overwrite=overwrite) as tmp:
+        if kind == "cuda":
+            from .cuda_package import embed_device_code
+
+            embed_device_code(compiled.executable, arch)
+        workspace = os.path.join(os.path.dirname(tmp), "tvm")
+        os.makedirs(workspace)
+        compiled.executable.export_library(tmp, workspace_dir=workspace)
+        write_metadata(tmp, meta)
     return meta
 
 
 def compile_file(model: str, target_name: str, arch: str | None, threshold: float, output: str, *,
-                 batch: int = 1, overwrite: bool = False, tuning_log: str | None = None) -> dict:
+                 batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None) -> dict:
     """`unsparse-tvm compile`: model name or .pt2 -> .so, with the per-layer decisions printed."""
-    from .models import load_program
+    from .models import check_batch, load_program
     from .target import make_target
 
-    if not output.endswith(".so"):
-        raise UnsparseError(f"output {output} must end in .so")
-    if os.path.exists(output) and not overwrite:
-        raise UnsparseError(f"{output} exists; pass --force to overwrite it")
+    check_batch(batch)
+    check_output(output, overwrite=overwrite, suffixes=(".so",), inputs=(model,))
     target = make_target(target_name, arch)
     database = None
     if tuning_log is not None:
@@ -124,6 +131,6 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log
     meta = export(compiled, output, model=model, threshold=threshold, overwrite=overwrite)
-    print(f"wrote {output} ({target_name}{' ' + arch if meta['arch'] else ''}, "
+    print(f"wrote {output} ({target_name}{' ' + meta['arch'] if meta['arch'] else ''}, "
           f"{meta['sparse_layers']} sparse layers, compiled in {compiled.seconds:.1f} s)")
     return meta
