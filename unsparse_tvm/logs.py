@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,23 @@ class Workload:
 
         return TVMWorkload.from_json([self.shash, self.mod_json]).mod
 
+    def args_info(self):
+        """The workload's arguments as a record stores them (kind, dtype, shape each); None if unparsable."""
+        if not hasattr(self, "_args_info"):
+            try:
+                from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+                self._args_info = plain([a.as_json() for a in ArgInfo.from_prim_func(self.module()["main"])])
+            except Exception:  # an unparsable module
+                self._args_info = None
+        return self._args_info
+
+    def fits(self, record: "Record") -> bool:
+        """Does the record's argument list (dtypes and shapes) match this workload's? A record put under
+        the wrong workload (a hand-edited or mismatched log) does not, and is never applied or merged."""
+        expected = self.args_info()
+        return expected is not None and plain(record.args_info) == expected
+
 
 @dataclass
 class LogContents:
@@ -129,12 +147,14 @@ class LogContents:
     workloads: list[Workload | None] = field(default_factory=list)   # None: a corrupt line (index kept)
     records: list[Record] = field(default_factory=list)
     corrupt: int = 0        # unreadable lines, and records pointing at a missing/corrupt workload
+    misfit: int = 0         # records whose arguments do not match their workload's (dropped by check_fit)
 
-    def by_workload(self) -> dict[int, list[Record]]:
-        out: dict[int, list[Record]] = {}
-        for r in self.records:
-            out.setdefault(r.workload, []).append(r)
-        return out
+    def check_fit(self) -> "LogContents":
+        """Drop (and count) the records that do not fit the workload they point at."""
+        kept = [r for r in self.records if self.workloads[r.workload].fits(r)]
+        self.misfit += len(self.records) - len(kept)
+        self.records = kept
+        return self
 
 
 def _parse_workload(line: str) -> Workload | None:
@@ -278,11 +298,16 @@ def summarize(log: LogContents) -> list[Summary]:
     return rows
 
 
+def _misfit_note(n: int) -> str:
+    return (f", {n} record{'s' if n > 1 else ''} skipped that do not fit their workload (argument shapes differ)"
+            if n else "")
+
+
 def show(path: str) -> str:
-    log = read_nonempty_log(path)
+    log = read_nonempty_log(path).check_fit()
     rows = summarize(log)
     out = [f"{path}: {len(log.records)} records, {len(rows)} workload/target pairs"
-           + (f", {log.corrupt} unreadable lines skipped" if log.corrupt else "")]
+           + (f", {log.corrupt} unreadable lines skipped" if log.corrupt else "") + _misfit_note(log.misfit)]
     out.append(f"{'#':>3s} {'op':14s} {'best ms':>9s} {'trials':>6s} {'failed':>6s} {'target':24s} argument shapes")
     for s in rows:
         best = f"{s.best_ms:9.4f}" if math.isfinite(s.best_ms) else f"{'-':>9s}"
@@ -295,7 +320,11 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
     """Keep the best record per (workload, target) of all inputs; write them to `output`."""
     if not inputs:
         raise UnsparseError("logs merge needs at least one input log directory")
-    logs = [read_nonempty_log(p) for p in inputs]
+    for p in inputs:
+        if os.path.exists(p) and os.path.exists(output) and os.path.samefile(p, output):
+            raise UnsparseError(f"output {output} is one of the inputs; merge into another directory "
+                                "(inputs are never modified)")
+    logs = [read_nonempty_log(p).check_fit() for p in inputs]
     if os.path.isdir(output) and any(os.path.exists(os.path.join(output, f)) and os.path.getsize(os.path.join(output, f))
                                      for f in (WORKLOAD_FILE, RECORD_FILE)) and not overwrite:
         raise UnsparseError(f"{output} already holds tuning records; pass --force to overwrite it")
@@ -323,8 +352,9 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
         with open(tmp, "w") as f:
             f.write("".join(line + "\n" for line in lines))
         os.replace(tmp, os.path.join(output, name))
-    return {"inputs": len(inputs), "records_in": sum(len(l.records) for l in logs), "records_out": len(rec_lines),
-            "workloads": len(used), "corrupt": corrupt}
+    return {"inputs": len(inputs), "records_in": sum(len(l.records) + l.misfit for l in logs),
+            "records_out": len(rec_lines), "workloads": len(used), "corrupt": corrupt,
+            "misfit": sum(l.misfit for l in logs)}
 
 
 def logs_command(args) -> int:
@@ -336,4 +366,7 @@ def logs_command(args) -> int:
     print(f"merged {res['records_in']} records from {res['inputs']} log{'s' if res['inputs'] > 1 else ''} into "
           f"{args.output}: the best of each workload and target, {res['records_out']} records"
           + (f" ({res['corrupt']} unreadable lines skipped)" if res["corrupt"] else ""))
+    if res["misfit"]:
+        print(f"warning: {res['misfit']} record{'s' if res['misfit'] > 1 else ''} skipped: their argument shapes do not "
+              "fit the workload they point at (a mismatched log)", file=sys.stderr)
     return 0

@@ -958,7 +958,7 @@ def open_database(path: str, target=None, *, quiet: bool = False):
     target=None: the current target scope (`with target:`), else every record (no filtering)."""
     from tvm.target import Target
 
-    log = read_nonempty_log(path)
+    log = read_nonempty_log(path).check_fit()  # a record under the wrong workload is never applied
     target = target if target is not None else Target.current(allow_none=True)
     ident = target_identity(target) if target is not None else None
     db = _tuning_database_class()(path, ident)
@@ -984,7 +984,7 @@ def open_database(path: str, target=None, *, quiet: bool = False):
                 continue
             db.commit_tuning_record(rec)
             break
-    corrupt = log.corrupt + broken
+    corrupt = log.corrupt + broken + log.misfit
     if (corrupt or other) and not quiet:
         print(_skip_warning(path, corrupt, other, ident or ("?",)), file=sys.stderr)
     db.stats = {}
@@ -1044,8 +1044,6 @@ def write_record(log_dir: str, workload_mod, trace, run_secs: list[float], targe
 # ---- the `tune` command --------------------------------------------------------------------------
 def tune_command(args) -> int:
     """`unsparse-tvm tune`: extract, search, append records; Ctrl-C or kill keeps every finished batch."""
-    import signal
-
     from .target import make_target
 
     if args.rpc_tracker and not args.rpc_key:
@@ -1056,7 +1054,18 @@ def tune_command(args) -> int:
         raise UnsparseError(f"--trials must be at least 1, got {args.trials}")
     target = make_target(args.target, args.arch)
     rpc = (*parse_tracker(args.rpc_tracker), args.rpc_key) if args.rpc_tracker else None
+    created = not os.path.exists(args.log_dir)
     check_writable_dir(args.log_dir)
+    try:
+        return _tune_in(args, target, rpc)
+    finally:  # a tune that failed before writing anything leaves no empty log directory behind
+        if created and os.path.isdir(args.log_dir) and not os.listdir(args.log_dir):
+            os.rmdir(args.log_dir)
+
+
+def _tune_in(args, target, rpc) -> int:
+    import signal
+
     if rpc is not None:
         check_tracker(*rpc)  # before the model is loaded
 
