@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UnsparseError
+from .outputs import check_output, write_text
 
 
 @dataclass
@@ -169,7 +170,7 @@ def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None)
 
 
 def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
-          threshold: float = 0.7, batch: int = 1, repeat: int = 20, layers: bool = True,
+          threshold: float = 0.7, batch: int | None = None, repeat: int = 20, layers: bool = True,
           tuning_log: str | None = None, seed: int = 0) -> dict:
     import torch
     import tvm
@@ -325,14 +326,11 @@ def print_result(r: dict) -> None:
 
 
 def bench_command(args) -> None:
-    if args.batch < 1:
-        raise UnsparseError(f"--batch must be at least 1, got {args.batch}")
-    if args.json and os.path.exists(args.json) and not getattr(args, "force", False):
-        raise UnsparseError(f"{args.json} exists; pass --force to overwrite it")
+    if args.json:
+        check_output(args.json, overwrite=getattr(args, "force", False), what="--json file")
     r = bench(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
               batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log)
     print_result(r)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+        write_text(args.json, json.dumps(r, indent=2))
         print(f"wrote {args.json}")

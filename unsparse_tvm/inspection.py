@@ -176,12 +176,14 @@ def format_report(report: dict) -> str:
     if report.get("accuracy_before") is not None:
         out.append(f"  accuracy on {report['dataset']} test set: {report['accuracy_before']:.2f}% before, "
                    f"{report['accuracy_after']:.2f}% after ({report['accuracy_after'] - report['accuracy_before']:+.2f} points)")
+        if report.get("untrained_hint"):
+            out.append(f"  note: {report['untrained_hint']}")
     return "\n".join(out)
 
 
 def describe_program(path: str) -> str:
     """Per-layer shape, sparsity, pattern and quantisation of a .pt2 written by torch.export.save."""
-    from .models import load_pt2, program_input_shape
+    from .models import dynamic_dims, load_pt2, program_input_shape
     from .prune import prunable_parameters
     from .quantize import read_quantization
     from .train import read_model_meta
@@ -192,10 +194,11 @@ def describe_program(path: str) -> str:
     quant = read_quantization(path)
     meta = read_model_meta(path)
     try:
-        shape = list(program_input_shape(ep))
+        shape, dyn = list(program_input_shape(ep)), dynamic_dims(ep)
     except UnsparseError:
-        shape = "?"
-    head = [f"{path}: torch.export program, input {shape}"]
+        shape, dyn = "?", []
+    head = [f"{path}: torch.export program, input {shape}"
+            + (f" (dynamic axes {', '.join(map(str, dyn))}: example sizes shown; compile specialises them)" if dyn else "")]
     if meta.get("model"):
         trained = (f"trained on {meta['dataset']}, test accuracy {meta['accuracy']:.2f}%" if meta.get("accuracy") is not None
                    else "trained" if meta.get("trained") else "random weights")

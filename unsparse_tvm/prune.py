@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
 from .errors import UnsparseError, check_fraction
-from .models import BUILTIN_MODELS, build_model, export, load_pt2, program_input_shape
+from .outputs import check_output, write_text
+from .models import BUILTIN_MODELS, build_model, check_batch, export, load_program, program_input_shape
 
 # aten ops whose second argument is a weight worth pruning
 _WEIGHT_OPS = {"aten.conv2d.default", "aten.convolution.default", "aten.linear.default"}
@@ -72,13 +73,14 @@ def magnitude_prune(module: nn.Module, sparsity: float, ep: torch.export.Exporte
     return module
 
 
-def prune_to_program(model: str, sparsity: float, batch: int = 1) -> torch.export.ExportedProgram:
+def prune_to_program(model: str, sparsity: float, batch: int | None = None) -> torch.export.ExportedProgram:
     """Prune a built-in model or a .pt2 file and return the exported program."""
     check_fraction("sparsity", sparsity, upper_inclusive=False)
+    check_batch(batch)
     if model in BUILTIN_MODELS:
         net = magnitude_prune(build_model(model), sparsity)
-        return export(net, (batch, *BUILTIN_MODELS[model].input_shape))
-    ep = load_pt2(model)
+        return export(net, (batch or 1, *BUILTIN_MODELS[model].input_shape))
+    ep = load_program(model, batch=batch)
     gm = ep.module()
     magnitude_prune(gm, sparsity, ep)
     shape = program_input_shape(ep)
@@ -478,19 +480,13 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
 
 # ---- the `prune` command -------------------------------------------------------------------------
 def check_report_path(path: str | None, overwrite: bool) -> None:
-    if path is None:
-        return
-    if not path.endswith(".json"):
-        raise UnsparseError(f"report {path} must end in .json")
-    if os.path.exists(path) and not overwrite:
-        raise UnsparseError(f"{path} exists; pass --force to overwrite it")
+    if path is not None:
+        check_output(path, overwrite=overwrite, suffixes=(".json",), what="report")
 
 
 def write_report(report: dict, path: str | None) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None = None,
@@ -499,11 +495,11 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
     """Load, (evaluate,) prune, (evaluate,) export to `output`; returns the report (also written to `report`)."""
     from .data import load_dataset
     from .inspection import weight_report
-    from .train import check_output, compute_threads, evaluated_around, load_model, save_model
+    from .train import compute_threads, evaluated_around, load_model, save_model, untrained_hint
 
     start = time.perf_counter()
     cfg.validate()
-    check_output(output, overwrite, inputs=(model, weights))
+    check_output(output, overwrite=overwrite, suffixes=(".pt2",), inputs=(model, weights))
     check_report_path(report, overwrite)
     if (cfg.epochs or cfg.sensitivity) and not dataset:
         raise UnsparseError("--epochs and --sensitivity need a data set (--dataset digits or cifar10:PATH)")
@@ -522,7 +518,7 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
         result = {
             "command": "prune", "model": model, "output": output, "config": asdict(cfg),
             "dataset": data.name if data else None,
-            "accuracy_before": acc_before, "accuracy_after": acc_after,
+            "accuracy_before": acc_before, "accuracy_after": acc_after, "untrained_hint": untrained_hint(loaded, data),
             **weight_report(loaded.module, loaded.ep, None, targets=info["targets"]),
             "sensitivity": info["sensitivity"],
             "seconds": round(time.perf_counter() - start, 2),

@@ -214,7 +214,7 @@ def quantize_command(model: str, scheme: str, output: str, dataset: str | None =
     from .data import load_dataset
     from .inspection import weight_report
     from .prune import check_report_path, write_report
-    from .train import check_output, compute_threads, evaluated_around, load_model, save_model
+    from .train import check_output, compute_threads, evaluated_around, load_model, save_model, untrained_hint
 
     start = time.perf_counter()
     parse_scheme(scheme)
@@ -236,7 +236,7 @@ def quantize_command(model: str, scheme: str, output: str, dataset: str | None =
         result = {
             "command": "quantize", "model": model, "output": output, "scheme": scheme, "epochs": epochs,
             "dataset": data.name if data else None,
-            "accuracy_before": acc_before, "accuracy_after": acc_after,
+            "accuracy_before": acc_before, "accuracy_after": acc_after, "untrained_hint": untrained_hint(loaded, data),
             **weight_report(loaded.module, loaded.ep, quant),
             "seconds": round(time.perf_counter() - start, 2),
         }

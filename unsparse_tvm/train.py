@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import Dataset
+from . import outputs
 from .errors import UnsparseError
 from .models import BUILTIN_MODELS, build_model, export, load_pt2, program_input_shape
 
@@ -141,17 +142,8 @@ def eval_mode(module: nn.Module) -> nn.Module:
 
 
 def check_output(path: str, overwrite: bool, inputs: tuple[str | None, ...] = (), suffix: str = ".pt2") -> None:
-    """Refuse a bad output path before any work: wrong suffix, existing without --force, or an input file."""
-    if not path.endswith(suffix):
-        raise UnsparseError(f"output {path} must end in {suffix}")
-    for src in inputs:
-        if src and os.path.exists(src) and os.path.exists(path) and os.path.samefile(src, path):
-            raise UnsparseError(f"output {path} is the input; write to another file (inputs are never modified)")
-    if os.path.exists(path) and not overwrite:
-        raise UnsparseError(f"{path} exists; pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UnsparseError(f"folder {parent} of output {path} does not exist")
+    """Refuse a bad output path before any work (unsparse_tvm.outputs.check_output)."""
+    outputs.check_output(path, overwrite=overwrite, suffixes=(suffix,), inputs=inputs)
 
 
 def export_model(loaded: LoadedModel) -> torch.export.ExportedProgram:
@@ -172,15 +164,8 @@ def save_model(loaded: LoadedModel, path: str, overwrite: bool = False, quant: d
     extra = {MODEL_META: json.dumps(loaded.meta)} if loaded.builtin else {}
     if quant is not None:
         extra[QUANT_FILE] = json.dumps(quant)
-    tmp = path + ".tmp.pt2"  # write then rename: an interrupted run never leaves half a file at `path`
-    try:
+    with outputs.writing(path, overwrite=overwrite) as tmp:  # an interrupted run never leaves half a file
         save_program(ep, tmp, overwrite=True, extra_files=extra)
-        if os.path.exists(path) and not overwrite:
-            raise UnsparseError(f"{path} exists; pass --force to overwrite it")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return ep
 
 
@@ -261,14 +246,25 @@ def evaluate_loaded(loaded: LoadedModel, data: Dataset) -> float:
     return evaluate(loaded.module, data, fixed_batch=None if loaded.trainable else loaded.input_shape[0])
 
 
+def untrained_hint(loaded: LoadedModel, data: Dataset | None) -> str | None:
+    """Why the accuracy is at chance level, and what to run instead, for a model with random weights."""
+    if data is None or loaded.trained:
+        return None
+    name = loaded.builtin or loaded.source
+    return (f"{loaded.source} is untrained (seeded random weights), so its accuracy is chance level; train it "
+            f"first: unsparse-tvm train {name} --dataset {data.name} --epochs 40 -o dense.pt2, then prune/quantize "
+            "dense.pt2 (or pass --weights)")
+
+
 def evaluated_around(loaded: LoadedModel, data: Dataset | None, model: str, transform, log=print):
     """(transform(), accuracy before, accuracy after): the accuracies are None without a data set.
     Shared by `prune` and `quantize`; call it inside `compute_threads`."""
     acc_before = acc_after = None
     if data is not None:
         check_compatible(loaded, data)
-        if not loaded.trained:
-            log(f"note: {model} has random weights (train it first: unsparse-tvm train, or pass --weights)")
+        hint = untrained_hint(loaded, data)
+        if hint:
+            log(f"note: {hint}")
         acc_before = evaluate_loaded(loaded, data)
     result = transform()
     if data is not None:
