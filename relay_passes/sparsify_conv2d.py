@@ -15,7 +15,7 @@ from tvm.ir import IRModule
 from unsparse_tvm import te_ops
 from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
 
-from ._conv_match import ConvChainRewriter
+from ._conv_match import ConvChainRewriter, unsupported_reason
 from ._util import LayerDecision, LayerNames, fused_label, mark, rows_consts
 
 
@@ -33,8 +33,9 @@ class _Sparsifier(ConvChainRewriter):
         decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "dense",
                                  nnz=int((weight != 0).sum()), input_shape=[geo.n, geo.c, geo.h, geo.w] if geo else [])
         self.report.append(decision)
-        if geo is None or int(conv.attrs.groups) != 1:
-            decision.decision = "dense (grouped or unsupported layout/dtype)"
+        reason = unsupported_reason(conv, weight)
+        if reason is not None or geo is None:
+            decision.decision = reason or "dense (unsupported conv2d)"
             return None
         if sparsity < self.threshold:
             decision.decision = "dense (below threshold)"

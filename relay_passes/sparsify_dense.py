@@ -60,7 +60,7 @@ class _Sparsifier(ChainRewriter):
                                  input_shape=list(shape_of(call.args[0])))
         self.report.append(decision)
         if weight.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
-            decision.decision = "dense (not float32)"
+            decision.decision = f"dense (dtype {weight.dtype}, not float32)" if weight.dtype != np.float32 else "dense (input not float32)"
             return None
         if sparsity < self.threshold:
             decision.decision = "dense (below threshold)"
