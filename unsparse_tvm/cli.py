@@ -9,22 +9,45 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import UnsparseError, check_fraction
 
 MODEL_HELP = "a built-in model (smallcnn, vgg16-cifar, vgg16, resnet18, resnet50) or a .pt2 file"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`unsparse-tvm compile: error: ...`) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's API)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _fraction(name: str, upper_inclusive: bool = True):
+    bound = "[0, 1]" if upper_inclusive else "[0, 1)"
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got '{text}'") from None
+            raise argparse.ArgumentTypeError(f"{name} must be a number in {bound}, got '{text}'") from None
         try:
             return check_fraction(name, value, upper_inclusive=upper_inclusive)
         except UnsparseError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got '{text}'") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
 
     return parse
 
@@ -47,7 +70,7 @@ def _add_data_args(p: argparse.ArgumentParser, epochs_help: str, lr: float) -> N
 
 def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
                    help="batch size baked into the exported program (default 1, or the input .pt2's)")
     p.add_argument("-o", "--output", required=True, help="output .pt2 file")
     if report:
@@ -163,7 +186,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---- compile -------------------------------------------------------------------------------------
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="llvm", help="llvm (x86 CPU) or cuda")
-    p.add_argument("--arch", default=None, help="CUDA arch, e.g. sm_90 (default sm_90); ignored for llvm")
+    p.add_argument("--arch", default=None, help="CUDA arch for --target cuda, e.g. sm_90 (default sm_90); an error with --target llvm")
     p.add_argument("--threshold", type=_fraction("threshold"), default=0.7,
                    help="layers whose weight sparsity is at least this run as sparse kernels (default 0.7)")
 
@@ -172,7 +195,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model into one deployable .so (weights inside)")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--batch", type=int, default=1, help="batch size for built-in models")
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
+                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
     p.add_argument("-o", "--output", required=True, help="output .so file")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     p.add_argument("--tuning-log", default=None, help="directory of tuning records to apply")
@@ -230,9 +254,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time sparse-compiled vs TVM dense vs PyTorch eager, end to end and per layer")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--sparsity", type=_fraction("sparsity"), default=None,
+    p.add_argument("--sparsity", type=_fraction("sparsity", upper_inclusive=False), default=None,
                    help="magnitude-prune to this sparsity first (default: use the weights as they are)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for built-in models")
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
+                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (median reported)")
@@ -257,7 +282,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                     "same command again resumes (records already in DIR count toward --trials).")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--sparsity", type=_fraction("sparsity"), default=None,
+    p.add_argument("--sparsity", type=_fraction("sparsity", upper_inclusive=False), default=None,
                    help="magnitude-prune to this sparsity first (default: use the weights as they are)")
     p.add_argument("--trials", type=int, required=True,
                    help="measurements in total over all workloads (one per workload for the default knobs first)")
@@ -266,7 +291,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                    help="measure on the devices registered with this TVM RPC tracker instead of locally")
     p.add_argument("--rpc-key", default=None, help="the key the RPC servers registered with")
-    p.add_argument("--batch", type=int, default=1, help="batch size for built-in models")
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
+                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
     p.add_argument("--seed", type=int, default=1, help="search seed (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -308,7 +334,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unsparse-tvm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="unsparse-tvm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
@@ -316,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's and TVM's deprecation notices are for their API users, not ours: stderr stays for our errors
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
