@@ -36,7 +36,7 @@ def check_output(path: str, *, overwrite: bool, suffixes: tuple[str, ...] = (), 
         raise UnsparseError(f"{what} {path} is a directory: name a file")
     for src in inputs:
         if src and os.path.exists(src) and os.path.exists(path) and os.path.samefile(src, path):
-            raise UnsparseError(f"{what} {path} is one of the inputs; write to another file (inputs are never modified)")
+            raise UnsparseError(f"{what} {path} is the input; write to another file (inputs are never modified)")
     if os.path.exists(path) and not overwrite:
         raise UnsparseError(f"{path} exists; pass --force to overwrite it")
     check_folder(os.path.dirname(os.path.abspath(path)), path, what)
