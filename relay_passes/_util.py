@@ -1,9 +1,8 @@
-"""Shared pieces of the rewrite passes: constants, use counts, epilogue chains, layer names, decisions."""
+"""Shared pieces of the rewrite passes: constants, use counts, epilogue chains, marking our kernels."""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from tvm import relax, tirx
@@ -153,53 +152,6 @@ def users_of(func: relax.Function) -> dict[relax.Var, relax.Var]:
                     users[expr] = _b.var
             relax.analysis.post_order_visit(b.value, visit)
     return users
-
-
-def fingerprint(arr: np.ndarray) -> str:
-    arr = np.ascontiguousarray(arr)
-    h = hashlib.blake2b(arr.tobytes(), digest_size=16)
-    return f"{arr.shape}:{arr.dtype}:{h.hexdigest()}"
-
-
-class LayerNames:
-    """Maps weight arrays to the PyTorch parameter names they came from (constants carry no names)."""
-
-    def __init__(self, named: dict[str, np.ndarray] | None = None):
-        self._names: dict[str, str] = {}
-        for name, arr in (named or {}).items():
-            self._names[fingerprint(arr)] = name.removesuffix(".weight")
-        self._count = 0
-
-    def alias(self, new: np.ndarray, old: np.ndarray) -> None:
-        name = self._names.get(fingerprint(old))
-        if name is not None:
-            self._names[fingerprint(new)] = name
-
-    def name_of(self, arr: np.ndarray, kind: str) -> str:
-        name = self._names.get(fingerprint(arr))
-        if name is None:
-            self._count += 1
-            name = f"{kind}{self._count}"
-        return name
-
-
-@dataclass
-class LayerDecision:
-    """What a rewrite pass did with one layer; `compile` and `bench` print these."""
-
-    name: str
-    op: str                      # conv2d or dense
-    shape: list[int]             # weight shape
-    sparsity: float
-    decision: str                # sparse, dense, or why it was left alone
-    format: str = "-"            # ell / hyb for sparse layers
-    nnz: int = 0
-    padded: int = 0              # stored entries including padding
-    input_shape: list[int] = field(default_factory=list)
-    fused: str = ""              # epilogue fused into the kernel, e.g. "bias+relu"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def fused_label(ep: Epilogue) -> str:

@@ -8,7 +8,8 @@ from tvm.target import Target
 
 from unsparse_tvm.formats import HYB_MIN_SAVING
 
-from ._util import LayerNames
+from .apply_tuning_records import ApplyTuningRecords
+from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
 from .schedule_ops import ScheduleRemainingCPU, ScheduleUnsparseOps
@@ -43,9 +44,7 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
                                 relax.transform.FuseTIR()]))
     # Phase 5: schedules: tuning records first, then our hand-written rules, then the rest
     schedule = []
-    if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled (unsparse_tvm.tuning)
-        from unsparse_tvm.tuning import ApplyTuningRecords
-
+    if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled
         schedule.append(ApplyTuningRecords(database))
     schedule.append(ScheduleUnsparseOps(target, configs))
     if is_cpu:

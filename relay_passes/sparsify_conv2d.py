@@ -16,7 +16,8 @@ from unsparse_tvm import te_ops
 from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
 
 from ._conv_match import ConvChainRewriter, unsupported_reason
-from ._util import LayerDecision, LayerNames, fused_label, mark, rows_consts
+from ._util import fused_label, mark, rows_consts
+from .layers import LayerDecision, LayerNames
 
 
 @relax.expr_functor.mutator

@@ -11,8 +11,9 @@ from tvm.ir import IRModule
 from unsparse_tvm import te_ops
 from unsparse_tvm.formats import HYB_MIN_SAVING, dense_weight_rows
 
-from ._util import (ChainRewriter, LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue, rows_consts,
-                    shape_of, use_counts, users_of)
+from ._util import (ChainRewriter, const_array, fused_label, is_op, mark, match_epilogue, rows_consts, shape_of,
+                    use_counts, users_of)
+from .layers import LayerDecision, LayerNames
 
 
 def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -160,9 +159,9 @@ def test_d04_output_naming_a_directory_is_refused_even_with_force(tmp_path, caps
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_50", "sm_70", "sm_72", "sm_999"])
 def test_d05_arch_nvcc_rejects_is_refused_before_compiling(arch, tmp_path, capsys, monkeypatch):
-    import unsparse_tvm.compiler as compiler
+    import unsparse_tvm.build as build
 
-    monkeypatch.setattr(compiler, "compile_program", lambda *a, **k: pytest.fail("compiled before checking"))
+    monkeypatch.setattr(build, "compile_program", lambda *a, **k: pytest.fail("compiled before checking"))
     _one_line_error(["compile", "smallcnn", "--target", "cuda", "--arch", arch, "-o", tmp_path / "a.so"], capsys,
                     "not supported by this machine's nvcc")
 
@@ -194,7 +193,7 @@ def test_d07_bad_batch_is_one_line(cmd, batch, tmp_path, capsys):
 def _mismatch(path: str, scale: float) -> None:
     """Point every record at the next workload (what a mismatched input log looks like), `scale` x the time."""
     from test_tuning import record_lines
-    from unsparse_tvm.logs import RECORD_FILE, read_log
+    from unsparse_tvm.tuning.log import RECORD_FILE, read_log
 
     n = len(read_log(path).workloads)
     lines = []
@@ -207,7 +206,7 @@ def _mismatch(path: str, scale: float) -> None:
 
 def test_d08_merge_and_show_skip_records_that_do_not_fit_their_workload(tmp_path, capsys):
     from test_tuning import TINY_TRIALS, copy_log
-    from unsparse_tvm.logs import read_log
+    from unsparse_tvm.tuning.log import read_log
 
     good = copy_log(tmp_path, "good")
     bad = copy_log(tmp_path, "bad")
@@ -220,7 +219,7 @@ def test_d08_merge_and_show_skip_records_that_do_not_fit_their_workload(tmp_path
     assert sorted(r.seconds for r in merged.records) == pytest.approx(sorted(r.seconds for r in read_log(good).records))
     assert main(["logs", "show", bad]) == 0
     shown = capsys.readouterr().out
-    assert f"0 records" in shown.splitlines()[0] and "do not fit their workload" in shown
+    assert "0 records" in shown.splitlines()[0] and "do not fit their workload" in shown
 
 
 def test_d09_merge_into_one_of_its_inputs_is_refused(tmp_path, capsys):
@@ -257,7 +256,7 @@ def test_d11_stderr_holds_nothing_but_our_line(tmp_path):
 
 # 12, 16 ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,patch", [
-    (["compile", "smallcnn", "-o", "{d}/missing/a.so"], "unsparse_tvm.compiler.compile_program"),
+    (["compile", "smallcnn", "-o", "{d}/missing/a.so"], "unsparse_tvm.build.compile_program"),
     (["bench", "smallcnn", "--json", "{d}/missing/b.json"], "unsparse_tvm.bench.bench"),
     (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{d}/missing/p.pt2"], "unsparse_tvm.train.load_model"),
     (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{d}/p.pt2", "--report", "{d}/missing/r.json"],
@@ -305,8 +304,8 @@ def test_d15_fp16_program_is_refused_up_front(tmp_path, capsys):
 # 17 --------------------------------------------------------------------------------------------------
 def test_d17_report_shows_whole_names_and_distinct_reasons(llvm):
     from unsparse_tvm.bench import LayerSpec
-    from unsparse_tvm.compiler import format_report
-    from unsparse_tvm.relay_passes._util import LayerDecision
+    from unsparse_tvm.build import format_report
+    from unsparse_tvm.relay_passes.layers import LayerDecision
 
     names = [f"features.denseblock4.denselayer{i}.conv2" for i in (14, 15, 16)]
     table = format_report([LayerDecision(n, "conv2d", [8, 8, 3, 3], 0.9, "sparse") for n in names], 0.7)

@@ -1,4 +1,4 @@
-"""Tuning logs (unsparse_tvm.logs): target identity, `logs show`, `logs merge` (best per workload and
+"""Tuning logs (unsparse_tvm.tuning.log): target identity, `logs show`, `logs merge` (best per workload and
 target, no silent overwrite), tolerant reading."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from test_tuning import TINY_TRIALS, copy_log, record_lines, tiny_log
 from unsparse_tvm.errors import UnsparseError
-from unsparse_tvm.logs import RECORD_FILE, WORKLOAD_FILE, read_log, target_identity
+from unsparse_tvm.tuning.log import RECORD_FILE, WORKLOAD_FILE, read_log, target_identity
 
 
 def _retarget(path: str, mcpu: str, scale: float) -> None:
@@ -105,7 +105,7 @@ def test_merge_and_show_skip_corrupt_lines(tmp_path, capsys):
 
 def test_logs_errors(tmp_path, capsys):
     from unsparse_tvm.cli import main
-    from unsparse_tvm.logs import merge
+    from unsparse_tvm.tuning.log import merge
 
     (tmp_path / "empty").mkdir()
     for argv in (["logs", "show", str(tmp_path / "missing")], ["logs", "show", str(tmp_path / "empty")],

@@ -15,8 +15,8 @@ def test_builtin_model_at_90_percent_matches_torch(model, llvm):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import compile_program
-    from unsparse_tvm.models import program_input_shape
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.frontend import program_input_shape
 
     ep = pruned_program(model, 0.9)
     compiled = compile_program(ep, llvm, threshold=0.7)
@@ -38,7 +38,7 @@ def test_batch_of_eight(llvm):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import compile_program
+    from unsparse_tvm.build import compile_program
     from unsparse_tvm.prune import prune_to_program
 
     ep = prune_to_program("smallcnn", 0.9, batch=8)

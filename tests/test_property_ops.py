@@ -5,7 +5,6 @@ Kept small (a couple of dozen compiles) so that it runs in well under a minute."
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

@@ -37,7 +37,7 @@ def extract_layers(ep) -> tuple[list[LayerSpec], object]:
     import tvm
     from tvm import relax
 
-    from .compiler import import_program
+    from .frontend import import_program
     from .relay_passes import FoldBatchNormIntoConv
     from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
     from .relay_passes.sparsify_dense import _linear_weight
@@ -175,8 +175,9 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     import torch
     import tvm
 
-    from .compiler import compile_program
-    from .models import example_input, load_program, program_input_shape
+    from .build import compile_program
+    from .frontend import load_model_program, program_input_shape
+    from .models import example_input
     from .target import make_target
 
     target = make_target(target_name, arch)
@@ -186,12 +187,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         raise UnsparseError("bench --target cuda needs a CUDA GPU visible to both TVM and PyTorch")
     torch_dev = "cuda" if target_name == "cuda" else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)  # PyTorch and TVM both get every core
-    if sparsity is not None:
-        from .prune import prune_to_program
-
-        ep = prune_to_program(model, sparsity, batch=batch)
-    else:
-        ep = load_program(model, batch=batch)
+    ep = load_model_program(model, sparsity, batch=batch)
     shape = program_input_shape(ep)
     x = example_input(shape, seed)
     x_np = x.numpy()
@@ -203,7 +199,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
     contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
     if tuning_log is not None:
-        from .tuning import open_database
+        from .tuning.database import open_database
 
         database = open_database(tuning_log, target)  # only records of this target
         tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database)

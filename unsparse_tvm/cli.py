@@ -203,7 +203,7 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from .compiler import compile_file
+    from .build import compile_file
 
     compile_file(args.model, args.target, args.arch, args.threshold, args.output,
                  batch=args.batch, overwrite=args.force, tuning_log=args.tuning_log)
@@ -298,7 +298,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tuning import tune_command
+    from .tuning.command import tune_command
 
     return tune_command(args)
 
@@ -315,7 +315,7 @@ def _add_logs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from .logs import logs_command
+    from .tuning.command import logs_command
 
     return logs_command(args)
 

@@ -183,7 +183,7 @@ def format_report(report: dict) -> str:
 
 def describe_program(path: str) -> str:
     """Per-layer shape, sparsity, pattern and quantisation of a .pt2 written by torch.export.save."""
-    from .models import dynamic_dims, load_pt2, program_input_shape
+    from .frontend import dynamic_dims, load_pt2, program_input_shape
     from .prune import prunable_parameters
     from .quantize import read_quantization
     from .train import read_model_meta

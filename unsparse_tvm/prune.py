@@ -25,7 +25,8 @@ import torch.nn.utils.prune as tprune
 
 from .errors import UnsparseError, check_fraction
 from .outputs import check_output, write_text
-from .models import BUILTIN_MODELS, build_model, check_batch, export, load_program, program_input_shape
+from .frontend import check_batch, load_program, program_input_shape
+from .models import BUILTIN_MODELS, build_model, export
 
 # aten ops whose second argument is a weight worth pruning
 _WEIGHT_OPS = {"aten.conv2d.default", "aten.convolution.default", "aten.linear.default"}

@@ -192,7 +192,7 @@ def quantize_model(module: nn.Module, scheme: str, data=None, epochs: int = 0, l
 
 def read_quantization(path: str) -> dict | None:
     """The quantisation stored in a .pt2 (`unsparse_quant.json`), or None for an unquantised program."""
-    from .models import load_pt2
+    from .frontend import load_pt2
     from .train import read_extra_file
 
     if not path.endswith(".pt2"):

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from .data import Dataset
 from . import outputs
 from .errors import UnsparseError
-from .models import BUILTIN_MODELS, build_model, export, load_pt2, program_input_shape
+from .frontend import load_pt2, program_input_shape
+from .models import BUILTIN_MODELS, build_model, export
 
 MODEL_META = "unsparse_model.json"  # extra file in .pt2 archives we write: {"model": builtin name, ...}
 

@@ -17,12 +17,11 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UnsparseError
+from ..errors import UnsparseError
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -82,7 +81,6 @@ def describe_identity(ident: tuple) -> str:
 @dataclass
 class Record:
     """One tuning record line, parsed but not turned into TVM objects."""
-
     workload: int                 # line number in the workload file
     trace: Any
     run_secs: list[float] | None
@@ -253,7 +251,6 @@ def append_lines(path: str, lines: list[str]) -> None:
 @dataclass
 class Summary:
     """One (workload, target) of a log."""
-
     workload: int
     op: str
     shape: str
@@ -355,18 +352,3 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
     return {"inputs": len(inputs), "records_in": sum(len(l.records) + l.misfit for l in logs),
             "records_out": len(rec_lines), "workloads": len(used), "corrupt": corrupt,
             "misfit": sum(l.misfit for l in logs)}
-
-
-def logs_command(args) -> int:
-    """`unsparse-tvm logs show DIR` / `unsparse-tvm logs merge DIR... -o OUT [--force]`."""
-    if args.logs_command == "show":
-        print(show(args.dir))
-        return 0
-    res = merge(args.dirs, args.output, overwrite=args.force)
-    print(f"merged {res['records_in']} records from {res['inputs']} log{'s' if res['inputs'] > 1 else ''} into "
-          f"{args.output}: the best of each workload and target, {res['records_out']} records"
-          + (f" ({res['corrupt']} unreadable lines skipped)" if res["corrupt"] else ""))
-    if res["misfit"]:
-        print(f"warning: {res['misfit']} record{'s' if res['misfit'] > 1 else ''} skipped: their argument shapes do not "
-              "fit the workload they point at (a mismatched log)", file=sys.stderr)
-    return 0

@@ -1,4 +1,5 @@
-"""Import (torch.export -> Relax), compile through our pipeline, and export one deployable .so."""
+"""Build: an ExportedProgram through our Relax pipeline (unsparse_tvm.relay_passes) into one deployable .so,
+with the per-layer report and the metadata trailer `run` and `inspect` read (unsparse_tvm.runtime)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .errors import UnsparseError
+import tvm
+
+from .cuda_package import embed_device_code
+from .frontend import check_batch, import_program, load_program, program_input_shape, program_outputs
 from .outputs import check_output, writing
+from .relay_passes import build_pipeline
 from .runtime import write_metadata
+from .target import make_target
+from .tuning.database import open_database
 
 
 @dataclass
@@ -21,31 +28,9 @@ class Compiled:
     seconds: float = 0.0
 
 
-def import_program(ep):
-    """ExportedProgram -> (Relax IRModule with weights as constants, LayerNames for reporting)."""
-    from tvm.relax.frontend.torch import from_exported_program
-
-    from .models import check_dtypes
-    from .relay_passes._util import LayerNames
-
-    check_dtypes(ep)  # before TVM's importer, whose message for other dtypes is an IR dump
-    try:
-        mod = from_exported_program(ep)
-    except Exception as err:  # the importer raises assorted errors; the first line names the op
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsparseError(f"TVM's PyTorch importer cannot convert this model: {first[:300]}") from None
-    named = {k: v.detach().cpu().numpy() for k, v in ep.state_dict.items() if k.endswith("weight")}
-    return mod, LayerNames(named)
-
-
 def compile_program(ep, target, *, threshold: float = 0.7, sparse: bool = True, fmt: str | None = None,
                     configs: dict | None = None, database=None) -> Compiled:
     """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass"."""
-    import tvm
-
-    from .models import program_input_shape, program_outputs
-    from .relay_passes import build_pipeline
-
     mod, names = import_program(ep)
     report: list = []
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
@@ -77,8 +62,6 @@ def print_report(report: list, threshold: float) -> None:
 def export(compiled: Compiled, path: str, *, model: str, threshold: float, overwrite: bool = False) -> dict:
     """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
     temp file that is removed on any exit (unsparse_tvm.outputs)."""
-    import tvm
-
     check_output(path, overwrite=overwrite, suffixes=(".so",))
     target = compiled.target
     kind = target.kind.name
@@ -101,8 +84,6 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float, overw
     }
     with writing(path, overwrite=overwrite) as tmp:
         if kind == "cuda":
-            from .cuda_package import embed_device_code
-
             embed_device_code(compiled.executable, arch)
         workspace = os.path.join(os.path.dirname(tmp), "tvm")
         os.makedirs(workspace)
@@ -114,16 +95,11 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float, overw
 def compile_file(model: str, target_name: str, arch: str | None, threshold: float, output: str, *,
                  batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None) -> dict:
     """`unsparse-tvm compile`: model name or .pt2 -> .so, with the per-layer decisions printed."""
-    from .models import check_batch, load_program
-    from .target import make_target
-
     check_batch(batch)
     check_output(output, overwrite=overwrite, suffixes=(".so",), inputs=(model,))
     target = make_target(target_name, arch)
     database = None
     if tuning_log is not None:
-        from .tuning import open_database
-
         database = open_database(tuning_log, target)  # only records of this target
     ep = load_program(model, batch=batch)
     compiled = compile_program(ep, target, threshold=threshold, database=database)
