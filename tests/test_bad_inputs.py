@@ -258,9 +258,9 @@ def test_d11_stderr_holds_nothing_but_our_line(tmp_path):
 @pytest.mark.parametrize("argv,patch", [
     (["compile", "smallcnn", "-o", "{d}/missing/a.so"], "unsparse_tvm.build.compile_program"),
     (["bench", "smallcnn", "--json", "{d}/missing/b.json"], "unsparse_tvm.bench.bench"),
-    (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{d}/missing/p.pt2"], "unsparse_tvm.train.load_model"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{d}/missing/p.pt2"], "unsparse_tvm.compress.prune.load_model"),
     (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{d}/p.pt2", "--report", "{d}/missing/r.json"],
-     "unsparse_tvm.train.load_model"),
+     "unsparse_tvm.compress.prune.load_model"),
 ])
 def test_d12_missing_output_folder_is_found_before_any_work(argv, patch, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(patch, lambda *a, **k: pytest.fail("work started before the output was checked"))

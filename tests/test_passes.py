@@ -23,7 +23,7 @@ class ResBlock(nn.Module):
 
 
 def _prepared(model, shape, sparsity=0.9, seed=0):
-    from unsparse_tvm.prune import magnitude_prune
+    from unsparse_tvm.compress.masks import magnitude_prune
 
     torch.manual_seed(seed)
     for m in model.modules():

@@ -235,7 +235,7 @@ def test_compile_cli_reports_layers_from_log(tmp_path, capsys):
 
     out = str(tmp_path / "m.so")
     pt2 = str(tmp_path / "smallcnn.pt2")
-    from unsparse_tvm.prune import save_program
+    from unsparse_tvm.frontend import save_program
 
     save_program(pruned_program("smallcnn"), pt2)
     assert main(["compile", pt2, "-o", out, "--tuning-log", tiny_log()]) == 0

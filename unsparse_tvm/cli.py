@@ -109,8 +109,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .inspection import format_report
-    from .prune import PruneConfig, prune_command
+    from .compress.report import format_report
+    from .compress.prune import prune_command
+    from .compress.targets import PruneConfig
 
     cfg = PruneConfig(
         sparsity=args.sparsity, method=args.method, scope=args.scope, vector_size=args.vector_size,
@@ -142,8 +143,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .inspection import format_report
-    from .quantize import quantize_command
+    from .compress.report import format_report
+    from .compress.quantize import quantize_command
 
     report = quantize_command(args.model, args.scheme, args.output, dataset=args.dataset, epochs=args.epochs,
                               lr=args.lr, batch_size=args.batch_size, weights=args.weights, batch=args.batch,
@@ -171,7 +172,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train_command
+    from .compress.train import train_command
 
     if args.dataset is None or args.epochs is None:
         raise UnsparseError("train needs --dataset (digits or cifar10:PATH) and --epochs N")
@@ -243,7 +244,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
         print(describe_module(args.file))
     else:
-        from .inspection import describe_program
+        from .compress.report import describe_program
 
         print(describe_program(args.file))
     return 0

@@ -8,13 +8,18 @@ bench); `import_program` turns it into a Relax module with the layers' PyTorch n
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import zipfile
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from .errors import UnsparseError
 from .models import BUILTIN_MODELS, build_model, export
+from .outputs import writing
 
 
 def load_pt2(path: str) -> torch.export.ExportedProgram:
@@ -119,10 +124,168 @@ def load_program(model: str, batch: int | None = None, log=print) -> torch.expor
     raise UnsparseError(f"unknown model '{model}': use one of {', '.join(BUILTIN_MODELS)} or a .pt2 file")
 
 
+MODEL_META = "unsparse_model.json"  # extra file in .pt2 archives we write: {"model": builtin name, ...}
+
+
+QUANT_FILE = "unsparse_quant.json"
+
+
+def read_extra_file(path: str, name: str) -> str | None:
+    """An extra file stored with `torch.export.save(..., extra_files=...)`, or None when absent.
+
+    Reads the zip member directly (no need to deserialise a large program); falls back to
+    `torch.export.load(path, extra_files=...)` if the archive layout is not the one we know.
+    """
+    if not os.path.exists(path):
+        raise UnsparseError(f"no such file: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if any(n.endswith("/archive_format") for n in names):  # layout known: absence is meaningful
+                hits = [n for n in names if n.endswith(f"/extra/{name}")]
+                return zf.read(hits[0]).decode("utf-8") if hits else None
+    except zipfile.BadZipFile:
+        raise UnsparseError(f"{path} could not be read as a torch.export program (not a zip archive)") from None
+    extra = {name: ""}
+    try:
+        torch.export.load(path, extra_files=extra)
+    except Exception as err:
+        raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
+    return extra[name] or None
+
+
+def read_model_meta(path: str) -> dict:
+    text = read_extra_file(path, MODEL_META)
+    return json.loads(text) if text else {}
+
+
+def read_quantization(path: str) -> dict | None:
+    """The quantisation stored in a .pt2 (`unsparse_quant.json`), or None for an unquantised program."""
+    if not path.endswith(".pt2"):
+        load_pt2(path)  # raises the usual one-line error (missing file, not .pt2)
+    text = read_extra_file(path, QUANT_FILE)
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise UnsparseError(f"{path}: {QUANT_FILE} is not valid JSON") from None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to prune/quantise/train: `module` is trainable when `builtin` is set."""
+    module: nn.Module
+    input_shape: tuple[int, ...]                 # full input shape baked into the exported program (with batch)
+    builtin: str | None = None                   # built-in model name, or None for a foreign .pt2
+    ep: torch.export.ExportedProgram | None = None  # the loaded program of a foreign .pt2 (finds its weights)
+    source: str = ""
+    meta: dict = field(default_factory=dict)     # carried into the output's unsparse_model.json
+    trained: bool = False                        # False: seeded random weights (accuracy is chance level)
+
+    @property
+    def trainable(self) -> bool:
+        return self.builtin is not None
+
+
+def _load_state(module: nn.Module, path: str) -> None:
+    if not os.path.exists(path):
+        raise UnsparseError(f"no such weights file: {path}")
+    if path.endswith(".pt2"):
+        state = dict(load_pt2(path).state_dict)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise UnsparseError(f"{path} is not a state_dict saved with torch.save ({type(err).__name__})") from None
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+        if not isinstance(state, dict):
+            raise UnsparseError(f"{path} does not hold a state_dict")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    if missing or unexpected or wrong:
+        example = (missing or unexpected or wrong)[0]
+        raise UnsparseError(f"weights in {path} do not fit {type(module).__name__}: {len(missing)} missing, "
+                            f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped tensors (e.g. {example})")
+    module.load_state_dict(state, strict=True)
+
+
+def load_model(model: str, weights: str | None = None, batch: int | None = None) -> LoadedModel:
+    """A built-in name (optionally with `weights`: a state_dict .pt or a .pt2) or a .pt2 file."""
+    if batch is not None and batch < 1:
+        raise UnsparseError(f"batch must be at least 1, got {batch}")
+    if model in BUILTIN_MODELS:
+        net = build_model(model)
+        if weights:
+            _load_state(net, weights)
+        shape = (batch or 1, *BUILTIN_MODELS[model].input_shape)
+        return LoadedModel(net.eval(), shape, model, None, model, {"model": model, "trained": bool(weights)}, trained=bool(weights))
+    if not (model.endswith(".pt2") or os.path.sep in model or os.path.exists(model)):
+        raise UnsparseError(f"unknown model '{model}': use one of {', '.join(BUILTIN_MODELS)} or a .pt2 file")
+    ep = load_pt2(model)
+    shape = program_input_shape(ep)
+    if batch is not None:
+        shape = (batch, *shape[1:])
+    meta = read_model_meta(model)
+    if weights:
+        raise UnsparseError("--weights is for built-in model names; a .pt2 already holds its weights")
+    name = meta.get("model")
+    if name in BUILTIN_MODELS:  # one of ours: rebuild the real module so it can be fine-tuned
+        net = build_model(name)
+        try:
+            net.load_state_dict(dict(ep.state_dict), strict=True)
+        except RuntimeError:
+            name = None  # changed beyond recognition: treat it as foreign
+        else:
+            return LoadedModel(net.eval(), shape, name, None, model, meta, trained=bool(meta.get("trained", True)))
+    return LoadedModel(ep.module(), shape, None, ep, model, meta, trained=True)
+
+
+def eval_mode(module: nn.Module) -> nn.Module:
+    """module.eval(), except for a reloaded program's module, which is always in eval mode and refuses it."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+    return module
+
+
+def export_model(loaded: LoadedModel) -> torch.export.ExportedProgram:
+    """torch.export the (pruned/quantised) module at the loaded input shape."""
+    eval_mode(loaded.module)
+    if loaded.builtin is not None:
+        return export(loaded.module, loaded.input_shape)
+    with torch.no_grad():
+        return torch.export.export(loaded.module, (torch.randn(*loaded.input_shape),))
+
+
+def save_program(ep: torch.export.ExportedProgram, path: str, overwrite: bool = False,
+                 extra_files: dict[str, str] | None = None) -> None:
+    if not path.endswith(".pt2"):
+        raise UnsparseError(f"output {path} must end in .pt2")
+    if os.path.exists(path) and not overwrite:
+        raise UnsparseError(f"{path} exists; pass --force to overwrite it")
+    torch.export.save(ep, path, extra_files=extra_files or None)
+
+
+def save_model(loaded: LoadedModel, path: str, overwrite: bool = False, quant: dict | None = None) -> torch.export.ExportedProgram:
+    """Export and save as .pt2 with `unsparse_model.json` (and `unsparse_quant.json` when quantised)."""
+    ep = export_model(loaded)
+    extra = {MODEL_META: json.dumps(loaded.meta)} if loaded.builtin else {}
+    if quant is not None:
+        extra[QUANT_FILE] = json.dumps(quant)
+    with writing(path, overwrite=overwrite) as tmp:  # an interrupted run never leaves half a file
+        save_program(ep, tmp, overwrite=True, extra_files=extra)
+    return ep
+
+
 def load_model_program(model: str, sparsity: float | None, batch: int | None = None):
     """load_program, magnitude-pruned to `sparsity` first when it is given (tune, bench)."""
     if sparsity is not None:
-        from .compress.prune import prune_to_program  # deferred: compress imports this module
+        from .compress.prune import prune_to_program  # deferred: compress imports this module (no cycle)
 
         return prune_to_program(model, sparsity, batch=batch)
     return load_program(model, batch=batch)

@@ -1,173 +1,25 @@
-"""Training and evaluation, and loading/saving models so that prune, quantize and train chain through .pt2 files.
-
-A .pt2 written by `train`, `prune` or `quantize` carries `unsparse_model.json` (the built-in model name and what
-was done to it) next to the program. Loading such a file rebuilds the real `nn.Module` and loads the program's
-weights into it, so it can be fine-tuned again: a reloaded `ep.module()` cannot (its `train()` is unsupported
-and its batch size is fixed). A foreign .pt2 is used as `ep.module()`: one-shot pruning/quantisation only.
-"""
+"""Training and evaluation: dense baselines (`train`), and the fine-tuning prune and quantize run.
+Models come and go through `unsparse_tvm.frontend` (load_model, save_model)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
-import zipfile
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.prune as tprune
 from tqdm import tqdm
 
-from .data import Dataset
-from . import outputs
-from .errors import UnsparseError
-from .frontend import load_pt2, program_input_shape
-from .models import BUILTIN_MODELS, build_model, export
-
-MODEL_META = "unsparse_model.json"  # extra file in .pt2 archives we write: {"model": builtin name, ...}
-
-
-def read_extra_file(path: str, name: str) -> str | None:
-    """An extra file stored with `torch.export.save(..., extra_files=...)`, or None when absent.
-
-    Reads the zip member directly (no need to deserialise a large program); falls back to
-    `torch.export.load(path, extra_files=...)` if the archive layout is not the one we know.
-    """
-    if not os.path.exists(path):
-        raise UnsparseError(f"no such file: {path}")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if any(n.endswith("/archive_format") for n in names):  # layout known: absence is meaningful
-                hits = [n for n in names if n.endswith(f"/extra/{name}")]
-                return zf.read(hits[0]).decode("utf-8") if hits else None
-    except zipfile.BadZipFile:
-        raise UnsparseError(f"{path} could not be read as a torch.export program (not a zip archive)") from None
-    extra = {name: ""}
-    try:
-        torch.export.load(path, extra_files=extra)
-    except Exception as err:
-        raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
-    return extra[name] or None
-
-
-def read_model_meta(path: str) -> dict:
-    text = read_extra_file(path, MODEL_META)
-    return json.loads(text) if text else {}
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to prune/quantise/train: `module` is trainable when `builtin` is set."""
-
-    module: nn.Module
-    input_shape: tuple[int, ...]                 # full input shape baked into the exported program (with batch)
-    builtin: str | None = None                   # built-in model name, or None for a foreign .pt2
-    ep: torch.export.ExportedProgram | None = None  # the loaded program of a foreign .pt2 (finds its weights)
-    source: str = ""
-    meta: dict = field(default_factory=dict)     # carried into the output's unsparse_model.json
-    trained: bool = False                        # False: seeded random weights (accuracy is chance level)
-
-    @property
-    def trainable(self) -> bool:
-        return self.builtin is not None
-
-
-def _load_state(module: nn.Module, path: str) -> None:
-    if not os.path.exists(path):
-        raise UnsparseError(f"no such weights file: {path}")
-    if path.endswith(".pt2"):
-        state = dict(load_pt2(path).state_dict)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UnsparseError(f"{path} is not a state_dict saved with torch.save ({type(err).__name__})") from None
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
-        if not isinstance(state, dict):
-            raise UnsparseError(f"{path} does not hold a state_dict")
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
-    if missing or unexpected or wrong:
-        example = (missing or unexpected or wrong)[0]
-        raise UnsparseError(f"weights in {path} do not fit {type(module).__name__}: {len(missing)} missing, "
-                            f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped tensors (e.g. {example})")
-    module.load_state_dict(state, strict=True)
-
-
-def load_model(model: str, weights: str | None = None, batch: int | None = None) -> LoadedModel:
-    """A built-in name (optionally with `weights`: a state_dict .pt or a .pt2) or a .pt2 file."""
-    if batch is not None and batch < 1:
-        raise UnsparseError(f"batch must be at least 1, got {batch}")
-    if model in BUILTIN_MODELS:
-        net = build_model(model)
-        if weights:
-            _load_state(net, weights)
-        shape = (batch or 1, *BUILTIN_MODELS[model].input_shape)
-        return LoadedModel(net.eval(), shape, model, None, model, {"model": model, "trained": bool(weights)}, trained=bool(weights))
-    if not (model.endswith(".pt2") or os.path.sep in model or os.path.exists(model)):
-        raise UnsparseError(f"unknown model '{model}': use one of {', '.join(BUILTIN_MODELS)} or a .pt2 file")
-    ep = load_pt2(model)
-    shape = program_input_shape(ep)
-    if batch is not None:
-        shape = (batch, *shape[1:])
-    meta = read_model_meta(model)
-    if weights:
-        raise UnsparseError("--weights is for built-in model names; a .pt2 already holds its weights")
-    name = meta.get("model")
-    if name in BUILTIN_MODELS:  # one of ours: rebuild the real module so it can be fine-tuned
-        net = build_model(name)
-        try:
-            net.load_state_dict(dict(ep.state_dict), strict=True)
-        except RuntimeError:
-            name = None  # changed beyond recognition: treat it as foreign
-        else:
-            return LoadedModel(net.eval(), shape, name, None, model, meta, trained=bool(meta.get("trained", True)))
-    return LoadedModel(ep.module(), shape, None, ep, model, meta, trained=True)
-
-
-def eval_mode(module: nn.Module) -> nn.Module:
-    """module.eval(), except for a reloaded program's module, which is always in eval mode and refuses it."""
-    try:
-        module.eval()
-    except NotImplementedError:
-        pass
-    return module
-
-
-def check_output(path: str, overwrite: bool, inputs: tuple[str | None, ...] = (), suffix: str = ".pt2") -> None:
-    """Refuse a bad output path before any work (unsparse_tvm.outputs.check_output)."""
-    outputs.check_output(path, overwrite=overwrite, suffixes=(suffix,), inputs=inputs)
-
-
-def export_model(loaded: LoadedModel) -> torch.export.ExportedProgram:
-    """torch.export the (pruned/quantised) module at the loaded input shape."""
-    eval_mode(loaded.module)
-    if loaded.builtin is not None:
-        return export(loaded.module, loaded.input_shape)
-    with torch.no_grad():
-        return torch.export.export(loaded.module, (torch.randn(*loaded.input_shape),))
-
-
-def save_model(loaded: LoadedModel, path: str, overwrite: bool = False, quant: dict | None = None) -> torch.export.ExportedProgram:
-    """Export and save as .pt2 with `unsparse_model.json` (and `unsparse_quant.json` when quantised)."""
-    from .prune import save_program
-    from .quantize import QUANT_FILE
-
-    ep = export_model(loaded)
-    extra = {MODEL_META: json.dumps(loaded.meta)} if loaded.builtin else {}
-    if quant is not None:
-        extra[QUANT_FILE] = json.dumps(quant)
-    with outputs.writing(path, overwrite=overwrite) as tmp:  # an interrupted run never leaves half a file
-        save_program(ep, tmp, overwrite=True, extra_files=extra)
-    return ep
+from ..errors import UnsparseError
+from ..frontend import LoadedModel, eval_mode, load_model, save_model
+from ..outputs import check_output
+from .data import Dataset, load_dataset
+from .masks import prunable_parameters
 
 
 def check_compatible(loaded: LoadedModel, data: Dataset) -> None:
@@ -206,9 +58,7 @@ def compute_threads(module: nn.Module, threads: int | None = None):
 @contextlib.contextmanager
 def keep_zeros(module: nn.Module):
     """Weights that are exactly zero stay zero while training (torch.nn.utils.prune masks, removed after)."""
-    import torch.nn.utils.prune as tprune
 
-    from .prune import prunable_parameters
 
     masked = []
     for _, owner, pname in prunable_parameters(module):
@@ -223,7 +73,7 @@ def keep_zeros(module: nn.Module):
             tprune.remove(owner, pname)
 
 
-def _progress(total: int, desc: str) -> tqdm:
+def progress_bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not sys.stderr.isatty())
 
 
@@ -307,7 +157,7 @@ def _train(module, data, epochs, lr, batch_size, seed, weight_decay, on_step, on
     # cosine to 5% of lr: the last epochs settle the weights under the final mask / quantiser
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / total)))
     step = 0
-    with _progress(total, desc) as bar:
+    with progress_bar(total, desc) as bar:
         for epoch in range(epochs):
             if on_epoch is not None:
                 on_epoch(epoch)
@@ -339,9 +189,7 @@ def train_command(
     overwrite: bool = False,
 ) -> dict:
     """Dense training of a built-in model (or continue one of our .pt2 files); saves a .pt2, returns a summary."""
-    from .data import load_dataset
-
-    check_output(output, overwrite, inputs=(model, weights))
+    check_output(output, overwrite=overwrite, suffixes=(".pt2",), inputs=(model, weights))
     if epochs < 1:
         raise UnsparseError(f"epochs must be >= 1, got {epochs}")
     loaded = load_model(model, weights, batch)
