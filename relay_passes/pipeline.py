@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
+from tvm.relax.backend.cuda import pipeline as cuda_backend
+from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from unsparse_tvm.formats import HYB_MIN_SAVING
@@ -12,7 +15,8 @@ from .apply_tuning_records import ApplyTuningRecords
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
-from .schedule_ops import ScheduleRemainingCPU, ScheduleUnsparseOps
+from .schedule_remaining_cpu import ScheduleRemainingCPU
+from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
 
@@ -21,9 +25,6 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
                     names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
                     configs: dict | None = None, database=None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (tests run a prefix of them)."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
-    from tvm.relax.backend.cuda import pipeline as cuda_backend
-
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
@@ -50,8 +51,6 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
     if is_cpu:
         schedule.append(ScheduleRemainingCPU(target))
     else:
-        from tvm.s_tir import dlight as dl
-
         schedule.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
     phases.append(("schedule", schedule))

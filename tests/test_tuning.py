@@ -363,7 +363,7 @@ def test_every_point_of_the_design_spaces_replays(llvm, sparsity):
     from tvm import s_tir
 
     from unsparse_tvm.schedules import rule_for
-    from unsparse_tvm.frontend import load_model_program
+    from unsparse_tvm.compress.prune import load_model_program
     from unsparse_tvm.tuning import extract_tasks
 
     ep = pruned_program("smallcnn") if sparsity else load_model_program("smallcnn", None)

@@ -9,14 +9,29 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import tvm
+from tvm import relax
 
+from .build import compile_program
+from .compress.prune import load_model_program
+from .cuda_package import embed_device_code
 from .errors import UnsparseError
+from .frontend import import_program, program_input_shape
+from .models import example_input
 from .outputs import check_output, write_text
+from .relay_passes import FoldBatchNormIntoConv, build_pipeline
+from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
+from .relay_passes.sparsify_dense import _linear_weight
+from .target import make_target
+from .tuning.database import open_database
 
 
 @dataclass
@@ -34,13 +49,7 @@ class LayerSpec:
 def extract_layers(ep) -> tuple[list[LayerSpec], object]:
     """Every conv2d and linear with a constant weight, with the bias and ReLU that follow it, and the
     LayerNames that name their (batch-norm folded) weights."""
-    import tvm
-    from tvm import relax
 
-    from .frontend import import_program
-    from .relay_passes import FoldBatchNormIntoConv
-    from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
-    from .relay_passes.sparsify_dense import _linear_weight
 
     mod, names = import_program(ep)
     mod = tvm.transform.Sequential([FoldBatchNormIntoConv(names), relax.transform.FoldConstant()])(mod)
@@ -65,8 +74,6 @@ def extract_layers(ep) -> tuple[list[LayerSpec], object]:
 
 def layer_module(spec: LayerSpec):
     """A one-layer Relax module: conv2d/linear [+ bias] [+ ReLU]."""
-    from tvm import relax
-
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(spec.input_shape, "float32"))
     with bb.function("main", [x]):
@@ -90,9 +97,6 @@ def layer_module(spec: LayerSpec):
 
 def torch_layer(spec: LayerSpec, device: str):
     """The same layer as PyTorch eager would run it (dense weights)."""
-    import torch
-    import torch.nn.functional as F
-
     w = torch.from_numpy(spec.weight).to(device)
     b = torch.from_numpy(spec.bias).to(device) if spec.bias is not None else None
 
@@ -153,12 +157,7 @@ def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0) -> di
 
 
 def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None):
-    import tvm
-    from tvm import relax
-
     if gpu:  # in-memory CUDA modules carry source: compile it with nvcc, as `compile` does
-        from .cuda_package import embed_device_code
-
         embed_device_code(executable, arch)
     vm = relax.VirtualMachine(executable, dev)
     x = tvm.runtime.tensor(x_np, dev)
@@ -172,14 +171,6 @@ def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None)
 def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
           threshold: float = 0.7, batch: int | None = None, repeat: int = 20, layers: bool = True,
           tuning_log: str | None = None, seed: int = 0) -> dict:
-    import torch
-    import tvm
-
-    from .build import compile_program
-    from .frontend import load_model_program, program_input_shape
-    from .models import example_input
-    from .target import make_target
-
     target = make_target(target_name, arch)
     arch = str(target.attrs["arch"]) if target_name == "cuda" else None
     dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
@@ -199,8 +190,6 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
     contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
     if tuning_log is not None:
-        from .tuning.database import open_database
-
         database = open_database(tuning_log, target)  # only records of this target
         tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database)
         print(database.summary())
@@ -239,8 +228,6 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
 
 
 def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
-    import torch
-
     specs, names = extract_layers(ep)
     rows = []
     print(f"timing {len(specs)} layers one by one")
@@ -274,20 +261,11 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
 
 
 def _compile_layer(mod, target, threshold, sparse, names=None, report=None):
-    import tvm
-
-    from .relay_passes import build_pipeline
-
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report)
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
 def _machine(target_name: str) -> dict:
-    import platform
-
-    import torch
-    import tvm
-
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "tvm": tvm.__version__,
             "torch": torch.__version__, "python": platform.python_version()}
     try:

@@ -1,9 +1,11 @@
 """The front end: every way a model comes in, and its import into Relax.
 
-`load_program(name_or_path, batch)` is the one loader the flow uses: a built-in name (exported at the
-batch size) or a `.pt2` saved with `torch.export.save`, checked (one tensor input, float32 only) and
-with a dynamic input dimension specialised (and said). `load_model_program` prunes it first (tune,
-bench); `import_program` turns it into a Relax module with the layers' PyTorch names.
+`load_program(name_or_path, batch)` is the one loader the compiler side uses: a built-in name
+(exported at the batch size) or a `.pt2` saved with `torch.export.save`, checked (one tensor input,
+float32 only) and with a dynamic input dimension specialised (and said); `import_program` turns it into
+a Relax module with the layers' PyTorch names. `load_model` is the same for the compress side (a
+trainable nn.Module where the .pt2 was written by us), `save_model` writes one back (.pt2 + metadata).
+(`compress.prune.load_model_program` prunes first, for tune and bench.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn as nn
 
 from .errors import UnsparseError
 from .models import BUILTIN_MODELS, build_model, export
-from .outputs import writing
+from .outputs import check_output, writing
 
 
 def load_pt2(path: str) -> torch.export.ExportedProgram:
@@ -264,10 +266,7 @@ def export_model(loaded: LoadedModel) -> torch.export.ExportedProgram:
 
 def save_program(ep: torch.export.ExportedProgram, path: str, overwrite: bool = False,
                  extra_files: dict[str, str] | None = None) -> None:
-    if not path.endswith(".pt2"):
-        raise UnsparseError(f"output {path} must end in .pt2")
-    if os.path.exists(path) and not overwrite:
-        raise UnsparseError(f"{path} exists; pass --force to overwrite it")
+    check_output(path, overwrite=overwrite, suffixes=(".pt2",))
     torch.export.save(ep, path, extra_files=extra_files or None)
 
 
@@ -280,15 +279,6 @@ def save_model(loaded: LoadedModel, path: str, overwrite: bool = False, quant: d
     with writing(path, overwrite=overwrite) as tmp:  # an interrupted run never leaves half a file
         save_program(ep, tmp, overwrite=True, extra_files=extra)
     return ep
-
-
-def load_model_program(model: str, sparsity: float | None, batch: int | None = None):
-    """load_program, magnitude-pruned to `sparsity` first when it is given (tune, bench)."""
-    if sparsity is not None:
-        from .compress.prune import prune_to_program  # deferred: compress imports this module (no cycle)
-
-        return prune_to_program(model, sparsity, batch=batch)
-    return load_program(model, batch=batch)
 
 
 def import_program(ep):

@@ -40,6 +40,13 @@ def prune_to_program(model: str, sparsity: float, batch: int | None = None) -> t
         return torch.export.export(gm, (torch.randn(*shape),))
 
 
+def load_model_program(model: str, sparsity: float | None, batch: int | None = None):
+    """load_program, magnitude-pruned to `sparsity` first when it is given (tune, bench)."""
+    if sparsity is not None:
+        return prune_to_program(model, sparsity, batch=batch)
+    return load_program(model, batch=batch)
+
+
 def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export.ExportedProgram | None = None,
                 fixed_batch: int | None = None, log=print) -> dict:
     """Prune `module` in place (permanently); returns {"targets": per-layer sparsity, "sensitivity": curves}.

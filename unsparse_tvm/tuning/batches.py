@@ -23,7 +23,6 @@ def _default_trace_json(task: Task, target):
 
 
 def _record_line(s: TaskState, trace_json, run_secs, target, args_info) -> str:
-
     return Record(s.workload_index, trace_json, run_secs, target_dict(target), args_info).line()
 
 

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from ..errors import UnsparseError
-from ..frontend import load_model_program
+from ..compress.prune import load_model_program
 from ..target import make_target
 from .log import check_writable_dir, merge, show
 from .rpc import check_tracker, parse_tracker

@@ -54,7 +54,6 @@ def structural_hash(mod) -> str:
 
 
 def tuned_ops(target_kind: str, include_dense: bool = False) -> tuple[str, ...]:
-
     ops = TUNED_OPS + (DENSE_OPS if include_dense else ())
     return tuple(op for op in ops if rule_for(op, target_kind) is not None and hasattr(rule_for(op, target_kind), "space"))
 
