@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import tvm
 from tvm import relax, tirx
 from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
+from unsparse_tvm.formats import HYB_MIN_SAVING
 from unsparse_tvm.schedules._common import OP_ATTR
+
+from .layers import LayerNames
 
 
 def const_array(expr: relax.Expr) -> np.ndarray | None:
@@ -175,3 +179,25 @@ def mark(builder: relax.BlockBuilder, call: relax.Call, attrs: dict) -> None:
     for key, value in {OP_ATTR: attrs.pop("op"), "op_pattern": 8, **attrs}.items():
         func = func.with_attr(key, value)
     builder.update_func(gv, func)
+
+
+def record_sparse(decision, rows, ep: Epilogue) -> None:
+    """Fill in a LayerDecision for a layer that became a sparse operator."""
+    decision.decision, decision.format = "sparse", rows.fmt
+    decision.padded, decision.fused = rows.padded_size, fused_label(ep)
+
+
+class SparsifyPass:
+    """Undecorated base of SparsifyConv2d / SparsifyDense (decorated classes cannot be subclassed): their
+    options, and running the pass's mutator (`mutator`, a staticmethod) over the module."""
+
+    mutator = None
+
+    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None, report: list | None = None,
+                 fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
+        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
+        self.names = names if names is not None else LayerNames()
+        self.report = report if report is not None else []
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        return self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)

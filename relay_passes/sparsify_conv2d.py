@@ -13,10 +13,10 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm import te_ops
-from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
+from unsparse_tvm.formats import conv_weight_rows
 
 from ._conv_match import ConvChainRewriter, unsupported_reason
-from ._util import fused_label, mark, rows_consts
+from ._util import SparsifyPass, mark, record_sparse, rows_consts
 from .layers import LayerDecision, LayerNames
 
 
@@ -48,20 +48,12 @@ class _Sparsifier(ConvChainRewriter):
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint="sparse_conv2d")
         mark(self.builder_, call, {"op": "sparse_conv2d", "unsparse.fmt": rows.fmt,
                                    "unsparse.pad_shape": geo.pad_shape})
-        decision.decision, decision.format = "sparse", rows.fmt
-        decision.padded, decision.fused = rows.padded_size, fused_label(ep)
+        record_sparse(decision, rows, ep)
         return call
 
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyConv2d")
-class SparsifyConv2d:
+class SparsifyConv2d(SparsifyPass):
     """Replace sufficiently sparse conv2d (+ bias/residual/ReLU) by TE sparse direct convolutions."""
 
-    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None,
-                 report: list | None = None, fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
-        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
-        self.names = names if names is not None else LayerNames()
-        self.report = report if report is not None else []
-
-    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)
+    mutator = staticmethod(_Sparsifier)

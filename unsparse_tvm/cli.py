@@ -79,13 +79,42 @@ def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
                    help="overwrite the output (and report) file if it exists" if report else "overwrite the output file if it exists")
 
 
-def _add_prune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "prune", help="prune conv and linear weights (unstructured, vector, block, mixed), optionally while fine-tuning",
-        description="Prune every conv2d/linear weight and save the model as .pt2. Without --dataset/--epochs it is "
-                    "one-shot layer-wise magnitude pruning; with --dataset D --epochs N, sparsity ramps up on a cubic "
-                    "schedule (Zhu & Gupta) while fine-tuning. Chain: train -> prune -> quantize, passing .pt2 files.")
+# help and description of the longer-described commands
+TEXTS = {
+    "prune": ("prune conv and linear weights (unstructured, vector, block, mixed), optionally while fine-tuning",
+        "Prune every conv2d/linear weight and save the model as .pt2. Without --dataset/--epochs it is "
+        "one-shot layer-wise magnitude pruning; with --dataset D --epochs N, sparsity ramps up on a cubic "
+        "schedule (Zhu & Gupta) while fine-tuning. Chain: train -> prune -> quantize, passing .pt2 files."),
+    "quantize": ("quantise conv and linear weights (int8, int4, kmeansB, pow2), zeros kept; save as .pt2",
+        "Quantise the nonzero conv2d/linear weights; zeros stay exactly zero. The .pt2 keeps float "
+        "weights holding the dequantised values, and carries the scheme with its per-layer scales or "
+        "codebooks as unsparse_quant.json (unsparse_tvm.frontend.read_quantization)."),
+    "train": ("train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
+        "Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
+        "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
+        "PyTorch training, pass the built-in name with --weights state.pt (a state_dict). Weights that "
+        "are exactly zero (a pruned .pt2) stay zero."),
+    "tune": ("tune the sparse kernels' schedule knobs with MetaSchedule (XGBoost), records to --log-dir",
+        "One task per distinct sparse workload; MetaSchedule's evolutionary search with its XGBoost "
+        "cost model draws the knobs of our hand-written schedules, timed with the layers' real sparse "
+        "index arrays. Records are appended per measured batch: Ctrl-C loses nothing, and running the "
+        "same command again resumes (records already in DIR count toward --trials)."),
+}
+
+
+def _parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=TEXTS[name][0], description=TEXTS[name][1])
+
+
+def _compress_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """A prune/quantize parser: its MODEL (built-in or .pt2) first."""
+    p = _parser(sub, name)
     p.add_argument("model", help=MODEL_INPUT_HELP)
+    return p
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = _compress_parser(sub, "prune")
     p.add_argument("--sparsity", type=float, required=True,
                    help="overall fraction of conv/linear weights set to zero, in [0, 1)")
     p.add_argument("--method", default="unstructured",
@@ -108,8 +137,17 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     _add_model_io_args(p)
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
+def _print_result(what: str, report: dict, args: argparse.Namespace) -> int:
+    """What prune/quantize did, the report table, and what they wrote."""
     from .compress.report import format_report
+
+    print(f"{what} ({report['seconds']:.1f} s)")
+    print(format_report(report))
+    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
     from .compress.prune import prune_command
     from .compress.targets import PruneConfig
 
@@ -121,20 +159,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     )
     report = prune_command(args.model, cfg, args.output, dataset=args.dataset, weights=args.weights,
                            batch=args.batch, report=args.report, overwrite=args.force)
-    print(f"pruned {args.model}: {cfg.describe()} ({report['seconds']:.1f} s)")
-    print(format_report(report))
-    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
-    return 0
+    return _print_result(f"pruned {args.model}: {cfg.describe()}", report, args)
 
 
 # ---- quantize ------------------------------------------------------------------------------------
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "quantize", help="quantise conv and linear weights (int8, int4, kmeansB, pow2), zeros kept; save as .pt2",
-        description="Quantise the nonzero conv2d/linear weights; zeros stay exactly zero. The .pt2 keeps float "
-                    "weights holding the dequantised values, and carries the scheme with its per-layer scales or "
-                    "codebooks as unsparse_quant.json (unsparse_tvm.quantize.read_quantization).")
-    p.add_argument("model", help=MODEL_INPUT_HELP)
+    p = _compress_parser(sub, "quantize")
     p.add_argument("--scheme", required=True,
                    help="int8 | int4 (intB, B=2..8: symmetric per output channel) | kmeansB (B=2..8, per-layer "
                         "codebook of 2^B values, e.g. kmeans4) | pow2 (+-scale*2^e, 4 bits)")
@@ -143,27 +173,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .compress.report import format_report
     from .compress.quantize import quantize_command
 
     report = quantize_command(args.model, args.scheme, args.output, dataset=args.dataset, epochs=args.epochs,
                               lr=args.lr, batch_size=args.batch_size, weights=args.weights, batch=args.batch,
                               report=args.report, overwrite=args.force, seed=args.seed)
-    print(f"quantised {args.model}: {args.scheme}" + (f", {args.epochs} fine-tuning epochs" if args.epochs else "")
-          + f" ({report['seconds']:.1f} s)")
-    print(format_report(report))
-    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
-    return 0
+    return _print_result(f"quantised {args.model}: {args.scheme}"
+                         + (f", {args.epochs} fine-tuning epochs" if args.epochs else ""), report, args)
 
 
 # ---- train ---------------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
-        description="Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
-                    "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
-                    "PyTorch training, pass the built-in name with --weights state.pt (a state_dict). Weights that "
-                    "are exactly zero (a pruned .pt2) stay zero.")
+    p = _parser(sub, "train")
     p.add_argument("model", help="a built-in model (smallcnn for digits, vgg16-cifar for cifar10), "
                                  "or a .pt2 written by unsparse-tvm to continue training")
     _add_data_args(p, "training epochs", 3e-3)
@@ -275,12 +296,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- tune / logs ---------------------------------------------------------------------------------
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tune", help="tune the sparse kernels' schedule knobs with MetaSchedule (XGBoost), records to --log-dir",
-        description="One task per distinct sparse workload; MetaSchedule's evolutionary search with its XGBoost "
-                    "cost model draws the knobs of our hand-written schedules, timed with the layers' real sparse "
-                    "index arrays. Records are appended per measured batch: Ctrl-C loses nothing, and running the "
-                    "same command again resumes (records already in DIR count toward --trials).")
+    p = _parser(sub, "tune")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
     p.add_argument("--sparsity", type=_fraction("sparsity", upper_inclusive=False), default=None,

@@ -177,6 +177,7 @@ def read_quantization(path: str) -> dict | None:
 @dataclass
 class LoadedModel:
     """A model ready to prune/quantise/train: `module` is trainable when `builtin` is set."""
+
     module: nn.Module
     input_shape: tuple[int, ...]                 # full input shape baked into the exported program (with batch)
     builtin: str | None = None                   # built-in model name, or None for a foreign .pt2

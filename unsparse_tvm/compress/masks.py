@@ -118,30 +118,37 @@ def mixed_masks(t: torch.Tensor, amount: float, vector_size: int, block_size: in
     return vec, blk
 
 
-class VectorPruning(tprune.BasePruningMethod):
-    """Vector-wise magnitude pruning (see `vector_mask`); composes with the mask already in place."""
+class GroupPruning(tprune.BasePruningMethod):
+    """Magnitude pruning of whole rows x cols groups (see `group_mask`); composes with the mask in place."""
+
     PRUNING_TYPE = "unstructured"  # element-wise mask; torch's "structured" means whole channels
 
-    def __init__(self, amount: float, vector_size: int = 4):
-        self.amount, self.vector_size = amount, vector_size
+    def __init__(self, amount: float, rows: int, cols: int):
+        self.amount, self.rows, self.cols = amount, rows, cols
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        return vector_mask(t * default_mask, self.amount, self.vector_size) * default_mask
+        return group_mask(t * default_mask, self.amount, self.rows, self.cols) * default_mask
 
 
-class BlockPruning(tprune.BasePruningMethod):
+class VectorPruning(GroupPruning):
+    """Vector-wise magnitude pruning (see `vector_mask`)."""
+
+    def __init__(self, amount: float, vector_size: int = 4):
+        super().__init__(amount, vector_size, 1)
+        self.vector_size = vector_size
+
+
+class BlockPruning(GroupPruning):
     """Block-wise magnitude pruning (see `block_mask`)."""
-    PRUNING_TYPE = "unstructured"
 
     def __init__(self, amount: float, block_size: int = 4):
-        self.amount, self.block_size = amount, block_size
-
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        return block_mask(t * default_mask, self.amount, self.block_size) * default_mask
+        super().__init__(amount, block_size, block_size)
+        self.block_size = block_size
 
 
 class MixedPruning(tprune.BasePruningMethod):
     """Vector-wise AND block-wise masks (see `mixed_masks`)."""
+
     PRUNING_TYPE = "unstructured"
 
     def __init__(self, amount: float, vector_size: int = 4, block_size: int = 8, block_share: float = 0.5):

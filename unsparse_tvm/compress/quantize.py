@@ -103,6 +103,7 @@ def codebook_quantize(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 class _Quantizer:
     """One layer's quantiser for a scheme; k-means keeps its codebook until `refit`."""
+
     def __init__(self, kind: str, bits: int, seed: int = 0):
         self.kind, self.bits, self.seed = kind, bits, seed
         self.codebook: torch.Tensor | None = None
@@ -135,6 +136,7 @@ class _Quantizer:
 
 class _StraightThrough(nn.Module):
     """Parametrisation: forward sees mask * Q(w); the gradient passes to w as if Q were the identity."""
+
     def __init__(self, quantizer: _Quantizer, mask: torch.Tensor):
         super().__init__()
         self.quantizer = quantizer

@@ -24,6 +24,7 @@ SENSITIVITY_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 @dataclass
 class PruneConfig:
     """What `prune_model` does; the CLI flags map one to one."""
+
     sparsity: float = 0.5                    # overall fraction of zeros over all prunable weights
     method: str = "unstructured"
     scope: str = "layer"                     # layer | global (global: unstructured only)

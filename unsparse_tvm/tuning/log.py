@@ -81,6 +81,7 @@ def describe_identity(ident: tuple) -> str:
 @dataclass
 class Record:
     """One tuning record line, parsed but not turned into TVM objects."""
+
     workload: int                 # line number in the workload file
     trace: Any
     run_secs: list[float] | None
@@ -155,21 +156,23 @@ class LogContents:
         return self
 
 
-def _parse_workload(line: str) -> Workload | None:
+def _json(line: str):
+    """The line's JSON value, or None when it does not parse (a torn or corrupt line)."""
     try:
-        v = json.loads(line)
+        return json.loads(line)
     except ValueError:
         return None
+
+
+def _parse_workload(line: str) -> Workload | None:
+    v = _json(line)
     if isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) and v[0].isdigit():
         return Workload(v[0], v[1])
     return None
 
 
 def _parse_record(line: str) -> Record | None:
-    try:
-        v = json.loads(line)
-    except ValueError:
-        return None
+    v = _json(line)
     if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], list)
             and len(v[1]) == 4):
         return None
@@ -251,6 +254,7 @@ def append_lines(path: str, lines: list[str]) -> None:
 @dataclass
 class Summary:
     """One (workload, target) of a log."""
+
     workload: int
     op: str
     shape: str

@@ -24,6 +24,7 @@ DENSE_OPS = ("dense_conv2d",)
 @dataclass
 class Task:
     """One distinct workload to tune."""
+
     name: str                # the PrimFunc's name at its first call site
     op: str                  # unsparse.op
     mod: object              # normalised IRModule {"main": PrimFunc}: the workload
