@@ -299,12 +299,13 @@ def print_result(r: dict) -> None:
           f"{e['tvm_dense_ms'] / e['unsparse_ms']:.2f}x vs TVM dense")
 
 
-def bench_command(args) -> None:
-    if args.json:
-        check_output(args.json, overwrite=getattr(args, "force", False), what="--json file")
-    r = bench(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
-              batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log)
+def bench_command(model: str, target: str = "llvm", arch: str | None = None, *, json_path: str | None = None,
+                  overwrite: bool = False, **options) -> None:
+    """`unsparse-tvm bench`: `bench(...)` (options: its keyword arguments), printed, and saved as JSON."""
+    if json_path:
+        check_output(json_path, overwrite=overwrite, what="--json file")
+    r = bench(model, target, arch, **options)
     print_result(r)
-    if args.json:
-        write_text(args.json, json.dumps(r, indent=2))
-        print(f"wrote {args.json}")
+    if json_path:
+        write_text(json_path, json.dumps(r, indent=2))
+        print(f"wrote {json_path}")

@@ -1,8 +1,10 @@
 """`unsparse-tvm`: the command-line driver, in the habits of TVM's old `tvmc` (compile, tune, run; -o, --target).
 
-Every command is `_add_<name>(subparsers)` + `_cmd_<name>(args)`. Heavy imports (torch, tvm) happen inside
-the handlers, so `unsparse-tvm run` can keep torch and TVM's compiler out of the process.
-Errors the user can fix are `UnsparseError`s: printed as one line, exit status 2, no traceback.
+Every command is `_add_<name>(subparsers)` + `_cmd_<name>(args)`, and each handler turns the parsed
+arguments into one typed call. The handlers import their command's module when called (deliberately:
+`unsparse-tvm run` must keep torch and TVM's compiler out of the process, and every command starts faster).
+Errors the user can fix are `UnsparseError`s, and usage errors argparse's: printed as one line, exit
+status 2, no traceback.
 """
 
 from __future__ import annotations
@@ -290,7 +292,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_command
 
-    bench_command(args)
+    bench_command(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
+                  batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log,
+                  json_path=args.json, overwrite=args.force)
     return 0
 
 
@@ -315,9 +319,12 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tuning.command import tune_command
+    from .tuning.command import TuneRequest, tune_command
 
-    return tune_command(args)
+    return tune_command(TuneRequest(
+        args.model, args.trials, args.log_dir, target=args.target, arch=args.arch, sparsity=args.sparsity,
+        threshold=args.threshold, include_dense=args.include_dense, rpc_tracker=args.rpc_tracker,
+        rpc_key=args.rpc_key, batch=args.batch, seed=args.seed, progress=not args.no_progress))
 
 
 def _add_logs(sub: argparse._SubParsersAction) -> None:
@@ -332,9 +339,11 @@ def _add_logs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from .tuning.command import logs_command
+    from .tuning.command import logs_merge, logs_show
 
-    return logs_command(args)
+    if args.logs_command == "show":
+        return logs_show(args.dir)
+    return logs_merge(args.dirs, args.output, overwrite=args.force)
 
 
 COMMANDS = {

@@ -1,10 +1,11 @@
-"""The `tune` and `logs` commands: parsed arguments in, one call each."""
+"""The `tune` and `logs` commands, as typed calls (the CLI turns its parsed arguments into one each)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 from ..errors import UnsparseError
 from ..compress.prune import load_model_program
@@ -15,26 +16,45 @@ from .search import tune
 from .state import STOP
 
 
-def tune_command(args) -> int:
+@dataclass
+class TuneRequest:
+    """What `unsparse-tvm tune` was asked to do."""
+
+    model: str
+    trials: int
+    log_dir: str
+    target: str = "llvm"
+    arch: str | None = None
+    sparsity: float | None = None
+    threshold: float = 0.7
+    include_dense: bool = False
+    rpc_tracker: str | None = None    # HOST:PORT
+    rpc_key: str | None = None
+    batch: int | None = None
+    seed: int = 1
+    progress: bool = True
+
+
+def tune_command(req: TuneRequest) -> int:
     """`unsparse-tvm tune`: extract, search, append records; Ctrl-C or kill keeps every finished batch."""
-    if args.rpc_tracker and not args.rpc_key:
+    if req.rpc_tracker and not req.rpc_key:
         raise UnsparseError("--rpc-tracker needs --rpc-key (the key the RPC servers registered with)")
-    if args.rpc_key and not args.rpc_tracker:
+    if req.rpc_key and not req.rpc_tracker:
         raise UnsparseError("--rpc-key needs --rpc-tracker HOST:PORT")
-    if args.trials < 1:
-        raise UnsparseError(f"--trials must be at least 1, got {args.trials}")
-    target = make_target(args.target, args.arch)
-    rpc = (*parse_tracker(args.rpc_tracker), args.rpc_key) if args.rpc_tracker else None
-    created = not os.path.exists(args.log_dir)
-    check_writable_dir(args.log_dir)
+    if req.trials < 1:
+        raise UnsparseError(f"--trials must be at least 1, got {req.trials}")
+    target = make_target(req.target, req.arch)
+    rpc = (*parse_tracker(req.rpc_tracker), req.rpc_key) if req.rpc_tracker else None
+    created = not os.path.exists(req.log_dir)
+    check_writable_dir(req.log_dir)
     try:
-        return _tune_in(args, target, rpc)
+        return _tune_in(req, target, rpc)
     finally:  # a tune that failed before writing anything leaves no empty log directory behind
-        if created and os.path.isdir(args.log_dir) and not os.listdir(args.log_dir):
-            os.rmdir(args.log_dir)
+        if created and os.path.isdir(req.log_dir) and not os.listdir(req.log_dir):
+            os.rmdir(req.log_dir)
 
 
-def _tune_in(args, target, rpc) -> int:
+def _tune_in(req: TuneRequest, target, rpc) -> int:
     if rpc is not None:
         check_tracker(*rpc)  # before the model is loaded
 
@@ -46,33 +66,36 @@ def _tune_in(args, target, rpc) -> int:
 
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ep = load_model_program(args.model, args.sparsity, batch=args.batch)
-        res = tune(ep, target, args.log_dir, args.trials, threshold=args.threshold, include_dense=args.include_dense,
-                   rpc=rpc, progress=not args.no_progress, seed=args.seed, out=sys.stdout)
+        ep = load_model_program(req.model, req.sparsity, batch=req.batch)
+        res = tune(ep, target, req.log_dir, req.trials, threshold=req.threshold, include_dense=req.include_dense,
+                   rpc=rpc, progress=req.progress, seed=req.seed, out=sys.stdout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(res.table())
     where = f"on {rpc[0]}:{rpc[1]} key {rpc[2]}" if rpc else "locally"
     print(f"{res.new_trials} new trials measured {where} in {res.seconds:.0f} s; "
-          f"{sum(s.trials for s in res.tasks)} trials in {args.log_dir} for these {len(res.tasks)} workloads")
+          f"{sum(s.trials for s in res.tasks)} trials in {req.log_dir} for these {len(res.tasks)} workloads")
     if res.interrupted:
-        print(f"interrupted: every measured batch is in {args.log_dir}; run the same command again to resume",
+        print(f"interrupted: every measured batch is in {req.log_dir}; run the same command again to resume",
               file=sys.stderr)
         return 130
-    print(f"use them with: unsparse-tvm compile {args.model} --target {args.target} "
-          f"--tuning-log {args.log_dir} -o model.so")
+    print(f"use them with: unsparse-tvm compile {req.model} --target {req.target} "
+          f"--tuning-log {req.log_dir} -o model.so")
     return 0
 
 
-def logs_command(args) -> int:
-    """`unsparse-tvm logs show DIR` / `unsparse-tvm logs merge DIR... -o OUT [--force]`."""
-    if args.logs_command == "show":
-        print(show(args.dir))
-        return 0
-    res = merge(args.dirs, args.output, overwrite=args.force)
+def logs_show(path: str) -> int:
+    """`unsparse-tvm logs show DIR`."""
+    print(show(path))
+    return 0
+
+
+def logs_merge(inputs: list[str], output: str, overwrite: bool = False) -> int:
+    """`unsparse-tvm logs merge DIR... -o OUT [--force]`."""
+    res = merge(inputs, output, overwrite=overwrite)
     print(f"merged {res['records_in']} records from {res['inputs']} log{'s' if res['inputs'] > 1 else ''} into "
-          f"{args.output}: the best of each workload and target, {res['records_out']} records"
+          f"{output}: the best of each workload and target, {res['records_out']} records"
           + (f" ({res['corrupt']} unreadable lines skipped)" if res["corrupt"] else ""))
     if res["misfit"]:
         print(f"warning: {res['misfit']} record{'s' if res['misfit'] > 1 else ''} skipped: their argument shapes do not "

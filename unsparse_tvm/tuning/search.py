@@ -84,8 +84,8 @@ def _make_context(task: Task, target, seed: int, workers: int, population: int):
         max_fail_count=5, genetic_num_iters=3, genetic_mutate_prob=0.85, genetic_max_fail_count=10,
         eps_greedy=0.1)
     # TuneContext.__init__ imports tvm.s_tir.tensor_intrin first (TVMScript-parses every tensor intrinsic:
-    # ~30 s on 2 cores), which only tensorizing schedule rules need: build the object as __init__ does,
-    # without that import.
+    # ~50 s on 2 cores, the same import the default builder makes, see measure.py), which only tensorizing
+    # schedule rules need: build the object as __init__ does, without that import.
     from tvm.s_tir.meta_schedule import _ffi_api
     from tvm.s_tir.meta_schedule.logging import get_logger, get_logging_func
 
