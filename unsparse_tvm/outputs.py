@@ -43,6 +43,27 @@ def check_output(path: str, *, overwrite: bool, suffixes: tuple[str, ...] = (), 
     return path
 
 
+def check_output_dir(path: str, *, overwrite: bool = True, holds: tuple[str, ...] = (),
+                     inputs: tuple[str, ...] = (), what: str = "output directory") -> str:
+    """A directory output (a tuning log): not a file, not one of the inputs, and, without `overwrite`, none of
+    `holds` non-empty in it; created if missing, and probed for writing. Returns the path."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UnsparseError(f"{what} {path} is a file, not a directory")
+    for src in inputs:
+        if src and os.path.exists(src) and os.path.exists(path) and os.path.samefile(src, path):
+            raise UnsparseError(f"{what} {path} is one of the inputs; write to another directory (inputs are never "
+                                "modified)")
+    if not overwrite and any(os.path.isfile(os.path.join(path, f)) and os.path.getsize(os.path.join(path, f))
+                             for f in holds):
+        raise UnsparseError(f"{path} already holds {', '.join(holds)}; pass --force to overwrite it")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test", delete=True).close()
+    except OSError as err:
+        raise UnsparseError(f"cannot write to {what} {path}: {err.strerror or err}") from None
+    return path
+
+
 def check_folder(folder: str, path: str, what: str = "output") -> None:
     if not os.path.isdir(folder):
         raise UnsparseError(f"folder {folder} of {what} {path} does not exist")

@@ -8,9 +8,10 @@ import sys
 from dataclasses import dataclass
 
 from ..errors import UnsparseError
+from ..outputs import check_output_dir
 from ..compress.prune import load_model_program
 from ..target import make_target
-from .log import check_writable_dir, merge, show
+from .log import merge, show
 from .rpc import check_tracker, parse_tracker
 from .search import tune
 from .state import STOP
@@ -46,7 +47,7 @@ def tune_command(req: TuneRequest) -> int:
     target = make_target(req.target, req.arch)
     rpc = (*parse_tracker(req.rpc_tracker), req.rpc_key) if req.rpc_tracker else None
     created = not os.path.exists(req.log_dir)
-    check_writable_dir(req.log_dir)
+    check_output_dir(req.log_dir)
     try:
         return _tune_in(req, target, rpc)
     finally:  # a tune that failed before writing anything leaves no empty log directory behind

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .log import (RECORD_FILE, WORKLOAD_FILE, Record, Workload, append_lines, check_writable_dir, describe_identity,
+from ..outputs import check_output_dir
+from .log import (RECORD_FILE, WORKLOAD_FILE, Record, Workload, append_lines, describe_identity,
                   plain, read_log, read_nonempty_log, target_dict, target_identity)
 
 
@@ -133,7 +134,7 @@ def write_record(log_dir: str, workload_mod, trace, run_secs: list[float], targe
     from tvm.s_tir.meta_schedule.database import Workload as TVMWorkload
 
 
-    check_writable_dir(log_dir)
+    check_output_dir(log_dir)
     log = read_log(log_dir)
     shash, mod_json = TVMWorkload(workload_mod).as_json()
     index = next((i for i, w in enumerate(log.workloads) if w is not None and w.shash == str(shash)), None)

@@ -17,11 +17,11 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UnsparseError
+from ..outputs import check_output_dir, write_text
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -222,18 +222,6 @@ def read_nonempty_log(path: str) -> LogContents:
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def check_writable_dir(path: str) -> None:
-    """Create the log directory if needed; one clear error if it cannot be written."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UnsparseError(f"log directory {path} is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test", delete=True)
-        probe.close()
-    except OSError as err:
-        raise UnsparseError(f"cannot write tuning records to {path}: {err.strerror or err}") from None
-
-
 def append_lines(path: str, lines: list[str]) -> None:
     """Append whole lines and flush; a torn last line (a killed writer) is closed off first so it
     stays one corrupt line instead of swallowing the next record."""
@@ -322,14 +310,10 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
     if not inputs:
         raise UnsparseError("logs merge needs at least one input log directory")
     for p in inputs:
-        if os.path.exists(p) and os.path.exists(output) and os.path.samefile(p, output):
-            raise UnsparseError(f"output {output} is one of the inputs; merge into another directory "
-                                "(inputs are never modified)")
+        read_log(p)  # a missing input is named before the output directory is created
+    check_output_dir(output, overwrite=overwrite, holds=(WORKLOAD_FILE, RECORD_FILE), inputs=tuple(inputs),
+                     what="merged log")
     logs = [read_nonempty_log(p).check_fit() for p in inputs]
-    if os.path.isdir(output) and any(os.path.exists(os.path.join(output, f)) and os.path.getsize(os.path.join(output, f))
-                                     for f in (WORKLOAD_FILE, RECORD_FILE)) and not overwrite:
-        raise UnsparseError(f"{output} already holds tuning records; pass --force to overwrite it")
-    check_writable_dir(output)
     workloads: dict[str, int] = {}      # structural hash -> output line
     wl_lines: list[str] = []
     best: dict[tuple[int, tuple], Record] = {}
@@ -349,10 +333,7 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
     remap = {old: new for new, old in enumerate(used)}
     rec_lines = [r.line(remap[r.workload]) for _, r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
     for name, lines in ((WORKLOAD_FILE, [wl_lines[i] for i in used]), (RECORD_FILE, rec_lines)):
-        tmp = os.path.join(output, f".{name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, os.path.join(output, name))
+        write_text(os.path.join(output, name), "".join(line + "\n" for line in lines))
     return {"inputs": len(inputs), "records_in": sum(len(l.records) + l.misfit for l in logs),
             "records_out": len(rec_lines), "workloads": len(used), "corrupt": corrupt,
             "misfit": sum(l.misfit for l in logs)}

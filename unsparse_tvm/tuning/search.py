@@ -15,10 +15,11 @@ import sys
 import time
 
 from ..errors import UnsparseError
+from ..outputs import check_output_dir
 from ..schedules import rule_for
 from .batches import _measure_defaults, _search_batch, _seed_database, _transfer_batch
 from .database import replay, skip_warning
-from .log import (WORKLOAD_FILE, LogContents, Workload, append_lines, check_writable_dir,
+from .log import (WORKLOAD_FILE, LogContents, Workload, append_lines,
                   read_log, target_dict, target_identity)
 from .measure import Builder, Runner
 from .state import PROFILE, STOP, TaskState, TuneResult, allocate, progress_bar, sibling_key, timed, trace_key
@@ -107,7 +108,7 @@ def tune(ep, target, log_dir: str, trials: int, *, threshold: float = 0.7, inclu
     if trials < 1:
         raise UnsparseError(f"--trials must be at least 1, got {trials}")
     start = time.perf_counter()
-    check_writable_dir(log_dir)
+    check_output_dir(log_dir)
     kind = target.kind.name
     if rpc is None and kind == "cuda":
         import tvm
