@@ -11,9 +11,9 @@ import tempfile
 import numpy as np
 import torch
 
-from unsparse_tvm.compiler import compile_program, export, print_report
-from unsparse_tvm.models import program_input_shape
-from unsparse_tvm.prune import prune_to_program
+from unsparse_tvm.build import compile_program, export, print_report
+from unsparse_tvm.frontend import program_input_shape
+from unsparse_tvm.compress.prune import prune_to_program
 from unsparse_tvm.runtime import describe_module, load, run_array
 from unsparse_tvm.target import make_target
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import sys
 
-from unsparse_tvm.data import load_dataset
-from unsparse_tvm.inspection import describe_program
-from unsparse_tvm.prune import PruneConfig, prune_model
-from unsparse_tvm.quantize import quantize_model, read_quantization
-from unsparse_tvm.train import evaluate, load_model, save_model, train
+from unsparse_tvm.compress.data import load_dataset
+from unsparse_tvm.compress.report import describe_program
+from unsparse_tvm.compress.prune import prune_model
+from unsparse_tvm.compress.targets import PruneConfig
+from unsparse_tvm.compress.quantize import quantize_model
+from unsparse_tvm.frontend import read_quantization
+from unsparse_tvm.compress.train import evaluate, train
+from unsparse_tvm.frontend import load_model, save_model
 
 
 def main(out: str = "smallcnn_vector4_int8.pt2") -> None:

@@ -19,9 +19,10 @@ import tvm
 from tvm import relax
 
 from unsparse_tvm.bench import round_robin
-from unsparse_tvm.compiler import compile_program
-from unsparse_tvm.models import example_input, program_input_shape
-from unsparse_tvm.prune import prune_to_program
+from unsparse_tvm.build import compile_program
+from unsparse_tvm.frontend import program_input_shape
+from unsparse_tvm.models import example_input
+from unsparse_tvm.compress.prune import prune_to_program
 from unsparse_tvm.target import make_target
 from unsparse_tvm.tuning import open_database, tune
 

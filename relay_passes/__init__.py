@@ -1,18 +1,27 @@
 """Relax passes (the directory keeps the name `relay_passes`: Relay was removed from TVM in 0.20 and
-Relax is its successor). One pass per file, named for what it rewrites; `pipeline.py` composes them."""
+Relax is its successor). One pass per file, named for what it rewrites; `pipeline.py` composes them;
+`layers.py` is what the passes report per layer; files starting with `_` are shared helpers."""
 
+from .apply_tuning_records import ApplyTuningRecords
 from .fold_batchnorm import FoldBatchNormIntoConv
+from .layers import LayerDecision, LayerNames
 from .lower_dense_conv2d import LowerDenseConv2d
-from .pipeline import build_pipeline
-from .schedule_ops import ScheduleUnsparseOps
+from .pipeline import build_pipeline, pipeline_phases
+from .schedule_remaining_cpu import ScheduleRemainingCPU
+from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
 
 __all__ = [
+    "ApplyTuningRecords",
     "FoldBatchNormIntoConv",
+    "LayerDecision",
+    "LayerNames",
     "LowerDenseConv2d",
+    "ScheduleRemainingCPU",
     "ScheduleUnsparseOps",
     "SparsifyConv2d",
     "SparsifyDense",
     "build_pipeline",
+    "pipeline_phases",
 ]

@@ -1,16 +1,19 @@
-"""Shared pieces of the rewrite passes: constants, use counts, epilogue chains, layer names, decisions."""
+"""Shared pieces of the rewrite passes: constants, use counts, epilogue chains, marking our kernels."""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
+import tvm
 from tvm import relax, tirx
 from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
+from unsparse_tvm.formats import HYB_MIN_SAVING
 from unsparse_tvm.schedules._common import OP_ATTR
+
+from .layers import LayerNames
 
 
 def const_array(expr: relax.Expr) -> np.ndarray | None:
@@ -155,53 +158,6 @@ def users_of(func: relax.Function) -> dict[relax.Var, relax.Var]:
     return users
 
 
-def fingerprint(arr: np.ndarray) -> str:
-    arr = np.ascontiguousarray(arr)
-    h = hashlib.blake2b(arr.tobytes(), digest_size=16)
-    return f"{arr.shape}:{arr.dtype}:{h.hexdigest()}"
-
-
-class LayerNames:
-    """Maps weight arrays to the PyTorch parameter names they came from (constants carry no names)."""
-
-    def __init__(self, named: dict[str, np.ndarray] | None = None):
-        self._names: dict[str, str] = {}
-        for name, arr in (named or {}).items():
-            self._names[fingerprint(arr)] = name.removesuffix(".weight")
-        self._count = 0
-
-    def alias(self, new: np.ndarray, old: np.ndarray) -> None:
-        name = self._names.get(fingerprint(old))
-        if name is not None:
-            self._names[fingerprint(new)] = name
-
-    def name_of(self, arr: np.ndarray, kind: str) -> str:
-        name = self._names.get(fingerprint(arr))
-        if name is None:
-            self._count += 1
-            name = f"{kind}{self._count}"
-        return name
-
-
-@dataclass
-class LayerDecision:
-    """What a rewrite pass did with one layer; `compile` and `bench` print these."""
-
-    name: str
-    op: str                      # conv2d or dense
-    shape: list[int]             # weight shape
-    sparsity: float
-    decision: str                # sparse, dense, or why it was left alone
-    format: str = "-"            # ell / hyb for sparse layers
-    nnz: int = 0
-    padded: int = 0              # stored entries including padding
-    input_shape: list[int] = field(default_factory=list)
-    fused: str = ""              # epilogue fused into the kernel, e.g. "bias+relu"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def fused_label(ep: Epilogue) -> str:
     parts = [p for p, on in (("bias", ep.bias is not None), ("residual", ep.residual is not None), ("relu", ep.relu)) if on]
     return "+".join(parts)
@@ -223,3 +179,25 @@ def mark(builder: relax.BlockBuilder, call: relax.Call, attrs: dict) -> None:
     for key, value in {OP_ATTR: attrs.pop("op"), "op_pattern": 8, **attrs}.items():
         func = func.with_attr(key, value)
     builder.update_func(gv, func)
+
+
+def record_sparse(decision, rows, ep: Epilogue) -> None:
+    """Fill in a LayerDecision for a layer that became a sparse operator."""
+    decision.decision, decision.format = "sparse", rows.fmt
+    decision.padded, decision.fused = rows.padded_size, fused_label(ep)
+
+
+class SparsifyPass:
+    """Undecorated base of SparsifyConv2d / SparsifyDense (decorated classes cannot be subclassed): their
+    options, and running the pass's mutator (`mutator`, a staticmethod) over the module."""
+
+    mutator = None
+
+    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None, report: list | None = None,
+                 fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
+        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
+        self.names = names if names is not None else LayerNames()
+        self.report = report if report is not None else []
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        return self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)

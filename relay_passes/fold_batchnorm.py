@@ -11,7 +11,8 @@ import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
-from ._util import LayerNames, const_array, is_op, use_counts
+from ._util import const_array, is_op, use_counts
+from .layers import LayerNames
 
 
 @relax.expr_functor.mutator

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
+from tvm.relax.backend.cuda import pipeline as cuda_backend
+from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from unsparse_tvm.formats import HYB_MIN_SAVING
 
-from ._util import LayerNames
+from .apply_tuning_records import ApplyTuningRecords
+from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
-from .schedule_ops import ScheduleRemainingCPU, ScheduleUnsparseOps
+from .schedule_remaining_cpu import ScheduleRemainingCPU
+from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
 
@@ -20,9 +25,6 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
                     names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
                     configs: dict | None = None, database=None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (tests run a prefix of them)."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_backend
-    from tvm.relax.backend.cuda import pipeline as cuda_backend
-
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
@@ -42,16 +44,12 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
                                 relax.transform.FuseTIR()]))
     # Phase 5: schedules: tuning records first, then our hand-written rules, then the rest
     schedule = []
-    if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled (unsparse_tvm.tuning)
-        from unsparse_tvm.tuning import ApplyTuningRecords
-
+    if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled
         schedule.append(ApplyTuningRecords(database))
     schedule.append(ScheduleUnsparseOps(target, configs))
     if is_cpu:
         schedule.append(ScheduleRemainingCPU(target))
     else:
-        from tvm.s_tir import dlight as dl
-
         schedule.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
     phases.append(("schedule", schedule))

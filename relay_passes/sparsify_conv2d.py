@@ -13,10 +13,11 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm import te_ops
-from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
+from unsparse_tvm.formats import conv_weight_rows
 
-from ._conv_match import ConvChainRewriter
-from ._util import LayerDecision, LayerNames, fused_label, mark, rows_consts
+from ._conv_match import ConvChainRewriter, unsupported_reason
+from ._util import SparsifyPass, mark, record_sparse, rows_consts
+from .layers import LayerDecision, LayerNames
 
 
 @relax.expr_functor.mutator
@@ -33,8 +34,9 @@ class _Sparsifier(ConvChainRewriter):
         decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "dense",
                                  nnz=int((weight != 0).sum()), input_shape=[geo.n, geo.c, geo.h, geo.w] if geo else [])
         self.report.append(decision)
-        if geo is None or int(conv.attrs.groups) != 1:
-            decision.decision = "dense (grouped or unsupported layout/dtype)"
+        reason = unsupported_reason(conv, weight)
+        if reason is not None or geo is None:
+            decision.decision = reason or "dense (unsupported conv2d)"
             return None
         if sparsity < self.threshold:
             decision.decision = "dense (below threshold)"
@@ -46,20 +48,12 @@ class _Sparsifier(ConvChainRewriter):
         kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": geo.pad_shape})
-        decision.decision, decision.format = "sparse", rows.fmt
-        decision.padded, decision.fused = rows.padded_size, fused_label(ep)
+        record_sparse(decision, rows, ep)
         return call
 
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyConv2d")
-class SparsifyConv2d:
+class SparsifyConv2d(SparsifyPass):
     """Replace sufficiently sparse conv2d (+ bias/residual/ReLU) by TE sparse direct convolutions."""
 
-    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None,
-                 report: list | None = None, fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
-        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
-        self.names = names if names is not None else LayerNames()
-        self.report = report if report is not None else []
-
-    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)
+    mutator = staticmethod(_Sparsifier)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.ir import IRModule
 
 from unsparse_tvm import te_ops
-from unsparse_tvm.formats import HYB_MIN_SAVING, dense_weight_rows
+from unsparse_tvm.formats import dense_weight_rows
 
-from ._util import (ChainRewriter, LayerDecision, LayerNames, const_array, fused_label, is_op, mark, match_epilogue, rows_consts,
+from ._util import (ChainRewriter, SparsifyPass, const_array, is_op, mark, match_epilogue, record_sparse, rows_consts,
                     shape_of, use_counts, users_of)
+from .layers import LayerDecision
 
 
 def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:
@@ -60,7 +60,7 @@ class _Sparsifier(ChainRewriter):
                                  input_shape=list(shape_of(call.args[0])))
         self.report.append(decision)
         if weight.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
-            decision.decision = "dense (not float32)"
+            decision.decision = f"dense (dtype {weight.dtype}, not float32)" if weight.dtype != np.float32 else "dense (input not float32)"
             return None
         if sparsity < self.threshold:
             decision.decision = "dense (below threshold)"
@@ -73,20 +73,12 @@ class _Sparsifier(ChainRewriter):
         new = self.builder_.call_te(te_ops.sparse_dense, *args, fmt=rows.fmt, has_bias=ep.bias is not None,
                                     relu=ep.relu, primfunc_name_hint=kind)
         mark(self.builder_, new, {"op": kind, "unsparse.fmt": rows.fmt})
-        decision.decision, decision.format = "sparse", rows.fmt
-        decision.padded, decision.fused = rows.padded_size, fused_label(ep)
+        record_sparse(decision, rows, ep)
         return new
 
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyDense")
-class SparsifyDense:
+class SparsifyDense(SparsifyPass):
     """Replace sufficiently sparse linear layers (+ bias/ReLU) by TE sparse dense operators."""
 
-    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None,
-                 report: list | None = None, fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
-        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
-        self.names = names if names is not None else LayerNames()
-        self.report = report if report is not None else []
-
-    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Sparsifier(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)
+    mutator = staticmethod(_Sparsifier)

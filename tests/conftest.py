@@ -81,7 +81,7 @@ def rel_err(a, b) -> float:
 @functools.lru_cache(maxsize=None)
 def pruned_program(model: str, sparsity: float = 0.9):
     """One pruned ExportedProgram per model and session (pruning VGG-16 takes a while)."""
-    from unsparse_tvm.prune import prune_to_program
+    from unsparse_tvm.compress.prune import prune_to_program
 
     return prune_to_program(model, sparsity)
 

@@ -120,7 +120,9 @@ def test_fractions_outside_0_1_are_rejected(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         main(cmd)
     assert exc.value.code != 0
-    assert "must be in [0, 1]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("must be in [0, 1)" if flag == "--sparsity" else "must be in [0, 1]") in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("arr,expect", [(np.zeros((1, 3, 30, 32), np.float32), "input shape is [1, 3, 30, 32]"),

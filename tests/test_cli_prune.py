@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from unsparse_tvm.cli import main
 from unsparse_tvm.errors import UnsparseError
-from unsparse_tvm.inspection import describe_program
+from unsparse_tvm.compress.report import describe_program
 from unsparse_tvm.models import export
 
 from test_data import write_cifar
@@ -105,7 +105,7 @@ def test_global_scope_and_sensitivity(trained, tmp_path, capsys):
 
 
 def test_weights_state_dict_for_a_builtin_model(trained, tmp_path, capsys):
-    from unsparse_tvm.train import load_model
+    from unsparse_tvm.frontend import load_model
 
     torch.save(load_model(trained).module.state_dict(), tmp_path / "w.pt")
     code, out, _ = run(capsys, "prune", "smallcnn", "--weights", tmp_path / "w.pt", "--sparsity", "0.5",

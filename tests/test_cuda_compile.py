@@ -44,7 +44,7 @@ def test_sparse_dense_cuda_schedule_uses_warp_reduction(cuda):
                                    pytest.param("resnet50", marks=pytest.mark.slow),
                                    pytest.param("vgg16", marks=pytest.mark.slow)])
 def test_model_cuda_module_carries_sm90_device_code(model, cuda, tmp_path):
-    from unsparse_tvm.compiler import compile_program, export
+    from unsparse_tvm.build import compile_program, export
     from unsparse_tvm.runtime import device_code_summary, fatbin_images, read_metadata
 
     compiled = compile_program(pruned_program(model), cuda, threshold=0.7)

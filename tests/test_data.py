@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unsparse_tvm.data import CIFAR_MEAN, CIFAR_STD, load_dataset
+from unsparse_tvm.compress.data import CIFAR_MEAN, CIFAR_STD, load_dataset
 from unsparse_tvm.errors import UnsparseError
 
 

@@ -73,8 +73,8 @@ def test_builtin_model_cuda_matches_torch(model, gpu_target):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import compile_program
-    from unsparse_tvm.models import program_input_shape
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.frontend import program_input_shape
 
     ep = pruned_program(model, 0.9)
     from unsparse_tvm.cuda_package import embed_device_code

@@ -15,12 +15,12 @@ def test_builtin_model_at_90_percent_matches_torch(model, llvm):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import compile_program
-    from unsparse_tvm.models import program_input_shape
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.frontend import program_input_shape
 
     ep = pruned_program(model, 0.9)
     compiled = compile_program(ep, llvm, threshold=0.7)
-    from unsparse_tvm.prune import layer_sparsity
+    from unsparse_tvm.compress.masks import layer_sparsity
 
     # every conv/linear layer got a decision (none silently left dense), and every one is sparse
     assert sorted(r.name for r in compiled.report) == sorted(n.removesuffix(".weight") for n, _, _ in layer_sparsity(ep))
@@ -38,8 +38,8 @@ def test_batch_of_eight(llvm):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import compile_program
-    from unsparse_tvm.prune import prune_to_program
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.compress.prune import prune_to_program
 
     ep = prune_to_program("smallcnn", 0.9, batch=8)
     compiled = compile_program(ep, llvm)

@@ -23,7 +23,7 @@ class ResBlock(nn.Module):
 
 
 def _prepared(model, shape, sparsity=0.9, seed=0):
-    from unsparse_tvm.prune import magnitude_prune
+    from unsparse_tvm.compress.masks import magnitude_prune
 
     torch.manual_seed(seed)
     for m in model.modules():
@@ -41,7 +41,7 @@ def test_batchnorm_folded_residual_and_relu_fused(llvm):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import compile_program
+    from unsparse_tvm.build import compile_program
 
     ep, x = _prepared(ResBlock(), (2, 8, 6, 6))
     compiled = compile_program(ep, llvm, threshold=0.7)
@@ -56,7 +56,7 @@ def test_bn_fold_keeps_pruned_zeros_zero():
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import import_program
+    from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import FoldBatchNormIntoConv
     from unsparse_tvm.relay_passes._util import const_array, is_op
 
@@ -74,7 +74,7 @@ def test_bn_fold_keeps_pruned_zeros_zero():
 
 @pytest.mark.parametrize("threshold,expected", [(0.95, "dense (below threshold)"), (0.85, "sparse"), (0.0, "sparse")])
 def test_threshold_decides_per_layer(threshold, expected, llvm):
-    from unsparse_tvm.compiler import compile_program
+    from unsparse_tvm.build import compile_program
 
     ep, _ = _prepared(ResBlock(), (1, 8, 6, 6), sparsity=0.9)
     compiled = compile_program(ep, llvm, threshold=threshold)
@@ -90,7 +90,7 @@ def test_nothing_left_unscheduled_on_llvm(sparse, llvm):
     """Every PrimFunc leaving the schedule phase is scheduled, sparse or dense (pool, linear, add too)."""
     from tvm import tirx
 
-    from unsparse_tvm.compiler import import_program
+    from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.schedules._common import is_scheduled
 
@@ -112,7 +112,7 @@ def test_sparse_kernels_keep_their_identity_through_fusion(llvm):
     """FuseOps must not merge our kernels with neighbours (their attributes would be lost)."""
     from tvm import tirx
 
-    from unsparse_tvm.compiler import import_program
+    from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.schedules._common import op_of
 
@@ -162,7 +162,7 @@ def test_two_conv_chains_meeting_at_a_residual_add_are_both_sparse(llvm):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.compiler import compile_program
+    from unsparse_tvm.build import compile_program
 
     ep, x = _prepared(DownBlock(), (2, 8, 8, 8))
     compiled = compile_program(ep, llvm, threshold=0.7)

@@ -156,8 +156,7 @@ def test_cuda_design_space_points_on_pocl(layer, seed, pocl, cuda):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["smallcnn", "vgg16-cifar", "resnet18"])
 def test_builtin_model_cuda_on_pocl(model, pocl):
-    from unsparse_tvm.compiler import import_program
-    from unsparse_tvm.models import program_input_shape
+    from unsparse_tvm.frontend import import_program, program_input_shape
 
     ep = pruned_program(model, 0.9)
     mod, _names = import_program(ep)

@@ -10,13 +10,13 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
 from unsparse_tvm.errors import UnsparseError
-from unsparse_tvm.inspection import detect_pattern
+from unsparse_tvm.compress.report import detect_pattern
 from unsparse_tvm.models import build_model
-from unsparse_tvm.prune import (
-    BlockPruning, MixedPruning, PruneConfig, VectorPruning, _allocate_by_sensitivity, block_mask, cubic_sparsity,
-    layer_sparsity, layer_targets, magnitude_prune, mixed_masks, prunable_parameters, prune_model,
-    prune_to_program, vector_mask,
-)
+from unsparse_tvm.compress.masks import (BlockPruning, MixedPruning, VectorPruning, block_mask, layer_sparsity,
+                                        magnitude_prune, mixed_masks, prunable_parameters, vector_mask)
+from unsparse_tvm.compress.prune import prune_model, prune_to_program
+from unsparse_tvm.compress.schedule import cubic_sparsity
+from unsparse_tvm.compress.targets import PruneConfig, _allocate_by_sensitivity, layer_targets
 
 
 def tiles_whole(mask: torch.Tensor, rows: int, cols: int) -> bool:

@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from unsparse_tvm.data import load_dataset
+from unsparse_tvm.compress.data import load_dataset
 from unsparse_tvm.errors import UnsparseError
 from unsparse_tvm.models import build_model
-from unsparse_tvm.prune import PruneConfig, magnitude_prune, prunable_parameters, prune_model
-from unsparse_tvm.quantize import (
-    QUANT_FILE, fit_codebook, linear_quantize, parse_scheme, pow2_quantize, quantize_command, quantize_model,
-    read_quantization,
-)
-from unsparse_tvm.train import MODEL_META, load_model, save_model
+from unsparse_tvm.compress.masks import magnitude_prune, prunable_parameters
+from unsparse_tvm.compress.prune import prune_model
+from unsparse_tvm.compress.targets import PruneConfig
+from unsparse_tvm.compress.quantize import fit_codebook, linear_quantize, parse_scheme, pow2_quantize, quantize_command, quantize_model
+from unsparse_tvm.frontend import QUANT_FILE, read_quantization
+from unsparse_tvm.frontend import MODEL_META, load_model, save_model
 
 
 def pruned_weight(shape=(32, 16, 3, 3), sparsity=0.7, seed=0) -> torch.Tensor:

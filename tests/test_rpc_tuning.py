@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import pruned_program
-from unsparse_tvm.logs import read_log
+from unsparse_tvm.tuning.log import read_log
 
 KEY = "unsparse-test"
 pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
@@ -117,7 +117,7 @@ def test_tune_through_rpc_tracker(tmp_path, rpc_cluster, llvm):
     sessions = [open(p).read().count("load_module") for p in server_logs]
     assert sum(sessions) == 7, sessions  # every candidate was timed on an RPC server
     # the records apply like local ones
-    from unsparse_tvm.compiler import compile_program
+    from unsparse_tvm.build import compile_program
     from unsparse_tvm.tuning import open_database
 
     db = open_database(path, llvm)

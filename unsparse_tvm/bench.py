@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import tvm
+from tvm import relax
 
+from .build import compile_program
+from .compress.prune import load_model_program
+from .cuda_package import embed_device_code
 from .errors import UnsparseError
+from .frontend import import_program, program_input_shape
+from .models import example_input
+from .outputs import check_output, write_text
+from .relay_passes import FoldBatchNormIntoConv, build_pipeline
+from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
+from .relay_passes.sparsify_dense import _linear_weight
+from .target import make_target
+from .tuning.database import open_database
 
 
 @dataclass
@@ -33,13 +49,7 @@ class LayerSpec:
 def extract_layers(ep) -> tuple[list[LayerSpec], object]:
     """Every conv2d and linear with a constant weight, with the bias and ReLU that follow it, and the
     LayerNames that name their (batch-norm folded) weights."""
-    import tvm
-    from tvm import relax
 
-    from .compiler import import_program
-    from .relay_passes import FoldBatchNormIntoConv
-    from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
-    from .relay_passes.sparsify_dense import _linear_weight
 
     mod, names = import_program(ep)
     mod = tvm.transform.Sequential([FoldBatchNormIntoConv(names), relax.transform.FoldConstant()])(mod)
@@ -64,8 +74,6 @@ def extract_layers(ep) -> tuple[list[LayerSpec], object]:
 
 def layer_module(spec: LayerSpec):
     """A one-layer Relax module: conv2d/linear [+ bias] [+ ReLU]."""
-    from tvm import relax
-
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(spec.input_shape, "float32"))
     with bb.function("main", [x]):
@@ -89,9 +97,6 @@ def layer_module(spec: LayerSpec):
 
 def torch_layer(spec: LayerSpec, device: str):
     """The same layer as PyTorch eager would run it (dense weights)."""
-    import torch
-    import torch.nn.functional as F
-
     w = torch.from_numpy(spec.weight).to(device)
     b = torch.from_numpy(spec.bias).to(device) if spec.bias is not None else None
 
@@ -152,12 +157,7 @@ def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0) -> di
 
 
 def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None):
-    import tvm
-    from tvm import relax
-
     if gpu:  # in-memory CUDA modules carry source: compile it with nvcc, as `compile` does
-        from .cuda_package import embed_device_code
-
         embed_device_code(executable, arch)
     vm = relax.VirtualMachine(executable, dev)
     x = tvm.runtime.tensor(x_np, dev)
@@ -169,15 +169,8 @@ def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None)
 
 
 def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
-          threshold: float = 0.7, batch: int = 1, repeat: int = 20, layers: bool = True,
+          threshold: float = 0.7, batch: int | None = None, repeat: int = 20, layers: bool = True,
           tuning_log: str | None = None, seed: int = 0) -> dict:
-    import torch
-    import tvm
-
-    from .compiler import compile_program
-    from .models import example_input, load_program, program_input_shape
-    from .target import make_target
-
     target = make_target(target_name, arch)
     arch = str(target.attrs["arch"]) if target_name == "cuda" else None
     dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
@@ -185,12 +178,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         raise UnsparseError("bench --target cuda needs a CUDA GPU visible to both TVM and PyTorch")
     torch_dev = "cuda" if target_name == "cuda" else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)  # PyTorch and TVM both get every core
-    if sparsity is not None:
-        from .prune import prune_to_program
-
-        ep = prune_to_program(model, sparsity, batch=batch)
-    else:
-        ep = load_program(model, batch=batch)
+    ep = load_model_program(model, sparsity, batch=batch)
     shape = program_input_shape(ep)
     x = example_input(shape, seed)
     x_np = x.numpy()
@@ -202,8 +190,6 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
     contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
     if tuning_log is not None:
-        from .tuning import open_database
-
         database = open_database(tuning_log, target)  # only records of this target
         tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database)
         print(database.summary())
@@ -242,8 +228,6 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
 
 
 def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
-    import torch
-
     specs, names = extract_layers(ep)
     rows = []
     print(f"timing {len(specs)} layers one by one")
@@ -277,20 +261,11 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
 
 
 def _compile_layer(mod, target, threshold, sparse, names=None, report=None):
-    import tvm
-
-    from .relay_passes import build_pipeline
-
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report)
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
 def _machine(target_name: str) -> dict:
-    import platform
-
-    import torch
-    import tvm
-
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "tvm": tvm.__version__,
             "torch": torch.__version__, "python": platform.python_version()}
     try:
@@ -324,15 +299,13 @@ def print_result(r: dict) -> None:
           f"{e['tvm_dense_ms'] / e['unsparse_ms']:.2f}x vs TVM dense")
 
 
-def bench_command(args) -> None:
-    if args.batch < 1:
-        raise UnsparseError(f"--batch must be at least 1, got {args.batch}")
-    if args.json and os.path.exists(args.json) and not getattr(args, "force", False):
-        raise UnsparseError(f"{args.json} exists; pass --force to overwrite it")
-    r = bench(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
-              batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log)
+def bench_command(model: str, target: str = "llvm", arch: str | None = None, *, json_path: str | None = None,
+                  overwrite: bool = False, **options) -> None:
+    """`unsparse-tvm bench`: `bench(...)` (options: its keyword arguments), printed, and saved as JSON."""
+    if json_path:
+        check_output(json_path, overwrite=overwrite, what="--json file")
+    r = bench(model, target, arch, **options)
     print_result(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
-        print(f"wrote {args.json}")
+    if json_path:
+        write_text(json_path, json.dumps(r, indent=2))
+        print(f"wrote {json_path}")

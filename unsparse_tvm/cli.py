@@ -1,30 +1,55 @@
 """`unsparse-tvm`: the command-line driver, in the habits of TVM's old `tvmc` (compile, tune, run; -o, --target).
 
-Every command is `_add_<name>(subparsers)` + `_cmd_<name>(args)`. Heavy imports (torch, tvm) happen inside
-the handlers, so `unsparse-tvm run` can keep torch and TVM's compiler out of the process.
-Errors the user can fix are `UnsparseError`s: printed as one line, exit status 2, no traceback.
+Every command is `_add_<name>(subparsers)` + `_cmd_<name>(args)`, and each handler turns the parsed
+arguments into one typed call. The handlers import their command's module when called (deliberately:
+`unsparse-tvm run` must keep torch and TVM's compiler out of the process, and every command starts faster).
+Errors the user can fix are `UnsparseError`s, and usage errors argparse's: printed as one line, exit
+status 2, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import UnsparseError, check_fraction
 
 MODEL_HELP = "a built-in model (smallcnn, vgg16-cifar, vgg16, resnet18, resnet50) or a .pt2 file"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`unsparse-tvm compile: error: ...`) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's API)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _fraction(name: str, upper_inclusive: bool = True):
+    bound = "[0, 1]" if upper_inclusive else "[0, 1)"
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got '{text}'") from None
+            raise argparse.ArgumentTypeError(f"{name} must be a number in {bound}, got '{text}'") from None
         try:
             return check_fraction(name, value, upper_inclusive=upper_inclusive)
         except UnsparseError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got '{text}'") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
 
     return parse
 
@@ -47,7 +72,7 @@ def _add_data_args(p: argparse.ArgumentParser, epochs_help: str, lr: float) -> N
 
 def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
                    help="batch size baked into the exported program (default 1, or the input .pt2's)")
     p.add_argument("-o", "--output", required=True, help="output .pt2 file")
     if report:
@@ -56,13 +81,42 @@ def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
                    help="overwrite the output (and report) file if it exists" if report else "overwrite the output file if it exists")
 
 
-def _add_prune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "prune", help="prune conv and linear weights (unstructured, vector, block, mixed), optionally while fine-tuning",
-        description="Prune every conv2d/linear weight and save the model as .pt2. Without --dataset/--epochs it is "
-                    "one-shot layer-wise magnitude pruning; with --dataset D --epochs N, sparsity ramps up on a cubic "
-                    "schedule (Zhu & Gupta) while fine-tuning. Chain: train -> prune -> quantize, passing .pt2 files.")
+# help and description of the longer-described commands
+TEXTS = {
+    "prune": ("prune conv and linear weights (unstructured, vector, block, mixed), optionally while fine-tuning",
+        "Prune every conv2d/linear weight and save the model as .pt2. Without --dataset/--epochs it is "
+        "one-shot layer-wise magnitude pruning; with --dataset D --epochs N, sparsity ramps up on a cubic "
+        "schedule (Zhu & Gupta) while fine-tuning. Chain: train -> prune -> quantize, passing .pt2 files."),
+    "quantize": ("quantise conv and linear weights (int8, int4, kmeansB, pow2), zeros kept; save as .pt2",
+        "Quantise the nonzero conv2d/linear weights; zeros stay exactly zero. The .pt2 keeps float "
+        "weights holding the dequantised values, and carries the scheme with its per-layer scales or "
+        "codebooks as unsparse_quant.json (unsparse_tvm.frontend.read_quantization)."),
+    "train": ("train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
+        "Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
+        "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
+        "PyTorch training, pass the built-in name with --weights state.pt (a state_dict). Weights that "
+        "are exactly zero (a pruned .pt2) stay zero."),
+    "tune": ("tune the sparse kernels' schedule knobs with MetaSchedule (XGBoost), records to --log-dir",
+        "One task per distinct sparse workload; MetaSchedule's evolutionary search with its XGBoost "
+        "cost model draws the knobs of our hand-written schedules, timed with the layers' real sparse "
+        "index arrays. Records are appended per measured batch: Ctrl-C loses nothing, and running the "
+        "same command again resumes (records already in DIR count toward --trials)."),
+}
+
+
+def _parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=TEXTS[name][0], description=TEXTS[name][1])
+
+
+def _compress_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """A prune/quantize parser: its MODEL (built-in or .pt2) first."""
+    p = _parser(sub, name)
     p.add_argument("model", help=MODEL_INPUT_HELP)
+    return p
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = _compress_parser(sub, "prune")
     p.add_argument("--sparsity", type=float, required=True,
                    help="overall fraction of conv/linear weights set to zero, in [0, 1)")
     p.add_argument("--method", default="unstructured",
@@ -85,9 +139,19 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     _add_model_io_args(p)
 
 
+def _print_result(what: str, report: dict, args: argparse.Namespace) -> int:
+    """What prune/quantize did, the report table, and what they wrote."""
+    from .compress.report import format_report
+
+    print(f"{what} ({report['seconds']:.1f} s)")
+    print(format_report(report))
+    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .inspection import format_report
-    from .prune import PruneConfig, prune_command
+    from .compress.prune import prune_command
+    from .compress.targets import PruneConfig
 
     cfg = PruneConfig(
         sparsity=args.sparsity, method=args.method, scope=args.scope, vector_size=args.vector_size,
@@ -97,20 +161,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     )
     report = prune_command(args.model, cfg, args.output, dataset=args.dataset, weights=args.weights,
                            batch=args.batch, report=args.report, overwrite=args.force)
-    print(f"pruned {args.model}: {cfg.describe()} ({report['seconds']:.1f} s)")
-    print(format_report(report))
-    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
-    return 0
+    return _print_result(f"pruned {args.model}: {cfg.describe()}", report, args)
 
 
 # ---- quantize ------------------------------------------------------------------------------------
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "quantize", help="quantise conv and linear weights (int8, int4, kmeansB, pow2), zeros kept; save as .pt2",
-        description="Quantise the nonzero conv2d/linear weights; zeros stay exactly zero. The .pt2 keeps float "
-                    "weights holding the dequantised values, and carries the scheme with its per-layer scales or "
-                    "codebooks as unsparse_quant.json (unsparse_tvm.quantize.read_quantization).")
-    p.add_argument("model", help=MODEL_INPUT_HELP)
+    p = _compress_parser(sub, "quantize")
     p.add_argument("--scheme", required=True,
                    help="int8 | int4 (intB, B=2..8: symmetric per output channel) | kmeansB (B=2..8, per-layer "
                         "codebook of 2^B values, e.g. kmeans4) | pow2 (+-scale*2^e, 4 bits)")
@@ -119,27 +175,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .inspection import format_report
-    from .quantize import quantize_command
+    from .compress.quantize import quantize_command
 
     report = quantize_command(args.model, args.scheme, args.output, dataset=args.dataset, epochs=args.epochs,
                               lr=args.lr, batch_size=args.batch_size, weights=args.weights, batch=args.batch,
                               report=args.report, overwrite=args.force, seed=args.seed)
-    print(f"quantised {args.model}: {args.scheme}" + (f", {args.epochs} fine-tuning epochs" if args.epochs else "")
-          + f" ({report['seconds']:.1f} s)")
-    print(format_report(report))
-    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
-    return 0
+    return _print_result(f"quantised {args.model}: {args.scheme}"
+                         + (f", {args.epochs} fine-tuning epochs" if args.epochs else ""), report, args)
 
 
 # ---- train ---------------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
-        description="Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
-                    "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
-                    "PyTorch training, pass the built-in name with --weights state.pt (a state_dict). Weights that "
-                    "are exactly zero (a pruned .pt2) stay zero.")
+    p = _parser(sub, "train")
     p.add_argument("model", help="a built-in model (smallcnn for digits, vgg16-cifar for cifar10), "
                                  "or a .pt2 written by unsparse-tvm to continue training")
     _add_data_args(p, "training epochs", 3e-3)
@@ -148,7 +195,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train_command
+    from .compress.train import train_command
 
     if args.dataset is None or args.epochs is None:
         raise UnsparseError("train needs --dataset (digits or cifar10:PATH) and --epochs N")
@@ -163,7 +210,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---- compile -------------------------------------------------------------------------------------
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="llvm", help="llvm (x86 CPU) or cuda")
-    p.add_argument("--arch", default=None, help="CUDA arch, e.g. sm_90 (default sm_90); ignored for llvm")
+    p.add_argument("--arch", default=None, help="CUDA arch for --target cuda, e.g. sm_90 (default sm_90); an error with --target llvm")
     p.add_argument("--threshold", type=_fraction("threshold"), default=0.7,
                    help="layers whose weight sparsity is at least this run as sparse kernels (default 0.7)")
 
@@ -172,14 +219,15 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model into one deployable .so (weights inside)")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--batch", type=int, default=1, help="batch size for built-in models")
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
+                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
     p.add_argument("-o", "--output", required=True, help="output .so file")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     p.add_argument("--tuning-log", default=None, help="directory of tuning records to apply")
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from .compiler import compile_file
+    from .build import compile_file
 
     compile_file(args.model, args.target, args.arch, args.threshold, args.output,
                  batch=args.batch, overwrite=args.force, tuning_log=args.tuning_log)
@@ -219,7 +267,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
         print(describe_module(args.file))
     else:
-        from .inspection import describe_program
+        from .compress.report import describe_program
 
         print(describe_program(args.file))
     return 0
@@ -230,9 +278,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time sparse-compiled vs TVM dense vs PyTorch eager, end to end and per layer")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--sparsity", type=_fraction("sparsity"), default=None,
+    p.add_argument("--sparsity", type=_fraction("sparsity", upper_inclusive=False), default=None,
                    help="magnitude-prune to this sparsity first (default: use the weights as they are)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for built-in models")
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
+                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (median reported)")
@@ -243,21 +292,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_command
 
-    bench_command(args)
+    bench_command(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
+                  batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log,
+                  json_path=args.json, overwrite=args.force)
     return 0
 
 
 # ---- tune / logs ---------------------------------------------------------------------------------
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tune", help="tune the sparse kernels' schedule knobs with MetaSchedule (XGBoost), records to --log-dir",
-        description="One task per distinct sparse workload; MetaSchedule's evolutionary search with its XGBoost "
-                    "cost model draws the knobs of our hand-written schedules, timed with the layers' real sparse "
-                    "index arrays. Records are appended per measured batch: Ctrl-C loses nothing, and running the "
-                    "same command again resumes (records already in DIR count toward --trials).")
+    p = _parser(sub, "tune")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--sparsity", type=_fraction("sparsity"), default=None,
+    p.add_argument("--sparsity", type=_fraction("sparsity", upper_inclusive=False), default=None,
                    help="magnitude-prune to this sparsity first (default: use the weights as they are)")
     p.add_argument("--trials", type=int, required=True,
                    help="measurements in total over all workloads (one per workload for the default knobs first)")
@@ -266,15 +312,19 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                    help="measure on the devices registered with this TVM RPC tracker instead of locally")
     p.add_argument("--rpc-key", default=None, help="the key the RPC servers registered with")
-    p.add_argument("--batch", type=int, default=1, help="batch size for built-in models")
+    p.add_argument("--batch", type=_positive_int("batch"), default=None,
+                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
     p.add_argument("--seed", type=int, default=1, help="search seed (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tuning import tune_command
+    from .tuning.command import TuneRequest, tune_command
 
-    return tune_command(args)
+    return tune_command(TuneRequest(
+        args.model, args.trials, args.log_dir, target=args.target, arch=args.arch, sparsity=args.sparsity,
+        threshold=args.threshold, include_dense=args.include_dense, rpc_tracker=args.rpc_tracker,
+        rpc_key=args.rpc_key, batch=args.batch, seed=args.seed, progress=not args.no_progress))
 
 
 def _add_logs(sub: argparse._SubParsersAction) -> None:
@@ -289,9 +339,11 @@ def _add_logs(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from .logs import logs_command
+    from .tuning.command import logs_merge, logs_show
 
-    return logs_command(args)
+    if args.logs_command == "show":
+        return logs_show(args.dir)
+    return logs_merge(args.dirs, args.output, overwrite=args.force)
 
 
 COMMANDS = {
@@ -308,7 +360,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unsparse-tvm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="unsparse-tvm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
@@ -316,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's and TVM's deprecation notices are for their API users, not ours: stderr stays for our errors
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)

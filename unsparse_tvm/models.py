@@ -1,12 +1,11 @@
-"""Built-in PyTorch models and loading of user models saved with `torch.export.save` (.pt2).
+"""Built-in PyTorch models (smallcnn, vgg16-cifar, vgg16, resnet18, resnet50) and their export.
 
 Weights are random (seeded): no pretrained weights can be downloaded here, and speed does not depend on
-them. `load_program(name_or_path)` is the one entry point the rest of the flow uses.
+them. Loading any model (built-in or .pt2) is `unsparse_tvm.frontend`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -195,37 +194,3 @@ def export(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.Expor
     """torch.export with a static input shape (the compiled module is specialised to it)."""
     with torch.no_grad():
         return torch.export.export(model.eval(), (example_input(input_shape),))
-
-
-def load_pt2(path: str) -> torch.export.ExportedProgram:
-    if not os.path.exists(path):
-        raise UnsparseError(f"no such file: {path}")
-    if not path.endswith(".pt2"):
-        raise UnsparseError(f"{path} is not a .pt2 file: save models with torch.export.save(ep, 'model.pt2')")
-    try:
-        return torch.export.load(path)
-    except Exception as err:  # torch raises many kinds for a bad archive
-        raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
-
-
-def program_input_shape(ep: torch.export.ExportedProgram) -> tuple[int, ...]:
-    """The (static) shape of the program's single tensor input."""
-    shapes = []
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
-            val = node.meta.get("val")
-            if val is None or not hasattr(val, "shape"):
-                raise UnsparseError("the .pt2 program has a non-tensor input; only single-tensor CNNs are supported")
-            shapes.append(tuple(int(d) for d in val.shape))
-    if len(shapes) != 1:
-        raise UnsparseError(f"the .pt2 program has {len(shapes)} inputs; unsparse-tvm supports models with one input")
-    return shapes[0]
-
-
-def load_program(model: str, batch: int = 1) -> torch.export.ExportedProgram:
-    """A built-in name (exported at the given batch size) or a .pt2 path, as an ExportedProgram."""
-    if model in BUILTIN_MODELS:
-        return export(build_model(model), (batch, *BUILTIN_MODELS[model].input_shape))
-    if model.endswith(".pt2") or os.path.sep in model or os.path.exists(model):
-        return load_pt2(model)
-    raise UnsparseError(f"unknown model '{model}': use one of {', '.join(BUILTIN_MODELS)} or a .pt2 file")

@@ -15,6 +15,7 @@ import struct
 import sys
 
 from .errors import UnsparseError
+from .outputs import check_output, writing
 
 _MAGIC = b"UNSPARSE-TVM-META"
 _FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # 0xBA55ED50, little endian: a CUDA fatbin header
@@ -24,6 +25,38 @@ def write_metadata(path: str, meta: dict) -> None:
     blob = json.dumps(meta).encode()
     with open(path, "ab") as f:
         f.write(_MAGIC + blob + struct.pack("<Q", len(blob)) + _MAGIC)
+
+
+def _trailer_size(path: str) -> int:
+    with open(path, "rb") as f:
+        f.seek(-(len(_MAGIC) + 8), os.SEEK_END)
+        (length,) = struct.unpack("<Q", f.read(8))
+    return 2 * len(_MAGIC) + 8 + length
+
+
+def check_image(path: str) -> None:
+    """The ELF image must be whole: a truncated .so with an intact metadata trailer would crash the
+    dynamic loader (SIGBUS) instead of failing. Its end is the furthest of the section header table and
+    the program segments, read from the ELF64 header."""
+    body = os.path.getsize(path) - _trailer_size(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            raise UnsparseError(f"{path} is not a 64-bit little-endian shared library (damaged module?)")
+        phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+        end = shoff + shnum * shentsize
+        if phoff + phnum * phentsize > body:
+            end = max(end, phoff + phnum * phentsize)
+        else:
+            f.seek(phoff)
+            table = f.read(phnum * phentsize)
+            for i in range(phnum):
+                offset, _, _, filesz = struct.unpack_from("<QQQQ", table, i * phentsize + 8)
+                end = max(end, offset + filesz)
+    if end > body:
+        raise UnsparseError(f"{path} is truncated or damaged: its library image needs {end:,d} bytes, the file holds "
+                            f"{body:,d}; compile it again")
 
 
 def read_metadata(path: str) -> dict:
@@ -83,11 +116,14 @@ def describe_module(path: str) -> str:
         f"arch:         {meta['arch'] or '-'}",
         f"device code:  {meta['device_code']}; found in file: {device_code_summary(path)}",
         "inputs:       " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in meta["inputs"]),
+        "outputs:      " + (", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in meta["outputs"])
+                            if meta.get("outputs") is not None else "(not recorded)"),
         f"sparse layers: {meta['sparse_layers']} of {len(meta['layers'])} (threshold {meta['threshold']})",
         f"built with:   TVM {meta['tvm_version']} on {meta['created']}",
     ]
+    width = max([30] + [len(layer["name"]) for layer in meta["layers"]])
     for layer in meta["layers"]:
-        lines.append(f"  {layer['name'][:30]:30s} {layer['op']:7s} {str(layer['shape']):20s} "
+        lines.append(f"  {layer['name']:{width}s} {layer['op']:7s} {str(layer['shape']):20s} "
                      f"sparsity {layer['sparsity']:.3f}  {layer['decision']} {layer['format'] if layer['decision'] == 'sparse' else ''}")
     return "\n".join(lines)
 
@@ -106,6 +142,7 @@ def _import_runtime_only():
 def load(path: str, device: str | None = None):
     """(VirtualMachine, device, metadata) for a compiled module, runtime only."""
     meta = read_metadata(path)
+    check_image(path)
     tvm = _import_runtime_only()
     kind = device or ("cuda" if meta["target"] == "cuda" else "cpu")
     if kind not in ("cpu", "cuda"):
@@ -125,23 +162,64 @@ def load(path: str, device: str | None = None):
 
 
 def check_input(arr, meta: dict) -> None:
+    import numpy as np
+
     spec = meta["inputs"][0]
     if str(arr.dtype) != spec["dtype"]:
         raise UnsparseError(f"input dtype is {arr.dtype}, the module expects {spec['dtype']} "
                             f"(convert with arr.astype('{spec['dtype']}'))")
     if list(arr.shape) != list(spec["shape"]):
         raise UnsparseError(f"input shape is {list(arr.shape)}, the module expects {spec['shape']}")
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:  # the sparse kernels never multiply a pruned zero by it, and ReLU turns NaN into 0: refused
+        raise UnsparseError(f"input holds {bad} NaN/Inf value{'s' if bad > 1 else ''}; unsparse-tvm modules take "
+                            "finite inputs only (they would not propagate NaN/Inf as PyTorch does)")
 
 
-def run_array(vm, dev, meta: dict, arr):
-    """Run the module's main function on one numpy array; returns a numpy array."""
+def output_specs(meta: dict) -> list[dict] | None:
+    """The outputs recorded at compile time (None for modules written before outputs were recorded)."""
+    return meta.get("outputs")
+
+
+def _flatten(out) -> list:
+    if hasattr(out, "numpy"):
+        return [out.numpy()]
+    return [a for item in out for a in _flatten(item)]  # a tuple (torch.export programs return one)
+
+
+def run_outputs(vm, dev, meta: dict, arr) -> list:
+    """Run the module's main function on one numpy array; every output, as numpy arrays, in order."""
     import tvm
 
     check_input(arr, meta)
-    out = vm["main"](tvm.runtime.tensor(arr, dev))
-    if not hasattr(out, "numpy"):  # torch.export programs return a tuple
-        out = out[0]
-    return out.numpy()
+    return _flatten(vm["main"](tvm.runtime.tensor(arr, dev)))
+
+
+def run_array(vm, dev, meta: dict, arr):
+    """The model's output: one numpy array, or a tuple of them for a model with several outputs."""
+    outs = run_outputs(vm, dev, meta, arr)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def check_run_output(path: str, meta: dict, overwrite: bool, inputs: tuple) -> None:
+    check_output(path, overwrite=overwrite, suffixes=(".npy", ".npz"), inputs=inputs)
+    specs = output_specs(meta)
+    if path.endswith(".npy") and specs is not None and len(specs) > 1:
+        raise UnsparseError(f"the module has {len(specs)} outputs: use -o OUT.npz (one array per output)")
+
+
+def save_outputs(path: str, outs: list) -> str:
+    """.npy for one output; .npz with out0, out1, ... for any number."""
+    import numpy as np
+
+    if path.endswith(".npy") and len(outs) != 1:
+        raise UnsparseError(f"the module returned {len(outs)} outputs: use -o OUT.npz (one array per output)")
+    with writing(path) as tmp:
+        if path.endswith(".npy"):
+            np.save(tmp, outs[0])
+        else:
+            np.savez(tmp, **{f"out{i}": a for i, a in enumerate(outs)})
+    return ", ".join(f"{list(a.shape)} {a.dtype}" for a in outs)
 
 
 def time_module(vm, dev, arr, *, number: int, repeat: int) -> list[float]:
@@ -167,11 +245,9 @@ def run_file(module: str, input_path: str | None, output_path: str | None, *, ov
         raise UnsparseError(f"--number and --repeat must be at least 1 (got {number}, {repeat})")
     if input_path is not None and not os.path.exists(input_path):
         raise UnsparseError(f"no such input file: {input_path}")
+    meta = read_metadata(module)
     if output_path is not None:
-        if not output_path.endswith(".npy"):
-            raise UnsparseError(f"output {output_path} must end in .npy")
-        if os.path.exists(output_path) and not overwrite:
-            raise UnsparseError(f"{output_path} exists; pass --force to overwrite it")
+        check_run_output(output_path, meta, overwrite, inputs=(module, input_path))
     vm, dev, meta = load(module, device)
     if input_path is None:  # tvmc's fill-mode random: timings do not depend on the values
         spec = meta["inputs"][0]
@@ -182,10 +258,11 @@ def run_file(module: str, input_path: str | None, output_path: str | None, *, ov
             arr = np.load(input_path, allow_pickle=False)
         except Exception:
             raise UnsparseError(f"{input_path} is not a .npy array file (save inputs with numpy.save)") from None
-    result = run_array(vm, dev, meta, arr)
+        if not isinstance(arr, np.ndarray):
+            raise UnsparseError(f"{input_path} holds several arrays; give one input as a .npy file")
+    outs = run_outputs(vm, dev, meta, arr)
     if output_path is not None:
-        np.save(output_path, result)
-        print(f"wrote {output_path} {list(result.shape)} {result.dtype}")
+        print(f"wrote {output_path} {save_outputs(output_path, outs)}")
     if print_time:
         ms = sorted(time_module(vm, dev, arr, number=number, repeat=repeat))
         print(f"execution time summary ({repeat} repeats x {number} calls, {dev}):\n"

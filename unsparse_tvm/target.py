@@ -6,8 +6,12 @@ and the machine's core count.
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 import re
+import shutil
+import subprocess
 
 from .errors import UnsparseError
 
@@ -28,10 +32,29 @@ def llvm_target_dict(mcpu: str | None = None) -> dict:
             "num-cores": os.cpu_count() or 1}
 
 
+@functools.lru_cache(maxsize=None)
+def nvcc_arches() -> tuple[str, ...] | None:
+    """The real architectures this machine's nvcc compiles for (`nvcc --list-gpu-code`); None without nvcc."""
+    nvcc = shutil.which("nvcc") or next(iter(glob.glob("/usr/local/cuda*/bin/nvcc")), None)
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    arches = tuple(line.strip() for line in out.splitlines() if _ARCH.match(line.strip()))
+    return arches or None
+
+
 def check_arch(arch: str) -> str:
+    """sm_XY (optionally sm_XYa / sm_XYf) that the installed nvcc can compile for, before any work."""
     m = _ARCH.match(arch)
     if not m or int(m.group(1)) < 50:
         raise UnsparseError(f"unknown CUDA arch '{arch}': use the form sm_XY, e.g. sm_80 (A100) or sm_90 (H100)")
+    known = nvcc_arches()
+    if known is not None and f"sm_{m.group(1)}" not in known:
+        raise UnsparseError(f"CUDA arch '{arch}' is not supported by this machine's nvcc, which compiles for "
+                            f"{', '.join(known)}")
     return arch
 
 
@@ -42,7 +65,7 @@ def make_target(kind: str, arch: str | None = None):
     if kind not in TARGETS:
         raise UnsparseError(f"unknown target '{kind}': use llvm (x86 CPU) or cuda")
     if kind == "llvm":
-        if arch is not None:
+        if arch is not None:  # refused, not ignored: the llvm target always uses this machine's CPU
             raise UnsparseError("--arch is for --target cuda; the llvm target uses this machine's CPU")
         return tvm.target.Target(llvm_target_dict())
     arch = check_arch(arch or DEFAULT_ARCH)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
 from tvm.ir import IRModule
 from tvm.target import Target
 
@@ -30,28 +29,6 @@ class ScheduleUnsparseOps:
             if rule is None:
                 continue
             sch = rule.apply(func, self.target, self.configs.get(op))
-            if sch is not None:
-                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
-
-
-@tvm.transform.module_pass(opt_level=0, name="ScheduleRemainingCPU")
-class ScheduleRemainingCPU:
-    """llvm: schedule every PrimFunc nothing else scheduled with the CPU fallback rule."""
-
-    def __init__(self, target: Target):
-        self.target = target
-
-    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        from unsparse_tvm.schedules import fallback_cpu
-
-        updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
-                continue
-            sch = fallback_cpu.apply(func, self.target)
             if sch is not None:
                 updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         for gv, func in updates.items():

@@ -5,14 +5,21 @@ and the weight footprint of dense and sparse storage. `describe_program` backs `
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 import torch.nn as nn
 
-from .errors import UnsparseError
+from ..errors import UnsparseError
+from ..frontend import dynamic_dims, load_pt2, program_input_shape, read_model_meta, read_quantization
+from ..outputs import check_output, write_text
+from .masks import prunable_parameters
+
 
 PATTERN_BLOCKS = (32, 16, 8, 4, 2)
+
+
 PATTERN_VECTORS = (8, 4, 2)
 
 
@@ -135,8 +142,6 @@ def _quant_label(entry: dict | None) -> str:
 def weight_report(module: nn.Module, ep: torch.export.ExportedProgram | None = None, quant: dict | None = None,
                   targets: dict[str, float] | None = None) -> dict:
     """{"layers": [...], "overall_sparsity", "footprint"} for every conv/linear weight of `module`."""
-    from .prune import prunable_parameters
-
     layers, totals, zeros, count = [], {}, 0, 0
     for fqn, owner, pname in prunable_parameters(module, ep):
         w = getattr(owner, pname).detach()
@@ -176,26 +181,24 @@ def format_report(report: dict) -> str:
     if report.get("accuracy_before") is not None:
         out.append(f"  accuracy on {report['dataset']} test set: {report['accuracy_before']:.2f}% before, "
                    f"{report['accuracy_after']:.2f}% after ({report['accuracy_after'] - report['accuracy_before']:+.2f} points)")
+        if report.get("untrained_hint"):
+            out.append(f"  note: {report['untrained_hint']}")
     return "\n".join(out)
 
 
 def describe_program(path: str) -> str:
     """Per-layer shape, sparsity, pattern and quantisation of a .pt2 written by torch.export.save."""
-    from .models import load_pt2, program_input_shape
-    from .prune import prunable_parameters
-    from .quantize import read_quantization
-    from .train import read_model_meta
-
     if not path.endswith(".pt2"):
         raise UnsparseError(f"{path} is not a .pt2 or .so file: inspect reads torch.export programs and compiled modules")
     ep = load_pt2(path)
     quant = read_quantization(path)
     meta = read_model_meta(path)
     try:
-        shape = list(program_input_shape(ep))
+        shape, dyn = list(program_input_shape(ep)), dynamic_dims(ep)
     except UnsparseError:
-        shape = "?"
-    head = [f"{path}: torch.export program, input {shape}"]
+        shape, dyn = "?", []
+    head = [f"{path}: torch.export program, input {shape}"
+            + (f" (dynamic axes {', '.join(map(str, dyn))}: example sizes shown; compile specialises them)" if dyn else "")]
     if meta.get("model"):
         trained = (f"trained on {meta['dataset']}, test accuracy {meta['accuracy']:.2f}%" if meta.get("accuracy") is not None
                    else "trained" if meta.get("trained") else "random weights")
@@ -226,3 +229,13 @@ def describe_program(path: str) -> str:
     return "\n".join(head + [format_layers(layers),
                              f"  total {count:,d} weights, sparsity {zeros / count:.3f}; dense fp32 {tot['dense_fp32_bytes']:,d} B, "
                              f"sparse fp32 {tot['sparse_fp32_bytes']:,d} B, sparse {qname} {tot['sparse_quant_bytes']:,d} B"])
+
+
+def check_report_path(path: str | None, overwrite: bool) -> None:
+    if path is not None:
+        check_output(path, overwrite=overwrite, suffixes=(".json",), what="report")
+
+
+def write_report(report: dict, path: str | None) -> None:
+    if path:
+        write_text(path, json.dumps(report, indent=2) + "\n")

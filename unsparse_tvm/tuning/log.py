@@ -17,11 +17,11 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UnsparseError
+from ..errors import UnsparseError
+from ..outputs import check_output_dir, write_text
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -122,6 +122,23 @@ class Workload:
 
         return TVMWorkload.from_json([self.shash, self.mod_json]).mod
 
+    def args_info(self):
+        """The workload's arguments as a record stores them (kind, dtype, shape each); None if unparsable."""
+        if not hasattr(self, "_args_info"):
+            try:
+                from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+                self._args_info = plain([a.as_json() for a in ArgInfo.from_prim_func(self.module()["main"])])
+            except Exception:  # an unparsable module
+                self._args_info = None
+        return self._args_info
+
+    def fits(self, record: "Record") -> bool:
+        """Does the record's argument list (dtypes and shapes) match this workload's? A record put under
+        the wrong workload (a hand-edited or mismatched log) does not, and is never applied or merged."""
+        expected = self.args_info()
+        return expected is not None and plain(record.args_info) == expected
+
 
 @dataclass
 class LogContents:
@@ -129,29 +146,33 @@ class LogContents:
     workloads: list[Workload | None] = field(default_factory=list)   # None: a corrupt line (index kept)
     records: list[Record] = field(default_factory=list)
     corrupt: int = 0        # unreadable lines, and records pointing at a missing/corrupt workload
+    misfit: int = 0         # records whose arguments do not match their workload's (dropped by check_fit)
 
-    def by_workload(self) -> dict[int, list[Record]]:
-        out: dict[int, list[Record]] = {}
-        for r in self.records:
-            out.setdefault(r.workload, []).append(r)
-        return out
+    def check_fit(self) -> "LogContents":
+        """Drop (and count) the records that do not fit the workload they point at."""
+        kept = [r for r in self.records if self.workloads[r.workload].fits(r)]
+        self.misfit += len(self.records) - len(kept)
+        self.records = kept
+        return self
+
+
+def _json(line: str):
+    """The line's JSON value, or None when it does not parse (a torn or corrupt line)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _parse_workload(line: str) -> Workload | None:
-    try:
-        v = json.loads(line)
-    except ValueError:
-        return None
+    v = _json(line)
     if isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) and v[0].isdigit():
         return Workload(v[0], v[1])
     return None
 
 
 def _parse_record(line: str) -> Record | None:
-    try:
-        v = json.loads(line)
-    except ValueError:
-        return None
+    v = _json(line)
     if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], list)
             and len(v[1]) == 4):
         return None
@@ -201,18 +222,6 @@ def read_nonempty_log(path: str) -> LogContents:
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def check_writable_dir(path: str) -> None:
-    """Create the log directory if needed; one clear error if it cannot be written."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UnsparseError(f"log directory {path} is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test", delete=True)
-        probe.close()
-    except OSError as err:
-        raise UnsparseError(f"cannot write tuning records to {path}: {err.strerror or err}") from None
-
-
 def append_lines(path: str, lines: list[str]) -> None:
     """Append whole lines and flush; a torn last line (a killed writer) is closed off first so it
     stays one corrupt line instead of swallowing the next record."""
@@ -278,11 +287,16 @@ def summarize(log: LogContents) -> list[Summary]:
     return rows
 
 
+def _misfit_note(n: int) -> str:
+    return (f", {n} record{'s' if n > 1 else ''} skipped that do not fit their workload (argument shapes differ)"
+            if n else "")
+
+
 def show(path: str) -> str:
-    log = read_nonempty_log(path)
+    log = read_nonempty_log(path).check_fit()
     rows = summarize(log)
     out = [f"{path}: {len(log.records)} records, {len(rows)} workload/target pairs"
-           + (f", {log.corrupt} unreadable lines skipped" if log.corrupt else "")]
+           + (f", {log.corrupt} unreadable lines skipped" if log.corrupt else "") + _misfit_note(log.misfit)]
     out.append(f"{'#':>3s} {'op':14s} {'best ms':>9s} {'trials':>6s} {'failed':>6s} {'target':24s} argument shapes")
     for s in rows:
         best = f"{s.best_ms:9.4f}" if math.isfinite(s.best_ms) else f"{'-':>9s}"
@@ -295,11 +309,11 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
     """Keep the best record per (workload, target) of all inputs; write them to `output`."""
     if not inputs:
         raise UnsparseError("logs merge needs at least one input log directory")
-    logs = [read_nonempty_log(p) for p in inputs]
-    if os.path.isdir(output) and any(os.path.exists(os.path.join(output, f)) and os.path.getsize(os.path.join(output, f))
-                                     for f in (WORKLOAD_FILE, RECORD_FILE)) and not overwrite:
-        raise UnsparseError(f"{output} already holds tuning records; pass --force to overwrite it")
-    check_writable_dir(output)
+    for p in inputs:
+        read_log(p)  # a missing input is named before the output directory is created
+    check_output_dir(output, overwrite=overwrite, holds=(WORKLOAD_FILE, RECORD_FILE), inputs=tuple(inputs),
+                     what="merged log")
+    logs = [read_nonempty_log(p).check_fit() for p in inputs]
     workloads: dict[str, int] = {}      # structural hash -> output line
     wl_lines: list[str] = []
     best: dict[tuple[int, tuple], Record] = {}
@@ -319,21 +333,7 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
     remap = {old: new for new, old in enumerate(used)}
     rec_lines = [r.line(remap[r.workload]) for _, r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
     for name, lines in ((WORKLOAD_FILE, [wl_lines[i] for i in used]), (RECORD_FILE, rec_lines)):
-        tmp = os.path.join(output, f".{name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, os.path.join(output, name))
-    return {"inputs": len(inputs), "records_in": sum(len(l.records) for l in logs), "records_out": len(rec_lines),
-            "workloads": len(used), "corrupt": corrupt}
-
-
-def logs_command(args) -> int:
-    """`unsparse-tvm logs show DIR` / `unsparse-tvm logs merge DIR... -o OUT [--force]`."""
-    if args.logs_command == "show":
-        print(show(args.dir))
-        return 0
-    res = merge(args.dirs, args.output, overwrite=args.force)
-    print(f"merged {res['records_in']} records from {res['inputs']} log{'s' if res['inputs'] > 1 else ''} into "
-          f"{args.output}: the best of each workload and target, {res['records_out']} records"
-          + (f" ({res['corrupt']} unreadable lines skipped)" if res["corrupt"] else ""))
-    return 0
+        write_text(os.path.join(output, name), "".join(line + "\n" for line in lines))
+    return {"inputs": len(inputs), "records_in": sum(len(l.records) + l.misfit for l in logs),
+            "records_out": len(rec_lines), "workloads": len(used), "corrupt": corrupt,
+            "misfit": sum(l.misfit for l in logs)}

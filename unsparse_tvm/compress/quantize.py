@@ -12,7 +12,6 @@ update the float weights.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -20,11 +19,21 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from .errors import UnsparseError
+from ..errors import UnsparseError
+from ..frontend import eval_mode, load_model, save_model
+from ..outputs import check_output
+from .data import load_dataset
+from .masks import prunable_parameters
+from .report import check_report_path, weight_report, write_report
+from .train import compute_threads, evaluated_around, train, untrained_hint
 
-QUANT_FILE = "unsparse_quant.json"
+
 SCHEME_HELP = "int8, int4 (any intB, B=2..8: linear per output channel), kmeansB (B=2..8, e.g. kmeans4), pow2"
+
+
 POW2_BITS = 4
+
+
 KMEANS_SAMPLES = 50_000  # k-means is fitted on at most this many weights, then every weight is assigned
 
 
@@ -41,7 +50,6 @@ def parse_scheme(scheme: str) -> tuple[str, int]:
     return ("linear" if m.group(1) == "int" else "kmeans"), bits
 
 
-# ---- quantisers ----------------------------------------------------------------------------------
 def linear_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dequantised weight, per-output-channel scales [O]): w ~ q * scale, q in [-(2^(B-1)-1), 2^(B-1)-1]."""
     qmax = 2 ** (bits - 1) - 1
@@ -146,8 +154,6 @@ def quantize_model(module: nn.Module, scheme: str, data=None, epochs: int = 0, l
     With `epochs` > 0 (needs `data`), fine-tunes with a straight-through estimator first; k-means codebooks
     are refitted at the start of each epoch and the last ones are used for the final weights.
     """
-    from .prune import prunable_parameters
-    from .train import eval_mode, train
 
     kind, bits = parse_scheme(scheme)
     if epochs < 0:
@@ -190,35 +196,13 @@ def quantize_model(module: nn.Module, scheme: str, data=None, epochs: int = 0, l
             "zeros_preserved": True, "layers": entries}
 
 
-def read_quantization(path: str) -> dict | None:
-    """The quantisation stored in a .pt2 (`unsparse_quant.json`), or None for an unquantised program."""
-    from .models import load_pt2
-    from .train import read_extra_file
-
-    if not path.endswith(".pt2"):
-        load_pt2(path)  # raises the usual one-line error (missing file, not .pt2)
-    text = read_extra_file(path, QUANT_FILE)
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise UnsparseError(f"{path}: {QUANT_FILE} is not valid JSON") from None
-
-
-# ---- the `quantize` command ----------------------------------------------------------------------
 def quantize_command(model: str, scheme: str, output: str, dataset: str | None = None, epochs: int = 0,
                      lr: float = 1e-4, batch_size: int = 64, weights: str | None = None, batch: int | None = None,
                      report: str | None = None, overwrite: bool = False, seed: int = 0, log=print) -> dict:
     """Load, (evaluate,) quantise, (evaluate,) export to `output` with its quantisation; returns the report."""
-    from .data import load_dataset
-    from .inspection import weight_report
-    from .prune import check_report_path, write_report
-    from .train import check_output, compute_threads, evaluated_around, load_model, save_model
-
     start = time.perf_counter()
     parse_scheme(scheme)
-    check_output(output, overwrite, inputs=(model, weights))
+    check_output(output, overwrite=overwrite, suffixes=(".pt2",), inputs=(model, weights))
     check_report_path(report, overwrite)
     if epochs and not dataset:
         raise UnsparseError("--epochs needs a data set (--dataset digits or cifar10:PATH)")
@@ -236,7 +220,7 @@ def quantize_command(model: str, scheme: str, output: str, dataset: str | None =
         result = {
             "command": "quantize", "model": model, "output": output, "scheme": scheme, "epochs": epochs,
             "dataset": data.name if data else None,
-            "accuracy_before": acc_before, "accuracy_after": acc_after,
+            "accuracy_before": acc_before, "accuracy_after": acc_after, "untrained_hint": untrained_hint(loaded, data),
             **weight_report(loaded.module, loaded.ep, quant),
             "seconds": round(time.perf_counter() - start, 2),
         }

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import UnsparseError
+from ..errors import UnsparseError
 
 DATASET_HELP = "digits (sklearn's bundled 8x8 digits) or cifar10:PATH (folder with data_batch_1..5 and test_batch)"
 

@@ -1,0 +1,57 @@
+"""What the rewrite passes report per layer: its PyTorch name (LayerNames, found from the weight's bytes,
+since Relax constants carry no names) and what was done with it (LayerDecision); `compile`, `bench`
+and `inspect` print these."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+def fingerprint(arr: np.ndarray) -> str:
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.blake2b(arr.tobytes(), digest_size=16)
+    return f"{arr.shape}:{arr.dtype}:{h.hexdigest()}"
+
+
+class LayerNames:
+    """Maps weight arrays to the PyTorch parameter names they came from (constants carry no names)."""
+
+    def __init__(self, named: dict[str, np.ndarray] | None = None):
+        self._names: dict[str, str] = {}
+        for name, arr in (named or {}).items():
+            self._names[fingerprint(arr)] = name.removesuffix(".weight")
+        self._count = 0
+
+    def alias(self, new: np.ndarray, old: np.ndarray) -> None:
+        name = self._names.get(fingerprint(old))
+        if name is not None:
+            self._names[fingerprint(new)] = name
+
+    def name_of(self, arr: np.ndarray, kind: str) -> str:
+        name = self._names.get(fingerprint(arr))
+        if name is None:
+            self._count += 1
+            name = f"{kind}{self._count}"
+        return name
+
+
+@dataclass
+class LayerDecision:
+    """What a rewrite pass did with one layer; `compile` and `bench` print these."""
+
+    name: str
+    op: str                      # conv2d or dense
+    shape: list[int]             # weight shape
+    sparsity: float
+    decision: str                # sparse, dense, or why it was left alone
+    format: str = "-"            # ell / hyb for sparse layers
+    nnz: int = 0
+    padded: int = 0              # stored entries including padding
+    input_shape: list[int] = field(default_factory=list)
+    fused: str = ""              # epilogue fused into the kernel, e.g. "bias+relu"
+
+    def as_dict(self) -> dict:
+        return asdict(self)

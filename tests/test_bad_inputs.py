@@ -1,0 +1,319 @@
+"""The bad-input sweep of issue 13: each defect it found, as a test (test_dNN_*: defect NN).
+
+Every bad input is one line on stderr and exit status 2; outputs are checked before any work, written
+through a temp file and never left half-written; nothing is silently lost or wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import cli, needs_nvcc, run_layer, sparse_weight
+from unsparse_tvm.cli import main
+
+
+def _one_line_error(argv, capsys, expect: str) -> str:
+    """main(argv) fails with exit 2 and exactly one line on stderr holding `expect` (parse errors too)."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert expect in err, err
+    return err
+
+
+def _proc_one_line_error(proc, expect: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert expect in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """smallcnn compiled for llvm once (dense: fast), in a folder of its own."""
+    d = tmp_path_factory.mktemp("small")
+    assert main(["compile", "smallcnn", "-o", str(d / "s.so")]) == 0
+    return d
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, torch.relu(y).mean((2, 3))
+
+
+def _save(module: nn.Module, path, example, dynamic_shapes=None) -> None:
+    torch.manual_seed(0)
+    ep = torch.export.export(module.eval(), (example,), dynamic_shapes=dynamic_shapes)
+    torch.export.save(ep, str(path))
+
+
+# 1 ---------------------------------------------------------------------------------------------------
+@needs_nvcc
+def test_d01_compile_cuda_without_arch_succeeds_and_names_the_default(tmp_path, capsys):
+    out = tmp_path / "c.so"
+    assert main(["compile", "smallcnn", "--target", "cuda", "-o", str(out)]) == 0
+    assert "(cuda sm_90," in capsys.readouterr().out and out.exists()
+
+
+# 2 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_d02_non_finite_input_is_refused(small, tmp_path, value):
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    x[0, 0, 3, 3] = value
+    np.save(tmp_path / "x.npy", x)
+    proc = cli("run", small / "s.so", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy", check=False)
+    _proc_one_line_error(proc, "NaN/Inf")
+    assert not (tmp_path / "y.npy").exists()
+
+
+# 3 ---------------------------------------------------------------------------------------------------
+def test_d03_every_output_is_kept_and_recorded(tmp_path, capsys):
+    _save(TwoOutputs(), tmp_path / "two.pt2", torch.randn(1, 1, 8, 8))
+    assert main(["compile", str(tmp_path / "two.pt2"), "-o", str(tmp_path / "two.so")]) == 0
+    from unsparse_tvm.runtime import read_metadata
+
+    meta = read_metadata(str(tmp_path / "two.so"))
+    assert [o["shape"] for o in meta["outputs"]] == [[1, 4, 8, 8], [1, 4]]
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cli("run", tmp_path / "two.so", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
+    got = np.load(tmp_path / "y.npz")
+    ep = torch.export.load(str(tmp_path / "two.pt2"))
+    with torch.no_grad():
+        ref = [t.numpy() for t in ep.module()(torch.from_numpy(x))]
+    assert sorted(got.files) == ["out0", "out1"]
+    for name, r in zip(["out0", "out1"], ref):
+        np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)
+    proc = cli("run", tmp_path / "two.so", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy", check=False)
+    _proc_one_line_error(proc, "2 outputs: use -o OUT.npz")
+    assert "outputs:      out0 [1, 4, 8, 8] float32, out1 [1, 4] float32" in cli("inspect", tmp_path / "two.so").stdout
+
+
+# 4 ---------------------------------------------------------------------------------------------------
+def test_d04_interrupted_export_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from tvm.runtime import Executable
+
+    seen = {}
+
+    def export_then_interrupt(self, file_name, **kwargs):
+        seen["workspace"] = kwargs.get("workspace_dir")
+        seen["tvm_tmp"] = tempfile.mkdtemp()  # where TVM's own helpers would put their temp files
+        with open(file_name, "wb") as f:
+            f.write(b"half a library")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Executable, "export_library", export_then_interrupt)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["compile", "smallcnn", "-o", str(out / "m.so")]) == 130
+    assert os.listdir(out) == []  # no m.so, no m.so.tmpPID.so, no work folder
+    assert seen["workspace"].startswith(str(out)) and not os.path.exists(seen["workspace"])
+    assert seen["tvm_tmp"].startswith(str(out)) and not os.path.exists(seen["tvm_tmp"])
+
+
+def test_d04_sigterm_while_writing_removes_the_temp_files(tmp_path):
+    code = ("import os, signal, sys, time, tempfile\n"
+            "from unsparse_tvm.outputs import writing\n"
+            "with writing(sys.argv[1]) as tmp:\n"
+            "    open(tmp, 'w').write('partial'); tempfile.mkdtemp()\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.so")], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_d04_work_folder_of_a_killed_run_is_swept(small, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".m.so.unsparse-tmp{dead.pid}"
+    (stale / "tvm").mkdir(parents=True)
+    (stale / "m.so").write_bytes(b"x" * 1000)  # what kill -9 during export leaves
+    assert main(["compile", "smallcnn", "-o", str(tmp_path / "m.so")]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.so"]
+
+
+def test_d04_output_naming_a_directory_is_refused_even_with_force(tmp_path, capsys):
+    (tmp_path / "d.so").mkdir()
+    _one_line_error(["compile", "smallcnn", "-o", tmp_path / "d.so", "--force"], capsys, "is a directory")
+    assert os.listdir(tmp_path) == ["d.so"] and os.listdir(tmp_path / "d.so") == []
+
+
+# 5 ---------------------------------------------------------------------------------------------------
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_50", "sm_70", "sm_72", "sm_999"])
+def test_d05_arch_nvcc_rejects_is_refused_before_compiling(arch, tmp_path, capsys, monkeypatch):
+    import unsparse_tvm.build as build
+
+    monkeypatch.setattr(build, "compile_program", lambda *a, **k: pytest.fail("compiled before checking"))
+    _one_line_error(["compile", "smallcnn", "--target", "cuda", "--arch", arch, "-o", tmp_path / "a.so"], capsys,
+                    "not supported by this machine's nvcc")
+
+
+# 6 ---------------------------------------------------------------------------------------------------
+def test_d06_dynamic_batch_is_specialised_and_said(tmp_path, capsys):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    _save(net, tmp_path / "dyn.pt2", torch.randn(2, 1, 8, 8), ({0: torch.export.Dim("batch")},))
+    assert main(["inspect", str(tmp_path / "dyn.pt2")]) == 0
+    assert "dynamic axes 0" in capsys.readouterr().out
+    assert main(["compile", str(tmp_path / "dyn.pt2"), "-o", str(tmp_path / "d.so")]) == 0
+    assert "dynamic input" in capsys.readouterr().out
+    assert main(["compile", str(tmp_path / "dyn.pt2"), "--batch", "3", "-o", str(tmp_path / "d3.so")]) == 0
+    from unsparse_tvm.runtime import read_metadata
+
+    assert read_metadata(str(tmp_path / "d.so"))["inputs"][0]["shape"] == [2, 1, 8, 8]
+    assert read_metadata(str(tmp_path / "d3.so"))["inputs"][0]["shape"] == [3, 1, 8, 8]
+
+
+# 7 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cmd", ["compile", "bench", "tune"])
+@pytest.mark.parametrize("batch", ["0", "-2", "x"])
+def test_d07_bad_batch_is_one_line(cmd, batch, tmp_path, capsys):
+    extra = {"compile": ["-o", tmp_path / "a.so"], "bench": [], "tune": ["--trials", "1", "--log-dir", tmp_path / "l"]}
+    _one_line_error([cmd, "smallcnn", "--batch", batch, *extra[cmd]], capsys, "batch must be")
+
+
+# 8, 9 ------------------------------------------------------------------------------------------------
+def _mismatch(path: str, scale: float) -> None:
+    """Point every record at the next workload (what a mismatched input log looks like), `scale` x the time."""
+    from test_tuning import record_lines
+    from unsparse_tvm.tuning.log import RECORD_FILE, read_log
+
+    n = len(read_log(path).workloads)
+    lines = []
+    for line in record_lines(path):
+        idx, (trace, secs, target, args) = json.loads(line)
+        lines.append(json.dumps([(idx + 1) % n, [trace, [s * scale for s in secs], target, args]]))
+    with open(os.path.join(path, RECORD_FILE), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_d08_merge_and_show_skip_records_that_do_not_fit_their_workload(tmp_path, capsys):
+    from test_tuning import TINY_TRIALS, copy_log
+    from unsparse_tvm.tuning.log import read_log
+
+    good = copy_log(tmp_path, "good")
+    bad = copy_log(tmp_path, "bad")
+    _mismatch(bad, 0.5)  # "faster" but for the wrong workloads
+    out = str(tmp_path / "merged")
+    assert main(["logs", "merge", good, bad, "-o", out]) == 0
+    cap = capsys.readouterr()
+    assert f"{TINY_TRIALS} records skipped" in cap.err and len(cap.err.strip().splitlines()) == 1
+    merged = read_log(out)
+    assert sorted(r.seconds for r in merged.records) == pytest.approx(sorted(r.seconds for r in read_log(good).records))
+    assert main(["logs", "show", bad]) == 0
+    shown = capsys.readouterr().out
+    assert "0 records" in shown.splitlines()[0] and "do not fit their workload" in shown
+
+
+def test_d09_merge_into_one_of_its_inputs_is_refused(tmp_path, capsys):
+    from test_tuning import copy_log, record_lines
+
+    a, b = copy_log(tmp_path, "a"), copy_log(tmp_path, "b")
+    before = record_lines(a)
+    _one_line_error(["logs", "merge", a, b, "-o", a, "--force"], capsys, "is one of the inputs")
+    assert record_lines(a) == before
+
+
+# 10 --------------------------------------------------------------------------------------------------
+def test_d10_truncated_library_with_intact_trailer_is_refused(small, tmp_path, capsys):
+    from unsparse_tvm.runtime import _trailer_size
+
+    data = (small / "s.so").read_bytes()
+    trailer = _trailer_size(str(small / "s.so"))
+    body, tail = data[:-trailer], data[-trailer:]
+    (tmp_path / "t.so").write_bytes(body[: len(body) // 2] + tail)
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    proc = cli("run", tmp_path / "t.so", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy", check=False)
+    _proc_one_line_error(proc, "truncated or damaged")
+    assert "model:        smallcnn" in cli("inspect", tmp_path / "t.so").stdout  # the metadata is still readable
+
+
+# 11 --------------------------------------------------------------------------------------------------
+def test_d11_stderr_holds_nothing_but_our_line(tmp_path):
+    proc = cli("compile", "smallcnn", "-o", tmp_path / "a.so")
+    assert proc.stderr == ""  # no FutureWarning from torch
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip")
+    proc = cli("compile", tmp_path / "bad.pt2", "-o", tmp_path / "b.so", check=False)
+    _proc_one_line_error(proc, "could not be read as a torch.export program")  # no logged torch traceback
+
+
+# 12, 16 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,patch", [
+    (["compile", "smallcnn", "-o", "{d}/missing/a.so"], "unsparse_tvm.build.compile_program"),
+    (["bench", "smallcnn", "--json", "{d}/missing/b.json"], "unsparse_tvm.bench.bench"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{d}/missing/p.pt2"], "unsparse_tvm.compress.prune.load_model"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{d}/p.pt2", "--report", "{d}/missing/r.json"],
+     "unsparse_tvm.compress.prune.load_model"),
+])
+def test_d12_missing_output_folder_is_found_before_any_work(argv, patch, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(patch, lambda *a, **k: pytest.fail("work started before the output was checked"))
+    _one_line_error([a.format(d=tmp_path) for a in argv], capsys, "does not exist")
+
+
+def test_d16_run_into_a_missing_folder_is_one_line_before_running(small, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    proc = cli("run", small / "s.so", "--input", tmp_path / "x.npy", "-o", tmp_path / "missing" / "y.npy", check=False)
+    _proc_one_line_error(proc, "does not exist")
+
+
+# 13 --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cmd", ["bench", "tune"])
+def test_d13_sparsity_one_is_refused_at_parse_time_like_prune(cmd, tmp_path, capsys):
+    extra = ["--trials", "1", "--log-dir", str(tmp_path / "l")] if cmd == "tune" else []
+    _one_line_error([cmd, "smallcnn", "--sparsity", "1.0", *extra], capsys, "must be in [0, 1)")
+
+
+def test_d13_failed_tune_leaves_no_log_directory(tmp_path, capsys):
+    _one_line_error(["tune", str(tmp_path / "nosuch.pt2"), "--trials", "1", "--log-dir", tmp_path / "log"], capsys,
+                    "no such file")
+    assert not (tmp_path / "log").exists()
+
+
+# 14 --------------------------------------------------------------------------------------------------
+def test_d14_pruning_an_untrained_builtin_says_so_and_points_to_train(tmp_path, capsys):
+    assert main(["prune", "smallcnn", "--sparsity", "0.5", "--dataset", "digits", "-o", str(tmp_path / "p.pt2")]) == 0
+    out = capsys.readouterr().out
+    accuracy = next(i for i, l in enumerate(out.splitlines()) if "accuracy on digits" in l)
+    note = out.splitlines()[accuracy + 1]  # right under the accuracy line
+    assert "untrained" in note and "unsparse-tvm train smallcnn --dataset digits" in note
+
+
+# 15 --------------------------------------------------------------------------------------------------
+def test_d15_fp16_program_is_refused_up_front(tmp_path, capsys):
+    _save(nn.Conv2d(1, 4, 3).half(), tmp_path / "h.pt2", torch.randn(1, 1, 8, 8).half())
+    _one_line_error(["compile", tmp_path / "h.pt2", "-o", tmp_path / "h.so"], capsys, "uses float16")
+
+
+# 17 --------------------------------------------------------------------------------------------------
+def test_d17_report_shows_whole_names_and_distinct_reasons(llvm):
+    from unsparse_tvm.bench import LayerSpec
+    from unsparse_tvm.build import format_report
+    from unsparse_tvm.relay_passes.layers import LayerDecision
+
+    names = [f"features.denseblock4.denselayer{i}.conv2" for i in (14, 15, 16)]
+    table = format_report([LayerDecision(n, "conv2d", [8, 8, 3, 3], 0.9, "sparse") for n in names], 0.7)
+    assert all(f"{n} " in table for n in names)
+    rng = np.random.default_rng(0)
+    spec = LayerSpec("conv2d", (1, 8, 7, 7), sparse_weight((8, 4, 3, 3), 0.9, rng), None, False,
+                     {"strides": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 2})
+    _, report = run_layer(spec, llvm, threshold=0.5, x=rng.standard_normal((1, 8, 7, 7)).astype(np.float32))
+    assert report[0].decision == "dense (grouped conv, groups=2)"
+    assert format_report(report, 0.5).splitlines()[1].split("  ")  # printed whole
+    assert "dense (grouped conv, groups=2)" in format_report(report, 0.5)

@@ -1,0 +1,66 @@
+"""Property-based check of the operators on llvm against PyTorch (hypothesis): random conv2d and linear
+configurations (shapes, strides, padding, dilation, sparsity, format, epilogue) must all match.
+Kept small (a couple of dozen compiles) so that it runs in well under a minute."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from conftest import rel_err, run_layer, sparse_weight, torch_conv
+from unsparse_tvm.bench import LayerSpec
+
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                        HealthCheck.too_slow])
+
+
+@st.composite
+def conv_configs(draw):
+    n = draw(st.integers(1, 2))
+    c = draw(st.integers(1, 8))
+    k = draw(st.integers(1, 12))
+    r, s = draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 2, 3]))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dil = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pad = tuple(draw(st.integers(0, 2)) for _ in range(4))  # top, left, bottom, right
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    assume(h + pad[0] + pad[2] >= dil[0] * (r - 1) + 1 and w + pad[1] + pad[3] >= dil[1] * (s - 1) + 1)
+    return dict(n=n, c=c, k=k, r=r, s=s, stride=stride, dil=dil, pad=pad, h=h, w=w,
+                sparsity=draw(st.floats(0.5, 0.98)), fmt=draw(st.sampled_from([None, "ell", "hyb"])),
+                bias=draw(st.booleans()), relu=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(cfg=conv_configs())
+def test_random_sparse_conv2d_matches_torch(cfg, llvm):
+    rng = np.random.default_rng(cfg["seed"])
+    k, c, r, s = cfg["k"], cfg["c"], cfg["r"], cfg["s"]
+    weight = sparse_weight((k, c, r, s), cfg["sparsity"], rng)
+    if not (weight == 0).any():  # tiny layers: make sure it is sparse enough for the threshold below
+        weight.reshape(-1)[0] = 0.0
+    bias = rng.standard_normal(k).astype(np.float32) if cfg["bias"] else None
+    x = rng.standard_normal((cfg["n"], c, cfg["h"], cfg["w"])).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, bias, cfg["relu"],
+                     {"strides": list(cfg["stride"]), "padding": list(cfg["pad"]), "dilation": list(cfg["dil"]),
+                      "groups": 1})
+    y, report = run_layer(spec, llvm, threshold=0.0, fmt=cfg["fmt"], x=x)
+    assert report[0].decision == "sparse"
+    ref = torch_conv(x, weight, bias, cfg["stride"], cfg["pad"], cfg["dil"], relu=cfg["relu"])
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) < 1e-5 or np.abs(y - ref).max() < 1e-5
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(n=st.integers(1, 3), i=st.integers(1, 64), o=st.integers(1, 32), sparsity=st.floats(0.5, 0.98),
+       fmt=st.sampled_from([None, "ell", "hyb"]), bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_sparse_linear_matches_torch(n, i, o, sparsity, fmt, bias, relu, seed, llvm):
+    rng = np.random.default_rng(seed)
+    weight = sparse_weight((o, i), sparsity, rng)
+    b = rng.standard_normal(o).astype(np.float32) if bias else None
+    x = rng.standard_normal((n, i)).astype(np.float32)
+    y, report = run_layer(LayerSpec("dense", (n, i), weight, b, relu, {}), llvm, threshold=0.0, fmt=fmt, x=x)
+    assert report[0].decision == "sparse"
+    ref = x @ weight.T + (b if b is not None else 0)
+    ref = np.maximum(ref, 0) if relu else ref
+    assert rel_err(y, ref) < 1e-5 or np.abs(y - ref).max() < 1e-5

@@ -1,0 +1,112 @@
+"""Build: an ExportedProgram through our Relax pipeline (unsparse_tvm.relay_passes) into one deployable .so,
+with the per-layer report and the metadata trailer `run` and `inspect` read (unsparse_tvm.runtime)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import tvm
+
+from .cuda_package import embed_device_code
+from .frontend import check_batch, import_program, load_program, program_input_shape, program_outputs
+from .outputs import check_output, writing
+from .relay_passes import build_pipeline
+from .runtime import write_metadata
+from .target import make_target
+from .tuning.database import open_database
+
+
+@dataclass
+class Compiled:
+    executable: object                 # tvm.relax.Executable
+    target: object                     # tvm.target.Target
+    input_shape: tuple[int, ...]
+    outputs: list = field(default_factory=list)  # {"name", "shape", "dtype"} of every output, in order
+    report: list = field(default_factory=list)   # LayerDecision per conv/linear layer
+    seconds: float = 0.0
+
+
+def compile_program(ep, target, *, threshold: float = 0.7, sparse: bool = True, fmt: str | None = None,
+                    configs: dict | None = None, database=None) -> Compiled:
+    """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass"."""
+    mod, names = import_program(ep)
+    report: list = []
+    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
+                              fmt=fmt, configs=configs, database=database)
+    start = time.perf_counter()
+    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
+                    time.perf_counter() - start)
+
+
+def format_report(report: list, threshold: float) -> str:
+    """The per-layer table: whole names (the column is as wide as the longest), whole reasons."""
+    name_w = max([len("layer")] + [len(r.name) for r in report])
+    dec_w = max([len("decision")] + [len(r.decision) for r in report])
+    lines = [f"{'layer':{name_w}s} {'op':7s} {'weight shape':20s} {'sparsity':>8s} {'decision':{dec_w}s} {'format':6s} "
+             f"{'nnz':>9s} {'padded':>9s} fused"]
+    for r in report:
+        lines.append(f"{r.name:{name_w}s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.decision:{dec_w}s} "
+                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {r.fused}".rstrip())
+    if not any(r.decision == "sparse" for r in report):
+        lines.append(f"note: no layer reaches the sparsity threshold {threshold}; the model was compiled dense")
+    return "\n".join(lines)
+
+
+def print_report(report: list, threshold: float) -> None:
+    print(format_report(report, threshold))
+
+
+def export(compiled: Compiled, path: str, *, model: str, threshold: float, overwrite: bool = False) -> dict:
+    """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
+    temp file that is removed on any exit (unsparse_tvm.outputs)."""
+    check_output(path, overwrite=overwrite, suffixes=(".so",))
+    target = compiled.target
+    kind = target.kind.name
+    arch = str(target.attrs["arch"]) if kind == "cuda" else None
+    host = target.host if kind == "cuda" else target
+    meta = {
+        "format": 1,
+        "model": model,
+        "target": kind,
+        "arch": arch,
+        "mcpu": str(host.attrs["mcpu"]) if host is not None and "mcpu" in host.attrs else None,
+        "device_code": "fatbin" if kind == "cuda" else "none (host code only)",
+        "inputs": [{"name": "x", "shape": list(compiled.input_shape), "dtype": "float32"}],
+        "outputs": compiled.outputs,
+        "threshold": threshold,
+        "sparse_layers": sum(1 for r in compiled.report if r.decision == "sparse"),
+        "layers": [r.as_dict() for r in compiled.report],
+        "tvm_version": tvm.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with writing(path, overwrite=overwrite) as tmp:
+        if kind == "cuda":
+            embed_device_code(compiled.executable, arch)
+        workspace = os.path.join(os.path.dirname(tmp), "tvm")
+        os.makedirs(workspace)
+        compiled.executable.export_library(tmp, workspace_dir=workspace)
+        write_metadata(tmp, meta)
+    return meta
+
+
+def compile_file(model: str, target_name: str, arch: str | None, threshold: float, output: str, *,
+                 batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None) -> dict:
+    """`unsparse-tvm compile`: model name or .pt2 -> .so, with the per-layer decisions printed."""
+    check_batch(batch)
+    check_output(output, overwrite=overwrite, suffixes=(".so",), inputs=(model,))
+    target = make_target(target_name, arch)
+    database = None
+    if tuning_log is not None:
+        database = open_database(tuning_log, target)  # only records of this target
+    ep = load_program(model, batch=batch)
+    compiled = compile_program(ep, target, threshold=threshold, database=database)
+    print_report(compiled.report, threshold)
+    if database is not None:
+        print(database.summary())  # how many layers were scheduled from the log
+    meta = export(compiled, output, model=model, threshold=threshold, overwrite=overwrite)
+    print(f"wrote {output} ({target_name}{' ' + meta['arch'] if meta['arch'] else ''}, "
+          f"{meta['sparse_layers']} sparse layers, compiled in {compiled.seconds:.1f} s)")
+    return meta

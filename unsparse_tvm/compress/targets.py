@@ -1,0 +1,177 @@
+"""How far to prune each layer: the configuration, and per-layer sparsity targets that reach the overall
+`--sparsity` (uniform, first/last layer kept denser, or from a one-shot sensitivity scan)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as tprune
+
+from ..errors import UnsparseError, check_fraction
+from .data import Dataset
+from .masks import MAX_LAYER_SPARSITY, BlockPruning, MixedPruning, VectorPruning
+from .train import evaluate
+
+METHODS = ("unstructured", "vector", "block", "mixed")
+VECTOR_SIZES = (2, 4, 8)
+BLOCK_SIZES = (2, 4, 8, 16, 32)
+SENSITIVITY_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+@dataclass
+class PruneConfig:
+    """What `prune_model` does; the CLI flags map one to one."""
+
+    sparsity: float = 0.5                    # overall fraction of zeros over all prunable weights
+    method: str = "unstructured"
+    scope: str = "layer"                     # layer | global (global: unstructured only)
+    vector_size: int = 4
+    block_size: int | None = None           # default 4 for block, 8 for mixed
+    block_share: float = 0.5                 # mixed: part of the target reached by the block mask
+    first_layer_sparsity: float | None = None
+    last_layer_sparsity: float | None = None
+    sensitivity: bool = False                # per-layer sparsity from a one-shot sensitivity scan
+    epochs: int = 0                          # 0: one-shot; > 0: gradual pruning while fine-tuning
+    lr: float = 3e-3
+    batch_size: int = 64
+    ramp_fraction: float = 0.6               # share of the fine-tuning steps over which sparsity ramps up
+    updates: int = 30                        # mask updates along the ramp
+    seed: int = 0
+
+    def validate(self) -> "PruneConfig":
+        if self.block_size is None:
+            self.block_size = 8 if self.method == "mixed" else 4
+        check_fraction("sparsity", self.sparsity, upper_inclusive=False)
+        if self.method not in METHODS:
+            raise UnsparseError(f"unknown pruning method '{self.method}': use one of {', '.join(METHODS)}")
+        if self.scope not in ("layer", "global"):
+            raise UnsparseError(f"unknown scope '{self.scope}': use layer or global")
+        if self.scope == "global" and self.method != "unstructured":
+            raise UnsparseError("--scope global is for --method unstructured; structured methods prune layer by layer")
+        if self.scope == "global" and self.sensitivity:
+            raise UnsparseError("--sensitivity sets per-layer sparsities; it cannot be combined with --scope global")
+        if self.method in ("vector", "mixed") and self.vector_size not in VECTOR_SIZES:
+            raise UnsparseError(f"vector size must be one of {', '.join(map(str, VECTOR_SIZES))}, got {self.vector_size}")
+        if self.method in ("block", "mixed") and self.block_size not in BLOCK_SIZES:
+            raise UnsparseError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        if self.method == "mixed" and self.block_size % self.vector_size:
+            raise UnsparseError(f"mixed pruning needs the block size ({self.block_size}) to be a multiple of the "
+                                f"vector size ({self.vector_size}), so a removed block is whole vectors")
+        check_fraction("block share", self.block_share)
+        for name in ("first_layer_sparsity", "last_layer_sparsity"):
+            value = getattr(self, name)
+            if value is not None:
+                check_fraction(name.replace("_", " "), value, upper_inclusive=False)
+        if self.epochs < 0:
+            raise UnsparseError(f"epochs must be >= 0, got {self.epochs}")
+        if self.lr <= 0 or self.batch_size < 1:
+            raise UnsparseError("the learning rate must be > 0 and the batch size >= 1")
+        return self
+
+    def method_for(self, amount: float) -> tprune.BasePruningMethod:
+        """The torch pruning method that prunes one layer to `amount`."""
+        if self.method == "vector":
+            return VectorPruning(amount, self.vector_size)
+        if self.method == "block":
+            return BlockPruning(amount, self.block_size)
+        if self.method == "mixed":
+            return MixedPruning(amount, self.vector_size, self.block_size, self.block_share)
+        return tprune.L1Unstructured(amount)
+
+    def describe(self) -> str:
+        extra = {"vector": f" V={self.vector_size}", "block": f" B={self.block_size}",
+                 "mixed": f" V={self.vector_size} B={self.block_size}"}.get(self.method, f" ({self.scope})")
+        how = f"gradual over {self.epochs} epochs" if self.epochs else "one-shot"
+        return f"{self.method}{extra} to {self.sparsity:g}, {how}"
+
+
+def fixed_layers(names: list[str], cfg: PruneConfig) -> dict[str, float]:
+    """The first/last layer's own sparsity, where the config keeps them denser (or sparser)."""
+    fixed: dict[str, float] = {}
+    if cfg.first_layer_sparsity is not None:
+        fixed[names[0]] = cfg.first_layer_sparsity
+    if cfg.last_layer_sparsity is not None:
+        fixed[names[-1]] = cfg.last_layer_sparsity
+    return fixed
+
+
+def layer_targets(sizes: dict[str, int], cfg: PruneConfig,
+                  sensitivity: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, float]:
+    """Per-layer sparsity reaching `cfg.sparsity` overall; first/last layers may be fixed lower.
+
+    The remaining ("pool") layers get a uniform sparsity, or one from the sensitivity curves: each layer
+    is pruned as far as costs at most the same accuracy drop `d`, with `d` bisected to hit the total.
+    """
+    names = list(sizes)
+    fixed = fixed_layers(names, cfg)
+    pool = [n for n in names if n not in fixed]
+    total = sum(sizes.values())
+    if not pool:
+        return fixed
+    n_pool = sum(sizes[n] for n in pool)
+    need = (cfg.sparsity * total - sum(fixed[n] * sizes[n] for n in fixed)) / n_pool
+    if need > MAX_LAYER_SPARSITY:
+        raise UnsparseError(
+            f"overall sparsity {cfg.sparsity:g} needs the other layers at {need:.3f} with the first/last layer "
+            "kept denser; lower --sparsity or raise --first-layer-sparsity/--last-layer-sparsity"
+        )
+    need = max(need, 0.0)
+    if not sensitivity or cfg.scope == "global":
+        return {n: fixed.get(n, need) for n in names}
+    alloc = _allocate_by_sensitivity({n: sizes[n] for n in pool}, {n: sensitivity[n] for n in pool}, need)
+    return {n: fixed.get(n, alloc.get(n, need)) for n in names}
+
+
+def _allocate_by_sensitivity(sizes: dict[str, int], curves: dict[str, list[tuple[float, float]]],
+                             need: float) -> dict[str, float]:
+    """Equal-accuracy-drop allocation with a param-weighted mean sparsity of `need`."""
+    prepared = {}
+    for n, curve in curves.items():
+        pts = [(0.0, 0.0)] + sorted(curve)
+        drops, run = [], -math.inf
+        for s, d in pts:  # a layer's drop may not decrease with more pruning (noise): take the running max
+            run = max(run, d)
+            drops.append((s, run))
+        prepared[n] = drops
+
+    def sparsity_at(drops: list[tuple[float, float]], d: float) -> float:
+        for (s0, d0), (s1, d1) in zip(drops, drops[1:]):
+            if d1 > d:
+                return s0 if d1 == d0 else s0 + (s1 - s0) * max(0.0, d - d0) / (d1 - d0)
+        return drops[-1][0]
+
+    n_pool = sum(sizes.values())
+    mean = lambda d: sum(sparsity_at(prepared[n], d) * sizes[n] for n in sizes) / n_pool
+    lo = min(min(dd for _, dd in drops) for drops in prepared.values()) - 1.0
+    hi = max(max(dd for _, dd in drops) for drops in prepared.values()) + 1.0
+    if mean(hi) < need:  # the scan grid cannot reach it: fall back to uniform
+        return {n: need for n in sizes}
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(mid) < need else (lo, mid)
+    alloc = {n: sparsity_at(prepared[n], hi) for n in sizes}
+    scale = need / max(mean(hi), 1e-12)  # bisection lands on a step: scale down to the exact total
+    return {n: min(MAX_LAYER_SPARSITY, s * scale) for n, s in alloc.items()}
+
+
+@torch.no_grad()
+def sensitivity_scan(module: nn.Module, layers: list[tuple[str, nn.Module, str]], data, cfg: PruneConfig,
+                     grid: tuple[float, ...] = SENSITIVITY_GRID, samples: int = 1000,
+                     fixed_batch: int | None = None) -> dict[str, list[tuple[float, float]]]:
+    """Accuracy drop (points) of pruning each layer alone, one-shot with `cfg.method`, on training samples."""
+    probe = Dataset("probe", data.x_train[:0], data.y_train[:0], data.x_train[:samples], data.y_train[:samples])
+    base = evaluate(module, probe, fixed_batch=fixed_batch)
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for fqn, owner, pname in layers:
+        param = getattr(owner, pname)
+        saved = param.detach().clone()
+        curves[fqn] = []
+        for s in grid:
+            mask = cfg.method_for(s).compute_mask(saved, torch.ones_like(saved))
+            param.copy_(saved * mask)
+            curves[fqn].append((s, base - evaluate(module, probe, fixed_batch=fixed_batch)))
+        param.copy_(saved)
+    return curves

@@ -1,0 +1,104 @@
+"""The `tune` and `logs` commands, as typed calls (the CLI turns its parsed arguments into one each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from ..errors import UnsparseError
+from ..outputs import check_output_dir
+from ..compress.prune import load_model_program
+from ..target import make_target
+from .log import merge, show
+from .rpc import check_tracker, parse_tracker
+from .search import tune
+from .state import STOP
+
+
+@dataclass
+class TuneRequest:
+    """What `unsparse-tvm tune` was asked to do."""
+
+    model: str
+    trials: int
+    log_dir: str
+    target: str = "llvm"
+    arch: str | None = None
+    sparsity: float | None = None
+    threshold: float = 0.7
+    include_dense: bool = False
+    rpc_tracker: str | None = None    # HOST:PORT
+    rpc_key: str | None = None
+    batch: int | None = None
+    seed: int = 1
+    progress: bool = True
+
+
+def tune_command(req: TuneRequest) -> int:
+    """`unsparse-tvm tune`: extract, search, append records; Ctrl-C or kill keeps every finished batch."""
+    if req.rpc_tracker and not req.rpc_key:
+        raise UnsparseError("--rpc-tracker needs --rpc-key (the key the RPC servers registered with)")
+    if req.rpc_key and not req.rpc_tracker:
+        raise UnsparseError("--rpc-key needs --rpc-tracker HOST:PORT")
+    if req.trials < 1:
+        raise UnsparseError(f"--trials must be at least 1, got {req.trials}")
+    target = make_target(req.target, req.arch)
+    rpc = (*parse_tracker(req.rpc_tracker), req.rpc_key) if req.rpc_tracker else None
+    created = not os.path.exists(req.log_dir)
+    check_output_dir(req.log_dir)
+    try:
+        return _tune_in(req, target, rpc)
+    finally:  # a tune that failed before writing anything leaves no empty log directory behind
+        if created and os.path.isdir(req.log_dir) and not os.listdir(req.log_dir):
+            os.rmdir(req.log_dir)
+
+
+def _tune_in(req: TuneRequest, target, rpc) -> int:
+    if rpc is not None:
+        check_tracker(*rpc)  # before the model is loaded
+
+    STOP["requested"] = False
+
+    def on_stop(_sig, _frame):  # Ctrl-C or `kill`: stop after closing the worker pools; the log is complete
+        STOP["requested"] = True
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ep = load_model_program(req.model, req.sparsity, batch=req.batch)
+        res = tune(ep, target, req.log_dir, req.trials, threshold=req.threshold, include_dense=req.include_dense,
+                   rpc=rpc, progress=req.progress, seed=req.seed, out=sys.stdout)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(res.table())
+    where = f"on {rpc[0]}:{rpc[1]} key {rpc[2]}" if rpc else "locally"
+    print(f"{res.new_trials} new trials measured {where} in {res.seconds:.0f} s; "
+          f"{sum(s.trials for s in res.tasks)} trials in {req.log_dir} for these {len(res.tasks)} workloads")
+    if res.interrupted:
+        print(f"interrupted: every measured batch is in {req.log_dir}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(f"use them with: unsparse-tvm compile {req.model} --target {req.target} "
+          f"--tuning-log {req.log_dir} -o model.so")
+    return 0
+
+
+def logs_show(path: str) -> int:
+    """`unsparse-tvm logs show DIR`."""
+    print(show(path))
+    return 0
+
+
+def logs_merge(inputs: list[str], output: str, overwrite: bool = False) -> int:
+    """`unsparse-tvm logs merge DIR... -o OUT [--force]`."""
+    res = merge(inputs, output, overwrite=overwrite)
+    print(f"merged {res['records_in']} records from {res['inputs']} log{'s' if res['inputs'] > 1 else ''} into "
+          f"{output}: the best of each workload and target, {res['records_out']} records"
+          + (f" ({res['corrupt']} unreadable lines skipped)" if res["corrupt"] else ""))
+    if res["misfit"]:
+        print(f"warning: {res['misfit']} record{'s' if res['misfit'] > 1 else ''} skipped: their argument shapes do not "
+              "fit the workload they point at (a mismatched log)", file=sys.stderr)
+    return 0
