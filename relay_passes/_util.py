@@ -10,7 +10,6 @@ from tvm import relax, tirx
 from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
-from unsparse_tvm.formats import HYB_MIN_SAVING
 from unsparse_tvm.schedules._common import OP_ATTR
 
 from .layers import LayerNames
@@ -187,17 +186,38 @@ def record_sparse(decision, rows, ep: Epilogue) -> None:
     decision.padded, decision.fused = rows.padded_size, fused_label(ep)
 
 
+MIN_SPARSITY_FOR_COST = 0.2  # below it no format is predicted to win: skip packing the weight (compile time)
+
+
+def choose_sparse(decision, sparsity: float, threshold: float | None, pack, cost):
+    """The packed rows if the layer should run sparse, else None (decision says why). threshold None:
+    by predicted time (`cost(rows)` -> LayerCost); a number: sparsity >= threshold, as --threshold asks."""
+    if threshold is not None and sparsity < threshold:
+        decision.decision = "dense (below threshold)"
+        return None
+    if threshold is None and sparsity < MIN_SPARSITY_FOR_COST:
+        decision.decision = f"dense (sparsity under {MIN_SPARSITY_FOR_COST})"
+        return None
+    rows = pack()
+    predicted = cost(rows)
+    decision.dense_us, decision.sparse_us = round(predicted.dense_us, 2), round(predicted.sparse_us, 2)
+    if threshold is None and not predicted.sparse_wins:
+        decision.decision, decision.format = "dense (predicted faster)", rows.fmt
+        return None
+    return rows
+
+
 class SparsifyPass:
     """Undecorated base of SparsifyConv2d / SparsifyDense (decorated classes cannot be subclassed): their
     options, and running the pass's mutator (`mutator`, a staticmethod) over the module."""
 
     mutator = None
 
-    def __init__(self, threshold: float = 0.7, names: LayerNames | None = None, report: list | None = None,
-                 fmt: str | None = None, hyb_min_saving: float = HYB_MIN_SAVING["llvm"]):
-        self.threshold, self.fmt, self.min_saving = threshold, fmt, hyb_min_saving
+    def __init__(self, threshold: float | None = None, names: LayerNames | None = None, report: list | None = None,
+                 fmt: str | None = None, target_kind: str = "llvm"):
+        self.threshold, self.fmt, self.target_kind = threshold, fmt, target_kind
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.min_saving).run(mod)
+        return self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.target_kind).run(mod)

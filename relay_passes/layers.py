@@ -47,11 +47,13 @@ class LayerDecision:
     shape: list[int]             # weight shape
     sparsity: float
     decision: str                # sparse, dense, or why it was left alone
-    format: str = "-"            # ell / hyb for sparse layers
+    format: str = "-"            # ell / hyb / vellV for sparse layers
     nnz: int = 0
     padded: int = 0              # stored entries including padding
     input_shape: list[int] = field(default_factory=list)
     fused: str = ""              # epilogue fused into the kernel, e.g. "bias+relu"
+    dense_us: float = 0.0        # predicted time of the dense kernel (unsparse_tvm.layer_cost; 0: not predicted)
+    sparse_us: float = 0.0       # predicted time of the sparse kernel in `format`
 
     def as_dict(self) -> dict:
         return asdict(self)

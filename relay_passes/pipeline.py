@@ -9,8 +9,6 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from unsparse_tvm.formats import HYB_MIN_SAVING
-
 from .apply_tuning_records import ApplyTuningRecords
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
@@ -21,7 +19,7 @@ from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
 
 
-def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = True,
+def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: bool = True,
                     names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
                     configs: dict | None = None, database=None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (tests run a prefix of them)."""
@@ -33,9 +31,10 @@ def pipeline_phases(target: Target, *, threshold: float = 0.7, sparse: bool = Tr
     phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant()]))
     # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:
-        saving = HYB_MIN_SAVING[target.kind.name]  # when hyb beats ell depends on the target
-        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, saving),
-                                    SparsifyDense(threshold, names, report, fmt, saving)]))
+        # per layer: sparse where predicted faster than dense (threshold None), or sparsity >= threshold
+        kind = target.kind.name  # formats (hyb's bar) and costs depend on the target
+        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, kind),
+                                    SparsifyDense(threshold, names, report, fmt, kind)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
     phases.append(("lower_dense", [LowerDenseConv2d()]))
     # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)

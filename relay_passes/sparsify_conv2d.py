@@ -1,4 +1,5 @@
-"""SparsifyConv2d: conv2d with a constant weight of sparsity >= threshold -> TE sparse direct conv2d.
+"""SparsifyConv2d: conv2d with a constant weight -> TE sparse direct conv2d, where its predicted time
+beats the dense kernel's (unsparse_tvm.layer_cost), or where sparsity >= threshold if one is given.
 
 The bias add, a residual add and the ReLU that follow the conv are fused into the same kernel.
 Grouped/depthwise convs and non-float32 convs stay dense. Every conv gets a LayerDecision.
@@ -13,20 +14,21 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm import te_ops
-from unsparse_tvm.formats import conv_weight_rows
+from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
+from unsparse_tvm.layer_cost import conv_cost
 
 from ._conv_match import ConvChainRewriter, unsupported_reason
-from ._util import SparsifyPass, mark, record_sparse, rows_consts
+from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts
 from .layers import LayerDecision, LayerNames
 
 
 @relax.expr_functor.mutator
 class _Sparsifier(ConvChainRewriter):
-    def __init__(self, mod: IRModule, threshold: float, names: LayerNames, report: list, fmt: str | None,
-                 min_saving: float):
+    def __init__(self, mod: IRModule, threshold: float | None, names: LayerNames, report: list, fmt: str | None,
+                 target_kind: str):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
-        self.min_saving = min_saving
+        self.target_kind = target_kind
 
     def rewrite(self, conv, weight, geo, ep):
         sparsity = float((weight == 0).sum()) / weight.size
@@ -38,10 +40,11 @@ class _Sparsifier(ConvChainRewriter):
         if reason is not None or geo is None:
             decision.decision = reason or "dense (unsupported conv2d)"
             return None
-        if sparsity < self.threshold:
-            decision.decision = "dense (below threshold)"
+        rows = choose_sparse(decision, sparsity, self.threshold,
+                             lambda: conv_weight_rows(weight, geo, self.fmt, HYB_MIN_SAVING[self.target_kind]),
+                             lambda rows: conv_cost(geo, rows, self.target_kind))
+        if rows is None:
             return None
-        rows = conv_weight_rows(weight, geo, self.fmt, self.min_saving)
         args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
         extra, flags = self.epilogue_args(ep)
         op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs

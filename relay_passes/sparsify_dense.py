@@ -1,5 +1,5 @@
-"""SparsifyDense: linear layers (matmul with a constant weight, + bias, + ReLU) of sparsity >= threshold
--> TE sparse dense operator."""
+"""SparsifyDense: linear layers (matmul with a constant weight, + bias, + ReLU) -> TE sparse dense
+operator, where predicted faster than the dense one (or sparsity >= threshold if one is given)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import tvm
 from tvm import relax
 
 from unsparse_tvm import te_ops
-from unsparse_tvm.formats import dense_weight_rows
+from unsparse_tvm.formats import HYB_MIN_SAVING, dense_weight_rows
+from unsparse_tvm.layer_cost import linear_cost
 
-from ._util import (ChainRewriter, SparsifyPass, const_array, is_op, mark, match_epilogue, record_sparse, rows_consts,
-                    shape_of, use_counts, users_of)
+from ._util import (ChainRewriter, SparsifyPass, choose_sparse, const_array, is_op, mark, match_epilogue, record_sparse,
+                    rows_consts, shape_of, use_counts, users_of)
 from .layers import LayerDecision
 
 
@@ -34,10 +35,10 @@ def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:
 
 @relax.expr_functor.mutator
 class _Sparsifier(ChainRewriter):
-    def __init__(self, mod, threshold, names, report, fmt, min_saving):
+    def __init__(self, mod, threshold, names, report, fmt, target_kind):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
-        self.min_saving = min_saving
+        self.target_kind = target_kind
 
     def plan(self, func: relax.Function) -> None:
         var2val = relax.analysis.get_var2val(func)
@@ -62,10 +63,12 @@ class _Sparsifier(ChainRewriter):
         if weight.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
             decision.decision = f"dense (dtype {weight.dtype}, not float32)" if weight.dtype != np.float32 else "dense (input not float32)"
             return None
-        if sparsity < self.threshold:
-            decision.decision = "dense (below threshold)"
+        batch = shape_of(call.args[0])[0]
+        rows = choose_sparse(decision, sparsity, self.threshold,
+                             lambda: dense_weight_rows(weight, self.fmt, HYB_MIN_SAVING[self.target_kind]),
+                             lambda rows: linear_cost(batch, weight.shape, rows, self.target_kind))
+        if rows is None:
             return None
-        rows = dense_weight_rows(weight, self.fmt, self.min_saving)
         args = [self.visit_expr(call.args[0]), *rows_consts(rows)]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))

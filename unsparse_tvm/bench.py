@@ -27,6 +27,7 @@ from .errors import UnsparseError
 from .frontend import import_program, program_input_shape
 from .models import example_input
 from .outputs import check_output, write_text
+from .peers import peer_callables
 from .relay_passes import FoldBatchNormIntoConv, build_pipeline
 from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
 from .relay_passes.sparsify_dense import _linear_weight
@@ -168,9 +169,18 @@ def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None)
     return _timer(lambda: fn(x), sync), out.numpy()
 
 
+def set_threads(n: int) -> None:
+    """n threads for TVM's pool and PyTorch's (the peers take theirs when built)."""
+    torch.set_num_threads(n)
+    tvm.get_global_func("runtime.config_threadpool")(1, n)  # 1: TVM's "big cores" mode, i.e. all of them
+
+
 def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
-          threshold: float = 0.7, batch: int | None = None, repeat: int = 20, layers: bool = True,
-          tuning_log: str | None = None, seed: int = 0) -> dict:
+          threshold: float | None = None, batch: int | None = None, repeat: int = 20, layers: bool = True,
+          tuning_log: str | None = None, seed: int = 0, threads: list[int] | None = None,
+          peers: list[str] | None = None) -> dict:
+    """End to end (and per layer) in one process, alternating rounds: unsparse vs TVM dense vs PyTorch eager
+    (and tuned records, and the `peers` runtimes), once per thread count in `threads` (default: all cores)."""
     target = make_target(target_name, arch)
     arch = str(target.attrs["arch"]) if target_name == "cuda" else None
     dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
@@ -209,15 +219,27 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     for name, err in errors.items():
         if err > 1e-3:
             raise UnsparseError(f"{name} output differs from PyTorch (max relative error {err:.2e}); not timing it")
-    warn_if_busy()
-    print(f"timing end to end ({repeat} rounds)")
-    e2e = round_robin(contenders, repeat)
+    by_threads = {}
+    for n in threads or [os.cpu_count() or 1]:
+        set_threads(n)
+        timed = dict(contenders)
+        if peers and target_name == "llvm":
+            print(f"building the peers for {n} thread(s): {', '.join(peers)}")
+            for name, call in peer_callables(ep, x, n, peers).items():
+                out = call()
+                errors[name] = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
+                if errors[name] > 1e-3:
+                    raise UnsparseError(f"{name} output differs from PyTorch (max relative error {errors[name]:.2e})")
+                timed[name] = _timer(call)
+        warn_if_busy()
+        print(f"timing end to end with {n} thread(s) ({repeat} rounds)")
+        by_threads[str(n)] = {f"{k}_ms": v for k, v in round_robin(timed, repeat).items()}
 
     result = {
         "model": model, "target": target_name, "arch": arch, "sparsity": sparsity, "threshold": threshold,
         "batch": shape[0], "input_shape": list(shape),
-        "end_to_end": {"unsparse_ms": e2e["unsparse"], "tvm_dense_ms": e2e["tvm_dense"], "torch_ms": e2e["torch"],
-                       **({"unsparse_tuned_ms": e2e["unsparse_tuned"]} if "unsparse_tuned" in e2e else {})},
+        "end_to_end": by_threads[str((threads or [os.cpu_count() or 1])[-1])],  # the last thread count
+        "by_threads": by_threads,
         "max_rel_error_vs_torch": errors,
         "layers": [],
         "machine": {**_machine(target_name), "load_before_timing": os.getloadavg()[0]},
@@ -279,6 +301,16 @@ def _machine(target_name: str) -> dict:
 
 
 def print_result(r: dict) -> None:
+    for n, e in r.get("by_threads", {}).items():
+        if len(e) > 3 or len(r["by_threads"]) > 1:  # peers or several thread counts: one line per contender
+            ours = e["unsparse_ms"]
+            print(f"\n{n} thread(s), median ms (and how much slower than unsparse):")
+            for name, ms in sorted(e.items(), key=lambda kv: kv[1]):
+                print(f"  {name[:-3]:22s} {ms:9.3f}  {ms / ours:6.2f}x")
+            peers = {k: v for k, v in e.items() if k[:-3] in ("onnxruntime", "openvino", "torch_compile")}
+            if peers:
+                best = min(peers, key=peers.get)
+                print(f"  unsparse vs the fastest peer ({best[:-3]}): {peers[best] / ours:.2f}x")
     e = r["end_to_end"]
     if r["layers"]:
         print(f"\n{'layer':26s} {'op':6s} {'weight':18s} {'sparsity':>8s} {'format':6s} {'unsparse':>9s} "

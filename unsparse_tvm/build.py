@@ -28,7 +28,7 @@ class Compiled:
     seconds: float = 0.0
 
 
-def compile_program(ep, target, *, threshold: float = 0.7, sparse: bool = True, fmt: str | None = None,
+def compile_program(ep, target, *, threshold: float | None = None, sparse: bool = True, fmt: str | None = None,
                     configs: dict | None = None, database=None) -> Compiled:
     """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass"."""
     mod, names = import_program(ep)
@@ -41,25 +41,29 @@ def compile_program(ep, target, *, threshold: float = 0.7, sparse: bool = True, 
                     time.perf_counter() - start)
 
 
-def format_report(report: list, threshold: float) -> str:
+def format_report(report: list, threshold: float | None) -> str:
     """The per-layer table: whole names (the column is as wide as the longest), whole reasons."""
     name_w = max([len("layer")] + [len(r.name) for r in report])
     dec_w = max([len("decision")] + [len(r.decision) for r in report])
     lines = [f"{'layer':{name_w}s} {'op':7s} {'weight shape':20s} {'sparsity':>8s} {'decision':{dec_w}s} {'format':6s} "
-             f"{'nnz':>9s} {'padded':>9s} fused"]
-    for r in report:
+             f"{'nnz':>9s} {'padded':>9s} {'pred. us':>17s} fused"]
+    for r in report:  # predicted: the kernel chosen, then the other one (dense vs sparse)
+        pred = (f"{r.sparse_us:.1f} vs {r.dense_us:.1f}" if r.decision == "sparse" else f"{r.dense_us:.1f} vs {r.sparse_us:.1f}") \
+            if r.dense_us else "-"
         lines.append(f"{r.name:{name_w}s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.decision:{dec_w}s} "
-                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {r.fused}".rstrip())
+                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {pred:>17s} {r.fused}".rstrip())
     if not any(r.decision == "sparse" for r in report):
-        lines.append(f"note: no layer reaches the sparsity threshold {threshold}; the model was compiled dense")
+        why = (f"no layer reaches the sparsity threshold {threshold}" if threshold is not None
+               else "no layer is predicted faster sparse than dense")
+        lines.append(f"note: {why}; the model was compiled dense")
     return "\n".join(lines)
 
 
-def print_report(report: list, threshold: float) -> None:
+def print_report(report: list, threshold: float | None) -> None:
     print(format_report(report, threshold))
 
 
-def export(compiled: Compiled, path: str, *, model: str, threshold: float, overwrite: bool = False) -> dict:
+def export(compiled: Compiled, path: str, *, model: str, threshold: float | None, overwrite: bool = False) -> dict:
     """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
     temp file that is removed on any exit (unsparse_tvm.outputs)."""
     check_output(path, overwrite=overwrite, suffixes=(".so",))
@@ -92,7 +96,7 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float, overw
     return meta
 
 
-def compile_file(model: str, target_name: str, arch: str | None, threshold: float, output: str, *,
+def compile_file(model: str, target_name: str, arch: str | None, threshold: float | None, output: str, *,
                  batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None) -> dict:
     """`unsparse-tvm compile`: model name or .pt2 -> .so, with the per-layer decisions printed."""
     check_batch(batch)

@@ -211,8 +211,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="llvm", help="llvm (x86 CPU) or cuda")
     p.add_argument("--arch", default=None, help="CUDA arch for --target cuda, e.g. sm_90 (default sm_90); an error with --target llvm")
-    p.add_argument("--threshold", type=_fraction("threshold"), default=0.7,
-                   help="layers whose weight sparsity is at least this run as sparse kernels (default 0.7)")
+    p.add_argument("--threshold", type=_fraction("threshold"), default=None,
+                   help="run a layer sparse when its weight sparsity is at least this; default: each layer "
+                        "where its sparse kernel is predicted faster than its dense one")
 
 
 def _add_compile(sub: argparse._SubParsersAction) -> None:
@@ -287,6 +288,31 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (median reported)")
     p.add_argument("--tuning-log", default=None, help="also time the model compiled with these tuning records")
     p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
+    p.add_argument("--threads", type=_thread_list, default=None,
+                   help="thread counts for every contender, e.g. 1,2 (one round robin each; default: all cores)")
+    p.add_argument("--peers", nargs="?", const="onnxruntime,openvino,torch_compile", default=None, type=_peer_list,
+                   help="also time the runtimes a user would pick instead (default with the flag: onnxruntime,"
+                        "openvino,torch_compile; needs pip install -e \".[peers]\")")
+
+
+def _thread_list(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--threads takes positive thread counts separated by commas, e.g. 1,2; got '{text}'")
+    return counts
+
+
+def _peer_list(text: str) -> list[str]:
+    from .peers import PEERS
+
+    names = [t for t in text.split(",") if t]
+    bad = [t for t in names if t not in PEERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown peer '{(bad or [text])[0]}': use {', '.join(PEERS)}")
+    return names
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -294,7 +320,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     bench_command(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
                   batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log,
-                  json_path=args.json, overwrite=args.force)
+                  json_path=args.json, overwrite=args.force, threads=args.threads, peers=args.peers)
     return 0
 
 

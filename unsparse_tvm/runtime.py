@@ -118,7 +118,7 @@ def describe_module(path: str) -> str:
         "inputs:       " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in meta["inputs"]),
         "outputs:      " + (", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in meta["outputs"])
                             if meta.get("outputs") is not None else "(not recorded)"),
-        f"sparse layers: {meta['sparse_layers']} of {len(meta['layers'])} (threshold {meta['threshold']})",
+        f"sparse layers: {meta['sparse_layers']} of {len(meta['layers'])} ({'threshold ' + str(meta['threshold']) if meta.get('threshold') is not None else 'chosen by predicted time'})",
         f"built with:   TVM {meta['tvm_version']} on {meta['created']}",
     ]
     width = max([30] + [len(layer["name"]) for layer in meta["layers"]])

@@ -27,7 +27,7 @@ class TuneRequest:
     target: str = "llvm"
     arch: str | None = None
     sparsity: float | None = None
-    threshold: float = 0.7
+    threshold: float | None = None
     include_dense: bool = False
     rpc_tracker: str | None = None    # HOST:PORT
     rpc_key: str | None = None

@@ -97,7 +97,7 @@ def _make_context(task: Task, target, seed: int, workers: int, population: int):
     return ctx
 
 
-def tune(ep, target, log_dir: str, trials: int, *, threshold: float = 0.7, include_dense: bool = False,
+def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = None, include_dense: bool = False,
          rpc: tuple[str, int, str] | None = None, batch: int = DEFAULT_BATCH, seed: int = 1,
          progress: bool = True, population: int = 64, out=None) -> TuneResult:
     """Tune the model's sparse workloads for `target`, appending records to `log_dir`."""
@@ -123,7 +123,8 @@ def tune(ep, target, log_dir: str, trials: int, *, threshold: float = 0.7, inclu
         with timed("extract"):
             tasks = extract_tasks(ep, target, threshold=threshold, include_dense=include_dense)
         if not tasks:
-            raise UnsparseError(f"no layer to tune: no conv/linear reaches the sparsity threshold {threshold}"
+            rule = f"threshold {threshold}" if threshold is not None else "by predicted time"
+            raise UnsparseError(f"no layer to tune: no conv/linear runs sparse ({rule})"
                                 + ("" if include_dense else " (pass --sparsity S to prune first, or --include-dense)"))
         log = read_log(log_dir)
         ident = target_identity(target)

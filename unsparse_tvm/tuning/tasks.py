@@ -59,7 +59,7 @@ def tuned_ops(target_kind: str, include_dense: bool = False) -> tuple[str, ...]:
     return tuple(op for op in ops if rule_for(op, target_kind) is not None and hasattr(rule_for(op, target_kind), "space"))
 
 
-def extract_tasks(ep, target, *, threshold: float = 0.7, include_dense: bool = False,
+def extract_tasks(ep, target, *, threshold: float | None = None, include_dense: bool = False,
                   fmt: str | None = None) -> list[Task]:
     """The distinct tunable workloads of an ExportedProgram for `target`, heaviest first."""
     import tvm_ffi
