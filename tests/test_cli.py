@@ -80,7 +80,9 @@ def test_bench_json_has_the_promised_keys(tmp_path):
 def test_dense_model_compiles_with_a_note(tmp_path, capsys):
     assert main(["compile", "smallcnn", "--target", "llvm", "-o", str(tmp_path / "d.so")]) == 0
     out = capsys.readouterr().out
-    assert "no layer reaches the sparsity threshold 0.7" in out and os.path.exists(tmp_path / "d.so")
+    assert "no layer is predicted faster sparse than dense" in out and os.path.exists(tmp_path / "d.so")
+    assert main(["compile", "smallcnn", "--threshold", "0.7", "-o", str(tmp_path / "e.so")]) == 0
+    assert "no layer reaches the sparsity threshold 0.7" in capsys.readouterr().out
 
 
 def _one_line_error(args, capsys, expect):

@@ -19,7 +19,7 @@ def test_sparse_conv_cuda_schedule_builds(stride, fmt, cuda):
     spec = LayerSpec("conv2d", (2, 8, 13, 11), w, np.ones(16, np.float32), True,
                      {"strides": list(stride), "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1})
     report = []
-    ex = tvm.compile(layer_module(spec), target=cuda, relax_pipeline=build_pipeline(cuda, fmt=fmt, report=report))
+    ex = tvm.compile(layer_module(spec), target=cuda, relax_pipeline=build_pipeline(cuda, threshold=0.5, fmt=fmt, report=report))
     assert report[0].decision == "sparse" and report[0].format == fmt
     cuda_mods = [m for m in ex.mod.imports[0].imports if m.kind == "cuda"]
     assert len(cuda_mods) == 1
@@ -34,7 +34,7 @@ def test_sparse_dense_cuda_schedule_uses_warp_reduction(cuda):
 
     w = sparse_weight((48, 96), 0.9, np.random.default_rng(0), dense_rows=1)
     spec = LayerSpec("dense", (1, 96), w, np.ones(48, np.float32), False, {})
-    ex = tvm.compile(layer_module(spec), target=cuda, relax_pipeline=build_pipeline(cuda, fmt="hyb"))
+    ex = tvm.compile(layer_module(spec), target=cuda, relax_pipeline=build_pipeline(cuda, threshold=0.5, fmt="hyb"))
     src = [m for m in ex.mod.imports[0].imports if m.kind == "cuda"][0].inspect_source()
     assert "__shfl" in src  # the row's lanes reduce with warp shuffles
 
