@@ -65,7 +65,7 @@ def _openvino(path: str, x_np: np.ndarray, threads: int):
 def _torch_compile(ep, x):
     import torch
 
-    fn = torch.compile(ep.module())
+    fn = torch.compile(ep.module())  # per thread count: Inductor bakes the thread count into its C++ kernels
 
     def call():
         with torch.no_grad():
