@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .rpc import check_tracker
-from .tasks import Task
+
+if TYPE_CHECKING:  # only for annotations: tasks imports the compiler, workers import this module
+    from .tasks import Task
 
 
 class RealArguments:
