@@ -40,6 +40,7 @@ def check_output(path: str, *, overwrite: bool, suffixes: tuple[str, ...] = (), 
     if os.path.exists(path) and not overwrite:
         raise UnsparseError(f"{path} exists; pass --force to overwrite it")
     check_folder(os.path.dirname(os.path.abspath(path)), path, what)
+    sweep_stale(os.path.dirname(os.path.abspath(path)))  # what a killed (kill -9) earlier run left there
     return path
 
 
