@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -136,6 +138,21 @@ def test_d04_sigterm_while_writing_removes_the_temp_files(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.so")], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_d04_kill_9_while_writing_leaves_nothing(tmp_path):
+    code = ("import os, signal, sys, tempfile\n"
+            "from unsparse_tvm.outputs import writing\n"
+            "with writing(sys.argv[1]) as tmp:\n"
+            "    open(tmp, 'w').write('partial'); tempfile.mkdtemp()\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.so")], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    for _ in range(100):  # the guard process removes the work folder once the writer is gone
+        if not os.listdir(tmp_path):
+            break
+        time.sleep(0.05)
     assert os.listdir(tmp_path) == []
 
 

@@ -8,6 +8,8 @@ load the freshly exported module once with our `tvm_callback_cuda_compile` (nvcc
 On a build machine without a GPU driver, TVM's CUDA runtime library cannot load (it links
 libcuda.so.1); we then compile a stand-in driver whose every call fails with "no device" (only
 loading and serialising modules happens here, never a launch).
+
+TVM is imported inside the functions (deliberately: after the CUDA driver, or its stand-in, is loaded).
 """
 
 from __future__ import annotations

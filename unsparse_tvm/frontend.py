@@ -217,9 +217,9 @@ def _load_state(module: nn.Module, path: str) -> None:
 
 
 def load_model(model: str, weights: str | None = None, batch: int | None = None) -> LoadedModel:
-    """A built-in name (optionally with `weights`: a state_dict .pt or a .pt2) or a .pt2 file."""
-    if batch is not None and batch < 1:
-        raise UnsparseError(f"batch must be at least 1, got {batch}")
+    """A built-in name (optionally with `weights`: a state_dict .pt or a .pt2) or a .pt2 file, as a module to
+    prune, quantise or train (a .pt2 written by unsparse-tvm: its real nn.Module, trainable again)."""
+    check_batch(batch)
     if model in BUILTIN_MODELS:
         net = build_model(model)
         if weights:

@@ -5,9 +5,10 @@ one of the command's inputs, an existing file without --force, a missing or unwr
 `writing(path)` yields a temp path inside a private work folder next to the output
 (`.NAME.unsparse-tmpPID/`), which also holds every temp file TVM makes meanwhile (`tempfile.tempdir`
 points there); the result is renamed over `path` only when complete, and the work folder is removed on
-any exit: success, an error, Ctrl-C or SIGTERM (turned into KeyboardInterrupt while writing). A
-`kill -9` cannot be caught: its work folder is removed by the next command writing to the same folder
-(it belongs to a process that no longer exists).
+any exit: success, an error, Ctrl-C or SIGTERM (turned into KeyboardInterrupt while writing), and
+`kill -9` too: a small guard process removes the folder when this one dies. Should the guard die with it
+(a whole process group killed), the next command writing to that folder removes it (it belongs to a
+process that no longer exists).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from typing import Iterator
@@ -40,6 +43,7 @@ def check_output(path: str, *, overwrite: bool, suffixes: tuple[str, ...] = (), 
     if os.path.exists(path) and not overwrite:
         raise UnsparseError(f"{path} exists; pass --force to overwrite it")
     check_folder(os.path.dirname(os.path.abspath(path)), path, what)
+    sweep_stale(os.path.dirname(os.path.abspath(path)))  # what a killed (kill -9) earlier run left there
     return path
 
 
@@ -118,13 +122,34 @@ def work_folder(path: str) -> Iterator[str]:
     work = os.path.join(folder, f".{os.path.basename(path)}{_TMP_TAG}{os.getpid()}")
     old_tempdir = tempfile.tempdir
     with _sigterm_as_interrupt():
+        guard = None
         try:
             os.makedirs(work, exist_ok=True)
+            guard = _guard(work)
             tempfile.tempdir = work
             yield work
         finally:
             tempfile.tempdir = old_tempdir
             shutil.rmtree(work, ignore_errors=True)
+            if guard is not None:
+                guard.stdin.close()  # the guard sees EOF, finds the folder gone, and exits
+                guard.wait()
+
+
+# The guard: a small process that waits for this one to end (its stdin closes when this process dies,
+# whatever kills it) and then removes the work folder if it is still there; kill -9 leaves nothing.
+_GUARD = ("import os, shutil, signal, sys\n"
+          "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+          "sys.stdin.buffer.read()\n"
+          "shutil.rmtree(sys.argv[1], ignore_errors=True)\n")
+
+
+def _guard(work: str):
+    try:
+        return subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARD, work], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+    except OSError:  # no guard: a kill -9 leftover is then swept by the next command (sweep_stale)
+        return None
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ _ARCH = re.compile(r"^sm_(\d{2,3})[af]?$")
 
 
 def host_cpu() -> str:
-    from tvm.target import codegen
+    from tvm.target import codegen  # deferred: TVM's compiler, not needed to check --target/--arch
 
     cpu = str(codegen.llvm_get_system_cpu())
     return cpu if cpu and cpu != "generic" and codegen.llvm_is_valid_cpu(cpu, "x86_64-unknown-linux-gnu") else "x86-64"
@@ -60,7 +60,7 @@ def check_arch(arch: str) -> str:
 
 def make_target(kind: str, arch: str | None = None):
     """tvm.target.Target for 'llvm' or 'cuda' (with arch), or a clear error."""
-    import tvm
+    import tvm  # deferred likewise
 
     if kind not in TARGETS:
         raise UnsparseError(f"unknown target '{kind}': use llvm (x86 CPU) or cuda")

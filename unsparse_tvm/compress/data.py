@@ -61,7 +61,7 @@ def load_dataset(spec: str, seed: int = 0) -> Dataset:
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """sklearn's 1797 8x8 digits: pixels scaled to [0,1], then normalised with the training mean/std."""
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # deferred: scikit-learn is slow to import
     from sklearn.model_selection import train_test_split
 
     bunch = sk_digits()

@@ -14,8 +14,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
 from ..errors import UnsparseError, check_fraction
-from ..frontend import check_batch, eval_mode, load_model, load_program, program_input_shape, save_model
-from ..models import BUILTIN_MODELS, build_model, export
+from ..frontend import eval_mode, export_model, load_model, load_program, save_model
 from ..outputs import check_output
 from .data import load_dataset
 from .masks import _set_mask, _update_masks, magnitude_prune, prunable_parameters
@@ -26,18 +25,11 @@ from .train import compute_threads, evaluated_around, train, untrained_hint
 
 
 def prune_to_program(model: str, sparsity: float, batch: int | None = None) -> torch.export.ExportedProgram:
-    """Prune a built-in model or a .pt2 file and return the exported program."""
+    """Magnitude-prune a built-in model or a .pt2 file (one-shot, layer-wise) and export it again."""
     check_fraction("sparsity", sparsity, upper_inclusive=False)
-    check_batch(batch)
-    if model in BUILTIN_MODELS:
-        net = magnitude_prune(build_model(model), sparsity)
-        return export(net, (batch or 1, *BUILTIN_MODELS[model].input_shape))
-    ep = load_program(model, batch=batch)
-    gm = ep.module()
-    magnitude_prune(gm, sparsity, ep)
-    shape = program_input_shape(ep)
-    with torch.no_grad():
-        return torch.export.export(gm, (torch.randn(*shape),))
+    loaded = load_model(model, batch=batch)
+    magnitude_prune(loaded.module, sparsity, loaded.ep)
+    return export_model(loaded)
 
 
 def load_model_program(model: str, sparsity: float | None, batch: int | None = None):

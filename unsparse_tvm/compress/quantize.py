@@ -75,7 +75,7 @@ def pow2_quantize(w: torch.Tensor, bits: int = POW2_BITS) -> tuple[torch.Tensor,
 
 def fit_codebook(w: torch.Tensor, bits: int, seed: int = 0) -> torch.Tensor:
     """At most 2^bits sorted values from 1-D k-means over the nonzero weights (linear initialisation)."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # deferred: scikit-learn, for kmeans schemes only
 
     values = w.detach().flatten()
     values = values[values != 0].double()

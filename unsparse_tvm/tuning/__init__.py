@@ -5,13 +5,19 @@ search (the evolutionary search, in measured batches, with its state) -> log (th
 database (the best record per workload for the compile target). command: `tune` and `logs`.
 """
 
-from .database import open_database, write_record
-from .log import read_log, target_identity
-from .measure import Builder, Runner
-from .rpc import check_tracker
-from .search import tune
-from .state import TaskState, TuneResult, allocate
-from .tasks import Task, extract_tasks
+import importlib
 
-__all__ = ["Builder", "Runner", "Task", "TaskState", "TuneResult", "allocate", "check_tracker", "extract_tasks",
-           "open_database", "read_log", "target_identity", "tune", "write_record"]
+# name -> submodule. Loaded on first use, deliberately: build and run workers unpickle functions of
+# tuning.measure, and importing the whole package there would import torch and Relax in every worker.
+_EXPORTS = {
+    "open_database": "database", "write_record": "database", "read_log": "log", "target_identity": "log",
+    "Builder": "measure", "Runner": "measure", "check_tracker": "rpc", "tune": "search", "TaskState": "state",
+    "TuneResult": "state", "allocate": "state", "Task": "tasks", "extract_tasks": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,5 +1,8 @@
 """Measured batches: the default knobs, a batch of the evolutionary search, and the best schedules of a
-task's siblings; each batch is appended to the log as soon as it is timed (Ctrl-C loses nothing)."""
+task's siblings; each batch is appended to the log as soon as it is timed (Ctrl-C loses nothing).
+
+MetaSchedule is imported inside the functions (deliberately: only a tuning run needs it).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Applying records: `open_database(dir, target)` keeps only the records of the compile target (TVM's own
 lookup ignores the target: apache/tvm#15549), the best one per workload whose trace still replays, in
-an in-memory database for `build_pipeline(database=...)`; `write_record` appends a hand-made record."""
+an in-memory database for `build_pipeline(database=...)`; `write_record` appends a hand-made record.
+
+MetaSchedule is imported inside the functions (deliberately: `compile` imports this module, and
+only a compile with --tuning-log needs it).
+"""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ class Workload:
 
     def module(self):
         """The workload's IRModule (parsed on demand: the JSON is large)."""
-        from tvm.s_tir.meta_schedule.database import Workload as TVMWorkload
+        from tvm.s_tir.meta_schedule.database import Workload as TVMWorkload  # deferred: MetaSchedule
 
         return TVMWorkload.from_json([self.shash, self.mod_json]).mod
 
@@ -126,7 +126,7 @@ class Workload:
         """The workload's arguments as a record stores them (kind, dtype, shape each); None if unparsable."""
         if not hasattr(self, "_args_info"):
             try:
-                from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+                from tvm.s_tir.meta_schedule.arg_info import ArgInfo  # deferred: MetaSchedule
 
                 self._args_info = plain([a.as_json() for a in ArgInfo.from_prim_func(self.module()["main"])])
             except Exception:  # an unparsable module

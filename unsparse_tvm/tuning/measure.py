@@ -1,18 +1,25 @@
 """Building and timing candidates: a persistent pool of build workers, and a runner (local, or the
 servers of an RPC tracker) that gives every candidate the layer's *real* sparse index arrays
 (MetaSchedule's own runners fill int32 buffers with random values, and a gather through random offsets
-reads out of bounds)."""
+reads out of bounds).
+
+TVM is imported inside the functions (deliberately: build and run workers unpickle this module's
+objects and import what they use).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .rpc import check_tracker
-from .tasks import Task
+
+if TYPE_CHECKING:  # only for annotations: tasks imports the compiler, workers import this module
+    from .tasks import Task
 
 
 class RealArguments:

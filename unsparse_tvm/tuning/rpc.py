@@ -18,7 +18,7 @@ def parse_tracker(text: str) -> tuple[str, int]:
 
 def check_tracker(host: str, port: int, key: str, timeout: float = 10.0) -> int:
     """How many servers the tracker has free or busy under `key`; one clear error if none or unreachable."""
-    from tvm import rpc
+    from tvm import rpc  # deferred: only --rpc-tracker needs TVM's RPC client
 
     try:  # a plain connect first: TVM's own client retries for a minute, logging each attempt
         socket.create_connection((host, port), timeout=timeout).close()

@@ -4,6 +4,8 @@ Each rule in `schedules/` has a `space(sch)`: the same schedule as its `apply()`
 `sample_perfect_tile` / `sample_categorical`. The tuning loop is ours (not tune_tir) so that it can (a)
 give the runner each task's arrays, (b) append records after every measured batch, (c) resume: records
 already in the log count toward the budget and are never measured again, (d) show a progress bar.
+
+TVM and MetaSchedule are imported inside the functions (deliberately: only a tuning run needs them).
 """
 
 from __future__ import annotations
