@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from tvm import s_tir, tirx
 
 OP_ATTR = "unsparse.op"  # PrimFunc attribute set by the rewrite passes: which operator this is
@@ -12,6 +15,27 @@ def op_of(func: tirx.PrimFunc) -> str | None:
     if not isinstance(func, tirx.PrimFunc) or func.attrs is None or OP_ATTR not in func.attrs:
         return None
     return str(func.attrs[OP_ATTR])
+
+
+@dataclass(frozen=True)
+class ScheduleRule:
+    """One hand-written schedule for some unsparse operators on one target kind, as TVM's dlight rules:
+    `apply(func, target, config=None)` returns a Schedule, or None when the rule does not apply.
+    `schedule(sch, func, target, cfg)` does the work at the knobs of a `Config`; `space(sch)` is the same
+    schedule with its knobs sampled (MetaSchedule's design space: None, or a list of schedules)."""
+
+    ops: tuple[str, ...]
+    target_kind: str
+    Config: type
+    schedule: Callable
+    space: Callable
+
+    def apply(self, func: tirx.PrimFunc, target, config=None) -> s_tir.Schedule | None:
+        if op_of(func) not in self.ops or target.kind.name != self.target_kind:
+            return None
+        sch = s_tir.Schedule(func)
+        self.schedule(sch, func, target, config or self.Config())
+        return sch
 
 
 def is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -81,6 +105,19 @@ def bind_elementwise_cuda(sch: s_tir.Schedule, block_name: str, threads: int = 2
     bx, tx = sch.split(fused, [None, threads])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
+
+
+def finish_register_tile(sch: s_tir.Schedule, block, acc, at, vector, unrolled: list, reduction) -> None:
+    """A CPU register tile: its write-back (`acc`, the cache_write block) placed at loop `at`, the `vector`
+    loop vectorised and the `unrolled` loops unrolled; its init (zeroing) split off the reduction at loop
+    `reduction`, and init and write-back vectorised too."""
+    sch.reverse_compute_at(acc, at)
+    sch.vectorize(vector)
+    for loop in unrolled:
+        sch.unroll(loop)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
 
 
 def schedule_epilogue_cpu(sch: s_tir.Schedule) -> None:

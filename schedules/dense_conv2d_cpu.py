@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (extents, largest_divisor, op_of, pow2_divisor, sample_divisor, schedule_epilogue_cpu,
-                      schedule_pad_cpu)
+from ._common import (ScheduleRule, extents, largest_divisor, pow2_divisor, sample_divisor, schedule_epilogue_cpu,
+                      schedule_pad_cpu, finish_register_tile)
 
 OP = "dense_conv2d"
 
@@ -20,18 +20,11 @@ class Config:
     vec: int = 16      # lanes of the output axis
     unroll: int = 2    # vectors per channel: 4 x 2 = 8 zmm accumulators
 
-    @staticmethod
-    def for_target(target: Target) -> "Config":
-        return Config()
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "llvm":
-        return None
-    cfg = config or Config.for_target(target)
-    sch = s_tir.Schedule(func)
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     _schedule(sch, func, cfg.tile_k, cfg.vec, cfg.unroll, clamp=True)
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -67,11 +60,8 @@ def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
     sch.reorder(n, ko, qo, rc, rr, rs, ki, qu, qv)
     par = sch.fuse(n, ko)
     sch.parallel(par)
-    sch.reverse_compute_at(acc, qo)
-    sch.vectorize(qv)
-    sch.unroll(qu)
-    sch.unroll(ki)
-    init = sch.decompose_reduction(block, rc)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(acc)[-1])
+    finish_register_tile(sch, block, acc, qo, qv, [qu, ki], rc)
     schedule_epilogue_cpu(sch)
+
+
+RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

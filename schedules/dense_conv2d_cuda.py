@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import bind_elementwise_cuda, extents, largest_divisor, op_of, sample_choice, schedule_pad_cuda
+from ._common import ScheduleRule, bind_elementwise_cuda, extents, largest_divisor, sample_choice, schedule_pad_cuda
 
 OP = "dense_conv2d"
 
@@ -21,14 +21,10 @@ class Config:
     tile_k: int = 8       # output channels per thread, in registers
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "cuda":
-        return None
-    cfg = config or Config()
-    sch = s_tir.Schedule(func)
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     k = extents(sch, sch.get_loops(sch.get_sblock("conv")))[1]
     _schedule(sch, cfg.threads_q, largest_divisor(k, cfg.tile_k))
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> None:
@@ -52,3 +48,6 @@ def _schedule(sch: s_tir.Schedule, threads_q, tile_k) -> None:
     sch.unroll(kt)
     sch.decompose_reduction(block, rc)
     bind_elementwise_cuda(sch, "epilogue")
+
+
+RULE = ScheduleRule((OP,), "cuda", Config, schedule, space)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (extents, has_block, largest_divisor, op_of, pow2_divisor, sample_choice, schedule_epilogue_cpu,
-                      schedule_pad_cpu)
+from ._common import (ScheduleRule, extents, has_block, largest_divisor, pow2_divisor, sample_choice,
+                      schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile)
 
 OP = "sparse_conv2d"
 
@@ -27,18 +27,11 @@ class Config:
     k_inner: int = 0   # rows interleaved inside the nonzero loop: independent FMA chains where a row's
                        # output tile is only a vector or two; 0 = enough rows for ~16 accumulator vectors
 
-    @staticmethod
-    def for_target(target: Target) -> "Config":
-        return Config()
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "llvm":
-        return None
-    cfg = config or Config.for_target(target)
-    sch = s_tir.Schedule(func)
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     _schedule(sch, func, cfg.tile_k, cfg.vec, cfg.unroll, clamp=True, k_inner=cfg.k_inner)
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -99,13 +92,7 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
     sch.reorder(n, ko, qo, kio, j, kii, qu, qv)
     par = sch.fuse(n, ko)
     sch.parallel(par)
-    sch.reverse_compute_at(acc, kio)
-    sch.vectorize(qv)
-    sch.unroll(qu)
-    sch.unroll(kii)
-    init = sch.decompose_reduction(block, j)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(acc)[-1])
+    finish_register_tile(sch, block, acc, kio, qv, [qu, kii], j)
     return par
 
 
@@ -118,3 +105,6 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner)
     schedule_epilogue_cpu(sch)
+
+
+RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (bind_elementwise_cuda, extents, has_block, largest_divisor, op_of, sample_divisor,
+from ._common import (ScheduleRule, bind_elementwise_cuda, extents, has_block, largest_divisor, sample_divisor,
                       schedule_pad_cuda)
 
 OP = "sparse_conv2d"
@@ -34,18 +34,11 @@ class Config:
     per_thread: int = 2    # outputs per thread kept in registers
     batch_per_thread: int = 2  # images per thread (clamped to a divisor of the batch): weight loads shared
 
-    @staticmethod
-    def for_target(target: Target) -> "Config":
-        return Config()
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) not in OPS or target.kind.name != "cuda":
-        return None
-    cfg = config or Config.for_target(target)
-    sch = s_tir.Schedule(func)
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     _schedule(sch, cfg.threads_q, cfg.threads_k, cfg.per_thread, cfg.batch_per_thread, clamp=True)
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> None:
@@ -90,3 +83,6 @@ def _schedule(sch, threads_q, threads_k, per_thread, batch_per_thread, clamp: bo
     for name in ("conv", "conv_ovf") if has_block(sch, "conv_ovf") else ("conv",):
         _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp)
     bind_elementwise_cuda(sch, "epilogue")
+
+
+RULE = ScheduleRule(OPS, "cuda", Config, schedule, space)

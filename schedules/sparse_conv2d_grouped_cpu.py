@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (cpu_vector_lanes, extents, largest_divisor, op_of, pow2_divisor, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu)
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, pow2_divisor, sample_choice,
+                      schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile)
 
 OP = "sparse_conv2d_grouped"
 
@@ -27,18 +27,14 @@ class Config:
                       # 3/4 of the vector registers (the rest: the input vectors and the broadcast weight)
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "llvm":
-        return None
-    cfg = config or Config()
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     lanes, registers = cpu_vector_lanes(target)
-    sch = s_tir.Schedule(func)
     _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     vec = pow2_divisor(q, cfg.vec or lanes)  # the flat domain is a multiple of 8
     unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers * 3 // 4 // v))
     tile_g = largest_divisor(groups, cfg.tile_g or max(1, 16 // v))
     _schedule(sch, func, tile_g, vec, unroll)
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -67,11 +63,8 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> 
     qo, qu, qv = sch.split(q, [None, unroll, vec])
     sch.reorder(n, go, qo, gi, j, v, qu, qv)
     sch.parallel(sch.fuse(n, go))
-    sch.reverse_compute_at(acc, gi)
-    sch.vectorize(qv)
-    sch.unroll(qu)
-    sch.unroll(v)
-    init = sch.decompose_reduction(block, j)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(acc)[-1])
+    finish_register_tile(sch, block, acc, gi, qv, [qu, v], j)
     schedule_epilogue_cpu(sch)
+
+
+RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import extents, has_block, largest_divisor, op_of, sample_divisor
+from ._common import ScheduleRule, extents, has_block, largest_divisor, sample_divisor
 
 OP = "sparse_dense"
 
@@ -19,23 +19,16 @@ class Config:
     tile_rows: int = 16   # output features per parallel task
     rows_inner: int = 4   # rows interleaved per nonzero step: 4 independent FMA chains (8 measured 1.4x slower)
 
-    @staticmethod
-    def for_target(target: Target) -> "Config":
-        return Config()
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "llvm":
-        return None
-    cfg = config or Config.for_target(target)
-    sch = s_tir.Schedule(func)
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     for stage in _stages(sch):
         rows = _row_count(sch, stage)
         tile = largest_divisor(rows, cfg.tile_rows)
         inner = largest_divisor(tile, cfg.rows_inner)
         _rows(sch, stage, tile // inner, inner)
     _schedule_epilogue(sch)
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -79,3 +72,6 @@ def _rows(sch, name, groups, rows_inner) -> None:
 def _schedule_epilogue(sch) -> None:
     n, o = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(n, o))
+
+
+RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

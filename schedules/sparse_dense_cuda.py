@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import bind_elementwise_cuda, extents, has_block, largest_divisor, op_of
+from ._common import ScheduleRule, bind_elementwise_cuda, extents, has_block, largest_divisor
 
 OP = "sparse_dense"
 OPS = (OP, "sparse_dense_grouped")  # grouped rows (vellV): a warp per group, each lane summing V rows
@@ -19,18 +19,11 @@ class Config:
     lanes: int = 32          # threads over one row's nonzeros (a warp)
     rows_per_block: int = 4  # rows (warps) per block
 
-    @staticmethod
-    def for_target(target: Target) -> "Config":
-        return Config()
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) not in OPS or target.kind.name != "cuda":
-        return None
-    cfg = config or Config.for_target(target)
-    sch = s_tir.Schedule(func)
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     _schedule(sch, cfg.lanes, cfg.rows_per_block, clamp=True)
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> None:
@@ -60,3 +53,6 @@ def _schedule(sch, lanes, rows_per_block, clamp: bool) -> None:
     if has_block(sch, "conv_ovf"):
         _rows(sch, "conv_ovf", lanes, rows_per_block, clamp)
     bind_elementwise_cuda(sch, "epilogue")
+
+
+RULE = ScheduleRule(OPS, "cuda", Config, schedule, space)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import extents, largest_divisor, op_of, sample_divisor
+from ._common import ScheduleRule, extents, largest_divisor, sample_divisor, finish_register_tile
 
 OP = "sparse_dense_grouped"
 
@@ -22,16 +22,12 @@ class Config:
     inner: int = 4        # groups interleaved per offset step: independent FMA chains (as sparse_dense's 4)
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
-    if op_of(func) != OP or target.kind.name != "llvm":
-        return None
-    cfg = config or Config()
-    sch = s_tir.Schedule(func)
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     _, groups, v, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     tile = largest_divisor(groups, cfg.tile_groups or max(1, 32 // v))
     inner = largest_divisor(tile, cfg.inner)
     _schedule(sch, tile // inner, inner)
-    return sch
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -52,11 +48,9 @@ def _schedule(sch: s_tir.Schedule, per_task: int, inner: int) -> None:
     go, gg, gi = sch.split(g, [None, per_task, inner])
     sch.reorder(n, go, gg, j, gi, v)
     sch.parallel(sch.fuse(n, go))
-    sch.reverse_compute_at(acc, gg)
-    sch.unroll(gi)
-    sch.vectorize(v)
-    init = sch.decompose_reduction(block, j)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(acc)[-1])
+    finish_register_tile(sch, block, acc, gg, v, [gi], j)
     n, o = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(n, o))
+
+
+RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)
