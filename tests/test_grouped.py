@@ -143,3 +143,27 @@ def test_grouped_linear_llvm_and_pocl_match_torch(batch, fin, fout, v, llvm, cud
     check(OpenCLModule(sched, pocl)(x), ref)
     for use in module_cuda_limits(sched, cuda, registers=batch == 1):  # nvcc compiles the warp reductions
         assert not use.problems, use
+
+
+def test_grouped_tasks_are_tuned_and_their_spaces_build(llvm):
+    """tune extracts grouped layers as their own tasks, and every design space of their x86 rule builds."""
+    import torch
+    import tvm
+    from tvm import s_tir
+
+    from unsparse_tvm.models import export
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.tuning.tasks import extract_tasks
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(16 * 36, 16))
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(vector_weight((16, 8, 3, 3), 4, 0.8, rng)))
+        net[3].weight.copy_(torch.from_numpy(vector_weight((16, 16 * 36), 4, 0.8, rng)))
+    tasks = extract_tasks(export(net.eval(), (1, 8, 6, 6)), llvm)
+    assert sorted(t.op for t in tasks) == ["sparse_conv2d_grouped", "sparse_dense_grouped"]
+    for task in tasks:
+        for seed in (1, 2):
+            for space in rule_for(task.op, "llvm").space(s_tir.Schedule(task.mod, seed=seed)):
+                tvm.tirx.build(space.mod, target=llvm)

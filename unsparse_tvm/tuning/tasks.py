@@ -17,7 +17,7 @@ from ..relay_passes.apply_tuning_records import call_sites
 from ..schedules import rule_for
 from ..schedules._common import op_of
 
-TUNED_OPS = ("sparse_conv2d", "sparse_dense")
+TUNED_OPS = ("sparse_conv2d", "sparse_conv2d_grouped", "sparse_dense", "sparse_dense_grouped")
 DENSE_OPS = ("dense_conv2d",)
 
 
