@@ -16,25 +16,39 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+LABELS = {"unsparse_ms": "unsparse", "unsparse_tuned_ms": "unsparse tuned", "tvm_dense_ms": "TVM dense",
+          "torch_ms": "PyTorch", "torch_compile_ms": "torch.compile", "onnxruntime_ms": "ONNX Runtime",
+          "openvino_ms": "OpenVINO"}
+
+
 def plot(result: dict, out: str) -> None:
     layers = result["layers"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [4, 1]})
-    names = [f"{l['name']}\n{'x'.join(map(str, l['shape'][:2]))} {l['format']}" for l in layers]
-    x = np.arange(len(layers))
-    for i, (key, label) in enumerate([("unsparse_ms", "unsparse (sparse)"), ("tvm_dense_ms", "TVM dense"),
-                                      ("torch_ms", "PyTorch eager")]):
-        ax.bar(x + (i - 1) * 0.27, [l[key] for l in layers], 0.27, label=label)
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("ms per call (median)")
-    ax.set_yscale("log")
-    ax.set_title(f"{result['model']} per layer, sparsity {result['sparsity']}, {result['target']}, "
-                 f"batch {result['batch']}")
-    ax.legend(fontsize=8)
-    e = result["end_to_end"]
-    keys = [("unsparse_ms", "unsparse"), ("tvm_dense_ms", "TVM dense"), ("torch_ms", "PyTorch")]
-    ax2.bar([k[1] for k in keys], [e[k[0]] for k in keys], color=["C0", "C1", "C2"])
-    ax2.set_title(f"end to end: {e['torch_ms'] / e['unsparse_ms']:.2f}x vs PyTorch")
-    ax2.set_ylabel("ms per inference")
+    by_threads = result.get("by_threads") or {"all": result["end_to_end"]}
+    if layers:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+        names = [f"{l['name']}\n{'x'.join(map(str, l['shape'][:2]))} {l['format']}" for l in layers]
+        x = np.arange(len(layers))
+        for i, (key, label) in enumerate([("unsparse_ms", "unsparse (sparse)"), ("tvm_dense_ms", "TVM dense"),
+                                          ("torch_ms", "PyTorch eager")]):
+            ax.bar(x + (i - 1) * 0.27, [l[key] for l in layers], 0.27, label=label)
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("ms per call (median)")
+        ax.set_yscale("log")
+        ax.set_title(f"{result['model']} per layer, sparsity {result['sparsity']}, {result['target']}, "
+                     f"batch {result['batch']}")
+        ax.legend(fontsize=8)
+    else:
+        fig, ax2 = plt.subplots(figsize=(7, 4.5))
+    # end to end: every contender, one group of bars per thread count
+    keys = [k for k in LABELS if all(k in e for e in by_threads.values())]
+    width = 0.8 / len(by_threads)
+    for i, (n, e) in enumerate(by_threads.items()):
+        ax2.bar(np.arange(len(keys)) + (i - (len(by_threads) - 1) / 2) * width, [e[k] for k in keys], width,
+                label=f"{n} thread{'s' if n != '1' else ''}")
+    ax2.set_xticks(np.arange(len(keys)), [LABELS[k] for k in keys], rotation=30, ha="right", fontsize=8)
+    ax2.set_ylabel("ms per inference (median)")
+    ax2.set_title(f"{result['model']} end to end (lower is better)", fontsize=9)
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
