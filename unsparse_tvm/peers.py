@@ -33,12 +33,19 @@ def export_onnx(ep, x, folder: str) -> str:
     """The ExportedProgram as an ONNX file (weights beside it) in folder."""
     import contextlib
     import io
+    import logging
 
     import torch
 
     path = os.path.join(folder, "model.onnx")
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
-        torch.onnx.export(ep, (x,), path, dynamo=True, external_data=True)
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)  # it warns about torchvision ops it cannot register, which no model here uses
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
+            torch.onnx.export(ep, (x,), path, dynamo=True, external_data=True)
+    finally:
+        log.setLevel(level)
     return path
 
 
