@@ -189,7 +189,9 @@ class OpenCLFunc:
                 env.append((s.buffer, _bound(env, s.data)))
             elif (call := _kernel_call(s)) is not None:
                 self._launch(_launch_of(call), env)
-            elif not isinstance(s, (tirx.SeqStmt, tirx.AttrStmt, tirx.Evaluate)):
+            elif isinstance(s, tirx.Evaluate) and isinstance(s.value, tvm.ir.Call):  # any other host call
+                raise NotImplementedError(f"host call {s.value.op}")
+            elif not isinstance(s, (tirx.SeqStmt, tirx.AttrStmt, tirx.Evaluate)):  # loops, branches, lets
                 raise NotImplementedError(f"host statement {type(s).__name__}")
 
     def _launch(self, launch: Launch, env) -> None:
