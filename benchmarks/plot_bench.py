@@ -34,8 +34,9 @@ def plot(result: dict, out: str) -> None:
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("ms per call (median)")
         ax.set_yscale("log")
-        ax.set_title(f"{result['model']} per layer, sparsity {result['sparsity']}, {result['target']}, "
-                     f"batch {result['batch']}")
+        pruning = result.get("pruning", "").split(":")[0]
+        ax.set_title(f"{result['model']} per layer, sparsity {result['sparsity']} {pruning}, {result['target']}, "
+                     f"batch {result['batch']}", fontsize=10)
         ax.legend(fontsize=8)
     else:
         fig, ax2 = plt.subplots(figsize=(7, 4.5))
