@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats import ConvGeometry, SparseRows
+from .perf_model import H200, Knobs, predict_sparse
 
 # FMAs per second, all threads of the 2-vCPU machines the project measures on (see the module docstring)
 X86_RATES = {"dense_conv": 55e9, "ell": 26e9, "hyb": 26e9, "vell": 52e9, "dense_linear": 1.0e9, "sparse_linear": 1.2e9}
@@ -42,8 +43,6 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCos
     """Predicted dense and sparse time (us) of one conv layer."""
     positions = geo.n * geo.q_extent
     if target_kind == "cuda":
-        from .perf_model import Knobs, predict_sparse
-
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
                                Knobs(group=8 if geo.k % 8 == 0 else 1)).seconds
         per_row = rows.data.shape[1]  # stored entries per row or per group
@@ -59,8 +58,6 @@ def linear_cost(batch: int, shape: tuple[int, int], rows: SparseRows, target_kin
     dense = batch * shape[0] * shape[1] / X86_RATES["dense_linear"]
     sparse = batch * rows.padded_size / X86_RATES["sparse_linear"] * (0.5 if rows.group > 1 else 1.0)
     if target_kind == "cuda":  # both memory-bound GEMVs at batch 1: bytes at DRAM speed, plus a launch
-        from .perf_model import H200
-
         dense = 4 * shape[0] * shape[1] / H200.dram_bytes_s + H200.launch_s
         sparse = (4 + 4 / rows.group) * rows.padded_size / H200.dram_bytes_s + 2 * H200.launch_s
     return LayerCost(dense * 1e6, sparse * 1e6)

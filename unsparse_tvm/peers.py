@@ -9,11 +9,17 @@ it would otherwise run bf16 and not compute the same thing).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import shutil
 import tempfile
+from importlib.util import find_spec
 from typing import Callable
 
 import numpy as np
+import torch
 
 PEERS = ("onnxruntime", "openvino", "torch_compile")
 EXTRA_HINT = 'pip install -e ".[peers]"'
@@ -21,8 +27,6 @@ EXTRA_HINT = 'pip install -e ".[peers]"'
 
 def available() -> dict[str, str | None]:
     """{peer: None if usable, else why not} (no import of the heavy runtimes beyond a spec lookup)."""
-    from importlib.util import find_spec
-
     need = {"onnxruntime": ["onnxruntime", "onnxscript", "onnx"], "openvino": ["openvino", "onnxscript", "onnx"],
             "torch_compile": []}
     return {p: (f"needs {', '.join(m for m in mods if find_spec(m) is None)} ({EXTRA_HINT})"
@@ -31,12 +35,6 @@ def available() -> dict[str, str | None]:
 
 def export_onnx(ep, x, folder: str) -> str:
     """The ExportedProgram as an ONNX file (weights beside it) in folder."""
-    import contextlib
-    import io
-    import logging
-
-    import torch
-
     path = os.path.join(folder, "model.onnx")
     log = logging.getLogger("torch.onnx")
     level = log.level
@@ -50,7 +48,7 @@ def export_onnx(ep, x, folder: str) -> str:
 
 
 def _onnxruntime(path: str, x_np: np.ndarray, threads: int):
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: an optional extra (peers), imported only when asked for
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -61,7 +59,7 @@ def _onnxruntime(path: str, x_np: np.ndarray, threads: int):
 
 
 def _openvino(path: str, x_np: np.ndarray, threads: int):
-    import openvino as ov
+    import openvino as ov  # deferred likewise
 
     model = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                                                   "INFERENCE_PRECISION_HINT": "f32"})
@@ -70,8 +68,6 @@ def _openvino(path: str, x_np: np.ndarray, threads: int):
 
 
 def _torch_compile(ep, x):
-    import torch
-
     fn = torch.compile(ep.module())  # per thread count: Inductor bakes the thread count into its C++ kernels
 
     def call():
@@ -104,7 +100,5 @@ def peer_callables(ep, x, threads: int, peers: list[str], log=print) -> dict[str
             elif peer == "torch_compile":
                 calls[peer] = _torch_compile(ep, x)
     finally:  # both runtimes hold the model in memory once built
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
     return calls

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .formats import ConvGeometry
+from .formats import HYB_MIN_SAVING, ConvGeometry, _best_split, choose_format
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,6 @@ class Prediction:
 
 def ell_width(row_nnz: np.ndarray) -> float:
     """Padded entries per row of the format the CUDA pass would choose (ell, or hyb for outliers)."""
-    from .formats import HYB_MIN_SAVING, _best_split, choose_format
-
     k, longest = len(row_nnz), int(row_nnz.max(initial=0))
     if choose_format(row_nnz, HYB_MIN_SAVING["cuda"]) == "hyb":
         return _best_split(row_nnz)[1] / k

@@ -31,8 +31,14 @@ os.environ.setdefault("POCL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".
 
 import pyopencl as cl  # noqa: E402
 import tvm  # noqa: E402
-from tvm import tirx  # noqa: E402
+from tvm import s_tir, tirx  # noqa: E402
 from tvm.target import Target  # noqa: E402
+
+from ..relay_passes import build_pipeline  # noqa: E402
+from ..relay_passes.pipeline import pipeline_phases  # noqa: E402
+from ..schedules import rule_for  # noqa: E402
+from ..schedules._common import op_of  # noqa: E402
+from ..target import make_target  # noqa: E402
 
 OPENCL = Target({"kind": "opencl", "host": {"kind": "llvm"}})
 GUARD_BYTES = 4096  # each side of a buffer; also the alignment a sub-buffer's origin needs
@@ -264,9 +270,6 @@ class OpenCLModule:
 
 def schedule_for_cuda(mod: tvm.IRModule, arch: str = "sm_90", **pipeline_kwargs) -> tvm.IRModule:
     """The production pipeline for --target cuda, through its "schedule" phase."""
-    from unsparse_tvm.relay_passes import build_pipeline
-    from unsparse_tvm.target import make_target
-
     return build_pipeline(make_target("cuda", arch), stop_after="schedule", **pipeline_kwargs)(mod)
 
 
@@ -280,14 +283,6 @@ def schedule_space_point(mod: tvm.IRModule, seed: int, arch: str = "sm_90",
     """Like schedule_for_cuda, but each unsparse operator gets its CUDA rule's space() (MetaSchedule's
     design space) with the knobs drawn by a Schedule seeded with `seed`: a point tuning may pick.
     Returns (scheduled module, the knob decisions drawn)."""
-    from tvm import s_tir
-
-    from unsparse_tvm.relay_passes import build_pipeline
-    from unsparse_tvm.relay_passes.pipeline import pipeline_phases
-    from unsparse_tvm.schedules import rule_for
-    from unsparse_tvm.schedules._common import op_of
-    from unsparse_tvm.target import make_target
-
     target = make_target("cuda", arch)
     mod = build_pipeline(target, stop_after="legalize", **pipeline_kwargs)(mod)
     knobs = []
