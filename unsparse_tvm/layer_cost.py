@@ -45,8 +45,9 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCos
     if target_kind == "cuda":
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
                                Knobs(group=8 if geo.k % 8 == 0 else 1)).seconds
-        per_row = rows.data.shape[1]  # stored entries per row or per group
-        sparse = predict_sparse(geo, np.full(rows.data.shape[0], per_row), Knobs(group=rows.group)).seconds
+        # stored entries per group of V rows, or per row (hyb's overflow spread over all rows)
+        width = rows.data.shape[1] if rows.group > 1 else int(np.ceil(rows.padded_size / rows.shape[0]))
+        sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group)).seconds
         return LayerCost(dense * 1e6, sparse * 1e6)
     dense = geo.k * geo.c * geo.r * geo.s * positions / X86_RATES["dense_conv"]
     sparse = rows.padded_size * positions / X86_RATES[_family(rows.fmt)]
