@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -585,7 +584,7 @@ def build(kit: str, a) -> dict:
                 "knob_fields": {op: [f.name for f in dataclasses.fields(config_class(op))]
                                 for op in sorted(set(RULE_MODULES) | {k["op"] for g in groups for k in g.get("kernels", [])})},
                 "runtime": runtime, "models": plans, "groups": groups, "counts": counts}
-    files = {}
+    files, sha256 = {}, load_runner(kit).sha256  # the runner checks the files with this same digest
     for root, _, names in os.walk(kit):
         for n in names:
             p = os.path.join(root, n)
@@ -600,14 +599,6 @@ def build(kit: str, a) -> dict:
     if total > a.max_mib * MiB:
         raise SystemExit(f"the kit is {total / MiB:.1f} MiB, over the {a.max_mib} MiB limit")
     return manifest
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:

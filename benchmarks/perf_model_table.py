@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", type=float, default=0.9, help="the sparsity of the printed table")
     args = ap.parse_args(argv)
     everything = []
-    print(f"| layer | batch | ours (us) | bound | vector-4 (us) | cuDNN FP32 | TF32 | FP16 | vs FP32 | vs TF32 | "
-          f"vs FP16 | vector-4 vs FP32 | overtakes FP32 / TF32 / FP16 at |")
+    print("| layer | batch | ours (us) | bound | vector-4 (us) | cuDNN FP32 | TF32 | FP16 | vs FP32 | vs TF32 | "
+          "vs FP16 | vector-4 vs FP32 | overtakes FP32 / TF32 / FP16 at |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in ("vgg16", "resnet50"):
         for shape, count in conv_shapes(model).items():

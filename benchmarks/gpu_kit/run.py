@@ -317,7 +317,6 @@ def fingerprint_ok(a: np.ndarray, fp: dict) -> bool:
 
 def torch_layer_fn(layer: dict, w, b, dtype=None, channels_last: bool = False):
     """The layer in PyTorch (dense weights): conv2d / linear [+ bias] [+ ReLU]."""
-    import torch
     import torch.nn.functional as F
 
     relu, a = layer["relu"], layer.get("attrs", {})
@@ -354,7 +353,7 @@ def emulate_sparse(layer: dict, packed: dict, x: np.ndarray, batch: int) -> np.n
 
     if layer["op"] == "conv2d":
         geo = geometry(layer, batch)
-        (sh, sw), (pt, pl, pb, pr) = geo.stride, geo.padding
+        (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
         xp = np.zeros((geo.n, geo.pad_channels, geo.hq * sh, geo.wq * sw), np.float64)
         xp[:, : geo.c, pt: pt + geo.h, pl: pl + geo.w] = x
         # phases: padded pixel (h, w) -> phase (h % sh, w % sw), position (h // sh, w // sw)
