@@ -133,14 +133,14 @@ def _to_grouped_rows(matrix: np.ndarray, col_offset: np.ndarray, v: int, row_nnz
 
 
 def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None = None,
-                   min_saving: float = HYB_MIN_SAVING["cuda"], grouped: bool = True) -> SparseRows:
-    """Pack a [K, cols] matrix, mapping column j to input offset col_offset[j]; fmt None: grouped (where
-    allowed) if choose_group finds groups, else choose_format's ell or hyb."""
+                   min_saving: float = HYB_MIN_SAVING["cuda"]) -> SparseRows:
+    """Pack a [K, cols] matrix, mapping column j to input offset col_offset[j]; fmt None: grouped rows
+    where choose_group finds groups, else choose_format's ell or hyb."""
     matrix = np.asarray(matrix, np.float32)
     k, ncols = matrix.shape
     assert col_offset.shape == (ncols,)
     row_nnz = (matrix != 0).sum(axis=1).astype(np.int64)
-    if fmt is None and grouped and (v := choose_group(matrix)) > 1:
+    if fmt is None and (v := choose_group(matrix)) > 1:
         fmt = f"vell{v}"
     if fmt is not None and fmt.startswith("vell"):
         return _to_grouped_rows(matrix, col_offset, int(fmt[4:]), row_nnz)

@@ -13,8 +13,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
-import tempfile
 from importlib.util import find_spec
 from typing import Callable
 
@@ -34,8 +32,10 @@ def available() -> dict[str, str | None]:
 
 
 def export_onnx(ep, x, folder: str) -> str:
-    """The ExportedProgram as an ONNX file (weights beside it) in folder."""
+    """The ExportedProgram as an ONNX file (weights beside it) in folder; exported once per folder."""
     path = os.path.join(folder, "model.onnx")
+    if os.path.exists(path):
+        return path
     log = logging.getLogger("torch.onnx")
     level = log.level
     log.setLevel(logging.ERROR)  # it warns about torchvision ops it cannot register, which no model here uses
@@ -78,27 +78,21 @@ def _torch_compile(ep, x):
     return call
 
 
-def peer_callables(ep, x, threads: int, peers: list[str], log=print) -> dict[str, Callable[[], np.ndarray]]:
+def peer_callables(ep, x, threads: int, peers: list[str], onnx_dir: str,
+                   log=print) -> dict[str, Callable[[], np.ndarray]]:
     """{peer: a call returning the output as numpy}, for each requested peer that is installed (the
-    others are reported through `log` and left out)."""
+    others are reported through `log` and left out). The ONNX file is written once into onnx_dir (the
+    caller's, reused for every thread count; the runtimes hold the model in memory once built)."""
     why = available()
     calls = {}
     x_np = x.numpy()
-    folder = tempfile.mkdtemp(prefix="unsparse-peers-")
-    onnx_path = None
-    try:
-        for peer in peers:
-            if why.get(peer):
-                log(f"skipping {peer}: {why[peer]}")
-                continue
-            if peer in ("onnxruntime", "openvino") and onnx_path is None:
-                onnx_path = export_onnx(ep, x, folder)
-            if peer == "onnxruntime":
-                calls[peer] = _onnxruntime(onnx_path, x_np, threads)
-            elif peer == "openvino":
-                calls[peer] = _openvino(onnx_path, x_np, threads)
-            elif peer == "torch_compile":
-                calls[peer] = _torch_compile(ep, x)
-    finally:  # both runtimes hold the model in memory once built
-        shutil.rmtree(folder, ignore_errors=True)
+    for peer in peers:
+        if why.get(peer):
+            log(f"skipping {peer}: {why[peer]}")
+        elif peer == "onnxruntime":
+            calls[peer] = _onnxruntime(export_onnx(ep, x, onnx_dir), x_np, threads)
+        elif peer == "openvino":
+            calls[peer] = _openvino(export_onnx(ep, x, onnx_dir), x_np, threads)
+        elif peer == "torch_compile":
+            calls[peer] = _torch_compile(ep, x)
     return calls
