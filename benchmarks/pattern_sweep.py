@@ -3,12 +3,12 @@ run them, JSON per run and a Markdown table (ms, and the speedup over the faster
 OpenVINO) on stdout.
 
     python benchmarks/pattern_sweep.py resnet18 -o benchmarks/results/resnet18-patterns \
-        [--sparsities 0.8,0.9,0.95] [--patterns unstructured,vector,block,mixed] [--threads 1] [--lock FILE]
+        [--sparsities 0.8,0.9,0.95] [--patterns unstructured,vector,block,mixed] [--threads 1] [--wrap PREFIX]
 
 Each run: `prune MODEL --method M --sparsity S -o p.pt2` (one-shot), then
 `bench p.pt2 --peers onnxruntime,openvino --threads T --no-layers --repeat R --json DIR/M-sS.json`.
---lock FILE holds an exclusive flock on FILE during each bench (so that cooperating jobs, which take it
-shared, pause while we time); existing JSON files are kept, not re-run, so an interrupted sweep resumes.
+--wrap PREFIX runs each bench under a command prefix (e.g. one that keeps other jobs off the CPU while
+it times); existing JSON files are kept, not re-run, so an interrupted sweep resumes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,10 +29,10 @@ PATTERNS = {  # name -> (label, prune arguments)
 }
 
 
-def _cli(args: list[str], lock: str | None = None) -> None:
+def _cli(args: list[str], wrap: str | None = None) -> None:
     cmd = [sys.executable, "-m", "unsparse_tvm.cli", *args]
-    if lock:
-        cmd = ["flock", "-x", lock, *cmd]
+    if wrap:
+        cmd = [*shlex.split(wrap), *cmd]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--threads", default="1")
     ap.add_argument("--repeat", default="10")
-    ap.add_argument("--lock", default=None, help="flock this file exclusively while each bench runs")
+    ap.add_argument("--wrap", default=None, help="command prefix for each bench run")
     args = ap.parse_args()
     sparsities = [float(s) for s in args.sparsities.split(",")]
     patterns = args.patterns.split(",")
@@ -67,7 +68,7 @@ def main() -> None:
                 _cli(prune)
                 bench = ["bench", pt2, "--peers", "onnxruntime,openvino", "--threads", args.threads, "--no-layers",
                          "--repeat", args.repeat, "--json", os.path.join(tmp, "b.json")]
-                _cli(bench, args.lock)
+                _cli(bench, args.wrap)
                 r = json.load(open(os.path.join(tmp, "b.json")))
             r["pruning"] = f"{p}: unsparse-tvm {' '.join(prune[:-1])} p.pt2; {' '.join(bench[:-2])}"
             with open(out + ".tmp", "w") as f:
