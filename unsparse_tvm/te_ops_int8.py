@@ -1,0 +1,71 @@
+"""TE definition of the int8 sparse direct conv2d (arithmetic and layout: int8_rows).
+
+Three stages, named like te_ops' so the schedules find them:
+  "pad_q"     fp32 [N, C, H, W] -> uint8 quads xq[N, Cq4 * channel_plane, 4]: quantised, zero-point padded,
+              phase-split and flattened as te_ops.pad_flat, 4 channels of one position per 32-bit word
+  "conv"      conv[n, k, q] = sum_{j, v} int32(xq[n, off[k, j] + q, v]) * int32(data[k, j, v])   (int32)
+  "epilogue"  float32(conv - comp[k]) * out_scale[k] (+ bias) (+ residual) (ReLU), cropped to [N, K, OH, OW]
+The "conv" body is written exactly as the x86 tensor intrinsics' description (schedules/_x86_int8),
+lanes along q and the quad v innermost, so it tensorizes to vpdpbusd / vpmaddubsw.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from .formats import ConvGeometry
+from .int8_rows import QUAD, ActQuant
+
+F32_ZERO = tirx.const(0.0, "float32")
+
+
+def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int) -> te.Tensor:
+    (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
+    phase_plane = geo.hq * geo.wq
+    inv = tirx.const(act.inv_scale, "float32")
+
+    def value(n, i, v):
+        c, rest = i // geo.channel_plane * QUAD + v, i % geo.channel_plane
+        if sh == 1 and sw == 1:
+            h, w = rest // geo.wq - pt, rest % geo.wq - pl
+        else:
+            phase, hh, ww = rest // phase_plane, rest % phase_plane // geo.wq, rest % geo.wq
+            h, w = hh * sh + phase // sw - pt, ww * sw + phase % sw - pl
+        inside = tirx.all(c < geo.c, h >= 0, h < geo.h, w >= 0, w < geo.w)
+        # round half to even (nearbyint) as torch.round; clamp in float so huge inputs cannot wrap
+        q = tirx.nearbyint(x[n, c, h, w] * inv) + tirx.const(float(act.zero_point), "float32")
+        q = tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO)
+        return tirx.if_then_else(inside, q.astype("uint8"), tirx.const(act.zero_point, "uint8"))
+
+    return te.compute((geo.n, quads * geo.channel_plane, QUAD), value, name="pad_q")
+
+
+def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
+                       *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
+                       has_residual: bool, relu: bool) -> te.Tensor:
+    """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]."""
+    rest = list(rest)
+    bias = rest.pop(0) if has_bias else None
+    residual = rest.pop(0) if has_residual else None
+    xq = pad_quantize(x, geo, act, quads)
+    rows, width = int(data.shape[0]), int(data.shape[1])
+    j = te.reduce_axis((0, width), name="j")
+    v = te.reduce_axis((0, QUAD), name="v")
+    conv = te.compute(
+        (geo.n, rows, geo.q_extent),
+        lambda n, k, q: te.sum(xq[n, off[k, j] + q, v].astype("int32") * data[k, j, v].astype("int32"),
+                               axis=[j, v]),
+        name="conv",
+    )
+
+    def value(n, k, y, x_):
+        val = (conv[n, k, y * geo.wq + x_] - comp[k]).astype("float32") * out_scale[k]
+        if bias is not None:
+            val = val + bias[k]
+        if residual is not None:
+            val = val + residual[n, k, y, x_]
+        if relu:
+            val = tirx.max(val, F32_ZERO)
+        return val
+
+    return te.compute((geo.n, geo.k, geo.oh, geo.ow), value, name="epilogue")
