@@ -121,7 +121,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="overall fraction of conv/linear weights set to zero, in [0, 1)")
     p.add_argument("--method", default="unstructured",
                    help="unstructured (default), vector (V output channels at one input position), "
-                        "block (B x B tiles of the [out, in*kh*kw] matrix), mixed (vector AND block masks)")
+                        "block (B x B tiles of the [out, in*kh*kw] matrix), mixed (vector AND block masks), "
+                        "channel4 (4 input channels at one tap together: the int8 kernels' weight quads)")
     p.add_argument("--scope", default="layer", help="layer (default: each layer to the sparsity) or global "
                                                     "(one magnitude ranking over all layers; unstructured only)")
     p.add_argument("--vector-size", type=int, default=4, help="V for vector/mixed: 2, 4 or 8 (default 4)")
