@@ -26,6 +26,7 @@ from ._util import fused_label, mark
 from .layers import LayerDecision, LayerNames, fingerprint
 
 OP = "sparse_conv2d_int8"
+FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
 
 def _known_name(names: LayerNames, weight: np.ndarray) -> str | None:
@@ -54,10 +55,10 @@ class _Int8Rewriter(ConvChainRewriter):
         args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq]
-        mark(self.builder_, call, {"op": OP, "unsparse.fmt": "quad4", "unsparse.pad_shape": pad_shape})
+        mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
         sparsity = float((weight == 0).sum()) / weight.size
-        self.report.append(LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "sparse int8",
-                                         "quad4", rows.nnz, rows.padded_size, [geo.n, geo.c, geo.h, geo.w],
+        self.report.append(LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "sparse",
+                                         FORMAT, rows.nnz, rows.padded_size, [geo.n, geo.c, geo.h, geo.w],
                                          fused_label(ep)))
         return call
 

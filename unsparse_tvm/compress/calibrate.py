@@ -76,17 +76,23 @@ def _graph_ranges(ep: torch.export.ExportedProgram, batches: list[torch.Tensor])
     return ranges
 
 
+def _set_mode(module: nn.Module, training: bool) -> None:
+    try:
+        module.train(training)
+    except NotImplementedError:  # a reloaded program's module is always in eval mode and refuses both
+        pass
+
+
 def calibrate(module: nn.Module, batches: list[torch.Tensor], ep: torch.export.ExportedProgram | None = None) -> dict:
     """The "activations" entry of unsparse_quant.json: {"scheme", "granularity", "batches", "layers":
     {layer name: [min, max]}} over the inputs of every conv2d / linear layer."""
     was_training = module.training
+    _set_mode(module, False)
     try:
-        module.eval()
-    except NotImplementedError:  # a reloaded program's module is always in eval mode
-        pass
-    ranges = _module_ranges(module, batches) if ep is None or prunable_parameters(module) else _graph_ranges(ep, batches)
-    if was_training:
-        module.train()
+        use_hooks = ep is None or prunable_parameters(module)
+        ranges = _module_ranges(module, batches) if use_hooks else _graph_ranges(ep, batches)
+    finally:
+        _set_mode(module, was_training)
     if not ranges:
         raise UnsparseError("calibration found no conv2d or linear layer")
     return {"scheme": "int8", "granularity": "per-tensor", "method": "minmax", "batches": len(batches),
