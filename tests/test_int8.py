@@ -238,3 +238,14 @@ def test_digits_int8_within_half_a_point_of_fp32(tmp_path, capsys, llvm):
     fp32, int8 = accuracy(pruned, False), accuracy(quant, True)
     assert fp32 > 90.0
     assert abs(int8 - fp32) <= 0.5, (fp32, int8)
+
+
+def test_bench_times_int8_next_to_fp32_sparse(tmp_path, capsys):
+    from unsparse_tvm.bench import bench
+
+    quant = tmp_path / "q.pt2"
+    assert main(["prune", "smallcnn", "--method", "channel4", "--sparsity", "0.9", "-o", str(tmp_path / "p.pt2")]) == 0
+    assert main(["quantize", str(tmp_path / "p.pt2"), "--activations", "int8", "--dataset", "random", "-o", str(quant)]) == 0
+    result = bench(str(quant), repeat=1, layers=False, threads=[1])
+    assert {"unsparse_ms", "unsparse_int8_ms", "tvm_dense_ms", "torch_ms"} <= set(result["end_to_end"])
+    assert result["max_rel_error_vs_torch"]["unsparse_int8"] < 0.1  # random input, calibrated on random inputs
