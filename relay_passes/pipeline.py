@@ -25,7 +25,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
                     configs: dict | None = None, database=None, activations: dict | None = None
                     ) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (tests run a prefix of them). activations: calibrated
-    input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8 (llvm)."""
+    input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8."""
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
@@ -33,7 +33,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away
     phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant()]))
     # Phase 1b: int8 execution of the calibrated convs (before the fp32 substitution takes them)
-    if activations and is_cpu:
+    if activations:
         phases.append(("int8", [QuantizeInt8Conv2d(activations, target, names, report)]))
     # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:

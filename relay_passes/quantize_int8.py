@@ -65,7 +65,7 @@ class _Int8Rewriter(ConvChainRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Conv2d")
 class QuantizeInt8Conv2d:
-    """Replace calibrated conv2d chains by the int8 sparse direct conv2d (llvm only)."""
+    """Replace calibrated conv2d chains by the int8 sparse direct conv2d (llvm: VNNI/AVX2, cuda: dp4a)."""
 
     def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
         self.ranges, self.qmax = dict(ranges), act_qmax(target)

@@ -100,5 +100,8 @@ def int8_kind(target) -> str:
 
 
 def act_qmax(target) -> int:
-    """Largest uint8 activation the target's dot product keeps exact (see the module docstring)."""
+    """Largest uint8 activation the target's dot product keeps exact (see the module docstring); CUDA's
+    dp4a adds into int32, so all 8 bits."""
+    if target.kind.name != "llvm":
+        return 255
     return 255 if int8_kind(target) == "vnni" else 127

@@ -43,7 +43,11 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     """Design space for MetaSchedule: tile_k and unroll sampled from exact divisors (k_inner fixed per
     space: the loop structure depends on it)."""
     func = sch.mod["main"]
-    target = Target.current()
+    target = Target.current(allow_none=True)
+    if target is None:  # outside a target scope: this machine's CPU
+        from unsparse_tvm.target import llvm_target_dict
+
+        target = Target(llvm_target_dict())
     ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     rows, inner = ext[1], ext[2]
     lanes = _lanes(target, inner)
