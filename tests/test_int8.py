@@ -249,3 +249,36 @@ def test_bench_times_int8_next_to_fp32_sparse(tmp_path, capsys):
     result = bench(str(quant), repeat=1, layers=False, threads=[1])
     assert {"unsparse_ms", "unsparse_int8_ms", "tvm_dense_ms", "torch_ms"} <= set(result["end_to_end"])
     assert result["max_rel_error_vs_torch"]["unsparse_int8"] < 0.1  # random input, calibrated on random inputs
+
+
+def test_int8_design_space_points_are_exact(llvm):
+    """MetaSchedule's design space (space()): random points build and stay exact."""
+    import tvm
+    from tvm import s_tir, te
+
+    from unsparse_tvm import te_ops_int8
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.schedules._x86_int8 import act_qmax
+
+    geo = ConvGeometry(2, 8, 9, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    rng = np.random.default_rng(7)
+    weight = sparse_weight((16, 8, 3, 3), 0.8, rng)
+    x = np.abs(rng.standard_normal((2, 8, 9, 7))).astype(np.float32)
+    act = ActQuant.from_range(0.0, float(x.max()), act_qmax(llvm))
+    wq, wscale = quantize_weight(weight)
+    rows = conv_quad_rows(wq, geo)
+    comp, out_scale = epilogue_consts(wq, wscale, act)
+    arrays = [x, rows.data, rows.off, comp, out_scale]
+    holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
+    out = te_ops_int8.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=False,
+                                         has_residual=False, relu=False)
+    func = te.create_prim_func(holders + [out]).with_attr("unsparse.pad_shape", [rows.pad_quads, geo.hq, geo.wq])
+    ref = torch_reference(x, wq, wscale, act, None, None, False, (1, 1), (1, 1, 1, 1)).numpy()
+    with llvm:
+        spaces = rule_for("sparse_conv2d_int8", "llvm").space(s_tir.Schedule(func, seed=3))
+    assert len(spaces) >= 2
+    for sch in spaces:
+        lib = tvm.compile(sch.mod, target=llvm)
+        args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(ref.shape, np.float32))]
+        lib(*args)
+        assert (np.abs(args[-1].numpy() - ref) <= 0.01 * out_scale.reshape(1, -1, 1, 1)).all()
