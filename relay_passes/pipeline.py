@@ -14,6 +14,7 @@ from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
 from .quantize_int8 import QuantizeInt8Conv2d
+from .quantize_int8_dense import QuantizeInt8Dense
 from .schedule_remaining_cpu import ScheduleRemainingCPU
 from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
@@ -34,7 +35,10 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant()]))
     # Phase 1b: int8 execution of the calibrated convs (before the fp32 substitution takes them)
     if activations:
-        phases.append(("int8", [QuantizeInt8Conv2d(activations, target, names, report)]))
+        int8 = [QuantizeInt8Conv2d(activations, target, names, report)]
+        if is_cpu:  # the int8 linear layer has an x86 rule only
+            int8.append(QuantizeInt8Dense(activations, target, names, report))
+        phases.append(("int8", int8))
     # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:
         # per layer: sparse where predicted faster than dense (threshold None), or sparsity >= threshold

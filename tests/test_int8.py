@@ -13,7 +13,7 @@ from conftest import sparse_weight
 from unsparse_tvm.cli import main
 from unsparse_tvm.formats import ConvGeometry
 from unsparse_tvm.int8_rows import (ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, torch_quantize,
-                                    torch_reference)
+                                    dense_quad_rows, torch_linear_reference, torch_reference)
 
 # the three x86 dot products: this CPU's (VNNI here), AVX-512 without VNNI, AVX2 (all run on an AVX-512 host)
 MCPUS = [None, "skylake-avx512", "haswell"]
@@ -155,7 +155,7 @@ def test_calibration_records_each_layer_input():
 
 
 def _int8_reference(model: nn.Module, ranges: dict, qmax: int) -> nn.Module:
-    """The model with every calibrated conv replaced by the PyTorch integer reference."""
+    """The model with every calibrated conv and linear layer replaced by the PyTorch integer reference."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and name in ranges:
             act = ActQuant.from_range(*ranges[name], qmax)
@@ -164,6 +164,11 @@ def _int8_reference(model: nn.Module, ranges: dict, qmax: int) -> nn.Module:
             p = m.padding
             m.forward = (lambda x, wq=wq, ws=wscale, act=act, b=b, st=m.stride, p=p, d=m.dilation:
                          torch_reference(x, wq, ws, act, b, None, False, st, (p[0], p[1], p[0], p[1]), d))
+        if isinstance(m, nn.Linear) and name in ranges:
+            act = ActQuant.from_range(*ranges[name], qmax)
+            wq, wscale = quantize_weight(m.weight.detach().numpy())
+            b = m.bias.detach().numpy() if m.bias is not None else None
+            m.forward = lambda x, wq=wq, ws=wscale, act=act, b=b: torch_linear_reference(x, wq, ws, act, b)
     return model
 
 
@@ -179,13 +184,13 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm):
     model = build_model("smallcnn")
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight[torch.rand_like(m.weight) < 0.8] = 0
     ranges = calibrate(model, calibration_batches((3, 1, 8, 8), None, 2, 16))["layers"]
     compiled = compile_program(export(model, (3, 1, 8, 8)), llvm, threshold=0.5, activations=ranges)
     int8 = [r for r in compiled.report if r.format == "int8q4"]
-    assert [r.name for r in int8] == ["features.0", "features.2", "features.5"]
-    assert all(r.decision == "sparse" and r.fused == "bias+relu" for r in int8)
+    assert [r.name for r in int8] == ["features.0", "features.2", "features.5", "classifier.0", "classifier.2"]
+    assert all(r.decision == "sparse" and r.fused == ("bias" if r.name == "classifier.2" else "bias+relu") for r in int8)
     x = torch.randn(3, 1, 8, 8)
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
     ref = _int8_reference(model, ranges, act_qmax(llvm))(x).detach().numpy()
@@ -236,6 +241,7 @@ def test_digits_int8_within_half_a_point_of_fp32(tmp_path, capsys, llvm):
         return 100.0 * float((logits.argmax(1) == data.y_test.numpy()).mean())
 
     fp32, int8 = accuracy(pruned, False), accuracy(quant, True)
+    print(f"digits test accuracy: fp32 pruned {fp32:.2f}%, int8 {int8:.2f}%")
     assert fp32 > 90.0
     assert abs(int8 - fp32) <= 0.5, (fp32, int8)
 
@@ -282,3 +288,34 @@ def test_int8_design_space_points_are_exact(llvm):
         args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(ref.shape, np.float32))]
         lib(*args)
         assert (np.abs(args[-1].numpy() - ref) <= 0.01 * out_scale.reshape(1, -1, 1, 1)).all()
+
+
+@pytest.mark.parametrize("batch,fin,fout,relu", [(1, 64, 16, True), (3, 30, 10, False), (2, 7, 5, True)])
+def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
+    """In-features not a multiple of 4, batch > 1, an empty row, odd row counts."""
+    import tvm
+    from tvm import te
+
+    from unsparse_tvm import te_ops_int8
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.schedules._x86_int8 import act_qmax
+
+    rng = np.random.default_rng(fin)
+    weight = sparse_weight((fout, fin), 0.7, rng, empty_rows=1, dense_rows=1)
+    x = rng.standard_normal((batch, fin)).astype(np.float32)
+    act = ActQuant.from_range(float(x.min()), float(x.max()), act_qmax(llvm))
+    wq, wscale = quantize_weight(weight)
+    rows = dense_quad_rows(wq)
+    comp, out_scale = epilogue_consts(wq, wscale, act)
+    bias = rng.standard_normal(fout).astype(np.float32)
+    arrays = [x, rows.data, rows.off, comp, out_scale, bias]
+    holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
+    out = te_ops_int8.sparse_dense_int8(*holders, act=act, quads=rows.pad_quads, has_bias=True, relu=relu)
+    func = te.create_prim_func(holders + [out]).with_attr("unsparse.op", "sparse_dense_int8")
+    with llvm:
+        sch = rule_for("sparse_dense_int8", "llvm").apply(func, llvm)
+    lib = tvm.compile(sch.mod, target=llvm)
+    args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros((batch, fout), np.float32))]
+    lib(*args)
+    ref = torch_linear_reference(x, wq, wscale, act, bias, relu).numpy()
+    assert (np.abs(args[-1].numpy() - ref) <= 0.01 * out_scale).all()

@@ -143,3 +143,35 @@ def torch_reference(x, wq: np.ndarray, wscale: np.ndarray, act: ActQuant, bias=N
     if residual is not None:
         y = y + torch.as_tensor(residual, dtype=torch.float32)
     return torch.relu(y) if relu else y
+
+
+def dense_quad_rows(wq: np.ndarray) -> QuadRows:
+    """Pack an int8 [out, in] linear weight into quad rows; offsets are quad numbers (input features 4i..4i+3)."""
+    o, fin = wq.shape
+    iq = quad_channels(fin)
+    wp = np.zeros((o, iq * QUAD), np.int8)
+    wp[:, :fin] = wq
+    quads = wp.reshape(o, iq, QUAD)
+    keep = (quads != 0).any(axis=2)
+    width = max(int(keep.sum(axis=1).max(initial=0)), 1)
+    data = np.zeros((o, width, QUAD), np.int8)
+    off = np.zeros((o, width), np.int32)
+    for row in range(o):
+        idx = np.flatnonzero(keep[row])
+        data[row, : len(idx)] = quads[row, idx]
+        off[row, : len(idx)] = idx
+    return QuadRows(data, off, int(keep.sum()), int((wq != 0).sum()), iq)
+
+
+def torch_linear_reference(x, wq: np.ndarray, wscale: np.ndarray, act: ActQuant, bias=None, relu: bool = False):
+    """PyTorch reference of the int8 linear layer's arithmetic (as torch_reference for conv2d)."""
+    import torch
+
+    x = torch.as_tensor(x, dtype=torch.float32)
+    u = (torch_quantize(x, act) - act.zero_point).double()
+    acc = u @ torch.as_tensor(wq, dtype=torch.float64).T
+    _, out_scale = epilogue_consts(wq, wscale, act)
+    y = acc.float() * torch.as_tensor(out_scale)
+    if bias is not None:
+        y = y + torch.as_tensor(bias, dtype=torch.float32)
+    return torch.relu(y) if relu else y

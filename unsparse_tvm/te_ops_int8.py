@@ -69,3 +69,36 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
         return val
 
     return te.compute((geo.n, geo.k, geo.oh, geo.ow), value, name="epilogue")
+
+
+def sparse_dense_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
+                      *rest: te.Tensor, act: ActQuant, quads: int, has_bias: bool, relu: bool) -> te.Tensor:
+    """int8 sparse linear layer: x [N, in] fp32 quantised to uint8 quads xq[N, quads, 4] ("pad_q"), then
+    conv[n, o] = sum_{j, v} int32(xq[n, off[o, j], v]) * int32(data[o, j, v]) and the same dequantising
+    epilogue as the conv (bias, ReLU). rest = [bias]."""
+    bias = rest[0] if has_bias else None
+    batch, fin = (int(d) for d in x.shape)
+    inv = tirx.const(act.inv_scale, "float32")
+
+    def quantised(n, i, v):
+        f = i * QUAD + v
+        q = tirx.nearbyint(x[n, tirx.min(f, fin - 1)] * inv) + tirx.const(float(act.zero_point), "float32")
+        q = tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO).astype("uint8")
+        return tirx.if_then_else(f < fin, q, tirx.const(act.zero_point, "uint8"))
+
+    xq = te.compute((batch, quads, QUAD), quantised, name="pad_q")
+    j = te.reduce_axis((0, int(data.shape[1])), name="j")
+    v = te.reduce_axis((0, QUAD), name="v")
+    conv = te.compute(
+        (batch, int(data.shape[0])),
+        lambda n, o: te.sum(xq[n, off[o, j], v].astype("int32") * data[o, j, v].astype("int32"), axis=[j, v]),
+        name="conv",
+    )
+
+    def value(n, o):
+        val = (conv[n, o] - comp[o]).astype("float32") * out_scale[o]
+        if bias is not None:
+            val = val + bias[o]
+        return tirx.max(val, F32_ZERO) if relu else val
+
+    return te.compute((batch, int(data.shape[0])), value, name="epilogue")
