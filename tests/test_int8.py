@@ -4,6 +4,8 @@ and digits accuracy."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,11 @@ from unsparse_tvm.cli import main
 from unsparse_tvm.formats import ConvGeometry
 from unsparse_tvm.int8_rows import (ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, torch_quantize,
                                     dense_quad_rows, torch_linear_reference, torch_reference)
+
+# Outputs are float32(acc) * out_scale[k] + bias (+ residual): one integer off moves an output by a whole
+# out_scale[k], float32 rounding (FMA contraction, the order of the adds) by a few ulps of |y|, ~1e-6 here
+# where out_scale is ~1e-4: a quarter quantum tells them apart
+QUANTUM_SHARE = 0.25
 
 # the three x86 dot products: this CPU's (VNNI here), AVX-512 without VNNI, AVX2 (all run on an AVX-512 host)
 MCPUS = [None, "skylake-avx512", "haswell"]
@@ -72,13 +79,13 @@ def run_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None):
 @pytest.mark.parametrize("mcpu", MCPUS, ids=lambda m: m or "host")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}-p{c[10]}")
 def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
-    """Exact: the tolerance is 1% of one quantum (out_scale[k]), so one integer off anywhere fails."""
+    """Exact in the integers: see QUANTUM_SHARE."""
     from unsparse_tvm.schedules._x86_int8 import act_qmax, int8_kind
 
     if mcpu is None and int8_kind(_target(None)) != "vnni":
         pytest.skip("this CPU has no AVX-512 VNNI")
     n, c, h, w, k, r, s, stride, pad, dil, sp = case
-    rng = np.random.default_rng(abs(hash((case, mcpu))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((case, mcpu)).encode()))  # hash(None) varies per run in 3.11
     weight = sparse_weight((k, c, r, s), sp, rng, empty_rows=k // 8, dense_rows=1 if sp < 0.99 else 0)
     geo = ConvGeometry(n, c, h, w, k, r, s, stride, pad, dil)
     signed = bool(rng.integers(2))  # a network input (zero point in the middle) or a post-ReLU activation
@@ -92,7 +99,7 @@ def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     ref = torch_reference(x, wq, wscale, act, bias, residual, relu, stride, pad, dil).numpy()
     assert y.shape == ref.shape
     _, out_scale = epilogue_consts(wq, wscale, act)
-    assert (np.abs(y - ref) <= 0.01 * out_scale.reshape(1, -1, 1, 1)).all(), float(np.abs(y - ref).max())
+    assert (np.abs(y - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all(), float(np.abs(y - ref).max())
     assert ("vpdpbusd" in asm) == (mcpu is None)        # VNNI on this host only (skipped on older CPUs)
     assert ("vpmaddubsw" in asm) == (mcpu is not None)
 
@@ -181,6 +188,7 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm):
     from unsparse_tvm.models import build_model, export
     from unsparse_tvm.schedules._x86_int8 import act_qmax
 
+    torch.manual_seed(0)
     model = build_model("smallcnn")
     with torch.no_grad():
         for m in model.modules():
@@ -287,7 +295,7 @@ def test_int8_design_space_points_are_exact(llvm):
         lib = tvm.compile(sch.mod, target=llvm)
         args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(ref.shape, np.float32))]
         lib(*args)
-        assert (np.abs(args[-1].numpy() - ref) <= 0.01 * out_scale.reshape(1, -1, 1, 1)).all()
+        assert (np.abs(args[-1].numpy() - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all()
 
 
 @pytest.mark.parametrize("batch,fin,fout,relu", [(1, 64, 16, True), (3, 30, 10, False), (2, 7, 5, True)])
@@ -318,4 +326,4 @@ def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
     args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros((batch, fout), np.float32))]
     lib(*args)
     ref = torch_linear_reference(x, wq, wscale, act, bias, relu).numpy()
-    assert (np.abs(args[-1].numpy() - ref) <= 0.01 * out_scale).all()
+    assert (np.abs(args[-1].numpy() - ref) <= QUANTUM_SHARE * out_scale).all()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_nvcc, sparse_weight
-from test_int8 import CASES
+from test_int8 import CASES, QUANTUM_SHARE
 from unsparse_tvm.bench import LayerSpec, layer_module
 from unsparse_tvm.int8_rows import ActQuant, epilogue_consts, quantize_weight, torch_reference
 from unsparse_tvm.relay_passes import LayerNames
@@ -52,7 +52,7 @@ def test_int8_conv_cuda_schedule_on_pocl_is_exact(case):
     ref = torch_reference(x, wq, wscale, act, bias, None, True, stride, pad, dil).numpy()
     _, out_scale = epilogue_consts(wq, wscale, act)
     assert not np.isnan(y).any()
-    assert (np.abs(y - ref) <= 0.01 * out_scale.reshape(1, -1, 1, 1)).all(), float(np.abs(y - ref).max())
+    assert (np.abs(y - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all(), float(np.abs(y - ref).max())
 
 
 @needs_nvcc

@@ -19,10 +19,16 @@ from .int8_rows import QUAD, ActQuant
 F32_ZERO = tirx.const(0.0, "float32")
 
 
+def quantize(value, act: ActQuant):
+    """uint8 of an fp32 value: round half to even (nearbyint, as torch.round), clamped in float so that
+    huge values cannot wrap."""
+    q = tirx.nearbyint(value * tirx.const(act.inv_scale, "float32")) + tirx.const(float(act.zero_point), "float32")
+    return tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO).astype("uint8")
+
+
 def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int) -> te.Tensor:
     (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
     phase_plane = geo.hq * geo.wq
-    inv = tirx.const(act.inv_scale, "float32")
 
     def value(n, i, v):
         c, rest = i // geo.channel_plane * QUAD + v, i % geo.channel_plane
@@ -32,18 +38,19 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int) -> 
             phase, hh, ww = rest // phase_plane, rest % phase_plane // geo.wq, rest % geo.wq
             h, w = hh * sh + phase // sw - pt, ww * sw + phase % sw - pl
         inside = tirx.all(c < geo.c, h >= 0, h < geo.h, w >= 0, w < geo.w)
-        # round half to even (nearbyint) as torch.round; clamp in float so huge inputs cannot wrap
-        q = tirx.nearbyint(x[n, c, h, w] * inv) + tirx.const(float(act.zero_point), "float32")
-        q = tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO)
-        return tirx.if_then_else(inside, q.astype("uint8"), tirx.const(act.zero_point, "uint8"))
+        # a uint8 input is the previous layer's requantised output, already in this layer's `act`
+        q = x[n, c, h, w] if x.dtype == "uint8" else quantize(x[n, c, h, w], act)
+        return tirx.if_then_else(inside, q, tirx.const(act.zero_point, "uint8"))
 
     return te.compute((geo.n, quads * geo.channel_plane, QUAD), value, name="pad_q")
 
 
 def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
                        *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
-                       has_residual: bool, relu: bool) -> te.Tensor:
-    """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]."""
+                       has_residual: bool, relu: bool, out_act: ActQuant | None = None) -> te.Tensor:
+    """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]. x is fp32,
+    or uint8 already quantised in `act`; out_act: the epilogue requantises its fp32 result to uint8 in the
+    next layer's quantisation (that layer's pad-stage arithmetic, so the network's result is the same)."""
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
@@ -66,7 +73,7 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
             val = val + residual[n, k, y, x_]
         if relu:
             val = tirx.max(val, F32_ZERO)
-        return val
+        return quantize(val, out_act) if out_act is not None else val
 
     return te.compute((geo.n, geo.k, geo.oh, geo.ow), value, name="epilogue")
 
@@ -78,13 +85,11 @@ def sparse_dense_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Te
     epilogue as the conv (bias, ReLU). rest = [bias]."""
     bias = rest[0] if has_bias else None
     batch, fin = (int(d) for d in x.shape)
-    inv = tirx.const(act.inv_scale, "float32")
 
     def quantised(n, i, v):
         f = i * QUAD + v
-        q = tirx.nearbyint(x[n, tirx.min(f, fin - 1)] * inv) + tirx.const(float(act.zero_point), "float32")
-        q = tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO).astype("uint8")
-        return tirx.if_then_else(f < fin, q, tirx.const(act.zero_point, "uint8"))
+        return tirx.if_then_else(f < fin, quantize(x[n, tirx.min(f, fin - 1)], act),
+                                 tirx.const(act.zero_point, "uint8"))
 
     xq = te.compute((batch, quads, QUAD), quantised, name="pad_q")
     j = te.reduce_axis((0, int(data.shape[1])), name="j")
