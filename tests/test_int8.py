@@ -267,6 +267,9 @@ def test_bench_times_int8_next_to_fp32_sparse(tmp_path, capsys):
     quant = tmp_path / "q.pt2"
     assert main(["prune", "smallcnn", "--method", "channel4", "--sparsity", "0.9", "-o", str(tmp_path / "p.pt2")]) == 0
     assert main(["quantize", str(tmp_path / "p.pt2"), "--activations", "int8", "--dataset", "random", "-o", str(quant)]) == 0
+    from unsparse_tvm.compress.report import describe_program
+
+    assert "activations: int8, 5 layer input ranges calibrated (minmax, 4 batches of random)" in describe_program(str(quant))
     result = bench(str(quant), repeat=1, layers=False, threads=[1])
     assert {"unsparse_ms", "unsparse_int8_ms", "tvm_dense_ms", "torch_ms"} <= set(result["end_to_end"])
     assert result["max_rel_error_vs_torch"]["unsparse_int8"] < 0.1  # random input, calibrated on random inputs

@@ -210,6 +210,10 @@ def describe_program(path: str) -> str:
         head.append(f"  pruned: {p.get('method')}{sizes} to {p.get('sparsity')}"
                     + (f", gradual over {p['epochs']} epochs" if p.get("epochs") else ", one-shot"))
     head.append(f"  quantisation: {quant['scheme']} ({quant['bits']} bits, zeros kept)" if quant else "  quantisation: none (fp32)")
+    if quant and quant.get("activations"):  # quantize --activations int8: compile runs these layers int8
+        acts = quant["activations"]
+        head.append(f"  activations: int8, {len(acts['layers'])} layer input ranges calibrated ({acts.get('method', 'minmax')}, "
+                    f"{acts.get('batches', '?')} batches of {acts.get('dataset', '?')})")
     gm = ep.module()
     params = dict(ep.state_dict)
     layers = []
