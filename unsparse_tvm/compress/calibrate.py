@@ -70,9 +70,13 @@ def _graph_ranges(ep: torch.export.ExportedProgram, batches: list[torch.Tensor])
                     _merge(ranges, str(weight.target).removesuffix(".weight"), self.env[node.args[0]])
             return super().run_node(node)
 
+    from ..frontend import program_input_shape
+
+    size = program_input_shape(ep)[0]  # a program takes the batch it was exported with: run it in slices
     with torch.no_grad():
         for x in batches:
-            Recorder(gm).run(x)
+            for start in range(0, len(x) - size + 1, size):
+                Recorder(gm).run(x[start:start + size])
     return ranges
 
 
