@@ -158,7 +158,9 @@ def test_calibration_records_each_layer_input():
         assert got[name] == [float(torch.stack(xs).min()), float(torch.stack(xs).max())]
     assert got["features.2"][0] == 0.0  # after a ReLU
     ep = export(model, (1, 1, 8, 8))    # a foreign .pt2 (batch 1: run in slices) gives the same ranges
-    assert calibrate(ep.module(), batches, ep)["layers"] == got
+    sliced = calibrate(ep.module(), batches, ep)["layers"]
+    assert set(sliced) == set(got)  # equal up to float rounding (a batch of 1 sums in another order)
+    assert all(np.allclose(sliced[k], got[k], rtol=1e-5, atol=1e-6) for k in got)
 
 
 def _int8_reference(model: nn.Module, ranges: dict, qmax: int) -> nn.Module:
