@@ -339,3 +339,18 @@ def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
     lib(*args)
     ref = torch_linear_reference(x, wq, wscale, act, bias, relu).numpy()
     assert (np.abs(args[-1].numpy() - ref) <= QUANTUM_SHARE * out_scale).all()
+
+
+def test_foreign_pt2_quantize_activations_then_compile(tmp_path, capsys):
+    """A .pt2 not written by unsparse-tvm (batch 1, no known module): calibrated through its graph."""
+    from unsparse_tvm.build import compile_file
+    from unsparse_tvm.models import export
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    torch.export.save(export(net, (1, 3, 6, 6)), tmp_path / "f.pt2")
+    assert main(["quantize", str(tmp_path / "f.pt2"), "--activations", "int8", "--dataset", "random",
+                 "-o", str(tmp_path / "q.pt2")]) == 0
+    meta = compile_file(str(tmp_path / "q.pt2"), "llvm", None, None, str(tmp_path / "q.so"))
+    assert [(l["name"], l["format"], l["fused"]) for l in meta["layers"]] == [
+        ("0", "int8q4", "bias+relu+requant"), ("2", "int8q4", "bias+relu"), ("5", "int8q4", "bias")]
