@@ -354,3 +354,16 @@ def test_foreign_pt2_quantize_activations_then_compile(tmp_path, capsys):
     meta = compile_file(str(tmp_path / "q.pt2"), "llvm", None, None, str(tmp_path / "q.so"))
     assert [(l["name"], l["format"], l["fused"]) for l in meta["layers"]] == [
         ("0", "int8q4", "bias+relu+requant"), ("2", "int8q4", "bias+relu"), ("5", "int8q4", "bias")]
+
+
+def test_mcpu_override_picks_the_avx2_path(monkeypatch):
+    from unsparse_tvm.errors import UnsparseError
+    from unsparse_tvm.schedules._x86_int8 import act_qmax, int8_kind
+    from unsparse_tvm.target import make_target
+
+    monkeypatch.setenv("UNSPARSE_MCPU", "haswell")
+    target = make_target("llvm")
+    assert str(target.attrs["mcpu"]) == "haswell" and int8_kind(target) == "pmadd" and act_qmax(target) == 127
+    monkeypatch.setenv("UNSPARSE_MCPU", "pentium-nine")
+    with pytest.raises(UnsparseError, match="UNSPARSE_MCPU"):
+        make_target("llvm")
