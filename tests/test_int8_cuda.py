@@ -68,3 +68,35 @@ def test_int8_conv_cuda_uses_dp4a_and_compiles(cuda):
     assert "__dp4a((*(uint *)" in source  # unsigned input bytes, signed weight bytes
     for use in module_cuda_limits(sched, cuda, registers=True):  # nvcc compiles it; limits hold
         assert not use.problems, use
+
+
+def test_smallcnn_int8_cuda_on_pocl_matches_the_integer_reference():
+    """Whole network on the CUDA pipeline (OpenCL twin): uint8 between convs, through a max pool."""
+    import torch
+    import torch.nn as nn
+
+    from test_int8 import _int8_reference
+    from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.models import build_model, export
+    from unsparse_tvm.schedules.sparse_conv2d_int8_cuda import Config
+    from unsparse_tvm.testing.opencl import OpenCLModule, PoCL, schedule_for_cuda
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight[torch.rand_like(m.weight) < 0.8] = 0
+    ranges = {k: v for k, v in calibrate(model, calibration_batches((2, 1, 8, 8), None, 2, 16))["layers"].items()
+              if k.startswith("features")}  # linear layers stay fp32 on CUDA
+    mod, names = import_program(export(model, (2, 1, 8, 8)))
+    report = []
+    sched = schedule_for_cuda(mod, threshold=0.5, names=names, report=report, activations=ranges,
+                              configs={OP: Config(dp4a=False)})
+    assert [r.fused for r in report if r.format == "int8q4"] == ["bias+relu+requant", "bias+relu+requant", "bias+relu"]
+    x = torch.randn(2, 1, 8, 8)
+    y = OpenCLModule(sched, PoCL())(x.numpy())
+    y = y if isinstance(y, np.ndarray) else (y[0] if isinstance(y, (list, tuple)) else y.numpy())
+    ref = _int8_reference(model, ranges, 255)(x).detach().numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
