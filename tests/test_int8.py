@@ -138,6 +138,19 @@ def test_channel4_mask_keeps_whole_quads(shape):
     assert ((tail.sum(-1) == 0) | (tail.sum(-1) == tail.shape[-1])).all()
 
 
+def test_channel4_pattern_is_detected():
+    from unsparse_tvm.compress.channel_quads import channel_quad_mask
+    from unsparse_tvm.compress.report import detect_pattern
+
+    torch.manual_seed(0)
+    for shape in [(16, 8, 3, 3), (12, 32)]:
+        t = torch.randn(shape)
+        assert detect_pattern(t * channel_quad_mask(t, 0.8)) == "channel-4"
+        assert detect_pattern(t * (torch.rand(shape) > 0.8)) == "unstructured"
+    t = torch.randn(16, 1, 3, 3)  # one input channel: every quad is one weight, so no pattern to see
+    assert detect_pattern(t * (torch.rand(t.shape) > 0.8)) == "unstructured"
+
+
 def test_calibration_records_each_layer_input():
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
     from unsparse_tvm.models import build_model, export

@@ -66,7 +66,7 @@ def _mixed_block(mat: torch.Tensor, v: int, s: float) -> int | None:
 
 
 def detect_pattern(w: torch.Tensor) -> str:
-    """dense | empty | block-B | mixed-V/B | vector-V | unstructured, from where the zeros are.
+    """dense | empty | block-B | mixed-V/B | vector-V | channel-4 | unstructured, from where the zeros are.
 
     block-B: every B x B tile of [O, C*R*S] whole. vector-V: every group of V output channels at one input
     position whole. mixed-V/B: vector-V, and many more all-zero B x B tiles (B >= 2V) than vector groups
@@ -85,6 +85,10 @@ def detect_pattern(w: torch.Tensor) -> str:
         if v <= mat.shape[0] and _whole(mat, v, 1):
             block = _mixed_block(mat, v, zeros / mat.numel())
             return f"mixed-{v}/{block}" if block else f"vector-{v}"
+    if w.dim() in (2, 4) and w.shape[1] >= 4:  # channel-4: quads of input channels at one tap (prune channel4)
+        taps = w.detach().permute(0, 2, 3, 1).reshape(-1, w.shape[1]) if w.dim() == 4 else mat
+        if _whole(taps, 1, 4):
+            return "channel-4"
     return "unstructured"
 
 
