@@ -13,6 +13,8 @@ from .apply_tuning_records import ApplyTuningRecords
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
+from .quantize_int8 import QuantizeInt8Conv2d
+from .quantize_int8_dense import QuantizeInt8Dense
 from .schedule_remaining_cpu import ScheduleRemainingCPU
 from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
@@ -21,14 +23,22 @@ from .sparsify_dense import SparsifyDense
 
 def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: bool = True,
                     names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
-                    configs: dict | None = None, database=None) -> list[tuple[str, list]]:
-    """The pipeline as named phases of passes (tests run a prefix of them)."""
+                    configs: dict | None = None, database=None, activations: dict | None = None
+                    ) -> list[tuple[str, list]]:
+    """The pipeline as named phases of passes (tests run a prefix of them). activations: calibrated
+    input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8."""
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
     phases = []
     # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away
     phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant()]))
+    # Phase 1b: int8 execution of the calibrated convs (before the fp32 substitution takes them)
+    if activations:
+        int8 = [QuantizeInt8Conv2d(activations, target, names, report)]
+        if is_cpu:  # the int8 linear layer has an x86 rule only
+            int8.append(QuantizeInt8Dense(activations, target, names, report))
+        phases.append(("int8", int8))
     # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:
         # per layer: sparse where predicted faster than dense (threshold None), or sparsity >= threshold

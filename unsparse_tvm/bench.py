@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import tvm
 from tvm import relax
 
-from .build import compile_program
+from .build import activation_ranges, compile_program
 from .compress.prune import load_model_program
 from .cuda_package import embed_device_code
 from .errors import UnsparseError
@@ -200,6 +200,10 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     contenders, outputs = {}, {}
     contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
     contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
+    ranges = activation_ranges(model) if target_name == "llvm" else None
+    if ranges:  # a .pt2 from `quantize --activations int8`: its int8 execution too, next to fp32 sparse
+        int8 = compile_program(ep, target, threshold=threshold, sparse=True, activations=ranges)
+        contenders["unsparse_int8"], outputs["unsparse_int8"] = _vm_timer(int8.executable, dev, x_np)
     if tuning_log is not None:
         database = open_database(tuning_log, target)  # only records of this target
         tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database)
@@ -218,6 +222,10 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     contenders["torch"] = _timer(torch_call, sync)
     errors = {k: float(np.abs(v - ref).max() / max(np.abs(ref).max(), 1e-12)) for k, v in outputs.items()}
     for name, err in errors.items():
+        if name == "unsparse_int8":  # quantisation error on a random input, not a wrong kernel: tests check
+            print(f"int8 execution: max relative error vs fp32 PyTorch {err:.2e} (bench's input is random, "
+                  "not the calibration data)")  # exactness against the integer reference
+            continue
         if err > 1e-3:
             raise UnsparseError(f"{name} output differs from PyTorch (max relative error {err:.2e}); not timing it")
     by_threads = {}
@@ -328,6 +336,9 @@ def print_result(r: dict) -> None:
     if "unsparse_tuned_ms" in e:
         print(f"  unsparse, tuned             {e['unsparse_tuned_ms']:9.3f}   "
               f"{e['unsparse_ms'] / e['unsparse_tuned_ms']:.2f}x faster than default knobs")
+    if "unsparse_int8_ms" in e:
+        print(f"  unsparse, int8 execution    {e['unsparse_int8_ms']:9.3f}   "
+              f"speedup over fp32 sparse {e['unsparse_ms'] / e['unsparse_int8_ms']:.2f}x")
     print(f"  TVM dense (no sparse pass)  {e['tvm_dense_ms']:9.3f}")
     print(f"  PyTorch eager               {e['torch_ms']:9.3f}")
     print(f"speedup of unsparse: {e['torch_ms'] / e['unsparse_ms']:.2f}x vs PyTorch, "

@@ -29,16 +29,27 @@ class Compiled:
 
 
 def compile_program(ep, target, *, threshold: float | None = None, sparse: bool = True, fmt: str | None = None,
-                    configs: dict | None = None, database=None) -> Compiled:
-    """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass"."""
+                    configs: dict | None = None, database=None, activations: dict | None = None) -> Compiled:
+    """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass";
+    activations (calibrated input ranges by layer name, see activation_ranges): those convs run int8."""
     mod, names = import_program(ep)
     report: list = []
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
-                              fmt=fmt, configs=configs, database=database)
+                              fmt=fmt, configs=configs, database=database, activations=activations)
     start = time.perf_counter()
     executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
                     time.perf_counter() - start)
+
+
+def activation_ranges(model: str) -> dict | None:
+    """The calibrated activation ranges a .pt2 carries (`quantize --activations int8`), or None."""
+    if not model.endswith(".pt2"):
+        return None
+    from .frontend import read_quantization
+
+    quant = read_quantization(model) or {}
+    return (quant.get("activations") or {}).get("layers") or None
 
 
 def format_report(report: list, threshold: float | None) -> str:
@@ -106,7 +117,8 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     if tuning_log is not None:
         database = open_database(tuning_log, target)  # only records of this target
     ep = load_program(model, batch=batch)
-    compiled = compile_program(ep, target, threshold=threshold, database=database)
+    compiled = compile_program(ep, target, threshold=threshold, database=database,
+                               activations=activation_ranges(model))
     print_report(compiled.report, threshold)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log

@@ -121,7 +121,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="overall fraction of conv/linear weights set to zero, in [0, 1)")
     p.add_argument("--method", default="unstructured",
                    help="unstructured (default), vector (V output channels at one input position), "
-                        "block (B x B tiles of the [out, in*kh*kw] matrix), mixed (vector AND block masks)")
+                        "block (B x B tiles of the [out, in*kh*kw] matrix), mixed (vector AND block masks), "
+                        "channel4 (4 input channels at one tap together: the int8 kernels' weight quads)")
     p.add_argument("--scope", default="layer", help="layer (default: each layer to the sparsity) or global "
                                                     "(one magnitude ranking over all layers; unstructured only)")
     p.add_argument("--vector-size", type=int, default=4, help="V for vector/mixed: 2, 4 or 8 (default 4)")
@@ -167,7 +168,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 # ---- quantize ------------------------------------------------------------------------------------
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = _compress_parser(sub, "quantize")
-    p.add_argument("--scheme", required=True,
+    p.add_argument("--activations", default=None, choices=["int8"],
+                   help="also calibrate activation ranges (static, per tensor) on a few batches of --dataset "
+                        "(digits, cifar10:PATH, or random: seeded normal inputs) so that `compile` runs the "
+                        "convs int8 x int8 -> int32 (x86); --scheme defaults to int8 then")
+    p.add_argument("--scheme", default=None,
                    help="int8 | int4 (intB, B=2..8: symmetric per output channel) | kmeansB (B=2..8, per-layer "
                         "codebook of 2^B values, e.g. kmeans4) | pow2 (+-scale*2^e, 4 bits)")
     _add_data_args(p, "fine-tuning epochs with a straight-through estimator (default 0: one-shot)", 1e-4)
@@ -177,9 +182,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .compress.quantize import quantize_command
 
+    if args.scheme is None and args.activations is None:
+        raise UnsparseError("quantize needs --scheme (int8, int4, kmeansB, pow2) or --activations int8")
+    args.scheme = args.scheme or "int8"
     report = quantize_command(args.model, args.scheme, args.output, dataset=args.dataset, epochs=args.epochs,
                               lr=args.lr, batch_size=args.batch_size, weights=args.weights, batch=args.batch,
-                              report=args.report, overwrite=args.force, seed=args.seed)
+                              report=args.report, overwrite=args.force, seed=args.seed, activations=args.activations)
     return _print_result(f"quantised {args.model}: {args.scheme}"
                          + (f", {args.epochs} fine-tuning epochs" if args.epochs else ""), report, args)
 

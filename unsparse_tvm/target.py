@@ -20,9 +20,17 @@ DEFAULT_ARCH = "sm_90"  # H100; pass --arch for other GPUs
 _ARCH = re.compile(r"^sm_(\d{2,3})[af]?$")
 
 
+MCPU_ENV = "UNSPARSE_MCPU"  # e.g. haswell: code for an older x86 CPU (AVX2 timings on an AVX-512 machine)
+
+
 def host_cpu() -> str:
     from tvm.target import codegen  # deferred: TVM's compiler, not needed to check --target/--arch
 
+    override = os.environ.get(MCPU_ENV)
+    if override:
+        if not codegen.llvm_is_valid_cpu(override, "x86_64-unknown-linux-gnu"):
+            raise UnsparseError(f"{MCPU_ENV}={override} is not an x86 CPU LLVM knows (e.g. haswell, skylake-avx512)")
+        return override
     cpu = str(codegen.llvm_get_system_cpu())
     return cpu if cpu and cpu != "generic" and codegen.llvm_is_valid_cpu(cpu, "x86_64-unknown-linux-gnu") else "x86-64"
 

@@ -22,6 +22,7 @@ import torch.nn.utils.parametrize as parametrize
 from ..errors import UnsparseError
 from ..frontend import eval_mode, load_model, save_model
 from ..outputs import check_output
+from .calibrate import RANDOM, calibrate, calibration_batches
 from .data import load_dataset
 from .masks import prunable_parameters
 from .report import check_report_path, weight_report, write_report
@@ -198,10 +199,22 @@ def quantize_model(module: nn.Module, scheme: str, data=None, epochs: int = 0, l
 
 def quantize_command(model: str, scheme: str, output: str, dataset: str | None = None, epochs: int = 0,
                      lr: float = 1e-4, batch_size: int = 64, weights: str | None = None, batch: int | None = None,
-                     report: str | None = None, overwrite: bool = False, seed: int = 0, log=print) -> dict:
-    """Load, (evaluate,) quantise, (evaluate,) export to `output` with its quantisation; returns the report."""
+                     report: str | None = None, overwrite: bool = False, seed: int = 0, log=print,
+                     activations: str | None = None) -> dict:
+    """Load, (evaluate,) quantise, (evaluate,) export to `output` with its quantisation; returns the report.
+    activations "int8": also calibrate the input range of every layer (compress.calibrate) on a few
+    batches of `dataset` ("random": seeded normal inputs), for int8 execution by `compile`."""
     start = time.perf_counter()
     parse_scheme(scheme)
+    if activations not in (None, "int8"):
+        raise UnsparseError(f"unknown activation quantisation '{activations}': use int8")
+    if activations and not dataset:
+        raise UnsparseError("--activations int8 needs --dataset to calibrate on (digits, cifar10:PATH, or random)")
+    random_calibration = dataset == RANDOM
+    if random_calibration:
+        if epochs:
+            raise UnsparseError("--dataset random is for calibration only: it cannot fine-tune (--epochs 0)")
+        dataset = None
     check_output(output, overwrite=overwrite, suffixes=(".pt2",), inputs=(model, weights))
     check_report_path(report, overwrite)
     if epochs and not dataset:
@@ -213,12 +226,20 @@ def quantize_command(model: str, scheme: str, output: str, dataset: str | None =
         raise UnsparseError(f"{model} was not written by unsparse-tvm, so it cannot be fine-tuned: use --epochs 0")
     data = load_dataset(dataset) if dataset else None  # the split is fixed: --seed must not leak test samples
     with compute_threads(loaded.module):  # only idle cores: see compute_threads
-        quant, acc_before, acc_after = evaluated_around(
-            loaded, data, model, lambda: quantize_model(loaded.module, scheme, data, epochs, lr, batch_size, seed, loaded.ep), log)
+        def run() -> dict:
+            quant = quantize_model(loaded.module, scheme, data, epochs, lr, batch_size, seed, loaded.ep)
+            if activations:  # on the quantised weights, as the compiled module will run them
+                batches = calibration_batches(loaded.input_shape, data, seed=seed)
+                quant["activations"] = calibrate(loaded.module, batches, loaded.ep)
+                quant["activations"]["dataset"] = data.name if data else RANDOM
+            return quant
+
+        quant, acc_before, acc_after = evaluated_around(loaded, data, model, run, log)
         loaded.meta["quantization"] = {"scheme": scheme, "epochs": epochs}
         save_model(loaded, output, overwrite, quant=quant)
         result = {
             "command": "quantize", "model": model, "output": output, "scheme": scheme, "epochs": epochs,
+            "activations": activations,
             "dataset": data.name if data else None,
             "accuracy_before": acc_before, "accuracy_after": acc_after, "untrained_hint": untrained_hint(loaded, data),
             **weight_report(loaded.module, loaded.ep, quant),

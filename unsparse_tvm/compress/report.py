@@ -66,7 +66,7 @@ def _mixed_block(mat: torch.Tensor, v: int, s: float) -> int | None:
 
 
 def detect_pattern(w: torch.Tensor) -> str:
-    """dense | empty | block-B | mixed-V/B | vector-V | unstructured, from where the zeros are.
+    """dense | empty | block-B | mixed-V/B | vector-V | channel-4 | unstructured, from where the zeros are.
 
     block-B: every B x B tile of [O, C*R*S] whole. vector-V: every group of V output channels at one input
     position whole. mixed-V/B: vector-V, and many more all-zero B x B tiles (B >= 2V) than vector groups
@@ -85,6 +85,10 @@ def detect_pattern(w: torch.Tensor) -> str:
         if v <= mat.shape[0] and _whole(mat, v, 1):
             block = _mixed_block(mat, v, zeros / mat.numel())
             return f"mixed-{v}/{block}" if block else f"vector-{v}"
+    if w.dim() in (2, 4) and w.shape[1] >= 4:  # channel-4: quads of input channels at one tap (prune channel4)
+        taps = w.detach().permute(0, 2, 3, 1).reshape(-1, w.shape[1]) if w.dim() == 4 else mat
+        if _whole(taps, 1, 4):
+            return "channel-4"
     return "unstructured"
 
 
@@ -210,6 +214,10 @@ def describe_program(path: str) -> str:
         head.append(f"  pruned: {p.get('method')}{sizes} to {p.get('sparsity')}"
                     + (f", gradual over {p['epochs']} epochs" if p.get("epochs") else ", one-shot"))
     head.append(f"  quantisation: {quant['scheme']} ({quant['bits']} bits, zeros kept)" if quant else "  quantisation: none (fp32)")
+    if quant and quant.get("activations"):  # quantize --activations int8: compile runs these layers int8
+        acts = quant["activations"]
+        head.append(f"  activations: int8, {len(acts['layers'])} layer input ranges calibrated ({acts.get('method', 'minmax')}, "
+                    f"{acts.get('batches', '?')} batches of {acts.get('dataset', '?')})")
     gm = ep.module()
     params = dict(ep.state_dict)
     layers = []

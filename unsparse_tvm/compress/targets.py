@@ -15,7 +15,7 @@ from .data import Dataset
 from .masks import MAX_LAYER_SPARSITY, BlockPruning, MixedPruning, VectorPruning
 from .train import evaluate
 
-METHODS = ("unstructured", "vector", "block", "mixed")
+METHODS = ("unstructured", "vector", "block", "mixed", "channel4")
 VECTOR_SIZES = (2, 4, 8)
 BLOCK_SIZES = (2, 4, 8, 16, 32)
 SENSITIVITY_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
@@ -79,11 +79,15 @@ class PruneConfig:
             return BlockPruning(amount, self.block_size)
         if self.method == "mixed":
             return MixedPruning(amount, self.vector_size, self.block_size, self.block_share)
+        if self.method == "channel4":  # 4x1 input-channel quads, for the int8 kernels
+            from .channel_quads import ChannelQuadPruning
+
+            return ChannelQuadPruning(amount)
         return tprune.L1Unstructured(amount)
 
     def describe(self) -> str:
         extra = {"vector": f" V={self.vector_size}", "block": f" B={self.block_size}",
-                 "mixed": f" V={self.vector_size} B={self.block_size}"}.get(self.method, f" ({self.scope})")
+                 "mixed": f" V={self.vector_size} B={self.block_size}", "channel4": ""}.get(self.method, f" ({self.scope})")
         how = f"gradual over {self.epochs} epochs" if self.epochs else "one-shot"
         return f"{self.method}{extra} to {self.sparsity:g}, {how}"
 

@@ -1,0 +1,129 @@
+"""QuantizeInt8Conv2d: conv2d chains (+ bias/residual/ReLU) whose input has a calibrated range -> the int8
+sparse direct conv2d (te_ops_int8): input quantised to uint8 quads inside the kernel's pad stage, weights
+as int8 quads (int8_rows), int32 accumulation, the dequantising epilogue fused.
+
+Runs before SparsifyConv2d, so the layers it takes never reach the fp32 passes; layers without a range
+(or with a conv it cannot take) are left to them. Every layer it takes is int8 whatever its sparsity:
+the quad rows of a dense layer are simply full.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir import IRModule
+from tvm.target import Target
+
+from unsparse_tvm import te_ops_int8
+from unsparse_tvm.int8_rows import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight
+from unsparse_tvm.schedules._x86_int8 import act_qmax
+
+from ._conv_match import ConvChainRewriter, conv_geometry, unsupported_reason
+from ._util import const_array, fused_label, is_op, mark, use_counts
+from .layers import LayerDecision, LayerNames, fingerprint
+
+OP = "sparse_conv2d_int8"
+CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
+FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
+
+
+def _known_name(names: LayerNames, weight: np.ndarray) -> str | None:
+    """The layer's PyTorch name if the weight is known (name_of would number unknown ones, and the fp32
+    passes that see the layer next number them again)."""
+    return names._names.get(fingerprint(weight))  # noqa: SLF001 (LayerNames has no lookup-only method)
+
+
+def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr | None:
+    """The input of the max pool `src` comes from, or None. The PyTorch importer writes a max pool as
+    (max_pool2d(x), zeros_like(...))[0] (the second field for the indices): seen through."""
+    value = var2val.get(src)
+    if isinstance(value, relax.TupleGetItem) and value.index == 0 and counts.get(value.tuple_value, 0) == 1:
+        tup = var2val.get(value.tuple_value)
+        if not isinstance(tup, relax.Tuple) or not isinstance(tup.fields[0], relax.Var):
+            return None
+        pool = tup.fields[0]
+        zeros = [f for f in tup.fields[1:] if isinstance(f, relax.Var) and is_op(var2val.get(f), "relax.zeros_like")]
+        consts = [f for f in tup.fields[1:] if const_array(f) is not None]  # zeros_like, folded
+        if len(zeros) + len(consts) != len(tup.fields) - 1 or counts.get(pool, 0) != 1 + len(zeros):
+            return None  # the pool's value goes somewhere else too
+        value = var2val.get(pool)
+    return value.args[0] if is_op(value, "relax.nn.max_pool2d") else None
+
+
+@relax.expr_functor.mutator
+class _Int8Rewriter(ConvChainRewriter):
+    def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
+        super().__init__(mod)
+        self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
+
+    def act_of(self, conv, weight, geo) -> tuple[str, ActQuant] | None:
+        """(layer name, input quantisation) of a conv this pass takes, else None."""
+        name = _known_name(self.names, weight)
+        if name is None or name not in self.ranges or geo is None or unsupported_reason(conv, weight) is not None:
+            return None
+        return name, ActQuant.from_range(*self.ranges[name], self.qmax)
+
+    def plan(self, func: relax.Function) -> None:
+        """The conv chains (ConvChainRewriter.plan), and which of them feed another int8 conv directly or
+        through one max pool (their only use): those write uint8 in the consumer's quantisation
+        (`self.out_act`), which then skips quantising. Max pool commutes with the monotone rounding, so
+        the network computes exactly what it computes without chaining, on a quarter of the bytes."""
+        super().plan(func)
+        self.out_act = {}
+        if not CHAIN_UINT8:
+            return
+        var2val, counts = relax.analysis.get_var2val(func), use_counts(func)
+        for conv, _ in self.plans.values():
+            weight = const_array(conv.args[1])
+            consumer = self.act_of(conv, weight, conv_geometry(conv, weight))
+            src = conv.args[0]
+            if consumer is None or not isinstance(src, relax.Var) or counts.get(src, 0) != 1:
+                continue
+            pooled = _max_pool_input(src, var2val, counts)
+            if pooled is not None:
+                src = pooled
+                if not isinstance(src, relax.Var) or counts.get(src, 0) != 1:
+                    continue
+            producer = self.plans.get(src)
+            if producer is not None:
+                pconv = producer[0]
+                pweight = const_array(pconv.args[1])
+                if self.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
+                    self.out_act[src] = consumer[1]
+
+    def rewrite(self, conv, weight, geo, ep):
+        taken = self.act_of(conv, weight, geo)
+        if taken is None:
+            return None
+        name, act = taken
+        out_act = self.out_act.get(ep.last)
+        wq, wscale = quantize_weight(weight)
+        rows = conv_quad_rows(wq, geo)
+        comp, out_scale = epilogue_consts(wq, wscale, act)
+        extra, flags = self.epilogue_args(ep)
+        op = partial(te_ops_int8.sparse_conv2d_int8, geo=geo, act=act, quads=rows.pad_quads, out_act=out_act, **flags)
+        args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
+        call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
+        pad_shape = [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq]
+        mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
+        sparsity = float((weight == 0).sum()) / weight.size
+        self.report.append(LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "sparse",
+                                         FORMAT, rows.nnz, rows.padded_size, [geo.n, geo.c, geo.h, geo.w],
+                                         fused_label(ep) + ("+requant" if out_act is not None else "")))
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Conv2d")
+class QuantizeInt8Conv2d:
+    """Replace calibrated conv2d chains by the int8 sparse direct conv2d (llvm: VNNI/AVX2, cuda: dp4a)."""
+
+    def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
+        self.ranges, self.qmax = dict(ranges), act_qmax(target)
+        self.names = names if names is not None else LayerNames()
+        self.report = report if report is not None else []
+
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        return _Int8Rewriter(mod, self.ranges, self.names, self.report, self.qmax).run(mod)

@@ -1,0 +1,107 @@
+"""x86 tensor intrinsics for the int8 sparse conv (te_ops_int8's "conv" body), registered on import.
+
+Description: C[i] += int32(X[i, v]) * int32(W[v]) for `lanes` output positions i and one quad v < 4:
+X is `lanes` consecutive uint8 input quads (one vector load), W one int8 weight quad, broadcast.
+TVM's own dot_16x4 intrinsics broadcast the *uint8* side; here the weights are broadcast and the
+activations vary per lane, so these are our own (tvm.s_tir.tensor_intrin is not imported: ~50 s).
+
+Implementations, picked from the target's features (`int8_intrin`):
+  vnni   `vpdpbusd` (AVX-512 VNNI), 16 lanes in a zmm or 8 in a ymm (AVX512VL): u8 x s8 -> i32, exact
+  pmadd  `vpmaddubsw` + `vpmaddwd` (AVX2 / AVX-512 without VNNI): u8 x s8 pairs into a *saturating* i16,
+         then pairs into i32; exact only for activations <= 127 (2 * 127 * 127 < 2^15), which is why
+         int8_rows uses qmax 127 on these CPUs. (Widening to i16 and `vpmaddwd` alone would be exact at
+         255 but costs two extra unpacks per quad.)
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+
+def _desc(lanes: int):
+    @T.prim_func(s_tir=True)
+    def desc(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
+             W: T.Buffer((4,), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], X[0:lanes, 0:4], O[0:1], W[0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for v in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vv = T.axis.remap("SR", [i, v])
+                        T.reads(C[vi], X[vi, vv], O[0], W[vv])  # O: the block's offset read (see INTRINS)
+                        T.writes(C[vi])
+                        C[vi] = C[vi] + T.Cast("int32", X[vi, vv]) * T.Cast("int32", W[vv])
+
+    return desc
+
+
+def _vnni(lanes: int):
+    name = f"llvm.x86.avx512.vpdpbusd.{lanes * 32}"
+    i32 = f"int32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
+             W: T.Buffer((4,), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], X[0:lanes, 0:4], O[0:1], W[0:4])
+            T.writes(C[0:lanes])
+            # this LLVM declares vpdpbusd's byte operands as <4L x i8> (older ones: <L x i32>)
+            xv = X.vload([0, 0], dtype=f"uint8x{lanes * 4}")
+            wv = T.reinterpret(T.broadcast(T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), lanes),
+                               dtype=f"int8x{lanes * 4}")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(name), C.vload([0], dtype=i32), xv, wv, dtype=i32)
+
+    return impl
+
+
+def _pmadd(lanes: int):
+    if lanes == 16:
+        madd_ub, madd_wd = "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"
+    else:
+        madd_ub, madd_wd = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
+    i16 = f"int16x{lanes * 2}"
+
+    @T.prim_func(s_tir=True)
+    def impl(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
+             W: T.Buffer((4,), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], X[0:lanes, 0:4], O[0:1], W[0:4])
+            T.writes(C[0:lanes])
+            wv = T.reinterpret(T.broadcast(T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), lanes),
+                               dtype=f"int8x{lanes * 4}")
+            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd_ub),
+                                            X.vload([0, 0], dtype=f"uint8x{lanes * 4}"), wv, dtype=i16)
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=f"int32x{lanes}") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(madd_wd), pairs, T.broadcast(T.int16(1), lanes * 2),
+                dtype=f"int32x{lanes}")
+
+    return impl
+
+
+INTRINS: dict[tuple[str, int], str] = {}
+for _lanes in (16, 8):
+    for _kind, _impl in (("vnni", _vnni), ("pmadd", _pmadd)):
+        _name = f"unsparse_u8s8_{_kind}_{_lanes}x4"
+        TensorIntrin.register(_name, _desc(_lanes), _impl(_lanes), override=True)
+        INTRINS[(_kind, _lanes)] = _name
+
+
+def int8_kind(target) -> str:
+    """'vnni' where the llvm target has AVX-512 VNNI (vpdpbusd, 8 lanes need AVX512VL), else 'pmadd'."""
+    from tvm.target import codegen
+
+    return "vnni" if codegen.target_has_features(["avx512vnni", "avx512vl"], target) else "pmadd"
+
+
+def act_qmax(target) -> int:
+    """Largest uint8 activation the target's dot product keeps exact (see the module docstring); CUDA's
+    dp4a adds into int32, so all 8 bits."""
+    if target.kind.name != "llvm":
+        return 255
+    return 255 if int8_kind(target) == "vnni" else 127

@@ -1,0 +1,99 @@
+"""x86 schedule for the int8 sparse direct conv2d (te_ops_int8.sparse_conv2d_int8).
+
+As sparse_conv2d_cpu's register tile, with int32 accumulators: per output-channel row and stored weight
+quad j, the broadcast quad times `unroll` vectors of `lanes` input quads, tensorized to one vpdpbusd
+(VNNI) or vpmaddubsw + vpmaddwd (AVX2) per vector; parallel over (batch, output-channel tiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, pow2_divisor, sample_choice,
+                      schedule_epilogue_cpu)
+from ._x86_int8 import INTRINS, int8_kind
+
+OP = "sparse_conv2d_int8"
+
+
+@dataclass
+class Config:
+    tile_k: int = 16   # output channels per parallel task
+    unroll: int = 0    # vectors accumulated per loaded weight quad; 0 = largest divisor up to 8
+    k_inner: int = 0   # rows interleaved inside the quad loop; 0 = enough rows for ~16 accumulators
+
+
+def _lanes(target: Target, q_extent: int) -> int:
+    from tvm.target import codegen
+
+    lanes = cpu_vector_lanes(target)[0]
+    if int8_kind(target) == "pmadd" and not codegen.target_has_features("avx512bw", target):
+        lanes = 8  # 512-bit vpmaddubsw needs AVX512BW
+    return pow2_divisor(q_extent, lanes)  # q_extent is a multiple of 8
+
+
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    _schedule(sch, func, target, cfg.tile_k, cfg.unroll, cfg.k_inner, clamp=True)
+
+
+def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+    """Design space for MetaSchedule: tile_k and unroll sampled from exact divisors (k_inner fixed per
+    space: the loop structure depends on it)."""
+    func = sch.mod["main"]
+    target = Target.current(allow_none=True)
+    if target is None:  # outside a target scope: this machine's CPU
+        from unsparse_tvm.target import llvm_target_dict
+
+        target = Target(llvm_target_dict())
+    ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    rows, inner = ext[1], ext[2]
+    lanes = _lanes(target, inner)
+    spaces = []
+    for k_inner in [d for d in (1, 2, 4) if rows % d == 0]:
+        tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
+        unrolls = [u for u in range(1, 9) if (inner // lanes) % u == 0 and k_inner * u <= 24]
+        if not unrolls:
+            continue
+        s = sch.copy()
+        _schedule(s, func, target, sample_choice(s, tiles), sample_choice(s, unrolls), k_inner, clamp=False)
+        spaces.append(s)
+    return spaces
+
+
+def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, unroll, k_inner,
+              clamp: bool) -> None:
+    pad = sch.get_sblock("pad_q")
+    n, i, v = sch.get_loops(pad)
+    quads, rows, cols = (int(x) for x in func.attrs["unsparse.pad_shape"])
+    ci, _, _ = sch.split(i, [quads, rows, cols])
+    sch.parallel(sch.fuse(n, ci))
+    sch.vectorize(v)
+
+    block = sch.get_sblock("conv")
+    acc = sch.cache_write(block, 0, "local")
+    n, k, q, j, v = sch.get_loops(block)
+    ext = extents(sch, [n, k, q, j, v])
+    lanes = _lanes(target, ext[2])
+    if clamp:
+        tile_k = largest_divisor(ext[1], tile_k)
+        unroll = largest_divisor(ext[2] // lanes, unroll or 8)
+        k_inner = largest_divisor(tile_k, k_inner or max(1, -(-16 // unroll)))
+    ko, ki = sch.split(k, [None, tile_k])
+    kio, kii = sch.split(ki, [None, k_inner])
+    qo, qu, qv = sch.split(q, [None, unroll, lanes])
+    sch.reorder(n, ko, qo, kio, j, kii, qu, qv, v)
+    sch.parallel(sch.fuse(n, ko))
+    sch.reverse_compute_at(acc, kio)
+    init = sch.decompose_reduction(block, j)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.tensorize(qv, INTRINS[(int8_kind(target), lanes)])
+    sch.unroll(qu)
+    sch.unroll(kii)
+    schedule_epilogue_cpu(sch)
+
+
+RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -1,0 +1,62 @@
+"""x86 schedule for the int8 sparse linear layer (te_ops_int8.sparse_dense_int8).
+
+There is no spatial axis to put in vector lanes at batch 1, so this is the scalar form of
+sparse_dense_cpu's: parallel over output-row tiles, `rows_inner` rows interleaved per stored quad (their
+integer multiply-add chains overlap), the quad's 4 products unrolled. Linear layers are a small share of
+a CNN's time; what int8 buys here is the layer's input and weights in a quarter of the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._common import ScheduleRule, extents, largest_divisor, sample_divisor
+
+OP = "sparse_dense_int8"
+
+
+@dataclass
+class Config:
+    tile_rows: int = 16   # output features per parallel task
+    rows_inner: int = 4   # rows interleaved per stored quad
+
+
+def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
+    rows = extents(sch, sch.get_loops(sch.get_sblock("conv")))[1]
+    tile = largest_divisor(rows, cfg.tile_rows)
+    inner = largest_divisor(tile, cfg.rows_inner)
+    _schedule(sch, tile // inner, inner)
+
+
+def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+    rows = extents(sch, sch.get_loops(sch.get_sblock("conv")))[1]
+    spaces = []
+    for inner in [d for d in (1, 2, 4, 8) if rows % d == 0]:
+        s = sch.copy()
+        _schedule(s, sample_divisor(s, rows // inner, max(1, 64 // inner)), inner)
+        spaces.append(s)
+    return spaces
+
+
+def _schedule(sch: s_tir.Schedule, groups, rows_inner) -> None:
+    n, i, v = sch.get_loops(sch.get_sblock("pad_q"))
+    sch.parallel(sch.fuse(n, i))
+    sch.unroll(v)
+    block = sch.get_sblock("conv")
+    acc = sch.cache_write(block, 0, "local")
+    n, o, j, v = sch.get_loops(block)
+    ot, og, oi = sch.split(o, [None, groups, rows_inner])
+    sch.reorder(n, ot, og, j, oi, v)
+    sch.parallel(sch.fuse(n, ot))
+    sch.reverse_compute_at(acc, og)
+    sch.decompose_reduction(block, j)
+    sch.unroll(oi)
+    sch.unroll(v)
+    n, o = sch.get_loops(sch.get_sblock("epilogue"))
+    sch.parallel(sch.fuse(n, o))
+
+
+RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -1,0 +1,109 @@
+"""TE definition of the int8 sparse direct conv2d (arithmetic and layout: int8_rows).
+
+Three stages, named like te_ops' so the schedules find them:
+  "pad_q"     fp32 [N, C, H, W] -> uint8 quads xq[N, Cq4 * channel_plane, 4]: quantised, zero-point padded,
+              phase-split and flattened as te_ops.pad_flat, 4 channels of one position per 32-bit word
+  "conv"      conv[n, k, q] = sum_{j, v} int32(xq[n, off[k, j] + q, v]) * int32(data[k, j, v])   (int32)
+  "epilogue"  float32(conv - comp[k]) * out_scale[k] (+ bias) (+ residual) (ReLU), cropped to [N, K, OH, OW]
+The "conv" body is written exactly as the x86 tensor intrinsics' description (schedules/_x86_int8),
+lanes along q and the quad v innermost, so it tensorizes to vpdpbusd / vpmaddubsw.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from .formats import ConvGeometry
+from .int8_rows import QUAD, ActQuant
+
+F32_ZERO = tirx.const(0.0, "float32")
+
+
+def quantize(value, act: ActQuant):
+    """uint8 of an fp32 value: round half to even (nearbyint, as torch.round), clamped in float so that
+    huge values cannot wrap."""
+    q = tirx.nearbyint(value * tirx.const(act.inv_scale, "float32")) + tirx.const(float(act.zero_point), "float32")
+    return tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO).astype("uint8")
+
+
+def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int) -> te.Tensor:
+    (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
+    phase_plane = geo.hq * geo.wq
+
+    def value(n, i, v):
+        c, rest = i // geo.channel_plane * QUAD + v, i % geo.channel_plane
+        if sh == 1 and sw == 1:
+            h, w = rest // geo.wq - pt, rest % geo.wq - pl
+        else:
+            phase, hh, ww = rest // phase_plane, rest % phase_plane // geo.wq, rest % geo.wq
+            h, w = hh * sh + phase // sw - pt, ww * sw + phase % sw - pl
+        inside = tirx.all(c < geo.c, h >= 0, h < geo.h, w >= 0, w < geo.w)
+        # a uint8 input is the previous layer's requantised output, already in this layer's `act`
+        q = x[n, c, h, w] if x.dtype == "uint8" else quantize(x[n, c, h, w], act)
+        return tirx.if_then_else(inside, q, tirx.const(act.zero_point, "uint8"))
+
+    return te.compute((geo.n, quads * geo.channel_plane, QUAD), value, name="pad_q")
+
+
+def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
+                       *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
+                       has_residual: bool, relu: bool, out_act: ActQuant | None = None) -> te.Tensor:
+    """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]. x is fp32,
+    or uint8 already quantised in `act`; out_act: the epilogue requantises its fp32 result to uint8 in the
+    next layer's quantisation (that layer's pad-stage arithmetic, so the network's result is the same)."""
+    rest = list(rest)
+    bias = rest.pop(0) if has_bias else None
+    residual = rest.pop(0) if has_residual else None
+    xq = pad_quantize(x, geo, act, quads)
+    rows, width = int(data.shape[0]), int(data.shape[1])
+    j = te.reduce_axis((0, width), name="j")
+    v = te.reduce_axis((0, QUAD), name="v")
+    conv = te.compute(
+        (geo.n, rows, geo.q_extent),
+        lambda n, k, q: te.sum(xq[n, off[k, j] + q, v].astype("int32") * data[k, j, v].astype("int32"),
+                               axis=[j, v]),
+        name="conv",
+    )
+
+    def value(n, k, y, x_):
+        val = (conv[n, k, y * geo.wq + x_] - comp[k]).astype("float32") * out_scale[k]
+        if bias is not None:
+            val = val + bias[k]
+        if residual is not None:
+            val = val + residual[n, k, y, x_]
+        if relu:
+            val = tirx.max(val, F32_ZERO)
+        return quantize(val, out_act) if out_act is not None else val
+
+    return te.compute((geo.n, geo.k, geo.oh, geo.ow), value, name="epilogue")
+
+
+def sparse_dense_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
+                      *rest: te.Tensor, act: ActQuant, quads: int, has_bias: bool, relu: bool) -> te.Tensor:
+    """int8 sparse linear layer: x [N, in] fp32 quantised to uint8 quads xq[N, quads, 4] ("pad_q"), then
+    conv[n, o] = sum_{j, v} int32(xq[n, off[o, j], v]) * int32(data[o, j, v]) and the same dequantising
+    epilogue as the conv (bias, ReLU). rest = [bias]."""
+    bias = rest[0] if has_bias else None
+    batch, fin = (int(d) for d in x.shape)
+
+    def quantised(n, i, v):
+        f = i * QUAD + v
+        return tirx.if_then_else(f < fin, quantize(x[n, tirx.min(f, fin - 1)], act),
+                                 tirx.const(act.zero_point, "uint8"))
+
+    xq = te.compute((batch, quads, QUAD), quantised, name="pad_q")
+    j = te.reduce_axis((0, int(data.shape[1])), name="j")
+    v = te.reduce_axis((0, QUAD), name="v")
+    conv = te.compute(
+        (batch, int(data.shape[0])),
+        lambda n, o: te.sum(xq[n, off[o, j], v].astype("int32") * data[o, j, v].astype("int32"), axis=[j, v]),
+        name="conv",
+    )
+
+    def value(n, o):
+        val = (conv[n, o] - comp[o]).astype("float32") * out_scale[o]
+        if bias is not None:
+            val = val + bias[o]
+        return tirx.max(val, F32_ZERO) if relu else val
+
+    return te.compute((batch, int(data.shape[0])), value, name="epilogue")
