@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import tvm
 
 from .cuda_package import embed_device_code
-from .frontend import check_batch, import_program, load_program, program_input_shape, program_outputs
+from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,
+                       read_quantization)
 from .outputs import check_output, writing
 from .relay_passes import build_pipeline
 from .runtime import write_metadata
@@ -29,12 +30,13 @@ class Compiled:
 
 
 def compile_program(ep, target, *, threshold: float | None = None, sparse: bool = True, fmt: str | None = None,
-                    configs: dict | None = None, database=None) -> Compiled:
-    """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass"."""
+                    configs: dict | None = None, database=None, quant: dict | None = None) -> Compiled:
+    """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass";
+    quant (the .pt2's unsparse_quant.json): its layers' sparse kernels read quantised weights."""
     mod, names = import_program(ep)
     report: list = []
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
-                              fmt=fmt, configs=configs, database=database)
+                              fmt=fmt, configs=configs, database=database, quant=quant)
     start = time.perf_counter()
     executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
@@ -106,7 +108,8 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     if tuning_log is not None:
         database = open_database(tuning_log, target)  # only records of this target
     ep = load_program(model, batch=batch)
-    compiled = compile_program(ep, target, threshold=threshold, database=database)
+    quant = read_quantization(model) if model.endswith(".pt2") else None
+    compiled = compile_program(ep, target, threshold=threshold, database=database, quant=quant)
     print_report(compiled.report, threshold)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log
