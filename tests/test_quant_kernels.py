@@ -82,3 +82,79 @@ def test_quant_conv_matches_dequantised_torch(case, fmt, scheme, llvm):
     assert report[0].decision == "sparse" and report[0].precision != "fp32", report[0]
     assert report[0].precision.startswith("int8" if scheme == "int8" else ("4-bit", "8-bit idx"))
     assert rel_err(y, torch_conv(x, weight, bias, stride, pad, (1, 1), relu=relu)) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "kmeans4"])
+@pytest.mark.parametrize("shape, pad, mode", [
+    ((1, 64, 32, 32, 8, 3, 3), (1, 1, 1, 1), "ct16"),    # 64 x 34 x 34 > 65535: (c << 4 | tap)
+    ((1, 48, 32, 32, 8, 7, 7), (3, 3, 3, 3), "int32"),   # 49 taps: no room in 4 bits
+    ((1, 16, 12, 12, 8, 3, 3), (1, 1, 1, 1), "flat16"),
+])
+def test_offset_codings(shape, pad, mode, scheme, llvm):
+    n, c, h, w, k, r, s = shape
+    rng = np.random.default_rng(7)
+    weight, entry = quantised(sparse_weight((k, c, r, s), 0.9, rng, empty_rows=1), scheme, rng)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    y, report = run_quant(conv_spec(x.shape, weight, None, False, (1, 1), pad), llvm, entry, "ell", x)
+    assert report[0].precision.endswith("32-bit off" if mode == "int32" else "16-bit off")
+    geo = QuantGeometry(n, c, h, w, k, r, s, (1, 1), pad, (1, 1))
+    q = encode(conv_weight_rows(weight, geo, "ell"), weight.reshape(k, -1), entry, geo=geo)
+    assert q.off_mode == mode
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), pad, (1, 1))) < 1e-5
+
+
+def test_full_codebook_with_group_fill_in_uses_byte_codes(llvm):
+    """kmeans4's 16 nonzero levels leave no code for the explicit zeros of grouped rows: byte codes
+    into the table plus a zero ("t8"); without fill-in the same layer keeps 4-bit codes."""
+    rng = np.random.default_rng(3)
+    weight, entry = quantised(sparse_weight((16, 16, 3, 3), 0.7, rng), "kmeans4", rng)
+    assert len(entry["codebook"]) == 16
+    x = rng.standard_normal((2, 16, 8, 8)).astype(np.float32)
+    y, report = run_quant(conv_spec(x.shape, weight, None, True, (1, 1), (1, 1, 1, 1)), llvm, entry, "vell4", x)
+    assert report[0].precision.startswith("8-bit idx")
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), relu=True)) < 1e-5
+    # vector-4 pattern: the 4 rows of a group share their columns, no explicit zeros -> 4-bit
+    weight = np.repeat(weight[::4] != 0, 4, axis=0) * np.abs(rng.standard_normal(weight.shape)).astype(np.float32) + 0
+    weight, entry = quantised(weight.astype(np.float32), "kmeans4", rng, fold=False)
+    y, report = run_quant(conv_spec(x.shape, weight, None, False, (1, 1), (1, 1, 1, 1)), llvm, entry, "vell4", x)
+    assert report[0].precision.startswith("4-bit")
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1))) < 1e-5
+
+
+def test_weights_off_the_scheme_stay_fp32(llvm):
+    """A layer whose weights are not on its scheme's levels (hand-edited, or the wrong entry) keeps fp32."""
+    rng = np.random.default_rng(5)
+    weight = sparse_weight((8, 8, 3, 3), 0.8, rng)
+    _, entry = quantised(weight, "kmeans4", rng)
+    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    y, report = run_quant(conv_spec(x.shape, weight, None, False, (1, 1), (1, 1, 1, 1)), llvm, entry, None, x)
+    assert report[0].decision == "sparse" and report[0].precision == "fp32"
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1))) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "kmeans4", "pow2"])
+@pytest.mark.parametrize("fmt", [None, "ell", "hyb", "vell4"])
+@pytest.mark.parametrize("batch, inp, out", [(1, 64, 32), (3, 70, 24)])
+def test_quant_linear_matches_dequantised_torch(batch, inp, out, fmt, scheme, llvm):
+    rng = np.random.default_rng(abs(hash((batch, inp, fmt, scheme))) % 2**32)
+    weight, entry = quantised(sparse_weight((out, inp), 0.85, rng, empty_rows=2, dense_rows=1), scheme, rng)
+    bias = rng.standard_normal(out).astype(np.float32)
+    x = rng.standard_normal((batch, inp)).astype(np.float32)
+    spec = LayerSpec("dense", x.shape, weight, bias, True, {})
+    y, report = run_quant(spec, llvm, entry, fmt, x)
+    assert report[0].decision == "sparse" and report[0].precision.endswith("16-bit off"), report[0]
+    ref = F.relu(F.linear(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias))).numpy()
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("scheme, ratio", [("int8", 3 / 8), ("kmeans4", 2.5 / 8)])
+def test_bytes_per_stored_entry(scheme, ratio):
+    """int8 codes + 16-bit offsets are 3 of fp32's 8 bytes per stored entry, 4-bit codes 2.5 (plus one
+    scale per row and a 16-entry table)."""
+    rng = np.random.default_rng(11)
+    weight, entry = quantised(sparse_weight((64, 32, 3, 3), 0.9, rng), scheme, rng)
+    geo = QuantGeometry(1, 32, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    rows = conv_weight_rows(weight, geo, "ell")
+    q = encode(rows, weight.reshape(64, -1), entry, geo=geo)
+    overhead = 64 * 4 + (0 if q.table is None else q.table.nbytes)
+    assert q.nbytes - overhead <= ratio * fp32_nbytes(rows) + 64  # + an odd row width's half byte per row
