@@ -53,7 +53,8 @@ def format_report(report: list, threshold: float | None) -> str:
         pred = (f"{r.sparse_us:.1f} vs {r.dense_us:.1f}" if r.decision == "sparse" else f"{r.dense_us:.1f} vs {r.sparse_us:.1f}") \
             if r.dense_us else "-"
         lines.append(f"{r.name:{name_w}s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.decision:{dec_w}s} "
-                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {pred:>17s} {r.fused}".rstrip())
+                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {pred:>17s} {r.fused}".rstrip()
+                     + (f"  [{r.precision}, {r.weight_bytes} B]" if r.precision != "fp32" else ""))
     if not any(r.decision == "sparse" for r in report):
         why = (f"no layer reaches the sparsity threshold {threshold}" if threshold is not None
                else "no layer is predicted faster sparse than dense")
