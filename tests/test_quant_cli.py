@@ -51,3 +51,17 @@ def test_inspect_shows_stored_precision_and_bytes(quant_flow):
     assert "[4-bit/16-bit off," in out and "weights:" in out and "of the dense fp32" in out
     fp32 = cli("inspect", quant_flow / "v.so").stdout
     assert "[fp32," in fp32
+
+
+def test_bench_reports_weight_bytes_per_variant(tmp_path):
+    cli("prune", "smallcnn", "--sparsity", 0.9, "-o", tmp_path / "s.pt2")
+    cli("quantize", tmp_path / "s.pt2", "--scheme", "int4", "-o", tmp_path / "s4.pt2")
+    out = tmp_path / "b.json"
+    text = cli("bench", tmp_path / "s4.pt2", "--target", "llvm", "--repeat", 3, "--json", out).stdout
+    r = json.loads(out.read_text())
+    assert r["quantization"] == "int4" and "unsparse_fp32_ms" in r["end_to_end"]
+    wb = r["weight_bytes"]
+    assert wb["unsparse"] < 0.5 * wb["unsparse_fp32"] < wb["tvm_dense"] == wb["torch"]
+    assert all(layer["precision"].startswith("4-bit") for layer in r["layers"] if layer["format"] != "dense")
+    assert r["max_rel_error_vs_torch"]["unsparse"] < 1e-4
+    assert "int4 weights" in text and "MB" in text

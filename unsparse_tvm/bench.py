@@ -200,7 +200,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     dense = compile_program(ep, target, threshold=threshold, sparse=False)
     contenders, outputs = {}, {}
     contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
-    weight_bytes = {"unsparse": _weight_bytes(sparse.report), "tvm_dense": _weight_bytes(dense.report, dense=True)}
+    weight_bytes = {"unsparse": _weight_bytes(sparse.report), "tvm_dense": _weight_bytes(sparse.report, dense=True)}
     if quant is not None:  # the same sparse model on fp32 weights, timed alongside: what quantisation buys
         fp32 = compile_program(ep, target, threshold=threshold, sparse=True)
         contenders["unsparse_fp32"], outputs["unsparse_fp32"] = _vm_timer(fp32.executable, dev, x_np,
@@ -252,7 +252,8 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         "by_threads": by_threads,
         "max_rel_error_vs_torch": errors,
         "quantization": quant.get("scheme") if quant else None,
-        "weight_bytes": {**weight_bytes, "torch": weight_bytes["tvm_dense"]},  # conv/linear weights as stored
+        # conv/linear weight bytes each variant stores; PyTorch and the peers run the dense fp32 weights
+        "weight_bytes": {**{k[:-3]: weight_bytes["tvm_dense"] for k in by_threads[str(threads[-1])]}, **weight_bytes},
         "layers": [],
         "machine": {**_machine(target_name), "load_before_timing": os.getloadavg()[0]},
     }
@@ -262,7 +263,8 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
 
 
 def _weight_bytes(report: list, dense: bool = False) -> int:
-    """Bytes of the conv/linear weights a compiled variant stores (dense: every layer fp32)."""
+    """Bytes of the conv/linear weights a compiled variant stores (dense: every layer of the report as fp32;
+    a compile without the sparse pass reports no layers)."""
     return int(sum(int(np.prod(r.shape)) * 4 if dense else r.weight_bytes for r in report))
 
 
@@ -341,10 +343,11 @@ def print_result(r: dict) -> None:
           f"{r['sparsity'] if r['sparsity'] is not None else 'as given'}), median ms:")
     wb = r.get("weight_bytes", {})
     mb = {k: f"   weights {v / 1e6:7.2f} MB" if k in wb else "" for k, v in wb.items()}
-    scheme = f", {r['quantization']} weights" if r.get("quantization") else ""
-    print(f"  unsparse (sparse kernels{scheme}) {e['unsparse_ms']:9.3f}{mb.get('unsparse', '')}")
-    if "unsparse_fp32_ms" in e:
+    if r.get("quantization"):
+        print(f"  unsparse, {r['quantization'] + ' weights':17s} {e['unsparse_ms']:9.3f}{mb.get('unsparse', '')}")
         print(f"  unsparse, fp32 weights      {e['unsparse_fp32_ms']:9.3f}{mb.get('unsparse_fp32', '')}")
+    else:
+        print(f"  unsparse (sparse kernels)   {e['unsparse_ms']:9.3f}{mb.get('unsparse', '')}")
     if "unsparse_tuned_ms" in e:
         print(f"  unsparse, tuned             {e['unsparse_tuned_ms']:9.3f}   "
               f"{e['unsparse_ms'] / e['unsparse_tuned_ms']:.2f}x faster than default knobs")
