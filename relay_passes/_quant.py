@@ -43,7 +43,7 @@ def quant_conv(builder: relax.BlockBuilder, x: relax.Expr, rows: SparseRows, wei
     q = encode(rows, weight.reshape(weight.shape[0], -1), entry, geo=qgeo)
     if q is None:
         return None
-    spec = QSpec(q.kind, q.off_mode, rows.fmt, qgeo.channel_plane)
+    spec = QSpec(q.kind, q.off_mode, rows.fmt, qgeo.channel_plane, q.tap_bits)
     op = partial(te_quant_ops.qsparse_conv2d, geo=qgeo, spec=spec, **flags)
     kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"
     return builder.call_te(op, x, *_consts(q), *extra, primfunc_name_hint=kind), q, qgeo

@@ -87,7 +87,8 @@ def test_quant_conv_matches_dequantised_torch(case, fmt, scheme, llvm):
 @pytest.mark.parametrize("scheme", ["int8", "kmeans4"])
 @pytest.mark.parametrize("shape, pad, mode", [
     ((1, 64, 32, 32, 8, 3, 3), (1, 1, 1, 1), "ct16"),    # 64 x 34 x 34 > 65535: (c << 4 | tap)
-    ((1, 48, 32, 32, 8, 7, 7), (3, 3, 3, 3), "int32"),   # 49 taps: no room in 4 bits
+    ((1, 48, 32, 32, 8, 7, 7), (3, 3, 3, 3), "ct16"),    # 49 taps: 6 tap bits, 10 channel bits
+    ((1, 1040, 8, 8, 8, 7, 7), (3, 3, 3, 3), "int32"),   # 1040 channels do not fit 10 bits
     ((1, 16, 12, 12, 8, 3, 3), (1, 1, 1, 1), "flat16"),
 ])
 def test_offset_codings(shape, pad, mode, scheme, llvm):

@@ -10,8 +10,9 @@ in, so each output row carries its own factor) and the scheme that `quantize` st
       the integers; kmeans2..4: the codebook; pow2: +-2^e);
     - "t8": byte codes into the same table plus a zero, for a layer whose 16 levels are all nonzero
       but whose grouped rows store explicit zeros (kmeans/pow2 with vellV fill-in).
-- offsets: "flat16" where every offset fits 16 bits; "ct16" (conv) (c << 4 | tap), decoded as
-  c * channel_plane + tap_table[tap], for < 4096 input channels and <= 16 taps; else int32.
+- offsets: "flat16" where every offset fits 16 bits; "ct16" (conv) (c << b | tap), decoded as
+  c * channel_plane + tap_table[tap], b the bits of the tap count (4 for 3x3: < 4096 input channels;
+  6 for a 7x7 stem: < 1024); else int32.
 - padding: a slot whose weights are all zero (ELL padding, hyb's empty overflow rows) points at a
   region of zeros (conv: an extra zero input channel; linear: one zero column appended to the input),
   so its level does not matter and a 16-level table needs no zero code.
@@ -30,7 +31,6 @@ import numpy as np
 from .formats import ConvGeometry, SparseRows
 
 FIT_RTOL = 1e-5          # decoded weights must equal the compiled ones within this (float rounding)
-TAP_BITS = 4             # ct16: taps in the low bits, channels in the other 12
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class QuantRows:
     off_mode: str                  # "flat16", "ct16" or "int32"
     scale: np.ndarray              # float32 [K]
     table: np.ndarray | None = None     # float32 [16] (t4) or [17] (t8)
-    tap_table: np.ndarray | None = None  # int32 [16] (ct16)
+    tap_table: np.ndarray | None = None  # int32 [2^tap_bits] (ct16)
+    tap_bits: int = 0
     ovf_codes: np.ndarray | None = None
     ovf_off: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
@@ -178,8 +179,9 @@ def _encode_offsets(offs: list[np.ndarray], geo: ConvGeometry | None, zero: int)
     top = max(int(o.max(initial=0)) for o in offs)
     if top < 2 ** 16:
         return "flat16", [o.astype(np.uint16) for o in offs], None
-    if geo is not None and geo.r * geo.s <= 2 ** TAP_BITS and geo.c < 2 ** (16 - TAP_BITS):
-        taps = np.zeros(2 ** TAP_BITS, np.int32)
+    bits = (geo.r * geo.s - 1).bit_length() if geo is not None else 16
+    if geo is not None and geo.c < 2 ** (16 - bits):
+        taps = np.zeros(2 ** bits, np.int32)
         rs = [(r, s) for r in range(geo.r) for s in range(geo.s)]
         for t, (r, s) in enumerate(rs):
             taps[t] = geo.tap_offset(0, r, s)
@@ -192,7 +194,7 @@ def _encode_offsets(offs: list[np.ndarray], geo: ConvGeometry | None, zero: int)
             t = lookup[rem]
             if (t < 0).any():
                 return "int32", [x.astype(np.int32) for x in offs], None
-            out.append(((c << TAP_BITS) | t).astype(np.uint16))
+            out.append(((c << bits) | t).astype(np.uint16))
         return "ct16", out, taps
     return "int32", [o.astype(np.int32) for o in offs], None
 
@@ -234,7 +236,8 @@ def encode(rows: SparseRows, matrix: np.ndarray, entry: dict | None, geo: QuantG
         codes = [_pack4(c, 2 if v > 1 else 1) for c in codes]
     mode, offs, taps = _encode_offsets([o for _, _, o in arrays], geo, zero)
     out = QuantRows(rows, kind, codes[0], offs[0], mode, scale,
-                    None if table is None else table.astype(np.float32), taps)
+                    None if table is None else table.astype(np.float32), taps,
+                    0 if taps is None else len(taps).bit_length() - 1)
     if rows.fmt == "hyb":
         out.ovf_codes, out.ovf_off = codes[1], offs[1]
     return out

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from .qformats import TAP_BITS
 from .te_ops import F32_ZERO, _epilogue, pad_flat
 
 
@@ -28,6 +27,7 @@ class QSpec:
     off_mode: str    # "flat16", "ct16" or "int32"
     fmt: str         # "ell", "hyb" or "vellV"
     plane: int = 0   # ct16: flat size of one input channel
+    tap_bits: int = 0  # ct16: low bits of an offset holding the tap
 
     @property
     def has_table(self) -> bool:
@@ -56,7 +56,8 @@ class _Decoder:
         o = off[idx].astype("int32")
         if self.spec.off_mode == "flat16":
             return o
-        return tirx.shift_right(o, TAP_BITS) * self.spec.plane + self.taps[tirx.bitwise_and(o, 2 ** TAP_BITS - 1)]
+        bits = self.spec.tap_bits
+        return tirx.shift_right(o, bits) * self.spec.plane + self.taps[tirx.bitwise_and(o, 2 ** bits - 1)]
 
 
 def _take(rest: list, spec: QSpec):
