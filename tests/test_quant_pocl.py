@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import sparse_weight, torch_conv
+from conftest import needs_nvcc, sparse_weight, torch_conv
 from test_pocl import check
 from test_quant_kernels import conv_spec, quantised
 from unsparse_tvm.bench import LayerSpec, layer_module
@@ -77,3 +77,25 @@ def test_quant_conv_cuda_space_points_on_pocl(seed, pocl):
     mod = layer_module(conv_spec(x.shape, weight, None, False, (1, 1), (1, 1, 1, 1)))
     sched, _ = schedule_space_point(mod, seed, **quant_kwargs(weight, entry, None, []))
     check(OpenCLModule(sched, pocl)(x), torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1)))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("scheme, fmt", [("kmeans4", "hyb"), ("int8", "vell4")])
+def test_quant_cuda_modules_compile_with_nvcc(scheme, fmt, cuda, tmp_path):
+    """nvcc (not just PoCL's OpenCL compiler) takes the generated CUDA for the byte/nibble/ushort loads."""
+    import tvm
+
+    from unsparse_tvm.build import Compiled, export
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.runtime import fatbin_images
+
+    rng = np.random.default_rng(2)
+    weight, entry = quantised(sparse_weight((16, 64, 3, 3), 0.9, rng, dense_rows=1), scheme, rng)
+    spec = conv_spec((1, 64, 32, 32), weight, None, True, (1, 1), (1, 1, 1, 1))
+    report = []
+    ex = tvm.compile(layer_module(spec), target=cuda,
+                     relax_pipeline=build_pipeline(cuda, **quant_kwargs(weight, entry, fmt, report)))
+    assert report[0].precision.endswith("16-bit off") and report[0].precision != "fp32"
+    path = str(tmp_path / "q.so")
+    export(Compiled(ex, cuda, (1, 64, 32, 32), [], report), path, model="q", threshold=0.3)
+    assert ("cubin", 90) in fatbin_images(open(path, "rb").read())
