@@ -159,3 +159,19 @@ def test_bytes_per_stored_entry(scheme, ratio):
     q = encode(rows, weight.reshape(64, -1), entry, geo=geo)
     overhead = 64 * 4 + (0 if q.table is None else q.table.nbytes)
     assert q.nbytes - overhead <= ratio * fp32_nbytes(rows) + 64  # + an odd row width's half byte per row
+
+
+@pytest.mark.parametrize("fmt", ["hyb", "vell4"])
+def test_quant_conv_on_an_avx2_target(fmt):
+    """An AVX2-only CPU (haswell: 8-lane registers, 16 of them) gets the same numerics."""
+    import tvm
+
+    from unsparse_tvm.target import llvm_target_dict
+
+    target = tvm.target.Target(llvm_target_dict("haswell"))
+    rng = np.random.default_rng(9)
+    weight, entry = quantised(sparse_weight((16, 64, 3, 3), 0.9, rng, empty_rows=2, dense_rows=1), "kmeans4", rng)
+    x = rng.standard_normal((2, 64, 32, 32)).astype(np.float32)
+    y, report = run_quant(conv_spec(x.shape, weight, None, True, (1, 1), (1, 1, 1, 1)), target, entry, fmt, x)
+    assert report[0].precision.startswith(("4-bit", "8-bit idx"))
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), relu=True)) < 1e-5
