@@ -37,13 +37,15 @@ def _consts(q: QuantRows) -> list[relax.Expr]:
 
 
 def quant_conv(builder: relax.BlockBuilder, x: relax.Expr, rows: SparseRows, weight: np.ndarray,
-               geo: ConvGeometry, entry: dict | None, extra: list, flags: dict):
-    """(call, QuantRows, geometry) of the quantised conv, or None where the layer stays fp32."""
+               geo: ConvGeometry, entry: dict | None, extra: list, flags: dict, target_kind: str = "llvm"):
+    """(call, QuantRows, geometry) of the quantised conv, or None where the layer stays fp32. x86 rows
+    decode a task's weights once (its row tile, reused by every output tile), not next to each FMA."""
     qgeo = QuantGeometry(*[getattr(geo, f.name) for f in fields(ConvGeometry)])
     q = encode(rows, weight.reshape(weight.shape[0], -1), entry, geo=qgeo)
     if q is None:
         return None
-    spec = QSpec(q.kind, q.off_mode, rows.fmt, qgeo.channel_plane, q.tap_bits)
+    spec = QSpec(q.kind, q.off_mode, rows.fmt, qgeo.channel_plane, q.tap_bits,
+                 predecode=target_kind == "llvm" and rows.group == 1)
     op = partial(te_quant_ops.qsparse_conv2d, geo=qgeo, spec=spec, **flags)
     kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"
     return builder.call_te(op, x, *_consts(q), *extra, primfunc_name_hint=kind), q, qgeo

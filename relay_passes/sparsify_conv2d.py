@@ -50,7 +50,7 @@ class _Sparsifier(ConvChainRewriter):
             return None
         extra, flags = self.epilogue_args(ep)
         quantised = quant_conv(self.builder_, self.visit_expr(conv.args[0]), rows, weight, geo,
-                               layer_entry(self.quant, name), extra, flags)
+                               layer_entry(self.quant, name), extra, flags, self.target_kind)
         if quantised is not None:
             call, q, qgeo = quantised
             kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"

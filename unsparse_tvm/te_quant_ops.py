@@ -28,6 +28,7 @@ class QSpec:
     fmt: str         # "ell", "hyb" or "vellV"
     plane: int = 0   # ct16: flat size of one input channel
     tap_bits: int = 0  # ct16: low bits of an offset holding the tap
+    predecode: bool = False  # rows: decode into "<stage>_wdec"/"<stage>_odec" stages the schedule places
 
     @property
     def has_table(self) -> bool:
@@ -88,6 +89,11 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
 
     def rows(c, o, name):
         j = te.reduce_axis((0, o.shape[1]), name="j")
+        if spec.predecode:  # x86: decoded once per task's row tile (schedules compute_at), not per output tile
+            w = te.compute(o.shape, lambda k, i: dec.level(c, k, i), name=f"{name}_wdec")
+            at = te.compute(o.shape, lambda k, i: dec.offset(o, k, i), name=f"{name}_odec")
+            return te.compute((geo.n, o.shape[0], geo.q_extent),
+                              lambda n, k, q: te.sum(w[k, j] * xf[n, at[k, j] + q], axis=j), name=name)
         return te.compute((geo.n, o.shape[0], geo.q_extent),
                           lambda n, k, q: te.sum(dec.level(c, k, j) * xf[n, dec.offset(o, k, j) + q], axis=j),
                           name=name)
