@@ -25,9 +25,10 @@ def quantised(weight: np.ndarray, scheme: str, rng, fold: bool = True) -> tuple[
         bits = int(scheme[3:])
         wq, scale = linear_quantize(w, bits)
         entry = {"kind": "linear", "bits": bits, "axis": 0, "scales": scale.tolist()}
-    elif scheme == "kmeans4":
-        book = fit_codebook(w, 4)
-        wq, entry = codebook_quantize(w, book), {"kind": "kmeans", "bits": 4, "codebook": book.tolist()}
+    elif scheme.startswith("kmeans"):
+        bits = int(scheme[6:])
+        book = fit_codebook(w, bits)
+        wq, entry = codebook_quantize(w, book), {"kind": "kmeans", "bits": bits, "codebook": book.tolist()}
     else:
         wq, scale, emin = pow2_quantize(w)
         entry = {"kind": "pow2", "bits": 4, "scale": scale, "min_exponent": emin, "max_exponent": 0}
@@ -175,3 +176,15 @@ def test_quant_conv_on_an_avx2_target(fmt):
     y, report = run_quant(conv_spec(x.shape, weight, None, True, (1, 1), (1, 1, 1, 1)), target, entry, fmt, x)
     assert report[0].precision.startswith(("4-bit", "8-bit idx"))
     assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), relu=True)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["hyb", "vell4"])
+def test_kmeans6_takes_byte_codes(fmt, llvm):
+    """A 64-level codebook (kmeans6): byte codes into the table, grouped rows' zeros included."""
+    rng = np.random.default_rng(13)
+    weight, entry = quantised(sparse_weight((16, 32, 3, 3), 0.8, rng, empty_rows=1, dense_rows=1), "kmeans6", rng)
+    assert len(entry["codebook"]) == 64
+    x = rng.standard_normal((2, 32, 9, 9)).astype(np.float32)
+    y, report = run_quant(conv_spec(x.shape, weight, None, False, (1, 1), (1, 1, 1, 1)), llvm, entry, fmt, x)
+    assert report[0].precision.startswith("8-bit idx")
+    assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1))) < 1e-5

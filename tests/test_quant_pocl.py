@@ -52,7 +52,7 @@ def test_quant_conv_cuda_on_pocl(case, fmt, scheme, pocl, cuda):
         assert not use.problems, use
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "kmeans4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "kmeans4", "kmeans6"])
 @pytest.mark.parametrize("fmt", ["ell", "hyb", "vell4"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_quant_linear_cuda_on_pocl(batch, fmt, scheme, pocl):

@@ -8,8 +8,8 @@ in, so each output row carries its own factor) and the scheme that `quantize` st
     - "int8": int8 codes, level = code (intB, B = 5..8: symmetric per output channel);
     - "t4": 4-bit codes, two per byte, level = table[code] with a per-layer 16-entry table (int2..4:
       the integers; kmeans2..4: the codebook; pow2: +-2^e);
-    - "t8": byte codes into the same table plus a zero, for a layer whose 16 levels are all nonzero
-      but whose grouped rows store explicit zeros (kmeans/pow2 with vellV fill-in).
+    - "t8": byte codes into a table of up to 256 levels: kmeans5..8 codebooks, and 4-bit tables whose 16
+      levels are all nonzero in a layer whose grouped rows store explicit zeros (vellV fill-in: + a zero).
 - offsets: "flat16" where every offset fits 16 bits; "ct16" (conv) (c << b | tap), decoded as
   c * channel_plane + tap_table[tap], b the bits of the tap count (4 for 3x3: < 4096 input channels;
   6 for a 7x7 stem: < 1024); else int32.
@@ -92,8 +92,8 @@ def scheme_levels(entry: dict) -> tuple[str, np.ndarray | None, int]:
     if kind == "linear" and 2 <= bits <= 4:
         q = 2 ** (bits - 1) - 1
         return "t4", np.arange(-q, q + 1, dtype=np.float64), q
-    if kind == "kmeans" and 2 <= bits <= 4 and entry.get("codebook"):
-        return "t4", np.unique(np.asarray(entry["codebook"], np.float64)), 0
+    if kind == "kmeans" and 2 <= bits <= 8 and entry.get("codebook"):
+        return ("t4" if bits <= 4 else "t8"), np.unique(np.asarray(entry["codebook"], np.float64)), 0
     if kind == "pow2":
         emin, emax = int(entry.get("min_exponent", -7)), int(entry.get("max_exponent", 0))
         mags = 2.0 ** np.arange(emin, emax + 1)
@@ -221,10 +221,12 @@ def encode(rows: SparseRows, matrix: np.ndarray, entry: dict | None, geo: QuantG
     else:
         row_of = np.arange(rows.shape[0]).reshape(-1, 1)
         pad, fill = rows.data == 0, False
-    if kind == "t4" and fill and not (table == 0).any():
-        if len(table) >= 16:
+    if kind in ("t4", "t8") and fill and not (table == 0).any():  # a zero level for grouped rows' explicit zeros
+        if kind == "t4" and len(table) >= 16:
             kind = "t8"
-        table = np.unique(np.append(table, 0.0))  # a zero level for grouped rows' explicit zeros
+        if len(table) >= 256:
+            return None
+        table = np.unique(np.append(table, 0.0))
     arrays = [(rows.data, row_of, np.where(pad, zero, rows.off))]
     if rows.fmt == "hyb":
         owner = np.zeros(rows.ovf_data.shape[0], np.int64)
