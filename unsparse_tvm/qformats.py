@@ -24,7 +24,7 @@ that does not fit its scheme stays fp32 (`encode` returns None).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,7 +63,6 @@ class QuantRows:
     tap_bits: int = 0
     ovf_codes: np.ndarray | None = None
     ovf_off: np.ndarray | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def precision(self) -> str:
