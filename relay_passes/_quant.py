@@ -45,7 +45,7 @@ def quant_conv(builder: relax.BlockBuilder, x: relax.Expr, rows: SparseRows, wei
     if q is None:
         return None
     spec = QSpec(q.kind, q.off_mode, rows.fmt, qgeo.channel_plane, q.tap_bits,
-                 predecode=target_kind == "llvm" and rows.group == 1)
+                 predecode=target_kind == "llvm")
     op = partial(te_quant_ops.qsparse_conv2d, geo=qgeo, spec=spec, **flags)
     kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"
     return builder.call_te(op, x, *_consts(q), *extra, primfunc_name_hint=kind), q, qgeo

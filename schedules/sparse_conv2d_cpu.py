@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (ScheduleRule, extents, has_block, largest_divisor, pow2_divisor, sample_choice,
+from ._common import (ScheduleRule, extents, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
                       schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile)
 
 OP = "sparse_conv2d"
@@ -93,25 +93,8 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
     par = sch.fuse(n, ko)
     sch.parallel(par)
     finish_register_tile(sch, block, acc, kio, qv, [qu, kii], j)
-    _place_decode(sch, name, par, extents(sch, [qo])[0])
+    place_decode(sch, name, par, extents(sch, [qo])[0])
     return par
-
-
-PREDECODE_MIN_TILES = 4  # output tiles per task from which decoding a task's rows once pays (measured 1.9x
-                         # faster on a 64-channel 32x32 layer; on 4x4 maps, one tile, it was 2x slower)
-
-
-def _place_decode(sch, name, par, tiles: int) -> None:
-    """Quantised weights (te_quant_ops, stages "<name>_wdec"/"_odec"): where a task walks several output
-    tiles, decode its rows once into a small buffer at the task's loop; else inline the decode next to
-    the FMA (a single tile decodes each weight once anyway, and the buffer would only add traffic)."""
-    for stage in ("_wdec", "_odec"):
-        if has_block(sch, name + stage):
-            block = sch.get_sblock(name + stage)
-            if tiles >= PREDECODE_MIN_TILES:
-                sch.compute_at(block, par)
-            else:
-                sch.compute_inline(block)
 
 
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool,

@@ -81,9 +81,16 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
         groups, width = off.shape
         v = int(spec.fmt[4:])
         j = te.reduce_axis((0, width), name="j")
-        conv = te.compute((geo.n, groups, v, geo.q_extent),
-                          lambda n, g, r, q: te.sum(dec.level(codes, g, j, r) * xf[n, dec.offset(off, g, j) + q], axis=j),
-                          name="conv")
+        if spec.predecode:  # x86: decoded once per task's groups (schedules compute_at), not per output tile
+            w = te.compute((groups, width, v), lambda g, i, r: dec.level(codes, g, i, r), name="conv_wdec")
+            at = te.compute((groups, width), lambda g, i: dec.offset(off, g, i), name="conv_odec")
+            conv = te.compute((geo.n, groups, v, geo.q_extent),
+                              lambda n, g, r, q: te.sum(w[g, j, r] * xf[n, at[g, j] + q], axis=j), name="conv")
+        else:
+            conv = te.compute((geo.n, groups, v, geo.q_extent),
+                              lambda n, g, r, q: te.sum(dec.level(codes, g, j, r) * xf[n, dec.offset(off, g, j) + q],
+                                                        axis=j),
+                              name="conv")
         return _epilogue(lambda n, k, y, x_: conv[n, k // v, k % v, y * geo.wq + x_] * scale[k],
                          shape, bias, residual, relu)
 
