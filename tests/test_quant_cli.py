@@ -65,3 +65,16 @@ def test_bench_reports_weight_bytes_per_variant(tmp_path):
     assert all(layer["precision"].startswith("4-bit") for layer in r["layers"] if layer["format"] != "dense")
     assert r["max_rel_error_vs_torch"]["unsparse"] < 1e-4
     assert "int4 weights" in text and "MB" in text
+
+
+@pytest.mark.slow
+def test_resnet18_quantised_so_sizes(tmp_path):
+    """The issue's targets on ResNet-18 at 90%: int8 / 4-bit .so at most 50% / 40% of the fp32 sparse one
+    (4-bit measured 39.5%: its decode stages' code is most of the margin, see README)."""
+    cli("prune", "resnet18", "--sparsity", 0.9, "-o", tmp_path / "r.pt2")
+    cli("compile", tmp_path / "r.pt2", "--target", "llvm", "-o", tmp_path / "r.so")
+    fp32 = (tmp_path / "r.so").stat().st_size
+    for scheme, ratio in (("int8", 0.5), ("kmeans4", 0.4)):
+        cli("quantize", tmp_path / "r.pt2", "--scheme", scheme, "-o", tmp_path / f"r-{scheme}.pt2")
+        cli("compile", tmp_path / f"r-{scheme}.pt2", "--target", "llvm", "-o", tmp_path / f"r-{scheme}.so")
+        assert (tmp_path / f"r-{scheme}.so").stat().st_size <= ratio * fp32, scheme
