@@ -188,3 +188,20 @@ def test_kmeans6_takes_byte_codes(fmt, llvm):
     y, report = run_quant(conv_spec(x.shape, weight, None, False, (1, 1), (1, 1, 1, 1)), llvm, entry, fmt, x)
     assert report[0].precision.startswith("8-bit idx")
     assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1))) < 1e-5
+
+
+@pytest.mark.parametrize("hw, staged", [(32, True), (2, False)])
+def test_x86_decode_placement(hw, staged, llvm):
+    """A task walking many output tiles (32x32 map) decodes its rows once into a buffer ("conv_wdec" stays
+    a stage under the parallel loop); a single-tile task (2x2 map) decodes next to the FMA (inlined)."""
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    rng = np.random.default_rng(1)
+    weight, entry = quantised(sparse_weight((16, 16, 3, 3), 0.9, rng), "kmeans4", rng)
+    mod = layer_module(conv_spec((1, 16, hw, hw), weight, None, False, (1, 1), (1, 1, 1, 1)))
+    sched = build_pipeline(llvm, stop_after="schedule", threshold=0.3, fmt="ell", names=LayerNames({"layer.weight": weight}),
+                           quant={"layers": {"layer.weight": entry}})(mod)
+    text = "\n".join(f.script() for gv, f in sched.functions_items() if gv.name_hint.startswith("sparse_conv2d"))
+    assert ('T.sblock("conv_wdec")' in text) == staged and ('T.sblock("conv_odec")' in text) == staged
+    if staged:
+        assert text.index("T.parallel") < text.index('T.sblock("conv_wdec")')
