@@ -214,10 +214,12 @@ class SparsifyPass:
     mutator = None
 
     def __init__(self, threshold: float | None = None, names: LayerNames | None = None, report: list | None = None,
-                 fmt: str | None = None, target_kind: str = "llvm"):
-        self.threshold, self.fmt, self.target_kind = threshold, fmt, target_kind
+                 fmt: str | None = None, target_kind: str = "llvm", quant: dict | None = None):
+        self.threshold, self.fmt, self.target_kind, self.quant = threshold, fmt, target_kind, quant
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.target_kind).run(mod)
+        mutator = self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.target_kind)
+        mutator.quant = self.quant  # unsparse_quant.json of the model, or None (relay_passes/_quant.py)
+        return mutator.run(mod)

@@ -23,10 +23,12 @@ from .sparsify_dense import SparsifyDense
 
 def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: bool = True,
                     names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
-                    configs: dict | None = None, database=None, activations: dict | None = None
-                    ) -> list[tuple[str, list]]:
+                    configs: dict | None = None, database=None, activations: dict | None = None,
+                    quant: dict | None = None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (tests run a prefix of them). activations: calibrated
-    input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8."""
+    input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8;
+    `quant`: the model's unsparse_quant.json (frontend.read_quantization), whose other sparse layers
+    then run on quantised weights."""
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
@@ -43,8 +45,8 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     if sparse:
         # per layer: sparse where predicted faster than dense (threshold None), or sparsity >= threshold
         kind = target.kind.name  # formats (hyb's bar) and costs depend on the target
-        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, kind),
-                                    SparsifyDense(threshold, names, report, fmt, kind)]))
+        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, kind, quant),
+                                    SparsifyDense(threshold, names, report, fmt, kind, quant)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
     phases.append(("lower_dense", [LowerDenseConv2d()]))
     # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)

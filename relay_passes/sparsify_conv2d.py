@@ -18,6 +18,7 @@ from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
 from unsparse_tvm.layer_cost import conv_cost
 
 from ._conv_match import ConvChainRewriter, unsupported_reason
+from ._quant import layer_entry, quant_conv, record_bytes
 from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts
 from .layers import LayerDecision, LayerNames
 
@@ -29,6 +30,7 @@ class _Sparsifier(ConvChainRewriter):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
         self.target_kind = target_kind
+        self.quant = None
 
     def rewrite(self, conv, weight, geo, ep):
         sparsity = float((weight == 0).sum()) / weight.size
@@ -37,6 +39,7 @@ class _Sparsifier(ConvChainRewriter):
                                  nnz=int((weight != 0).sum()), input_shape=[geo.n, geo.c, geo.h, geo.w] if geo else [])
         self.report.append(decision)
         reason = unsupported_reason(conv, weight)
+        record_bytes(decision, None, None, weight)
         if reason is not None or geo is None:
             decision.decision = reason or "dense (unsupported conv2d)"
             return None
@@ -45,13 +48,23 @@ class _Sparsifier(ConvChainRewriter):
                              lambda rows: conv_cost(geo, rows, self.target_kind))
         if rows is None:
             return None
-        args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
         extra, flags = self.epilogue_args(ep)
+        quantised = quant_conv(self.builder_, self.visit_expr(conv.args[0]), rows, weight, geo,
+                               layer_entry(self.quant, name), extra, flags, self.target_kind)
+        if quantised is not None:
+            call, q, qgeo = quantised
+            kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"
+            mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": qgeo.pad_shape})
+            record_sparse(decision, rows, ep)
+            record_bytes(decision, rows, q, weight)
+            return call
+        args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
         op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": geo.pad_shape})
         record_sparse(decision, rows, ep)
+        record_bytes(decision, rows, None, weight)
         return call
 
 

@@ -11,6 +11,7 @@ from unsparse_tvm import te_ops
 from unsparse_tvm.formats import HYB_MIN_SAVING, dense_weight_rows
 from unsparse_tvm.layer_cost import linear_cost
 
+from ._quant import layer_entry, quant_dense, record_bytes
 from ._util import (ChainRewriter, SparsifyPass, choose_sparse, const_array, is_op, mark, match_epilogue, record_sparse,
                     rows_consts, shape_of, use_counts, users_of)
 from .layers import LayerDecision
@@ -39,6 +40,7 @@ class _Sparsifier(ChainRewriter):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
         self.target_kind = target_kind
+        self.quant = None
 
     def plan(self, func: relax.Function) -> None:
         var2val = relax.analysis.get_var2val(func)
@@ -60,6 +62,7 @@ class _Sparsifier(ChainRewriter):
                                  round(sparsity, 4), "dense", nnz=int((weight != 0).sum()),
                                  input_shape=list(shape_of(call.args[0])))
         self.report.append(decision)
+        record_bytes(decision, None, None, weight)
         if weight.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
             decision.decision = f"dense (dtype {weight.dtype}, not float32)" if weight.dtype != np.float32 else "dense (input not float32)"
             return None
@@ -69,6 +72,15 @@ class _Sparsifier(ChainRewriter):
                              lambda rows: linear_cost(batch, weight.shape, rows, self.target_kind))
         if rows is None:
             return None
+        quantised = quant_dense(self.builder_, self.visit_expr(call.args[0]), rows, weight,
+                                layer_entry(self.quant, decision.name), ep.bias, ep.relu)
+        if quantised is not None:
+            new, q = quantised
+            kind = "sparse_dense_grouped" if rows.group > 1 else "sparse_dense"
+            mark(self.builder_, new, {"op": kind, "unsparse.fmt": rows.fmt})
+            record_sparse(decision, rows, ep)
+            record_bytes(decision, rows, q, weight)
+            return new
         args = [self.visit_expr(call.args[0]), *rows_consts(rows)]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))
@@ -77,6 +89,7 @@ class _Sparsifier(ChainRewriter):
                                     relu=ep.relu, primfunc_name_hint=kind)
         mark(self.builder_, new, {"op": kind, "unsparse.fmt": rows.fmt})
         record_sparse(decision, rows, ep)
+        record_bytes(decision, rows, None, weight)
         return new
 
 

@@ -133,3 +133,20 @@ def cpu_vector_lanes(target) -> tuple[int, int]:
     from tvm.target import codegen
 
     return (16, 32) if codegen.target_has_features("avx512f", target) else (8, 16)
+
+
+PREDECODE_MIN_TILES = 4  # output tiles per task from which decoding a task's rows once pays (measured 1.9x
+                         # faster on a 64-channel 32x32 layer; on 4x4 maps, one tile, it was 2x slower)
+
+
+def place_decode(sch, name, par, tiles: int) -> None:
+    """Quantised weights (te_quant_ops, stages "<name>_wdec"/"_odec"): where a task walks several output
+    tiles, decode its rows once into a small buffer at the task's loop; else inline the decode next to
+    the FMA (a single tile decodes each weight once anyway, and the buffer would only add traffic)."""
+    for stage in ("_wdec", "_odec"):
+        if has_block(sch, name + stage):
+            block = sch.get_sblock(name + stage)
+            if tiles >= PREDECODE_MIN_TILES:
+                sch.compute_at(block, par)
+            else:
+                sch.compute_inline(block)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, pow2_divisor, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile)
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, place_decode, pow2_divisor,
+                      sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile)
 
 OP = "sparse_conv2d_grouped"
 
@@ -62,8 +62,10 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> 
     go, gi = sch.split(g, [None, tile_g])
     qo, qu, qv = sch.split(q, [None, unroll, vec])
     sch.reorder(n, go, qo, gi, j, v, qu, qv)
-    sch.parallel(sch.fuse(n, go))
+    par = sch.fuse(n, go)
+    sch.parallel(par)
     finish_register_tile(sch, block, acc, gi, qv, [qu, v], j)
+    place_decode(sch, "conv", par, extents(sch, [qo])[0])  # quantised weights (te_quant_ops)
     schedule_epilogue_cpu(sch)
 
 

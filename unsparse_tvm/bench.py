@@ -25,7 +25,7 @@ from .build import activation_ranges, compile_program
 from .compress.prune import load_model_program
 from .cuda_package import embed_device_code
 from .errors import UnsparseError
-from .frontend import import_program, program_input_shape
+from .frontend import import_program, program_input_shape, read_quantization
 from .models import example_input
 from .outputs import check_output, write_text
 from .peers import PEERS, peer_callables
@@ -194,11 +194,18 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     x = example_input(shape, seed)
     x_np = x.numpy()
 
+    quant = read_quantization(model) if model.endswith(".pt2") else None  # quantised kernels where it says
     print(f"compiling {model} for {target_name}: sparse, then dense (TVM without the sparse pass)")
-    sparse = compile_program(ep, target, threshold=threshold, sparse=True)
+    sparse = compile_program(ep, target, threshold=threshold, sparse=True, quant=quant)
     dense = compile_program(ep, target, threshold=threshold, sparse=False)
     contenders, outputs = {}, {}
     contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
+    weight_bytes = {"unsparse": _weight_bytes(sparse.report), "tvm_dense": _weight_bytes(sparse.report, dense=True)}
+    if quant is not None:  # the same sparse model on fp32 weights, timed alongside: what quantisation buys
+        fp32 = compile_program(ep, target, threshold=threshold, sparse=True)
+        contenders["unsparse_fp32"], outputs["unsparse_fp32"] = _vm_timer(fp32.executable, dev, x_np,
+                                                                           target_name == "cuda", arch)
+        weight_bytes["unsparse_fp32"] = _weight_bytes(fp32.report)
     contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
     ranges = activation_ranges(model) if target_name == "llvm" else None
     if ranges:  # a .pt2 from `quantize --activations int8`: its int8 execution too, next to fp32 sparse
@@ -252,15 +259,24 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         "end_to_end": by_threads[str(threads[-1])],  # the last thread count
         "by_threads": by_threads,
         "max_rel_error_vs_torch": errors,
+        "quantization": quant.get("scheme") if quant else None,
+        # conv/linear weight bytes each variant stores; PyTorch and the peers run the dense fp32 weights
+        "weight_bytes": {**{k[:-3]: weight_bytes["tvm_dense"] for k in by_threads[str(threads[-1])]}, **weight_bytes},
         "layers": [],
         "machine": {**_machine(target_name), "load_before_timing": os.getloadavg()[0]},
     }
     if layers:
-        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat)
+        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant)
     return result
 
 
-def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
+def _weight_bytes(report: list, dense: bool = False) -> int:
+    """Bytes of the conv/linear weights a compiled variant stores (dense: every layer of the report as fp32;
+    a compile without the sparse pass reports no layers)."""
+    return int(sum(int(np.prod(r.shape)) * 4 if dense else r.weight_bytes for r in report))
+
+
+def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | None = None) -> list[dict]:
     specs, names = extract_layers(ep)
     rows = []
     print(f"timing {len(specs)} layers one by one")
@@ -268,7 +284,7 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
         mod = layer_module(spec)
         x_np = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
         layer_report: list = []  # this layer's own decision (same weights and threshold as in the model)
-        sparse = _compile_layer(mod, target, threshold, True, names, layer_report)
+        sparse = _compile_layer(mod, target, threshold, True, names, layer_report, quant)
         decision = layer_report[0]
         dense = _compile_layer(mod, target, threshold, False)
         contenders = {}
@@ -287,14 +303,15 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat) -> list[dict]:
         rows.append({
             "name": decision.name, "op": spec.op, "shape": list(spec.weight.shape), "input_shape": list(spec.input_shape),
             "sparsity": decision.sparsity, "format": decision.format if decision.decision == "sparse" else "dense",
+            "precision": decision.precision, "weight_bytes": decision.weight_bytes,
             "unsparse_ms": t["unsparse"], "tvm_dense_ms": t["tvm_dense"], "torch_ms": t["torch"],
             "max_rel_error": float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)),
         })
     return rows
 
 
-def _compile_layer(mod, target, threshold, sparse, names=None, report=None):
-    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report)
+def _compile_layer(mod, target, threshold, sparse, names=None, report=None, quant=None):
+    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report, quant=quant)
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
@@ -332,15 +349,22 @@ def print_result(r: dict) -> None:
                   f"{l['torch_ms'] / l['unsparse_ms']:7.2f}x")
     print(f"\nend to end, {r['model']} on {r['target']} (batch {r['batch']}, sparsity "
           f"{r['sparsity'] if r['sparsity'] is not None else 'as given'}), median ms:")
-    print(f"  unsparse (sparse kernels)   {e['unsparse_ms']:9.3f}")
+    wb = r.get("weight_bytes", {})
+    mb = {k: f"   weights {v / 1e6:7.2f} MB" if k in wb else "" for k, v in wb.items()}
+    if r.get("quantization"):
+        print(f"  unsparse, {r['quantization'] + ' weights':17s} {e['unsparse_ms']:9.3f}{mb.get('unsparse', '')}")
+        print(f"  unsparse, fp32 weights      {e['unsparse_fp32_ms']:9.3f}{mb.get('unsparse_fp32', '')}")
+    else:
+        print(f"  unsparse (sparse kernels)   {e['unsparse_ms']:9.3f}{mb.get('unsparse', '')}")
     if "unsparse_tuned_ms" in e:
         print(f"  unsparse, tuned             {e['unsparse_tuned_ms']:9.3f}   "
               f"{e['unsparse_ms'] / e['unsparse_tuned_ms']:.2f}x faster than default knobs")
-    if "unsparse_int8_ms" in e:
+    if "unsparse_int8_ms" in e:  # against fp32 weights: a quantised .pt2's "unsparse" reads quantised ones
+        base = e.get("unsparse_fp32_ms", e["unsparse_ms"])
         print(f"  unsparse, int8 execution    {e['unsparse_int8_ms']:9.3f}   "
-              f"speedup over fp32 sparse {e['unsparse_ms'] / e['unsparse_int8_ms']:.2f}x")
-    print(f"  TVM dense (no sparse pass)  {e['tvm_dense_ms']:9.3f}")
-    print(f"  PyTorch eager               {e['torch_ms']:9.3f}")
+              f"speedup over fp32 sparse {base / e['unsparse_int8_ms']:.2f}x")
+    print(f"  TVM dense (no sparse pass)  {e['tvm_dense_ms']:9.3f}{mb.get('tvm_dense', '')}")
+    print(f"  PyTorch eager               {e['torch_ms']:9.3f}{mb.get('torch', '')}")
     print(f"speedup of unsparse: {e['torch_ms'] / e['unsparse_ms']:.2f}x vs PyTorch, "
           f"{e['tvm_dense_ms'] / e['unsparse_ms']:.2f}x vs TVM dense")
 

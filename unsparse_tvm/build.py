@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import tvm
 
 from .cuda_package import embed_device_code
-from .frontend import check_batch, import_program, load_program, program_input_shape, program_outputs
+from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,
+                       read_quantization)
 from .outputs import check_output, writing
 from .relay_passes import build_pipeline
 from .runtime import write_metadata
@@ -29,13 +30,15 @@ class Compiled:
 
 
 def compile_program(ep, target, *, threshold: float | None = None, sparse: bool = True, fmt: str | None = None,
-                    configs: dict | None = None, database=None, activations: dict | None = None) -> Compiled:
+                    configs: dict | None = None, database=None, activations: dict | None = None,
+                    quant: dict | None = None) -> Compiled:
     """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass";
-    activations (calibrated input ranges by layer name, see activation_ranges): those convs run int8."""
+    activations (calibrated input ranges by layer name, see activation_ranges): those convs run int8;
+    quant (the .pt2's unsparse_quant.json): the other sparse layers' kernels read quantised weights."""
     mod, names = import_program(ep)
     report: list = []
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
-                              fmt=fmt, configs=configs, database=database, activations=activations)
+                              fmt=fmt, configs=configs, database=database, activations=activations, quant=quant)
     start = time.perf_counter()
     executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
@@ -62,7 +65,8 @@ def format_report(report: list, threshold: float | None) -> str:
         pred = (f"{r.sparse_us:.1f} vs {r.dense_us:.1f}" if r.decision == "sparse" else f"{r.dense_us:.1f} vs {r.sparse_us:.1f}") \
             if r.dense_us else "-"
         lines.append(f"{r.name:{name_w}s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.decision:{dec_w}s} "
-                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {pred:>17s} {r.fused}".rstrip())
+                     f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {pred:>17s} {r.fused}".rstrip()
+                     + (f"  [{r.precision}, {r.weight_bytes} B]" if r.precision != "fp32" else ""))
     if not any(r.decision == "sparse" for r in report):
         why = (f"no layer reaches the sparsity threshold {threshold}" if threshold is not None
                else "no layer is predicted faster sparse than dense")
@@ -117,8 +121,9 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     if tuning_log is not None:
         database = open_database(tuning_log, target)  # only records of this target
     ep = load_program(model, batch=batch)
+    quant = read_quantization(model) if model.endswith(".pt2") else None
     compiled = compile_program(ep, target, threshold=threshold, database=database,
-                               activations=activation_ranges(model))
+                               activations=activation_ranges(model), quant=quant)
     print_report(compiled.report, threshold)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log

@@ -10,6 +10,7 @@ loading the module (which a CUDA module cannot be, on a machine without a GPU).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -124,8 +125,20 @@ def describe_module(path: str) -> str:
     width = max([30] + [len(layer["name"]) for layer in meta["layers"]])
     for layer in meta["layers"]:
         lines.append(f"  {layer['name']:{width}s} {layer['op']:7s} {str(layer['shape']):20s} "
-                     f"sparsity {layer['sparsity']:.3f}  {layer['decision']} {layer['format'] if layer['decision'] == 'sparse' else ''}")
+                     f"sparsity {layer['sparsity']:.3f}  {layer['decision']} {layer['format'] if layer['decision'] == 'sparse' else ''}"
+                     + _stored(layer))
+    if any("weight_bytes" in layer for layer in meta["layers"]):
+        total = sum(layer.get("weight_bytes", 0) for layer in meta["layers"])
+        dense = sum(math.prod(layer["shape"]) * 4 for layer in meta["layers"])
+        lines.append(f"weights:      {total / 1e6:.2f} MB stored ({total / dense:.0%} of the dense fp32 {dense / 1e6:.2f} MB)")
     return "\n".join(lines)
+
+
+def _stored(layer: dict) -> str:
+    """A layer's stored precision and weight bytes (files written before they were recorded: nothing)."""
+    if "weight_bytes" not in layer:
+        return ""
+    return f"  [{layer.get('precision', 'fp32')}, {layer['weight_bytes']} B]"
 
 
 def _import_runtime_only():
