@@ -17,6 +17,7 @@ from .schedule_remaining_cpu import ScheduleRemainingCPU
 from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
+from .tag_grouped_conv import TagGroupedConv
 
 
 def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: bool = True,
@@ -45,6 +46,8 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     schedule = []
     if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled
         schedule.append(ApplyTuningRecords(database))
+    if is_cpu:  # TVM's depthwise/grouped convs (and their fused epilogues) get our rule, not the fallback
+        schedule.append(TagGroupedConv())
     schedule.append(ScheduleUnsparseOps(target, configs))
     if is_cpu:
         schedule.append(ScheduleRemainingCPU(target))
