@@ -55,16 +55,23 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 
 
 def _lanes(width: int, lanes: int) -> int:
-    """The vector width: the largest divisor of the row up to `lanes`; a row with none of 4 or more (an odd
-    map, 29 wide) is one vector op as a whole (LLVM splits it into registers). TagGroupedConv leaves rows
-    too wide for that to the fallback."""
-    vec = _divisor_at_most(width, lanes)
-    return vec if vec >= 4 or vec == width else width
+    """The vector width: the largest power of two dividing the row, up to `lanes` (a 14-lane vector is
+    8 + 4 + 2 lane instructions; 56 = 7 x 8 lanes is 7 whole ones); a row with none of 4 or more (odd maps,
+    14 or 7 wide) is one vector op as a whole. TagGroupedConv leaves rows too wide for that to the fallback."""
+    vec = _pow2_divisor(width, lanes)
+    return vec if vec >= 4 else width
 
 
 def fits(width: int) -> bool:
     """Whether the rule can vectorise a row this wide (see _lanes)."""
-    return _divisor_at_most(width, 16) >= 4 or width <= 64
+    return _pow2_divisor(width, 16) >= 4 or width <= 64
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    v = 1
+    while v * 2 <= cap and n % (v * 2) == 0:
+        v *= 2
+    return v
 
 
 def _divisor_at_most(n: int, cap: int) -> int:
