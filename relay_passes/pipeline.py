@@ -10,6 +10,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from .apply_tuning_records import ApplyTuningRecords
+from .fast_sigmoid import FastSigmoid
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
@@ -37,7 +38,8 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
         phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, kind),
                                     SparsifyDense(threshold, names, report, fmt, kind)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
-    phases.append(("lower_dense", [LowerDenseConv2d()]))
+    # (llvm: sigmoid/SiLU on a polynomial exp that vectorises, instead of a libm call per lane)
+    phases.append(("lower_dense", [LowerDenseConv2d()] + ([FastSigmoid()] if is_cpu else [])))
     # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)
     phases.append(("legalize", [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                 relax.transform.FoldConstant(), relax.transform.FuseOps(),
