@@ -10,6 +10,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from .apply_tuning_records import ApplyTuningRecords
+from .fast_sigmoid import FastSigmoid
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
@@ -19,6 +20,7 @@ from .schedule_remaining_cpu import ScheduleRemainingCPU
 from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
+from .tag_grouped_conv import TagGroupedConv
 
 
 def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: bool = True,
@@ -48,7 +50,8 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
         phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, kind, quant),
                                     SparsifyDense(threshold, names, report, fmt, kind, quant)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
-    phases.append(("lower_dense", [LowerDenseConv2d()]))
+    # (llvm: sigmoid/SiLU on a polynomial exp that vectorises, instead of a libm call per lane)
+    phases.append(("lower_dense", [LowerDenseConv2d()] + ([FastSigmoid()] if is_cpu else [])))
     # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)
     phases.append(("legalize", [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                 relax.transform.FoldConstant(), relax.transform.FuseOps(),
@@ -57,6 +60,8 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     schedule = []
     if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled
         schedule.append(ApplyTuningRecords(database))
+    if is_cpu:  # TVM's depthwise/grouped convs (and their fused epilogues) get our rule, not the fallback
+        schedule.append(TagGroupedConv())
     schedule.append(ScheduleUnsparseOps(target, configs))
     if is_cpu:
         schedule.append(ScheduleRemainingCPU(target))

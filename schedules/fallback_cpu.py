@@ -26,9 +26,34 @@ def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> 
     blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
     if not blocks:
         return None
+    blocks = _inline_elementwise(sch, blocks)
     for block in blocks:
         _schedule_block(sch, block, cfg)
     return sch
+
+
+def _is_spatial(sch: s_tir.Schedule, block) -> bool:
+    return all(iv.iter_type == 0 for iv in sch.get(block).iter_vars)
+
+
+def _inline_elementwise(sch: s_tir.Schedule, blocks: list) -> list:
+    """Inline each data-parallel block whose consumers are all data parallel (concat, BN's reshapes,
+    subtract, multiply, add, ReLU of a fused group become one loop nest): one parallel region and no
+    intermediate buffer instead of one of each per block. This also keeps LLVM's work small: densenet's
+    concat + BN + ReLU groups were ten vectorised loop nests each. Producers of a reduction (a conv's
+    pad) stay, so a window reads a buffer instead of recomputing its bounds test per tap."""
+    remaining = []
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        consumers = sch.get_consumers(block)
+        if not last and _is_spatial(sch, block) and consumers and all(_is_spatial(sch, c) for c in consumers):
+            try:
+                sch.compute_inline(block)
+                continue
+            except Exception:  # e.g. a block writing an output buffer: keep it
+                pass
+        remaining.append(block)
+    return remaining
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:

@@ -13,6 +13,7 @@ from .cuda_package import embed_device_code
 from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,
                        read_quantization)
 from .outputs import check_output, writing
+from .parallel_build import compile_module, export_library
 from .relay_passes import build_pipeline
 from .runtime import write_metadata
 from .target import make_target
@@ -40,7 +41,7 @@ def compile_program(ep, target, *, threshold: float | None = None, sparse: bool 
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
                               fmt=fmt, configs=configs, database=database, activations=activations, quant=quant)
     start = time.perf_counter()
-    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
     return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
                     time.perf_counter() - start)
 
@@ -106,7 +107,7 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float | None
             embed_device_code(compiled.executable, arch)
         workspace = os.path.join(os.path.dirname(tmp), "tvm")
         os.makedirs(workspace)
-        compiled.executable.export_library(tmp, workspace_dir=workspace)
+        export_library(compiled.executable, tmp, workspace)  # object files written on every core
         write_metadata(tmp, meta)
     return meta
 

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from . import zoo
 from .errors import UnsparseError
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -160,13 +161,29 @@ class BuiltinModel:
     input_shape: tuple[int, ...]  # per-sample shape, without the batch dimension
 
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
+class _Models(dict):
+    """The built-in names, plus torchvision/timm names (`tv:resnet50@128`, see zoo.py) resolved on first
+    use, so every command that takes a built-in name (prune, compile, bench, tune) takes those too."""
+
+    def __missing__(self, name: str) -> BuiltinModel:
+        entry = zoo.lookup(name)
+        if entry is None:
+            raise KeyError(name)
+        self[name] = entry
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (isinstance(name, str) and zoo.is_zoo_name(name)
+                                                 and self[name] is not None)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = _Models({
     "smallcnn": BuiltinModel(SmallCNN, (1, 8, 8)),
     "vgg16-cifar": BuiltinModel(VGG16CIFAR, (3, 32, 32)),
     "vgg16": BuiltinModel(VGG16, (3, 224, 224)),
     "resnet18": BuiltinModel(lambda: ResNet(BasicBlock, [2, 2, 2, 2]), (3, 224, 224)),
     "resnet50": BuiltinModel(lambda: ResNet(Bottleneck, [3, 4, 6, 3]), (3, 224, 224)),
-}
+})
 
 
 def build_model(name: str, seed: int = 0) -> nn.Module:

@@ -1,0 +1,44 @@
+"""TagGroupedConv (llvm): mark the PrimFuncs where TVM legalised a depthwise or grouped conv2d (NCHW, with
+whatever FuseOps fused after it) as `depthwise_conv2d`, so ScheduleUnsparseOps gives them
+schedules/depthwise_conv2d_cpu.py instead of the generic fallback. Runs after FuseTIR, before scheduling."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.ir import IRModule
+
+from unsparse_tvm.schedules import depthwise_conv2d_cpu as rule
+from unsparse_tvm.schedules._common import OP_ATTR, is_scheduled, op_of
+
+
+def _is_grouped_conv(func: tirx.PrimFunc) -> bool:
+    sch = s_tir.Schedule(func)
+    name = rule.conv_block(sch)
+    if name is None:
+        return False
+    block = sch.get_sblock(name)
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    # NCHW: n, f, y, x spatial then rc, ry, rx reduction
+    if kinds != [0, 0, 0, 0, 2, 2, 2] or len(sch.get_loops(block)) != 7:
+        return False
+    _, _, _, width, _, _, kw = (int(l.extent) for l in (sch.get(lp) for lp in sch.get_loops(block)))
+    padded = int(sch.get(block).reads[0].source.shape[3])
+    # stride 1 only: a strided row is a gather for the rule's vector loads (measured slower than the
+    # fallback on stride-2 layers); stride = the widest step that still fits the padded row
+    stride = (padded - kw) // (width - 1) if width > 1 else 1
+    return stride == 1 and rule.fits(width)
+
+
+@tvm.transform.module_pass(opt_level=0, name="TagGroupedConv")
+class TagGroupedConv:
+    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func) or op_of(func) is not None:
+                continue
+            if _is_grouped_conv(func):
+                updates[gv] = func.with_attr(OP_ATTR, rule.OP)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
