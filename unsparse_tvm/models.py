@@ -6,13 +6,13 @@ them. Loading any model (built-in or .pt2) is `unsparse_tvm.frontend`.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from . import zoo
 from .errors import UnsparseError
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -161,19 +161,25 @@ class BuiltinModel:
     input_shape: tuple[int, ...]  # per-sample shape, without the batch dimension
 
 
+def _zoo():
+    """unsparse_tvm.zoo, imported on first use: the GPU kit ships this file alone (no package, built-in
+    names only), so it must not import other project modules at load time."""
+    return importlib.import_module(f"{__package__}.zoo")
+
+
 class _Models(dict):
     """The built-in names, plus torchvision/timm names (`tv:resnet50@128`, see zoo.py) resolved on first
     use, so every command that takes a built-in name (prune, compile, bench, tune) takes those too."""
 
     def __missing__(self, name: str) -> BuiltinModel:
-        entry = zoo.lookup(name)
+        entry = _zoo().lookup(name)
         if entry is None:
             raise KeyError(name)
         self[name] = entry
         return entry
 
     def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or (isinstance(name, str) and zoo.is_zoo_name(name)
+        return dict.__contains__(self, name) or (isinstance(name, str) and _zoo().is_zoo_name(name)
                                                  and self[name] is not None)
 
 
