@@ -98,15 +98,22 @@ def conv_quad_rows(wq: np.ndarray, geo: ConvGeometry) -> QuadRows:
     quads = wp.reshape(k, cq, QUAD, r, s).transpose(0, 1, 3, 4, 2).reshape(k, cq * r * s, QUAD)  # [K, Cq*R*S, 4]
     ci, ri, si = np.meshgrid(np.arange(cq), np.arange(r), np.arange(s), indexing="ij")
     offsets = (ci * geo.channel_plane + geo.tap_offset(0, ri, si)).reshape(-1).astype(np.int32)
-    keep = (quads != 0).any(axis=2)                                                               # [K, Cq*R*S]
+    data, off, stored = _ell_quads(quads, offsets)
+    return QuadRows(data, off, stored, int((wq != 0).sum()), pad_quads(geo))
+
+
+def _ell_quads(quads: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """ELL rows of the nonzero quads: data [K, L, 4] int8 and off [K, L] int32 (offsets[i] of quad i),
+    L the most quads in a row (at least 1); padding is zero quads at offset 0. Also the stored quads."""
+    keep = (quads != 0).any(axis=2)                                                               # [K, quads]
     width = max(int(keep.sum(axis=1).max(initial=0)), 1)
-    data = np.zeros((k, width, QUAD), np.int8)
-    off = np.zeros((k, width), np.int32)
-    for row in range(k):
+    data = np.zeros((quads.shape[0], width, QUAD), np.int8)
+    off = np.zeros((quads.shape[0], width), np.int32)
+    for row in range(quads.shape[0]):
         idx = np.flatnonzero(keep[row])
         data[row, : len(idx)] = quads[row, idx]
         off[row, : len(idx)] = offsets[idx]
-    return QuadRows(data, off, int(keep.sum()), int((wq != 0).sum()), pad_quads(geo))
+    return data, off, int(keep.sum())
 
 
 def epilogue_consts(wq: np.ndarray, wscale: np.ndarray, act: ActQuant) -> tuple[np.ndarray, np.ndarray]:
@@ -151,16 +158,8 @@ def dense_quad_rows(wq: np.ndarray) -> QuadRows:
     iq = quad_channels(fin)
     wp = np.zeros((o, iq * QUAD), np.int8)
     wp[:, :fin] = wq
-    quads = wp.reshape(o, iq, QUAD)
-    keep = (quads != 0).any(axis=2)
-    width = max(int(keep.sum(axis=1).max(initial=0)), 1)
-    data = np.zeros((o, width, QUAD), np.int8)
-    off = np.zeros((o, width), np.int32)
-    for row in range(o):
-        idx = np.flatnonzero(keep[row])
-        data[row, : len(idx)] = quads[row, idx]
-        off[row, : len(idx)] = idx
-    return QuadRows(data, off, int(keep.sum()), int((wq != 0).sum()), iq)
+    data, off, stored = _ell_quads(wp.reshape(o, iq, QUAD), np.arange(iq, dtype=np.int32))
+    return QuadRows(data, off, stored, int((wq != 0).sum()), iq)
 
 
 def torch_linear_reference(x, wq: np.ndarray, wscale: np.ndarray, act: ActQuant, bias=None, relu: bool = False):
