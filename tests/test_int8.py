@@ -248,6 +248,7 @@ def test_digits_int8_within_half_a_point_of_fp32(tmp_path, capsys, llvm):
     from tvm import relax
 
     from unsparse_tvm.build import activation_ranges, compile_program
+    from unsparse_tvm.frontend import read_quantization
     from unsparse_tvm.compress.data import load_dataset
     from unsparse_tvm.frontend import load_model
     from unsparse_tvm.models import export
@@ -264,7 +265,7 @@ def test_digits_int8_within_half_a_point_of_fp32(tmp_path, capsys, llvm):
     def accuracy(path, int8: bool) -> float:
         module = load_model(str(path)).module.eval()
         compiled = compile_program(export(module, (n, 1, 8, 8)), llvm, threshold=0.5,
-                                   activations=activation_ranges(str(path)) if int8 else None)
+                                   activations=activation_ranges(read_quantization(str(path))) if int8 else None)
         assert any(r.format == "int8q4" for r in compiled.report) == int8
         vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
         logits = vm["main"](tvm.runtime.tensor(data.x_test.numpy()))[0].numpy()

@@ -207,7 +207,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
                                                                            target_name == "cuda", arch)
         weight_bytes["unsparse_fp32"] = _weight_bytes(fp32.report)
     contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
-    ranges = activation_ranges(model) if target_name == "llvm" else None
+    ranges = activation_ranges(quant) if target_name == "llvm" else None
     if ranges:  # a .pt2 from `quantize --activations int8`: its int8 execution too, next to fp32 sparse
         int8 = compile_program(ep, target, threshold=threshold, sparse=True, activations=ranges)
         contenders["unsparse_int8"], outputs["unsparse_int8"] = _vm_timer(int8.executable, dev, x_np)

@@ -46,14 +46,10 @@ def compile_program(ep, target, *, threshold: float | None = None, sparse: bool 
                     time.perf_counter() - start)
 
 
-def activation_ranges(model: str) -> dict | None:
-    """The calibrated activation ranges a .pt2 carries (`quantize --activations int8`), or None."""
-    if not model.endswith(".pt2"):
-        return None
-    from .frontend import read_quantization
-
-    quant = read_quantization(model) or {}
-    return (quant.get("activations") or {}).get("layers") or None
+def activation_ranges(quant: dict | None) -> dict | None:
+    """The calibrated activation ranges (`quantize --activations int8`) in a .pt2's quantisation record
+    (frontend.read_quantization, read once by the caller), or None."""
+    return ((quant or {}).get("activations") or {}).get("layers") or None
 
 
 def format_report(report: list, threshold: float | None) -> str:
@@ -124,7 +120,7 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     ep = load_program(model, batch=batch)
     quant = read_quantization(model) if model.endswith(".pt2") else None
     compiled = compile_program(ep, target, threshold=threshold, database=database,
-                               activations=activation_ranges(model), quant=quant)
+                               activations=activation_ranges(quant), quant=quant)
     print_report(compiled.report, threshold)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log
