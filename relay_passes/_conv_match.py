@@ -52,6 +52,7 @@ class ConvChainRewriter(ChainRewriter):
     `@relax.expr_functor.mutator`, implement `rewrite(conv, weight, geo, epilogue) -> relax.Expr | None`."""
 
     allow_residual = True
+    allow_clip = True  # the operator's epilogue can cap its ReLU (clip(0, M), ReLU6)
 
     def plan(self, func: relax.Function) -> None:
         var2val = relax.analysis.get_var2val(func)
@@ -65,7 +66,8 @@ class ConvChainRewriter(ChainRewriter):
                 out = shape_of(b.var)
                 if out is None:
                     continue
-                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, self.allow_residual, claimed)
+                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, self.allow_residual, claimed,
+                                    self.allow_clip)
                 self.plans[ep.last] = (b.value, ep)
 
     def rewrite_plan(self, planned) -> relax.Expr | None:
@@ -82,4 +84,7 @@ class ConvChainRewriter(ChainRewriter):
             args.append(relax.const(ep.bias))
         if ep.residual is not None:
             args.append(self.visit_expr(ep.residual))
-        return args, {"has_bias": ep.bias is not None, "has_residual": ep.residual is not None, "relu": ep.relu}
+        flags = {"has_bias": ep.bias is not None, "has_residual": ep.residual is not None, "relu": ep.relu}
+        if ep.relu_max is not None:
+            flags["relu_max"] = ep.relu_max
+        return args, flags

@@ -85,12 +85,14 @@ class ChainRewriter(relax.PyExprMutator):
 
 @dataclass
 class Epilogue:
-    """conv/matmul -> [+ per-channel const bias] -> [+ residual tensor] -> [ReLU], each link used once."""
+    """conv/matmul -> [+ per-channel const bias] -> [+ residual tensor] -> [ReLU | clip(0, M)], each link
+    used once."""
 
     last: relax.Var                     # the variable the fused call replaces
     bias: np.ndarray | None = None      # [K]
     residual: relax.Expr | None = None
     relu: bool = False
+    relu_max: float | None = None       # clip(0, M) (ReLU6: M = 6): relu is True and the output is capped at M
     absorbed: list[relax.Var] = field(default_factory=list)
 
 
@@ -102,10 +104,10 @@ def _single_user(var, users, counts, claimed):
 
 def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: tuple[int, ...],
                    var2val: dict, users: dict, counts: dict, allow_residual: bool = True,
-                   claimed: set | None = None) -> Epilogue:
-    """Follow `var` through a bias add, a residual add and a ReLU, as far as each link is its only use
-    and no earlier chain has claimed it (two convs can meet at one residual add: only one may fuse it).
-    The chain's nodes are added to `claimed`."""
+                   claimed: set | None = None, allow_clip: bool = False) -> Epilogue:
+    """Follow `var` through a bias add, a residual add and a ReLU (or, with allow_clip, a clip(0, M) such
+    as ReLU6), as far as each link is its only use and no earlier chain has claimed it (two convs can meet
+    at one residual add: only one may fuse it). The chain's nodes are added to `claimed`."""
     claimed = claimed if claimed is not None else set()
     ep = Epilogue(last=var)
     cur = var
@@ -132,9 +134,28 @@ def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: 
         ep.relu = True
         ep.absorbed.append(cur)
         cur = nxt
+    elif allow_clip and nxt is not None and (cap := _relu_cap(var2val[nxt])) is not None:
+        ep.relu, ep.relu_max = True, cap
+        ep.absorbed.append(cur)
+        cur = nxt
     ep.last = cur
     claimed.update(ep.absorbed + [cur])
     return ep
+
+
+def _relu_cap(call: relax.Expr) -> float | None:
+    """M of a clip(x, 0, M) with constant bounds and M > 0 (ReLU6 as torch.export gives it), else None."""
+    if not is_op(call, "relax.clip") or len(call.args) != 3:
+        return None
+    bounds = []
+    for arg in call.args[1:]:
+        while hasattr(arg, "value") and not isinstance(arg, (int, float)):  # PrimValue -> FloatImm -> float
+            arg = arg.value
+        if not isinstance(arg, (int, float)):
+            return None
+        bounds.append(float(arg))
+    lo, hi = bounds
+    return hi if lo == 0.0 and 0.0 < hi < float("inf") else None
 
 
 def _is_channel_vector(arr: np.ndarray, channels: int, axis: int, ndim: int) -> bool:
@@ -158,7 +179,8 @@ def users_of(func: relax.Function) -> dict[relax.Var, relax.Var]:
 
 
 def fused_label(ep: Epilogue) -> str:
-    parts = [p for p, on in (("bias", ep.bias is not None), ("residual", ep.residual is not None), ("relu", ep.relu)) if on]
+    relu = "relu" if ep.relu_max is None else f"relu{ep.relu_max:g}"
+    parts = [p for p, on in (("bias", ep.bias is not None), ("residual", ep.residual is not None), (relu, ep.relu)) if on]
     return "+".join(parts)
 
 

@@ -172,3 +172,41 @@ def test_two_conv_chains_meeting_at_a_residual_add_are_both_sparse(llvm):
     assert fused == ["bias", "bias+residual+relu"]
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
     assert rel_err(y, ep.module()(x).detach().numpy()) < 1e-5
+
+
+class ClipBlock(nn.Module):
+    """MobileNet's conv-bn-ReLU6 (a 1x1 and a 3x3, sparse or dense) and a clamp with a nonzero floor (no
+    ReLU: it stays its own op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.ba = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.b, self.bb = nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.ba(self.a(x)))
+        y = nn.functional.relu6(self.bb(self.b(y)))
+        return torch.clamp(self.c(y), -1.0, 2.0)
+
+
+@pytest.mark.parametrize("sparse_b", [True, False])
+def test_relu6_is_fused_into_sparse_and_dense_convs(sparse_b, llvm):
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+
+    model = ClipBlock()
+    ep, x = _prepared(model, (2, 8, 7, 9))
+    with torch.no_grad():
+        model.a.weight *= 8  # pruned zeros stay zero; enough activations above 6 for the cap to matter
+        assert (model.ba(model.a(x)) > 6).any()
+    ep = torch.export.export(model, (x,))
+    compiled = compile_program(ep, llvm, threshold=0.7 if sparse_b else 0.95)
+    if sparse_b:  # dense layers (LowerDenseConv2d) fuse the same chain but report no label
+        fused = {r.name: r.fused for r in compiled.report}
+        assert fused == {"a": "bias+relu6", "b": "bias+relu6", "c": "bias"}  # clamp(-1, 2) is no ReLU
+    y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+    ref = ep.module()(x).detach().numpy()
+    assert rel_err(y, ref) < 1e-5

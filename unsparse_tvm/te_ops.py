@@ -65,7 +65,8 @@ def _at(t: te.Tensor, geo: ConvGeometry, n, k, y, x):
     return t[n, k, y * geo.wq + x]
 
 
-def _epilogue(acc, shape, bias, residual, relu: bool) -> te.Tensor:
+def _epilogue(acc, shape, bias, residual, relu: bool, relu_max: float | None = None) -> te.Tensor:
+    """Bias, residual, ReLU and, where relu_max is set, the cap of a clip(0, relu_max) (ReLU6)."""
     def value(*idx):
         v = acc(*idx)
         if bias is not None:
@@ -74,13 +75,15 @@ def _epilogue(acc, shape, bias, residual, relu: bool) -> te.Tensor:
             v = v + residual[idx]
         if relu:
             v = tirx.max(v, F32_ZERO)
+        if relu_max is not None:
+            v = tirx.min(v, tirx.const(relu_max, "float32"))
         return v
 
     return te.compute(shape, value, name="epilogue")
 
 
 def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
-                  fmt: str, has_bias: bool, has_residual: bool, relu: bool) -> te.Tensor:
+                  fmt: str, has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None) -> te.Tensor:
     """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual]; fmt "vellV"
     takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q])."""
     rest = list(rest)
@@ -95,7 +98,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         def acc(n, k, y, x_):
             return conv[n, k // v, k % v, y * geo.wq + x_]
 
-        return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu)
+        return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max)
     conv = _row_conv(xf, data, off, geo, "conv")
     if ovf is not None:
         ovf_data, ovf_off, slot = ovf
@@ -108,11 +111,11 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         def acc(n, k, y, x_):
             return _at(conv, geo, n, k, y, x_)
 
-    return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu)
+    return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max)
 
 
 def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
-                 has_bias: bool, has_residual: bool, relu: bool) -> te.Tensor:
+                 has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None) -> te.Tensor:
     """Dense direct conv2d over the same flat padded input (llvm's dense layers)."""
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
@@ -127,7 +130,7 @@ def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeo
         name="conv",
     )
     return _epilogue(lambda n, k, y, x_: _at(conv, geo, n, k, y, x_),
-                     (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu)
+                     (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max)
 
 
 def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, fmt: str,

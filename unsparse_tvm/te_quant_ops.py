@@ -69,7 +69,8 @@ def _take(rest: list, spec: QSpec):
 
 
 def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tensor, *rest: te.Tensor, geo,
-                   spec: QSpec, has_bias: bool, has_residual: bool, relu: bool) -> te.Tensor:
+                   spec: QSpec, has_bias: bool, has_residual: bool, relu: bool,
+                   relu_max: float | None = None) -> te.Tensor:
     """Quantised sparse direct conv2d over geo (a qformats.QuantGeometry, with its zero channel)."""
     rest = list(rest)
     dec, ovf = _take(rest, spec)
@@ -92,7 +93,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
                                                         axis=j),
                               name="conv")
         return _epilogue(lambda n, k, y, x_: conv[n, k // v, k % v, y * geo.wq + x_] * scale[k],
-                         shape, bias, residual, relu)
+                         shape, bias, residual, relu, relu_max)
 
     def rows(c, o, name):
         j = te.reduce_axis((0, o.shape[1]), name="j")
@@ -107,7 +108,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
 
     conv = rows(codes, off, "conv")
     if ovf is None:
-        return _epilogue(lambda n, k, y, x_: conv[n, k, y * geo.wq + x_] * scale[k], shape, bias, residual, relu)
+        return _epilogue(lambda n, k, y, x_: conv[n, k, y * geo.wq + x_] * scale[k], shape, bias, residual, relu, relu_max)
     ovf_codes, ovf_off, slot = ovf
     conv_ovf = rows(ovf_codes, ovf_off, "conv_ovf")
 
@@ -116,7 +117,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
         extra = tirx.if_then_else(slot[k] >= 0, conv_ovf[n, tirx.max(slot[k], 0), q], F32_ZERO)
         return (conv[n, k, q] + extra) * scale[k]
 
-    return _epilogue(acc, shape, bias, residual, relu)
+    return _epilogue(acc, shape, bias, residual, relu, relu_max)
 
 
 def qsparse_dense(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tensor, *rest: te.Tensor,
