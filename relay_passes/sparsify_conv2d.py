@@ -43,8 +43,7 @@ class _Sparsifier(ConvChainRewriter):
         if reason is not None or geo is None:
             decision.decision = reason or "dense (unsupported conv2d)"
             return None
-        rows = choose_sparse(decision, sparsity, self.threshold,
-                             lambda: conv_weight_rows(weight, geo, self.fmt, HYB_MIN_SAVING[self.target_kind]),
+        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, geo),
                              lambda rows: conv_cost(geo, rows, self.target_kind))
         if rows is None:
             return None
@@ -66,6 +65,17 @@ class _Sparsifier(ConvChainRewriter):
         record_sparse(decision, rows, ep)
         record_bytes(decision, rows, None, weight)
         return call
+
+
+    def pack(self, weight, geo):
+        """The layer's rows: the format asked for, else the one choose_format picks by padding, or on
+        llvm ell instead of hyb where ell's fused epilogue (ConvGeometry.flat_output) predicts faster."""
+        rows = conv_weight_rows(weight, geo, self.fmt, HYB_MIN_SAVING[self.target_kind])
+        if self.fmt is None and self.target_kind == "llvm" and rows.fmt == "hyb" and geo.flat_output:
+            ell = conv_weight_rows(weight, geo, "ell")
+            if conv_cost(geo, ell, "llvm").sparse_us < conv_cost(geo, rows, "llvm").sparse_us:
+                return ell
+        return rows
 
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyConv2d")

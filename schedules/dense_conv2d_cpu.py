@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (ScheduleRule, extents, largest_divisor, pow2_divisor, sample_divisor, schedule_epilogue_cpu,
-                      schedule_pad_cpu, finish_register_tile)
+from ._common import (ScheduleRule, extents, finish_register_tile, flat_epilogue, largest_divisor, pow2_divisor,
+                      sample_divisor, schedule_epilogue_cpu, schedule_pad_cpu)
 
 OP = "dense_conv2d"
 
@@ -45,6 +45,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
     cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
     schedule_pad_cpu(sch, cx, rows, cols)
+    flat = flat_epilogue(sch, "conv", cols)
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
@@ -61,7 +62,10 @@ def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
     par = sch.fuse(n, ko)
     sch.parallel(par)
     finish_register_tile(sch, block, acc, qo, qv, [qu, ki], rc)
-    schedule_epilogue_cpu(sch)
+    if flat:  # bias/residual/ReLU in the accumulators' write-back (_common.flat_epilogue)
+        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    else:
+        schedule_epilogue_cpu(sch)
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

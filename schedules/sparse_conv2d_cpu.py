@@ -12,7 +12,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from ._common import (ScheduleRule, extents, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile)
+                      schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile, flat_epilogue)
 
 OP = "sparse_conv2d"
 
@@ -103,10 +103,14 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
     schedule_pad_cpu(sch, cx, rows, cols)
+    flat = not hyb and flat_epilogue(sch, "conv", cols)
     _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner)
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner)
-    schedule_epilogue_cpu(sch)
+    if flat:  # bias/residual/ReLU in the accumulators' write-back (see flat_epilogue)
+        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    else:
+        schedule_epilogue_cpu(sch)
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -14,7 +14,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, place_decode, pow2_divisor,
-                      sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile)
+                      sample_choice, schedule_epilogue_cpu, flat_epilogue, schedule_pad_cpu, finish_register_tile)
 
 OP = "sparse_conv2d_grouped"
 
@@ -56,6 +56,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> None:
     cx, rows, cols = (int(d) for d in func.attrs["unsparse.pad_shape"])
     schedule_pad_cpu(sch, cx, rows, cols)
+    flat = flat_epilogue(sch, "conv", cols)
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
     n, g, v, q, j = sch.get_loops(block)
@@ -66,7 +67,10 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> 
     sch.parallel(par)
     finish_register_tile(sch, block, acc, gi, qv, [qu, v], j)
     place_decode(sch, "conv", par, extents(sch, [qo])[0])  # quantised weights (te_quant_ops)
-    schedule_epilogue_cpu(sch)
+    if flat:  # bias/residual/ReLU in the accumulators' write-back (_common.flat_epilogue)
+        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    else:
+        schedule_epilogue_cpu(sch)
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -243,6 +243,13 @@ class ConvGeometry:
         return q
 
     @property
+    def flat_output(self) -> bool:
+        """Whether the output is exactly the flat domain (a pointwise conv: 1x1, stride 1, no padding, and
+        q_extent == OH*OW): the x86 schedules then fuse the epilogue into the accumulators' write-back."""
+        return ((self.r, self.s, self.stride) == (1, 1, (1, 1)) and not any(self.padding)
+                and self.q_extent == self.oh * self.ow)
+
+    @property
     def pad_channels(self) -> int:
         """Channels of the flat padded input: C, plus zero channels so extended reads stay in bounds."""
         last = int(self.column_offsets().max()) + self.q_extent - 1

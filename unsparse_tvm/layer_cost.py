@@ -23,6 +23,11 @@ from .perf_model import H200, Knobs, predict_sparse
 
 # FMAs per second, all threads of the 2-vCPU machines the project measures on (see the module docstring)
 X86_RATES = {"dense_conv": 55e9, "ell": 26e9, "hyb": 26e9, "vell": 52e9, "dense_linear": 1.0e9, "sparse_linear": 1.2e9}
+# output elements per second per pass over the [N, K, ...] output: the epilogue is 3 passes (sums written,
+# read back, output written) or 1 where it joins the write-back (ConvGeometry.flat_output; not hyb, whose
+# epilogue also reads the overflow sums). Fitted to mobilenet's 96x16 1x1 on a 64x64 map, one thread:
+# hyb unfused 0.118 ms, ell fused 0.095 ms, where the FMA term alone predicts 0.042 and 0.075.
+X86_OUTPUT_RATE = 16e9
 
 
 @dataclass
@@ -49,9 +54,15 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCos
         width = rows.data.shape[1] if rows.group > 1 else int(np.ceil(rows.padded_size / rows.shape[0]))
         sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group)).seconds
         return LayerCost(dense * 1e6, sparse * 1e6)
-    dense = geo.k * geo.c * geo.r * geo.s * positions / X86_RATES["dense_conv"]
-    sparse = rows.padded_size * positions / X86_RATES[_family(rows.fmt)]
+    out = geo.n * geo.k * geo.q_extent
+    dense = geo.k * geo.c * geo.r * geo.s * positions / X86_RATES["dense_conv"] + _passes(geo, "dense") * out / X86_OUTPUT_RATE
+    sparse = rows.padded_size * positions / X86_RATES[_family(rows.fmt)] + _passes(geo, rows.fmt) * out / X86_OUTPUT_RATE
     return LayerCost(dense * 1e6, sparse * 1e6)
+
+
+def _passes(geo: ConvGeometry, fmt: str) -> int:
+    """Passes over the output the x86 epilogue makes (see X86_OUTPUT_RATE)."""
+    return 1 if geo.flat_output and fmt != "hyb" else 3
 
 
 def linear_cost(batch: int, shape: tuple[int, int], rows: SparseRows, target_kind: str) -> LayerCost:
