@@ -3,7 +3,9 @@ random sparsity patterns with empty and fully dense rows, and a per-session cach
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import shutil
 import subprocess
 import sys
@@ -93,3 +95,39 @@ def cli(*args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"unsparse-tvm {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def cli_here(*args) -> str:
+    """`unsparse-tvm ARGS` through the same main() as cli(), but in this process; returns its stdout.
+
+    A fresh interpreter spends ~5 s importing torch and TVM on a 2-core machine, per call. Use this for
+    the steps that only make a test's inputs (prune, quantize, compile); the commands whose own process
+    is what a test checks (`run` in runtime-only mode, exit statuses, stderr) keep cli()."""
+    from unsparse_tvm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    if rc != 0:
+        raise AssertionError(f"unsparse-tvm {args} failed ({rc}):\n{out.getvalue()}\n{err.getvalue()}")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def vgg16_cifar_flow(tmp_path_factory):
+    """`unsparse-tvm prune vgg16-cifar --sparsity 0.9` -> `compile --target llvm`, in fresh processes as a
+    user runs them, once per session: test_cli's flow and test_quant_cli's fp32 baseline are this same
+    model (~17 s of prune + compile each). Returns (folder with v.pt2 and v.so, compile's stdout);
+    copy the files out (see copy_vgg16_cifar_flow) rather than writing next to them."""
+    d = tmp_path_factory.mktemp("vgg16-cifar-0.9")
+    cli("prune", "vgg16-cifar", "--sparsity", 0.9, "-o", d / "v.pt2")
+    out = cli("compile", d / "v.pt2", "--target", "llvm", "-o", d / "v.so").stdout
+    return d, out
+
+
+def copy_vgg16_cifar_flow(flow, dst):
+    """Copy v.pt2 and v.so of the session's vgg16_cifar_flow into dst (a folder of the test module's own)."""
+    src, _ = flow
+    for name in ("v.pt2", "v.so"):
+        shutil.copy2(src / name, dst / name)
+    return dst

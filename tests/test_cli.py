@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import cli, copy_vgg16_cifar_flow
 from unsparse_tvm.cli import main
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-    """prune vgg16-cifar -> compile for llvm, once for the module."""
-    d = tmp_path_factory.mktemp("flow")
-    cli("prune", "vgg16-cifar", "--sparsity", 0.9, "-o", d / "v.pt2")
-    out = cli("compile", d / "v.pt2", "--target", "llvm", "-o", d / "v.so").stdout
+def flow(vgg16_cifar_flow, tmp_path_factory):
+    """prune vgg16-cifar -> compile for llvm (both CLI processes), once per session (conftest's
+    vgg16_cifar_flow, shared with test_quant_cli), copied into a folder of this module's own."""
+    _, out = vgg16_cifar_flow
     assert "sparse" in out and "wrote" in out
-    return d
+    return copy_vgg16_cifar_flow(vgg16_cifar_flow, tmp_path_factory.mktemp("flow"))
 
 
 def test_prune_compile_run_matches_torch_in_runtime_only_mode(flow):

@@ -4,7 +4,7 @@ compile -> run flow and match PyTorch; vector groups survive into the sparse ope
 import numpy as np
 import pytest
 
-from conftest import cli, rel_err
+from conftest import cli, cli_here, rel_err
 
 
 @pytest.mark.parametrize("method,scheme", [("vector", "int8"), ("mixed", "kmeans4"), ("unstructured", "pow2")])
@@ -12,9 +12,11 @@ def test_pruned_quantised_pt2_compiles_runs_and_matches(method, scheme, tmp_path
     import torch
 
     pruned, quant = tmp_path / "p.pt2", tmp_path / "q.pt2"
-    cli("prune", "vgg16-cifar", "--method", method, "--sparsity", 0.8, "-o", pruned)
-    cli("quantize", pruned, "--scheme", scheme, "-o", quant)
-    out = cli("compile", quant, "--target", "llvm", "--threshold", 0.5, "-o", tmp_path / "q.so").stdout
+    # prune/quantize/compile in this process (cli_here: the same main(), without ~5 s of imports per
+    # fresh interpreter); `run` stays a process of its own, the runtime-only one a user gets
+    cli_here("prune", "vgg16-cifar", "--method", method, "--sparsity", 0.8, "-o", pruned)
+    cli_here("quantize", pruned, "--scheme", scheme, "-o", quant)
+    out = cli_here("compile", quant, "--target", "llvm", "--threshold", 0.5, "-o", tmp_path / "q.so")
     assert "sparse" in out
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
