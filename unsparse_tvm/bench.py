@@ -266,6 +266,10 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         "machine": {**_machine(target_name), "load_before_timing": os.getloadavg()[0]},
     }
     if layers:
+        # one thread for the per-layer table: with two, TVM's and PyTorch's pools spin against each other
+        # between these short calls (PyTorch's layers measured 5-50x slower, whatever their size)
+        set_threads(1)
+        result["layers_threads"] = 1
         result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant)
     return result
 
@@ -279,7 +283,7 @@ def _weight_bytes(report: list, dense: bool = False) -> int:
 def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | None = None) -> list[dict]:
     specs, names = extract_layers(ep)
     rows = []
-    print(f"timing {len(specs)} layers one by one")
+    print(f"timing {len(specs)} layers one by one (one thread)")
     for spec in specs:
         mod = layer_module(spec)
         x_np = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
