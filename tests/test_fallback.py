@@ -1,0 +1,68 @@
+"""The generic x86 schedule (schedules/fallback_cpu.py) on what SE blocks and classifier heads run:
+global average pooling as vector partial sums, and a per-channel gate computed once, not per pixel."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import rel_err
+
+
+def _mean_func(c, hw, n=1):
+    from tvm import te, topi
+
+    x = te.placeholder((n, c, hw, hw), name="x")
+    s = topi.sum(x, axis=[2, 3], keepdims=True)
+    y = te.compute(s.shape, lambda *i: s(*i) / float(hw * hw), name="T_divide")
+    return te.create_prim_func([x, y])
+
+
+@pytest.mark.parametrize("c,hw,n,vector", [(24, 16, 1, True), (40, 8, 2, True), (16, 7, 1, False), (8, 3, 1, False)])
+def test_global_average_pool_sums_in_vector_lanes_where_the_map_allows(c, hw, n, vector, llvm):
+    import tvm
+
+    from unsparse_tvm.schedules import fallback_cpu
+
+    sch = fallback_cpu.apply(_mean_func(c, hw, n), llvm)
+    text = sch.mod.script()
+    assert bool(re.search(r'T\.vectorized\([^\n]*\):\s*\n\s*with T\.sblock\("\w+_rf"\)', text)) == vector
+    lib = tvm.compile(sch.mod, target=llvm)
+    x = np.random.default_rng(c).standard_normal((n, c, hw, hw)).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((n, c, 1, 1), np.float32))
+    lib["main"](tvm.runtime.tensor(x), y)
+    assert rel_err(y.numpy(), x.mean(axis=(2, 3), keepdims=True)) < 1e-5
+
+
+class SE(nn.Module):
+    """torchvision's SqueezeExcitation after a conv, as efficientnet/mobilenet_v3 use it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        y = nn.functional.silu(self.conv(x))
+        s = torch.sigmoid(self.fc2(nn.functional.silu(self.fc1(nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return y * s
+
+
+@pytest.mark.parametrize("c,hw,n", [(16, 16, 1), (24, 7, 2)])
+def test_squeeze_excitation_matches_torch(c, hw, n, llvm):
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+
+    torch.manual_seed(c)
+    model = SE(c).eval()
+    x = torch.randn(n, c, hw, hw)
+    ep = torch.export.export(model, (x,))
+    compiled = compile_program(ep, llvm, sparse=False)
+    y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert rel_err((y if hasattr(y, "numpy") else y[0]).numpy(), ref) < 1e-5
