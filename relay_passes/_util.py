@@ -180,7 +180,8 @@ def users_of(func: relax.Function) -> dict[relax.Var, relax.Var]:
 
 def fused_label(ep: Epilogue) -> str:
     relu = "relu" if ep.relu_max is None else f"relu{ep.relu_max:g}"
-    parts = [p for p, on in (("bias", ep.bias is not None), ("residual", ep.residual is not None), (relu, ep.relu)) if on]
+    links = (("bias", ep.bias is not None), ("residual", ep.residual is not None), (relu, ep.relu))
+    parts = [p for p, on in links if on]
     return "+".join(parts)
 
 

@@ -6,14 +6,32 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
+import secrets
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+
+# Random sparsity patterns differ from run to run (fresh patterns find more bugs), yet a failure can be
+# replayed: the run's seed is printed at the end (-q too), and UNSPARSE_TEST_SEED=N runs with seed N again.
+os.environ.setdefault("UNSPARSE_TEST_SEED", str(secrets.randbelow(2**31)))  # one value however often imported
+SESSION_SEED = int(os.environ["UNSPARSE_TEST_SEED"])
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"unsparse test seed: {SESSION_SEED} (replay: UNSPARSE_TEST_SEED={SESSION_SEED})")
+
+
+def case_rng(*key) -> np.random.Generator:
+    """A generator for one parametrised case: the case's key mixed with the session seed."""
+    return np.random.default_rng([zlib.crc32(repr(key).encode()), SESSION_SEED])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,7 @@ random sparsity patterns (empty rows, fully dense rows, 0% and 99%), both format
 import numpy as np
 import pytest
 
-from conftest import rel_err, run_layer, sparse_weight, torch_conv
+from conftest import case_rng, rel_err, run_layer, sparse_weight, torch_conv
 from unsparse_tvm.bench import LayerSpec
 
 # (N, C, H, W, K, R, S, stride, padding (t, l, b, r), dilation, sparsity)
@@ -29,7 +29,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("fmt", [None, "ell", "hyb"])
 def test_sparse_conv2d_matches_torch(case, fmt, llvm):
     n, c, h, w, k, r, s, stride, pad, dil, sp = case
-    rng = np.random.default_rng(hash((case, fmt)) % 2**32)
+    rng = case_rng(case, fmt)
     weight = sparse_weight((k, c, r, s), sp, rng, empty_rows=k // 8, dense_rows=1 if sp < 0.99 else 0)
     bias = rng.standard_normal(k).astype(np.float32) if k % 2 == 0 else None
     relu = bool(rng.integers(2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_err, sparse_weight, torch_conv
+from conftest import case_rng, rel_err, sparse_weight, torch_conv
 from unsparse_tvm.bench import LayerSpec, layer_module
 from unsparse_tvm.compress.quantize import codebook_quantize, fit_codebook, linear_quantize, pow2_quantize
 from unsparse_tvm.formats import conv_weight_rows
@@ -73,7 +73,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])))
 def test_quant_conv_matches_dequantised_torch(case, fmt, scheme, llvm):
     n, c, h, w, k, r, s, stride, pad, sp = case
-    rng = np.random.default_rng(abs(hash((case, fmt, scheme))) % 2**32)
+    rng = case_rng(case, fmt, scheme)
     base = sparse_weight((k, c, r, s), sp, rng, empty_rows=k // 8, dense_rows=1)
     weight, entry = quantised(base, scheme, rng)
     bias = rng.standard_normal(k).astype(np.float32)
@@ -138,7 +138,7 @@ def test_weights_off_the_scheme_stay_fp32(llvm):
 @pytest.mark.parametrize("fmt", [None, "ell", "hyb", "vell4"])
 @pytest.mark.parametrize("batch, inp, out", [(1, 64, 32), (3, 70, 24)])
 def test_quant_linear_matches_dequantised_torch(batch, inp, out, fmt, scheme, llvm):
-    rng = np.random.default_rng(abs(hash((batch, inp, fmt, scheme))) % 2**32)
+    rng = case_rng(batch, inp, fmt, scheme)
     weight, entry = quantised(sparse_weight((out, inp), 0.85, rng, empty_rows=2, dense_rows=1), scheme, rng)
     bias = rng.standard_normal(out).astype(np.float32)
     x = rng.standard_normal((batch, inp)).astype(np.float32)

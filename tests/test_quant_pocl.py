@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_nvcc, sparse_weight, torch_conv
+from conftest import case_rng, needs_nvcc, sparse_weight, torch_conv
 from test_pocl import check
 from test_quant_kernels import conv_spec, quantised
 from unsparse_tvm.bench import LayerSpec, layer_module
@@ -39,7 +39,7 @@ def quant_kwargs(weight, entry, fmt, report):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])))
 def test_quant_conv_cuda_on_pocl(case, fmt, scheme, pocl, cuda):
     n, c, h, w, k, r, s, stride, pad = case
-    rng = np.random.default_rng(abs(hash((case, fmt, scheme))) % 2**32)
+    rng = case_rng(case, fmt, scheme)
     weight, entry = quantised(sparse_weight((k, c, r, s), 0.85, rng, empty_rows=k // 8, dense_rows=1), scheme, rng)
     bias = rng.standard_normal(k).astype(np.float32)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -56,7 +56,7 @@ def test_quant_conv_cuda_on_pocl(case, fmt, scheme, pocl, cuda):
 @pytest.mark.parametrize("fmt", ["ell", "hyb", "vell4"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_quant_linear_cuda_on_pocl(batch, fmt, scheme, pocl):
-    rng = np.random.default_rng(abs(hash((batch, fmt, scheme))) % 2**32)
+    rng = case_rng(batch, fmt, scheme)
     weight, entry = quantised(sparse_weight((32, 72), 0.85, rng, empty_rows=2, dense_rows=1), scheme, rng)
     bias = rng.standard_normal(32).astype(np.float32)
     x = rng.standard_normal((batch, 72)).astype(np.float32)

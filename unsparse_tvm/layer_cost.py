@@ -55,8 +55,10 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCos
         sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group)).seconds
         return LayerCost(dense * 1e6, sparse * 1e6)
     out = geo.n * geo.k * geo.q_extent
-    dense = geo.k * geo.c * geo.r * geo.s * positions / X86_RATES["dense_conv"] + _passes(geo, "dense") * out / X86_OUTPUT_RATE
-    sparse = rows.padded_size * positions / X86_RATES[_family(rows.fmt)] + _passes(geo, rows.fmt) * out / X86_OUTPUT_RATE
+    dense = (geo.k * geo.c * geo.r * geo.s * positions / X86_RATES["dense_conv"]
+             + _passes(geo, "dense") * out / X86_OUTPUT_RATE)
+    sparse = (rows.padded_size * positions / X86_RATES[_family(rows.fmt)]
+              + _passes(geo, rows.fmt) * out / X86_OUTPUT_RATE)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 

@@ -108,7 +108,8 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
 
     conv = rows(codes, off, "conv")
     if ovf is None:
-        return _epilogue(lambda n, k, y, x_: conv[n, k, y * geo.wq + x_] * scale[k], shape, bias, residual, relu, relu_max)
+        return _epilogue(lambda n, k, y, x_: conv[n, k, y * geo.wq + x_] * scale[k], shape, bias, residual, relu,
+                         relu_max)
     ovf_codes, ovf_off, slot = ovf
     conv_ovf = rows(ovf_codes, ovf_off, "conv_ovf")
 
