@@ -100,11 +100,17 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
     n, i = sch.get_loops(block)
     ci, row, col = sch.split(i, [c, rows, cols])
     sch.parallel(sch.fuse(n, ci))
-    if len(x_shape) != 4 or rows * cols != x_shape[2] * x_shape[3]:
-        return
+    if len(x_shape) == 4 and rows * cols == x_shape[2] * x_shape[3]:
+        _vectorize_rows(sch, row, col, rows, cols)
+
+
+def _vectorize_rows(sch: s_tir.Schedule, row, col, rows: int, cols: int) -> None:
+    """An explicit vector loop over the innermost of a (rows, cols) nest: PAD_VECTOR lanes or the largest
+    power of two down to 4 dividing a row, else over the fused nest (14x14, 7x7 maps); left scalar where
+    neither has 4 lanes."""
     if pow2_divisor(cols, PAD_VECTOR) >= 4:
         sch.vectorize(sch.split(col, [None, pow2_divisor(cols, PAD_VECTOR)])[1])
-    elif pow2_divisor(rows * cols, PAD_VECTOR) >= 4:  # 14x14, 7x7 maps: whole rows per vector
+    elif pow2_divisor(rows * cols, PAD_VECTOR) >= 4:
         sch.vectorize(sch.split(sch.fuse(row, col), [None, pow2_divisor(rows * cols, PAD_VECTOR)])[1])
 
 
@@ -137,24 +143,24 @@ def finish_register_tile(sch: s_tir.Schedule, block, acc, at, vector, unrolled: 
     sch.vectorize(sch.get_loops(acc)[-1])
 
 
-def schedule_epilogue_cpu(sch: s_tir.Schedule) -> None:
-    """Crop + bias + residual + ReLU in its own parallel loop over (batch, channel): the flat domain's
-    index map y*Wq + x is not invertible for reverse_compute_at, and hyb has two producers."""
+def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False) -> None:
+    """Crop + bias + residual + ReLU. flat (flat_epilogue re-indexed it): inlined into the accumulators'
+    write-back. Else in its own parallel loop over (batch, channel), the flat domain's index map y*Wq + x
+    being not invertible for reverse_compute_at (and hyb having two producers), with explicit vectors as
+    in the pad copy: LLVM otherwise vectorised hyb's epilogue across rows with gathers and scatters (65% of
+    a 144x24 1x1 conv's time on a 32x32 map)."""
+    if flat:
+        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+        return
     n, k, y, x = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(n, k))
-    oh, ow = extents(sch, [y, x])
-    # explicit vectors, as in the pad copy: LLVM otherwise vectorised hyb's epilogue across rows with
-    # gathers and scatters (65% of a 144x24 1x1 conv's time on a 32x32 map)
-    if pow2_divisor(ow, PAD_VECTOR) >= 4:
-        sch.vectorize(sch.split(x, [None, pow2_divisor(ow, PAD_VECTOR)])[1])
-    elif pow2_divisor(oh * ow, PAD_VECTOR) >= 4:
-        sch.vectorize(sch.split(sch.fuse(y, x), [None, pow2_divisor(oh * ow, PAD_VECTOR)])[1])
+    _vectorize_rows(sch, y, x, *extents(sch, [y, x]))
 
 
 def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int) -> bool:
     """Where the output is exactly the flat domain (a pointwise conv: no padding, stride 1, q_extent ==
     OH*OW; formats.ConvGeometry.flat_output), re-index the epilogue over q = y*OW + x, so that
-    reverse_compute_inline can move it into the accumulators' write-back: the output is then written once,
+    schedule_epilogue_cpu(flat=True) can inline it into the accumulators' write-back: the output is then written once,
     from registers, instead of [N, K, Q] sums written, read back and written again (mobilenet's 96x16 1x1
     on a 64x64 map, 1-2 nonzeros a row, where the stores are the work: 0.118 -> 0.095 ms). False, and
     nothing changed, elsewhere."""

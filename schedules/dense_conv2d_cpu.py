@@ -62,10 +62,7 @@ def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
     par = sch.fuse(n, ko)
     sch.parallel(par)
     finish_register_tile(sch, block, acc, qo, qv, [qu, ki], rc)
-    if flat:  # bias/residual/ReLU in the accumulators' write-back (_common.flat_epilogue)
-        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
-    else:
-        schedule_epilogue_cpu(sch)
+    schedule_epilogue_cpu(sch, flat)  # flat: bias/residual/ReLU in the accumulators' write-back
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

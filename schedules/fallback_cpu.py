@@ -4,6 +4,7 @@ innermost one where it is data parallel. Nothing is left as a serial naive loop 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
@@ -65,10 +66,7 @@ def _broadcast(sch: s_tir.Schedule, block, consumers: list) -> bool:
 
 
 def _domain(sch: s_tir.Schedule, block) -> int:
-    n = 1
-    for e in extents(sch, sch.get_loops(block)):
-        n *= e
-    return n
+    return math.prod(extents(sch, sch.get_loops(block)))
 
 
 def _has_root(sch: s_tir.Schedule) -> bool:
@@ -94,9 +92,7 @@ def _vector_reduction(sch: s_tir.Schedule, block) -> bool:
         spatial += 1
     if spatial == len(kinds) or any(k != 2 for k in kinds[spatial:]) or len(kinds) != len(loops):
         return False
-    red_ext = 1
-    for e in extents(sch, loops[spatial:]):
-        red_ext *= e
+    red_ext = math.prod(extents(sch, loops[spatial:]))
     lanes = REDUCE_LANES
     while lanes >= 4 and red_ext % lanes:
         lanes //= 2

@@ -107,10 +107,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner)
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner)
-    if flat:  # bias/residual/ReLU in the accumulators' write-back (see flat_epilogue)
-        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
-    else:
-        schedule_epilogue_cpu(sch)
+    schedule_epilogue_cpu(sch, flat)  # flat: bias/residual/ReLU in the accumulators' write-back
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -67,10 +67,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> 
     sch.parallel(par)
     finish_register_tile(sch, block, acc, gi, qv, [qu, v], j)
     place_decode(sch, "conv", par, extents(sch, [qo])[0])  # quantised weights (te_quant_ops)
-    if flat:  # bias/residual/ReLU in the accumulators' write-back (_common.flat_epilogue)
-        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
-    else:
-        schedule_epilogue_cpu(sch)
+    schedule_epilogue_cpu(sch, flat)  # flat: bias/residual/ReLU in the accumulators' write-back
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)
