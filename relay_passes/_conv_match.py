@@ -52,7 +52,7 @@ class ConvChainRewriter(ChainRewriter):
     `@relax.expr_functor.mutator`, implement `rewrite(conv, weight, geo, epilogue) -> relax.Expr | None`."""
 
     allow_residual = True
-    allow_clip = True  # the operator's epilogue can cap its ReLU (clip(0, M), ReLU6)
+    allow_act = True  # the operator's epilogue can cap its ReLU (clip(0, M), ReLU6) or apply a SiLU
 
     def plan(self, func: relax.Function) -> None:
         var2val = relax.analysis.get_var2val(func)
@@ -67,7 +67,7 @@ class ConvChainRewriter(ChainRewriter):
                 if out is None:
                     continue
                 ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, self.allow_residual, claimed,
-                                    self.allow_clip)
+                                    self.allow_act)
                 self.plans[ep.last] = (b.value, ep)
 
     def rewrite_plan(self, planned) -> relax.Expr | None:
@@ -87,4 +87,6 @@ class ConvChainRewriter(ChainRewriter):
         flags = {"has_bias": ep.bias is not None, "has_residual": ep.residual is not None, "relu": ep.relu}
         if ep.relu_max is not None:
             flags["relu_max"] = ep.relu_max
+        if ep.silu:
+            flags["silu"] = True
         return args, flags

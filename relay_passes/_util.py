@@ -85,14 +85,15 @@ class ChainRewriter(relax.PyExprMutator):
 
 @dataclass
 class Epilogue:
-    """conv/matmul -> [+ per-channel const bias] -> [+ residual tensor] -> [ReLU | clip(0, M)], each link
-    used once."""
+    """conv/matmul -> [+ per-channel const bias] -> [+ residual tensor] -> [ReLU | clip(0, M) | SiLU], each
+    link used once."""
 
     last: relax.Var                     # the variable the fused call replaces
     bias: np.ndarray | None = None      # [K]
     residual: relax.Expr | None = None
     relu: bool = False
     relu_max: float | None = None       # clip(0, M) (ReLU6: M = 6): relu is True and the output is capped at M
+    silu: bool = False                  # SiLU / swish (efficientnet, yolo): x * sigmoid(x), relu False
     absorbed: list[relax.Var] = field(default_factory=list)
 
 
@@ -104,9 +105,9 @@ def _single_user(var, users, counts, claimed):
 
 def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: tuple[int, ...],
                    var2val: dict, users: dict, counts: dict, allow_residual: bool = True,
-                   claimed: set | None = None, allow_clip: bool = False) -> Epilogue:
-    """Follow `var` through a bias add, a residual add and a ReLU (or, with allow_clip, a clip(0, M) such
-    as ReLU6), as far as each link is its only use and no earlier chain has claimed it (two convs can meet
+                   claimed: set | None = None, allow_act: bool = False) -> Epilogue:
+    """Follow `var` through a bias add, a residual add and a ReLU (or, with allow_act, a clip(0, M) such
+    as ReLU6, or a SiLU), as far as each link is its only use and no earlier chain has claimed it (two convs can meet
     at one residual add: only one may fuse it). The chain's nodes are added to `claimed`."""
     claimed = claimed if claimed is not None else set()
     ep = Epilogue(last=var)
@@ -134,13 +135,34 @@ def match_epilogue(var: relax.Var, channels: int, channel_axis: int, out_shape: 
         ep.relu = True
         ep.absorbed.append(cur)
         cur = nxt
-    elif allow_clip and nxt is not None and (cap := _relu_cap(var2val[nxt])) is not None:
+    elif allow_act and nxt is not None and (cap := _relu_cap(var2val[nxt])) is not None:
         ep.relu, ep.relu_max = True, cap
         ep.absorbed.append(cur)
         cur = nxt
+    elif allow_act and nxt is not None and is_op(var2val[nxt], "relax.nn.silu"):
+        ep.silu = True
+        ep.absorbed.append(cur)
+        cur = nxt
+    elif allow_act and (silu := _decomposed_silu(cur, var2val, users, counts, claimed)) is not None:
+        ep.silu = True
+        ep.absorbed += [cur, silu[0]]
+        cur = silu[1]
     ep.last = cur
     claimed.update(ep.absorbed + [cur])
     return ep
+
+
+def _decomposed_silu(var, var2val, users, counts, claimed) -> tuple[relax.Var, relax.Var] | None:
+    """(s, m) where var's only two uses are s = sigmoid(var) and m = var * s: torch.export's SiLU."""
+    m = users.get(var)  # the later of var's two users
+    if counts.get(var, 0) != 2 or m is None or m in claimed or not is_op(var2val[m], "relax.multiply"):
+        return None
+    a, b = var2val[m].args
+    s = b if a.same_as(var) else a if b.same_as(var) else None
+    if s is None or not isinstance(s, relax.Var) or s not in var2val or counts.get(s, 0) != 1:
+        return None
+    sig = var2val[s]
+    return (s, m) if is_op(sig, "relax.sigmoid") and sig.args[0].same_as(var) else None
 
 
 def _relu_cap(call: relax.Expr) -> float | None:
@@ -180,7 +202,8 @@ def users_of(func: relax.Function) -> dict[relax.Var, relax.Var]:
 
 def fused_label(ep: Epilogue) -> str:
     relu = "relu" if ep.relu_max is None else f"relu{ep.relu_max:g}"
-    links = (("bias", ep.bias is not None), ("residual", ep.residual is not None), (relu, ep.relu))
+    links = (("bias", ep.bias is not None), ("residual", ep.residual is not None), (relu, ep.relu),
+             ("silu", ep.silu))
     parts = [p for p, on in links if on]
     return "+".join(parts)
 

@@ -55,7 +55,7 @@ def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr |
 
 @relax.expr_functor.mutator
 class _Int8Rewriter(ConvChainRewriter):
-    allow_clip = False  # the int8 epilogue requantises after a plain ReLU; a ReLU6 stays its own op
+    allow_act = False  # the int8 epilogue requantises after a plain ReLU; a ReLU6 or SiLU stays its own op
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax

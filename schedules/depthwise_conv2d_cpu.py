@@ -3,7 +3,7 @@ NCHW), with whatever FuseOps fused after it (BN's bias add, ReLU6/SiLU/hardswish
 as one kernel: the elementwise chain is inlined into the accumulator's write-back.
 
 Per (batch, channel), in parallel: a depthwise channel's padded plane is built next to its use (it stays
-in cache), then each output row is a few vector accumulators over the row's width, `kh x kw` unrolled
+in cache; for stride 2 as two column-phase planes, so that strided rows are contiguous), then each output row is a few vector accumulators over the row's width, `kh x kw` unrolled
 broadcast-weight FMAs each. relay_passes/tag_grouped_conv.py marks the functions this rule takes.
 """
 
@@ -25,6 +25,11 @@ class Config:
     vec: int = 0         # lanes of the innermost width split; 0 = the target's vector register
                          # (cpu_vector_lanes), narrowed to the largest divisor of the output width
     unroll: int = 8      # vectors of one output row accumulated in registers per weight tap
+    rows: int = 0        # output rows accumulated together; 0 = enough for ACCUMULATORS vectors (a 4-wide
+                         # row is one vector: alone, its 25 taps of a 5x5 are one FMA latency chain)
+
+
+ACCUMULATORS = 8  # independent FMA chains that hide the FMA latency (2 pipes x 4 cycles)
 
 
 def conv_block(sch: s_tir.Schedule) -> str | None:
@@ -35,21 +40,29 @@ def _width(sch: s_tir.Schedule) -> int:
     return extents(sch, sch.get_loops(sch.get_sblock(conv_block(sch))))[3]
 
 
+def _height(sch: s_tir.Schedule) -> int:
+    return extents(sch, sch.get_loops(sch.get_sblock(conv_block(sch))))[2]
+
+
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg, fitted to the output width (no ragged splits)."""
-    width = _width(sch)
+    width, height = _width(sch), _height(sch)
     vec = _lanes(width, cfg.vec or cpu_vector_lanes(target)[0])
-    _schedule(sch, vec, _divisor_at_most(width // vec, cfg.unroll))
+    unroll = _divisor_at_most(width // vec, cfg.unroll)
+    rows = cfg.rows or -(-ACCUMULATORS // unroll)
+    _schedule(sch, vec, unroll, _divisor_at_most(height, rows))
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     """MetaSchedule design spaces: one per vector width (16, 8 lanes, narrowed to a divisor of the output
-    width); in each, the register tile (vectors per row) drawn from the divisors of the row's vectors."""
-    width = _width(sch)
+    width); in each, the register tile (vectors per row x rows) drawn from the divisors of the row's
+    vectors and of the output's height."""
+    width, height = _width(sch), _height(sch)
     spaces = []
     for vec in sorted({_lanes(width, v) for v in (16, 8)}, reverse=True):
         s = sch.copy()
-        _schedule(s, vec, sample_choice(s, [d for d in range(1, 9) if (width // vec) % d == 0]))
+        _schedule(s, vec, sample_choice(s, [d for d in range(1, 9) if (width // vec) % d == 0]),
+                  sample_choice(s, [d for d in range(1, 9) if height % d == 0]))
         spaces.append(s)
     return spaces
 
@@ -67,6 +80,33 @@ def fits(width: int) -> bool:
     return _pow2_divisor(width, 16) >= 4 or width <= 64
 
 
+def stride_of(sch: s_tir.Schedule) -> tuple[int, int]:
+    """(the conv's horizontal stride, its padded input's width): the widest step that still fits the
+    padded row (TOPI's block does not record it)."""
+    block = sch.get(sch.get_sblock(conv_block(sch)))
+    width, kw = (int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock(conv_block(sch)))[3::3])
+    padded = int(block.reads[0].source.shape[3])
+    return ((padded - kw) // (width - 1) if width > 1 else 1), padded
+
+
+def supports(sch: s_tir.Schedule) -> bool:
+    """Stride 1, or stride 2 with an even padded width (its columns are stored as two phase planes)."""
+    stride, padded = stride_of(sch)
+    if not fits(_width(sch)):
+        return False
+    if stride == 1:
+        return True
+    conv = sch.get_sblock(conv_block(sch))
+    pads = [p for p in sch.get_producers(conv) if _spatial(sch, p)]  # the layout to transform
+    if stride != 2 or padded % 2 or not pads:
+        return False
+    # the phase split's copy is a strided (scalar) read of every padded element: it pays where each one
+    # feeds >= 4 taps (efficientnet's 5x5 on 32x32: 184 -> 66 us; its 3x3 on 64x64, 2.1 taps: 213 -> 291)
+    _, _, oh, ow, _, kh, kw = extents(sch, sch.get_loops(conv))
+    rows = int(sch.get(pads[0]).writes[0].source.shape[2])
+    return oh * ow * kh * kw >= 4 * rows * padded
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     v = 1
     while v * 2 <= cap and n % (v * 2) == 0:
@@ -82,7 +122,7 @@ def _spatial(sch: s_tir.Schedule, block) -> bool:
     return all(iv.iter_type == 0 for iv in sch.get(block).iter_vars)
 
 
-def _schedule(sch: s_tir.Schedule, vec: int, unroll) -> None:
+def _schedule(sch: s_tir.Schedule, vec: int, unroll, rows) -> None:
     conv = sch.get_sblock(conv_block(sch))
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     pads = [p for p in sch.get_producers(conv) if _spatial(sch, p)]
@@ -105,19 +145,31 @@ def _schedule(sch: s_tir.Schedule, vec: int, unroll) -> None:
             sch.reverse_compute_inline(block)
         except Exception:
             pass
+    stride, _ = stride_of(sch)
     n, f, y, x, rc, ry, rx = sch.get_loops(conv)
     depthwise = extents(sch, [rc])[0] == 1
+    if stride > 1:
+        # a strided row read from NCHW is a gather; the padded input's columns stored as `stride` phase
+        # planes ([.., h, w % s, w // s]) make tap rx of output x column x + rx // s of plane rx % s
+        for pad in pads:
+            sch.transform_layout(pad, ("write", 0), lambda b, c, h, w: (b, c, h, tirx.floormod(w, stride),
+                                                                        tirx.floordiv(w, stride)))
     xo, xu, xi = sch.split(x, [None, unroll, vec])
-    # a row's `unroll` vectors accumulate in registers; each weight tap is one broadcast + `unroll` FMAs
-    sch.reorder(n, f, y, xo, rc, ry, rx, xu, xi)
+    yo, yi = sch.split(y, [None, rows])
+    # `rows` x `unroll` vectors accumulate in registers; each weight tap is one broadcast + that many FMAs
+    sch.reorder(n, f, yo, xo, rc, ry, rx, yi, xu, xi)
     nf = sch.fuse(n, f)
     sch.parallel(nf)
-    finish_register_tile(sch, conv, acc, xo, xi, [ry, rx, xu], rc)
+    finish_register_tile(sch, conv, acc, xo, xi, [ry, rx, yi, xu], rc)
     for pad in pads:
         # inlining the pad instead puts its bounds test on every tap (measured 2-4x slower)
         if depthwise:  # one channel's plane, built where it is read (it stays in cache)
             sch.compute_at(pad, nf)
-            sch.vectorize(sch.get_loops(pad)[-1])
+            col = sch.get_loops(pad)[-1]
+            if stride > 1:  # plane by plane: contiguous stores, LLVM's strided loads
+                phase_major, col = sch.split(col, [None, stride])[::-1]
+                sch.reorder(phase_major, col)
+            sch.vectorize(col)
         else:  # a group's input channels serve several outputs: pad them once, in parallel
             loops = sch.get_loops(pad)
             sch.parallel(sch.fuse(*loops[:2]))

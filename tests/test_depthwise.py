@@ -66,7 +66,7 @@ def test_grouped_conv_uses_our_rule_and_matches_torch(case, llvm):
     assert rel_err(y, ref) < 1e-5
 
 
-def test_space_samples_the_width_split(llvm):
+def test_space_samples_the_register_tile(llvm):
     from tvm import s_tir, tirx
 
     from unsparse_tvm.frontend import import_program
@@ -81,27 +81,41 @@ def test_space_samples_the_width_split(llvm):
                 and depthwise_conv2d_cpu.conv_block(s_tir.Schedule(f)) is not None)
     spaces = depthwise_conv2d_cpu.space(s_tir.Schedule(func))
     decisions = [inst for inst in spaces[0].trace.insts if inst.kind.name == "SampleCategorical"]
-    assert len(decisions) == 1
+    assert len(decisions) == 2  # vectors per row, rows
     choices = [int(c) for c in decisions[0].attrs[0]]
     assert len(spaces) == 2  # 16 and 8 lanes (both divide 112)
     assert all((112 // 16) % c == 0 for c in choices) and 7 in choices
+    assert [int(c) for c in decisions[1].attrs[0]] == [1, 2, 4, 7, 8]  # divisors of the 112 rows, up to 8
 
 
-def test_strided_depthwise_stays_on_the_fallback_and_matches_torch(llvm):
+@pytest.mark.parametrize("k,stride,size,ours", [
+    (3, 2, 28, False),   # mobilenet's 3x3: 1.7 taps per padded element, the fallback
+    (5, 2, 16, True),    # efficientnet's 5x5 (padded row 20)
+    (7, 2, 27, False),   # padded row 33 is odd: no phase split, the fallback
+    (3, 3, 24, False),   # stride 3: the fallback
+])
+def test_strided_depthwise_matches_torch(k, stride, size, ours, llvm):
     import tvm
-    from tvm import relax, tirx
+    from tvm import relax, s_tir, tirx
 
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.schedules import depthwise_conv2d_cpu
     from unsparse_tvm.schedules._common import op_of
 
-    ep = _program(16, 3, 2, None, nn.ReLU6(), False, 28)
+    ep = _program(16, k, stride, None, nn.SiLU(), False, size)
     mod, names = import_program(ep)
+    legal = build_pipeline(llvm, names=names, report=[], sparse=False, stop_after="legalize")(mod)
+    func = next(f for f in legal.functions.values() if isinstance(f, tirx.PrimFunc)
+                and depthwise_conv2d_cpu.conv_block(s_tir.Schedule(f)) is not None)
+    got_stride, padded = depthwise_conv2d_cpu.stride_of(s_tir.Schedule(func))
+    assert got_stride == stride and (padded % 2 == 1) == (size == 27)
     scheduled = build_pipeline(llvm, names=names, report=[], sparse=False, stop_after="schedule")(mod)
-    assert "depthwise_conv2d" not in [op_of(f) for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    tagged = "depthwise_conv2d" in [op_of(f) for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert tagged == ours
     compiled = compile_program(ep, llvm, sparse=False)
-    x = torch.randn(1, 16, 28, 28, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(1, 16, size, size, generator=torch.Generator().manual_seed(5))
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
     with torch.no_grad():
         ref = ep.module()(x).numpy()

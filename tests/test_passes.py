@@ -210,3 +210,45 @@ def test_relu6_is_fused_into_sparse_and_dense_convs(sparse_b, llvm):
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
     ref = ep.module()(x).detach().numpy()
     assert rel_err(y, ref) < 1e-5
+
+
+class SiluBlock(nn.Module):
+    """EfficientNet's conv-bn-SiLU (a 1x1, a strided 3x3), a residual add before a SiLU, and a conv whose
+    output has a second user (its SiLU cannot fuse: the un-activated value is still needed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.ba = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.b, self.bb = nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c = nn.Conv2d(16, 16, 1)
+        self.d = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = nn.functional.silu(self.ba(self.a(x)))
+        y = nn.functional.silu(self.bb(self.b(y)))
+        y = nn.functional.silu(self.c(y) + y)
+        z = self.d(y)
+        return nn.functional.silu(z) * z
+
+
+@pytest.mark.parametrize("sparse_b", [True, False])
+def test_silu_is_fused_into_sparse_and_dense_convs(sparse_b, llvm):
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    ep, x = _prepared(SiluBlock(), (2, 8, 9, 11))
+    compiled = compile_program(ep, llvm, threshold=0.7 if sparse_b else 0.95)
+    fused = {r.name: r.fused for r in compiled.report}
+    if sparse_b:  # dense layers (LowerDenseConv2d) fuse the same chain but report no label
+        assert fused == {"a": "bias+silu", "b": "bias+silu", "c": "bias+residual+silu", "d": "bias"}
+    # torch.export decomposes SiLU into sigmoid and multiply; only d's, with its extra use, is left
+    mod, names = import_program(ep)
+    lowered = build_pipeline(llvm, stop_after="lower_dense", threshold=0.7 if sparse_b else 0.95, names=names)(mod)
+    assert lowered["main"].script().count("fast_sigmoid") == 1
+    y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+    ref = ep.module()(x).detach().numpy()
+    assert rel_err(y, ref) < 1e-5

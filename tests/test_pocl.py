@@ -170,6 +170,20 @@ def test_builtin_model_cuda_on_pocl(model, pocl):
     assert not np.isnan(y).any() and rel_err(y, ref) < 1e-4
 
 
+def test_silu_epilogues_cuda_on_pocl(pocl):
+    """The conv epilogues with SiLU fused (te_math's exp: bit shifts, reinterpret) as OpenCL."""
+    from test_passes import SiluBlock, _prepared
+    from unsparse_tvm.frontend import import_program
+
+    ep, x = _prepared(SiluBlock(), (2, 8, 9, 11))
+    mod, _names = import_program(ep)
+    report = []
+    y = OpenCLModule(schedule_for_cuda(mod, threshold=0.7, report=report), pocl)(x.numpy())
+    assert [r.fused for r in report] == ["bias+silu", "bias+silu", "bias+residual+silu", "bias"]
+    y = y[0] if isinstance(y, tuple) else y
+    check(y, ep.module()(x).detach().numpy())
+
+
 # ---- negative controls: the harness must fail these ----
 
 @pytest.fixture

@@ -5,7 +5,7 @@ Every operator is three stages, named so that schedules can find them:
   "pad_flat"   zero-padded input, split into stride phases and flattened to [N, Cx*sh*sw*Hq*Wq]
                (Cx >= C: trailing zero channels keep the extended reads of the flat domain in bounds)
   "conv"       the reduction ([N, K, Q]; [N, G, V, Q] for grouped rows); "conv_ovf" is hyb's overflow
-  "epilogue"   output cropping, hyb gather, bias, residual add and ReLU, fused in one elementwise stage
+  "epilogue"   output cropping, hyb gather, bias, residual add and activation, fused in one elementwise stage
 "conv" is computed over the flat extended domain q = y*Wq + x ([N, K, Q]), strided convs included (their
 input is stored phase by phase). See formats.ConvGeometry.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from .formats import ConvGeometry
+from .te_math import fast_silu
 
 F32_ZERO = tirx.const(0.0, "float32")
 
@@ -65,8 +66,10 @@ def _at(t: te.Tensor, geo: ConvGeometry, n, k, y, x):
     return t[n, k, y * geo.wq + x]
 
 
-def _epilogue(acc, shape, bias, residual, relu: bool, relu_max: float | None = None) -> te.Tensor:
-    """Bias, residual, ReLU and, where relu_max is set, the cap of a clip(0, relu_max) (ReLU6)."""
+def _epilogue(acc, shape, bias, residual, relu: bool, relu_max: float | None = None,
+              silu: bool = False) -> te.Tensor:
+    """Bias, residual, then the activation: ReLU, capped at relu_max where set (clip(0, M), ReLU6), or
+    SiLU (x * sigmoid(x), on te_math's vectorising exp)."""
     def value(*idx):
         v = acc(*idx)
         if bias is not None:
@@ -77,13 +80,16 @@ def _epilogue(acc, shape, bias, residual, relu: bool, relu_max: float | None = N
             v = tirx.max(v, F32_ZERO)
         if relu_max is not None:
             v = tirx.min(v, tirx.const(relu_max, "float32"))
+        if silu:
+            v = fast_silu(v)
         return v
 
     return te.compute(shape, value, name="epilogue")
 
 
 def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
-                  fmt: str, has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None) -> te.Tensor:
+                  fmt: str, has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None,
+                  silu: bool = False) -> te.Tensor:
     """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual]; fmt "vellV"
     takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q])."""
     rest = list(rest)
@@ -98,7 +104,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         def acc(n, k, y, x_):
             return conv[n, k // v, k % v, y * geo.wq + x_]
 
-        return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max)
+        return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
     conv = _row_conv(xf, data, off, geo, "conv")
     if ovf is not None:
         ovf_data, ovf_off, slot = ovf
@@ -111,11 +117,12 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         def acc(n, k, y, x_):
             return _at(conv, geo, n, k, y, x_)
 
-    return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max)
+    return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
 
 
 def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
-                 has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None) -> te.Tensor:
+                 has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None,
+                 silu: bool = False) -> te.Tensor:
     """Dense direct conv2d over the same flat padded input (llvm's dense layers)."""
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
@@ -130,7 +137,7 @@ def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeo
         name="conv",
     )
     return _epilogue(lambda n, k, y, x_: _at(conv, geo, n, k, y, x_),
-                     (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max)
+                     (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
 
 
 def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, fmt: str,

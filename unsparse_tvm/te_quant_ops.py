@@ -70,7 +70,7 @@ def _take(rest: list, spec: QSpec):
 
 def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tensor, *rest: te.Tensor, geo,
                    spec: QSpec, has_bias: bool, has_residual: bool, relu: bool,
-                   relu_max: float | None = None) -> te.Tensor:
+                   relu_max: float | None = None, silu: bool = False) -> te.Tensor:
     """Quantised sparse direct conv2d over geo (a qformats.QuantGeometry, with its zero channel)."""
     rest = list(rest)
     dec, ovf = _take(rest, spec)
@@ -93,7 +93,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
                                                         axis=j),
                               name="conv")
         return _epilogue(lambda n, k, y, x_: conv[n, k // v, k % v, y * geo.wq + x_] * scale[k],
-                         shape, bias, residual, relu, relu_max)
+                         shape, bias, residual, relu, relu_max, silu)
 
     def rows(c, o, name):
         j = te.reduce_axis((0, o.shape[1]), name="j")
@@ -109,7 +109,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
     conv = rows(codes, off, "conv")
     if ovf is None:
         return _epilogue(lambda n, k, y, x_: conv[n, k, y * geo.wq + x_] * scale[k], shape, bias, residual, relu,
-                         relu_max)
+                         relu_max, silu)
     ovf_codes, ovf_off, slot = ovf
     conv_ovf = rows(ovf_codes, ovf_off, "conv_ovf")
 
@@ -118,7 +118,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
         extra = tirx.if_then_else(slot[k] >= 0, conv_ovf[n, tirx.max(slot[k], 0), q], F32_ZERO)
         return (conv[n, k, q] + extra) * scale[k]
 
-    return _epilogue(acc, shape, bias, residual, relu, relu_max)
+    return _epilogue(acc, shape, bias, residual, relu, relu_max, silu)
 
 
 def qsparse_dense(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tensor, *rest: te.Tensor,
