@@ -3,8 +3,9 @@ NCHW), with whatever FuseOps fused after it (BN's bias add, ReLU6/SiLU/hardswish
 as one kernel: the elementwise chain is inlined into the accumulator's write-back.
 
 Per (batch, channel), in parallel: a depthwise channel's padded plane is built next to its use (it stays
-in cache; for stride 2 as two column-phase planes, so that strided rows are contiguous), then each output row is a few vector accumulators over the row's width, `kh x kw` unrolled
-broadcast-weight FMAs each. relay_passes/tag_grouped_conv.py marks the functions this rule takes.
+in cache; for stride 2 as two column-phase planes, so that strided rows are contiguous), then a tile of
+output rows x vectors across a row accumulates in registers, `kh x kw` unrolled broadcast-weight FMAs
+per vector. relay_passes/tag_grouped_conv.py marks the functions this rule takes.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def stride_of(sch: s_tir.Schedule) -> tuple[int, int]:
 
 
 def supports(sch: s_tir.Schedule) -> bool:
-    """Stride 1, or stride 2 with an even padded width (its columns are stored as two phase planes)."""
+    """Whether the rule takes this conv: stride 1, or stride 2 where its padded input can be stored as two
+    column-phase planes (even width, a padding block to re-lay out) and that copy pays (taps test below)."""
     stride, padded = stride_of(sch)
     if not fits(_width(sch)):
         return False
@@ -166,7 +168,7 @@ def _schedule(sch: s_tir.Schedule, vec: int, unroll, rows) -> None:
         if depthwise:  # one channel's plane, built where it is read (it stays in cache)
             sch.compute_at(pad, nf)
             col = sch.get_loops(pad)[-1]
-            if stride > 1:  # plane by plane: contiguous stores, LLVM's strided loads
+            if stride > 1:  # plane by plane: contiguous stores (the strided loads are scalar: supports())
                 phase_major, col = sch.split(col, [None, stride])[::-1]
                 sch.reorder(phase_major, col)
             sch.vectorize(col)

@@ -123,3 +123,27 @@ def test_input_copy_is_a_vector_loop_only_where_unpadded(r, pad, vector, llvm):
     stages = _vector_stages(spec, llvm)
     assert "epilogue" in stages
     assert ("pad_flat" in stages) == vector
+
+
+@pytest.mark.parametrize("r,stride,pad,size", [(1, 1, 0, 16), (1, 2, 0, 16), (1, 2, 0, 14), (3, 1, 1, 16),
+                                               (2, 2, 0, 16)])
+def test_epilogue_fuses_exactly_where_the_cost_model_says(r, stride, pad, size, llvm):
+    """The schedule fuses the epilogue into the write-back (no "epilogue" block left) exactly where
+    ConvGeometry.flat_output, which the cost model and the format choice use, says it does: strided
+    pointwise convs included (a 14x14 map strided to 7x7 has q_extent 56 > 49: not fused)."""
+    from unsparse_tvm.bench import layer_module
+    from unsparse_tvm.formats import ConvGeometry
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    rng = np.random.default_rng(0)
+    weight = sparse_weight((32, 16, r, r), 0.9, rng, dense_rows=2)
+    spec = LayerSpec("conv2d", (1, 16, size, size), weight, None, True,
+                     {"strides": [stride] * 2, "padding": [pad] * 4, "dilation": [1, 1], "groups": 1})
+    geo = ConvGeometry(1, 16, size, size, 32, r, r, (stride, stride), (pad,) * 4, (1, 1))
+    mod = build_pipeline(llvm, threshold=0.5, fmt="ell", stop_after="schedule")(layer_module(spec))
+    assert ('T.sblock("epilogue")' in mod["sparse_conv2d"].script()) == (not geo.flat_output)
+    assert geo.flat_output == ((r, stride, size) in ((1, 1, 16), (1, 2, 16), (2, 2, 16)))
+    x = rng.standard_normal((1, 16, size, size)).astype(np.float32)
+    y, report = run_layer(spec, llvm, threshold=0.5, fmt="ell", x=x)
+    assert report[0].format == "ell"
+    assert rel_err(y, torch_conv(x, weight, None, (stride,) * 2, (pad,) * 4, (1, 1), relu=True)) < 1e-5

@@ -244,10 +244,11 @@ class ConvGeometry:
 
     @property
     def flat_output(self) -> bool:
-        """Whether the output is exactly the flat domain (a pointwise conv: 1x1, stride 1, no padding, and
-        q_extent == OH*OW): the x86 schedules then fuse the epilogue into the accumulators' write-back."""
-        return ((self.r, self.s, self.stride) == (1, 1, (1, 1)) and not any(self.padding)
-                and self.q_extent == self.oh * self.ow)
+        """Whether the output is exactly the flat domain (no thrown-away columns, Wq == OW, and q_extent ==
+        OH*OW: pointwise convs, strided ones included, whose maps fill whole vectors): the x86 schedules
+        then fuse the epilogue into the accumulators' write-back (schedules/_common.flat_epilogue tests
+        the same on the PrimFunc)."""
+        return self.wq == self.ow and self.q_extent == self.oh * self.ow
 
     @property
     def pad_channels(self) -> int:
