@@ -70,7 +70,8 @@ def main() -> None:
                          "--repeat", args.repeat, "--json", os.path.join(tmp, "b.json")]
                 _cli(bench, args.wrap)
                 r = json.load(open(os.path.join(tmp, "b.json")))
-            r["pruning"] = f"{p}: unsparse-tvm {' '.join(prune[:-1])} p.pt2; {' '.join(bench[:-2])}"
+            shown = ["bench", "p.pt2", *bench[2:-2]]  # the temporary folder's name means nothing later
+            r["pruning"] = f"{p}: unsparse-tvm {' '.join(prune[:-1])} p.pt2; {' '.join(shown)}"
             with open(out + ".tmp", "w") as f:
                 json.dump(r, f, indent=1)
             os.replace(out + ".tmp", out)
