@@ -248,7 +248,9 @@ def choose_sparse(decision, sparsity: float, threshold: float | None, pack, cost
     predicted = cost(rows)
     decision.dense_us, decision.sparse_us = round(predicted.dense_us, 2), round(predicted.sparse_us, 2)
     if threshold is None and not predicted.sparse_wins:
-        decision.decision, decision.format = "dense (predicted faster)", rows.fmt
+        tie = predicted.dense_us == predicted.sparse_us  # both at the memory-bound floor (layer_cost)
+        decision.decision = "dense (memory-bound either way)" if tie else "dense (predicted faster)"
+        decision.format = rows.fmt
         return None
     return rows
 

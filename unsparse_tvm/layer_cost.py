@@ -28,6 +28,13 @@ X86_RATES = {"dense_conv": 55e9, "ell": 26e9, "hyb": 26e9, "vell": 52e9, "dense_
 # epilogue also reads the overflow sums). Fitted to mobilenet's 96x16 1x1 on a 64x64 map, one thread:
 # hyb unfused 0.118 ms, ell fused 0.095 ms, where the FMA term alone predicts 0.042 and 0.075.
 X86_OUTPUT_RATE = 16e9
+# A pass over an output larger than this streams through DRAM at X86_DRAM_BYTES_S, whatever the kernel: a
+# roofline floor under both predictions. Fitted to vgg16's 3->64 first layer at 224x224 (three passes of
+# 13 MB): TVM dense 3.07 ms, ell 2.95, hyb 3.3-4.1, where the FMA and output terms predict 2.2 and 1.1 ms,
+# so it stayed sparse and ran slower than dense. Below 4 MB (the resnet stems' 3.3 MB) no floor is
+# applied: those passes partly hit the caches, and their sparse kernels are measured faster.
+X86_CACHE_BYTES = 4 << 20
+X86_DRAM_BYTES_S = 12e9
 
 
 @dataclass
@@ -59,6 +66,9 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCos
              + _passes(geo, "dense") * out / X86_OUTPUT_RATE)
     sparse = (rows.padded_size * positions / X86_RATES[_family(rows.fmt)]
               + _passes(geo, rows.fmt) * out / X86_OUTPUT_RATE)
+    if 4 * out > X86_CACHE_BYTES:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
+        dense = max(dense, _passes(geo, "dense") * 4 * out / X86_DRAM_BYTES_S)
+        sparse = max(sparse, _passes(geo, rows.fmt) * 4 * out / X86_DRAM_BYTES_S)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
