@@ -10,6 +10,7 @@ from tvm import relax, tirx
 from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
+from unsparse_tvm.formats import compact_offsets
 from unsparse_tvm.schedules._common import OP_ATTR
 
 from .layers import LayerNames
@@ -210,9 +211,9 @@ def fused_label(ep: Epilogue) -> str:
 
 def rows_consts(rows) -> list[relax.Expr]:
     """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]."""
-    arrays = [rows.data, rows.off]
+    arrays = [rows.data, compact_offsets(rows.off)]
     if rows.fmt == "hyb":
-        arrays += [rows.ovf_data, rows.ovf_off, rows.ovf_slot]
+        arrays += [rows.ovf_data, compact_offsets(rows.ovf_off), rows.ovf_slot]
     return [relax.const(a) for a in arrays]
 
 

@@ -36,8 +36,9 @@ def test_sparse_conv2d_matches_torch(case, fmt, llvm):
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     spec = LayerSpec("conv2d", (n, c, h, w), weight, bias, relu,
                      {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
-    threshold = 0.0 if sp == 0.0 else 0.5
-    y, report = run_layer(spec, llvm, threshold=threshold, fmt=fmt, x=x)
+    # threshold 0: sparse whatever the realised sparsity (a 4x3x1x1 weight with a dense row is now and then
+    # under 50% sparse, and 0.5 left it dense: the rare failure earlier sessions could not replay)
+    y, report = run_layer(spec, llvm, threshold=0.0, fmt=fmt, x=x)
     assert report[0].decision == "sparse"
     if fmt is not None:
         assert report[0].format == fmt

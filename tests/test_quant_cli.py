@@ -1,6 +1,12 @@
 """Quantised models end to end: prune vgg16-cifar to 90% -> quantize int8 / kmeans4 -> compile -> run (in
-a fresh process) against PyTorch on the dequantised model, the .so sizes against the fp32 one (the
-issue's targets: at most 50% / 40%), and what inspect says per layer."""
+a fresh process) against PyTorch on the dequantised model, the .so sizes against the fp32 one, and what
+inspect says per layer.
+
+Sizes: the quantisation issue's targets (int8 / 4-bit at most 50% / 40% of the fp32 .so) were met against
+fp32 files with 32-bit offsets (41-45% / 35-39.5%). fp32 sparse now stores 16-bit offsets where they fit
+(formats.compact_offsets), as the quantised formats already did, so only the value bytes differ: weights
+int8 (1 + 2 B per entry) / fp32 (4 + 2 B) = 0.5, 4-bit 0.42; files (code included) measured 0.54-0.57 and
+0.46-0.50 on vgg16-cifar and resnet18."""
 
 import json
 
@@ -28,7 +34,7 @@ def quant_flow(vgg16_cifar_flow, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("scheme, file_ratio, weight_ratio", [("int8", 0.5, 3 / 8 + 0.02), ("kmeans4", 0.4, 2.5 / 8 + 0.02)])
+@pytest.mark.parametrize("scheme, file_ratio, weight_ratio", [("int8", 0.58, 3 / 6 + 0.02), ("kmeans4", 0.52, 2.5 / 6 + 0.02)])
 def test_quantised_so_is_small(quant_flow, scheme, file_ratio, weight_ratio):
     fp32, quant = quant_flow / "v.so", quant_flow / f"v-{scheme}.so"
     assert quant.stat().st_size <= file_ratio * fp32.stat().st_size
@@ -73,13 +79,13 @@ def test_bench_reports_weight_bytes_per_variant(tmp_path):
 
 @pytest.mark.slow
 def test_resnet18_quantised_so_sizes(tmp_path):
-    """The issue's targets on ResNet-18 at 90%: int8 / 4-bit .so at most 50% / 40% of the fp32 sparse one
-    (4-bit measured 39.5%: its decode stages' code is most of the margin, see README). The same CLI
-    commands, in this process (cli_here): the sizes are the point, not the process."""
+    """ResNet-18 at 90%: int8 / 4-bit .so at most 58% / 52% of the fp32 sparse one (measured 56.5% /
+    49.9%; see the module docstring for why not the issue's 50% / 40% any more). The same CLI commands, in
+    this process (cli_here): the sizes are the point, not the process."""
     cli_here("prune", "resnet18", "--sparsity", 0.9, "-o", tmp_path / "r.pt2")
     cli_here("compile", tmp_path / "r.pt2", "--target", "llvm", "-o", tmp_path / "r.so")
     fp32 = (tmp_path / "r.so").stat().st_size
-    for scheme, ratio in (("int8", 0.5), ("kmeans4", 0.4)):
+    for scheme, ratio in (("int8", 0.58), ("kmeans4", 0.52)):
         cli_here("quantize", tmp_path / "r.pt2", "--scheme", scheme, "-o", tmp_path / f"r-{scheme}.pt2")
         cli_here("compile", tmp_path / f"r-{scheme}.pt2", "--target", "llvm", "-o", tmp_path / f"r-{scheme}.so")
         assert (tmp_path / f"r-{scheme}.so").stat().st_size <= ratio * fp32, scheme

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import ConvGeometry, SparseRows
+from .formats import ConvGeometry, SparseRows, compact_offsets
 
 FIT_RTOL = 1e-5          # decoded weights must equal the compiled ones within this (float rounding)
 
@@ -79,7 +79,8 @@ class QuantRows:
 
 def fp32_nbytes(rows: SparseRows) -> int:
     """Bytes of an fp32 SparseRows' constant operands (the baseline `inspect` compares against)."""
-    arrays = [rows.data, rows.off, rows.ovf_data, rows.ovf_off, rows.ovf_slot]
+    arrays = [rows.data, compact_offsets(rows.off), rows.ovf_data, rows.ovf_slot]
+    arrays += [compact_offsets(rows.ovf_off)] if rows.ovf_off is not None else []
     return int(sum(a.nbytes for a in arrays if a is not None))
 
 

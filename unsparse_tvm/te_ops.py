@@ -39,12 +39,17 @@ def pad_flat(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     return te.compute((geo.n, geo.pad_channels * geo.channel_plane), value, name="pad_flat")
 
 
+def _index(offset: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A stored offset as int32 (formats.compact_offsets may have stored it as uint16)."""
+    return offset if offset.dtype == "int32" else offset.astype("int32")
+
+
 def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry, name: str) -> te.Tensor:
     rows, width = data.shape
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(data[k, j] * xf[n, off[k, j] + q], axis=j),
+        lambda n, k, q: te.sum(data[k, j] * xf[n, _index(off[k, j]) + q], axis=j),
         name=name,
     )
 
@@ -56,7 +61,7 @@ def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeome
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, groups, v, geo.q_extent),
-        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, off[g, j] + q], axis=j),
+        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, _index(off[g, j]) + q], axis=j),
         name="conv",
     )
 
@@ -151,13 +156,14 @@ def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor
     if fmt.startswith("vell"):  # grouped rows: mm[n, g, v] over data [G, L, V], off [G, L]
         groups, width, v = data.shape
         j = te.reduce_axis((0, width), name="j")
-        mm = te.compute((batch, groups, v), lambda n, g, r: te.sum(data[g, j, r] * x[n, off[g, j]], axis=j),
+        mm = te.compute((batch, groups, v), lambda n, g, r: te.sum(data[g, j, r] * x[n, _index(off[g, j])], axis=j),
                         name="conv")
         return _epilogue(lambda n, k: mm[n, k // v, k % v], (batch, groups * v), bias, None, relu)
 
     def rows_mm(d, o, name):
         j = te.reduce_axis((0, d.shape[1]), name="j")
-        return te.compute((batch, d.shape[0]), lambda n, k: te.sum(d[k, j] * x[n, o[k, j]], axis=j), name=name)
+        return te.compute((batch, d.shape[0]), lambda n, k: te.sum(d[k, j] * x[n, _index(o[k, j])], axis=j),
+                          name=name)
 
     mm = rows_mm(data, off, "conv")
     if ovf is not None:

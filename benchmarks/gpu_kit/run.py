@@ -250,9 +250,10 @@ def pack_layer(layer: dict, w: np.ndarray, b: np.ndarray | None, batch: int) -> 
         rows = formats.conv_weight_rows(w, geometry(layer, batch), None, saving)
     else:
         rows = formats.dense_weight_rows(w, None, saving)
-    arrays = {"data": rows.data, "off": rows.off}
+    arrays = {"data": rows.data, "off": formats.compact_offsets(rows.off)}  # as relay_passes' rows_consts
     if rows.fmt == "hyb":
-        arrays.update(ovf_data=rows.ovf_data, ovf_off=rows.ovf_off, ovf_slot=rows.ovf_slot)
+        arrays.update(ovf_data=rows.ovf_data, ovf_off=formats.compact_offsets(rows.ovf_off),
+                      ovf_slot=rows.ovf_slot)
     if b is not None:
         arrays["bias"] = b
     return {"fmt": rows.fmt, "arrays": arrays}
