@@ -149,10 +149,11 @@ def test_quant_linear_matches_dequantised_torch(batch, inp, out, fmt, scheme, ll
     assert rel_err(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("scheme, ratio", [("int8", 3 / 8), ("kmeans4", 2.5 / 8)])
+@pytest.mark.parametrize("scheme, ratio", [("int8", 3 / 6), ("kmeans4", 2.5 / 6)])
 def test_bytes_per_stored_entry(scheme, ratio):
-    """int8 codes + 16-bit offsets are 3 of fp32's 8 bytes per stored entry, 4-bit codes 2.5 (plus one
-    scale per row and a 16-entry table)."""
+    """int8 codes + 16-bit offsets are 3 of fp32's 6 bytes per stored entry (a 4-byte value and, where
+    every offset fits, a 16-bit offset: formats.compact_offsets), 4-bit codes 2.5 (plus one scale per
+    row and a 16-entry table)."""
     rng = np.random.default_rng(11)
     weight, entry = quantised(sparse_weight((64, 32, 3, 3), 0.9, rng), scheme, rng)
     geo = QuantGeometry(1, 32, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
