@@ -22,8 +22,7 @@ def _is_grouped_conv(func: tirx.PrimFunc) -> bool:
     # NCHW: n, f, y, x spatial then rc, ry, rx reduction
     if kinds != [0, 0, 0, 0, 2, 2, 2] or len(sch.get_loops(block)) != 7:
         return False
-    # stride 1, or 2 with an even padded row (stored as two column phases); other strides stay on the
-    # fallback (a strided row read in place is a gather: measured slower than the fallback)
+    # stride 1, or stride 2 where the rule's column-phase copy pays; the rest stays on the fallback
     return rule.supports(sch)
 
 

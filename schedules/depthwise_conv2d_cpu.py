@@ -84,9 +84,9 @@ def fits(width: int) -> bool:
 def stride_of(sch: s_tir.Schedule) -> tuple[int, int]:
     """(the conv's horizontal stride, its padded input's width): the widest step that still fits the
     padded row (TOPI's block does not record it)."""
-    block = sch.get(sch.get_sblock(conv_block(sch)))
-    width, kw = (int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock(conv_block(sch)))[3::3])
-    padded = int(block.reads[0].source.shape[3])
+    conv = sch.get_sblock(conv_block(sch))
+    _, _, _, width, _, _, kw = extents(sch, sch.get_loops(conv))
+    padded = int(sch.get(conv).reads[0].source.shape[3])
     return ((padded - kw) // (width - 1) if width > 1 else 1), padded
 
 
@@ -99,7 +99,7 @@ def supports(sch: s_tir.Schedule) -> bool:
     if stride == 1:
         return True
     conv = sch.get_sblock(conv_block(sch))
-    pads = [p for p in sch.get_producers(conv) if _spatial(sch, p)]  # the layout to transform
+    pads = _pads(sch, conv)  # the layout to transform
     if stride != 2 or padded % 2 or not pads:
         return False
     # the phase split's copy is a strided (scalar) read of every padded element: it pays where each one
@@ -124,10 +124,15 @@ def _spatial(sch: s_tir.Schedule, block) -> bool:
     return all(iv.iter_type == 0 for iv in sch.get(block).iter_vars)
 
 
+def _pads(sch: s_tir.Schedule, conv) -> list:
+    """The conv's spatial producers: its padded input (TOPI's pad_temp)."""
+    return [p for p in sch.get_producers(conv) if _spatial(sch, p)]
+
+
 def _schedule(sch: s_tir.Schedule, vec: int, unroll, rows) -> None:
     conv = sch.get_sblock(conv_block(sch))
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    pads = [p for p in sch.get_producers(conv) if _spatial(sch, p)]
+    pads = _pads(sch, conv)
     # the elementwise rest (bias reshape/add, activation pieces) inlined down to the last block
     tail = []
     for block in blocks:
