@@ -20,26 +20,24 @@ def _f32(v: float) -> tirx.PrimExpr:
     return tirx.const(v, "float32")
 
 
-def _let(name: str, value: tirx.PrimExpr, body) -> tirx.PrimExpr:
-    """body(v) with v bound once to value: the polynomial uses x and n a dozen times each, and as a plain
-    expression tree every use would be a copy of the whole operand (a conv epilogue's gather, bias and
-    residual loads included), which LLVM did not merge back (a hyb epilogue ran 5x slower)."""
-    var = tirx.Var(name, "float32")
-    return tirx.Let(var, value, body(var))
+def _float_var(name: str) -> tirx.Var:
+    return tirx.Var(name, "float32")
 
 
 def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """exp(x) for float32 x, saturating at +/-88.38 (where float32 exp over/underflows)."""
-    def from_clamped(x):
-        def from_n(n):
-            def from_r(r):
-                p = _f32(_POLY[0])
-                for c in _POLY[1:]:
-                    p = p * r + _f32(c)
-                return (p * r * r + r + _f32(1.0)) * tirx.reinterpret("float32", (n.astype("int32") + 127) << 23)
-            return _let("r", x - n * _f32(_LN2_HI) - n * _f32(_LN2_LO), from_r)
-        return _let("n", tirx.floor(x * _f32(_LOG2E) + _f32(0.5)), from_n)
-    return _let("x", tirx.max(tirx.min(x, _f32(88.3762626647950)), _f32(-88.3762626647949)), from_clamped)
+    """exp(x) for float32 x, saturating at +/-88.38 (where float32 exp over/underflows).
+
+    The clamped x, n and r are bound once with Let: the polynomial uses each a dozen times, and as a plain
+    expression tree every use was a copy of the whole operand (a conv epilogue's gather, bias and residual
+    loads included), which LLVM did not merge back (a hyb epilogue ran 5x slower)."""
+    xc, n, r = _float_var("x"), _float_var("n"), _float_var("r")
+    p = _f32(_POLY[0])
+    for c in _POLY[1:]:
+        p = p * r + _f32(c)
+    value = (p * r * r + r + _f32(1.0)) * tirx.reinterpret("float32", (n.astype("int32") + 127) << 23)
+    value = tirx.Let(r, xc - n * _f32(_LN2_HI) - n * _f32(_LN2_LO), value)
+    value = tirx.Let(n, tirx.floor(xc * _f32(_LOG2E) + _f32(0.5)), value)
+    return tirx.Let(xc, tirx.max(tirx.min(x, _f32(88.3762626647950)), _f32(-88.3762626647949)), value)
 
 
 def fast_sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -49,4 +47,5 @@ def fast_sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def fast_silu(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """SiLU (swish): x * sigmoid(x), x computed once."""
-    return _let("v", x, lambda v: v * fast_sigmoid(v))
+    v = _float_var("v")
+    return tirx.Let(v, x, v * fast_sigmoid(v))
