@@ -34,3 +34,17 @@ def test_tiny_layers_are_launch_bound():
     tiny = ConvGeometry(1, 16, 7, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     p = predict_sparse(tiny, magnitude_row_nnz(16, 144, 0.9))
     assert p.bound == "launch" and np.isclose(p.terms["launch"], 3 * H200.launch_s)
+
+
+def test_offset_bytes_are_what_the_format_stores():
+    """The model counts 2-byte offsets exactly where formats.compact_offsets stores them as uint16."""
+    from unsparse_tvm.formats import compact_offsets, conv_weight_rows
+    from unsparse_tvm.perf_model import offset_bytes
+
+    rng = np.random.default_rng(0)
+    for c, hw in ((16, 14), (64, 30), (64, 34), (256, 28)):
+        geo = ConvGeometry(1, c, hw, hw, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+        w = rng.standard_normal((8, c, 3, 3)).astype(np.float32)
+        w[:, :-1] = 0  # keep only the last input channel: the largest offsets
+        stored = compact_offsets(conv_weight_rows(w, geo, "ell").off)
+        assert offset_bytes(geo) == stored.dtype.itemsize

@@ -82,6 +82,12 @@ def magnitude_row_nnz(k: int, fan_in: int, sparsity: float, seed: int = 0) -> np
     return (w > cut).sum(axis=1)
 
 
+def offset_bytes(geo: ConvGeometry) -> int:
+    """Bytes per stored offset: 2 where every offset of the layer fits 16 bits (formats.compact_offsets
+    stores them so), else 4."""
+    return 2 if geo.column_offsets().max() < 1 << 16 else 4
+
+
 def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(), gpu: GPU = H200) -> Prediction:
     n, k, q = geo.n, geo.k, geo.q_extent
     width = ell_width(row_nnz)
@@ -96,7 +102,8 @@ def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(
     # input loads at two wavefronts each
     l1 = warp_iters * (2 + 2 * pt * bt) / (gpu.sms * gpu.clock_hz * gpu.l1_wavefronts_per_clk)
     blocks = (n // bt) * (k // (tk * v) or 1) * math.ceil(q / (knobs.threads_q * pt))
-    weight_bytes = k * width * (4 + 4 / v) * math.ceil(q / (knobs.threads_q * pt)) * (n // bt)  # per block
+    off_bytes = offset_bytes(geo)
+    weight_bytes = k * width * (4 + off_bytes / v) * math.ceil(q / (knobs.threads_q * pt)) * (n // bt)  # per block
     pad_bytes = n * geo.pad_channels * geo.channel_plane * 4
     io_bytes = 4 * n * geo.c * geo.h * geo.w + 2 * pad_bytes + 2 * 4 * n * k * q + 4 * n * k * geo.oh * geo.ow
     memory = weight_bytes / gpu.l2_bytes_s + io_bytes / gpu.dram_bytes_s
