@@ -1,4 +1,4 @@
-"""x86 tensor intrinsics for the int8 sparse conv (te_ops_int8's "conv" body), registered on import.
+"""x86 tensor intrinsics for the int8 sparse conv (te_ops_int8's "conv" body), registered on first use.
 
 Description: C[i] += int32(X[i, v]) * int32(W[v]) for `lanes` output positions i and one quad v < 4:
 X is `lanes` consecutive uint8 input quads (one vector load), W one int8 weight quad, broadcast.
@@ -31,7 +31,7 @@ def _desc(lanes: int):
                 for v in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vv = T.axis.remap("SR", [i, v])
-                        T.reads(C[vi], X[vi, vv], O[0], W[vv])  # O: the block's offset read (see INTRINS)
+                        T.reads(C[vi], X[vi, vv], O[0], W[vv])  # O: the block's offset read (see intrin)
                         T.writes(C[vi])
                         C[vi] = C[vi] + T.Cast("int32", X[vi, vv]) * T.Cast("int32", W[vv])
 
@@ -84,12 +84,18 @@ def _pmadd(lanes: int):
     return impl
 
 
-INTRINS: dict[tuple[str, int], str] = {}
-for _lanes in (16, 8):
-    for _kind, _impl in (("vnni", _vnni), ("pmadd", _pmadd)):
-        _name = f"unsparse_u8s8_{_kind}_{_lanes}x4"
-        TensorIntrin.register(_name, _desc(_lanes), _impl(_lanes), override=True)
-        INTRINS[(_kind, _lanes)] = _name
+_REGISTERED: set[str] = set()
+
+
+def intrin(kind: str, lanes: int) -> str:
+    """The registered name of the (kind, lanes) intrinsic, registering it on first use: TVMScript's
+    parser walks the whole Python stack (inspect.stack) for every @T.prim_func, ~0.4 s each once torch is
+    loaded, so registering all eight on import cost every command that imports the schedules ~3.5 s."""
+    name = f"unsparse_u8s8_{kind}_{lanes}x4"
+    if name not in _REGISTERED:
+        TensorIntrin.register(name, _desc(lanes), {"vnni": _vnni, "pmadd": _pmadd}[kind](lanes), override=True)
+        _REGISTERED.add(name)
+    return name
 
 
 def int8_kind(target) -> str:

@@ -14,7 +14,7 @@ from tvm.target import Target
 
 from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, pow2_divisor, sample_choice,
                       schedule_epilogue_cpu)
-from ._x86_int8 import INTRINS, int8_kind
+from ._x86_int8 import int8_kind, intrin
 
 OP = "sparse_conv2d_int8"
 
@@ -90,7 +90,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     init = sch.decompose_reduction(block, j)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
-    sch.tensorize(qv, INTRINS[(int8_kind(target), lanes)])
+    sch.tensorize(qv, intrin(int8_kind(target), lanes))
     sch.unroll(qu)
     sch.unroll(kii)
     schedule_epilogue_cpu(sch)

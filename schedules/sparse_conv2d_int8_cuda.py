@@ -21,36 +21,43 @@ from ._common import ScheduleRule, bind_elementwise_cuda, extents, largest_divis
 
 OP = "sparse_conv2d_int8"
 DP4A_INTRIN = "unsparse_u8s8_dp4a"
+_REGISTERED: set[str] = set()
 
 
-@T.prim_func(s_tir=True)
-def _dp4a_desc(X: T.Buffer((4,), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
-               W: T.Buffer((4,), "int8", offset_factor=1),
-               C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:1], X[0:4], O[0:1], W[0:4])
-        T.writes(C[0:1])
-        for v in T.serial(0, 4):
-            with T.sblock("update"):
-                vv = T.axis.remap("R", [v])
-                T.reads(C[0], X[vv], O[0], W[vv])  # O: the block's offset read (see schedules/_x86_int8.py)
-                T.writes(C[0])
-                C[0] = C[0] + T.Cast("int32", X[vv]) * T.Cast("int32", W[vv])
+def _dp4a_intrin() -> str:
+    """DP4A_INTRIN, registered on first use (TVMScript parses each @T.prim_func by walking the whole
+    Python stack: ~0.4 s apiece on import, paid by every command; see schedules/_x86_int8.intrin)."""
+    if DP4A_INTRIN in _REGISTERED:
+        return DP4A_INTRIN
 
+    @T.prim_func(s_tir=True)
+    def _dp4a_desc(X: T.Buffer((4,), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
+                   W: T.Buffer((4,), "int8", offset_factor=1),
+                   C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:1], X[0:4], O[0:1], W[0:4])
+            T.writes(C[0:1])
+            for v in T.serial(0, 4):
+                with T.sblock("update"):
+                    vv = T.axis.remap("R", [v])
+                    T.reads(C[0], X[vv], O[0], W[vv])  # O: the block's offset read (see schedules/_x86_int8.py)
+                    T.writes(C[0])
+                    C[0] = C[0] + T.Cast("int32", X[vv]) * T.Cast("int32", W[vv])
 
-@T.prim_func(s_tir=True)
-def _dp4a_impl(X: T.Buffer((4,), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
-               W: T.Buffer((4,), "int8", offset_factor=1),
-               C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:1], X[0:4], O[0:1], W[0:4])
-        T.writes(C[0:1])
-        # CUDA's __dp4a(unsigned, int, int): the first word's bytes unsigned, the second's signed
-        C[0] = T.call_pure_extern("int32", "__dp4a", T.reinterpret(X.vload([0], dtype="uint8x4"), dtype="uint32"),
-                                  T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), C[0])
+    @T.prim_func(s_tir=True)
+    def _dp4a_impl(X: T.Buffer((4,), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
+                   W: T.Buffer((4,), "int8", offset_factor=1),
+                   C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:1], X[0:4], O[0:1], W[0:4])
+            T.writes(C[0:1])
+            # CUDA's __dp4a(unsigned, int, int): the first word's bytes unsigned, the second's signed
+            C[0] = T.call_pure_extern("int32", "__dp4a", T.reinterpret(X.vload([0], dtype="uint8x4"), dtype="uint32"),
+                                      T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), C[0])
 
-
-TensorIntrin.register(DP4A_INTRIN, _dp4a_desc, _dp4a_impl, override=True)
+    TensorIntrin.register(DP4A_INTRIN, _dp4a_desc, _dp4a_impl, override=True)
+    _REGISTERED.add(DP4A_INTRIN)
+    return DP4A_INTRIN
 
 
 @dataclass
@@ -103,7 +110,7 @@ def _schedule(sch, threads_q, threads_k, per_thread, dp4a: bool, clamp: bool) ->
     sch.reverse_compute_at(acc, qi)
     sch.decompose_reduction(block, j)
     if dp4a:
-        sch.tensorize(v, DP4A_INTRIN)
+        sch.tensorize(v, _dp4a_intrin())
     else:
         sch.unroll(v)
     bind_elementwise_cuda(sch, "epilogue")
