@@ -11,6 +11,9 @@ Grouped rows (vellV, op sparse_conv2d_grouped) take the same schedule with threa
 thread keeps the V rows of its group in registers, so one input load feeds V FMAs.
 With batch > 1, each thread also keeps `batch_per_thread` images' outputs (a second virtual thread), so
 one load of a (weight, offset) pair feeds per_thread * batch_per_thread FMAs instead of per_thread.
+Where the output is exactly the flat domain (pointwise convs, ConvGeometry.flat_output) and the rows have
+no hyb overflow, bias, residual and activation are applied in each thread's write-back: two kernels (pad,
+conv) instead of three, and no [N, K, Q] sums written and read back (as the x86 schedules do).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (ScheduleRule, bind_elementwise_cuda, extents, has_block, largest_divisor, sample_divisor,
-                      schedule_pad_cuda)
+from ._common import (ScheduleRule, bind_elementwise_cuda, extents, flat_epilogue, has_block, largest_divisor,
+                      sample_divisor, schedule_pad_cuda)
 
 OP = "sparse_conv2d"
 OPS = (OP, "sparse_conv2d_grouped")  # grouped rows (vellV): the same schedule, each thread's V rows in registers
@@ -80,9 +83,17 @@ def _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp):
 
 def _schedule(sch, threads_q, threads_k, per_thread, batch_per_thread, clamp: bool) -> None:
     schedule_pad_cuda(sch)
-    for name in ("conv", "conv_ovf") if has_block(sch, "conv_ovf") else ("conv",):
+    hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it
+    _, _, cols = (int(v) for v in sch.mod["main"].attrs["unsparse.pad_shape"])
+    # a pointwise conv whose output is the flat domain: the epilogue (bias, residual, activation) in each
+    # thread's write-back, one kernel and one output pass fewer (hyb's second producer keeps it apart)
+    flat = not hyb and flat_epilogue(sch, "conv", cols)
+    for name in ("conv", "conv_ovf") if hyb else ("conv",):
         _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp)
-    bind_elementwise_cuda(sch, "epilogue")
+    if flat:
+        sch.reverse_compute_inline(sch.get_sblock("epilogue"))
+    else:
+        bind_elementwise_cuda(sch, "epilogue")
 
 
 RULE = ScheduleRule(OPS, "cuda", Config, schedule, space)

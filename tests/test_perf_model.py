@@ -48,3 +48,15 @@ def test_offset_bytes_are_what_the_format_stores():
         w[:, :-1] = 0  # keep only the last input channel: the largest offsets
         stored = compact_offsets(conv_weight_rows(w, geo, "ell").off)
         assert offset_bytes(geo) == stored.dtype.itemsize
+
+
+def test_launches_follow_the_fused_epilogue():
+    """Pad + conv (+ overflow) (+ epilogue): a pointwise conv on a flat output with ell rows is two
+    launches (sparse_conv2d_cuda fuses its epilogue), with hyb rows four; a padded 3x3 is three."""
+    pointwise = ConvGeometry(1, 64, 16, 16, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+    padded = ConvGeometry(1, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    even = np.full(64, 6)                      # every row 6 nonzeros: ell
+    skewed = np.array([60] + [2] * 63)         # one long row: hyb (a fractional mean width)
+    assert np.isclose(predict_sparse(pointwise, even).terms["launch"], 2 * H200.launch_s)
+    assert np.isclose(predict_sparse(pointwise, skewed).terms["launch"], 4 * H200.launch_s)
+    assert np.isclose(predict_sparse(padded, even).terms["launch"], 3 * H200.launch_s)

@@ -280,3 +280,54 @@ def test_dense_conv2d_cuda_space_points_on_pocl(seed, pocl):
     sched, knobs = schedule_space_point(mod, seed, threshold=0.9)
     y = OpenCLModule(sched, pocl)(x)
     assert not np.isnan(y).any() and rel_err(y, ref) < TOL, f"knobs {knobs}"
+
+
+@pytest.mark.parametrize("r,stride,pad,size,fmt,residual", [
+    (1, 1, 0, 16, "ell", True),    # pointwise, flat: fused (with a residual add in the write-back)
+    (1, 2, 0, 16, "ell", False),   # strided pointwise, 8x8 = q_extent 64: fused
+    (1, 1, 0, 16, "hyb", False),   # hyb: two producers, never fused
+    (3, 1, 1, 16, "ell", False),   # padded: thrown-away columns, not fused
+    (1, 2, 0, 14, "ell", False),   # 7x7 output, q_extent 56 > 49: not fused
+])
+def test_cuda_epilogue_fuses_exactly_where_the_output_is_flat(r, stride, pad, size, fmt, residual, pocl):
+    """The CUDA schedule writes bias, residual and ReLU from each thread's accumulators (no "epilogue"
+    kernel: one launch and one output pass fewer) exactly where ConvGeometry.flat_output holds and the
+    format is not hyb, as perf_model.predict_sparse counts launches; the result on PoCL equals PyTorch."""
+    from unsparse_tvm.formats import ConvGeometry
+
+    rng = np.random.default_rng(1)
+    weight = sparse_weight((32, 16, r, r), 0.9, rng, empty_rows=2, dense_rows=2)
+    bias = rng.standard_normal(32).astype(np.float32)
+    x = rng.standard_normal((1, 16, size, size)).astype(np.float32)
+    geo = ConvGeometry(1, 16, size, size, 32, r, r, (stride, stride), (pad,) * 4, (1, 1))
+    attrs = {"strides": [stride] * 2, "padding": [pad] * 4, "dilation": [1, 1], "groups": 1}
+    if residual:  # conv + bias + residual + ReLU, as torch.export writes a ResNet block's tail
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(16, 32, r, stride, pad)
+                self.conv.weight.data, self.conv.bias.data = torch.from_numpy(weight), torch.from_numpy(bias)
+
+            def forward(self, a, res):
+                return torch.relu(self.conv(a) + res)
+
+        from unsparse_tvm.frontend import import_program
+
+        res = rng.standard_normal((1, 32, geo.oh, geo.ow)).astype(np.float32)
+        ep = torch.export.export(Block().eval(), (torch.from_numpy(x), torch.from_numpy(res)))
+        mod, inputs = import_program(ep)[0], (x, res)
+        with torch.no_grad():
+            ref = ep.module()(torch.from_numpy(x), torch.from_numpy(res)).numpy()
+    else:
+        mod, inputs = layer_module(LayerSpec("conv2d", x.shape, weight, bias, True, attrs)), (x,)
+        ref = torch_conv(x, weight, bias, (stride,) * 2, (pad,) * 4, (1, 1), relu=True)
+    report = []
+    sched = schedule_for_cuda(mod, threshold=0.5, fmt=fmt, report=report)
+    assert report[0].format == fmt and (not residual or "residual" in report[0].fused)
+    fused = geo.flat_output and fmt != "hyb"
+    assert fused == ((r, stride, size, fmt) in ((1, 1, 16, "ell"), (1, 2, 16, "ell")))
+    func = next(f for f in sched.functions.values() if isinstance(f, tirx.PrimFunc) and "sparse_conv2d" in
+                str(f.attrs.get("unsparse.op", "")))
+    assert ('T.sblock("epilogue")' in func.script()) == (not fused)
+    y = OpenCLModule(sched, pocl)(*inputs)
+    check(y[0] if isinstance(y, tuple) else y, ref)  # an exported program's main returns a tuple

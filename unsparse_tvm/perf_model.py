@@ -9,9 +9,10 @@ largest of
   - the FP32 pipe: every FMA, ELL padding and the thrown-away columns of the flat domain included;
   - L1 wavefronts (~1 per clock per SM): 2 + 2 * per_thread * batch_per_thread per warp and nonzero;
   - DRAM/L2 bytes: weights and offsets re-read by every block over q, the padded input, the conv output
-    written and read back by the epilogue;
+    written and read back by the epilogue (where it is a kernel of its own);
 divided by an occupancy factor (latency is hidden only with enough warps per SM), plus one launch per
-kernel (pad, conv, [overflow], epilogue).
+kernel (pad, conv, [overflow], [epilogue]: pointwise convs whose output is the flat domain, ell/vell, write
+bias, residual and activation from the conv's accumulators, with no epilogue kernel and no [N, K, Q] pass).
 cuDNN: dense FLOPs at a realistic share of the peak, scaled by wave quantisation over 128x64 GEMM tiles
 (split along the reduction where a layer has too few tiles to fill the GPU), or its bytes at DRAM speed,
 whichever is slower, plus one launch.
@@ -105,11 +106,14 @@ def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(
     off_bytes = offset_bytes(geo)
     weight_bytes = k * width * (4 + off_bytes / v) * math.ceil(q / (knobs.threads_q * pt)) * (n // bt)  # per block
     pad_bytes = n * geo.pad_channels * geo.channel_plane * 4
-    io_bytes = 4 * n * geo.c * geo.h * geo.w + 2 * pad_bytes + 2 * 4 * n * k * q + 4 * n * k * geo.oh * geo.ow
+    hyb = choose_format(row_nnz, HYB_MIN_SAVING["cuda"]) == "hyb"  # as ell_width decided
+    fused = geo.flat_output and not hyb  # the epilogue in the conv's write-back (sparse_conv2d_cuda)
+    sums_bytes = 0 if fused else 2 * 4 * n * k * q  # the [N, K, Q] sums written, read back by the epilogue
+    io_bytes = 4 * n * geo.c * geo.h * geo.w + 2 * pad_bytes + sums_bytes + 4 * n * k * geo.oh * geo.ow
     memory = weight_bytes / gpu.l2_bytes_s + io_bytes / gpu.dram_bytes_s
     warps = blocks * knobs.threads_q * tk / 32
     occupancy = min(1.0, warps / (gpu.sms * gpu.warps_to_hide_latency))
-    launches = (4 if width != int(width) else 3) * gpu.launch_s
+    launches = (2 + hyb + (not fused)) * gpu.launch_s  # pad, conv, [overflow], [epilogue]
     terms = {"fp32": fp32 / occupancy, "l1": l1 / occupancy, "memory": memory, "launch": launches}
     body = max(terms["fp32"], terms["l1"], terms["memory"])
     bound = max(("fp32", "l1", "memory"), key=lambda t: terms[t])
