@@ -15,6 +15,8 @@ Implementations, picked from the target's features (`int8_intrin`):
 
 from __future__ import annotations
 
+import functools
+
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -84,17 +86,13 @@ def _pmadd(lanes: int):
     return impl
 
 
-_REGISTERED: set[str] = set()
-
-
+@functools.cache
 def intrin(kind: str, lanes: int) -> str:
     """The registered name of the (kind, lanes) intrinsic, registering it on first use: TVMScript's
     parser walks the whole Python stack (inspect.stack) for every @T.prim_func, ~0.4 s each once torch is
     loaded, so registering all eight on import cost every command that imports the schedules ~3.5 s."""
     name = f"unsparse_u8s8_{kind}_{lanes}x4"
-    if name not in _REGISTERED:
-        TensorIntrin.register(name, _desc(lanes), {"vnni": _vnni, "pmadd": _pmadd}[kind](lanes), override=True)
-        _REGISTERED.add(name)
+    TensorIntrin.register(name, _desc(lanes), {"vnni": _vnni, "pmadd": _pmadd}[kind](lanes), override=True)
     return name
 
 

@@ -10,6 +10,7 @@ registers (a virtual thread). Per stored quad, one `__dp4a(u8x4 input word, s8x4
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
@@ -21,15 +22,12 @@ from ._common import ScheduleRule, bind_elementwise_cuda, extents, largest_divis
 
 OP = "sparse_conv2d_int8"
 DP4A_INTRIN = "unsparse_u8s8_dp4a"
-_REGISTERED: set[str] = set()
 
 
+@functools.cache
 def _dp4a_intrin() -> str:
     """DP4A_INTRIN, registered on first use (TVMScript parses each @T.prim_func by walking the whole
     Python stack: ~0.4 s apiece on import, paid by every command; see schedules/_x86_int8.intrin)."""
-    if DP4A_INTRIN in _REGISTERED:
-        return DP4A_INTRIN
-
     @T.prim_func(s_tir=True)
     def _dp4a_desc(X: T.Buffer((4,), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
                    W: T.Buffer((4,), "int8", offset_factor=1),
@@ -56,7 +54,6 @@ def _dp4a_intrin() -> str:
                                       T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), C[0])
 
     TensorIntrin.register(DP4A_INTRIN, _dp4a_desc, _dp4a_impl, override=True)
-    _REGISTERED.add(DP4A_INTRIN)
     return DP4A_INTRIN
 
 

@@ -284,11 +284,14 @@ def dense_weight_rows(weight: np.ndarray, fmt: str | None = None,
     return to_sparse_rows(weight, np.arange(weight.shape[1]), fmt, min_saving)
 
 
+def offsets_fit_16_bits(off: np.ndarray) -> bool:
+    """Whether every offset of an array fits a uint16 (what compact_offsets stores)."""
+    return bool(off.size) and off.min() >= 0 and off.max() < 1 << 16
+
+
 def compact_offsets(off: np.ndarray) -> np.ndarray:
     """An offset array as uint16 where every offset fits (< 65536), else unchanged: 6 instead of 8 bytes
     per stored entry. The kernels re-read their weights from memory every inference (vgg16-cifar's 12.8 MB
     do not stay in this machine's shared L3 between calls), so index bytes are time; the TE operators
     widen each offset as they load it."""
-    if off.size and off.min() >= 0 and off.max() < 1 << 16:
-        return off.astype(np.uint16)
-    return off
+    return off.astype(np.uint16) if offsets_fit_16_bits(off) else off

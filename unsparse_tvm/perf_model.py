@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .formats import HYB_MIN_SAVING, ConvGeometry, _best_split, choose_format
+from .formats import HYB_MIN_SAVING, ConvGeometry, _best_split, choose_format, offsets_fit_16_bits
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ class Prediction:
     terms: dict       # every term, in seconds
 
 
-def ell_width(row_nnz: np.ndarray) -> float:
-    """Padded entries per row of the format the CUDA pass would choose (ell, or hyb for outliers)."""
+def ell_width(row_nnz: np.ndarray, fmt: str) -> float:
+    """Padded entries per row of `fmt` (ell, or hyb for outliers) for these rows."""
     k, longest = len(row_nnz), int(row_nnz.max(initial=0))
-    if choose_format(row_nnz, HYB_MIN_SAVING["cuda"]) == "hyb":
+    if fmt == "hyb":
         return _best_split(row_nnz)[1] / k
     return float(max(longest, 1))
 
@@ -86,12 +86,13 @@ def magnitude_row_nnz(k: int, fan_in: int, sparsity: float, seed: int = 0) -> np
 def offset_bytes(geo: ConvGeometry) -> int:
     """Bytes per stored offset: 2 where every offset of the layer fits 16 bits (formats.compact_offsets
     stores them so), else 4."""
-    return 2 if geo.column_offsets().max() < 1 << 16 else 4
+    return 2 if offsets_fit_16_bits(geo.column_offsets()) else 4
 
 
 def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(), gpu: GPU = H200) -> Prediction:
     n, k, q = geo.n, geo.k, geo.q_extent
-    width = ell_width(row_nnz)
+    fmt = choose_format(row_nnz, HYB_MIN_SAVING["cuda"])  # as the CUDA pass would
+    width, hyb = ell_width(row_nnz, fmt), fmt == "hyb"
     pt = knobs.per_thread if q % (knobs.per_thread * knobs.threads_q) == 0 else 1  # as the schedule clamps
     bt = math.gcd(n, knobs.batch_per_thread)
     tk = math.gcd(k, knobs.threads_k)
@@ -106,7 +107,6 @@ def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(
     off_bytes = offset_bytes(geo)
     weight_bytes = k * width * (4 + off_bytes / v) * math.ceil(q / (knobs.threads_q * pt)) * (n // bt)  # per block
     pad_bytes = n * geo.pad_channels * geo.channel_plane * 4
-    hyb = choose_format(row_nnz, HYB_MIN_SAVING["cuda"]) == "hyb"  # as ell_width decided
     fused = geo.flat_output and not hyb  # the epilogue in the conv's write-back (sparse_conv2d_cuda)
     sums_bytes = 0 if fused else 2 * 4 * n * k * q  # the [N, K, Q] sums written, read back by the epilogue
     io_bytes = 4 * n * geo.c * geo.h * geo.w + 2 * pad_bytes + sums_bytes + 4 * n * k * geo.oh * geo.ow
