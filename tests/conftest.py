@@ -41,6 +41,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isa_guard():
+    """No test runs code for CPU extensions this CPU lacks (unsparse_tvm.testing.isa): such a test fails
+    by name instead of killing the whole run with SIGILL."""
+    from unsparse_tvm.testing.isa import ISAGuard
+
+    guard = ISAGuard().install()
+    yield guard
+    guard.uninstall()
+
+
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 
 
@@ -79,9 +90,12 @@ def run_layer(spec, target, threshold=0.7, fmt=None, sparse=True, x=None):
     from unsparse_tvm.bench import layer_module
     from unsparse_tvm.relay_passes import build_pipeline
 
+    from unsparse_tvm.testing.isa import skip_unless_runs_here
+
     report = []
     pipeline = build_pipeline(target, threshold=threshold, fmt=fmt, sparse=sparse, report=report)
     ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=pipeline)
+    skip_unless_runs_here(target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x))
     return out.numpy(), report

@@ -335,3 +335,17 @@ def test_d17_report_shows_whole_names_and_distinct_reasons(llvm):
     assert report[0].decision == "dense (grouped conv, groups=2)"
     assert format_report(report, 0.5).splitlines()[1].split("  ")  # printed whole
     assert "dense (grouped conv, groups=2)" in format_report(report, 0.5)
+
+
+def test_module_for_a_cpu_this_one_lacks_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """A .so built for AVX-512 (UNSPARSE_MCPU=skylake-avx512), run on an AVX2-only CPU: one line naming the
+    missing extensions and what to do, never SIGILL (tests/test_isa.py runs the same under qemu)."""
+    from unsparse_tvm import hostcpu
+
+    monkeypatch.setenv("UNSPARSE_MCPU", "skylake-avx512")
+    assert main(["compile", "smallcnn", "-o", str(tmp_path / "s.so")]) == 0
+    assert "avx512f" in json.dumps(__import__("unsparse_tvm.runtime").runtime.read_metadata(str(tmp_path / "s.so")))
+    monkeypatch.setattr(hostcpu, "host_features", lambda: frozenset({"sse4.1", "sse4.2", "avx", "avx2", "fma", "f16c"}))
+    capsys.readouterr()
+    _one_line_error(["run", tmp_path / "s.so", "--print-time"], capsys,
+                    "was compiled for CPU skylake-avx512, whose code needs avx512bw, avx512cd, avx512dq, avx512f")

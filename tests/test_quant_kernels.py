@@ -15,6 +15,7 @@ from unsparse_tvm.compress.quantize import codebook_quantize, fit_codebook, line
 from unsparse_tvm.formats import conv_weight_rows
 from unsparse_tvm.qformats import QuantGeometry, encode, fp32_nbytes
 from unsparse_tvm.relay_passes.layers import LayerNames
+from unsparse_tvm.testing.isa import skip_unless_runs_here
 
 
 def quantised(weight: np.ndarray, scheme: str, rng, fold: bool = True) -> tuple[np.ndarray, dict]:
@@ -50,6 +51,7 @@ def run_quant(spec: LayerSpec, target, entry: dict, fmt: str | None, x: np.ndarr
     quant = {"layers": {"layer.weight": entry}} if entry is not None else None
     pipeline = build_pipeline(target, threshold=0.3, fmt=fmt, report=report, names=names, quant=quant)
     ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=pipeline)
+    skip_unless_runs_here(target)
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
     return out.numpy(), report
 

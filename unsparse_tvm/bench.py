@@ -32,7 +32,7 @@ from .peers import PEERS, peer_callables
 from .relay_passes import FoldBatchNormIntoConv, build_pipeline
 from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
 from .relay_passes.sparsify_dense import _linear_weight
-from .target import make_target
+from .target import make_target, require_runnable
 from .tuning.database import open_database
 
 
@@ -183,6 +183,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     """End to end (and per layer) in one process, alternating rounds: unsparse vs TVM dense vs PyTorch eager
     (and tuned records, and the `peers` runtimes), once per thread count in `threads` (default: all cores)."""
     target = make_target(target_name, arch)
+    require_runnable(target, "bench")
     arch = str(target.attrs["arch"]) if target_name == "cuda" else None
     dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
     if target_name == "cuda" and (not dev.exist or not torch.cuda.is_available()):

@@ -16,7 +16,7 @@ from .outputs import check_output, writing
 from .parallel_build import compile_module, export_library
 from .relay_passes import build_pipeline
 from .runtime import write_metadata
-from .target import make_target
+from .target import make_target, target_cpu_features
 from .tuning.database import open_database
 
 
@@ -89,6 +89,7 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float | None
         "target": kind,
         "arch": arch,
         "mcpu": str(host.attrs["mcpu"]) if host is not None and "mcpu" in host.attrs else None,
+        "cpu_features": sorted(target_cpu_features(target)),  # `run` refuses a CPU without them (SIGILL)
         "device_code": "fatbin" if kind == "cuda" else "none (host code only)",
         "inputs": [{"name": "x", "shape": list(compiled.input_shape), "dtype": "float32"}],
         "outputs": compiled.outputs,

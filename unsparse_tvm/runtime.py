@@ -16,6 +16,7 @@ import struct
 import sys
 
 from .errors import UnsparseError
+from .hostcpu import describe_missing, missing_features
 from .outputs import check_output, writing
 
 _MAGIC = b"UNSPARSE-TVM-META"
@@ -115,6 +116,9 @@ def describe_module(path: str) -> str:
         f"model:        {meta['model']}",
         f"target:       {meta['target']}" + (f" (host cpu {meta['mcpu']})" if meta.get("mcpu") else ""),
         f"arch:         {meta['arch'] or '-'}",
+        *([f"cpu code:     uses {', '.join(meta['cpu_features']) or 'no x86 extension'}; "
+           + (f"this CPU lacks {', '.join(missing_features(meta['cpu_features']))}"
+              if missing_features(meta['cpu_features']) else "this CPU runs it")] if "cpu_features" in meta else []),
         f"device code:  {meta['device_code']}; found in file: {device_code_summary(path)}",
         "inputs:       " + ", ".join(f"{i['name']} {i['shape']} {i['dtype']}" for i in meta["inputs"]),
         "outputs:      " + (", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in meta["outputs"])
@@ -152,10 +156,19 @@ def _import_runtime_only():
     return tvm
 
 
+def check_cpu(path: str, meta: dict) -> None:
+    """Code built for a CPU model with extensions this CPU lacks would die of SIGILL: one line instead."""
+    why = describe_missing(f"{path} was compiled for CPU {meta.get('mcpu')}, whose code", meta.get("cpu_features", ()))
+    if why:
+        raise UnsparseError(f"{why}: compile it again on this machine (or for a CPU model it has, with "
+                            "UNSPARSE_MCPU=..., e.g. haswell for AVX2)")
+
+
 def load(path: str, device: str | None = None):
     """(VirtualMachine, device, metadata) for a compiled module, runtime only."""
     meta = read_metadata(path)
     check_image(path)
+    check_cpu(path, meta)
     tvm = _import_runtime_only()
     kind = device or ("cuda" if meta["target"] == "cuda" else "cpu")
     if kind not in ("cpu", "cuda"):

@@ -14,12 +14,14 @@ import shutil
 import subprocess
 
 from .errors import UnsparseError
+from .hostcpu import ISA_FEATURES, describe_missing, missing_features
 
 TARGETS = ("llvm", "cuda")
 DEFAULT_ARCH = "sm_90"  # H100; pass --arch for other GPUs
 _ARCH = re.compile(r"^sm_(\d{2,3})[af]?$")
 
 
+TRIPLE = "x86_64-unknown-linux-gnu"
 MCPU_ENV = "UNSPARSE_MCPU"  # e.g. haswell: code for an older x86 CPU (AVX2 timings on an AVX-512 machine)
 
 
@@ -28,16 +30,50 @@ def host_cpu() -> str:
 
     override = os.environ.get(MCPU_ENV)
     if override:
-        if not codegen.llvm_is_valid_cpu(override, "x86_64-unknown-linux-gnu"):
+        if not codegen.llvm_is_valid_cpu(override, TRIPLE):
             raise UnsparseError(f"{MCPU_ENV}={override} is not an x86 CPU LLVM knows (e.g. haswell, skylake-avx512)")
         return override
     cpu = str(codegen.llvm_get_system_cpu())
-    return cpu if cpu and cpu != "generic" and codegen.llvm_is_valid_cpu(cpu, "x86_64-unknown-linux-gnu") else "x86-64"
+    return cpu if cpu and cpu != "generic" and codegen.llvm_is_valid_cpu(cpu, TRIPLE) else "x86-64"
 
 
 def llvm_target_dict(mcpu: str | None = None) -> dict:
-    return {"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": mcpu or host_cpu(),
-            "num-cores": os.cpu_count() or 1}
+    """The llvm target for CPU model `mcpu`, default this machine's (or UNSPARSE_MCPU's). For this machine's
+    own model, the extensions LLVM's name implies but this CPU does not execute (a VM or an emulator that
+    hides AVX-512, say) are switched off with `mattr`, so its code always runs here."""
+    d = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu or host_cpu(), "num-cores": os.cpu_count() or 1}
+    if mcpu is None and not os.environ.get(MCPU_ENV):
+        off = missing_features(cpu_features(d["mcpu"]))
+        if off:
+            d["mattr"] = [f"-{f}" for f in off]
+    return d
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_features(mcpu: str, mattr: tuple[str, ...] = ()) -> frozenset[str]:
+    """The x86 extensions (hostcpu.ISA_FEATURES) code built for LLVM CPU model `mcpu` (+ `mattr`) may use."""
+    import tvm  # deferred likewise
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu,
+                                **({"mattr": list(mattr)} if mattr else {})})
+    return frozenset(str(f) for f in codegen.llvm_get_cpu_features(target)) & frozenset(ISA_FEATURES)
+
+
+def target_cpu_features(target) -> frozenset[str]:
+    """cpu_features of an llvm target (a cuda target: of its host); empty where no CPU model is set."""
+    host = target if target.kind.name == "llvm" else target.host
+    if host is None or "mcpu" not in host.attrs:
+        return frozenset()
+    mattr = tuple(str(a) for a in host.attrs["mattr"]) if "mattr" in host.attrs else ()
+    return cpu_features(str(host.attrs["mcpu"]), mattr)
+
+
+def runnable_here(target) -> str | None:
+    """None where this CPU executes the target's (host) code, else why not, in one phrase."""
+    host = target if target.kind.name == "llvm" else target.host
+    mcpu = str(host.attrs["mcpu"]) if host is not None and "mcpu" in host.attrs else "?"
+    return describe_missing(f"code for {mcpu}", target_cpu_features(target))
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,3 +114,11 @@ def make_target(kind: str, arch: str | None = None):
         return tvm.target.Target(llvm_target_dict())
     arch = check_arch(arch or DEFAULT_ARCH)
     return tvm.target.Target({"kind": "cuda", "arch": arch, "host": llvm_target_dict()})
+
+
+def require_runnable(target, command: str) -> None:
+    """`bench` and local `tune` run what they build: refuse, in one line, code this CPU cannot execute."""
+    why = runnable_here(target)
+    if why:
+        raise UnsparseError(f"{command} runs the code it builds here, but {why}: leave {MCPU_ENV} unset or name "
+                            "a CPU model this machine has (e.g. haswell for AVX2)")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..errors import UnsparseError
 from ..outputs import check_output_dir
 from ..compress.prune import load_model_program
-from ..target import make_target
+from ..target import make_target, require_runnable
 from .log import merge, show
 from .rpc import check_tracker, parse_tracker
 from .search import tune
@@ -45,6 +45,8 @@ def tune_command(req: TuneRequest) -> int:
     if req.trials < 1:
         raise UnsparseError(f"--trials must be at least 1, got {req.trials}")
     target = make_target(req.target, req.arch)
+    if not req.rpc_tracker:  # measured here: built for a CPU model this one runs (remote devices: theirs)
+        require_runnable(target, "tune")
     rpc = (*parse_tracker(req.rpc_tracker), req.rpc_key) if req.rpc_tracker else None
     created = not os.path.exists(req.log_dir)
     check_output_dir(req.log_dir)
