@@ -11,6 +11,7 @@ from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
 from unsparse_tvm.formats import compact_offsets
+from unsparse_tvm.layer_cost import CostModel
 from unsparse_tvm.schedules._common import OP_ATTR
 
 from .layers import LayerNames
@@ -263,12 +264,13 @@ class SparsifyPass:
     mutator = None
 
     def __init__(self, threshold: float | None = None, names: LayerNames | None = None, report: list | None = None,
-                 fmt: str | None = None, target_kind: str = "llvm", quant: dict | None = None):
-        self.threshold, self.fmt, self.target_kind, self.quant = threshold, fmt, target_kind, quant
+                 fmt: str | None = None, cost: CostModel | None = None, quant: dict | None = None):
+        self.threshold, self.fmt, self.quant = threshold, fmt, quant
+        self.cost = cost if cost is not None else CostModel("llvm")  # target kind and (x86) rates
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        mutator = self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.target_kind)
+        mutator = self.mutator(mod, self.threshold, self.names, self.report, self.fmt, self.cost)
         mutator.quant = self.quant  # unsparse_quant.json of the model, or None (relay_passes/_quant.py)
         return mutator.run(mod)

@@ -9,6 +9,8 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from unsparse_tvm.layer_cost import BUILTIN, CostModel, X86Rates
+
 from .apply_tuning_records import ApplyTuningRecords
 from .fast_sigmoid import FastSigmoid
 from .layers import LayerNames
@@ -26,11 +28,12 @@ from .tag_grouped_conv import TagGroupedConv
 def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: bool = True,
                     names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
                     configs: dict | None = None, database=None, activations: dict | None = None,
-                    quant: dict | None = None) -> list[tuple[str, list]]:
+                    quant: dict | None = None, rates: X86Rates | None = None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (tests run a prefix of them). activations: calibrated
     input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8;
     `quant`: the model's unsparse_quant.json (frontend.read_quantization), whose other sparse layers
-    then run on quantised weights."""
+    then run on quantised weights; `rates`: the x86 cost model's rates (default: the built-in ones; `compile`
+    passes this CPU's calibration, unsparse_tvm.calibration)."""
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
@@ -46,9 +49,9 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:
         # per layer: sparse where predicted faster than dense (threshold None), or sparsity >= threshold
-        kind = target.kind.name  # formats (hyb's bar) and costs depend on the target
-        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, kind, quant),
-                                    SparsifyDense(threshold, names, report, fmt, kind, quant)]))
+        cost = CostModel(target.kind.name, rates or BUILTIN)  # formats (hyb's bar) and costs depend on the target
+        phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, cost, quant),
+                                    SparsifyDense(threshold, names, report, fmt, cost, quant)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
     # (llvm: sigmoid/SiLU on a polynomial exp that vectorises, instead of a libm call per lane)
     phases.append(("lower_dense", [LowerDenseConv2d()] + ([FastSigmoid()] if is_cpu else [])))

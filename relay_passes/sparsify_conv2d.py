@@ -15,7 +15,7 @@ from tvm.ir import IRModule
 
 from unsparse_tvm import te_ops
 from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
-from unsparse_tvm.layer_cost import conv_cost
+from unsparse_tvm.layer_cost import CostModel
 
 from ._conv_match import ConvChainRewriter, unsupported_reason
 from ._quant import layer_entry, quant_conv, record_bytes
@@ -26,10 +26,10 @@ from .layers import LayerDecision, LayerNames
 @relax.expr_functor.mutator
 class _Sparsifier(ConvChainRewriter):
     def __init__(self, mod: IRModule, threshold: float | None, names: LayerNames, report: list, fmt: str | None,
-                 target_kind: str):
+                 cost: CostModel):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
-        self.target_kind = target_kind
+        self.cost, self.target_kind = cost, cost.kind
         self.quant = None
 
     def rewrite(self, conv, weight, geo, ep):
@@ -44,7 +44,7 @@ class _Sparsifier(ConvChainRewriter):
             decision.decision = reason or "dense (unsupported conv2d)"
             return None
         rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, geo),
-                             lambda rows: conv_cost(geo, rows, self.target_kind))
+                             lambda rows: self.cost.conv(geo, rows))
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
@@ -73,7 +73,7 @@ class _Sparsifier(ConvChainRewriter):
         rows = conv_weight_rows(weight, geo, self.fmt, HYB_MIN_SAVING[self.target_kind])
         if self.fmt is None and self.target_kind == "llvm" and rows.fmt == "hyb" and geo.flat_output:
             ell = conv_weight_rows(weight, geo, "ell")
-            if conv_cost(geo, ell, "llvm").sparse_us < conv_cost(geo, rows, "llvm").sparse_us:
+            if self.cost.conv(geo, ell).sparse_us < self.cost.conv(geo, rows).sparse_us:
                 return ell
         return rows
 

@@ -9,7 +9,7 @@ from tvm import relax
 
 from unsparse_tvm import te_ops
 from unsparse_tvm.formats import HYB_MIN_SAVING, dense_weight_rows
-from unsparse_tvm.layer_cost import linear_cost
+from unsparse_tvm.layer_cost import CostModel
 
 from ._quant import layer_entry, quant_dense, record_bytes
 from ._util import (ChainRewriter, SparsifyPass, choose_sparse, const_array, is_op, mark, match_epilogue, record_sparse,
@@ -36,10 +36,10 @@ def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:
 
 @relax.expr_functor.mutator
 class _Sparsifier(ChainRewriter):
-    def __init__(self, mod, threshold, names, report, fmt, target_kind):
+    def __init__(self, mod, threshold, names, report, fmt, cost: CostModel):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
-        self.target_kind = target_kind
+        self.cost, self.target_kind = cost, cost.kind
         self.quant = None
 
     def plan(self, func: relax.Function) -> None:
@@ -69,7 +69,7 @@ class _Sparsifier(ChainRewriter):
         batch = shape_of(call.args[0])[0]
         rows = choose_sparse(decision, sparsity, self.threshold,
                              lambda: dense_weight_rows(weight, self.fmt, HYB_MIN_SAVING[self.target_kind]),
-                             lambda rows: linear_cost(batch, weight.shape, rows, self.target_kind))
+                             lambda rows: self.cost.linear(batch, weight.shape, rows))
         if rows is None:
             return None
         quantised = quant_dense(self.builder_, self.visit_expr(call.args[0]), rows, weight,

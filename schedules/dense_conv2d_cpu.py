@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (ScheduleRule, extents, finish_register_tile, flat_epilogue, largest_divisor, pow2_divisor,
-                      sample_divisor, schedule_epilogue_cpu, schedule_pad_cpu)
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, finish_register_tile, flat_epilogue, largest_divisor,
+                      pow2_divisor, sample_divisor, schedule_epilogue_cpu, schedule_pad_cpu)
 
 OP = "dense_conv2d"
 
@@ -17,14 +17,14 @@ OP = "dense_conv2d"
 @dataclass
 class Config:
     tile_k: int = 4    # output channels sharing each input load (register tile rows)
-    vec: int = 16      # lanes of the output axis
-    unroll: int = 2    # vectors per channel: 4 x 2 = 8 zmm accumulators
+    vec: int = 0       # lanes of the output axis; 0 = one vector register of the target (16 AVX-512, 8 AVX2)
+    unroll: int = 2    # vectors per channel: 4 x 2 = 8 accumulators (zmm on AVX-512, ymm on AVX2)
 
 
 
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
-    _schedule(sch, func, cfg.tile_k, cfg.vec, cfg.unroll, clamp=True)
+    _schedule(sch, func, cfg.tile_k, cfg.vec or cpu_vector_lanes(target)[0], cfg.unroll, clamp=True)
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:

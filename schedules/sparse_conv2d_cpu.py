@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (ScheduleRule, extents, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
                       schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile, flat_epilogue)
 
 OP = "sparse_conv2d"
@@ -20,18 +20,21 @@ OP = "sparse_conv2d"
 @dataclass
 class Config:
     tile_k: int = 16   # output channels per parallel task (enough tasks for two cores on VGG's 64-row layers)
-    vec: int = 16      # widest lanes of the innermost output axis: one AVX-512 register; narrowed to 8
-                       # (AVX2) where 16 does not divide the flat domain (4x4 and 2x2 maps)
+    vec: int = 0       # lanes of the innermost output axis; 0 = one vector register of the target (16 AVX-512,
+                       # 8 AVX2), narrowed where it does not divide the flat domain (4x4 and 2x2 maps)
     unroll: int = 0    # vectors accumulated in registers per loaded (weight, offset); 0 = the largest
                        # divisor of the row's vectors up to 8 (a 5- or 7-vector row stays in registers)
     k_inner: int = 0   # rows interleaved inside the nonzero loop: independent FMA chains where a row's
-                       # output tile is only a vector or two; 0 = enough rows for ~16 accumulator vectors
+                       # output tile is only a vector or two; 0 = enough rows for half the vector registers
+                       # in accumulators (16 of AVX-512's 32, 8 of AVX2's 16: the rest hold inputs, weights)
 
 
 
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
-    _schedule(sch, func, cfg.tile_k, cfg.vec, cfg.unroll, clamp=True, k_inner=cfg.k_inner)
+    lanes, registers = cpu_vector_lanes(target)
+    _schedule(sch, func, cfg.tile_k, cfg.vec or lanes, cfg.unroll, clamp=True, k_inner=cfg.k_inner,
+              accumulators=registers // 2)
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -70,7 +73,7 @@ def _pow2_at_least(n: int) -> int:
     return v
 
 
-def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
+def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulators=16):
     """Schedule one reduction stage ("conv" or "conv_ovf", loops [n, k, q, j]); returns its parallel loop.
 
     Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes.
@@ -83,8 +86,8 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
         vec = pow2_divisor(ext[2], vec)
-        unroll = largest_divisor(ext[2] // vec, unroll or 8)
-        k_inner = largest_divisor(tile_k, k_inner or _pow2_at_least(-(-16 // unroll)))
+        unroll = largest_divisor(ext[2] // vec, unroll or min(8, accumulators))
+        k_inner = largest_divisor(tile_k, k_inner or _pow2_at_least(-(-accumulators // unroll)))
     n, k, q, j = loops
     ko, ki = sch.split(k, [None, tile_k])
     kio, kii = sch.split(ki, [None, k_inner])
@@ -99,14 +102,14 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1):
 
 
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool,
-              k_inner: int = 1) -> None:
+              k_inner: int = 1, accumulators: int = 16) -> None:
     cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
     schedule_pad_cpu(sch, cx, rows, cols)
     flat = not hyb and flat_epilogue(sch, "conv", cols)
-    _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner)
+    _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators)
     if hyb:
-        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner)
+        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators)
     schedule_epilogue_cpu(sch, flat)  # flat: bias/residual/ReLU in the accumulators' write-back
 
 

@@ -47,6 +47,35 @@ def test_sparse_conv2d_matches_torch(case, fmt, llvm):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def haswell():
+    import tvm
+
+    from unsparse_tvm.target import llvm_target_dict
+
+    return tvm.target.Target(llvm_target_dict("haswell"))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}-p{c[10]}")
+@pytest.mark.parametrize("kernel", ["sparse", "vell4", "dense"])
+def test_conv2d_kernels_match_torch_on_the_avx2_path(case, kernel, haswell):
+    """The AVX2 code path (8-lane vectors, 16 registers: its own register tiles) gets the same numerics:
+    the sparse rows in the format the pass picks, grouped rows, and the dense direct conv."""
+    n, c, h, w, k, r, s, stride, pad, dil, sp = case
+    if kernel == "vell4" and k % 4:
+        pytest.skip("vell4 needs a multiple of 4 output channels")
+    rng = case_rng(case, kernel, "avx2")
+    weight = sparse_weight((k, c, r, s), sp, rng, empty_rows=k // 8, dense_rows=1 if sp < 0.99 else 0)
+    bias = rng.standard_normal(k).astype(np.float32)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    spec = LayerSpec("conv2d", (n, c, h, w), weight, bias, True,
+                     {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
+    y, report = run_layer(spec, haswell, threshold=0.0, fmt="vell4" if kernel == "vell4" else None,
+                          sparse=kernel != "dense", x=x)
+    assert kernel == "dense" or report[0].decision == "sparse"
+    assert rel_err(y, torch_conv(x, weight, bias, stride, pad, dil, relu=True)) < 1e-5
+
+
 def test_auto_format_picks_hyb_for_a_few_long_rows(llvm):
     rng = np.random.default_rng(1)
     weight = sparse_weight((32, 16, 3, 3), 0.95, rng, dense_rows=2)  # two rows 20x longer than the rest

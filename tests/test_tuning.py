@@ -193,7 +193,10 @@ def test_record_of_another_target_is_never_applied(tmp_path, llvm, capsys):
     from unsparse_tvm.target import llvm_target_dict
     from unsparse_tvm.tuning import open_database
 
-    other_cpu = "znver3" if target_dict(llvm)["mcpu"] != "znver3" else "skylake-avx512"
+    from unsparse_tvm.tuning.log import isa_family, target_identity
+
+    # a CPU model of the other vector ISA (same-ISA records are a starting point: the next test)
+    other_cpu = "haswell" if isa_family(target_identity(llvm)) == "avx512" else "skylake-avx512"
     other = __import__("tvm").target.Target(llvm_target_dict(other_cpu))
     path, task, expected = _distinct_record_log(tmp_path, llvm, target=other)
     db = open_database(path, llvm)
@@ -206,6 +209,34 @@ def test_record_of_another_target_is_never_applied(tmp_path, llvm, capsys):
     # ... while the same log does apply to the target it was recorded for
     db_other = open_database(path, other)
     assert len(db_other) == 1
+
+
+def test_records_of_another_cpu_model_with_the_same_vector_isa_are_a_starting_point(tmp_path, llvm, capsys):
+    """A committed per-ISA log (tuning_logs/x86-avx2, tuned on one AVX2 model) applies on another AVX2 CPU
+    where that CPU has no records of its own, and the summary says whose records they are; a record of
+    the CPU's own model for the same workload wins over it."""
+    import tvm
+    import tvm_ffi
+
+    from unsparse_tvm.target import llvm_target_dict
+    from unsparse_tvm.tuning import open_database
+
+    tuned_on, compiled_for = (tvm.target.Target(llvm_target_dict(m)) for m in ("haswell", "znver2"))
+    path, task, expected = _distinct_record_log(tmp_path, llvm, target=tuned_on)
+    db = open_database(path, compiled_for)
+    assert capsys.readouterr().err == ""
+    mod = _scheduled(pruned_program("smallcnn"), compiled_for, db)
+    assert tvm_ffi.structural_equal(mod[task.name].body, expected.body, map_free_vars=True)
+    assert "records of haswell, the same vector ISA" in db.summary()
+    from tvm import s_tir
+
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.tuning.database import write_record
+
+    own = rule_for(task.op, "llvm").space(s_tir.Schedule(task.mod))[0].trace  # znver2's own, slower record
+    write_record(path, task.mod, own, [1e-3], compiled_for)
+    db = open_database(path, compiled_for)
+    assert db.borrowed == [] and "skipped 1 record of another target" in capsys.readouterr().err
 
 
 def test_tuned_model_runs_and_matches_untuned(llvm):

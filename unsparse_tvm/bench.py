@@ -13,7 +13,6 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,8 +21,10 @@ import tvm
 from tvm import relax
 
 from .build import activation_ranges, compile_program
+from .calibration import rates_for
 from .compress.prune import load_model_program
 from .cuda_package import embed_device_code
+from .single_layer import LayerSpec, layer_module
 from .errors import UnsparseError
 from .frontend import import_program, program_input_shape, read_quantization
 from .models import example_input
@@ -34,18 +35,6 @@ from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, us
 from .relay_passes.sparsify_dense import _linear_weight
 from .target import make_target, require_runnable
 from .tuning.database import open_database
-
-
-@dataclass
-class LayerSpec:
-    """One conv2d / linear layer as it appears in the imported graph (after batch-norm folding)."""
-
-    op: str                   # conv2d or dense
-    input_shape: tuple
-    weight: np.ndarray        # OIHW or [out, in]
-    bias: np.ndarray | None
-    relu: bool
-    attrs: dict               # conv2d: strides, padding (t, l, b, r), dilation, groups
 
 
 def extract_layers(ep) -> tuple[list[LayerSpec], object]:
@@ -72,29 +61,6 @@ def extract_layers(ep) -> tuple[list[LayerSpec], object]:
                 ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
                 layers.append(LayerSpec("dense", shape_of(b.value.args[0]), w, ep_.bias, ep_.relu, {}))
     return layers, names
-
-
-def layer_module(spec: LayerSpec):
-    """A one-layer Relax module: conv2d/linear [+ bias] [+ ReLU]."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(spec.input_shape, "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            if spec.op == "conv2d":
-                a = spec.attrs
-                y = bb.emit(relax.op.nn.conv2d(x, relax.const(spec.weight), strides=a["strides"],
-                                               padding=a["padding"], dilation=a["dilation"], groups=a["groups"]))
-                if spec.bias is not None:
-                    y = bb.emit(relax.op.add(y, relax.const(spec.bias.reshape(1, -1, 1, 1))))
-            else:
-                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(spec.weight.T))))
-                if spec.bias is not None:
-                    y = bb.emit(relax.op.add(y, relax.const(spec.bias)))
-            if spec.relu:
-                y = bb.emit(relax.op.nn.relu(y))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
 
 
 def torch_layer(spec: LayerSpec, device: str):
@@ -179,7 +145,7 @@ def set_threads(n: int) -> None:
 def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
           threshold: float | None = None, batch: int | None = None, repeat: int = 20, layers: bool = True,
           tuning_log: str | None = None, seed: int = 0, threads: list[int] | None = None,
-          peers: list[str] | None = None) -> dict:
+          peers: list[str] | None = None, calibrate: bool = True) -> dict:
     """End to end (and per layer) in one process, alternating rounds: unsparse vs TVM dense vs PyTorch eager
     (and tuned records, and the `peers` runtimes), once per thread count in `threads` (default: all cores)."""
     target = make_target(target_name, arch)
@@ -196,25 +162,26 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     x_np = x.numpy()
 
     quant = read_quantization(model) if model.endswith(".pt2") else None  # quantised kernels where it says
+    rates = rates_for(target, calibrate=calibrate) if threshold is None else None  # as `compile` chooses
     print(f"compiling {model} for {target_name}: sparse, then dense (TVM without the sparse pass)")
-    sparse = compile_program(ep, target, threshold=threshold, sparse=True, quant=quant)
+    sparse = compile_program(ep, target, threshold=threshold, sparse=True, quant=quant, rates=rates)
     dense = compile_program(ep, target, threshold=threshold, sparse=False)
     contenders, outputs = {}, {}
     contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
     weight_bytes = {"unsparse": _weight_bytes(sparse.report), "tvm_dense": _weight_bytes(sparse.report, dense=True)}
     if quant is not None:  # the same sparse model on fp32 weights, timed alongside: what quantisation buys
-        fp32 = compile_program(ep, target, threshold=threshold, sparse=True)
+        fp32 = compile_program(ep, target, threshold=threshold, sparse=True, rates=rates)
         contenders["unsparse_fp32"], outputs["unsparse_fp32"] = _vm_timer(fp32.executable, dev, x_np,
                                                                            target_name == "cuda", arch)
         weight_bytes["unsparse_fp32"] = _weight_bytes(fp32.report)
     contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
     ranges = activation_ranges(quant) if target_name == "llvm" else None
     if ranges:  # a .pt2 from `quantize --activations int8`: its int8 execution too, next to fp32 sparse
-        int8 = compile_program(ep, target, threshold=threshold, sparse=True, activations=ranges)
+        int8 = compile_program(ep, target, threshold=threshold, sparse=True, activations=ranges, rates=rates)
         contenders["unsparse_int8"], outputs["unsparse_int8"] = _vm_timer(int8.executable, dev, x_np)
     if tuning_log is not None:
         database = open_database(tuning_log, target)  # only records of this target
-        tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database)
+        tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database, rates=rates)
         print(database.summary())
         contenders["unsparse_tuned"], outputs["unsparse_tuned"] = _vm_timer(tuned.executable, dev, x_np, target_name == "cuda", arch)
     net = ep.module().to(torch_dev)
@@ -261,6 +228,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         "by_threads": by_threads,
         "max_rel_error_vs_torch": errors,
         "quantization": quant.get("scheme") if quant else None,
+        "cost_model": (rates.source if rates is not None else "threshold") if target_name == "llvm" else "perf_model",
         # conv/linear weight bytes each variant stores; PyTorch and the peers run the dense fp32 weights
         "weight_bytes": {**{k[:-3]: weight_bytes["tvm_dense"] for k in by_threads[str(threads[-1])]}, **weight_bytes},
         "layers": [],
@@ -271,7 +239,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         # between these short calls (PyTorch's layers measured 5-50x slower, whatever their size)
         set_threads(1)
         result["layers_threads"] = 1
-        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant)
+        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant, rates)
     return result
 
 
@@ -281,22 +249,29 @@ def _weight_bytes(report: list, dense: bool = False) -> int:
     return int(sum(int(np.prod(r.shape)) * 4 if dense else r.weight_bytes for r in report))
 
 
-def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | None = None) -> list[dict]:
+def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | None = None, rates=None) -> list[dict]:
+    """Per layer: the kernel the compile chose, TVM's dense kernel and PyTorch, and, where the compile
+    chose dense, the sparse kernel it passed over, so that every row says whether the choice was right
+    (`other_ms`: the kernel not chosen; `choice_regret`: chosen / the faster of the two)."""
     specs, names = extract_layers(ep)
     rows = []
     print(f"timing {len(specs)} layers one by one (one thread)")
+    gpu = torch_dev == "cuda"
+    arch = str(target.attrs["arch"]) if gpu else None
     for spec in specs:
         mod = layer_module(spec)
         x_np = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
         layer_report: list = []  # this layer's own decision (same weights and threshold as in the model)
-        sparse = _compile_layer(mod, target, threshold, True, names, layer_report, quant)
+        sparse = _compile_layer(mod, target, threshold, True, names, layer_report, quant, rates)
         decision = layer_report[0]
+        chose_sparse = decision.decision == "sparse"
         dense = _compile_layer(mod, target, threshold, False)
         contenders = {}
-        gpu = torch_dev == "cuda"
-        arch = str(target.attrs["arch"]) if gpu else None
         contenders["unsparse"], y = _vm_timer(sparse, dev, x_np, gpu, arch)
         contenders["tvm_dense"], _ = _vm_timer(dense, dev, x_np, gpu, arch)
+        if not chose_sparse and decision.dense_us:  # costed and chosen dense: the sparse kernel it passed over
+            forced = _compile_layer(mod, target, 0.0, True, names, [], quant)
+            contenders["sparse_not_chosen"], _ = _vm_timer(forced, dev, x_np, gpu, arch)
         run = torch_layer(spec, torch_dev)
         xt = torch.from_numpy(x_np).to(torch_dev)
         sync = torch.cuda.synchronize if torch_dev == "cuda" else None
@@ -305,18 +280,38 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | No
         contenders["torch"] = _timer(lambda: run(xt), sync)
         with torch.no_grad():
             t = round_robin(contenders, max(5, repeat // 2), min_batch_ms=5.0)
+        other = t["tvm_dense"] if chose_sparse else t.get("sparse_not_chosen")
         rows.append({
             "name": decision.name, "op": spec.op, "shape": list(spec.weight.shape), "input_shape": list(spec.input_shape),
-            "sparsity": decision.sparsity, "format": decision.format if decision.decision == "sparse" else "dense",
+            "sparsity": decision.sparsity, "format": decision.format if chose_sparse else "dense",
             "precision": decision.precision, "weight_bytes": decision.weight_bytes,
             "unsparse_ms": t["unsparse"], "tvm_dense_ms": t["tvm_dense"], "torch_ms": t["torch"],
+            "other_ms": other, "choice_regret": t["unsparse"] / min(t["unsparse"], other) if other else None,
+            "predicted_us": {"sparse": decision.sparse_us, "dense": decision.dense_us, "format": decision.format}
+            if decision.dense_us else None,
             "max_rel_error": float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)),
         })
     return rows
 
 
-def _compile_layer(mod, target, threshold, sparse, names=None, report=None, quant=None):
-    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report, quant=quant)
+CHOICE_TOLERANCE = 1.10  # a chosen kernel within 10% of the other one counts as a right choice (timing noise)
+
+
+def choice_summary(layers: list[dict]) -> str | None:
+    """One line: on how many costed layers the compile chose the slower kernel by more than 10%, the worst."""
+    costed = [l for l in layers if l.get("choice_regret") is not None]
+    if not costed:
+        return None
+    wrong = sorted((l for l in costed if l["choice_regret"] > CHOICE_TOLERANCE), key=lambda l: -l["choice_regret"])
+    text = f"kernel choice: {len(costed) - len(wrong)} of {len(costed)} layers within 10% of the faster kernel"
+    if wrong:
+        text += "; slower by more: " + ", ".join(f"{l['name']} ({l['format']}, {l['choice_regret']:.2f}x)" for l in wrong[:5])
+    return text
+
+
+def _compile_layer(mod, target, threshold, sparse, names=None, report=None, quant=None, rates=None):
+    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report, quant=quant,
+                              rates=rates)
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
@@ -347,11 +342,15 @@ def print_result(r: dict) -> None:
     e = r["end_to_end"]
     if r["layers"]:
         print(f"\n{'layer':26s} {'op':6s} {'weight':18s} {'sparsity':>8s} {'format':6s} {'unsparse':>9s} "
-              f"{'tvm dense':>9s} {'torch':>9s} {'vs torch':>8s}")
-        for l in r["layers"]:
+              f"{'tvm dense':>9s} {'torch':>9s} {'vs torch':>8s} {'other':>9s}")
+        for l in r["layers"]:  # other: the kernel the compile did not choose (sparse or dense)
+            other = f"{l['other_ms']:9.3f}" if l.get("other_ms") else f"{'-':>9s}"
             print(f"{l['name'][:26]:26s} {l['op']:6s} {str(l['shape']):18s} {l['sparsity']:8.3f} {l['format']:6s} "
                   f"{l['unsparse_ms']:9.3f} {l['tvm_dense_ms']:9.3f} {l['torch_ms']:9.3f} "
-                  f"{l['torch_ms'] / l['unsparse_ms']:7.2f}x")
+                  f"{l['torch_ms'] / l['unsparse_ms']:7.2f}x {other}")
+        summary = choice_summary(r["layers"])
+        if summary:
+            print(summary)
     print(f"\nend to end, {r['model']} on {r['target']} (batch {r['batch']}, sparsity "
           f"{r['sparsity'] if r['sparsity'] is not None else 'as given'}), median ms:")
     wb = r.get("weight_bytes", {})

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import tvm
 
+from .calibration import rates_for
 from .cuda_package import embed_device_code
 from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,
                        read_quantization)
@@ -32,14 +33,16 @@ class Compiled:
 
 def compile_program(ep, target, *, threshold: float | None = None, sparse: bool = True, fmt: str | None = None,
                     configs: dict | None = None, database=None, activations: dict | None = None,
-                    quant: dict | None = None) -> Compiled:
+                    quant: dict | None = None, rates=None) -> Compiled:
     """Compile an ExportedProgram for a tvm Target; sparse=False is "TVM without our sparse pass";
     activations (calibrated input ranges by layer name, see activation_ranges): those convs run int8;
-    quant (the .pt2's unsparse_quant.json): the other sparse layers' kernels read quantised weights."""
+    quant (the .pt2's unsparse_quant.json): the other sparse layers' kernels read quantised weights;
+    rates: the x86 cost model's (calibration.rates_for; default the built-in ones)."""
     mod, names = import_program(ep)
     report: list = []
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
-                              fmt=fmt, configs=configs, database=database, activations=activations, quant=quant)
+                              fmt=fmt, configs=configs, database=database, activations=activations, quant=quant,
+                              rates=rates)
     start = time.perf_counter()
     executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
     return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
@@ -110,8 +113,10 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float | None
 
 
 def compile_file(model: str, target_name: str, arch: str | None, threshold: float | None, output: str, *,
-                 batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None) -> dict:
-    """`unsparse-tvm compile`: model name or .pt2 -> .so, with the per-layer decisions printed."""
+                 batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None,
+                 calibrate: bool = True) -> dict:
+    """`unsparse-tvm compile`: model name or .pt2 -> .so, with the per-layer decisions printed (and which
+    cost-model calibration chose them: calibration.rates_for)."""
     check_batch(batch)
     check_output(output, overwrite=overwrite, suffixes=(".so",), inputs=(model,))
     target = make_target(target_name, arch)
@@ -120,8 +125,9 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
         database = open_database(tuning_log, target)  # only records of this target
     ep = load_program(model, batch=batch)
     quant = read_quantization(model) if model.endswith(".pt2") else None
+    rates = rates_for(target, calibrate=calibrate) if threshold is None else None  # --threshold: no costs
     compiled = compile_program(ep, target, threshold=threshold, database=database,
-                               activations=activation_ranges(quant), quant=quant)
+                               activations=activation_ranges(quant), quant=quant, rates=rates)
     print_report(compiled.report, threshold)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log

@@ -222,6 +222,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_fraction("threshold"), default=None,
                    help="run a layer sparse when its weight sparsity is at least this; default: each layer "
                         "where its sparse kernel is predicted faster than its dense one")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="predict with the built-in x86 rates instead of this CPU's calibration (`unsparse-tvm "
+                        "calibrate`, measured on the first compile otherwise; also UNSPARSE_CALIBRATION=off)")
 
 
 def _add_compile(sub: argparse._SubParsersAction) -> None:
@@ -239,7 +242,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .build import compile_file
 
     compile_file(args.model, args.target, args.arch, args.threshold, args.output,
-                 batch=args.batch, overwrite=args.force, tuning_log=args.tuning_log)
+                 batch=args.batch, overwrite=args.force, tuning_log=args.tuning_log, calibrate=not args.no_calibrate)
     return 0
 
 
@@ -328,7 +331,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     bench_command(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
                   batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log,
-                  json_path=args.json, overwrite=args.force, threads=args.threads, peers=args.peers)
+                  json_path=args.json, overwrite=args.force, threads=args.threads, peers=args.peers,
+                  calibrate=not args.no_calibrate)
     return 0
 
 
@@ -358,7 +362,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return tune_command(TuneRequest(
         args.model, args.trials, args.log_dir, target=args.target, arch=args.arch, sparsity=args.sparsity,
         threshold=args.threshold, include_dense=args.include_dense, rpc_tracker=args.rpc_tracker,
-        rpc_key=args.rpc_key, batch=args.batch, seed=args.seed, progress=not args.no_progress))
+        rpc_key=args.rpc_key, batch=args.batch, seed=args.seed, progress=not args.no_progress,
+        calibrate=not args.no_calibrate))
 
 
 def _add_logs(sub: argparse._SubParsersAction) -> None:
@@ -380,10 +385,31 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     return logs_merge(args.dirs, args.output, overwrite=args.force)
 
 
+# ---- calibrate -----------------------------------------------------------------------------------
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure the x86 cost model's rates on this CPU (under a minute; cached)",
+                       description="Time a few single layers built by the same rules as `compile` (dense direct "
+                                   "conv, ell/hyb/vell sparse rows, epilogues, an output larger than the caches, "
+                                   "the linear kernels) and fit the rates that decide sparse vs dense per layer. "
+                                   "Stored per CPU model, code path (UNSPARSE_MCPU) and thread count in the cache "
+                                   "folder (UNSPARSE_CACHE_DIR, default ~/.cache/unsparse-tvm); `compile` uses them.")
+    p.add_argument("--threads", type=_positive_int("threads"), default=None,
+                   help="thread count to calibrate for (default: TVM_NUM_THREADS, else every usable core)")
+    p.add_argument("--dry-run", action="store_true", help="measure and print, store nothing")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_command
+
+    calibrate_command(threads=args.threads, no_store=args.dry_run)
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "prune": (_add_prune, _cmd_prune),
     "quantize": (_add_quantize, _cmd_quantize),
+    "calibrate": (_add_calibrate, _cmd_calibrate),
     "compile": (_add_compile, _cmd_compile),
     "run": (_add_run, _cmd_run),
     "inspect": (_add_inspect, _cmd_inspect),

@@ -9,7 +9,7 @@ weight broadcast per FMA), grouped rows ~2x that (one input load per V FMAs). Li
 memory-bound GEMVs on both sides (TVM's dense linear is the generic fallback, ~1 G/s).
 CUDA: unsparse_tvm.perf_model (the dense direct conv as a grouped kernel whose groups are its tile_k
 channels, with no fill-in).
-The rates are not calibrated per machine; `tune` measures instead of predicting.
+The x86 rates are X86Rates: built-in ones, or those `unsparse-tvm calibrate` measured on this CPU.
 """
 
 from __future__ import annotations
@@ -21,20 +21,37 @@ import numpy as np
 from .formats import ConvGeometry, SparseRows
 from .perf_model import H200, Knobs, predict_sparse
 
-# FMAs per second, all threads of the 2-vCPU machines the project measures on (see the module docstring)
-X86_RATES = {"dense_conv": 55e9, "ell": 26e9, "hyb": 26e9, "vell": 52e9, "dense_linear": 1.0e9, "sparse_linear": 1.2e9}
-# output elements per second per pass over the [N, K, ...] output: the epilogue is 3 passes (sums written,
-# read back, output written) or 1 where it joins the write-back (ConvGeometry.flat_output; not hyb, whose
-# epilogue also reads the overflow sums). Fitted to mobilenet's 96x16 1x1 on a 64x64 map, one thread:
-# hyb unfused 0.118 ms, ell fused 0.095 ms, where the FMA term alone predicts 0.042 and 0.075.
-X86_OUTPUT_RATE = 16e9
-# A pass over an output larger than this streams through DRAM at X86_DRAM_BYTES_S, whatever the kernel: a
-# roofline floor under both predictions. Fitted to vgg16's 3->64 first layer at 224x224 (three passes of
-# 13 MB): TVM dense 3.07 ms, ell 2.95, hyb 3.3-4.1, where the FMA and output terms predict 2.2 and 1.1 ms,
-# so it stayed sparse and ran slower than dense. Below 4 MB (the resnet stems' 3.3 MB) no floor is
-# applied: those passes partly hit the caches, and their sparse kernels are measured faster.
-X86_CACHE_BYTES = 4 << 20
-X86_DRAM_BYTES_S = 12e9
+@dataclass(frozen=True)
+class X86Rates:
+    """The x86 cost model's rates: FMAs per second per kernel family, all threads (`calibrate` measures them
+    per CPU model and thread count, unsparse_tvm.calibration; these defaults were measured per layer by
+    `bench` on the 2-vCPU machines, both threads: README, Results)."""
+
+    dense_conv: float = 55e9     # the dense direct conv
+    ell: float = 26e9            # ungrouped sparse rows: an input load and a weight broadcast per FMA
+    hyb: float = 26e9
+    vell: float = 52e9           # grouped rows: one input load per V FMAs
+    dense_linear: float = 1.0e9  # TVM's dense linear at batch 1: the generic fallback, a memory-bound GEMV
+    sparse_linear: float = 1.2e9
+    # output elements per second per pass over the [N, K, ...] output: the epilogue is 3 passes (sums written,
+    # read back, output written) or 1 where it joins the write-back (ConvGeometry.flat_output; not hyb, whose
+    # epilogue also reads the overflow sums). Fitted to mobilenet's 96x16 1x1 on a 64x64 map, one thread:
+    # hyb unfused 0.118 ms, ell fused 0.095 ms, where the FMA term alone predicts 0.042 and 0.075.
+    output: float = 16e9
+    # A pass over an output larger than cache_bytes streams through DRAM at dram_bytes_s, whatever the kernel:
+    # a roofline floor under both predictions. Fitted to vgg16's 3->64 first layer at 224x224 (three passes
+    # of 13 MB): TVM dense 3.07 ms, ell 2.95, hyb 3.3-4.1, where the FMA and output terms predict 2.2 and
+    # 1.1 ms, so it stayed sparse and ran slower than dense. Below 4 MB (the resnet stems' 3.3 MB) no floor
+    # is applied: those passes partly hit the caches, and their sparse kernels are measured faster.
+    dram_bytes_s: float = 12e9
+    cache_bytes: int = 4 << 20
+    source: str = "built-in"     # where the rates come from: "built-in" or a calibration file
+
+    def fma_rate(self, fmt: str) -> float:
+        return self.vell if fmt.startswith("vell") else getattr(self, fmt)
+
+
+BUILTIN = X86Rates()
 
 
 @dataclass
@@ -47,12 +64,8 @@ class LayerCost:
         return self.sparse_us < self.dense_us
 
 
-def _family(fmt: str) -> str:
-    return "vell" if fmt.startswith("vell") else fmt
-
-
-def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCost:
-    """Predicted dense and sparse time (us) of one conv layer."""
+def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86Rates = BUILTIN) -> LayerCost:
+    """Predicted dense and sparse time (us) of one conv layer (x86: at `rates`)."""
     positions = geo.n * geo.q_extent
     if target_kind == "cuda":
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
@@ -62,26 +75,42 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str) -> LayerCos
         sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group)).seconds
         return LayerCost(dense * 1e6, sparse * 1e6)
     out = geo.n * geo.k * geo.q_extent
-    dense = (geo.k * geo.c * geo.r * geo.s * positions / X86_RATES["dense_conv"]
-             + _passes(geo, "dense") * out / X86_OUTPUT_RATE)
-    sparse = (rows.padded_size * positions / X86_RATES[_family(rows.fmt)]
-              + _passes(geo, rows.fmt) * out / X86_OUTPUT_RATE)
-    if 4 * out > X86_CACHE_BYTES:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
-        dense = max(dense, _passes(geo, "dense") * 4 * out / X86_DRAM_BYTES_S)
-        sparse = max(sparse, _passes(geo, rows.fmt) * 4 * out / X86_DRAM_BYTES_S)
+    dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
+             + _passes(geo, "dense") * out / rates.output)
+    sparse = (rows.padded_size * positions / rates.fma_rate(rows.fmt)
+              + _passes(geo, rows.fmt) * out / rates.output)
+    if 4 * out > rates.cache_bytes:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
+        dense = max(dense, _passes(geo, "dense") * 4 * out / rates.dram_bytes_s)
+        sparse = max(sparse, _passes(geo, rows.fmt) * 4 * out / rates.dram_bytes_s)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
 def _passes(geo: ConvGeometry, fmt: str) -> int:
-    """Passes over the output the x86 epilogue makes (see X86_OUTPUT_RATE)."""
+    """Passes over the output the x86 epilogue makes (see X86Rates.output)."""
     return 1 if geo.flat_output and fmt != "hyb" else 3
 
 
-def linear_cost(batch: int, shape: tuple[int, int], rows: SparseRows, target_kind: str) -> LayerCost:
+def linear_cost(batch: int, shape: tuple[int, int], rows: SparseRows, target_kind: str,
+                rates: X86Rates = BUILTIN) -> LayerCost:
     """Predicted dense and sparse time (us) of one linear layer ([out, in] weight)."""
-    dense = batch * shape[0] * shape[1] / X86_RATES["dense_linear"]
-    sparse = batch * rows.padded_size / X86_RATES["sparse_linear"] * (0.5 if rows.group > 1 else 1.0)
+    dense = batch * shape[0] * shape[1] / rates.dense_linear
+    sparse = batch * rows.padded_size / rates.sparse_linear * (0.5 if rows.group > 1 else 1.0)
     if target_kind == "cuda":  # both memory-bound GEMVs at batch 1: bytes at DRAM speed, plus a launch
         dense = 4 * shape[0] * shape[1] / H200.dram_bytes_s + H200.launch_s
         sparse = (4 + 4 / rows.group) * rows.padded_size / H200.dram_bytes_s + 2 * H200.launch_s
     return LayerCost(dense * 1e6, sparse * 1e6)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What the sparsify passes ask: a layer's predicted dense and sparse time on one target kind (x86: at
+    `rates`, the built-in ones or a calibration of this CPU)."""
+
+    kind: str                      # "llvm" or "cuda"
+    rates: X86Rates = BUILTIN
+
+    def conv(self, geo: ConvGeometry, rows: SparseRows) -> LayerCost:
+        return conv_cost(geo, rows, self.kind, self.rates)
+
+    def linear(self, batch: int, shape: tuple[int, int], rows: SparseRows) -> LayerCost:
+        return linear_cost(batch, shape, rows, self.kind, self.rates)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..errors import UnsparseError
 from ..outputs import check_output_dir
 from ..compress.prune import load_model_program
+from ..calibration import rates_for
 from ..target import make_target, require_runnable
 from .log import merge, show
 from .rpc import check_tracker, parse_tracker
@@ -34,6 +35,7 @@ class TuneRequest:
     batch: int | None = None
     seed: int = 1
     progress: bool = True
+    calibrate: bool = True            # this CPU's cost-model calibration picks the sparse layers, as in compile
 
 
 def tune_command(req: TuneRequest) -> int:
@@ -70,8 +72,10 @@ def _tune_in(req: TuneRequest, target, rpc) -> int:
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ep = load_model_program(req.model, req.sparsity, batch=req.batch)
+        # measured on remote devices: this CPU's calibration says nothing about theirs
+        rates = rates_for(target, calibrate=req.calibrate and rpc is None) if req.threshold is None else None
         res = tune(ep, target, req.log_dir, req.trials, threshold=req.threshold, include_dense=req.include_dense,
-                   rpc=rpc, progress=req.progress, seed=req.seed, out=sys.stdout)
+                   rpc=rpc, progress=req.progress, seed=req.seed, out=sys.stdout, rates=rates)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..outputs import check_output_dir
-from .log import (RECORD_FILE, WORKLOAD_FILE, Record, Workload, append_lines, describe_identity,
+from .log import (RECORD_FILE, WORKLOAD_FILE, Record, Workload, append_lines, describe_identity, isa_family,
                   plain, read_log, read_nonempty_log, target_dict, target_identity)
 
 
@@ -84,16 +84,21 @@ def _tuning_database_class():
             st = self.stats
             if not st:
                 return f"tuning log {self.path}: not used"
+            borrowed = getattr(self, "borrowed", [])
             return (f"tuning log {self.path}: {st['layers_applied']} of {st['layers']} tunable layers "
                     f"({st['kernels_applied']} of {st['kernels']} kernels) scheduled from its records"
+                    + (f" (where this CPU model has none: records of {', '.join(borrowed)}, the same vector ISA)"
+                       if borrowed else "")
                     + ("" if st["layers_applied"] == st["layers"] else "; the others use the default knobs"))
 
     return TuningDatabase
 
 
 def open_database(path: str, target=None, *, quiet: bool = False):
-    """The records of `path` usable for `target`: corrupt lines and records of another target are
-    skipped (one warning line), and per workload the best record whose trace still replays is kept.
+    """The records of `path` (a log directory, or a folder of them such as `tuning_logs/`) usable for
+    `target`: per workload the best record of the target's own identity whose trace still replays, else,
+    as a starting point, the best of another CPU model with the same vector ISA (isa_family: AVX-512 or
+    AVX2); corrupt lines and records of other targets are skipped (one warning line).
     target=None: the current target scope (`with target:`), else every record (no filtering)."""
     from tvm.target import Target
 
@@ -101,15 +106,26 @@ def open_database(path: str, target=None, *, quiet: bool = False):
     target = target if target is not None else Target.current(allow_none=True)
     ident = target_identity(target) if target is not None else None
     db = _tuning_database_class()(path, ident)
+    family = isa_family(ident) if ident is not None else None
     other, broken = 0, 0
     groups: dict[int, list[Record]] = {}
+    kin: dict[int, list[Record]] = {}  # same ISA family, another CPU model
     for r in log.records:
         if ident is not None and r.identity != ident:
-            other += 1
+            if family is not None and r.ok and isa_family(r.identity) == family:
+                kin.setdefault(r.workload, []).append(r)
+            else:
+                other += 1
             continue
         if r.ok:
             groups.setdefault(r.workload, []).append(r)
-    for wl_index, recs in groups.items():
+    # a workload's records of the same family count only where the target's own have nothing for it
+    by_shash = {log.workloads[i].shash for i in groups if log.workloads[i] is not None}
+    borrowed = {i: recs for i, recs in kin.items()
+                if log.workloads[i] is not None and log.workloads[i].shash not in by_shash}
+    other += sum(len(recs) for i, recs in kin.items() if i not in borrowed)
+    db.borrowed = sorted({r.target.get("mcpu", "?") for recs in borrowed.values() for r in recs})
+    for wl_index, recs in {**groups, **borrowed}.items():
         try:
             mod = log.workloads[wl_index].module()
         except Exception:

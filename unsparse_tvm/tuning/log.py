@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,17 @@ def target_identity(target) -> tuple:
         return ("llvm", str(d.get("mtriple", "")), str(d.get("mcpu", "")), ",".join(sorted(map(str, mattr))))
     rest = {k: v for k, v in d.items() if k not in ("host", "tag", "keys", "num-cores")}
     return (str(kind), json.dumps(rest, sort_keys=True, default=str))
+
+
+def isa_family(ident: tuple) -> str | None:
+    """The vector ISA an llvm identity's code uses ("avx512", "avx2", "sse"): records tuned on one CPU model
+    are a starting point on another of the same family (tuning_logs/x86-avx512, x86-avx2); None for cuda."""
+    if ident[0] != "llvm" or not ident[2]:
+        return None
+    from ..target import cpu_features  # deferred: LLVM (TVM's compiler)
+
+    features = cpu_features(ident[2], tuple(a for a in ident[3].split(",") if a))
+    return "avx512" if "avx512f" in features else "avx2" if "avx2" in features else "sse"
 
 
 def describe_identity(ident: tuple) -> str:
@@ -213,8 +225,26 @@ def read_log(path: str) -> LogContents:
     return log
 
 
+def read_logs_under(path: str) -> LogContents:
+    """A log directory, or a folder of them (`tuning_logs/`: one per ISA family), as one log: the
+    workloads of each sub-log after the previous ones', their records re-pointed accordingly."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, WORKLOAD_FILE)):
+        subs = sorted(os.path.join(path, d) for d in os.listdir(path)
+                      if os.path.isfile(os.path.join(path, d, WORKLOAD_FILE)))
+        if subs:
+            log = LogContents(path)
+            for sub in subs:
+                part = read_log(sub)
+                offset = len(log.workloads)
+                log.workloads += part.workloads
+                log.records += [dataclasses.replace(r, workload=r.workload + offset) for r in part.records]
+                log.corrupt += part.corrupt
+            return log
+    return read_log(path)
+
+
 def read_nonempty_log(path: str) -> LogContents:
-    log = read_log(path)
+    log = read_logs_under(path)
     if not log.records and not log.corrupt:
         raise UnsparseError(f"tuning log {path} holds no tuning records (expected {RECORD_FILE}, "
                             f"written by `unsparse-tvm tune ... --log-dir {path}`)")

@@ -101,8 +101,9 @@ def _make_context(task: Task, target, seed: int, workers: int, population: int):
 
 def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = None, include_dense: bool = False,
          rpc: tuple[str, int, str] | None = None, batch: int = DEFAULT_BATCH, seed: int = 1,
-         progress: bool = True, population: int = 64, out=None) -> TuneResult:
-    """Tune the model's sparse workloads for `target`, appending records to `log_dir`."""
+         progress: bool = True, population: int = 64, out=None, rates=None) -> TuneResult:
+    """Tune the model's sparse workloads for `target`, appending records to `log_dir` (the layers chosen
+    sparse at the cost model's `rates`, as `compile` chooses them)."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.database import MemoryDatabase
 
@@ -123,7 +124,7 @@ def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = Non
     builder = None
     try:
         with timed("extract"):
-            tasks = extract_tasks(ep, target, threshold=threshold, include_dense=include_dense)
+            tasks = extract_tasks(ep, target, threshold=threshold, include_dense=include_dense, rates=rates)
         if not tasks:
             rule = f"threshold {threshold}" if threshold is not None else "by predicted time"
             raise UnsparseError(f"no layer to tune: no conv/linear runs sparse ({rule})"

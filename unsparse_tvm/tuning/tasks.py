@@ -60,7 +60,7 @@ def tuned_ops(target_kind: str, include_dense: bool = False) -> tuple[str, ...]:
 
 
 def extract_tasks(ep, target, *, threshold: float | None = None, include_dense: bool = False,
-                  fmt: str | None = None) -> list[Task]:
+                  fmt: str | None = None, rates=None) -> list[Task]:
     """The distinct tunable workloads of an ExportedProgram for `target`, heaviest first."""
     import tvm_ffi
     from tvm import tirx
@@ -69,7 +69,7 @@ def extract_tasks(ep, target, *, threshold: float | None = None, include_dense: 
 
 
     mod, names = import_program(ep)
-    mod = build_pipeline(target, threshold=threshold, names=names, fmt=fmt, stop_after="legalize")(mod)
+    mod = build_pipeline(target, threshold=threshold, names=names, fmt=fmt, rates=rates, stop_after="legalize")(mod)
     ops = tuned_ops(target.kind.name, include_dense)
     tasks: dict[str, Task] = {}
     by_gv: dict[str, Task] = {}

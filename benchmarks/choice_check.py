@@ -1,0 +1,162 @@
+"""Is the per-layer choice right? Every conv/linear layer of a model compiled both ways (our dense kernel
+and the sparse kernel in the format the pass would pack), both timed in alternating rounds at a thread
+count, and the cost model's choice read against the two times.
+
+    python benchmarks/choice_check.py vgg16-cifar --sparsities 0.8,0.9,0.95 --threads 1 -o out.json
+    python benchmarks/choice_check.py --evaluate out.json [--rates built-in|calibrated|FILE.json]
+
+The measurements do not depend on the cost model, so one file evaluates any set of rates: `--evaluate`
+prints, per (model, sparsity), how many layers each rate set chose within 10% of the faster kernel, the
+worst misses, and the sum of the chosen kernels' times (what the choice costs end to end). Run under
+UNSPARSE_MCPU=haswell for the AVX2 code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+CHOICE_TOLERANCE = 1.10
+
+
+def _rows_stats(rows) -> dict:
+    return {"fmt": rows.fmt, "padded": rows.padded_size, "nnz": rows.nnz, "group": rows.group}
+
+
+def measure(model: str, sparsity: float, threads: int, repeat: int) -> list[dict]:
+    import tvm
+
+    from unsparse_tvm.bench import _compile_layer, _vm_timer, extract_layers, layer_module, round_robin, set_threads
+    from unsparse_tvm.compress.prune import load_model_program
+    from unsparse_tvm.target import make_target
+
+    target = make_target("llvm")
+    ep = load_model_program(model, sparsity)
+    specs, names = extract_layers(ep)
+    set_threads(threads)
+    out = []
+    for i, spec in enumerate(specs):
+        mod = layer_module(spec)
+        x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
+        report: list = []
+        sparse = _compile_layer(mod, target, 0.0, True, names, report)  # forced sparse, the format the pass packs
+        dense = _compile_layer(mod, target, None, False)
+        d = report[0]
+        if d.decision != "sparse":  # grouped/depthwise convs: never sparse, nothing to choose
+            continue
+        timers = {"sparse": _vm_timer(sparse, tvm.cpu(), x)[0], "dense": _vm_timer(dense, tvm.cpu(), x)[0]}
+        t = round_robin(timers, repeat, min_batch_ms=5.0)
+        row = {"name": d.name, "op": spec.op, "weight": list(spec.weight.shape), "input": list(spec.input_shape),
+               "attrs": spec.attrs, "sparsity": d.sparsity, "fmt": d.format, "padded": d.padded, "nnz": d.nnz,
+               "fused": d.fused, "sparse_ms": t["sparse"], "dense_ms": t["dense"]}
+        out.append(row)
+        print(f"  [{i + 1}/{len(specs)}] {d.name:24s} {d.format:6s} sparse {t['sparse']:8.4f} ms  dense "
+              f"{t['dense']:8.4f} ms", flush=True)
+    return out
+
+
+def predict(row: dict, rates) -> tuple[float, float]:
+    """(dense us, sparse us) of a measured row under `rates` (layer_cost, with the row's own packing)."""
+    from types import SimpleNamespace
+
+    from unsparse_tvm.formats import ConvGeometry
+    from unsparse_tvm.layer_cost import conv_cost, linear_cost
+
+    rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"],
+                           group=int(row["fmt"][4:]) if row["fmt"].startswith("vell") else 1)
+    if row["op"] == "conv2d":
+        n, c, h, w = row["input"]
+        k, _, r, s = row["weight"]
+        a = row["attrs"]
+        geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
+        cost = conv_cost(geo, rows, "llvm", rates)
+    else:
+        cost = linear_cost(row["input"][0], tuple(row["weight"]), rows, "llvm", rates)
+    return cost.dense_us, cost.sparse_us
+
+
+def evaluate(runs: list[dict], rates) -> list[dict]:
+    """Per run: layers right (within 10% of the faster kernel), the misses, and the chosen kernels' total."""
+    summary = []
+    for run in runs:
+        chosen_total, best_total, misses = 0.0, 0.0, []
+        for row in run["layers"]:
+            dense_us, sparse_us = predict(row, rates)
+            chose = "sparse" if sparse_us < dense_us else "dense"
+            t = {"sparse": row["sparse_ms"], "dense": row["dense_ms"]}
+            regret = t[chose] / min(t.values())
+            chosen_total += t[chose]
+            best_total += min(t.values())
+            if regret > CHOICE_TOLERANCE:
+                misses.append((row["name"], row["fmt"], chose, round(regret, 2)))
+        summary.append({"model": run["model"], "sparsity": run["sparsity"], "mcpu": run["mcpu"],
+                        "layers": len(run["layers"]), "right": len(run["layers"]) - len(misses),
+                        "misses": sorted(misses, key=lambda m: -m[3]), "chosen_ms": chosen_total,
+                        "best_ms": best_total})
+    return summary
+
+
+def _load_rates(spec: str):
+    from unsparse_tvm.layer_cost import BUILTIN
+
+    if spec == "built-in":
+        return BUILTIN
+    from unsparse_tvm import calibration
+    from unsparse_tvm.target import make_target
+
+    if spec == "calibrated":
+        rates = calibration.cached_rates(make_target("llvm"))
+        if rates is None:
+            sys.exit("no calibration for this CPU and thread count yet: run `unsparse-tvm calibrate`")
+        return rates
+    return calibration.read_rates_file(spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--sparsities", default="0.8,0.9,0.95")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("-o", "--output", help="JSON file of the measurements (appended to, per model and sparsity)")
+    ap.add_argument("--evaluate", help="a JSON file written by this script: evaluate rates against it")
+    ap.add_argument("--rates", action="append", default=None,
+                    help="built-in, calibrated (this CPU's cached calibration), or a calibration file; repeatable")
+    args = ap.parse_args()
+    if args.evaluate:
+        runs = json.load(open(args.evaluate))["runs"]
+        for spec in args.rates or ["built-in"]:
+            rates = _load_rates(spec)
+            print(f"\nrates: {spec} ({rates.source})")
+            for s in evaluate(runs, rates):
+                print(f"  {s['model']:12s} {s['sparsity']:<5} {s['mcpu']:16s} right {s['right']:2d}/{s['layers']:2d}  "
+                      f"chosen {s['chosen_ms']:8.3f} ms (best {s['best_ms']:8.3f})  misses: {s['misses'][:4]}")
+        return
+    from unsparse_tvm.target import make_target
+
+    mcpu = str(make_target("llvm").attrs["mcpu"])
+    data = json.load(open(args.output)) if args.output and os.path.exists(args.output) else {"runs": []}
+    for model in args.models:
+        for sp in [float(s) for s in args.sparsities.split(",")]:
+            if any(r["model"] == model and r["sparsity"] == sp and r["mcpu"] == mcpu and r["threads"] == args.threads
+                   for r in data["runs"]):
+                print(f"{model} {sp} {mcpu}: already measured")
+                continue
+            print(f"{model} at {sp} ({mcpu}, {args.threads} thread(s))", flush=True)
+            layers = measure(model, sp, args.threads, args.repeat)
+            data["runs"].append({"model": model, "sparsity": sp, "mcpu": mcpu, "threads": args.threads,
+                                 "date": time.strftime("%Y-%m-%d %H:%M"), "layers": layers})
+            if args.output:
+                tmp = args.output + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(data, f, indent=1)
+                os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()

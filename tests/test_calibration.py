@@ -1,0 +1,168 @@
+"""The cost model calibrated to the machine: the fit, the cache (per CPU, code path and thread count),
+what compile says it used, and the bad inputs (damaged or foreign files, a busy machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from unsparse_tvm import calibration
+from unsparse_tvm.calibration_layers import LAYERS, fit_rates
+from unsparse_tvm.errors import UnsparseError
+from unsparse_tvm.layer_cost import BUILTIN
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache folder, calibration switched on (the suite runs with UNSPARSE_CALIBRATION=off)."""
+    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(calibration.MODE_ENV, raising=False)
+    return tmp_path / "cache" / "calibration"
+
+
+def _rows(rates) -> list[dict]:
+    """What measure_layers would return on a machine whose kernels follow the model exactly at `rates`."""
+    terms = {  # fmas, outputs, passes of each calibration layer (as _terms computes them)
+        "dense_3x3": (10616832, 18432, 3), "dense_1x1": (2097152, 16384, 1), "ell_3x3": (5197824, 36864, 3),
+        "ell_1x1": (1048576, 65536, 1), "ell_out": (1044480, 69632, 3), "hyb_3x3": (7377408, 36864, 3),
+        "vell_3x3": (4866048, 36864, 3), "dram": (12681216, 2113536, 3), "dense_linear": (1048576, 0, 0),
+        "sparse_linear": (143360, 0, 0)}
+    rows = []
+    for name, (kind, *_rest) in LAYERS.items():
+        fmas, outputs, passes = terms[name]
+        if passes == 0:
+            t = fmas / (rates.dense_linear if kind == "dense" else rates.sparse_linear)
+        else:
+            rate = rates.dense_conv if kind == "dense" else rates.fma_rate(kind)
+            t = fmas / rate + passes * outputs / rates.output
+            if name == "dram":
+                t = max(t, 4 * passes * outputs / rates.dram_bytes_s)
+        rows.append({"layer": name, "kernel": kind, "fmas": fmas, "outputs": outputs, "passes": passes, "seconds": t})
+    return rows
+
+
+def test_fit_recovers_the_rates_of_a_machine_that_follows_the_model():
+    truth = dataclasses.replace(BUILTIN, dense_conv=31e9, ell=14e9, hyb=12e9, vell=40e9, output=9e9,
+                                dram_bytes_s=1e9, dense_linear=0.4e9, sparse_linear=2e9)
+    rates, fit = fit_rates(_rows(truth))
+    for k in ("dense_conv", "ell", "hyb", "vell", "output", "dense_linear", "sparse_linear"):
+        assert getattr(rates, k) == pytest.approx(getattr(truth, k), rel=0.01), k
+    assert all(r["predicted_seconds"] == pytest.approx(r["seconds"], rel=0.02) for r in fit)
+
+
+def _target(mcpu=None):
+    import tvm
+
+    from unsparse_tvm.target import llvm_target_dict
+
+    return tvm.target.Target(llvm_target_dict(mcpu))
+
+
+def _store(rates, target, threads, **changes) -> str:
+    ident = calibration.identity(target, threads)
+    path = calibration.cache_path(ident)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = {"format": calibration.FORMAT, "identity": ident, "date": "2026-12-03 09:00",
+            "rates": {k: getattr(rates, k) for k in calibration.RATE_FIELDS}}
+    data.update(changes)
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def test_compile_uses_the_cached_calibration_and_says_so(cache, monkeypatch, capsys):
+    target = _target()
+    mine = dataclasses.replace(BUILTIN, ell=3e9)
+    path = _store(mine, target, 3)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    rates = calibration.rates_for(target)
+    assert rates.ell == 3e9 and path in rates.source
+    assert f"cost model: x86 rates calibrated 2026-12-03 09:00, {path}" in capsys.readouterr().out
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # another thread count: not this calibration
+    monkeypatch.setattr(calibration, "calibrate_rates", lambda t, n, log=print: dataclasses.replace(BUILTIN, source="new"))
+    assert calibration.rates_for(target).source == "new"
+    assert "calibrating the cost model for this CPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("why, damage", [
+    ("not JSON", lambda p: open(p, "w").write("{not json")),
+    ("no rates", lambda p: _rewrite(p, rates=None)),
+    ("negative rate", lambda p: _rewrite(p, rates={**json.load(open(p))["rates"], "ell": -1})),
+    ("another CPU", lambda p: _rewrite(p, identity={**json.load(open(p))["identity"], "cpu_model": "Intel 8086"})),
+    ("binary", lambda p: open(p, "wb").write(b"\xff\xfe\x00garbage")),
+])
+def test_damaged_or_foreign_file_is_ignored_with_one_warning_and_measured_again(cache, monkeypatch, capsys, why, damage):
+    target = _target()
+    path = _store(BUILTIN, target, calibration.run_threads())
+    damage(path)
+    monkeypatch.setattr(calibration, "calibrate_rates", lambda t, n, log=print: dataclasses.replace(BUILTIN, source="again"))
+    assert calibration.rates_for(target).source == "again"
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "warning:" in err and "ignored, measuring again" in err, err
+
+
+def _rewrite(path, **changes):
+    data = json.load(open(path))
+    data.update(changes)
+    json.dump(data, open(path, "w"))
+
+
+def test_off_cuda_and_foreign_code_keep_the_built_in_rates(cache, monkeypatch, capsys):
+    from unsparse_tvm.target import make_target
+
+    monkeypatch.setattr(calibration, "calibrate_rates", lambda *a, **k: pytest.fail("must not calibrate"))
+    assert calibration.rates_for(_target(), calibrate=False) is BUILTIN
+    assert "built-in x86 rates (--no-calibrate)" in capsys.readouterr().out
+    monkeypatch.setenv(calibration.MODE_ENV, "off")
+    assert calibration.rates_for(_target()) is BUILTIN
+    assert "UNSPARSE_CALIBRATION=off" in capsys.readouterr().out
+    monkeypatch.delenv(calibration.MODE_ENV)
+    assert calibration.rates_for(make_target("cuda", "sm_90")) is BUILTIN
+    from unsparse_tvm import hostcpu
+
+    monkeypatch.setattr(hostcpu, "host_features", lambda: frozenset({"avx", "avx2", "fma"}))
+    assert calibration.rates_for(_target("skylake-avx512")) is BUILTIN
+    assert "does not run here" in capsys.readouterr().out
+
+
+def test_a_busy_machine_stores_nothing_that_is_far_off(cache, monkeypatch):
+    """Other processes took 1.5 cores while measuring and the fitted rates are 3x the built-in ones: refused,
+    nothing written. The same rates measured on an idle machine are stored (another CPU may be that fast)."""
+    import unsparse_tvm.calibration_layers as layers
+
+    fast = dataclasses.replace(BUILTIN, **{k: 3 * getattr(BUILTIN, k) for k in calibration.RATE_FIELDS})
+    monkeypatch.setattr(layers, "measure_layers", lambda target, threads, log=print: _rows(fast))
+    monkeypatch.setattr(calibration, "_busy_cores", lambda *a: 1.5)
+    with pytest.raises(UnsparseError, match=r"the machine is busy .* 3\.0x off the built-in ones"):
+        calibration.calibrate_rates(_target(), 2, log=lambda m: None)
+    assert not cache.exists() or not os.listdir(cache)
+    monkeypatch.setattr(calibration, "_busy_cores", lambda *a: 0.0)
+    rates = calibration.calibrate_rates(_target(), 2, log=lambda m: None)
+    assert rates.ell == pytest.approx(3 * BUILTIN.ell, rel=0.01) and len(os.listdir(cache)) == 1
+
+
+@pytest.mark.slow
+def test_calibrate_command_measures_stores_and_compile_uses_it(cache, tmp_path):
+    """The real thing, in fresh processes: `calibrate` (timed: under the issue's 60 s), then `compile`
+    names the file it used."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, calibration.CACHE_ENV: str(tmp_path / "cache")}
+    env.pop(calibration.MODE_ENV, None)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "unsparse_tvm.cli", *map(str, a)], env=env,
+                                    capture_output=True, text=True, timeout=600)
+    start = time.perf_counter()
+    proc = run("calibrate")
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start < 60
+    files = os.listdir(cache)
+    assert len(files) == 1
+    stored = json.load(open(cache / files[0]))
+    assert all(v > 0 for v in stored["rates"].values()) and len(stored["layers"]) == len(LAYERS)
+    out = run("compile", "smallcnn", "-o", tmp_path / "s.so").stdout
+    assert f"cost model: x86 rates calibrated {stored['date']}, {cache / files[0]}" in out
