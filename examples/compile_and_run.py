@@ -1,43 +1,47 @@
-"""The whole flow from Python: prune a built-in model, compile it for the CPU (and, with nvcc, for an
-H100), run the deployable module with the TVM runtime, compare with PyTorch.
+"""Your own PyTorch model through the whole flow: prune it, compile it into sparse kernels for this CPU
+(and, with nvcc, for an H100), call it, save the one-file module, load it with the TVM runtime alone.
 
-    python examples/compile_and_run.py [--model vgg16-cifar] [--sparsity 0.9] [--cuda]
+    python examples/compile_and_run.py [--sparsity 0.9] [--cuda]
 """
 
 import argparse
 import os
 import tempfile
 
-import numpy as np
 import torch
+import torch.nn as nn
 
-from unsparse_tvm.build import compile_program, export, print_report
-from unsparse_tvm.frontend import program_input_shape
-from unsparse_tvm.compress.prune import prune_to_program
-from unsparse_tvm.runtime import describe_module, load, run_array
-from unsparse_tvm.target import make_target
+import unsparse_tvm
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", default="vgg16-cifar")
 parser.add_argument("--sparsity", type=float, default=0.9)
-parser.add_argument("--cuda", action="store_true", help="also build an sm_90 module (needs nvcc)")
+parser.add_argument("--cuda", action="store_true", help="also build an sm_90 module (needs nvcc, not a GPU)")
 args = parser.parse_args()
 
-ep = prune_to_program(args.model, args.sparsity)                 # model -> prune (one-shot magnitude)
-compiled = compile_program(ep, make_target("llvm"))              # import -> passes -> schedules -> build
-print_report(compiled.report, threshold=0.7)
-out_dir = tempfile.mkdtemp()
-so = os.path.join(out_dir, "model.so")
-export(compiled, so, model=args.model, threshold=0.7)            # one file, weights inside
+net = nn.Sequential(                                          # any CNN: NCHW convs, BN, ReLU, pooling, linear
+    nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),          # [N,64,32,32]
+    nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(),  # [N,128,16,16]
+    nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),                           # [N,128,16,16]
+    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),              # [N,10]
+).eval()
+x = torch.randn(1, 3, 32, 32)
 
-x = np.random.default_rng(0).standard_normal(program_input_shape(ep)).astype(np.float32)
-vm, dev, meta = load(so)                                          # what `unsparse-tvm run` does
-y = run_array(vm, dev, meta, x)
+unsparse_tvm.prune(net, args.sparsity)                        # layer-wise magnitude pruning, in place
+model = unsparse_tvm.compile(net, example_input=x)            # import -> passes -> schedules -> build
+for layer in model.report:                                    # why each layer runs sparse or dense
+    print(f"{layer['name']:4s} {str(layer['shape']):18s} sparsity {layer['sparsity']:.2f}  {layer['decision']} "
+          f"{layer['format'] if layer['decision'] == 'sparse' else ''}")
+
 with torch.no_grad():
-    ref = ep.module()(torch.from_numpy(x)).numpy()
-print(f"max relative error vs PyTorch: {np.abs(y - ref).max() / np.abs(ref).max():.2e}")
+    ref = net(x)
+y = model(x)                                                  # torch in, torch out (numpy in, numpy out)
+print(f"max relative error vs PyTorch: {float((y - ref).abs().max() / ref.abs().max()):.2e}")
+print(f"time per call: {model.benchmark()['median_ms']:.3f} ms")
+
+so = model.save(os.path.join(tempfile.mkdtemp(), "model.so"))  # one file, weights inside
+deployed = unsparse_tvm.load(so)                              # TVM runtime only, as `unsparse-tvm run`
+print(f"{deployed}: same output: {bool((deployed(x) == y).all())}")
 
 if args.cuda:
-    cuda_so = os.path.join(out_dir, "model_sm90.so")
-    export(compile_program(ep, make_target("cuda", "sm_90")), cuda_so, model=args.model, threshold=0.7)
-    print(describe_module(cuda_so))
+    gpu = unsparse_tvm.compile(net, "cuda", example_input=x, arch="sm_90")
+    print(f"CUDA module: {gpu.save(os.path.join(os.path.dirname(so), 'model_sm90.so'))}")

@@ -68,14 +68,19 @@ class _Sparsifier(ConvChainRewriter):
 
 
     def pack(self, weight, geo):
-        """The layer's rows: the format asked for, else the one choose_format picks by padding, or on
-        llvm ell instead of hyb where ell's fused epilogue (ConvGeometry.flat_output) predicts faster."""
-        rows = conv_weight_rows(weight, geo, self.fmt, HYB_MIN_SAVING[self.target_kind])
-        if self.fmt is None and self.target_kind == "llvm" and rows.fmt == "hyb" and geo.flat_output:
-            ell = conv_weight_rows(weight, geo, "ell")
-            if self.cost.conv(geo, ell).sparse_us < self.cost.conv(geo, rows).sparse_us:
-                return ell
-        return rows
+        return pack_conv_rows(weight, geo, self.fmt, self.cost)
+
+
+def pack_conv_rows(weight, geo, fmt: str | None, cost: CostModel):
+    """A conv layer's sparse rows as the pass packs them: the format asked for, else the one choose_format
+    picks by padding, or on llvm ell instead of hyb where ell's fused epilogue (ConvGeometry.flat_output)
+    predicts faster. (Also what the speed-target pruner costs a candidate sparsity with.)"""
+    rows = conv_weight_rows(weight, geo, fmt, HYB_MIN_SAVING[cost.kind])
+    if fmt is None and cost.kind == "llvm" and rows.fmt == "hyb" and geo.flat_output:
+        ell = conv_weight_rows(weight, geo, "ell")
+        if cost.conv(geo, ell).sparse_us < cost.conv(geo, rows).sparse_us:
+            return ell
+    return rows
 
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyConv2d")

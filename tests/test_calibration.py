@@ -158,6 +158,8 @@ def test_calibrate_command_measures_stores_and_compile_uses_it(cache, tmp_path):
                                     capture_output=True, text=True, timeout=600)
     start = time.perf_counter()
     proc = run("calibrate")
+    if proc.returncode == 2 and "the machine is busy" in proc.stderr:  # refusing is right then (tested above)
+        pytest.skip(f"other processes loaded the CPU: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     assert time.perf_counter() - start < 60
     files = os.listdir(cache)

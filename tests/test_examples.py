@@ -19,15 +19,17 @@ def _run(script: str, *args: str, cwd) -> str:
 
 @pytest.mark.slow
 def test_compile_and_run_matches_torch(tmp_path):
-    out = _run("compile_and_run.py", "--model", "smallcnn", cwd=tmp_path)
+    out = _run("compile_and_run.py", cwd=tmp_path)
     err = float(re.search(r"max relative error vs PyTorch: (\S+)", out).group(1))
-    assert err < 1e-5 and "sparse" in out
+    assert err < 1e-5 and "sparse" in out and "same output: True" in out
 
 
 @pytest.mark.slow
 def test_prune_and_quantize_reports_footprint(tmp_path):
     out = _run("prune_and_quantize.py", cwd=tmp_path)
-    assert "int8" in out and re.search(r"sparse int8 [\d,]+ B", out)
+    acc = {k: float(v) for k, v in re.findall(r"^(dense|\+ int8|compiled):\s+([\d.]+)%", out, re.M)}
+    assert acc["dense"] > 90 and abs(acc["compiled"] - acc["+ int8"]) < 0.5, out  # compiled = the quantised net
+    assert re.search(r"sparse\s+vell4\s+int8", out), out
 
 
 @pytest.mark.slow

@@ -1,10 +1,17 @@
 """unsparse-tvm: compile pruned and quantised CNNs with TVM into sparse direct-convolution kernels.
 
+    import unsparse_tvm
+    net = unsparse_tvm.prune(net, 0.9)                        # nn.Module, pruned in place
+    compiled = unsparse_tvm.compile(net, example_input=x)     # a callable CompiledModel
+    compiled(x); compiled.save("model.so")                    # unsparse_tvm.load("model.so")(x)
+
 Data flows one way: model -> prune/quantise -> import (torch.export -> Relax) -> passes
 (`unsparse_tvm.relay_passes`) -> schedules (`unsparse_tvm.schedules`) -> build -> tune/bench -> deploy.
-Nothing heavy is imported here, so `unsparse-tvm run` can stay runtime-only (no torch, no compiler).
+The public names below are imported on first use, so `import unsparse_tvm` stays light and
+`unsparse-tvm run` runtime-only (no torch, no compiler).
 """
 
+import importlib
 import os
 
 __version__ = "0.1.0"
@@ -18,3 +25,19 @@ __version__ = "0.1.0"
 if "TVM_NUM_THREADS" not in os.environ:
     os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1)
+
+
+# the public API (unsparse_tvm.api), loaded on first use
+_API = ("compile", "load", "prune", "quantize", "train", "evaluate", "tune", "calibrate", "CompiledModel",
+        "CompileOptions")
+__all__ = [*_API, "UnsparseError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(".api", __name__), name)
+    if name == "UnsparseError":
+        from .errors import UnsparseError
+
+        return UnsparseError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,43 +24,15 @@ from .build import activation_ranges, compile_program
 from .calibration import rates_for
 from .compress.prune import load_model_program
 from .cuda_package import embed_device_code
-from .single_layer import LayerSpec, layer_module
+from .single_layer import LayerSpec, extract_layers, layer_module
 from .errors import UnsparseError
-from .frontend import import_program, program_input_shape, read_quantization
+from .frontend import program_input_shape, read_quantization
 from .models import example_input
 from .outputs import check_output, write_text
 from .peers import PEERS, peer_callables
-from .relay_passes import FoldBatchNormIntoConv, build_pipeline
-from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
-from .relay_passes.sparsify_dense import _linear_weight
+from .relay_passes import build_pipeline
 from .target import make_target, require_runnable
 from .tuning.database import open_database
-
-
-def extract_layers(ep) -> tuple[list[LayerSpec], object]:
-    """Every conv2d and linear with a constant weight, with the bias and ReLU that follow it, and the
-    LayerNames that name their (batch-norm folded) weights."""
-
-
-    mod, names = import_program(ep)
-    mod = tvm.transform.Sequential([FoldBatchNormIntoConv(names), relax.transform.FoldConstant()])(mod)
-    func = mod["main"]
-    var2val, counts, users = relax.analysis.get_var2val(func), use_counts(func), users_of(func)
-    layers = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            out = shape_of(b.var)
-            if is_op(b.value, "relax.nn.conv2d") and const_array(b.value.args[1]) is not None:
-                a = b.value.attrs
-                ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
-                layers.append(LayerSpec("conv2d", shape_of(b.value.args[0]), const_array(b.value.args[1]),
-                                        ep_.bias, ep_.relu,
-                                        {"strides": [int(v) for v in a.strides], "padding": [int(v) for v in a.padding],
-                                         "dilation": [int(v) for v in a.dilation], "groups": int(a.groups)}))
-            elif (w := _linear_weight(b.value, var2val)) is not None and out is not None:
-                ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
-                layers.append(LayerSpec("dense", shape_of(b.value.args[0]), w, ep_.bias, ep_.relu, {}))
-    return layers, names
 
 
 def torch_layer(spec: LayerSpec, device: str):

@@ -78,19 +78,16 @@ def print_report(report: list, threshold: float | None) -> None:
     print(format_report(report, threshold))
 
 
-def export(compiled: Compiled, path: str, *, model: str, threshold: float | None, overwrite: bool = False) -> dict:
-    """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
-    temp file that is removed on any exit (unsparse_tvm.outputs)."""
-    check_output(path, overwrite=overwrite, suffixes=(".so",))
+def metadata(compiled: Compiled, *, model: str, threshold: float | None) -> dict:
+    """What a compiled module says about itself (the .so's trailer; `inspect`, `run` and `load` read it)."""
     target = compiled.target
     kind = target.kind.name
-    arch = str(target.attrs["arch"]) if kind == "cuda" else None
     host = target.host if kind == "cuda" else target
-    meta = {
+    return {
         "format": 1,
         "model": model,
         "target": kind,
-        "arch": arch,
+        "arch": str(target.attrs["arch"]) if kind == "cuda" else None,
         "mcpu": str(host.attrs["mcpu"]) if host is not None and "mcpu" in host.attrs else None,
         "cpu_features": sorted(target_cpu_features(target)),  # `run` refuses a CPU without them (SIGILL)
         "device_code": "fatbin" if kind == "cuda" else "none (host code only)",
@@ -102,6 +99,15 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float | None
         "tvm_version": tvm.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def export(compiled: Compiled, path: str, *, model: str, threshold: float | None, overwrite: bool = False) -> dict:
+    """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
+    temp file that is removed on any exit (unsparse_tvm.outputs)."""
+    check_output(path, overwrite=overwrite, suffixes=(".so",))
+    kind = compiled.target.kind.name
+    meta = metadata(compiled, model=model, threshold=threshold)
+    arch = meta["arch"]
     with writing(path, overwrite=overwrite) as tmp:
         if kind == "cuda":
             embed_device_code(compiled.executable, arch)

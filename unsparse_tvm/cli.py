@@ -301,9 +301,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     p.add_argument("--threads", type=_thread_list, default=None,
                    help="thread counts for every contender, e.g. 1,2 (one round robin each; default: all cores)")
-    p.add_argument("--peers", nargs="?", const="onnxruntime,openvino,torch_compile", default=None, type=_peer_list,
+    p.add_argument("--peers", nargs="?", const="onnxruntime,openvino,torch_compile,unsparse_torch_compile", default=None,
+                   type=_peer_list,
                    help="also time the runtimes a user would pick instead (default with the flag: onnxruntime,"
-                        "openvino,torch_compile; needs pip install -e \".[peers]\")")
+                        "openvino,torch_compile, and ours through torch.compile(backend=\"unsparse\"): "
+                        "unsparse_torch_compile; needs pip install -e \".[peers]\")")
 
 
 def _thread_list(text: str) -> list[int]:
@@ -317,12 +319,12 @@ def _thread_list(text: str) -> list[int]:
 
 
 def _peer_list(text: str) -> list[str]:
-    from .peers import PEERS
+    from .peers import OURS, PEERS
 
     names = [t for t in text.split(",") if t]
-    bad = [t for t in names if t not in PEERS]
+    bad = [t for t in names if t not in PEERS + OURS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown peer '{(bad or [text])[0]}': use {', '.join(PEERS)}")
+        raise argparse.ArgumentTypeError(f"unknown peer '{(bad or [text])[0]}': use {', '.join(PEERS + OURS)}")
     return names
 
 

@@ -204,5 +204,5 @@ def _update_masks(layers: list[tuple[str, nn.Module, str]], fractions: dict[str,
     for fqn, owner, pname in layers:
         orig, mask = current[fqn]
         if not (cfg.scope == "global" and fqn in pool and fqn not in capped):
-            mask = cfg.method_for(fractions[fqn]).compute_mask(orig * mask, mask)
+            mask = cfg.method_for(fractions[fqn], fqn).compute_mask(orig * mask, mask)
         _set_mask(owner, pname, mask)

@@ -40,6 +40,10 @@ class PruneConfig:
     ramp_fraction: float = 0.6               # share of the fine-tuning steps over which sparsity ramps up
     updates: int = 30                        # mask updates along the ramp
     seed: int = 0
+    # per layer (weight name -> value), where a plan chose them (speed_target): these layers' own sparsity
+    # and pattern ("unstructured", "vector", "block": this config's V and B), instead of the uniform ones
+    layer_sparsity: dict | None = None
+    layer_pattern: dict | None = None
 
     def validate(self) -> "PruneConfig":
         if self.block_size is None:
@@ -71,8 +75,12 @@ class PruneConfig:
             raise UnsparseError("the learning rate must be > 0 and the batch size >= 1")
         return self
 
-    def method_for(self, amount: float) -> tprune.BasePruningMethod:
-        """The torch pruning method that prunes one layer to `amount`."""
+    def method_for(self, amount: float, layer: str | None = None) -> tprune.BasePruningMethod:
+        """The torch pruning method that prunes one layer to `amount` (the layer's own pattern, if planned)."""
+        if layer is not None and self.layer_pattern and layer in self.layer_pattern:
+            pattern = self.layer_pattern[layer]
+            return PruneConfig(method=pattern, vector_size=self.vector_size,
+                               block_size=self.block_size or 4).method_for(amount)
         if self.method == "vector":
             return VectorPruning(amount, self.vector_size)
         if self.method == "block":
@@ -110,6 +118,8 @@ def layer_targets(sizes: dict[str, int], cfg: PruneConfig,
     is pruned as far as costs at most the same accuracy drop `d`, with `d` bisected to hit the total.
     """
     names = list(sizes)
+    if cfg.layer_sparsity is not None:  # a plan's own per-layer sparsity (unplanned layers stay as they are)
+        return {n: cfg.layer_sparsity.get(n, 0.0) for n in names}
     fixed = fixed_layers(names, cfg)
     pool = [n for n in names if n not in fixed]
     total = sum(sizes.values())

@@ -1,0 +1,151 @@
+"""`torch.compile(model, backend="unsparse")`: the one line a PyTorch user tries first. Registered by the
+`torch_dynamo_backends` entry point; each captured graph compiled by unsparse_tvm.compile; what it cannot
+take runs eagerly with one warning naming the reason."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as tprune
+
+from unsparse_tvm.dynamo import UnsparseFallback
+
+
+def _compiled(model, x, **options):
+    """(output of torch.compile(model, backend="unsparse"), the UnsparseFallback warnings it gave)."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            y = torch.compile(model, backend="unsparse", options={"calibrate": False, **options})(x)
+    return y, [str(w.message) for w in caught if issubclass(w.category, UnsparseFallback)]
+
+
+def _prune(model: nn.Module, amount: float = 0.9) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            tprune.l1_unstructured(m, "weight", amount=amount)
+            tprune.remove(m, "weight")
+    return model.eval()
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_the_backend_is_registered_by_name():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from unsparse_tvm.dynamo import backend
+
+    assert lookup_backend("unsparse") is backend
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "vgg16-cifar", "resnet18",
+                                  pytest.param("vgg16", marks=pytest.mark.slow),
+                                  pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_builtin_models_match_eager(name):
+    from unsparse_tvm.models import BUILTIN_MODELS, build_model
+
+    model = _prune(build_model(name))
+    x = torch.randn(1, *BUILTIN_MODELS[name].input_shape, generator=torch.Generator().manual_seed(3))
+    y, fallbacks = _compiled(model, x)
+    assert not fallbacks
+    with torch.no_grad():
+        assert _rel(y, model(x)) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "regnet_x_400mf",
+                                  "googlenet", "densenet121", "squeezenet1_1", "lraspp_mobilenet_v3_large"])
+def test_torchvision_architectures_match_eager(arch):
+    from unsparse_tvm.models import build_model
+
+    model = _prune(build_model(f"tv:{arch}@64"))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    y, fallbacks = _compiled(model, x)
+    assert not fallbacks, fallbacks
+    with torch.no_grad():
+        ref = model(x)
+    y, ref = (y["out"], ref["out"]) if isinstance(ref, dict) else (y, ref)  # the segmentation head's dict
+    assert _rel(y, ref) < 1e-4
+
+
+class _Breaks(nn.Module):
+    """Two convs with a graph break between them (a Python-side value read from a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if float(y.mean()) > -1e9:  # .item(): Dynamo breaks the graph here
+            y = y * 1.0
+        return self.b(y)
+
+
+def test_a_graph_break_compiles_each_piece():
+    seen = []
+    from unsparse_tvm import dynamo
+
+    real = dynamo._compile
+
+    def counting(gm, ex, options):
+        seen.append(len([n for n in gm.graph.nodes if n.op == "placeholder"]))
+        return real(gm, ex, options)
+
+    dynamo._compile = counting
+    try:
+        model = _prune(_Breaks(), 0.8)
+        x = torch.randn(1, 3, 8, 8)
+        y, fallbacks = _compiled(model, x)
+    finally:
+        dynamo._compile = real
+    assert len(seen) >= 2 and not fallbacks
+    with torch.no_grad():
+        assert _rel(y, model(x)) < 1e-4
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, z):
+        return self.conv(x) + z
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("training", "training mode (batch_norm): call model.eval() first"),
+    ("two inputs", "2 tensor inputs"),
+    ("float64", "float64"),
+    ("bad option", "unknown option"),
+])
+def test_what_it_cannot_take_runs_eagerly_with_one_warning(case, reason):
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x, options = torch.randn(1, 3, 8, 8), {}
+    if case == "training":
+        conv.train()
+    elif case == "float64":
+        conv, x = conv.double(), x.double()
+    elif case == "bad option":
+        options = {"colour": "red"}
+    if case == "two inputs":
+        model, z = _TwoInputs().eval(), torch.randn(1, 4, 6, 6)
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                y = torch.compile(model, backend="unsparse")(x, z)
+                ref = model(x, z)
+        got = [str(w.message) for w in caught if issubclass(w.category, UnsparseFallback)]
+    else:
+        y, got = _compiled(conv, x, **options)
+        with torch.no_grad():
+            ref = conv(x)
+    assert len(got) == 1 and reason in got[0] and "runs eagerly" in got[0], got
+    assert torch.allclose(y, ref)

@@ -1,0 +1,71 @@
+"""Pruning for a speed target: the planner's frontier and allocation, and the whole loop (plan with the cost
+model, prune, compile, time against dense, correct)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import unsparse_tvm
+from unsparse_tvm import UnsparseError
+from unsparse_tvm.speed_target import LayerPlan, State, allocate, frontier
+
+
+def _states(points):
+    return [State("dense" if i == 0 else "unstructured", i / 10, t, c, "sparse") for i, (c, t) in enumerate(points)]
+
+
+def test_frontier_keeps_only_the_states_worth_taking():
+    # (cost, time): dense; a state the compile runs dense (same time, some cost); a step that saves little;
+    # two good steps; a state dominated by a cheaper, faster one
+    s = _states([(0.0, 100.0), (0.1, 100.0), (0.2, 95.0), (0.3, 40.0), (0.6, 20.0), (0.7, 30.0)])
+    assert frontier(s) == [0, 3, 4]  # 95 at 0.2 saves less per unit of cost than going straight on to 40
+
+
+def test_allocation_takes_time_where_it_is_cheapest():
+    cheap = LayerPlan("a.weight", "conv2d", [8, 8, 3, 3], _states([(0.0, 100.0), (0.2, 30.0), (1.0, 10.0)]))
+    dear = LayerPlan("b.weight", "conv2d", [8, 8, 3, 3], _states([(0.0, 100.0), (1.0, 30.0), (3.0, 10.0)]))
+    assert allocate([cheap, dear], 140.0)
+    assert (cheap.chosen, dear.chosen) == (1, 0)          # 70 us saved for 0.2 of cost, the other left dense
+    assert allocate([cheap, dear], 60.0) and (cheap.chosen, dear.chosen) == (1, 1)
+    assert not allocate([cheap, dear], 10.0)              # below the fastest states: out of reach
+
+
+def _net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 10)).eval()
+
+
+@pytest.mark.slow
+def test_prune_for_a_speedup_reaches_it_measured():
+    """The loop, end to end, on one thread: the measured speedup over the dense compile is within 10% of 2x
+    (or better), the layers pruned unevenly, and compiling the result really is that fast."""
+    net, x = _net(), torch.randn(1, 16, 32, 32)
+    unsparse_tvm.prune(net, speedup=2.0, example_input=x, threads=1)
+    result = net.unsparse_speed
+    assert result.achieved >= 2.0 * 0.9, result.rounds
+    sparsities = [l["sparsity"] for l in result.layers]
+    assert len(set(sparsities)) > 1 and max(sparsities) > 0.5
+    zeros = [float((m.weight == 0).float().mean()) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [round(z, 2) for z in zeros] == [round(l["sparsity"], 2) for l in result.layers]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"speedup": 1.0}, "must be above 1"),
+    ({"speedup": 0.5}, "must be above 1"),
+    ({"latency_ms": 0.0}, "must be positive"),
+    ({"speedup": 2.0, "latency_ms": 1.0}, "give one target"),
+    ({"speedup": 2.0, "pattern": "diagonal"}, "unknown pattern"),
+    ({"speedup": 1e6}, "out of reach on this CPU"),
+])
+def test_bad_speed_targets_are_one_error(kwargs, message):
+    with pytest.raises(UnsparseError, match=message):
+        unsparse_tvm.prune(_net(), example_input=torch.randn(1, 16, 8, 8), threads=1, **kwargs)
+
+
+def test_a_model_with_nothing_to_prune_is_one_error():
+    with pytest.raises(UnsparseError, match="no conv2d"):
+        unsparse_tvm.prune(nn.Sequential(nn.ReLU()).eval(), speedup=2.0, example_input=torch.randn(1, 3, 4, 4))

@@ -1,0 +1,300 @@
+"""Prune for a speed target: the compiler's own cost model tells the pruner where zeros pay.
+
+A user asks for "3x faster than the dense model on this CPU" (or "at most T ms") and gets, per layer, the
+sparsity and pattern that reach it at the least accuracy cost, instead of one uniform sparsity:
+
+1. every conv/linear layer's time at each (pattern, sparsity) of a grid, predicted by the cost model the
+   compile itself uses (layer_cost with this CPU's calibration), on the weights as that pattern's
+   magnitude mask would leave them, packed exactly as the sparsify pass packs them; the time is the
+   faster of the sparse and dense kernel, as the compile chooses;
+2. each state's accuracy cost: the drop of a one-shot sensitivity scan where a data set is given (the
+   `--sensitivity` scan), else -log of the share of the layer's weight energy (sum of w^2) the mask keeps;
+3. a greedy multiple-choice knapsack over each layer's convex frontier of (cost, time) (as NetAdapt / AMC
+   allocate budgets): from all-dense, repeatedly take the step with the most predicted time saved per
+   unit of accuracy cost, until the predicted time meets the target;
+4. verified: the pruned model and the dense one compiled and timed in alternating rounds; if the measured
+   speedup misses the target, the target given to step 3 is scaled by the miss and the plan made again.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import UnsparseError
+
+GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+PATTERNS = ("unstructured", "vector", "block")
+ROUNDS = 4              # plan-and-measure rounds at most
+TOLERANCE = 0.10        # a measured speedup within 10% of the request is a hit
+
+
+@dataclass
+class State:
+    pattern: str
+    sparsity: float
+    time_us: float        # predicted, the faster of the two kernels
+    cost: float           # accuracy cost (see the module docstring)
+    kernel: str           # "sparse" or "dense": which kernel the compile will pick
+
+
+@dataclass
+class LayerPlan:
+    name: str             # weight name, e.g. features.0.weight
+    op: str
+    shape: list
+    states: list = field(default_factory=list)
+    chosen: int = 0       # index into states (0: dense)
+
+    @property
+    def state(self) -> State:
+        return self.states[self.chosen]
+
+
+def _predict(spec, weight: np.ndarray, cost) -> tuple[float, float]:
+    """(dense us, sparse us) of one layer with this (masked) weight, as the compile would pack and cost it."""
+    from .formats import ConvGeometry, HYB_MIN_SAVING, dense_weight_rows
+    from .relay_passes.sparsify_conv2d import pack_conv_rows
+
+    if spec.op == "conv2d":
+        n, c, h, w = spec.input_shape
+        k, _, r, s = weight.shape
+        a = spec.attrs
+        geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
+        lc = cost.conv(geo, pack_conv_rows(weight, geo, None, cost))
+    else:
+        lc = cost.linear(spec.input_shape[0], tuple(weight.shape), dense_weight_rows(weight, None, HYB_MIN_SAVING[cost.kind]))
+    return lc.dense_us, lc.sparse_us
+
+
+def plan_layers(module, ep, program, cost, patterns, curves: dict | None) -> list[LayerPlan]:
+    """Every prunable layer's states over PATTERNS x GRID (state 0: dense) with predicted time and cost.
+    `program`: the module exported (what the compile sees); `ep`: a reloaded foreign .pt2's program or None."""
+    from .compress.masks import prunable_parameters
+    from .compress.targets import PruneConfig
+    from .single_layer import extract_layers
+
+    specs, names = extract_layers(program)  # the compiler's view: batch norms folded, input shapes known
+    params = {fqn: getattr(owner, pname).detach() for fqn, owner, pname in prunable_parameters(module, ep)}
+    plans = []
+    for spec in specs:
+        fqn = names.name_of(spec.weight, spec.op) + ".weight"
+        if fqn not in params or (spec.op == "conv2d" and spec.attrs["groups"] != 1):
+            continue  # grouped / depthwise convs run dense whatever their zeros: nothing to buy there
+        w = params[fqn]
+        energy = float((w.double() ** 2).sum()) or 1.0
+        dense_us, _ = _predict(spec, spec.weight, cost)
+        plan = LayerPlan(fqn, spec.op, list(w.shape), [State("dense", 0.0, dense_us, 0.0, "dense")])
+        for pattern in patterns:
+            cfg = PruneConfig(method=pattern)
+            if pattern != "unstructured" and w.shape[0] % 4:
+                continue  # vectors / blocks of 4 need a multiple of 4 output channels
+            for s in GRID:
+                mask = cfg.method_for(s).compute_mask(w, torch.ones_like(w)).numpy()
+                d_us, s_us = _predict(spec, spec.weight * mask.reshape(spec.weight.shape), cost)
+                removed = float((w.double() ** 2 * torch.from_numpy(1 - mask)).sum()) / energy
+                # without data: -log of the weight energy kept, which grows fast near 100% (a layer pruned
+                # to 99% keeps ~3% of it), so zeros are spread rather than one layer cut out
+                loss = _interp(curves[pattern][fqn], s) if curves else -float(np.log(max(1.0 - removed, 1e-6)))
+                plan.states.append(State(pattern, s, min(d_us, s_us), loss, "sparse" if s_us < d_us else "dense"))
+        plans.append(plan)
+    if not plans:
+        raise UnsparseError("the model has no conv2d (ungrouped) or linear layer to prune for speed")
+    return plans
+
+
+def _interp(curve: list, s: float) -> float:
+    """A sensitivity curve's drop at s (linear between scan points, running max: more zeros never help)."""
+    pts, run = [(0.0, 0.0)], 0.0
+    for x, d in sorted(curve):
+        run = max(run, d)
+        pts.append((x, run))
+    for (x0, d0), (x1, d1) in zip(pts, pts[1:]):
+        if s <= x1:
+            return d0 + (d1 - d0) * (s - x0) / max(x1 - x0, 1e-12)
+    return pts[-1][1]
+
+
+def frontier(states: list[State]) -> list[int]:
+    """The indices of a layer's states on the lower convex hull of (accuracy cost, time), from dense onwards:
+    the states worth taking, in order, each step saving less time per unit of cost than the one before
+    (a 50% state the compile would run dense anyway costs accuracy and saves nothing: never on it)."""
+    order = sorted(range(len(states)), key=lambda i: (states[i].cost, states[i].time_us))
+    hull: list[int] = []
+    for i in order:
+        if hull and states[i].time_us >= states[hull[-1]].time_us:
+            continue  # no faster than a cheaper state
+        while len(hull) >= 2:
+            a, b = states[hull[-2]], states[hull[-1]]
+            slope_ab = (a.time_us - b.time_us) / max(b.cost - a.cost, 1e-12)
+            slope_bi = (b.time_us - states[i].time_us) / max(states[i].cost - b.cost, 1e-12)
+            if slope_bi < slope_ab:
+                break
+            hull.pop()  # b saves less per unit of cost than going straight on to i
+        hull.append(i)
+    return hull
+
+
+def allocate(plans: list[LayerPlan], budget_us: float) -> bool:
+    """Greedy over the layers' frontiers: the step with the most predicted time saved per unit of accuracy cost
+    first, until the layers' predicted total is within budget_us. False where even the fastest states miss."""
+    hulls = {id(p): frontier(p.states) for p in plans}
+    pos = {id(p): 0 for p in plans}
+    for p in plans:
+        p.chosen = hulls[id(p)][0]
+    total = sum(p.state.time_us for p in plans)
+    while total > budget_us:
+        best, best_slope = None, -1.0
+        for p in plans:
+            h, k = hulls[id(p)], pos[id(p)]
+            if k + 1 < len(h):
+                a, b = p.states[h[k]], p.states[h[k + 1]]
+                slope = (a.time_us - b.time_us) / max(b.cost - a.cost, 1e-12)
+                if slope > best_slope:
+                    best, best_slope = p, slope
+        if best is None:
+            return False
+        pos[id(best)] += 1
+        total -= best.state.time_us
+        best.chosen = hulls[id(best)][pos[id(best)]]
+        total += best.state.time_us
+    return True
+
+
+def apply_plan(module, ep, plans: list[LayerPlan]):
+    """A pruned copy of `module` (one-shot masks of the plan), for timing."""
+    from .compress.masks import prunable_parameters
+    from .compress.targets import PruneConfig
+
+    pruned = copy.deepcopy(module)
+    owners = {fqn: (owner, pname) for fqn, owner, pname in prunable_parameters(pruned, ep)}
+    with torch.no_grad():
+        for p in plans:
+            if p.state.sparsity > 0:
+                owner, pname = owners[p.name]
+                w = getattr(owner, pname)
+                w.mul_(PruneConfig(method=p.state.pattern).method_for(p.state.sparsity).compute_mask(w, torch.ones_like(w)))
+    return pruned
+
+
+@dataclass
+class SpeedResult:
+    requested: float                 # speedup over dense (or, with latency_ms, the dense time / latency)
+    achieved: float
+    dense_ms: float
+    sparse_ms: float
+    rounds: list = field(default_factory=list)   # per round: predicted budget, measured speedup
+    layers: list = field(default_factory=list)   # per layer: name, pattern, sparsity, kernel, predicted us
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _time_pair(sparse_ep, dense_ms_fn, target, rates, threads: int, repeat: int) -> tuple[float, float, float]:
+    """(measured speedup, dense ms, sparse ms): the plan compiled as `compile` would, timed against the dense
+    model in alternating rounds."""
+    import tvm
+
+    from .bench import _vm_timer, round_robin, set_threads
+    from .build import compile_program
+    from .frontend import program_input_shape
+    from .models import example_input
+
+    compiled = compile_program(sparse_ep, target, rates=rates)
+    x = example_input(program_input_shape(sparse_ep)).numpy()
+    set_threads(threads)
+    timers = {"sparse": _vm_timer(compiled.executable, tvm.cpu(), x)[0], "dense": dense_ms_fn}
+    t = round_robin(timers, repeat)
+    return t["dense"] / t["sparse"], t["dense"], t["sparse"]
+
+
+def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, latency_ms: float | None = None,
+                    patterns=("unstructured",), data=None, threads: int = 1, repeat: int = 15, log=print):
+    """Plan, verify and return (per-layer sparsity, per-layer pattern, SpeedResult); the module is untouched."""
+    import tvm
+
+    from .bench import _vm_timer, round_robin, set_threads
+    from .build import compile_program
+    from .calibration import rates_for
+    from .compress.masks import prunable_parameters
+    from .compress.targets import PruneConfig, sensitivity_scan
+    from .layer_cost import CostModel
+    from .models import example_input
+    from .target import make_target, require_runnable
+
+    if (speedup is None) == (latency_ms is None):
+        raise UnsparseError("give one target: --speedup S (over the dense model) or --latency-ms T")
+    if speedup is not None and not speedup > 1:
+        raise UnsparseError(f"--speedup must be above 1 (the dense model is 1x), got {speedup:g}")
+    if latency_ms is not None and not latency_ms > 0:
+        raise UnsparseError(f"--latency-ms must be positive, got {latency_ms:g}")
+    target = make_target("llvm")
+    require_runnable(target, "prune --speedup")
+    rates = rates_for(target, log=log, threads=threads)  # the rates of the thread count it is timed at
+    cost = CostModel("llvm", rates)
+    curves = None
+    if data is not None:
+        log("sensitivity scan per pattern (the accuracy cost of each layer's sparsity) ...")
+        layers = prunable_parameters(module, ep)
+        curves = {p: sensitivity_scan(module, layers, data, PruneConfig(method=p)) for p in patterns}
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (torch.randn(*example_shape),))
+    plans = plan_layers(module, ep, program, cost, patterns, curves)
+    dense = compile_program(program, target, sparse=False)
+    x = example_input(example_shape).numpy()
+    dense_timer = _vm_timer(dense.executable, tvm.cpu(), x)[0]
+    set_threads(threads)
+    dense_ms = round_robin({"dense": dense_timer}, repeat)["dense"]
+    requested = speedup if speedup is not None else dense_ms / latency_ms
+    # plans are made in predicted layer time; what no plan changes (pooling, activations) and the model's own
+    # error are corrected by measuring: the request the planner gets is scaled by each round's miss
+    predicted_dense = sum(p.states[0].time_us for p in plans)
+    fastest = sum(min(s.time_us for s in p.states) for p in plans)
+    if predicted_dense / fastest < requested * (1 - TOLERANCE):
+        raise UnsparseError(f"{requested:.2f}x is out of reach on this CPU: even at 99% sparsity in every layer the "
+                            f"layers are predicted at most {predicted_dense / fastest:.2f}x faster than dense "
+                            f"({dense_ms:.3f} ms)")
+    ask, best = requested, None
+    result = SpeedResult(requested, 0.0, dense_ms, 0.0)
+    for _ in range(ROUNDS):
+        reachable = allocate(plans, predicted_dense / ask)
+        if not reachable:
+            allocate(plans, fastest)  # as fast as it gets
+        pruned = apply_plan(module, ep, plans)
+        with torch.no_grad():
+            sparse_ep = torch.export.export(pruned.eval(), (torch.randn(*example_shape),))
+        achieved, d_ms, s_ms = _time_pair(sparse_ep, dense_timer, target, rates, threads, repeat)
+        result.rounds.append({"asked_of_the_layers": round(ask, 3), "speedup": round(achieved, 3), "dense_ms": d_ms,
+                              "sparse_ms": s_ms})
+        log(f"  round {len(result.rounds)}: layers planned {predicted_dense / sum(p.state.time_us for p in plans):.2f}x "
+            f"-> measured {s_ms:.3f} ms vs dense {d_ms:.3f} ms: {achieved:.2f}x (asked {requested:.2f}x)")
+        hit = achieved >= requested * (1 - TOLERANCE)
+        if best is None or (hit and (not best[2] or achieved < best[1])) or (not best[2] and achieved > best[1]):
+            best = ([p.chosen for p in plans], achieved, hit, d_ms, s_ms)
+        if requested * (1 - TOLERANCE / 2) <= achieved <= requested * (1 + TOLERANCE) or (not reachable and not hit):
+            break
+        ask *= requested / achieved  # the prediction was off by this much: ask the layers for the missing part
+    if not best[2]:
+        raise UnsparseError(f"{requested:.2f}x is out of reach on this CPU: the fastest plan measured "
+                            f"{best[1]:.2f}x over dense ({best[3]:.3f} ms -> {best[4]:.3f} ms)")
+    for p, i in zip(plans, best[0]):
+        p.chosen = i
+    result.achieved, result.dense_ms, result.sparse_ms = best[1], best[3], best[4]
+    result.layers = [{"name": p.name, "op": p.op, "shape": p.shape, "pattern": p.state.pattern,
+                      "sparsity": p.state.sparsity, "kernel": p.state.kernel,
+                      "predicted_us": round(p.state.time_us, 2), "dense_us": round(p.states[0].time_us, 2),
+                      "accuracy_cost": round(p.state.cost, 5)} for p in plans]
+    sparsity = {p.name: p.state.sparsity for p in plans}
+    pattern = {p.name: p.state.pattern for p in plans if p.state.sparsity > 0}
+    return sparsity, pattern, result
+
+
+def weighted_sparsity(module, ep, sparsity: dict) -> float:
+    from .compress.masks import prunable_parameters
+
+    sizes = {fqn: getattr(o, p).numel() for fqn, o, p in prunable_parameters(module, ep)}
+    return sum(sparsity.get(n, 0.0) * s for n, s in sizes.items()) / max(1, sum(sizes.values()))
+
