@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import cli
 
 
@@ -15,7 +17,53 @@ def test_bench_peers_and_threads_write_every_contender(tmp_path):
         assert {"unsparse_ms", "tvm_dense_ms", "torch_ms", "onnxruntime_ms", "openvino_ms"} <= set(e)
         assert all(v > 0 for v in e.values())
     assert r["max_rel_error_vs_torch"]["onnxruntime"] < 1e-3 and r["max_rel_error_vs_torch"]["openvino"] < 1e-3
-    assert "fastest peer" in proc.stdout
+    assert "unsparse vs the fastest fp32 peer" in proc.stdout
+
+
+def _int8_model(tmp_path) -> str:
+    """vgg16-cifar-like small net, channel-quad pruned and quantised with int8 activations (random data)."""
+    from conftest import cli_here
+
+    cli_here("prune", "smallcnn", "--sparsity", "0.75", "--method", "channel4", "-o", tmp_path / "p.pt2")
+    cli_here("quantize", tmp_path / "p.pt2", "--activations", "int8", "--dataset", "random", "-o", tmp_path / "q.pt2")
+    return str(tmp_path / "q.pt2")
+
+
+def test_an_int8_model_meets_int8_runtimes_by_default(tmp_path, monkeypatch):
+    """No --peers: ONNX Runtime's and OpenVINO's int8 (ORT's static QDQ quantisation, calibrated on the same
+    samples as `quantize --activations int8`), each checked against PyTorch with the int8 tolerance."""
+    monkeypatch.setenv("DEEPSPARSE_VENV", str(tmp_path / "no-deepsparse"))  # not built: left out by default
+    out = tmp_path / "b.json"
+    proc = cli("bench", _int8_model(tmp_path), "--no-layers", "--repeat", "3", "--threads", "1", "--json", out)
+    r = json.loads(out.read_text())
+    e = r["by_threads"]["1"]
+    assert {"unsparse_int8_ms", "onnxruntime_int8_ms", "openvino_int8_ms"} <= set(e), e
+    errors = r["max_rel_error_vs_torch"]
+    assert 0 < errors["onnxruntime_int8"] < 0.1 and 0 < errors["openvino_int8"] < 0.1  # int8: close, not exact
+    assert "unsparse_int8 vs the fastest int8 peer" in proc.stdout
+
+
+def test_a_peer_that_cannot_run_is_one_line_and_the_others_run(tmp_path, monkeypatch):
+    fake = tmp_path / "venv" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "python").write_text("#!/bin/sh\necho 'no deepsparse here' >&2\nexit 1\n")
+    (fake / "python").chmod(0o755)
+    monkeypatch.setenv("DEEPSPARSE_VENV", str(tmp_path / "venv"))
+    proc = cli("bench", "smallcnn", "--sparsity", "0.9", "--no-layers", "--repeat", "3", "--threads", "1",
+               "--peers", "deepsparse,onnxruntime", "--json", tmp_path / "b.json")
+    assert "skipping deepsparse: deepsparse could not run the model: no deepsparse here" in proc.stdout
+    assert "onnxruntime_ms" in json.loads((tmp_path / "b.json").read_text())["by_threads"]["1"]
+
+
+@pytest.mark.skipif(not __import__("unsparse_tvm.peers_deepsparse", fromlist=["ready"]).ready(),
+                    reason="DeepSparse's environment is not built (bench --peers deepsparse builds it once, ~500 MB)")
+def test_deepsparse_runs_fp32_and_int8_in_its_own_environment(tmp_path):
+    out = tmp_path / "b.json"
+    cli("bench", _int8_model(tmp_path), "--no-layers", "--repeat", "3", "--threads", "1",
+        "--peers", "deepsparse,deepsparse_int8", "--json", out)
+    r = json.loads(out.read_text())
+    assert r["max_rel_error_vs_torch"]["deepsparse"] < 1e-3 and r["max_rel_error_vs_torch"]["deepsparse_int8"] < 0.1
+    assert r["by_threads"]["1"]["deepsparse_int8_ms"] > 0
 
 
 def test_bench_rejects_bad_thread_counts_and_peers():

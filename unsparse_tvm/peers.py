@@ -19,37 +19,80 @@ from typing import Callable
 import numpy as np
 import torch
 
-PEERS = ("onnxruntime", "openvino", "torch_compile")
+PEERS = ("onnxruntime", "openvino", "torch_compile", "deepsparse",
+         "onnxruntime_int8", "openvino_int8", "deepsparse_int8")
+INT8_PEERS = ("onnxruntime_int8", "openvino_int8", "deepsparse_int8")  # what an int8 model meets by default
 # our own compiler behind torch.compile(backend="unsparse"): timed beside the peers, never counted as one
 OURS = ("unsparse_torch_compile",)
+INT8_TOLERANCE = 0.1  # max relative error vs fp32 PyTorch of an int8 runtime: quantisation error, not a bug
 EXTRA_HINT = 'pip install -e ".[peers]"'
 
 
 def available() -> dict[str, str | None]:
     """{peer: None if usable, else why not} (no import of the heavy runtimes beyond a spec lookup)."""
-    need = {"onnxruntime": ["onnxruntime", "onnxscript", "onnx"], "openvino": ["openvino", "onnxscript", "onnx"],
-            "torch_compile": [], "unsparse_torch_compile": []}
+    onnx = ["onnxscript", "onnx"]
+    need = {"onnxruntime": ["onnxruntime", *onnx], "openvino": ["openvino", *onnx], "torch_compile": [],
+            "unsparse_torch_compile": [], "onnxruntime_int8": ["onnxruntime", *onnx],
+            "openvino_int8": ["openvino", "onnxruntime", *onnx], "deepsparse": [*onnx],
+            "deepsparse_int8": ["onnxruntime", *onnx]}
     return {p: (f"needs {', '.join(m for m in mods if find_spec(m) is None)} ({EXTRA_HINT})"
                 if any(find_spec(m) is None for m in mods) else None) for p, mods in need.items()}
 
 
-def export_onnx(ep, x, folder: str) -> str:
-    """The ExportedProgram as an ONNX file (weights beside it) in folder; exported once per folder."""
-    path = os.path.join(folder, "model.onnx")
+def export_onnx(ep, x, folder: str, opset: int | None = None) -> str:
+    """The ExportedProgram as an ONNX file (weights beside it) in folder; exported once per folder and opset.
+    opset 17 is for DeepSparse (its ONNX Runtime reads IR version 9 at most: the file says 9)."""
+    path = os.path.join(folder, f"model{'' if opset is None else f'-opset{opset}'}.onnx")
     if os.path.exists(path):
         return path
     log = logging.getLogger("torch.onnx")
     level = log.level
     log.setLevel(logging.ERROR)  # it warns about torchvision ops it cannot register, which no model here uses
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
-            torch.onnx.export(ep, (x,), path, dynamo=True, external_data=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            torch.onnx.export(ep, (x,), path, dynamo=True, external_data=opset is None,
+                              **({"opset_version": opset} if opset else {}))
     finally:
         log.setLevel(level)
+    if opset is not None:
+        import onnx
+
+        model = onnx.load(path)
+        model.ir_version = min(model.ir_version, 9)  # opset 17 needs no more than IR 9
+        onnx.save(model, path)
     return path
 
 
-def _onnxruntime(path: str, x_np: np.ndarray, threads: int):
+def int8_onnx(fp32_path: str, batches: list[np.ndarray]) -> str:
+    """ONNX Runtime's static quantisation of an ONNX file, beside it: QDQ, per-channel int8 weights, uint8
+    activations, calibrated (min/max) on `batches` (the samples our `quantize --activations int8` saw)."""
+    path = fp32_path.replace(".onnx", "-int8.onnx")
+    if os.path.exists(path):
+        return path
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    name = onnx.load(fp32_path, load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feed = iter({name: b} for b in batches)
+
+        def get_next(self):
+            return next(self.feed, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it advises pre-processing on every call
+    try:
+        quantize_static(fp32_path, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    return path
+
+
+def _onnxruntime(path: str, x_np: np.ndarray, threads: int):  # fp32 or QDQ int8: the file says
     import onnxruntime as ort  # deferred: an optional extra (peers), imported only when asked for
 
     opts = ort.SessionOptions()
@@ -63,6 +106,7 @@ def _onnxruntime(path: str, x_np: np.ndarray, threads: int):
 def _openvino(path: str, x_np: np.ndarray, threads: int):
     import openvino as ov  # deferred likewise
 
+    # f32: on CPUs with AVX-512 BF16 it would otherwise run bf16; a QDQ model runs its int8 kernels either way
     model = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                                                   "INFERENCE_PRECISION_HINT": "f32"})
     request, out = model.create_infer_request(), model.output(0)
@@ -94,23 +138,41 @@ def _unsparse_torch_compile(ep, x):
     return call
 
 
-def peer_callables(ep, x, threads: int, peers: list[str], onnx_dir: str,
-                   log=print) -> dict[str, Callable[[], np.ndarray]]:
+def peer_callables(ep, x, threads: int, peers: list[str], onnx_dir: str, calibration: list[np.ndarray] | None = None,
+                   log=print) -> dict[str, Callable]:
     """{peer: a call returning the output as numpy}, for each requested peer that is installed (the
     others are reported through `log` and left out). The ONNX file is written once into onnx_dir (the
-    caller's, reused for every thread count; the runtimes hold the model in memory once built)."""
+    caller's, reused for every thread count; the runtimes hold the model in memory once built). int8 peers
+    run ONNX Runtime's QDQ quantisation of it, calibrated on `calibration` (default: seeded normal inputs);
+    DeepSparse's calls are timers of their own (peers_deepsparse.Worker: `.measure(number)`)."""
     why = available()
     calls = {}
     x_np = x.numpy()
+    batches = calibration if calibration is not None else [
+        np.random.default_rng(i).standard_normal(x_np.shape).astype(np.float32) for i in range(16)]
     for peer in peers:
         if why.get(peer):
             log(f"skipping {peer}: {why[peer]}")
-        elif peer == "onnxruntime":
-            calls[peer] = _onnxruntime(export_onnx(ep, x, onnx_dir), x_np, threads)
-        elif peer == "openvino":
-            calls[peer] = _openvino(export_onnx(ep, x, onnx_dir), x_np, threads)
-        elif peer == "torch_compile":
-            calls[peer] = _torch_compile(ep, x)
-        elif peer == "unsparse_torch_compile":
-            calls[peer] = _unsparse_torch_compile(ep, x)
+            continue
+        try:
+            if peer in ("onnxruntime", "openvino"):
+                path = export_onnx(ep, x, onnx_dir)
+            elif peer in ("onnxruntime_int8", "openvino_int8"):
+                path = int8_onnx(export_onnx(ep, x, onnx_dir), batches)
+            if peer.startswith("onnxruntime"):
+                calls[peer] = _onnxruntime(path, x_np, threads)
+            elif peer.startswith("openvino"):
+                calls[peer] = _openvino(path, x_np, threads)
+            elif peer.startswith("deepsparse"):
+                from .peers_deepsparse import Worker
+
+                path = export_onnx(ep, x, onnx_dir, opset=17)
+                calls[peer] = Worker(int8_onnx(path, batches) if peer.endswith("int8") else path, x_np, threads)
+            elif peer == "torch_compile":
+                calls[peer] = _torch_compile(ep, x)
+            elif peer == "unsparse_torch_compile":
+                calls[peer] = _unsparse_torch_compile(ep, x)
+        except Exception as err:  # a peer that cannot run is one line; the others still run
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            log(f"skipping {peer}: {first[:200]}")
     return calls
