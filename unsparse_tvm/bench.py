@@ -24,7 +24,7 @@ from .build import activation_ranges, compile_program
 from .calibration import rates_for
 from .compress.prune import load_model_program
 from .cuda_package import embed_device_code
-from .single_layer import LayerSpec, extract_layers, layer_module
+from .single_layer import LayerSpec, extract_layers, layer_flops, layer_module
 from .errors import UnsparseError
 from .frontend import program_input_shape, read_quantization
 from .models import example_input
@@ -199,7 +199,10 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
             print(f"timing end to end with {n} thread(s) ({repeat} rounds)")
             by_threads[str(n)] = {f"{k}_ms": v for k, v in round_robin(timed, repeat).items()}
 
+    specs, _ = extract_layers(ep)
+    dense_flops, useful_flops = (sum(f) for f in zip(*(layer_flops(sp) for sp in specs))) if specs else (0.0, 0.0)
     result = {
+        "flops": {"dense_gflop": dense_flops / 1e9, "useful_gflop": useful_flops / 1e9},
         "model": model, "target": target_name, "arch": arch, "sparsity": sparsity, "threshold": threshold,
         "batch": shape[0], "input_shape": list(shape),
         "end_to_end": by_threads[str(threads[-1])],  # the last thread count
@@ -275,6 +278,8 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | No
         with torch.no_grad():
             t = round_robin(contenders, max(5, repeat // 2), min_batch_ms=5.0)
         other = t["tvm_dense"] if chose_sparse else t.get("sparse_not_chosen")
+        dense_flops, useful_flops = layer_flops(spec)
+        best_dense = min(t["tvm_dense"], t["torch"])  # the faster dense kernel on this layer
         rows.append({
             "name": decision.name, "op": spec.op, "shape": list(spec.weight.shape), "input_shape": list(spec.input_shape),
             "sparsity": decision.sparsity, "format": decision.format if chose_sparse else "dense",
@@ -284,6 +289,8 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | No
             "predicted_us": {"sparse": decision.sparse_us, "dense": decision.dense_us, "format": decision.format}
             if decision.dense_us else None,
             "max_rel_error": float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)),
+            # the gap to the limit: useful GFLOP/s (nonzero FMAs x 2 / our time) against the dense rate
+            "useful_gflops": useful_flops / t["unsparse"] / 1e6, "dense_gflops": dense_flops / best_dense / 1e6,
         })
     return rows
 
@@ -322,6 +329,23 @@ def _machine(target_name: str) -> dict:
     return info
 
 
+DENSE_CONTENDERS = ("tvm_dense", "torch", "onnxruntime", "openvino", "torch_compile", "deepsparse")
+
+
+def efficiency_line(r: dict, e: dict) -> str:
+    """End to end, the gap to the limit as numbers: our useful GFLOP/s (nonzero FMAs x 2 / time) and the
+    fastest dense fp32 runtime's GFLOP/s (all FMAs x 2 / its time)."""
+    flops = r.get("flops") or {}
+    dense = {k[:-3]: v for k, v in e.items() if k[:-3] in DENSE_CONTENDERS}
+    if not flops.get("useful_gflop") or not dense:
+        return ""
+    best = min(dense, key=dense.get)
+    ours = flops["useful_gflop"] / (e["unsparse_ms"] / 1e3)
+    theirs = flops["dense_gflop"] / (dense[best] / 1e3)
+    return (f"  useful GFLOP/s: unsparse {ours:.1f} ({flops['useful_gflop']:.3f} GFLOP of nonzeros), fastest dense "
+            f"{best} {theirs:.1f} ({flops['dense_gflop']:.3f} GFLOP): {ours / theirs:.0%} of its rate")
+
+
 def print_result(r: dict) -> None:
     for n, e in r.get("by_threads", {}).items():
         if len(e) > 3 or len(r["by_threads"]) > 1:  # peers or several thread counts: one line per contender
@@ -334,15 +358,17 @@ def print_result(r: dict) -> None:
                 if peers and mine in e:
                     best = min(peers, key=peers.get)
                     print(f"  {mine[:-3]} vs the fastest {kind} peer ({best[:-3]}): {peers[best] / e[mine]:.2f}x")
+            print(efficiency_line(r, e))
     e = r["end_to_end"]
     if r["layers"]:
         print(f"\n{'layer':26s} {'op':6s} {'weight':18s} {'sparsity':>8s} {'format':6s} {'unsparse':>9s} "
-              f"{'tvm dense':>9s} {'torch':>9s} {'vs torch':>8s} {'other':>9s}")
-        for l in r["layers"]:  # other: the kernel the compile did not choose (sparse or dense)
+              f"{'tvm dense':>9s} {'torch':>9s} {'vs torch':>8s} {'other':>9s} {'GFLOP/s':>8s} {'dense':>7s} {'eff':>5s}")
+        for l in r["layers"]:  # other: the kernel the compile did not choose; GFLOP/s: useful, ours vs dense
             other = f"{l['other_ms']:9.3f}" if l.get("other_ms") else f"{'-':>9s}"
             print(f"{l['name'][:26]:26s} {l['op']:6s} {str(l['shape']):18s} {l['sparsity']:8.3f} {l['format']:6s} "
                   f"{l['unsparse_ms']:9.3f} {l['tvm_dense_ms']:9.3f} {l['torch_ms']:9.3f} "
-                  f"{l['torch_ms'] / l['unsparse_ms']:7.2f}x {other}")
+                  f"{l['torch_ms'] / l['unsparse_ms']:7.2f}x {other} {l['useful_gflops']:8.1f} {l['dense_gflops']:7.1f} "
+                  f"{l['useful_gflops'] / l['dense_gflops']:5.0%}")
         summary = choice_summary(r["layers"])
         if summary:
             print(summary)

@@ -72,3 +72,20 @@ def extract_layers(ep) -> tuple[list[LayerSpec], object]:
                 ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
                 layers.append(LayerSpec("dense", shape_of(b.value.args[0]), w, ep_.bias, ep_.relu, {}))
     return layers, names
+
+
+def layer_flops(spec: LayerSpec) -> tuple[float, float]:
+    """(dense FLOPs, useful FLOPs) of one layer: 2 per multiply-add of the whole weight, and of its nonzeros
+    only (what a sparse kernel must do at least)."""
+    nnz = int(np.count_nonzero(spec.weight))
+    if spec.op == "dense":
+        return 2.0 * spec.input_shape[0] * spec.weight.size, 2.0 * spec.input_shape[0] * nnz
+    from .formats import ConvGeometry
+
+    n, c, h, w = spec.input_shape
+    k, _, r, s = spec.weight.shape
+    a = spec.attrs
+    geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
+    positions = n * geo.oh * geo.ow
+    return 2.0 * spec.weight.size * positions, 2.0 * nnz * positions
+
