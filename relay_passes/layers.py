@@ -22,8 +22,15 @@ class LayerNames:
     def __init__(self, named: dict[str, np.ndarray] | None = None):
         self._names: dict[str, str] = {}
         for name, arr in (named or {}).items():
-            self._names[fingerprint(arr)] = name.removesuffix(".weight")
+            self.add(name, arr)
         self._count = 0
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        """Name a weight after its layer; a 2-D one also as its transpose, the way a matmul against a
+        stored [in, out] matrix (ONNX MatMul, Gemm transB=0, x @ W in PyTorch) reaches SparsifyDense."""
+        self._names[fingerprint(arr)] = name.removesuffix(".weight")
+        if arr.ndim == 2:
+            self._names[fingerprint(arr.T)] = name.removesuffix(".weight")
 
     def alias(self, new: np.ndarray, old: np.ndarray) -> None:
         name = self._names.get(fingerprint(old))

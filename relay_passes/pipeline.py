@@ -12,6 +12,7 @@ from tvm.target import Target
 from unsparse_tvm.layer_cost import BUILTIN, CostModel, X86Rates
 
 from .apply_tuning_records import ApplyTuningRecords
+from .canonical_clip import CanonicalizeClip
 from .fast_sigmoid import FastSigmoid
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
@@ -38,8 +39,9 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
     phases = []
-    # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away
-    phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant()]))
+    # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away, clips that
+    # an importer wrote as TE max/min calls (ONNX's Clip) back to relax.clip for the epilogue matchers
+    phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant(), CanonicalizeClip()]))
     # Phase 1b: int8 execution of the calibrated convs (before the fp32 substitution takes them)
     if activations:
         int8 = [QuantizeInt8Conv2d(activations, target, names, report)]

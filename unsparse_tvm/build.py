@@ -29,6 +29,11 @@ class Compiled:
     outputs: list = field(default_factory=list)  # {"name", "shape", "dtype"} of every output, in order
     report: list = field(default_factory=list)   # LayerDecision per conv/linear layer
     seconds: float = 0.0
+    inputs: list | None = None  # {"name", "shape", "dtype"} of the input; None: "x", input_shape, float32
+
+    @property
+    def input_specs(self) -> list[dict]:
+        return self.inputs or [{"name": "x", "shape": list(self.input_shape), "dtype": "float32"}]
 
 
 def compile_program(ep, target, *, threshold: float | None = None, sparse: bool = True, fmt: str | None = None,
@@ -39,14 +44,30 @@ def compile_program(ep, target, *, threshold: float | None = None, sparse: bool 
     quant (the .pt2's unsparse_quant.json): the other sparse layers' kernels read quantised weights;
     rates: the x86 cost model's (calibration.rates_for; default the built-in ones)."""
     mod, names = import_program(ep)
+    return compile_relax(mod, names, target, program_input_shape(ep), program_outputs(ep), threshold=threshold,
+                         sparse=sparse, fmt=fmt, configs=configs, database=database, activations=activations,
+                         quant=quant, rates=rates)
+
+
+def compile_relax(mod, names, target, input_shape: tuple[int, ...], outputs: list, *, inputs: list | None = None,
+                  **options) -> Compiled:
+    """An imported Relax module (weights as constants, `names` its LayerNames) through our pipeline;
+    `options` are build_pipeline's (threshold, sparse, fmt, configs, database, activations, quant, rates)."""
     report: list = []
-    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
-                              fmt=fmt, configs=configs, database=database, activations=activations, quant=quant,
-                              rates=rates)
+    pipeline = build_pipeline(target, names=names, report=report, **options)
     start = time.perf_counter()
     executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
-    return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
-                    time.perf_counter() - start)
+    return Compiled(executable, target, tuple(input_shape), outputs, report, time.perf_counter() - start, inputs)
+
+
+def compile_onnx(path: str, target, *, batch: int | None = None, log=print, **options) -> Compiled:
+    """An .onnx file compiled like compile_program compiles a .pt2 (options: compile_relax's); the
+    module's input is the graph's (name, shape, dtype)."""
+    from .onnx_frontend import import_onnx  # deferred: onnx is an optional extra
+
+    imported = import_onnx(path, batch=batch, log=log)
+    return compile_relax(imported.mod, imported.names, target, imported.input_shape, imported.outputs,
+                         inputs=[imported.input], **options)
 
 
 def activation_ranges(quant: dict | None) -> dict | None:
@@ -91,7 +112,7 @@ def metadata(compiled: Compiled, *, model: str, threshold: float | None) -> dict
         "mcpu": str(host.attrs["mcpu"]) if host is not None and "mcpu" in host.attrs else None,
         "cpu_features": sorted(target_cpu_features(target)),  # `run` refuses a CPU without them (SIGILL)
         "device_code": "fatbin" if kind == "cuda" else "none (host code only)",
-        "inputs": [{"name": "x", "shape": list(compiled.input_shape), "dtype": "float32"}],
+        "inputs": compiled.input_specs,
         "outputs": compiled.outputs,
         "threshold": threshold,
         "sparse_layers": sum(1 for r in compiled.report if r.decision == "sparse"),
@@ -122,7 +143,10 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
                  batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None,
                  calibrate: bool = True) -> dict:
     """`unsparse-tvm compile`: model name or .pt2 -> .so, with the per-layer decisions printed (and which
-    cost-model calibration chose them: calibration.rates_for)."""
+    cost-model calibration chose them: calibration.rates_for); an .onnx file goes to compile_onnx_file."""
+    if model.endswith(".onnx"):
+        return compile_onnx_file(model, target_name, arch, threshold, output, batch=batch, overwrite=overwrite,
+                                 tuning_log=tuning_log, calibrate=calibrate)
     check_batch(batch)
     check_output(output, overwrite=overwrite, suffixes=(".so",), inputs=(model,))
     target = make_target(target_name, arch)
@@ -134,6 +158,12 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     rates = rates_for(target, calibrate=calibrate) if threshold is None else None  # --threshold: no costs
     compiled = compile_program(ep, target, threshold=threshold, database=database,
                                activations=activation_ranges(quant), quant=quant, rates=rates)
+    return _report_and_export(compiled, output, model=model, target_name=target_name, threshold=threshold,
+                              database=database, overwrite=overwrite)
+
+
+def _report_and_export(compiled: Compiled, output: str, *, model: str, target_name: str, threshold: float | None,
+                       database, overwrite: bool) -> dict:
     print_report(compiled.report, threshold)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log
@@ -141,3 +171,18 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     print(f"wrote {output} ({target_name}{' ' + meta['arch'] if meta['arch'] else ''}, "
           f"{meta['sparse_layers']} sparse layers, compiled in {compiled.seconds:.1f} s)")
     return meta
+
+
+def compile_onnx_file(path: str, target_name: str, arch: str | None, threshold: float | None, output: str, *,
+                      batch: int | None = None, overwrite: bool = False, tuning_log: str | None = None,
+                      calibrate: bool = True) -> dict:
+    """`unsparse-tvm compile model.onnx`: as compile_file, from an ONNX file (a QDQ model runs as fp32, said
+    in a note); the .so's metadata carries the graph's input name, shape and dtype."""
+    check_batch(batch)
+    check_output(output, overwrite=overwrite, suffixes=(".so",), inputs=(path,))
+    target = make_target(target_name, arch)
+    database = open_database(tuning_log, target) if tuning_log is not None else None
+    rates = rates_for(target, calibrate=calibrate) if threshold is None else None  # --threshold: no costs
+    compiled = compile_onnx(path, target, batch=batch, threshold=threshold, database=database, rates=rates)
+    return _report_and_export(compiled, output, model=path, target_name=target_name, threshold=threshold,
+                              database=database, overwrite=overwrite)

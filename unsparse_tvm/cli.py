@@ -229,7 +229,7 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 def _add_compile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model into one deployable .so (weights inside)")
-    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("model", help=MODEL_HELP + ", or an .onnx file (one float32 input; QDQ models run as fp32)")
     _add_target_args(p)
     p.add_argument("--batch", type=_positive_int("batch"), default=None,
                    help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
