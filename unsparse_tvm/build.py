@@ -61,11 +61,13 @@ def compile_relax(mod, names, target, input_shape: tuple[int, ...], outputs: lis
 
 
 def compile_onnx(path: str, target, *, batch: int | None = None, log=print, **options) -> Compiled:
-    """An .onnx file compiled like compile_program compiles a .pt2 (options: compile_relax's); the
-    module's input is the graph's (name, shape, dtype)."""
+    """An .onnx file compiled like compile_program compiles a .pt2 (options: compile_relax's; `rates` may be
+    a callable, called after the import succeeded); the module's input is the graph's (name, shape, dtype)."""
     from .onnx_frontend import import_onnx  # deferred: onnx is an optional extra
 
     imported = import_onnx(path, batch=batch, log=log)
+    if callable(options.get("rates")):  # measured only once the file is known to be good (it takes a while)
+        options["rates"] = options["rates"]()
     return compile_relax(imported.mod, imported.names, target, imported.input_shape, imported.outputs,
                          inputs=[imported.input], **options)
 
@@ -182,7 +184,7 @@ def compile_onnx_file(path: str, target_name: str, arch: str | None, threshold: 
     check_output(output, overwrite=overwrite, suffixes=(".so",), inputs=(path,))
     target = make_target(target_name, arch)
     database = open_database(tuning_log, target) if tuning_log is not None else None
-    rates = rates_for(target, calibrate=calibrate) if threshold is None else None  # --threshold: no costs
+    rates = (lambda: rates_for(target, calibrate=calibrate)) if threshold is None else None  # --threshold: no costs
     compiled = compile_onnx(path, target, batch=batch, threshold=threshold, database=database, rates=rates)
     return _report_and_export(compiled, output, model=path, target_name=target_name, threshold=threshold,
                               database=database, overwrite=overwrite)

@@ -34,7 +34,7 @@ VERIFIED_OPS = frozenset({
     "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv", "DequantizeLinear",
     "Div", "Flatten", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish",
     "Identity", "MatMul", "MaxPool", "Mul", "QuantizeLinear", "ReduceMean", "Relu", "Reshape", "Resize",
-    "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+    "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "Sub", "Transpose", "Unsqueeze",
 })
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -94,8 +94,9 @@ def check_opset(model, path: str) -> int:
     if opset is None:
         raise UnsparseError(f"{path} declares no ai.onnx opset; re-export it with torch.onnx.export")
     if not MIN_OPSET <= opset <= newest:
-        raise UnsparseError(f"{path} uses ONNX opset {opset}; TVM's ONNX importer takes opsets {MIN_OPSET} to {newest} "
-                            f"(re-export with torch.onnx.export(..., opset_version=18))")
+        raise UnsparseError(f"{path} uses ONNX opset {opset}; unsparse-tvm takes opsets {MIN_OPSET} (the numpy-style "
+                            f"broadcasting TVM's importer assumes) to {newest} (the newest the onnx package knows): "
+                            "re-export with torch.onnx.export(..., opset_version=18)")
     return opset
 
 

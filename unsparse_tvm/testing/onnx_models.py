@@ -27,9 +27,11 @@ def pruned_module(model: str, sparsity: float = 0.9) -> tuple[nn.Module, tuple[i
     return eval_mode(loaded.module), loaded.input_shape
 
 
-def export_onnx(module: nn.Module, x: torch.Tensor, path: str, exporter: str) -> str:
-    """`torch.onnx.export` with the dynamo exporter (from the ExportedProgram, as peers.export_onnx does)
-    or the TorchScript one (dynamo=False), weights inside the file; quiet (both narrate every step)."""
+def export_onnx(module: nn.Module, x: torch.Tensor, path: str, exporter: str, *, optimize: bool = True,
+                dynamic_batch: bool = False) -> str:
+    """`torch.onnx.export` with the dynamo exporter (from the ExportedProgram, as peers.export_onnx does;
+    optimize=False keeps what its optimiser folds, BatchNormalization among them) or the TorchScript one
+    (dynamo=False; dynamic_batch: a symbolic batch dimension), weights inside the file; quiet."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     log = logging.getLogger("torch.onnx")
@@ -40,9 +42,10 @@ def export_onnx(module: nn.Module, x: torch.Tensor, path: str, exporter: str) ->
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 ep = torch.export.export(module.eval(), (x,))
-                torch.onnx.export(ep, (x,), path, dynamo=True)
+                torch.onnx.export(ep, (x,), path, dynamo=True, optimize=optimize)
             else:
-                torch.onnx.export(module.eval(), (x,), path, dynamo=False)
+                named = {"input_names": ["input"], "dynamic_axes": {"input": {0: "batch"}}} if dynamic_batch else {}
+                torch.onnx.export(module.eval(), (x,), path, dynamo=False, **named)
     finally:
         log.setLevel(level)
     return path
