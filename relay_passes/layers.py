@@ -29,8 +29,8 @@ class LayerNames:
         """Name a weight after its layer; a 2-D one also as its transpose, the way a matmul against a
         stored [in, out] matrix (ONNX MatMul, Gemm transB=0, x @ W in PyTorch) reaches SparsifyDense."""
         self._names[fingerprint(arr)] = name.removesuffix(".weight")
-        if arr.ndim == 2:
-            self._names[fingerprint(arr.T)] = name.removesuffix(".weight")
+        if arr.ndim == 2:  # never instead of another weight's own name (all-zero weights look alike)
+            self._names.setdefault(fingerprint(arr.T), name.removesuffix(".weight"))
 
     def alias(self, new: np.ndarray, old: np.ndarray) -> None:
         name = self._names.get(fingerprint(old))

@@ -201,6 +201,9 @@ def _sweep_cases() -> dict:
     return {**unary, **binary,
             "ReduceMean": ([n("ReduceMean", ["x", "axes"], ["y"], keepdims=1)], [_init("axes", i64([2, 3]))], x4),
             "Clip": ([n("Clip", ["x", "lo", "hi"], ["y"])], [_init("lo", np.float32(0)), _init("hi", np.float32(1))], x4),
+            "Clip-min-only": ([n("Clip", ["x", "lo"], ["y"])], [_init("lo", np.float32(0))], x4),  # becomes a ReLU
+            "Clip-crossed": ([n("Clip", ["x", "lo", "hi"], ["y"])],  # min > max: ONNX's max-then-min order, kept
+                             [_init("lo", np.float32(0.5)), _init("hi", np.float32(-0.5))], x4),
             "Squeeze": ([n("GlobalAveragePool", ["x"], ["p"]), n("Squeeze", ["p", "axes"], ["y"])],
                         [_init("axes", i64([2, 3]))], x4),
             "Unsqueeze": ([n("Unsqueeze", ["x", "axes"], ["y"])], [_init("axes", i64([0]))], x4),
