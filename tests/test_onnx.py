@@ -401,3 +401,19 @@ def test_cli_compiles_onnx_and_runs_it_in_a_fresh_process(tmp_path, small_onnx):
     meta = read_metadata(str(so))
     assert meta["inputs"] == [{"name": "input.1", "shape": shape, "dtype": "float32"}]
     assert json.dumps(meta["outputs"]) and meta["outputs"][0]["shape"] == [1, 10]
+
+
+def test_public_api_compiles_onnx(tmp_path, small_onnx, capsys):
+    """unsparse_tvm.compile("model.onnx"): callable on numpy, the graph's input name, saved and loaded."""
+    import unsparse_tvm
+
+    compiled = unsparse_tvm.compile(small_onnx, threshold=0.5)
+    assert compiled.inputs[0]["name"] == "input.1" and compiled.inputs[0]["shape"] == [1, 1, 8, 8]
+    assert [r["name"] for r in compiled.report if r["decision"] == "sparse"][:1] == ["features.0"]
+    x = np.random.default_rng(6).standard_normal((1, 1, 8, 8)).astype("float32")
+    assert rel_err(compiled(x), ort_outputs(small_onnx, x)[0]) <= TOL
+    loaded = unsparse_tvm.load(compiled.save(str(tmp_path / "s.so")))
+    assert loaded.inputs == compiled.inputs and np.array_equal(loaded(x), compiled(x))
+    with pytest.raises(unsparse_tvm.UnsparseError, match="ONNX file knows its input"):
+        unsparse_tvm.compile(small_onnx, example_input=x)
+    assert capsys.readouterr().err == ""  # a static model: nothing to say

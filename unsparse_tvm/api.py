@@ -205,14 +205,21 @@ def _calibration_note(line: str) -> None:
         print(f"unsparse_tvm: {line}", file=sys.stderr)
 
 
+def _stderr_note(line: str) -> None:
+    """What the ONNX door decided for the user (a dynamic batch fixed, a QDQ model run as fp32)."""
+    import sys
+
+    print(f"unsparse_tvm: {line}", file=sys.stderr)
+
+
 def compile(model, target: str = "llvm", *, example_input=None, options: CompileOptions | None = None,
             **option_values) -> CompiledModel:  # noqa: A001 (the name users expect, as tvm.compile)
     """Compile a model into sparse (where it pays) kernels for `target`; returns a callable CompiledModel.
 
-    `model`: an nn.Module (give `example_input`), an ExportedProgram, a .pt2 path or a built-in name.
-    Options: `options=CompileOptions(...)` or its fields as keywords (arch, threshold, tuning_log,
-    calibrate, batch). A quantised module (`quantize`) keeps its quantisation."""
-    from .build import activation_ranges, compile_program, metadata
+    `model`: an nn.Module (give `example_input`), an ExportedProgram, a .pt2 or .onnx path or a built-in
+    name. Options: `options=CompileOptions(...)` or its fields as keywords (arch, threshold, tuning_log,
+    calibrate, batch). A quantised module (`quantize`) keeps its quantisation; a QDQ ONNX model runs as fp32."""
+    from .build import activation_ranges, compile_onnx, compile_program, metadata
     from .calibration import rates_for
     from .target import make_target
 
@@ -225,10 +232,19 @@ def compile(model, target: str = "llvm", *, example_input=None, options: Compile
         from .tuning.database import open_database
 
         database = open_database(opts.tuning_log, tgt)
-    ep, quant, name = _program(model, example_input, opts.batch)
-    rates = rates_for(tgt, calibrate=opts.calibrate, log=_calibration_note) if opts.threshold is None else None
-    compiled = compile_program(ep, tgt, threshold=opts.threshold, database=database,
-                               activations=activation_ranges(quant), quant=quant, rates=rates)
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".onnx"):  # the ONNX door
+        if example_input is not None:
+            raise UnsparseError("example_input is for nn.Module models; an ONNX file knows its input")
+        name = os.fspath(model)
+        rates = (lambda: rates_for(tgt, calibrate=opts.calibrate, log=_calibration_note)) \
+            if opts.threshold is None else None  # measured once the file is known to be good
+        compiled = compile_onnx(name, tgt, batch=opts.batch, log=_stderr_note, threshold=opts.threshold,
+                                database=database, rates=rates)
+    else:
+        ep, quant, name = _program(model, example_input, opts.batch)
+        rates = rates_for(tgt, calibrate=opts.calibrate, log=_calibration_note) if opts.threshold is None else None
+        compiled = compile_program(ep, tgt, threshold=opts.threshold, database=database,
+                                   activations=activation_ranges(quant), quant=quant, rates=rates)
     meta = metadata(compiled, model=name, threshold=opts.threshold)
     return CompiledModel(meta, executable=compiled.executable, compiled=compiled)
 
