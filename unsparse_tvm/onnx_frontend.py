@@ -6,9 +6,11 @@ layers named by their ONNX initializers (`features.0.weight` -> `features.0`; th
 `onnx::Conv_145` by the node's scope `/features/features.0/Conv`), and every defect of the file one
 `UnsparseError` line, before TVM's importer sees it (its messages are tracebacks and IR dumps).
 
-QDQ models (QuantizeLinear/DequantizeLinear) are taken as fp32: the importer turns the weights'
-DequantizeLinear into float constants (the pruned zeros stay zero where the zero point is 0) and the
-activations' Q/DQ pairs run as written, so the result is the graph's own arithmetic; `notes` says so.
+QDQ models (QuantizeLinear/DequantizeLinear) are taken as fp32: the weights' DequantizeLinear fold into
+float constants (the pruned zeros stay zero where the zero point is 0) and the activations' Q/DQ pairs
+run as written, so the result is the graph's own arithmetic; `notes` says so. (Running them on our int8
+kernels would need the graph's scales mapped onto our quantisation scheme exactly, or the answer would
+no longer be ONNX Runtime's.)
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def check_verified(model, path: str) -> None:
 
 
 def check_float32(model, path: str) -> None:
-    """Float weights or outputs other than float32 are refused, as for a .pt2 (frontend.check_dtypes)."""
+    """Float weights other than float32 are refused, as for a .pt2 (frontend.check_dtypes): TVM would import
+    them, and our passes would leave every such layer dense."""
     onnx = _onnx()
     for init in model.graph.initializer:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
