@@ -349,3 +349,126 @@ def test_module_for_a_cpu_this_one_lacks_is_refused_in_one_line(tmp_path, capsys
     capsys.readouterr()
     _one_line_error(["run", tmp_path / "s.so", "--print-time"], capsys,
                     "was compiled for CPU skylake-avx512, whose code needs avx512bw, avx512cd, avx512dq, avx512f")
+
+
+# ---- issue 22: hard to misuse, round two -------------------------------------------------------------
+def _argv(cmd: str, model, d) -> list:
+    """A valid command line for `cmd` on `model` (outputs in d), but for the model itself."""
+    return {"prune": ["prune", model, "--sparsity", "0.5", "-o", d / "p.pt2"],
+            "quantize": ["quantize", model, "--scheme", "int8", "-o", d / "q.pt2"],
+            "compile": ["compile", model, "-o", d / "c.so"],
+            "bench": ["bench", model, "--no-layers", "--repeat", "1"],
+            "tune": ["tune", model, "--trials", "1", "--log-dir", d / "log"],
+            "inspect": ["inspect", model]}[cmd]
+
+
+class LastStep(nn.Module):
+    """A recurrent layer and a linear head on its last time step, as sequence classifiers are written."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.rnn, self.head = layer(8, 16, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("layer,op", [(nn.LSTM, "aten.lstm (nn.LSTM)"), (nn.GRU, "aten.gru (nn.GRU)"),
+                                      (nn.RNN, "aten.rnn_tanh (nn.RNN)")])
+def test_recurrent_layers_are_refused_by_name(layer, op, tmp_path, capsys):
+    _save(LastStep(layer), tmp_path / "r.pt2", torch.randn(1, 5, 8))
+    _one_line_error(["compile", tmp_path / "r.pt2", "-o", tmp_path / "r.so"], capsys,
+                    f"the model uses {op}, which unsparse-tvm does not verify")
+    assert not (tmp_path / "r.so").exists()
+
+
+@pytest.mark.parametrize("cmd", ["prune", "quantize", "compile", "bench", "tune", "inspect"])
+def test_unverified_operator_is_refused_by_every_command(cmd, tmp_path, capsys):
+    _save(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh()), tmp_path / "t.pt2", torch.randn(1, 1, 8, 8))
+    _one_line_error(_argv(cmd, tmp_path / "t.pt2", tmp_path), capsys, "the model uses aten.tanh, which")
+    assert sorted(os.listdir(tmp_path)) == ["t.pt2"]
+
+
+def test_negative_index_select_matches_pytorch(llvm):
+    """What made issue 22's LSTM wrong: TVM wrote x[:, -1] as an unchecked take(x, -1), reading memory
+    before the tensor (a different garbage on every run); a linear head on the last step shows it alone."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 10)
+
+        def forward(self, x):
+            return self.fc(x[:, -1]) + self.fc(x[:, -3])
+
+    x = torch.randn(1, 7, 20)
+    ep = torch.export.export(Head().eval(), (x,))
+    vm = relax.VirtualMachine(compile_program(ep, llvm).executable, tvm.cpu())
+    for _ in range(3):  # garbage differed between runs
+        y = vm["main"](tvm.runtime.tensor(x.numpy()))
+        np.testing.assert_allclose((y[0] if not hasattr(y, "numpy") else y).numpy(),
+                                   ep.module()(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_matches_pytorch(norm_first, llvm):
+    """The operators a transformer encoder layer adds to the verified list (attention, layer norm, select)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ep = torch.export.export(layer, (x,))
+        ref = layer(x).numpy()
+    y = relax.VirtualMachine(compile_program(ep, llvm).executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    np.testing.assert_allclose((y[0] if not hasattr(y, "numpy") else y).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("cmd", ["prune", "quantize", "compile", "bench", "tune", "inspect"])
+def test_integer_input_is_refused_by_every_command(cmd, dtype, tmp_path, capsys):
+    if dtype in (torch.int64, torch.int32):
+        _save(Embed(), tmp_path / "i.pt2", torch.zeros(1, 5, dtype=dtype))
+    else:  # an image as bytes, or a mask, converted inside the model
+        _save(_Cast(), tmp_path / "i.pt2", torch.zeros(1, 64, dtype=dtype))
+    name = str(dtype).removeprefix("torch.")
+    _one_line_error(_argv(cmd, tmp_path / "i.pt2", tmp_path), capsys, f"input ids is {name}" if
+                    dtype in (torch.int64, torch.int32) else f"input x is {name}")
+    assert sorted(os.listdir(tmp_path)) == ["i.pt2"]
+
+
+class _Cast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.fc(x.float())
+
+
+def test_batch_a_program_cannot_take_is_refused(tmp_path, capsys):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    _save(net, tmp_path / "static.pt2", torch.randn(2, 1, 8, 8))
+    _save(net, tmp_path / "upto64.pt2", torch.randn(2, 1, 8, 8), ({0: torch.export.Dim("batch", max=64)},))
+    _one_line_error(["compile", tmp_path / "static.pt2", "--batch", "4", "-o", tmp_path / "a.so"], capsys,
+                    "was exported with a static batch of 2")
+    _one_line_error(["compile", tmp_path / "upto64.pt2", "--batch", "100", "-o", tmp_path / "a.so"], capsys,
+                    "outside the batch range")
+    assert not (tmp_path / "a.so").exists()

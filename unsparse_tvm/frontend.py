@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .errors import UnsparseError
 from .models import BUILTIN_MODELS, build_model, export
+from .operators import check_operators, importer_fixes
 from .outputs import check_output, writing
 
 
@@ -33,11 +34,13 @@ def load_pt2(path: str) -> torch.export.ExportedProgram:
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        return torch.export.load(path)
+        ep = torch.export.load(path)
     except Exception as err:  # torch raises many kinds for a bad archive
         raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
     finally:
         logger.setLevel(level)
+    check_program(ep)  # every command that reads a .pt2 refuses the same programs, before any work
+    return ep
 
 
 def _user_input_vals(ep: torch.export.ExportedProgram) -> list:
@@ -59,6 +62,19 @@ def dynamic_dims(ep: torch.export.ExportedProgram) -> list[int]:
 
 
 SUPPORTED_DTYPES = ("float32",)
+
+
+def check_program(ep: torch.export.ExportedProgram) -> None:
+    """What every command requires of a program, checked once where it is loaded: one tensor input of
+    float32 (an image batch, not token ids), float32 weights and outputs, verified operators only."""
+    (val,) = _user_input_vals(ep)
+    if not val.dtype.is_floating_point:
+        name = next(n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs)
+        dtype = str(val.dtype).removeprefix("torch.")
+        raise UnsparseError(f"the program's input {name} is {dtype} (token ids or indices, e.g. for nn.Embedding?); "
+                            "unsparse-tvm compiles models whose one input is a float32 tensor")
+    check_dtypes(ep)
+    check_operators(ep)
 
 
 def check_dtypes(ep: torch.export.ExportedProgram) -> None:
@@ -98,6 +114,36 @@ def program_input_shape(ep: torch.export.ExportedProgram) -> tuple[int, ...]:
     return tuple(int(d) for d in _user_input_vals(ep)[0].shape)
 
 
+def batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None] | None:
+    """(lowest, highest or None) batch a dynamic-batch program was exported for; None for a static batch."""
+    size = _user_input_vals(ep)[0].shape[0]
+    if isinstance(size, int):
+        return None
+    bounds = ep.range_constraints.get(size.node.expr)
+    if bounds is None:
+        return 1, None
+    try:
+        upper = int(str(bounds.upper))
+    except ValueError:  # torch's int_oo: no upper bound
+        upper = None
+    return max(1, int(str(bounds.lower))), upper
+
+
+def check_batch_fits(ep: torch.export.ExportedProgram, model: str, batch: int | None) -> None:
+    """--batch must be one the program can take: its own static batch, or within its dynamic range."""
+    if batch is None:
+        return
+    span = batch_range(ep)
+    if span is None:
+        static = program_input_shape(ep)[0]
+        if batch != static:
+            raise UnsparseError(f"--batch {batch}: {model} was exported with a static batch of {static}; export it "
+                                "with a dynamic batch (torch.export.Dim) to choose another, or leave out --batch")
+    elif batch < span[0] or (span[1] is not None and batch > span[1]):
+        raise UnsparseError(f"--batch {batch} is outside the batch range {model} was exported for "
+                            f"({span[0]} to {span[1] if span[1] is not None else 'any'})")
+
+
 def check_batch(batch: int | None) -> int | None:
     if batch is not None and batch < 1:
         raise UnsparseError(f"--batch must be at least 1, got {batch}")
@@ -109,11 +155,13 @@ def load_program(model: str, batch: int | None = None, log=print) -> torch.expor
     with static shapes and float32 values (a dynamic batch is specialised, and `log` says so)."""
     check_batch(batch)
     if model in BUILTIN_MODELS:
-        return export(build_model(model), (batch or 1, *BUILTIN_MODELS[model].input_shape))
+        ep = export(build_model(model), (batch or 1, *BUILTIN_MODELS[model].input_shape))
+        check_program(ep)  # a tv:/timm: network may use operators nobody here verified
+        return ep
     if model.endswith(".pt2") or os.path.sep in model or os.path.exists(model):
         ep = load_pt2(model)
-        check_dtypes(ep)
         dyn = dynamic_dims(ep)
+        check_batch_fits(ep, model, batch)
         if dyn:
             shape = list(program_input_shape(ep))
             if batch is not None and 0 in dyn:
@@ -244,6 +292,7 @@ def load_model(model: str, weights: str | None = None, batch: int | None = None)
             name = None  # changed beyond recognition: treat it as foreign
         else:
             return LoadedModel(net.eval(), shape, name, None, model, meta, trained=bool(meta.get("trained", True)))
+    check_batch_fits(ep, model, batch)  # a foreign program is re-exported as it is: its batch rules hold
     return LoadedModel(ep.module(), shape, None, ep, model, meta, trained=True)
 
 
@@ -289,8 +338,9 @@ def import_program(ep):
     from .relay_passes.layers import LayerNames  # deferred likewise (relay_passes imports TVM)
 
     check_dtypes(ep)  # before TVM's importer, whose message for other dtypes is an IR dump
+    check_operators(ep)  # an operator nobody checked could compile into a silently wrong module
     try:
-        mod = from_exported_program(ep)
+        mod = from_exported_program(ep, custom_convert_map=importer_fixes())
     except Exception as err:  # the importer raises assorted errors; the first line names the op
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsparseError(f"TVM's PyTorch importer cannot convert this model: {first[:300]}") from None
