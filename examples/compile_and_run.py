@@ -25,10 +25,10 @@ args = parser.parse_args()
 
 ep = prune_to_program(args.model, args.sparsity)                 # model -> prune (one-shot magnitude)
 compiled = compile_program(ep, make_target("llvm"))              # import -> passes -> schedules -> build
-print_report(compiled.report, threshold=0.7)
+print_report(compiled)                                           # each layer's decision and why
 out_dir = tempfile.mkdtemp()
 so = os.path.join(out_dir, "model.so")
-export(compiled, so, model=args.model, threshold=0.7)            # one file, weights inside
+export(compiled, so, model=args.model)                           # one file, weights inside
 
 x = np.random.default_rng(0).standard_normal(program_input_shape(ep)).astype(np.float32)
 vm, dev, meta = load(so)                                          # what `unsparse-tvm run` does
@@ -39,5 +39,5 @@ print(f"max relative error vs PyTorch: {np.abs(y - ref).max() / np.abs(ref).max(
 
 if args.cuda:
     cuda_so = os.path.join(out_dir, "model_sm90.so")
-    export(compile_program(ep, make_target("cuda", "sm_90")), cuda_so, model=args.model, threshold=0.7)
+    export(compile_program(ep, make_target("cuda", "sm_90")), cuda_so, model=args.model)
     print(describe_module(cuda_so))

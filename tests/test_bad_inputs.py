@@ -295,7 +295,7 @@ def test_d16_run_into_a_missing_folder_is_one_line_before_running(small, tmp_pat
 @pytest.mark.parametrize("cmd", ["bench", "tune"])
 def test_d13_sparsity_one_is_refused_at_parse_time_like_prune(cmd, tmp_path, capsys):
     extra = ["--trials", "1", "--log-dir", str(tmp_path / "l")] if cmd == "tune" else []
-    _one_line_error([cmd, "smallcnn", "--sparsity", "1.0", *extra], capsys, "must be in [0, 1)")
+    _one_line_error([cmd, "smallcnn", "--sparsity", "1.0", *extra], capsys, "must be in [0, 0.99]")
 
 
 def test_d13_failed_tune_leaves_no_log_directory(tmp_path, capsys):
@@ -472,3 +472,68 @@ def test_batch_a_program_cannot_take_is_refused(tmp_path, capsys):
     _one_line_error(["compile", tmp_path / "upto64.pt2", "--batch", "100", "-o", tmp_path / "a.so"], capsys,
                     "outside the batch range")
     assert not (tmp_path / "a.so").exists()
+
+
+def test_module_damaged_in_the_middle_is_refused_by_its_checksum(small, tmp_path, capsys):
+    data = bytearray((small / "s.so").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4000] = os.urandom(4000)
+    (tmp_path / "d.so").write_bytes(bytes(data))
+    _one_line_error(["run", tmp_path / "d.so", "--print-time"], capsys, "checksum mismatch")
+    assert main(["inspect", str(tmp_path / "d.so")]) == 0
+    assert "library:      DAMAGED" in capsys.readouterr().out
+    assert main(["inspect", str(small / "s.so")]) == 0
+    assert "library:      whole, checksum matches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cut", [100, 20, 1])
+def test_module_cut_short_says_truncated(small, tmp_path, capsys, cut):
+    data = (small / "s.so").read_bytes()
+    (tmp_path / "t.so").write_bytes(data[:-cut])
+    for argv in (["run", tmp_path / "t.so", "--print-time"], ["inspect", tmp_path / "t.so"]):
+        _one_line_error(argv, capsys, "is truncated")
+
+
+@pytest.mark.parametrize("trailer", [b'{"model": 1}', b"\xff\xfe not utf-8", b"[1, 2]", b'{"model": "m", "target": "llvm"'])
+def test_module_with_damaged_metadata_is_one_line(small, tmp_path, capsys, trailer):
+    from unsparse_tvm.module_file import _MAGIC, _trailer_size
+
+    data = (small / "s.so").read_bytes()
+    body = data[:-_trailer_size(str(small / "s.so"))]
+    (tmp_path / "m.so").write_bytes(body + _MAGIC + trailer + len(trailer).to_bytes(8, "little") + _MAGIC)
+    for argv in (["run", tmp_path / "m.so", "--print-time"], ["inspect", tmp_path / "m.so"]):
+        _one_line_error(argv, capsys, "damaged metadata" if trailer.startswith(b"{\"model\": 1") or
+                        trailer.startswith(b"[") else "damaged metadata trailer")
+
+
+@pytest.mark.parametrize("cmd", ["run", "inspect"])
+def test_directory_or_empty_file_is_one_line(cmd, tmp_path, capsys):
+    (tmp_path / "d.so").mkdir()
+    (tmp_path / "empty.so").write_bytes(b"")
+    extra = ["--print-time"] if cmd == "run" else []
+    _one_line_error([cmd, tmp_path / "d.so", *extra], capsys, "is a directory")
+    _one_line_error([cmd, tmp_path, *extra], capsys, "is a directory")
+    _one_line_error([cmd, tmp_path / "empty.so", *extra], capsys, "is empty")
+
+
+def test_module_records_the_threshold_it_was_compiled_with(tmp_path, llvm):
+    """examples/compile_and_run.py once exported 'threshold 0.7' for layers chosen by predicted time."""
+    from conftest import pruned_program
+    from unsparse_tvm.build import compile_program, export
+    from unsparse_tvm.runtime import describe_module
+
+    ep = pruned_program("smallcnn")
+    for threshold, said in ((None, "chosen by predicted time"), (0.7, "threshold 0.7")):
+        path = str(tmp_path / f"m{threshold}.so")
+        meta = export(compile_program(ep, llvm, threshold=threshold), path, model="smallcnn")
+        assert meta["threshold"] == threshold and said in describe_module(path)
+
+
+@needs_nvcc
+def test_arch_specific_cuda_module_lists_each_image_once(tmp_path, capsys):
+    assert main(["compile", "smallcnn", "--target", "cuda", "--arch", "sm_90a", "-o", str(tmp_path / "a.so")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "a.so")]) == 0
+    found = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("device code:"))
+    images = found.split("found in file: ")[1].split(", ")
+    assert len(images) == len(set(images)) and "cubin sm_90a" in images and "ptx compute_90a" in images, found

@@ -15,7 +15,7 @@ from .frontend import (check_batch, import_program, load_program, program_input_
 from .outputs import check_output, writing
 from .parallel_build import compile_module, export_library
 from .relay_passes import build_pipeline
-from .runtime import write_metadata
+from .module_file import write_metadata
 from .target import make_target, target_cpu_features
 from .tuning.database import open_database
 
@@ -28,6 +28,7 @@ class Compiled:
     outputs: list = field(default_factory=list)  # {"name", "shape", "dtype"} of every output, in order
     report: list = field(default_factory=list)   # LayerDecision per conv/linear layer
     seconds: float = 0.0
+    threshold: float | None = None     # what chose the sparse layers: this sparsity, or (None) predicted time
 
 
 def compile_program(ep, target, *, threshold: float | None = None, sparse: bool = True, fmt: str | None = None,
@@ -43,7 +44,7 @@ def compile_program(ep, target, *, threshold: float | None = None, sparse: bool 
     start = time.perf_counter()
     executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
     return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
-                    time.perf_counter() - start)
+                    time.perf_counter() - start, threshold)
 
 
 def activation_ranges(quant: dict | None) -> dict | None:
@@ -71,13 +72,14 @@ def format_report(report: list, threshold: float | None) -> str:
     return "\n".join(lines)
 
 
-def print_report(report: list, threshold: float | None) -> None:
-    print(format_report(report, threshold))
+def print_report(compiled: Compiled) -> None:
+    print(format_report(compiled.report, compiled.threshold))
 
 
-def export(compiled: Compiled, path: str, *, model: str, threshold: float | None, overwrite: bool = False) -> dict:
+def export(compiled: Compiled, path: str, *, model: str, overwrite: bool = False) -> dict:
     """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
-    temp file that is removed on any exit (unsparse_tvm.outputs)."""
+    temp file that is removed on any exit (unsparse_tvm.outputs). The threshold recorded is the one the
+    layers were compiled with (compiled.threshold), so `inspect` cannot describe another choice."""
     check_output(path, overwrite=overwrite, suffixes=(".so",))
     target = compiled.target
     kind = target.kind.name
@@ -93,7 +95,7 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float | None
         "device_code": "fatbin" if kind == "cuda" else "none (host code only)",
         "inputs": [{"name": "x", "shape": list(compiled.input_shape), "dtype": "float32"}],
         "outputs": compiled.outputs,
-        "threshold": threshold,
+        "threshold": compiled.threshold,
         "sparse_layers": sum(1 for r in compiled.report if r.decision == "sparse"),
         "layers": [r.as_dict() for r in compiled.report],
         "tvm_version": tvm.__version__,
@@ -122,10 +124,10 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     quant = read_quantization(model) if model.endswith(".pt2") else None
     compiled = compile_program(ep, target, threshold=threshold, database=database,
                                activations=activation_ranges(quant), quant=quant)
-    print_report(compiled.report, threshold)
+    print_report(compiled)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log
-    meta = export(compiled, output, model=model, threshold=threshold, overwrite=overwrite)
+    meta = export(compiled, output, model=model, overwrite=overwrite)
     print(f"wrote {output} ({target_name}{' ' + meta['arch'] if meta['arch'] else ''}, "
           f"{meta['sparse_layers']} sparse layers, compiled in {compiled.seconds:.1f} s)")
     return meta
