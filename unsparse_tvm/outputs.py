@@ -69,10 +69,17 @@ def check_output_dir(path: str, *, overwrite: bool = True, holds: tuple[str, ...
 
 
 def check_folder(folder: str, path: str, what: str = "output") -> None:
+    """The output's folder exists and takes a file: probed by writing one, since permission bits say
+    nothing to root, nor about read-only mounts or /proc and /sys."""
     if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise UnsparseError(f"{folder} (in {what} {path}) is a file, not a folder")
         raise UnsparseError(f"folder {folder} of {what} {path} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UnsparseError(f"cannot write {what} {path}: folder {folder} is not writable")
+    try:
+        tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test", delete=True).close()
+    except OSError as err:
+        raise UnsparseError(f"cannot write {what} {path}: folder {folder} is not writable "
+                            f"({err.strerror or type(err).__name__})") from None
 
 
 def _alive(pid: int) -> bool:
