@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UnsparseError
+from .inputs import check_input_file
 from .models import BUILTIN_MODELS, build_model, export
 from .operators import check_operators, importer_fixes
 from .outputs import check_output, writing
@@ -30,6 +32,7 @@ def load_pt2(path: str) -> torch.export.ExportedProgram:
         raise UnsparseError(f"no such file: {path}")
     if not path.endswith(".pt2"):
         raise UnsparseError(f"{path} is not a .pt2 file: save models with torch.export.save(ep, 'model.pt2')")
+    check_input_file(path)
     logger = logging.getLogger("torch.export")  # it logs a whole traceback before raising: ours is one line
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -150,12 +153,24 @@ def check_batch(batch: int | None) -> int | None:
     return batch
 
 
+def check_fits_memory(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The example input alone must fit in this machine's memory (a huge --batch), or the first
+    allocation would fail deep inside torch; the activations are larger still."""
+    need = math.prod(shape) * 4
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if have and need > have:
+        raise UnsparseError(f"an input of shape {list(shape)} takes {need / 2**30:,.0f} GiB, more than this machine's "
+                            f"{have / 2**30:,.0f} GiB of memory: use a smaller --batch")
+    return shape
+
+
 def load_program(model: str, batch: int | None = None, log=print) -> torch.export.ExportedProgram:
     """A built-in name (exported at the given batch size, default 1) or a .pt2 path, as an ExportedProgram
     with static shapes and float32 values (a dynamic batch is specialised, and `log` says so)."""
     check_batch(batch)
     if model in BUILTIN_MODELS:
-        ep = export(build_model(model), (batch or 1, *BUILTIN_MODELS[model].input_shape))
+        shape = check_fits_memory((batch or 1, *BUILTIN_MODELS[model].input_shape))
+        ep = export(build_model(model), shape)
         check_program(ep)  # a tv:/timm: network may use operators nobody here verified
         return ep
     if model.endswith(".pt2") or os.path.sep in model or os.path.exists(model):
@@ -166,6 +181,7 @@ def load_program(model: str, batch: int | None = None, log=print) -> torch.expor
             shape = list(program_input_shape(ep))
             if batch is not None and 0 in dyn:
                 shape[0] = batch
+            check_fits_memory(tuple(shape))
             with torch.no_grad():
                 ep = torch.export.export(ep.module(), (torch.randn(*shape),))
             log(f"note: {model} has a dynamic input (axes {', '.join(map(str, dyn))}); compiled for the static "
@@ -269,17 +285,19 @@ def load_model(model: str, weights: str | None = None, batch: int | None = None)
     prune, quantise or train (a .pt2 written by unsparse-tvm: its real nn.Module, trainable again)."""
     check_batch(batch)
     if model in BUILTIN_MODELS:
+        if weights:
+            check_input_file(weights, "weights file")
         net = build_model(model)
         if weights:
             _load_state(net, weights)
-        shape = (batch or 1, *BUILTIN_MODELS[model].input_shape)
+        shape = check_fits_memory((batch or 1, *BUILTIN_MODELS[model].input_shape))
         return LoadedModel(net.eval(), shape, model, None, model, {"model": model, "trained": bool(weights)}, trained=bool(weights))
     if not (model.endswith(".pt2") or os.path.sep in model or os.path.exists(model)):
         raise UnsparseError(f"unknown model '{model}': use one of {', '.join(BUILTIN_MODELS)} or a .pt2 file")
     ep = load_pt2(model)
     shape = program_input_shape(ep)
     if batch is not None:
-        shape = (batch, *shape[1:])
+        shape = check_fits_memory((batch, *shape[1:]))
     meta = read_model_meta(model)
     if weights:
         raise UnsparseError("--weights is for built-in model names; a .pt2 already holds its weights")
