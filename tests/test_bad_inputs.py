@@ -537,3 +537,291 @@ def test_arch_specific_cuda_module_lists_each_image_once(tmp_path, capsys):
     found = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("device code:"))
     images = found.split("found in file: ")[1].split(", ")
     assert len(images) == len(set(images)) and "cubin sm_90a" in images and "ptx compute_90a" in images, found
+
+
+@pytest.mark.parametrize("argv,patch", [
+    (["compile", "smallcnn", "-o", "{bad}/a.so"], "unsparse_tvm.build.compile_program"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{bad}/p.pt2"], "unsparse_tvm.compress.prune.load_model"),
+    (["bench", "smallcnn", "--json", "{bad}/b.json"], "unsparse_tvm.bench.bench"),
+    (["run", "{so}", "--print-time", "-o", "{bad}/y.npy"], "unsparse_tvm.runtime.load"),
+])
+@pytest.mark.parametrize("bad", ["/proc", "/sys", "{d}/file.txt"])
+def test_unwritable_output_folder_is_found_before_any_work(argv, patch, bad, small, tmp_path, capsys, monkeypatch):
+    """Root passes every permission check (os.access): the folder is probed by writing to it."""
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    monkeypatch.setattr(patch, lambda *a, **k: pytest.fail("work started before the output was checked"))
+    bad = bad.format(d=tmp_path)
+    _one_line_error([a.format(bad=bad, so=small / "s.so") for a in argv], capsys,
+                    "is a file, not a folder" if bad.endswith("file.txt") else "is not writable")
+
+
+def test_bench_json_must_end_in_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("unsparse_tvm.bench.bench", lambda *a, **k: pytest.fail("timed before the output was checked"))
+    _one_line_error(["bench", "smallcnn", "--json", tmp_path / "out.txt"], capsys, "must end in .json")
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["bench", "smallcnn", "--repeat", "0"], "--repeat must be at least 1"),
+    (["run", "m.so", "--print-time", "--repeat", "0"], "--repeat must be at least 1"),
+    (["run", "m.so", "--print-time", "--number", "-1"], "--number must be at least 1"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--lr", "-1", "-o", "t.pt2"], "--lr must be a positive"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--lr", "nan", "-o", "t.pt2"], "--lr must be a positive"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "0", "-o", "t.pt2"],
+     "--batch-size must be at least 1"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--seed", "-1", "-o", "p.pt2"], "--seed must be at least 0"),
+])
+def test_counts_and_rates_out_of_range_are_refused_at_parse_time(argv, expect, capsys):
+    _one_line_error(argv, capsys, expect)
+
+
+def test_batch_too_big_for_memory_is_one_line(tmp_path, capsys):
+    start = time.perf_counter()
+    _one_line_error(["compile", "smallcnn", "--batch", "1000000000", "-o", tmp_path / "a.so"], capsys,
+                    "more than this machine's")
+    assert time.perf_counter() - start < 30 and not (tmp_path / "a.so").exists()
+
+
+def _reader_gone(*args) -> subprocess.CompletedProcess:
+    """`unsparse-tvm ARGS | head -0`: the reading end of stdout is closed before the command writes."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "unsparse_tvm.cli", *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+
+
+def test_closed_pipe_ends_quietly(small, tmp_path):
+    from test_tuning import copy_log
+
+    for args in (["inspect", small / "s.so"], ["logs", "show", copy_log(tmp_path)]):
+        proc = _reader_gone(*args)
+        assert proc.returncode == 141 and proc.stderr == "", (args, proc.stderr)
+
+
+def test_int8_layers_show_their_precision_and_bytes(tmp_path, capsys):
+    from unsparse_tvm.runtime import read_metadata
+
+    assert main(["quantize", "smallcnn", "--activations", "int8", "--dataset", "random", "-o", str(tmp_path / "q.pt2")]) == 0
+    assert main(["compile", str(tmp_path / "q.pt2"), "-o", str(tmp_path / "q.so")]) == 0
+    int8 = [l for l in read_metadata(str(tmp_path / "q.so"))["layers"] if l["format"] == "int8q4"]
+    assert int8 and all(l["precision"] == "int8/32-bit off" and l["weight_bytes"] > 0 for l in int8)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q.so")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[int8/32-bit off, ") == len(int8) and "[fp32, 0 B]" not in out
+    stored = next(l for l in out.splitlines() if l.startswith("weights:"))
+    assert not stored.startswith("weights:      0.00 MB"), stored
+
+
+@pytest.mark.parametrize("log_name", ["log", "my logs"])
+def test_tune_hint_compiles_the_program_that_was_tuned(log_name, tmp_path, capsys, monkeypatch):
+    """tiny_log() tuned smallcnn pruned to 0.9; the hint `tune smallcnn --sparsity 0.9` prints must apply
+    its records (issue 22: it compiled the unpruned model, 0 of 3 layers from the log)."""
+    import shlex
+
+    from test_tuning import TINY_TRIALS, copy_log
+    from unsparse_tvm.tuning.command import TuneRequest, compile_hint
+
+    log = copy_log(tmp_path, log_name)
+    monkeypatch.chdir(tmp_path)
+    hint = compile_hint(TuneRequest("smallcnn", TINY_TRIALS, log, sparsity=0.9))
+    for step in hint.split(" && "):
+        argv = shlex.split(step)
+        assert argv[0] == "unsparse-tvm" and main(argv[1:]) == 0, step
+    assert f"{TINY_TRIALS} of 5 tunable layers" in capsys.readouterr().out and (tmp_path / "model.so").exists()
+
+
+def test_tune_of_an_int8_model_says_int8_kernels_are_not_tuned(tmp_path, capsys, monkeypatch):
+    import unsparse_tvm.tuning.command as command
+
+    assert main(["quantize", "smallcnn", "--activations", "int8", "--dataset", "random", "-o", str(tmp_path / "q.pt2")]) == 0
+    capsys.readouterr()
+
+    def stop(*a, **k):
+        raise command.UnsparseError("stopped after the notes")
+
+    monkeypatch.setattr(command, "load_model_program", stop)
+    rc = main(["tune", str(tmp_path / "q.pt2"), "--trials", "1", "--log-dir", str(tmp_path / "l")])
+    cap = capsys.readouterr()
+    assert rc == 2 and "stopped" in cap.err and "int8 kernels are not tuned" in cap.out
+
+
+def test_failed_merge_leaves_no_output_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(["logs", "merge", tmp_path / "empty", "-o", tmp_path / "out"], capsys, "holds no tuning records")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sparsity_above_the_per_layer_limit_names_the_limit(tmp_path, capsys):
+    err = _one_line_error(["prune", "smallcnn", "--sparsity", "0.999", "-o", tmp_path / "p.pt2"], capsys, "[0, 0.99]")
+    assert "first-layer" not in err  # options the user never gave are not blamed
+    err = _one_line_error(["prune", "smallcnn", "--sparsity", "0.99", "--first-layer-sparsity", "0", "-o",
+                           tmp_path / "p.pt2"], capsys, "above the 0.99 a layer can be pruned to")
+    assert "--last-layer-sparsity" not in err
+
+
+def test_npz_input_with_one_array_is_taken(small, tmp_path):
+    from unsparse_tvm.runtime import read_input
+
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "one.npz", image=x)
+    np.testing.assert_array_equal(read_input(str(tmp_path / "one.npz")), x)
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    proc = cli("run", small / "s.so", "--input", tmp_path / "two.npz", "-o", tmp_path / "y.npy", check=False)
+    _proc_one_line_error(proc, "holds 2 arrays (a, b)")
+    cli("run", small / "s.so", "--input", tmp_path / "one.npz", "-o", tmp_path / "y.npy")
+    assert np.load(tmp_path / "y.npy").shape == (1, 10)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["prune", "smallcnn", "--sparsity", "0.5", "--vector-size", "8"], "--vector-size is for --method vector or mixed"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--method", "vector", "--block-size", "4"], "--block-size is for"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--block-share", "0.3"], "--block-share is for --method mixed"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--lr", "0.1"], "--lr is for fine-tuning"),
+    (["quantize", "smallcnn", "--scheme", "int8", "--batch-size", "8"], "--batch-size is for fine-tuning"),
+    (["run", "m.so", "--number", "5", "-o", "y.npy"], "add --print-time"),
+    (["bench", "smallcnn", "--force"], "--force overwrites the --json file"),
+])
+def test_options_that_would_be_ignored_are_refused(argv, expect, tmp_path, capsys):
+    _one_line_error([a if not a.endswith((".pt2", ".npy")) else tmp_path / a for a in argv]
+                    + (["-o", tmp_path / "o.pt2"] if argv[0] in ("prune", "quantize") else []), capsys, expect)
+
+
+def test_pruning_a_sparser_model_says_its_zeros_stayed(tmp_path, capsys):
+    assert main(["prune", "smallcnn", "--sparsity", "0.9", "-o", str(tmp_path / "p9.pt2")]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "p9.pt2"), "--sparsity", "0.5", "-o", str(tmp_path / "p5.pt2")]) == 0
+    assert "was already 0.900 sparse, above --sparsity 0.5" in capsys.readouterr().out
+
+
+def test_detection_model_is_said_to_be_unsupported_not_missing(tmp_path, capsys):
+    from unsparse_tvm.errors import UnsparseError
+    from unsparse_tvm.zoo import import_torchvision
+
+    try:
+        import_torchvision()
+    except UnsparseError:
+        pytest.skip("torchvision is not installed")
+    _one_line_error(["prune", "tv:fasterrcnn_resnet50_fpn", "--sparsity", "0.5", "-o", tmp_path / "p.pt2"], capsys,
+                    "tv:fasterrcnn_resnet50_fpn is a torchvision detection model")
+
+
+# Every option of every command, with a malformed value and what the one-line refusal says. A new option
+# without an entry here fails test_every_option_has_a_malformed_example: add one.
+BASE = {  # a valid command line per command: (positionals, options)
+    ("train",): (["smallcnn"], {"--dataset": "digits", "--epochs": "1", "--output": "{d}/t.pt2"}),
+    ("prune",): (["smallcnn"], {"--sparsity": "0.5", "--output": "{d}/p.pt2"}),
+    ("quantize",): (["smallcnn"], {"--scheme": "int8", "--output": "{d}/q.pt2"}),
+    ("compile",): (["smallcnn"], {"--output": "{d}/c.so"}),
+    ("run",): (["{so}"], {"--output": "{d}/y.npy"}),
+    ("inspect",): (["{so}"], {}),
+    ("bench",): (["smallcnn"], {"--no-layers": None, "--repeat": "1"}),
+    ("tune",): (["smallcnn"], {"--trials": "1", "--log-dir": "{d}/log"}),
+    ("logs", "show"): (["{log}"], {}),
+    ("logs", "merge"): (["{log}"], {"--output": "{d}/merged"}),
+}
+_DATA = {"--dataset": ("imagenet", "unknown data set"), "--epochs": ("-1", "--epochs must be at least 0"),
+         "--lr": ("0", "--lr must be a positive number"), "--batch-size": ("0", "--batch-size must be at least 1"),
+         "--seed": ("x", "--seed must be a whole number"), "--weights": ("{d}/none.pt", "no such weights file"),
+         "--batch": ("0", "batch must be at least 1"), "--force": ("=yes", "ignored explicit argument")}
+_TARGET = {"--target": ("opencl", "unknown target 'opencl'"), "--arch": ("sm90", "--arch is for --target cuda"),
+           "--threshold": ("1.5", "threshold must be in [0, 1]"), "--batch": ("-2", "batch must be at least 1")}
+_SPARSITY = {"--sparsity": ("0.995", "must be in [0, 0.99]")}
+MALFORMED = {
+    ("train",): {"model": ("{d}/none.pt2", "no such file"), **_DATA, "--epochs": ("0", "epochs must be >= 1"),
+                 "--output": ("{d}/t.txt", "must end in .pt2")},
+    ("prune",): {"model": ("nosuchmodel", "unknown model 'nosuchmodel'"), **_DATA,
+                 "--sparsity": ("1", "sparsity must be in [0, 0.99]"), "--method": ("channel", "unknown pruning method"),
+                 "--scope": ("model", "unknown scope"), "--vector-size": ("3", "--vector-size is for"),
+                 "--block-size": ("zero", "--block-size must be a whole number"),
+                 "--block-share": ("1.5", "--block-share must be in [0, 1]"),
+                 "--first-layer-sparsity": ("1", "--first-layer-sparsity must be in [0, 0.99]"),
+                 "--last-layer-sparsity": ("-1", "--last-layer-sparsity must be in [0, 0.99]"),
+                 "--sensitivity": ("=yes", "ignored explicit argument"),
+                 "--output": ("{d}/p.so", "must end in .pt2"), "--report": ("{d}/r.txt", "must end in .json")},
+    ("quantize",): {"model": ("{d}/none.pt2", "no such file"), **_DATA,
+                    "--activations": ("int4", "invalid choice: 'int4'"),
+                    "--scheme": ("fp8", "unknown quantisation scheme 'fp8'"),
+                    "--output": ("{d}/q", "must end in .pt2"), "--report": ("{d}", "must end in .json")},
+    ("compile",): {"model": ("{d}/none.pt2", "no such file"), **_TARGET, "--output": ("{d}/c.txt", "must end in .so"),
+                   "--force": ("=yes", "ignored explicit argument"), "--tuning-log": ("{d}/none", "does not exist")},
+    ("run",): {"module": ("{d}", "is a directory"), "--input": ("{d}/x.txt", "no such input file"),
+               "--output": ("{d}/y.txt", "must end in .npy or .npz"), "--force": ("=yes", "ignored explicit argument"),
+               "--device": ("tpu", "--device must be one of cpu, cuda"),
+               "--print-time": ("=yes", "ignored explicit argument"), "--number": ("0", "--number must be at least 1"),
+               "--repeat": ("many", "--repeat must be a whole number")},
+    ("inspect",): {"file": ("{d}/none.so", "no such file")},
+    ("bench",): {"model": ("tv:", "write tv:ARCH"), **_TARGET, **_SPARSITY, "--json": ("{d}/b.txt", "must end in .json"),
+                 "--no-layers": ("=yes", "ignored explicit argument"), "--repeat": ("0", "--repeat must be at least 1"),
+                 "--tuning-log": ("{d}/none", "does not exist"), "--force": ("=yes", "ignored explicit argument"),
+                 "--threads": ("0", "--threads takes positive thread counts"), "--peers": ("tensorrt", "unknown peer")},
+    ("tune",): {"model": ("{so}", "not a .pt2 file"), **_TARGET, **_SPARSITY, "--trials": ("0", "--trials must be at least 1"),
+                "--log-dir": ("{so}", "is a file, not a directory"),
+                "--include-dense": ("=yes", "ignored explicit argument"),
+                "--rpc-tracker": ("nohostport", "--rpc-tracker must be HOST:PORT"),
+                "--rpc-key": ("k", "--rpc-key needs --rpc-tracker"), "--seed": ("-1", "--seed must be at least 0"),
+                "--no-progress": ("=yes", "ignored explicit argument")},
+    ("logs", "show"): {"dir": ("{d}/none", "does not exist")},
+    ("logs", "merge"): {"dirs": ("{so}", "is not a directory"), "--output": ("{so}", "is a file, not a directory"),
+                        "--force": ("=yes", "ignored explicit argument")},
+}
+
+
+def _commands(parser, path=()):
+    """(command path, its parser) of every (sub)command of the CLI."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, path + (name,))
+
+
+def _options(parser) -> dict:
+    """Every option and positional of a command parser: its name (long form, or dest) -> its action."""
+    import argparse
+
+    return {(max(a.option_strings, key=len) if a.option_strings else a.dest): a
+            for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+
+
+def test_every_option_has_a_malformed_example():
+    from unsparse_tvm.cli import build_parser
+
+    found = {path: set(_options(p)) for path, p in _commands(build_parser())}
+    assert set(found) == set(MALFORMED) == set(BASE)
+    for path, names in found.items():
+        assert names == set(MALFORMED[path]), (path, names ^ set(MALFORMED[path]))
+
+
+def _malformed_cases():
+    return [(path, name) for path, options in MALFORMED.items() for name in options]
+
+
+@pytest.mark.parametrize("path,name", _malformed_cases(), ids=[" ".join(p) + " " + n for p, n in _malformed_cases()])
+def test_every_option_refuses_a_malformed_value_in_one_line(path, name, small, tmp_path, capsys):
+    from test_tuning import copy_log
+    from unsparse_tvm.cli import build_parser
+
+    parser = dict(_commands(build_parser()))[path]
+    options = _options(parser)
+    positionals, values = BASE[path][0][:], dict(BASE[path][1])
+    value, expect = MALFORMED[path][name]
+    if not options[name].option_strings:
+        index = [n for n, a in options.items() if not a.option_strings].index(name)
+        positionals[index] = value
+    else:
+        values[name] = value
+    argv = [*path, *positionals]
+    for option, v in values.items():
+        argv += [option + v] if v and v.startswith("=") else [option] + ([v] if v is not None else [])
+    fill = {"d": tmp_path, "so": small / "s.so"}
+    if "{log}" in " ".join(argv):
+        fill["log"] = copy_log(tmp_path)
+    start = time.perf_counter()
+    _one_line_error([a.format(**fill) for a in argv], capsys, expect)
+    assert time.perf_counter() - start < 20, "refused only after real work"

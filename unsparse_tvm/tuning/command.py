@@ -40,6 +40,7 @@ class TuneRequest:
 
 def tune_command(req: TuneRequest) -> int:
     """`unsparse-tvm tune`: extract, search, append records; Ctrl-C or kill keeps every finished batch."""
+    rpc_at = parse_tracker(req.rpc_tracker) if req.rpc_tracker else None  # HOST:PORT, before anything else
     if req.rpc_tracker and not req.rpc_key:
         raise UnsparseError("--rpc-tracker needs --rpc-key (the key the RPC servers registered with)")
     if req.rpc_key and not req.rpc_tracker:
@@ -49,7 +50,7 @@ def tune_command(req: TuneRequest) -> int:
     target = make_target(req.target, req.arch)
     if not req.rpc_tracker:  # measured here: built for a CPU model this one runs (remote devices: theirs)
         require_runnable(target, "tune")
-    rpc = (*parse_tracker(req.rpc_tracker), req.rpc_key) if req.rpc_tracker else None
+    rpc = (*rpc_at, req.rpc_key) if rpc_at else None
     quant_note = untuned_note(req.model)  # before any work: the trials go where the user expects, or it says
     created = not os.path.exists(req.log_dir)
     check_output_dir(req.log_dir)
