@@ -825,3 +825,67 @@ def test_every_option_refuses_a_malformed_value_in_one_line(path, name, small, t
     start = time.perf_counter()
     _one_line_error([a.format(**fill) for a in argv], capsys, expect)
     assert time.perf_counter() - start < 20, "refused only after real work"
+
+
+# ---- found by the second sweep -----------------------------------------------------------------------
+def test_full_disk_is_found_before_llvm_writes(tmp_path, capsys, monkeypatch):
+    """LLVM aborts the whole process (then segfaults) when an object file meets a full disk."""
+    import collections
+
+    import unsparse_tvm.build as build
+
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda _: collections.namedtuple("U", "total used free")(1, 1, 100_000))
+    monkeypatch.setattr(build, "export_library", lambda *a: pytest.fail("object files written to a full disk"))
+    _one_line_error(["compile", "smallcnn", "-o", tmp_path / "a.so"], capsys, "not enough free space")
+    assert os.listdir(tmp_path) == []
+
+
+def test_disk_full_while_writing_is_one_line(small, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", full)
+    _one_line_error(["run", small / "s.so", "-o", tmp_path / "y.npy"], capsys, "No space left on device")
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_that_is_not_a_regular_file_is_refused(small, tmp_path, capsys):
+    os.mkfifo(tmp_path / "y.npy")
+    _one_line_error(["run", small / "s.so", "-o", tmp_path / "y.npy", "--force"], capsys, "is not a regular file")
+    assert os.path.exists(tmp_path / "y.npy") and not os.path.isfile(tmp_path / "y.npy")
+
+
+@pytest.mark.parametrize("member,payload,expect", [
+    ("unsparse_model.json", b"\xff\xfe{not json", "could not be read"),   # torch itself decodes extra files
+    ("unsparse_model.json", b"[1, 2, 3]", "unsparse_model.json is damaged"),
+    ("unsparse_quant.json", b'{"scheme": 3}', "unsparse_quant.json is damaged"),
+])
+def test_pt2_with_damaged_metadata_is_one_line(member, payload, expect, tmp_path, capsys):
+    import zipfile
+
+    assert main(["quantize", "smallcnn", "--scheme", "int8", "-o", str(tmp_path / "q.pt2")]) == 0
+    with zipfile.ZipFile(tmp_path / "q.pt2") as zin, zipfile.ZipFile(tmp_path / "d.pt2", "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, payload if item.filename.endswith("/extra/" + member) else zin.read(item.filename))
+    for argv in (["inspect", tmp_path / "d.pt2"], ["prune", tmp_path / "d.pt2", "--sparsity", "0.5", "-o",
+                                                   tmp_path / "p.pt2"]):
+        if member == "unsparse_quant.json" and argv[0] == "prune":
+            argv = ["compile", tmp_path / "d.pt2", "-o", tmp_path / "c.so"]  # prune drops the quantisation anyway
+        _one_line_error(argv, capsys, expect)
+
+
+@pytest.mark.parametrize("cut", ["half", "empty"])
+def test_truncated_or_empty_pt2_is_one_line(cut, tmp_path, capsys):
+    _save(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), tmp_path / "m.pt2", torch.randn(1, 1, 8, 8))
+    data = (tmp_path / "m.pt2").read_bytes()
+    (tmp_path / "m.pt2").write_bytes(data[: len(data) // 2] if cut == "half" else b"")
+    for cmd in ("inspect", "compile", "prune"):
+        _one_line_error(_argv(cmd, tmp_path / "m.pt2", tmp_path), capsys,
+                        "could not be read as a torch.export program" if cut == "half" else "is empty")
+
+
+def test_log_file_that_is_a_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "log" / "database_workload.json").mkdir(parents=True)
+    _one_line_error(["logs", "show", tmp_path / "log"], capsys, "is not a file")

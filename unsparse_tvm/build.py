@@ -4,18 +4,20 @@ with the per-layer report and the metadata trailer `run` and `inspect` read (uns
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import tvm
 
 from .cuda_package import embed_device_code
+from .errors import UnsparseError
 from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,
                        read_quantization)
+from .module_file import write_metadata
 from .outputs import check_output, writing
 from .parallel_build import compile_module, export_library
 from .relay_passes import build_pipeline
-from .module_file import write_metadata
 from .target import make_target, target_cpu_features
 from .tuning.database import open_database
 
@@ -101,6 +103,7 @@ def export(compiled: Compiled, path: str, *, model: str, overwrite: bool = False
         "tvm_version": tvm.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    check_space(path, compiled)
     with writing(path, overwrite=overwrite) as tmp:
         if kind == "cuda":
             embed_device_code(compiled.executable, arch)
@@ -109,6 +112,18 @@ def export(compiled: Compiled, path: str, *, model: str, overwrite: bool = False
         export_library(compiled.executable, tmp, workspace)  # object files written on every core
         write_metadata(tmp, meta)
     return meta
+
+
+def check_space(path: str, compiled: Compiled) -> None:
+    """LLVM cannot report a full disk: it aborts the process while writing object files. So the module's
+    folder must have room for the object files and the library (each about the weights plus the code)."""
+    weights = sum(int(getattr(r, "weight_bytes", 0)) for r in compiled.report)
+    need = 2 * (weights + 4 * 2**20)
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UnsparseError(f"not enough free space in {folder} for {path}: about {need / 2**20:.0f} MiB needed "
+                            f"(object files and the library), {free / 2**20:.1f} MiB free")
 
 
 def compile_file(model: str, target_name: str, arch: str | None, threshold: float | None, output: str, *,

@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, "out of memory: use a smaller --batch or model")
     except BrokenPipeError:
         return _reader_gone()
+    except OSError as err:  # the environment, not a bug of ours: a file vanished or a disk filled meanwhile
+        return _fail(args.command, f"{err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
     except KeyboardInterrupt:
         print(f"unsparse-tvm {args.command}: interrupted", file=sys.stderr)
         return 130

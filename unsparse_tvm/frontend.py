@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -209,9 +210,12 @@ def read_extra_file(path: str, name: str) -> str | None:
             names = zf.namelist()
             if any(n.endswith("/archive_format") for n in names):  # layout known: absence is meaningful
                 hits = [n for n in names if n.endswith(f"/extra/{name}")]
-                return zf.read(hits[0]).decode("utf-8") if hits else None
+                data = zf.read(hits[0]) if hits else None
+                return data.decode("utf-8") if data is not None else None  # ValueError when not UTF-8
     except zipfile.BadZipFile:
         raise UnsparseError(f"{path} could not be read as a torch.export program (not a zip archive)") from None
+    except (OSError, EOFError, zlib.error) as err:  # a damaged member
+        raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
     extra = {name: ""}
     try:
         torch.export.load(path, extra_files=extra)
@@ -221,21 +225,33 @@ def read_extra_file(path: str, name: str) -> str | None:
 
 
 def read_model_meta(path: str) -> dict:
-    text = read_extra_file(path, MODEL_META)
-    return json.loads(text) if text else {}
+    return _extra_json(path, MODEL_META) or {}
 
 
 def read_quantization(path: str) -> dict | None:
     """The quantisation stored in a .pt2 (`unsparse_quant.json`), or None for an unquantised program."""
     if not path.endswith(".pt2"):
         load_pt2(path)  # raises the usual one-line error (missing file, not .pt2)
-    text = read_extra_file(path, QUANT_FILE)
-    if not text:
+    quant = _extra_json(path, QUANT_FILE)
+    if quant is None:
         return None
+    acts = quant.get("activations")
+    if not (isinstance(quant.get("scheme"), str) and isinstance(quant.get("bits"), int)
+            and isinstance(quant.get("layers"), dict) and (acts is None or isinstance(acts.get("layers"), dict))):
+        raise UnsparseError(f"{path}: its {QUANT_FILE} is damaged (fields missing); quantise the model again")
+    return quant
+
+
+def _extra_json(path: str, name: str) -> dict | None:
+    """One of our JSON extra files in a .pt2, or None; a damaged one (not UTF-8, not a JSON object) is one line."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise UnsparseError(f"{path}: {QUANT_FILE} is not valid JSON") from None
+        text = read_extra_file(path, name)
+        value = json.loads(text) if text else None
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError
+        value = []
+    if value is not None and not isinstance(value, dict):
+        raise UnsparseError(f"{path}: its {name} is damaged (not a JSON object); write the model again")
+    return value
 
 
 @dataclass

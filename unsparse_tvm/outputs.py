@@ -37,6 +37,8 @@ def check_output(path: str, *, overwrite: bool, suffixes: tuple[str, ...] = (), 
         raise UnsparseError(f"{what} {path} must end in {' or '.join(suffixes)}")
     if os.path.isdir(path):
         raise UnsparseError(f"{what} {path} is a directory: name a file")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a fifo: the rename would replace it
+        raise UnsparseError(f"{what} {path} is not a regular file (a device, pipe or socket): name a file")
     for src in inputs:
         if src and os.path.exists(src) and os.path.exists(path) and os.path.samefile(src, path):
             raise UnsparseError(f"{what} {path} is the input; write to another file (inputs are never modified)")
@@ -164,7 +166,10 @@ def writing(path: str, *, overwrite: bool = True) -> Iterator[str]:
     """Yield a temp path (same name, same suffix) to write to; it replaces `path` only on success."""
     with work_folder(path) as work:
         tmp = os.path.join(work, os.path.basename(path))
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # a full disk, a quota, an I/O error: the folder was writable when checked
+            raise UnsparseError(f"cannot write {path}: {err.strerror or err}") from None
         if not os.path.exists(tmp):
             raise UnsparseError(f"internal error: nothing was written for {path}")
         if os.path.exists(path) and not overwrite:  # appeared meanwhile

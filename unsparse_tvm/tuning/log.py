@@ -188,6 +188,8 @@ def _parse_record(line: str) -> Record | None:
 def _lines(path: str) -> list[str]:
     if not os.path.exists(path):
         return []
+    if not os.path.isfile(path):
+        raise UnsparseError(f"tuning log file {path} is not a file (a directory?): not a log written by tune")
     with open(path, "r", encoding="utf-8", errors="replace") as f:
         return f.read().split("\n")
 
