@@ -569,6 +569,8 @@ def test_bench_json_must_end_in_json(tmp_path, capsys, monkeypatch):
     (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "0", "-o", "t.pt2"],
      "--batch-size must be at least 1"),
     (["prune", "smallcnn", "--sparsity", "0.5", "--seed", "-1", "-o", "p.pt2"], "--seed must be at least 0"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "99999999999999999999", "-o", "t.pt2"],
+     "--batch-size must be at most 2147483647"),  # found by the second sweep: islice's ValueError
 ])
 def test_counts_and_rates_out_of_range_are_refused_at_parse_time(argv, expect, capsys):
     _one_line_error(argv, capsys, expect)

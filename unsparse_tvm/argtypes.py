@@ -35,11 +35,14 @@ def sparsity(name: str = "sparsity"):
     return fraction(name, upper=MAX_SPARSITY)
 
 
-def whole(name: str, lowest: int = 1, highest: int | None = None):
+INT_MAX = 2**31 - 1  # what torch's and TVM's sizes and loops take; beyond it they fail deep inside
+
+
+def whole(name: str, lowest: int = 1, highest: int = INT_MAX):
     """A whole number in [lowest, highest]."""
     def parse(text: str) -> int:
         value = _number(name, text, int, "a whole number")
-        if value < lowest or (highest is not None and value > highest):
+        if not lowest <= value <= highest:
             raise argparse.ArgumentTypeError(f"{name} must be at least {lowest}, got {value}" if value < lowest else
                                              f"{name} must be at most {highest}, got {value}")
         return value
@@ -100,7 +103,8 @@ def thread_list(text: str) -> list[int]:
     except ValueError:
         counts = []
     if not counts or min(counts) < 1 or max(counts) > 1024:
-        raise argparse.ArgumentTypeError(f"--threads takes positive thread counts separated by commas, e.g. 1,2; got '{text}'")
+        raise argparse.ArgumentTypeError("--threads takes positive thread counts separated by commas, e.g. 1,2; "
+                                         f"got '{text}'")
     return counts
 
 

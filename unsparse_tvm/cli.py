@@ -15,9 +15,9 @@ import sys
 import warnings
 
 from . import argtypes as types
+from .cli_text import MODEL_HELP, MODEL_INPUT_HELP, TEXTS, WEIGHTS_HELP
 from .errors import UnsparseError
 
-MODEL_HELP = "a built-in model (smallcnn, vgg16-cifar, vgg16, resnet18, resnet50) or a .pt2 file"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,12 +28,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- prune ---------------------------------------------------------------------------------------
-MODEL_INPUT_HELP = (MODEL_HELP + "; a .pt2 written by train/prune/quantize can be fine-tuned again, "
-                    "another .pt2 only pruned/quantised one-shot")
-WEIGHTS_HELP = ("weights for a built-in MODEL: a state_dict saved with torch.save(model.state_dict(), 'w.pt'), "
-                "or a .pt2 of the same model (default: seeded random weights)")
-
-
 def _add_data_args(p: argparse.ArgumentParser, epochs_help: str, lr: float, *, fine_tuning: bool = False,
                    random: bool = False) -> None:
     """--dataset, --epochs, --lr, --batch-size, --seed. fine_tuning (prune, quantize): --lr and --batch-size
@@ -67,29 +61,6 @@ def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
         p.add_argument("--report", default=None, help="also write the report (accuracy, per-layer sparsity, bytes) as JSON")
     p.add_argument("--force", action="store_true",
                    help="overwrite the output (and report) file if it exists" if report else "overwrite the output file if it exists")
-
-
-# help and description of the longer-described commands
-TEXTS = {
-    "prune": ("prune conv and linear weights (unstructured, vector, block, mixed), optionally while fine-tuning",
-        "Prune every conv2d/linear weight and save the model as .pt2. Without --dataset/--epochs it is "
-        "one-shot layer-wise magnitude pruning; with --dataset D --epochs N, sparsity ramps up on a cubic "
-        "schedule (Zhu & Gupta) while fine-tuning. Chain: train -> prune -> quantize, passing .pt2 files."),
-    "quantize": ("quantise conv and linear weights (int8, int4, kmeansB, pow2), zeros kept; save as .pt2",
-        "Quantise the nonzero conv2d/linear weights; zeros stay exactly zero. The .pt2 keeps float "
-        "weights holding the dequantised values, and carries the scheme with its per-layer scales or "
-        "codebooks as unsparse_quant.json (unsparse_tvm.frontend.read_quantization)."),
-    "train": ("train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
-        "Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
-        "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
-        "PyTorch training, pass the built-in name with --weights state.pt (a state_dict). Weights that "
-        "are exactly zero (a pruned .pt2) stay zero."),
-    "tune": ("tune the sparse kernels' schedule knobs with MetaSchedule (XGBoost), records to --log-dir",
-        "One task per distinct sparse workload; MetaSchedule's evolutionary search with its XGBoost "
-        "cost model draws the knobs of our hand-written schedules, timed with the layers' real sparse "
-        "index arrays. Records are appended per measured batch: Ctrl-C loses nothing, and running the "
-        "same command again resumes (records already in DIR count toward --trials)."),
-}
 
 
 def _parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
