@@ -891,3 +891,14 @@ def test_truncated_or_empty_pt2_is_one_line(cut, tmp_path, capsys):
 def test_log_file_that_is_a_directory_is_one_line(tmp_path, capsys):
     (tmp_path / "log" / "database_workload.json").mkdir(parents=True)
     _one_line_error(["logs", "show", tmp_path / "log"], capsys, "is not a file")
+
+
+@needs_nvcc
+def test_cuda_modules_compiled_in_one_process_each_get_their_arch(tmp_path, capsys):
+    """Found by the second sweep: once nvcc's callback was registered, TVM called it while building the next
+    cuda module too, which was compiled for the previous module's arch (sm_90 code in an sm_90a module)."""
+    from unsparse_tvm.runtime import device_code_summary
+
+    for arch in ("sm_90", "sm_80", "sm_90a"):
+        assert main(["compile", "smallcnn", "--target", "cuda", "--arch", arch, "-o", str(tmp_path / f"{arch}.so")]) == 0
+        assert f"cubin {arch}" in device_code_summary(str(tmp_path / f"{arch}.so")).split(", ")

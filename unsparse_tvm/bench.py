@@ -23,7 +23,7 @@ from tvm import relax
 
 from .build import activation_ranges, compile_program
 from .compress.prune import load_model_program
-from .cuda_package import embed_device_code
+from .cuda_package import building_for, embed_device_code
 from .errors import UnsparseError
 from .frontend import import_program, program_input_shape, read_quantization
 from .models import example_input
@@ -320,7 +320,8 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | No
 
 def _compile_layer(mod, target, threshold, sparse, names=None, report=None, quant=None):
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report, quant=quant)
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    with building_for(target):
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
 def _machine(target_name: str) -> dict:

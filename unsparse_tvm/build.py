@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from .cuda_package import embed_device_code
+from .cuda_package import building_for, embed_device_code
 from .errors import UnsparseError
 from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,
                        read_quantization)
@@ -44,7 +44,8 @@ def compile_program(ep, target, *, threshold: float | None = None, sparse: bool 
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report,
                               fmt=fmt, configs=configs, database=database, activations=activations, quant=quant)
     start = time.perf_counter()
-    executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
+    with building_for(target):  # the arch nvcc compiles for, should TVM call it while building
+        executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
     return Compiled(executable, target, program_input_shape(ep), program_outputs(ep), report,
                     time.perf_counter() - start, threshold)
 
