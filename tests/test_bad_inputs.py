@@ -432,6 +432,24 @@ def test_transformer_encoder_layer_matches_pytorch(norm_first, llvm):
     np.testing.assert_allclose((y[0] if not hasattr(y, "numpy") else y).numpy(), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_softmax_head_matches_pytorch(llvm):
+    """A classifier ending in softmax (the one operator on the verified list for its decomposition alone)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.operators import unverified_operators
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10), nn.Softmax(dim=1)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        ep = torch.export.export(net, (x,))
+        ref = net(x).numpy()
+    assert "aten.softmax.int" in {str(n.target) for n in ep.graph.nodes} and not unverified_operators(ep)
+    y = relax.VirtualMachine(compile_program(ep, llvm).executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    np.testing.assert_allclose((y[0] if not hasattr(y, "numpy") else y).numpy(), ref, rtol=1e-5, atol=1e-7)
+
+
 class Embed(nn.Module):
     def __init__(self):
         super().__init__()

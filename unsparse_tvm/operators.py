@@ -42,6 +42,8 @@ VERIFIED: dict[str, str] = {
         "aten.expand.default", "aten.any.dim", "aten.eq.Scalar", "aten.logical_not.default", "aten.where.self",
         "aten.full_like.default",
     ], _ENC),
+    # a classifier's softmax: PyTorch decomposes it to aten._softmax, the attention's
+    "aten.softmax.int": "tests/test_bad_inputs.py (a softmax head), and aten._softmax above",
 }
 
 # Shape bookkeeping of programs with dynamic dimensions (no tensor computed): nothing to verify.
@@ -53,7 +55,7 @@ _PYTHON_OPS = {v for v in vars(operator).values() if callable(v)}
 # What users wrote, for the operators a refusal most often names.
 _WRITTEN_AS = {
     "aten.lstm": "nn.LSTM", "aten.gru": "nn.GRU", "aten.rnn_tanh": "nn.RNN", "aten.rnn_relu": "nn.RNN",
-    "aten.embedding": "nn.Embedding", "aten.gelu": "nn.GELU", "aten.softmax": "softmax",
+    "aten.embedding": "nn.Embedding", "aten.gelu": "nn.GELU", "aten.log_softmax": "log_softmax",
     "aten.matmul": "a matmul of two activations", "aten.index": "tensor indexing", "aten.pad": "F.pad",
 }
 _RECURRENT = ("aten.lstm", "aten.gru", "aten.rnn_tanh", "aten.rnn_relu")
