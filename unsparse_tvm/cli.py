@@ -19,7 +19,6 @@ from .cli_text import MODEL_HELP, MODEL_INPUT_HELP, TEXTS, WEIGHTS_HELP
 from .errors import UnsparseError
 
 
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (`unsparse-tvm compile: error: ...`) and exit status 2."""
 

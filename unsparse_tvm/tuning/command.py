@@ -51,7 +51,8 @@ def tune_command(req: TuneRequest) -> int:
     if not req.rpc_tracker:  # measured here: built for a CPU model this one runs (remote devices: theirs)
         require_runnable(target, "tune")
     rpc = (*rpc_at, req.rpc_key) if rpc_at else None
-    quant_note = untuned_note(req.model)  # before any work: the trials go where the user expects, or it says
+    # before any work: the trials go where the user expects, or it says so (--sparsity prunes to fp32 first)
+    quant_note = untuned_note(req.model) if req.sparsity is None else None
     created = not os.path.exists(req.log_dir)
     check_output_dir(req.log_dir)
     if quant_note:
