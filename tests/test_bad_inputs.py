@@ -920,3 +920,16 @@ def test_cuda_modules_compiled_in_one_process_each_get_their_arch(tmp_path, caps
     for arch in ("sm_90", "sm_80", "sm_90a"):
         assert main(["compile", "smallcnn", "--target", "cuda", "--arch", arch, "-o", str(tmp_path / f"{arch}.so")]) == 0
         assert f"cubin {arch}" in device_code_summary(str(tmp_path / f"{arch}.so")).split(", ")
+
+
+def test_running_in_process_leaves_the_environment_for_children(small, tmp_path, capsys, monkeypatch):
+    """Found by the final run: `run` in-process set TVM_USE_RUNTIME_LIB=1 for good, so a `compile` started
+    afterwards from the same process loaded TVM without its compiler and died in a traceback."""
+    monkeypatch.delenv("TVM_USE_RUNTIME_LIB", raising=False)
+    import unsparse_tvm.runtime as runtime
+
+    runtime._import_runtime_only()
+    assert "TVM_USE_RUNTIME_LIB" not in os.environ
+    assert main(["run", str(small / "s.so"), "-o", str(tmp_path / "y.npy")]) == 0
+    assert "TVM_USE_RUNTIME_LIB" not in os.environ
+    cli("compile", "smallcnn", "-o", tmp_path / "c.so")  # a fresh process: TVM's compiler is there

@@ -1,6 +1,6 @@
 """Running and describing compiled modules with the TVM runtime only.
 
-Nothing here imports torch or TVM's compiler: `run_file` sets TVM_USE_RUNTIME_LIB=1 (only
+Nothing here imports torch or TVM's compiler: `run_file` imports TVM with TVM_USE_RUNTIME_LIB=1 (only
 libtvm_runtime.so is loaded) and blocks the torch import that tvm_ffi attempts at start-up.
 A module's metadata (target, arch, inputs, per-layer decisions, the image's checksum) is a JSON trailer
 appended to the .so (unsparse_tvm.module_file): `inspect` reads it without loading the module (which a
@@ -68,13 +68,22 @@ def _stored(layer: dict) -> str:
 
 
 def _import_runtime_only():
-    """`import tvm` with only libtvm_runtime.so and without torch."""
+    """`import tvm` with only libtvm_runtime.so and without torch. The environment is put back afterwards
+    (TVM reads it once, at import): a process that runs a module and then starts `unsparse-tvm compile`
+    must not hand it TVM_USE_RUNTIME_LIB=1, which leaves the child without TVM's compiler."""
+    saved = {k: os.environ.get(k) for k in ("TVM_USE_RUNTIME_LIB", "TVM_FFI_DISABLE_TORCH_C_DLPACK")}
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     if "torch" not in sys.modules:
         sys.modules["torch"] = None  # tvm_ffi tries `import torch` at start-up; make that a clean miss
-    import tvm
-
+    try:
+        import tvm
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return tvm
 
 
