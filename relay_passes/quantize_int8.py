@@ -18,7 +18,7 @@ from tvm.ir import IRModule
 from tvm.target import Target
 
 from unsparse_tvm import te_ops_int8
-from unsparse_tvm.int8_rows import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight
+from unsparse_tvm.int8_rows import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules._x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, unsupported_reason
@@ -111,9 +111,11 @@ class _Int8Rewriter(ConvChainRewriter):
         pad_shape = [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq]
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
         sparsity = float((weight == 0).sum()) / weight.size
-        self.report.append(LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "sparse",
-                                         FORMAT, rows.nnz, rows.padded_size, [geo.n, geo.c, geo.h, geo.w],
-                                         fused_label(ep) + ("+requant" if out_act is not None else "")))
+        decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "sparse", FORMAT, rows.nnz,
+                                 rows.padded_size, [geo.n, geo.c, geo.h, geo.w],
+                                 fused_label(ep) + ("+requant" if out_act is not None else ""))
+        record_int8(decision, rows, comp, out_scale)
+        self.report.append(decision)
         return call
 
 

@@ -12,7 +12,7 @@ from tvm.ir import IRModule
 from tvm.target import Target
 
 from unsparse_tvm import te_ops_int8
-from unsparse_tvm.int8_rows import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight
+from unsparse_tvm.int8_rows import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules._x86_int8 import act_qmax
 
 from ._util import ChainRewriter, fused_label, mark, match_epilogue, shape_of, use_counts, users_of
@@ -59,8 +59,10 @@ class _Int8DenseRewriter(ChainRewriter):
         new = self.builder_.call_te(op, *args, primfunc_name_hint=OP)
         mark(self.builder_, new, {"op": OP, "unsparse.fmt": FORMAT})
         sparsity = float((weight == 0).sum()) / weight.size
-        self.report.append(LayerDecision(name, "dense", list(weight.shape), round(sparsity, 4), "sparse", FORMAT,
-                                         rows.nnz, rows.padded_size, list(shape_of(call.args[0])), fused_label(ep)))
+        decision = LayerDecision(name, "dense", list(weight.shape), round(sparsity, 4), "sparse", FORMAT,
+                                 rows.nnz, rows.padded_size, list(shape_of(call.args[0])), fused_label(ep))
+        record_int8(decision, rows, comp, out_scale)
+        self.report.append(decision)
         return new
 
 

@@ -295,7 +295,7 @@ def test_d16_run_into_a_missing_folder_is_one_line_before_running(small, tmp_pat
 @pytest.mark.parametrize("cmd", ["bench", "tune"])
 def test_d13_sparsity_one_is_refused_at_parse_time_like_prune(cmd, tmp_path, capsys):
     extra = ["--trials", "1", "--log-dir", str(tmp_path / "l")] if cmd == "tune" else []
-    _one_line_error([cmd, "smallcnn", "--sparsity", "1.0", *extra], capsys, "must be in [0, 1)")
+    _one_line_error([cmd, "smallcnn", "--sparsity", "1.0", *extra], capsys, "must be in [0, 0.99]")
 
 
 def test_d13_failed_tune_leaves_no_log_directory(tmp_path, capsys):
@@ -349,3 +349,593 @@ def test_module_for_a_cpu_this_one_lacks_is_refused_in_one_line(tmp_path, capsys
     capsys.readouterr()
     _one_line_error(["run", tmp_path / "s.so", "--print-time"], capsys,
                     "was compiled for CPU skylake-avx512, whose code needs avx512bw, avx512cd, avx512dq, avx512f")
+
+
+# ---- issue 22: hard to misuse, round two -------------------------------------------------------------
+def _argv(cmd: str, model, d) -> list:
+    """A valid command line for `cmd` on `model` (outputs in d), but for the model itself."""
+    return {"prune": ["prune", model, "--sparsity", "0.5", "-o", d / "p.pt2"],
+            "quantize": ["quantize", model, "--scheme", "int8", "-o", d / "q.pt2"],
+            "compile": ["compile", model, "-o", d / "c.so"],
+            "bench": ["bench", model, "--no-layers", "--repeat", "1"],
+            "tune": ["tune", model, "--trials", "1", "--log-dir", d / "log"],
+            "inspect": ["inspect", model]}[cmd]
+
+
+class LastStep(nn.Module):
+    """A recurrent layer and a linear head on its last time step, as sequence classifiers are written."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.rnn, self.head = layer(8, 16, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("layer,op", [(nn.LSTM, "aten.lstm (nn.LSTM)"), (nn.GRU, "aten.gru (nn.GRU)"),
+                                      (nn.RNN, "aten.rnn_tanh (nn.RNN)")])
+def test_recurrent_layers_are_refused_by_name(layer, op, tmp_path, capsys):
+    _save(LastStep(layer), tmp_path / "r.pt2", torch.randn(1, 5, 8))
+    _one_line_error(["compile", tmp_path / "r.pt2", "-o", tmp_path / "r.so"], capsys,
+                    f"the model uses {op}, which unsparse-tvm does not verify")
+    assert not (tmp_path / "r.so").exists()
+
+
+@pytest.mark.parametrize("cmd", ["prune", "quantize", "compile", "bench", "tune", "inspect"])
+def test_unverified_operator_is_refused_by_every_command(cmd, tmp_path, capsys):
+    _save(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh()), tmp_path / "t.pt2", torch.randn(1, 1, 8, 8))
+    _one_line_error(_argv(cmd, tmp_path / "t.pt2", tmp_path), capsys, "the model uses aten.tanh, which")
+    assert sorted(os.listdir(tmp_path)) == ["t.pt2"]
+
+
+def test_negative_index_select_matches_pytorch(llvm):
+    """What made issue 22's LSTM wrong: TVM wrote x[:, -1] as an unchecked take(x, -1), reading memory
+    before the tensor (a different garbage on every run); a linear head on the last step shows it alone."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 10)
+
+        def forward(self, x):
+            return self.fc(x[:, -1]) + self.fc(x[:, -3])
+
+    x = torch.randn(1, 7, 20)
+    ep = torch.export.export(Head().eval(), (x,))
+    vm = relax.VirtualMachine(compile_program(ep, llvm).executable, tvm.cpu())
+    for _ in range(3):  # garbage differed between runs
+        y = vm["main"](tvm.runtime.tensor(x.numpy()))
+        np.testing.assert_allclose((y[0] if not hasattr(y, "numpy") else y).numpy(),
+                                   ep.module()(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_matches_pytorch(norm_first, llvm):
+    """The operators a transformer encoder layer adds to the verified list (attention, layer norm, select)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ep = torch.export.export(layer, (x,))
+        ref = layer(x).numpy()
+    y = relax.VirtualMachine(compile_program(ep, llvm).executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    np.testing.assert_allclose((y[0] if not hasattr(y, "numpy") else y).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_head_matches_pytorch(llvm):
+    """A classifier ending in softmax (the one operator on the verified list for its decomposition alone)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.operators import unverified_operators
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10), nn.Softmax(dim=1)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        ep = torch.export.export(net, (x,))
+        ref = net(x).numpy()
+    assert "aten.softmax.int" in {str(n.target) for n in ep.graph.nodes} and not unverified_operators(ep)
+    y = relax.VirtualMachine(compile_program(ep, llvm).executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    np.testing.assert_allclose((y[0] if not hasattr(y, "numpy") else y).numpy(), ref, rtol=1e-5, atol=1e-7)
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("cmd", ["prune", "quantize", "compile", "bench", "tune", "inspect"])
+def test_integer_input_is_refused_by_every_command(cmd, dtype, tmp_path, capsys):
+    if dtype in (torch.int64, torch.int32):
+        _save(Embed(), tmp_path / "i.pt2", torch.zeros(1, 5, dtype=dtype))
+    else:  # an image as bytes, or a mask, converted inside the model
+        _save(_Cast(), tmp_path / "i.pt2", torch.zeros(1, 64, dtype=dtype))
+    name = str(dtype).removeprefix("torch.")
+    _one_line_error(_argv(cmd, tmp_path / "i.pt2", tmp_path), capsys, f"input ids is {name}" if
+                    dtype in (torch.int64, torch.int32) else f"input x is {name}")
+    assert sorted(os.listdir(tmp_path)) == ["i.pt2"]
+
+
+class _Cast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.fc(x.float())
+
+
+def test_batch_a_program_cannot_take_is_refused(tmp_path, capsys):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    _save(net, tmp_path / "static.pt2", torch.randn(2, 1, 8, 8))
+    _save(net, tmp_path / "upto64.pt2", torch.randn(2, 1, 8, 8), ({0: torch.export.Dim("batch", max=64)},))
+    _one_line_error(["compile", tmp_path / "static.pt2", "--batch", "4", "-o", tmp_path / "a.so"], capsys,
+                    "was exported with a static batch of 2")
+    _one_line_error(["compile", tmp_path / "upto64.pt2", "--batch", "100", "-o", tmp_path / "a.so"], capsys,
+                    "outside the batch range")
+    assert not (tmp_path / "a.so").exists()
+
+
+def test_module_damaged_in_the_middle_is_refused_by_its_checksum(small, tmp_path, capsys):
+    data = bytearray((small / "s.so").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4000] = os.urandom(4000)
+    (tmp_path / "d.so").write_bytes(bytes(data))
+    _one_line_error(["run", tmp_path / "d.so", "--print-time"], capsys, "checksum mismatch")
+    assert main(["inspect", str(tmp_path / "d.so")]) == 0
+    assert "library:      DAMAGED" in capsys.readouterr().out
+    assert main(["inspect", str(small / "s.so")]) == 0
+    assert "library:      whole, checksum matches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cut", [100, 20, 1])
+def test_module_cut_short_says_truncated(small, tmp_path, capsys, cut):
+    data = (small / "s.so").read_bytes()
+    (tmp_path / "t.so").write_bytes(data[:-cut])
+    for argv in (["run", tmp_path / "t.so", "--print-time"], ["inspect", tmp_path / "t.so"]):
+        _one_line_error(argv, capsys, "is truncated")
+
+
+@pytest.mark.parametrize("trailer", [b'{"model": 1}', b"\xff\xfe not utf-8", b"[1, 2]", b'{"model": "m", "target": "llvm"'])
+def test_module_with_damaged_metadata_is_one_line(small, tmp_path, capsys, trailer):
+    from unsparse_tvm.module_file import _MAGIC, _trailer_size
+
+    data = (small / "s.so").read_bytes()
+    body = data[:-_trailer_size(str(small / "s.so"))]
+    (tmp_path / "m.so").write_bytes(body + _MAGIC + trailer + len(trailer).to_bytes(8, "little") + _MAGIC)
+    for argv in (["run", tmp_path / "m.so", "--print-time"], ["inspect", tmp_path / "m.so"]):
+        _one_line_error(argv, capsys, "damaged metadata" if trailer.startswith(b"{\"model\": 1") or
+                        trailer.startswith(b"[") else "damaged metadata trailer")
+
+
+@pytest.mark.parametrize("cmd", ["run", "inspect"])
+def test_directory_or_empty_file_is_one_line(cmd, tmp_path, capsys):
+    (tmp_path / "d.so").mkdir()
+    (tmp_path / "empty.so").write_bytes(b"")
+    extra = ["--print-time"] if cmd == "run" else []
+    _one_line_error([cmd, tmp_path / "d.so", *extra], capsys, "is a directory")
+    _one_line_error([cmd, tmp_path, *extra], capsys, "is a directory")
+    _one_line_error([cmd, tmp_path / "empty.so", *extra], capsys, "is empty")
+
+
+def test_module_records_the_threshold_it_was_compiled_with(tmp_path, llvm):
+    """examples/compile_and_run.py once exported 'threshold 0.7' for layers chosen by predicted time."""
+    from conftest import pruned_program
+    from unsparse_tvm.build import compile_program, export
+    from unsparse_tvm.runtime import describe_module
+
+    ep = pruned_program("smallcnn")
+    for threshold, said in ((None, "chosen by predicted time"), (0.7, "threshold 0.7")):
+        path = str(tmp_path / f"m{threshold}.so")
+        meta = export(compile_program(ep, llvm, threshold=threshold), path, model="smallcnn")
+        assert meta["threshold"] == threshold and said in describe_module(path)
+
+
+@needs_nvcc
+def test_arch_specific_cuda_module_lists_each_image_once(tmp_path, capsys):
+    assert main(["compile", "smallcnn", "--target", "cuda", "--arch", "sm_90a", "-o", str(tmp_path / "a.so")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "a.so")]) == 0
+    found = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("device code:"))
+    images = found.split("found in file: ")[1].split(", ")
+    assert len(images) == len(set(images)) and "cubin sm_90a" in images and "ptx compute_90a" in images, found
+
+
+@pytest.mark.parametrize("argv,patch", [
+    (["compile", "smallcnn", "-o", "{bad}/a.so"], "unsparse_tvm.build.compile_program"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "-o", "{bad}/p.pt2"], "unsparse_tvm.compress.prune.load_model"),
+    (["bench", "smallcnn", "--json", "{bad}/b.json"], "unsparse_tvm.bench.bench"),
+    (["run", "{so}", "--print-time", "-o", "{bad}/y.npy"], "unsparse_tvm.runtime.load"),
+])
+@pytest.mark.parametrize("bad", ["/proc", "/sys", "{d}/file.txt"])
+def test_unwritable_output_folder_is_found_before_any_work(argv, patch, bad, small, tmp_path, capsys, monkeypatch):
+    """Root passes every permission check (os.access): the folder is probed by writing to it."""
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    monkeypatch.setattr(patch, lambda *a, **k: pytest.fail("work started before the output was checked"))
+    bad = bad.format(d=tmp_path)
+    _one_line_error([a.format(bad=bad, so=small / "s.so") for a in argv], capsys,
+                    "is a file, not a folder" if bad.endswith("file.txt") else "is not writable")
+
+
+def test_bench_json_must_end_in_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("unsparse_tvm.bench.bench", lambda *a, **k: pytest.fail("timed before the output was checked"))
+    _one_line_error(["bench", "smallcnn", "--json", tmp_path / "out.txt"], capsys, "must end in .json")
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["bench", "smallcnn", "--repeat", "0"], "--repeat must be at least 1"),
+    (["run", "m.so", "--print-time", "--repeat", "0"], "--repeat must be at least 1"),
+    (["run", "m.so", "--print-time", "--number", "-1"], "--number must be at least 1"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--lr", "-1", "-o", "t.pt2"], "--lr must be a positive"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--lr", "nan", "-o", "t.pt2"], "--lr must be a positive"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "0", "-o", "t.pt2"],
+     "--batch-size must be at least 1"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--seed", "-1", "-o", "p.pt2"], "--seed must be at least 0"),
+    (["train", "smallcnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "99999999999999999999", "-o", "t.pt2"],
+     "--batch-size must be at most 2147483647"),  # found by the second sweep: islice's ValueError
+])
+def test_counts_and_rates_out_of_range_are_refused_at_parse_time(argv, expect, capsys):
+    _one_line_error(argv, capsys, expect)
+
+
+def test_batch_too_big_for_memory_is_one_line(tmp_path, capsys):
+    start = time.perf_counter()
+    _one_line_error(["compile", "smallcnn", "--batch", "1000000000", "-o", tmp_path / "a.so"], capsys,
+                    "more than this machine's")
+    assert time.perf_counter() - start < 30 and not (tmp_path / "a.so").exists()
+
+
+def _reader_gone(*args) -> subprocess.CompletedProcess:
+    """`unsparse-tvm ARGS | head -0`: the reading end of stdout is closed before the command writes."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "unsparse_tvm.cli", *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+
+
+def test_closed_pipe_ends_quietly(small, tmp_path):
+    from test_tuning import copy_log
+
+    for args in (["inspect", small / "s.so"], ["logs", "show", copy_log(tmp_path)]):
+        proc = _reader_gone(*args)
+        assert proc.returncode == 141 and proc.stderr == "", (args, proc.stderr)
+
+
+def test_int8_layers_show_their_precision_and_bytes(tmp_path, capsys):
+    from unsparse_tvm.runtime import read_metadata
+
+    assert main(["quantize", "smallcnn", "--activations", "int8", "--dataset", "random", "-o", str(tmp_path / "q.pt2")]) == 0
+    assert main(["compile", str(tmp_path / "q.pt2"), "-o", str(tmp_path / "q.so")]) == 0
+    int8 = [l for l in read_metadata(str(tmp_path / "q.so"))["layers"] if l["format"] == "int8q4"]
+    assert int8 and all(l["precision"] == "int8/32-bit off" and l["weight_bytes"] > 0 for l in int8)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q.so")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[int8/32-bit off, ") == len(int8) and "[fp32, 0 B]" not in out
+    stored = next(l for l in out.splitlines() if l.startswith("weights:"))
+    assert not stored.startswith("weights:      0.00 MB"), stored
+
+
+@pytest.mark.parametrize("log_name", ["log", "my logs"])
+def test_tune_hint_compiles_the_program_that_was_tuned(log_name, tmp_path, capsys, monkeypatch):
+    """tiny_log() tuned smallcnn pruned to 0.9; the hint `tune smallcnn --sparsity 0.9` prints must apply
+    its records (issue 22: it compiled the unpruned model, 0 of 3 layers from the log)."""
+    import shlex
+
+    from test_tuning import TINY_TRIALS, copy_log
+    from unsparse_tvm.tuning.command import TuneRequest, compile_hint
+
+    log = copy_log(tmp_path, log_name)
+    monkeypatch.chdir(tmp_path)
+    hint = compile_hint(TuneRequest("smallcnn", TINY_TRIALS, log, sparsity=0.9))
+    for step in hint.split(" && "):
+        argv = shlex.split(step)
+        assert argv[0] == "unsparse-tvm" and main(argv[1:]) == 0, step
+    assert f"{TINY_TRIALS} of 5 tunable layers" in capsys.readouterr().out and (tmp_path / "model.so").exists()
+
+
+def test_tune_of_an_int8_model_says_int8_kernels_are_not_tuned(tmp_path, capsys, monkeypatch):
+    import unsparse_tvm.tuning.command as command
+
+    assert main(["quantize", "smallcnn", "--activations", "int8", "--dataset", "random", "-o", str(tmp_path / "q.pt2")]) == 0
+    capsys.readouterr()
+
+    def stop(*a, **k):
+        raise command.UnsparseError("stopped after the notes")
+
+    monkeypatch.setattr(command, "load_model_program", stop)
+    rc = main(["tune", str(tmp_path / "q.pt2"), "--trials", "1", "--log-dir", str(tmp_path / "l")])
+    cap = capsys.readouterr()
+    assert rc == 2 and "stopped" in cap.err and "int8 kernels are not tuned" in cap.out
+
+
+def test_failed_merge_leaves_no_output_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(["logs", "merge", tmp_path / "empty", "-o", tmp_path / "out"], capsys, "holds no tuning records")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sparsity_above_the_per_layer_limit_names_the_limit(tmp_path, capsys):
+    err = _one_line_error(["prune", "smallcnn", "--sparsity", "0.999", "-o", tmp_path / "p.pt2"], capsys, "[0, 0.99]")
+    assert "first-layer" not in err  # options the user never gave are not blamed
+    err = _one_line_error(["prune", "smallcnn", "--sparsity", "0.99", "--first-layer-sparsity", "0", "-o",
+                           tmp_path / "p.pt2"], capsys, "above the 0.99 a layer can be pruned to")
+    assert "--last-layer-sparsity" not in err
+
+
+def test_npz_input_with_one_array_is_taken(small, tmp_path):
+    from unsparse_tvm.runtime import read_input
+
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "one.npz", image=x)
+    np.testing.assert_array_equal(read_input(str(tmp_path / "one.npz")), x)
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    proc = cli("run", small / "s.so", "--input", tmp_path / "two.npz", "-o", tmp_path / "y.npy", check=False)
+    _proc_one_line_error(proc, "holds 2 arrays (a, b)")
+    cli("run", small / "s.so", "--input", tmp_path / "one.npz", "-o", tmp_path / "y.npy")
+    assert np.load(tmp_path / "y.npy").shape == (1, 10)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["prune", "smallcnn", "--sparsity", "0.5", "--vector-size", "8"], "--vector-size is for --method vector or mixed"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--method", "vector", "--block-size", "4"], "--block-size is for"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--block-share", "0.3"], "--block-share is for --method mixed"),
+    (["prune", "smallcnn", "--sparsity", "0.5", "--lr", "0.1"], "--lr is for fine-tuning"),
+    (["quantize", "smallcnn", "--scheme", "int8", "--batch-size", "8"], "--batch-size is for fine-tuning"),
+    (["run", "m.so", "--number", "5", "-o", "y.npy"], "add --print-time"),
+    (["bench", "smallcnn", "--force"], "--force overwrites the --json file"),
+])
+def test_options_that_would_be_ignored_are_refused(argv, expect, tmp_path, capsys):
+    _one_line_error([a if not a.endswith((".pt2", ".npy")) else tmp_path / a for a in argv]
+                    + (["-o", tmp_path / "o.pt2"] if argv[0] in ("prune", "quantize") else []), capsys, expect)
+
+
+def test_pruning_a_sparser_model_says_its_zeros_stayed(tmp_path, capsys):
+    assert main(["prune", "smallcnn", "--sparsity", "0.9", "-o", str(tmp_path / "p9.pt2")]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "p9.pt2"), "--sparsity", "0.5", "-o", str(tmp_path / "p5.pt2")]) == 0
+    assert "was already 0.900 sparse, above --sparsity 0.5" in capsys.readouterr().out
+
+
+def test_detection_model_is_said_to_be_unsupported_not_missing(tmp_path, capsys):
+    from unsparse_tvm.errors import UnsparseError
+    from unsparse_tvm.zoo import import_torchvision
+
+    try:
+        import_torchvision()
+    except UnsparseError:
+        pytest.skip("torchvision is not installed")
+    _one_line_error(["prune", "tv:fasterrcnn_resnet50_fpn", "--sparsity", "0.5", "-o", tmp_path / "p.pt2"], capsys,
+                    "tv:fasterrcnn_resnet50_fpn is a torchvision detection model")
+
+
+# Every option of every command, with a malformed value and what the one-line refusal says. A new option
+# without an entry here fails test_every_option_has_a_malformed_example: add one.
+BASE = {  # a valid command line per command: (positionals, options)
+    ("train",): (["smallcnn"], {"--dataset": "digits", "--epochs": "1", "--output": "{d}/t.pt2"}),
+    ("prune",): (["smallcnn"], {"--sparsity": "0.5", "--output": "{d}/p.pt2"}),
+    ("quantize",): (["smallcnn"], {"--scheme": "int8", "--output": "{d}/q.pt2"}),
+    ("compile",): (["smallcnn"], {"--output": "{d}/c.so"}),
+    ("run",): (["{so}"], {"--output": "{d}/y.npy"}),
+    ("inspect",): (["{so}"], {}),
+    ("bench",): (["smallcnn"], {"--no-layers": None, "--repeat": "1"}),
+    ("tune",): (["smallcnn"], {"--trials": "1", "--log-dir": "{d}/log"}),
+    ("logs", "show"): (["{log}"], {}),
+    ("logs", "merge"): (["{log}"], {"--output": "{d}/merged"}),
+    ("calibrate",): ([], {"--dry-run": None}),
+}
+_DATA = {"--dataset": ("imagenet", "unknown data set"), "--epochs": ("-1", "--epochs must be at least 0"),
+         "--lr": ("0", "--lr must be a positive number"), "--batch-size": ("0", "--batch-size must be at least 1"),
+         "--seed": ("x", "--seed must be a whole number"), "--weights": ("{d}/none.pt", "no such weights file"),
+         "--batch": ("0", "batch must be at least 1"), "--force": ("=yes", "ignored explicit argument")}
+_TARGET = {"--target": ("opencl", "unknown target 'opencl'"), "--arch": ("sm90", "--arch is for --target cuda"),
+           "--threshold": ("1.5", "threshold must be in [0, 1]"), "--batch": ("-2", "batch must be at least 1"),
+           "--no-calibrate": ("=yes", "ignored explicit argument")}
+_SPARSITY = {"--sparsity": ("0.995", "must be in [0, 0.99]")}
+MALFORMED = {
+    ("train",): {"model": ("{d}/none.pt2", "no such file"), **_DATA, "--epochs": ("0", "epochs must be >= 1"),
+                 "--output": ("{d}/t.txt", "must end in .pt2")},
+    ("prune",): {"model": ("nosuchmodel", "unknown model 'nosuchmodel'"), **_DATA,
+                 "--sparsity": ("1", "sparsity must be in [0, 0.99]"), "--method": ("channel", "unknown pruning method"),
+                 "--scope": ("model", "unknown scope"), "--vector-size": ("3", "--vector-size is for"),
+                 "--block-size": ("zero", "--block-size must be a whole number"),
+                 "--block-share": ("1.5", "--block-share must be in [0, 1]"),
+                 "--first-layer-sparsity": ("1", "--first-layer-sparsity must be in [0, 0.99]"),
+                 "--last-layer-sparsity": ("-1", "--last-layer-sparsity must be in [0, 0.99]"),
+                 "--sensitivity": ("=yes", "ignored explicit argument"),
+                 "--output": ("{d}/p.so", "must end in .pt2"), "--report": ("{d}/r.txt", "must end in .json"),
+                 "--speedup": ("fast", "--speedup must be a number"), "--latency-ms": ("-3", "must be a positive number"),
+                 "--pattern": ("diagonal", "--pattern must be one of"), "--threads": ("2", "--threads is for --speedup")},
+    ("quantize",): {"model": ("{d}/none.pt2", "no such file"), **_DATA,
+                    "--activations": ("int4", "invalid choice: 'int4'"),
+                    "--scheme": ("fp8", "unknown quantisation scheme 'fp8'"),
+                    "--output": ("{d}/q", "must end in .pt2"), "--report": ("{d}", "must end in .json")},
+    ("compile",): {"model": ("{d}/none.pt2", "no such file"), **_TARGET, "--output": ("{d}/c.txt", "must end in .so"),
+                   "--force": ("=yes", "ignored explicit argument"), "--tuning-log": ("{d}/none", "does not exist")},
+    ("run",): {"module": ("{d}", "is a directory"), "--input": ("{d}/x.txt", "no such input file"),
+               "--output": ("{d}/y.txt", "must end in .npy or .npz"), "--force": ("=yes", "ignored explicit argument"),
+               "--device": ("tpu", "--device must be one of cpu, cuda"),
+               "--print-time": ("=yes", "ignored explicit argument"), "--number": ("0", "--number must be at least 1"),
+               "--repeat": ("many", "--repeat must be a whole number")},
+    ("inspect",): {"file": ("{d}/none.so", "no such file")},
+    ("bench",): {"model": ("tv:", "write tv:ARCH"), **_TARGET, **_SPARSITY, "--json": ("{d}/b.txt", "must end in .json"),
+                 "--no-layers": ("=yes", "ignored explicit argument"), "--repeat": ("0", "--repeat must be at least 1"),
+                 "--tuning-log": ("{d}/none", "does not exist"), "--force": ("=yes", "ignored explicit argument"),
+                 "--threads": ("0", "--threads takes positive thread counts"), "--peers": ("tensorrt", "unknown peer")},
+    ("tune",): {"model": ("{so}", "not a .pt2 file"), **_TARGET, **_SPARSITY, "--trials": ("0", "--trials must be at least 1"),
+                "--log-dir": ("{so}", "is a file, not a directory"),
+                "--include-dense": ("=yes", "ignored explicit argument"),
+                "--rpc-tracker": ("nohostport", "--rpc-tracker must be HOST:PORT"),
+                "--rpc-key": ("k", "--rpc-key needs --rpc-tracker"), "--seed": ("-1", "--seed must be at least 0"),
+                "--no-progress": ("=yes", "ignored explicit argument")},
+    ("logs", "show"): {"dir": ("{d}/none", "does not exist")},
+    ("logs", "merge"): {"dirs": ("{so}", "is not a directory"), "--output": ("{so}", "is a file, not a directory"),
+                        "--force": ("=yes", "ignored explicit argument")},
+    ("calibrate",): {"--threads": ("0", "--threads must be at least 1"),
+                     "--dry-run": ("=yes", "ignored explicit argument")},
+}
+
+
+def _commands(parser, path=()):
+    """(command path, its parser) of every (sub)command of the CLI."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, path + (name,))
+
+
+def _options(parser) -> dict:
+    """Every option and positional of a command parser: its name (long form, or dest) -> its action."""
+    import argparse
+
+    return {(max(a.option_strings, key=len) if a.option_strings else a.dest): a
+            for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+
+
+def test_every_option_has_a_malformed_example():
+    from unsparse_tvm.cli import build_parser
+
+    found = {path: set(_options(p)) for path, p in _commands(build_parser())}
+    assert set(found) == set(MALFORMED) == set(BASE)
+    for path, names in found.items():
+        assert names == set(MALFORMED[path]), (path, names ^ set(MALFORMED[path]))
+
+
+def _malformed_cases():
+    return [(path, name) for path, options in MALFORMED.items() for name in options]
+
+
+@pytest.mark.parametrize("path,name", _malformed_cases(), ids=[" ".join(p) + " " + n for p, n in _malformed_cases()])
+def test_every_option_refuses_a_malformed_value_in_one_line(path, name, small, tmp_path, capsys):
+    from test_tuning import copy_log
+    from unsparse_tvm.cli import build_parser
+
+    parser = dict(_commands(build_parser()))[path]
+    options = _options(parser)
+    positionals, values = BASE[path][0][:], dict(BASE[path][1])
+    value, expect = MALFORMED[path][name]
+    if not options[name].option_strings:
+        index = [n for n, a in options.items() if not a.option_strings].index(name)
+        positionals[index] = value
+    else:
+        values[name] = value
+    argv = [*path, *positionals]
+    for option, v in values.items():
+        argv += [option + v] if v and v.startswith("=") else [option] + ([v] if v is not None else [])
+    fill = {"d": tmp_path, "so": small / "s.so"}
+    if "{log}" in " ".join(argv):
+        fill["log"] = copy_log(tmp_path)
+    start = time.perf_counter()
+    _one_line_error([a.format(**fill) for a in argv], capsys, expect)
+    assert time.perf_counter() - start < 20, "refused only after real work"
+
+
+# ---- found by the second sweep -----------------------------------------------------------------------
+def test_full_disk_is_found_before_llvm_writes(tmp_path, capsys, monkeypatch):
+    """LLVM aborts the whole process (then segfaults) when an object file meets a full disk."""
+    import collections
+
+    import unsparse_tvm.build as build
+
+    monkeypatch.setattr(build.shutil, "disk_usage", lambda _: collections.namedtuple("U", "total used free")(1, 1, 100_000))
+    monkeypatch.setattr(build, "export_library", lambda *a: pytest.fail("object files written to a full disk"))
+    _one_line_error(["compile", "smallcnn", "-o", tmp_path / "a.so"], capsys, "not enough free space")
+    assert os.listdir(tmp_path) == []
+
+
+def test_disk_full_while_writing_is_one_line(small, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", full)
+    _one_line_error(["run", small / "s.so", "-o", tmp_path / "y.npy"], capsys, "No space left on device")
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_that_is_not_a_regular_file_is_refused(small, tmp_path, capsys):
+    os.mkfifo(tmp_path / "y.npy")
+    _one_line_error(["run", small / "s.so", "-o", tmp_path / "y.npy", "--force"], capsys, "is not a regular file")
+    assert os.path.exists(tmp_path / "y.npy") and not os.path.isfile(tmp_path / "y.npy")
+
+
+@pytest.mark.parametrize("member,payload,expect", [
+    ("unsparse_model.json", b"\xff\xfe{not json", "could not be read"),   # torch itself decodes extra files
+    ("unsparse_model.json", b"[1, 2, 3]", "unsparse_model.json is damaged"),
+    ("unsparse_quant.json", b'{"scheme": 3}', "unsparse_quant.json is damaged"),
+])
+def test_pt2_with_damaged_metadata_is_one_line(member, payload, expect, tmp_path, capsys):
+    import zipfile
+
+    assert main(["quantize", "smallcnn", "--scheme", "int8", "-o", str(tmp_path / "q.pt2")]) == 0
+    with zipfile.ZipFile(tmp_path / "q.pt2") as zin, zipfile.ZipFile(tmp_path / "d.pt2", "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, payload if item.filename.endswith("/extra/" + member) else zin.read(item.filename))
+    for argv in (["inspect", tmp_path / "d.pt2"], ["prune", tmp_path / "d.pt2", "--sparsity", "0.5", "-o",
+                                                   tmp_path / "p.pt2"]):
+        if member == "unsparse_quant.json" and argv[0] == "prune":
+            argv = ["compile", tmp_path / "d.pt2", "-o", tmp_path / "c.so"]  # prune drops the quantisation anyway
+        _one_line_error(argv, capsys, expect)
+
+
+@pytest.mark.parametrize("cut", ["half", "empty"])
+def test_truncated_or_empty_pt2_is_one_line(cut, tmp_path, capsys):
+    _save(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), tmp_path / "m.pt2", torch.randn(1, 1, 8, 8))
+    data = (tmp_path / "m.pt2").read_bytes()
+    (tmp_path / "m.pt2").write_bytes(data[: len(data) // 2] if cut == "half" else b"")
+    for cmd in ("inspect", "compile", "prune"):
+        _one_line_error(_argv(cmd, tmp_path / "m.pt2", tmp_path), capsys,
+                        "could not be read as a torch.export program" if cut == "half" else "is empty")
+
+
+def test_log_file_that_is_a_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "log" / "database_workload.json").mkdir(parents=True)
+    _one_line_error(["logs", "show", tmp_path / "log"], capsys, "is not a file")
+
+
+@needs_nvcc
+def test_cuda_modules_compiled_in_one_process_each_get_their_arch(tmp_path, capsys):
+    """Found by the second sweep: once nvcc's callback was registered, TVM called it while building the next
+    cuda module too, which was compiled for the previous module's arch (sm_90 code in an sm_90a module)."""
+    from unsparse_tvm.runtime import device_code_summary
+
+    for arch in ("sm_90", "sm_80", "sm_90a"):
+        assert main(["compile", "smallcnn", "--target", "cuda", "--arch", arch, "-o", str(tmp_path / f"{arch}.so")]) == 0
+        assert f"cubin {arch}" in device_code_summary(str(tmp_path / f"{arch}.so")).split(", ")
+
+
+def test_running_in_process_leaves_the_environment_for_children(small, tmp_path, capsys, monkeypatch):
+    """Found by the final run: `run` in-process set TVM_USE_RUNTIME_LIB=1 for good, so a `compile` started
+    afterwards from the same process loaded TVM without its compiler and died in a traceback."""
+    monkeypatch.delenv("TVM_USE_RUNTIME_LIB", raising=False)
+    import unsparse_tvm.runtime as runtime
+
+    runtime._import_runtime_only()
+    assert "TVM_USE_RUNTIME_LIB" not in os.environ
+    assert main(["run", str(small / "s.so"), "-o", str(tmp_path / "y.npy")]) == 0
+    assert "TVM_USE_RUNTIME_LIB" not in os.environ
+    cli("compile", "smallcnn", "-o", tmp_path / "c.so")  # a fresh process: TVM's compiler is there

@@ -18,7 +18,10 @@ from test_data import write_cifar
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # a value refused at parse time (argparse)
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -147,8 +150,8 @@ def one_line_error(capsys, *argv) -> str:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--sparsity", "1.0"], "[0, 1)"),
-    (["--sparsity", "-0.2"], "[0, 1)"),
+    (["--sparsity", "1.0"], "[0, 0.99]"),
+    (["--sparsity", "-0.2"], "[0, 0.99]"),
     (["--sparsity", "0.5", "--method", "channel"], "unknown pruning method"),
     (["--sparsity", "0.5", "--method", "vector", "--vector-size", "3"], "vector size"),
     (["--sparsity", "0.5", "--dataset", "digits", "--epochs", "1", "--method", "block", "--block-size", "6"], "block size"),

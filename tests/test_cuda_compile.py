@@ -50,7 +50,7 @@ def test_model_cuda_module_carries_sm90_device_code(model, cuda, tmp_path):
     compiled = compile_program(pruned_program(model), cuda, threshold=0.7)
     assert sum(r.decision == "sparse" for r in compiled.report) == len(compiled.report)
     path = str(tmp_path / f"{model}.so")
-    export(compiled, path, model=model, threshold=0.7)
+    export(compiled, path, model=model)
     data = open(path, "rb").read()
     assert ("cubin", 90) in fatbin_images(data)
     assert b'extern "C" __global__' not in data  # no CUDA source: nothing to compile at load time

@@ -155,8 +155,8 @@ def test_legacy_one_shot_api_still_works():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(sparsity=1.0), r"\[0, 1\)"),
-    (dict(sparsity=-0.1), r"\[0, 1\)"),
+    (dict(sparsity=1.0), r"\[0, 0.99\]"),
+    (dict(sparsity=-0.1), r"\[0, 0.99\]"),
     (dict(method="channel"), "unknown pruning method"),
     (dict(method="vector", vector_size=3), "vector size"),
     (dict(method="block", block_size=5), "block size"),

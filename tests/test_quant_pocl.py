@@ -97,5 +97,5 @@ def test_quant_cuda_modules_compile_with_nvcc(scheme, fmt, cuda, tmp_path):
                      relax_pipeline=build_pipeline(cuda, **quant_kwargs(weight, entry, fmt, report)))
     assert report[0].precision.endswith("16-bit off") and report[0].precision != "fp32"
     path = str(tmp_path / "q.so")
-    export(Compiled(ex, cuda, (1, 64, 32, 32), [], report), path, model="q", threshold=0.3)
+    export(Compiled(ex, cuda, (1, 64, 32, 32), [], report, threshold=0.3), path, model="q")
     assert ("cubin", 90) in fatbin_images(open(path, "rb").read())

@@ -69,3 +69,34 @@ def test_bad_speed_targets_are_one_error(kwargs, message):
 def test_a_model_with_nothing_to_prune_is_one_error():
     with pytest.raises(UnsparseError, match="no conv2d"):
         unsparse_tvm.prune(nn.Sequential(nn.ReLU()).eval(), speedup=2.0, example_input=torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.slow
+def test_cli_prunes_vgg16_cifar_for_2x_and_reports_every_layer(tmp_path):
+    """`prune vgg16-cifar --speedup 2 --threads 1`: the report holds, per layer, the chosen sparsity and
+    pattern, the predicted and the measured time, and the measured end-to-end speedup (within 10% of 2x)."""
+    import json
+
+    from conftest import cli
+
+    proc = cli("prune", "vgg16-cifar", "--speedup", "2", "--threads", "1", "-o", tmp_path / "p.pt2",
+               "--report", tmp_path / "r.json")
+    speed = json.loads((tmp_path / "r.json").read_text())["speed"]
+    assert speed["requested"] == 2.0 and speed["achieved"] >= 1.8, speed["rounds"]
+    assert all(l["measured_us"] > 0 and l["predicted_us"] > 0 for l in speed["layers"])
+    assert "speed: asked 2.00x over the dense model, measured" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--speedup", "1"], "must be above 1"),
+    (["--speedup", "2", "--sparsity", "0.5"], "--sparsity sets the sparsity itself"),
+    (["--speedup", "2", "--latency-ms", "3"], "give one speed target"),
+    (["--pattern", "vector", "--sparsity", "0.5"], "--pattern is for --speedup"),
+    ([], "prune needs --sparsity S, or a speed target"),
+])
+def test_cli_speed_target_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
+    from conftest import cli
+
+    proc = cli("prune", "smallcnn", *args, "-o", tmp_path / "p.pt2", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())

@@ -143,8 +143,7 @@ class CompiledModel:
         if self._compiled is not None:
             from .build import export
 
-            export(self._compiled, path, model=self.meta.get("model", "model"), threshold=self.meta.get("threshold"),
-                   overwrite=overwrite)
+            export(self._compiled, path, model=self.meta.get("model", "model"), overwrite=overwrite)
             return path
         import shutil
 
@@ -245,7 +244,7 @@ def compile(model, target: str = "llvm", *, example_input=None, options: Compile
         rates = rates_for(tgt, calibrate=opts.calibrate, log=_calibration_note) if opts.threshold is None else None
         compiled = compile_program(ep, tgt, threshold=opts.threshold, database=database,
                                    activations=activation_ranges(quant), quant=quant, rates=rates)
-    meta = metadata(compiled, model=name, threshold=opts.threshold)
+    meta = metadata(compiled, model=name)
     return CompiledModel(meta, executable=compiled.executable, compiled=compiled)
 
 

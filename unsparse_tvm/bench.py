@@ -23,7 +23,7 @@ from tvm import relax
 from .build import activation_ranges, compile_program
 from .calibration import rates_for
 from .compress.prune import load_model_program
-from .cuda_package import embed_device_code
+from .cuda_package import building_for, embed_device_code
 from .single_layer import LayerSpec, extract_layers, layer_flops, layer_module
 from .errors import UnsparseError
 from .frontend import program_input_shape, read_quantization
@@ -121,8 +121,12 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
           peers: list[str] | None = None, calibrate: bool = True) -> dict:
     """End to end (and per layer) in one process, alternating rounds: unsparse vs TVM dense vs PyTorch eager
     (and tuned records, and the `peers` runtimes), once per thread count in `threads` (default: all cores)."""
+    if repeat < 1:
+        raise UnsparseError(f"--repeat must be at least 1, got {repeat}")
     target = make_target(target_name, arch)
     require_runnable(target, "bench")
+    # before the model is even loaded: a bad log is found in a second, not after two compiles
+    database = open_database(tuning_log, target) if tuning_log is not None else None
     arch = str(target.attrs["arch"]) if target_name == "cuda" else None
     dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
     if target_name == "cuda" and (not dev.exist or not torch.cuda.is_available()):
@@ -152,8 +156,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     if ranges:  # a .pt2 from `quantize --activations int8`: its int8 execution too, next to fp32 sparse
         int8 = compile_program(ep, target, threshold=threshold, sparse=True, activations=ranges, rates=rates)
         contenders["unsparse_int8"], outputs["unsparse_int8"] = _vm_timer(int8.executable, dev, x_np)
-    if tuning_log is not None:
-        database = open_database(tuning_log, target)  # only records of this target
+    if database is not None:  # only records of this target
         tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database, rates=rates)
         print(database.summary())
         contenders["unsparse_tuned"], outputs["unsparse_tuned"] = _vm_timer(tuned.executable, dev, x_np, target_name == "cuda", arch)
@@ -313,7 +316,8 @@ def choice_summary(layers: list[dict]) -> str | None:
 def _compile_layer(mod, target, threshold, sparse, names=None, report=None, quant=None, rates=None):
     pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report, quant=quant,
                               rates=rates)
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    with building_for(target):
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
 def _machine(target_name: str) -> dict:
@@ -398,7 +402,7 @@ def bench_command(model: str, target: str = "llvm", arch: str | None = None, *, 
                   overwrite: bool = False, **options) -> None:
     """`unsparse-tvm bench`: `bench(...)` (options: its keyword arguments), printed, and saved as JSON."""
     if json_path:
-        check_output(json_path, overwrite=overwrite, what="--json file")
+        check_output(json_path, overwrite=overwrite, suffixes=(".json",), what="--json file")
     r = bench(model, target, arch, **options)
     print_result(r)
     if json_path:

@@ -4,19 +4,21 @@ with the per-layer report and the metadata trailer `run` and `inspect` read (uns
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import tvm
 
 from .calibration import rates_for
-from .cuda_package import embed_device_code
+from .cuda_package import building_for, embed_device_code
+from .errors import UnsparseError
 from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,
                        read_quantization)
 from .outputs import check_output, writing
 from .parallel_build import compile_module, export_library
+from .module_file import write_metadata
 from .relay_passes import build_pipeline
-from .runtime import write_metadata
 from .target import make_target, target_cpu_features
 from .tuning.database import open_database
 
@@ -30,6 +32,7 @@ class Compiled:
     report: list = field(default_factory=list)   # LayerDecision per conv/linear layer
     seconds: float = 0.0
     inputs: list | None = None  # {"name", "shape", "dtype"} of the input; None: "x", input_shape, float32
+    threshold: float | None = None     # what chose the sparse layers: this sparsity, or (None) predicted time
 
     @property
     def input_specs(self) -> list[dict]:
@@ -56,8 +59,10 @@ def compile_relax(mod, names, target, input_shape: tuple[int, ...], outputs: lis
     report: list = []
     pipeline = build_pipeline(target, names=names, report=report, **options)
     start = time.perf_counter()
-    executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
-    return Compiled(executable, target, tuple(input_shape), outputs, report, time.perf_counter() - start, inputs)
+    with building_for(target):  # the arch nvcc compiles for, should TVM call it while building
+        executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
+    return Compiled(executable, target, tuple(input_shape), outputs, report, time.perf_counter() - start, inputs,
+                    options.get("threshold"))
 
 
 def compile_onnx(path: str, target, *, batch: int | None = None, log=print, **options) -> Compiled:
@@ -97,12 +102,13 @@ def format_report(report: list, threshold: float | None) -> str:
     return "\n".join(lines)
 
 
-def print_report(report: list, threshold: float | None) -> None:
-    print(format_report(report, threshold))
+def print_report(compiled: Compiled) -> None:
+    print(format_report(compiled.report, compiled.threshold))
 
 
-def metadata(compiled: Compiled, *, model: str, threshold: float | None) -> dict:
-    """What a compiled module says about itself (the .so's trailer; `inspect`, `run` and `load` read it)."""
+def metadata(compiled: Compiled, *, model: str) -> dict:
+    """What a compiled module says about itself (the .so's trailer; `inspect`, `run` and `load` read it). The
+    threshold recorded is the one the layers were compiled with, so `inspect` cannot describe another choice."""
     target = compiled.target
     kind = target.kind.name
     host = target.host if kind == "cuda" else target
@@ -116,7 +122,7 @@ def metadata(compiled: Compiled, *, model: str, threshold: float | None) -> dict
         "device_code": "fatbin" if kind == "cuda" else "none (host code only)",
         "inputs": compiled.input_specs,
         "outputs": compiled.outputs,
-        "threshold": threshold,
+        "threshold": compiled.threshold,
         "sparse_layers": sum(1 for r in compiled.report if r.decision == "sparse"),
         "layers": [r.as_dict() for r in compiled.report],
         "tvm_version": tvm.__version__,
@@ -124,13 +130,14 @@ def metadata(compiled: Compiled, *, model: str, threshold: float | None) -> dict
     }
 
 
-def export(compiled: Compiled, path: str, *, model: str, threshold: float | None, overwrite: bool = False) -> dict:
+def export(compiled: Compiled, path: str, *, model: str, overwrite: bool = False) -> dict:
     """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
     temp file that is removed on any exit (unsparse_tvm.outputs)."""
     check_output(path, overwrite=overwrite, suffixes=(".so",))
     kind = compiled.target.kind.name
-    meta = metadata(compiled, model=model, threshold=threshold)
+    meta = metadata(compiled, model=model)
     arch = meta["arch"]
+    check_space(path, compiled)
     with writing(path, overwrite=overwrite) as tmp:
         if kind == "cuda":
             embed_device_code(compiled.executable, arch)
@@ -139,6 +146,18 @@ def export(compiled: Compiled, path: str, *, model: str, threshold: float | None
         export_library(compiled.executable, tmp, workspace)  # object files written on every core
         write_metadata(tmp, meta)
     return meta
+
+
+def check_space(path: str, compiled: Compiled) -> None:
+    """LLVM cannot report a full disk: it aborts the process while writing object files. So the module's
+    folder must have room for the object files and the library (each about the weights plus the code)."""
+    weights = sum(int(getattr(r, "weight_bytes", 0)) for r in compiled.report)
+    need = 2 * (weights + 4 * 2**20)
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UnsparseError(f"not enough free space in {folder} for {path}: about {need / 2**20:.0f} MiB needed "
+                            f"(object files and the library), {free / 2**20:.1f} MiB free")
 
 
 def compile_file(model: str, target_name: str, arch: str | None, threshold: float | None, output: str, *,
@@ -160,16 +179,16 @@ def compile_file(model: str, target_name: str, arch: str | None, threshold: floa
     rates = rates_for(target, calibrate=calibrate) if threshold is None else None  # --threshold: no costs
     compiled = compile_program(ep, target, threshold=threshold, database=database,
                                activations=activation_ranges(quant), quant=quant, rates=rates)
-    return _report_and_export(compiled, output, model=model, target_name=target_name, threshold=threshold,
-                              database=database, overwrite=overwrite)
+    return _report_and_export(compiled, output, model=model, target_name=target_name, database=database,
+                              overwrite=overwrite)
 
 
-def _report_and_export(compiled: Compiled, output: str, *, model: str, target_name: str, threshold: float | None,
-                       database, overwrite: bool) -> dict:
-    print_report(compiled.report, threshold)
+def _report_and_export(compiled: Compiled, output: str, *, model: str, target_name: str, database,
+                       overwrite: bool) -> dict:
+    print_report(compiled)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log
-    meta = export(compiled, output, model=model, threshold=threshold, overwrite=overwrite)
+    meta = export(compiled, output, model=model, overwrite=overwrite)
     print(f"wrote {output} ({target_name}{' ' + meta['arch'] if meta['arch'] else ''}, "
           f"{meta['sparse_layers']} sparse layers, compiled in {compiled.seconds:.1f} s)")
     return meta
@@ -186,5 +205,5 @@ def compile_onnx_file(path: str, target_name: str, arch: str | None, threshold: 
     database = open_database(tuning_log, target) if tuning_log is not None else None
     rates = (lambda: rates_for(target, calibrate=calibrate)) if threshold is None else None  # --threshold: no costs
     compiled = compile_onnx(path, target, batch=batch, threshold=threshold, database=database, rates=rates)
-    return _report_and_export(compiled, output, model=path, target_name=target_name, threshold=threshold,
-                              database=database, overwrite=overwrite)
+    return _report_and_export(compiled, output, model=path, target_name=target_name, database=database,
+                              overwrite=overwrite)

@@ -10,12 +10,13 @@ status 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
-from .errors import UnsparseError, check_fraction
-
-MODEL_HELP = "a built-in model (smallcnn, vgg16-cifar, vgg16, resnet18, resnet50) or a .pt2 file"
+from . import argtypes as types
+from .cli_text import MODEL_HELP, MODEL_INPUT_HELP, TEXTS, WEIGHTS_HELP
+from .errors import UnsparseError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,83 +26,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _fraction(name: str, upper_inclusive: bool = True):
-    bound = "[0, 1]" if upper_inclusive else "[0, 1)"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in {bound}, got '{text}'") from None
-        try:
-            return check_fraction(name, value, upper_inclusive=upper_inclusive)
-        except UnsparseError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return parse
-
-
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got '{text}'") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
-        return value
-
-    return parse
-
-
 # ---- prune ---------------------------------------------------------------------------------------
-MODEL_INPUT_HELP = (MODEL_HELP + "; a .pt2 written by train/prune/quantize can be fine-tuned again, "
-                    "another .pt2 only pruned/quantised one-shot")
-DATASET_HELP = "digits (sklearn's bundled 8x8 digits) or cifar10:PATH (folder with data_batch_1..5 and test_batch)"
-WEIGHTS_HELP = ("weights for a built-in MODEL: a state_dict saved with torch.save(model.state_dict(), 'w.pt'), "
-                "or a .pt2 of the same model (default: seeded random weights)")
+def _add_data_args(p: argparse.ArgumentParser, epochs_help: str, lr: float, *, fine_tuning: bool = False,
+                   random: bool = False) -> None:
+    """--dataset, --epochs, --lr, --batch-size, --seed. fine_tuning (prune, quantize): --lr and --batch-size
+    default to None (not given), and giving them without --epochs is refused rather than ignored."""
+    p.add_argument("--dataset", default=None, type=types.dataset(random), help=types.DATASETS_HELP
+                   + ("; random: seeded normal inputs, for --activations calibration" if random else ""))
+    p.add_argument("--epochs", type=types.whole("--epochs", 0), default=0, help=epochs_help)
+    p.add_argument("--lr", type=types.learning_rate, default=None if fine_tuning else lr,
+                   help=f"Adam learning rate, cosine-decayed (default {lr:g}" + ("; with --epochs)" if fine_tuning else ")"))
+    p.add_argument("--batch-size", type=types.positive_int("--batch-size"), default=None if fine_tuning else 64,
+                   help="training mini-batch size (default 64" + ("; with --epochs)" if fine_tuning else ")"))
+    p.add_argument("--seed", type=types.seed, default=0,
+                   help="seed for shuffling and k-means (default 0; the train/test split is always the same)")
 
 
-def _add_data_args(p: argparse.ArgumentParser, epochs_help: str, lr: float) -> None:
-    p.add_argument("--dataset", default=None, help=DATASET_HELP)
-    p.add_argument("--epochs", type=int, default=0, help=epochs_help)
-    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate, cosine-decayed (default {lr:g})")
-    p.add_argument("--batch-size", type=int, default=64, help="training mini-batch size (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed for shuffling and k-means (default 0; the train/test split is always the same)")
+def _fine_tuning(args: argparse.Namespace, lr: float) -> tuple[float, int]:
+    """(lr, batch size) of prune/quantize: --lr and --batch-size mean nothing without --epochs."""
+    given = [o for o, v in (("--lr", args.lr), ("--batch-size", args.batch_size)) if v is not None]
+    if given and not args.epochs:
+        raise UnsparseError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for fine-tuning: add "
+                            "--epochs N (and --dataset), or leave it out for one-shot")
+    return args.lr or lr, args.batch_size or 64
 
 
 def _add_model_io_args(p: argparse.ArgumentParser, report: bool = True) -> None:
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    p.add_argument("--batch", type=_positive_int("batch"), default=None,
+    p.add_argument("--batch", type=types.positive_int("batch"), default=None,
                    help="batch size baked into the exported program (default 1, or the input .pt2's)")
     p.add_argument("-o", "--output", required=True, help="output .pt2 file")
     if report:
         p.add_argument("--report", default=None, help="also write the report (accuracy, per-layer sparsity, bytes) as JSON")
     p.add_argument("--force", action="store_true",
                    help="overwrite the output (and report) file if it exists" if report else "overwrite the output file if it exists")
-
-
-# help and description of the longer-described commands
-TEXTS = {
-    "prune": ("prune conv and linear weights (unstructured, vector, block, mixed), optionally while fine-tuning",
-        "Prune every conv2d/linear weight and save the model as .pt2. Without --dataset/--epochs it is "
-        "one-shot layer-wise magnitude pruning; with --dataset D --epochs N, sparsity ramps up on a cubic "
-        "schedule (Zhu & Gupta) while fine-tuning. Chain: train -> prune -> quantize, passing .pt2 files."),
-    "quantize": ("quantise conv and linear weights (int8, int4, kmeansB, pow2), zeros kept; save as .pt2",
-        "Quantise the nonzero conv2d/linear weights; zeros stay exactly zero. The .pt2 keeps float "
-        "weights holding the dequantised values, and carries the scheme with its per-layer scales or "
-        "codebooks as unsparse_quant.json (unsparse_tvm.frontend.read_quantization)."),
-    "train": ("train a built-in model densely on a data set (the baseline for prune/quantize); save as .pt2",
-        "Dense training (Adam, cosine learning rate). The .pt2 it writes records the built-in model, so "
-        "`prune`/`quantize`/`train` take it as MODEL and can fine-tune it further; to start from your own "
-        "PyTorch training, pass the built-in name with --weights state.pt (a state_dict). Weights that "
-        "are exactly zero (a pruned .pt2) stay zero."),
-    "tune": ("tune the sparse kernels' schedule knobs with MetaSchedule (XGBoost), records to --log-dir",
-        "One task per distinct sparse workload; MetaSchedule's evolutionary search with its XGBoost "
-        "cost model draws the knobs of our hand-written schedules, timed with the layers' real sparse "
-        "index arrays. Records are appended per measured batch: Ctrl-C loses nothing, and running the "
-        "same command again resumes (records already in DIR count toward --trials)."),
-}
 
 
 def _parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -117,26 +75,39 @@ def _compress_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Arg
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = _compress_parser(sub, "prune")
-    p.add_argument("--sparsity", type=float, required=True,
-                   help="overall fraction of conv/linear weights set to zero, in [0, 1)")
+    p.add_argument("--sparsity", type=types.sparsity(), default=None,
+                   help="overall fraction of conv/linear weights set to zero, in [0, 0.99] (a layer pruned "
+                        "further is all but cut out of the network); or a speed target instead:")
+    p.add_argument("--speedup", type=types.positive_number("--speedup"), default=None,
+                   help="prune for this end-to-end speedup over the model compiled dense, on this CPU: per-layer "
+                        "sparsity and pattern chosen by the compiler's cost model, verified by timing")
+    p.add_argument("--latency-ms", type=types.positive_number("--latency-ms"), default=None,
+                   help="prune for this latency (ms per inference on this CPU), as --speedup")
+    p.add_argument("--pattern", type=types.one_of("--pattern", ("unstructured", "vector", "block", "auto")),
+                   default=None, help="with --speedup/--latency-ms: unstructured (default), vector (V=4), block "
+                                      "(4x4) or auto (per layer, where the cost model says it pays)")
+    p.add_argument("--threads", type=types.positive_int("--threads"), default=None,
+                   help="with --speedup/--latency-ms: the thread count it is timed at (default: TVM_NUM_THREADS, "
+                        "else every usable core)")
     p.add_argument("--method", default="unstructured",
                    help="unstructured (default), vector (V output channels at one input position), "
                         "block (B x B tiles of the [out, in*kh*kw] matrix), mixed (vector AND block masks), "
                         "channel4 (4 input channels at one tap together: the int8 kernels' weight quads)")
     p.add_argument("--scope", default="layer", help="layer (default: each layer to the sparsity) or global "
                                                     "(one magnitude ranking over all layers; unstructured only)")
-    p.add_argument("--vector-size", type=int, default=4, help="V for vector/mixed: 2, 4 or 8 (default 4)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--vector-size", type=types.positive_int("--vector-size"), default=None,
+                   help="V for vector/mixed: 2, 4 or 8 (default 4)")
+    p.add_argument("--block-size", type=types.positive_int("--block-size"), default=None,
                    help="B for block/mixed: 2, 4, 8, 16, 32 (default 4 for block, 8 for mixed)")
-    p.add_argument("--block-share", type=float, default=0.5,
+    p.add_argument("--block-share", type=types.fraction("--block-share"), default=None,
                    help="mixed: part of the sparsity reached by the block mask (default 0.5)")
-    p.add_argument("--first-layer-sparsity", type=float, default=None,
+    p.add_argument("--first-layer-sparsity", type=types.sparsity("--first-layer-sparsity"), default=None,
                    help="sparsity of the first layer (keep it denser); the others are raised to keep the overall sparsity")
-    p.add_argument("--last-layer-sparsity", type=float, default=None,
+    p.add_argument("--last-layer-sparsity", type=types.sparsity("--last-layer-sparsity"), default=None,
                    help="sparsity of the last layer (the classifier); same rule")
     p.add_argument("--sensitivity", action="store_true",
                    help="per-layer sparsity from a one-shot sensitivity scan (needs --dataset) instead of uniform")
-    _add_data_args(p, "fine-tuning epochs for gradual pruning (default 0: one-shot)", 3e-3)
+    _add_data_args(p, "fine-tuning epochs for gradual pruning (default 0: one-shot)", 3e-3, fine_tuning=True)
     _add_model_io_args(p)
 
 
@@ -154,15 +125,43 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .compress.prune import prune_command
     from .compress.targets import PruneConfig
 
+    lr, batch_size = _fine_tuning(args, 3e-3)
+    speed = _speed_request(args)
     cfg = PruneConfig(
-        sparsity=args.sparsity, method=args.method, scope=args.scope, vector_size=args.vector_size,
-        block_size=args.block_size, block_share=args.block_share,
+        sparsity=args.sparsity if speed is None else 0.0, method=args.method, scope=args.scope,
+        vector_size=args.vector_size, block_size=args.block_size, block_share=args.block_share,
         first_layer_sparsity=args.first_layer_sparsity, last_layer_sparsity=args.last_layer_sparsity,
-        sensitivity=args.sensitivity, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        sensitivity=args.sensitivity, epochs=args.epochs, lr=lr, batch_size=batch_size, seed=args.seed,
     )
     report = prune_command(args.model, cfg, args.output, dataset=args.dataset, weights=args.weights,
-                           batch=args.batch, report=args.report, overwrite=args.force)
+                           batch=args.batch, report=args.report, overwrite=args.force, speed=speed)
+    if speed is not None:
+        from .speed_target import format_speed
+
+        print(format_speed(report["speed"]))
     return _print_result(f"pruned {args.model}: {cfg.describe()}", report, args)
+
+
+def _speed_request(args: argparse.Namespace) -> dict | None:
+    """--speedup / --latency-ms and what goes with them, checked against the uniform-sparsity options."""
+    if args.speedup is None and args.latency_ms is None:
+        for flag, value in (("--pattern", args.pattern), ("--threads", args.threads)):
+            if value is not None:
+                raise UnsparseError(f"{flag} is for --speedup/--latency-ms (pruning for a speed target)")
+        if args.sparsity is None:
+            raise UnsparseError("prune needs --sparsity S, or a speed target: --speedup X or --latency-ms T")
+        return None
+    if args.speedup is not None and args.latency_ms is not None:
+        raise UnsparseError("give one speed target: --speedup or --latency-ms")
+    taken = [f for f, v in (("--sparsity", args.sparsity), ("--method", args.method != "unstructured" or None),
+                            ("--scope", args.scope != "layer" or None), ("--sensitivity", args.sensitivity or None),
+                            ("--first-layer-sparsity", args.first_layer_sparsity),
+                            ("--last-layer-sparsity", args.last_layer_sparsity)) if v is not None]
+    if taken:
+        raise UnsparseError(f"{taken[0]} sets the sparsity itself; with --speedup/--latency-ms the cost model "
+                            "chooses it per layer (--pattern picks the patterns)")
+    return {"speedup": args.speedup, "latency_ms": args.latency_ms, "pattern": args.pattern or "unstructured",
+            "threads": args.threads}
 
 
 # ---- quantize ------------------------------------------------------------------------------------
@@ -175,7 +174,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", default=None,
                    help="int8 | int4 (intB, B=2..8: symmetric per output channel) | kmeansB (B=2..8, per-layer "
                         "codebook of 2^B values, e.g. kmeans4) | pow2 (+-scale*2^e, 4 bits)")
-    _add_data_args(p, "fine-tuning epochs with a straight-through estimator (default 0: one-shot)", 1e-4)
+    _add_data_args(p, "fine-tuning epochs with a straight-through estimator (default 0: one-shot)", 1e-4,
+                   fine_tuning=True, random=True)
     _add_model_io_args(p)
 
 
@@ -185,8 +185,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.scheme is None and args.activations is None:
         raise UnsparseError("quantize needs --scheme (int8, int4, kmeansB, pow2) or --activations int8")
     args.scheme = args.scheme or "int8"
+    lr, batch_size = _fine_tuning(args, 1e-4)
     report = quantize_command(args.model, args.scheme, args.output, dataset=args.dataset, epochs=args.epochs,
-                              lr=args.lr, batch_size=args.batch_size, weights=args.weights, batch=args.batch,
+                              lr=lr, batch_size=batch_size, weights=args.weights, batch=args.batch,
                               report=args.report, overwrite=args.force, seed=args.seed, activations=args.activations)
     return _print_result(f"quantised {args.model}: {args.scheme}"
                          + (f", {args.epochs} fine-tuning epochs" if args.epochs else ""), report, args)
@@ -219,7 +220,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="llvm", help="llvm (x86 CPU) or cuda")
     p.add_argument("--arch", default=None, help="CUDA arch for --target cuda, e.g. sm_90 (default sm_90); an error with --target llvm")
-    p.add_argument("--threshold", type=_fraction("threshold"), default=None,
+    p.add_argument("--threshold", type=types.fraction("threshold"), default=None,
                    help="run a layer sparse when its weight sparsity is at least this; default: each layer "
                         "where its sparse kernel is predicted faster than its dense one")
     p.add_argument("--no-calibrate", action="store_true",
@@ -231,11 +232,16 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compile", help="compile a model into one deployable .so (weights inside)")
     p.add_argument("model", help=MODEL_HELP + ", or an .onnx file (one float32 input; QDQ models run as fp32)")
     _add_target_args(p)
-    p.add_argument("--batch", type=_positive_int("batch"), default=None,
-                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
+    _add_batch(p)
     p.add_argument("-o", "--output", required=True, help="output .so file")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     p.add_argument("--tuning-log", default=None, help="directory of tuning records to apply")
+
+
+def _add_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=types.positive_int("batch"), default=None,
+                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch "
+                        "(a static .pt2's batch cannot change)")
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -250,20 +256,28 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a compiled .so with the TVM runtime only (no torch, no compiler)")
     p.add_argument("module", help="a .so written by `unsparse-tvm compile`")
-    p.add_argument("--input", default=None, help="input tensor as .npy (default: seeded random normal of the module's input shape)")
-    p.add_argument("-o", "--output", default=None, help="where to write the output .npy")
+    p.add_argument("--input", default=None, help="input tensor as .npy, or a .npz holding one array (default: seeded "
+                                                 "random normal of the module's input shape)")
+    p.add_argument("-o", "--output", default=None, help="where to write the output .npy (.npz: every output)")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the module's target)")
+    p.add_argument("--device", default=None, type=types.one_of("--device", ("cpu", "cuda")),
+                   help="cpu or cuda (default: the module's target)")
     p.add_argument("--print-time", action="store_true", help="time the module (as tvmc run --print-time)")
-    p.add_argument("--number", type=int, default=10, help="calls per timed repeat (default 10)")
-    p.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
+    p.add_argument("--number", type=types.positive_int("--number"), default=None,
+                   help="calls per timed repeat (default 10; with --print-time)")
+    p.add_argument("--repeat", type=types.positive_int("--repeat"), default=None,
+                   help="timed repeats (default 10; with --print-time)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime import run_file
 
+    if not args.print_time and (args.number or args.repeat):  # refused, not ignored
+        raise UnsparseError("--number and --repeat set the timing: add --print-time")
+    if args.force and not args.output:
+        raise UnsparseError("--force overwrites the -o file: give -o OUT.npy")
     run_file(args.module, args.input, args.output, overwrite=args.force, device=args.device,
-             print_time=args.print_time, number=args.number, repeat=args.repeat)
+             print_time=args.print_time, number=args.number or 10, repeat=args.repeat or 10)
     return 0
 
 
@@ -274,6 +288,9 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inputs import check_input_file
+
+    check_input_file(args.file, hint="inspect reads a .pt2 or a .so file")
     if args.file.endswith(".so"):
         from .runtime import describe_module
 
@@ -290,47 +307,29 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time sparse-compiled vs TVM dense vs PyTorch eager, end to end and per layer")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--sparsity", type=_fraction("sparsity", upper_inclusive=False), default=None,
-                   help="magnitude-prune to this sparsity first (default: use the weights as they are)")
-    p.add_argument("--batch", type=_positive_int("batch"), default=None,
-                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
-    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--sparsity", type=types.sparsity(), default=None,
+                   help="magnitude-prune to this sparsity first, in [0, 0.99] (default: use the weights as they are)")
+    _add_batch(p)
+    p.add_argument("--json", default=None, help="write the results as JSON here (a .json file)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
-    p.add_argument("--repeat", type=int, default=20, help="timed runs per measurement (median reported)")
+    p.add_argument("--repeat", type=types.positive_int("--repeat"), default=20,
+                   help="timed runs per measurement (median reported)")
     p.add_argument("--tuning-log", default=None, help="also time the model compiled with these tuning records")
     p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
-    p.add_argument("--threads", type=_thread_list, default=None,
+    p.add_argument("--threads", type=types.thread_list, default=None,
                    help="thread counts for every contender, e.g. 1,2 (one round robin each; default: all cores)")
     p.add_argument("--peers", nargs="?", const="onnxruntime,openvino,torch_compile,unsparse_torch_compile", default=None,
-                   type=_peer_list,
+                   type=types.peer_list,
                    help="also time the runtimes a user would pick instead (default with the flag: onnxruntime,"
                         "openvino,torch_compile, and ours through torch.compile(backend=\"unsparse\"): "
                         "unsparse_torch_compile; needs pip install -e \".[peers]\")")
 
 
-def _thread_list(text: str) -> list[int]:
-    try:
-        counts = [int(t) for t in text.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"--threads takes positive thread counts separated by commas, e.g. 1,2; got '{text}'")
-    return counts
-
-
-def _peer_list(text: str) -> list[str]:
-    from .peers import OURS, PEERS
-
-    names = [t for t in text.split(",") if t]
-    bad = [t for t in names if t not in PEERS + OURS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown peer '{(bad or [text])[0]}': use {', '.join(PEERS + OURS)}")
-    return names
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_command
 
+    if args.force and not args.json:
+        raise UnsparseError("--force overwrites the --json file: give --json OUT.json")
     bench_command(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
                   batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log,
                   json_path=args.json, overwrite=args.force, threads=args.threads, peers=args.peers,
@@ -343,18 +342,17 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "tune")
     p.add_argument("model", help=MODEL_HELP)
     _add_target_args(p)
-    p.add_argument("--sparsity", type=_fraction("sparsity", upper_inclusive=False), default=None,
-                   help="magnitude-prune to this sparsity first (default: use the weights as they are)")
-    p.add_argument("--trials", type=int, required=True,
+    p.add_argument("--sparsity", type=types.sparsity(), default=None,
+                   help="magnitude-prune to this sparsity first, in [0, 0.99] (default: use the weights as they are)")
+    p.add_argument("--trials", type=types.positive_int("--trials"), required=True,
                    help="measurements in total over all workloads (one per workload for the default knobs first)")
     p.add_argument("--log-dir", required=True, help="directory of tuning records (created; appended to)")
     p.add_argument("--include-dense", action="store_true", help="also tune the dense direct conv2d layers (llvm)")
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                    help="measure on the devices registered with this TVM RPC tracker instead of locally")
     p.add_argument("--rpc-key", default=None, help="the key the RPC servers registered with")
-    p.add_argument("--batch", type=_positive_int("batch"), default=None,
-                   help="batch size for built-in models (default 1) and for a .pt2 exported with a dynamic batch")
-    p.add_argument("--seed", type=int, default=1, help="search seed (default 1)")
+    _add_batch(p)
+    p.add_argument("--seed", type=types.seed, default=1, help="search seed (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -395,7 +393,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                                    "the linear kernels) and fit the rates that decide sparse vs dense per layer. "
                                    "Stored per CPU model, code path (UNSPARSE_MCPU) and thread count in the cache "
                                    "folder (UNSPARSE_CACHE_DIR, default ~/.cache/unsparse-tvm); `compile` uses them.")
-    p.add_argument("--threads", type=_positive_int("threads"), default=None,
+    p.add_argument("--threads", type=types.positive_int("--threads"), default=None,
                    help="thread count to calibrate for (default: TVM_NUM_THREADS, else every usable core)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, store nothing")
 
@@ -435,13 +433,41 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][1](args)
+        code = COMMANDS[args.command][1](args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+        return code
     except UnsparseError as err:
-        print(f"unsparse-tvm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(err))
+    except MemoryError:
+        return _fail(args.command, "out of memory: use a smaller --batch or model")
+    except RuntimeError as err:  # torch's allocator says so in a RuntimeError
+        if "can't allocate memory" not in str(err) and "out of memory" not in str(err).lower():
+            raise
+        return _fail(args.command, "out of memory: use a smaller --batch or model")
+    except BrokenPipeError:
+        return _reader_gone()
+    except OSError as err:  # the environment, not a bug of ours: a file vanished or a disk filled meanwhile
+        return _fail(args.command, f"{err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
     except KeyboardInterrupt:
         print(f"unsparse-tvm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"unsparse-tvm {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _reader_gone() -> int:
+    """`unsparse-tvm inspect m.so | head -1`: the reader left. Stop quietly with the status a process killed
+    by SIGPIPE reports (141), as other tools do; stdout goes to /dev/null so that Python's own flush at
+    exit does not fail again (the recipe of Python's signal module documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests capture it)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ TVM is imported inside the functions (deliberately: after the CUDA driver, or it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from .errors import UnsparseError
 
@@ -94,18 +96,39 @@ def _load_stub_driver() -> None:
     ctypes.CDLL(str(so), ctypes.RTLD_GLOBAL)
 
 
+_ARCH: dict[str, str | None] = {"building": None, "loading": None}
+
+
+@contextlib.contextmanager
+def building_for(target) -> Iterator[None]:
+    """Say which arch a cuda build in this block is for. Once our nvcc callback is registered (by the
+    first embed_device_code), TVM calls it while *building* every later cuda module, with no target given
+    or in scope: it compiled those for the previous module's arch (sm_90 code in an sm_90a module)."""
+    before = _ARCH["building"]
+    _ARCH["building"] = str(target.attrs["arch"]) if target.kind.name == "cuda" else before
+    try:
+        yield
+    finally:
+        _ARCH["building"] = before
+
+
 def _register_compiler(arch: str) -> None:
+    """nvcc compiles CUDA source for the arch being built (building_for), or else for `arch` (the module
+    embed_device_code loads)."""
     import tvm
     import tvm_ffi
     from tvm.support import nvcc
 
+    _ARCH["loading"] = arch
+
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _compile(code, *_):
-        with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        target_arch = _ARCH["building"] or _ARCH["loading"]
+        with tvm.target.Target({"kind": "cuda", "arch": target_arch}):
             try:
-                return nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc")
+                return nvcc.compile_cuda(code, target_format="fatbin", arch=target_arch, compiler="nvcc")
             except Exception as err:  # nvcc's own message is the useful part
-                raise UnsparseError(f"nvcc failed to compile the device code for {arch}: {err}") from None
+                raise UnsparseError(f"nvcc failed to compile the device code for {target_arch}: {err}") from None
 
 
 def embed_device_code(executable, arch: str):

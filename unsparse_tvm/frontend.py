@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from .errors import UnsparseError
+from .inputs import check_input_file
 from .models import BUILTIN_MODELS, build_model, export
+from .operators import check_operators, importer_fixes
 from .outputs import check_output, writing
 
 
@@ -29,15 +33,18 @@ def load_pt2(path: str) -> torch.export.ExportedProgram:
         raise UnsparseError(f"no such file: {path}")
     if not path.endswith(".pt2"):
         raise UnsparseError(f"{path} is not a .pt2 file: save models with torch.export.save(ep, 'model.pt2')")
+    check_input_file(path)
     logger = logging.getLogger("torch.export")  # it logs a whole traceback before raising: ours is one line
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        return torch.export.load(path)
+        ep = torch.export.load(path)
     except Exception as err:  # torch raises many kinds for a bad archive
         raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
     finally:
         logger.setLevel(level)
+    check_program(ep)  # every command that reads a .pt2 refuses the same programs, before any work
+    return ep
 
 
 def _user_input_vals(ep: torch.export.ExportedProgram) -> list:
@@ -59,6 +66,19 @@ def dynamic_dims(ep: torch.export.ExportedProgram) -> list[int]:
 
 
 SUPPORTED_DTYPES = ("float32",)
+
+
+def check_program(ep: torch.export.ExportedProgram) -> None:
+    """What every command requires of a program, checked once where it is loaded: one tensor input of
+    float32 (an image batch, not token ids), float32 weights and outputs, verified operators only."""
+    (val,) = _user_input_vals(ep)
+    if not val.dtype.is_floating_point:
+        name = next(n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs)
+        dtype = str(val.dtype).removeprefix("torch.")
+        raise UnsparseError(f"the program's input {name} is {dtype} (token ids or indices, e.g. for nn.Embedding?); "
+                            "unsparse-tvm compiles models whose one input is a float32 tensor")
+    check_dtypes(ep)
+    check_operators(ep)
 
 
 def check_dtypes(ep: torch.export.ExportedProgram) -> None:
@@ -98,10 +118,51 @@ def program_input_shape(ep: torch.export.ExportedProgram) -> tuple[int, ...]:
     return tuple(int(d) for d in _user_input_vals(ep)[0].shape)
 
 
+def batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None] | None:
+    """(lowest, highest or None) batch a dynamic-batch program was exported for; None for a static batch."""
+    size = _user_input_vals(ep)[0].shape[0]
+    if isinstance(size, int):
+        return None
+    bounds = ep.range_constraints.get(size.node.expr)
+    if bounds is None:
+        return 1, None
+    try:
+        upper = int(str(bounds.upper))
+    except ValueError:  # torch's int_oo: no upper bound
+        upper = None
+    return max(1, int(str(bounds.lower))), upper
+
+
+def check_batch_fits(ep: torch.export.ExportedProgram, model: str, batch: int | None) -> None:
+    """--batch must be one the program can take: its own static batch, or within its dynamic range."""
+    if batch is None:
+        return
+    span = batch_range(ep)
+    if span is None:
+        static = program_input_shape(ep)[0]
+        if batch != static:
+            raise UnsparseError(f"--batch {batch}: {model} was exported with a static batch of {static}; export it "
+                                "with a dynamic batch (torch.export.Dim) to choose another, or leave out --batch")
+    elif batch < span[0] or (span[1] is not None and batch > span[1]):
+        raise UnsparseError(f"--batch {batch} is outside the batch range {model} was exported for "
+                            f"({span[0]} to {span[1] if span[1] is not None else 'any'})")
+
+
 def check_batch(batch: int | None) -> int | None:
     if batch is not None and batch < 1:
         raise UnsparseError(f"--batch must be at least 1, got {batch}")
     return batch
+
+
+def check_fits_memory(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The example input alone must fit in this machine's memory (a huge --batch), or the first
+    allocation would fail deep inside torch; the activations are larger still."""
+    need = math.prod(shape) * 4
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if have and need > have:
+        raise UnsparseError(f"an input of shape {list(shape)} takes {need / 2**30:,.0f} GiB, more than this machine's "
+                            f"{have / 2**30:,.0f} GiB of memory: use a smaller --batch")
+    return shape
 
 
 def load_program(model: str, batch: int | None = None, log=print) -> torch.export.ExportedProgram:
@@ -109,15 +170,19 @@ def load_program(model: str, batch: int | None = None, log=print) -> torch.expor
     with static shapes and float32 values (a dynamic batch is specialised, and `log` says so)."""
     check_batch(batch)
     if model in BUILTIN_MODELS:
-        return export(build_model(model), (batch or 1, *BUILTIN_MODELS[model].input_shape))
+        shape = check_fits_memory((batch or 1, *BUILTIN_MODELS[model].input_shape))
+        ep = export(build_model(model), shape)
+        check_program(ep)  # a tv:/timm: network may use operators nobody here verified
+        return ep
     if model.endswith(".pt2") or os.path.sep in model or os.path.exists(model):
         ep = load_pt2(model)
-        check_dtypes(ep)
         dyn = dynamic_dims(ep)
+        check_batch_fits(ep, model, batch)
         if dyn:
             shape = list(program_input_shape(ep))
             if batch is not None and 0 in dyn:
                 shape[0] = batch
+            check_fits_memory(tuple(shape))
             with torch.no_grad():
                 ep = torch.export.export(ep.module(), (torch.randn(*shape),))
             log(f"note: {model} has a dynamic input (axes {', '.join(map(str, dyn))}); compiled for the static "
@@ -145,9 +210,12 @@ def read_extra_file(path: str, name: str) -> str | None:
             names = zf.namelist()
             if any(n.endswith("/archive_format") for n in names):  # layout known: absence is meaningful
                 hits = [n for n in names if n.endswith(f"/extra/{name}")]
-                return zf.read(hits[0]).decode("utf-8") if hits else None
+                data = zf.read(hits[0]) if hits else None
+                return data.decode("utf-8") if data is not None else None  # ValueError when not UTF-8
     except zipfile.BadZipFile:
         raise UnsparseError(f"{path} could not be read as a torch.export program (not a zip archive)") from None
+    except (OSError, EOFError, zlib.error) as err:  # a damaged member
+        raise UnsparseError(f"{path} could not be read as a torch.export program ({type(err).__name__})") from None
     extra = {name: ""}
     try:
         torch.export.load(path, extra_files=extra)
@@ -157,21 +225,33 @@ def read_extra_file(path: str, name: str) -> str | None:
 
 
 def read_model_meta(path: str) -> dict:
-    text = read_extra_file(path, MODEL_META)
-    return json.loads(text) if text else {}
+    return _extra_json(path, MODEL_META) or {}
 
 
 def read_quantization(path: str) -> dict | None:
     """The quantisation stored in a .pt2 (`unsparse_quant.json`), or None for an unquantised program."""
     if not path.endswith(".pt2"):
         load_pt2(path)  # raises the usual one-line error (missing file, not .pt2)
-    text = read_extra_file(path, QUANT_FILE)
-    if not text:
+    quant = _extra_json(path, QUANT_FILE)
+    if quant is None:
         return None
+    acts = quant.get("activations")
+    if not (isinstance(quant.get("scheme"), str) and isinstance(quant.get("bits"), int)
+            and isinstance(quant.get("layers"), dict) and (acts is None or isinstance(acts.get("layers"), dict))):
+        raise UnsparseError(f"{path}: its {QUANT_FILE} is damaged (fields missing); quantise the model again")
+    return quant
+
+
+def _extra_json(path: str, name: str) -> dict | None:
+    """One of our JSON extra files in a .pt2, or None; a damaged one (not UTF-8, not a JSON object) is one line."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise UnsparseError(f"{path}: {QUANT_FILE} is not valid JSON") from None
+        text = read_extra_file(path, name)
+        value = json.loads(text) if text else None
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError
+        value = []
+    if value is not None and not isinstance(value, dict):
+        raise UnsparseError(f"{path}: its {name} is damaged (not a JSON object); write the model again")
+    return value
 
 
 @dataclass
@@ -221,17 +301,19 @@ def load_model(model: str, weights: str | None = None, batch: int | None = None)
     prune, quantise or train (a .pt2 written by unsparse-tvm: its real nn.Module, trainable again)."""
     check_batch(batch)
     if model in BUILTIN_MODELS:
+        if weights:
+            check_input_file(weights, "weights file")
         net = build_model(model)
         if weights:
             _load_state(net, weights)
-        shape = (batch or 1, *BUILTIN_MODELS[model].input_shape)
+        shape = check_fits_memory((batch or 1, *BUILTIN_MODELS[model].input_shape))
         return LoadedModel(net.eval(), shape, model, None, model, {"model": model, "trained": bool(weights)}, trained=bool(weights))
     if not (model.endswith(".pt2") or os.path.sep in model or os.path.exists(model)):
         raise UnsparseError(f"unknown model '{model}': use one of {', '.join(BUILTIN_MODELS)} or a .pt2 file")
     ep = load_pt2(model)
     shape = program_input_shape(ep)
     if batch is not None:
-        shape = (batch, *shape[1:])
+        shape = check_fits_memory((batch, *shape[1:]))
     meta = read_model_meta(model)
     if weights:
         raise UnsparseError("--weights is for built-in model names; a .pt2 already holds its weights")
@@ -244,6 +326,7 @@ def load_model(model: str, weights: str | None = None, batch: int | None = None)
             name = None  # changed beyond recognition: treat it as foreign
         else:
             return LoadedModel(net.eval(), shape, name, None, model, meta, trained=bool(meta.get("trained", True)))
+    check_batch_fits(ep, model, batch)  # a foreign program is re-exported as it is: its batch rules hold
     return LoadedModel(ep.module(), shape, None, ep, model, meta, trained=True)
 
 
@@ -289,8 +372,9 @@ def import_program(ep):
     from .relay_passes.layers import LayerNames  # deferred likewise (relay_passes imports TVM)
 
     check_dtypes(ep)  # before TVM's importer, whose message for other dtypes is an IR dump
+    check_operators(ep)  # an operator nobody checked could compile into a silently wrong module
     try:
-        mod = from_exported_program(ep)
+        mod = from_exported_program(ep, custom_convert_map=importer_fixes())
     except Exception as err:  # the importer raises assorted errors; the first line names the op
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsparseError(f"TVM's PyTorch importer cannot convert this model: {first[:300]}") from None

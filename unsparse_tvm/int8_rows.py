@@ -78,6 +78,13 @@ class QuadRows:
         return int(self.data.shape[0] * self.data.shape[1] * QUAD)
 
 
+def record_int8(decision, rows: QuadRows, *consts: np.ndarray) -> None:
+    """An int8 layer's stored precision and bytes for its LayerDecision (inspect and bench show them): the
+    weight quads, their int32 offsets, and the per-channel compensation and output scales."""
+    decision.precision = "int8/32-bit off"
+    decision.weight_bytes = int(sum(a.nbytes for a in (rows.data, rows.off, *consts)))
+
+
 def quad_channels(c: int) -> int:
     return -(-c // QUAD)
 

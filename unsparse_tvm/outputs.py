@@ -37,6 +37,8 @@ def check_output(path: str, *, overwrite: bool, suffixes: tuple[str, ...] = (), 
         raise UnsparseError(f"{what} {path} must end in {' or '.join(suffixes)}")
     if os.path.isdir(path):
         raise UnsparseError(f"{what} {path} is a directory: name a file")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a fifo: the rename would replace it
+        raise UnsparseError(f"{what} {path} is not a regular file (a device, pipe or socket): name a file")
     for src in inputs:
         if src and os.path.exists(src) and os.path.exists(path) and os.path.samefile(src, path):
             raise UnsparseError(f"{what} {path} is the input; write to another file (inputs are never modified)")
@@ -69,10 +71,17 @@ def check_output_dir(path: str, *, overwrite: bool = True, holds: tuple[str, ...
 
 
 def check_folder(folder: str, path: str, what: str = "output") -> None:
+    """The output's folder exists and takes a file: probed by writing one, since permission bits say
+    nothing to root, nor about read-only mounts or /proc and /sys."""
     if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise UnsparseError(f"{folder} (in {what} {path}) is a file, not a folder")
         raise UnsparseError(f"folder {folder} of {what} {path} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UnsparseError(f"cannot write {what} {path}: folder {folder} is not writable")
+    try:
+        tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test", delete=True).close()
+    except OSError as err:
+        raise UnsparseError(f"cannot write {what} {path}: folder {folder} is not writable "
+                            f"({err.strerror or type(err).__name__})") from None
 
 
 def _alive(pid: int) -> bool:
@@ -157,7 +166,10 @@ def writing(path: str, *, overwrite: bool = True) -> Iterator[str]:
     """Yield a temp path (same name, same suffix) to write to; it replaces `path` only on success."""
     with work_folder(path) as work:
         tmp = os.path.join(work, os.path.basename(path))
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # a full disk, a quota, an I/O error: the folder was writable when checked
+            raise UnsparseError(f"cannot write {path}: {err.strerror or err}") from None
         if not os.path.exists(tmp):
             raise UnsparseError(f"internal error: nothing was written for {path}")
         if os.path.exists(path) and not overwrite:  # appeared meanwhile

@@ -17,7 +17,6 @@ from importlib.util import find_spec
 from typing import Callable
 
 import numpy as np
-import torch
 
 PEERS = ("onnxruntime", "openvino", "torch_compile", "deepsparse",
          "onnxruntime_int8", "openvino_int8", "deepsparse_int8")
@@ -45,6 +44,8 @@ def export_onnx(ep, x, folder: str, opset: int | None = None) -> str:
     path = os.path.join(folder, f"model{'' if opset is None else f'-opset{opset}'}.onnx")
     if os.path.exists(path):
         return path
+    import torch  # deferred: the peer names above are read when the command line is parsed
+
     log = logging.getLogger("torch.onnx")
     level = log.level
     log.setLevel(logging.ERROR)  # it warns about torchvision ops it cannot register, which no model here uses
@@ -114,6 +115,8 @@ def _openvino(path: str, x_np: np.ndarray, threads: int):
 
 
 def _torch_compile(ep, x):
+    import torch
+
     fn = torch.compile(ep.module())  # per thread count: Inductor bakes the thread count into its C++ kernels
 
     def call():
@@ -127,6 +130,8 @@ def _torch_compile(ep, x):
 def _unsparse_torch_compile(ep, x):
     """torch.compile(model, backend="unsparse") on the same program: the .so path's kernels, called through
     Dynamo's guards and the backend's argument binding (what a torch.compile user gets)."""
+    import torch
+
     torch._dynamo.reset()
     fn = torch.compile(ep.module(), backend="unsparse")
 

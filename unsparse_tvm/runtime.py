@@ -1,116 +1,37 @@
 """Running and describing compiled modules with the TVM runtime only.
 
-Nothing here imports torch or TVM's compiler: `run_file` sets TVM_USE_RUNTIME_LIB=1 (only
+Nothing here imports torch or TVM's compiler: `run_file` imports TVM with TVM_USE_RUNTIME_LIB=1 (only
 libtvm_runtime.so is loaded) and blocks the torch import that tvm_ffi attempts at start-up.
-A module's metadata (target, arch, inputs, per-layer decisions) is a JSON trailer appended to the
-.so: the dynamic loader ignores bytes after the ELF image, and `inspect` can read it without
-loading the module (which a CUDA module cannot be, on a machine without a GPU).
+A module's metadata (target, arch, inputs, per-layer decisions, the image's checksum) is a JSON trailer
+appended to the .so (unsparse_tvm.module_file): `inspect` reads it without loading the module (which a
+CUDA module cannot be, on a machine without a GPU).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import sys
 
 from .errors import UnsparseError
 from .hostcpu import describe_missing, missing_features
+from .inputs import check_input_file
+# _trailer_size and fatbin_images are re-exported: tests and scripts read them from here
+from .module_file import (_trailer_size, check_image, check_payload, device_code_summary, fatbin_images,  # noqa: F401
+                          integrity, read_metadata)
 from .outputs import check_output, writing
-
-_MAGIC = b"UNSPARSE-TVM-META"
-_FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # 0xBA55ED50, little endian: a CUDA fatbin header
-
-
-def write_metadata(path: str, meta: dict) -> None:
-    blob = json.dumps(meta).encode()
-    with open(path, "ab") as f:
-        f.write(_MAGIC + blob + struct.pack("<Q", len(blob)) + _MAGIC)
-
-
-def _trailer_size(path: str) -> int:
-    with open(path, "rb") as f:
-        f.seek(-(len(_MAGIC) + 8), os.SEEK_END)
-        (length,) = struct.unpack("<Q", f.read(8))
-    return 2 * len(_MAGIC) + 8 + length
-
-
-def check_image(path: str) -> None:
-    """The ELF image must be whole: a truncated .so with an intact metadata trailer would crash the
-    dynamic loader (SIGBUS) instead of failing. Its end is the furthest of the section header table and
-    the program segments, read from the ELF64 header."""
-    body = os.path.getsize(path) - _trailer_size(path)
-    with open(path, "rb") as f:
-        head = f.read(64)
-        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            raise UnsparseError(f"{path} is not a 64-bit little-endian shared library (damaged module?)")
-        phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
-        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
-        end = shoff + shnum * shentsize
-        if phoff + phnum * phentsize > body:
-            end = max(end, phoff + phnum * phentsize)
-        else:
-            f.seek(phoff)
-            table = f.read(phnum * phentsize)
-            for i in range(phnum):
-                offset, _, _, filesz = struct.unpack_from("<QQQQ", table, i * phentsize + 8)
-                end = max(end, offset + filesz)
-    if end > body:
-        raise UnsparseError(f"{path} is truncated or damaged: its library image needs {end:,d} bytes, the file holds "
-                            f"{body:,d}; compile it again")
-
-
-def read_metadata(path: str) -> dict:
-    if not os.path.exists(path):
-        raise UnsparseError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        tail = len(_MAGIC) + 8
-        if size < tail:
-            raise UnsparseError(f"{path} is not a module written by `unsparse-tvm compile`")
-        f.seek(size - tail)
-        end = f.read(tail)
-        if end[8:] != _MAGIC:
-            raise UnsparseError(f"{path} is not a module written by `unsparse-tvm compile` (no metadata)")
-        (length,) = struct.unpack("<Q", end[:8])
-        f.seek(size - tail - length - len(_MAGIC))
-        head = f.read(len(_MAGIC) + length)
-    return json.loads(head[len(_MAGIC):])
-
-
-def fatbin_images(data: bytes) -> list[tuple[str, int]]:
-    """(kind, SM arch) of every image in every fatbin inside `data`: ("cubin", 90), ("ptx", 90), ...
-
-    Fatbin layout: a 16-byte header (magic, version, header size, payload size), then entries whose
-    headers hold the kind (1 PTX, 2 ELF/cubin) at byte 0, their size at 4, payload size at 8 and the
-    SM arch at 28.
-    """
-    images, start = [], data.find(_FATBIN_MAGIC)
-    while start >= 0:
-        _, _, hsize, fsize = struct.unpack_from("<IHHQ", data, start)
-        off, end = start + hsize, start + hsize + fsize
-        while off + 32 <= end:
-            kind, _, ehsize, size = struct.unpack_from("<HHIQ", data, off)
-            arch = struct.unpack_from("<I", data, off + 28)[0]
-            images.append(({1: "ptx", 2: "cubin"}.get(kind, f"kind{kind}"), arch))
-            off += ehsize + size
-        start = data.find(_FATBIN_MAGIC, max(end, start + 1))
-    return images
-
-
-def device_code_summary(path: str) -> str:
-    """What device code the file really carries (read from its bytes, not taken from metadata)."""
-    data = open(path, "rb").read()
-    parts = [f"{kind} sm_{arch}" if kind == "cubin" else f"{kind} compute_{arch}" for kind, arch in fatbin_images(data)]
-    if b"extern \"C\" __global__" in data:
-        parts.append("CUDA source (needs a compiler at load time)")
-    return ", ".join(parts) if parts else "none"
 
 
 def describe_module(path: str) -> str:
     meta = read_metadata(path)
+    try:
+        return _describe(path, meta)
+    except (KeyError, TypeError, ValueError, AttributeError):  # well-formed JSON, but not what compile writes
+        raise UnsparseError(f"{path} has damaged metadata (a field is missing or of the wrong kind); "
+                            "compile it again") from None
+
+
+def _describe(path: str, meta: dict) -> str:
     lines = [
         f"file:         {path} ({os.path.getsize(path) / 1e6:.1f} MB)",
         f"model:        {meta['model']}",
@@ -124,7 +45,8 @@ def describe_module(path: str) -> str:
         "outputs:      " + (", ".join(f"{o['name']} {o['shape']} {o['dtype']}" for o in meta["outputs"])
                             if meta.get("outputs") is not None else "(not recorded)"),
         f"sparse layers: {meta['sparse_layers']} of {len(meta['layers'])} ({'threshold ' + str(meta['threshold']) if meta.get('threshold') is not None else 'chosen by predicted time'})",
-        f"built with:   TVM {meta['tvm_version']} on {meta['created']}",
+        f"built with:   TVM {meta.get('tvm_version', '?')} on {meta.get('created', '?')}",
+        f"library:      {integrity(path, meta)}",
     ]
     width = max([30] + [len(layer["name"]) for layer in meta["layers"]])
     for layer in meta["layers"]:
@@ -146,13 +68,22 @@ def _stored(layer: dict) -> str:
 
 
 def _import_runtime_only():
-    """`import tvm` with only libtvm_runtime.so and without torch."""
+    """`import tvm` with only libtvm_runtime.so and without torch. The environment is put back afterwards
+    (TVM reads it once, at import): a process that runs a module and then starts `unsparse-tvm compile`
+    must not hand it TVM_USE_RUNTIME_LIB=1, which leaves the child without TVM's compiler."""
+    saved = {k: os.environ.get(k) for k in ("TVM_USE_RUNTIME_LIB", "TVM_FFI_DISABLE_TORCH_C_DLPACK")}
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     if "torch" not in sys.modules:
         sys.modules["torch"] = None  # tvm_ffi tries `import torch` at start-up; make that a clean miss
-    import tvm
-
+    try:
+        import tvm
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return tvm
 
 
@@ -168,6 +99,7 @@ def load(path: str, device: str | None = None):
     """(VirtualMachine, device, metadata) for a compiled module, runtime only."""
     meta = read_metadata(path)
     check_image(path)
+    check_payload(path, meta)  # a damaged image would crash the loader or compute garbage
     check_cpu(path, meta)
     tvm = _import_runtime_only()
     kind = device or ("cuda" if meta["target"] == "cuda" else "cpu")
@@ -259,6 +191,24 @@ def time_module(vm, dev, arr, *, number: int, repeat: int) -> list[float]:
     return [t * 1e3 for t in timer(x).results]
 
 
+def read_input(path: str):
+    """The one array of a .npy file, or of a .npz file holding exactly one."""
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            names = list(loaded.files)
+            if len(names) == 1:
+                return loaded[names[0]]
+    except Exception:  # numpy raises assorted errors for a damaged or foreign file
+        raise UnsparseError(f"{path} is not a numpy array file (save inputs with numpy.save or numpy.savez)") from None
+    raise UnsparseError(f"{path} holds {len(names)} arrays ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
+                        "the module takes one input: save just that array")
+
+
 def run_file(module: str, input_path: str | None, output_path: str | None, *, overwrite: bool = False,
              device: str | None = None, print_time: bool = False, number: int = 10, repeat: int = 10) -> None:
     """`unsparse-tvm run`: .so (+ input .npy, or a seeded random input) -> output .npy and/or timings,
@@ -269,8 +219,8 @@ def run_file(module: str, input_path: str | None, output_path: str | None, *, ov
         raise UnsparseError("nothing to do: give -o OUT.npy to save the output, or --print-time to time the module")
     if number < 1 or repeat < 1:
         raise UnsparseError(f"--number and --repeat must be at least 1 (got {number}, {repeat})")
-    if input_path is not None and not os.path.exists(input_path):
-        raise UnsparseError(f"no such input file: {input_path}")
+    if input_path is not None:
+        check_input_file(input_path, "input file", suffixes=(".npy", ".npz"), hint="save inputs with numpy.save")
     meta = read_metadata(module)
     if output_path is not None:
         check_run_output(output_path, meta, overwrite, inputs=(module, input_path))
@@ -280,12 +230,7 @@ def run_file(module: str, input_path: str | None, output_path: str | None, *, ov
         arr = np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"])
         print(f"input: random normal {spec['shape']} {spec['dtype']} (no --input given)")
     else:
-        try:
-            arr = np.load(input_path, allow_pickle=False)
-        except Exception:
-            raise UnsparseError(f"{input_path} is not a .npy array file (save inputs with numpy.save)") from None
-        if not isinstance(arr, np.ndarray):
-            raise UnsparseError(f"{input_path} holds several arrays; give one input as a .npy file")
+        arr = read_input(input_path)
     outs = run_outputs(vm, dev, meta, arr)
     if output_path is not None:
         print(f"wrote {output_path} {save_outputs(output_path, outs)}")

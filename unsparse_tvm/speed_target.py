@@ -19,6 +19,7 @@ sparsity and pattern that reach it at the least accuracy cost, instead of one un
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -298,3 +299,73 @@ def weighted_sparsity(module, ep, sparsity: dict) -> float:
     sizes = {fqn: getattr(o, p).numel() for fqn, o, p in prunable_parameters(module, ep)}
     return sum(sparsity.get(n, 0.0) * s for n, s in sizes.items()) / max(1, sum(sizes.values()))
 
+
+
+class Planned:
+    """A speed plan on its way into a pruned model: `finish` times the pruned model's layers one by one (the
+    report's measured column) and returns the result as a dict."""
+
+    def __init__(self, result: SpeedResult, threads: int):
+        self.result, self.threads = result, threads
+
+    def finish(self, loaded) -> dict:
+        from .frontend import export_model
+
+        measured = layer_times(export_model(loaded), self.threads)
+        for layer in self.result.layers:
+            layer["measured_us"] = measured.get(layer["name"])
+        return self.result.as_dict()
+
+
+def plan_config(loaded, cfg, data, *, speedup: float | None = None, latency_ms: float | None = None,
+                pattern: str = "unstructured", threads: int | None = None, log=print):
+    """(cfg with the plan's per-layer sparsity and pattern, Planned) for prune_command."""
+    from .calibration import run_threads
+
+    threads = threads or run_threads()
+    patterns = PATTERNS if pattern == "auto" else (pattern,)
+    sparsity, patterns_by_layer, result = prune_for_speed(
+        loaded.module, loaded.ep, loaded.input_shape, speedup=speedup, latency_ms=latency_ms, patterns=patterns,
+        data=data, threads=threads, log=log)
+    cfg = dataclasses.replace(cfg, sparsity=weighted_sparsity(loaded.module, loaded.ep, sparsity),
+                              layer_sparsity=sparsity, layer_pattern=patterns_by_layer)
+    return cfg, Planned(result, threads)
+
+
+def layer_times(program, threads: int, repeat: int = 7) -> dict[str, float]:
+    """Each conv/linear layer of a program compiled as `compile` would (this CPU's rates) and timed alone,
+    us by weight name."""
+    import tvm
+
+    from .bench import _vm_timer, round_robin, set_threads
+    from .calibration import rates_for
+    from .relay_passes import build_pipeline
+    from .single_layer import extract_layers, layer_module
+    from .target import make_target
+
+    target = make_target("llvm")
+    rates = rates_for(target, threads=threads, log=lambda m: None)
+    specs, names = extract_layers(program)
+    set_threads(threads)
+    times = {}
+    for spec in specs:
+        report: list = []
+        pipeline = build_pipeline(target, names=names, report=report, rates=rates)
+        ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=pipeline)
+        x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
+        ms = round_robin({"layer": _vm_timer(ex, tvm.cpu(), x)[0]}, repeat, min_batch_ms=5.0)["layer"]
+        times[names.name_of(spec.weight, spec.op) + ".weight"] = round(ms * 1e3, 2)
+    return times
+
+
+def format_speed(speed: dict) -> str:
+    """The speed plan as `prune` prints it: per layer, then end to end."""
+    lines = [f"{'layer':28s} {'pattern':12s} {'sparsity':>8s} {'kernel':6s} {'predicted us':>12s} "
+             f"{'measured us':>11s} {'dense us':>9s}"]
+    for l in speed["layers"]:
+        measured = f"{l['measured_us']:11.1f}" if l.get("measured_us") is not None else f"{'-':>11s}"
+        lines.append(f"{l['name'].removesuffix('.weight')[:28]:28s} {l['pattern']:12s} {l['sparsity']:8.2f} "
+                     f"{l['kernel']:6s} {l['predicted_us']:12.1f} {measured} {l['dense_us']:9.1f}")
+    lines.append(f"speed: asked {speed['requested']:.2f}x over the dense model, measured {speed['achieved']:.2f}x "
+                 f"({speed['dense_ms']:.3f} -> {speed['sparse_ms']:.3f} ms, {len(speed['rounds'])} round(s))")
+    return "\n".join(lines)

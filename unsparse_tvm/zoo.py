@@ -63,6 +63,10 @@ def _torchvision_factory(arch: str):
     available = models.list_models(module=models)  # classification models only (not detection/segmentation)
     available += models.list_models(module=models.segmentation)
     if arch not in available:
+        for kind in ("detection", "video", "optical_flow", "quantization"):  # torchvision has it, we do not take it
+            if arch in models.list_models(module=getattr(models, kind, None)):
+                raise UnsparseError(f"tv:{arch} is a torchvision {kind.replace('_', ' ')} model; unsparse-tvm takes "
+                                    "classification and segmentation models (one image batch in, one tensor out)")
         raise UnsparseError(f"torchvision has no model '{arch}' (e.g. resnet50, mobilenet_v2, efficientnet_b0)")
     kwargs: dict[str, Any] = {"weights": None}
     if arch in ("googlenet", "inception_v3"):

@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
-from ..errors import UnsparseError, check_fraction
+from ..errors import MAX_SPARSITY, UnsparseError, check_sparsity
 
 # aten ops whose second argument is a weight worth pruning
 _WEIGHT_OPS = {"aten.conv2d.default", "aten.convolution.default", "aten.linear.default"}
-MAX_LAYER_SPARSITY = 0.99  # a layer pruned further than this is effectively cut out of the network
+MAX_LAYER_SPARSITY = MAX_SPARSITY  # a layer pruned further than this is effectively cut out of the network
 
 
 def prunable_parameters(module: nn.Module, ep: torch.export.ExportedProgram | None = None) -> list[tuple[str, nn.Module, str]]:
@@ -50,7 +50,7 @@ def prunable_parameters(module: nn.Module, ep: torch.export.ExportedProgram | No
 
 def magnitude_prune(module: nn.Module, sparsity: float, ep: torch.export.ExportedProgram | None = None) -> nn.Module:
     """One-shot layer-wise L1 magnitude pruning to `sparsity` of every conv/linear weight, in place."""
-    check_fraction("sparsity", sparsity, upper_inclusive=False)
+    check_sparsity("sparsity", sparsity)
     layers = prunable_parameters(module, ep)
     if not layers:
         raise UnsparseError("the model has no conv2d or linear layer to prune")

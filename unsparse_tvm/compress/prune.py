@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
-from ..errors import UnsparseError, check_fraction
+from ..errors import UnsparseError, check_sparsity
 from ..frontend import eval_mode, export_model, load_model, load_program, save_model
 from ..outputs import check_output
 from .data import load_dataset
@@ -26,7 +26,7 @@ from .train import compute_threads, evaluated_around, train, untrained_hint
 
 def prune_to_program(model: str, sparsity: float, batch: int | None = None) -> torch.export.ExportedProgram:
     """Magnitude-prune a built-in model or a .pt2 file (one-shot, layer-wise) and export it again."""
-    check_fraction("sparsity", sparsity, upper_inclusive=False)
+    check_sparsity("sparsity", sparsity)
     loaded = load_model(model, batch=batch)
     magnitude_prune(loaded.module, sparsity, loaded.ep)
     return export_model(loaded)
@@ -37,6 +37,12 @@ def load_model_program(model: str, sparsity: float | None, batch: int | None = N
     if sparsity is not None:
         return prune_to_program(model, sparsity, batch=batch)
     return load_program(model, batch=batch)
+
+
+def zero_fraction(module: nn.Module, ep: torch.export.ExportedProgram | None = None) -> float:
+    """The fraction of conv/linear weights that are zero."""
+    weights = [getattr(owner, pname).detach() for _, owner, pname in prunable_parameters(module, ep)]
+    return sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
 
 
 def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export.ExportedProgram | None = None,
@@ -92,8 +98,10 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
 
 def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None = None,
                   weights: str | None = None, batch: int | None = None, report: str | None = None,
-                  overwrite: bool = False, log=print) -> dict:
-    """Load, (evaluate,) prune, (evaluate,) export to `output`; returns the report (also written to `report`)."""
+                  overwrite: bool = False, log=print, speed: dict | None = None) -> dict:
+    """Load, (evaluate,) prune, (evaluate,) export to `output`; returns the report (also written to `report`).
+    speed: {speedup | latency_ms, pattern, threads}: the per-layer sparsity and pattern come from
+    unsparse_tvm.speed_target's plan (the report's "speed": requested and measured speedup, per layer)."""
     start = time.perf_counter()
     cfg.validate()
     check_output(output, overwrite=overwrite, suffixes=(".pt2",), inputs=(model, weights))
@@ -105,6 +113,12 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
         raise UnsparseError(f"{model} was not written by unsparse-tvm, so it cannot be fine-tuned: use "
                             "--epochs 0 (one-shot) or a built-in model name with --weights")
     data = load_dataset(dataset) if dataset else None  # the split is fixed: --seed must not leak test samples
+    planned = None
+    if speed is not None:  # a loop through the compiler (compile, time): imported only for speed targets
+        from ..speed_target import plan_config
+
+        cfg, planned = plan_config(loaded, cfg, data, log=log, **speed)
+    before = zero_fraction(loaded.module, loaded.ep)
     with compute_threads(loaded.module):  # only idle cores: see compute_threads
         fixed_batch = None if loaded.trainable else loaded.input_shape[0]
         info, acc_before, acc_after = evaluated_around(
@@ -118,6 +132,9 @@ def prune_command(model: str, cfg: PruneConfig, output: str, dataset: str | None
             "accuracy_before": acc_before, "accuracy_after": acc_after, "untrained_hint": untrained_hint(loaded, data),
             **weight_report(loaded.module, loaded.ep, None, targets=info["targets"]),
             "sensitivity": info["sensitivity"],
+            "speed": planned.finish(loaded) if planned is not None else None,
+            "notes": [f"{model} was already {before:.3f} sparse, above --sparsity {cfg.sparsity:g}: pruning never "
+                      "revives a weight, so its zeros stayed as they were"] if before > cfg.sparsity + 5e-4 else [],
             "seconds": round(time.perf_counter() - start, 2),
         }
     write_report(result, report)

@@ -187,6 +187,7 @@ def format_report(report: dict) -> str:
                    f"{report['accuracy_after']:.2f}% after ({report['accuracy_after'] - report['accuracy_before']:+.2f} points)")
         if report.get("untrained_hint"):
             out.append(f"  note: {report['untrained_hint']}")
+    out += [f"  note: {note}" for note in report.get("notes", [])]
     return "\n".join(out)
 
 

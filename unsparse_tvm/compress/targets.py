@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
-from ..errors import UnsparseError, check_fraction
+from ..errors import MAX_SPARSITY, UnsparseError, check_fraction, check_sparsity
 from .data import Dataset
 from .masks import MAX_LAYER_SPARSITY, BlockPruning, MixedPruning, VectorPruning
 from .train import evaluate
@@ -28,9 +28,9 @@ class PruneConfig:
     sparsity: float = 0.5                    # overall fraction of zeros over all prunable weights
     method: str = "unstructured"
     scope: str = "layer"                     # layer | global (global: unstructured only)
-    vector_size: int = 4
-    block_size: int | None = None           # default 4 for block, 8 for mixed
-    block_share: float = 0.5                 # mixed: part of the target reached by the block mask
+    vector_size: int | None = None          # V for vector/mixed (default 4); refused for the other methods
+    block_size: int | None = None           # default 4 for block, 8 for mixed; refused for the others
+    block_share: float | None = None        # mixed: part of the target reached by the block mask (default 0.5)
     first_layer_sparsity: float | None = None
     last_layer_sparsity: float | None = None
     sensitivity: bool = False                # per-layer sparsity from a one-shot sensitivity scan
@@ -46,11 +46,20 @@ class PruneConfig:
     layer_pattern: dict | None = None
 
     def validate(self) -> "PruneConfig":
-        if self.block_size is None:
-            self.block_size = 8 if self.method == "mixed" else 4
-        check_fraction("sparsity", self.sparsity, upper_inclusive=False)
+        check_sparsity("sparsity", self.sparsity)
         if self.method not in METHODS:
             raise UnsparseError(f"unknown pruning method '{self.method}': use one of {', '.join(METHODS)}")
+        for option, value, methods in (("--vector-size", self.vector_size, ("vector", "mixed")),
+                                       ("--block-size", self.block_size, ("block", "mixed")),
+                                       ("--block-share", self.block_share, ("mixed",))):
+            if value is not None and self.method not in methods:  # refused, not silently ignored
+                raise UnsparseError(f"{option} is for --method {' or '.join(methods)}, not {self.method}")
+        if self.method in ("vector", "mixed") and self.vector_size is None:
+            self.vector_size = 4
+        if self.method in ("block", "mixed") and self.block_size is None:
+            self.block_size = 8 if self.method == "mixed" else 4
+        if self.method == "mixed" and self.block_share is None:
+            self.block_share = 0.5
         if self.scope not in ("layer", "global"):
             raise UnsparseError(f"unknown scope '{self.scope}': use layer or global")
         if self.scope == "global" and self.method != "unstructured":
@@ -64,11 +73,12 @@ class PruneConfig:
         if self.method == "mixed" and self.block_size % self.vector_size:
             raise UnsparseError(f"mixed pruning needs the block size ({self.block_size}) to be a multiple of the "
                                 f"vector size ({self.vector_size}), so a removed block is whole vectors")
-        check_fraction("block share", self.block_share)
+        if self.block_share is not None:
+            check_fraction("block share", self.block_share)
         for name in ("first_layer_sparsity", "last_layer_sparsity"):
             value = getattr(self, name)
             if value is not None:
-                check_fraction(name.replace("_", " "), value, upper_inclusive=False)
+                check_sparsity(name.replace("_", " "), value)
         if self.epochs < 0:
             raise UnsparseError(f"epochs must be >= 0, got {self.epochs}")
         if self.lr <= 0 or self.batch_size < 1:
@@ -128,9 +138,12 @@ def layer_targets(sizes: dict[str, int], cfg: PruneConfig,
     n_pool = sum(sizes[n] for n in pool)
     need = (cfg.sparsity * total - sum(fixed[n] * sizes[n] for n in fixed)) / n_pool
     if need > MAX_LAYER_SPARSITY:
+        given = [f"--{n.replace('_', '-')}" for n in ("first_layer_sparsity", "last_layer_sparsity")
+                 if getattr(cfg, n) is not None]
         raise UnsparseError(
-            f"overall sparsity {cfg.sparsity:g} needs the other layers at {need:.3f} with the first/last layer "
-            "kept denser; lower --sparsity or raise --first-layer-sparsity/--last-layer-sparsity"
+            f"overall sparsity {cfg.sparsity:g} needs the other layers at {need:.3f} with {' and '.join(given)} "
+            f"kept lower, above the {MAX_SPARSITY:g} a layer can be pruned to; lower --sparsity or raise "
+            f"{' or '.join(given)}"
         )
     need = max(need, 0.0)
     if not sensitivity or cfg.scope == "global":

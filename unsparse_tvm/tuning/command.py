@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import sys
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ class TuneRequest:
 
 def tune_command(req: TuneRequest) -> int:
     """`unsparse-tvm tune`: extract, search, append records; Ctrl-C or kill keeps every finished batch."""
+    rpc_at = parse_tracker(req.rpc_tracker) if req.rpc_tracker else None  # HOST:PORT, before anything else
     if req.rpc_tracker and not req.rpc_key:
         raise UnsparseError("--rpc-tracker needs --rpc-key (the key the RPC servers registered with)")
     if req.rpc_key and not req.rpc_tracker:
@@ -49,9 +52,13 @@ def tune_command(req: TuneRequest) -> int:
     target = make_target(req.target, req.arch)
     if not req.rpc_tracker:  # measured here: built for a CPU model this one runs (remote devices: theirs)
         require_runnable(target, "tune")
-    rpc = (*parse_tracker(req.rpc_tracker), req.rpc_key) if req.rpc_tracker else None
+    rpc = (*rpc_at, req.rpc_key) if rpc_at else None
+    # before any work: the trials go where the user expects, or it says so (--sparsity prunes to fp32 first)
+    quant_note = untuned_note(req.model) if req.sparsity is None else None
     created = not os.path.exists(req.log_dir)
     check_output_dir(req.log_dir)
+    if quant_note:
+        print(f"note: {quant_note}")
     try:
         return _tune_in(req, target, rpc)
     finally:  # a tune that failed before writing anything leaves no empty log directory behind
@@ -87,9 +94,43 @@ def _tune_in(req: TuneRequest, target, rpc) -> int:
         print(f"interrupted: every measured batch is in {req.log_dir}; run the same command again to resume",
               file=sys.stderr)
         return 130
-    print(f"use them with: unsparse-tvm compile {req.model} --target {req.target} "
-          f"--tuning-log {req.log_dir} -o model.so")
+    print(f"use them with: {compile_hint(req)}")
     return 0
+
+
+def compile_hint(req: TuneRequest) -> str:
+    """The command(s) that compile the very program that was tuned, so the records apply: with --sparsity,
+    the model was pruned first (one-shot, as `prune` does by default), so the hint prunes it the same way
+    and compiles the pruned .pt2; --batch, --target, --arch and --threshold are kept (they shape the
+    workloads). Every path is quoted for the shell."""
+    q = shlex.quote
+    model, steps, batch = req.model, [], f" --batch {req.batch}" if req.batch else ""
+    if req.sparsity is not None:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(req.model).removesuffix(".pt2"))
+        model = f"{stem}-pruned{req.sparsity}.pt2"
+        steps.append(f"unsparse-tvm prune {q(req.model)} --sparsity {req.sparsity}{batch} -o {q(model)}")
+        batch = ""  # baked into the pruned .pt2
+    arch = f" --arch {q(req.arch)}" if req.arch else ""
+    threshold = f" --threshold {req.threshold}" if req.threshold is not None else ""
+    steps.append(f"unsparse-tvm compile {q(model)} --target {q(req.target)}{arch}{threshold}{batch} "
+                 f"--tuning-log {q(req.log_dir)} -o model.so")
+    return " && ".join(steps)
+
+
+def untuned_note(model: str) -> str | None:
+    """What `tune` leaves at default knobs for a quantised .pt2 (it times the fp32 sparse kernels only)."""
+    if not model.endswith(".pt2") or not os.path.isfile(model):
+        return None
+    from ..frontend import read_quantization
+
+    quant = read_quantization(model)
+    if quant is None:
+        return None
+    if (quant.get("activations") or {}).get("layers"):
+        return (f"{model} runs its calibrated layers int8 (quantize --activations int8), and int8 kernels are not "
+                "tuned: tune times the fp32 sparse kernels, which only its other layers use")
+    return (f"{model} is weight-quantised ({quant.get('scheme')}), and quantised kernels are not tuned: tune times "
+            "the fp32 sparse kernels, while compile runs its sparse layers on quantised ones at their default knobs")
 
 
 def logs_show(path: str) -> int:

@@ -200,6 +200,8 @@ def _parse_record(line: str) -> Record | None:
 def _lines(path: str) -> list[str]:
     if not os.path.exists(path):
         return []
+    if not os.path.isfile(path):
+        raise UnsparseError(f"tuning log file {path} is not a file (a directory?): not a log written by tune")
     with open(path, "r", encoding="utf-8", errors="replace") as f:
         return f.read().split("\n")
 
@@ -339,11 +341,10 @@ def merge(inputs: list[str], output: str, overwrite: bool = False) -> dict:
     """Keep the best record per (workload, target) of all inputs; write them to `output`."""
     if not inputs:
         raise UnsparseError("logs merge needs at least one input log directory")
-    for p in inputs:
-        read_log(p)  # a missing input is named before the output directory is created
+    # every input read (a missing or empty one refused) before the output directory is created
+    logs = [read_nonempty_log(p).check_fit() for p in inputs]
     check_output_dir(output, overwrite=overwrite, holds=(WORKLOAD_FILE, RECORD_FILE), inputs=tuple(inputs),
                      what="merged log")
-    logs = [read_nonempty_log(p).check_fit() for p in inputs]
     workloads: dict[str, int] = {}      # structural hash -> output line
     wl_lines: list[str] = []
     best: dict[tuple[int, tuple], Record] = {}
