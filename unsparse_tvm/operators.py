@@ -76,9 +76,21 @@ def unverified_operators(ep: torch.export.ExportedProgram) -> list[str]:
         if node.op != "call_function" or node.target in _PYTHON_OPS or op_name(node.target).startswith("sym_"):
             continue  # operator.getitem on a tuple output, arithmetic on symbolic sizes (torch.sym_max, ...)
         name = op_name(node.target)
-        if name not in VERIFIED and name not in _SHAPE_OPS:
+        if name not in VERIFIED and name not in _SHAPE_OPS and not _weight_matmul(ep, node, name):
             found[name] = None
     return list(found)
+
+
+def _weight_matmul(ep: torch.export.ExportedProgram, node, name: str) -> bool:
+    """`x @ W` with W a 2-D parameter or buffer is a linear layer (SparsifyDense takes it; checked against
+    PyTorch and ONNX Runtime in tests/test_onnx.py); a matmul of two activations stays unverified."""
+    if name != "aten.matmul.default" or len(node.args) < 2:
+        return False
+    w = node.args[1]
+    sig = ep.graph_signature
+    weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    val = getattr(w, "meta", {}).get("val")
+    return getattr(w, "name", None) in weights and val is not None and len(val.shape) == 2
 
 
 def check_operators(ep: torch.export.ExportedProgram) -> None:
