@@ -64,8 +64,8 @@ def predict(row: dict, rates) -> tuple[float, float]:
     """(dense us, sparse us) of a measured row under `rates` (layer_cost, with the row's own packing)."""
     from types import SimpleNamespace
 
-    from unsparse_tvm.formats import ConvGeometry
-    from unsparse_tvm.layer_cost import conv_cost, linear_cost
+    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.cost.model import conv_cost, linear_cost
 
     rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"],
                            group=int(row["fmt"][4:]) if row["fmt"].startswith("vell") else 1)
@@ -102,7 +102,7 @@ def evaluate(runs: list[dict], rates) -> list[dict]:
 
 
 def _load_rates(spec: str):
-    from unsparse_tvm.layer_cost import BUILTIN
+    from unsparse_tvm.cost.model import BUILTIN
 
     if spec == "built-in":
         return BUILTIN

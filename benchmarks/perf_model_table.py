@@ -16,9 +16,9 @@ from collections import Counter
 
 import torch
 
-from unsparse_tvm.formats import ConvGeometry
+from unsparse_tvm.ops.formats import ConvGeometry
 from unsparse_tvm.models import build_model
-from unsparse_tvm.perf_model import H200, Knobs, layer_table
+from unsparse_tvm.cost.gpu import H200, Knobs, layer_table
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"model": "unsparse_tvm.perf_model", "gpu": H200.__dict__, "knobs": Knobs().__dict__,
+            json.dump({"model": "unsparse_tvm.cost.gpu", "gpu": H200.__dict__, "knobs": Knobs().__dict__,
                        "rows": everything}, f, indent=1)
         os.replace(tmp, args.json)
     return 0

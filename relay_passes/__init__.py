@@ -7,8 +7,6 @@ from .fold_batchnorm import FoldBatchNormIntoConv
 from .layers import LayerDecision, LayerNames
 from .lower_dense_conv2d import LowerDenseConv2d
 from .pipeline import build_pipeline, pipeline_phases
-from .schedule_remaining_cpu import ScheduleRemainingCPU
-from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
 
@@ -18,8 +16,6 @@ __all__ = [
     "LayerDecision",
     "LayerNames",
     "LowerDenseConv2d",
-    "ScheduleRemainingCPU",
-    "ScheduleUnsparseOps",
     "SparsifyConv2d",
     "SparsifyDense",
     "build_pipeline",

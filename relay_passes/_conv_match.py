@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from unsparse_tvm.formats import ConvGeometry
+from unsparse_tvm.ops.formats import ConvGeometry
 
 from ._util import ChainRewriter, Epilogue, const_array, is_op, match_epilogue, shape_of, use_counts, users_of
 

@@ -1,6 +1,6 @@
 """The quantised branch of SparsifyConv2d / SparsifyDense: where the .pt2's `unsparse_quant.json` names a
 layer and its compiled weight fits the scheme, the sparse operator reads codes and 16-bit offsets
-(unsparse_tvm.qformats, te_quant_ops) instead of fp32 values and int32 offsets. Same op names as the
+(unsparse_tvm.ops.quant_formats, te_quant_ops) instead of fp32 values and int32 offsets. Same op names as the
 fp32 operators, so the same schedule rules apply."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from functools import partial
 import numpy as np
 from tvm import relax
 
-from unsparse_tvm import te_quant_ops
-from unsparse_tvm.formats import ConvGeometry, SparseRows
-from unsparse_tvm.qformats import QuantGeometry, QuantRows, encode, fp32_nbytes
-from unsparse_tvm.te_quant_ops import QSpec
+from unsparse_tvm.ops import sparse_quant as quant_ops
+from unsparse_tvm.ops.formats import ConvGeometry, SparseRows
+from unsparse_tvm.ops.names import sparse_op
+from unsparse_tvm.ops.quant_formats import QuantGeometry, QuantRows, encode, fp32_nbytes
+from unsparse_tvm.ops.sparse_quant import QSpec
 
 
 def layer_entry(quant: dict | None, name: str) -> dict | None:
@@ -46,8 +47,8 @@ def quant_conv(builder: relax.BlockBuilder, x: relax.Expr, rows: SparseRows, wei
         return None
     spec = QSpec(q.kind, q.off_mode, rows.fmt, qgeo.channel_plane, q.tap_bits,
                  predecode=target_kind == "llvm")
-    op = partial(te_quant_ops.qsparse_conv2d, geo=qgeo, spec=spec, **flags)
-    kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"
+    op = partial(quant_ops.qsparse_conv2d, geo=qgeo, spec=spec, **flags)
+    kind = sparse_op("conv2d", rows)
     return builder.call_te(op, x, *_consts(q), *extra, primfunc_name_hint=kind), q, qgeo
 
 
@@ -61,8 +62,8 @@ def quant_dense(builder: relax.BlockBuilder, x: relax.Expr, rows: SparseRows, we
     spec = QSpec(q.kind, q.off_mode, rows.fmt)
     padded = builder.emit(relax.op.nn.pad(x, [0, 0, 0, 1]))
     args = [padded, *_consts(q)] + ([relax.const(bias)] if bias is not None else [])
-    kind = "sparse_dense_grouped" if rows.group > 1 else "sparse_dense"
-    op = partial(te_quant_ops.qsparse_dense, spec=spec, has_bias=bias is not None, relu=relu)
+    kind = sparse_op("dense", rows)
+    op = partial(quant_ops.qsparse_dense, spec=spec, has_bias=bias is not None, relu=relu)
     return builder.call_te(op, *args, primfunc_name_hint=kind), q
 
 

@@ -10,9 +10,9 @@ from tvm import relax, tirx
 from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
-from unsparse_tvm.formats import compact_offsets
-from unsparse_tvm.layer_cost import CostModel
-from unsparse_tvm.schedules._common import OP_ATTR
+from unsparse_tvm.ops.formats import compact_offsets
+from unsparse_tvm.cost.model import CostModel
+from unsparse_tvm.ops.names import OP_ATTR
 
 from .layers import LayerNames
 

@@ -7,7 +7,7 @@ import tvm
 from tvm import relax
 from tvm.ir import Op
 
-from unsparse_tvm.schedules._common import is_scheduled, op_of
+from unsparse_tvm.ops.names import is_scheduled, op_of
 
 
 def call_sites(mod) -> list[tuple[object, list]]:

@@ -1,5 +1,5 @@
 """FastSigmoid (llvm): sigmoid and SiLU as TE ops on a polynomial exp that vectorises
-(unsparse_tvm/te_math.py says why), written as TE so FuseOps still fuses them into the neighbouring
+(unsparse_tvm/fast_math.py says why), written as TE so FuseOps still fuses them into the neighbouring
 elementwise chain. Runs before LegalizeOps; a SiLU that follows a conv was already fused into the conv's
 epilogue by the substitution passes.
 """
@@ -10,7 +10,7 @@ import tvm
 from tvm import relax, te
 from tvm.ir import IRModule
 
-from unsparse_tvm.te_math import fast_sigmoid, fast_silu
+from unsparse_tvm.ops.fast_math import fast_sigmoid, fast_silu
 
 from ._util import dtype_of, is_op
 

@@ -59,7 +59,7 @@ class LayerDecision:
     padded: int = 0              # stored entries including padding
     input_shape: list[int] = field(default_factory=list)
     fused: str = ""              # epilogue fused into the kernel, e.g. "bias+relu"
-    dense_us: float = 0.0        # predicted time of the dense kernel (unsparse_tvm.layer_cost; 0: not predicted)
+    dense_us: float = 0.0        # predicted time of the dense kernel (unsparse_tvm.cost.model; 0: not predicted)
     sparse_us: float = 0.0       # predicted time of the sparse kernel in `format`
     precision: str = "fp32"      # stored weight precision: fp32, or the quantised coding (relay_passes/_quant.py)
     weight_bytes: int = 0        # bytes of the layer's weight operands as compiled (values, offsets, scales)

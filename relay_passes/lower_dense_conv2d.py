@@ -13,8 +13,8 @@ import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
-from unsparse_tvm import te_ops
-
+from unsparse_tvm.ops import names
+from unsparse_tvm.ops import sparse as sparse_ops
 from ._conv_match import ConvChainRewriter
 from ._util import mark
 
@@ -25,10 +25,10 @@ class _Lowerer(ConvChainRewriter):
         if geo is None or int(conv.attrs.groups) != 1:
             return None  # grouped/depthwise: legalized by TVM, scheduled by the CPU fallback rule
         extra, flags = self.epilogue_args(ep)
-        op = partial(te_ops.dense_conv2d, geo=geo, **flags)  # call_te only passes TE-able kwargs
+        op = partial(sparse_ops.dense_conv2d, geo=geo, **flags)  # call_te only passes TE-able kwargs
         call = self.builder_.call_te(op, self.visit_expr(conv.args[0]), relax.const(weight), *extra,
-                                     primfunc_name_hint="dense_conv2d")
-        mark(self.builder_, call, {"op": "dense_conv2d", "unsparse.pad_shape": geo.pad_shape})
+                                     primfunc_name_hint=names.DENSE_CONV2D)
+        mark(self.builder_, call, {"op": names.DENSE_CONV2D, "unsparse.pad_shape": geo.pad_shape})
         return call
 
 

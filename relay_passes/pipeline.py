@@ -9,7 +9,8 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from unsparse_tvm.layer_cost import BUILTIN, CostModel, X86Rates
+from unsparse_tvm.schedules import fallback_cpu, rules
+from unsparse_tvm.cost.model import BUILTIN, CostModel, X86Rates
 
 from .apply_tuning_records import ApplyTuningRecords
 from .canonical_clip import CanonicalizeClip
@@ -19,8 +20,6 @@ from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
 from .quantize_int8 import QuantizeInt8Conv2d
 from .quantize_int8_dense import QuantizeInt8Dense
-from .schedule_remaining_cpu import ScheduleRemainingCPU
-from .schedule_unsparse_ops import ScheduleUnsparseOps
 from .sparsify_conv2d import SparsifyConv2d
 from .sparsify_dense import SparsifyDense
 from .tag_grouped_conv import TagGroupedConv
@@ -34,7 +33,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8;
     `quant`: the model's unsparse_quant.json (frontend.read_quantization), whose other sparse layers
     then run on quantised weights; `rates`: the x86 cost model's rates (default: the built-in ones; `compile`
-    passes this CPU's calibration, unsparse_tvm.calibration)."""
+    passes this CPU's calibration, unsparse_tvm.cost.calibration)."""
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
@@ -67,9 +66,9 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
         schedule.append(ApplyTuningRecords(database))
     if is_cpu:  # TVM's depthwise/grouped convs (and their fused epilogues) get our rule, not the fallback
         schedule.append(TagGroupedConv())
-    schedule.append(ScheduleUnsparseOps(target, configs))
-    if is_cpu:
-        schedule.append(ScheduleRemainingCPU(target))
+    schedule.append(dl.ApplyDefaultSchedule(*rules(target.kind.name, configs)))  # schedules/: ours
+    if is_cpu:  # then what is left: the parallel/vectorised fallback, never a serial loop nest
+        schedule.append(dl.ApplyDefaultSchedule(fallback_cpu.RULE))
     else:
         schedule.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()))

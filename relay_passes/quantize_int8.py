@@ -17,15 +17,16 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.target import Target
 
-from unsparse_tvm import te_ops_int8
-from unsparse_tvm.int8_rows import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
+from unsparse_tvm.ops import names
+from unsparse_tvm.ops import sparse_int8 as int8_ops
+from unsparse_tvm.ops.int8_formats import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules._x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, unsupported_reason
 from ._util import const_array, fused_label, is_op, mark, use_counts
 from .layers import LayerDecision, LayerNames, fingerprint
 
-OP = "sparse_conv2d_int8"
+OP = names.SPARSE_CONV2D_INT8
 CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
@@ -105,7 +106,7 @@ class _Int8Rewriter(ConvChainRewriter):
         rows = conv_quad_rows(wq, geo)
         comp, out_scale = epilogue_consts(wq, wscale, act)
         extra, flags = self.epilogue_args(ep)
-        op = partial(te_ops_int8.sparse_conv2d_int8, geo=geo, act=act, quads=rows.pad_quads, out_act=out_act, **flags)
+        op = partial(int8_ops.sparse_conv2d_int8, geo=geo, act=act, quads=rows.pad_quads, out_act=out_act, **flags)
         args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq]

@@ -1,5 +1,5 @@
 """QuantizeInt8Dense: linear layers (matmul with a constant weight, + bias, + ReLU) whose input has a
-calibrated range -> the int8 sparse linear operator (te_ops_int8.sparse_dense_int8), llvm only (there is
+calibrated range -> the int8 sparse linear operator (int8_ops.sparse_dense_int8), llvm only (there is
 no CUDA rule for it: on cuda these layers stay fp32). As QuantizeInt8Conv2d, before SparsifyDense."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from tvm import relax
 from tvm.ir import IRModule
 from tvm.target import Target
 
-from unsparse_tvm import te_ops_int8
-from unsparse_tvm.int8_rows import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight, record_int8
+from unsparse_tvm.ops import names
+from unsparse_tvm.ops import sparse_int8 as int8_ops
+from unsparse_tvm.ops.int8_formats import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules._x86_int8 import act_qmax
 
 from ._util import ChainRewriter, fused_label, mark, match_epilogue, shape_of, use_counts, users_of
@@ -20,7 +21,7 @@ from .layers import LayerDecision, LayerNames
 from .quantize_int8 import FORMAT, _known_name
 from .sparsify_dense import _linear_weight
 
-OP = "sparse_dense_int8"
+OP = names.SPARSE_DENSE_INT8
 
 
 @relax.expr_functor.mutator
@@ -54,7 +55,7 @@ class _Int8DenseRewriter(ChainRewriter):
         args = [self.visit_expr(call.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))
-        op = partial(te_ops_int8.sparse_dense_int8, act=act, quads=rows.pad_quads, has_bias=ep.bias is not None,
+        op = partial(int8_ops.sparse_dense_int8, act=act, quads=rows.pad_quads, has_bias=ep.bias is not None,
                      relu=ep.relu)  # call_te only passes TE-able kwargs
         new = self.builder_.call_te(op, *args, primfunc_name_hint=OP)
         mark(self.builder_, new, {"op": OP, "unsparse.fmt": FORMAT})

@@ -1,5 +1,5 @@
 """SparsifyConv2d: conv2d with a constant weight -> TE sparse direct conv2d, where its predicted time
-beats the dense kernel's (unsparse_tvm.layer_cost), or where sparsity >= threshold if one is given.
+beats the dense kernel's (unsparse_tvm.cost.model), or where sparsity >= threshold if one is given.
 
 The bias add, a residual add and the ReLU that follow the conv are fused into the same kernel.
 Grouped/depthwise convs and non-float32 convs stay dense. Every conv gets a LayerDecision.
@@ -13,9 +13,10 @@ import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
-from unsparse_tvm import te_ops
-from unsparse_tvm.formats import HYB_MIN_SAVING, conv_weight_rows
-from unsparse_tvm.layer_cost import CostModel
+from unsparse_tvm.ops import sparse as sparse_ops
+from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows
+from unsparse_tvm.ops.names import sparse_op
+from unsparse_tvm.cost.model import CostModel
 
 from ._conv_match import ConvChainRewriter, unsupported_reason
 from ._quant import layer_entry, quant_conv, record_bytes
@@ -52,14 +53,14 @@ class _Sparsifier(ConvChainRewriter):
                                layer_entry(self.quant, name), extra, flags, self.target_kind)
         if quantised is not None:
             call, q, qgeo = quantised
-            kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"
+            kind = sparse_op("conv2d", rows)
             mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": qgeo.pad_shape})
             record_sparse(decision, rows, ep)
             record_bytes(decision, rows, q, weight)
             return call
         args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
-        op = partial(te_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
-        kind = "sparse_conv2d_grouped" if rows.group > 1 else "sparse_conv2d"  # grouped rows: their own rules
+        op = partial(sparse_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
+        kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": geo.pad_shape})
         record_sparse(decision, rows, ep)

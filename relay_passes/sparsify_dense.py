@@ -7,9 +7,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from unsparse_tvm import te_ops
-from unsparse_tvm.formats import HYB_MIN_SAVING, dense_weight_rows
-from unsparse_tvm.layer_cost import CostModel
+from unsparse_tvm.ops import sparse as sparse_ops
+from unsparse_tvm.ops.formats import HYB_MIN_SAVING, dense_weight_rows
+from unsparse_tvm.ops.names import sparse_op
+from unsparse_tvm.cost.model import CostModel
 
 from ._quant import layer_entry, quant_dense, record_bytes
 from ._util import (ChainRewriter, SparsifyPass, choose_sparse, const_array, is_op, mark, match_epilogue, record_sparse,
@@ -76,7 +77,7 @@ class _Sparsifier(ChainRewriter):
                                 layer_entry(self.quant, decision.name), ep.bias, ep.relu)
         if quantised is not None:
             new, q = quantised
-            kind = "sparse_dense_grouped" if rows.group > 1 else "sparse_dense"
+            kind = sparse_op("dense", rows)
             mark(self.builder_, new, {"op": kind, "unsparse.fmt": rows.fmt})
             record_sparse(decision, rows, ep)
             record_bytes(decision, rows, q, weight)
@@ -84,8 +85,8 @@ class _Sparsifier(ChainRewriter):
         args = [self.visit_expr(call.args[0]), *rows_consts(rows)]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))
-        kind = "sparse_dense_grouped" if rows.group > 1 else "sparse_dense"  # grouped rows: their own rules
-        new = self.builder_.call_te(te_ops.sparse_dense, *args, fmt=rows.fmt, has_bias=ep.bias is not None,
+        kind = sparse_op("dense", rows)  # grouped rows: their own rules
+        new = self.builder_.call_te(sparse_ops.sparse_dense, *args, fmt=rows.fmt, has_bias=ep.bias is not None,
                                     relu=ep.relu, primfunc_name_hint=kind)
         mark(self.builder_, new, {"op": kind, "unsparse.fmt": rows.fmt})
         record_sparse(decision, rows, ep)

@@ -1,5 +1,5 @@
 """TagGroupedConv (llvm): mark the PrimFuncs where TVM legalised a depthwise or grouped conv2d (NCHW, with
-whatever FuseOps fused after it) as `depthwise_conv2d`, so ScheduleUnsparseOps gives them
+whatever FuseOps fused after it) as `depthwise_conv2d`, so the schedule phase gives them
 schedules/depthwise_conv2d_cpu.py instead of the generic fallback. Runs after FuseTIR, before scheduling."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from tvm import s_tir, tirx
 from tvm.ir import IRModule
 
 from unsparse_tvm.schedules import depthwise_conv2d_cpu as rule
-from unsparse_tvm.schedules._common import OP_ATTR, is_scheduled, op_of
+from unsparse_tvm.ops.names import OP_ATTR, is_scheduled, op_of
 
 
 def _is_grouped_conv(func: tirx.PrimFunc) -> bool:

@@ -1,7 +1,8 @@
-"""Hand-written schedules, one rule per file (`RULE`, a `ScheduleRule`: `apply(func, target, config=None)
--> Schedule | None`, None when the rule does not apply), each with its knobs in a small `Config` dataclass
-and a `space(sch)` that samples the same knobs for MetaSchedule (the tuning design space).
-relay_passes/schedule_unsparse_ops.py applies them; fallback_cpu schedules what is left on llvm."""
+"""Hand-written schedules, one rule per file: `RULE`, a TVM dlight rule (`_common.ScheduleRule`:
+`apply(func, target, tunable=False) -> Schedule | None`, None where the rule does not apply), its knobs in
+a small `Config` dataclass and a `space(sch)` that samples them for MetaSchedule (the tuning design
+space). The pipeline's schedule phase applies `rules(...)` with `dl.ApplyDefaultSchedule`, then on llvm
+`fallback_cpu.RULE` for what is left."""
 
 from . import (
     dense_conv2d_cpu,
@@ -28,3 +29,14 @@ RULES: dict[tuple[str, str], ScheduleRule] = {(op, m.RULE.target_kind): m.RULE f
 
 def rule_for(op: str, target_kind: str) -> ScheduleRule | None:
     return RULES.get((op, target_kind))
+
+
+def rules(target_kind: str, configs: dict | None = None) -> list[ScheduleRule]:
+    """Every rule for the target kind, each at the knobs `configs` gives one of its ops (op -> Config)."""
+    configs = configs or {}
+    out = []
+    for m in _ALL:
+        if m.RULE.target_kind == target_kind:
+            given = [configs[op] for op in m.RULE.ops if op in configs]
+            out.append(m.RULE.with_config(given[0]) if given else m.RULE)
+    return out

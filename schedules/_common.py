@@ -2,44 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
 
-OP_ATTR = "unsparse.op"  # PrimFunc attribute set by the rewrite passes: which operator this is
+from unsparse_tvm.ops.names import op_of
 
+class ScheduleRule(dl.ScheduleRule):
+    """One hand-written schedule for some unsparse operators (ops/names.py) on one target kind: a TVM dlight
+    rule, so `dl.ApplyDefaultSchedule` applies it. `apply(func, target, tunable)` returns None where the rule
+    does not apply, the schedule at this rule's knobs (`config`, default `Config()`), or with tunable the
+    design space (`space(sch)`: the same schedule with its knobs sampled, what MetaSchedule tunes).
+    `schedule(sch, func, target, cfg)` does the work; `with_config(cfg)` is the rule at other knobs."""
 
-def op_of(func: tirx.PrimFunc) -> str | None:
-    """The unsparse operator a PrimFunc implements, or None for anything else."""
-    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or OP_ATTR not in func.attrs:
-        return None
-    return str(func.attrs[OP_ATTR])
+    def __init__(self, ops: tuple[str, ...], target_kind: str, Config: type, schedule: Callable, space: Callable,
+                 config=None):
+        self.ops, self.target_kind, self.Config = ops, target_kind, Config
+        self.schedule, self.space, self.config = schedule, space, config
 
+    def with_config(self, config) -> "ScheduleRule":
+        return ScheduleRule(self.ops, self.target_kind, self.Config, self.schedule, self.space, config)
 
-@dataclass(frozen=True)
-class ScheduleRule:
-    """One hand-written schedule for some unsparse operators on one target kind, as TVM's dlight rules:
-    `apply(func, target, config=None)` returns a Schedule, or None when the rule does not apply.
-    `schedule(sch, func, target, cfg)` does the work at the knobs of a `Config`; `space(sch)` is the same
-    schedule with its knobs sampled (MetaSchedule's design space: None, or a list of schedules)."""
-
-    ops: tuple[str, ...]
-    target_kind: str
-    Config: type
-    schedule: Callable
-    space: Callable
-
-    def apply(self, func: tirx.PrimFunc, target, config=None) -> s_tir.Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target, tunable: bool = False):
         if op_of(func) not in self.ops or target.kind.name != self.target_kind:
             return None
         sch = s_tir.Schedule(func)
-        self.schedule(sch, func, target, config or self.Config())
+        if tunable:
+            return self.space(sch)
+        self.schedule(sch, func, target, self.config or self.Config())
         return sch
-
-
-def is_scheduled(func: tirx.PrimFunc) -> bool:
-    return func.attrs is not None and "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"])
 
 
 def largest_divisor(n: int, cap: int) -> int:
@@ -112,14 +104,6 @@ def _vectorize_rows(sch: s_tir.Schedule, row, col, rows: int, cols: int) -> None
         sch.vectorize(sch.split(col, [None, pow2_divisor(cols, PAD_VECTOR)])[1])
     elif pow2_divisor(rows * cols, PAD_VECTOR) >= 4:
         sch.vectorize(sch.split(sch.fuse(row, col), [None, pow2_divisor(rows * cols, PAD_VECTOR)])[1])
-
-
-def schedule_pad_cuda(sch: s_tir.Schedule, threads: int = 256) -> None:
-    block = sch.get_sblock("pad_flat")
-    fused = sch.fuse(*sch.get_loops(block))
-    bx, tx = sch.split(fused, [None, threads])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
 
 
 def bind_elementwise_cuda(sch: s_tir.Schedule, block_name: str, threads: int = 256) -> None:

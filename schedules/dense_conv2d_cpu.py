@@ -1,4 +1,4 @@
-"""x86 schedule for the dense direct conv2d (te_ops.dense_conv2d): a register tile of
+"""x86 schedule for the dense direct conv2d (sparse_ops.dense_conv2d): a register tile of
 tile_k output channels x unroll*vec outputs, each input vector load feeding tile_k FMAs."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import (ScheduleRule, cpu_vector_lanes, extents, finish_register_tile, flat_epilogue, largest_divisor,
                       pow2_divisor, sample_divisor, schedule_epilogue_cpu, schedule_pad_cpu)
 
-OP = "dense_conv2d"
+OP = names.DENSE_CONV2D
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""CUDA schedule for the dense direct conv2d (te_ops.dense_conv2d), in place of dlight's fallback (one
+"""CUDA schedule for the dense direct conv2d (sparse_ops.dense_conv2d), in place of dlight's fallback (one
 thread per output, no reuse): threadIdx.x over consecutive flat output positions (coalesced input loads),
 each thread keeps `tile_k` output channels in registers, so every input value it loads feeds tile_k
 FMAs; one block per (batch, channel tile, range of positions)."""
@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import ScheduleRule, bind_elementwise_cuda, extents, largest_divisor, sample_choice, schedule_pad_cuda
+from unsparse_tvm.ops import names
 
-OP = "dense_conv2d"
+from ._common import ScheduleRule, bind_elementwise_cuda, extents, largest_divisor, sample_choice
+
+OP = names.DENSE_CONV2D
 
 
 @dataclass
@@ -34,7 +36,7 @@ def space(sch: s_tir.Schedule) -> None:
 
 
 def _schedule(sch: s_tir.Schedule, threads_q, tile_k) -> None:
-    schedule_pad_cuda(sch)
+    bind_elementwise_cuda(sch, "pad_flat")
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
     n, k, q, rc, rr, rs = sch.get_loops(block)

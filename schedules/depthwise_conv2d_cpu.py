@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import ScheduleRule, cpu_vector_lanes, extents, finish_register_tile, has_block, sample_choice
+from unsparse_tvm.ops import names
 
-OP = "depthwise_conv2d"
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, finish_register_tile, has_block, largest_divisor,
+                      pow2_divisor, sample_choice)
+
+OP = names.DEPTHWISE_CONV2D
 CONV_BLOCKS = ("group_conv2d_nchw", "DepthwiseConv2d")  # TOPI's names (relax legalize, topi.nn)
 
 
@@ -49,9 +52,9 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     """The schedule at the knobs cfg, fitted to the output width (no ragged splits)."""
     width, height = _width(sch), _height(sch)
     vec = _lanes(width, cfg.vec or cpu_vector_lanes(target)[0])
-    unroll = _divisor_at_most(width // vec, cfg.unroll)
+    unroll = largest_divisor(width // vec, cfg.unroll)
     rows = cfg.rows or -(-ACCUMULATORS // unroll)
-    _schedule(sch, vec, unroll, _divisor_at_most(height, rows))
+    _schedule(sch, vec, unroll, largest_divisor(height, rows))
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -72,13 +75,13 @@ def _lanes(width: int, lanes: int) -> int:
     """The vector width: the largest power of two dividing the row, up to `lanes` (a 14-lane vector is
     8 + 4 + 2 lane instructions; 56 = 7 x 8 lanes is 7 whole ones); a row with none of 4 or more (odd maps,
     14 or 7 wide) is one vector op as a whole. TagGroupedConv leaves rows too wide for that to the fallback."""
-    vec = _pow2_divisor(width, lanes)
+    vec = pow2_divisor(width, lanes)
     return vec if vec >= 4 else width
 
 
 def fits(width: int) -> bool:
     """Whether the rule can vectorise a row this wide (see _lanes)."""
-    return _pow2_divisor(width, 16) >= 4 or width <= 64
+    return pow2_divisor(width, 16) >= 4 or width <= 64
 
 
 def stride_of(sch: s_tir.Schedule) -> tuple[int, int]:
@@ -107,17 +110,6 @@ def supports(sch: s_tir.Schedule) -> bool:
     _, _, oh, ow, _, kh, kw = extents(sch, sch.get_loops(conv))
     rows = int(sch.get(pads[0]).writes[0].source.shape[2])
     return oh * ow * kh * kw >= 4 * rows * padded
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    v = 1
-    while v * 2 <= cap and n % (v * 2) == 0:
-        v *= 2
-    return v
-
-
-def _divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def _spatial(sch: s_tir.Schedule, block) -> bool:

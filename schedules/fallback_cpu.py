@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from ._common import extents
@@ -19,7 +20,17 @@ class Config:
     max_vector: int = 64        # innermost spatial extents up to this are vectorised
 
 
-def apply(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
+class FallbackCPU(dl.ScheduleRule):
+    """The rule for what no other rule took (runs last in the pipeline's schedule phase, on llvm)."""
+
+    def __init__(self, config: Config | None = None):
+        self.config = config
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool = False) -> s_tir.Schedule | None:
+        return schedule(func, target, self.config)
+
+
+def schedule(func: tirx.PrimFunc, target: Target, config: Config | None = None) -> s_tir.Schedule | None:
     if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
         return None
     cfg = config or Config()
@@ -145,3 +156,6 @@ def _schedule_block(sch: s_tir.Schedule, block, cfg: Config) -> None:
             sch.vectorize(inner)
         except Exception:
             pass
+
+
+RULE = FallbackCPU()

@@ -1,4 +1,4 @@
-"""x86 schedule for the sparse direct conv2d (te_ops.sparse_conv2d).
+"""x86 schedule for the sparse direct conv2d (sparse_ops.sparse_conv2d).
 
 Per output channel k and nonzero j, one broadcast weight times `unroll` contiguous input vectors,
 accumulated in registers over the row's nonzeros; parallel over (batch, output-channel tiles).
@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import (ScheduleRule, cpu_vector_lanes, extents, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
                       schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile, flat_epilogue)
 
-OP = "sparse_conv2d"
+OP = names.SPARSE_CONV2D
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""CUDA schedule for the sparse direct conv2d (te_ops.sparse_conv2d).
+"""CUDA schedule for the sparse direct conv2d (sparse_ops.sparse_conv2d).
 
 One thread block per (batch, tile of output channels, range of output positions); threadIdx.x runs
 over consecutive output positions, so each nonzero's input loads are coalesced, and the row's
@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._common import (ScheduleRule, bind_elementwise_cuda, extents, flat_epilogue, has_block, largest_divisor,
-                      sample_divisor, schedule_pad_cuda)
+from unsparse_tvm.ops import names
 
-OP = "sparse_conv2d"
-OPS = (OP, "sparse_conv2d_grouped")  # grouped rows (vellV): the same schedule, each thread's V rows in registers
+from ._common import (ScheduleRule, bind_elementwise_cuda, extents, flat_epilogue, has_block, largest_divisor,
+                      sample_divisor)
+
+OP = names.SPARSE_CONV2D
+OPS = (OP, names.SPARSE_CONV2D_GROUPED)  # grouped rows (vellV): the same schedule, each thread's V rows in registers
 
 
 @dataclass
@@ -82,7 +84,7 @@ def _rows(sch, name, threads_q, threads_k, per_thread, batch_per_thread, clamp):
 
 
 def _schedule(sch, threads_q, threads_k, per_thread, batch_per_thread, clamp: bool) -> None:
-    schedule_pad_cuda(sch)
+    bind_elementwise_cuda(sch, "pad_flat")
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it
     _, _, cols = (int(v) for v in sch.mod["main"].attrs["unsparse.pad_shape"])
     # a pointwise conv whose output is the flat domain: the epilogue (bias, residual, activation) in each

@@ -1,4 +1,4 @@
-"""x86 schedule for the grouped sparse direct conv2d (te_ops.sparse_conv2d with fmt "vellV").
+"""x86 schedule for the grouped sparse direct conv2d (sparse_ops.sparse_conv2d with fmt "vellV").
 
 The V rows of a group share their offsets, so per stored offset the kernel loads `unroll` contiguous input
 vectors once and multiplies each by the V rows' weights (broadcasts): a register tile of V x unroll
@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, place_decode, pow2_divisor,
                       sample_choice, schedule_epilogue_cpu, flat_epilogue, schedule_pad_cpu, finish_register_tile)
 
-OP = "sparse_conv2d_grouped"
+OP = names.SPARSE_CONV2D_GROUPED
 
 
 @dataclass

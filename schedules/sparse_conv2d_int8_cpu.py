@@ -1,4 +1,4 @@
-"""x86 schedule for the int8 sparse direct conv2d (te_ops_int8.sparse_conv2d_int8).
+"""x86 schedule for the int8 sparse direct conv2d (int8_ops.sparse_conv2d_int8).
 
 As sparse_conv2d_cpu's register tile, with int32 accumulators: per output-channel row and stored weight
 quad j, the broadcast quad times `unroll` vectors of `lanes` input quads, tensorized to one vpdpbusd
@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, pow2_divisor, sample_choice,
                       schedule_epilogue_cpu)
 from ._x86_int8 import int8_kind, intrin
 
-OP = "sparse_conv2d_int8"
+OP = names.SPARSE_CONV2D_INT8
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""CUDA schedule for the int8 sparse direct conv2d (te_ops_int8.sparse_conv2d_int8).
+"""CUDA schedule for the int8 sparse direct conv2d (int8_ops.sparse_conv2d_int8).
 
 As sparse_conv2d_cuda's: one thread block per (batch x tile of output channels, range of output
 positions), threadIdx.x over consecutive positions (coalesced 32-bit loads of input quads; the row's
@@ -18,9 +18,11 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import ScheduleRule, bind_elementwise_cuda, extents, largest_divisor, sample_divisor
 
-OP = "sparse_conv2d_int8"
+OP = names.SPARSE_CONV2D_INT8
 DP4A_INTRIN = "unsparse_u8s8_dp4a"
 
 

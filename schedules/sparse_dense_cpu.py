@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import ScheduleRule, extents, has_block, largest_divisor, sample_divisor
 
-OP = "sparse_dense"
+OP = names.SPARSE_DENSE
 
 
 @dataclass

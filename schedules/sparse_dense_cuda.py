@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import ScheduleRule, bind_elementwise_cuda, extents, has_block, largest_divisor
 
-OP = "sparse_dense"
-OPS = (OP, "sparse_dense_grouped")  # grouped rows (vellV): a warp per group, each lane summing V rows
+OP = names.SPARSE_DENSE
+OPS = (OP, names.SPARSE_DENSE_GROUPED)  # grouped rows (vellV): a warp per group, each lane summing V rows
 
 
 @dataclass

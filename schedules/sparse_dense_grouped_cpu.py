@@ -1,4 +1,4 @@
-"""x86 schedule for the grouped sparse dense (linear) operator (te_ops.sparse_dense with fmt "vellV").
+"""x86 schedule for the grouped sparse dense (linear) operator (sparse_ops.sparse_dense with fmt "vellV").
 
 Per stored offset: one input value (broadcast) times the group's V contiguous weights (one vector load)
 into a V-lane accumulator: 3 loads for V FMAs, where ungrouped rows pay 3 loads per FMA. `inner` groups
@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import ScheduleRule, extents, largest_divisor, sample_divisor, finish_register_tile
 
-OP = "sparse_dense_grouped"
+OP = names.SPARSE_DENSE_GROUPED
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""x86 schedule for the int8 sparse linear layer (te_ops_int8.sparse_dense_int8).
+"""x86 schedule for the int8 sparse linear layer (int8_ops.sparse_dense_int8).
 
 There is no spatial axis to put in vector lanes at batch 1, so this is the scalar form of
 sparse_dense_cpu's: parallel over output-row tiles, `rows_inner` rows interleaved per stored quad (their
@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.ops import names
+
 from ._common import ScheduleRule, extents, largest_divisor, sample_divisor
 
-OP = "sparse_dense_int8"
+OP = names.SPARSE_DENSE_INT8
 
 
 @dataclass

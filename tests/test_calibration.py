@@ -10,9 +10,9 @@ import os
 import pytest
 
 from unsparse_tvm import calibration
-from unsparse_tvm.calibration_layers import LAYERS, fit_rates
+from unsparse_tvm.cost.calibration_layers import LAYERS, fit_rates
 from unsparse_tvm.errors import UnsparseError
-from unsparse_tvm.layer_cost import BUILTIN
+from unsparse_tvm.cost.model import BUILTIN
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_off_cuda_and_foreign_code_keep_the_built_in_rates(cache, monkeypatch, c
 def test_a_busy_machine_stores_nothing_that_is_far_off(cache, monkeypatch):
     """Other processes took 1.5 cores while measuring and the fitted rates are 3x the built-in ones: refused,
     nothing written. The same rates measured on an idle machine are stored (another CPU may be that fast)."""
-    import unsparse_tvm.calibration_layers as layers
+    import unsparse_tvm.cost.calibration_layers as layers
 
     fast = dataclasses.replace(BUILTIN, **{k: 3 * getattr(BUILTIN, k) for k in calibration.RATE_FIELDS})
     monkeypatch.setattr(layers, "measure_layers", lambda target, threads, log=print: _rows(fast))

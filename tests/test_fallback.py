@@ -26,7 +26,7 @@ def test_global_average_pool_sums_in_vector_lanes_where_the_map_allows(c, hw, n,
 
     from unsparse_tvm.schedules import fallback_cpu
 
-    sch = fallback_cpu.apply(_mean_func(c, hw, n), llvm)
+    sch = fallback_cpu.RULE.apply(_mean_func(c, hw, n), llvm)
     text = sch.mod.script()
     assert bool(re.search(r'T\.vectorized\([^\n]*\):\s*\n\s*with T\.sblock\("\w+_rf"\)', text)) == vector
     lib = tvm.compile(sch.mod, target=llvm)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unsparse_tvm.formats import HYB_MIN_SAVING, ConvGeometry, choose_format, conv_weight_rows, dense_weight_rows, to_sparse_rows
+from unsparse_tvm.ops.formats import HYB_MIN_SAVING, ConvGeometry, choose_format, conv_weight_rows, dense_weight_rows, to_sparse_rows
 
 
 def unpack(rows, ncols, col_of_offset):

@@ -7,7 +7,7 @@ import pytest
 from conftest import rel_err, run_layer, sparse_weight, torch_conv
 from test_pocl import check, pocl  # noqa: F401  (the module-scoped PoCL fixture)
 from unsparse_tvm.bench import LayerSpec, layer_module
-from unsparse_tvm.formats import choose_group, conv_weight_rows, to_sparse_rows
+from unsparse_tvm.ops.formats import choose_group, conv_weight_rows, to_sparse_rows
 from unsparse_tvm.testing.cuda_limits import module_cuda_limits
 from unsparse_tvm.testing.opencl import OpenCLModule, schedule_for_cuda, schedule_space_point
 
@@ -120,7 +120,7 @@ def test_grouped_conv_cuda_space_points_on_pocl(seed, pocl):  # noqa: F811
 
 
 def test_conv_weight_rows_pick_grouped_for_vector_pruned_layers():
-    from unsparse_tvm.formats import ConvGeometry
+    from unsparse_tvm.ops.formats import ConvGeometry
 
     rng = np.random.default_rng(5)
     geo = ConvGeometry(1, 8, 10, 10, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))

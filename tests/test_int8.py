@@ -13,10 +13,10 @@ import torch.nn as nn
 
 from conftest import sparse_weight
 from unsparse_tvm.cli import main
-from unsparse_tvm.formats import ConvGeometry
+from unsparse_tvm.ops.formats import ConvGeometry
 from unsparse_tvm.target import target_cpu_features
 from unsparse_tvm.testing.isa import skip_unless_runs_here
-from unsparse_tvm.int8_rows import (ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, torch_quantize,
+from unsparse_tvm.ops.int8_formats import (ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, torch_quantize,
                                     dense_quad_rows, torch_linear_reference, torch_reference)
 
 # Outputs are float32(acc) * out_scale[k] + bias (+ residual): one integer off moves an output by a whole
@@ -54,11 +54,11 @@ def _target(mcpu):
 
 
 def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None):
-    """Build te_ops_int8.sparse_conv2d_int8 with the x86 rule for `mcpu`: (lib, arrays, out shape, wq, wscale, target)."""
+    """Build int8_ops.sparse_conv2d_int8 with the x86 rule for `mcpu`: (lib, arrays, out shape, wq, wscale, target)."""
     import tvm
     from tvm import te
 
-    from unsparse_tvm import te_ops_int8
+    from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.schedules import rule_for
 
     target = _target(mcpu)
@@ -67,7 +67,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None):
     comp, out_scale = epilogue_consts(wq, wscale, act)
     arrays = [x, rows.data, rows.off, comp, out_scale] + [a for a in (bias, residual) if a is not None]
     holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
-    out = te_ops_int8.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=bias is not None,
+    out = int8_ops.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=bias is not None,
                                          has_residual=residual is not None, relu=relu)
     func = te.create_prim_func(holders + [out]).with_attr("unsparse.op", "sparse_conv2d_int8").with_attr(
         "unsparse.pad_shape", [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq])
@@ -309,7 +309,7 @@ def test_int8_design_space_points_are_exact(llvm):
     import tvm
     from tvm import s_tir, te
 
-    from unsparse_tvm import te_ops_int8
+    from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.schedules import rule_for
     from unsparse_tvm.schedules._x86_int8 import act_qmax
 
@@ -323,7 +323,7 @@ def test_int8_design_space_points_are_exact(llvm):
     comp, out_scale = epilogue_consts(wq, wscale, act)
     arrays = [x, rows.data, rows.off, comp, out_scale]
     holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
-    out = te_ops_int8.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=False,
+    out = int8_ops.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=False,
                                          has_residual=False, relu=False)
     func = te.create_prim_func(holders + [out]).with_attr("unsparse.pad_shape", [rows.pad_quads, geo.hq, geo.wq])
     ref = torch_reference(x, wq, wscale, act, None, None, False, (1, 1), (1, 1, 1, 1)).numpy()
@@ -343,7 +343,7 @@ def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
     import tvm
     from tvm import te
 
-    from unsparse_tvm import te_ops_int8
+    from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.schedules import rule_for
     from unsparse_tvm.schedules._x86_int8 import act_qmax
 
@@ -357,7 +357,7 @@ def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
     bias = rng.standard_normal(fout).astype(np.float32)
     arrays = [x, rows.data, rows.off, comp, out_scale, bias]
     holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
-    out = te_ops_int8.sparse_dense_int8(*holders, act=act, quads=rows.pad_quads, has_bias=True, relu=relu)
+    out = int8_ops.sparse_dense_int8(*holders, act=act, quads=rows.pad_quads, has_bias=True, relu=relu)
     func = te.create_prim_func(holders + [out]).with_attr("unsparse.op", "sparse_dense_int8")
     with llvm:
         sch = rule_for("sparse_dense_int8", "llvm").apply(func, llvm)

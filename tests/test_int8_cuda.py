@@ -9,7 +9,7 @@ import pytest
 from conftest import needs_nvcc, sparse_weight
 from test_int8 import CASES, QUANTUM_SHARE
 from unsparse_tvm.bench import LayerSpec, layer_module
-from unsparse_tvm.int8_rows import ActQuant, epilogue_consts, quantize_weight, torch_reference
+from unsparse_tvm.ops.int8_formats import ActQuant, epilogue_consts, quantize_weight, torch_reference
 from unsparse_tvm.relay_passes import LayerNames
 
 OP = "sparse_conv2d_int8"

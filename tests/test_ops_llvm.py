@@ -162,7 +162,7 @@ def test_epilogue_fuses_exactly_where_the_cost_model_says(r, stride, pad, size, 
     ConvGeometry.flat_output, which the cost model and the format choice use, says it does: strided
     pointwise convs included (a 14x14 map strided to 7x7 has q_extent 56 > 49: not fused)."""
     from unsparse_tvm.bench import layer_module
-    from unsparse_tvm.formats import ConvGeometry
+    from unsparse_tvm.ops.formats import ConvGeometry
     from unsparse_tvm.relay_passes import build_pipeline
 
     rng = np.random.default_rng(0)

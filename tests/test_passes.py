@@ -92,7 +92,7 @@ def test_nothing_left_unscheduled_on_llvm(sparse, llvm):
 
     from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import build_pipeline
-    from unsparse_tvm.schedules._common import is_scheduled
+    from unsparse_tvm.ops.names import is_scheduled
 
     from conftest import pruned_program
 

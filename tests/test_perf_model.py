@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from unsparse_tvm.formats import ConvGeometry
-from unsparse_tvm.perf_model import H200, Knobs, magnitude_row_nnz, predict_cudnn, predict_sparse
+from unsparse_tvm.ops.formats import ConvGeometry
+from unsparse_tvm.cost.gpu import H200, Knobs, magnitude_row_nnz, predict_cudnn, predict_sparse
 
 GEO = ConvGeometry(1, 256, 28, 28, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
 
@@ -38,8 +38,8 @@ def test_tiny_layers_are_launch_bound():
 
 def test_offset_bytes_are_what_the_format_stores():
     """The model counts 2-byte offsets exactly where formats.compact_offsets stores them as uint16."""
-    from unsparse_tvm.formats import compact_offsets, conv_weight_rows
-    from unsparse_tvm.perf_model import offset_bytes
+    from unsparse_tvm.ops.formats import compact_offsets, conv_weight_rows
+    from unsparse_tvm.cost.gpu import offset_bytes
 
     rng = np.random.default_rng(0)
     for c, hw in ((16, 14), (64, 30), (64, 34), (256, 28)):

@@ -16,7 +16,7 @@ from unsparse_tvm.compress.masks import (BlockPruning, MixedPruning, VectorPruni
                                         magnitude_prune, mixed_masks, prunable_parameters, vector_mask)
 from unsparse_tvm.compress.prune import prune_model, prune_to_program
 from unsparse_tvm.compress.schedule import cubic_sparsity
-from unsparse_tvm.compress.targets import PruneConfig, _allocate_by_sensitivity, layer_targets
+from unsparse_tvm.compress.config import PruneConfig, _allocate_by_sensitivity, layer_targets
 
 
 def tiles_whole(mask: torch.Tensor, rows: int, cols: int) -> bool:

@@ -13,7 +13,7 @@ from unsparse_tvm.errors import UnsparseError
 from unsparse_tvm.models import build_model
 from unsparse_tvm.compress.masks import magnitude_prune, prunable_parameters
 from unsparse_tvm.compress.prune import prune_model
-from unsparse_tvm.compress.targets import PruneConfig
+from unsparse_tvm.compress.config import PruneConfig
 from unsparse_tvm.compress.quantize import fit_codebook, linear_quantize, parse_scheme, pow2_quantize, quantize_command, quantize_model
 from unsparse_tvm.frontend import QUANT_FILE, read_quantization
 from unsparse_tvm.frontend import MODEL_META, load_model, save_model

@@ -219,7 +219,7 @@ def compile(model, target: str = "llvm", *, example_input=None, options: Compile
     name. Options: `options=CompileOptions(...)` or its fields as keywords (arch, threshold, tuning_log,
     calibrate, batch). A quantised module (`quantize`) keeps its quantisation; a QDQ ONNX model runs as fp32."""
     from .build import activation_ranges, compile_onnx, compile_program, metadata
-    from .calibration import rates_for
+    from .cost.calibration import rates_for
     from .target import make_target
 
     opts = options or CompileOptions(target=target, **option_values)
@@ -285,13 +285,13 @@ def prune(model, sparsity: float | None = None, *, method: str = "unstructured",
     compress.targets.PruneConfig's fields (scope, vector_size, block_size, block_share, first_layer_sparsity,
     last_layer_sparsity, lr, batch_size, seed)."""
     from .compress.prune import prune_model
-    from .compress.targets import PruneConfig
+    from .compress.config import PruneConfig
 
     module, ep, shape = _module(model, example_input)
     data = _dataset(data)
     plan = {}
     if speedup is not None or latency_ms is not None:
-        from .calibration import run_threads
+        from .cost.calibration import run_threads
         from .speed_target import PATTERNS, prune_for_speed, weighted_sparsity
 
         if sparsity is not None:
@@ -352,7 +352,7 @@ def tune(model, log_dir: str, trials: int, target: str = "llvm", *, example_inpu
          rpc_key: str | None = None, seed: int = 1, progress: bool = False):
     """MetaSchedule search over the sparse kernels' knobs, records appended to `log_dir` (resumable);
     `compile(..., tuning_log=log_dir)` applies them. Returns the per-workload result table's object."""
-    from .calibration import rates_for
+    from .cost.calibration import rates_for
     from .target import make_target, require_runnable
     from .tuning import tune as search
     from .tuning.rpc import parse_tracker
@@ -369,7 +369,7 @@ def tune(model, log_dir: str, trials: int, target: str = "llvm", *, example_inpu
 
 def calibrate(threads: int | None = None, *, store: bool = True):
     """Measure this CPU's cost-model rates (under a minute) and cache them for `compile`; returns them."""
-    from .calibration import calibrate_rates, run_threads
+    from .cost.calibration import calibrate_rates, run_threads
     from .target import make_target, require_runnable
 
     target = make_target("llvm")

@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 
 from .build import activation_ranges, compile_program
-from .calibration import rates_for
+from .cost.calibration import rates_for
 from .compress.prune import load_model_program
 from .cuda_package import building_for, embed_device_code
 from .single_layer import LayerSpec, extract_layers, layer_flops, layer_module

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from .calibration import rates_for
+from .cost.calibration import rates_for
 from .cuda_package import building_for, embed_device_code
 from .errors import UnsparseError
 from .frontend import (check_batch, import_program, load_program, program_input_shape, program_outputs,

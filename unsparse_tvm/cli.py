@@ -123,7 +123,7 @@ def _print_result(what: str, report: dict, args: argparse.Namespace) -> int:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .compress.prune import prune_command
-    from .compress.targets import PruneConfig
+    from .compress.config import PruneConfig
 
     lr, batch_size = _fine_tuning(args, 3e-3)
     speed = _speed_request(args)
@@ -399,7 +399,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate_command
+    from .cost.calibration import calibrate_command
 
     calibrate_command(threads=args.threads, no_store=args.dry_run)
     return 0

@@ -23,7 +23,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepsparse_wo
 
 
 def venv_dir() -> str:
-    from .calibration import cache_dir
+    from .cost.calibration import cache_dir
 
     return os.environ.get("DEEPSPARSE_VENV") or os.path.join(os.path.dirname(cache_dir()), f"deepsparse-{VERSION}")
 

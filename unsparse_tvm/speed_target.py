@@ -57,7 +57,7 @@ class LayerPlan:
 
 def _predict(spec, weight: np.ndarray, cost) -> tuple[float, float]:
     """(dense us, sparse us) of one layer with this (masked) weight, as the compile would pack and cost it."""
-    from .formats import ConvGeometry, HYB_MIN_SAVING, dense_weight_rows
+    from .ops.formats import ConvGeometry, HYB_MIN_SAVING, dense_weight_rows
     from .relay_passes.sparsify_conv2d import pack_conv_rows
 
     if spec.op == "conv2d":
@@ -75,7 +75,7 @@ def plan_layers(module, ep, program, cost, patterns, curves: dict | None) -> lis
     """Every prunable layer's states over PATTERNS x GRID (state 0: dense) with predicted time and cost.
     `program`: the module exported (what the compile sees); `ep`: a reloaded foreign .pt2's program or None."""
     from .compress.masks import prunable_parameters
-    from .compress.targets import PruneConfig
+    from .compress.config import PruneConfig
     from .single_layer import extract_layers
 
     specs, names = extract_layers(program)  # the compiler's view: batch norms folded, input shapes known
@@ -168,7 +168,7 @@ def allocate(plans: list[LayerPlan], budget_us: float) -> bool:
 def apply_plan(module, ep, plans: list[LayerPlan]):
     """A pruned copy of `module` (one-shot masks of the plan), for timing."""
     from .compress.masks import prunable_parameters
-    from .compress.targets import PruneConfig
+    from .compress.config import PruneConfig
 
     pruned = copy.deepcopy(module)
     owners = {fqn: (owner, pname) for fqn, owner, pname in prunable_parameters(pruned, ep)}
@@ -219,10 +219,10 @@ def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, 
 
     from .bench import _vm_timer, round_robin, set_threads
     from .build import compile_program
-    from .calibration import rates_for
+    from .cost.calibration import rates_for
     from .compress.masks import prunable_parameters
-    from .compress.targets import PruneConfig, sensitivity_scan
-    from .layer_cost import CostModel
+    from .compress.config import PruneConfig, sensitivity_scan
+    from .cost.model import CostModel
     from .models import example_input
     from .target import make_target, require_runnable
 
@@ -320,7 +320,7 @@ class Planned:
 def plan_config(loaded, cfg, data, *, speedup: float | None = None, latency_ms: float | None = None,
                 pattern: str = "unstructured", threads: int | None = None, log=print):
     """(cfg with the plan's per-layer sparsity and pattern, Planned) for prune_command."""
-    from .calibration import run_threads
+    from .cost.calibration import run_threads
 
     threads = threads or run_threads()
     patterns = PATTERNS if pattern == "auto" else (pattern,)
@@ -338,7 +338,7 @@ def layer_times(program, threads: int, repeat: int = 7) -> dict[str, float]:
     import tvm
 
     from .bench import _vm_timer, round_robin, set_threads
-    from .calibration import rates_for
+    from .cost.calibration import rates_for
     from .relay_passes import build_pipeline
     from .single_layer import extract_layers, layer_module
     from .target import make_target

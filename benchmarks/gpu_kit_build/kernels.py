@@ -53,7 +53,7 @@ def layer_primfunc(spec, target):
 
 def schedule_variant(func, op: str, target, knobs: dict):
     rule = rule_module(op)
-    sch = rule.apply(func, target, rule.Config(**knobs))
+    sch = rule.with_config(rule.Config(**knobs)).apply(func, target)
     if sch is None:
         raise RuntimeError(f"the {op} CUDA rule did not apply")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

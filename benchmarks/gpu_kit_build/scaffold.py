@@ -22,14 +22,14 @@ RUNNER_DIR = os.path.join(HERE, "gpu_kit")
 def write_runner_files(kit: str) -> None:
     """run.py and its modules, README.md and kitlib/ (the project's models.py and formats.py, made
     importable alone)."""
-    import unsparse_tvm.formats
+    import unsparse_tvm.ops.formats
     import unsparse_tvm.models
 
     os.makedirs(os.path.join(kit, "kitlib"), exist_ok=True)
     for name in sorted(os.listdir(RUNNER_DIR)):
         if name.endswith(".py") or name == "README.md":
             shutil.copy(os.path.join(RUNNER_DIR, name), os.path.join(kit, name))
-    for mod in (unsparse_tvm.formats, unsparse_tvm.models):
+    for mod in (unsparse_tvm.ops.formats, unsparse_tvm.models):
         src = open(mod.__file__).read()
         # the only package-relative import these files have is the error class
         src = re.sub(r"^from \.errors import .*$", "class UnsparseError(Exception):\n    pass\n", src, flags=re.M)

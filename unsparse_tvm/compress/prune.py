@@ -20,7 +20,7 @@ from .data import load_dataset
 from .masks import _set_mask, _update_masks, magnitude_prune, prunable_parameters
 from .report import check_report_path, weight_report, write_report
 from .schedule import cubic_sparsity
-from .targets import PruneConfig, fixed_layers, layer_targets, sensitivity_scan
+from .config import PruneConfig, fixed_layers, layer_targets, sensitivity_scan
 from .train import compute_threads, evaluated_around, train, untrained_hint
 
 

@@ -37,7 +37,7 @@ from tvm.target import Target  # noqa: E402
 from ..relay_passes import build_pipeline  # noqa: E402
 from ..relay_passes.pipeline import pipeline_phases  # noqa: E402
 from ..schedules import rule_for  # noqa: E402
-from ..schedules._common import op_of  # noqa: E402
+from ..ops.names import op_of  # noqa: E402
 from ..target import make_target  # noqa: E402
 
 OPENCL = Target({"kind": "opencl", "host": {"kind": "llvm"}})

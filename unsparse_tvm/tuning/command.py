@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..errors import UnsparseError
 from ..outputs import check_output_dir
 from ..compress.prune import load_model_program
-from ..calibration import rates_for
+from ..cost.calibration import rates_for
 from ..target import make_target, require_runnable
 from .log import merge, show
 from .rpc import check_tracker, parse_tracker

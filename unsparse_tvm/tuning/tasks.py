@@ -15,10 +15,11 @@ from ..frontend import import_program
 from ..relay_passes import build_pipeline
 from ..relay_passes.apply_tuning_records import call_sites
 from ..schedules import rule_for
-from ..schedules._common import op_of
+from ..ops import names
+from ..ops.names import op_of
 
-TUNED_OPS = ("sparse_conv2d", "sparse_conv2d_grouped", "sparse_dense", "sparse_dense_grouped")
-DENSE_OPS = ("dense_conv2d",)
+TUNED_OPS = (names.SPARSE_CONV2D, names.SPARSE_CONV2D_GROUPED, names.SPARSE_DENSE, names.SPARSE_DENSE_GROUPED)
+DENSE_OPS = (names.DENSE_CONV2D,)
 
 
 @dataclass

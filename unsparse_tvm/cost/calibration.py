@@ -26,9 +26,9 @@ import re
 import sys
 import time
 
-from .errors import UnsparseError
-from .hostcpu import host_features
-from .layer_cost import BUILTIN, X86Rates
+from ..errors import UnsparseError
+from ..hostcpu import host_features
+from .model import BUILTIN, X86Rates
 
 FORMAT = 1
 MODE_ENV = "UNSPARSE_CALIBRATION"    # "off": the built-in rates, as --no-calibrate
@@ -119,7 +119,7 @@ def rates_for(target, *, calibrate: bool = True, log=print, threads: int | None 
     """The rates `compile` uses for `target`, saying which in one line: this CPU's calibration (measured
     now if there is none yet), or the built-in rates (cuda, --no-calibrate / UNSPARSE_CALIBRATION=off, code
     this CPU does not run). threads: the count the module will run with (default run_threads())."""
-    from .target import runnable_here
+    from ..target import runnable_here
 
     if target.kind.name != "llvm":
         return BUILTIN
@@ -182,7 +182,7 @@ def calibrate_rates(target, threads: int, *, log=print, store: bool = True) -> X
     path = cache_path(ident)
     rates = dataclasses.replace(rates, source=f"calibrated {date}, {path}")
     if store:
-        from .outputs import write_text
+        from ..outputs import write_text
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_text(path, json.dumps({
@@ -196,7 +196,7 @@ def calibrate_rates(target, threads: int, *, log=print, store: bool = True) -> X
 def calibrate_command(*, threads: int | None = None, no_store: bool = False) -> X86Rates:
     """`unsparse-tvm calibrate`: measure this CPU's rates for the host target (or UNSPARSE_MCPU's), print them
     beside the built-in ones, store them."""
-    from .target import make_target, require_runnable
+    from ..target import make_target, require_runnable
 
     target = make_target("llvm")
     require_runnable(target, "calibrate")

@@ -18,9 +18,9 @@ import dataclasses
 
 import numpy as np
 
-from .formats import ConvGeometry
-from .layer_cost import BUILTIN, X86Rates
-from .single_layer import LayerSpec, layer_module
+from ..ops.formats import ConvGeometry
+from .model import BUILTIN, X86Rates
+from ..single_layer import LayerSpec, layer_module
 
 # name: (kernel (dense or a sparse format), [N, C, H, W] or [N, in], weight shape, sparsity, padding, pattern)
 LAYERS = {
@@ -61,8 +61,8 @@ def measure_layers(target, threads: int, *, log=print) -> list[dict]:
     import tvm
     from tvm import relax
 
-    from .parallel_build import compile_module
-    from .relay_passes import build_pipeline
+    from ..parallel_build import compile_module
+    from ..relay_passes import build_pipeline
 
     tvm.get_global_func("runtime.config_threadpool")(1, threads)
     rng = np.random.default_rng(20261203)
@@ -86,7 +86,7 @@ def measure_layers(target, threads: int, *, log=print) -> list[dict]:
 
 def _terms(spec: LayerSpec, decision, kind: str) -> dict:
     """The model's work terms of one layer (layer_cost.conv_cost's, per unit inverse rate)."""
-    from .layer_cost import _passes
+    from .model import _passes
 
     if spec.op == "dense":
         entries = decision.padded if kind != "dense" else int(np.prod(spec.weight.shape))

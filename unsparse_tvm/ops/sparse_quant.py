@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from .te_ops import F32_ZERO, _epilogue, pad_flat
+from .sparse import F32_ZERO, _epilogue, pad_flat
 
 
 @dataclass(frozen=True)

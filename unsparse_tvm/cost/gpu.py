@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .formats import HYB_MIN_SAVING, ConvGeometry, _best_split, choose_format, offsets_fit_16_bits
+from ..ops.formats import HYB_MIN_SAVING, ConvGeometry, _best_split, choose_format, offsets_fit_16_bits
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Three stages, named like te_ops' so the schedules find them:
   "pad_q"     fp32 [N, C, H, W] -> uint8 quads xq[N, Cq4 * channel_plane, 4]: quantised, zero-point padded,
-              phase-split and flattened as te_ops.pad_flat, 4 channels of one position per 32-bit word
+              phase-split and flattened as sparse_ops.pad_flat, 4 channels of one position per 32-bit word
   "conv"      conv[n, k, q] = sum_{j, v} int32(xq[n, off[k, j] + q, v]) * int32(data[k, j, v])   (int32)
   "epilogue"  float32(conv - comp[k]) * out_scale[k] (+ bias) (+ residual) (ReLU), cropped to [N, K, OH, OW]
 The "conv" body is written exactly as the x86 tensor intrinsics' description (schedules/_x86_int8),
@@ -14,7 +14,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from .formats import ConvGeometry
-from .int8_rows import QUAD, ActQuant
+from .int8_formats import QUAD, ActQuant
 
 F32_ZERO = tirx.const(0.0, "float32")
 

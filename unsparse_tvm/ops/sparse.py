@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from .formats import ConvGeometry
-from .te_math import fast_silu
+from .fast_math import fast_silu
 
 F32_ZERO = tirx.const(0.0, "float32")
 

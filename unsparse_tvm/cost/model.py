@@ -7,7 +7,7 @@ position, and the rates are per kernel family, measured per layer by `bench` on 
 (README, Results): the dense direct conv ~55 GFMA/s, ungrouped sparse rows ~26 G/s (an input load and a
 weight broadcast per FMA), grouped rows ~2x that (one input load per V FMAs). Linear layers at batch 1 are
 memory-bound GEMVs on both sides (TVM's dense linear is the generic fallback, ~1 G/s).
-CUDA: unsparse_tvm.perf_model (the dense direct conv as a grouped kernel whose groups are its tile_k
+CUDA: unsparse_tvm.cost.gpu (the dense direct conv as a grouped kernel whose groups are its tile_k
 channels, with no fill-in).
 The x86 rates are X86Rates: built-in ones, or those `unsparse-tvm calibrate` measured on this CPU.
 """
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import ConvGeometry, SparseRows
-from .perf_model import H200, Knobs, predict_sparse
+from ..ops.formats import ConvGeometry, SparseRows
+from .gpu import H200, Knobs, predict_sparse
 
 @dataclass(frozen=True)
 class X86Rates:
     """The x86 cost model's rates: FMAs per second per kernel family, all threads (`calibrate` measures them
-    per CPU model and thread count, unsparse_tvm.calibration; these defaults were measured per layer by
+    per CPU model and thread count, unsparse_tvm.cost.calibration; these defaults were measured per layer by
     `bench` on the 2-vCPU machines, both threads: README, Results)."""
 
     dense_conv: float = 55e9     # the dense direct conv
