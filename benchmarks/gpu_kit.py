@@ -73,7 +73,7 @@ def plan_model(kit: str, model: str, sparsity: float, seed: int) -> dict:
     run = load_runner(kit)
     shape = pm.BUILTIN_MODELS[model].input_shape
     net = run.regen_model(model, sparsity, seed)
-    specs, _ = extract_layers(pm.export(net, (1, *shape)))
+    specs, _ = extract_layers(pm.export_program(net, (1, *shape)))
     named = dict(net.named_modules())
     order = list(named)
     layers, used = [], set()

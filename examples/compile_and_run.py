@@ -30,7 +30,7 @@ unsparse_tvm.prune(net, args.sparsity)                        # layer-wise magni
 model = unsparse_tvm.compile(net, example_input=x)            # import -> passes -> schedules -> build
 for layer in model.report:                                    # why each layer runs sparse or dense
     print(f"{layer['name']:4s} {str(layer['shape']):18s} sparsity {layer['sparsity']:.2f}  {layer['decision']} "
-          f"{layer['format'] if layer['decision'] == 'sparse' else ''}")
+          f"{layer['format'] if layer['decision'] == 'sparse' else '(' + layer['reason'] + ')'}")
 
 with torch.no_grad():
     ref = net(x)

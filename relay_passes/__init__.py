@@ -2,6 +2,8 @@
 Relax is its successor). One pass per file, named for what it rewrites; `pipeline.py` composes them;
 `layers.py` is what the passes report per layer; files starting with `_` are shared helpers."""
 
+from ._dense_match import find_layers
+from ._util import shape_of
 from .apply_tuning_records import ApplyTuningRecords
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .layers import LayerDecision, LayerNames
@@ -19,5 +21,7 @@ __all__ = [
     "SparsifyConv2d",
     "SparsifyDense",
     "build_pipeline",
+    "find_layers",
     "pipeline_phases",
+    "shape_of",
 ]

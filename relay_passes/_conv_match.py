@@ -32,18 +32,18 @@ def unsupported_reason(call: relax.Call, weight: np.ndarray) -> str | None:
     """Why a conv2d stays dense whatever its sparsity (one distinct reason each), or None."""
     a = call.attrs
     if int(a.groups) != 1:
-        return f"dense (grouped conv, groups={int(a.groups)})"
+        return f"grouped conv, groups={int(a.groups)}"
     layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
     if layouts != ("NCHW", "OIHW", "NCHW"):
-        return f"dense (layout {'/'.join(layouts)}, not NCHW/OIHW)"
+        return f"layout {'/'.join(layouts)}, not NCHW/OIHW"
     xshape = shape_of(call.args[0])
     if xshape is None or len(xshape) != 4:
-        return "dense (input shape not static 4-D)"
+        return "input shape not static 4-D"
     dtypes = {str(weight.dtype), str(getattr(call.args[0].ty, "dtype", None))}
     if str(a.out_dtype) not in ("", "void", "None"):
         dtypes.add(str(a.out_dtype))
     if dtypes != {"float32"}:
-        return f"dense (dtype {'/'.join(sorted(dtypes - {'float32'}))}, not float32)"
+        return f"dtype {'/'.join(sorted(dtypes - {'float32'}))}, not float32"
     return None
 
 

@@ -241,17 +241,17 @@ def choose_sparse(decision, sparsity: float, threshold: float | None, pack, cost
     """The packed rows if the layer should run sparse, else None (decision says why). threshold None:
     by predicted time (`cost(rows)` -> LayerCost); a number: sparsity >= threshold, as --threshold asks."""
     if threshold is not None and sparsity < threshold:
-        decision.decision = "dense (below threshold)"
+        decision.keep_dense("below threshold")
         return None
     if threshold is None and sparsity < MIN_SPARSITY_FOR_COST:
-        decision.decision = f"dense (sparsity under {MIN_SPARSITY_FOR_COST})"
+        decision.keep_dense(f"sparsity under {MIN_SPARSITY_FOR_COST}")
         return None
     rows = pack()
     predicted = cost(rows)
     decision.dense_us, decision.sparse_us = round(predicted.dense_us, 2), round(predicted.sparse_us, 2)
     if threshold is None and not predicted.sparse_wins:
         tie = predicted.dense_us == predicted.sparse_us  # both at the memory-bound floor (layer_cost)
-        decision.decision = "dense (memory-bound either way)" if tie else "dense (predicted faster)"
+        decision.keep_dense("memory-bound either way" if tie else "predicted faster")
         decision.format = rows.fmt
         return None
     return rows

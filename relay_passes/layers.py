@@ -37,6 +37,11 @@ class LayerNames:
         if name is not None:
             self._names[fingerprint(new)] = name
 
+    def known(self, arr: np.ndarray) -> str | None:
+        """The layer's PyTorch name if the weight is known, else None (name_of would number an unknown one,
+        and a pass that sees the layer later would number it again)."""
+        return self._names.get(fingerprint(arr))
+
     def name_of(self, arr: np.ndarray, kind: str) -> str:
         name = self._names.get(fingerprint(arr))
         if name is None:
@@ -53,7 +58,7 @@ class LayerDecision:
     op: str                      # conv2d or dense
     shape: list[int]             # weight shape
     sparsity: float
-    decision: str                # sparse, dense, or why it was left alone
+    decision: str                # "sparse" or "dense"
     format: str = "-"            # ell / hyb / vellV for sparse layers
     nnz: int = 0
     padded: int = 0              # stored entries including padding
@@ -63,6 +68,15 @@ class LayerDecision:
     sparse_us: float = 0.0       # predicted time of the sparse kernel in `format`
     precision: str = "fp32"      # stored weight precision: fp32, or the quantised coding (relay_passes/_quant.py)
     weight_bytes: int = 0        # bytes of the layer's weight operands as compiled (values, offsets, scales)
+    reason: str = ""             # why a layer stayed dense ("predicted faster", "grouped conv, groups=2", ...)
+
+    def keep_dense(self, reason: str) -> None:
+        self.decision, self.reason = "dense", reason
+
+    @property
+    def label(self) -> str:
+        """The decision as printed: "sparse", or "dense (why)"."""
+        return f"{self.decision} ({self.reason})" if self.reason else self.decision
 
     def as_dict(self) -> dict:
         return asdict(self)

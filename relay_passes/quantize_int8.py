@@ -20,21 +20,15 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.int8_formats import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
-from unsparse_tvm.schedules._x86_int8 import act_qmax
+from unsparse_tvm.schedules.x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, unsupported_reason
 from ._util import const_array, fused_label, is_op, mark, use_counts
-from .layers import LayerDecision, LayerNames, fingerprint
+from .layers import LayerDecision, LayerNames
 
 OP = names.SPARSE_CONV2D_INT8
 CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
-
-
-def _known_name(names: LayerNames, weight: np.ndarray) -> str | None:
-    """The layer's PyTorch name if the weight is known (name_of would number unknown ones, and the fp32
-    passes that see the layer next number them again)."""
-    return names._names.get(fingerprint(weight))  # noqa: SLF001 (LayerNames has no lookup-only method)
 
 
 def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr | None:
@@ -63,7 +57,7 @@ class _Int8Rewriter(ConvChainRewriter):
 
     def act_of(self, conv, weight, geo) -> tuple[str, ActQuant] | None:
         """(layer name, input quantisation) of a conv this pass takes, else None."""
-        name = _known_name(self.names, weight)
+        name = self.names.known(weight)
         if name is None or name not in self.ranges or geo is None or unsupported_reason(conv, weight) is not None:
             return None
         return name, ActQuant.from_range(*self.ranges[name], self.qmax)

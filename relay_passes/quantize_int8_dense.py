@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
@@ -14,40 +15,27 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.int8_formats import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight, record_int8
-from unsparse_tvm.schedules._x86_int8 import act_qmax
+from unsparse_tvm.schedules.x86_int8 import act_qmax
 
-from ._util import ChainRewriter, fused_label, mark, match_epilogue, shape_of, use_counts, users_of
+from ._dense_match import DenseChainRewriter
+from ._util import fused_label, mark, shape_of
 from .layers import LayerDecision, LayerNames
-from .quantize_int8 import FORMAT, _known_name
-from .sparsify_dense import _linear_weight
+from .quantize_int8 import FORMAT
 
 OP = names.SPARSE_DENSE_INT8
 
 
 @relax.expr_functor.mutator
-class _Int8DenseRewriter(ChainRewriter):
+class _Int8DenseRewriter(DenseChainRewriter):
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
 
-    def plan(self, func: relax.Function) -> None:
-        var2val = relax.analysis.get_var2val(func)
-        counts, users = use_counts(func), users_of(func)
-        self.plans = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                weight = _linear_weight(b.value, var2val)
-                if weight is None or weight.dtype.name != "float32":
-                    continue
-                xshape, out = shape_of(b.value.args[0]), shape_of(b.var)
-                name = _known_name(self.names, weight)
-                if xshape is None or len(xshape) != 2 or out is None or name not in self.ranges:
-                    continue
-                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
-                self.plans[ep.last] = (b.value, weight, ep, name)
+    def takes(self, weight: np.ndarray) -> bool:
+        return weight.dtype.name == "float32" and self.names.known(weight) in self.ranges
 
-    def rewrite_plan(self, planned) -> relax.Expr | None:
-        call, weight, ep, name = planned
+    def rewrite(self, call, weight, ep) -> relax.Expr | None:
+        name = self.names.known(weight)
         act = ActQuant.from_range(*self.ranges[name], self.qmax)
         wq, wscale = quantize_weight(weight)
         rows = dense_quad_rows(wq)

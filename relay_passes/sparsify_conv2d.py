@@ -42,7 +42,7 @@ class _Sparsifier(ConvChainRewriter):
         reason = unsupported_reason(conv, weight)
         record_bytes(decision, None, None, weight)
         if reason is not None or geo is None:
-            decision.decision = reason or "dense (unsupported conv2d)"
+            decision.keep_dense(reason or "unsupported conv2d")
             return None
         rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, geo),
                              lambda rows: self.cost.conv(geo, rows))

@@ -13,51 +13,20 @@ from unsparse_tvm.ops.names import sparse_op
 from unsparse_tvm.cost.model import CostModel
 
 from ._quant import layer_entry, quant_dense, record_bytes
-from ._util import (ChainRewriter, SparsifyPass, choose_sparse, const_array, is_op, mark, match_epilogue, record_sparse,
-                    rows_consts, shape_of, use_counts, users_of)
+from ._dense_match import DenseChainRewriter
+from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts, shape_of
 from .layers import LayerDecision
 
 
-def _linear_weight(call: relax.Call, var2val: dict) -> np.ndarray | None:
-    """[out, in] weight of matmul(x, W^T) where W^T is a constant or permute_dims of a constant."""
-    if not is_op(call, "relax.matmul"):
-        return None
-    rhs = call.args[1]
-    rhs = var2val.get(rhs, rhs)
-    arr = const_array(rhs)
-    if arr is not None and arr.ndim == 2:
-        return np.ascontiguousarray(arr.T)
-    if is_op(rhs, "relax.permute_dims"):
-        inner = const_array(rhs.args[0])
-        axes = [int(a) for a in rhs.attrs.axes] if rhs.attrs.axes is not None else [1, 0]
-        if inner is not None and inner.ndim == 2 and axes == [1, 0]:
-            return inner
-    return None
-
-
 @relax.expr_functor.mutator
-class _Sparsifier(ChainRewriter):
+class _Sparsifier(DenseChainRewriter):
     def __init__(self, mod, threshold, names, report, fmt, cost: CostModel):
         super().__init__(mod)
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
         self.cost, self.target_kind = cost, cost.kind
         self.quant = None
 
-    def plan(self, func: relax.Function) -> None:
-        var2val = relax.analysis.get_var2val(func)
-        counts, users = use_counts(func), users_of(func)
-        self.plans = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                weight = _linear_weight(b.value, var2val)
-                xshape, out = shape_of(b.value.args[0]) if weight is not None else None, shape_of(b.var)
-                if weight is None or xshape is None or len(xshape) != 2 or out is None:
-                    continue
-                ep = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
-                self.plans[ep.last] = (b.value, weight, ep)
-
-    def rewrite_plan(self, planned) -> relax.Expr | None:
-        call, weight, ep = planned
+    def rewrite(self, call, weight, ep) -> relax.Expr | None:
         sparsity = float((weight == 0).sum()) / weight.size
         decision = LayerDecision(self.names.name_of(weight, "linear"), "dense", list(weight.shape),
                                  round(sparsity, 4), "dense", nnz=int((weight != 0).sum()),
@@ -65,7 +34,7 @@ class _Sparsifier(ChainRewriter):
         self.report.append(decision)
         record_bytes(decision, None, None, weight)
         if weight.dtype != np.float32 or getattr(call.args[0].ty, "dtype", None) != "float32":
-            decision.decision = f"dense (dtype {weight.dtype}, not float32)" if weight.dtype != np.float32 else "dense (input not float32)"
+            decision.keep_dense(f"dtype {weight.dtype}, not float32" if weight.dtype != np.float32 else "input not float32")
             return None
         batch = shape_of(call.args[0])[0]
         rows = choose_sparse(decision, sparsity, self.threshold,

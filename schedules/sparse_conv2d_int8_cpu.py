@@ -16,7 +16,7 @@ from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, pow2_divisor, sample_choice,
                       schedule_epilogue_cpu)
-from ._x86_int8 import int8_kind, intrin
+from .x86_int8 import int8_kind, intrin
 
 OP = names.SPARSE_CONV2D_INT8
 

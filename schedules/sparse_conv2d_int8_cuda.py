@@ -29,7 +29,7 @@ DP4A_INTRIN = "unsparse_u8s8_dp4a"
 @functools.cache
 def _dp4a_intrin() -> str:
     """DP4A_INTRIN, registered on first use (TVMScript parses each @T.prim_func by walking the whole
-    Python stack: ~0.4 s apiece on import, paid by every command; see schedules/_x86_int8.intrin)."""
+    Python stack: ~0.4 s apiece on import, paid by every command; see schedules/x86_int8.intrin)."""
     @T.prim_func(s_tir=True)
     def _dp4a_desc(X: T.Buffer((4,), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
                    W: T.Buffer((4,), "int8", offset_factor=1),
@@ -40,7 +40,7 @@ def _dp4a_intrin() -> str:
             for v in T.serial(0, 4):
                 with T.sblock("update"):
                     vv = T.axis.remap("R", [v])
-                    T.reads(C[0], X[vv], O[0], W[vv])  # O: the block's offset read (see schedules/_x86_int8.py)
+                    T.reads(C[0], X[vv], O[0], W[vv])  # O: the block's offset read (see schedules/x86_int8.py)
                     T.writes(C[0])
                     C[0] = C[0] + T.Cast("int32", X[vv]) * T.Cast("int32", W[vv])
 

@@ -332,7 +332,7 @@ def test_d17_report_shows_whole_names_and_distinct_reasons(llvm):
     spec = LayerSpec("conv2d", (1, 8, 7, 7), sparse_weight((8, 4, 3, 3), 0.9, rng), None, False,
                      {"strides": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 2})
     _, report = run_layer(spec, llvm, threshold=0.5, x=rng.standard_normal((1, 8, 7, 7)).astype(np.float32))
-    assert report[0].decision == "dense (grouped conv, groups=2)"
+    assert report[0].label == "dense (grouped conv, groups=2)"
     assert format_report(report, 0.5).splitlines()[1].split("  ")  # printed whole
     assert "dense (grouped conv, groups=2)" in format_report(report, 0.5)
 

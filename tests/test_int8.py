@@ -90,7 +90,7 @@ def run_built(lib, arrays, out_shape) -> np.ndarray:
 def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     """Exact in the integers: see QUANTUM_SHARE. Every path's assembly is checked on every machine, its
     numerics where this CPU runs it."""
-    from unsparse_tvm.schedules._x86_int8 import act_qmax, int8_kind
+    from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
 
     n, c, h, w, k, r, s, stride, pad, dil, sp = case
     rng = np.random.default_rng(zlib.crc32(repr((case, mcpu)).encode()))  # hash(None) varies per run in 3.11
@@ -214,7 +214,7 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm, monkeypatch):
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
     from unsparse_tvm.models import build_model, export
-    from unsparse_tvm.schedules._x86_int8 import act_qmax
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
 
     torch.manual_seed(0)
     model = build_model("smallcnn")
@@ -311,7 +311,7 @@ def test_int8_design_space_points_are_exact(llvm):
 
     from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.schedules import rule_for
-    from unsparse_tvm.schedules._x86_int8 import act_qmax
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
 
     geo = ConvGeometry(2, 8, 9, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     rng = np.random.default_rng(7)
@@ -345,7 +345,7 @@ def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
 
     from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.schedules import rule_for
-    from unsparse_tvm.schedules._x86_int8 import act_qmax
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
 
     rng = np.random.default_rng(fin)
     weight = sparse_weight((fout, fin), 0.7, rng, empty_rows=1, dense_rows=1)
@@ -385,7 +385,7 @@ def test_foreign_pt2_quantize_activations_then_compile(tmp_path, capsys):
 
 def test_mcpu_override_picks_the_avx2_path(monkeypatch):
     from unsparse_tvm.errors import UnsparseError
-    from unsparse_tvm.schedules._x86_int8 import act_qmax, int8_kind
+    from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
     from unsparse_tvm.target import make_target
 
     monkeypatch.setenv("UNSPARSE_MCPU", "haswell")

@@ -78,7 +78,7 @@ def test_threshold_decides_per_layer(threshold, expected, llvm):
 
     ep, _ = _prepared(ResBlock(), (1, 8, 6, 6), sparsity=0.9)
     compiled = compile_program(ep, llvm, threshold=threshold)
-    assert {r.decision for r in compiled.report} == {expected}
+    assert {r.label for r in compiled.report} == {expected}
     for r in compiled.report:
         assert r.shape == [8, 8, 3, 3] and r.nnz == round(8 * 72 * (1 - r.sparsity))
         if expected == "sparse":

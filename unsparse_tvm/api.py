@@ -141,9 +141,9 @@ class CompiledModel:
         from .outputs import check_output, writing
 
         if self._compiled is not None:
-            from .build import export
+            from .build import write_module
 
-            export(self._compiled, path, model=self.meta.get("model", "model"), overwrite=overwrite)
+            write_module(self._compiled, path, model=self.meta.get("model", "model"), overwrite=overwrite)
             return path
         import shutil
 

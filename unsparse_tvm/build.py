@@ -83,16 +83,16 @@ def activation_ranges(quant: dict | None) -> dict | None:
     return ((quant or {}).get("activations") or {}).get("layers") or None
 
 
-def format_report(report: list, threshold: float | None) -> str:
+def format_decisions(report: list, threshold: float | None) -> str:
     """The per-layer table: whole names (the column is as wide as the longest), whole reasons."""
     name_w = max([len("layer")] + [len(r.name) for r in report])
-    dec_w = max([len("decision")] + [len(r.decision) for r in report])
+    dec_w = max([len("decision")] + [len(r.label) for r in report])
     lines = [f"{'layer':{name_w}s} {'op':7s} {'weight shape':20s} {'sparsity':>8s} {'decision':{dec_w}s} {'format':6s} "
              f"{'nnz':>9s} {'padded':>9s} {'pred. us':>17s} fused"]
     for r in report:  # predicted: the kernel chosen, then the other one (dense vs sparse)
         pred = (f"{r.sparse_us:.1f} vs {r.dense_us:.1f}" if r.decision == "sparse" else f"{r.dense_us:.1f} vs {r.sparse_us:.1f}") \
             if r.dense_us else "-"
-        lines.append(f"{r.name:{name_w}s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.decision:{dec_w}s} "
+        lines.append(f"{r.name:{name_w}s} {r.op:7s} {str(r.shape):20s} {r.sparsity:8.3f} {r.label:{dec_w}s} "
                      f"{r.format:6s} {r.nnz:9d} {r.padded if r.padded else '-':>9} {pred:>17s} {r.fused}".rstrip()
                      + (f"  [{r.precision}, {r.weight_bytes} B]" if r.precision != "fp32" else ""))
     if not any(r.decision == "sparse" for r in report):
@@ -103,7 +103,7 @@ def format_report(report: list, threshold: float | None) -> str:
 
 
 def print_report(compiled: Compiled) -> None:
-    print(format_report(compiled.report, compiled.threshold))
+    print(format_decisions(compiled.report, compiled.threshold))
 
 
 def metadata(compiled: Compiled, *, model: str) -> dict:
@@ -130,7 +130,7 @@ def metadata(compiled: Compiled, *, model: str) -> dict:
     }
 
 
-def export(compiled: Compiled, path: str, *, model: str, overwrite: bool = False) -> dict:
+def write_module(compiled: Compiled, path: str, *, model: str, overwrite: bool = False) -> dict:
     """Write the .so (weights inside; CUDA: device code compiled for the arch) and its metadata, through a
     temp file that is removed on any exit (unsparse_tvm.outputs)."""
     check_output(path, overwrite=overwrite, suffixes=(".so",))
@@ -188,7 +188,7 @@ def _report_and_export(compiled: Compiled, output: str, *, model: str, target_na
     print_report(compiled)
     if database is not None:
         print(database.summary())  # how many layers were scheduled from the log
-    meta = export(compiled, output, model=model, overwrite=overwrite)
+    meta = write_module(compiled, output, model=model, overwrite=overwrite)
     print(f"wrote {output} ({target_name}{' ' + meta['arch'] if meta['arch'] else ''}, "
           f"{meta['sparse_layers']} sparse layers, compiled in {compiled.seconds:.1f} s)")
     return meta

@@ -113,10 +113,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 def _print_result(what: str, report: dict, args: argparse.Namespace) -> int:
     """What prune/quantize did, the report table, and what they wrote."""
-    from .compress.report import format_report
+    from .compress.report import format_summary
 
     print(f"{what} ({report['seconds']:.1f} s)")
-    print(format_report(report))
+    print(format_summary(report))
     print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
     return 0
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .errors import UnsparseError
 from .inputs import check_input_file
-from .models import BUILTIN_MODELS, build_model, export
+from .models import BUILTIN_MODELS, build_model, export_program
 from .operators import check_operators, importer_fixes
 from .outputs import check_output, writing
 
@@ -171,7 +171,7 @@ def load_program(model: str, batch: int | None = None, log=print) -> torch.expor
     check_batch(batch)
     if model in BUILTIN_MODELS:
         shape = check_fits_memory((batch or 1, *BUILTIN_MODELS[model].input_shape))
-        ep = export(build_model(model), shape)
+        ep = export_program(build_model(model), shape)
         check_program(ep)  # a tv:/timm: network may use operators nobody here verified
         return ep
     if model.endswith(".pt2") or os.path.sep in model or os.path.exists(model):
@@ -339,11 +339,11 @@ def eval_mode(module: nn.Module) -> nn.Module:
     return module
 
 
-def export_model(loaded: LoadedModel) -> torch.export.ExportedProgram:
+def loaded_program(loaded: LoadedModel) -> torch.export.ExportedProgram:
     """torch.export the (pruned/quantised) module at the loaded input shape."""
     eval_mode(loaded.module)
     if loaded.builtin is not None:
-        return export(loaded.module, loaded.input_shape)
+        return export_program(loaded.module, loaded.input_shape)
     with torch.no_grad():
         return torch.export.export(loaded.module, (torch.randn(*loaded.input_shape),))
 
@@ -356,7 +356,7 @@ def save_program(ep: torch.export.ExportedProgram, path: str, overwrite: bool = 
 
 def save_model(loaded: LoadedModel, path: str, overwrite: bool = False, quant: dict | None = None) -> torch.export.ExportedProgram:
     """Export and save as .pt2 with `unsparse_model.json` (and `unsparse_quant.json` when quantised)."""
-    ep = export_model(loaded)
+    ep = loaded_program(loaded)
     extra = {MODEL_META: json.dumps(loaded.meta)} if loaded.builtin else {}
     if quant is not None:
         extra[QUANT_FILE] = json.dumps(quant)

@@ -213,7 +213,7 @@ def example_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def export(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module, input_shape: tuple[int, ...]) -> torch.export.ExportedProgram:
     """torch.export with a static input shape (the compiled module is specialised to it)."""
     with torch.no_grad():
         return torch.export.export(model.eval(), (example_input(input_shape),))

@@ -51,7 +51,8 @@ def _describe(path: str, meta: dict) -> str:
     width = max([30] + [len(layer["name"]) for layer in meta["layers"]])
     for layer in meta["layers"]:
         lines.append(f"  {layer['name']:{width}s} {layer['op']:7s} {str(layer['shape']):20s} "
-                     f"sparsity {layer['sparsity']:.3f}  {layer['decision']} {layer['format'] if layer['decision'] == 'sparse' else ''}"
+                     f"sparsity {layer['sparsity']:.3f}  {layer['decision']} "
+                     f"{layer['format'] if layer['decision'] == 'sparse' else '(' + layer['reason'] + ')' if layer.get('reason') else ''}"
                      + _stored(layer))
     if any("weight_bytes" in layer for layer in meta["layers"]):
         total = sum(layer.get("weight_bytes", 0) for layer in meta["layers"])

@@ -10,9 +10,7 @@ import tvm
 from tvm import relax
 
 from .frontend import import_program
-from .relay_passes import FoldBatchNormIntoConv
-from .relay_passes._util import const_array, is_op, match_epilogue, shape_of, use_counts, users_of
-from .relay_passes.sparsify_dense import _linear_weight
+from .relay_passes import FoldBatchNormIntoConv, find_layers, shape_of
 
 
 @dataclass
@@ -51,26 +49,18 @@ def layer_module(spec: LayerSpec):
 
 
 def extract_layers(ep) -> tuple[list[LayerSpec], object]:
-    """Every conv2d and linear with a constant weight, with the bias and ReLU that follow it, and the
-    LayerNames that name their (batch-norm folded) weights."""
+    """Every conv2d and linear with a constant weight (relay_passes.find_layers, after batch-norm folding),
+    with the bias and ReLU that follow it, and the LayerNames that name their (folded) weights."""
     mod, names = import_program(ep)
     mod = tvm.transform.Sequential([FoldBatchNormIntoConv(names), relax.transform.FoldConstant()])(mod)
-    func = mod["main"]
-    var2val, counts, users = relax.analysis.get_var2val(func), use_counts(func), users_of(func)
     layers = []
-    for block in func.body.blocks:
-        for b in block.bindings:
-            out = shape_of(b.var)
-            if is_op(b.value, "relax.nn.conv2d") and const_array(b.value.args[1]) is not None:
-                a = b.value.attrs
-                ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
-                layers.append(LayerSpec("conv2d", shape_of(b.value.args[0]), const_array(b.value.args[1]),
-                                        ep_.bias, ep_.relu,
-                                        {"strides": [int(v) for v in a.strides], "padding": [int(v) for v in a.padding],
-                                         "dilation": [int(v) for v in a.dilation], "groups": int(a.groups)}))
-            elif (w := _linear_weight(b.value, var2val)) is not None and out is not None:
-                ep_ = match_epilogue(b.var, out[1], 1, out, var2val, users, counts, allow_residual=False)
-                layers.append(LayerSpec("dense", shape_of(b.value.args[0]), w, ep_.bias, ep_.relu, {}))
+    for kind, call, weight, ep_ in find_layers(mod["main"]):
+        attrs = {}
+        if kind == "conv2d":
+            a = call.attrs
+            attrs = {"strides": [int(v) for v in a.strides], "padding": [int(v) for v in a.padding],
+                     "dilation": [int(v) for v in a.dilation], "groups": int(a.groups)}
+        layers.append(LayerSpec(kind, shape_of(call.args[0]), weight, ep_.bias, ep_.relu, attrs))
     return layers, names
 
 

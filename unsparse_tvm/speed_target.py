@@ -309,9 +309,9 @@ class Planned:
         self.result, self.threads = result, threads
 
     def finish(self, loaded) -> dict:
-        from .frontend import export_model
+        from .frontend import loaded_program
 
-        measured = layer_times(export_model(loaded), self.threads)
+        measured = layer_times(loaded_program(loaded), self.threads)
         for layer in self.result.layers:
             layer["measured_us"] = measured.get(layer["name"])
         return self.result.as_dict()

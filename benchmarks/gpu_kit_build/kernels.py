@@ -195,7 +195,7 @@ def build_model_group(run, target, arch, model, mm, net, sparsity, batch, sparse
     from unsparse_tvm.cuda_package import embed_device_code
     from unsparse_tvm.relay_passes import build_pipeline
 
-    ep = pm.export(net, (batch, *mm["input_shape"][1:]))
+    ep = pm.export_program(net, (batch, *mm["input_shape"][1:]))
     mod = from_exported_program(ep)
     report: list = []
     mod = build_pipeline(target, threshold=threshold, sparse=sparse, report=report, stop_after="schedule")(mod)

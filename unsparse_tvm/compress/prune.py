@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
 from ..errors import UnsparseError, check_sparsity
-from ..frontend import eval_mode, export_model, load_model, load_program, save_model
+from ..frontend import eval_mode, loaded_program, load_model, load_program, save_model
 from ..outputs import check_output
 from .data import load_dataset
 from .masks import _set_mask, _update_masks, magnitude_prune, prunable_parameters
@@ -29,7 +29,7 @@ def prune_to_program(model: str, sparsity: float, batch: int | None = None) -> t
     check_sparsity("sparsity", sparsity)
     loaded = load_model(model, batch=batch)
     magnitude_prune(loaded.module, sparsity, loaded.ep)
-    return export_model(loaded)
+    return loaded_program(loaded)
 
 
 def load_model_program(model: str, sparsity: float | None, batch: int | None = None):

@@ -176,7 +176,7 @@ def format_layers(layers: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_report(report: dict) -> str:
+def format_summary(report: dict) -> str:
     """The human-readable summary `prune`/`quantize` print."""
     out = [format_layers(report["layers"])]
     fp = report["footprint"]

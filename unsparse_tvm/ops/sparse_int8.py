@@ -5,7 +5,7 @@ Three stages, named like te_ops' so the schedules find them:
               phase-split and flattened as sparse_ops.pad_flat, 4 channels of one position per 32-bit word
   "conv"      conv[n, k, q] = sum_{j, v} int32(xq[n, off[k, j] + q, v]) * int32(data[k, j, v])   (int32)
   "epilogue"  float32(conv - comp[k]) * out_scale[k] (+ bias) (+ residual) (ReLU), cropped to [N, K, OH, OW]
-The "conv" body is written exactly as the x86 tensor intrinsics' description (schedules/_x86_int8),
+The "conv" body is written exactly as the x86 tensor intrinsics' description (schedules/x86_int8),
 lanes along q and the quad v innermost, so it tensorizes to vpdpbusd / vpmaddubsw.
 """
 
