@@ -28,14 +28,14 @@ if "TVM_NUM_THREADS" not in os.environ:
 
 
 # the public API (unsparse_tvm.api), loaded on first use
-_API = ("compile", "load", "prune", "quantize", "train", "evaluate", "tune", "calibrate", "CompiledModel",
-        "CompileOptions")
+_API = {**dict.fromkeys(("compile", "load", "tune", "calibrate", "CompiledModel", "CompileOptions"), ".api"),
+        **dict.fromkeys(("prune", "quantize", "train", "evaluate"), ".api_compress")}
 __all__ = [*_API, "UnsparseError", "__version__"]
 
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(importlib.import_module(".api", __name__), name)
+        return getattr(importlib.import_module(_API[name], __name__), name)
     if name == "UnsparseError":
         from .errors import UnsparseError
 
