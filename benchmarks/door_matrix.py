@@ -19,17 +19,14 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
+
+from unsparse_tvm.reference import rel_error
 
 BUILTINS = ["smallcnn", "vgg16-cifar", "resnet18", "vgg16", "resnet50"]
 ARCHS = ["tv:mobilenet_v3_small@64", "tv:efficientnet_b0@64", "tv:shufflenet_v2_x0_5@64", "tv:regnet_x_400mf@64",
          "tv:googlenet@64", "tv:densenet121@64", "tv:squeezenet1_1@64", "tv:lraspp_mobilenet_v3_large@64"]
 TOL = 1e-4
-
-
-def _rel(a, b) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 def _first(y):
@@ -67,7 +64,7 @@ def check_model(model: str, folder: str, timing: bool = False, repeat: int = 9) 
         out = vm["main"](tvm.runtime.tensor(x.numpy()))
         out = (out if hasattr(out, "numpy") else out[0]).numpy()
         row[f"onnx_{exporter}"] = {"decisions_equal": got == decisions,
-                                   "error_vs_onnxruntime": _rel(out, ort_outputs(path, x.numpy())[0])}
+                                   "error_vs_onnxruntime": rel_error(out, ort_outputs(path, x.numpy())[0])}
         timers[f"onnx_{exporter}"] = _vm_timer(compiled.executable, tvm.cpu(), x.numpy())[0]
     torch._dynamo.reset()
     import warnings
@@ -77,7 +74,7 @@ def check_model(model: str, folder: str, timing: bool = False, repeat: int = 9) 
         fn = torch.compile(module, backend="unsparse")
         y = _first(fn(x)).numpy()
     fallbacks = [str(w.message) for w in caught if issubclass(w.category, UnsparseFallback)]
-    row["torch_compile"] = {"error_vs_eager": _rel(y, eager), "fallbacks": fallbacks}
+    row["torch_compile"] = {"error_vs_eager": rel_error(y, eager), "fallbacks": fallbacks}
 
     def call_compiled():
         with torch.no_grad():

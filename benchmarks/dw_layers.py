@@ -63,9 +63,10 @@ def main() -> None:
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.parallel_build import compile_module
     from unsparse_tvm.peers import _onnxruntime, export_onnx
-    from unsparse_tvm.relay_passes import tag_grouped_conv
+    from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.target import make_target
 
     torch.set_num_threads(args.threads)
@@ -77,14 +78,9 @@ def main() -> None:
         with torch.no_grad():
             ep = torch.export.export(model, (x,))
         times = {}
-        for name, tag in (("ours", True), ("fallback", False)):
-            original = tag_grouped_conv._is_grouped_conv
-            if not tag:
-                tag_grouped_conv._is_grouped_conv = lambda func: False
-            try:
-                ex = compile_program(ep, target, sparse=False).executable
-            finally:
-                tag_grouped_conv._is_grouped_conv = original
+        for name, rule in (("ours", True), ("fallback", False)):
+            mod, names = import_program(ep)  # what `compile` builds (TVM dense), with or without the rule
+            ex = compile_module(mod, target, build_pipeline(target, sparse=False, names=names, depthwise_rule=rule))
             vm = relax.VirtualMachine(ex, tvm.cpu())
             xt = tvm.runtime.tensor(x.numpy())
             times[name] = _time(lambda: vm["main"](xt), args.repeat)

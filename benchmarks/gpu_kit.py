@@ -9,8 +9,9 @@ What goes in (benchmarks/gpu_kit/README.md has the details):
 - per layer (each conv/linear of each model), per sparsity and batch: the sparse kernel at the default
   knobs, and at a grid of knob points on each distinct layer geometry at the grid sparsities. Kernels
   take the sparse arrays (data, off [, ovf_data, ovf_off, ovf_slot], bias) as arguments, so no weights
-  travel: the runner regenerates the seeded model, prunes and packs it (copies of unsparse_tvm's
-  models.py and formats.py travel instead). Many kernels per module, one nvcc call per module.
+  travel: the runner regenerates the seeded model, prunes, folds and packs it (copies of unsparse_tvm's
+  models.py, reference.py and ops/formats.py travel instead, in kitlib/). Many kernels per module, one
+  nvcc call per module.
 - whole models, sparse (per sparsity, default threshold) and TVM dense, per batch: Relax VM modules whose
   weight constants were lifted into parameters; the manifest says which layer array each parameter is.
 - the TVM runtime: libtvm_runtime(.so, _cuda.so), the python `tvm` package without the compiler, and the
@@ -35,6 +36,8 @@ import multiprocessing as mp
 
 import numpy as np
 
+from unsparse_tvm.reference import usable_cores
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_kit_build/, next to this file
 from gpu_kit_build import log  # noqa: E402
 from gpu_kit_build.kernels import TIMES, build_layer_group, build_model_group  # noqa: E402
@@ -56,7 +59,6 @@ def load_runner(kit: str):
         spec.loader.exec_module(mod)
     finally:
         sys.dont_write_bytecode = was
-    mod.load_kitlib(kit)
     return mod
 
 
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
     b.add_argument("--max-layers", type=int, default=None, help="only the first N layers of each model")
     b.add_argument("--arch", default=DEFAULTS["arch"])
     b.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    b.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 4)))
+    b.add_argument("--jobs", type=int, default=max(1, min(usable_cores(), 4)))
     b.add_argument("--max-mib", type=float, default=64.0)
     b.add_argument("--cache", default="~/.cache/unsparse-gpukit")
     b.add_argument("--force", action="store_true")

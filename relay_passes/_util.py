@@ -10,9 +10,9 @@ from tvm import relax, tirx
 from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
-from unsparse_tvm.ops.formats import compact_offsets
 from unsparse_tvm.cost.model import CostModel
 from unsparse_tvm.ops.names import OP_ATTR
+from unsparse_tvm.reference import operand_arrays
 
 from .layers import LayerNames
 
@@ -211,11 +211,9 @@ def fused_label(ep: Epilogue) -> str:
 
 
 def rows_consts(rows) -> list[relax.Expr]:
-    """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]."""
-    arrays = [rows.data, compact_offsets(rows.off)]
-    if rows.fmt == "hyb":
-        arrays += [rows.ovf_data, compact_offsets(rows.ovf_off), rows.ovf_slot]
-    return [relax.const(a) for a in arrays]
+    """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]
+    (reference.operand_arrays, which the GPU kit packs with too)."""
+    return [relax.const(a) for a in operand_arrays(rows).values()]
 
 
 def mark(builder: relax.BlockBuilder, call: relax.Call, attrs: dict) -> None:

@@ -6,33 +6,36 @@ Conv2d(bias=True) + BatchNorm2d exports to. Scaling is per output channel, so pr
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
-from ._util import const_array, is_op, use_counts
+from unsparse_tvm.reference import fold_batchnorm
+
+from ._util import ChainRewriter, const_array, is_op, use_counts
 from .layers import LayerNames
 
 
 @relax.expr_functor.mutator
-class _Folder(relax.PyExprMutator):
+class _Folder(ChainRewriter):
     def __init__(self, mod: IRModule, names: LayerNames | None):
         super().__init__(mod)
         self.names = names
         self.var2val: dict = {}
         self.counts: dict = {}
 
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        folded = self._fold(binding.value)
-        if folded is None:
-            return super().visit_var_binding_(binding)
-        self.set_var_remap(binding.var, self.builder_.emit(folded))
+    def plan(self, func: relax.Function) -> None:
+        """Every `batch_norm(...)[0]` binding is a candidate; _fold decides."""
+        self.var2val = relax.analysis.get_var2val(func)
+        self.counts = use_counts(func)
+        self.plans = {var: value for var, value in self.var2val.items()
+                      if isinstance(value, relax.TupleGetItem) and value.index == 0}
+
+    def rewrite_plan(self, value: relax.TupleGetItem) -> relax.Expr | None:
+        return self._fold(value)
 
     def _fold(self, value: relax.Expr) -> relax.Expr | None:
         # lv = batch_norm(x, gamma, beta, mean, var)[0]
-        if not (isinstance(value, relax.TupleGetItem) and value.index == 0):
-            return None
         bn = self.var2val.get(value.tuple_value)
         if bn is None or not is_op(bn, "relax.nn.batch_norm") or int(bn.attrs.axis) != 1:
             return None
@@ -52,15 +55,11 @@ class _Folder(relax.PyExprMutator):
         weight = const_array(x.args[1])
         if weight is None:
             return None
-        k = weight.shape[0]
-        scale = gamma / np.sqrt(var + float(bn.attrs.epsilon))                # [K]
-        new_w = (weight * scale.reshape(k, 1, 1, 1)).astype(weight.dtype)      # zeros stay zero
-        b = np.zeros(k, np.float32) if bias is None else bias.reshape(k)
-        new_b = ((b - mean) * scale + beta).astype(np.float32).reshape(1, k, 1, 1)
+        new_w, new_b = fold_batchnorm(weight, bias, gamma, beta, mean, var, float(bn.attrs.epsilon))
         if self.names is not None:
             self.names.alias(new_w, weight)
         conv = self.builder_.emit(relax.Call(x.op, [self.visit_expr(x.args[0]), relax.const(new_w)], x.attrs))
-        return relax.op.add(conv, relax.const(new_b))
+        return relax.op.add(conv, relax.const(new_b.reshape(1, -1, 1, 1)))
 
 
 @tvm.transform.module_pass(opt_level=0, name="FoldBatchNormIntoConv")
@@ -72,10 +71,4 @@ class FoldBatchNormIntoConv:
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         mod = relax.transform.FoldConstant()(mod)  # the importer reshapes conv biases: make them constants
-        folder = _Folder(mod, self.names)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                folder.var2val = relax.analysis.get_var2val(func)
-                folder.counts = use_counts(func)
-                folder.builder_.update_func(gv, folder.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(folder.builder_.finalize())
+        return _Folder(mod, self.names).run(mod)

@@ -28,12 +28,14 @@ from .tag_grouped_conv import TagGroupedConv
 def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: bool = True,
                     names: LayerNames | None = None, report: list | None = None, fmt: str | None = None,
                     configs: dict | None = None, database=None, activations: dict | None = None,
-                    quant: dict | None = None, rates: X86Rates | None = None) -> list[tuple[str, list]]:
+                    quant: dict | None = None, rates: X86Rates | None = None,
+                    depthwise_rule: bool = True) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (tests run a prefix of them). activations: calibrated
     input ranges per layer name (unsparse_quant.json's "activations" layers): those convs run int8;
     `quant`: the model's unsparse_quant.json (frontend.read_quantization), whose other sparse layers
     then run on quantised weights; `rates`: the x86 cost model's rates (default: the built-in ones; `compile`
-    passes this CPU's calibration, unsparse_tvm.cost.calibration)."""
+    passes this CPU's calibration, unsparse_tvm.cost.calibration); `depthwise_rule=False` leaves TVM's
+    depthwise/grouped convs to the generic fallback schedule (benchmarks/dw_layers.py measures the rule)."""
     names = names if names is not None else LayerNames()
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
@@ -64,7 +66,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     schedule = []
     if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled
         schedule.append(ApplyTuningRecords(database))
-    if is_cpu:  # TVM's depthwise/grouped convs (and their fused epilogues) get our rule, not the fallback
+    if is_cpu and depthwise_rule:  # TVM's depthwise/grouped convs (and fused epilogues) get our rule, not the fallback
         schedule.append(TagGroupedConv())
     schedule.append(dl.ApplyDefaultSchedule(*rules(target.kind.name, configs)))  # schedules/: ours
     if is_cpu:  # then what is left: the parallel/vectorised fallback, never a serial loop nest

@@ -23,8 +23,9 @@ __version__ = "0.1.0"
 # used; `runtime.config_threadpool` (bench --threads) cannot grow a pool past its start size. So the
 # pool is sized to the cores this process may run on, unless the user chose.
 if "TVM_NUM_THREADS" not in os.environ:
-    os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else os.cpu_count() or 1)
+    from .reference import usable_cores
+
+    os.environ["TVM_NUM_THREADS"] = str(usable_cores())
 
 
 # the public API (unsparse_tvm.api), loaded on first use

@@ -26,6 +26,7 @@ from .compress.prune import load_model_program
 from .cuda_package import building_for, embed_device_code
 from .single_layer import LayerSpec, extract_layers, layer_flops, layer_module
 from .errors import UnsparseError
+from .reference import rel_error, usable_cores
 from .frontend import program_input_shape, read_quantization
 from .models import example_input
 from .outputs import check_output, write_text
@@ -58,7 +59,7 @@ def torch_layer(spec: LayerSpec, device: str):
 def warn_if_busy() -> float:
     """Other processes on the cores distort every figure, PyTorch's OpenMP threads most of all
     (measured here: 5-50x slower eager inference while another process used one of two cores)."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1  # the load average counts the whole machine
     if load > 0.5 * cores:
         print(f"warning: the machine is busy (1-minute load {load:.1f} on {cores} cores); "
               "timings, PyTorch's above all, are unreliable: re-run on an idle machine")
@@ -132,7 +133,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     if target_name == "cuda" and (not dev.exist or not torch.cuda.is_available()):
         raise UnsparseError("bench --target cuda needs a CUDA GPU visible to both TVM and PyTorch")
     torch_dev = "cuda" if target_name == "cuda" else "cpu"
-    torch.set_num_threads(os.cpu_count() or 1)  # PyTorch and TVM both get every core
+    torch.set_num_threads(usable_cores())  # PyTorch and TVM both get every core
     ep = load_model_program(model, sparsity, batch=batch)
     shape = program_input_shape(ep)
     x = example_input(shape, seed)
@@ -171,7 +172,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     ref = torch_call()
     ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).cpu().numpy()
     contenders["torch"] = _timer(torch_call, sync)
-    errors = {k: _rel_error(v, ref) for k, v in outputs.items()}
+    errors = {k: rel_error(v, ref) for k, v in outputs.items()}
     for name, err in errors.items():
         if name == "unsparse_int8":  # quantisation error on a random input, not a wrong kernel: tests check
             print(f"int8 execution: max relative error vs fp32 PyTorch {err:.2e} (bench's input is random, "
@@ -183,7 +184,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         peers = [p for p in INT8_PEERS if p != "deepsparse_int8" or deepsparse_ready()]
     calibration = _calibration_samples(quant, shape) if ranges else None
     by_threads = {}
-    threads = threads or [os.cpu_count() or 1]
+    threads = threads or [usable_cores()]
     with tempfile.TemporaryDirectory(prefix="unsparse-peers-") as onnx_dir:  # one ONNX export for every count
         for n in threads:
             set_threads(n)
@@ -191,7 +192,7 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
             if peers and target_name == "llvm":
                 print(f"building the peers for {n} thread(s): {', '.join(peers)}")
                 for name, call in peer_callables(ep, x, n, peers, onnx_dir, calibration).items():
-                    errors[name] = _rel_error(call(), ref)
+                    errors[name] = rel_error(call(), ref)
                     limit = INT8_TOLERANCE if name.endswith("_int8") else 1e-3
                     if errors[name] > limit:  # one line, and the other peers still run
                         print(f"skipping {name}: its output differs from PyTorch (max relative error "
@@ -225,10 +226,6 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
         result["layers_threads"] = 1
         result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant, rates)
     return result
-
-
-def _rel_error(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
 def _calibration_samples(quant: dict, shape) -> list[np.ndarray]:
@@ -291,7 +288,7 @@ def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | No
             "other_ms": other, "choice_regret": t["unsparse"] / min(t["unsparse"], other) if other else None,
             "predicted_us": {"sparse": decision.sparse_us, "dense": decision.dense_us, "format": decision.format}
             if decision.dense_us else None,
-            "max_rel_error": float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)),
+            "max_rel_error": rel_error(y, ref),
             # the gap to the limit: useful GFLOP/s (nonzero FMAs x 2 / our time) against the dense rate
             "useful_gflops": useful_flops / t["unsparse"] / 1e6, "dense_gflops": dense_flops / best_dense / 1e6,
         })
@@ -321,7 +318,7 @@ def _compile_layer(mod, target, threshold, sparse, names=None, report=None, quan
 
 
 def _machine(target_name: str) -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "tvm": tvm.__version__,
+    info = {"cpu": platform.processor() or platform.machine(), "cores": usable_cores(), "tvm": tvm.__version__,
             "torch": torch.__version__, "python": platform.python_version()}
     try:
         info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))

@@ -16,17 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import tvm
 from tvm import relax
 
+from .reference import usable_cores
+
 
 def jobs() -> int:
     """Threads for LLVM: UNSPARSE_BUILD_JOBS, else this process's usable cores (at most 8)."""
     env = os.environ.get("UNSPARSE_BUILD_JOBS", "")
     if env.isdigit() and int(env) >= 1:
         return int(env)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    return max(1, min(usable_cores(), 8))
 
 
 def compile_module(mod: tvm.IRModule, target, pipeline) -> relax.Executable:

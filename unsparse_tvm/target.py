@@ -15,6 +15,7 @@ import subprocess
 
 from .errors import UnsparseError
 from .hostcpu import ISA_FEATURES, describe_missing, missing_features
+from .reference import usable_cores
 
 TARGETS = ("llvm", "cuda")
 DEFAULT_ARCH = "sm_90"  # H100; pass --arch for other GPUs
@@ -41,7 +42,7 @@ def llvm_target_dict(mcpu: str | None = None) -> dict:
     """The llvm target for CPU model `mcpu`, default this machine's (or UNSPARSE_MCPU's). For this machine's
     own model, the extensions LLVM's name implies but this CPU does not execute (a VM or an emulator that
     hides AVX-512, say) are switched off with `mattr`, so its code always runs here."""
-    d = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu or host_cpu(), "num-cores": os.cpu_count() or 1}
+    d = {"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu or host_cpu(), "num-cores": usable_cores()}
     if mcpu is None and not os.environ.get(MCPU_ENV):
         off = missing_features(cpu_features(d["mcpu"]))
         if off:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kit_check import CHECK_RTOL, rel_err_torch, rotation_count
+from kit_check import CHECK_RTOL, rel_error, rotation_count
 from kit_weights import emulate_sparse, pack_layer, structure_hash, torch_layer_fn
 
 
@@ -56,7 +56,7 @@ class LayerRuns:
                     ref = ref_fn(xd[0])
             if self.dry and not light:
                 emulated = torch.from_numpy(emulate_sparse(layer, packed, xs[0].numpy(), batch))
-                row["emulated_rel_err"] = rel_err_torch(emulated, ref)
+                row["emulated_rel_err"] = rel_error(emulated, ref)
                 if row["emulated_rel_err"] > CHECK_RTOL["layer"]:
                     self.error(where, f"packed arrays do not reproduce the layer (rel err {row['emulated_rel_err']:.2e})")
             dev_arrays = {r: torch.from_numpy(np.ascontiguousarray(a)).to(self.tdev) for r, a in arrays.items()}
@@ -80,7 +80,7 @@ class LayerRuns:
                     out.fill_(float("nan"))
                     f(self.to_tvm(xd[0]), *args, self.to_tvm(out))
                     torch.cuda.synchronize()
-                    entry["rel_err"] = rel_err_torch(out, ref)
+                    entry["rel_err"] = rel_error(out, ref)
                     if entry["rel_err"] > CHECK_RTOL["layer"]:
                         entry["error"] = "wrong result: not timed"
                     else:

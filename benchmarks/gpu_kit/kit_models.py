@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from kit_check import CHECK_RTOL, rel_err
+from kit_check import CHECK_RTOL, rel_error
 from kit_weights import fingerprint_ok, model_param_candidates
 
 
@@ -64,7 +64,7 @@ class ModelRuns:
             vm.invoke_stateful("main")
             out = vm.get_outputs("main")
             out = out if hasattr(out, "numpy") else out[0]
-            row["rel_err"] = rel_err(out.numpy(), ref)
+            row["rel_err"] = rel_error(out.numpy(), ref)
             if row["rel_err"] > CHECK_RTOL["model"]:
                 row["error"] = "wrong result: not timed"
             else:

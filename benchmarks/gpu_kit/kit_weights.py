@@ -1,88 +1,44 @@
-"""Weights without shipping them: the seeded built-in models regenerated, pruned and packed exactly as
-the compiler does (with the kit's copies of models.py and formats.py), fingerprints to check that they fit
-what was built, and the references a kernel is checked against (PyTorch, and a numpy model of the packed
-arrays for dry runs)."""
+"""Weights without shipping them: the seeded built-in models regenerated, pruned, folded and packed
+exactly as the compiler does (by the kit's copies of unsparse_tvm's models.py and reference.py, in
+kitlib/), fingerprints to check that they fit what was built, and the references a kernel is checked
+against (PyTorch, and a numpy model of the packed arrays for dry runs)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
-import sys
 
 import numpy as np
 
-formats = models = None  # the kit's copies, see load_kitlib
-
-
-def load_kitlib(kit: str):
-    """Import the kit's copies of formats.py and models.py (numpy / torch only)."""
-    global formats, models
-    mods = []
-    for name in ("formats", "models"):
-        spec = importlib.util.spec_from_file_location(f"gpukit_{name}", os.path.join(kit, "kitlib", f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        mods.append(mod)
-    formats, models = mods
-    return formats, models
+from kitlib import reference  # the kit's copy of unsparse_tvm/reference.py (KIT is on sys.path)
 
 
 def regen_model(model: str, sparsity: float, seed: int = 0):
     """The built-in model with its seeded weights, every conv/linear weight magnitude-pruned to `sparsity`
-    (torch.nn.utils.prune L1, layer-wise, as `unsparse-tvm prune`), on the CPU, in eval mode."""
-    import torch
-    import torch.nn.utils.prune as tprune
+    (as `unsparse-tvm prune`), on the CPU, in eval mode."""
+    from kitlib import models
 
     net = models.build_model(model, seed)
     if sparsity:
-        for m in net.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                tprune.l1_unstructured(m, "weight", amount=float(sparsity))
-                tprune.remove(m, "weight")
+        reference.magnitude_prune(net, sparsity)
     return net.eval()
 
 
 def folded_layer(net, entry: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """(weight, bias) of one layer as the compiler sees it: batch norm folded in (as FoldBatchNormIntoConv)."""
     mods = dict(net.named_modules())
-    conv = mods[entry["module"]]
-    w = conv.weight.detach().numpy().astype(np.float32)
-    b = conv.bias.detach().numpy().astype(np.float32) if conv.bias is not None else None
-    if entry.get("bn"):
-        bn = mods[entry["bn"]]
-        gamma, beta = bn.weight.detach().numpy(), bn.bias.detach().numpy()
-        mean, var = bn.running_mean.detach().numpy(), bn.running_var.detach().numpy()
-        k = w.shape[0]
-        scale = gamma / np.sqrt(var + float(bn.eps))
-        w = (w * scale.reshape(k, 1, 1, 1)).astype(np.float32)
-        b0 = np.zeros(k, np.float32) if b is None else b
-        b = ((b0 - mean) * scale + beta).astype(np.float32)
-    return w, b
+    return reference.folded_weights(mods[entry["module"]], mods[entry["bn"]] if entry.get("bn") else None)
 
 
 def geometry(layer: dict, batch: int):
-    n, c, h, w = [batch] + list(layer["input_shape"][1:])
-    k, _, r, s = layer["weight_shape"]
-    a = layer["attrs"]
-    return formats.ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
+    return reference.conv_geometry([batch, *layer["input_shape"][1:]], layer["weight_shape"], layer["attrs"])
 
 
 def pack_layer(layer: dict, w: np.ndarray, b: np.ndarray | None, batch: int) -> dict:
     """The sparse operands of one layer's kernel, as the compiler packs them for CUDA."""
-    saving = formats.HYB_MIN_SAVING["cuda"]
-    if layer["op"] == "conv2d":
-        rows = formats.conv_weight_rows(w, geometry(layer, batch), None, saving)
-    else:
-        rows = formats.dense_weight_rows(w, None, saving)
-    arrays = {"data": rows.data, "off": formats.compact_offsets(rows.off)}  # as relay_passes' rows_consts
-    if rows.fmt == "hyb":
-        arrays.update(ovf_data=rows.ovf_data, ovf_off=formats.compact_offsets(rows.ovf_off),
-                      ovf_slot=rows.ovf_slot)
+    fmt, arrays = reference.pack_layer(layer["op"], w, [batch, *layer["input_shape"][1:]], layer.get("attrs"))
     if b is not None:
         arrays["bias"] = b
-    return {"fmt": rows.fmt, "arrays": arrays}
+    return {"fmt": fmt, "arrays": arrays}
 
 
 def structure_hash(arrays: dict) -> str:

@@ -1,5 +1,5 @@
-"""What a kit holds besides its kernels: the runner's files (run.py and its modules, README.md, kitlib/
-with the project's models.py and formats.py made importable alone) and the TVM runtime (the `tvm`
+"""What a kit holds besides its kernels: the runner's files (run.py and its modules, README.md, kitlib/:
+the TVM-free project modules the runner uses, a package of their own) and the TVM runtime (the `tvm`
 package without the compiler, libtvm_runtime, the apache-tvm-ffi wheel for the GPU machine's Python)."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import lzma
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,24 +18,57 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks
 RUNNER_DIR = os.path.join(HERE, "gpu_kit")
 
 
-def write_runner_files(kit: str) -> None:
-    """run.py and its modules, README.md and kitlib/ (the project's models.py and formats.py, made
-    importable alone)."""
-    import unsparse_tvm.ops.formats
-    import unsparse_tvm.models
+# unsparse_tvm's modules the runner uses (reference.py's own imports follow them), copied into kitlib/ at
+# the same paths: the package's relative imports work unchanged, with no compiler and no TVM
+KITLIB_MODULES = ("reference", "models", "errors", "ops.formats")
 
-    os.makedirs(os.path.join(kit, "kitlib"), exist_ok=True)
+
+def kitlib_sources() -> dict[str, str]:
+    """{path inside kitlib/: source} of KITLIB_MODULES; refuses a module that imports TVM, or a part of the
+    project that is not shipped with it."""
+    import ast
+    import importlib
+
+    import unsparse_tvm
+
+    root = os.path.dirname(unsparse_tvm.__file__)
+    shipped = set(KITLIB_MODULES)
+    out = {}
+    for name in KITLIB_MODULES:
+        path = importlib.import_module(f"unsparse_tvm.{name}").__file__
+        src = open(path).read()
+        package = name.split(".")[:-1]
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                targets = [".".join(base + node.module.split("."))] if node.module else \
+                    [".".join(base + [a.name]) for a in node.names]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                if not any(t.split(".")[0] in ("unsparse_tvm", "tvm", "tvm_ffi") for t in targets):
+                    continue
+            else:
+                continue
+            if any(t not in shipped for t in targets):
+                raise SystemExit(f"{path} imports {', '.join(targets)}, which the kit does not ship: "
+                                 "kitlib/ must stay TVM-free and self-contained (see KITLIB_MODULES)")
+        out[os.path.relpath(path, root)] = src
+    return out
+
+
+def write_runner_files(kit: str) -> None:
+    """run.py and its modules, README.md and kitlib/ (KITLIB_MODULES, as a package of their own)."""
     for name in sorted(os.listdir(RUNNER_DIR)):
         if name.endswith(".py") or name == "README.md":
             shutil.copy(os.path.join(RUNNER_DIR, name), os.path.join(kit, name))
-    for mod in (unsparse_tvm.ops.formats, unsparse_tvm.models):
-        src = open(mod.__file__).read()
-        # the only package-relative import these files have is the error class
-        src = re.sub(r"^from \.errors import .*$", "class UnsparseError(Exception):\n    pass\n", src, flags=re.M)
-        if re.search(r"^\s*from \.|^\s*import unsparse_tvm|^\s*from unsparse_tvm", src, flags=re.M):
-            raise SystemExit(f"{mod.__file__} now imports other project modules: the kit cannot ship it alone")
-        with open(os.path.join(kit, "kitlib", os.path.basename(mod.__file__)), "w") as f:
+    lib = os.path.join(kit, "kitlib")
+    for rel, src in kitlib_sources().items():
+        os.makedirs(os.path.join(lib, os.path.dirname(rel)), exist_ok=True)
+        with open(os.path.join(lib, rel), "w") as f:
             f.write(src)
+    for folder, _, _ in os.walk(lib):
+        with open(os.path.join(folder, "__init__.py"), "w") as f:
+            f.write('"""Copies of unsparse_tvm modules for the GPU kit\'s runner (benchmarks/gpu_kit_build/scaffold.py)."""\n')
 
 
 def ffi_wheel(cache: str) -> str:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
+from .. import reference
 from ..errors import MAX_SPARSITY, UnsparseError, check_sparsity
 
 # aten ops whose second argument is a weight worth pruning
@@ -30,11 +31,7 @@ def prunable_parameters(module: nn.Module, ep: torch.export.ExportedProgram | No
     Ordinary modules are recognised by type; a program loaded from .pt2 (whose `module()` has no
     nn.Conv2d left) by the graph: the weight operand of each conv/linear call.
     """
-    found = [
-        (f"{name}.weight", m, "weight")
-        for name, m in module.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
+    found = reference.prunable_layers(module)
     if found or ep is None:
         return found
     params = ep.graph_signature.inputs_to_parameters
@@ -49,15 +46,13 @@ def prunable_parameters(module: nn.Module, ep: torch.export.ExportedProgram | No
 
 
 def magnitude_prune(module: nn.Module, sparsity: float, ep: torch.export.ExportedProgram | None = None) -> nn.Module:
-    """One-shot layer-wise L1 magnitude pruning to `sparsity` of every conv/linear weight, in place."""
+    """One-shot layer-wise L1 magnitude pruning to `sparsity` of every conv/linear weight, in place
+    (reference.magnitude_prune, after the checks)."""
     check_sparsity("sparsity", sparsity)
     layers = prunable_parameters(module, ep)
     if not layers:
         raise UnsparseError("the model has no conv2d or linear layer to prune")
-    for _, owner, pname in layers:
-        tprune.l1_unstructured(owner, pname, amount=float(sparsity))
-        tprune.remove(owner, pname)  # permanent: the zeros are now in the weight itself
-    return module
+    return reference.magnitude_prune(module, sparsity, layers)
 
 
 def layer_sparsity(ep: torch.export.ExportedProgram) -> list[tuple[str, tuple[int, ...], float]]:

@@ -45,6 +45,7 @@ def compute_threads(module: nn.Module, threads: int | None = None):
     Small models always run on one thread, which costs them little."""
     if threads is None:
         small = sum(p.numel() for p in module.parameters()) < SMALL_MODEL_PARAMS
+        # the machine's count, not usable_cores(): the load average counts every core of the machine
         idle = (os.cpu_count() or 1) - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 1
         threads = 1 if small else max(1, min(torch.get_num_threads(), idle))
     before = torch.get_num_threads()

@@ -28,6 +28,7 @@ import time
 
 from ..errors import UnsparseError
 from ..hostcpu import host_features
+from ..reference import usable_cores
 from .model import BUILTIN, X86Rates
 
 FORMAT = 1
@@ -48,7 +49,7 @@ def run_threads() -> int:
     """Threads the compiled module will run with: TVM_NUM_THREADS (unsparse_tvm sets it to the usable cores
     unless the user did)."""
     env = os.environ.get("TVM_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+    return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
 
 
 def cpu_model_name() -> str:

@@ -18,6 +18,7 @@ import time
 
 from ..errors import UnsparseError
 from ..outputs import check_output_dir
+from ..reference import usable_cores
 from ..schedules import rule_for
 from .batches import _measure_defaults, _search_batch, _seed_database, _transfer_batch
 from .database import replay, skip_warning
@@ -139,7 +140,7 @@ def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = Non
         # budget: one default-knob trial per task first; the rest by measured default time once known
         allocate(states, trials)
         todo = sum(max(0, s.budget - s.trials) for s in states)
-        workers = max(1, min(os.cpu_count() or 1, 8))
+        workers = max(1, min(usable_cores(), 8))
         # XGBoost ranks candidates once a few measurements exist (upstream waits for 100: more than
         # this whole budget); short early stopping keeps each retraining well under a second
         cost_model = ms.cost_model.XGBModel(num_tuning_cores=workers, adaptive_training=True,
