@@ -256,6 +256,7 @@ def tune(model, log_dir: str, trials: int, target: str = "llvm", *, example_inpu
     from .cost.calibration import rates_for
     from .target import make_target, require_runnable
     from .tuning import tune as search
+    from .tuning.search import SearchOptions
     from .tuning.rpc import parse_tracker
 
     tgt = make_target(target, arch)
@@ -264,8 +265,8 @@ def tune(model, log_dir: str, trials: int, target: str = "llvm", *, example_inpu
         require_runnable(tgt, "tune")
     ep, _, _ = _program(model, example_input, None)
     rates = rates_for(tgt, calibrate=rpc is None, log=_calibration_note) if threshold is None else None
-    return search(ep, tgt, log_dir, trials, threshold=threshold, include_dense=include_dense, rpc=rpc, seed=seed,
-                  progress=progress, rates=rates)
+    return search(ep, tgt, log_dir, trials, threshold=threshold, include_dense=include_dense, rpc=rpc, rates=rates,
+                  options=SearchOptions(seed=seed, progress=progress))
 
 
 def calibrate(threads: int | None = None, *, store: bool = True):

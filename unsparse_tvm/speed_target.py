@@ -212,30 +212,41 @@ def _time_pair(sparse_ep, dense_ms_fn, target, rates, threads: int, repeat: int)
     return t["dense"] / t["sparse"], t["dense"], t["sparse"]
 
 
-def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, latency_ms: float | None = None,
-                    patterns=("unstructured",), data=None, threads: int = 1, repeat: int = 15, log=print):
-    """Plan, verify and return (per-layer sparsity, per-layer pattern, SpeedResult); the module is untouched."""
-    import tvm
-
-    from .bench import _vm_timer, round_robin, set_threads
-    from .build import compile_program
-    from .cost.calibration import rates_for
-    from .compress.masks import prunable_parameters
-    from .compress.config import PruneConfig, sensitivity_scan
-    from .cost.model import CostModel
-    from .models import example_input
-    from .target import make_target, require_runnable
-
+def _check_request(speedup: float | None, latency_ms: float | None) -> None:
     if (speedup is None) == (latency_ms is None):
         raise UnsparseError("give one target: --speedup S (over the dense model) or --latency-ms T")
     if speedup is not None and not speedup > 1:
         raise UnsparseError(f"--speedup must be above 1 (the dense model is 1x), got {speedup:g}")
     if latency_ms is not None and not latency_ms > 0:
         raise UnsparseError(f"--latency-ms must be positive, got {latency_ms:g}")
+
+
+@dataclass
+class _Setup:
+    """What every round needs: the target, its rates, the layers' plans, the dense model's timer and time."""
+
+    target: object
+    rates: object
+    plans: list
+    dense_timer: object
+    dense_ms: float
+
+
+def _setup(module, ep, example_shape, patterns, data, threads: int, repeat: int, log) -> _Setup:
+    import tvm
+
+    from .bench import _vm_timer, round_robin, set_threads
+    from .build import compile_program
+    from .compress.config import PruneConfig, sensitivity_scan
+    from .compress.masks import prunable_parameters
+    from .cost.calibration import rates_for
+    from .cost.model import CostModel
+    from .models import example_input
+    from .target import make_target, require_runnable
+
     target = make_target("llvm")
     require_runnable(target, "prune --speedup")
     rates = rates_for(target, log=log, threads=threads)  # the rates of the thread count it is timed at
-    cost = CostModel("llvm", rates)
     curves = None
     if data is not None:
         log("sensitivity scan per pattern (the accuracy cost of each layer's sparsity) ...")
@@ -243,13 +254,20 @@ def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, 
         curves = {p: sensitivity_scan(module, layers, data, PruneConfig(method=p)) for p in patterns}
     with torch.no_grad():
         program = torch.export.export(module.eval(), (torch.randn(*example_shape),))
-    plans = plan_layers(module, ep, program, cost, patterns, curves)
+    plans = plan_layers(module, ep, program, CostModel("llvm", rates), patterns, curves)
     dense = compile_program(program, target, sparse=False)
-    x = example_input(example_shape).numpy()
-    dense_timer = _vm_timer(dense.executable, tvm.cpu(), x)[0]
+    dense_timer = _vm_timer(dense.executable, tvm.cpu(), example_input(example_shape).numpy())[0]
     set_threads(threads)
-    dense_ms = round_robin({"dense": dense_timer}, repeat)["dense"]
-    requested = speedup if speedup is not None else dense_ms / latency_ms
+    return _Setup(target, rates, plans, dense_timer, round_robin({"dense": dense_timer}, repeat)["dense"])
+
+
+def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, latency_ms: float | None = None,
+                    patterns=("unstructured",), data=None, threads: int = 1, repeat: int = 15, log=print):
+    """Plan, verify and return (per-layer sparsity, per-layer pattern, SpeedResult); the module is untouched."""
+    _check_request(speedup, latency_ms)
+    setup = _setup(module, ep, example_shape, patterns, data, threads, repeat, log)
+    plans = setup.plans
+    requested = speedup if speedup is not None else setup.dense_ms / latency_ms
     # plans are made in predicted layer time; what no plan changes (pooling, activations) and the model's own
     # error are corrected by measuring: the request the planner gets is scaled by each round's miss
     predicted_dense = sum(p.states[0].time_us for p in plans)
@@ -257,27 +275,9 @@ def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, 
     if predicted_dense / fastest < requested * (1 - TOLERANCE):
         raise UnsparseError(f"{requested:.2f}x is out of reach on this CPU: even at 99% sparsity in every layer the "
                             f"layers are predicted at most {predicted_dense / fastest:.2f}x faster than dense "
-                            f"({dense_ms:.3f} ms)")
-    ask, best = requested, None
-    result = SpeedResult(requested, 0.0, dense_ms, 0.0)
-    for _ in range(ROUNDS):
-        reachable = allocate(plans, predicted_dense / ask)
-        if not reachable:
-            allocate(plans, fastest)  # as fast as it gets
-        pruned = apply_plan(module, ep, plans)
-        with torch.no_grad():
-            sparse_ep = torch.export.export(pruned.eval(), (torch.randn(*example_shape),))
-        achieved, d_ms, s_ms = _time_pair(sparse_ep, dense_timer, target, rates, threads, repeat)
-        result.rounds.append({"asked_of_the_layers": round(ask, 3), "speedup": round(achieved, 3), "dense_ms": d_ms,
-                              "sparse_ms": s_ms})
-        log(f"  round {len(result.rounds)}: layers planned {predicted_dense / sum(p.state.time_us for p in plans):.2f}x "
-            f"-> measured {s_ms:.3f} ms vs dense {d_ms:.3f} ms: {achieved:.2f}x (asked {requested:.2f}x)")
-        hit = achieved >= requested * (1 - TOLERANCE)
-        if best is None or (hit and (not best[2] or achieved < best[1])) or (not best[2] and achieved > best[1]):
-            best = ([p.chosen for p in plans], achieved, hit, d_ms, s_ms)
-        if requested * (1 - TOLERANCE / 2) <= achieved <= requested * (1 + TOLERANCE) or (not reachable and not hit):
-            break
-        ask *= requested / achieved  # the prediction was off by this much: ask the layers for the missing part
+                            f"({setup.dense_ms:.3f} ms)")
+    result = SpeedResult(requested, 0.0, setup.dense_ms, 0.0)
+    best = _rounds(module, ep, example_shape, setup, requested, predicted_dense, fastest, threads, repeat, result, log)
     if not best[2]:
         raise UnsparseError(f"{requested:.2f}x is out of reach on this CPU: the fastest plan measured "
                             f"{best[1]:.2f}x over dense ({best[3]:.3f} ms -> {best[4]:.3f} ms)")
@@ -291,6 +291,32 @@ def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, 
     sparsity = {p.name: p.state.sparsity for p in plans}
     pattern = {p.name: p.state.pattern for p in plans if p.state.sparsity > 0}
     return sparsity, pattern, result
+
+
+def _rounds(module, ep, example_shape, setup: _Setup, requested, predicted_dense, fastest, threads, repeat,
+            result: SpeedResult, log) -> tuple:
+    """Plan, prune, compile and time against dense, up to ROUNDS times; the best round: (the layers' chosen
+    states, measured speedup, whether it hit the request, dense ms, sparse ms)."""
+    plans, ask, best = setup.plans, requested, None
+    for _ in range(ROUNDS):
+        reachable = allocate(plans, predicted_dense / ask)
+        if not reachable:
+            allocate(plans, fastest)  # as fast as it gets
+        pruned = apply_plan(module, ep, plans)
+        with torch.no_grad():
+            sparse_ep = torch.export.export(pruned.eval(), (torch.randn(*example_shape),))
+        achieved, d_ms, s_ms = _time_pair(sparse_ep, setup.dense_timer, setup.target, setup.rates, threads, repeat)
+        result.rounds.append({"asked_of_the_layers": round(ask, 3), "speedup": round(achieved, 3), "dense_ms": d_ms,
+                              "sparse_ms": s_ms})
+        log(f"  round {len(result.rounds)}: layers planned {predicted_dense / sum(p.state.time_us for p in plans):.2f}x "
+            f"-> measured {s_ms:.3f} ms vs dense {d_ms:.3f} ms: {achieved:.2f}x (asked {requested:.2f}x)")
+        hit = achieved >= requested * (1 - TOLERANCE)
+        if best is None or (hit and (not best[2] or achieved < best[1])) or (not best[2] and achieved > best[1]):
+            best = ([p.chosen for p in plans], achieved, hit, d_ms, s_ms)
+        if requested * (1 - TOLERANCE / 2) <= achieved <= requested * (1 + TOLERANCE) or (not reachable and not hit):
+            break
+        ask *= requested / achieved  # the prediction was off by this much: ask the layers for the missing part
+    return best
 
 
 def weighted_sparsity(module, ep, sparsity: dict) -> float:

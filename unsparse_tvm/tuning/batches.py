@@ -35,7 +35,7 @@ def _args_info_json(task: Task):
     return [a.as_json() for a in ArgInfo.from_prim_func(task.mod["main"])]
 
 
-def _measure_defaults(group: list[TaskState], target, builder, runner, log_dir, bar) -> int:
+def measure_defaults(group: list[TaskState], target, builder, runner, log_dir, bar) -> int:
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     traces, mods = [], []
@@ -65,7 +65,7 @@ def _measure_defaults(group: list[TaskState], target, builder, runner, log_dir, 
     return new
 
 
-def _seed_database(db, s: TaskState, target) -> None:
+def seed_database(db, s: TaskState, target) -> None:
     """Put the task's previous records (this target) into the search's database: the evolutionary
     search starts from the best of them."""
     from tvm.s_tir.meta_schedule.database import TuningRecord
@@ -80,7 +80,7 @@ def _seed_database(db, s: TaskState, target) -> None:
             continue
 
 
-def _search_batch(s: TaskState, target, batch: int, builder, runner, cost_model, db, log_dir, bar) -> int:
+def search_batch(s: TaskState, target, batch: int, builder, runner, cost_model, db, log_dir, bar) -> int:
     """One batch of the evolutionary search for one task: at most `batch` new points are timed."""
     try:
         with timed("search"):
@@ -160,7 +160,7 @@ def _measure(s: TaskState, schedules: list, target, builder, runner, db, log_dir
     return len(schedules)
 
 
-def _transfer_batch(s: TaskState, target, builder, runner, cost_model, db, log_dir, bar) -> int:
+def transfer_batch(s: TaskState, target, builder, runner, cost_model, db, log_dir, bar) -> int:
     """Time on this task the best schedules its siblings found so far (same op and geometry: only the
     nonzero count differs, e.g. VGG's three 2x2 layers), where it has not been timed yet. Near-identical
     layers share what each learned; the search then starts from whichever is better."""

@@ -16,7 +16,7 @@ from ..cost.calibration import rates_for
 from ..target import make_target, require_runnable
 from .log import merge, show
 from .rpc import check_tracker, parse_tracker
-from .search import tune
+from .search import SearchOptions, tune
 from .state import STOP
 
 
@@ -47,8 +47,6 @@ def tune_command(req: TuneRequest) -> int:
         raise UnsparseError("--rpc-tracker needs --rpc-key (the key the RPC servers registered with)")
     if req.rpc_key and not req.rpc_tracker:
         raise UnsparseError("--rpc-key needs --rpc-tracker HOST:PORT")
-    if req.trials < 1:
-        raise UnsparseError(f"--trials must be at least 1, got {req.trials}")
     target = make_target(req.target, req.arch)
     if not req.rpc_tracker:  # measured here: built for a CPU model this one runs (remote devices: theirs)
         require_runnable(target, "tune")
@@ -82,7 +80,7 @@ def _tune_in(req: TuneRequest, target, rpc) -> int:
         # measured on remote devices: this CPU's calibration says nothing about theirs
         rates = rates_for(target, calibrate=req.calibrate and rpc is None) if req.threshold is None else None
         res = tune(ep, target, req.log_dir, req.trials, threshold=req.threshold, include_dense=req.include_dense,
-                   rpc=rpc, progress=req.progress, seed=req.seed, out=sys.stdout, rates=rates)
+                   rpc=rpc, rates=rates, options=SearchOptions(seed=req.seed, progress=req.progress), out=sys.stdout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

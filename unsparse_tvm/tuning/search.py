@@ -15,12 +15,13 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 from ..errors import UnsparseError
 from ..outputs import check_output_dir
 from ..reference import usable_cores
 from ..schedules import rule_for
-from .batches import _measure_defaults, _search_batch, _seed_database, _transfer_batch
+from .batches import measure_defaults, search_batch, seed_database, transfer_batch
 from .database import replay, skip_warning
 from .log import (WORKLOAD_FILE, LogContents, Workload, append_lines,
                   read_log, target_dict, target_identity)
@@ -100,28 +101,28 @@ def _make_context(task: Task, target, seed: int, workers: int, population: int):
     return ctx
 
 
-def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = None, include_dense: bool = False,
-         rpc: tuple[str, int, str] | None = None, batch: int = DEFAULT_BATCH, seed: int = 1,
-         progress: bool = True, population: int = 64, out=None, rates=None) -> TuneResult:
-    """Tune the model's sparse workloads for `target`, appending records to `log_dir` (the layers chosen
-    sparse at the cost model's `rates`, as `compile` chooses them)."""
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.database import MemoryDatabase
+@dataclass(frozen=True)
+class SearchOptions:
+    """How the search runs (not what it tunes)."""
 
+    batch: int = DEFAULT_BATCH      # candidates measured per batch (one log append each)
+    seed: int = 1
+    progress: bool = True
+    population: int = 64            # the evolutionary search's population per task
+
+
+def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = None, include_dense: bool = False,
+         rpc: tuple[str, int, str] | None = None, rates=None, options: SearchOptions = SearchOptions(),
+         out=None) -> TuneResult:
+    """Tune the model's sparse workloads for `target`, appending records to `log_dir` (the layers chosen
+    sparse at the cost model's `rates`, as `compile` chooses them; rpc: measure on a tracker's devices)."""
     out = out or sys.stderr
     if trials < 1:
         raise UnsparseError(f"--trials must be at least 1, got {trials}")
     start = time.perf_counter()
     check_output_dir(log_dir)
-    kind = target.kind.name
-    if rpc is None and kind == "cuda":
-        import tvm
-
-        if not tvm.cuda(0).exist:
-            raise UnsparseError("tune --target cuda measures on a GPU and this machine has none visible to TVM; "
-                                "pass --rpc-tracker HOST:PORT --rpc-key KEY to measure on GPU machines registered "
-                                "with a TVM RPC tracker")
-    runner = Runner(kind, rpc)  # checks the tracker first: fail before the slow extraction
+    _check_device(target, rpc)
+    runner = Runner(target.kind.name, rpc)  # checks the tracker first: fail before the slow extraction
     builder = None
     try:
         with timed("extract"):
@@ -130,77 +131,11 @@ def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = Non
             rule = f"threshold {threshold}" if threshold is not None else "by predicted time"
             raise UnsparseError(f"no layer to tune: no conv/linear runs sparse ({rule})"
                                 + ("" if include_dense else " (pass --sparsity S to prune first, or --include-dense)"))
-        log = read_log(log_dir)
-        ident = target_identity(target)
-        states = [TaskState(t) for t in tasks]
-        skipped = _load_existing(log, states, ident)
-        if log.corrupt or skipped:
-            print(skip_warning(log_dir, log.corrupt, skipped, ident), file=sys.stderr)
-        _register_workloads(log_dir, log, states)
-        # budget: one default-knob trial per task first; the rest by measured default time once known
-        allocate(states, trials)
-        todo = sum(max(0, s.budget - s.trials) for s in states)
+        log, states, skipped = _states(log_dir, tasks, target)
+        allocate(states, trials)  # one default-knob trial per task first; the rest by measured default time
         workers = max(1, min(usable_cores(), 8))
-        # XGBoost ranks candidates once a few measurements exist (upstream waits for 100: more than
-        # this whole budget); short early stopping keeps each retraining well under a second
-        cost_model = ms.cost_model.XGBModel(num_tuning_cores=workers, adaptive_training=True,
-                                            num_warmup_samples=min(16, max(4, trials // 4)),
-                                            early_stopping_rounds=10, verbose_eval=10**6)
-        bar = progress_bar(todo, progress, out)
         builder = Builder(workers)
-        new = 0
-        interrupted = False
-        try:
-            # 1. the default knobs (a record like any other: the best record is never worse than the default)
-            pending = [s for s in states if s.budget > 0 and "default" not in s.measured]
-            for i in range(0, len(pending), batch):
-                group = pending[i:i + batch]
-                with timed("defaults"):
-                    new += _measure_defaults(group, target, builder, runner, log_dir, bar)
-            allocate(states, trials)  # now by measured default time
-            bar.total = new + sum(max(0, s.budget - s.trials) for s in states)
-            bar.refresh()
-            # 2. rounds over the tasks, heaviest first: each round times the best schedules of a task's
-            # siblings (near-identical layers) on it, then a batch of the evolutionary search; the first
-            # round's batch is half the task's budget, so that siblings have something to share
-            groups: dict[tuple, list[TaskState]] = {}
-            for s in states:
-                groups.setdefault(sibling_key(s.task), []).append(s)
-            for s in states:
-                s.siblings = [t for t in groups[sibling_key(s.task)] if t is not s]
-            dbs = {}
-            active = [s for s in states if s.budget > s.trials]
-            while active:
-                for s in active:
-                    if s.ctx is None:
-                        db = dbs[s.task.shash] = MemoryDatabase()
-                        _seed_database(db, s, target)
-                        s.ctx = _make_context(s.task, target, seed + states.index(s), workers, population)
-                        with timed("pre_tuning"):
-                            s.ctx.pre_tuning(max_trials=4 * (s.budget - s.trials) + batch,
-                                             num_trials_per_iter=batch, design_spaces=s.ctx.generate_design_space(),
-                                             database=db, cost_model=cost_model)
-                    db = dbs[s.task.shash]
-                    if s.rounds:
-                        new += _transfer_batch(s, target, builder, runner, cost_model, db, log_dir, bar)
-                    size = batch if s.rounds else min(batch, max(2, (s.budget - s.trials) // 2))
-                    if s.budget > s.trials:
-                        new += _search_batch(s, target, size, builder, runner, cost_model, db, log_dir, bar)
-                    s.rounds += 1
-                active = [s for s in active if not s.done and s.budget > s.trials]
-        except (KeyboardInterrupt, RuntimeError) as err:
-            # Ctrl-C / kill while C++ called back into Python (runner, cost model) arrives as a RuntimeError
-            if not (isinstance(err, KeyboardInterrupt) or STOP["requested"]):
-                raise
-            interrupted = True
-        finally:
-            bar.close()
-            for s in states:
-                if s.ctx is not None:
-                    try:
-                        s.ctx.post_tuning()
-                    except Exception:  # a half-finished batch: nothing to clean up that matters
-                        pass
+        new, interrupted = _search(states, target, trials, builder, runner, log_dir, workers, options, out)
         if os.environ.get("UNSPARSE_TUNE_PROFILE"):
             print("tuning phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in PROFILE.items()), file=out)
         return TuneResult(log_dir, states, new, time.perf_counter() - start, interrupted, skipped, log.corrupt)
@@ -208,6 +143,100 @@ def tune(ep, target, log_dir: str, trials: int, *, threshold: float | None = Non
         if builder is not None:
             builder.close()
         runner.close()
+
+
+def _check_device(target, rpc) -> None:
+    if rpc is None and target.kind.name == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise UnsparseError("tune --target cuda measures on a GPU and this machine has none visible to TVM; "
+                                "pass --rpc-tracker HOST:PORT --rpc-key KEY to measure on GPU machines registered "
+                                "with a TVM RPC tracker")
+
+
+def _states(log_dir: str, tasks: list[Task], target) -> tuple[LogContents, list[TaskState], int]:
+    """The log, one TaskState per task with its records of this target attached, how many were of another."""
+    log = read_log(log_dir)
+    ident = target_identity(target)
+    states = [TaskState(t) for t in tasks]
+    skipped = _load_existing(log, states, ident)
+    if log.corrupt or skipped:
+        print(skip_warning(log_dir, log.corrupt, skipped, ident), file=sys.stderr)
+    _register_workloads(log_dir, log, states)
+    return log, states, skipped
+
+
+def _search(states, target, trials, builder, runner, log_dir, workers, options, out) -> tuple[int, bool]:
+    """(new trials, interrupted): the default knobs of every task, then the search rounds; Ctrl-C or kill
+    ends it with every measured batch in the log."""
+    from tvm.s_tir import meta_schedule as ms
+
+    # XGBoost ranks candidates once a few measurements exist (upstream waits for 100: more than this whole
+    # budget); short early stopping keeps each retraining well under a second
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=workers, adaptive_training=True,
+                                        num_warmup_samples=min(16, max(4, trials // 4)),
+                                        early_stopping_rounds=10, verbose_eval=10**6)
+    bar = progress_bar(sum(max(0, s.budget - s.trials) for s in states), options.progress, out)
+    new, interrupted = 0, False
+    try:
+        # 1. the default knobs (a record like any other: the best record is never worse than the default)
+        pending = [s for s in states if s.budget > 0 and "default" not in s.measured]
+        for i in range(0, len(pending), options.batch):
+            with timed("defaults"):
+                new += measure_defaults(pending[i:i + options.batch], target, builder, runner, log_dir, bar)
+        allocate(states, trials)  # now by measured default time
+        bar.total = new + sum(max(0, s.budget - s.trials) for s in states)
+        bar.refresh()
+        new += _rounds(states, target, builder, runner, cost_model, log_dir, bar, workers, options)
+    except (KeyboardInterrupt, RuntimeError) as err:
+        # Ctrl-C / kill while C++ called back into Python (runner, cost model) arrives as a RuntimeError
+        if not (isinstance(err, KeyboardInterrupt) or STOP["requested"]):
+            raise
+        interrupted = True
+    finally:
+        bar.close()
+        for s in states:
+            if s.ctx is not None:
+                try:
+                    s.ctx.post_tuning()
+                except Exception:  # a half-finished batch: nothing to clean up that matters
+                    pass
+    return new, interrupted
+
+
+def _rounds(states, target, builder, runner, cost_model, log_dir, bar, workers, options) -> int:
+    """Rounds over the tasks, heaviest first: each round times the best schedules of a task's siblings
+    (near-identical layers) on it, then a batch of the evolutionary search; the first round's batch is half
+    the task's budget, so that siblings have something to share."""
+    from tvm.s_tir.meta_schedule.database import MemoryDatabase
+
+    groups: dict[tuple, list[TaskState]] = {}
+    for s in states:
+        groups.setdefault(sibling_key(s.task), []).append(s)
+    for s in states:
+        s.siblings = [t for t in groups[sibling_key(s.task)] if t is not s]
+    dbs, new, batch = {}, 0, options.batch
+    active = [s for s in states if s.budget > s.trials]
+    while active:
+        for s in active:
+            if s.ctx is None:
+                db = dbs[s.task.shash] = MemoryDatabase()
+                seed_database(db, s, target)
+                s.ctx = _make_context(s.task, target, options.seed + states.index(s), workers, options.population)
+                with timed("pre_tuning"):
+                    s.ctx.pre_tuning(max_trials=4 * (s.budget - s.trials) + batch, num_trials_per_iter=batch,
+                                     design_spaces=s.ctx.generate_design_space(), database=db,
+                                     cost_model=cost_model)
+            db = dbs[s.task.shash]
+            if s.rounds:
+                new += transfer_batch(s, target, builder, runner, cost_model, db, log_dir, bar)
+            size = batch if s.rounds else min(batch, max(2, (s.budget - s.trials) // 2))
+            if s.budget > s.trials:
+                new += search_batch(s, target, size, builder, runner, cost_model, db, log_dir, bar)
+            s.rounds += 1
+        active = [s for s in active if not s.done and s.budget > s.trials]
+    return new
 
 
 def _load_existing(log: LogContents, states: list[TaskState], ident: tuple) -> int:
