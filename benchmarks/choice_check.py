@@ -31,7 +31,9 @@ def _rows_stats(rows) -> dict:
 def measure(model: str, sparsity: float, threads: int, repeat: int) -> list[dict]:
     import tvm
 
-    from unsparse_tvm.bench import _compile_layer, _vm_timer, extract_layers, layer_module, round_robin, set_threads
+    from unsparse_tvm.bench_layers import compile_layer
+    from unsparse_tvm.single_layer import extract_layers, layer_module
+    from unsparse_tvm.timing import round_robin, set_threads, vm_timer
     from unsparse_tvm.compress.prune import load_model_program
     from unsparse_tvm.target import make_target
 
@@ -44,12 +46,12 @@ def measure(model: str, sparsity: float, threads: int, repeat: int) -> list[dict
         mod = layer_module(spec)
         x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
         report: list = []
-        sparse = _compile_layer(mod, target, 0.0, True, names, report)  # forced sparse, the format the pass packs
-        dense = _compile_layer(mod, target, None, False)
+        sparse = compile_layer(mod, target, 0.0, True, names, report)  # forced sparse, the format the pass packs
+        dense = compile_layer(mod, target, None, False)
         d = report[0]
         if d.decision != "sparse":  # grouped/depthwise convs: never sparse, nothing to choose
             continue
-        timers = {"sparse": _vm_timer(sparse, tvm.cpu(), x)[0], "dense": _vm_timer(dense, tvm.cpu(), x)[0]}
+        timers = {"sparse": vm_timer(sparse, tvm.cpu(), x)[0], "dense": vm_timer(dense, tvm.cpu(), x)[0]}
         t = round_robin(timers, repeat, min_batch_ms=5.0)
         row = {"name": d.name, "op": spec.op, "weight": list(spec.weight.shape), "input": list(spec.input_shape),
                "attrs": spec.attrs, "sparsity": d.sparsity, "fmt": d.format, "padded": d.padded, "nnz": d.nnz,

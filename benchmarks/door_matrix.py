@@ -40,7 +40,7 @@ def check_model(model: str, folder: str, timing: bool = False, repeat: int = 9) 
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.bench import _vm_timer, round_robin, set_threads
+    from unsparse_tvm.timing import round_robin, set_threads, vm_timer
     from unsparse_tvm.build import compile_onnx, compile_program
     from unsparse_tvm.dynamo import UnsparseFallback
     from unsparse_tvm.target import make_target
@@ -55,7 +55,7 @@ def check_model(model: str, folder: str, timing: bool = False, repeat: int = 9) 
     pt2 = compile_program(ep, target)
     decisions = {r.name: (r.decision, r.format) for r in pt2.report}
     row = {"model": model, "layers": len(decisions), "sparse": sum(d == "sparse" for d, _ in decisions.values())}
-    timers = {"pt2": _vm_timer(pt2.executable, tvm.cpu(), x.numpy())[0]}
+    timers = {"pt2": vm_timer(pt2.executable, tvm.cpu(), x.numpy())[0]}
     for exporter in EXPORTERS:
         path = export_onnx(module, x, os.path.join(folder, f"{exporter}.onnx"), exporter)
         compiled = compile_onnx(path, target, log=lambda _: None)
@@ -65,7 +65,7 @@ def check_model(model: str, folder: str, timing: bool = False, repeat: int = 9) 
         out = (out if hasattr(out, "numpy") else out[0]).numpy()
         row[f"onnx_{exporter}"] = {"decisions_equal": got == decisions,
                                    "error_vs_onnxruntime": rel_error(out, ort_outputs(path, x.numpy())[0])}
-        timers[f"onnx_{exporter}"] = _vm_timer(compiled.executable, tvm.cpu(), x.numpy())[0]
+        timers[f"onnx_{exporter}"] = vm_timer(compiled.executable, tvm.cpu(), x.numpy())[0]
     torch._dynamo.reset()
     import warnings
 

@@ -65,7 +65,7 @@ def main() -> None:
 
     from unsparse_tvm.frontend import import_program
     from unsparse_tvm.parallel_build import compile_module
-    from unsparse_tvm.peers import _onnxruntime, export_onnx
+    from unsparse_tvm.peers import export_onnx, onnxruntime_call
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.target import make_target
 
@@ -85,7 +85,7 @@ def main() -> None:
             xt = tvm.runtime.tensor(x.numpy())
             times[name] = _time(lambda: vm["main"](xt), args.repeat)
         with tempfile.TemporaryDirectory() as d:
-            ort = _onnxruntime(export_onnx(ep, x, d), x.numpy(), args.threads)
+            ort = onnxruntime_call(export_onnx(ep, x, d), x.numpy(), args.threads)
             times["ort"] = _time(ort, args.repeat)
         label = f"dw c{c} {h}x{h} k{k} s{s} {act}"
         print(f"{label:28s} {times['ours']:9.1f} {times['fallback']:12.1f} {times['ort']:9.1f}  "

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 import platform
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import tvm
-from tvm import relax
 
 from .build import activation_ranges, compile_program
 from .cost.calibration import rates_for
 from .compress.prune import load_model_program
-from .cuda_package import building_for, embed_device_code
-from .single_layer import LayerSpec, extract_layers, layer_flops, layer_module
+from .single_layer import extract_layers, layer_flops
 from .errors import UnsparseError
 from .reference import rel_error, usable_cores
 from .frontend import program_input_shape, read_quantization
@@ -32,88 +28,31 @@ from .models import example_input
 from .outputs import check_output, write_text
 from .peers import INT8_PEERS, INT8_TOLERANCE, PEERS, peer_callables
 from .peers_deepsparse import ready as deepsparse_ready
-from .relay_passes import build_pipeline
 from .target import make_target, require_runnable
+from .bench_layers import bench_layers, choice_summary
+from .timing import call_timer, round_robin, set_threads, vm_timer, warn_if_busy
 from .tuning.database import open_database
 
 
-def torch_layer(spec: LayerSpec, device: str):
-    """The same layer as PyTorch eager would run it (dense weights)."""
-    w = torch.from_numpy(spec.weight).to(device)
-    b = torch.from_numpy(spec.bias).to(device) if spec.bias is not None else None
+@dataclass
+class _Run:
+    """One bench run's fixed parts: the target and device, the program and its input, the quantisation."""
 
-    def run(x):
-        if spec.op == "conv2d":
-            t, l, bt, r = spec.attrs["padding"]
-            if (t, l) != (bt, r):
-                x = F.pad(x, (l, r, t, bt))
-                t = l = 0
-            y = F.conv2d(x, w, b, spec.attrs["strides"], (t, l), spec.attrs["dilation"], spec.attrs["groups"])
-        else:
-            y = F.linear(x, w, b)
-        return F.relu(y) if spec.relu else y
+    target: object
+    dev: object
+    gpu: bool
+    arch: str | None
+    ep: object
+    x: object                 # torch tensor (the seeded input)
+    quant: dict | None
+    threshold: float | None
+    rates: object
 
-    return run
+    def timer(self, compiled):
+        return vm_timer(compiled.executable, self.dev, self.x.numpy(), self.gpu, self.arch)
 
-
-def warn_if_busy() -> float:
-    """Other processes on the cores distort every figure, PyTorch's OpenMP threads most of all
-    (measured here: 5-50x slower eager inference while another process used one of two cores)."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1  # the load average counts the whole machine
-    if load > 0.5 * cores:
-        print(f"warning: the machine is busy (1-minute load {load:.1f} on {cores} cores); "
-              "timings, PyTorch's above all, are unreliable: re-run on an idle machine")
-    return load
-
-
-def _timer(fn, sync=None):
-    """A callable timing one batch of `number` calls, returning ms per call."""
-    def measure(number: int) -> float:
-        if sync:
-            sync()
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        if sync:
-            sync()
-        return (time.perf_counter() - start) / number * 1e3
-    return measure
-
-
-def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0) -> dict[str, float]:
-    """Median ms per call of each contender, measured in alternating rounds after a warm-up."""
-    numbers = {}
-    for name, measure in contenders.items():
-        measure(2)  # warm-up (first-call allocations, thread pool start)
-        once = max(measure(1), 1e-3)
-        numbers[name] = max(1, int(min_batch_ms / once))
-    samples = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, measure in contenders.items():
-            # let the other runtime's worker threads go idle (TVM's pool and PyTorch's OpenMP threads
-            # both spin after a call and would steal this contender's cores), then one untimed call
-            time.sleep(0.01)
-            measure(1)
-            samples[name].append(measure(numbers[name]))
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def _vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None):
-    if gpu:  # in-memory CUDA modules carry source: compile it with nvcc, as `compile` does
-        embed_device_code(executable, arch)
-    vm = relax.VirtualMachine(executable, dev)
-    x = tvm.runtime.tensor(x_np, dev)
-    fn = vm["main"]
-    out = fn(x)
-    out = out if hasattr(out, "numpy") else out[0]
-    sync = dev.sync if gpu else None
-    return _timer(lambda: fn(x), sync), out.numpy()
-
-
-def set_threads(n: int) -> None:
-    """n threads for TVM's pool and PyTorch's (the peers take theirs when built)."""
-    torch.set_num_threads(n)
-    tvm.get_global_func("runtime.config_threadpool")(1, n)  # 1: TVM's "big cores" mode, i.e. all of them
+    def compile(self, **options):
+        return compile_program(self.ep, self.target, threshold=self.threshold, **options)
 
 
 def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
@@ -128,50 +67,77 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     require_runnable(target, "bench")
     # before the model is even loaded: a bad log is found in a second, not after two compiles
     database = open_database(tuning_log, target) if tuning_log is not None else None
-    arch = str(target.attrs["arch"]) if target_name == "cuda" else None
-    dev = tvm.cuda(0) if target_name == "cuda" else tvm.cpu(0)
-    if target_name == "cuda" and (not dev.exist or not torch.cuda.is_available()):
+    gpu = target_name == "cuda"
+    dev = tvm.cuda(0) if gpu else tvm.cpu(0)
+    if gpu and (not dev.exist or not torch.cuda.is_available()):
         raise UnsparseError("bench --target cuda needs a CUDA GPU visible to both TVM and PyTorch")
-    torch_dev = "cuda" if target_name == "cuda" else "cpu"
     torch.set_num_threads(usable_cores())  # PyTorch and TVM both get every core
     ep = load_model_program(model, sparsity, batch=batch)
-    shape = program_input_shape(ep)
-    x = example_input(shape, seed)
-    x_np = x.numpy()
-
-    quant = read_quantization(model) if model.endswith(".pt2") else None  # quantised kernels where it says
-    rates = rates_for(target, calibrate=calibrate) if threshold is None else None  # as `compile` chooses
+    run = _Run(target, dev, gpu, str(target.attrs["arch"]) if gpu else None, ep,
+               example_input(program_input_shape(ep), seed),
+               read_quantization(model) if model.endswith(".pt2") else None,  # quantised kernels where it says
+               threshold, rates_for(target, calibrate=calibrate) if threshold is None else None)  # as compile
     print(f"compiling {model} for {target_name}: sparse, then dense (TVM without the sparse pass)")
-    sparse = compile_program(ep, target, threshold=threshold, sparse=True, quant=quant, rates=rates)
-    dense = compile_program(ep, target, threshold=threshold, sparse=False)
+    contenders, outputs, weight_bytes = _variants(run, database)
+    ref = _torch_contender(run, contenders)
+    errors = _check(outputs, ref)
+    ranges = activation_ranges(run.quant) if not gpu else None
+    if peers is None and ranges:  # int8 execution meets int8 runtimes by default
+        peers = [p for p in INT8_PEERS if p != "deepsparse_int8" or deepsparse_ready()]
+    threads = threads or [usable_cores()]
+    by_threads = _time_threads(run, contenders, peers if not gpu else None, threads, repeat, ref, errors,
+                               _calibration_samples(run.quant, run.x.shape) if ranges else None)
+    result = _result(run, model, sparsity, by_threads, threads, errors, weight_bytes)
+    if layers:
+        # one thread for the per-layer table: with two, TVM's and PyTorch's pools spin against each other
+        # between these short calls (PyTorch's layers measured 5-50x slower, whatever their size)
+        set_threads(1)
+        result["layers_threads"] = 1
+        result["layers"] = bench_layers(ep, target, dev, "cuda" if gpu else "cpu", threshold, repeat, run.quant,
+                                        run.rates)
+    return result
+
+
+def _variants(run: _Run, database) -> tuple[dict, dict, dict]:
+    """(timers, outputs, weight bytes) of every compiled variant: sparse, dense, and where they apply the
+    same sparse model on fp32 weights, its int8 execution, and the tuned records."""
+    sparse = run.compile(sparse=True, quant=run.quant, rates=run.rates)
+    dense = run.compile(sparse=False)
     contenders, outputs = {}, {}
-    contenders["unsparse"], outputs["unsparse"] = _vm_timer(sparse.executable, dev, x_np, target_name == "cuda", arch)
+    contenders["unsparse"], outputs["unsparse"] = run.timer(sparse)
     weight_bytes = {"unsparse": _weight_bytes(sparse.report), "tvm_dense": _weight_bytes(sparse.report, dense=True)}
-    if quant is not None:  # the same sparse model on fp32 weights, timed alongside: what quantisation buys
-        fp32 = compile_program(ep, target, threshold=threshold, sparse=True, rates=rates)
-        contenders["unsparse_fp32"], outputs["unsparse_fp32"] = _vm_timer(fp32.executable, dev, x_np,
-                                                                           target_name == "cuda", arch)
+    if run.quant is not None:  # the same sparse model on fp32 weights, timed alongside: what quantisation buys
+        fp32 = run.compile(sparse=True, rates=run.rates)
+        contenders["unsparse_fp32"], outputs["unsparse_fp32"] = run.timer(fp32)
         weight_bytes["unsparse_fp32"] = _weight_bytes(fp32.report)
-    contenders["tvm_dense"], outputs["tvm_dense"] = _vm_timer(dense.executable, dev, x_np, target_name == "cuda", arch)
-    ranges = activation_ranges(quant) if target_name == "llvm" else None
+    contenders["tvm_dense"], outputs["tvm_dense"] = run.timer(dense)
+    ranges = activation_ranges(run.quant) if not run.gpu else None
     if ranges:  # a .pt2 from `quantize --activations int8`: its int8 execution too, next to fp32 sparse
-        int8 = compile_program(ep, target, threshold=threshold, sparse=True, activations=ranges, rates=rates)
-        contenders["unsparse_int8"], outputs["unsparse_int8"] = _vm_timer(int8.executable, dev, x_np)
+        contenders["unsparse_int8"], outputs["unsparse_int8"] = run.timer(
+            run.compile(sparse=True, activations=ranges, rates=run.rates))
     if database is not None:  # only records of this target
-        tuned = compile_program(ep, target, threshold=threshold, sparse=True, database=database, rates=rates)
+        tuned = run.compile(sparse=True, database=database, rates=run.rates)
         print(database.summary())
-        contenders["unsparse_tuned"], outputs["unsparse_tuned"] = _vm_timer(tuned.executable, dev, x_np, target_name == "cuda", arch)
-    net = ep.module().to(torch_dev)
-    xt = x.to(torch_dev)
-    sync = torch.cuda.synchronize if torch_dev == "cuda" else None
+        contenders["unsparse_tuned"], outputs["unsparse_tuned"] = run.timer(tuned)
+    return contenders, outputs, weight_bytes
+
+
+def _torch_contender(run: _Run, contenders: dict):
+    """PyTorch eager on the same program and input, added to the contenders; its output (the reference)."""
+    device = "cuda" if run.gpu else "cpu"
+    net, xt = run.ep.module().to(device), run.x.to(device)
 
     def torch_call():
         with torch.no_grad():
             return net(xt)
 
     ref = torch_call()
-    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).cpu().numpy()
-    contenders["torch"] = _timer(torch_call, sync)
+    contenders["torch"] = call_timer(torch_call, torch.cuda.synchronize if run.gpu else None)
+    return (ref[0] if isinstance(ref, (tuple, list)) else ref).cpu().numpy()
+
+
+def _check(outputs: dict, ref) -> dict:
+    """Every variant's error against PyTorch; a wrong one is refused before anything is timed."""
     errors = {k: rel_error(v, ref) for k, v in outputs.items()}
     for name, err in errors.items():
         if name == "unsparse_int8":  # quantisation error on a random input, not a wrong kernel: tests check
@@ -180,52 +146,52 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
             continue
         if err > 1e-3:
             raise UnsparseError(f"{name} output differs from PyTorch (max relative error {err:.2e}); not timing it")
-    if peers is None and ranges and target_name == "llvm":  # int8 execution meets int8 runtimes by default
-        peers = [p for p in INT8_PEERS if p != "deepsparse_int8" or deepsparse_ready()]
-    calibration = _calibration_samples(quant, shape) if ranges else None
+    return errors
+
+
+def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, calibration) -> dict:
+    """Per thread count: the peers built (each checked against PyTorch), then every contender timed in
+    alternating rounds; ms by contender."""
     by_threads = {}
-    threads = threads or [usable_cores()]
     with tempfile.TemporaryDirectory(prefix="unsparse-peers-") as onnx_dir:  # one ONNX export for every count
         for n in threads:
             set_threads(n)
             timed = dict(contenders)
-            if peers and target_name == "llvm":
+            if peers:
                 print(f"building the peers for {n} thread(s): {', '.join(peers)}")
-                for name, call in peer_callables(ep, x, n, peers, onnx_dir, calibration).items():
+                for name, call in peer_callables(run.ep, run.x, n, peers, onnx_dir, calibration).items():
                     errors[name] = rel_error(call(), ref)
                     limit = INT8_TOLERANCE if name.endswith("_int8") else 1e-3
                     if errors[name] > limit:  # one line, and the other peers still run
                         print(f"skipping {name}: its output differs from PyTorch (max relative error "
                               f"{errors[name]:.2e}, more than {limit:g})")
                         continue
-                    timed[name] = call.measure if hasattr(call, "measure") else _timer(call)
+                    timed[name] = call.measure if hasattr(call, "measure") else call_timer(call)
             warn_if_busy()
             print(f"timing end to end with {n} thread(s) ({repeat} rounds)")
             by_threads[str(n)] = {f"{k}_ms": v for k, v in round_robin(timed, repeat).items()}
+    return by_threads
 
-    specs, _ = extract_layers(ep)
+
+def _result(run: _Run, model, sparsity, by_threads, threads, errors, weight_bytes) -> dict:
+    specs, _ = extract_layers(run.ep)
     dense_flops, useful_flops = (sum(f) for f in zip(*(layer_flops(sp) for sp in specs))) if specs else (0.0, 0.0)
-    result = {
+    last = by_threads[str(threads[-1])]
+    kind = run.target.kind.name
+    return {
         "flops": {"dense_gflop": dense_flops / 1e9, "useful_gflop": useful_flops / 1e9},
-        "model": model, "target": target_name, "arch": arch, "sparsity": sparsity, "threshold": threshold,
-        "batch": shape[0], "input_shape": list(shape),
-        "end_to_end": by_threads[str(threads[-1])],  # the last thread count
+        "model": model, "target": kind, "arch": run.arch, "sparsity": sparsity, "threshold": run.threshold,
+        "batch": int(run.x.shape[0]), "input_shape": list(run.x.shape),
+        "end_to_end": last,  # the last thread count
         "by_threads": by_threads,
         "max_rel_error_vs_torch": errors,
-        "quantization": quant.get("scheme") if quant else None,
-        "cost_model": (rates.source if rates is not None else "threshold") if target_name == "llvm" else "perf_model",
+        "quantization": run.quant.get("scheme") if run.quant else None,
+        "cost_model": (run.rates.source if run.rates is not None else "threshold") if kind == "llvm" else "perf_model",
         # conv/linear weight bytes each variant stores; PyTorch and the peers run the dense fp32 weights
-        "weight_bytes": {**{k[:-3]: weight_bytes["tvm_dense"] for k in by_threads[str(threads[-1])]}, **weight_bytes},
+        "weight_bytes": {**{k[:-3]: weight_bytes["tvm_dense"] for k in last}, **weight_bytes},
         "layers": [],
-        "machine": {**_machine(target_name), "load_before_timing": os.getloadavg()[0]},
+        "machine": {**_machine(kind), "load_before_timing": os.getloadavg()[0]},
     }
-    if layers:
-        # one thread for the per-layer table: with two, TVM's and PyTorch's pools spin against each other
-        # between these short calls (PyTorch's layers measured 5-50x slower, whatever their size)
-        set_threads(1)
-        result["layers_threads"] = 1
-        result["layers"] = bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant, rates)
-    return result
 
 
 def _calibration_samples(quant: dict, shape) -> list[np.ndarray]:
@@ -244,77 +210,6 @@ def _weight_bytes(report: list, dense: bool = False) -> int:
     """Bytes of the conv/linear weights a compiled variant stores (dense: every layer of the report as fp32;
     a compile without the sparse pass reports no layers)."""
     return int(sum(int(np.prod(r.shape)) * 4 if dense else r.weight_bytes for r in report))
-
-
-def bench_layers(ep, target, dev, torch_dev, threshold, repeat, quant: dict | None = None, rates=None) -> list[dict]:
-    """Per layer: the kernel the compile chose, TVM's dense kernel and PyTorch, and, where the compile
-    chose dense, the sparse kernel it passed over, so that every row says whether the choice was right
-    (`other_ms`: the kernel not chosen; `choice_regret`: chosen / the faster of the two)."""
-    specs, names = extract_layers(ep)
-    rows = []
-    print(f"timing {len(specs)} layers one by one (one thread)")
-    gpu = torch_dev == "cuda"
-    arch = str(target.attrs["arch"]) if gpu else None
-    for spec in specs:
-        mod = layer_module(spec)
-        x_np = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
-        layer_report: list = []  # this layer's own decision (same weights and threshold as in the model)
-        sparse = _compile_layer(mod, target, threshold, True, names, layer_report, quant, rates)
-        decision = layer_report[0]
-        chose_sparse = decision.decision == "sparse"
-        dense = _compile_layer(mod, target, threshold, False)
-        contenders = {}
-        contenders["unsparse"], y = _vm_timer(sparse, dev, x_np, gpu, arch)
-        contenders["tvm_dense"], _ = _vm_timer(dense, dev, x_np, gpu, arch)
-        if not chose_sparse and decision.dense_us:  # costed and chosen dense: the sparse kernel it passed over
-            forced = _compile_layer(mod, target, 0.0, True, names, [], quant)
-            contenders["sparse_not_chosen"], _ = _vm_timer(forced, dev, x_np, gpu, arch)
-        run = torch_layer(spec, torch_dev)
-        xt = torch.from_numpy(x_np).to(torch_dev)
-        sync = torch.cuda.synchronize if torch_dev == "cuda" else None
-        with torch.no_grad():
-            ref = run(xt).cpu().numpy()
-        contenders["torch"] = _timer(lambda: run(xt), sync)
-        with torch.no_grad():
-            t = round_robin(contenders, max(5, repeat // 2), min_batch_ms=5.0)
-        other = t["tvm_dense"] if chose_sparse else t.get("sparse_not_chosen")
-        dense_flops, useful_flops = layer_flops(spec)
-        best_dense = min(t["tvm_dense"], t["torch"])  # the faster dense kernel on this layer
-        rows.append({
-            "name": decision.name, "op": spec.op, "shape": list(spec.weight.shape), "input_shape": list(spec.input_shape),
-            "sparsity": decision.sparsity, "format": decision.format if chose_sparse else "dense",
-            "precision": decision.precision, "weight_bytes": decision.weight_bytes,
-            "unsparse_ms": t["unsparse"], "tvm_dense_ms": t["tvm_dense"], "torch_ms": t["torch"],
-            "other_ms": other, "choice_regret": t["unsparse"] / min(t["unsparse"], other) if other else None,
-            "predicted_us": {"sparse": decision.sparse_us, "dense": decision.dense_us, "format": decision.format}
-            if decision.dense_us else None,
-            "max_rel_error": rel_error(y, ref),
-            # the gap to the limit: useful GFLOP/s (nonzero FMAs x 2 / our time) against the dense rate
-            "useful_gflops": useful_flops / t["unsparse"] / 1e6, "dense_gflops": dense_flops / best_dense / 1e6,
-        })
-    return rows
-
-
-CHOICE_TOLERANCE = 1.10  # a chosen kernel within 10% of the other one counts as a right choice (timing noise)
-
-
-def choice_summary(layers: list[dict]) -> str | None:
-    """One line: on how many costed layers the compile chose the slower kernel by more than 10%, the worst."""
-    costed = [l for l in layers if l.get("choice_regret") is not None]
-    if not costed:
-        return None
-    wrong = sorted((l for l in costed if l["choice_regret"] > CHOICE_TOLERANCE), key=lambda l: -l["choice_regret"])
-    text = f"kernel choice: {len(costed) - len(wrong)} of {len(costed)} layers within 10% of the faster kernel"
-    if wrong:
-        text += "; slower by more: " + ", ".join(f"{l['name']} ({l['format']}, {l['choice_regret']:.2f}x)" for l in wrong[:5])
-    return text
-
-
-def _compile_layer(mod, target, threshold, sparse, names=None, report=None, quant=None, rates=None):
-    pipeline = build_pipeline(target, threshold=threshold, sparse=sparse, names=names, report=report, quant=quant,
-                              rates=rates)
-    with building_for(target):
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
 def _machine(target_name: str) -> dict:

@@ -93,7 +93,7 @@ def int8_onnx(fp32_path: str, batches: list[np.ndarray]) -> str:
     return path
 
 
-def _onnxruntime(path: str, x_np: np.ndarray, threads: int):  # fp32 or QDQ int8: the file says
+def onnxruntime_call(path: str, x_np: np.ndarray, threads: int):  # fp32 or QDQ int8: the file says
     import onnxruntime as ort  # deferred: an optional extra (peers), imported only when asked for
 
     opts = ort.SessionOptions()
@@ -104,7 +104,7 @@ def _onnxruntime(path: str, x_np: np.ndarray, threads: int):  # fp32 or QDQ int8
     return lambda: sess.run(None, feed)[0]
 
 
-def _openvino(path: str, x_np: np.ndarray, threads: int):
+def openvino_call(path: str, x_np: np.ndarray, threads: int):
     import openvino as ov  # deferred likewise
 
     # f32: on CPUs with AVX-512 BF16 it would otherwise run bf16; a QDQ model runs its int8 kernels either way
@@ -114,7 +114,7 @@ def _openvino(path: str, x_np: np.ndarray, threads: int):
     return lambda: request.infer({0: x_np})[out]
 
 
-def _torch_compile(ep, x):
+def torch_compile_call(ep, x):
     import torch
 
     fn = torch.compile(ep.module())  # per thread count: Inductor bakes the thread count into its C++ kernels
@@ -127,7 +127,7 @@ def _torch_compile(ep, x):
     return call
 
 
-def _unsparse_torch_compile(ep, x):
+def unsparse_torch_compile_call(ep, x):
     """torch.compile(model, backend="unsparse") on the same program: the .so path's kernels, called through
     Dynamo's guards and the backend's argument binding (what a torch.compile user gets)."""
     import torch
@@ -165,18 +165,18 @@ def peer_callables(ep, x, threads: int, peers: list[str], onnx_dir: str, calibra
             elif peer in ("onnxruntime_int8", "openvino_int8"):
                 path = int8_onnx(export_onnx(ep, x, onnx_dir), batches)
             if peer.startswith("onnxruntime"):
-                calls[peer] = _onnxruntime(path, x_np, threads)
+                calls[peer] = onnxruntime_call(path, x_np, threads)
             elif peer.startswith("openvino"):
-                calls[peer] = _openvino(path, x_np, threads)
+                calls[peer] = openvino_call(path, x_np, threads)
             elif peer.startswith("deepsparse"):
                 from .peers_deepsparse import Worker
 
                 path = export_onnx(ep, x, onnx_dir, opset=17)
                 calls[peer] = Worker(int8_onnx(path, batches) if peer.endswith("int8") else path, x_np, threads)
             elif peer == "torch_compile":
-                calls[peer] = _torch_compile(ep, x)
+                calls[peer] = torch_compile_call(ep, x)
             elif peer == "unsparse_torch_compile":
-                calls[peer] = _unsparse_torch_compile(ep, x)
+                calls[peer] = unsparse_torch_compile_call(ep, x)
         except Exception as err:  # a peer that cannot run is one line; the others still run
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             log(f"skipping {peer}: {first[:200]}")

@@ -199,7 +199,7 @@ def _time_pair(sparse_ep, dense_ms_fn, target, rates, threads: int, repeat: int)
     model in alternating rounds."""
     import tvm
 
-    from .bench import _vm_timer, round_robin, set_threads
+    from .timing import round_robin, set_threads, vm_timer
     from .build import compile_program
     from .frontend import program_input_shape
     from .models import example_input
@@ -207,7 +207,7 @@ def _time_pair(sparse_ep, dense_ms_fn, target, rates, threads: int, repeat: int)
     compiled = compile_program(sparse_ep, target, rates=rates)
     x = example_input(program_input_shape(sparse_ep)).numpy()
     set_threads(threads)
-    timers = {"sparse": _vm_timer(compiled.executable, tvm.cpu(), x)[0], "dense": dense_ms_fn}
+    timers = {"sparse": vm_timer(compiled.executable, tvm.cpu(), x)[0], "dense": dense_ms_fn}
     t = round_robin(timers, repeat)
     return t["dense"] / t["sparse"], t["dense"], t["sparse"]
 
@@ -235,7 +235,7 @@ class _Setup:
 def _setup(module, ep, example_shape, patterns, data, threads: int, repeat: int, log) -> _Setup:
     import tvm
 
-    from .bench import _vm_timer, round_robin, set_threads
+    from .timing import round_robin, set_threads, vm_timer
     from .build import compile_program
     from .compress.config import PruneConfig, sensitivity_scan
     from .compress.masks import prunable_parameters
@@ -256,7 +256,7 @@ def _setup(module, ep, example_shape, patterns, data, threads: int, repeat: int,
         program = torch.export.export(module.eval(), (torch.randn(*example_shape),))
     plans = plan_layers(module, ep, program, CostModel("llvm", rates), patterns, curves)
     dense = compile_program(program, target, sparse=False)
-    dense_timer = _vm_timer(dense.executable, tvm.cpu(), example_input(example_shape).numpy())[0]
+    dense_timer = vm_timer(dense.executable, tvm.cpu(), example_input(example_shape).numpy())[0]
     set_threads(threads)
     return _Setup(target, rates, plans, dense_timer, round_robin({"dense": dense_timer}, repeat)["dense"])
 
@@ -363,7 +363,7 @@ def layer_times(program, threads: int, repeat: int = 7) -> dict[str, float]:
     us by weight name."""
     import tvm
 
-    from .bench import _vm_timer, round_robin, set_threads
+    from .timing import round_robin, set_threads, vm_timer
     from .cost.calibration import rates_for
     from .relay_passes import build_pipeline
     from .single_layer import extract_layers, layer_module
@@ -379,7 +379,7 @@ def layer_times(program, threads: int, repeat: int = 7) -> dict[str, float]:
         pipeline = build_pipeline(target, names=names, report=report, rates=rates)
         ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=pipeline)
         x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
-        ms = round_robin({"layer": _vm_timer(ex, tvm.cpu(), x)[0]}, repeat, min_batch_ms=5.0)["layer"]
+        ms = round_robin({"layer": vm_timer(ex, tvm.cpu(), x)[0]}, repeat, min_batch_ms=5.0)["layer"]
         times[names.name_of(spec.weight, spec.op) + ".weight"] = round(ms * 1e3, 2)
     return times
 
