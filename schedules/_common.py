@@ -56,6 +56,26 @@ def sample_divisor(sch: s_tir.Schedule, n: int, cap: int, low: int = 1):
     return sample_choice(sch, [d for d in range(low, min(n, cap) + 1) if n % d == 0] or [1])
 
 
+def row_tile(rows: int, tile_cap: int, inner_cap: int) -> tuple[int, int]:
+    """(row groups per task, rows interleaved in a group) for a rows-by-nonzeros kernel at its default knobs:
+    a task of up to tile_cap rows, inner_cap of them interleaved (independent FMA chains), no ragged tile."""
+    tile = largest_divisor(rows, tile_cap)
+    inner = largest_divisor(tile, inner_cap)
+    return tile // inner, inner
+
+
+def inner_spaces(sch: s_tir.Schedule, rows: int, cap: int, build: Callable, inners=(1, 2, 4, 8)) -> list:
+    """Design spaces of a rows-by-nonzeros kernel: one per rows-interleaved count (a structural choice)
+    dividing `rows`, the groups per task drawn from the exact divisors (up to `cap` rows a task);
+    `build(sch, groups_per_task, inner)` schedules a copy."""
+    spaces = []
+    for inner in [d for d in inners if rows % d == 0]:
+        s = sch.copy()
+        build(s, sample_divisor(s, rows // inner, max(1, cap // inner)), inner)
+        spaces.append(s)
+    return spaces
+
+
 def sample_choice(sch: s_tir.Schedule, choices: list[int]):
     """For space(): a knob drawn uniformly from choices (a plain int when there is only one)."""
     if len(choices) == 1:

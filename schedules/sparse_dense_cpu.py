@@ -11,7 +11,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import ScheduleRule, extents, has_block, largest_divisor, sample_divisor
+from ._common import ScheduleRule, extents, has_block, largest_divisor, row_tile, sample_divisor
 
 OP = names.SPARSE_DENSE
 
@@ -26,10 +26,7 @@ class Config:
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     for stage in _stages(sch):
-        rows = _row_count(sch, stage)
-        tile = largest_divisor(rows, cfg.tile_rows)
-        inner = largest_divisor(tile, cfg.rows_inner)
-        _rows(sch, stage, tile // inner, inner)
+        _rows(sch, stage, *row_tile(_row_count(sch, stage), cfg.tile_rows, cfg.rows_inner))
     _schedule_epilogue(sch)
 
 

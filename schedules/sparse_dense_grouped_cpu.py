@@ -13,7 +13,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import ScheduleRule, extents, largest_divisor, sample_divisor, finish_register_tile
+from ._common import ScheduleRule, extents, finish_register_tile, inner_spaces, row_tile
 
 OP = names.SPARSE_DENSE_GROUPED
 
@@ -27,20 +27,12 @@ class Config:
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     _, groups, v, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
-    tile = largest_divisor(groups, cfg.tile_groups or max(1, 32 // v))
-    inner = largest_divisor(tile, cfg.inner)
-    _schedule(sch, tile // inner, inner)
+    _schedule(sch, *row_tile(groups, cfg.tile_groups or max(1, 32 // v), cfg.inner))
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     """One design space per `inner` (a structural choice); the task size drawn from exact divisors."""
-    groups = extents(sch, sch.get_loops(sch.get_sblock("conv")))[1]
-    spaces = []
-    for inner in [d for d in (1, 2, 4, 8) if groups % d == 0]:
-        s = sch.copy()
-        _schedule(s, sample_divisor(s, groups // inner, max(1, 32 // inner)), inner)
-        spaces.append(s)
-    return spaces
+    return inner_spaces(sch, extents(sch, sch.get_loops(sch.get_sblock("conv")))[1], 32, _schedule)
 
 
 def _schedule(sch: s_tir.Schedule, per_task: int, inner: int) -> None:

@@ -15,7 +15,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import ScheduleRule, extents, largest_divisor, sample_divisor
+from ._common import ScheduleRule, extents, inner_spaces, row_tile
 
 OP = names.SPARSE_DENSE_INT8
 
@@ -28,19 +28,11 @@ class Config:
 
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     rows = extents(sch, sch.get_loops(sch.get_sblock("conv")))[1]
-    tile = largest_divisor(rows, cfg.tile_rows)
-    inner = largest_divisor(tile, cfg.rows_inner)
-    _schedule(sch, tile // inner, inner)
+    _schedule(sch, *row_tile(rows, cfg.tile_rows, cfg.rows_inner))
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
-    rows = extents(sch, sch.get_loops(sch.get_sblock("conv")))[1]
-    spaces = []
-    for inner in [d for d in (1, 2, 4, 8) if rows % d == 0]:
-        s = sch.copy()
-        _schedule(s, sample_divisor(s, rows // inner, max(1, 64 // inner)), inner)
-        spaces.append(s)
-    return spaces
+    return inner_spaces(sch, extents(sch, sch.get_loops(sch.get_sblock("conv")))[1], 64, _schedule)
 
 
 def _schedule(sch: s_tir.Schedule, groups, rows_inner) -> None:

@@ -40,10 +40,9 @@ def _desc(lanes: int):
     return desc
 
 
-def _vnni(lanes: int):
-    name = f"llvm.x86.avx512.vpdpbusd.{lanes * 32}"
-    i32 = f"int32x{lanes}"
-
+def _impl(lanes: int, dot):
+    """The implementation: C += dot(C, the lanes' input quads, the broadcast weight quad), one vector op
+    sequence (`dot` builds it from TIR expressions)."""
     @T.prim_func(s_tir=True)
     def impl(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
              W: T.Buffer((4,), "int8", offset_factor=1),
@@ -51,14 +50,18 @@ def _vnni(lanes: int):
         with T.sblock("root"):
             T.reads(C[0:lanes], X[0:lanes, 0:4], O[0:1], W[0:4])
             T.writes(C[0:lanes])
-            # this LLVM declares vpdpbusd's byte operands as <4L x i8> (older ones: <L x i32>)
             xv = X.vload([0, 0], dtype=f"uint8x{lanes * 4}")
             wv = T.reinterpret(T.broadcast(T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), lanes),
                                dtype=f"int8x{lanes * 4}")
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(name), C.vload([0], dtype=i32), xv, wv, dtype=i32)
+            C[T.ramp(T.int32(0), 1, lanes)] = dot(C.vload([0], dtype=f"int32x{lanes}"), xv, wv)
 
     return impl
+
+
+def _vnni(lanes: int):
+    # this LLVM declares vpdpbusd's byte operands as <4L x i8> (older ones: <L x i32>)
+    vpdpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{lanes * 32}")
+    return _impl(lanes, lambda c, x, w: T.call_llvm_pure_intrin(vpdpbusd, c, x, w, dtype=f"int32x{lanes}"))
 
 
 def _pmadd(lanes: int):
@@ -66,24 +69,13 @@ def _pmadd(lanes: int):
         madd_ub, madd_wd = "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"
     else:
         madd_ub, madd_wd = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
-    i16 = f"int16x{lanes * 2}"
+    ub, wd = T.llvm_lookup_intrinsic_id(madd_ub), T.llvm_lookup_intrinsic_id(madd_wd)
 
-    @T.prim_func(s_tir=True)
-    def impl(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
-             W: T.Buffer((4,), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], X[0:lanes, 0:4], O[0:1], W[0:4])
-            T.writes(C[0:lanes])
-            wv = T.reinterpret(T.broadcast(T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), lanes),
-                               dtype=f"int8x{lanes * 4}")
-            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd_ub),
-                                            X.vload([0, 0], dtype=f"uint8x{lanes * 4}"), wv, dtype=i16)
-            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=f"int32x{lanes}") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(madd_wd), pairs, T.broadcast(T.int16(1), lanes * 2),
-                dtype=f"int32x{lanes}")
+    def dot(c, x, w):
+        pairs = T.call_llvm_pure_intrin(ub, x, w, dtype=f"int16x{lanes * 2}")  # saturating u8 x s8 pairs
+        return c + T.call_llvm_pure_intrin(wd, pairs, T.broadcast(T.int16(1), lanes * 2), dtype=f"int32x{lanes}")
 
-    return impl
+    return _impl(lanes, dot)
 
 
 @functools.cache
