@@ -108,7 +108,7 @@ def _load_rates(spec: str):
 
     if spec == "built-in":
         return BUILTIN
-    from unsparse_tvm import calibration
+    from unsparse_tvm.cost import calibration
     from unsparse_tvm.target import make_target
 
     if spec == "calibrated":

@@ -55,14 +55,41 @@ def use_counts(func: relax.Function) -> dict[relax.Var, int]:
     return counts
 
 
-class ChainRewriter(relax.PyExprMutator):
-    """Undecorated base of the rewrite passes (decorated classes cannot be subclassed): `plan(func)` maps
-    the last variable of each matched chain to a plan, `rewrite_plan(plan)` returns the replacement (or
-    None to keep the chain); the chain's absorbed bindings become dead and are removed."""
+class FunctionRewriter(relax.PyExprMutator):
+    """Undecorated base of a pass that rewrites every Relax function of a module (decorated classes cannot
+    be subclassed): `prepare(func)` runs before each function is visited; what the rewrite left unused
+    is removed afterwards."""
+
+    def __init__(self, mod: IRModule):
+        super().__init__(mod)
+        self.var2val: dict = {}  # the function being rewritten: var -> bound value, var -> number of uses
+        self.counts: dict = {}
+
+    def prepare(self, func: relax.Function) -> None:
+        """Per-function state before the function is visited (subclasses add theirs)."""
+        self.var2val = relax.analysis.get_var2val(func)
+        self.counts = use_counts(func)
+
+    def run(self, mod: IRModule) -> IRModule:
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.prepare(func)
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(self.builder_.finalize())
+
+
+class ChainRewriter(FunctionRewriter):
+    """Base of the layer rewrite passes: `plan(func)` maps the last variable of each matched chain to a
+    plan, `rewrite_plan(plan)` returns the replacement (or None to keep the chain); the chain's absorbed
+    bindings become dead and are removed."""
 
     def __init__(self, mod: IRModule):
         super().__init__(mod)
         self.plans: dict = {}
+
+    def prepare(self, func: relax.Function) -> None:
+        super().prepare(func)
+        self.plan(func)
 
     def plan(self, func: relax.Function) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -76,13 +103,6 @@ class ChainRewriter(relax.PyExprMutator):
         if new is None:
             return super().visit_var_binding_(binding)
         self.set_var_remap(binding.var, self.builder_.emit(new))
-
-    def run(self, mod: IRModule) -> IRModule:
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.plan(func)
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(self.builder_.finalize())
 
 
 @dataclass

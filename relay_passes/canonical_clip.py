@@ -17,7 +17,7 @@ import tvm_ffi
 from tvm import relax, te, topi
 from tvm.ir import IRModule
 
-from ._util import const_array, shape_of, use_counts
+from ._util import FunctionRewriter, const_array, shape_of
 
 
 def _scalar_extremum(call: relax.Expr, mod: IRModule) -> tuple[str, relax.Expr, float] | None:
@@ -46,12 +46,10 @@ def _scalar_extremum(call: relax.Expr, mod: IRModule) -> tuple[str, relax.Expr, 
 
 
 @relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
+class _Rewriter(FunctionRewriter):
     def __init__(self, mod: IRModule):
         super().__init__(mod)
         self.mod = mod
-        self.var2val: dict = {}
-        self.counts: dict = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         found = _scalar_extremum(call, self.mod)
@@ -75,10 +73,4 @@ class CanonicalizeClip:
     """call_tir(minimum, (call_tir(maximum, (x, lo)), hi)) -> relax.clip(x, lo, hi); maximum(x, 0) -> relu."""
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.var2val = relax.analysis.get_var2val(func)
-                rewriter.counts = use_counts(func)
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.finalize())
+        return _Rewriter(mod).run(mod)

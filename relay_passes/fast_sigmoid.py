@@ -12,7 +12,7 @@ from tvm.ir import IRModule
 
 from unsparse_tvm.ops.fast_math import fast_sigmoid, fast_silu
 
-from ._util import dtype_of, is_op
+from ._util import FunctionRewriter, dtype_of, is_op
 
 
 def _sigmoid_te(x: te.Tensor, silu: bool) -> te.Tensor:
@@ -23,7 +23,7 @@ def _sigmoid_te(x: te.Tensor, silu: bool) -> te.Tensor:
 
 
 @relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
+class _Rewriter(FunctionRewriter):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         for name, silu in (("relax.sigmoid", False), ("relax.nn.silu", True)):
@@ -36,8 +36,4 @@ class _Rewriter(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="FastSigmoid")
 class FastSigmoid:
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.finalize()
+        return _Rewriter(mod).run(mod)

@@ -12,7 +12,7 @@ from tvm.ir import IRModule
 
 from unsparse_tvm.reference import fold_batchnorm
 
-from ._util import ChainRewriter, const_array, is_op, use_counts
+from ._util import ChainRewriter, const_array, is_op
 from .layers import LayerNames
 
 
@@ -21,13 +21,9 @@ class _Folder(ChainRewriter):
     def __init__(self, mod: IRModule, names: LayerNames | None):
         super().__init__(mod)
         self.names = names
-        self.var2val: dict = {}
-        self.counts: dict = {}
 
     def plan(self, func: relax.Function) -> None:
         """Every `batch_norm(...)[0]` binding is a candidate; _fold decides."""
-        self.var2val = relax.analysis.get_var2val(func)
-        self.counts = use_counts(func)
         self.plans = {var: value for var, value in self.var2val.items()
                       if isinstance(value, relax.TupleGetItem) and value.index == 0}
 

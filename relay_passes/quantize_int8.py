@@ -105,18 +105,27 @@ class _Int8Rewriter(ConvChainRewriter):
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq]
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
-        sparsity = float((weight == 0).sum()) / weight.size
-        decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "sparse", FORMAT, rows.nnz,
-                                 rows.padded_size, [geo.n, geo.c, geo.h, geo.w],
-                                 fused_label(ep) + ("+requant" if out_act is not None else ""))
-        record_int8(decision, rows, comp, out_scale)
-        self.report.append(decision)
+        fused = fused_label(ep) + ("+requant" if out_act is not None else "")
+        self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
+                                         (comp, out_scale)))
         return call
 
 
-@tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Conv2d")
-class QuantizeInt8Conv2d:
-    """Replace calibrated conv2d chains by the int8 sparse direct conv2d (llvm: VNNI/AVX2, cuda: dp4a)."""
+def int8_decision(name: str, kind: str, weight: np.ndarray, rows, input_shape: list, fused: str,
+                  consts: tuple) -> LayerDecision:
+    """The report's row for a layer run int8 (its quads, and the bytes its consts take)."""
+    sparsity = float((weight == 0).sum()) / weight.size
+    decision = LayerDecision(name, kind, list(weight.shape), round(sparsity, 4), "sparse", FORMAT, rows.nnz,
+                             rows.padded_size, input_shape, fused)
+    record_int8(decision, rows, *consts)
+    return decision
+
+
+class Int8LayerPass:
+    """Undecorated base of the int8 passes (decorated classes cannot be subclassed): the calibrated
+    activation ranges and the target's activation range in, `rewriter` run over the module."""
+
+    rewriter: type
 
     def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
         self.ranges, self.qmax = dict(ranges), act_qmax(target)
@@ -124,4 +133,11 @@ class QuantizeInt8Conv2d:
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Int8Rewriter(mod, self.ranges, self.names, self.report, self.qmax).run(mod)
+        return self.rewriter(mod, self.ranges, self.names, self.report, self.qmax).run(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Conv2d")
+class QuantizeInt8Conv2d(Int8LayerPass):
+    """Replace calibrated conv2d chains by the int8 sparse direct conv2d (llvm: VNNI/AVX2, cuda: dp4a)."""
+
+    rewriter = _Int8Rewriter

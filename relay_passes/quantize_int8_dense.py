@@ -10,17 +10,15 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
-from tvm.target import Target
 
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
-from unsparse_tvm.ops.int8_formats import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight, record_int8
-from unsparse_tvm.schedules.x86_int8 import act_qmax
+from unsparse_tvm.ops.int8_formats import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight
 
 from ._dense_match import DenseChainRewriter
 from ._util import fused_label, mark, shape_of
-from .layers import LayerDecision, LayerNames
-from .quantize_int8 import FORMAT
+from .layers import LayerNames
+from .quantize_int8 import FORMAT, Int8LayerPass, int8_decision
 
 OP = names.SPARSE_DENSE_INT8
 
@@ -47,22 +45,13 @@ class _Int8DenseRewriter(DenseChainRewriter):
                      relu=ep.relu)  # call_te only passes TE-able kwargs
         new = self.builder_.call_te(op, *args, primfunc_name_hint=OP)
         mark(self.builder_, new, {"op": OP, "unsparse.fmt": FORMAT})
-        sparsity = float((weight == 0).sum()) / weight.size
-        decision = LayerDecision(name, "dense", list(weight.shape), round(sparsity, 4), "sparse", FORMAT,
-                                 rows.nnz, rows.padded_size, list(shape_of(call.args[0])), fused_label(ep))
-        record_int8(decision, rows, comp, out_scale)
-        self.report.append(decision)
+        self.report.append(int8_decision(name, "dense", weight, rows, list(shape_of(call.args[0])), fused_label(ep),
+                                         (comp, out_scale)))
         return new
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Dense")
-class QuantizeInt8Dense:
+class QuantizeInt8Dense(Int8LayerPass):
     """Replace calibrated linear layers by the int8 sparse linear operator (llvm)."""
 
-    def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
-        self.ranges, self.qmax = dict(ranges), act_qmax(target)
-        self.names = names if names is not None else LayerNames()
-        self.report = report if report is not None else []
-
-    def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Int8DenseRewriter(mod, self.ranges, self.names, self.report, self.qmax).run(mod)
+    rewriter = _Int8DenseRewriter

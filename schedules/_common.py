@@ -134,6 +134,19 @@ def bind_elementwise_cuda(sch: s_tir.Schedule, block_name: str, threads: int = 2
     sch.bind(tx, "threadIdx.x")
 
 
+def tile_rows(sch: s_tir.Schedule, block, per_task: int, inner: int, *, reduction: int, lanes: int) -> tuple:
+    """A row-tiled CPU kernel over loops (batch, rows, ...): the accumulator cached in registers, the rows
+    split into parallel tasks of `per_task` groups of `inner` rows, iterated as (batch x task, group,
+    reduction, row, lane); `reduction` and `lanes` are the positions of those loops in the block's nest.
+    Returns (accumulator block, group loop, row loop, reduction loop, lane loop)."""
+    acc = sch.cache_write(block, 0, "local")
+    loops = sch.get_loops(block)
+    outer, group, row = sch.split(loops[1], [None, per_task, inner])
+    sch.reorder(loops[0], outer, group, loops[reduction], row, loops[lanes])
+    sch.parallel(sch.fuse(loops[0], outer))
+    return acc, group, row, loops[reduction], loops[lanes]
+
+
 def finish_register_tile(sch: s_tir.Schedule, block, acc, at, vector, unrolled: list, reduction) -> None:
     """A CPU register tile: its write-back (`acc`, the cache_write block) placed at loop `at`, the `vector`
     loop vectorised and the `unrolled` loops unrolled; its init (zeroing) split off the reduction at loop

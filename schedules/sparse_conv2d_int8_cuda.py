@@ -31,9 +31,11 @@ def _dp4a_intrin() -> str:
     """DP4A_INTRIN, registered on first use (TVMScript parses each @T.prim_func by walking the whole
     Python stack: ~0.4 s apiece on import, paid by every command; see schedules/x86_int8.intrin)."""
     @T.prim_func(s_tir=True)
-    def _dp4a_desc(X: T.Buffer((4,), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
-                   W: T.Buffer((4,), "int8", offset_factor=1),
-                   C: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:
+    def _dp4a_desc(x: T.handle, o: T.handle, w: T.handle, c: T.handle) -> None:
+        X = T.match_buffer(x, (4,), "uint8", offset_factor=1)
+        O = T.match_buffer(o, (1,), "int32", offset_factor=1)  # noqa: E741
+        W = T.match_buffer(w, (4,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (1,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
             T.reads(C[0:1], X[0:4], O[0:1], W[0:4])
             T.writes(C[0:1])

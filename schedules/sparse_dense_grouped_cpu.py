@@ -13,7 +13,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import ScheduleRule, extents, finish_register_tile, inner_spaces, row_tile
+from ._common import ScheduleRule, extents, finish_register_tile, inner_spaces, row_tile, tile_rows
 
 OP = names.SPARSE_DENSE_GROUPED
 
@@ -37,11 +37,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 
 def _schedule(sch: s_tir.Schedule, per_task: int, inner: int) -> None:
     block = sch.get_sblock("conv")
-    acc = sch.cache_write(block, 0, "local")
-    n, g, v, j = sch.get_loops(block)
-    go, gg, gi = sch.split(g, [None, per_task, inner])
-    sch.reorder(n, go, gg, j, gi, v)
-    sch.parallel(sch.fuse(n, go))
+    acc, gg, gi, j, v = tile_rows(sch, block, per_task, inner, reduction=3, lanes=2)  # loops (n, g, v, j)
     finish_register_tile(sch, block, acc, gg, v, [gi], j)
     n, o = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(n, o))

@@ -15,7 +15,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import ScheduleRule, extents, inner_spaces, row_tile
+from ._common import ScheduleRule, extents, inner_spaces, row_tile, tile_rows
 
 OP = names.SPARSE_DENSE_INT8
 
@@ -40,11 +40,7 @@ def _schedule(sch: s_tir.Schedule, groups, rows_inner) -> None:
     sch.parallel(sch.fuse(n, i))
     sch.unroll(v)
     block = sch.get_sblock("conv")
-    acc = sch.cache_write(block, 0, "local")
-    n, o, j, v = sch.get_loops(block)
-    ot, og, oi = sch.split(o, [None, groups, rows_inner])
-    sch.reorder(n, ot, og, j, oi, v)
-    sch.parallel(sch.fuse(n, ot))
+    acc, og, oi, j, v = tile_rows(sch, block, groups, rows_inner, reduction=2, lanes=3)  # loops (n, o, j, v)
     sch.reverse_compute_at(acc, og)
     sch.decompose_reduction(block, j)
     sch.unroll(oi)

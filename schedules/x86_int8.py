@@ -23,9 +23,11 @@ from tvm.script import tirx as T
 
 def _desc(lanes: int):
     @T.prim_func(s_tir=True)
-    def desc(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
-             W: T.Buffer((4,), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
+    def desc(x: T.handle, o: T.handle, w: T.handle, c: T.handle) -> None:
+        X = T.match_buffer(x, (lanes, 4), "uint8", offset_factor=1)
+        O = T.match_buffer(o, (1,), "int32", offset_factor=1)  # noqa: E741 (the block's offset, see intrin)
+        W = T.match_buffer(w, (4,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
             T.reads(C[0:lanes], X[0:lanes, 0:4], O[0:1], W[0:4])
             T.writes(C[0:lanes])

@@ -73,6 +73,14 @@ def cuda():
     return make_target("cuda", "sm_90")
 
 
+@pytest.fixture(scope="module")
+def pocl():
+    """PoCL's OpenCL device, on which CUDA-scheduled TIR runs without a GPU (one per test module)."""
+    from unsparse_tvm.testing.opencl import PoCL
+
+    return PoCL()
+
+
 def sparse_weight(shape, sparsity: float, rng: np.random.Generator, empty_rows: int = 0,
                   dense_rows: int = 0) -> np.ndarray:
     """Random weight with ~sparsity zeros, some all-zero rows and some fully dense rows."""
@@ -91,7 +99,7 @@ def run_layer(spec, target, threshold=0.7, fmt=None, sparse=True, x=None):
     import tvm
     from tvm import relax
 
-    from unsparse_tvm.bench import layer_module
+    from unsparse_tvm.single_layer import layer_module
     from unsparse_tvm.relay_passes import build_pipeline
 
     from unsparse_tvm.testing.isa import skip_unless_runs_here
@@ -149,6 +157,37 @@ def cli_here(*args) -> str:
     if rc != 0:
         raise AssertionError(f"unsparse-tvm {args} failed ({rc}):\n{out.getvalue()}\n{err.getvalue()}")
     return out.getvalue()
+
+
+def _assert_one_line_error(what: str, status, err: str, expected, ignore: tuple = ()) -> str:
+    lines = [line for line in err.splitlines() if not line.startswith(ignore)] if ignore else err.splitlines()
+    assert status == 2, f"{what}: exit status {status}, not 2; stderr:\n{err}"
+    assert len(lines) == 1 and err.endswith("\n") and "Traceback" not in err, f"{what}: not one line:\n{err}"
+    assert " error: " in lines[0], f"{what}: not an error line:\n{err}"
+    for text in expected:
+        assert text in lines[0], f"{what}: {text!r} not in:\n{err}"
+    return lines[0]
+
+
+def assert_one_line_error(argv, capsys, *expected: str) -> str:
+    """`unsparse-tvm ARGV` through main() in this process is refused the way every bad input must be: exit
+    status 2 (parse-time refusals too) and exactly one line on stderr, `unsparse-tvm CMD: error: ...`,
+    holding every `expected` text, no traceback. Returns that line."""
+    from unsparse_tvm.cli import main
+
+    argv = [str(a) for a in argv]
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # refused by argparse
+        status = exc.code
+    return _assert_one_line_error("unsparse-tvm " + " ".join(argv), status, capsys.readouterr().err, expected)
+
+
+def assert_proc_one_line_error(proc: subprocess.CompletedProcess, *expected: str, ignore: tuple = ()) -> str:
+    """The same for a finished `unsparse-tvm` process (cli(..., check=False)): exit status 2 and one line
+    on stderr holding every `expected` text. `ignore`: prefixes of lines that are not ours (an emulator's
+    own warnings). Returns that line."""
+    return _assert_one_line_error(" ".join(map(str, proc.args)), proc.returncode, proc.stderr, expected, ignore)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import cli
+from conftest import assert_proc_one_line_error, cli
 
 
 def test_bench_peers_and_threads_write_every_contender(tmp_path):
@@ -69,4 +69,4 @@ def test_deepsparse_runs_fp32_and_int8_in_its_own_environment(tmp_path):
 def test_bench_rejects_bad_thread_counts_and_peers():
     for args in (["--threads", "0"], ["--threads", "a,b"], ["--peers", "tensorrt"]):
         proc = cli("bench", "smallcnn", *args, check=False)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert_proc_one_line_error(proc)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from unsparse_tvm import calibration
+from unsparse_tvm.cost import calibration
 from unsparse_tvm.cost.calibration_layers import LAYERS, fit_rates
 from unsparse_tvm.errors import UnsparseError
 from unsparse_tvm.cost.model import BUILTIN
@@ -146,7 +146,7 @@ def test_a_busy_machine_stores_nothing_that_is_far_off(cache, monkeypatch):
 
 @pytest.mark.slow
 def test_calibrate_command_measures_stores_and_compile_uses_it(cache, tmp_path):
-    """The real thing, in fresh processes: `calibrate` (timed: under the issue's 60 s), then `compile`
+    """The real thing, in fresh processes: `calibrate` (timed: under 60 s), then `compile`
     names the file it used."""
     import subprocess
     import sys

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_nvcc, pruned_program, sparse_weight
-from unsparse_tvm.bench import LayerSpec, layer_module
+from unsparse_tvm.single_layer import LayerSpec, layer_module
 
 
 @pytest.mark.parametrize("stride,fmt", [((1, 1), "ell"), ((2, 2), "hyb"), ((1, 2), "ell")])
@@ -44,13 +44,13 @@ def test_sparse_dense_cuda_schedule_uses_warp_reduction(cuda):
                                    pytest.param("resnet50", marks=pytest.mark.slow),
                                    pytest.param("vgg16", marks=pytest.mark.slow)])
 def test_model_cuda_module_carries_sm90_device_code(model, cuda, tmp_path):
-    from unsparse_tvm.build import compile_program, export
+    from unsparse_tvm.build import compile_program, write_module
     from unsparse_tvm.runtime import device_code_summary, fatbin_images, read_metadata
 
     compiled = compile_program(pruned_program(model), cuda, threshold=0.7)
     assert sum(r.decision == "sparse" for r in compiled.report) == len(compiled.report)
     path = str(tmp_path / f"{model}.so")
-    export(compiled, path, model=model)
+    write_module(compiled, path, model=model)
     data = open(path, "rb").read()
     assert ("cubin", 90) in fatbin_images(data)
     assert b'extern "C" __global__' not in data  # no CUDA source: nothing to compile at load time

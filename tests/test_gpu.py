@@ -9,7 +9,7 @@ import torch
 from conftest import pruned_program, rel_err, sparse_weight
 from test_ops_llvm import CONV_CASES
 from test_pocl import EXTRA_CONV_CASES
-from unsparse_tvm.bench import LayerSpec, layer_module
+from unsparse_tvm.single_layer import LayerSpec, layer_module
 
 pytestmark = pytest.mark.gpu
 

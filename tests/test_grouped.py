@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err, run_layer, sparse_weight, torch_conv
-from test_pocl import check, pocl  # noqa: F401  (the module-scoped PoCL fixture)
-from unsparse_tvm.bench import LayerSpec, layer_module
+from test_pocl import check
 from unsparse_tvm.ops.formats import choose_group, conv_weight_rows, to_sparse_rows
+from unsparse_tvm.single_layer import LayerSpec, layer_module
 from unsparse_tvm.testing.cuda_limits import module_cuda_limits
 from unsparse_tvm.testing.opencl import OpenCLModule, schedule_for_cuda, schedule_space_point
 
@@ -151,7 +151,7 @@ def test_grouped_tasks_are_tuned_and_their_spaces_build(llvm):
     import tvm
     from tvm import s_tir
 
-    from unsparse_tvm.models import export
+    from unsparse_tvm.models import export_program
     from unsparse_tvm.schedules import rule_for
     from unsparse_tvm.tuning.tasks import extract_tasks
 
@@ -161,7 +161,7 @@ def test_grouped_tasks_are_tuned_and_their_spaces_build(llvm):
     with torch.no_grad():
         net[0].weight.copy_(torch.from_numpy(vector_weight((16, 8, 3, 3), 4, 0.8, rng)))
         net[3].weight.copy_(torch.from_numpy(vector_weight((16, 16 * 36), 4, 0.8, rng)))
-    tasks = extract_tasks(export(net.eval(), (1, 8, 6, 6)), llvm)
+    tasks = extract_tasks(export_program(net.eval(), (1, 8, 6, 6)), llvm)
     assert sorted(t.op for t in tasks) == ["sparse_conv2d_grouped", "sparse_dense_grouped"]
     for task in tasks:
         for seed in (1, 2):

@@ -1,4 +1,4 @@
-"""int8 execution (issue 12 part 2): the int8 sparse conv kernel against a PyTorch reference of the same
+"""int8 execution: the int8 sparse conv kernel against a PyTorch reference of the same
 integer arithmetic on every x86 dot-product path, channel-quad pruning, calibration, the compile path
 and digits accuracy."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import sparse_weight
+from conftest import assert_one_line_error, sparse_weight
 from unsparse_tvm.cli import main
 from unsparse_tvm.ops.formats import ConvGeometry
 from unsparse_tvm.target import target_cpu_features
@@ -166,7 +166,7 @@ def test_channel4_pattern_is_detected():
 
 def test_calibration_records_each_layer_input():
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
-    from unsparse_tvm.models import build_model, export
+    from unsparse_tvm.models import build_model, export_program
 
     model = build_model("smallcnn")
     batches = calibration_batches((1, 1, 8, 8), None, batches=3, batch_size=5)
@@ -183,7 +183,7 @@ def test_calibration_records_each_layer_input():
     for name, xs in seen.items():
         assert got[name] == [float(torch.stack(xs).min()), float(torch.stack(xs).max())]
     assert got["features.2"][0] == 0.0  # after a ReLU
-    ep = export(model, (1, 1, 8, 8))    # a foreign .pt2 (batch 1: run in slices) gives the same ranges
+    ep = export_program(model, (1, 1, 8, 8))    # a foreign .pt2 (batch 1: run in slices) gives the same ranges
     sliced = calibrate(ep.module(), batches, ep)["layers"]
     assert set(sliced) == set(got)  # equal up to float rounding (a batch of 1 sums in another order)
     assert all(np.allclose(sliced[k], got[k], rtol=1e-5, atol=1e-6) for k in got)
@@ -213,7 +213,7 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm, monkeypatch):
 
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
-    from unsparse_tvm.models import build_model, export
+    from unsparse_tvm.models import build_model, export_program
     from unsparse_tvm.schedules.x86_int8 import act_qmax
 
     torch.manual_seed(0)
@@ -223,7 +223,7 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm, monkeypatch):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight[torch.rand_like(m.weight) < 0.8] = 0
     ranges = calibrate(model, calibration_batches((3, 1, 8, 8), None, 2, 16))["layers"]
-    compiled = compile_program(export(model, (3, 1, 8, 8)), llvm, threshold=0.5, activations=ranges)
+    compiled = compile_program(export_program(model, (3, 1, 8, 8)), llvm, threshold=0.5, activations=ranges)
     int8 = [r for r in compiled.report if r.format == "int8q4"]
     assert [r.name for r in int8] == ["features.0", "features.2", "features.5", "classifier.0", "classifier.2"]
     # conv -> conv and conv -> max pool -> conv exchange uint8; conv -> flatten -> linear does not
@@ -232,7 +232,7 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm, monkeypatch):
     x = torch.randn(3, 1, 8, 8)
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_UINT8", False)
-    unchained = compile_program(export(model, (3, 1, 8, 8)), llvm, threshold=0.5, activations=ranges)
+    unchained = compile_program(export_program(model, (3, 1, 8, 8)), llvm, threshold=0.5, activations=ranges)
     assert not any("requant" in r.fused for r in unchained.report)
     y2 = relax.VirtualMachine(unchained.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
     assert np.array_equal(y, y2)  # uint8 between layers changes bytes moved, not one bit of the result
@@ -241,17 +241,11 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm, monkeypatch):
 
 
 def test_quantize_activations_errors_are_one_line(tmp_path, capsys):
-    def err(*argv):
-        code = main([str(a) for a in argv])
-        text = capsys.readouterr().err
-        assert code == 2 and text.count("\n") == 1, text
-        return text
-
     out = tmp_path / "o.pt2"
-    assert "--dataset" in err("quantize", "smallcnn", "--activations", "int8", "-o", out)
-    assert "calibration only" in err("quantize", "smallcnn", "--activations", "int8", "--dataset", "random",
-                                     "--epochs", "1", "-o", out)
-    assert "--scheme" in err("quantize", "smallcnn", "-o", out)
+    assert_one_line_error(["quantize", "smallcnn", "--activations", "int8", "-o", out], capsys, "--dataset")
+    assert_one_line_error(["quantize", "smallcnn", "--activations", "int8", "--dataset", "random", "--epochs", "1",
+                           "-o", out], capsys, "calibration only")
+    assert_one_line_error(["quantize", "smallcnn", "-o", out], capsys, "--scheme")
     assert not out.exists()
 
 
@@ -264,7 +258,7 @@ def test_digits_int8_within_half_a_point_of_fp32(tmp_path, capsys, llvm):
     from unsparse_tvm.frontend import read_quantization
     from unsparse_tvm.compress.data import load_dataset
     from unsparse_tvm.frontend import load_model
-    from unsparse_tvm.models import export
+    from unsparse_tvm.models import export_program
 
     dense, pruned, quant = tmp_path / "d.pt2", tmp_path / "p.pt2", tmp_path / "q.pt2"
     assert main(["train", "smallcnn", "--dataset", "digits", "--epochs", "40", "-o", str(dense)]) == 0
@@ -277,7 +271,7 @@ def test_digits_int8_within_half_a_point_of_fp32(tmp_path, capsys, llvm):
 
     def accuracy(path, int8: bool) -> float:
         module = load_model(str(path)).module.eval()
-        compiled = compile_program(export(module, (n, 1, 8, 8)), llvm, threshold=0.5,
+        compiled = compile_program(export_program(module, (n, 1, 8, 8)), llvm, threshold=0.5,
                                    activations=activation_ranges(read_quantization(str(path))) if int8 else None)
         assert any(r.format == "int8q4" for r in compiled.report) == int8
         vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
@@ -371,11 +365,11 @@ def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
 def test_foreign_pt2_quantize_activations_then_compile(tmp_path, capsys):
     """A .pt2 not written by unsparse-tvm (batch 1, no known module): calibrated through its graph."""
     from unsparse_tvm.build import compile_file
-    from unsparse_tvm.models import export
+    from unsparse_tvm.models import export_program
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
-    torch.export.save(export(net, (1, 3, 6, 6)), tmp_path / "f.pt2")
+    torch.export.save(export_program(net, (1, 3, 6, 6)), tmp_path / "f.pt2")
     assert main(["quantize", str(tmp_path / "f.pt2"), "--activations", "int8", "--dataset", "random",
                  "-o", str(tmp_path / "q.pt2")]) == 0
     meta = compile_file(str(tmp_path / "q.pt2"), "llvm", None, None, str(tmp_path / "q.so"))

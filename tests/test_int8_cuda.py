@@ -8,9 +8,9 @@ import pytest
 
 from conftest import needs_nvcc, sparse_weight
 from test_int8 import CASES, QUANTUM_SHARE
-from unsparse_tvm.bench import LayerSpec, layer_module
 from unsparse_tvm.ops.int8_formats import ActQuant, epilogue_consts, quantize_weight, torch_reference
 from unsparse_tvm.relay_passes import LayerNames
+from unsparse_tvm.single_layer import LayerSpec, layer_module
 
 OP = "sparse_conv2d_int8"
 
@@ -57,7 +57,7 @@ def test_int8_conv_cuda_schedule_on_pocl_is_exact(case):
 
 @needs_nvcc
 def test_int8_conv_cuda_uses_dp4a_and_compiles(cuda):
-    from unsparse_tvm.schedules._common import op_of
+    from unsparse_tvm.ops.names import op_of
     from unsparse_tvm.testing.cuda_limits import module_cuda_limits
     from unsparse_tvm.testing.opencl import device_source, lower
 
@@ -78,7 +78,7 @@ def test_smallcnn_int8_cuda_on_pocl_matches_the_integer_reference():
     from test_int8 import _int8_reference
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
     from unsparse_tvm.frontend import import_program
-    from unsparse_tvm.models import build_model, export
+    from unsparse_tvm.models import build_model, export_program
     from unsparse_tvm.schedules.sparse_conv2d_int8_cuda import Config
     from unsparse_tvm.testing.opencl import OpenCLModule, PoCL, schedule_for_cuda
 
@@ -90,7 +90,7 @@ def test_smallcnn_int8_cuda_on_pocl_matches_the_integer_reference():
                 m.weight[torch.rand_like(m.weight) < 0.8] = 0
     ranges = {k: v for k, v in calibrate(model, calibration_batches((2, 1, 8, 8), None, 2, 16))["layers"].items()
               if k.startswith("features")}  # linear layers stay fp32 on CUDA
-    mod, names = import_program(export(model, (2, 1, 8, 8)))
+    mod, names = import_program(export_program(model, (2, 1, 8, 8)))
     report = []
     sched = schedule_for_cuda(mod, threshold=0.5, names=names, report=report, activations=ranges,
                               configs={OP: Config(dp4a=False)})

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from conftest import assert_one_line_error
 from test_tuning import TINY_TRIALS, copy_log, record_lines, tiny_log
 from unsparse_tvm.errors import UnsparseError
 from unsparse_tvm.tuning.log import RECORD_FILE, WORKLOAD_FILE, read_log, target_identity
@@ -79,8 +80,7 @@ def test_merge_keeps_best_per_workload_and_target(tmp_path, capsys):
     assert len(JSONDatabase(work_dir=out, allow_missing=False).get_all_tuning_records()) == 2 * TINY_TRIALS
     # a non-empty output is never overwritten silently
     capsys.readouterr()
-    assert main(["logs", "merge", fast, "-o", out]) == 2
-    assert "--force" in capsys.readouterr().err
+    assert_one_line_error(["logs", "merge", fast, "-o", out], capsys, "--force")
     assert main(["logs", "merge", fast, "-o", out, "--force"]) == 0
     assert len(read_log(out).records) == TINY_TRIALS
     assert best_fast  # the fast log itself is untouched
@@ -104,15 +104,12 @@ def test_merge_and_show_skip_corrupt_lines(tmp_path, capsys):
 
 
 def test_logs_errors(tmp_path, capsys):
-    from unsparse_tvm.cli import main
     from unsparse_tvm.tuning.log import merge
 
     (tmp_path / "empty").mkdir()
     for argv in (["logs", "show", str(tmp_path / "missing")], ["logs", "show", str(tmp_path / "empty")],
                  ["logs", "merge", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
                  ["logs", "merge", tiny_log(), "-o", "/proc/unsparse-cannot-write"]):
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "error:" in err, err
+        assert_one_line_error(argv, capsys)
     with pytest.raises(UnsparseError):
         merge([], str(tmp_path / "o"))

@@ -1,7 +1,7 @@
-"""The ONNX door (issue 24, part 2): pruned models exported by torch.onnx.export (dynamo and TorchScript
-exporters) compile from ONNX, match ONNX Runtime on the same file, and get the same per-layer decisions
-(name, sparse/dense, format) as their .pt2; every op the door accepts is checked against ONNX Runtime on
-its own; QDQ models run as fp32; each bad file is one line on stderr."""
+"""The ONNX door: pruned models exported by torch.onnx.export (dynamo and TorchScript exporters) compile
+from ONNX, match ONNX Runtime on the same file, and get the same per-layer decisions (name, sparse/dense,
+format) as their .pt2; every op the door accepts is checked against ONNX Runtime on its own; QDQ models
+run as fp32; each bad file is one line on stderr."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from conftest import cli, pruned_program, rel_err  # noqa: E402
-from unsparse_tvm.cli import main  # noqa: E402
+from conftest import assert_one_line_error, cli, pruned_program, rel_err  # noqa: E402
 from unsparse_tvm.testing.onnx_models import EXPORTERS, export_onnx, ort_outputs, pruned_module  # noqa: E402
 
 SPARSITY = 0.9
@@ -327,15 +326,6 @@ def test_dynamic_batch_takes_batch(tmp_path, llvm):
 
 
 # ---- bad input: one line, exit 2, nothing written ------------------------------------------------------
-def _one_line_error(argv, capsys, expect: str) -> str:
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert expect in err, err
-    return err
-
-
 @pytest.fixture(scope="module")
 def small_onnx(tmp_path_factory) -> str:
     module, shape = _pruned("smallcnn")
@@ -386,7 +376,7 @@ def test_bad_onnx_is_one_line(case, tmp_path, small_onnx, capsys):
     out = tmp_path / "out" / "m.so"
     out.parent.mkdir()
     before = sorted(os.listdir(tmp_path))
-    _one_line_error(["compile", path, "-o", out, *extra], capsys, expect)
+    assert_one_line_error(["compile", path, "-o", out, *extra], capsys, expect)
     assert not os.listdir(out.parent) and sorted(os.listdir(tmp_path)) == before  # nothing left behind
 
 

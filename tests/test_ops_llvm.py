@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import case_rng, rel_err, run_layer, sparse_weight, torch_conv
-from unsparse_tvm.bench import LayerSpec
+from unsparse_tvm.single_layer import LayerSpec
 
 # (N, C, H, W, K, R, S, stride, padding (t, l, b, r), dilation, sparsity)
 CONV_CASES = [
@@ -37,7 +37,7 @@ def test_sparse_conv2d_matches_torch(case, fmt, llvm):
     spec = LayerSpec("conv2d", (n, c, h, w), weight, bias, relu,
                      {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
     # threshold 0: sparse whatever the realised sparsity (a 4x3x1x1 weight with a dense row is now and then
-    # under 50% sparse, and 0.5 left it dense: the rare failure earlier sessions could not replay)
+    # under 50% sparse, and a threshold of 0.5 would leave it dense: a rare failure, hard to replay)
     y, report = run_layer(spec, llvm, threshold=0.0, fmt=fmt, x=x)
     assert report[0].decision == "sparse"
     if fmt is not None:
@@ -133,7 +133,7 @@ def _vector_stages(spec, llvm) -> set[str]:
     """Blocks of the scheduled sparse conv whose innermost loop is an explicit vector loop."""
     import re
 
-    from unsparse_tvm.bench import layer_module
+    from unsparse_tvm.single_layer import layer_module
     from unsparse_tvm.relay_passes import build_pipeline
 
     mod = build_pipeline(llvm, threshold=0.5, stop_after="schedule")(layer_module(spec))
@@ -161,7 +161,7 @@ def test_epilogue_fuses_exactly_where_the_cost_model_says(r, stride, pad, size, 
     """The schedule fuses the epilogue into the write-back (no "epilogue" block left) exactly where
     ConvGeometry.flat_output, which the cost model and the format choice use, says it does: strided
     pointwise convs included (a 14x14 map strided to 7x7 has q_extent 56 > 49: not fused)."""
-    from unsparse_tvm.bench import layer_module
+    from unsparse_tvm.single_layer import layer_module
     from unsparse_tvm.ops.formats import ConvGeometry
     from unsparse_tvm.relay_passes import build_pipeline
 

@@ -114,7 +114,7 @@ def test_sparse_kernels_keep_their_identity_through_fusion(llvm):
 
     from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import build_pipeline
-    from unsparse_tvm.schedules._common import op_of
+    from unsparse_tvm.ops.names import op_of
 
     from conftest import pruned_program
 

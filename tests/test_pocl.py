@@ -9,26 +9,21 @@ from tvm import tirx
 
 from conftest import needs_nvcc, pruned_program, rel_err, sparse_weight, torch_conv
 from test_ops_llvm import CONV_CASES
-from unsparse_tvm.bench import LayerSpec, layer_module
 from unsparse_tvm.schedules import sparse_conv2d_cuda
+from unsparse_tvm.single_layer import LayerSpec, layer_module
 from unsparse_tvm.testing.cuda_limits import check_cuda_limits, module_cuda_limits
-from unsparse_tvm.testing.opencl import (OpenCLFunc, OpenCLModule, PoCL, schedule_for_cuda, schedule_space_point,
+from unsparse_tvm.testing.opencl import (OpenCLFunc, OpenCLModule, schedule_for_cuda, schedule_space_point,
                                          statements)
 
 TOL = 1e-5
-# flat output extents a GPU issue cared about: Q = 128 and 256 take per_thread = 2 at the default knobs
-# (the write-back bug), 3136 is ResNet's 56x56; batch 8
+# flat output extents that matter on a GPU: Q = 128 and 256 take per_thread = 2 at the default knobs (the
+# write-back of more than one output per thread), 3136 is ResNet's 56x56; batch 8
 EXTRA_CONV_CASES = [
     (1, 16, 8, 14, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),    # Q = 8 x 16 = 128
     (1, 16, 16, 16, 32, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),   # Q = 256
     (1, 16, 56, 56, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),   # Q = 3136
     (8, 8, 12, 12, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),    # batch 8
 ]
-
-
-@pytest.fixture(scope="module")
-def pocl():
-    return PoCL()
 
 
 def conv_layer(case, seed=11, relu=True, bias=True):
@@ -171,7 +166,7 @@ def test_builtin_model_cuda_on_pocl(model, pocl):
 
 
 def test_silu_epilogues_cuda_on_pocl(pocl):
-    """The conv epilogues with SiLU fused (te_math's exp: bit shifts, reinterpret) as OpenCL."""
+    """The conv epilogues with SiLU fused (ops.fast_math's exp: bit shifts, reinterpret) as OpenCL."""
     from test_passes import SiluBlock, _prepared
     from unsparse_tvm.frontend import import_program
 
@@ -292,7 +287,7 @@ def test_dense_conv2d_cuda_space_points_on_pocl(seed, pocl):
 def test_cuda_epilogue_fuses_exactly_where_the_output_is_flat(r, stride, pad, size, fmt, residual, pocl):
     """The CUDA schedule writes bias, residual and ReLU from each thread's accumulators (no "epilogue"
     kernel: one launch and one output pass fewer) exactly where ConvGeometry.flat_output holds and the
-    format is not hyb, as perf_model.predict_sparse counts launches; the result on PoCL equals PyTorch."""
+    format is not hyb, as cost.gpu.predict_sparse counts launches; the result on PoCL equals PyTorch."""
     from unsparse_tvm.ops.formats import ConvGeometry
 
     rng = np.random.default_rng(1)

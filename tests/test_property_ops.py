@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err, run_layer, sparse_weight, torch_conv
-from unsparse_tvm.bench import LayerSpec
+from unsparse_tvm.single_layer import LayerSpec
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])

@@ -2,11 +2,11 @@
 a fresh process) against PyTorch on the dequantised model, the .so sizes against the fp32 one, and what
 inspect says per layer.
 
-Sizes: the quantisation issue's targets (int8 / 4-bit at most 50% / 40% of the fp32 .so) were met against
-fp32 files with 32-bit offsets (41-45% / 35-39.5%). fp32 sparse now stores 16-bit offsets where they fit
-(formats.compact_offsets), as the quantised formats already did, so only the value bytes differ: weights
-int8 (1 + 2 B per entry) / fp32 (4 + 2 B) = 0.5, 4-bit 0.42; files (code included) measured 0.54-0.57 and
-0.46-0.50 on vgg16-cifar and resnet18."""
+Sizes: the first targets (int8 / 4-bit at most 50% / 40% of the fp32 .so) were met against fp32 files
+with 32-bit offsets (41-45% / 35-39.5%). fp32 sparse now stores 16-bit offsets where they fit
+(ops.formats.compact_offsets), as the quantised formats already did, so only the value bytes differ:
+weights int8 (1 + 2 B per entry) / fp32 (4 + 2 B) = 0.5, 4-bit 0.42; files (code included) measured
+0.54-0.57 and 0.46-0.50 on vgg16-cifar and resnet18."""
 
 import json
 
@@ -80,7 +80,7 @@ def test_bench_reports_weight_bytes_per_variant(tmp_path):
 @pytest.mark.slow
 def test_resnet18_quantised_so_sizes(tmp_path):
     """ResNet-18 at 90%: int8 / 4-bit .so at most 58% / 52% of the fp32 sparse one (measured 56.5% /
-    49.9%; see the module docstring for why not the issue's 50% / 40% any more). The same CLI commands, in
+    49.9%; see the module docstring for why not 50% / 40% any more). The same CLI commands, in
     this process (cli_here): the sizes are the point, not the process."""
     cli_here("prune", "resnet18", "--sparsity", 0.9, "-o", tmp_path / "r.pt2")
     cli_here("compile", tmp_path / "r.pt2", "--target", "llvm", "-o", tmp_path / "r.so")

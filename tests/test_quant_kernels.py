@@ -1,6 +1,6 @@
-"""Weight-only quantised sparse kernels (qformats.py, quant_ops.py) on llvm against PyTorch on the
-dequantised weights: int8 / 4-bit table codes (int4, kmeans4, pow2), 16-bit (flat and channel/tap) and
-32-bit offsets, ell / hyb / grouped rows, per-row factors as batch-norm folding leaves them."""
+"""Weight-only quantised sparse kernels (ops/quant_formats.py, ops/sparse_quant.py) on llvm against PyTorch
+on the dequantised weights: int8 / 4-bit table codes (int4, kmeans4, pow2), 16-bit (flat and channel/tap)
+and 32-bit offsets, ell / hyb / grouped rows, per-row factors as batch-norm folding leaves them."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import case_rng, rel_err, sparse_weight, torch_conv
-from unsparse_tvm.bench import LayerSpec, layer_module
 from unsparse_tvm.compress.quantize import codebook_quantize, fit_codebook, linear_quantize, pow2_quantize
 from unsparse_tvm.ops.formats import conv_weight_rows
 from unsparse_tvm.ops.quant_formats import QuantGeometry, encode, fp32_nbytes
 from unsparse_tvm.relay_passes.layers import LayerNames
+from unsparse_tvm.single_layer import LayerSpec, layer_module
 from unsparse_tvm.testing.isa import skip_unless_runs_here
 
 

@@ -1,4 +1,4 @@
-"""The quantised sparse kernels (te_quant_ops) under the CUDA schedule rules, run on PoCL against PyTorch
+"""The quantised sparse kernels (ops.sparse_quant) under the CUDA schedule rules, run on PoCL against PyTorch
 on the dequantised weights: conv and linear, ell / hyb / grouped rows, int8 and 4-bit codes, 16-bit flat
 and channel/tap offsets, batch > 1, strides; CUDA's static limits at the default knobs."""
 
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from conftest import case_rng, needs_nvcc, sparse_weight, torch_conv
 from test_pocl import check
 from test_quant_kernels import conv_spec, quantised
-from unsparse_tvm.bench import LayerSpec, layer_module
 from unsparse_tvm.relay_passes.layers import LayerNames
+from unsparse_tvm.single_layer import LayerSpec, layer_module
 from unsparse_tvm.testing.cuda_limits import module_cuda_limits
-from unsparse_tvm.testing.opencl import OpenCLModule, PoCL, schedule_for_cuda, schedule_space_point
+from unsparse_tvm.testing.opencl import OpenCLModule, schedule_for_cuda, schedule_space_point
 
 CASES = [  # (N, C, H, W, K, R, S, stride, padding)
     (2, 8, 9, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1)),        # batch 2, odd sizes
@@ -22,11 +22,6 @@ CASES = [  # (N, C, H, W, K, R, S, stride, padding)
     (8, 16, 4, 4, 16, 1, 1, (1, 1), (0, 0, 0, 0)),       # batch 8, 1x1
     (1, 16, 64, 64, 16, 7, 7, (2, 2), (3, 3, 3, 3)),     # 7x7/2 stem: ct16 with 6 tap bits, stride phases
 ]
-
-
-@pytest.fixture(scope="module")
-def pocl():
-    return PoCL()
 
 
 def quant_kwargs(weight, entry, fmt, report):
@@ -85,7 +80,7 @@ def test_quant_cuda_modules_compile_with_nvcc(scheme, fmt, cuda, tmp_path):
     """nvcc (not just PoCL's OpenCL compiler) takes the generated CUDA for the byte/nibble/ushort loads."""
     import tvm
 
-    from unsparse_tvm.build import Compiled, export
+    from unsparse_tvm.build import Compiled, write_module
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.runtime import fatbin_images
 
@@ -97,5 +92,5 @@ def test_quant_cuda_modules_compile_with_nvcc(scheme, fmt, cuda, tmp_path):
                      relax_pipeline=build_pipeline(cuda, **quant_kwargs(weight, entry, fmt, report)))
     assert report[0].precision.endswith("16-bit off") and report[0].precision != "fp32"
     path = str(tmp_path / "q.so")
-    export(Compiled(ex, cuda, (1, 64, 32, 32), [], report, threshold=0.3), path, model="q")
+    write_module(Compiled(ex, cuda, (1, 64, 32, 32), [], report, threshold=0.3), path, model="q")
     assert ("cubin", 90) in fatbin_images(open(path, "rb").read())

@@ -95,8 +95,8 @@ def test_cli_prunes_vgg16_cifar_for_2x_and_reports_every_layer(tmp_path):
     ([], "prune needs --sparsity S, or a speed target"),
 ])
 def test_cli_speed_target_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
-    from conftest import cli
+    from conftest import assert_proc_one_line_error, cli
 
     proc = cli("prune", "smallcnn", *args, "-o", tmp_path / "p.pt2", check=False)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert_proc_one_line_error(proc, message)
     assert not list(tmp_path.iterdir())

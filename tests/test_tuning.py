@@ -17,9 +17,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import pruned_program
+from conftest import assert_one_line_error, pruned_program
 from unsparse_tvm.errors import UnsparseError
 from unsparse_tvm.tuning.log import RECORD_FILE, read_log
+from unsparse_tvm.tuning.search import SearchOptions
+
+QUIET = SearchOptions(progress=False)  # no progress lines in test output
 
 TINY_TRIALS = 4
 
@@ -31,7 +34,7 @@ def tiny_log() -> str:
     from unsparse_tvm.tuning import tune
 
     path = os.path.join(tempfile.mkdtemp(prefix="unsparse-tiny-log-"), "log")
-    res = tune(pruned_program("smallcnn"), make_target("llvm"), path, TINY_TRIALS, progress=False)
+    res = tune(pruned_program("smallcnn"), make_target("llvm"), path, TINY_TRIALS, options=QUIET)
     assert res.new_trials == TINY_TRIALS and not res.interrupted
     return path
 
@@ -80,9 +83,9 @@ def test_resume_counts_existing_records(tmp_path, llvm):
     from unsparse_tvm.tuning import tune
 
     path = copy_log(tmp_path)
-    again = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS, progress=False)
+    again = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS, options=QUIET)
     assert again.new_trials == 0 and len(record_lines(path)) == TINY_TRIALS
-    more = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS + 3, progress=False)
+    more = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS + 3, options=QUIET)
     assert more.new_trials == 3
     log = read_log(path)
     assert len(log.records) == TINY_TRIALS + 3 and log.corrupt == 0
@@ -104,11 +107,11 @@ def test_interrupt_keeps_finished_batches(tmp_path, llvm, monkeypatch):
 
     monkeypatch.setattr(tuning.Runner, "run", run_then_interrupt)
     path = str(tmp_path / "log")
-    res = tuning.tune(pruned_program("smallcnn"), llvm, path, 6, progress=False)
+    res = tuning.tune(pruned_program("smallcnn"), llvm, path, 6, options=QUIET)
     assert res.interrupted
     assert len(record_lines(path)) == 2  # the two batches measured before Ctrl-C
     monkeypatch.setattr(tuning.Runner, "run", real_run)
-    res = tuning.tune(pruned_program("smallcnn"), llvm, path, 6, progress=False)
+    res = tuning.tune(pruned_program("smallcnn"), llvm, path, 6, options=QUIET)
     assert not res.interrupted and res.new_trials == 4 and len(record_lines(path)) == 6
 
 
@@ -290,14 +293,13 @@ def test_corrupt_and_truncated_lines_are_skipped(tmp_path, llvm, capsys):
     assert "skipped 4 unreadable lines (corrupt or truncated)" in err and err.count("\n") == 1, err
     assert len(db) == TINY_TRIALS  # every good record is there; the damaged one is not applied
     # tuning on top of it appends on a fresh line: the torn line does not swallow the next record
-    res = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS + 1, progress=False)
+    res = tune(pruned_program("smallcnn"), llvm, path, TINY_TRIALS + 1, options=QUIET)
     assert res.new_trials == 1 and res.corrupt == 4
     log = read_log(path)
     assert len(log.records) == TINY_TRIALS + 2 and log.corrupt == 3  # parse-level: 3 (the damaged one parses)
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys):
-    from unsparse_tvm.cli import main
     from unsparse_tvm.tuning import open_database
 
     with pytest.raises(UnsparseError, match="does not exist"):
@@ -319,20 +321,12 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
         ["compile", "smallcnn", "-o", str(tmp_path / "m.so"), "--tuning-log", str(tmp_path / "empty")],
     ]
     for argv in cases:
-        try:
-            rc = main(argv)
-        except SystemExit as exc:  # refused at parse time (--trials 0)
-            rc = exc.code
-        assert rc == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, (argv, err)
+        assert_one_line_error(argv, capsys)
 
 
 def test_tune_without_sparse_layers_says_so(tmp_path, capsys):
-    from unsparse_tvm.cli import main
-
-    assert main(["tune", "smallcnn", "--trials", "2", "--log-dir", str(tmp_path / "l"), "--no-progress"]) == 2
-    assert "no layer to tune" in capsys.readouterr().err
+    assert_one_line_error(["tune", "smallcnn", "--trials", "2", "--log-dir", tmp_path / "l", "--no-progress"], capsys,
+                          "no layer to tune")
 
 
 def test_cuda_tuning_builds_candidates_but_needs_a_gpu_to_measure(tmp_path, cuda):
@@ -346,7 +340,7 @@ def test_cuda_tuning_builds_candidates_but_needs_a_gpu_to_measure(tmp_path, cuda
 
     if not tvm.cuda(0).exist:
         with pytest.raises(UnsparseError, match="GPU"):
-            tune(pruned_program("smallcnn"), cuda, str(tmp_path / "l"), 2, progress=False)
+            tune(pruned_program("smallcnn"), cuda, str(tmp_path / "l"), 2, options=QUIET)
     builder = Builder(2)
     try:
         for task in extract_tasks(pruned_program("smallcnn"), cuda)[:2]:

@@ -44,7 +44,7 @@ def write_metadata(path: str, meta: dict) -> None:
         f.write(_MAGIC + blob + struct.pack("<Q", len(blob)) + _MAGIC)
 
 
-def _trailer_size(path: str) -> int:
+def trailer_size(path: str) -> int:
     with open(path, "rb") as f:
         f.seek(-(len(_MAGIC) + 8), os.SEEK_END)
         (length,) = struct.unpack("<Q", f.read(8))
@@ -102,7 +102,7 @@ def check_image(path: str) -> None:
     """The ELF image must be whole: a truncated .so with an intact metadata trailer would crash the
     dynamic loader (SIGBUS) instead of failing. Its end is the furthest of the section header table and
     the program segments, read from the ELF64 header."""
-    body = os.path.getsize(path) - _trailer_size(path)
+    body = os.path.getsize(path) - trailer_size(path)
     with open(path, "rb") as f:
         head = f.read(64)
         if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
@@ -126,7 +126,7 @@ def check_image(path: str) -> None:
 def check_payload(path: str, meta: dict) -> None:
     """The library image must be the one compile wrote (modules from before checksums: not checked)."""
     want = meta.get("payload_sha256")
-    if want is not None and payload_sha256(path, os.path.getsize(path) - _trailer_size(path)) != want:
+    if want is not None and payload_sha256(path, os.path.getsize(path) - trailer_size(path)) != want:
         raise UnsparseError(f"{path} is damaged: its library image differs from what compile wrote (checksum "
                             "mismatch); compile it again")
 

@@ -16,8 +16,8 @@ import sys
 from .errors import UnsparseError
 from .hostcpu import describe_missing, missing_features
 from .inputs import check_input_file
-# _trailer_size and fatbin_images are re-exported: tests and scripts read them from here
-from .module_file import (_trailer_size, check_image, check_payload, device_code_summary, fatbin_images,  # noqa: F401
+# trailer_size and fatbin_images are re-exported: tests and scripts read them from here
+from .module_file import (trailer_size, check_image, check_payload, device_code_summary, fatbin_images,  # noqa: F401
                           integrity, read_metadata)
 from .outputs import check_output, writing
 

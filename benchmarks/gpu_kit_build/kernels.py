@@ -35,7 +35,7 @@ def layer_primfunc(spec, target):
     """(unscheduled PrimFunc of the layer's sparse operator, operand roles, out shape) via build_pipeline."""
     import tvm
 
-    from unsparse_tvm.bench import layer_module
+    from unsparse_tvm.single_layer import layer_module
     from unsparse_tvm.relay_passes import build_pipeline
 
     mod = build_pipeline(target, threshold=0.0, stop_after="legalize")(layer_module(spec))
@@ -85,7 +85,7 @@ def build_layer_group(run, target, arch, model, mm, net_folded, sparsity, batch,
     """One module: the default-knob kernels of `layer_ids` (grid None) or their knob grids."""
     import tvm_ffi
 
-    from unsparse_tvm.bench import LayerSpec
+    from unsparse_tvm.single_layer import LayerSpec
 
     funcs, kernels = {}, []
     for li in layer_ids:

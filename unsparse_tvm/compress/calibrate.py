@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnsparseError
-from .masks import _WEIGHT_OPS, prunable_parameters
+from .masks import WEIGHT_OPS, prunable_parameters
 
 RANDOM = "random"          # --dataset random: seeded standard-normal inputs (speed work without data)
 CALIBRATION_BATCHES = 4
@@ -64,7 +64,7 @@ def _graph_ranges(ep: torch.export.ExportedProgram, batches: list[torch.Tensor])
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, node):
-            if node.op == "call_function" and str(node.target) in _WEIGHT_OPS:
+            if node.op == "call_function" and str(node.target) in WEIGHT_OPS:
                 weight = node.args[1]
                 if getattr(weight, "op", None) == "get_attr":
                     _merge(ranges, str(weight.target).removesuffix(".weight"), self.env[node.args[0]])

@@ -21,7 +21,7 @@ from .. import reference
 from ..errors import MAX_SPARSITY, UnsparseError, check_sparsity
 
 # aten ops whose second argument is a weight worth pruning
-_WEIGHT_OPS = {"aten.conv2d.default", "aten.convolution.default", "aten.linear.default"}
+WEIGHT_OPS = {"aten.conv2d.default", "aten.convolution.default", "aten.linear.default"}
 MAX_LAYER_SPARSITY = MAX_SPARSITY  # a layer pruned further than this is effectively cut out of the network
 
 
@@ -36,7 +36,7 @@ def prunable_parameters(module: nn.Module, ep: torch.export.ExportedProgram | No
         return found
     params = ep.graph_signature.inputs_to_parameters
     for node in ep.graph.nodes:
-        if node.op == "call_function" and str(node.target) in _WEIGHT_OPS:
+        if node.op == "call_function" and str(node.target) in WEIGHT_OPS:
             weight = node.args[1]
             fqn = params.get(getattr(weight, "name", ""))
             if fqn is not None and fqn not in {f for f, _, _ in found}:
@@ -161,7 +161,7 @@ def _orig_and_mask(owner: nn.Module, pname: str) -> tuple[torch.Tensor, torch.Te
     return w, torch.ones_like(w)
 
 
-def _set_mask(owner: nn.Module, pname: str, mask: torch.Tensor) -> None:
+def set_mask(owner: nn.Module, pname: str, mask: torch.Tensor) -> None:
     buf = getattr(owner, pname + "_mask", None)
     if buf is None:
         tprune.custom_from_mask(owner, pname, mask)  # weight_orig + weight_mask + forward pre-hook
@@ -169,7 +169,7 @@ def _set_mask(owner: nn.Module, pname: str, mask: torch.Tensor) -> None:
         buf.copy_(mask)  # the pre-hook recomputes weight = weight_orig * weight_mask on the next forward
 
 
-def _update_masks(layers: list[tuple[str, nn.Module, str]], fractions: dict[str, float], cfg,
+def update_masks(layers: list[tuple[str, nn.Module, str]], fractions: dict[str, float], cfg,
                   pool: set[str]) -> None:
     """Bring every layer to `fractions[name]`; in global scope the `pool` layers share one magnitude ranking.
     `cfg` is a targets.PruneConfig (its scope and `method_for`)."""
@@ -200,4 +200,4 @@ def _update_masks(layers: list[tuple[str, nn.Module, str]], fractions: dict[str,
         orig, mask = current[fqn]
         if not (cfg.scope == "global" and fqn in pool and fqn not in capped):
             mask = cfg.method_for(fractions[fqn], fqn).compute_mask(orig * mask, mask)
-        _set_mask(owner, pname, mask)
+        set_mask(owner, pname, mask)

@@ -17,7 +17,7 @@ from ..errors import UnsparseError, check_sparsity
 from ..frontend import eval_mode, loaded_program, load_model, load_program, save_model
 from ..outputs import check_output
 from .data import load_dataset
-from .masks import _set_mask, _update_masks, magnitude_prune, prunable_parameters
+from .masks import set_mask, update_masks, magnitude_prune, prunable_parameters
 from .report import check_report_path, weight_report, write_report
 from .schedule import cubic_sparsity
 from .config import PruneConfig, fixed_layers, layer_targets, sensitivity_scan
@@ -72,7 +72,7 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
     for fqn, owner, pname in layers:
         w = getattr(owner, pname).detach()
         initial[fqn] = float((w == 0).sum()) / w.numel()
-        _set_mask(owner, pname, (w != 0).to(w.dtype))
+        set_mask(owner, pname, (w != 0).to(w.dtype))
     # a layer already sparser than its target stays as it is (global: the shared ranking sees its zeros first)
     targets = {n: t if (cfg.scope == "global" and n in pool) else max(t, initial[n]) for n, t in targets.items()}
     if cfg.scope == "global":
@@ -85,11 +85,11 @@ def prune_model(module: nn.Module, cfg: PruneConfig, data=None, ep: torch.export
 
         def on_step(step: int, total: int) -> None:
             if step <= ramp and (step % every == 0 or step == ramp):
-                _update_masks(layers, {n: cubic_sparsity(step, ramp, initial[n], targets[n]) for n in sizes}, cfg, pool)
+                update_masks(layers, {n: cubic_sparsity(step, ramp, initial[n], targets[n]) for n in sizes}, cfg, pool)
 
         train(module, data, cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, on_step=on_step,
               desc=f"prune {cfg.method}")
-    _update_masks(layers, targets, cfg, pool)  # one-shot, or make sure the final target is reached
+    update_masks(layers, targets, cfg, pool)  # one-shot, or make sure the final target is reached
     for _, owner, pname in layers:
         tprune.remove(owner, pname)  # permanent: weight = weight_orig * weight_mask, hooks gone
     eval_mode(module)

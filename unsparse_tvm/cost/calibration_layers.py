@@ -86,7 +86,7 @@ def measure_layers(target, threads: int, *, log=print) -> list[dict]:
 
 def _terms(spec: LayerSpec, decision, kind: str) -> dict:
     """The model's work terms of one layer (layer_cost.conv_cost's, per unit inverse rate)."""
-    from .model import _passes
+    from .model import output_passes
 
     if spec.op == "dense":
         entries = decision.padded if kind != "dense" else int(np.prod(spec.weight.shape))
@@ -96,7 +96,7 @@ def _terms(spec: LayerSpec, decision, kind: str) -> dict:
     geo = ConvGeometry(n, c, h, w, k, r, s, (1, 1), tuple(spec.attrs["padding"]), (1, 1))
     entries = k * c * r * s if kind == "dense" else decision.padded
     fmt = "dense" if kind == "dense" else decision.format
-    return {"fmas": entries * n * geo.q_extent, "outputs": n * k * geo.q_extent, "passes": _passes(geo, fmt)}
+    return {"fmas": entries * n * geo.q_extent, "outputs": n * k * geo.q_extent, "passes": output_passes(geo, fmt)}
 
 
 def fit_rates(rows: list[dict]) -> tuple[X86Rates, list[dict]]:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from ..ops.formats import HYB_MIN_SAVING, ConvGeometry, _best_split, choose_format, offsets_fit_16_bits
+from ..ops.formats import HYB_MIN_SAVING, ConvGeometry, best_split, choose_format, offsets_fit_16_bits
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def ell_width(row_nnz: np.ndarray, fmt: str) -> float:
     """Padded entries per row of `fmt` (ell, or hyb for outliers) for these rows."""
     k, longest = len(row_nnz), int(row_nnz.max(initial=0))
     if fmt == "hyb":
-        return _best_split(row_nnz)[1] / k
+        return best_split(row_nnz)[1] / k
     return float(max(longest, 1))
 
 

@@ -76,16 +76,16 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
         return LayerCost(dense * 1e6, sparse * 1e6)
     out = geo.n * geo.k * geo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
-             + _passes(geo, "dense") * out / rates.output)
+             + output_passes(geo, "dense") * out / rates.output)
     sparse = (rows.padded_size * positions / rates.fma_rate(rows.fmt)
-              + _passes(geo, rows.fmt) * out / rates.output)
+              + output_passes(geo, rows.fmt) * out / rates.output)
     if 4 * out > rates.cache_bytes:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
-        dense = max(dense, _passes(geo, "dense") * 4 * out / rates.dram_bytes_s)
-        sparse = max(sparse, _passes(geo, rows.fmt) * 4 * out / rates.dram_bytes_s)
+        dense = max(dense, output_passes(geo, "dense") * 4 * out / rates.dram_bytes_s)
+        sparse = max(sparse, output_passes(geo, rows.fmt) * 4 * out / rates.dram_bytes_s)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
-def _passes(geo: ConvGeometry, fmt: str) -> int:
+def output_passes(geo: ConvGeometry, fmt: str) -> int:
     """Passes over the output the x86 epilogue makes (see X86Rates.output)."""
     return 1 if geo.flat_output and fmt != "hyb" else 3
 

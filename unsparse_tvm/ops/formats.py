@@ -69,7 +69,7 @@ class SparseRows:
         return 1.0 - self.nnz / total if total else 0.0
 
 
-def _best_split(row_nnz: np.ndarray) -> tuple[int, int]:
+def best_split(row_nnz: np.ndarray) -> tuple[int, int]:
     """(L1, padded size) minimising K*L1 + (#rows longer than L1) * (max - L1)."""
     k, longest = len(row_nnz), int(row_nnz.max(initial=0))
     best = (longest, k * longest)
@@ -84,7 +84,7 @@ def _best_split(row_nnz: np.ndarray) -> tuple[int, int]:
 def choose_format(row_nnz: np.ndarray, min_saving: float = HYB_MIN_SAVING["cuda"]) -> str:
     """ell where rows are balanced; hyb where long rows would blow up ell's padding by min_saving."""
     k, longest = len(row_nnz), int(row_nnz.max(initial=0))
-    l1, size = _best_split(row_nnz)
+    l1, size = best_split(row_nnz)
     if 0 < l1 < longest and size <= (1.0 - min_saving) * k * longest:
         return "hyb"
     return "ell"
@@ -110,7 +110,7 @@ def choose_group(matrix: np.ndarray, max_fill: float = GROUP_MAX_FILL) -> int:
     """The largest V in GROUPS dividing the rows whose grouped size (K * L_V) stays within max_fill of the
     smaller of ell's and hyb's; 1 where none does."""
     k = matrix.shape[0]
-    ungrouped = max(_best_split((matrix != 0).sum(axis=1))[1], 1)
+    ungrouped = max(best_split((matrix != 0).sum(axis=1))[1], 1)
     for v in GROUPS:
         if k % v == 0 and k > v and k * max(group_width(matrix, v), 1) <= max_fill * ungrouped:
             return v
@@ -154,7 +154,7 @@ def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None =
         return SparseRows("ell", data, off, int(row_nnz.sum()), (k, ncols), row_nnz=row_nnz)
     if fmt != "hyb":
         raise ValueError(f"unknown sparse format {fmt}")
-    l1, _ = _best_split(row_nnz)
+    l1, _ = best_split(row_nnz)
     l1 = max(l1, 1)
     data, off = _pack([o[:l1] for o in offs], [v[:l1] for v in vals], l1)
     long_rows = np.flatnonzero(row_nnz > l1)

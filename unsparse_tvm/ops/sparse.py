@@ -71,7 +71,7 @@ def _at(t: te.Tensor, geo: ConvGeometry, n, k, y, x):
     return t[n, k, y * geo.wq + x]
 
 
-def _epilogue(acc, shape, bias, residual, relu: bool, relu_max: float | None = None,
+def epilogue_stage(acc, shape, bias, residual, relu: bool, relu_max: float | None = None,
               silu: bool = False) -> te.Tensor:
     """Bias, residual, then the activation: ReLU, capped at relu_max where set (clip(0, M), ReLU6), or
     SiLU (x * sigmoid(x), on te_math's vectorising exp)."""
@@ -109,7 +109,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         def acc(n, k, y, x_):
             return conv[n, k // v, k % v, y * geo.wq + x_]
 
-        return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
+        return epilogue_stage(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
     conv = _row_conv(xf, data, off, geo, "conv")
     if ovf is not None:
         ovf_data, ovf_off, slot = ovf
@@ -122,7 +122,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         def acc(n, k, y, x_):
             return _at(conv, geo, n, k, y, x_)
 
-    return _epilogue(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
+    return epilogue_stage(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
 
 
 def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
@@ -141,7 +141,7 @@ def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeo
         lambda n, k, q: te.sum(weight[k, rc, rr, rs] * xf[n, geo.tap_offset(rc, rr, rs) + q], axis=[rc, rr, rs]),
         name="conv",
     )
-    return _epilogue(lambda n, k, y, x_: _at(conv, geo, n, k, y, x_),
+    return epilogue_stage(lambda n, k, y, x_: _at(conv, geo, n, k, y, x_),
                      (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
 
 
@@ -158,7 +158,7 @@ def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor
         j = te.reduce_axis((0, width), name="j")
         mm = te.compute((batch, groups, v), lambda n, g, r: te.sum(data[g, j, r] * x[n, _index(off[g, j])], axis=j),
                         name="conv")
-        return _epilogue(lambda n, k: mm[n, k // v, k % v], (batch, groups * v), bias, None, relu)
+        return epilogue_stage(lambda n, k: mm[n, k // v, k % v], (batch, groups * v), bias, None, relu)
 
     def rows_mm(d, o, name):
         j = te.reduce_axis((0, d.shape[1]), name="j")
@@ -176,4 +176,4 @@ def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor
         def acc(n, k):
             return mm[n, k]
 
-    return _epilogue(acc, (batch, rows), bias, None, relu)
+    return epilogue_stage(acc, (batch, rows), bias, None, relu)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from .sparse import F32_ZERO, _epilogue, pad_flat
+from .sparse import F32_ZERO, epilogue_stage, pad_flat
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
                               lambda n, g, r, q: te.sum(dec.level(codes, g, j, r) * xf[n, dec.offset(off, g, j) + q],
                                                         axis=j),
                               name="conv")
-        return _epilogue(lambda n, k, y, x_: conv[n, k // v, k % v, y * geo.wq + x_] * scale[k],
+        return epilogue_stage(lambda n, k, y, x_: conv[n, k // v, k % v, y * geo.wq + x_] * scale[k],
                          shape, bias, residual, relu, relu_max, silu)
 
     def rows(c, o, name):
@@ -108,7 +108,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
 
     conv = rows(codes, off, "conv")
     if ovf is None:
-        return _epilogue(lambda n, k, y, x_: conv[n, k, y * geo.wq + x_] * scale[k], shape, bias, residual, relu,
+        return epilogue_stage(lambda n, k, y, x_: conv[n, k, y * geo.wq + x_] * scale[k], shape, bias, residual, relu,
                          relu_max, silu)
     ovf_codes, ovf_off, slot = ovf
     conv_ovf = rows(ovf_codes, ovf_off, "conv_ovf")
@@ -118,7 +118,7 @@ def qsparse_conv2d(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Ten
         extra = tirx.if_then_else(slot[k] >= 0, conv_ovf[n, tirx.max(slot[k], 0), q], F32_ZERO)
         return (conv[n, k, q] + extra) * scale[k]
 
-    return _epilogue(acc, shape, bias, residual, relu, relu_max, silu)
+    return epilogue_stage(acc, shape, bias, residual, relu, relu_max, silu)
 
 
 def qsparse_dense(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tensor, *rest: te.Tensor,
@@ -135,7 +135,7 @@ def qsparse_dense(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tens
         mm = te.compute((batch, groups, v),
                         lambda n, g, r: te.sum(dec.level(codes, g, j, r) * x[n, dec.offset(off, g, j)], axis=j),
                         name="conv")
-        return _epilogue(lambda n, k: mm[n, k // v, k % v] * scale[k], (batch, rows_out), bias, None, relu)
+        return epilogue_stage(lambda n, k: mm[n, k // v, k % v] * scale[k], (batch, rows_out), bias, None, relu)
 
     def rows(c, o, name):
         j = te.reduce_axis((0, o.shape[1]), name="j")
@@ -144,7 +144,7 @@ def qsparse_dense(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tens
 
     mm = rows(codes, off, "conv")
     if ovf is None:
-        return _epilogue(lambda n, k: mm[n, k] * scale[k], (batch, rows_out), bias, None, relu)
+        return epilogue_stage(lambda n, k: mm[n, k] * scale[k], (batch, rows_out), bias, None, relu)
     ovf_codes, ovf_off, slot = ovf
     mm_ovf = rows(ovf_codes, ovf_off, "conv_ovf")
 
@@ -152,4 +152,4 @@ def qsparse_dense(x: te.Tensor, codes: te.Tensor, off: te.Tensor, scale: te.Tens
         extra = tirx.if_then_else(slot[k] >= 0, mm_ovf[n, tirx.max(slot[k], 0)], F32_ZERO)
         return (mm[n, k] + extra) * scale[k]
 
-    return _epilogue(acc, (batch, rows_out), bias, None, relu)
+    return epilogue_stage(acc, (batch, rows_out), bias, None, relu)
