@@ -34,7 +34,7 @@ def _cli(*args: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", required=True, help="JSON file to write")
-    ap.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs per prune (as in the README)")
+    ap.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs per prune (as in docs/pruning.md)")
     ap.add_argument("--train-epochs", type=int, default=40, help="epochs of the dense baseline")
     args = ap.parse_args()
     rows = []

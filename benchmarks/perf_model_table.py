@@ -3,7 +3,7 @@ our sparse kernel (default knobs) against cuDNN FP32 / TF32 / FP16, batch 1 and 
 
   python benchmarks/perf_model_table.py [--json benchmarks/results/perf_model_h200.json] [--sparsity 0.9]
 
-Prints a markdown table at one sparsity (the README's) and the sparsity at which ours is predicted to
+Prints a markdown table at one sparsity (docs/gpu.md's) and the sparsity at which ours is predicted to
 overtake each cuDNN mode; the JSON holds every sparsity of the GPU kit's grid."""
 
 from __future__ import annotations

@@ -20,13 +20,14 @@ try:  # a test-only dependency (the `test` extra); plain `import torchvision` fa
 except UnsparseError:
     pytest.skip("torchvision is not installed", allow_module_level=True)
 
-ARCHS = [  # (torchvision name, input size): what each adds
+# (torchvision name, input size): what each adds; densenet121 (long concat chains, BN-ReLU before conv),
+# 35 s here, is in benchmarks/door_matrix.py with the rest of the zoo
+ARCHS = [
     ("mobilenet_v3_small", 64),      # depthwise, SE (pool, small linears, hardsigmoid), hardswish
     ("efficientnet_b0", 64),         # depthwise 3x3/5x5, SE with SiLU, stochastic depth (eval: identity)
     ("shufflenet_v2_x0_5", 64),      # channel shuffle, concat, split
     ("regnet_x_400mf", 64),          # grouped 3x3 convs
     ("googlenet", 64),               # inception concat, ceil-mode max pooling
-    ("densenet121", 64),             # long concat chains, BN-ReLU before conv (not foldable into it)
     ("squeezenet1_1", 64),           # fire modules, conv classifier, adaptive pooling
     ("lraspp_mobilenet_v3_large", 64),  # segmentation head: atrous, bilinear upsampling
 ]

@@ -46,15 +46,19 @@ def export_onnx(ep, x, folder: str, opset: int | None = None) -> str:
         return path
     import torch  # deferred: the peer names above are read when the command line is parsed
 
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)  # it warns about torchvision ops it cannot register, which no model here uses
+    # torch.onnx warns about torchvision ops it cannot register (no model here uses them); onnxscript logs
+    # a traceback at WARNING when the ONNX C API cannot convert a node to opset 17, then keeps the model
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             torch.onnx.export(ep, (x,), path, dynamo=True, external_data=opset is None,
                               **({"opset_version": opset} if opset else {}))
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     if opset is not None:
         import onnx
 

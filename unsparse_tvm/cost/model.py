@@ -4,7 +4,7 @@ no layer is slower than its dense version), unless --threshold overrides.
 
 x86: time = work / rate, where work counts one FMA per stored entry (padding included) per output
 position, and the rates are per kernel family, measured per layer by `bench` on the 2-vCPU machines
-(README, Results): the dense direct conv ~55 GFMA/s, ungrouped sparse rows ~26 G/s (an input load and a
+(docs/results.md): the dense direct conv ~55 GFMA/s, ungrouped sparse rows ~26 G/s (an input load and a
 weight broadcast per FMA), grouped rows ~2x that (one input load per V FMAs). Linear layers at batch 1 are
 memory-bound GEMVs on both sides (TVM's dense linear is the generic fallback, ~1 G/s).
 CUDA: unsparse_tvm.cost.gpu (the dense direct conv as a grouped kernel whose groups are its tile_k
@@ -25,7 +25,7 @@ from .gpu import H200, Knobs, predict_sparse
 class X86Rates:
     """The x86 cost model's rates: FMAs per second per kernel family, all threads (`calibrate` measures them
     per CPU model and thread count, unsparse_tvm.cost.calibration; these defaults were measured per layer by
-    `bench` on the 2-vCPU machines, both threads: README, Results)."""
+    `bench` on the 2-vCPU machines, both threads: docs/results.md)."""
 
     dense_conv: float = 55e9     # the dense direct conv
     ell: float = 26e9            # ungrouped sparse rows: an input load and a weight broadcast per FMA
