@@ -8,7 +8,7 @@ from tvm import relax
 
 from unsparse_tvm.ops.formats import ConvGeometry
 
-from ._util import ChainRewriter, Epilogue, const_array, is_op, match_epilogue, shape_of, use_counts, users_of
+from ._util import ChainRewriter, Epilogue, const_array, is_op, match_epilogue, shape_of, users_of
 
 
 def conv_geometry(call: relax.Call, weight: np.ndarray) -> ConvGeometry | None:
@@ -55,8 +55,7 @@ class ConvChainRewriter(ChainRewriter):
     allow_act = True  # the operator's epilogue can cap its ReLU (clip(0, M), ReLU6) or apply a SiLU
 
     def plan(self, func: relax.Function) -> None:
-        var2val = relax.analysis.get_var2val(func)
-        counts, users = use_counts(func), users_of(func)
+        var2val, counts, users = self.var2val, self.counts, users_of(func)  # the first two: prepare()'s
         self.plans = {}
         claimed: set = set()  # epilogue nodes already fused into an earlier conv's chain
         for block in func.body.blocks:

@@ -37,8 +37,7 @@ class DenseChainRewriter(ChainRewriter):
         return True
 
     def plan(self, func: relax.Function) -> None:
-        var2val = relax.analysis.get_var2val(func)
-        counts, users = use_counts(func), users_of(func)
+        var2val, counts, users = self.var2val, self.counts, users_of(func)  # the first two: prepare()'s
         self.plans = {}
         for block in func.body.blocks:
             for b in block.bindings:

@@ -23,7 +23,7 @@ from unsparse_tvm.ops.int8_formats import ActQuant, conv_quad_rows, epilogue_con
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, unsupported_reason
-from ._util import const_array, fused_label, is_op, mark, use_counts
+from ._util import const_array, fused_label, is_op, mark
 from .layers import LayerDecision, LayerNames
 
 OP = names.SPARSE_CONV2D_INT8
@@ -71,7 +71,7 @@ class _Int8Rewriter(ConvChainRewriter):
         self.out_act = {}
         if not CHAIN_UINT8:
             return
-        var2val, counts = relax.analysis.get_var2val(func), use_counts(func)
+        var2val, counts = self.var2val, self.counts
         for conv, _ in self.plans.values():
             weight = const_array(conv.args[1])
             consumer = self.act_of(conv, weight, conv_geometry(conv, weight))
