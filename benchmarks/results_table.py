@@ -12,6 +12,8 @@ import argparse
 import json
 import os
 
+from unsparse_tvm.peers import fastest_peer
+
 COLUMNS = [  # (key in by_threads, heading)
     ("unsparse_ms", "unsparse"), ("unsparse_fp32_ms", "unsparse fp32"), ("unsparse_int8_ms", "unsparse int8"),
     ("unsparse_torch_compile_ms", "unsparse via torch.compile"),
@@ -20,8 +22,6 @@ COLUMNS = [  # (key in by_threads, heading)
     ("deepsparse_int8_ms", "DeepSparse int8"),
     ("torch_compile_ms", "torch.compile"), ("torch_ms", "PyTorch"), ("tvm_dense_ms", "TVM dense"),
 ]
-PEERS = {"onnxruntime_ms", "openvino_ms", "deepsparse_ms", "onnxruntime_int8_ms", "openvino_int8_ms",
-         "deepsparse_int8_ms"}
 
 
 def rows(paths: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -31,9 +31,8 @@ def rows(paths: list[str]) -> tuple[list[str], list[list[str]]]:
     for name, d in runs:
         for threads, times in sorted(d["by_threads"].items(), key=lambda kv: int(kv[0])):
             ours_key = "unsparse_int8_ms" if "unsparse_int8_ms" in times else "unsparse_ms"
-            int8 = ours_key == "unsparse_int8_ms"
-            peers = [times[k] for k in PEERS if k in times and k.endswith("int8_ms") == int8]
-            ratio = f"**{min(peers) / times[ours_key]:.2f}x**" if peers else "-"
+            found = fastest_peer(times, "int8" if ours_key == "unsparse_int8_ms" else "fp32")
+            ratio = f"**{found[1] / times[ours_key]:.2f}x**" if found else "-"
             out.append([name, threads] + [f"{times[k]:.2f}" if k in times else "" for k in keys] + [ratio])
     return [dict(COLUMNS)[k] for k in keys], out
 

@@ -26,7 +26,7 @@ from .reference import rel_error, usable_cores
 from .frontend import program_input_shape, read_quantization
 from .models import example_input
 from .outputs import check_output, write_text
-from .peers import INT8_PEERS, INT8_TOLERANCE, PEERS, peer_callables
+from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, peer_callables
 from .peers_deepsparse import ready as deepsparse_ready
 from .target import make_target, require_runnable
 from .bench_layers import bench_layers, choice_summary
@@ -250,10 +250,9 @@ def print_result(r: dict) -> None:
             for name, ms in sorted(e.items(), key=lambda kv: kv[1]):
                 print(f"  {name[:-3]:22s} {ms:9.3f}  {ms / ours:6.2f}x")
             for mine, kind in (("unsparse_ms", "fp32"), ("unsparse_int8_ms", "int8")):  # like with like
-                peers = {k: v for k, v in e.items() if k[:-3] in PEERS and k.endswith("_int8_ms") == (kind == "int8")}
-                if peers and mine in e:
-                    best = min(peers, key=peers.get)
-                    print(f"  {mine[:-3]} vs the fastest {kind} peer ({best[:-3]}): {peers[best] / e[mine]:.2f}x")
+                found = fastest_peer(e, kind)
+                if found and mine in e:
+                    print(f"  {mine[:-3]} vs the fastest {kind} peer ({found[0][:-3]}): {found[1] / e[mine]:.2f}x")
             print(efficiency_line(r, e))
     e = r["end_to_end"]
     if r["layers"]:

@@ -27,6 +27,16 @@ INT8_TOLERANCE = 0.1  # max relative error vs fp32 PyTorch of an int8 runtime: q
 EXTRA_HINT = 'pip install -e ".[peers]"'
 
 
+def fastest_peer(times: dict[str, float], kind: str) -> tuple[str, float] | None:
+    """The fastest peer of one precision in a run's `{contender_ms: ms}`, like with like: kind "fp32" picks
+    among the fp32 runtimes, "int8" among the int8 ones; None where the run timed none."""
+    peers = {k: v for k, v in times.items() if k[:-3] in PEERS and k.endswith("_int8_ms") == (kind == "int8")}
+    if not peers:
+        return None
+    best = min(peers, key=peers.get)
+    return best, peers[best]
+
+
 def available() -> dict[str, str | None]:
     """{peer: None if usable, else why not} (no import of the heavy runtimes beyond a spec lookup)."""
     onnx = ["onnxscript", "onnx"]
