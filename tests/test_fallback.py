@@ -66,3 +66,34 @@ def test_squeeze_excitation_matches_torch(c, hw, n, llvm):
     with torch.no_grad():
         ref = model(x).numpy()
     assert rel_err((y if hasattr(y, "numpy") else y[0]).numpy(), ref) < 1e-5
+
+
+def _linear_func(n, k, j):
+    """out[n, j] = sum_k x[n, k] * W[k, j]: a linear layer as Relax leaves it, its weight folded to [in, out]."""
+    from tvm import te
+
+    x, w = te.placeholder((n, k), name="x"), te.placeholder((k, j), name="W")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((n, j), lambda a, b: te.sum(x[a, r] * w[r, b], axis=r), name="matmul")
+    return te.create_prim_func([x, w, y])
+
+
+@pytest.mark.parametrize("n,k,j,over_j", [(1, 512, 512, True), (3, 1280, 1000, True), (8, 96, 1000, True),
+                                          (17, 64, 48, True), (2, 64, 36, True), (1, 512, 10, False)])
+def test_linear_vectorises_over_outputs_with_the_weight_streamed_by_rows(n, k, j, over_j, llvm):
+    """A batch-1..17 linear: vectors along the weight's contiguous output axis, the sum over k outside them
+    (no rfactor block gathering the weight across rows); 10 outputs (no 4-lane divisor) keep the old schedule."""
+    import tvm
+
+    from unsparse_tvm.schedules import fallback_cpu
+
+    sch = fallback_cpu.RULE.apply(_linear_func(n, k, j), llvm)
+    text = sch.mod.script()
+    vectorised_update = re.search(r'T\.vectorized\([^\n]*\):\s*\n\s*with T\.sblock\("matmul_update"\)', text)
+    assert bool(vectorised_update) == over_j and ("_rf" not in text) == over_j
+    lib = tvm.compile(sch.mod, target=llvm)
+    rng = np.random.default_rng(n * j)
+    x, w = rng.standard_normal((n, k)).astype(np.float32), rng.standard_normal((k, j)).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((n, j), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), y)
+    assert rel_err(y.numpy(), x @ w) < 1e-5

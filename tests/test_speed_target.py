@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import unsparse_tvm
 from unsparse_tvm import UnsparseError
-from unsparse_tvm.speed_target import LayerPlan, State, allocate, frontier
+from unsparse_tvm.speed_allocate import LayerPlan, State, allocate, frontier, next_ask
 
 
 def _states(points):
@@ -40,6 +40,30 @@ def _net():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("steps", [[(2.9, 1.6), (3.5, 2.13), (3.9, 3.1), (99, 4.51)],   # a plan in the gap
+                                   [(3.2, 2.0), (3.25, 2.9), (99, 4.4)],                 # a narrow one
+                                   [(5.0, 3.0), (99, 6.0)]])                             # prediction 1.7x off
+def test_next_ask_finds_the_plan_between_a_short_and_an_overshooting_round(steps):
+    """A model whose measured speedup rises with the ask in steps (a large layer turning sparse moves the
+    whole model), asked for 3x: the rounds must land in the step within 10% where there is one, not jump
+    between the steps on either side (vgg16-cifar's 2.1x / 4.4x oscillation)."""
+    measure = lambda ask: next(m for edge, m in steps if ask < edge)
+    ask, short, over, seen = 3.0, None, None, []
+    for _ in range(16):  # as speed_target._rounds: 4 plans timed at most, one already timed not again
+        m = measure(ask)
+        if m not in seen and len(seen) == 4:
+            break
+        seen += [m] if m not in seen else []
+        if 2.85 <= m <= 3.3:
+            break
+        if m < 3:
+            short = max(short or (ask, m), (ask, m))
+        else:
+            over = min(over or (ask, m), (ask, m))
+        ask = next_ask(ask, m, 3.0, short, over)
+    assert any(2.7 <= m <= 3.3 for m in seen), seen
+
+
 def test_prune_for_a_speedup_reaches_it_measured():
     """The loop, end to end, on one thread: the measured speedup over the dense compile is within 10% of 2x
     (or better), the layers pruned unevenly, and compiling the result really is that fast."""

@@ -129,7 +129,9 @@ def check_input(arr, meta: dict) -> None:
                             f"(convert with arr.astype('{spec['dtype']}'))")
     if list(arr.shape) != list(spec["shape"]):
         raise UnsparseError(f"input shape is {list(arr.shape)}, the module expects {spec['shape']}")
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    # a float64 sum of float32 values is finite exactly when every value is (no overflow below 2^970
+    # elements; NaN and Inf propagate): one pass, no temporary; only a refused input is counted in full
+    bad = 0 if np.isfinite(arr.sum(dtype=np.float64)) else int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:  # the sparse kernels never multiply a pruned zero by it, and ReLU turns NaN into 0: refused
         raise UnsparseError(f"input holds {bad} NaN/Inf value{'s' if bad > 1 else ''}; unsparse-tvm modules take "
                             "finite inputs only (they would not propagate NaN/Inf as PyTorch does)")
@@ -148,10 +150,23 @@ def _flatten(out) -> list:
 
 def run_outputs(vm, dev, meta: dict, arr) -> list:
     """Run the module's main function on one numpy array; every output, as numpy arrays, in order."""
+    check_input(arr, meta)
+    return _flatten(vm["main"](device_tensor(arr, dev)))
+
+
+def device_tensor(arr, dev):
+    """The input as a TVM tensor: on the CPU the caller's own memory where TVM can take it (C-contiguous,
+    64-byte aligned, writable), else a copy. The module only reads its input; a copy per call cost
+    ~0.1-0.3 ms on a 224x224 input (an mmap'd allocation and page faults), beside a 2 ms resnet."""
     import tvm
 
-    check_input(arr, meta)
-    return _flatten(vm["main"](tvm.runtime.tensor(arr, dev)))
+    on_cpu = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+    if on_cpu and arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
+        try:
+            return tvm.runtime.from_dlpack(arr)
+        except (BufferError, RuntimeError, TypeError):  # read-only arrays, dtypes DLPack lacks
+            pass
+    return tvm.runtime.tensor(arr, dev)
 
 
 def run_array(vm, dev, meta: dict, arr):

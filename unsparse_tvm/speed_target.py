@@ -26,33 +26,12 @@ import numpy as np
 import torch
 
 from .errors import UnsparseError
+from .speed_allocate import LayerPlan, State, allocate, next_ask
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 PATTERNS = ("unstructured", "vector", "block")
 ROUNDS = 4              # plan-and-measure rounds at most
 TOLERANCE = 0.10        # a measured speedup within 10% of the request is a hit
-
-
-@dataclass
-class State:
-    pattern: str
-    sparsity: float
-    time_us: float        # predicted, the faster of the two kernels
-    cost: float           # accuracy cost (see the module docstring)
-    kernel: str           # "sparse" or "dense": which kernel the compile will pick
-
-
-@dataclass
-class LayerPlan:
-    name: str             # weight name, e.g. features.0.weight
-    op: str
-    shape: list
-    states: list = field(default_factory=list)
-    chosen: int = 0       # index into states (0: dense)
-
-    @property
-    def state(self) -> State:
-        return self.states[self.chosen]
 
 
 def _predict(spec, weight: np.ndarray, cost) -> tuple[float, float]:
@@ -117,52 +96,6 @@ def _interp(curve: list, s: float) -> float:
         if s <= x1:
             return d0 + (d1 - d0) * (s - x0) / max(x1 - x0, 1e-12)
     return pts[-1][1]
-
-
-def frontier(states: list[State]) -> list[int]:
-    """The indices of a layer's states on the lower convex hull of (accuracy cost, time), from dense onwards:
-    the states worth taking, in order, each step saving less time per unit of cost than the one before
-    (a 50% state the compile would run dense anyway costs accuracy and saves nothing: never on it)."""
-    order = sorted(range(len(states)), key=lambda i: (states[i].cost, states[i].time_us))
-    hull: list[int] = []
-    for i in order:
-        if hull and states[i].time_us >= states[hull[-1]].time_us:
-            continue  # no faster than a cheaper state
-        while len(hull) >= 2:
-            a, b = states[hull[-2]], states[hull[-1]]
-            slope_ab = (a.time_us - b.time_us) / max(b.cost - a.cost, 1e-12)
-            slope_bi = (b.time_us - states[i].time_us) / max(states[i].cost - b.cost, 1e-12)
-            if slope_bi < slope_ab:
-                break
-            hull.pop()  # b saves less per unit of cost than going straight on to i
-        hull.append(i)
-    return hull
-
-
-def allocate(plans: list[LayerPlan], budget_us: float) -> bool:
-    """Greedy over the layers' frontiers: the step with the most predicted time saved per unit of accuracy cost
-    first, until the layers' predicted total is within budget_us. False where even the fastest states miss."""
-    hulls = {id(p): frontier(p.states) for p in plans}
-    pos = {id(p): 0 for p in plans}
-    for p in plans:
-        p.chosen = hulls[id(p)][0]
-    total = sum(p.state.time_us for p in plans)
-    while total > budget_us:
-        best, best_slope = None, -1.0
-        for p in plans:
-            h, k = hulls[id(p)], pos[id(p)]
-            if k + 1 < len(h):
-                a, b = p.states[h[k]], p.states[h[k + 1]]
-                slope = (a.time_us - b.time_us) / max(b.cost - a.cost, 1e-12)
-                if slope > best_slope:
-                    best, best_slope = p, slope
-        if best is None:
-            return False
-        pos[id(best)] += 1
-        total -= best.state.time_us
-        best.chosen = hulls[id(best)][pos[id(best)]]
-        total += best.state.time_us
-    return True
 
 
 def apply_plan(module, ep, plans: list[LayerPlan]):
@@ -298,25 +231,42 @@ def _rounds(module, ep, example_shape, setup: _Setup, requested, predicted_dense
     """Plan, prune, compile and time against dense, up to ROUNDS times; the best round: (the layers' chosen
     states, measured speedup, whether it hit the request, dense ms, sparse ms)."""
     plans, ask, best = setup.plans, requested, None
-    for _ in range(ROUNDS):
+    short, over = None, None  # (ask, measured) of the round that fell short with the largest ask, overshot with the least
+    measured: dict = {}       # plan (the layers' chosen states) -> (speedup, dense ms, sparse ms): none timed twice
+    for _ in range(4 * ROUNDS):
         reachable = allocate(plans, predicted_dense / ask)
         if not reachable:
             allocate(plans, fastest)  # as fast as it gets
-        pruned = apply_plan(module, ep, plans)
-        with torch.no_grad():
-            sparse_ep = torch.export.export(pruned.eval(), (torch.randn(*example_shape),))
-        achieved, d_ms, s_ms = _time_pair(sparse_ep, setup.dense_timer, setup.target, setup.rates, threads, repeat)
-        result.rounds.append({"asked_of_the_layers": round(ask, 3), "speedup": round(achieved, 3), "dense_ms": d_ms,
-                              "sparse_ms": s_ms})
-        log(f"  round {len(result.rounds)}: layers planned {predicted_dense / sum(p.state.time_us for p in plans):.2f}x "
-            f"-> measured {s_ms:.3f} ms vs dense {d_ms:.3f} ms: {achieved:.2f}x (asked {requested:.2f}x)")
+        key = tuple(p.chosen for p in plans)
+        if key not in measured:
+            if len(measured) == ROUNDS:
+                break
+            measured[key] = _measure_plan(module, ep, example_shape, setup, threads, repeat)
+            achieved, d_ms, s_ms = measured[key]
+            result.rounds.append({"asked_of_the_layers": round(ask, 3), "speedup": round(achieved, 3),
+                                  "dense_ms": d_ms, "sparse_ms": s_ms})
+            log(f"  round {len(result.rounds)}: layers planned {predicted_dense / sum(p.state.time_us for p in plans):.2f}x"
+                f" -> measured {s_ms:.3f} ms vs dense {d_ms:.3f} ms: {achieved:.2f}x (asked {requested:.2f}x)")
+        achieved, d_ms, s_ms = measured[key]
         hit = achieved >= requested * (1 - TOLERANCE)
         if best is None or (hit and (not best[2] or achieved < best[1])) or (not best[2] and achieved > best[1]):
-            best = ([p.chosen for p in plans], achieved, hit, d_ms, s_ms)
+            best = (list(key), achieved, hit, d_ms, s_ms)
         if requested * (1 - TOLERANCE / 2) <= achieved <= requested * (1 + TOLERANCE) or (not reachable and not hit):
             break
-        ask *= requested / achieved  # the prediction was off by this much: ask the layers for the missing part
+        if achieved < requested:
+            short = max(short or (ask, achieved), (ask, achieved))
+        else:
+            over = min(over or (ask, achieved), (ask, achieved))
+        ask = next_ask(ask, achieved, requested, short, over)
     return best
+
+
+def _measure_plan(module, ep, example_shape, setup: _Setup, threads: int, repeat: int) -> tuple[float, float, float]:
+    """The layers' chosen states applied to a copy of the module, compiled and timed against dense."""
+    pruned = apply_plan(module, ep, setup.plans)
+    with torch.no_grad():
+        sparse_ep = torch.export.export(pruned.eval(), (torch.randn(*example_shape),))
+    return _time_pair(sparse_ep, setup.dense_timer, setup.target, setup.rates, threads, repeat)
 
 
 def weighted_sparsity(module, ep, sparsity: dict) -> float:

@@ -6,7 +6,7 @@ x86: time = work / rate, where work counts one FMA per stored entry (padding inc
 position, and the rates are per kernel family, measured per layer by `bench` on the 2-vCPU machines
 (docs/results.md): the dense direct conv ~55 GFMA/s, ungrouped sparse rows ~26 G/s (an input load and a
 weight broadcast per FMA), grouped rows ~2x that (one input load per V FMAs). Linear layers at batch 1 are
-memory-bound GEMVs on both sides (TVM's dense linear is the generic fallback, ~1 G/s).
+memory-bound GEMVs on both sides. Every layer's weights stream in once per inference: a floor at DRAM speed.
 CUDA: unsparse_tvm.cost.gpu (the dense direct conv as a grouped kernel whose groups are its tile_k
 channels, with no fill-in).
 The x86 rates are X86Rates: built-in ones, or those `unsparse-tvm calibrate` measured on this CPU.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ops.formats import ConvGeometry, SparseRows
+from ..ops.quant_formats import fp32_nbytes
 from .gpu import H200, Knobs, predict_sparse
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class X86Rates:
     ell: float = 26e9            # ungrouped sparse rows: an input load and a weight broadcast per FMA
     hyb: float = 26e9
     vell: float = 52e9           # grouped rows: one input load per V FMAs
-    dense_linear: float = 1.0e9  # TVM's dense linear at batch 1: the generic fallback, a memory-bound GEMV
-    sparse_linear: float = 1.2e9
+    # linear layers at batch 1, memory-bound GEMVs: the fallback's output-vectorised dense GEMV and the sparse
+    # rows, measured by `calibrate` on both threads of the 2-vCPU Xeon (2026-12-03; a 1024x1024 layer)
+    dense_linear: float = 8.5e9
+    sparse_linear: float = 5.1e9
     # output elements per second per pass over the [N, K, ...] output: the epilogue is 3 passes (sums written,
     # read back, output written) or 1 where it joins the write-back (ConvGeometry.flat_output; not hyb, whose
     # epilogue also reads the overflow sums). Fitted to mobilenet's 96x16 1x1 on a 64x64 map, one thread:
@@ -82,6 +85,11 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     if 4 * out > rates.cache_bytes:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
         dense = max(dense, output_passes(geo, "dense") * 4 * out / rates.dram_bytes_s)
         sparse = max(sparse, output_passes(geo, rows.fmt) * 4 * out / rates.dram_bytes_s)
+    # the weights stream in once per inference (a model's weights outgrow the caches): on small maps, where
+    # each weight meets few outputs, that is the floor. vgg16-cifar's 512x512 3x3 on a 2x2 map, one thread:
+    # 9.4 MB, 470-500 us measured, 280 us from the FMA rate, 460 us at the calibrated 20 GB/s
+    dense = max(dense, 4 * geo.k * geo.c * geo.r * geo.s / rates.dram_bytes_s)
+    sparse = max(sparse, fp32_nbytes(rows) / rates.dram_bytes_s)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
