@@ -69,12 +69,17 @@ def predict(row: dict, rates) -> tuple[float, float]:
     from unsparse_tvm.ops.formats import ConvGeometry
     from unsparse_tvm.cost.model import conv_cost, linear_cost
 
-    rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"],
-                           group=int(row["fmt"][4:]) if row["fmt"].startswith("vell") else 1)
+    n, c, h, w = row["input"] if row["op"] == "conv2d" else (*row["input"], 1, 1)
+    a = row["attrs"]
+    pad = a.get("padding", [0, 0, 0, 0])
+    # the packing's sizes, for the weight-traffic floor: values, and offsets as the kernels store them (uint16
+    # where every offset into the padded input fits, formats.compact_offsets)
+    span = c * (h + pad[0] + pad[2]) * (w + pad[1] + pad[3])
+    rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"], data=np.empty(row["padded"], np.float32),
+                           off=np.empty(row["padded"], np.uint16 if span < 1 << 16 else np.int32), ovf_data=None,
+                           ovf_off=None, ovf_slot=None, group=int(row["fmt"][4:]) if row["fmt"].startswith("vell") else 1)
     if row["op"] == "conv2d":
-        n, c, h, w = row["input"]
         k, _, r, s = row["weight"]
-        a = row["attrs"]
         geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
         cost = conv_cost(geo, rows, "llvm", rates)
     else:

@@ -9,6 +9,7 @@ this Python, no network to install it, an ISA it refuses), the peer is skipped w
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,3 +94,6 @@ class Worker:
         proc = getattr(self, "proc", None)
         if proc is not None and proc.poll() is None:
             proc.kill()
+            proc.wait()
+        if getattr(self, "dir", None):  # the input and output files exchanged with the worker
+            shutil.rmtree(self.dir, ignore_errors=True)
