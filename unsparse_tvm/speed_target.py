@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UnsparseError
-from .speed_allocate import LayerPlan, State, allocate, next_ask
+from .speed_allocate import LayerPlan, State, allocate, next_ask, sparsest
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 PATTERNS = ("unstructured", "vector", "block")
@@ -210,7 +210,7 @@ def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, 
                             f"layers are predicted at most {predicted_dense / fastest:.2f}x faster than dense "
                             f"({setup.dense_ms:.3f} ms)")
     result = SpeedResult(requested, 0.0, setup.dense_ms, 0.0)
-    best = _rounds(module, ep, example_shape, setup, requested, predicted_dense, fastest, threads, repeat, result, log)
+    best = _rounds(module, ep, example_shape, setup, requested, predicted_dense, threads, repeat, result, log)
     if not best[2]:
         raise UnsparseError(f"{requested:.2f}x is out of reach on this CPU: the fastest plan measured "
                             f"{best[1]:.2f}x over dense ({best[3]:.3f} ms -> {best[4]:.3f} ms)")
@@ -226,7 +226,7 @@ def prune_for_speed(module, ep, example_shape, *, speedup: float | None = None, 
     return sparsity, pattern, result
 
 
-def _rounds(module, ep, example_shape, setup: _Setup, requested, predicted_dense, fastest, threads, repeat,
+def _rounds(module, ep, example_shape, setup: _Setup, requested, predicted_dense, threads, repeat,
             result: SpeedResult, log) -> tuple:
     """Plan, prune, compile and time against dense, up to ROUNDS times; the best round: (the layers' chosen
     states, measured speedup, whether it hit the request, dense ms, sparse ms)."""
@@ -236,7 +236,7 @@ def _rounds(module, ep, example_shape, setup: _Setup, requested, predicted_dense
     for _ in range(4 * ROUNDS):
         reachable = allocate(plans, predicted_dense / ask)
         if not reachable:
-            allocate(plans, fastest)  # as fast as it gets
+            sparsest(plans)  # as fast as it gets: measured, not predicted
         key = tuple(p.chosen for p in plans)
         if key not in measured:
             if len(measured) == ROUNDS:
