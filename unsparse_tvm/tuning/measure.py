@@ -64,7 +64,11 @@ def _build_one(mod, target) -> str:
 
     rt_mod = tvm.tirx.build(mod, target=target)
     path = os.path.join(tempfile.mkdtemp(prefix="unsparse-cand-"), "mod." + tar.output_format)
-    rt_mod.export_library(path, fcompile=tar)
+    try:
+        rt_mod.export_library(path, fcompile=tar)
+    except BaseException:  # the caller gets no path to remove: the folder goes here
+        remove_artifact(path)
+        raise
     return path
 
 
