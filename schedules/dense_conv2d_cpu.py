@@ -29,7 +29,7 @@ class Config:
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     lanes, registers = cpu_vector_lanes(target)
-    _schedule(sch, func, cfg.tile_k or -(registers // 2), cfg.vec or lanes, cfg.unroll, clamp=True)
+    _schedule(sch, func, cfg.tile_k, cfg.vec or lanes, cfg.unroll, clamp=True, accumulators=registers // 2)
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -47,7 +47,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     return spaces
 
 
-def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
+def _schedule(sch, func, tile_k, vec, unroll, clamp: bool, accumulators: int = 0) -> None:
     cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
     schedule_pad_cpu(sch, cx, rows, cols)
     flat = flat_epilogue(sch, "conv", cols)
@@ -55,12 +55,12 @@ def _schedule(sch, func, tile_k, vec, unroll, clamp: bool) -> None:
     acc = sch.cache_write(block, 0, "local")
     loops = sch.get_loops(block)
     ext = extents(sch, loops)
-    if clamp:  # tile_k < 0: -(accumulators wanted), the rows being what the output axis leaves of them
+    if clamp:  # tile_k 0: as many rows as `accumulators` leaves once the output axis has its vectors
         narrow = vec // pow2_divisor(ext[2], vec)  # 2 where 16 lanes do not divide q (4x4, 2x2 maps)
         vec //= narrow
         unroll = largest_divisor(ext[2] // vec, unroll * narrow)  # same register tile in narrower vectors
         # on a 2x2 map (one vector of q) the rows take the whole tile: 770 -> 500 us for 512x512 on AVX2
-        tile_k = largest_divisor(ext[1], -tile_k // unroll if tile_k < 0 else tile_k)
+        tile_k = largest_divisor(ext[1], tile_k or accumulators // unroll)
     n, k, q, rc, rr, rs = loops
     ko, ki = sch.split(k, [None, tile_k])
     qo, qu, qv = sch.split(q, [None, unroll, vec])

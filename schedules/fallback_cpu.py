@@ -54,9 +54,8 @@ def _spatial_vector_reduction(sch: s_tir.Schedule, block, lanes: int, accumulato
     streams row by row. The rfactor of _vector_reduction gathers W across 16 rows per vector there: 1.6 ms
     for a 512x512 linear on one thread, 10 us this way. False, nothing changed, elsewhere."""
     b, loops = sch.get(block), sch.get_loops(block)
-    kinds = [iv.iter_type for iv in b.iter_vars]
-    spatial = next((i for i, k in enumerate(kinds) if k != 0), len(kinds))
-    if spatial == 0 or spatial == len(kinds) or any(k != 2 for k in kinds[spatial:]) or len(kinds) != len(loops):
+    spatial = _spatial_then_reduction(sch, block)
+    if not spatial:  # None, or a reduction with no spatial axis to vectorise over
         return False
     big = max(b.reads, key=lambda r: math.prod(int(d) for d in r.source.shape), default=None)
     last = big.region[-1].min if big is not None else None
@@ -66,7 +65,7 @@ def _spatial_vector_reduction(sch: s_tir.Schedule, block, lanes: int, accumulato
             or len(b.writes) != 1:  # argmax-like reducers write two buffers
         return False
     rows = ext[spatial - 2] if spatial >= 2 and ext[spatial - 2] <= accumulators else 1  # a small batch
-    tile = next(t for t in (4, 2, 1) if ext[spatial - 1] % (t * lanes) == 0 and rows * t <= max(accumulators, 1))
+    tile = next(t for t in (4, 2, 1) if ext[spatial - 1] % (t * lanes) == 0 and rows * t <= accumulators)
     jo, ju, jv = sch.split(loops[spatial - 1], [None, tile, lanes])
     outer = loops[:spatial - 1] if rows == 1 else loops[:spatial - 2]
     inner = [] if rows == 1 else [loops[spatial - 2]]
@@ -125,17 +124,24 @@ def _has_root(sch: s_tir.Schedule) -> bool:
 REDUCE_LANES = 16  # partial sums per reduction (one AVX-512 register; AVX2 splits it in two)
 
 
+def _spatial_then_reduction(sch: s_tir.Schedule, block) -> int | None:
+    """The number of leading data-parallel axes of a block whose other axes are all reductions, one loop per
+    axis (what both vectorised reductions below rewrite); None for any other block, or one with no reduction."""
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    spatial = next((i for i, k in enumerate(kinds) if k != 0), len(kinds))
+    if spatial == len(kinds) or any(k != 2 for k in kinds[spatial:]) or len(kinds) != len(sch.get_loops(block)):
+        return None
+    return spatial
+
+
 def _vector_reduction(sch: s_tir.Schedule, block) -> bool:
     """A sum over innermost reduction loops (global average pooling: SE blocks, classifier heads) as
     REDUCE_LANES vector partial sums (rfactor), then one short sum of those: as a scalar chain each add
     waits for the previous one (240 channels of a 16x16 map: 39 us). False, nothing changed, where the
     block is not that shape or the extent has no 4..16-lane divisor."""
     loops = sch.get_loops(block)
-    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
-    spatial = 0
-    while spatial < len(kinds) and kinds[spatial] == 0:
-        spatial += 1
-    if spatial == len(kinds) or any(k != 2 for k in kinds[spatial:]) or len(kinds) != len(loops):
+    spatial = _spatial_then_reduction(sch, block)
+    if spatial is None:
         return False
     red_ext = math.prod(extents(sch, loops[spatial:]))
     lanes = REDUCE_LANES

@@ -129,7 +129,7 @@ def check_input(arr, meta: dict) -> None:
                             f"(convert with arr.astype('{spec['dtype']}'))")
     if list(arr.shape) != list(spec["shape"]):
         raise UnsparseError(f"input shape is {list(arr.shape)}, the module expects {spec['shape']}")
-    # a float64 sum of float32 values is finite exactly when every value is (no overflow below 2^970
+    # a float64 sum of float32 values is finite exactly when every value is (no overflow below 2^896
     # elements; NaN and Inf propagate): one pass, no temporary; only a refused input is counted in full
     bad = 0 if np.isfinite(arr.sum(dtype=np.float64)) else int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:  # the sparse kernels never multiply a pruned zero by it, and ReLU turns NaN into 0: refused
