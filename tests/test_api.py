@@ -50,6 +50,35 @@ def test_compile_a_module_and_call_it_like_the_module(compiled):
     assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"]
 
 
+def test_every_kind_of_input_array_gives_the_same_answer_and_outputs_are_the_callers(compiled):
+    """The call path takes the caller's memory where it can (DLPack) and copies where it cannot; both must
+    agree, the outputs must be arrays of the caller's own (not TVM's memory a later call or a constant
+    could change), and the NaN/Inf check must not refuse large finite values."""
+    net, x, model = compiled
+    ref = model(x.numpy())
+    base = np.empty(x.numel() + 1, np.float32)  # one float in: not 64-byte aligned
+    unaligned = base[1:].reshape(tuple(x.shape))
+    unaligned[...] = x.numpy()
+    strided = np.asfortranarray(x.numpy())  # not C-contiguous
+    readonly = x.numpy().copy()
+    readonly.flags.writeable = False
+    for arr in (unaligned, strided, readonly):
+        assert np.array_equal(model(arr), ref)
+    assert torch.equal(model(x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)), torch.from_numpy(ref))
+    first = model(x.numpy())
+    first += 1.0  # the caller's array: changing it changes nothing the module keeps
+    assert np.array_equal(model(x.numpy()), ref)
+    kept = first.copy()
+    other = model(np.random.default_rng(1).standard_normal(x.shape).astype(np.float32))
+    assert not np.array_equal(other, ref) and np.array_equal(first, kept)  # a later call leaves it alone
+    huge = np.full(x.shape, 3e38, np.float32)  # finite, but their float32 sum overflows
+    model(huge)  # what the module makes of them may overflow; the call must not refuse them
+    bad = x.numpy().copy()
+    bad[0, 0, 0, 0] = np.inf
+    with pytest.raises(UnsparseError, match="1 NaN/Inf value;"):
+        model(bad)
+
+
 def test_save_then_load_runs_with_the_runtime_only(compiled, tmp_path):
     _, x, model = compiled
     path = model.save(str(tmp_path / "m.so"))

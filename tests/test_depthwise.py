@@ -2,7 +2,6 @@
 hardswish, residual add), through the llvm pipeline: scheduled by schedules/depthwise_conv2d_cpu.py (not
 the fallback) as one kernel, and equal to PyTorch on a fresh random input."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -48,8 +47,8 @@ def test_grouped_conv_uses_our_rule_and_matches_torch(case, llvm):
 
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.frontend import import_program
-    from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.ops.names import op_of
+    from unsparse_tvm.relay_passes import build_pipeline
 
     ep = _program(*case)
     mod, names = import_program(ep)
@@ -72,7 +71,6 @@ def test_space_samples_the_register_tile(llvm):
     from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.schedules import depthwise_conv2d_cpu
-    from unsparse_tvm.ops.names import op_of
 
     ep = _program(*CASES[0])
     mod, names = import_program(ep)
@@ -100,9 +98,9 @@ def test_strided_depthwise_matches_torch(k, stride, size, ours, llvm):
 
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.ops.names import op_of
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.schedules import depthwise_conv2d_cpu
-    from unsparse_tvm.ops.names import op_of
 
     ep = _program(16, k, stride, None, nn.SiLU(), False, size)
     mod, names = import_program(ep)

@@ -191,7 +191,6 @@ def test_record_is_applied_at_compile_time(tmp_path, llvm):
 def test_record_of_another_target_is_never_applied(tmp_path, llvm, capsys):
     import tvm_ffi
 
-    from unsparse_tvm.tuning.log import target_dict
     from unsparse_tvm.schedules import rule_for
     from unsparse_tvm.target import llvm_target_dict
     from unsparse_tvm.tuning import open_database

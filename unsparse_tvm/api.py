@@ -13,10 +13,8 @@ Runtime's `InferenceSession` (import these from `unsparse_tvm`, which loads this
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .errors import UnsparseError
 
@@ -54,6 +52,7 @@ class CompiledModel:
                  compiled=None):
         self.meta = meta
         self._executable, self._vm, self._dev, self.path, self._compiled = executable, vm, device, path, compiled
+        self._call = None  # the runtime's Caller, made on the first call
 
     # ---- what it is
     @property
@@ -103,16 +102,22 @@ class CompiledModel:
             self._vm, self._dev = relax.VirtualMachine(self._executable, dev), dev
         return self._vm, self._dev
 
+    def _caller(self):
+        if self._call is None:
+            from .runtime import Caller
+
+            self._call = Caller(*self._machine(), self.meta)
+        return self._call
+
     def __call__(self, x):
         """Run on one input (numpy array or torch tensor, float32, the compiled shape); the same kind back."""
         import numpy as np
 
-        from .runtime import run_outputs
+        from .runtime import host_array
 
         as_torch = _is_torch_tensor(x)
-        arr = x.detach().cpu().numpy() if as_torch else np.asarray(x)
-        vm, dev = self._machine()
-        outs = run_outputs(vm, dev, self.meta, arr)
+        arr = x.detach().cpu().numpy() if as_torch else np.asarray(x)  # a CPU tensor: a view, no copy
+        outs = [host_array(t) for t in self._caller()(arr)]
         if as_torch:
             import torch
 

@@ -95,7 +95,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: dict):
     slot = inputs[0]
 
     def run(*args):
-        outs = model(args[slot].detach())
+        outs = model(args[slot])
         return list(outs) if isinstance(outs, tuple) else [outs]
 
     return run

@@ -121,20 +121,62 @@ def load(path: str, device: str | None = None):
 
 
 def check_input(arr, meta: dict) -> None:
-    import numpy as np
-
+    """One clear error for an input the module cannot take: another dtype or shape, NaN or Inf."""
     spec = meta["inputs"][0]
     if str(arr.dtype) != spec["dtype"]:
         raise UnsparseError(f"input dtype is {arr.dtype}, the module expects {spec['dtype']} "
                             f"(convert with arr.astype('{spec['dtype']}'))")
     if list(arr.shape) != list(spec["shape"]):
         raise UnsparseError(f"input shape is {list(arr.shape)}, the module expects {spec['shape']}")
-    # a float64 sum of float32 values is finite exactly when every value is (no overflow below 2^896
-    # elements; NaN and Inf propagate): one pass, no temporary; only a refused input is counted in full
-    bad = 0 if np.isfinite(arr.sum(dtype=np.float64)) else int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    if bad:  # the sparse kernels never multiply a pruned zero by it, and ReLU turns NaN into 0: refused
+    check_finite(arr)
+
+
+def check_finite(arr) -> None:
+    """Refuse NaN/Inf: the sparse kernels never multiply a pruned zero by it, and ReLU turns NaN into 0."""
+    import numpy as np
+
+    # one sum in the input's own dtype: NaN and Inf propagate; finite values that overflow it only send us
+    # to the exact count below, which then finds nothing (the cheapest check found: 18 us after a model
+    # has run and evicted the caches, where a float64 sum took 26 us and BLAS's dot would start threads)
+    if math.isfinite(np.add.reduce(arr, axis=None)):
+        return
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
         raise UnsparseError(f"input holds {bad} NaN/Inf value{'s' if bad > 1 else ''}; unsparse-tvm modules take "
                             "finite inputs only (they would not propagate NaN/Inf as PyTorch does)")
+
+
+class Caller:
+    """A module's main function with what every call needs looked up once. Python run between two calls
+    runs cache-cold (the model has streamed its weights through the caches): each step below cost 10-80 us
+    there, a few us warm, so a call does as little as it can (docs/results.md, "Python per call")."""
+
+    def __init__(self, vm, dev, meta: dict):
+        import numpy as np
+        import tvm
+
+        spec = meta["inputs"][0]
+        self.meta, self.main, self.dev = meta, vm["main"], dev
+        self.dtype, self.shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
+        self.on_cpu = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        self.from_dlpack, self.tensor = tvm.runtime.from_dlpack, tvm.runtime.tensor
+
+    def __call__(self, arr) -> list:
+        """Every output as a TVM tensor, in order."""
+        if arr.dtype != self.dtype or arr.shape != self.shape:
+            check_input(arr, self.meta)
+        check_finite(arr)
+        return _flatten(self.main(self.device_tensor(arr)))
+
+    def device_tensor(self, arr):
+        """The caller's own memory where TVM can take it (CPU, C-contiguous, 64-byte aligned, writable), else
+        a copy. The module only reads its input; a copy per call cost ~0.1-0.3 ms on a 224x224 input."""
+        if self.on_cpu and arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
+            try:
+                return self.from_dlpack(arr)
+            except (BufferError, RuntimeError, TypeError):  # read-only arrays, dtypes DLPack lacks
+                pass
+        return self.tensor(arr, self.dev)
 
 
 def output_specs(meta: dict) -> list[dict] | None:
@@ -144,29 +186,26 @@ def output_specs(meta: dict) -> list[dict] | None:
 
 def _flatten(out) -> list:
     if hasattr(out, "numpy"):
-        return [out.numpy()]
+        return [out]
     return [a for item in out for a in _flatten(item)]  # a tuple (torch.export programs return one)
+
+
+def host_array(t):
+    """One output as a numpy array of its own. A CPU tensor goes through DLPack and one copy (the copy:
+    a module may return a constant it keeps, which the caller must not be able to change); TVM's
+    `.numpy()` costs several times more Python, which runs cache-cold after a model has streamed its
+    weights (11 us warm, ~80 us after a 2 ms model: docs/results.md)."""
+    import numpy as np
+
+    try:
+        return np.from_dlpack(t).copy()
+    except (BufferError, RuntimeError, TypeError):  # a GPU tensor, a dtype numpy's DLPack lacks
+        return t.numpy()
 
 
 def run_outputs(vm, dev, meta: dict, arr) -> list:
     """Run the module's main function on one numpy array; every output, as numpy arrays, in order."""
-    check_input(arr, meta)
-    return _flatten(vm["main"](device_tensor(arr, dev)))
-
-
-def device_tensor(arr, dev):
-    """The input as a TVM tensor: on the CPU the caller's own memory where TVM can take it (C-contiguous,
-    64-byte aligned, writable), else a copy. The module only reads its input; a copy per call cost
-    ~0.1-0.3 ms on a 224x224 input (an mmap'd allocation and page faults), beside a 2 ms resnet."""
-    import tvm
-
-    on_cpu = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-    if on_cpu and arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
-        try:
-            return tvm.runtime.from_dlpack(arr)
-        except (BufferError, RuntimeError, TypeError):  # read-only arrays, dtypes DLPack lacks
-            pass
-    return tvm.runtime.tensor(arr, dev)
+    return [host_array(t) for t in Caller(vm, dev, meta)(arr)]
 
 
 def run_array(vm, dev, meta: dict, arr):
