@@ -3,6 +3,8 @@ ask the subclass what to emit, remap the chain's last variable to the new call."
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from tvm import relax
 
@@ -26,6 +28,22 @@ def conv_geometry(call: relax.Call, weight: np.ndarray) -> ConvGeometry | None:
     k, _, r, s = weight.shape
     return ConvGeometry(n, c, h, w, k, r, s, tuple(int(v) for v in a.strides),
                         tuple(int(v) for v in a.padding), tuple(int(v) for v in a.dilation))
+
+
+def strided_pointwise(geo: ConvGeometry) -> ConvGeometry | None:
+    """A strided 1x1 conv without padding reads only every s-th row and column: it is the same conv at
+    stride 1 on the input subsampled first (one strided_slice), so the sparse kernel walks one plane instead
+    of the s*s phase planes its pad stage would copy (resnet50's downsample convs). The geometry of that
+    stride-1 conv, or None for any other conv."""
+    if (geo.r, geo.s) != (1, 1) or geo.stride == (1, 1) or any(geo.padding):
+        return None
+    return dataclasses.replace(geo, h=geo.oh, w=geo.ow, stride=(1, 1), dilation=(1, 1))
+
+
+def subsampled(builder: relax.BlockBuilder, x: relax.Expr, geo: ConvGeometry) -> relax.Expr:
+    """x[:, :, ::sh, ::sw] for the conv strided_pointwise rewrote (geo: the conv as written)."""
+    return builder.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[geo.h, geo.w],
+                                               strides=list(geo.stride)))
 
 
 def unsupported_reason(call: relax.Call, weight: np.ndarray) -> str | None:

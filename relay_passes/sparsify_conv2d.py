@@ -16,9 +16,9 @@ from tvm.ir import IRModule
 from unsparse_tvm.ops import sparse as sparse_ops
 from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows
 from unsparse_tvm.ops.names import sparse_op
-from unsparse_tvm.cost.model import CostModel
+from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
 
-from ._conv_match import ConvChainRewriter, unsupported_reason
+from ._conv_match import ConvChainRewriter, strided_pointwise, subsampled, unsupported_reason
 from ._quant import layer_entry, quant_conv, record_bytes
 from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts
 from .layers import LayerDecision, LayerNames
@@ -44,13 +44,17 @@ class _Sparsifier(ConvChainRewriter):
         if reason is not None or geo is None:
             decision.keep_dense(reason or "unsupported conv2d")
             return None
-        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, geo),
-                             lambda rows: self.cost.conv(geo, rows))
+        # the conv as the kernel runs it (on llvm, where the fallback schedules the slice)
+        run = (strided_pointwise(geo) if self.target_kind == "llvm" else None) or geo
+        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, run),
+                             lambda rows: self.cost.conv(run, rows))
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
-        quantised = quant_conv(self.builder_, self.visit_expr(conv.args[0]), rows, weight, geo,
-                               layer_entry(self.quant, name), extra, flags, self.target_kind)
+        x = self.visit_expr(conv.args[0])
+        x = x if run is geo else subsampled(self.builder_, x, geo)
+        quantised = quant_conv(self.builder_, x, rows, weight, run, layer_entry(self.quant, name), extra, flags,
+                               self.target_kind)
         if quantised is not None:
             call, q, qgeo = quantised
             kind = sparse_op("conv2d", rows)
@@ -58,11 +62,13 @@ class _Sparsifier(ConvChainRewriter):
             record_sparse(decision, rows, ep)
             record_bytes(decision, rows, q, weight)
             return call
-        args = [self.visit_expr(conv.args[0]), *rows_consts(rows)]
-        op = partial(sparse_ops.sparse_conv2d, geo=geo, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
+        if self.target_kind == "llvm" and run.input_is_flat:  # a view, where the pad stage would copy it
+            x = self.builder_.emit(relax.op.reshape(x, [run.n, run.c * run.h * run.w]))
+        args = [x, *rows_consts(rows)]
+        op = partial(sparse_ops.sparse_conv2d, geo=run, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
-        mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": geo.pad_shape})
+        mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": run.pad_shape})
         record_sparse(decision, rows, ep)
         record_bytes(decision, rows, None, weight)
         return call
@@ -75,11 +81,12 @@ class _Sparsifier(ConvChainRewriter):
 def pack_conv_rows(weight, geo, fmt: str | None, cost: CostModel):
     """A conv layer's sparse rows as the pass packs them: the format asked for, else the one choose_format
     picks by padding, or on llvm ell instead of hyb where ell's fused epilogue (ConvGeometry.flat_output)
-    predicts faster. (Also what the speed-target pruner costs a candidate sparsity with.)"""
+    predicts faster, hyb charged its unfused epilogue's passes past L2 (cost.model.unfused_epilogue_us).
+    (Also what the speed-target pruner costs a candidate sparsity with.)"""
     rows = conv_weight_rows(weight, geo, fmt, HYB_MIN_SAVING[cost.kind])
     if fmt is None and cost.kind == "llvm" and rows.fmt == "hyb" and geo.flat_output:
         ell = conv_weight_rows(weight, geo, "ell")
-        if cost.conv(geo, ell).sparse_us < cost.conv(geo, rows).sparse_us:
+        if cost.conv(geo, ell).sparse_us < cost.conv(geo, rows).sparse_us + unfused_epilogue_us(geo, cost.rates):
             return ell
     return rows
 

@@ -106,7 +106,10 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
     explicit vector loop: left alone, LLVM vectorised that copy across rows with 64-bit gathers and
     scatters, slower than the sparse conv it feeds (resnet50's 256->64 1x1 on 56x56: 1.4 ms -> 0.36 ms
     for the whole operator; its strided 256->512: 2.9 -> 1.2 ms). A padded copy stays scalar: its
-    bounds test per lane made the vector loop slower (a 3x3 on 56x56: 0.57 -> 0.95 ms)."""
+    bounds test per lane made the vector loop slower (a 3x3 on 56x56: 0.57 -> 0.95 ms). An operator given
+    the flat view of its input (ConvGeometry.input_is_flat) has no copy to schedule."""
+    if not has_block(sch, "pad_flat"):
+        return
     block = sch.get_sblock("pad_flat")
     x_shape = [int(v) for v in sch.get(block).reads[0].source.shape]
     n, i = sch.get_loops(block)

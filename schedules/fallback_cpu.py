@@ -41,7 +41,7 @@ def schedule(func: tirx.PrimFunc, target: Target, config: Config | None = None) 
     blocks = _inline_elementwise(sch, blocks)
     lanes, registers = cpu_vector_lanes(target)
     for block in blocks:
-        if not _spatial_vector_reduction(sch, block, lanes, registers // 2):
+        if not (_spatial_vector_reduction(sch, block, lanes, registers // 2) or _window_reduction(sch, block, lanes)):
             _schedule_block(sch, block, cfg)
     return sch
 
@@ -74,6 +74,28 @@ def _spatial_vector_reduction(sch: s_tir.Schedule, block, lanes: int, accumulato
     sch.parallel(par)
     acc = sch.cache_write(block, 0, "local")
     finish_register_tile(sch, block, acc, par, jv, inner + [ju], loops[spatial])
+    return True
+
+
+def _window_reduction(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """A pooling window, [N, C, OH, OW] over (kh, kw) of one input: its padding read in place (a bounds test
+    per load) instead of copied to a buffer first, the window's taps outside a vector of output columns
+    accumulated in registers per output row, parallel over (N, C). resnet50's 3x3/2 max pool, 64 channels of
+    112x112, one thread: 436 -> 263 us (a scalar loop per output, its reduction innermost, before). False,
+    nothing changed, for any other block."""
+    if _spatial_then_reduction(sch, block) != 4 or len(sch.get_loops(block)) != 6 or len(sch.get(block).reads) != 1:
+        return False
+    ow_lanes = pow2_divisor(extents(sch, sch.get_loops(block))[3], lanes)
+    if ow_lanes < 4:
+        return False
+    for producer in sch.get_producers(block):
+        if _is_spatial(sch, producer):
+            sch.compute_inline(producer)
+    n, c, oh, ow, r0, r1 = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, c))
+    sch.reorder(oh, r0, r1, ow)
+    vector = sch.split(ow, [None, ow_lanes])[1]
+    finish_register_tile(sch, block, sch.cache_write(block, 0, "local"), oh, vector, [], r0)
     return True
 
 

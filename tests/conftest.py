@@ -94,8 +94,9 @@ def sparse_weight(shape, sparsity: float, rng: np.random.Generator, empty_rows: 
     return rows.reshape(shape)
 
 
-def run_layer(spec, target, threshold=0.7, fmt=None, sparse=True, x=None):
-    """Compile one LayerSpec through the pipeline, run it on llvm, return (output, report)."""
+def run_layer(spec, target, threshold=0.7, fmt=None, sparse=True, x=None, configs=None):
+    """Compile one LayerSpec through the pipeline (configs: op -> schedule Config), run it on llvm, return
+    (output, report)."""
     import tvm
     from tvm import relax
 
@@ -105,7 +106,7 @@ def run_layer(spec, target, threshold=0.7, fmt=None, sparse=True, x=None):
     from unsparse_tvm.testing.isa import skip_unless_runs_here
 
     report = []
-    pipeline = build_pipeline(target, threshold=threshold, fmt=fmt, sparse=sparse, report=report)
+    pipeline = build_pipeline(target, threshold=threshold, fmt=fmt, sparse=sparse, report=report, configs=configs)
     ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=pipeline)
     skip_unless_runs_here(target)
     vm = relax.VirtualMachine(ex, tvm.cpu())

@@ -97,3 +97,37 @@ def test_linear_vectorises_over_outputs_with_the_weight_streamed_by_rows(n, k, j
     y = tvm.runtime.tensor(np.zeros((n, j), np.float32))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), y)
     assert rel_err(y.numpy(), x @ w) < 1e-5
+
+
+def _pool_func(kind, c, hw, n, k, stride, pad, ceil):
+    from tvm import te, topi
+
+    x = te.placeholder((n, c, hw, hw), name="x")
+    y = topi.nn.pool2d(x, [k, k], [stride, stride], [1, 1], [pad] * 4, kind, ceil_mode=ceil, layout="NCHW",
+                       count_include_pad=True)
+    return te.create_prim_func([x, y])
+
+
+@pytest.mark.parametrize("kind,c,hw,n,k,stride,pad,ceil,window", [
+    ("max", 64, 112, 1, 3, 2, 1, False, True),   # resnet's stem pool: 56 output columns, 8-lane vectors
+    ("max", 8, 57, 2, 3, 2, 0, True, True),      # googlenet/squeezenet: ceil mode, 28 columns (4 lanes), batch 2
+    ("avg", 16, 32, 1, 2, 2, 0, False, True),    # densenet's transition
+    ("max", 8, 13, 1, 3, 2, 1, False, False),    # 7 output columns: no 4-lane vector, the generic schedule
+])
+def test_pooling_windows_accumulate_output_rows_in_registers(kind, c, hw, n, k, stride, pad, ceil, window, llvm):
+    """Pooling: the padding read in place (no pad buffer), the window's taps outside a vector of output
+    columns; maps whose output rows have no 4-lane divisor keep the generic schedule. Equal to PyTorch."""
+    import tvm
+
+    from unsparse_tvm.schedules import fallback_cpu
+
+    sch = fallback_cpu.RULE.apply(_pool_func(kind, c, hw, n, k, stride, pad, ceil), llvm)
+    text = sch.mod.script()
+    assert ("pad_temp" not in text and "_local" in text) == window
+    lib = tvm.compile(sch.mod, target=llvm)
+    x = np.random.default_rng(hw).standard_normal((n, c, hw, hw)).astype(np.float32)
+    pool = nn.MaxPool2d(k, stride, pad, ceil_mode=ceil) if kind == "max" else nn.AvgPool2d(k, stride, pad, ceil_mode=ceil)
+    ref = pool(torch.from_numpy(x)).numpy()
+    y = tvm.runtime.tensor(np.zeros(ref.shape, np.float32))
+    lib["main"](tvm.runtime.tensor(x), y)
+    assert rel_err(y.numpy(), ref) < 1e-6

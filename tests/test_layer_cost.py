@@ -58,3 +58,21 @@ def test_weights_streamed_once_are_the_floor_on_small_maps():
     w16 = sparse_weight((64, 64, 3, 3), 0.9, rng)
     c16 = conv_cost(GEO, conv_weight_rows(w16, GEO, "ell"), "llvm")
     assert c16.dense_us > 2 * 4 * 64 * 64 * 9 / BUILTIN.dram_bytes_s * 1e6  # far above its floor
+
+
+def test_a_flat_pointwise_layer_on_a_large_map_takes_ell_over_hyb():
+    """hyb's unfused epilogue writes its sums and reads them back: on 56x56 a 256x64 1x1 has 3.2 MB of them,
+    past L2 (measured one thread: hyb 678 us, ell 391), so ell is packed there though its padding is larger;
+    the same rows on an 8x8 map (64 KB of output, in cache) stay hyb."""
+    from unsparse_tvm.relay_passes.sparsify_conv2d import pack_conv_rows
+    from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, 64, 1, 1)).astype(np.float32)
+    w[rng.random(w.shape) < 0.9] = 0  # unstructured 90%: rows of 6 +- 2.4 nonzeros, the longest ~15
+    cost = CostModel("llvm")
+    for size, fmt in ((56, "ell"), (8, "hyb")):
+        geo = ConvGeometry(1, 64, size, size, 256, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+        assert geo.flat_output and conv_weight_rows(w, geo, None).fmt == "hyb"  # by padding alone
+        assert pack_conv_rows(w, geo, None, cost).fmt == fmt
+        assert (unfused_epilogue_us(geo) > 0) == (size == 56)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, pruned_program
+from conftest import assert_one_line_error, pruned_program, sparse_weight
 from unsparse_tvm.errors import UnsparseError
 from unsparse_tvm.tuning.log import RECORD_FILE, read_log
 from unsparse_tvm.tuning.search import SearchOptions
@@ -434,3 +434,25 @@ def test_committed_log_matches_the_model_it_was_tuned_for(log, llvm):
     tasks = extract_tasks(pruned_program("vgg16-cifar"), target)
     missing = [t.name for t in tasks if not db.has_workload(t.mod)]
     assert not missing, f"re-tune tuning_logs/{log} (command in tuning_logs/README.md): no record for {missing}"
+
+
+def test_a_large_input_gets_design_spaces_in_both_loop_orders(llvm):
+    """Where the input outgrows L2 (a 256-channel 1x1 on 56x56: 3.2 MB), the tuner may choose the loop
+    order too (spatial_outer): twice the design spaces of the same layer on 14x14, each replaying."""
+    from tvm import s_tir
+
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.schedules import sparse_conv2d_cpu
+    from unsparse_tvm.single_layer import LayerSpec, layer_module
+
+    weight = sparse_weight((64, 256, 1, 1), 0.9, np.random.default_rng(4))
+    counts = []
+    for size in (56, 14):
+        spec = LayerSpec("conv2d", (1, 256, size, size), weight, None, True,
+                         {"strides": [1, 1], "padding": [0] * 4, "dilation": [1, 1], "groups": 1})
+        func = build_pipeline(llvm, threshold=0.5, fmt="ell", stop_after="legalize")(layer_module(spec))["sparse_conv2d"]
+        spaces = sparse_conv2d_cpu.space(s_tir.Schedule(func))
+        for space in spaces:
+            space.trace.apply_to_schedule(s_tir.Schedule(func), remove_postproc=True)
+        counts.append(len(spaces))
+    assert counts[0] == 2 * counts[1] > 0

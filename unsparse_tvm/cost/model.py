@@ -93,6 +93,23 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
+# An output larger than this (a quarter of a 2 MB L2, which the input and the weights share) is read back and
+# written again from beyond L2 by an unfused epilogue: see unfused_epilogue_us.
+L2_OUTPUT_BYTES = 512 << 10
+
+
+def unfused_epilogue_us(geo: ConvGeometry, rates: X86Rates = BUILTIN) -> float:
+    """What an unfused epilogue's two extra passes (sums read back, output written) cost beyond conv_cost's
+    output term where the output outgrows L2: they run at DRAM speed, after the FMAs, not beside them.
+    Where the epilogue could fuse (ConvGeometry.flat_output), this is what hyb pays over ell. resnet50's
+    1x1 convs on 56x56 (0.8-3.2 MB of output), one thread: hyb 206 / 678 us, ell 126 / 391 us for 64x64 /
+    256x64, where conv_cost alone predicted hyb the faster (87 / 348 against 109 / 497 us)."""
+    out = geo.n * geo.k * geo.q_extent
+    if 4 * out <= L2_OUTPUT_BYTES:
+        return 0.0
+    return 2 * (4 * out / rates.dram_bytes_s - out / rates.output) * 1e6
+
+
 def output_passes(geo: ConvGeometry, fmt: str) -> int:
     """Passes over the output the x86 epilogue makes (see X86Rates.output)."""
     return 1 if geo.flat_output and fmt != "hyb" else 3

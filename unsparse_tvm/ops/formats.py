@@ -251,6 +251,12 @@ class ConvGeometry:
         return self.wq == self.ow and self.q_extent == self.oh * self.ow
 
     @property
+    def input_is_flat(self) -> bool:
+        """Whether the flat padded input is the input itself, [N, C*H*W] (stride 1, no padding, no extended
+        read past the last channel): the operator then takes that view of it instead of copying it."""
+        return self.stride == (1, 1) and not any(self.padding) and self.pad_channels == self.c
+
+    @property
     def pad_channels(self) -> int:
         """Channels of the flat padded input: C, plus zero channels so extended reads stay in bounds."""
         last = int(self.column_offsets().max()) + self.q_extent - 1

@@ -101,7 +101,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
     ovf = [rest.pop(0) for _ in range(3)] if fmt == "hyb" else None
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
-    xf = pad_flat(x, geo)
+    xf = x if len(x.shape) == 2 else pad_flat(x, geo)  # 2-D: the pass gave the flat view (geo.input_is_flat)
     if fmt.startswith("vell"):
         conv = _grouped_conv(xf, data, off, geo)
         v = int(data.shape[2])
