@@ -98,6 +98,13 @@ def extents(sch: s_tir.Schedule, loops) -> list[int]:
 PAD_VECTOR = 16  # lanes of the pad copy's explicit vector loop (a power of two dividing a row, >= 4)
 
 
+# A strided padded copy (phase rows narrower than the input) unrolls its rows up to this many columns: each
+# column's bounds test and source offset become constants. resnet50's 3x3/2 layers, one thread: 128 channels
+# on 56x56 1019 -> 891 us, 256 on 28x28 827 -> 779 us (the copy alone, at 99.95% sparsity: 310 -> 196 us).
+# Stride-1 copies stay rolled (a 64-channel 3x3 on 56x56: 629 -> 653 us unrolled).
+PAD_UNROLL = 64
+
+
 def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
     """Flat padded input: split i back into (channel, phase row, column) so the index div/mod fold away,
     parallel over channels.
@@ -117,6 +124,8 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
     sch.parallel(sch.fuse(n, ci))
     if len(x_shape) == 4 and rows * cols == x_shape[2] * x_shape[3]:
         _vectorize_rows(sch, row, col, rows, cols)
+    elif len(x_shape) == 4 and cols < x_shape[3] and cols <= PAD_UNROLL:
+        sch.unroll(col)  # a strided conv's phase rows (narrower than the input), see PAD_UNROLL
 
 
 def _vectorize_rows(sch: s_tir.Schedule, row, col, rows: int, cols: int) -> None:

@@ -164,6 +164,23 @@ def test_input_copy_is_a_vector_loop_only_where_unpadded(r, pad, size, copy, llv
         assert 'T.sblock("pad_flat")' not in scheduled["sparse_conv2d"].script()
 
 
+@pytest.mark.parametrize("stride,unrolled", [(2, True), (1, False)])
+def test_a_strided_padded_copy_unrolls_its_phase_rows(stride, unrolled, llvm):
+    """The padded copy of a strided conv (phase rows narrower than the input) is unrolled along its
+    columns, each column's bounds test a constant; a stride-1 copy stays a rolled loop (numerics: the conv
+    matrix above, whose strided cases take this path)."""
+    import re
+
+    from unsparse_tvm.single_layer import layer_module
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    weight = sparse_weight((16, 8, 3, 3), 0.9, np.random.default_rng(stride), dense_rows=1)
+    spec = LayerSpec("conv2d", (1, 8, 20, 20), weight, None, True,
+                     {"strides": [stride] * 2, "padding": [1] * 4, "dilation": [1, 1], "groups": 1})
+    text = build_pipeline(llvm, threshold=0.5, stop_after="schedule")(layer_module(spec))["sparse_conv2d"].script()
+    assert bool(re.search(r'T\.unroll\([^\n]*\):\s*\n\s*with T\.sblock\("pad_flat"\)', text)) == unrolled
+
+
 @pytest.mark.parametrize("n,c,size,k,stride", [(1, 16, 16, 24, 2), (2, 8, 13, 12, 3), (1, 16, 14, 8, 2)])
 def test_strided_pointwise_runs_on_a_subsampled_input(n, c, size, k, stride, llvm):
     """A strided 1x1 without padding becomes a strided_slice and a stride-1 sparse conv (no phase planes
