@@ -238,3 +238,29 @@ def test_spatial_chunks_go_outermost_where_a_large_input_is_used_little(c, size,
     mod = build_pipeline(llvm, threshold=0.5, fmt="ell", stop_after="schedule")(layer_module(spec))
     extents = re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", mod["sparse_conv2d"].script())
     assert extents and ("4" not in extents) == outer, extents
+
+
+@pytest.mark.parametrize("r,stride,pad,size", [(1, 1, 0, 16), (1, 2, 0, 16), (1, 2, 0, 14), (3, 1, 1, 16),
+                                               (2, 2, 0, 16), (1, 1, 0, 28), (3, 1, 1, 28)])
+def test_epilogue_fuses_exactly_where_the_cost_model_says(r, stride, pad, size, llvm):
+    """The schedule fuses the epilogue into the write-back (no "epilogue" block left) exactly where
+    ConvGeometry.flat_output, which the cost model and the format choice use, says it does: strided
+    pointwise convs included (a 14x14 map strided to 7x7 has q_extent 56 > 49: not fused)."""
+    from unsparse_tvm.single_layer import layer_module
+    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    rng = np.random.default_rng(0)
+    weight = sparse_weight((32, 16, r, r), 0.9, rng, dense_rows=2)
+    spec = LayerSpec("conv2d", (1, 16, size, size), weight, None, True,
+                     {"strides": [stride] * 2, "padding": [pad] * 4, "dilation": [1, 1], "groups": 1})
+    geo = ConvGeometry(1, 16, size, size, 32, r, r, (stride, stride), (pad,) * 4, (1, 1))
+    mod = build_pipeline(llvm, threshold=0.5, fmt="ell", stop_after="schedule")(layer_module(spec))
+    assert ('T.sblock("epilogue")' in mod["sparse_conv2d"].script()) == (not geo.flat_output)
+    # 28x28 = 49 vectors of 16: tiles of 7 vectors where the map has no thrown-away columns (1x1), rounded up
+    # to 54 vectors where a 3x3's padding columns are computed anyway
+    assert geo.flat_output == ((r, stride, size) in ((1, 1, 16), (1, 2, 16), (2, 2, 16), (1, 1, 28)))
+    x = rng.standard_normal((1, 16, size, size)).astype(np.float32)
+    y, report = run_layer(spec, llvm, threshold=0.5, fmt="ell", x=x)
+    assert report[0].format == "ell"
+    assert rel_err(y, torch_conv(x, weight, None, (stride,) * 2, (pad,) * 4, (1, 1), relu=True)) < 1e-5
