@@ -1,0 +1,102 @@
+"""Compiled modules side by side: end-to-end time in alternating rounds, and with --layers each kernel call's
+time (the Relax VM's instrument hook), labelled with the layer it runs.
+
+    python benchmarks/so_profile.py before.so after.so --threads 1 --rounds 13
+    python benchmarks/so_profile.py model.so --layers
+
+Every module gets the same seeded input and must give the same output as the first (max relative
+difference printed). Per kernel: the median of --runs inferences; a kernel's time includes the VM's call
+overhead (a few us), so the sum exceeds the end-to-end median slightly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+MIN_MS = 0.005  # kernels faster than this are left out of the --layers listing
+
+
+def _input(meta: dict) -> np.ndarray:
+    spec = meta["inputs"][0]
+    return np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"])
+
+
+def end_to_end(paths: list[str], rounds: int) -> None:
+    import tvm
+
+    from unsparse_tvm.runtime import load
+    from unsparse_tvm.timing import round_robin, vm_timer
+
+    timers, outs, x = {}, {}, None
+    for p in paths:
+        _, _, meta = load(p)  # checks the file and this CPU
+        x = _input(meta) if x is None else x
+        timers[p], outs[p] = vm_timer(tvm.runtime.load_module(p), tvm.cpu(), x)
+    ref = outs[paths[0]]
+    for p in paths:
+        print(f"{p}: max relative difference to {paths[0]}: {float(np.abs(outs[p] - ref).max() / np.abs(ref).max()):.1e}")
+    for p, ms in round_robin(timers, rounds).items():
+        print(f"{ms:9.3f} ms  {p}")
+
+
+def layers(path: str, runs: int) -> None:
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.runtime import load
+
+    _, _, meta = load(path)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    x = tvm.runtime.tensor(_input(meta))
+    calls: list[tuple[str, float]] = []
+    started: dict[str, float] = {}
+
+    def instrument(func, name, before, ret, *args):
+        if before:
+            started[name] = time.perf_counter()
+        else:
+            calls.append((name, time.perf_counter() - started[name]))
+        return 0
+
+    vm["main"](x)
+    vm.set_instrument(instrument)
+    per_run = []
+    for _ in range(runs):
+        calls = []
+        vm["main"](x)
+        per_run.append(calls)
+    names = [n for n, _ in per_run[0]]
+    median = [sorted(run[i][1] for run in per_run)[runs // 2] * 1e3 for i in range(len(names))]
+    ours = iter(layer for layer in meta.get("layers", []) if layer["decision"] == "sparse")
+    print(f"{path}: {sum(median):.3f} ms in {len(names)} calls (median of {runs} runs)")
+    for name, ms in zip(names, median):
+        label = ""
+        if name.startswith(("sparse_conv2d", "sparse_dense")):
+            layer = next(ours, None)
+            label = "" if layer is None else f"{layer['name']} {layer['shape']} in {layer['input_shape']} {layer['format']}"
+        if ms >= MIN_MS:
+            print(f"{ms:8.3f} ms  {name:24s} {label}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("modules", nargs="+", help=".so files written by unsparse-tvm compile")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=11, help="alternating rounds of the end-to-end timing")
+    ap.add_argument("--layers", action="store_true", help="also time every kernel call of each module")
+    ap.add_argument("--runs", type=int, default=7, help="inferences per module for --layers")
+    args = ap.parse_args()
+    from unsparse_tvm.timing import set_threads
+
+    set_threads(args.threads)
+    end_to_end(args.modules, args.rounds)
+    if args.layers:
+        for p in args.modules:
+            layers(p, args.runs)
+
+
+if __name__ == "__main__":
+    main()
