@@ -22,6 +22,7 @@ CONV_CASES = [
     (3, 16, 5, 5, 24, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 0.9),     # 1x1 stride 2 (downsample)
     (1, 32, 2, 2, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.95),    # tiny spatial (VGG's last block)
     (2, 5, 13, 10, 7, 3, 4, (3, 2), (1, 0, 2, 1), (1, 2), 0.8),     # stride 3x2 + dilation, phases of unequal size
+    (2, 8, 28, 28, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),    # 28x28 1x1: 49 whole vectors, tiles of 7, flat
 ]
 
 
