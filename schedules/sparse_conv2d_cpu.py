@@ -36,6 +36,12 @@ class Config:
 L2_INPUT_BYTES = 2 << 20  # an input past this is streamed from L3 by every row tile (a 2 MB L2 per core)
 
 
+def _input_bytes(func: tirx.PrimFunc) -> int:
+    """Bytes of the padded float32 input the rows read (unsparse.pad_shape: channels x rows x columns)."""
+    cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
+    return 4 * cx * rows * cols
+
+
 def spatial_outer_pays(input_bytes: int, row_entries: int, channels: int) -> bool:
     """Row tiles outermost re-read the whole padded input once per tile; past L2 that is a stream from L3
     each time, which only pays off where each row has many entries per input channel to spend it on.
@@ -50,9 +56,9 @@ def spatial_outer_pays(input_bytes: int, row_entries: int, channels: int) -> boo
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     lanes, registers = cpu_vector_lanes(target)
-    cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
+    cx = int(func.attrs["unsparse.pad_shape"][0])
     width = extents(sch, sch.get_loops(sch.get_sblock("conv")))[3]  # entries per row (hyb: its ell part)
-    outer = cfg.spatial_outer > 0 or (cfg.spatial_outer == 0 and spatial_outer_pays(4 * cx * rows * cols, width, cx))
+    outer = cfg.spatial_outer > 0 or (cfg.spatial_outer == 0 and spatial_outer_pays(_input_bytes(func), width, cx))
     _schedule(sch, func, cfg.tile_k, cfg.vec or lanes, cfg.unroll, clamp=True, k_inner=cfg.k_inner,
               accumulators=registers // 2, spatial_outer=outer)
 
@@ -72,8 +78,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     func = sch.mod["main"]
     ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     rows, inner = ext[1], ext[2]
-    cx, prows, pcols = (int(v) for v in func.attrs["unsparse.pad_shape"])
-    orders = (False, True) if 4 * cx * prows * pcols > L2_INPUT_BYTES else (False,)
+    orders = (False, True) if _input_bytes(func) > L2_INPUT_BYTES else (False,)
     spaces = []
     for vec in [v for v in (16, 8) if inner % v == 0]:  # q_extent is a multiple of 8
         for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:

@@ -241,8 +241,7 @@ class ConvGeometry:
         lost its fused epilogue and its input view, and with tiles of 7 vectors it ran 15-35% faster
         (one thread, 90%: 128x512 389 -> 252 us, 512x128 367 -> 272, 512x256 635 -> 540)."""
         q = -(-self.oh * self.wq // 8) * 8
-        vectors = q // 16
-        if self.wq == self.ow and q == self.oh * self.ow and q % 16 == 0 and vectors % 7 == 0:
+        if self.wq == self.ow and q == self.oh * self.ow and q % (7 * 16) == 0:
             return q  # a map of exactly 7k whole vectors (28x28): tiles of 7, and the epilogue fuses (flat_output)
         while q > 128 and not (q % 16 == 0 and any((q // 16) % u == 0 for u in range(2, 7))):
             q += 8
