@@ -9,7 +9,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_backend
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from unsparse_tvm.schedules import fallback_cpu, rules
+from unsparse_tvm.schedules import cpu_vector_lanes, fallback_cpu, rules
 from unsparse_tvm.cost.model import BUILTIN, CostModel, X86Rates
 
 from .apply_tuning_records import ApplyTuningRecords
@@ -52,7 +52,8 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     # Phase 2: our substitution: sparse layers become TE sparse operators, epilogues fused
     if sparse:
         # per layer: sparse where predicted faster than dense (threshold None), or sparsity >= threshold
-        cost = CostModel(target.kind.name, rates or BUILTIN)  # formats (hyb's bar) and costs depend on the target
+        # formats (hyb's bar), costs and the flat domain's vectors (ConvGeometry.with_overlap) depend on the target
+        cost = CostModel(target.kind.name, rates or BUILTIN, cpu_vector_lanes(target)[0] if is_cpu else 16)
         phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, cost, quant),
                                     SparsifyDense(threshold, names, report, fmt, cost, quant)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule

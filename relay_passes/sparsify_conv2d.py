@@ -46,8 +46,10 @@ class _Sparsifier(ConvChainRewriter):
             return None
         # the conv as the kernel runs it (on llvm, where the fallback schedules the slice)
         run = (strided_pointwise(geo) if self.target_kind == "llvm" else None) or geo
-        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, run),
-                             lambda rows: self.cost.conv(run, rows))
+        # the fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap)
+        ours = run.with_overlap(self.cost.lanes) if self.target_kind == "llvm" else run
+        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours),
+                             lambda rows: self.cost.conv(ours, rows))
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
@@ -62,15 +64,20 @@ class _Sparsifier(ConvChainRewriter):
             record_sparse(decision, rows, ep)
             record_bytes(decision, rows, q, weight)
             return call
-        if self.target_kind == "llvm" and run.input_is_flat:  # a view, where the pad stage would copy it
-            x = self.builder_.emit(relax.op.reshape(x, [run.n, run.c * run.h * run.w]))
+        if self.target_kind == "llvm" and ours.input_is_flat:  # a view, where the pad stage would copy it
+            x = self.builder_.emit(relax.op.reshape(x, [ours.n, ours.c * ours.h * ours.w]))
+        if ours.overlap and flags["has_residual"]:  # the overlapped epilogue is flat (ops.sparse.output_shape)
+            extra[-1] = self.builder_.emit(relax.op.reshape(extra[-1], sparse_ops.output_shape(ours)))
         args = [x, *rows_consts(rows)]
-        op = partial(sparse_ops.sparse_conv2d, geo=run, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
+        op = partial(sparse_ops.sparse_conv2d, geo=ours, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
-        mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": run.pad_shape})
+        attrs = {"unsparse.overlap": ours.overlap} if ours.overlap else {}  # the schedules' vectors divide it
+        mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape, **attrs})
         record_sparse(decision, rows, ep)
         record_bytes(decision, rows, None, weight)
+        if ours.overlap:
+            return self.builder_.emit(relax.op.reshape(call, [ours.n, ours.k, ours.oh, ours.ow]))
         return call
 
 

@@ -18,7 +18,7 @@ from . import (
     sparse_dense_grouped_cpu,
     sparse_dense_int8_cpu,
 )
-from ._common import ScheduleRule
+from ._common import ScheduleRule, cpu_vector_lanes
 
 _ALL = (dense_conv2d_cpu, depthwise_conv2d_cpu, dense_conv2d_cuda, sparse_conv2d_cpu, sparse_conv2d_cuda,
         sparse_conv2d_grouped_cpu, sparse_conv2d_int8_cpu, sparse_conv2d_int8_cuda, sparse_dense_cpu,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from tvm import s_tir, tirx
@@ -172,7 +173,7 @@ def finish_register_tile(sch: s_tir.Schedule, block, acc, at, vector, unrolled: 
     sch.vectorize(sch.get_loops(acc)[-1])
 
 
-def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False) -> None:
+def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False, overlap: int = 0) -> None:
     """Crop + bias + residual + ReLU. flat (flat_epilogue re-indexed it): inlined into the accumulators'
     write-back. Else in its own parallel loop over (batch, channel), the flat domain's index map y*Wq + x
     being not invertible for reverse_compute_at (and hyb having two producers), with explicit vectors as
@@ -181,9 +182,26 @@ def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False) -> None:
     if flat:
         sch.reverse_compute_inline(sch.get_sblock("epilogue"))
         return
+    if overlap:
+        _overlap_epilogue(sch, overlap)
+        return
     n, k, y, x = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(n, k))
     _vectorize_rows(sch, y, x, *extents(sch, [y, x]))
+
+
+def _overlap_epilogue(sch: s_tir.Schedule, lanes: int) -> None:
+    """The epilogue of an overlapped flat domain (ConvGeometry.with_overlap; no thrown-away columns) over
+    the flat output p = y*OW + x (ops.sparse.output_shape), in whole vectors of `lanes` up to the last one and
+    a short vector for the rest (loop_partition): over (y, x), a 14x14 map ran in 4-lane vectors with 64-bit
+    vector divisions by OW (the index simplifier left them), slower than no overlap at all."""
+    n, k, p = sch.get_loops(sch.get_sblock("epilogue"))  # flat: ops.sparse.output_shape
+    sch.parallel(sch.fuse(n, k))
+    positions = extents(sch, [p])[0]
+    whole = positions - positions % lanes
+    main, tail = sch.loop_partition(p, [whole, None])
+    sch.vectorize(sch.split(main, [None, lanes])[1])
+    sch.vectorize(tail)
 
 
 def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int) -> bool:
@@ -200,6 +218,14 @@ def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int) -> bool:
         return False
     sch.transform_block_layout(ep, lambda n, k, y, x: (n, k, y * ow + x))
     return True
+
+
+def overlap_lanes(func: tirx.PrimFunc, vec: int) -> int:
+    """The vector width a conv's flat domain allows: vec, or where the pass overlapped its last vectors
+    (attribute unsparse.overlap = L, ConvGeometry.with_overlap) a divisor of L, which keeps every vector
+    inside one shifted group of L lanes (one contiguous load)."""
+    overlap = int(func.attrs["unsparse.overlap"]) if "unsparse.overlap" in func.attrs else 0
+    return math.gcd(vec, overlap) if overlap else vec
 
 
 def cpu_vector_lanes(target) -> tuple[int, int]:

@@ -23,6 +23,8 @@ CONV_CASES = [
     (1, 32, 2, 2, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.95),    # tiny spatial (VGG's last block)
     (2, 5, 13, 10, 7, 3, 4, (3, 2), (1, 0, 2, 1), (1, 2), 0.8),     # stride 3x2 + dilation, phases of unequal size
     (2, 8, 28, 28, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),    # 28x28 1x1: 49 whole vectors, tiles of 7, flat
+    (2, 24, 14, 14, 32, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),   # 14x14 1x1: last vectors overlapped, input in place
+    (1, 40, 7, 7, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),     # 7x7 1x1: 49 = 3 vectors + one shifted by 15
 ]
 
 
@@ -142,12 +144,14 @@ def _vector_stages(spec, llvm) -> set[str]:
     return set(re.findall(r'T\.vectorized\([^\n]*\):\s*\n\s*with T\.sblock\("(\w+)"\)', text))
 
 
-@pytest.mark.parametrize("r,pad,size,copy", [(1, 0, 14, "vector"), (3, 1, 16, "scalar"), (1, 0, 16, "none")])
+@pytest.mark.parametrize("r,pad,size,copy", [(1, 0, 2, "vector"), (3, 1, 16, "scalar"), (1, 0, 16, "none"),
+                                               (1, 0, 14, "none")])
 def test_input_copy_is_a_vector_loop_only_where_unpadded(r, pad, size, copy, llvm):
     """Left to LLVM, the unpadded (1x1) input copy and the hyb epilogue were vectorised across rows with
-    gathers and scatters, several times slower than the conv: both are explicit vector loops now. A padded
-    copy stays scalar (a per-lane bounds test made it slower). A 1x1 whose flat domain is exactly its map
-    (16x16) reads a view of its input: no copy at all."""
+    gathers and scatters, several times slower than the conv: both are explicit vector loops now (a 1x1 on
+    a 2x2 map, smaller than a vector, still copies its input). A padded copy stays scalar (a per-lane bounds
+    test made it slower). A 1x1 whose flat domain is exactly its map (16x16), or whose last vectors overlap
+    inside it (14x14, ConvGeometry.with_overlap), reads a view of its input: no copy at all."""
     rng = np.random.default_rng(0)
     weight = sparse_weight((32, 16, r, r), 0.9, rng, dense_rows=2)
     spec = LayerSpec("conv2d", (1, 16, size, size), weight, None, True,
@@ -257,7 +261,8 @@ def test_epilogue_fuses_exactly_where_the_cost_model_says(r, stride, pad, size, 
                      {"strides": [stride] * 2, "padding": [pad] * 4, "dilation": [1, 1], "groups": 1})
     geo = ConvGeometry(1, 16, size, size, 32, r, r, (stride, stride), (pad,) * 4, (1, 1))
     mod = build_pipeline(llvm, threshold=0.5, fmt="ell", stop_after="schedule")(layer_module(spec))
-    assert ('T.sblock("epilogue")' in mod["sparse_conv2d"].script()) == (not geo.flat_output)
+    # (an overlapped 7x7's epilogue: blocks "epilogue_ax2*", its flat loop partitioned, schedules/_common.py)
+    assert ('T.sblock("epilogue' in mod["sparse_conv2d"].script()) == (not geo.flat_output)
     # 28x28 = 49 vectors of 16: tiles of 7 vectors where the map has no thrown-away columns (1x1), rounded up
     # to 54 vectors where a 3x3's padding columns are computed anyway
     assert geo.flat_output == ((r, stride, size) in ((1, 1, 16), (1, 2, 16), (2, 2, 16), (1, 1, 28)))

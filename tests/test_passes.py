@@ -252,3 +252,41 @@ def test_silu_is_fused_into_sparse_and_dense_convs(sparse_b, llvm):
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
     ref = ep.module()(x).detach().numpy()
     assert rel_err(y, ref) < 1e-5
+
+
+class PointwiseBlock(nn.Module):
+    """ResNet's 1x1 convs on a 14x14 map (196 = 12.25 vectors of 16, 24.5 of 8), the second with the block's
+    input as its residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(24, 16, 1), nn.Conv2d(16, 24, 1)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))) + x)
+
+
+def test_pointwise_convs_on_14x14_overlap_their_last_vectors_and_read_the_input_in_place(llvm):
+    """ConvGeometry.with_overlap: the flat domain's last vectors shifted back inside the map, so neither conv
+    copies its input (no pad stage) and the residual reaches a flat epilogue; numerics as PyTorch's."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.schedules import cpu_vector_lanes
+
+    ep, x = _prepared(PointwiseBlock(), (2, 24, 14, 14))
+    mod, names = import_program(ep)
+    scheduled = build_pipeline(llvm, names=names, report=[], threshold=0.7, stop_after="schedule")(mod)
+    convs = [f for _, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+             and "unsparse.op" in f.attrs and str(f.attrs["unsparse.op"]).startswith("sparse_conv2d")]
+    assert len(convs) == 2
+    for f in convs:
+        assert int(f.attrs["unsparse.overlap"]) == cpu_vector_lanes(llvm)[0]
+        assert "pad_flat" not in f.script()
+    compiled = compile_program(ep, llvm, threshold=0.7)
+    assert {r.name: r.fused for r in compiled.report} == {"a": "bias+relu", "b": "bias+residual+relu"}
+    y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+    assert rel_err(y, ep.module()(x).detach().numpy()) < 1e-5

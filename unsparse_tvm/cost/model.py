@@ -133,6 +133,7 @@ class CostModel:
 
     kind: str                      # "llvm" or "cuda"
     rates: X86Rates = BUILTIN
+    lanes: int = 16                # float32 lanes of the llvm target's vector register (16 AVX-512, 8 AVX2)
 
     def conv(self, geo: ConvGeometry, rows: SparseRows) -> LayerCost:
         return conv_cost(geo, rows, self.kind, self.rates)

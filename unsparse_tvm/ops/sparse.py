@@ -44,12 +44,41 @@ def _index(offset: tirx.PrimExpr) -> tirx.PrimExpr:
     return offset if offset.dtype == "int32" else offset.astype("int32")
 
 
+def _position(geo: ConvGeometry, q):
+    """The input position flat index q reads: q itself, or in an overlapped domain (ConvGeometry.with_overlap)
+    a vector past the map's last whole one shifted back to end at its last position (each vector stays one
+    contiguous load: the shift is per vector)."""
+    if not geo.overlap:
+        return q
+    lane = tirx.floormod(q, geo.overlap)
+    return tirx.min(q - lane, geo.oh * geo.ow - geo.overlap) + lane
+
+
+def _read_flat(geo: ConvGeometry, idx, read):
+    """read(q) at the flat index of output idx: (n, k, y, x) -> y*Wq + x; in an overlapped domain, whose
+    epilogue is flat, (n, k, p) -> the first flat index that computed p (ConvGeometry.read_split; both reads
+    stay in bounds, so the select vectorises)."""
+    if not geo.overlap:
+        return read(idx[2] * geo.wq + idx[3])
+    split, shift = geo.read_split
+    p = idx[2]
+    return tirx.Select(p < split, read(p), read(p + shift))
+
+
+def output_shape(geo: ConvGeometry) -> tuple:
+    """[N, K, OH, OW], or [N, K, OH*OW] for an overlapped domain (the pass reshapes it back, a view): a flat
+    epilogue indexes without the division by OW that vectorised badly."""
+    if geo.overlap:
+        return (geo.n, geo.k, geo.oh * geo.ow)
+    return (geo.n, geo.k, geo.oh, geo.ow)
+
+
 def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry, name: str) -> te.Tensor:
     rows, width = data.shape
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(data[k, j] * xf[n, _index(off[k, j]) + q], axis=j),
+        lambda n, k, q: te.sum(data[k, j] * xf[n, _index(off[k, j]) + _position(geo, q)], axis=j),
         name=name,
     )
 
@@ -61,14 +90,15 @@ def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeome
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, groups, v, geo.q_extent),
-        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, _index(off[g, j]) + q], axis=j),
+        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, _index(off[g, j]) + _position(geo, q)], axis=j),
         name="conv",
     )
 
 
-def _at(t: te.Tensor, geo: ConvGeometry, n, k, y, x):
-    """Element (n, k, y, x) of a "conv" stage (flat domain q = y*Wq + x)."""
-    return t[n, k, y * geo.wq + x]
+def _at(t: te.Tensor, geo: ConvGeometry, idx, k=None):
+    """Element idx (output index, see _read_flat) of a "conv" stage, at row k if given."""
+    row = idx[1] if k is None else k
+    return _read_flat(geo, idx, lambda q: t[idx[0], row, q])
 
 
 def epilogue_stage(acc, shape, bias, residual, relu: bool, relu_max: float | None = None,
@@ -106,23 +136,23 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         conv = _grouped_conv(xf, data, off, geo)
         v = int(data.shape[2])
 
-        def acc(n, k, y, x_):
-            return conv[n, k // v, k % v, y * geo.wq + x_]
+        def acc(*idx):
+            return _read_flat(geo, idx, lambda q: conv[idx[0], idx[1] // v, idx[1] % v, q])
 
-        return epilogue_stage(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
+        return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)
     conv = _row_conv(xf, data, off, geo, "conv")
     if ovf is not None:
         ovf_data, ovf_off, slot = ovf
         conv_ovf = _row_conv(xf, ovf_data, ovf_off, geo, "conv_ovf")
 
-        def acc(n, k, y, x_):
-            extra = _at(conv_ovf, geo, n, tirx.max(slot[k], 0), y, x_)
-            return _at(conv, geo, n, k, y, x_) + tirx.if_then_else(slot[k] >= 0, extra, F32_ZERO)
+        def acc(*idx):
+            extra = _at(conv_ovf, geo, idx, tirx.max(slot[idx[1]], 0))
+            return _at(conv, geo, idx) + tirx.if_then_else(slot[idx[1]] >= 0, extra, F32_ZERO)
     else:
-        def acc(n, k, y, x_):
-            return _at(conv, geo, n, k, y, x_)
+        def acc(*idx):
+            return _at(conv, geo, idx)
 
-    return epilogue_stage(acc, (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
+    return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)
 
 
 def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
@@ -141,7 +171,7 @@ def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeo
         lambda n, k, q: te.sum(weight[k, rc, rr, rs] * xf[n, geo.tap_offset(rc, rr, rs) + q], axis=[rc, rr, rs]),
         name="conv",
     )
-    return epilogue_stage(lambda n, k, y, x_: _at(conv, geo, n, k, y, x_),
+    return epilogue_stage(lambda *idx: _at(conv, geo, idx),
                      (geo.n, geo.k, geo.oh, geo.ow), bias, residual, relu, relu_max, silu)
 
 
