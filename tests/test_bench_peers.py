@@ -20,6 +20,19 @@ def test_bench_peers_and_threads_write_every_contender(tmp_path):
     assert "unsparse vs the fastest fp32 peer" in proc.stdout
 
 
+def test_torch_compile_row_is_compared_with_the_api_call(tmp_path):
+    """--peers unsparse_torch_compile also times the same model through unsparse_tvm.compile (a CompiledModel on
+    the torch tensor, as a script calls a loaded .so): the ratio of the two is Dynamo's cost per call."""
+    out = tmp_path / "b.json"
+    proc = cli("bench", "smallcnn", "--sparsity", "0.9", "--no-layers", "--repeat", "3", "--threads", "1",
+               "--peers", "unsparse_torch_compile", "--json", out)
+    r = json.loads(out.read_text())
+    assert {"unsparse_torch_compile_ms", "unsparse_api_ms"} <= set(r["by_threads"]["1"])
+    assert r["max_rel_error_vs_torch"]["unsparse_api"] < 1e-4
+    assert r["max_rel_error_vs_torch"]["unsparse_torch_compile"] < 1e-4
+    assert 'torch.compile(backend="unsparse") vs the same model through unsparse_tvm.compile' in proc.stdout
+
+
 def _int8_model(tmp_path) -> str:
     """vgg16-cifar-like small net, channel-quad pruned and quantised with int8 activations (random data)."""
     from conftest import cli_here

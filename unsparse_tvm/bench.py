@@ -253,6 +253,9 @@ def print_result(r: dict) -> None:
                 found = fastest_peer(e, kind)
                 if found and mine in e:
                     print(f"  {mine[:-3]} vs the fastest {kind} peer ({found[0][:-3]}): {found[1] / e[mine]:.2f}x")
+            if "unsparse_torch_compile_ms" in e and "unsparse_api_ms" in e:  # Dynamo's cost per call
+                print(f"  torch.compile(backend=\"unsparse\") vs the same model through unsparse_tvm.compile: "
+                      f"{e['unsparse_torch_compile_ms'] / e['unsparse_api_ms']:.2f}x")
             print(efficiency_line(r, e))
     e = r["end_to_end"]
     if r["layers"]:

@@ -21,8 +21,9 @@ import numpy as np
 PEERS = ("onnxruntime", "openvino", "torch_compile", "deepsparse",
          "onnxruntime_int8", "openvino_int8", "deepsparse_int8")
 INT8_PEERS = ("onnxruntime_int8", "openvino_int8", "deepsparse_int8")  # what an int8 model meets by default
-# our own compiler behind torch.compile(backend="unsparse"): timed beside the peers, never counted as one
-OURS = ("unsparse_torch_compile",)
+# our own compiler behind torch.compile(backend="unsparse"), and the same model called through the public API
+# (what torch.compile's row is compared with): timed beside the peers, never counted as one
+OURS = ("unsparse_torch_compile", "unsparse_api")
 INT8_TOLERANCE = 0.1  # max relative error vs fp32 PyTorch of an int8 runtime: quantisation error, not a bug
 EXTRA_HINT = 'pip install -e ".[peers]"'
 
@@ -41,7 +42,7 @@ def available() -> dict[str, str | None]:
     """{peer: None if usable, else why not} (no import of the heavy runtimes beyond a spec lookup)."""
     onnx = ["onnxscript", "onnx"]
     need = {"onnxruntime": ["onnxruntime", *onnx], "openvino": ["openvino", *onnx], "torch_compile": [],
-            "unsparse_torch_compile": [], "onnxruntime_int8": ["onnxruntime", *onnx],
+            "unsparse_torch_compile": [], "unsparse_api": [], "onnxruntime_int8": ["onnxruntime", *onnx],
             "openvino_int8": ["openvino", "onnxruntime", *onnx], "deepsparse": [*onnx],
             "deepsparse_int8": ["onnxruntime", *onnx]}
     return {p: (f"needs {', '.join(m for m in mods if find_spec(m) is None)} ({EXTRA_HINT})"
@@ -157,6 +158,16 @@ def unsparse_torch_compile_call(ep, x):
     return call
 
 
+def unsparse_api_call(ep, x):
+    """`unsparse_tvm.compile(program)` called on the torch tensor, as a script calls a loaded .so
+    (CompiledModel: input checks, conversions both ways), with the same default options as the torch.compile
+    row: bench's own "unsparse" row is the bare VM call on a ready TVM tensor."""
+    from .api import compile
+
+    model = compile(ep)
+    return lambda: model(x).numpy()
+
+
 def peer_callables(ep, x, threads: int, peers: list[str], onnx_dir: str, calibration: list[np.ndarray] | None = None,
                    log=print) -> dict[str, Callable]:
     """{peer: a call returning the output as numpy}, for each requested peer that is installed (the
@@ -169,6 +180,8 @@ def peer_callables(ep, x, threads: int, peers: list[str], onnx_dir: str, calibra
     x_np = x.numpy()
     batches = calibration if calibration is not None else [
         np.random.default_rng(i).standard_normal(x_np.shape).astype(np.float32) for i in range(16)]
+    if "unsparse_torch_compile" in peers and "unsparse_api" not in peers:  # its like-with-like reference
+        peers = [*peers, "unsparse_api"]
     for peer in peers:
         if why.get(peer):
             log(f"skipping {peer}: {why[peer]}")
@@ -191,6 +204,8 @@ def peer_callables(ep, x, threads: int, peers: list[str], onnx_dir: str, calibra
                 calls[peer] = torch_compile_call(ep, x)
             elif peer == "unsparse_torch_compile":
                 calls[peer] = unsparse_torch_compile_call(ep, x)
+            elif peer == "unsparse_api":
+                calls[peer] = unsparse_api_call(ep, x)
         except Exception as err:  # a peer that cannot run is one line; the others still run
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             log(f"skipping {peer}: {first[:200]}")
