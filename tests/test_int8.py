@@ -42,6 +42,7 @@ CASES = [
     (3, 16, 5, 5, 24, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 0.9),     # 1x1 stride 2, batch 3
     (1, 32, 2, 2, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.95),    # tiny spatial
     (2, 5, 13, 10, 7, 3, 4, (3, 2), (1, 0, 2, 1), (1, 2), 0.8),     # stride 3x2 + dilation, odd K
+    (2, 12, 16, 16, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.8),    # 1x1 on whole vectors: epilogue in the write-back
 ]
 
 
@@ -74,6 +75,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None):
     with target:
         sch = rule_for("sparse_conv2d_int8", "llvm").apply(func, target)
     lib = tvm.compile(sch.mod, target=target)
+    lib.scheduled = sch.mod["main"].script()  # for tests of the schedule's structure
     return lib, arrays, [int(d) for d in out.shape], wq, wscale, target
 
 
@@ -115,6 +117,20 @@ def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     assert y.shape == ref.shape
     _, out_scale = epilogue_consts(wq, wscale, act)
     assert (np.abs(y - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all(), float(np.abs(y - ref).max())
+
+
+@pytest.mark.parametrize("size,fused", [(16, True), (6, False)])
+def test_int8_epilogue_joins_the_write_back_where_the_output_is_the_flat_domain(size, fused):
+    """A pointwise conv whose map is whole vectors (16x16) dequantises in the accumulators' write-back (no
+    "epilogue" block, no int32 sums written out); a 6x6 map (36 of 48 flat positions kept) keeps its own."""
+    rng = np.random.default_rng(size)
+    weight = sparse_weight((8, 12, 1, 1), 0.8, rng)
+    geo = ConvGeometry(1, 12, size, size, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+    x = np.abs(rng.standard_normal((1, 12, size, size))).astype(np.float32)
+    act = ActQuant.from_range(0.0, float(x.max()), 255)
+    lib, *_ = build_int8_conv(x, weight, None, None, True, geo, act)
+    assert geo.flat_output == fused
+    assert ('T.sblock("epilogue")' in lib.scheduled) == (not fused)
 
 
 def test_quantisation_rounds_half_to_even_and_clamps():
