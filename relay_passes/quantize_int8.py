@@ -22,7 +22,7 @@ from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.int8_formats import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
-from ._conv_match import ConvChainRewriter, conv_geometry, unsupported_reason
+from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
 from ._util import const_array, fused_label, is_op, mark
 from .layers import LayerDecision, LayerNames
 
@@ -51,6 +51,7 @@ def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr |
 @relax.expr_functor.mutator
 class _Int8Rewriter(ConvChainRewriter):
     allow_act = False  # the int8 epilogue requantises after a plain ReLU; a ReLU6 or SiLU stays its own op
+    kind = "llvm"  # the target kind (Int8LayerPass sets it)
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
@@ -96,14 +97,18 @@ class _Int8Rewriter(ConvChainRewriter):
             return None
         name, act = taken
         out_act = self.out_act.get(ep.last)
+        # llvm: a strided 1x1 (resnet's downsamples) as the stride-1 conv on every s-th input position, which
+        # the pad stage reads in place: one phase plane quantised instead of s*s
+        run = (strided_pointwise(geo) if self.kind == "llvm" else None) or geo
         wq, wscale = quantize_weight(weight)
-        rows = conv_quad_rows(wq, geo)
+        rows = conv_quad_rows(wq, run)
         comp, out_scale = epilogue_consts(wq, wscale, act)
         extra, flags = self.epilogue_args(ep)
-        op = partial(int8_ops.sparse_conv2d_int8, geo=geo, act=act, quads=rows.pad_quads, out_act=out_act, **flags)
+        op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
+                     subsample=geo.stride if run is not geo else (1, 1), **flags)
         args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
-        pad_shape = [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq]
+        pad_shape = [rows.pad_quads, run.stride[0] * run.stride[1] * run.hq, run.wq]
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
@@ -128,12 +133,14 @@ class Int8LayerPass:
     rewriter: type
 
     def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
-        self.ranges, self.qmax = dict(ranges), act_qmax(target)
+        self.ranges, self.qmax, self.kind = dict(ranges), act_qmax(target), target.kind.name
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return self.rewriter(mod, self.ranges, self.names, self.report, self.qmax).run(mod)
+        rewriter = self.rewriter(mod, self.ranges, self.names, self.report, self.qmax)
+        rewriter.kind = self.kind
+        return rewriter.run(mod)
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Conv2d")

@@ -54,22 +54,26 @@ def _target(mcpu):
     return tvm.target.Target(llvm_target_dict(mcpu))
 
 
-def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None):
-    """Build int8_ops.sparse_conv2d_int8 with the x86 rule for `mcpu`: (lib, arrays, out shape, wq, wscale, target)."""
+def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsample=False):
+    """Build int8_ops.sparse_conv2d_int8 with the x86 rule for `mcpu`: (lib, arrays, out shape, wq, wscale, target).
+    subsample: a strided 1x1 geo built as the pass does on llvm (stride 1, every s-th input read in place)."""
     import tvm
     from tvm import te
 
     from unsparse_tvm.ops import sparse_int8 as int8_ops
+    from unsparse_tvm.relay_passes._conv_match import strided_pointwise
     from unsparse_tvm.schedules import rule_for
 
     target = _target(mcpu)
+    sub = geo.stride if subsample else (1, 1)
+    geo = strided_pointwise(geo) if subsample else geo
     wq, wscale = quantize_weight(weight)
     rows = conv_quad_rows(wq, geo)
     comp, out_scale = epilogue_consts(wq, wscale, act)
     arrays = [x, rows.data, rows.off, comp, out_scale] + [a for a in (bias, residual) if a is not None]
     holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
     out = int8_ops.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=bias is not None,
-                                         has_residual=residual is not None, relu=relu)
+                                         has_residual=residual is not None, relu=relu, subsample=sub)
     func = te.create_prim_func(holders + [out]).with_attr("unsparse.op", "sparse_conv2d_int8").with_attr(
         "unsparse.pad_shape", [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq])
     with target:
@@ -87,14 +91,19 @@ def run_built(lib, arrays, out_shape) -> np.ndarray:
     return args[-1].numpy()
 
 
+SUBSAMPLED = [(3, 16, 5, 5, 24, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 0.9),   # resnet's downsample, batch 3
+              (1, 12, 14, 9, 8, 1, 1, (2, 3), (0, 0, 0, 0), (1, 1), 0.8)]   # strides per axis, odd sizes
+
+
 @pytest.mark.parametrize("mcpu", MCPUS, ids=lambda m: m or "host")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}-p{c[10]}")
+@pytest.mark.parametrize("case", CASES + [c + ("subsampled",) for c in SUBSAMPLED],
+                         ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}-p{c[10]}" + "-sub" * (len(c) > 11))
 def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     """Exact in the integers: see QUANTUM_SHARE. Every path's assembly is checked on every machine, its
     numerics where this CPU runs it."""
     from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
 
-    n, c, h, w, k, r, s, stride, pad, dil, sp = case
+    n, c, h, w, k, r, s, stride, pad, dil, sp = case[:11]
     rng = np.random.default_rng(zlib.crc32(repr((case, mcpu)).encode()))  # hash(None) varies per run in 3.11
     weight = sparse_weight((k, c, r, s), sp, rng, empty_rows=k // 8, dense_rows=1 if sp < 0.99 else 0)
     geo = ConvGeometry(n, c, h, w, k, r, s, stride, pad, dil)
@@ -105,7 +114,8 @@ def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     bias = rng.standard_normal(k).astype(np.float32) if k % 2 == 0 else None
     residual = rng.standard_normal((n, k, geo.oh, geo.ow)).astype(np.float32) if rng.integers(2) else None
     relu = bool(rng.integers(2))
-    lib, arrays, out_shape, wq, wscale, target = build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu)
+    lib, arrays, out_shape, wq, wscale, target = build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu,
+                                                                 subsample=len(case) > 11)
     asm = lib.mod.inspect_source("asm")
     features, vnni = target_cpu_features(target), int8_kind(target) == "vnni"
     assert vnni == ({"avx512vnni", "avx512vl"} <= features) and (mcpu is None or vnni == (mcpu == "cascadelake"))

@@ -132,7 +132,12 @@ def openvino_call(path: str, x_np: np.ndarray, threads: int):
 def torch_compile_call(ep, x):
     import torch
 
-    fn = torch.compile(ep.module())  # per thread count: Inductor bakes the thread count into its C++ kernels
+    return _numpy_call(torch.compile(ep.module()), x)  # per thread count: Inductor bakes it into its kernels
+
+
+def _numpy_call(fn, x):
+    """fn(x) without autograd, its (first) output as numpy."""
+    import torch
 
     def call():
         with torch.no_grad():
@@ -148,14 +153,7 @@ def unsparse_torch_compile_call(ep, x):
     import torch
 
     torch._dynamo.reset()
-    fn = torch.compile(ep.module(), backend="unsparse")
-
-    def call():
-        with torch.no_grad():
-            y = fn(x)
-        return (y[0] if isinstance(y, (tuple, list)) else y).numpy()
-
-    return call
+    return _numpy_call(torch.compile(ep.module(), backend="unsparse"), x)
 
 
 def unsparse_api_call(ep, x):

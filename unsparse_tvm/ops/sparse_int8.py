@@ -26,8 +26,12 @@ def quantize(value, act: ActQuant):
     return tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO).astype("uint8")
 
 
-def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int) -> te.Tensor:
+def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
+                 subsample: tuple[int, int] = (1, 1)) -> te.Tensor:
+    """subsample (sy, sx): geo is a strided 1x1 conv rewritten at stride 1 (relay_passes' strided_pointwise),
+    whose input here is every sy-th row and sx-th column of x, read in place (no slice copied first)."""
     (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
+    sy, sx = subsample
     phase_plane = geo.hq * geo.wq
 
     def value(n, i, v):
@@ -39,7 +43,7 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int) -> 
             h, w = hh * sh + phase // sw - pt, ww * sw + phase % sw - pl
         inside = tirx.all(c < geo.c, h >= 0, h < geo.h, w >= 0, w < geo.w)
         # a uint8 input is the previous layer's requantised output, already in this layer's `act`
-        q = x[n, c, h, w] if x.dtype == "uint8" else quantize(x[n, c, h, w], act)
+        q = x[n, c, h * sy, w * sx] if x.dtype == "uint8" else quantize(x[n, c, h * sy, w * sx], act)
         return tirx.if_then_else(inside, q, tirx.const(act.zero_point, "uint8"))
 
     return te.compute((geo.n, quads * geo.channel_plane, QUAD), value, name="pad_q")
@@ -47,14 +51,16 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int) -> 
 
 def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
                        *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
-                       has_residual: bool, relu: bool, out_act: ActQuant | None = None) -> te.Tensor:
+                       has_residual: bool, relu: bool, out_act: ActQuant | None = None,
+                       subsample: tuple[int, int] = (1, 1)) -> te.Tensor:
     """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]. x is fp32,
     or uint8 already quantised in `act`; out_act: the epilogue requantises its fp32 result to uint8 in the
-    next layer's quantisation (that layer's pad-stage arithmetic, so the network's result is the same)."""
+    next layer's quantisation (that layer's pad-stage arithmetic, so the network's result is the same);
+    subsample: see pad_quantize."""
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
-    xq = pad_quantize(x, geo, act, quads)
+    xq = pad_quantize(x, geo, act, quads, subsample)
     rows, width = int(data.shape[0]), int(data.shape[1])
     j = te.reduce_axis((0, width), name="j")
     v = te.reduce_axis((0, QUAD), name="v")
