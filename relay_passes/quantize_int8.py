@@ -28,6 +28,7 @@ from .layers import LayerDecision, LayerNames
 
 OP = names.SPARSE_CONV2D_INT8
 CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
+CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
 
@@ -67,9 +68,11 @@ class _Int8Rewriter(ConvChainRewriter):
         """The conv chains (ConvChainRewriter.plan), and which of them feed another int8 conv directly or
         through one max pool (their only use): those write uint8 in the consumer's quantisation
         (`self.out_act`), which then skips quantising. Max pool commutes with the monotone rounding, so
-        the network computes exactly what it computes without chaining, on a quarter of the bytes."""
+        the network computes exactly what it computes without chaining, on a quarter of the bytes. On llvm,
+        block outputs that int8 convs read and int8 chains add as residuals go uint8 too (_uint8_residuals,
+        `self.res_act`: a quantised residual, so not bit-exact)."""
         super().plan(func)
-        self.out_act = {}
+        self.out_act, self.res_act, self.dead = {}, {}, set()
         if not CHAIN_UINT8:
             return
         var2val, counts = self.var2val, self.counts
@@ -90,6 +93,14 @@ class _Int8Rewriter(ConvChainRewriter):
                 pweight = const_array(pconv.args[1])
                 if self.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
                     self.out_act[src] = consumer[1]
+        self.res_act = _uint8_residuals(self, func) if CHAIN_RESIDUALS and self.kind == "llvm" else {}
+        self.out_act.update(self.res_act)
+        # a chain whose residual is now uint8: its absorbed fp32 add is dead, and re-emitted it would not type
+        self.dead = {v for _, ep in self.plans.values() if ep.residual in self.res_act for v in ep.absorbed}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var not in self.dead:
+            super().visit_var_binding_(binding)
 
     def rewrite(self, conv, weight, geo, ep):
         taken = self.act_of(conv, weight, geo)
@@ -97,6 +108,7 @@ class _Int8Rewriter(ConvChainRewriter):
             return None
         name, act = taken
         out_act = self.out_act.get(ep.last)
+        res_act = self.res_act.get(ep.residual) if isinstance(ep.residual, relax.Var) else None
         # llvm: a strided 1x1 (resnet's downsamples) as the stride-1 conv on every s-th input position, which
         # the pad stage reads in place: one phase plane quantised instead of s*s
         run = (strided_pointwise(geo) if self.kind == "llvm" else None) or geo
@@ -105,15 +117,59 @@ class _Int8Rewriter(ConvChainRewriter):
         comp, out_scale = epilogue_consts(wq, wscale, act)
         extra, flags = self.epilogue_args(ep)
         op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
-                     subsample=geo.stride if run is not geo else (1, 1), **flags)
+                     subsample=geo.stride if run is not geo else (1, 1), res_act=res_act, **flags)
         args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, run.stride[0] * run.stride[1] * run.hq, run.wq]
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
+        fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
                                          (comp, out_scale)))
         return call
+
+
+def _uint8_residuals(rw: _Int8Rewriter, func: relax.Function) -> dict:
+    """ResNet's block outputs: a conv chain's output that int8 convs read (the next block's first conv, a
+    downsample) and int8 chains add as their residual, and nothing else reads. Those write uint8 in the
+    readers' quantisation (one calibrated range: the convs read the same tensor), and the chains adding them
+    dequantise it in their epilogue: a quarter of the bytes written, quantised and added, and the next conv's
+    pad stage relays bytes instead of quantising floats. Unlike conv -> conv chaining this changes the result:
+    the residual path is quantised as ONNX Runtime's QDQ models quantise an Add's inputs. {var: ActQuant}."""
+    uses: dict = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            for v in _vars_in(b.value):
+                uses[v] = uses.get(v, 0) + 1
+    convs_by_input: dict = {}   # input var -> acts of the int8 chains reading it
+    residual_users: dict = {}   # var -> int8 chains adding it as their residual
+    for conv, ep in rw.plans.values():
+        weight = const_array(conv.args[1])
+        taken = rw.act_of(conv, weight, conv_geometry(conv, weight))
+        if taken is None:
+            continue
+        if isinstance(conv.args[0], relax.Var):
+            convs_by_input.setdefault(conv.args[0], []).append(taken[1])
+        if isinstance(ep.residual, relax.Var):
+            residual_users[ep.residual] = residual_users.get(ep.residual, 0) + 1
+    out = {}
+    for src, acts in convs_by_input.items():
+        producer = rw.plans.get(src)
+        if producer is None or src not in residual_users or src in rw.out_act:
+            continue
+        pconv = producer[0]
+        pweight = const_array(pconv.args[1])
+        same = all(a == acts[0] for a in acts)
+        if same and uses.get(src, 0) == len(acts) + residual_users[src] \
+                and rw.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
+            out[src] = acts[0]
+    return out
+
+
+def _vars_in(expr) -> list:
+    found = []
+    relax.analysis.post_order_visit(expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
+    return found
 
 
 def int8_decision(name: str, kind: str, weight: np.ndarray, rows, input_shape: list, fused: str,

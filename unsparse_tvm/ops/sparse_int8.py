@@ -52,11 +52,12 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
 def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
                        *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
                        has_residual: bool, relu: bool, out_act: ActQuant | None = None,
-                       subsample: tuple[int, int] = (1, 1)) -> te.Tensor:
+                       subsample: tuple[int, int] = (1, 1), res_act: ActQuant | None = None) -> te.Tensor:
     """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]. x is fp32,
     or uint8 already quantised in `act`; out_act: the epilogue requantises its fp32 result to uint8 in the
     next layer's quantisation (that layer's pad-stage arithmetic, so the network's result is the same);
-    subsample: see pad_quantize."""
+    subsample: see pad_quantize; res_act: the residual is uint8 in this quantisation (a block output that
+    its int8 producer requantised), dequantised here."""
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
@@ -76,12 +77,18 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
         if bias is not None:
             val = val + bias[k]
         if residual is not None:
-            val = val + residual[n, k, y, x_]
+            r = residual[n, k, y, x_]
+            val = val + (dequantize(r, res_act) if res_act is not None else r)
         if relu:
             val = tirx.max(val, F32_ZERO)
         return quantize(val, out_act) if out_act is not None else val
 
     return te.compute((geo.n, geo.k, geo.oh, geo.ow), value, name="epilogue")
+
+
+def dequantize(u, act: ActQuant):
+    """float32 of a uint8 value in `act`: (u - zp) * scale."""
+    return (u.astype("float32") - tirx.const(float(act.zero_point), "float32")) * tirx.const(act.scale, "float32")
 
 
 def sparse_dense_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
