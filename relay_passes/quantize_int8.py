@@ -19,6 +19,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
+from unsparse_tvm.ops.formats import compact_offsets
 from unsparse_tvm.ops.int8_formats import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
@@ -118,14 +119,15 @@ class _Int8Rewriter(ConvChainRewriter):
         extra, flags = self.epilogue_args(ep)
         op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
                      subsample=geo.stride if run is not geo else (1, 1), res_act=res_act, **flags)
-        args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
+        off = compact_offsets(rows.off) if self.kind == "llvm" else rows.off  # uint16 where a layer's fit
+        args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, run.stride[0] * run.stride[1] * run.hq, run.wq]
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
-                                         (comp, out_scale)))
+                                         (comp, out_scale), off))
         return call
 
 
@@ -173,12 +175,12 @@ def _vars_in(expr) -> list:
 
 
 def int8_decision(name: str, kind: str, weight: np.ndarray, rows, input_shape: list, fused: str,
-                  consts: tuple) -> LayerDecision:
-    """The report's row for a layer run int8 (its quads, and the bytes its consts take)."""
+                  consts: tuple, off: np.ndarray | None = None) -> LayerDecision:
+    """The report's row for a layer run int8 (its quads, their offsets as stored, the bytes its consts take)."""
     sparsity = float((weight == 0).sum()) / weight.size
     decision = LayerDecision(name, kind, list(weight.shape), round(sparsity, 4), "sparse", FORMAT, rows.nnz,
                              rows.padded_size, input_shape, fused)
-    record_int8(decision, rows, *consts)
+    record_int8(decision, rows, *consts, off=off)
     return decision
 
 

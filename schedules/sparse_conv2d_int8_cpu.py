@@ -93,7 +93,8 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     init = sch.decompose_reduction(block, j)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
-    sch.tensorize(qv, intrin(int8_kind(target), lanes))
+    offsets = [r.source.dtype for r in sch.get(block).reads if len(r.source.shape) == 2]  # off[K, L]
+    sch.tensorize(qv, intrin(int8_kind(target), lanes, str(offsets[0])))
     sch.unroll(qu)
     sch.unroll(kii)
     # flat: dequantise, bias, residual, ReLU (and requantise) in the accumulators' write-back, as the fp32

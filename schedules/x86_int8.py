@@ -21,11 +21,11 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 
-def _desc(lanes: int):
+def _desc(lanes: int, offset: str):
     @T.prim_func(s_tir=True)
     def desc(x: T.handle, o: T.handle, w: T.handle, c: T.handle) -> None:
         X = T.match_buffer(x, (lanes, 4), "uint8", offset_factor=1)
-        O = T.match_buffer(o, (1,), "int32", offset_factor=1)  # noqa: E741 (the block's offset, see intrin)
+        O = T.match_buffer(o, (1,), offset, offset_factor=1)  # noqa: E741 (the block's offset, see intrin)
         W = T.match_buffer(w, (4,), "int8", offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
@@ -42,11 +42,11 @@ def _desc(lanes: int):
     return desc
 
 
-def _impl(lanes: int, dot):
+def _impl(lanes: int, dot, offset: str):
     """The implementation: C += dot(C, the lanes' input quads, the broadcast weight quad), one vector op
     sequence (`dot` builds it from TIR expressions)."""
     @T.prim_func(s_tir=True)
-    def impl(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), "int32", offset_factor=1),
+    def impl(X: T.Buffer((lanes, 4), "uint8", offset_factor=1), O: T.Buffer((1,), offset, offset_factor=1),
              W: T.Buffer((4,), "int8", offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
@@ -60,13 +60,13 @@ def _impl(lanes: int, dot):
     return impl
 
 
-def _vnni(lanes: int):
+def _vnni(lanes: int, offset: str):
     # this LLVM declares vpdpbusd's byte operands as <4L x i8> (older ones: <L x i32>)
     vpdpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{lanes * 32}")
-    return _impl(lanes, lambda c, x, w: T.call_llvm_pure_intrin(vpdpbusd, c, x, w, dtype=f"int32x{lanes}"))
+    return _impl(lanes, lambda c, x, w: T.call_llvm_pure_intrin(vpdpbusd, c, x, w, dtype=f"int32x{lanes}"), offset)
 
 
-def _pmadd(lanes: int):
+def _pmadd(lanes: int, offset: str):
     if lanes == 16:
         madd_ub, madd_wd = "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"
     else:
@@ -77,16 +77,18 @@ def _pmadd(lanes: int):
         pairs = T.call_llvm_pure_intrin(ub, x, w, dtype=f"int16x{lanes * 2}")  # saturating u8 x s8 pairs
         return c + T.call_llvm_pure_intrin(wd, pairs, T.broadcast(T.int16(1), lanes * 2), dtype=f"int32x{lanes}")
 
-    return _impl(lanes, dot)
+    return _impl(lanes, dot, offset)
 
 
 @functools.cache
-def intrin(kind: str, lanes: int) -> str:
-    """The registered name of the (kind, lanes) intrinsic, registering it on first use: TVMScript's
-    parser walks the whole Python stack (inspect.stack) for every @T.prim_func, ~0.4 s each once torch is
-    loaded, so registering all eight on import cost every command that imports the schedules ~3.5 s."""
-    name = f"unsparse_u8s8_{kind}_{lanes}x4"
-    TensorIntrin.register(name, _desc(lanes), {"vnni": _vnni, "pmadd": _pmadd}[kind](lanes), override=True)
+def intrin(kind: str, lanes: int, offset: str = "int32") -> str:
+    """The registered name of the (kind, lanes) intrinsic for offsets stored as `offset` (int32, or uint16
+    where a layer's fit: formats.compact_offsets), registering it on first use: TVMScript's parser walks the
+    whole Python stack (inspect.stack) for every @T.prim_func, ~0.4 s each once torch is loaded, so
+    registering them all on import cost every command that imports the schedules seconds."""
+    name = f"unsparse_u8s8_{kind}_{lanes}x4_{offset}"
+    TensorIntrin.register(name, _desc(lanes, offset), {"vnni": _vnni, "pmadd": _pmadd}[kind](lanes, offset),
+                          override=True)
     return name
 
 

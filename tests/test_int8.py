@@ -54,9 +54,12 @@ def _target(mcpu):
     return tvm.target.Target(llvm_target_dict(mcpu))
 
 
-def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsample=False):
+def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsample=False, compact=True):
     """Build int8_ops.sparse_conv2d_int8 with the x86 rule for `mcpu`: (lib, arrays, out shape, wq, wscale, target).
-    subsample: a strided 1x1 geo built as the pass does on llvm (stride 1, every s-th input read in place)."""
+    subsample: a strided 1x1 geo built as the pass does on llvm (stride 1, every s-th input read in place);
+    compact: offsets stored as uint16 where they fit, as the pass does on llvm (else int32)."""
+    from unsparse_tvm.ops.formats import compact_offsets
+
     import tvm
     from tvm import te
 
@@ -70,7 +73,8 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     wq, wscale = quantize_weight(weight)
     rows = conv_quad_rows(wq, geo)
     comp, out_scale = epilogue_consts(wq, wscale, act)
-    arrays = [x, rows.data, rows.off, comp, out_scale] + [a for a in (bias, residual) if a is not None]
+    off = compact_offsets(rows.off) if compact else rows.off
+    arrays = [x, rows.data, off, comp, out_scale] + [a for a in (bias, residual) if a is not None]
     holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
     out = int8_ops.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=bias is not None,
                                          has_residual=residual is not None, relu=relu, subsample=sub)
@@ -127,6 +131,25 @@ def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     assert y.shape == ref.shape
     _, out_scale = epilogue_consts(wq, wscale, act)
     assert (np.abs(y - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all(), float(np.abs(y - ref).max())
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_int8_offsets_are_uint16_where_they_fit_and_int32_elsewhere(compact):
+    """The same conv with its offsets as uint16 (what the pass stores where a layer's fit) and as int32: each
+    tensorizes to its own intrinsic, and both are the integer arithmetic."""
+    rng = np.random.default_rng(5)
+    weight = sparse_weight((16, 12, 3, 3), 0.8, rng)
+    geo = ConvGeometry(2, 12, 9, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    x = np.abs(rng.standard_normal((2, 12, 9, 7))).astype(np.float32)
+    act = ActQuant.from_range(0.0, float(x.max()), 255)
+    lib, arrays, out_shape, wq, wscale, target = build_int8_conv(x, weight, None, None, True, geo, act, compact=compact)
+    assert str(arrays[2].dtype) == ("uint16" if compact else "int32")
+    assert ('"uint16"' in lib.scheduled) == compact  # tensorized by the intrinsic of that offset type
+    skip_unless_runs_here(target)
+    y = run_built(lib, arrays, out_shape)
+    ref = torch_reference(x, wq, wscale, act, None, None, True, (1, 1), (1, 1, 1, 1), (1, 1)).numpy()
+    _, out_scale = epilogue_consts(wq, wscale, act)
+    assert (np.abs(y - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all()
 
 
 @pytest.mark.parametrize("size,fused", [(16, True), (6, False)])

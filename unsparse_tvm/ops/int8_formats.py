@@ -78,11 +78,13 @@ class QuadRows:
         return int(self.data.shape[0] * self.data.shape[1] * QUAD)
 
 
-def record_int8(decision, rows: QuadRows, *consts: np.ndarray) -> None:
+def record_int8(decision, rows: QuadRows, *consts: np.ndarray, off: np.ndarray | None = None) -> None:
     """An int8 layer's stored precision and bytes for its LayerDecision (inspect and bench show them): the
-    weight quads, their int32 offsets, and the per-channel compensation and output scales."""
-    decision.precision = "int8/32-bit off"
-    decision.weight_bytes = int(sum(a.nbytes for a in (rows.data, rows.off, *consts)))
+    weight quads, their offsets (`off` as stored: uint16 where they fit, else rows.off's int32), and the
+    per-channel compensation and output scales."""
+    off = rows.off if off is None else off
+    decision.precision = f"int8/{off.dtype.itemsize * 8}-bit off"
+    decision.weight_bytes = int(sum(a.nbytes for a in (rows.data, off, *consts)))
 
 
 def quad_channels(c: int) -> int:
