@@ -46,8 +46,10 @@ class _Sparsifier(ConvChainRewriter):
             return None
         # the conv as the kernel runs it (on llvm, where the fallback schedules the slice)
         run = (strided_pointwise(geo) if self.target_kind == "llvm" else None) or geo
-        # the fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap)
-        ours = run.with_overlap(self.cost.lanes) if self.target_kind == "llvm" else run
+        # the fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap; the
+        # output map itself where its rows are whole vectors, see with_row_domain)
+        lanes = self.cost.lanes
+        ours = run.with_overlap(lanes).with_row_domain(lanes) if self.target_kind == "llvm" else run
         rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours),
                              lambda rows: self.cost.conv(ours, rows))
         if rows is None:
@@ -72,7 +74,9 @@ class _Sparsifier(ConvChainRewriter):
         op = partial(sparse_ops.sparse_conv2d, geo=ours, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
-        attrs = {"unsparse.overlap": ours.overlap} if ours.overlap else {}  # the schedules' vectors divide it
+        # the schedules' vectors divide these (schedules/_common.domain_lanes)
+        attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else
+                 {"unsparse.row_domain": ours.ow} if ours.row_domain else {})
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape, **attrs})
         record_sparse(decision, rows, ep)
         record_bytes(decision, rows, None, weight)

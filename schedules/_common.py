@@ -204,7 +204,7 @@ def _overlap_epilogue(sch: s_tir.Schedule, lanes: int) -> None:
     sch.vectorize(tail)
 
 
-def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int) -> bool:
+def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int, row_domain: bool = False) -> bool:
     """Where the output is exactly the flat domain (a pointwise conv: no padding, stride 1, q_extent ==
     OH*OW; formats.ConvGeometry.flat_output), re-index the epilogue over q = y*OW + x, so that
     schedule_epilogue_cpu(flat=True) can inline it into the accumulators' write-back: the output is then written once,
@@ -214,18 +214,20 @@ def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int) -> bool:
     ep = sch.get_sblock("epilogue")
     _, _, oh, ow = extents(sch, sch.get_loops(ep))
     q = int(sch.get(sch.get_sblock(conv)).writes[0].source.shape[-1])  # [N, K, Q] or grouped [N, G, V, Q]
-    if cols != ow or q != oh * ow:
+    if (cols != ow and not row_domain) or q != oh * ow:  # a row domain's rows are OW long whatever Wq
         return False
     sch.transform_block_layout(ep, lambda n, k, y, x: (n, k, y * ow + x))
     return True
 
 
-def overlap_lanes(func: tirx.PrimFunc, vec: int) -> int:
-    """The vector width a conv's flat domain allows: vec, or where the pass overlapped its last vectors
+def domain_lanes(func: tirx.PrimFunc, vec: int) -> int:
+    """The vector width a conv's flat domain allows: vec; where the pass overlapped its last vectors
     (attribute unsparse.overlap = L, ConvGeometry.with_overlap) a divisor of L, which keeps every vector
-    inside one shifted group of L lanes (one contiguous load)."""
+    inside one shifted group of L lanes; in a row domain (unsparse.row_domain = OW, with_row_domain) a
+    divisor of the output row: either way every vector is one contiguous load."""
     overlap = int(func.attrs["unsparse.overlap"]) if "unsparse.overlap" in func.attrs else 0
-    return math.gcd(vec, overlap) if overlap else vec
+    row = int(func.attrs["unsparse.row_domain"]) if "unsparse.row_domain" in func.attrs else 0
+    return math.gcd(vec, overlap) if overlap else pow2_divisor(row, vec) if row else vec
 
 
 def cpu_vector_lanes(target) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import (ScheduleRule, cpu_vector_lanes, extents, has_block, largest_divisor, overlap_lanes, place_decode,
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, has_block, largest_divisor, domain_lanes, place_decode,
                       pow2_divisor, sample_choice,
                       schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile, flat_epilogue)
 
@@ -60,7 +60,7 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     cx = int(func.attrs["unsparse.pad_shape"][0])
     width = extents(sch, sch.get_loops(sch.get_sblock("conv")))[3]  # entries per row (hyb: its ell part)
     outer = cfg.spatial_outer > 0 or (cfg.spatial_outer == 0 and spatial_outer_pays(_input_bytes(func), width, cx))
-    _schedule(sch, func, cfg.tile_k, overlap_lanes(func, cfg.vec or lanes), cfg.unroll, clamp=True, k_inner=cfg.k_inner,
+    _schedule(sch, func, cfg.tile_k, domain_lanes(func, cfg.vec or lanes), cfg.unroll, clamp=True, k_inner=cfg.k_inner,
               accumulators=registers // 2, spatial_outer=outer)
 
 
@@ -81,7 +81,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     rows, inner = ext[1], ext[2]
     orders = (False, True) if _input_bytes(func) > L2_INPUT_BYTES else (False,)
     spaces = []
-    for vec in [v for v in (16, 8) if inner % v == 0 and overlap_lanes(func, v) == v]:  # q_extent: 8k
+    for vec in [v for v in (16, 8) if inner % v == 0 and domain_lanes(func, v) == v]:  # q_extent: 8k
         for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:
             tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
             tiles = [t for t in tiles if t >= 4] or tiles
@@ -142,7 +142,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
     schedule_pad_cpu(sch, cx, rows, cols)
     overlap = int(func.attrs["unsparse.overlap"]) if "unsparse.overlap" in func.attrs else 0
-    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols)
+    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, "unsparse.row_domain" in func.attrs)
     _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)

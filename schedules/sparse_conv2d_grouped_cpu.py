@@ -15,7 +15,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, overlap_lanes, place_decode, pow2_divisor,
+from ._common import (ScheduleRule, cpu_vector_lanes, extents, largest_divisor, domain_lanes, place_decode, pow2_divisor,
                       sample_choice, schedule_epilogue_cpu, flat_epilogue, schedule_pad_cpu, finish_register_tile)
 
 OP = names.SPARSE_CONV2D_GROUPED
@@ -33,7 +33,7 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     lanes, registers = cpu_vector_lanes(target)
     _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
-    vec = pow2_divisor(q, overlap_lanes(func, cfg.vec or lanes))  # the flat domain is a multiple of 8
+    vec = pow2_divisor(q, domain_lanes(func, cfg.vec or lanes))  # the flat domain is a multiple of 8
     unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers * 3 // 4 // v))
     tile_g = largest_divisor(groups, cfg.tile_g or max(1, 16 // v))
     _schedule(sch, func, tile_g, vec, unroll)
@@ -45,7 +45,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     func = sch.mod["main"]
     _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     spaces = []
-    for vec in [w for w in (16, 8) if q % w == 0 and overlap_lanes(func, w) == w]:
+    for vec in [w for w in (16, 8) if q % w == 0 and domain_lanes(func, w) == w]:
         unrolls = [u for u in range(1, 9) if (q // vec) % u == 0]
         unrolls = [u for u in unrolls if 4 <= v * u <= 24] or [u for u in unrolls if v * u <= 24] or [1]
         tiles = [t for t in range(1, min(groups, 32) + 1) if groups % t == 0]
@@ -59,7 +59,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> 
     cx, rows, cols = (int(d) for d in func.attrs["unsparse.pad_shape"])
     schedule_pad_cpu(sch, cx, rows, cols)
     overlap = int(func.attrs["unsparse.overlap"]) if "unsparse.overlap" in func.attrs else 0
-    flat = not overlap and flat_epilogue(sch, "conv", cols)
+    flat = not overlap and flat_epilogue(sch, "conv", cols, "unsparse.row_domain" in func.attrs)
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
     n, g, v, q, j = sch.get_loops(block)

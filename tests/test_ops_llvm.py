@@ -25,6 +25,8 @@ CONV_CASES = [
     (2, 8, 28, 28, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),    # 28x28 1x1: 49 whole vectors, tiles of 7, flat
     (2, 24, 14, 14, 32, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),   # 14x14 1x1: last vectors overlapped, input in place
     (1, 40, 7, 7, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),     # 7x7 1x1: 49 = 3 vectors + one shifted by 15
+    (2, 6, 16, 16, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),     # padded 3x3, rows of whole vectors: row domain
+    (1, 3, 32, 32, 16, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 0.8),    # stem-like: phase planes 19 wide, rows of 16
 ]
 
 
@@ -250,22 +252,26 @@ def test_spatial_chunks_go_outermost_where_a_large_input_is_used_little(c, size,
 def test_epilogue_fuses_exactly_where_the_cost_model_says(r, stride, pad, size, llvm):
     """The schedule fuses the epilogue into the write-back (no "epilogue" block left) exactly where
     ConvGeometry.flat_output, which the cost model and the format choice use, says it does: strided
-    pointwise convs included (a 14x14 map strided to 7x7 has q_extent 56 > 49: not fused)."""
+    pointwise convs included (a 14x14 map strided to 7x7 has q_extent 56 > 49: not fused), and a padded 3x3
+    whose output rows are whole vectors (16x16: its row domain, with_row_domain)."""
     from unsparse_tvm.single_layer import layer_module
     from unsparse_tvm.ops.formats import ConvGeometry
     from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.schedules import cpu_vector_lanes
 
     rng = np.random.default_rng(0)
     weight = sparse_weight((32, 16, r, r), 0.9, rng, dense_rows=2)
     spec = LayerSpec("conv2d", (1, 16, size, size), weight, None, True,
                      {"strides": [stride] * 2, "padding": [pad] * 4, "dilation": [1, 1], "groups": 1})
+    lanes = cpu_vector_lanes(llvm)[0]
     geo = ConvGeometry(1, 16, size, size, 32, r, r, (stride, stride), (pad,) * 4, (1, 1))
+    geo = geo.with_overlap(lanes).with_row_domain(lanes)  # the domain the pass gives the fp32 kernel
     mod = build_pipeline(llvm, threshold=0.5, fmt="ell", stop_after="schedule")(layer_module(spec))
     # (an overlapped 7x7's epilogue: blocks "epilogue_ax2*", its flat loop partitioned, schedules/_common.py)
     assert ('T.sblock("epilogue' in mod["sparse_conv2d"].script()) == (not geo.flat_output)
     # 28x28 = 49 vectors of 16: tiles of 7 vectors where the map has no thrown-away columns (1x1), rounded up
     # to 54 vectors where a 3x3's padding columns are computed anyway
-    assert geo.flat_output == ((r, stride, size) in ((1, 1, 16), (1, 2, 16), (2, 2, 16), (1, 1, 28)))
+    assert geo.flat_output == ((r, stride, size) in ((1, 1, 16), (1, 2, 16), (2, 2, 16), (1, 1, 28), (3, 1, 16)))
     x = rng.standard_normal((1, 16, size, size)).astype(np.float32)
     y, report = run_layer(spec, llvm, threshold=0.5, fmt="ell", x=x)
     assert report[0].format == "ell"

@@ -194,6 +194,7 @@ class ConvGeometry:
     padding: tuple[int, int, int, int]  # top, left, bottom, right
     dilation: tuple[int, int]
     overlap: int = 0  # lanes L: the flat domain's last vectors read the map's last L positions (with_overlap)
+    row_domain: bool = False  # the flat domain is the output map itself, q = y*OW + x (with_row_domain)
 
     @property
     def hp(self) -> int:
@@ -245,6 +246,17 @@ class ConvGeometry:
             return self
         return dataclasses.replace(self, overlap=lanes)
 
+    def with_row_domain(self, lanes: int) -> "ConvGeometry":
+        """A conv whose rows carry thrown-away columns (Wq > OW: padding, or the stem's phase planes) but whose
+        output rows are whole vectors of `lanes` (the stem's 112, vgg's 32 and 224): the same conv with its
+        flat domain the output map itself, row y read at pitch Wq (each vector stays inside one row: one
+        contiguous load). Nothing is computed to be thrown away, and the output is the flat domain
+        (flat_output), so the epilogue joins the accumulators' write-back instead of a pass over sums
+        written out and read back. Unchanged otherwise."""
+        if self.overlap or self.wq == self.ow or self.ow % lanes:
+            return self
+        return dataclasses.replace(self, row_domain=True)
+
     @property
     def read_split(self) -> tuple[int, int]:
         """(S, D) of an overlapped domain: output position p < S is flat index p, a later one p + D."""
@@ -263,6 +275,8 @@ class ConvGeometry:
         with no thrown-away columns of 7k whole vectors (a 1x1 on 28x28: 784, 49 vectors): rounded up it
         lost its fused epilogue and its input view, and with tiles of 7 vectors it ran 15-35% faster
         (one thread, 90%: 128x512 389 -> 252 us, 512x128 367 -> 272, 512x256 635 -> 540)."""
+        if self.row_domain:
+            return self.oh * self.ow
         if self.overlap:  # whole vectors over the map, rounded as below for tiles of several vectors
             v = -(-self.oh * self.ow // self.overlap)
             while v > 8 and not any(v % u == 0 for u in range(2, 7)):
@@ -281,7 +295,7 @@ class ConvGeometry:
         OH*OW: pointwise convs, strided ones included, whose maps fill whole vectors): the x86 schedules
         then fuse the epilogue into the accumulators' write-back (schedules/_common.flat_epilogue tests
         the same on the PrimFunc)."""
-        return self.wq == self.ow and self.q_extent == self.oh * self.ow
+        return self.row_domain or (self.wq == self.ow and self.q_extent == self.oh * self.ow)
 
     @property
     def input_is_flat(self) -> bool:
@@ -292,7 +306,10 @@ class ConvGeometry:
     @property
     def pad_channels(self) -> int:
         """Channels of the flat padded input: C, plus zero channels so extended reads stay in bounds."""
-        reach = self.oh * self.ow if self.overlap else self.q_extent  # an overlapped domain reads no further
+        # how far past a column offset the domain reads: an overlapped one no further than the map, a row
+        # domain to its last row's last output column
+        reach = self.oh * self.ow if self.overlap else (self.oh - 1) * self.wq + self.ow if self.row_domain \
+            else self.q_extent
         last = int(self.column_offsets().max()) + reach - 1
         return max(self.c, last // self.channel_plane + 1)
 

@@ -48,6 +48,8 @@ def _position(geo: ConvGeometry, q):
     """The input position flat index q reads: q itself, or in an overlapped domain (ConvGeometry.with_overlap)
     a vector past the map's last whole one shifted back to end at its last position (each vector stays one
     contiguous load: the shift is per vector)."""
+    if geo.row_domain:  # output row y at input pitch Wq (ConvGeometry.with_row_domain)
+        return tirx.floordiv(q, geo.ow) * geo.wq + tirx.floormod(q, geo.ow)
     if not geo.overlap:
         return q
     lane = tirx.floormod(q, geo.overlap)
@@ -59,7 +61,7 @@ def _read_flat(geo: ConvGeometry, idx, read):
     epilogue is flat, (n, k, p) -> the first flat index that computed p (ConvGeometry.read_split; both reads
     stay in bounds, so the select vectorises)."""
     if not geo.overlap:
-        return read(idx[2] * geo.wq + idx[3])
+        return read(idx[2] * (geo.ow if geo.row_domain else geo.wq) + idx[3])
     split, shift = geo.read_split
     p = idx[2]
     return tirx.Select(p < split, read(p), read(p + shift))
