@@ -128,7 +128,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    type=types.peer_list,
                    help="also time the runtimes a user would pick instead (default with the flag: onnxruntime,"
                         "openvino,torch_compile, and ours through torch.compile(backend=\"unsparse\"): "
-                        "unsparse_torch_compile; needs pip install -e \".[peers]\")")
+                        "unsparse_torch_compile, timed beside unsparse_api, the same model through "
+                        "unsparse_tvm.compile; needs pip install -e \".[peers]\")")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
