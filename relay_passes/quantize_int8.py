@@ -94,7 +94,7 @@ class _Int8Rewriter(ConvChainRewriter):
                 pweight = const_array(pconv.args[1])
                 if self.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
                     self.out_act[src] = consumer[1]
-        self.res_act = _uint8_residuals(self, func) if CHAIN_RESIDUALS and self.kind == "llvm" else {}
+        self.res_act = _uint8_residuals(self) if CHAIN_RESIDUALS and self.kind == "llvm" else {}
         self.out_act.update(self.res_act)
         # a chain whose residual is now uint8: its absorbed fp32 add is dead, and re-emitted it would not type
         self.dead = {v for _, ep in self.plans.values() if ep.residual in self.res_act for v in ep.absorbed}
@@ -131,18 +131,13 @@ class _Int8Rewriter(ConvChainRewriter):
         return call
 
 
-def _uint8_residuals(rw: _Int8Rewriter, func: relax.Function) -> dict:
+def _uint8_residuals(rw: _Int8Rewriter) -> dict:
     """ResNet's block outputs: a conv chain's output that int8 convs read (the next block's first conv, a
     downsample) and int8 chains add as their residual, and nothing else reads. Those write uint8 in the
     readers' quantisation (one calibrated range: the convs read the same tensor), and the chains adding them
     dequantise it in their epilogue: a quarter of the bytes written, quantised and added, and the next conv's
     pad stage relays bytes instead of quantising floats. Unlike conv -> conv chaining this changes the result:
     the residual path is quantised as ONNX Runtime's QDQ models quantise an Add's inputs. {var: ActQuant}."""
-    uses: dict = {}
-    for block in func.body.blocks:
-        for b in block.bindings:
-            for v in _vars_in(b.value):
-                uses[v] = uses.get(v, 0) + 1
     convs_by_input: dict = {}   # input var -> acts of the int8 chains reading it
     residual_users: dict = {}   # var -> int8 chains adding it as their residual
     for conv, ep in rw.plans.values():
@@ -162,16 +157,10 @@ def _uint8_residuals(rw: _Int8Rewriter, func: relax.Function) -> dict:
         pconv = producer[0]
         pweight = const_array(pconv.args[1])
         same = all(a == acts[0] for a in acts)
-        if same and uses.get(src, 0) == len(acts) + residual_users[src] \
+        if same and rw.counts.get(src, 0) == len(acts) + residual_users[src] \
                 and rw.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
             out[src] = acts[0]
     return out
-
-
-def _vars_in(expr) -> list:
-    found = []
-    relax.analysis.post_order_visit(expr, lambda e: found.append(e) if isinstance(e, relax.Var) else None)
-    return found
 
 
 def int8_decision(name: str, kind: str, weight: np.ndarray, rows, input_shape: list, fused: str,

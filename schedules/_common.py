@@ -220,13 +220,19 @@ def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int, row_domain: bool = 
     return True
 
 
+def domain_attr(func: tirx.PrimFunc, name: str) -> int:
+    """A conv's flat-domain attribute (relay_passes/sparsify_conv2d): unsparse.overlap (its lanes) or
+    unsparse.row_domain (its output row length); 0 where unset."""
+    key = f"unsparse.{name}"
+    return int(func.attrs[key]) if key in func.attrs else 0
+
+
 def domain_lanes(func: tirx.PrimFunc, vec: int) -> int:
     """The vector width a conv's flat domain allows: vec; where the pass overlapped its last vectors
     (attribute unsparse.overlap = L, ConvGeometry.with_overlap) a divisor of L, which keeps every vector
     inside one shifted group of L lanes; in a row domain (unsparse.row_domain = OW, with_row_domain) a
     divisor of the output row: either way every vector is one contiguous load."""
-    overlap = int(func.attrs["unsparse.overlap"]) if "unsparse.overlap" in func.attrs else 0
-    row = int(func.attrs["unsparse.row_domain"]) if "unsparse.row_domain" in func.attrs else 0
+    overlap, row = domain_attr(func, "overlap"), domain_attr(func, "row_domain")
     return math.gcd(vec, overlap) if overlap else pow2_divisor(row, vec) if row else vec
 
 

@@ -13,9 +13,9 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import (ScheduleRule, cpu_vector_lanes, extents, has_block, largest_divisor, domain_lanes, place_decode,
-                      pow2_divisor, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu, finish_register_tile, flat_epilogue)
+from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
+                      flat_epilogue, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
+                      schedule_epilogue_cpu, schedule_pad_cpu)
 
 OP = names.SPARSE_CONV2D
 
@@ -141,8 +141,8 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
     schedule_pad_cpu(sch, cx, rows, cols)
-    overlap = int(func.attrs["unsparse.overlap"]) if "unsparse.overlap" in func.attrs else 0
-    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, "unsparse.row_domain" in func.attrs)
+    overlap = domain_attr(func, "overlap")
+    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, domain_attr(func, "row_domain") > 0)
     _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)

@@ -39,15 +39,15 @@ def pad_flat(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     return te.compute((geo.n, geo.pad_channels * geo.channel_plane), value, name="pad_flat")
 
 
-def _index(offset: tirx.PrimExpr) -> tirx.PrimExpr:
+def widen_offset(offset: tirx.PrimExpr) -> tirx.PrimExpr:
     """A stored offset as int32 (formats.compact_offsets may have stored it as uint16)."""
     return offset if offset.dtype == "int32" else offset.astype("int32")
 
 
 def _position(geo: ConvGeometry, q):
-    """The input position flat index q reads: q itself, or in an overlapped domain (ConvGeometry.with_overlap)
-    a vector past the map's last whole one shifted back to end at its last position (each vector stays one
-    contiguous load: the shift is per vector)."""
+    """The input position flat index q reads: q itself; in a row domain (ConvGeometry.with_row_domain) output
+    row q // OW at input pitch Wq; in an overlapped domain (with_overlap) a vector past the map's last whole
+    one shifted back to end at its last position. Each vector stays one contiguous load."""
     if geo.row_domain:  # output row y at input pitch Wq (ConvGeometry.with_row_domain)
         return tirx.floordiv(q, geo.ow) * geo.wq + tirx.floormod(q, geo.ow)
     if not geo.overlap:
@@ -80,7 +80,7 @@ def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry,
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(data[k, j] * xf[n, _index(off[k, j]) + _position(geo, q)], axis=j),
+        lambda n, k, q: te.sum(data[k, j] * xf[n, widen_offset(off[k, j]) + _position(geo, q)], axis=j),
         name=name,
     )
 
@@ -92,7 +92,7 @@ def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeome
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, groups, v, geo.q_extent),
-        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, _index(off[g, j]) + _position(geo, q)], axis=j),
+        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, widen_offset(off[g, j]) + _position(geo, q)], axis=j),
         name="conv",
     )
 
@@ -188,13 +188,13 @@ def sparse_dense(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor
     if fmt.startswith("vell"):  # grouped rows: mm[n, g, v] over data [G, L, V], off [G, L]
         groups, width, v = data.shape
         j = te.reduce_axis((0, width), name="j")
-        mm = te.compute((batch, groups, v), lambda n, g, r: te.sum(data[g, j, r] * x[n, _index(off[g, j])], axis=j),
+        mm = te.compute((batch, groups, v), lambda n, g, r: te.sum(data[g, j, r] * x[n, widen_offset(off[g, j])], axis=j),
                         name="conv")
         return epilogue_stage(lambda n, k: mm[n, k // v, k % v], (batch, groups * v), bias, None, relu)
 
     def rows_mm(d, o, name):
         j = te.reduce_axis((0, d.shape[1]), name="j")
-        return te.compute((batch, d.shape[0]), lambda n, k: te.sum(d[k, j] * x[n, _index(o[k, j])], axis=j),
+        return te.compute((batch, d.shape[0]), lambda n, k: te.sum(d[k, j] * x[n, widen_offset(o[k, j])], axis=j),
                           name=name)
 
     mm = rows_mm(data, off, "conv")

@@ -15,6 +15,7 @@ from tvm import te, tirx
 
 from .formats import ConvGeometry
 from .int8_formats import QUAD, ActQuant
+from .sparse import widen_offset
 
 F32_ZERO = tirx.const(0.0, "float32")
 
@@ -67,7 +68,7 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
     v = te.reduce_axis((0, QUAD), name="v")
     conv = te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(xq[n, _widen(off[k, j]) + q, v].astype("int32") * data[k, j, v].astype("int32"),
+        lambda n, k, q: te.sum(xq[n, widen_offset(off[k, j]) + q, v].astype("int32") * data[k, j, v].astype("int32"),
                                axis=[j, v]),
         name="conv",
     )
@@ -84,11 +85,6 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
         return quantize(val, out_act) if out_act is not None else val
 
     return te.compute((geo.n, geo.k, geo.oh, geo.ow), value, name="epilogue")
-
-
-def _widen(offset):
-    """A stored offset as int32 (stored as uint16 where a layer's fit, formats.compact_offsets)."""
-    return offset if offset.dtype == "int32" else offset.astype("int32")
 
 
 def dequantize(u, act: ActQuant):
