@@ -116,7 +116,8 @@ class CompiledModel:
         from .runtime import host_array
 
         as_torch = _is_torch_tensor(x)
-        arr = x.detach().cpu().numpy() if as_torch else np.asarray(x)  # a CPU tensor: a view, no copy
+        cpu = as_torch and x.device.type == "cpu"
+        arr = (x.detach() if cpu else x.detach().cpu()).numpy() if as_torch else np.asarray(x)  # CPU: a view
         outs = [host_array(t) for t in self._caller()(arr)]
         if as_torch:
             import torch

@@ -26,7 +26,7 @@ from .reference import rel_error, usable_cores
 from .frontend import program_input_shape, read_quantization
 from .models import example_input
 from .outputs import check_output, write_text
-from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, peer_callables
+from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, peer_callables, plain_module
 from .peers_deepsparse import ready as deepsparse_ready
 from .target import make_target, require_runnable
 from .bench_layers import bench_layers, choice_summary
@@ -125,7 +125,7 @@ def _variants(run: _Run, database) -> tuple[dict, dict, dict]:
 def _torch_contender(run: _Run, contenders: dict):
     """PyTorch eager on the same program and input, added to the contenders; its output (the reference)."""
     device = "cuda" if run.gpu else "cpu"
-    net, xt = run.ep.module().to(device), run.x.to(device)
+    net, xt = plain_module(run.ep).to(device), run.x.to(device)
 
     def torch_call():
         with torch.no_grad():
