@@ -43,6 +43,8 @@ CASES = [
     (1, 32, 2, 2, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.95),    # tiny spatial
     (2, 5, 13, 10, 7, 3, 4, (3, 2), (1, 0, 2, 1), (1, 2), 0.8),     # stride 3x2 + dilation, odd K
     (2, 12, 16, 16, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.8),    # 1x1 on whole vectors: epilogue in the write-back
+    (2, 8, 7, 7, 12, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.8),      # 1x1 on 7x7: flat epilogue per row tile, tail 1
+    (1, 16, 14, 14, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),   # 1x1 on 14x14: 12 vectors of 16 and a tail of 4
 ]
 
 
@@ -155,7 +157,8 @@ def test_int8_offsets_are_uint16_where_they_fit_and_int32_elsewhere(compact):
 @pytest.mark.parametrize("size,fused", [(16, True), (6, False)])
 def test_int8_epilogue_joins_the_write_back_where_the_output_is_the_flat_domain(size, fused):
     """A pointwise conv whose map is whole vectors (16x16) dequantises in the accumulators' write-back (no
-    "epilogue" block, no int32 sums written out); a 6x6 map (36 of 48 flat positions kept) keeps its own."""
+    "epilogue" block, no int32 sums written out); a 6x6 map (36 of 40 flat positions kept) keeps a flat pass of
+    its own, run inside the conv's parallel row tile right after the tile's sums (no third parallel loop)."""
     rng = np.random.default_rng(size)
     weight = sparse_weight((8, 12, 1, 1), 0.8, rng)
     geo = ConvGeometry(1, 12, size, size, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
@@ -163,7 +166,8 @@ def test_int8_epilogue_joins_the_write_back_where_the_output_is_the_flat_domain(
     act = ActQuant.from_range(0.0, float(x.max()), 255)
     lib, *_ = build_int8_conv(x, weight, None, None, True, geo, act)
     assert geo.flat_output == fused
-    assert ('T.sblock("epilogue")' in lib.scheduled) == (not fused)
+    assert ('T.sblock("epilogue' in lib.scheduled) == (not fused)
+    assert lib.scheduled.count("T.parallel(") == 2  # the pad stage's and the conv's
 
 
 def test_quantisation_rounds_half_to_even_and_clamps():
