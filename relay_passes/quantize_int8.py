@@ -20,15 +20,16 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.formats import compact_offsets
-from unsparse_tvm.ops.int8_formats import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
+from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
-from ._util import const_array, fused_label, is_op, mark
+from ._util import const_array, dtype_of, fused_label, is_op, mark
 from .layers import LayerDecision, LayerNames
 
 OP = names.SPARSE_CONV2D_INT8
 CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
+CHAIN_SHARED = True  # an output several int8 convs read (and nothing else) goes uint8 too
 CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
@@ -66,8 +67,8 @@ class _Int8Rewriter(ConvChainRewriter):
         return name, ActQuant.from_range(*self.ranges[name], self.qmax)
 
     def plan(self, func: relax.Function) -> None:
-        """The conv chains (ConvChainRewriter.plan), and which of them feed another int8 conv directly or
-        through one max pool (their only use): those write uint8 in the consumer's quantisation
+        """The conv chains (ConvChainRewriter.plan), and which of them feed int8 convs only, directly or
+        through one max pool (one conv or several in one quantisation): those write uint8 in the consumers' quantisation
         (`self.out_act`), which then skips quantising. Max pool commutes with the monotone rounding, so
         the network computes exactly what it computes without chaining, on a quarter of the bytes. On llvm,
         block outputs that int8 convs read and int8 chains add as residuals go uint8 too (_uint8_residuals,
@@ -77,13 +78,21 @@ class _Int8Rewriter(ConvChainRewriter):
         if not CHAIN_UINT8:
             return
         var2val, counts = self.var2val, self.counts
+        readers: dict = {}  # input var -> the quantisations of the int8 convs reading it
         for conv, _ in self.plans.values():
             weight = const_array(conv.args[1])
             consumer = self.act_of(conv, weight, conv_geometry(conv, weight))
-            src = conv.args[0]
-            if consumer is None or not isinstance(src, relax.Var) or counts.get(src, 0) != 1:
+            if consumer is not None and isinstance(conv.args[0], relax.Var):
+                readers.setdefault(conv.args[0], []).append(consumer[1])
+        for src, acts in readers.items():
+            # every use an int8 conv, all in one quantisation (they read one tensor, so one calibrated range):
+            # several where a stage begins, resnet's conv1 and downsample reading the pooled stem or the last
+            # block's output (3.2 MB of fp32 at 56x56, written, then read and quantised twice)
+            if counts.get(src, 0) != len(acts) or any(a != acts[0] for a in acts) or (len(acts) > 1 and not CHAIN_SHARED):
                 continue
             pooled = _max_pool_input(src, var2val, counts)
+            if pooled is not None and len(acts) > 1:
+                continue  # TVM's max pool on uint8 ran 5x slower than on fp32 (resnet's stem: 1.10 vs 0.22 ms)
             if pooled is not None:
                 src = pooled
                 if not isinstance(src, relax.Var) or counts.get(src, 0) != 1:
@@ -93,7 +102,7 @@ class _Int8Rewriter(ConvChainRewriter):
                 pconv = producer[0]
                 pweight = const_array(pconv.args[1])
                 if self.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
-                    self.out_act[src] = consumer[1]
+                    self.out_act[src] = acts[0]
         self.res_act = _uint8_residuals(self) if CHAIN_RESIDUALS and self.kind == "llvm" else {}
         self.out_act.update(self.res_act)
         # a chain whose residual is now uint8: its absorbed fp32 add is dead, and re-emitted it would not type
@@ -120,7 +129,13 @@ class _Int8Rewriter(ConvChainRewriter):
         op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
                      subsample=geo.stride if run is not geo else (1, 1), res_act=res_act, **flags)
         off = compact_offsets(rows.off) if self.kind == "llvm" else rows.off  # uint16 where a layer's fit
-        args = [self.visit_expr(conv.args[0])] + [relax.const(a) for a in (rows.data, off, comp, out_scale)]
+        x = self.visit_expr(conv.args[0])
+        if _takes_quad_relay(self.kind, x, run, geo, rows.pad_quads):
+            relay = int8_ops.quad_relay(geo.n, geo.c, geo.h, geo.w, run.oh, run.ow, *geo.stride)
+            shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
+            x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
+                                                  relax.TensorType(shape, "uint8")))
+        args = [x] + [relax.const(a) for a in (rows.data, off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, run.stride[0] * run.stride[1] * run.hq, run.wq]
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
@@ -129,6 +144,16 @@ class _Int8Rewriter(ConvChainRewriter):
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
                                          (comp, out_scale), off))
         return call
+
+
+def _takes_quad_relay(kind: str, x: relax.Expr, run, geo, pad_quads: int) -> bool:
+    """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
+    its pad stage: llvm, a 1x1 conv read in place (stride 1, or a strided one's subsampled input) whose flat
+    domain is its output map, C a multiple of 4, rows of at least one 16-position step."""
+    return (kind == "llvm" and dtype_of(x) == "uint8"
+            and run.r == 1 and run.s == 1 and tuple(run.stride) == (1, 1) and not any(run.padding)
+            and geo.c % QUAD == 0 and pad_quads == geo.c // QUAD and run.ow >= 16
+            and run.q_extent == run.oh * run.ow == run.channel_plane)
 
 
 def _uint8_residuals(rw: _Int8Rewriter) -> dict:
