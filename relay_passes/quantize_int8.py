@@ -88,10 +88,11 @@ class _Int8Rewriter(ConvChainRewriter):
             # every use an int8 conv, all in one quantisation (they read one tensor, so one calibrated range):
             # several where a stage begins, resnet's conv1 and downsample reading the pooled stem or the last
             # block's output (3.2 MB of fp32 at 56x56, written, then read and quantised twice)
-            if counts.get(src, 0) != len(acts) or any(a != acts[0] for a in acts) or (len(acts) > 1 and not CHAIN_SHARED):
+            shared = len(acts) > 1
+            if counts.get(src, 0) != len(acts) or any(a != acts[0] for a in acts) or (shared and not CHAIN_SHARED):
                 continue
             pooled = _max_pool_input(src, var2val, counts)
-            if pooled is not None and len(acts) > 1:
+            if pooled is not None and shared:
                 continue  # TVM's max pool on uint8 ran 5x slower than on fp32 (resnet's stem: 1.10 vs 0.22 ms)
             if pooled is not None:
                 src = pooled
