@@ -131,8 +131,9 @@ class _Int8Rewriter(ConvChainRewriter):
                      subsample=geo.stride if run is not geo else (1, 1), res_act=res_act, **flags)
         off = compact_offsets(rows.off) if self.kind == "llvm" else rows.off  # uint16 where a layer's fit
         x = self.visit_expr(conv.args[0])
-        if _takes_quad_relay(self.kind, x, run, geo, rows.pad_quads):
-            relay = int8_ops.quad_relay(geo.n, geo.c, geo.h, geo.w, run.oh, run.ow, *geo.stride)
+        if _takes_quad_relay(self.kind, x, run, geo):
+            relay = int8_ops.quad_relay((geo.n, geo.c, geo.h, geo.w), run, rows.pad_quads, act.zero_point,
+                                        geo.stride if run is not geo else (1, 1))
             shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
             x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
                                                   relax.TensorType(shape, "uint8")))
@@ -147,14 +148,12 @@ class _Int8Rewriter(ConvChainRewriter):
         return call
 
 
-def _takes_quad_relay(kind: str, x: relax.Expr, run, geo, pad_quads: int) -> bool:
+def _takes_quad_relay(kind: str, x: relax.Expr, run, geo) -> bool:
     """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
-    its pad stage: llvm, a 1x1 conv read in place (stride 1, or a strided one's subsampled input) whose flat
-    domain is its output map, C a multiple of 4, rows of at least one 16-position step."""
-    return (kind == "llvm" and dtype_of(x) == "uint8"
-            and run.r == 1 and run.s == 1 and tuple(run.stride) == (1, 1) and not any(run.padding)
-            and geo.c % QUAD == 0 and pad_quads == geo.c // QUAD and run.ow >= 16
-            and run.q_extent == run.oh * run.ow == run.channel_plane)
+    its pad stage: llvm, a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
+    subsampled input), C a multiple of 4, input rows of at least one 16-position step."""
+    return (kind == "llvm" and dtype_of(x) == "uint8" and tuple(run.stride) == (1, 1) and geo.c % QUAD == 0
+            and run.w >= 16)
 
 
 def _uint8_residuals(rw: _Int8Rewriter) -> dict:

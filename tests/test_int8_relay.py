@@ -7,24 +7,38 @@ import torch
 import torch.nn as nn
 
 
-@pytest.mark.parametrize("n,c,h,w,s", [
-    (1, 8, 16, 16, 1),    # one 16-position step per row
-    (2, 12, 9, 18, 1),    # batch 2, rows of 18: the second step shifted back to overlap the first
-    (1, 8, 33, 34, 2),    # a strided 1x1's input: every other row and column, rows of 17
+@pytest.mark.parametrize("n,c,h,w,k,stride,pad,zp", [
+    (1, 8, 16, 16, 1, 1, (0, 0, 0, 0), 0),     # a 1x1: one 16-position step per row
+    (2, 12, 9, 18, 1, 1, (0, 0, 0, 0), 128),   # batch 2, rows of 18: the second step shifted back
+    (1, 8, 33, 34, 1, 2, (0, 0, 0, 0), 3),     # a strided 1x1's input: every other row and column
+    (2, 8, 17, 16, 3, 1, (1, 1, 1, 1), 128),   # a padded 3x3: zero-point borders, a trailing quad
+    (1, 12, 7, 20, 3, 1, (0, 2, 1, 0), 7),     # asymmetric padding
 ])
-def test_quad_relay_is_the_quad_layout(n, c, h, w, s, llvm):
+def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
+    """The relay writes what the int8 conv's pad stage writes for a uint8 input (TE, built on its own)."""
     import tvm
+    from tvm import te
 
-    from unsparse_tvm.ops.sparse_int8 import quad_relay
+    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads
+    from unsparse_tvm.ops.sparse_int8 import pad_quantize, quad_relay
+    from unsparse_tvm.relay_passes._conv_match import strided_pointwise
 
-    oh, ow = -(-h // s), -(-w // s)
-    func = quad_relay(n, c, h, w, oh, ow, s, s).with_attr("global_symbol", "main")  # a module of its own
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=llvm)
+    geo = ConvGeometry(n, c, h, w, 4, k, k, (stride, stride), pad, (1, 1))
+    run = strided_pointwise(geo) if stride > 1 else geo
+    sub = (stride, stride) if stride > 1 else (1, 1)
+    quads, act = pad_quads(run), ActQuant(0.1, zp, 255)
     x = np.random.default_rng(c + w).integers(0, 256, (n, c, h, w)).astype(np.uint8)
-    out = tvm.runtime.tensor(np.zeros((n, c // 4 * oh * ow, 4), np.uint8))
-    lib["main"](tvm.runtime.tensor(x), out)
-    want = x[:, :, ::s, ::s].reshape(n, c // 4, 4, oh * ow).transpose(0, 1, 3, 2).reshape(n, -1, 4)
-    np.testing.assert_array_equal(out.numpy(), want)
+    xt = te.placeholder((n, c, h, w), "uint8", name="x")
+    want_mod = tvm.compile(te.create_prim_func([xt, pad_quantize(xt, run, act, quads, sub)]), target=llvm)
+    got_mod = tvm.compile(tvm.IRModule({"main": quad_relay(x.shape, run, quads, zp, sub).with_attr(
+        "global_symbol", "main")}), target=llvm)
+    shape = (n, quads * run.channel_plane, 4)
+    want, got = (tvm.runtime.tensor(np.full(shape, 99, np.uint8)) for _ in range(2))
+    want_mod["main"](tvm.runtime.tensor(x), want)
+    got_mod["main"](tvm.runtime.tensor(x), got)
+    assert quads > c // 4 or k == 1  # the padded cases cover trailing quads
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
 class Fork(nn.Module):
@@ -73,7 +87,8 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     fused, run = build()
     assert fused["stem"] == "bias+relu+requant"  # read by `down` and `conv` only: uint8 for both
     assert fused["conv"].endswith("+requant")  # read by `last` only
-    assert sorted((a[3], a[6]) for a in relays) == [(16, 1), (32, 2)]  # `last` (16 wide), `down` (every 2nd of 32)
+    # `conv` (a strided 3x3: not at stride 1), `down` (every 2nd of 32), `last` (16 wide)
+    assert sorted((a[0][3], a[4]) for a in relays) == [(16, (1, 1)), (32, (2, 2))]
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_SHARED", False)
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8._takes_quad_relay", lambda *a: False)
     fused_plain, plain = build()

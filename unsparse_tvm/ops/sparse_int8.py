@@ -50,29 +50,39 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
     return te.compute((geo.n, quads * geo.channel_plane, QUAD), value, name="pad_q")
 
 
-def quad_relay(n: int, c: int, h: int, w: int, oh: int, ow: int, sy: int = 1, sx: int = 1) -> tirx.PrimFunc:
-    """uint8 [N, C, H, W] -> the quad layout [N, C/4 * OH*OW, 4] of a 1x1 conv reading every sy-th row and
-    sx-th column, for a uint8 input (the previous layer requantised it): 16 positions of 4 channel planes per
-    step, one byte shuffle (LLVM: vpunpck*) into one 64-byte store; a row's last step is shifted back to end
-    at the row's end (it rewrites a few positions with the same bytes), so OW >= 16. The pad stage relays
-    these bytes one vpinsrb at a time (256 channels on 56x56: ~160 us; this: 41 us). C % 4 == 0."""
+def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
+               subsample: tuple[int, int] = (1, 1)) -> tirx.PrimFunc:
+    """uint8 x [N, C, H, W] (the previous layer requantised it) -> pad_quantize's quad layout for the
+    stride-1 conv `run`: [N, quads * Hq*Wq, 4], padding and trailing quads at the zero point, input row y
+    read at x row y*sy, column x at x*sx (a strided 1x1 read in place). Per step 16 positions of 4 channel
+    planes, one byte shuffle (LLVM: vpunpck*) into one 64-byte store; a row's last step is shifted back to
+    end at the row's end (it rewrites a few positions with the same bytes), so W >= 16. Each plane is first
+    filled with the zero point the same way. The pad stage relays these bytes one vpinsrb at a time (256
+    channels on 56x56: ~160 us; this: 41 us). C % 4 == 0."""
     from tvm.script import tirx as T
 
-    cq, plane, span = c // QUAD, oh * ow, 16 * sx
+    n, c, h, w = x_shape
+    (sy, sx), cq, (pt, pl) = subsample, c // QUAD, run.padding[:2]
+    plane, wq, span = run.hq * run.wq, run.wq, 16 * sx
     pick = [v * span + t * sx for t in range(16) for v in range(QUAD)]  # lane 4t + v <- plane v, position t
+    zp, padded = tirx.const(zero_point, "uint8"), plane != run.h * run.w
 
     @T.prim_func(s_tir=True)  # a root block: Relax analyses (AnnotateTIROpPattern) expect one
-    def relay(x: T.Buffer((n, c, h, w), "uint8"), q: T.Buffer((n, cq * plane, QUAD), "uint8")):
+    def relay(x: T.Buffer((n, c, h, w), "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
         with T.sblock("root"):
-            qf = T.decl_buffer((n * cq * plane * QUAD,), "uint8", data=q.data)
+            qf = T.decl_buffer((n * quads * plane * QUAD,), "uint8", data=q.data)
             xf = T.decl_buffer((n * c * h * w,), "uint8", data=x.data)
-            for b4 in T.parallel(n * cq):  # (image, channel quad)
-                for y, k in T.grid(oh, (ow + 15) // 16):
-                    x0 = T.min(k * 16, ow - 16)
-                    src = (b4 * QUAD * h + y * sy) * w + x0 * sx
-                    qf[T.Ramp((b4 * plane + y * ow + x0) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
-                        [xf[T.Ramp(src + v * h * w, 1, span)] for v in range(QUAD)], pick)
+            for b in T.parallel(n * quads):  # (image, channel quad)
+                if padded or b % quads >= cq:  # padding, or a trailing quad: the zero point first
+                    for k in range((plane * QUAD + 63) // 64):
+                        qf[T.Ramp(b * plane * QUAD + T.min(k * 64, plane * QUAD - 64), 1, 64)] = T.Broadcast(zp, 64)
+                if b % quads < cq:
+                    for y, k in T.grid(run.h, (run.w + 15) // 16):
+                        x0 = T.min(k * 16, run.w - 16)
+                        src = ((b // quads * cq + b % quads) * QUAD * h + y * sy) * w + x0 * sx
+                        qf[T.Ramp((b * plane + (y + pt) * wq + pl + x0) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
+                            [xf[T.Ramp(src + v * h * w, 1, span)] for v in range(QUAD)], pick)
 
     return relay.without_attr("global_symbol")  # the module names each (one per layer shape)
 
