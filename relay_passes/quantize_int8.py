@@ -24,13 +24,14 @@ from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilog
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
-from ._util import const_array, dtype_of, fused_label, is_op, mark
+from ._util import const_array, dtype_of, fused_label, is_op, mark, shape_of
 from .layers import LayerDecision, LayerNames
 
 OP = names.SPARSE_CONV2D_INT8
 CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
 CHAIN_SHARED = True  # an output several int8 convs read (and nothing else) goes uint8 too
-CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
+CHAIN_RESIDUALS = True
+WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
 
@@ -74,17 +75,18 @@ class _Int8Rewriter(ConvChainRewriter):
         block outputs that int8 convs read and int8 chains add as residuals go uint8 too (_uint8_residuals,
         `self.res_act`: a quantised residual, so not bit-exact)."""
         super().plan(func)
-        self.out_act, self.res_act, self.dead = {}, {}, set()
+        self.out_act, self.res_act, self.wide, self.dead = {}, {}, {}, set()
         if not CHAIN_UINT8:
             return
         var2val, counts = self.var2val, self.counts
-        readers: dict = {}  # input var -> the quantisations of the int8 convs reading it
+        readers: dict = {}  # input var -> (conv, quantisation) of the int8 convs reading it
         for conv, _ in self.plans.values():
             weight = const_array(conv.args[1])
             consumer = self.act_of(conv, weight, conv_geometry(conv, weight))
             if consumer is not None and isinstance(conv.args[0], relax.Var):
-                readers.setdefault(conv.args[0], []).append(consumer[1])
-        for src, acts in readers.items():
+                readers.setdefault(conv.args[0], []).append((conv, consumer[1]))
+        for src, convs in readers.items():
+            acts = [a for _, a in convs]
             # every use an int8 conv, all in one quantisation (they read one tensor, so one calibrated range):
             # several where a stage begins, resnet's conv1 and downsample reading the pooled stem or the last
             # block's output (3.2 MB of fp32 at 56x56, written, then read and quantised twice)
@@ -104,10 +106,13 @@ class _Int8Rewriter(ConvChainRewriter):
                 pweight = const_array(pconv.args[1])
                 if self.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
                     self.out_act[src] = acts[0]
+        self.wide = _wide_outputs(self, readers) if WIDE_OUTPUTS and self.kind == "llvm" else {}
         self.res_act = _uint8_residuals(self) if CHAIN_RESIDUALS and self.kind == "llvm" else {}
         self.out_act.update(self.res_act)
         # a chain whose residual is now uint8: its absorbed fp32 add is dead, and re-emitted it would not type
         self.dead = {v for _, ep in self.plans.values() if ep.residual in self.res_act for v in ep.absorbed}
+        # nor would a conv reading a wide output (3-D) as re-emitted on the way to its chain's end
+        self.dead |= {v for c, ep in self.plans.values() if c.args[0] in self.wide for v in ep.absorbed}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var not in self.dead:
@@ -128,12 +133,13 @@ class _Int8Rewriter(ConvChainRewriter):
         comp, out_scale = epilogue_consts(wq, wscale, act)
         extra, flags = self.epilogue_args(ep)
         op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
-                     subsample=geo.stride if run is not geo else (1, 1), res_act=res_act, **flags)
+                     subsample=geo.stride if run is not geo else (1, 1), res_act=res_act,
+                     wide=ep.last in self.wide, **flags)
         off = compact_offsets(rows.off) if self.kind == "llvm" else rows.off  # uint16 where a layer's fit
         x = self.visit_expr(conv.args[0])
-        if _takes_quad_relay(self.kind, x, run, geo):
-            relay = int8_ops.quad_relay((geo.n, geo.c, geo.h, geo.w), run, rows.pad_quads, act.zero_point,
-                                        geo.stride if run is not geo else (1, 1))
+        if self.kind == "llvm" and dtype_of(x) == "uint8" and _relays(run, geo):
+            relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point,
+                                        geo.stride if run is not geo else (1, 1), self.wide.get(conv.args[0], 0))
             shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
             x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
                                                   relax.TensorType(shape, "uint8")))
@@ -148,12 +154,37 @@ class _Int8Rewriter(ConvChainRewriter):
         return call
 
 
-def _takes_quad_relay(kind: str, x: relax.Expr, run, geo) -> bool:
+def _relays(run, geo) -> bool:
     """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
-    its pad stage: llvm, a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
+    its pad stage (llvm): a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
     subsampled input), C a multiple of 4, input rows of at least one 16-position step."""
-    return (kind == "llvm" and dtype_of(x) == "uint8" and tuple(run.stride) == (1, 1) and geo.c % QUAD == 0
-            and run.w >= 16)
+    return tuple(run.stride) == (1, 1) and geo.c % QUAD == 0 and run.w >= 16
+
+
+def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
+    """Chained outputs (uint8, one int8 conv reading them) that the consumer's quad_relay can read in the
+    producer's flat domain, thrown-away columns included: the producer writes [N, K, q_extent] from its
+    accumulators (sparse_conv2d_int8's `wide`) instead of running an epilogue pass over int32 sums written
+    out and read back (resnet's 3x3s, whose rows carry 2 padding columns). {var: row pitch Wq}."""
+    out = {}
+    for src in rw.out_act:
+        convs = readers.get(src, [])
+        producer = rw.plans.get(src)
+        if len(convs) != 1 or producer is None or producer[1].residual is not None:
+            continue
+        pconv, cconv = producer[0], convs[0][0]
+        # a producer reading fp32 (vgg's first conv) ran its wide write-back 2.7x slower than conv + epilogue
+        # pass (LLVM gathered the accumulators back from a stack buffer; not understood): it keeps its pass
+        src_in = pconv.args[0]
+        if src_in not in rw.out_act and _max_pool_input(src_in, rw.var2val, rw.counts) not in rw.out_act:
+            continue
+        pgeo, cgeo = (conv_geometry(c, const_array(c.args[1])) for c in (pconv, cconv))
+        if pgeo is None or cgeo is None or (strided_pointwise(pgeo) or pgeo).flat_output:
+            continue  # a flat output already joins the write-back
+        prun = strided_pointwise(pgeo) or pgeo
+        if _relays(strided_pointwise(cgeo) or cgeo, cgeo):
+            out[src] = prun.wq
+    return out
 
 
 def _uint8_residuals(rw: _Int8Rewriter) -> dict:

@@ -73,7 +73,9 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
         ci, _, _ = sch.split(i, [quads, rows, cols])
         sch.parallel(sch.fuse(n, ci))
         sch.vectorize(v)
-    flat = flat_epilogue(sch, "conv", cols)  # a pointwise conv whose map is whole vectors: _schedule_epilogue
+    # the output is the flat domain: a pointwise conv whose map is whole vectors (re-indexed), or a wide one
+    wide = len(sch.get_loops(sch.get_sblock("epilogue"))) == 3
+    flat = wide or flat_epilogue(sch, "conv", cols)  # see _schedule_epilogue
 
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")

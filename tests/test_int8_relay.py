@@ -43,18 +43,21 @@ def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
 
 class Fork(nn.Module):
     """The stem's output read by two int8 convs (a strided 1x1 and a strided 3x3, as resnet's downsample and
-    conv2), their sum read by one 1x1: both are uint8 between layers, the 1x1s take the relay."""
+    conv2), their sum by a padded 3x3, whose output only a 1x1 reads: all uint8 between layers, the 3x3 and
+    the 1x1s take the relay, and the 3x3 writes its output wide (rows of 18 with the padding columns) for the
+    last 1x1's relay."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.down, self.conv = nn.Conv2d(16, 16, 1, stride=2), nn.Conv2d(16, 16, 3, stride=2, padding=1)
-        self.last = nn.Conv2d(16, 8, 1)
+        self.mid, self.last = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
         y = torch.relu(self.stem(x))
         y = torch.relu(self.conv(y) + self.down(y))
+        y = torch.relu(self.mid(y))
         return self.fc(torch.relu(self.last(y)).mean(dim=(2, 3)))
 
 
@@ -77,7 +80,7 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     ranges = calibrate(model, calibration_batches(shape, None, 2, 16))["layers"]
     relays = []
     real_relay = int8_ops.quad_relay
-    monkeypatch.setattr(int8_ops, "quad_relay", lambda *a: relays.append(a) or real_relay(*a))
+    monkeypatch.setattr(int8_ops, "quad_relay", lambda *a: relays.append(a) or real_relay(*a))  # a: its arguments
 
     def build():
         compiled = compile_program(export_program(model, shape), llvm, threshold=0.5, activations=ranges)
@@ -87,10 +90,13 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     fused, run = build()
     assert fused["stem"] == "bias+relu+requant"  # read by `down` and `conv` only: uint8 for both
     assert fused["conv"].endswith("+requant")  # read by `last` only
-    # `conv` (a strided 3x3: not at stride 1), `down` (every 2nd of 32), `last` (16 wide)
-    assert sorted((a[0][3], a[4]) for a in relays) == [(16, (1, 1)), (32, (2, 2))]
+    # x shape, subsample, pitch: `down` (every 2nd of 32), `mid` (padded), `last` (mid's wide output, rows
+    # 18 apart); not `conv` (a strided 3x3, not computed at stride 1)
+    assert sorted((tuple(a[0]), a[4], a[5]) for a in relays) == [
+        ((2, 16, 16, 16), (1, 1), 0), ((2, 16, 32, 32), (2, 2), 0), ((2, 16, int(relays[-1][0][2])), (1, 1), 18)]
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_SHARED", False)
-    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8._takes_quad_relay", lambda *a: False)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8._relays", lambda *a: False)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.WIDE_OUTPUTS", False)
     fused_plain, plain = build()
     assert fused_plain["stem"] == "bias+relu"
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)

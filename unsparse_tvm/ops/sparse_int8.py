@@ -51,24 +51,26 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
 
 
 def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
-               subsample: tuple[int, int] = (1, 1)) -> tirx.PrimFunc:
+               subsample: tuple[int, int] = (1, 1), pitch: int = 0) -> tirx.PrimFunc:
     """uint8 x [N, C, H, W] (the previous layer requantised it) -> pad_quantize's quad layout for the
     stride-1 conv `run`: [N, quads * Hq*Wq, 4], padding and trailing quads at the zero point, input row y
     read at x row y*sy, column x at x*sx (a strided 1x1 read in place). Per step 16 positions of 4 channel
     planes, one byte shuffle (LLVM: vpunpck*) into one 64-byte store; a row's last step is shifted back to
     end at the row's end (it rewrites a few positions with the same bytes), so W >= 16. Each plane is first
     filled with the zero point the same way. The pad stage relays these bytes one vpinsrb at a time (256
-    channels on 56x56: ~160 us; this: 41 us). C % 4 == 0."""
+    channels on 56x56: ~160 us; this: 41 us). C % 4 == 0. A 3-D x [N, C, P] is a producer's wide output
+    (sparse_conv2d_int8's `wide`): its rows `pitch` apart in a plane of P."""
     from tvm.script import tirx as T
 
-    n, c, h, w = x_shape
+    n, c, h, w = x_shape if len(x_shape) == 4 else (*x_shape, 1)  # 3-D: h = P, w = 1; rows at `pitch`
+    pitch, x_dims = pitch or w, tuple(int(d) for d in x_shape)
     (sy, sx), cq, (pt, pl) = subsample, c // QUAD, run.padding[:2]
     plane, wq, span = run.hq * run.wq, run.wq, 16 * sx
     pick = [v * span + t * sx for t in range(16) for v in range(QUAD)]  # lane 4t + v <- plane v, position t
     zp, padded = tirx.const(zero_point, "uint8"), plane != run.h * run.w
 
     @T.prim_func(s_tir=True)  # a root block: Relax analyses (AnnotateTIROpPattern) expect one
-    def relay(x: T.Buffer((n, c, h, w), "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
+    def relay(x: T.Buffer(x_dims, "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
         with T.sblock("root"):
             qf = T.decl_buffer((n * quads * plane * QUAD,), "uint8", data=q.data)
@@ -80,7 +82,7 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
                 if b % quads < cq:
                     for y, k in T.grid(run.h, (run.w + 15) // 16):
                         x0 = T.min(k * 16, run.w - 16)
-                        src = ((b // quads * cq + b % quads) * QUAD * h + y * sy) * w + x0 * sx
+                        src = (b // quads * cq + b % quads) * QUAD * h * w + y * sy * pitch + x0 * sx
                         qf[T.Ramp((b * plane + (y + pt) * wq + pl + x0) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
                             [xf[T.Ramp(src + v * h * w, 1, span)] for v in range(QUAD)], pick)
 
@@ -90,12 +92,15 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
 def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
                        *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
                        has_residual: bool, relu: bool, out_act: ActQuant | None = None,
-                       subsample: tuple[int, int] = (1, 1), res_act: ActQuant | None = None) -> te.Tensor:
+                       subsample: tuple[int, int] = (1, 1), res_act: ActQuant | None = None,
+                       wide: bool = False) -> te.Tensor:
     """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]. x is fp32,
     or uint8 already quantised in `act`; out_act: the epilogue requantises its fp32 result to uint8 in the
     next layer's quantisation (that layer's pad-stage arithmetic, so the network's result is the same);
     subsample: see pad_quantize; res_act: the residual is uint8 in this quantisation (a block output that
-    its int8 producer requantised), dequantised here."""
+    its int8 producer requantised), dequantised here. wide (no residual): the output is the flat domain
+    itself, [N, K, q_extent], thrown-away columns included, so the epilogue joins the write-back; only
+    quad_relay reads it (rows Wq apart)."""
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
@@ -110,18 +115,19 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
         name="conv",
     )
 
-    def value(n, k, y, x_):
-        val = (conv[n, k, y * geo.wq + x_] - comp[k]).astype("float32") * out_scale[k]
+    def value(n, k, *yx):  # (y, x), or the flat q of a wide output
+        val = (conv[n, k, yx[0] if wide else yx[0] * geo.wq + yx[1]] - comp[k]).astype("float32") * out_scale[k]
         if bias is not None:
             val = val + bias[k]
         if residual is not None:
-            r = residual[n, k, y, x_]
+            r = residual[n, k, yx[0], yx[1]]
             val = val + (dequantize(r, res_act) if res_act is not None else r)
         if relu:
             val = tirx.max(val, F32_ZERO)
         return quantize(val, out_act) if out_act is not None else val
 
-    return te.compute((geo.n, geo.k, geo.oh, geo.ow), value, name="epilogue")
+    shape = (geo.n, geo.k, geo.q_extent) if wide else (geo.n, geo.k, geo.oh, geo.ow)
+    return te.compute(shape, value, name="epilogue")
 
 
 def dequantize(u, act: ActQuant):
