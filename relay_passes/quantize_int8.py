@@ -30,8 +30,8 @@ from .layers import LayerDecision, LayerNames
 OP = names.SPARSE_CONV2D_INT8
 CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
 CHAIN_SHARED = True  # an output several int8 convs read (and nothing else) goes uint8 too
-CHAIN_RESIDUALS = True
-WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
+CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
+WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
 
@@ -68,12 +68,13 @@ class _Int8Rewriter(ConvChainRewriter):
         return name, ActQuant.from_range(*self.ranges[name], self.qmax)
 
     def plan(self, func: relax.Function) -> None:
-        """The conv chains (ConvChainRewriter.plan), and which of them feed int8 convs only, directly or
-        through one max pool (one conv or several in one quantisation): those write uint8 in the consumers' quantisation
-        (`self.out_act`), which then skips quantising. Max pool commutes with the monotone rounding, so
-        the network computes exactly what it computes without chaining, on a quarter of the bytes. On llvm,
-        block outputs that int8 convs read and int8 chains add as residuals go uint8 too (_uint8_residuals,
-        `self.res_act`: a quantised residual, so not bit-exact)."""
+        """The conv chains (ConvChainRewriter.plan), and which of them feed int8 convs only (one, possibly
+        through one max pool, or several in one quantisation): those write uint8 in the consumers'
+        quantisation (`self.out_act`), which then skips quantising. Max pool commutes with the monotone
+        rounding, so the network computes exactly what it computes without chaining, on a quarter of the
+        bytes. On llvm, block outputs that int8 convs read and int8 chains add as residuals go uint8 too
+        (_uint8_residuals, `self.res_act`: a quantised residual, so not bit-exact), and outputs that one
+        relaying conv reads are written wide (_wide_outputs, `self.wide`)."""
         super().plan(func)
         self.out_act, self.res_act, self.wide, self.dead = {}, {}, {}, set()
         if not CHAIN_UINT8:
@@ -157,8 +158,10 @@ class _Int8Rewriter(ConvChainRewriter):
 def _relays(run, geo) -> bool:
     """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
     its pad stage (llvm): a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
-    subsampled input), C a multiple of 4, input rows of at least one 16-position step."""
-    return tuple(run.stride) == (1, 1) and geo.c % QUAD == 0 and run.w >= 16
+    subsampled input), C a multiple of 4, input rows of at least one 16-position step; a subsampled row's
+    last step loads up to column s*OW - 1, so the row must be whole steps of s (else it reads past the end)."""
+    return (tuple(run.stride) == (1, 1) and geo.c % QUAD == 0 and run.w >= 16
+            and (run is geo or run.w * geo.stride[1] == geo.w))
 
 
 def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
@@ -179,10 +182,10 @@ def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
         if src_in not in rw.out_act and _max_pool_input(src_in, rw.var2val, rw.counts) not in rw.out_act:
             continue
         pgeo, cgeo = (conv_geometry(c, const_array(c.args[1])) for c in (pconv, cconv))
-        if pgeo is None or cgeo is None or (strided_pointwise(pgeo) or pgeo).flat_output:
-            continue  # a flat output already joins the write-back
+        if pgeo is None or cgeo is None:
+            continue
         prun = strided_pointwise(pgeo) or pgeo
-        if _relays(strided_pointwise(cgeo) or cgeo, cgeo):
+        if not prun.flat_output and _relays(strided_pointwise(cgeo) or cgeo, cgeo):  # flat: already in the write-back
             out[src] = prun.wq
     return out
 
