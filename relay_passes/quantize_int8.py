@@ -21,6 +21,7 @@ from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.formats import compact_offsets
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
+from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
@@ -56,6 +57,7 @@ def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr |
 class _Int8Rewriter(ConvChainRewriter):
     allow_act = False  # the int8 epilogue requantises after a plain ReLU; a ReLU6 or SiLU stays its own op
     kind = "llvm"  # the target kind (Int8LayerPass sets it)
+    lanes = 16  # and the int8 kernel's vector lanes
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
@@ -129,25 +131,33 @@ class _Int8Rewriter(ConvChainRewriter):
         # llvm: a strided 1x1 (resnet's downsamples) as the stride-1 conv on every s-th input position, which
         # the pad stage reads in place: one phase plane quantised instead of s*s
         run = (strided_pointwise(geo) if self.kind == "llvm" else None) or geo
+        sub = geo.stride if run is not geo else (1, 1)  # the pad stage reads every s-th position (a strided 1x1)
+        # llvm, a strided conv whose output rows are whole vectors (resnet's stem: 112 of its phase planes'
+        # 115): computed over the output map itself, read at pitch Wq (ConvGeometry.with_row_domain), the
+        # epilogue in the write-back (resnet50 95% channel4: 7.08 -> 6.98 ms). Not at stride 1: vgg16-cifar's
+        # 32- and 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood)
+        strided = tuple(geo.stride) != (1, 1)
+        run = run.with_row_domain(self.lanes) if self.kind == "llvm" and run is geo and strided else run
         wq, wscale = quantize_weight(weight)
         rows = conv_quad_rows(wq, run)
         comp, out_scale = epilogue_consts(wq, wscale, act)
         extra, flags = self.epilogue_args(ep)
         op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
-                     subsample=geo.stride if run is not geo else (1, 1), res_act=res_act,
+                     subsample=sub, res_act=res_act,
                      wide=ep.last in self.wide, **flags)
         off = compact_offsets(rows.off) if self.kind == "llvm" else rows.off  # uint16 where a layer's fit
         x = self.visit_expr(conv.args[0])
         if self.kind == "llvm" and dtype_of(x) == "uint8" and _relays(run, geo):
-            relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point,
-                                        geo.stride if run is not geo else (1, 1), self.wide.get(conv.args[0], 0))
+            relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point, sub,
+                                        self.wide.get(conv.args[0], 0))
             shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
             x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
                                                   relax.TensorType(shape, "uint8")))
         args = [x] + [relax.const(a) for a in (rows.data, off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, run.stride[0] * run.stride[1] * run.hq, run.wq]
-        mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape})
+        mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape,
+                                   **({"unsparse.row_domain": run.ow} if run.row_domain else {})})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
@@ -161,7 +171,7 @@ def _relays(run, geo) -> bool:
     subsampled input), C a multiple of 4, input rows of at least one 16-position step; a subsampled row's
     last step loads up to column s*OW - 1, so the row must be whole steps of s (else it reads past the end)."""
     return (tuple(run.stride) == (1, 1) and geo.c % QUAD == 0 and run.w >= 16
-            and (run is geo or run.w * geo.stride[1] == geo.w))
+            and (tuple(geo.stride) == (1, 1) or run.w * geo.stride[1] == geo.w))
 
 
 def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
@@ -240,12 +250,13 @@ class Int8LayerPass:
 
     def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
         self.ranges, self.qmax, self.kind = dict(ranges), act_qmax(target), target.kind.name
+        self.lanes = cpu_vector_lanes(target)[0] if self.kind == "llvm" else 0  # the int8 kernel's vector
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         rewriter = self.rewriter(mod, self.ranges, self.names, self.report, self.qmax)
-        rewriter.kind = self.kind
+        rewriter.kind, rewriter.lanes = self.kind, self.lanes
         return rewriter.run(mod)
 
 

@@ -14,8 +14,8 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 
-from ._common import (ScheduleRule, cpu_vector_lanes, extents, flat_epilogue, has_block, largest_divisor,
-                      pow2_divisor, sample_choice, schedule_epilogue_cpu)
+from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, extents, flat_epilogue, has_block,
+                      largest_divisor, pow2_divisor, sample_choice, schedule_epilogue_cpu)
 from .x86_int8 import int8_kind, intrin
 
 OP = names.SPARSE_CONV2D_INT8
@@ -75,7 +75,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
         sch.vectorize(v)
     # the output is the flat domain: a pointwise conv whose map is whole vectors (re-indexed), or a wide one
     wide = len(sch.get_loops(sch.get_sblock("epilogue"))) == 3
-    flat = wide or flat_epilogue(sch, "conv", cols)  # see _schedule_epilogue
+    flat = wide or flat_epilogue(sch, "conv", cols, domain_attr(func, "row_domain") > 0)  # see _schedule_epilogue
 
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")

@@ -45,6 +45,8 @@ CASES = [
     (2, 12, 16, 16, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.8),    # 1x1 on whole vectors: epilogue in the write-back
     (2, 8, 7, 7, 12, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.8),      # 1x1 on 7x7: flat epilogue per row tile, tail 1
     (1, 16, 14, 14, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),   # 1x1 on 14x14: 12 vectors of 16 and a tail of 4
+    (2, 8, 16, 16, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.8),     # rows of 16 in rows of 18: a row domain
+    (1, 4, 32, 32, 8, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 0.9),     # stem-like 7x7/2, rows of 16 in 19: row domain
 ]
 
 
@@ -69,9 +71,12 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     from unsparse_tvm.relay_passes._conv_match import strided_pointwise
     from unsparse_tvm.schedules import rule_for
 
+    from unsparse_tvm.schedules import cpu_vector_lanes
+
     target = _target(mcpu)
     sub = geo.stride if subsample else (1, 1)
-    geo = strided_pointwise(geo) if subsample else geo
+    # as the pass: a strided 1x1 on its subsampled input, or output rows of whole vectors as the domain
+    geo = strided_pointwise(geo) if subsample else geo.with_row_domain(cpu_vector_lanes(target)[0])
     wq, wscale = quantize_weight(weight)
     rows = conv_quad_rows(wq, geo)
     comp, out_scale = epilogue_consts(wq, wscale, act)
@@ -82,10 +87,13 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
                                          has_residual=residual is not None, relu=relu, subsample=sub)
     func = te.create_prim_func(holders + [out]).with_attr("unsparse.op", "sparse_conv2d_int8").with_attr(
         "unsparse.pad_shape", [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq])
+    func = func.with_attr("unsparse.row_domain", geo.ow) if geo.row_domain else func
+    lib_row_domain = geo.row_domain
     with target:
         sch = rule_for("sparse_conv2d_int8", "llvm").apply(func, target)
     lib = tvm.compile(sch.mod, target=target)
     lib.scheduled = sch.mod["main"].script()  # for tests of the schedule's structure
+    lib.row_domain = lib_row_domain
     return lib, arrays, [int(d) for d in out.shape], wq, wscale, target
 
 
@@ -168,6 +176,26 @@ def test_int8_epilogue_joins_the_write_back_where_the_output_is_the_flat_domain(
     assert geo.flat_output == fused
     assert ('T.sblock("epilogue' in lib.scheduled) == (not fused)
     assert lib.scheduled.count("T.parallel(") == 2  # the pad stage's and the conv's
+
+
+@pytest.mark.parametrize("stride,pad,k", [(1, 1, 3), (2, 3, 7)])
+def test_int8_row_domain_joins_the_write_back(stride, pad, k):
+    """Output rows of whole vectors (16) inside padded rows (18, or the stem's phase planes of 19): the conv
+    runs over the output map itself, read at pitch Wq, and dequantises in the write-back (no epilogue pass)."""
+    rng = np.random.default_rng(k)
+    size = 16 * stride
+    geo = ConvGeometry(1, 8, size, size, 8, k, k, (stride, stride), (pad,) * 4, (1, 1))
+    weight = sparse_weight((8, 8, k, k), 0.8, rng)
+    x = np.abs(rng.standard_normal((1, 8, size, size))).astype(np.float32)
+    act = ActQuant.from_range(0.0, float(x.max()), 255)
+    lib, arrays, out_shape, wq, wscale, target = build_int8_conv(x, weight, None, None, True, geo, act)
+    assert geo.ow == 16 and geo.wq > 16 and lib.row_domain
+    assert 'T.sblock("epilogue' not in lib.scheduled
+    skip_unless_runs_here(target)
+    y = run_built(lib, arrays, out_shape)
+    ref = torch_reference(x, wq, wscale, act, None, None, True, (stride, stride), (pad,) * 4, (1, 1)).numpy()
+    _, out_scale = epilogue_consts(wq, wscale, act)
+    assert (np.abs(y - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all()
 
 
 def test_quantisation_rounds_half_to_even_and_clamps():

@@ -103,3 +103,10 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     np.testing.assert_array_equal(run(x), plain(x))  # the same integers: requantising = the consumer's quantising
     ref = model(torch.from_numpy(x)).detach().numpy()
     assert np.abs(run(x) - ref).max() < 0.1 * np.abs(ref).max()
+    # and the integer arithmetic itself: every conv and the linear layer as PyTorch's integer reference (the
+    # strided 3x3 `conv` runs over its output map, a row domain: its rows of 16 read at its phase planes' pitch)
+    from test_int8 import _int8_reference
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
+
+    exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()

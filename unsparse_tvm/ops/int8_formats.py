@@ -94,7 +94,8 @@ def quad_channels(c: int) -> int:
 def pad_quads(geo: ConvGeometry) -> int:
     """Channel quads of the flat input: every stored offset + q_extent - 1 stays inside it."""
     taps = [geo.tap_offset(0, r, s) for r in range(geo.r) for s in range(geo.s)]
-    last = (quad_channels(geo.c) - 1) * geo.channel_plane + max(taps) + geo.q_extent - 1
+    reach = (geo.oh - 1) * geo.wq + geo.ow if geo.row_domain else geo.q_extent  # a row domain: its last row's end
+    last = (quad_channels(geo.c) - 1) * geo.channel_plane + max(taps) + reach - 1
     return max(quad_channels(geo.c), last // geo.channel_plane + 1)
 
 

@@ -44,7 +44,7 @@ def widen_offset(offset: tirx.PrimExpr) -> tirx.PrimExpr:
     return offset if offset.dtype == "int32" else offset.astype("int32")
 
 
-def _position(geo: ConvGeometry, q):
+def read_position(geo: ConvGeometry, q):
     """The input position flat index q reads: q itself; in a row domain (ConvGeometry.with_row_domain) output
     row q // OW at input pitch Wq; in an overlapped domain (with_overlap) a vector past the map's last whole
     one shifted back to end at its last position. Each vector stays one contiguous load."""
@@ -80,7 +80,7 @@ def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry,
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(data[k, j] * xf[n, widen_offset(off[k, j]) + _position(geo, q)], axis=j),
+        lambda n, k, q: te.sum(data[k, j] * xf[n, widen_offset(off[k, j]) + read_position(geo, q)], axis=j),
         name=name,
     )
 
@@ -92,7 +92,7 @@ def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeome
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, groups, v, geo.q_extent),
-        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, widen_offset(off[g, j]) + _position(geo, q)], axis=j),
+        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, widen_offset(off[g, j]) + read_position(geo, q)], axis=j),
         name="conv",
     )
 

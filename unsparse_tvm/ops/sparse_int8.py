@@ -15,7 +15,7 @@ from tvm import te, tirx
 
 from .formats import ConvGeometry
 from .int8_formats import QUAD, ActQuant
-from .sparse import widen_offset
+from .sparse import read_position, widen_offset
 
 F32_ZERO = tirx.const(0.0, "float32")
 
@@ -110,13 +110,14 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
     v = te.reduce_axis((0, QUAD), name="v")
     conv = te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(xq[n, widen_offset(off[k, j]) + q, v].astype("int32") * data[k, j, v].astype("int32"),
-                               axis=[j, v]),
+        lambda n, k, q: te.sum(xq[n, widen_offset(off[k, j]) + read_position(geo, q), v].astype("int32")
+                               * data[k, j, v].astype("int32"), axis=[j, v]),
         name="conv",
     )
 
     def value(n, k, *yx):  # (y, x), or the flat q of a wide output
-        val = (conv[n, k, yx[0] if wide else yx[0] * geo.wq + yx[1]] - comp[k]).astype("float32") * out_scale[k]
+        q = yx[0] if wide else yx[0] * (geo.ow if geo.row_domain else geo.wq) + yx[1]
+        val = (conv[n, k, q] - comp[k]).astype("float32") * out_scale[k]
         if bias is not None:
             val = val + bias[k]
         if residual is not None:
