@@ -134,7 +134,7 @@ class _Int8Rewriter(ConvChainRewriter):
         sub = geo.stride if run is not geo else (1, 1)  # the pad stage reads every s-th position (a strided 1x1)
         # llvm, a strided conv whose output rows are whole vectors (resnet's stem: 112 of its phase planes'
         # 115): computed over the output map itself, read at pitch Wq (ConvGeometry.with_row_domain), the
-        # epilogue in the write-back (resnet50 95% channel4: 7.08 -> 6.98 ms). Not at stride 1: vgg16-cifar's
+        # epilogue in the write-back (resnet50 95% channel4: 7.30 -> 7.13 ms). Not at stride 1: vgg16-cifar's
         # 32- and 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood)
         strided = tuple(geo.stride) != (1, 1)
         run = run.with_row_domain(self.lanes) if self.kind == "llvm" and run is geo and strided else run
