@@ -121,6 +121,22 @@ class _Int8Rewriter(ConvChainRewriter):
         if binding.var not in self.dead:
             super().visit_var_binding_(binding)
 
+    def kernel_geometry(self, geo):
+        """(the conv as the int8 kernel runs it, the (sy, sx) its pad stage reads the input at); the planning
+        (_wide_outputs) and the rewrite both ask here."""
+        if self.kind != "llvm":
+            return geo, (1, 1)
+        # a strided 1x1 (resnet's downsamples) as the stride-1 conv on every s-th input position, which the
+        # pad stage reads in place: one phase plane quantised instead of s*s
+        run = strided_pointwise(geo)
+        if run is not None:
+            return run, geo.stride
+        # a strided conv whose output rows are whole vectors (resnet's stem: 112 of its phase planes' 115):
+        # computed over the output map itself, read at pitch Wq (ConvGeometry.with_row_domain), the epilogue
+        # in the write-back (resnet50 95% channel4: 7.30 -> 7.13 ms). Not at stride 1: vgg16-cifar's 32- and
+        # 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood)
+        return (geo.with_row_domain(self.lanes) if tuple(geo.stride) != (1, 1) else geo), (1, 1)
+
     def rewrite(self, conv, weight, geo, ep):
         taken = self.act_of(conv, weight, geo)
         if taken is None:
@@ -128,16 +144,7 @@ class _Int8Rewriter(ConvChainRewriter):
         name, act = taken
         out_act = self.out_act.get(ep.last)
         res_act = self.res_act.get(ep.residual) if isinstance(ep.residual, relax.Var) else None
-        # llvm: a strided 1x1 (resnet's downsamples) as the stride-1 conv on every s-th input position, which
-        # the pad stage reads in place: one phase plane quantised instead of s*s
-        run = (strided_pointwise(geo) if self.kind == "llvm" else None) or geo
-        sub = geo.stride if run is not geo else (1, 1)  # the pad stage reads every s-th position (a strided 1x1)
-        # llvm, a strided conv whose output rows are whole vectors (resnet's stem: 112 of its phase planes'
-        # 115): computed over the output map itself, read at pitch Wq (ConvGeometry.with_row_domain), the
-        # epilogue in the write-back (resnet50 95% channel4: 7.30 -> 7.13 ms). Not at stride 1: vgg16-cifar's
-        # 32- and 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood)
-        strided = tuple(geo.stride) != (1, 1)
-        run = run.with_row_domain(self.lanes) if self.kind == "llvm" and run is geo and strided else run
+        run, sub = self.kernel_geometry(geo)
         wq, wscale = quantize_weight(weight)
         rows = conv_quad_rows(wq, run)
         comp, out_scale = epilogue_consts(wq, wscale, act)
@@ -194,8 +201,8 @@ def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
         pgeo, cgeo = (conv_geometry(c, const_array(c.args[1])) for c in (pconv, cconv))
         if pgeo is None or cgeo is None:
             continue
-        prun = strided_pointwise(pgeo) or pgeo
-        if not prun.flat_output and _relays(strided_pointwise(cgeo) or cgeo, cgeo):  # flat: already in the write-back
+        prun = rw.kernel_geometry(pgeo)[0]
+        if not prun.flat_output and _relays(rw.kernel_geometry(cgeo)[0], cgeo):  # flat: already in the write-back
             out[src] = prun.wq
     return out
 

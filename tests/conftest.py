@@ -135,6 +135,32 @@ def pruned_program(model: str, sparsity: float = 0.9):
     return prune_to_program(model, sparsity)
 
 
+def int8_ready(model, shape, zero_share: float) -> dict:
+    """Zero `zero_share` of each conv's weights of `model` (in place, drawn from torch's global generator:
+    seed it before building the model) and return its calibrated layer input ranges (random batches): what
+    `--activations int8` compiles with."""
+    from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight[torch.rand_like(m.weight) < zero_share] = 0
+    return calibrate(model, calibration_batches(shape, None, 2, 16))["layers"]
+
+
+def compile_int8(model, shape, ranges, target):
+    """(report, run) of `model` compiled with int8 activations at `ranges`; run(x) -> its first output (numpy)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.models import export_program
+
+    compiled = compile_program(export_program(model, shape), target, threshold=0.5, activations=ranges)
+    vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
+    return compiled.report, lambda x: vm["main"](tvm.runtime.tensor(np.asarray(x, np.float32)))[0].numpy()
+
+
 def cli(*args, check=True):
     """Run `unsparse-tvm ARGS` in a fresh process (what a user runs); fail with its output."""
     proc = subprocess.run([sys.executable, "-m", "unsparse_tvm.cli"] + [str(a) for a in args],

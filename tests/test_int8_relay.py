@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import compile_int8, int8_ready
+
 
 @pytest.mark.parametrize("n,c,h,w,k,stride,pad,zp", [
     (1, 8, 16, 16, 1, 1, (0, 0, 0, 0), 0),     # a 1x1: one 16-position step per row
@@ -62,30 +64,19 @@ class Fork(nn.Module):
 
 
 def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
-    import tvm
-    from tvm import relax
-
     import unsparse_tvm.ops.sparse_int8 as int8_ops
-    from unsparse_tvm.build import compile_program
-    from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
-    from unsparse_tvm.models import export_program
 
     torch.manual_seed(1)
     model = Fork().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight[torch.rand_like(m.weight) < 0.7] = 0
     shape = (2, 3, 32, 32)
-    ranges = calibrate(model, calibration_batches(shape, None, 2, 16))["layers"]
+    ranges = int8_ready(model, shape, 0.7)
     relays = []
     real_relay = int8_ops.quad_relay
     monkeypatch.setattr(int8_ops, "quad_relay", lambda *a: relays.append(a) or real_relay(*a))  # a: its arguments
 
     def build():
-        compiled = compile_program(export_program(model, shape), llvm, threshold=0.5, activations=ranges)
-        vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
-        return {r.name: r.fused for r in compiled.report}, lambda x: vm["main"](tvm.runtime.tensor(x))[0].numpy()
+        report, run = compile_int8(model, shape, ranges, llvm)
+        return {r.name: r.fused for r in report}, run
 
     fused, run = build()
     assert fused["stem"] == "bias+relu+requant"  # read by `down` and `conv` only: uint8 for both
@@ -108,5 +99,35 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     from test_int8 import _int8_reference
     from unsparse_tvm.schedules.x86_int8 import act_qmax
 
+    exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+class StridedChain(nn.Module):
+    """A strided 3x3 whose rows of 16 make it a row domain, its output read by one relaying 3x3 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.down = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.last, self.fc = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.down(torch.relu(self.stem(x))))
+        return self.fc(torch.relu(self.last(y)).mean(dim=(2, 3)))
+
+
+def test_a_row_domain_producer_is_not_also_wide(llvm):
+    """`down` computes over its output map (a row domain, rows of 16), which is its output's layout already:
+    its reader's relay must read rows 16 apart, not at the phase planes' pitch a wide output would have."""
+    from test_int8 import _int8_reference
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
+
+    torch.manual_seed(2)
+    model = StridedChain().eval()
+    shape = (1, 3, 32, 32)
+    ranges = int8_ready(model, shape, 0.6)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    assert {r.name: r.fused for r in report}["down"] == "bias+relu+requant"
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
     assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
