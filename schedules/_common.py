@@ -197,11 +197,21 @@ def _overlap_epilogue(sch: s_tir.Schedule, lanes: int) -> None:
     vector divisions by OW (the index simplifier left them), slower than no overlap at all."""
     n, k, p = sch.get_loops(sch.get_sblock("epilogue"))  # flat: ops.sparse.output_shape
     sch.parallel(sch.fuse(n, k))
-    positions = extents(sch, [p])[0]
+    vectorize_flat(sch, p, lanes)
+
+
+def vectorize_flat(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """A flat loop in whole vectors of `lanes` and, where they do not fill it, a short vector for the rest
+    (loop_partition); under one vector, one short vector."""
+    positions = extents(sch, [loop])[0]
     whole = positions - positions % lanes
-    main, tail = sch.loop_partition(p, [whole, None])
-    sch.vectorize(sch.split(main, [None, lanes])[1])
-    sch.vectorize(tail)
+    if whole == 0:
+        sch.vectorize(loop)
+        return
+    if whole < positions:
+        loop, tail = sch.loop_partition(loop, [whole, None])
+        sch.vectorize(tail)
+    sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
 def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int, row_domain: bool = False) -> bool:

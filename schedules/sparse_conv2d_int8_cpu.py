@@ -15,7 +15,7 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, extents, flat_epilogue, has_block,
-                      largest_divisor, pow2_divisor, sample_choice, schedule_epilogue_cpu)
+                      largest_divisor, pow2_divisor, sample_choice, schedule_epilogue_cpu, vectorize_flat)
 from .x86_int8 import int8_kind, intrin
 
 OP = names.SPARSE_CONV2D_INT8
@@ -111,10 +111,13 @@ def _schedule_epilogue(sch: s_tir.Schedule, target: Target, par, flat: bool, col
     """flat: dequantise, bias, residual, ReLU (and requantise) in the accumulators' write-back, as the fp32
     kernel does: the int32 sums are not written out and read back (resnet50's 256x64 1x1s on 56x56, whose
     3.2 MB of sums made them the slowest int8 layers). Else a pass of its own: see below."""
-    ep = None if flat else sch.get_sblock("epilogue")
-    _, _, oh, ow = extents(sch, sch.get_loops(ep)) if ep is not None else (0, 0, 0, 0)
-    if flat or ow != cols:
-        schedule_epilogue_cpu(sch, flat)
+    if flat:
+        schedule_epilogue_cpu(sch, True)
+        return
+    ep = sch.get_sblock("epilogue")
+    ow = extents(sch, sch.get_loops(ep))[3]
+    if ow != cols:
+        schedule_epilogue_cpu(sch, False)
         return
     # a pointwise conv whose map is not whole vectors (14x14, 7x7: Wq == OW, q_extent > OH*OW): its epilogue
     # over the flat output p = y*OW + x, in whole vectors and a short tail (loop_partition), run inside the
@@ -123,16 +126,7 @@ def _schedule_epilogue(sch: s_tir.Schedule, target: Target, par, flat: bool, col
     # the read conv[y*Wq + x] does not match a region pattern where Wq > OW (3x3s keep their own pass)
     sch.transform_block_layout(ep, lambda n, k, y, x: (n, k, y * ow + x))
     sch.reverse_compute_at(ep, par)
-    p = sch.get_loops(ep)[-1]
-    positions, lanes = oh * ow, cpu_vector_lanes(target)[0]
-    whole = positions - positions % lanes
-    if whole == 0:  # a map under one vector: one short vector
-        sch.vectorize(p)
-        return
-    if whole < positions:
-        p, tail = sch.loop_partition(p, [whole, None])
-        sch.vectorize(tail)
-    sch.vectorize(sch.split(p, [None, lanes])[1])
+    vectorize_flat(sch, sch.get_loops(ep)[-1], cpu_vector_lanes(target)[0])
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

@@ -88,12 +88,11 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     func = te.create_prim_func(holders + [out]).with_attr("unsparse.op", "sparse_conv2d_int8").with_attr(
         "unsparse.pad_shape", [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq])
     func = func.with_attr("unsparse.row_domain", geo.ow) if geo.row_domain else func
-    lib_row_domain = geo.row_domain
     with target:
         sch = rule_for("sparse_conv2d_int8", "llvm").apply(func, target)
     lib = tvm.compile(sch.mod, target=target)
     lib.scheduled = sch.mod["main"].script()  # for tests of the schedule's structure
-    lib.row_domain = lib_row_domain
+    lib.row_domain = geo.row_domain
     return lib, arrays, [int(d) for d in out.shape], wq, wscale, target
 
 

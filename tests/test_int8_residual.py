@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from conftest import compile_int8, int8_ready
+
 
 class Bottleneck(nn.Module):
     def __init__(self, c: int):
@@ -27,39 +29,21 @@ class TinyResNet(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-def _compile(model, shape, ranges, llvm):
-    import tvm
-    from tvm import relax
-
-    from unsparse_tvm.build import compile_program
-    from unsparse_tvm.models import export_program
-
-    compiled = compile_program(export_program(model, shape), llvm, threshold=0.5, activations=ranges)
-    vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
-    return compiled.report, lambda x: vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
-
-
 def test_block_outputs_travel_as_uint8_between_int8_convs(llvm, monkeypatch):
     """b1's output is read by b2's first conv and added as b2's residual: it is written uint8 (requant) and
     b2's last conv dequantises it (the stem's output, for b1, likewise); the result moves by the residual's quantisation only (not bit-exact, unlike
     conv -> conv chaining), and stays within int8 tolerance of float32 PyTorch."""
-    from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
-
     torch.manual_seed(0)
     model = TinyResNet().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight[torch.rand_like(m.weight) < 0.7] = 0
     shape = (2, 3, 16, 16)
-    ranges = calibrate(model, calibration_batches(shape, None, 2, 16))["layers"]
-    report, run = _compile(model, shape, ranges, llvm)
+    ranges = int8_ready(model, shape, 0.7)
+    report, run = compile_int8(model, shape, ranges, llvm)
     fused = {r.name: r.fused for r in report}
     assert fused["stem"] == "bias+relu+requant"  # read by b1.c1 and added by b1.c3: uint8
     assert fused["b1.c3"] == "bias+residual(uint8)+relu+requant"  # b1's output, uint8 for b2
     assert fused["b2.c3"] == "bias+residual(uint8)+relu"  # b2's output feeds the mean: float32
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_RESIDUALS", False)
-    plain_report, plain = _compile(model, shape, ranges, llvm)
+    plain_report, plain = compile_int8(model, shape, ranges, llvm)
     assert not any("uint8" in r.fused for r in plain_report)
     x = torch.randn(*shape)
     y, y_plain, ref = run(x), plain(x), model(x).detach().numpy()
