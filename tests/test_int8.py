@@ -14,7 +14,7 @@ import torch.nn as nn
 from conftest import assert_one_line_error, sparse_weight
 from unsparse_tvm.cli import main
 from unsparse_tvm.ops.formats import ConvGeometry
-from unsparse_tvm.target import target_cpu_features
+from unsparse_tvm.target import kernel_target, target_cpu_features
 from unsparse_tvm.testing.isa import skip_unless_runs_here
 from unsparse_tvm.ops.int8_formats import (ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, torch_quantize,
                                     dense_quad_rows, torch_linear_reference, torch_reference)
@@ -90,7 +90,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     func = func.with_attr("unsparse.row_domain", geo.ow) if geo.row_domain else func
     with target:
         sch = rule_for("sparse_conv2d_int8", "llvm").apply(func, target)
-    lib = tvm.compile(sch.mod, target=target)
+    lib = tvm.compile(sch.mod, target=kernel_target(target, sch.mod))  # what compile builds it for
     lib.scheduled = sch.mod["main"].script()  # for tests of the schedule's structure
     lib.row_domain = geo.row_domain
     return lib, arrays, [int(d) for d in out.shape], wq, wscale, target

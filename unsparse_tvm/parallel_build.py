@@ -3,7 +3,8 @@ module on one thread, which is most of a real network's compile time (densenet12
 ~90% of `compile`). Here, for llvm targets, the kernels are split into a few modules built in threads
 (TVM's FFI releases the GIL, and each LLVM module has its own context), imported into the first, and
 their object files are written in threads too. The result is the executable `tvm.compile` would make
-(same Relax pipeline, same VM link); CUDA targets, and UNSPARSE_BUILD_JOBS=1, take TVM's own path.
+(same Relax pipeline, same VM link), except that each kernel is built for target.kernel_target; CUDA targets
+take TVM's own path, UNSPARSE_BUILD_JOBS=1 builds in one thread.
 
 This follows `tvm.relax.vm_build.build` / `Module.export_library` of TVM 0.27 (pinned) step by step.
 """
@@ -17,6 +18,7 @@ import tvm
 from tvm import relax
 
 from .reference import usable_cores
+from .target import kernel_target
 
 
 def jobs() -> int:
@@ -28,9 +30,10 @@ def jobs() -> int:
 
 
 def compile_module(mod: tvm.IRModule, target, pipeline) -> relax.Executable:
-    """tvm.compile(mod, target, relax_pipeline=pipeline), with the kernels built in parallel on llvm."""
+    """tvm.compile(mod, target, relax_pipeline=pipeline), with the kernels built in parallel on llvm, each
+    group of them for its target.kernel_target (int8 kernels: 512-bit vectors on AVX-512)."""
     n = jobs()
-    if n <= 1 or target.kind.name != "llvm":
+    if target.kind.name != "llvm":
         return tvm.compile(mod, target=target, relax_pipeline=pipeline)
     from tvm.relax import vm_build  # the steps of relax.build, with the TIR build split
 
@@ -42,21 +45,35 @@ def compile_module(mod: tvm.IRModule, target, pipeline) -> relax.Executable:
     builder = relax.ExecBuilder()
     mod = vm_build._vmcodegen(builder, mod, "bytecode")
     tir_mod = vm_build._filter_tir(mod)
-    if tir_mod is None or len(tir_mod.functions) < 2 * n:
-        return vm_build.VMExecutable(relax._ffi_api.VMLink(builder, target, _build(tir_mod, target), ext_libs, params))
-    # round robin over more parts than threads: kernels differ a lot in LLVM time, so parts even out
-    items = sorted(tir_mod.functions.items(), key=lambda kv: kv[0].name_hint)
-    parts = [tvm.IRModule(dict(items[i::2 * n]), attrs=tir_mod.attrs) for i in range(2 * n)]
+    parts = _parts(tir_mod, target, n) if tir_mod is not None else []
+    if len(parts) <= 1:
+        lib = _build(*parts[0]) if parts else None
+        return vm_build.VMExecutable(relax._ffi_api.VMLink(builder, target, lib, ext_libs, params))
     with ThreadPoolExecutor(n) as pool:
-        libs = list(pool.map(lambda part: _build(part, target), parts))
+        libs = list(pool.map(lambda part: _build(*part), parts))
     lib = libs[0]
     for other in libs[1:]:
         lib.import_module(other)
     return vm_build.VMExecutable(relax._ffi_api.VMLink(builder, target, lib, ext_libs, params))
 
 
-def _build(tir_mod: tvm.IRModule | None, target):
-    return None if tir_mod is None else tvm.tirx.build(tir_mod, target=target)
+def _parts(tir_mod: tvm.IRModule, target, n: int) -> list[tuple[tvm.IRModule, object]]:
+    """(module, target) to build: the kernels grouped by kernel_target, a group of 2n or more split round
+    robin into 2n parts (kernels differ a lot in LLVM time, so parts even out)."""
+    items = sorted(tir_mod.functions.items(), key=lambda kv: kv[0].name_hint)
+    groups: dict = {}
+    for gv, func in items:
+        t = kernel_target(target, tvm.IRModule({gv: func}))
+        groups.setdefault(str(t), (t, []))[1].append((gv, func))
+    parts = []
+    for t, group in groups.values():
+        k = 2 * n if n > 1 and len(group) >= 2 * n else 1
+        parts += [(tvm.IRModule(dict(group[i::k]), attrs=tir_mod.attrs), t) for i in range(k)]
+    return parts
+
+
+def _build(tir_mod: tvm.IRModule, target):
+    return tvm.tirx.build(tir_mod, target=target)
 
 
 def export_library(executable: relax.Executable, path: str, workspace: str) -> None:

@@ -62,7 +62,9 @@ def _build_one(mod, target) -> str:
     import tvm
     from tvm.support.tar import tar
 
-    rt_mod = tvm.tirx.build(mod, target=target)
+    from unsparse_tvm.target import kernel_target
+
+    rt_mod = tvm.tirx.build(mod, target=kernel_target(target, mod))  # as compile builds it
     path = os.path.join(tempfile.mkdtemp(prefix="unsparse-cand-"), "mod." + tar.output_format)
     try:
         rt_mod.export_library(path, fcompile=tar)
