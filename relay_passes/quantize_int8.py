@@ -152,7 +152,9 @@ class _Int8Rewriter(ConvChainRewriter):
         op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
                      subsample=sub, res_act=res_act,
                      wide=ep.last in self.wide, **flags)
-        off = compact_offsets(rows.off) if self.kind == "llvm" else rows.off  # uint16 where a layer's fit
+        # llvm: each row's length in a last column (TrimQuadRows ends the kernel's loop there), uint16 where
+        # a layer's offsets fit
+        off = compact_offsets(rows.off_with_lengths()) if self.kind == "llvm" else rows.off
         x = self.visit_expr(conv.args[0])
         if self.kind == "llvm" and dtype_of(x) == "uint8" and _relays(run, geo):
             relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point, sub,
@@ -164,7 +166,8 @@ class _Int8Rewriter(ConvChainRewriter):
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, run.stride[0] * run.stride[1] * run.hq, run.wq]
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape,
-                                   **({"unsparse.row_domain": run.ow} if run.row_domain else {})})
+                                   **({"unsparse.row_domain": run.ow} if run.row_domain else {}),
+                                   **({names.ROW_LENGTHS: 1} if self.kind == "llvm" else {})})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,

@@ -77,6 +77,12 @@ class QuadRows:
     def padded_size(self) -> int:
         return int(self.data.shape[0] * self.data.shape[1] * QUAD)
 
+    def off_with_lengths(self) -> np.ndarray:
+        """off [K, L + 1]: the offsets and, in the last column, each row's stored quads (its zero padding
+        starts there), which schedules/quad_row_extents bounds the kernel's loop by."""
+        lengths = (self.data != 0).any(axis=2).sum(axis=1).astype(self.off.dtype)  # stored quads are nonzero
+        return np.concatenate([self.off, lengths[:, None]], axis=1)
+
 
 def record_int8(decision, rows: QuadRows, *consts: np.ndarray, off: np.ndarray | None = None) -> None:
     """An int8 layer's stored precision and bytes for its LayerDecision (inspect and bench show them): the
