@@ -11,6 +11,7 @@ from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
 from unsparse_tvm.cost.model import CostModel
+from unsparse_tvm.ops.formats import compact_offsets
 from unsparse_tvm.ops.names import OP_ATTR
 from unsparse_tvm.reference import operand_arrays
 
@@ -230,10 +231,14 @@ def fused_label(ep: Epilogue) -> str:
     return "+".join(parts)
 
 
-def rows_consts(rows) -> list[relax.Expr]:
+def rows_consts(rows, lengths: bool = False) -> list[relax.Expr]:
     """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]
-    (reference.operand_arrays, which the GPU kit packs with too)."""
-    return [relax.const(a) for a in operand_arrays(rows).values()]
+    (reference.operand_arrays, which the GPU kit packs with too); lengths (ungrouped rows): each row's stored
+    entries as off's last column (schedules/row_extents ends the row loops there)."""
+    arrays = operand_arrays(rows)
+    if lengths and rows.group == 1:
+        arrays["off"] = compact_offsets(rows.off_with_lengths())
+    return [relax.const(a) for a in arrays.values()]
 
 
 def mark(builder: relax.BlockBuilder, call: relax.Call, attrs: dict) -> None:

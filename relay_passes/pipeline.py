@@ -10,7 +10,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from unsparse_tvm.schedules import cpu_vector_lanes, fallback_cpu, rules
-from unsparse_tvm.schedules.quad_row_extents import TrimQuadRows
+from unsparse_tvm.schedules.row_extents import TrimRowLoops
 from unsparse_tvm.cost.model import BUILTIN, CostModel, X86Rates
 
 from .apply_tuning_records import ApplyTuningRecords
@@ -72,7 +72,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
         schedule.append(TagGroupedConv())
     schedule.append(dl.ApplyDefaultSchedule(*rules(target.kind.name, configs)))  # schedules/: ours
     if is_cpu:  # the int8 convs' loops end at their rows' lengths (tuned or not); then the generic fallback
-        schedule += [TrimQuadRows(), dl.ApplyDefaultSchedule(fallback_cpu.RULE)]
+        schedule += [TrimRowLoops(), dl.ApplyDefaultSchedule(fallback_cpu.RULE)]
     else:
         schedule.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()))

@@ -152,7 +152,7 @@ class _Int8Rewriter(ConvChainRewriter):
         op = partial(int8_ops.sparse_conv2d_int8, geo=run, act=act, quads=rows.pad_quads, out_act=out_act,
                      subsample=sub, res_act=res_act,
                      wide=ep.last in self.wide, **flags)
-        # llvm: each row's length in a last column (TrimQuadRows ends the kernel's loop there), uint16 where
+        # llvm: each row's length in a last column (TrimRowLoops ends the kernel's loop there), uint16 where
         # a layer's offsets fit
         off = compact_offsets(rows.off_with_lengths()) if self.kind == "llvm" else rows.off
         x = self.visit_expr(conv.args[0])

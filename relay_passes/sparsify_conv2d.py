@@ -15,7 +15,7 @@ from tvm.ir import IRModule
 
 from unsparse_tvm.ops import sparse as sparse_ops
 from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows
-from unsparse_tvm.ops.names import sparse_op
+from unsparse_tvm.ops.names import ROW_LENGTHS, sparse_op
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
 
 from ._conv_match import ConvChainRewriter, strided_pointwise, subsampled, unsupported_reason
@@ -70,13 +70,14 @@ class _Sparsifier(ConvChainRewriter):
             x = self.builder_.emit(relax.op.reshape(x, [ours.n, ours.c * ours.h * ours.w]))
         if ours.overlap and flags["has_residual"]:  # the overlapped epilogue is flat (ops.sparse.output_shape)
             extra[-1] = self.builder_.emit(relax.op.reshape(extra[-1], sparse_ops.output_shape(ours)))
-        args = [x, *rows_consts(rows)]
+        args = [x, *rows_consts(rows, lengths=self.target_kind == "llvm")]
         op = partial(sparse_ops.sparse_conv2d, geo=ours, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
         # the schedules' vectors divide these (schedules/_common.domain_lanes)
         attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else
                  {"unsparse.row_domain": ours.ow} if ours.row_domain else {})
+        attrs.update({ROW_LENGTHS: 1} if self.target_kind == "llvm" and rows.group == 1 else {})
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape, **attrs})
         record_sparse(decision, rows, ep)
         record_bytes(decision, rows, None, weight)

@@ -70,7 +70,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.relay_passes._conv_match import strided_pointwise
     from unsparse_tvm.schedules import rule_for
-    from unsparse_tvm.schedules.quad_row_extents import trim_quad_loops
+    from unsparse_tvm.schedules.row_extents import trim_row_loops
 
     from unsparse_tvm.schedules import cpu_vector_lanes
 
@@ -81,7 +81,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     wq, wscale = quantize_weight(weight)
     rows = conv_quad_rows(wq, geo)
     comp, out_scale = epilogue_consts(wq, wscale, act)
-    off = rows.off_with_lengths()  # as the pass stores them on llvm: each row's length last (TrimQuadRows)
+    off = rows.off_with_lengths()  # as the pass stores them on llvm: each row's length last (TrimRowLoops)
     off = compact_offsets(off) if compact else off
     arrays = [x, rows.data, off, comp, out_scale] + [a for a in (bias, residual) if a is not None]
     holders = [te.placeholder(a.shape, str(a.dtype), f"a{i}") for i, a in enumerate(arrays)]
@@ -92,7 +92,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     func = func.with_attr("unsparse.row_domain", geo.ow) if geo.row_domain else func
     with target:
         sch = rule_for("sparse_conv2d_int8", "llvm").apply(func, target)
-    mod = tvm.IRModule({"main": trim_quad_loops(sch.mod["main"])})  # the loop over quads ends at the rows' lengths
+    mod = tvm.IRModule({"main": trim_row_loops(sch.mod["main"])})  # the loop over quads ends at the rows' lengths
     lib = tvm.compile(mod, target=kernel_target(target, mod))  # what compile builds it for
     lib.scheduled = mod["main"].script()  # for tests of the schedule's structure
     lib.row_domain = geo.row_domain

@@ -64,6 +64,12 @@ class SparseRows:
             size += self.ovf_data.size
         return int(size)
 
+    def off_with_lengths(self) -> np.ndarray:
+        """off [K, L + 1] (ungrouped rows): the offsets and, last, each row's stored entries (the main ELL part's,
+        for hyb), where its zero padding starts; schedules/row_extents ends the kernel's row loop there."""
+        lengths = (self.data != 0).sum(axis=1).astype(self.off.dtype)  # stored entries are nonzero, padding last
+        return np.concatenate([self.off, lengths[:, None]], axis=1)
+
     @property
     def sparsity(self) -> float:
         total = self.shape[0] * self.shape[1]

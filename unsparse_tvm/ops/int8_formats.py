@@ -79,7 +79,7 @@ class QuadRows:
 
     def off_with_lengths(self) -> np.ndarray:
         """off [K, L + 1]: the offsets and, in the last column, each row's stored quads (its zero padding
-        starts there), which schedules/quad_row_extents bounds the kernel's loop by."""
+        starts there), which schedules/row_extents bounds the kernel's loop by."""
         lengths = (self.data != 0).any(axis=2).sum(axis=1).astype(self.off.dtype)  # stored quads are nonzero
         return np.concatenate([self.off, lengths[:, None]], axis=1)
 

@@ -62,10 +62,10 @@ def _build_one(mod, target) -> str:
     import tvm
     from tvm.support.tar import tar
 
-    from unsparse_tvm.schedules.quad_row_extents import TrimQuadRows
+    from unsparse_tvm.schedules.row_extents import TrimRowLoops
     from unsparse_tvm.target import kernel_target
 
-    mod = TrimQuadRows()(mod)  # as compile builds it: int8 loops at the rows' lengths, for kernel_target
+    mod = TrimRowLoops()(mod)  # as compile builds it: int8 loops at the rows' lengths, for kernel_target
     rt_mod = tvm.tirx.build(mod, target=kernel_target(target, mod))
     path = os.path.join(tempfile.mkdtemp(prefix="unsparse-cand-"), "mod." + tar.output_format)
     try:

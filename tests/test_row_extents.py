@@ -1,6 +1,5 @@
-"""TrimQuadRows (schedules/quad_row_extents.py): the int8 conv's loop over stored quads ends at the longest
-row among the rows it serves, read from the offsets' last column; the padding after it is never multiplied."""
-
+"""TrimRowLoops (schedules/row_extents.py): a sparse conv's loop over its stored entries (int8 quads, fp32
+ell and hyb rows) ends at the longest row among the rows it serves, read from the offsets' last column."""
 import re
 
 import numpy as np
@@ -71,3 +70,37 @@ def test_other_isas_trim_too(mcpu):
     lib, *_ = build_int8_conv(x, weight, None, None, True, GEO, ActQuant.from_range(0.0, 3.0, 127), mcpu)
     loops = re.findall(r"for j in range\((.*)\):", lib.scheduled)
     assert loops and all("T.Cast" in extent for extent in loops)
+
+
+def _fp32_layer(fmt, rng):
+    from unsparse_tvm.single_layer import LayerSpec
+
+    weight = sparse_weight((24, 16, 3, 3), 0.9, rng, empty_rows=3, dense_rows=1)
+    bias = rng.standard_normal(24).astype(np.float32)
+    x = rng.standard_normal((2, 16, 13, 11)).astype(np.float32)
+    attrs = {"strides": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1}
+    return LayerSpec("conv2d", x.shape, weight, bias, True, attrs), x
+
+
+@pytest.mark.parametrize("fmt", ["ell", "hyb"])
+@pytest.mark.parametrize("short", [False, True])
+def test_fp32_row_loops_end_at_the_rows_lengths(fmt, short, llvm, monkeypatch):
+    """The fp32 ell rows (hyb's main part) store their lengths too: exact against PyTorch as stored, and wrong
+    when every row is said to be one entry shorter (the negative control)."""
+    from conftest import rel_err, run_layer, torch_conv
+    from unsparse_tvm.ops.formats import SparseRows
+
+    if short:
+        real = SparseRows.off_with_lengths
+
+        def one_short(self):
+            off = real(self)
+            off[:, -1] = np.maximum(off[:, -1].astype(np.int64) - 1, 0).astype(off.dtype)
+            return off
+
+        monkeypatch.setattr(SparseRows, "off_with_lengths", one_short)
+    spec, x = _fp32_layer(fmt, np.random.default_rng(2))
+    y, report = run_layer(spec, llvm, threshold=0.5, fmt=fmt, x=x)
+    assert report[0].format == fmt
+    ref = torch_conv(x, spec.weight, spec.bias, (1, 1), (1, 1, 1, 1), (1, 1), relu=True)
+    assert (rel_err(y, ref) < 1e-5) != short

@@ -1,15 +1,17 @@
-"""TrimQuadRows: the int8 conv's loop over stored quads runs to the longest row of the rows it serves, not to
-the layer's longest row.
+"""TrimRowLoops: a sparse conv's loop over its stored entries runs to the longest row among the rows it
+serves, not to the layer's longest row.
 
-The int8 weights are ELL rows padded to the layer's longest row, and the kernel's loop over them (`j`, the
-register tile's rows inside it) multiplied the padding too: a zero quad costs a vpdpbusd like any other.
-Rows differ a lot in length (resnet50 at 95% channel4 stores 1.92x its nonzero quads padded; to the longest
-of each pair of rows it would be 1.14x). The rewrite pass stores each row's quad count in an extra last
-column of the offsets (PrimFunc attr `names.ROW_LENGTHS`, llvm only); after scheduling (our rules, or a
-tuning record's trace) this pass sets the `j` loop's extent to the largest count among the rows its body
-serves, read from that column at run time. The padded quads stay in memory; only the loop stops before
-them. One thread, the same outputs bit for bit: resnet50 channel4 int8 95% 6.24 -> 5.73 ms, 90% 9.18 ->
-8.33; vgg16-cifar 90% 0.62 -> 0.58; unstructured 90% int8 resnet50 16.2 -> 15.1, vgg16-cifar 1.56 -> 1.44.
+The weights are ELL rows padded to the layer's longest row (hyb's main part: to its width), and the kernels'
+loop over them (`j`, the register tile's rows inside it) multiplied the padding too: a zero quad costs a
+vpdpbusd like any other, a zero weight an FMA. Rows differ a lot in length (resnet50 at 95% channel4 stores
+1.92x its nonzero int8 quads padded; to the longest of each pair of rows it would be 1.14x). The rewrite
+passes store each row's stored entries in an extra last column of the offsets (PrimFunc attr
+`names.ROW_LENGTHS`, llvm, ungrouped rows); after scheduling (our rules, or a tuning record's trace) this
+pass sets the `j` loop's extent to the largest count among the rows its body serves, read from that column
+at run time. The padding stays in memory; only the loop stops before it. One thread, the same outputs bit
+for bit: int8 resnet50 channel4 95% 6.24 -> 5.73 ms, 90% 9.18 -> 8.33, vgg16-cifar 90% 0.62 -> 0.58,
+unstructured 90% resnet50 16.2 -> 15.1, vgg16-cifar 1.56 -> 1.44; fp32 unstructured 90% resnet50 22.9 ->
+22.0 (AVX2 code: 25.1 -> 23.2), vgg16-cifar unchanged (its hyb rows were tight already).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from tvm import s_tir, sym, tirx
 
 from unsparse_tvm.ops import names
 
+TRIMMED = (names.SPARSE_CONV2D_INT8, names.SPARSE_CONV2D)  # their row loops as the schedules leave them
 MAX_GROUP = 64  # rows one `j` loop serves, at most (the extent reads each one's length once per loop)
 
 
-def trim_quad_loops(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """func with each `j` loop of its tensorized conv blocks bounded by its rows' lengths (see above)."""
+def trim_row_loops(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """func with each `j` loop of its conv update blocks bounded by its rows' lengths (see above)."""
     def on_for(loop: tirx.For) -> tirx.For:
         extent = _extent(loop) if isinstance(loop.extent, tirx.IntImm) else None
         if extent is None:
@@ -39,17 +42,14 @@ def trim_quad_loops(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def _extent(loop: tirx.For) -> tirx.PrimExpr | None:
     """max over the rows the loop's conv block reads of off[k, L], or None where `loop` is not a conv's loop
-    over all L stored quads (sparse_conv2d_int8's "conv": data [K, L, 4] int8, off [K, L + 1])."""
+    over all L stored entries of rows whose offsets off [K, L + 1] end with their lengths."""
     realize, inner = _conv_block(loop.body)
     if realize is None:
         return None
-    reads = [r.source for r in realize.block.reads]
-    data = next((b for b in reads if len(b.shape) == 3 and b.dtype == "int8"), None)
-    off = next((b for b in reads if len(b.shape) == 2 and b.dtype in ("int32", "uint16")), None)
-    if data is None or off is None:
-        return None
-    width = int(data.shape[1])
-    if int(loop.extent) != width or int(off.shape[1]) != width + 1:
+    width = int(loop.extent)
+    off = next((r.source for r in realize.block.reads if len(r.source.shape) == 2
+                and r.source.dtype in ("int32", "uint16") and int(r.source.shape[1]) == width + 1), None)
+    if off is None:
         return None
     bound = {iv.var.name: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
     j = next((v for n, v in bound.items() if n.startswith("v_j")), None)
@@ -116,14 +116,14 @@ def _max(exprs: list):
     return out
 
 
-@tvm.transform.module_pass(opt_level=0, name="TrimQuadRows")
-class TrimQuadRows:
-    """trim_quad_loops on every int8 conv PrimFunc that stores its row lengths (unscheduled ones have no
-    tensorized conv block, so they stay as they are)."""
+@tvm.transform.module_pass(opt_level=0, name="TrimRowLoops")
+class TrimRowLoops:
+    """trim_row_loops on every sparse conv PrimFunc that stores its row lengths (an unscheduled one has no
+    conv update block yet, so it stays as it is)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mod = mod.clone()
         for gv, func in list(mod.functions_items()):
-            if names.op_of(func) == names.SPARSE_CONV2D_INT8 and names.ROW_LENGTHS in func.attrs:
-                mod.update_func(gv, trim_quad_loops(func))
+            if names.op_of(func) in TRIMMED and names.ROW_LENGTHS in func.attrs:
+                mod.update_func(gv, trim_row_loops(func))
         return mod
