@@ -233,10 +233,10 @@ def fused_label(ep: Epilogue) -> str:
 
 def rows_consts(rows, lengths: bool = False) -> list[relax.Expr]:
     """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]
-    (reference.operand_arrays, which the GPU kit packs with too); lengths (ungrouped rows): each row's stored
+    (reference.operand_arrays, which the GPU kit packs with too); lengths: each row's (group's) stored
     entries as off's last column (schedules/row_extents ends the row loops there)."""
     arrays = operand_arrays(rows)
-    if lengths and rows.group == 1:
+    if lengths:
         arrays["off"] = compact_offsets(rows.off_with_lengths())
     return [relax.const(a) for a in arrays.values()]
 

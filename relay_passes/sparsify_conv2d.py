@@ -77,7 +77,7 @@ class _Sparsifier(ConvChainRewriter):
         # the schedules' vectors divide these (schedules/_common.domain_lanes)
         attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else
                  {"unsparse.row_domain": ours.ow} if ours.row_domain else {})
-        attrs.update({ROW_LENGTHS: 1} if self.target_kind == "llvm" and rows.group == 1 else {})
+        attrs.update({ROW_LENGTHS: 1} if self.target_kind == "llvm" else {})
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape, **attrs})
         record_sparse(decision, rows, ep)
         record_bytes(decision, rows, None, weight)

@@ -1,5 +1,6 @@
 """TrimRowLoops (schedules/row_extents.py): a sparse conv's loop over its stored entries (int8 quads, fp32
 ell and hyb rows) ends at the longest row among the rows it serves, read from the offsets' last column."""
+
 import re
 
 import numpy as np
@@ -82,11 +83,11 @@ def _fp32_layer(fmt, rng):
     return LayerSpec("conv2d", x.shape, weight, bias, True, attrs), x
 
 
-@pytest.mark.parametrize("fmt", ["ell", "hyb"])
+@pytest.mark.parametrize("fmt", ["ell", "hyb", "vell4"])
 @pytest.mark.parametrize("short", [False, True])
 def test_fp32_row_loops_end_at_the_rows_lengths(fmt, short, llvm, monkeypatch):
-    """The fp32 ell rows (hyb's main part) store their lengths too: exact against PyTorch as stored, and wrong
-    when every row is said to be one entry shorter (the negative control)."""
+    """The fp32 ell rows (hyb's main part, vell4's row groups) store their lengths too: exact against PyTorch as
+    stored, and wrong when every row is said to be one entry shorter (the negative control)."""
     from conftest import rel_err, run_layer, torch_conv
     from unsparse_tvm.ops.formats import SparseRows
 

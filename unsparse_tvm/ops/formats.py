@@ -65,9 +65,11 @@ class SparseRows:
         return int(size)
 
     def off_with_lengths(self) -> np.ndarray:
-        """off [K, L + 1] (ungrouped rows): the offsets and, last, each row's stored entries (the main ELL part's,
-        for hyb), where its zero padding starts; schedules/row_extents ends the kernel's row loop there."""
-        lengths = (self.data != 0).sum(axis=1).astype(self.off.dtype)  # stored entries are nonzero, padding last
+        """off [K, L + 1] ([G, L + 1] for vellV): the offsets and, last, each row's (group's) stored entries (the
+        main ELL part's, for hyb), where its zero padding starts; schedules/row_extents ends the kernel's row
+        loop there. A stored entry is nonzero (a group's: in at least one of its rows); padding comes last."""
+        nonzero = self.data != 0
+        lengths = (nonzero.any(axis=2) if nonzero.ndim == 3 else nonzero).sum(axis=1).astype(self.off.dtype)
         return np.concatenate([self.off, lengths[:, None]], axis=1)
 
     @property
