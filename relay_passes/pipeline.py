@@ -16,6 +16,7 @@ from unsparse_tvm.cost.model import BUILTIN, CostModel, X86Rates
 from .apply_tuning_records import ApplyTuningRecords
 from .canonical_clip import CanonicalizeClip
 from .fast_sigmoid import FastSigmoid
+from .vector_max_pool import VectorMaxPool
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
 from .lower_dense_conv2d import LowerDenseConv2d
@@ -58,8 +59,10 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
         phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, cost, quant),
                                     SparsifyDense(threshold, names, report, fmt, cost, quant)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
-    # (llvm: sigmoid/SiLU on a polynomial exp that vectorises, instead of a libm call per lane)
-    phases.append(("lower_dense", [LowerDenseConv2d()] + ([FastSigmoid()] if is_cpu else [])))
+    # (llvm: sigmoid/SiLU on a polynomial exp that vectorises, instead of a libm call per lane; the stem's
+    # 3x3/2 max pool as a vector kernel, instead of one scalar window per output)
+    cpu_ops = [FastSigmoid(), VectorMaxPool(cpu_vector_lanes(target)[0])] if is_cpu else []
+    phases.append(("lower_dense", [LowerDenseConv2d()] + cpu_ops))
     # Phase 4: TVM legalises and fuses everything else (our operators are opaque to FuseOps)
     phases.append(("legalize", [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                 relax.transform.FoldConstant(), relax.transform.FuseOps(),
