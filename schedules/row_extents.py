@@ -17,7 +17,9 @@ vector-4 (vell4 row groups) 1.02 -> 0.96.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 
 import tvm
 import tvm_ffi
@@ -58,7 +60,7 @@ def _extent(loop: tirx.For) -> tirx.PrimExpr | None:
     if j is None or k is None or not (isinstance(j, tirx.Var) and j.same_as(loop.loop_var)):
         return None
     used = [(var, ext) for var, ext in inner if _uses(k, var)]  # the register tile's rows inside the loop
-    if any(not isinstance(ext, tirx.IntImm) for _, ext in used) or _product(e for _, e in used) > MAX_GROUP:
+    if any(not isinstance(ext, tirx.IntImm) for _, ext in used) or math.prod(int(e) for _, e in used) > MAX_GROUP:
         return None
     analyzer = sym.Analyzer()
     lengths = []
@@ -66,7 +68,7 @@ def _extent(loop: tirx.For) -> tirx.PrimExpr | None:
         values = {var: tirx.const(p, str(var.ty.dtype)) for (var, _), p in zip(used, point)}
         row = analyzer.simplify(_substitute(k, values))
         lengths.append(tirx.Cast("int32", tirx.BufferLoad(off, [row, tirx.const(width, str(row.ty.dtype))])))
-    return _max(lengths)
+    return functools.reduce(tirx.Max, lengths)
 
 
 def _conv_block(body: tirx.Stmt):
@@ -101,20 +103,6 @@ def _uses(expr, var) -> bool:
 def _substitute(expr, values: dict):
     return tvm_ffi.structural_map(expr, [(tirx.Var, lambda v: next((c for var, c in values.items()
                                                                     if var.same_as(v)), v))])
-
-
-def _product(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
-def _max(exprs: list):
-    out = exprs[0]
-    for e in exprs[1:]:
-        out = tirx.Max(out, e)
-    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="TrimRowLoops")

@@ -66,6 +66,15 @@ def llvm():
     return make_target("llvm")
 
 
+def cpu_target(mcpu: str | None = None):
+    """The llvm target for LLVM CPU model `mcpu` (default this machine's), as compile makes it."""
+    import tvm
+
+    from unsparse_tvm.target import llvm_target_dict
+
+    return tvm.target.Target(llvm_target_dict(mcpu))
+
+
 @pytest.fixture(scope="session")
 def cuda():
     from unsparse_tvm.target import make_target

@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from conftest import cpu_target
 from unsparse_tvm.cost import calibration
 from unsparse_tvm.cost.calibration_layers import LAYERS, fit_rates
 from unsparse_tvm.errors import UnsparseError
@@ -53,14 +54,6 @@ def test_fit_recovers_the_rates_of_a_machine_that_follows_the_model():
     assert all(r["predicted_seconds"] == pytest.approx(r["seconds"], rel=0.02) for r in fit)
 
 
-def _target(mcpu=None):
-    import tvm
-
-    from unsparse_tvm.target import llvm_target_dict
-
-    return tvm.target.Target(llvm_target_dict(mcpu))
-
-
 def _store(rates, target, threads, **changes) -> str:
     ident = calibration.identity(target, threads)
     path = calibration.cache_path(ident)
@@ -74,7 +67,7 @@ def _store(rates, target, threads, **changes) -> str:
 
 
 def test_compile_uses_the_cached_calibration_and_says_so(cache, monkeypatch, capsys):
-    target = _target()
+    target = cpu_target()
     mine = dataclasses.replace(BUILTIN, ell=3e9)
     path = _store(mine, target, 3)
     monkeypatch.setenv("TVM_NUM_THREADS", "3")
@@ -95,7 +88,7 @@ def test_compile_uses_the_cached_calibration_and_says_so(cache, monkeypatch, cap
     ("binary", lambda p: open(p, "wb").write(b"\xff\xfe\x00garbage")),
 ])
 def test_damaged_or_foreign_file_is_ignored_with_one_warning_and_measured_again(cache, monkeypatch, capsys, why, damage):
-    target = _target()
+    target = cpu_target()
     path = _store(BUILTIN, target, calibration.run_threads())
     damage(path)
     monkeypatch.setattr(calibration, "calibrate_rates", lambda t, n, log=print: dataclasses.replace(BUILTIN, source="again"))
@@ -114,17 +107,17 @@ def test_off_cuda_and_foreign_code_keep_the_built_in_rates(cache, monkeypatch, c
     from unsparse_tvm.target import make_target
 
     monkeypatch.setattr(calibration, "calibrate_rates", lambda *a, **k: pytest.fail("must not calibrate"))
-    assert calibration.rates_for(_target(), calibrate=False) is BUILTIN
+    assert calibration.rates_for(cpu_target(), calibrate=False) is BUILTIN
     assert "built-in x86 rates (--no-calibrate)" in capsys.readouterr().out
     monkeypatch.setenv(calibration.MODE_ENV, "off")
-    assert calibration.rates_for(_target()) is BUILTIN
+    assert calibration.rates_for(cpu_target()) is BUILTIN
     assert "UNSPARSE_CALIBRATION=off" in capsys.readouterr().out
     monkeypatch.delenv(calibration.MODE_ENV)
     assert calibration.rates_for(make_target("cuda", "sm_90")) is BUILTIN
     from unsparse_tvm import hostcpu
 
     monkeypatch.setattr(hostcpu, "host_features", lambda: frozenset({"avx", "avx2", "fma"}))
-    assert calibration.rates_for(_target("skylake-avx512")) is BUILTIN
+    assert calibration.rates_for(cpu_target("skylake-avx512")) is BUILTIN
     assert "does not run here" in capsys.readouterr().out
 
 
@@ -137,10 +130,10 @@ def test_a_busy_machine_stores_nothing_that_is_far_off(cache, monkeypatch):
     monkeypatch.setattr(layers, "measure_layers", lambda target, threads, log=print: _rows(fast))
     monkeypatch.setattr(calibration, "_busy_cores", lambda *a: 1.5)
     with pytest.raises(UnsparseError, match=r"the machine is busy .* 3\.0x off the built-in ones"):
-        calibration.calibrate_rates(_target(), 2, log=lambda m: None)
+        calibration.calibrate_rates(cpu_target(), 2, log=lambda m: None)
     assert not cache.exists() or not os.listdir(cache)
     monkeypatch.setattr(calibration, "_busy_cores", lambda *a: 0.0)
-    rates = calibration.calibrate_rates(_target(), 2, log=lambda m: None)
+    rates = calibration.calibrate_rates(cpu_target(), 2, log=lambda m: None)
     assert rates.ell == pytest.approx(3 * BUILTIN.ell, rel=0.01) and len(os.listdir(cache)) == 1
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_one_line_error, sparse_weight
+from conftest import assert_one_line_error, cpu_target, sparse_weight
 from unsparse_tvm.cli import main
 from unsparse_tvm.ops.formats import ConvGeometry
 from unsparse_tvm.target import kernel_target, target_cpu_features
@@ -50,14 +50,6 @@ CASES = [
 ]
 
 
-def _target(mcpu):
-    import tvm
-
-    from unsparse_tvm.target import llvm_target_dict
-
-    return tvm.target.Target(llvm_target_dict(mcpu))
-
-
 def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsample=False, compact=True):
     """Build int8_ops.sparse_conv2d_int8 with the x86 rule for `mcpu`: (lib, arrays, out shape, wq, wscale, target).
     subsample: a strided 1x1 geo built as the pass does on llvm (stride 1, every s-th input read in place);
@@ -74,7 +66,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
 
     from unsparse_tvm.schedules import cpu_vector_lanes
 
-    target = _target(mcpu)
+    target = cpu_target(mcpu)
     sub = geo.stride if subsample else (1, 1)
     # as the pass: a strided 1x1 on its subsampled input, or output rows of whole vectors as the domain
     geo = strided_pointwise(geo) if subsample else geo.with_row_domain(cpu_vector_lanes(target)[0])
@@ -126,7 +118,7 @@ def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     signed = bool(rng.integers(2))  # a network input (zero point in the middle) or a post-ReLU activation
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     x = x if signed else np.abs(x)
-    act = ActQuant.from_range(float(x.min()), float(x.max()) * 0.8, act_qmax(_target(mcpu)))  # some clip at qmax
+    act = ActQuant.from_range(float(x.min()), float(x.max()) * 0.8, act_qmax(cpu_target(mcpu)))  # some clip at qmax
     bias = rng.standard_normal(k).astype(np.float32) if k % 2 == 0 else None
     residual = rng.standard_normal((n, k, geo.oh, geo.ow)).astype(np.float32) if rng.integers(2) else None
     relu = bool(rng.integers(2))

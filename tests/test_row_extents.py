@@ -26,6 +26,18 @@ def _build(rng):
     return lib, arrays, out_shape, target, ref, tolerance
 
 
+def _lengths_one_short(monkeypatch, rows_class) -> None:
+    """rows_class.off_with_lengths says every row is one entry shorter than it is (the negative control)."""
+    real = rows_class.off_with_lengths
+
+    def one_short(self):
+        off = real(self)
+        off[:, -1] = np.maximum(off[:, -1].astype(np.int64) - 1, 0).astype(off.dtype)
+        return off
+
+    monkeypatch.setattr(rows_class, "off_with_lengths", one_short)
+
+
 def test_quad_loop_ends_at_the_rows_lengths():
     lib, arrays, out_shape, target, ref, tolerance = _build(np.random.default_rng(0))
     loops = re.findall(r"for j in range\((.*)\):", lib.scheduled)
@@ -37,14 +49,7 @@ def test_quad_loop_ends_at_the_rows_lengths():
 def test_lengths_one_short_drop_each_rows_last_quad(monkeypatch):
     """The negative control: the same kernel told every row is one quad shorter computes something else, so
     the loop really ends where the lengths say."""
-    real = QuadRows.off_with_lengths
-
-    def short(self):
-        off = real(self)
-        off[:, -1] = np.maximum(off[:, -1].astype(np.int64) - 1, 0).astype(off.dtype)
-        return off
-
-    monkeypatch.setattr(QuadRows, "off_with_lengths", short)
+    _lengths_one_short(monkeypatch, QuadRows)
     lib, arrays, out_shape, target, ref, tolerance = _build(np.random.default_rng(0))
     skip_unless_runs_here(target)
     assert not (np.abs(run_built(lib, arrays, out_shape) - ref) <= tolerance).all()
@@ -92,14 +97,7 @@ def test_fp32_row_loops_end_at_the_rows_lengths(fmt, short, llvm, monkeypatch):
     from unsparse_tvm.ops.formats import SparseRows
 
     if short:
-        real = SparseRows.off_with_lengths
-
-        def one_short(self):
-            off = real(self)
-            off[:, -1] = np.maximum(off[:, -1].astype(np.int64) - 1, 0).astype(off.dtype)
-            return off
-
-        monkeypatch.setattr(SparseRows, "off_with_lengths", one_short)
+        _lengths_one_short(monkeypatch, SparseRows)
     spec, x = _fp32_layer(fmt, np.random.default_rng(2))
     y, report = run_layer(spec, llvm, threshold=0.5, fmt=fmt, x=x)
     assert report[0].format == fmt

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compile_int8, int8_ready
+from conftest import compile_int8, cpu_target, int8_ready
 from unsparse_tvm.ops import names
 
 
@@ -17,14 +17,6 @@ def _module(op):
     a = te.placeholder((16,), "float32", name="a")
     func = te.create_prim_func([a, te.compute((16,), lambda i: a[i] * 2.0, name="b")])
     return tvm.IRModule({"main": func.with_attr(names.OP_ATTR, op) if op else func})
-
-
-def _target(mcpu):
-    import tvm
-
-    from unsparse_tvm.target import llvm_target_dict
-
-    return tvm.target.Target(llvm_target_dict(mcpu))
 
 
 class _Net(torch.nn.Module):
@@ -50,7 +42,7 @@ def test_kernel_target_widens_int8_kernels_on_avx512_only(mcpu, op, wide, monkey
 
     from unsparse_tvm import target as tg
 
-    base = _target(mcpu)
+    base = cpu_target(mcpu)
     got = tg.kernel_target(base, _module(op))
     assert ("-prefer-256-bit" in [str(a) for a in got.attrs.get("mattr", [])]) == wide
     assert str(got.attrs["mcpu"]) == mcpu and tg.target_cpu_features(got) == tg.target_cpu_features(base)
@@ -75,7 +67,7 @@ def test_int8_write_back_runs_in_whole_registers(wide, monkeypatch):
     torch.manual_seed(0)
     net = _Net().eval()
     ranges = int8_ready(net, (1, 3, 16, 16), 0.7)
-    compiled = compile_program(export_program(net, (1, 3, 16, 16)), _target("cascadelake"), threshold=0.5,
+    compiled = compile_program(export_program(net, (1, 3, 16, 16)), cpu_target("cascadelake"), threshold=0.5,
                                activations=ranges)
     widths = []
     for lib in compiled.executable.mod._collect_dso_modules():

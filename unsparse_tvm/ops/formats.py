@@ -65,12 +65,8 @@ class SparseRows:
         return int(size)
 
     def off_with_lengths(self) -> np.ndarray:
-        """off [K, L + 1] ([G, L + 1] for vellV): the offsets and, last, each row's (group's) stored entries (the
-        main ELL part's, for hyb), where its zero padding starts; schedules/row_extents ends the kernel's row
-        loop there. A stored entry is nonzero (a group's: in at least one of its rows); padding comes last."""
-        nonzero = self.data != 0
-        lengths = (nonzero.any(axis=2) if nonzero.ndim == 3 else nonzero).sum(axis=1).astype(self.off.dtype)
-        return np.concatenate([self.off, lengths[:, None]], axis=1)
+        """offsets_with_lengths of these rows (hyb: of its main ELL part; vellV: per row group)."""
+        return offsets_with_lengths(self.data, self.off)
 
     @property
     def sparsity(self) -> float:
@@ -178,6 +174,15 @@ def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None =
     tails += [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * (rows - len(tails))
     ovf_data, ovf_off = _pack([t[0] for t in tails], [t[1] for t in tails], longest - l1)
     return SparseRows("hyb", data, off, int(row_nnz.sum()), (k, ncols), ovf_data, ovf_off, slot, row_nnz)
+
+
+def offsets_with_lengths(data: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """off [K, L + 1]: the offsets and, last, each row's stored entries, where its zero padding starts;
+    schedules/row_extents ends the kernels' row loops there. data is [K, L] (ell, hyb), [G, L, V] (vellV's row
+    groups) or [K, L, 4] (int8 quads): a stored entry is nonzero somewhere along the last axis, padding last."""
+    nonzero = data != 0
+    lengths = (nonzero.any(axis=2) if nonzero.ndim == 3 else nonzero).sum(axis=1).astype(off.dtype)
+    return np.concatenate([off, lengths[:, None]], axis=1)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import ConvGeometry
+from .formats import ConvGeometry, offsets_with_lengths
 
 QUAD = 4
 
@@ -78,10 +78,8 @@ class QuadRows:
         return int(self.data.shape[0] * self.data.shape[1] * QUAD)
 
     def off_with_lengths(self) -> np.ndarray:
-        """off [K, L + 1]: the offsets and, in the last column, each row's stored quads (its zero padding
-        starts there), which schedules/row_extents bounds the kernel's loop by."""
-        lengths = (self.data != 0).any(axis=2).sum(axis=1).astype(self.off.dtype)  # stored quads are nonzero
-        return np.concatenate([self.off, lengths[:, None]], axis=1)
+        """formats.offsets_with_lengths of these rows: each row's stored quads in the last column."""
+        return offsets_with_lengths(self.data, self.off)
 
 
 def record_int8(decision, rows: QuadRows, *consts: np.ndarray, off: np.ndarray | None = None) -> None:
