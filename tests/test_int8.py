@@ -14,6 +14,7 @@ import torch.nn as nn
 from conftest import assert_one_line_error, cpu_target, sparse_weight
 from unsparse_tvm.cli import main
 from unsparse_tvm.ops.formats import ConvGeometry
+from unsparse_tvm.schedules.x86_int8 import act_qmax
 from unsparse_tvm.target import kernel_target, target_cpu_features
 from unsparse_tvm.testing.isa import skip_unless_runs_here
 from unsparse_tvm.ops.int8_formats import (ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, torch_quantize,
@@ -109,7 +110,7 @@ SUBSAMPLED = [(3, 16, 5, 5, 24, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 0.9),   # re
 def test_int8_conv_is_the_integer_arithmetic(case, mcpu):
     """Exact in the integers: see QUANTUM_SHARE. Every path's assembly is checked on every machine, its
     numerics where this CPU runs it."""
-    from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
+    from unsparse_tvm.schedules.x86_int8 import int8_kind
 
     n, c, h, w, k, r, s, stride, pad, dil, sp = case[:11]
     rng = np.random.default_rng(zlib.crc32(repr((case, mcpu)).encode()))  # hash(None) varies per run in 3.11
@@ -145,7 +146,7 @@ def test_int8_offsets_are_uint16_where_they_fit_and_int32_elsewhere(compact):
     weight = sparse_weight((16, 12, 3, 3), 0.8, rng)
     geo = ConvGeometry(2, 12, 9, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     x = np.abs(rng.standard_normal((2, 12, 9, 7))).astype(np.float32)
-    act = ActQuant.from_range(0.0, float(x.max()), 255)
+    act = ActQuant.from_range(0.0, float(x.max()), act_qmax(cpu_target(None)))  # 127 without VNNI (saturation)
     lib, arrays, out_shape, wq, wscale, target = build_int8_conv(x, weight, None, None, True, geo, act, compact=compact)
     assert str(arrays[2].dtype) == ("uint16" if compact else "int32")
     assert ('"uint16"' in lib.scheduled) == compact  # tensorized by the intrinsic of that offset type
@@ -165,7 +166,7 @@ def test_int8_epilogue_joins_the_write_back_where_the_output_is_the_flat_domain(
     weight = sparse_weight((8, 12, 1, 1), 0.8, rng)
     geo = ConvGeometry(1, 12, size, size, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
     x = np.abs(rng.standard_normal((1, 12, size, size))).astype(np.float32)
-    act = ActQuant.from_range(0.0, float(x.max()), 255)
+    act = ActQuant.from_range(0.0, float(x.max()), act_qmax(cpu_target(None)))  # 127 without VNNI (saturation)
     lib, *_ = build_int8_conv(x, weight, None, None, True, geo, act)
     assert geo.flat_output == fused
     assert ('T.sblock("epilogue' in lib.scheduled) == (not fused)
@@ -181,7 +182,7 @@ def test_int8_row_domain_joins_the_write_back(stride, pad, k):
     geo = ConvGeometry(1, 8, size, size, 8, k, k, (stride, stride), (pad,) * 4, (1, 1))
     weight = sparse_weight((8, 8, k, k), 0.8, rng)
     x = np.abs(rng.standard_normal((1, 8, size, size))).astype(np.float32)
-    act = ActQuant.from_range(0.0, float(x.max()), 255)
+    act = ActQuant.from_range(0.0, float(x.max()), act_qmax(cpu_target(None)))  # 127 without VNNI (saturation)
     lib, arrays, out_shape, wq, wscale, target = build_int8_conv(x, weight, None, None, True, geo, act)
     assert geo.ow == 16 and geo.wq > 16 and lib.row_domain
     assert 'T.sblock("epilogue' not in lib.scheduled
@@ -289,7 +290,6 @@ def test_compiled_smallcnn_runs_the_integer_arithmetic(llvm, monkeypatch):
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
     from unsparse_tvm.models import build_model, export_program
-    from unsparse_tvm.schedules.x86_int8 import act_qmax
 
     torch.manual_seed(0)
     model = build_model("smallcnn")
@@ -380,7 +380,6 @@ def test_int8_design_space_points_are_exact(llvm):
 
     from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.schedules import rule_for
-    from unsparse_tvm.schedules.x86_int8 import act_qmax
 
     geo = ConvGeometry(2, 8, 9, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     rng = np.random.default_rng(7)
@@ -414,7 +413,6 @@ def test_int8_linear_is_the_integer_arithmetic(batch, fin, fout, relu, llvm):
 
     from unsparse_tvm.ops import sparse_int8 as int8_ops
     from unsparse_tvm.schedules import rule_for
-    from unsparse_tvm.schedules.x86_int8 import act_qmax
 
     rng = np.random.default_rng(fin)
     weight = sparse_weight((fout, fin), 0.7, rng, empty_rows=1, dense_rows=1)
@@ -454,7 +452,7 @@ def test_foreign_pt2_quantize_activations_then_compile(tmp_path, capsys):
 
 def test_mcpu_override_picks_the_avx2_path(monkeypatch):
     from unsparse_tvm.errors import UnsparseError
-    from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
+    from unsparse_tvm.schedules.x86_int8 import int8_kind
     from unsparse_tvm.target import make_target
 
     monkeypatch.setenv("UNSPARSE_MCPU", "haswell")

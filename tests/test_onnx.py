@@ -284,8 +284,13 @@ def _qdq_file(model: str, folder) -> str:
             return next(self.batches, None)
 
     path = str(folder / "qdq.onnx")
+    # Without VNNI, ONNX Runtime's u8 x s8 products go through AVX2's saturating vpmaddubsw: 7-bit weights
+    # (reduce_range, what its docs advise there) keep its reference exact; the file is QDQ either way.
+    from unsparse_tvm.hostcpu import host_features
+
     quantize_static(fp32, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    reduce_range="avx512vnni" not in host_features() and "avxvnni" not in host_features())
     return path
 
 

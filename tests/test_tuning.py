@@ -60,7 +60,7 @@ def test_extract_tasks_dedupes_and_keeps_real_arrays(llvm):
     for t in tasks:
         params = t.mod["main"].params
         assert len(t.args) == len(params) and t.calls == 1 and t.flops > 0
-        ints = [a for a in t.args if a is not None and a.dtype == np.int32]
+        ints = [a for a in t.args if a is not None and np.issubdtype(a.dtype, np.integer)]  # uint16 where they fit
         assert ints, "the index arrays of the call site travel with the task"
         assert all(a.min() >= 0 for a in ints if a.ndim == 2)  # offsets (hyb's slot uses -1 for "none")
         assert t.args[0] is None and t.args[-1] is None  # activation and output: not constants
@@ -439,7 +439,8 @@ def test_committed_log_matches_the_model_it_was_tuned_for(log, llvm):
 
 def test_a_large_input_gets_design_spaces_in_both_loop_orders(llvm):
     """Where the input outgrows L2 (a 256-channel 1x1 on 56x56: 3.2 MB), the tuner may choose the loop
-    order too (spatial_outer): twice the design spaces of the same layer on 14x14, each replaying."""
+    order too (spatial_outer): twice the design spaces of the same layer on 16x16, each replaying. (16x16, not
+    14x14: 196 positions pad to 200 for AVX2's 8 lanes, which drops the 16-lane spaces there and not at 56x56.)"""
     from tvm import s_tir
 
     from unsparse_tvm.relay_passes import build_pipeline
@@ -448,7 +449,7 @@ def test_a_large_input_gets_design_spaces_in_both_loop_orders(llvm):
 
     weight = sparse_weight((64, 256, 1, 1), 0.9, np.random.default_rng(4))
     counts = []
-    for size in (56, 14):
+    for size in (56, 16):
         spec = LayerSpec("conv2d", (1, 256, size, size), weight, None, True,
                          {"strides": [1, 1], "padding": [0] * 4, "dilation": [1, 1], "groups": 1})
         func = build_pipeline(llvm, threshold=0.5, fmt="ell", stop_after="legalize")(layer_module(spec))["sparse_conv2d"]
