@@ -290,7 +290,7 @@ def _qdq_file(model: str, folder) -> str:
 
     quantize_static(fp32, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    reduce_range="avx512vnni" not in host_features() and "avxvnni" not in host_features())
+                    reduce_range=not {"avx512vnni", "avxvnni"} & host_features())
     return path
 
 
