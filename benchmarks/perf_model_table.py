@@ -18,7 +18,7 @@ import torch
 
 from unsparse_tvm.ops.formats import ConvGeometry
 from unsparse_tvm.models import build_model
-from unsparse_tvm.cost.gpu import H200, Knobs, layer_table
+from unsparse_tvm.cost.gpu import H200, H200_FITTED, Knobs, layer_table
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -63,7 +63,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write every prediction here")
     ap.add_argument("--sparsity", type=float, default=0.9, help="the sparsity of the printed table")
+    ap.add_argument("--gpu", choices=("fitted", "built-in"), default="fitted",
+                    help="the constants: fitted to the GPU kit's measurements (cost.gpu.H200_FITTED) or the datasheet's")
     args = ap.parse_args(argv)
+    gpu = H200_FITTED if args.gpu == "fitted" else H200
     everything = []
     print("| layer | batch | ours (us) | bound | vector-4 (us) | cuDNN FP32 | TF32 | FP16 | vs FP32 | vs TF32 | "
           "vs FP16 | vector-4 vs FP32 | overtakes FP32 / TF32 / FP16 at |")
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         for shape, count in conv_shapes(model).items():
             for batch in (1, 8):
                 name = name_of(model, shape, count)
-                rows = layer_table([(name, geometry(shape, batch))], SPARSITIES, Knobs(), H200)
+                rows = layer_table([(name, geometry(shape, batch))], SPARSITIES, Knobs(), gpu)
                 for r in rows:
                     r["count"] = count
                 everything += rows
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"model": "unsparse_tvm.cost.gpu", "gpu": H200.__dict__, "knobs": Knobs().__dict__,
+            json.dump({"model": "unsparse_tvm.cost.gpu", "gpu": gpu.__dict__, "knobs": Knobs().__dict__,
                        "rows": everything}, f, indent=1)
         os.replace(tmp, args.json)
     return 0

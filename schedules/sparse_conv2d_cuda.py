@@ -34,16 +34,33 @@ OPS = (OP, names.SPARSE_CONV2D_GROUPED)  # grouped rows (vellV): the same schedu
 
 @dataclass
 class Config:
-    threads_q: int = 64    # threads over output positions (two warps: coalesced loads)
+    threads_q: int = 0     # threads over output positions (coalesced loads); 0: auto_threads_q
     threads_k: int = 2     # threads over output channels (different rows in one block)
     per_thread: int = 2    # outputs per thread kept in registers
     batch_per_thread: int = 2  # images per thread (clamped to a divisor of the batch): weight loads shared
 
 
 
+LONG_ROW = 64  # stored entries per row from which one image runs on one-warp blocks (auto_threads_q)
+
+
+def auto_threads_q(batch: int, width: int) -> int:
+    """threads_q where Config leaves it 0: one warp (32) for one image whose rows hold >= LONG_ROW stored
+    entries (ELL width), else two (64). Fitted on the H200 knob grid (benchmarks/results/2026-12-04-h200):
+    on one image with long rows, 32 threads were faster than 64 on 28 of 33 workloads (geomean 0.83x the
+    time; twice as many blocks for 132 SMs, each row's work no longer spread over few); with short rows or
+    8 images, 32 was no better (geomean 1.00-1.01x). cost.gpu.predict_sparse mirrors this."""
+    return 32 if batch == 1 and width >= LONG_ROW else 64
+
+
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
-    _schedule(sch, cfg.threads_q, cfg.threads_k, cfg.per_thread, cfg.batch_per_thread, clamp=True)
+    threads_q = cfg.threads_q
+    if not threads_q:
+        loops = sch.get_loops(sch.get_sblock("conv"))
+        batch, width = extents(sch, [loops[0], loops[-1]])
+        threads_q = auto_threads_q(batch, width)
+    _schedule(sch, threads_q, cfg.threads_k, cfg.per_thread, cfg.batch_per_thread, clamp=True)
 
 
 def space(sch: s_tir.Schedule) -> None:

@@ -326,3 +326,22 @@ def test_cuda_epilogue_fuses_exactly_where_the_output_is_flat(r, stride, pad, si
     assert ('T.sblock("epilogue")' in func.script()) == (not fused)
     y = OpenCLModule(sched, pocl)(*inputs)
     check(y[0] if isinstance(y, tuple) else y, ref)  # an exported program's main returns a tuple
+
+
+@pytest.mark.parametrize("case,threads", [
+    ((1, 64, 14, 14, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.8), 32),   # one image, ~115 entries a row
+    ((1, 48, 14, 14, 32, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9), 64),   # one image, rows of <= 48 entries
+    ((8, 64, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.8), 64),     # eight images, long rows
+], ids=["b1-long", "b1-short", "b8-long"])
+def test_auto_threads_q_follows_batch_and_row_length(case, threads, pocl):
+    """Config.threads_q = 0 (the default) picks one warp per block for one image with long rows and two
+    elsewhere (auto_threads_q, fitted on the H200 grid), and both schedules stay right."""
+    import re
+
+    mod, x, ref, threshold = conv_layer(case)
+    sched = schedule_for_cuda(mod, threshold=threshold, fmt="ell")
+    conv = [f for gv, f in sched.functions_items() if "sparse_conv2d" in gv.name_hint]
+    bound = {int(m) for f in conv
+             for m in re.findall(r'thread_binding\((?:T\.int64\()?(\d+)\)?, thread="threadIdx.x"\)', f.script())}
+    assert threads in bound and ({32, 64} - {threads}).isdisjoint(bound)  # the pad and epilogue copies take 256
+    check(OpenCLModule(sched, pocl)(x), ref)

@@ -83,7 +83,7 @@ class LayerRuns:
                     entry["rel_err"] = rel_error(out, ref)
                     if entry["rel_err"] > CHECK_RTOL["layer"]:
                         entry["error"] = "wrong result: not timed"
-                    else:
+                    elif not self.args.profile:  # under a profiler the check's launch is the one profiled
                         sets = [[self.to_tvm(x)] + args + [self.to_tvm(out)] for x in xd]
                         entry.update(self.timer(f, sets))
                 except Exception as err:
@@ -91,7 +91,7 @@ class LayerRuns:
                     if not self.dry:
                         self.check_context(where, entry)
                 row["kernels"].append(entry)
-            if section == "layers" and not light:
+            if section == "layers" and not light and not self.args.profile:
                 row["torch"] = self.time_torch_layer(layer, wt, bt, xs)
             self.result[section].append(row)
             del dev_arrays, out

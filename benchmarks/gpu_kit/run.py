@@ -162,7 +162,7 @@ class Run(LayerRuns, ModelRuns):
                                        sg[1]["batch"], sg[1]["name"]))
         self.cache = {}
         for n, (section, g) in enumerate(order):
-            if not self.selected(g["name"]):
+            if not self.selected(g["name"]) or (self.args.profile and section == "models"):
                 continue
             if self.over_budget():
                 self.result["skipped"].append({"group": g["name"], "why": "time budget"})
@@ -226,9 +226,11 @@ def main(argv=None):
                     help="stop starting new groups after this many seconds (default fits an 8-minute device call)")
     ap.add_argument("--only", help="regex over group names (e.g. 'resnet50.*s0.9')")
     ap.add_argument("--emulate-max-flops", type=float, default=2e8, help="dry run: numpy-emulate layers up to this")
+    ap.add_argument("--profile", action="store_true",
+                    help="for a profiler (ncu): every kernel launched once, for its check; nothing timed, no cuDNN")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    if not args.dry_run and args.repeat < 50:
+    if not args.dry_run and not args.profile and args.repeat < 50:
         ap.error("--repeat must be at least 50 on the GPU")
     if args.dry_run:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

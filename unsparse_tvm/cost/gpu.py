@@ -46,14 +46,30 @@ class GPU:
     cudnn_fp32_eff: float = 0.65
     cudnn_tf32_eff: float = 0.45
     cudnn_fp16_eff: float = 0.50
+    # per call, besides the work: one launch (fitted: PyTorch's dispatch and cuDNN's extra kernels too)
+    cudnn_fp32_fixed_s: float = 3e-6
+    cudnn_tf32_fixed_s: float = 3e-6
+    cudnn_fp16_fixed_s: float = 3e-6
+    dense_conv_factor: float = 1.0    # TVM's dense direct conv (schedules/dense_conv2d_cuda) over this model of it
 
 
 H200 = GPU()
+# The same model with its constants fitted to the first GPU kit run (benchmarks/gpu_report.py --fit on
+# benchmarks/results/2026-12-04-h200: 792 conv rows, default knobs, batch 1 and 8, sparsity 0.5-0.98). Ours:
+# median 1.19x off (1.49x with H200's). cuDNN through PyTorch: FP32 reaches 28% of its peak past ~2.5 us
+# per call; TF32 and FP16 channels-last ~10% past ~35 us per call (PyTorch's dispatch and cuDNN's extra
+# kernels): median 1.51x / 1.36x / 1.32x off (2.06x / 6.2x / 8.6x). TVM's dense whole models ran 1.44-3.4x
+# slower than this model of their convs (vgg16 6.17 / 24.1 ms at batch 1 / 8, resnet50 9.48 / 11.5 ms):
+# dense_conv_factor is the smallest of those. cost.model's sparse-vs-dense choice on cuda uses these.
+H200_FITTED = replace(H200, name="NVIDIA H200 (SXM), fitted 2026-12-04", launch_s=6.6e-6, dense_conv_factor=1.44,
+                      l1_wavefronts_per_clk=1.05, warps_to_hide_latency=50, l2_bytes_s=11.8e12,
+                      cudnn_fp32_eff=0.28, cudnn_tf32_eff=0.095, cudnn_fp16_eff=0.106,
+                      cudnn_fp32_fixed_s=2.5e-6, cudnn_tf32_fixed_s=35e-6, cudnn_fp16_fixed_s=37e-6)
 
 
 @dataclass(frozen=True)
 class Knobs:  # sparse_conv2d_cuda.Config, as the model needs it
-    threads_q: int = 64
+    threads_q: int = 0  # 0: as sparse_conv2d_cuda.auto_threads_q (32 for one image with rows of >= 64, else 64)
     threads_k: int = 2
     per_thread: int = 2
     batch_per_thread: int = 2
@@ -93,6 +109,8 @@ def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(
     n, k, q = geo.n, geo.k, geo.q_extent
     fmt = choose_format(row_nnz, HYB_MIN_SAVING["cuda"])  # as the CUDA pass would
     width, hyb = ell_width(row_nnz, fmt), fmt == "hyb"
+    if not knobs.threads_q:  # the schedule's auto_threads_q (schedules/ is not imported by cost/)
+        knobs = replace(knobs, threads_q=32 if n == 1 and width >= 64 else 64)
     pt = knobs.per_thread if q % (knobs.per_thread * knobs.threads_q) == 0 else 1  # as the schedule clamps
     bt = math.gcd(n, knobs.batch_per_thread)
     tk = math.gcd(k, knobs.threads_k)
@@ -133,9 +151,10 @@ def predict_cudnn(geo: ConvGeometry, mode: str = "fp32", gpu: GPU = H200) -> Pre
     waves = tiles / (math.ceil(tiles / slots) * slots)  # share of the last wave's slots doing work
     compute = flops / (peak * eff * waves)
     memory = size * (geo.n * geo.c * geo.h * geo.w + geo.k * geo.c * geo.r * geo.s + m * cols) / gpu.dram_bytes_s
-    terms = {"compute": compute, "memory": memory, "launch": gpu.launch_s}
+    fixed = getattr(gpu, f"cudnn_{mode}_fixed_s")
+    terms = {"compute": compute, "memory": memory, "launch": fixed}
     bound = "compute" if compute >= memory else "memory"
-    return Prediction(max(compute, memory) + gpu.launch_s, bound, terms)
+    return Prediction(max(compute, memory) + fixed, bound, terms)
 
 
 def layer_table(geos: list[tuple[str, ConvGeometry]], sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98),

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..ops.formats import ConvGeometry, SparseRows
 from ..ops.quant_formats import fp32_nbytes
-from .gpu import H200, Knobs, predict_sparse
+from .gpu import H200_FITTED, Knobs, predict_sparse
 
 @dataclass(frozen=True)
 class X86Rates:
@@ -71,11 +71,12 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     """Predicted dense and sparse time (us) of one conv layer (x86: at `rates`)."""
     positions = geo.n * geo.q_extent
     if target_kind == "cuda":
+        gpu = H200_FITTED  # the constants fitted to the H200's measurements (benchmarks/results/2026-12-04-h200)
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
-                               Knobs(group=8 if geo.k % 8 == 0 else 1)).seconds
+                               Knobs(group=8 if geo.k % 8 == 0 else 1), gpu).seconds * gpu.dense_conv_factor
         # stored entries per group of V rows, or per row (hyb's overflow spread over all rows)
         width = rows.data.shape[1] if rows.group > 1 else int(np.ceil(rows.padded_size / rows.shape[0]))
-        sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group)).seconds
+        sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group), gpu).seconds
         return LayerCost(dense * 1e6, sparse * 1e6)
     out = geo.n * geo.k * geo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
@@ -121,8 +122,9 @@ def linear_cost(batch: int, shape: tuple[int, int], rows: SparseRows, target_kin
     dense = batch * shape[0] * shape[1] / rates.dense_linear
     sparse = batch * rows.padded_size / rates.sparse_linear * (0.5 if rows.group > 1 else 1.0)
     if target_kind == "cuda":  # both memory-bound GEMVs at batch 1: bytes at DRAM speed, plus a launch
-        dense = 4 * shape[0] * shape[1] / H200.dram_bytes_s + H200.launch_s
-        sparse = (4 + 4 / rows.group) * rows.padded_size / H200.dram_bytes_s + 2 * H200.launch_s
+        gpu = H200_FITTED
+        dense = 4 * shape[0] * shape[1] / gpu.dram_bytes_s + gpu.launch_s
+        sparse = (4 + 4 / rows.group) * rows.padded_size / gpu.dram_bytes_s + 2 * gpu.launch_s
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
