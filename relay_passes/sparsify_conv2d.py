@@ -66,7 +66,7 @@ class _Sparsifier(ConvChainRewriter):
             record_sparse(decision, rows, ep)
             record_bytes(decision, rows, q, weight)
             return call
-        if self.target_kind == "llvm" and ours.input_is_flat:  # a view, where the pad stage would copy it
+        if ours.input_is_flat:  # a view, where the pad stage would copy it (on cuda: one kernel fewer)
             x = self.builder_.emit(relax.op.reshape(x, [ours.n, ours.c * ours.h * ours.w]))
         if ours.overlap and flags["has_residual"]:  # the overlapped epilogue is flat (ops.sparse.output_shape)
             extra[-1] = self.builder_.emit(relax.op.reshape(extra[-1], sparse_ops.output_shape(ours)))

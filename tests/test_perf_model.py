@@ -51,12 +51,16 @@ def test_offset_bytes_are_what_the_format_stores():
 
 
 def test_launches_follow_the_fused_epilogue():
-    """Pad + conv (+ overflow) (+ epilogue): a pointwise conv on a flat output with ell rows is two
-    launches (sparse_conv2d_cuda fuses its epilogue), with hyb rows four; a padded 3x3 is three."""
+    """(Pad +) conv (+ overflow) (+ epilogue): a stride-1 pointwise conv on a flat output with ell rows is
+    one launch (sparse_conv2d_cuda fuses its epilogue and reads a view of the input), with hyb rows three;
+    a padded 3x3 is three; a strided pointwise (a copy into phases) two."""
     pointwise = ConvGeometry(1, 64, 16, 16, 64, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
     padded = ConvGeometry(1, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     even = np.full(64, 6)                      # every row 6 nonzeros: ell
     skewed = np.array([60] + [2] * 63)         # one long row: hyb (a fractional mean width)
-    assert np.isclose(predict_sparse(pointwise, even).terms["launch"], 2 * H200.launch_s)
-    assert np.isclose(predict_sparse(pointwise, skewed).terms["launch"], 4 * H200.launch_s)
+    strided = ConvGeometry(1, 64, 16, 16, 64, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1))
+    assert pointwise.input_is_flat and not strided.input_is_flat
+    assert np.isclose(predict_sparse(pointwise, even).terms["launch"], 1 * H200.launch_s)
+    assert np.isclose(predict_sparse(pointwise, skewed).terms["launch"], 3 * H200.launch_s)
     assert np.isclose(predict_sparse(padded, even).terms["launch"], 3 * H200.launch_s)
+    assert np.isclose(predict_sparse(strided, even).terms["launch"], 2 * H200.launch_s)

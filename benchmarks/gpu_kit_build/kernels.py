@@ -41,7 +41,8 @@ def layer_primfunc(spec, target):
     mod = build_pipeline(target, threshold=0.0, stop_after="legalize")(layer_module(spec))
     funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
              and f.attrs is not None and "unsparse.op" in f.attrs]
-    calls = _call_tir(mod["main"])
+    # the sparse operator's call (a pointwise conv's input view is a reshape call of its own before it)
+    calls = [c for c in _call_tir(mod["main"]) if funcs and c.args[0].same_as(funcs[0][0])]
     if len(funcs) != 1 or len(calls) != 1:
         raise RuntimeError(f"expected one sparse operator in the layer module, got {len(funcs)} / {len(calls)} calls")
     consts = []
@@ -108,7 +109,8 @@ def build_layer_group(run, target, arch, model, mm, net_folded, sparsity, batch,
         for vi, knobs in enumerate(points):
             fname = f"{name}_l{li}_v{vi}".replace(".", "p").replace("-", "_")
             entry = {"layer": li, "op": op, "fmt": packed["fmt"], "variant": vi, "config": knobs, "func": fname,
-                     "args": roles, "shapes": {r: list(packed["arrays"][r].shape) for r in roles[1:]},
+                     "args": roles, "x_shape": [int(d) for d in base.params[0].ty.shape],  # 2-D: a flat view
+                     "shapes": {r: list(packed["arrays"][r].shape) for r in roles[1:]},
                      "out_shape": out_shape, "structure": run.structure_hash(packed["arrays"])}
             try:
                 f = schedule_variant(base, op, target, knobs)

@@ -50,7 +50,7 @@ class GPU:
     cudnn_fp32_fixed_s: float = 3e-6
     cudnn_tf32_fixed_s: float = 3e-6
     cudnn_fp16_fixed_s: float = 3e-6
-    dense_conv_factor: float = 1.0    # TVM's dense direct conv (schedules/dense_conv2d_cuda) over this model of it
+    grouped_rows_factor: float = 1.0  # measured over modelled time of grouped rows (cost.model models the dense conv so)
 
 
 H200 = GPU()
@@ -60,8 +60,9 @@ H200 = GPU()
 # per call; TF32 and FP16 channels-last ~10% past ~35 us per call (PyTorch's dispatch and cuDNN's extra
 # kernels): median 1.51x / 1.36x / 1.32x off (2.06x / 6.2x / 8.6x). TVM's dense whole models ran 1.44-3.4x
 # slower than this model of their convs (vgg16 6.17 / 24.1 ms at batch 1 / 8, resnet50 9.48 / 11.5 ms):
-# dense_conv_factor is the smallest of those. cost.model's sparse-vs-dense choice on cuda uses these.
-H200_FITTED = replace(H200, name="NVIDIA H200 (SXM), fitted 2026-12-04", launch_s=6.6e-6, dense_conv_factor=1.44,
+# grouped_rows_factor is the smallest of those: cost.model models that dense conv as grouped rows (V = 8), so
+# it applies the factor to grouped sparse rows too (none timed on a GPU yet). The choice on cuda uses these.
+H200_FITTED = replace(H200, name="NVIDIA H200 (SXM), fitted 2026-12-04", launch_s=6.6e-6, grouped_rows_factor=1.44,
                       l1_wavefronts_per_clk=1.05, warps_to_hide_latency=50, l2_bytes_s=11.8e12,
                       cudnn_fp32_eff=0.28, cudnn_tf32_eff=0.095, cudnn_fp16_eff=0.106,
                       cudnn_fp32_fixed_s=2.5e-6, cudnn_tf32_fixed_s=35e-6, cudnn_fp16_fixed_s=37e-6)
@@ -124,14 +125,15 @@ def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(
     blocks = (n // bt) * (k // (tk * v) or 1) * math.ceil(q / (knobs.threads_q * pt))
     off_bytes = offset_bytes(geo)
     weight_bytes = k * width * (4 + off_bytes / v) * math.ceil(q / (knobs.threads_q * pt)) * (n // bt)  # per block
-    pad_bytes = n * geo.pad_channels * geo.channel_plane * 4
+    copy = not geo.input_is_flat  # else the conv reads a view of its input: no pad kernel, no copy
+    pad_bytes = n * geo.pad_channels * geo.channel_plane * 4 if copy else 0
     fused = geo.flat_output and not hyb  # the epilogue in the conv's write-back (sparse_conv2d_cuda)
     sums_bytes = 0 if fused else 2 * 4 * n * k * q  # the [N, K, Q] sums written, read back by the epilogue
     io_bytes = 4 * n * geo.c * geo.h * geo.w + 2 * pad_bytes + sums_bytes + 4 * n * k * geo.oh * geo.ow
     memory = weight_bytes / gpu.l2_bytes_s + io_bytes / gpu.dram_bytes_s
     warps = blocks * knobs.threads_q * tk / 32
     occupancy = min(1.0, warps / (gpu.sms * gpu.warps_to_hide_latency))
-    launches = (2 + hyb + (not fused)) * gpu.launch_s  # pad, conv, [overflow], [epilogue]
+    launches = (1 + copy + hyb + (not fused)) * gpu.launch_s  # [pad], conv, [overflow], [epilogue]
     terms = {"fp32": fp32 / occupancy, "l1": l1 / occupancy, "memory": memory, "launch": launches}
     body = max(terms["fp32"], terms["l1"], terms["memory"])
     bound = max(("fp32", "l1", "memory"), key=lambda t: terms[t])

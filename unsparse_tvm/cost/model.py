@@ -73,10 +73,11 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     if target_kind == "cuda":
         gpu = H200_FITTED  # the constants fitted to the H200's measurements (benchmarks/results/2026-12-04-h200)
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
-                               Knobs(group=8 if geo.k % 8 == 0 else 1), gpu).seconds * gpu.dense_conv_factor
+                               Knobs(group=8 if geo.k % 8 == 0 else 1), gpu).seconds * gpu.grouped_rows_factor
         # stored entries per group of V rows, or per row (hyb's overflow spread over all rows)
         width = rows.data.shape[1] if rows.group > 1 else int(np.ceil(rows.padded_size / rows.shape[0]))
         sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group), gpu).seconds
+        sparse *= gpu.grouped_rows_factor if rows.group > 1 else 1.0  # the dense side's measured shortfall
         return LayerCost(dense * 1e6, sparse * 1e6)
     out = geo.n * geo.k * geo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
