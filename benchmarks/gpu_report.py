@@ -164,11 +164,10 @@ def plot(layers: list, table: dict, model: str, path: str) -> None:
     plt.close(fig)
 
 
-def row_nnz_of(model: str, sparsity: float, cache: dict) -> list:
-    """Nonzeros per output row of every conv/linear of the built-in model pruned as the kit prunes it."""
+def row_nnz_of(model: str, sparsity: float, cache: dict) -> dict:
+    """{module name: nonzeros per output row} of every conv/linear of the built-in model pruned as the kit
+    prunes it (the kit's layer index is graph order, not module order: look layers up by name)."""
     if (model, sparsity) not in cache:
-        import torch
-
         from unsparse_tvm.models import build_model
         from unsparse_tvm.reference import magnitude_prune, prunable_layers
 
@@ -176,9 +175,8 @@ def row_nnz_of(model: str, sparsity: float, cache: dict) -> list:
         if sparsity:
             magnitude_prune(net, sparsity)
         cache.clear()  # one model's weights at a time (vgg16's are 0.5 GB)
-        cache[(model, sparsity)] = [(getattr(o, p).detach() != 0).reshape(getattr(o, p).shape[0], -1).sum(1).numpy()
-                                    for _, o, p in prunable_layers(net)]
-        del net, torch
+        cache[(model, sparsity)] = {name.removesuffix(".weight"): (getattr(o, p).detach() != 0).reshape(
+            getattr(o, p).shape[0], -1).sum(1).numpy() for name, o, p in prunable_layers(net)}
     return cache[(model, sparsity)]
 
 
@@ -190,7 +188,10 @@ def cases(layers: list, table: dict) -> list[tuple[dict, object, np.ndarray]]:
             continue
         spec = table[row["model"]]["layers"][row["layer"]]
         geo = conv_geometry(row["input_shape"], row["weight_shape"], spec["attrs"])
-        out.append((row, geo, row_nnz_of(row["model"], row["sparsity"], cache)[row["layer"]]))
+        nnz = row_nnz_of(row["model"], row["sparsity"], cache)[spec["name"]]
+        if len(nnz) != geo.k or int(nnz.sum()) != row["nnz"]:
+            raise SystemExit(f"{row['model']} layer {row['layer']}: regenerated weights do not match the kit's row")
+        out.append((row, geo, nnz))
     return out
 
 

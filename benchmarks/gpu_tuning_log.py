@@ -15,7 +15,6 @@ the logs of tuning_logs/ fit the models they came from.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -24,14 +23,7 @@ import tempfile
 
 import numpy as np
 
-
-def grid_rows(folder: str) -> list[dict]:
-    rows = {}
-    for path in sorted(glob.glob(os.path.join(folder, "kit-run*.json"))):
-        with open(path) as f:
-            for row in json.load(f)["grid"]:
-                rows[(row["model"], row["layer"], row["sparsity"], row["batch"])] = row
-    return list(rows.values())
+from gpu_report import load  # next to this file: the kit runs' rows, each kept once, and the layer table
 
 
 def best_and_default(row: dict) -> tuple[dict, dict]:
@@ -111,9 +103,7 @@ def main(argv=None) -> int:
     from unsparse_tvm.tuning import write_record
 
     target = make_target("cuda", args.arch)
-    with open(os.path.join(args.folder, "layers.json")) as f:
-        layers = json.load(f)
-    rows = grid_rows(args.folder)
+    _, rows, _, layers = load(args.folder)
     tmp = tempfile.mkdtemp(prefix=".gpu_tuning_log.", dir=os.path.dirname(os.path.abspath(args.output)))
     summary = []
     try:

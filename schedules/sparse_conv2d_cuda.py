@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from unsparse_tvm.cost.gpu import auto_threads_q  # the default fitted on the H200 grid, shared with the model
 from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, bind_elementwise_cuda, extents, flat_epilogue, has_block, largest_divisor,
@@ -42,18 +43,6 @@ class Config:
     per_thread: int = 2    # outputs per thread kept in registers
     batch_per_thread: int = 2  # images per thread (clamped to a divisor of the batch): weight loads shared
 
-
-
-LONG_ROW = 64  # stored entries per row from which one image runs on one-warp blocks (auto_threads_q)
-
-
-def auto_threads_q(batch: int, width: int) -> int:
-    """threads_q where Config leaves it 0: one warp (32) for one image whose rows hold >= LONG_ROW stored
-    entries (ELL width), else two (64). Fitted on the H200 knob grid (benchmarks/results/2026-12-04-h200):
-    on one image with long rows, 32 threads were faster than 64 on 28 of 33 workloads (geomean 0.83x the
-    time; twice as many blocks for 132 SMs, each row's work no longer spread over few); with short rows or
-    8 images, 32 was no better (geomean 1.00-1.01x). cost.gpu.predict_sparse mirrors this."""
-    return 32 if batch == 1 and width >= LONG_ROW else 64
 
 
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:

@@ -73,19 +73,18 @@ class LayerRuns:
                     f = mod[k["func"]] if mod is not None else None
                     args = [self.to_tvm(dev_arrays[r]) for r in k["args"][1:]]
                     xs_k = [x.reshape(k["x_shape"]) for x in xd] if "x_shape" in k else xd  # the pass's flat view
+                    sets = [[self.to_tvm(x)] + args + [self.to_tvm(out)] for x in xs_k]  # rotated inputs
                     if self.dry:  # everything but the launch: function found, operands converted
                         entry["loaded"] = f is not None
-                        sets = [[self.to_tvm(x)] + args + [self.to_tvm(out)] for x in xs_k]
                         row["kernels"].append(entry)
                         continue
                     out.fill_(float("nan"))
-                    f(self.to_tvm(xs_k[0]), *args, self.to_tvm(out))
+                    f(*sets[0])
                     torch.cuda.synchronize()
                     entry["rel_err"] = rel_error(out, ref)
                     if entry["rel_err"] > CHECK_RTOL["layer"]:
                         entry["error"] = "wrong result: not timed"
                     elif not self.args.profile:  # under a profiler the check's launch is the one profiled
-                        sets = [[self.to_tvm(x)] + args + [self.to_tvm(out)] for x in xs_k]
                         entry.update(self.timer(f, sets))
                 except Exception as err:
                     entry["error"] = f"{type(err).__name__}: {str(err).strip()[:300]}"

@@ -56,7 +56,9 @@ class GPU:
 H200 = GPU()
 # The same model with its constants fitted to the first GPU kit run (benchmarks/gpu_report.py --fit on
 # benchmarks/results/2026-12-04-h200: 792 conv rows, default knobs, batch 1 and 8, sparsity 0.5-0.98). Ours:
-# median 1.19x off (1.49x with H200's). cuDNN through PyTorch: FP32 reaches 28% of its peak past ~2.5 us
+# median 1.16x off (1.53x with H200's). (Fitted first with the report reading some resnet50 layers' rows from
+# the wrong layer; re-fitted on the right rows: launch 7.0 us, 0.95 wavefronts, 47 warps, median 1.157x
+# against these constants' 1.159x, so these stay.) cuDNN through PyTorch: FP32 reaches 28% of its peak past ~2.5 us
 # per call; TF32 and FP16 channels-last ~10% past ~35 us per call (PyTorch's dispatch and cuDNN's extra
 # kernels): median 1.51x / 1.36x / 1.32x off (2.06x / 6.2x / 8.6x). TVM's dense whole models ran 1.44-3.4x
 # slower than this model of their convs (vgg16 6.17 / 24.1 ms at batch 1 / 8, resnet50 9.48 / 11.5 ms):
@@ -68,9 +70,21 @@ H200_FITTED = replace(H200, name="NVIDIA H200 (SXM), fitted 2026-12-04", launch_
                       cudnn_fp32_fixed_s=2.5e-6, cudnn_tf32_fixed_s=35e-6, cudnn_fp16_fixed_s=37e-6)
 
 
+LONG_ROW = 64  # stored entries per row from which one image runs on one-warp blocks (auto_threads_q)
+
+
+def auto_threads_q(batch: int, width: float) -> int:
+    """The CUDA conv's threads_q where its Config leaves it 0 (schedules/sparse_conv2d_cuda and this model
+    both ask here): one warp (32) for one image whose rows hold >= LONG_ROW stored entries (ELL width), else
+    two (64). Fitted on the H200 knob grid (benchmarks/results/2026-12-04-h200): on one image with long
+    rows, 32 threads were faster than 64 on 28 of 33 workloads (geomean 0.83x the time; twice as many
+    blocks for 132 SMs); with short rows or 8 images, 32 was no better (geomean 1.00-1.01x)."""
+    return 32 if batch == 1 and width >= LONG_ROW else 64
+
+
 @dataclass(frozen=True)
 class Knobs:  # sparse_conv2d_cuda.Config, as the model needs it
-    threads_q: int = 0  # 0: as sparse_conv2d_cuda.auto_threads_q (32 for one image with rows of >= 64, else 64)
+    threads_q: int = 0  # 0: auto_threads_q
     threads_k: int = 2
     per_thread: int = 2
     batch_per_thread: int = 2
@@ -110,8 +124,8 @@ def predict_sparse(geo: ConvGeometry, row_nnz: np.ndarray, knobs: Knobs = Knobs(
     n, k, q = geo.n, geo.k, geo.q_extent
     fmt = choose_format(row_nnz, HYB_MIN_SAVING["cuda"])  # as the CUDA pass would
     width, hyb = ell_width(row_nnz, fmt), fmt == "hyb"
-    if not knobs.threads_q:  # the schedule's auto_threads_q (schedules/ is not imported by cost/)
-        knobs = replace(knobs, threads_q=32 if n == 1 and width >= 64 else 64)
+    if not knobs.threads_q:
+        knobs = replace(knobs, threads_q=auto_threads_q(n, width))
     pt = knobs.per_thread if q % (knobs.per_thread * knobs.threads_q) == 0 else 1  # as the schedule clamps
     bt = math.gcd(n, knobs.batch_per_thread)
     tk = math.gcd(k, knobs.threads_k)

@@ -22,6 +22,8 @@ from ..ops.formats import ConvGeometry, SparseRows
 from ..ops.quant_formats import fp32_nbytes
 from .gpu import H200_FITTED, Knobs, predict_sparse
 
+CUDA_GPU = H200_FITTED  # cuda costs: the constants fitted to the H200's measurements (benchmarks/results/2026-12-04-h200)
+
 @dataclass(frozen=True)
 class X86Rates:
     """The x86 cost model's rates: FMAs per second per kernel family, all threads (`calibrate` measures them
@@ -71,13 +73,12 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     """Predicted dense and sparse time (us) of one conv layer (x86: at `rates`)."""
     positions = geo.n * geo.q_extent
     if target_kind == "cuda":
-        gpu = H200_FITTED  # the constants fitted to the H200's measurements (benchmarks/results/2026-12-04-h200)
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
-                               Knobs(group=8 if geo.k % 8 == 0 else 1), gpu).seconds * gpu.grouped_rows_factor
+                               Knobs(group=8 if geo.k % 8 == 0 else 1), CUDA_GPU).seconds * CUDA_GPU.grouped_rows_factor
         # stored entries per group of V rows, or per row (hyb's overflow spread over all rows)
         width = rows.data.shape[1] if rows.group > 1 else int(np.ceil(rows.padded_size / rows.shape[0]))
-        sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group), gpu).seconds
-        sparse *= gpu.grouped_rows_factor if rows.group > 1 else 1.0  # the dense side's measured shortfall
+        sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group), CUDA_GPU).seconds
+        sparse *= CUDA_GPU.grouped_rows_factor if rows.group > 1 else 1.0  # the dense side's measured shortfall
         return LayerCost(dense * 1e6, sparse * 1e6)
     out = geo.n * geo.k * geo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
@@ -123,9 +124,8 @@ def linear_cost(batch: int, shape: tuple[int, int], rows: SparseRows, target_kin
     dense = batch * shape[0] * shape[1] / rates.dense_linear
     sparse = batch * rows.padded_size / rates.sparse_linear * (0.5 if rows.group > 1 else 1.0)
     if target_kind == "cuda":  # both memory-bound GEMVs at batch 1: bytes at DRAM speed, plus a launch
-        gpu = H200_FITTED
-        dense = 4 * shape[0] * shape[1] / gpu.dram_bytes_s + gpu.launch_s
-        sparse = (4 + 4 / rows.group) * rows.padded_size / gpu.dram_bytes_s + 2 * gpu.launch_s
+        dense = 4 * shape[0] * shape[1] / CUDA_GPU.dram_bytes_s + CUDA_GPU.launch_s
+        sparse = (4 + 4 / rows.group) * rows.padded_size / CUDA_GPU.dram_bytes_s + 2 * CUDA_GPU.launch_s
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
