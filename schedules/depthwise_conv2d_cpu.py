@@ -93,9 +93,21 @@ def stride_of(sch: s_tir.Schedule) -> tuple[int, int]:
     return ((padded - kw) // (width - 1) if width > 1 else 1), padded
 
 
-def supports(sch: s_tir.Schedule) -> bool:
+# The stride-2 phase split's copy is a strided (scalar) read of every padded element. It pays where each
+# element feeds >= 4 taps (one thread, AVX-512 Xeon: efficientnet's 5x5 on 32x32 184 -> 66 us; its 3x3 on
+# 64x64, 2.1 taps, 213 -> 291), and, on AVX2 (8 lanes), for 3x3s whose output rows are one or two whole
+# vectors, where TVM's fallback is slow: one thread, Zen 3, fallback -> phase split, rows of 16: 96, 144 and
+# 240 channels on 32x32 100 -> 43, 146 -> 71, 239 -> 112 us; rows of 8: 64, 240, 480 channels on 16x16
+# 14 -> 10, 60 -> 48, 121 -> 87 us. Other widths there: 7 1.06-1.10x, 14 0.90-0.95x, 28 0.75x, 32
+# 0.80-1.07x, 56 1.05x (benchmarks/depthwise_stride2.py), so they keep the fallback.
+PHASE_SPLIT_TAPS = 4.0
+PHASE_SPLIT_ROWS = {8: (8, 16)}  # vector lanes -> output row widths that always take the phase split
+
+
+def supports(sch: s_tir.Schedule, lanes: int = 16) -> bool:
     """Whether the rule takes this conv: stride 1, or stride 2 where its padded input can be stored as two
-    column-phase planes (even width, a padding block to re-lay out) and that copy pays (taps test below)."""
+    column-phase planes (even width, a padding block to re-lay out) and that copy pays at this target's
+    vector width `lanes` (PHASE_SPLIT_TAPS, PHASE_SPLIT_ROWS)."""
     stride, padded = stride_of(sch)
     if not fits(_width(sch)):
         return False
@@ -105,11 +117,9 @@ def supports(sch: s_tir.Schedule) -> bool:
     pads = _pads(sch, conv)  # the layout to transform
     if stride != 2 or padded % 2 or not pads:
         return False
-    # the phase split's copy is a strided (scalar) read of every padded element: it pays where each one
-    # feeds >= 4 taps (efficientnet's 5x5 on 32x32: 184 -> 66 us; its 3x3 on 64x64, 2.1 taps: 213 -> 291)
     _, _, oh, ow, _, kh, kw = extents(sch, sch.get_loops(conv))
     rows = int(sch.get(pads[0]).writes[0].source.shape[2])
-    return oh * ow * kh * kw >= 4 * rows * padded
+    return oh * ow * kh * kw >= PHASE_SPLIT_TAPS * rows * padded or ow in PHASE_SPLIT_ROWS.get(lanes, ())
 
 
 def _spatial(sch: s_tir.Schedule, block) -> bool:

@@ -174,3 +174,27 @@ def test_run_refuses_avx512_module_on_an_emulated_avx2_cpu(tmp_path, monkeypatch
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert np.load(tmp_path / "y.npy").shape == (1, 10)
+
+
+def test_l2_size_is_read_from_sysfs(tmp_path, monkeypatch):
+    """The per-core L2 the sparse conv's loop order depends on (schedules.sparse_conv2d_cpu.L2_INPUT_BYTES):
+    level 2's unified or data cache in Linux's sysfs, in K or M; None where no level-2 entry parses."""
+    def cache(index, level, kind, size):
+        d = tmp_path / f"index{index}"
+        d.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(value + "\n")
+
+    monkeypatch.setattr(hostcpu, "_CACHE_SYSFS", str(tmp_path))
+    cache(0, "1", "Data", "32K")
+    cache(1, "1", "Instruction", "32K")
+    cache(3, "3", "Unified", "32768K")
+    hostcpu.l2_bytes.cache_clear()
+    assert hostcpu.l2_bytes() is None
+    cache(2, "2", "Unified", "2M")
+    hostcpu.l2_bytes.cache_clear()
+    assert hostcpu.l2_bytes() == 2 << 20
+    (tmp_path / "index2" / "size").write_text("512K\n")
+    hostcpu.l2_bytes.cache_clear()
+    assert hostcpu.l2_bytes() == 512 << 10
+    hostcpu.l2_bytes.cache_clear()

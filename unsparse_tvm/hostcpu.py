@@ -16,6 +16,8 @@ report. This module imports neither TVM nor torch (`run` is runtime-only).
 from __future__ import annotations
 
 import functools
+import glob
+import os
 
 # The x86 extensions that decide whether compiled code runs: LLVM's feature name -> (numpy's CPUID name,
 # Linux's /proc/cpuinfo flag). None where numpy does not probe it.
@@ -74,6 +76,25 @@ def host_features() -> frozenset[str]:
     trusted = flags is not None and all((ISA_FEATURES[llvm][1] in flags) == has for llvm, has in known.items())
     return frozenset(llvm for llvm in ISA_FEATURES
                      if known.get(llvm, trusted and ISA_FEATURES[llvm][1] in flags))
+
+
+_CACHE_SYSFS = "/sys/devices/system/cpu/cpu0/cache"
+
+
+@functools.cache
+def l2_bytes() -> int | None:
+    """This CPU's level-2 cache per core in bytes (Linux sysfs), None where the system does not say.
+    Cores differ (256 KB on Haswell, 512 KB on Zen 3, 1 MB on Zen 4 and Skylake-SP, 2 MB on Sapphire
+    Rapids), and the CPU schedules' loop order depends on whether an input fits (schedules.sparse_conv2d_cpu)."""
+    for index in sorted(glob.glob(os.path.join(_CACHE_SYSFS, "index*"))):
+        try:
+            level, kind, size = (open(os.path.join(index, f)).read().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20}
+        if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit() and size[-1] in units:
+            return int(size[:-1]) * units[size[-1]]
+    return None
 
 
 def missing_features(needed) -> list[str]:
