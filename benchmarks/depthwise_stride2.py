@@ -1,6 +1,7 @@
 """Stride-2 depthwise convs: TVM's fallback schedule against our rule's column-phase split
-(schedules/depthwise_conv2d_cpu.py, PHASE_SPLIT_TAPS / PHASE_SPLIT_ROWS decide between them), one layer at a
-time (conv + ReLU6, as in mobilenet_v2), both compiled for this CPU and timed in alternating rounds.
+(schedules/depthwise_conv2d_cpu.py, which takes every stride-2 conv whose padded rows split evenly), one
+layer at a time (conv + ReLU6, as in mobilenet_v2), both compiled for this CPU and timed in alternating
+rounds, each checked against PyTorch.
 
     python benchmarks/depthwise_stride2.py --threads 1
     python benchmarks/depthwise_stride2.py --shapes 144x32x3,240x16x3
@@ -37,7 +38,7 @@ def main() -> None:
     set_threads(args.threads)
     target = make_target("llvm")
     lanes = cpu_vector_lanes(target)[0]
-    taps, rows = rule.PHASE_SPLIT_TAPS, dict(rule.PHASE_SPLIT_ROWS)
+    ours = rule.supports
     print(f"{target.attrs.get('mcpu')}, {lanes} lanes, {args.threads} thread(s); us per call, median of {args.repeat}")
     for shape in args.shapes.split(","):
         c, size, k = (int(v) for v in shape.split("x"))
@@ -47,15 +48,16 @@ def main() -> None:
         with torch.no_grad():
             ref = m(x).numpy()
         timers = {}
-        for name, (t, r) in {"fallback": (float("inf"), {}), "phase split": (0.0, {})}.items():
-            rule.PHASE_SPLIT_TAPS, rule.PHASE_SPLIT_ROWS = t, r
+        fallback = lambda sch: rule.stride_of(sch)[0] == 1 and ours(sch)  # noqa: E731 (stride 1 only)
+        for name, supports in {"fallback": fallback, "phase split": ours}.items():
+            rule.supports = supports  # what relay_passes.TagGroupedConv asks
             f = relax.VirtualMachine(compile_program(ep, target, sparse=False).executable, tvm.cpu())["main"]
             xt = tvm.runtime.tensor(x.numpy())
             y = f(xt)
             y = (y if hasattr(y, "numpy") else y[0]).numpy()
             assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max(), f"{name} differs from PyTorch on {shape}"
             timers[name] = call_timer(lambda f=f, xt=xt: f(xt))
-        rule.PHASE_SPLIT_TAPS, rule.PHASE_SPLIT_ROWS = taps, rows
+        rule.supports = ours
         ms = round_robin(timers, args.repeat, 10)
         ow = (size + 2 * (k // 2) - k) // 2 + 1
         per = ow * ow * k * k / (size + 2 * (k // 2)) ** 2

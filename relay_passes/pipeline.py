@@ -72,7 +72,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     if database is not None:  # MetaScheduleApplyDatabase, counting what it scheduled
         schedule.append(ApplyTuningRecords(database))
     if is_cpu and depthwise_rule:  # TVM's depthwise/grouped convs (and fused epilogues) get our rule, not the fallback
-        schedule.append(TagGroupedConv(cpu_vector_lanes(target)[0]))
+        schedule.append(TagGroupedConv())
     schedule.append(dl.ApplyDefaultSchedule(*rules(target.kind.name, configs)))  # schedules/: ours
     if is_cpu:  # the int8 convs' loops end at their rows' lengths (tuned or not); then the generic fallback
         schedule += [TrimRowLoops(), dl.ApplyDefaultSchedule(fallback_cpu.RULE)]
