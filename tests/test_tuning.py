@@ -413,7 +413,7 @@ def test_every_point_of_the_design_spaces_replays(llvm, sparsity):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("log", ["x86-avx512", "x86-avx2"])
+@pytest.mark.parametrize("log", ["x86-avx512", "x86-avx2", "x86-znver3"])
 def test_committed_log_matches_the_model_it_was_tuned_for(log, llvm):
     """tuning_logs/LOG (see tuning_logs/README.md) must still cover every sparse workload of
     vgg16-cifar at 0.9: a change to the operators or passes changes the workloads, and the log then needs
