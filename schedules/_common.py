@@ -59,10 +59,11 @@ def sample_divisor(sch: s_tir.Schedule, n: int, cap: int, low: int = 1):
 
 def row_tile(rows: int, tile_cap: int, inner_cap: int) -> tuple[int, int]:
     """(row groups per task, rows interleaved in a group) for a rows-by-nonzeros kernel at its default knobs:
-    a task of up to tile_cap rows, inner_cap of them interleaved (independent FMA chains), no ragged tile."""
-    tile = largest_divisor(rows, tile_cap)
-    inner = largest_divisor(tile, inner_cap)
-    return tile // inner, inner
+    a task of up to tile_cap rows, inner_cap of them interleaved (independent FMA chains), no ragged tile.
+    The interleave is chosen first: a 1000-row classifier with the task first (10 rows) got 2 chains, not 4
+    (1000x1280 at 90%, one thread, AVX2 Zen 3: 99.8 -> 80.1 us with 4)."""
+    inner = largest_divisor(rows, inner_cap)
+    return largest_divisor(rows // inner, max(1, tile_cap // inner)), inner
 
 
 def inner_spaces(sch: s_tir.Schedule, rows: int, cap: int, build: Callable, inners=(1, 2, 4, 8)) -> list:
