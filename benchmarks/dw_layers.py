@@ -1,21 +1,19 @@
-"""Per layer, the dense rest of mobile networks (depthwise conv + BN + activation as one op) against ONNX
-Runtime's kernel for the same op, and against our generic fallback schedule (the rule switched off).
+"""Per layer, the dense rest of mobile networks (depthwise conv + BN + activation as one op): our rule
+(schedules/depthwise_conv2d_cpu.py) against TVM's generic fallback (the rule switched off) and ONNX
+Runtime's kernel for the same op, each checked against PyTorch, timed in alternating rounds.
 
-    python benchmarks/dw_layers.py [--threads 1] [--repeat 7]
+    python benchmarks/dw_layers.py [--threads 1] [--repeat 9] [--stride 2]
 
-Layers: the depthwise shapes of mobilenet_v2 / efficientnet_b0 at 224: stride 1, and stride 2 (the rule
-takes those where its column-phase copy pays, efficientnet's 5x5s; the 3x3s stay on the fallback, so
-"ours" and "fallback" are the same kernel there). Run on an idle machine: timings on a loaded one mean
-little. Each op is exported once to ONNX (torch's dynamo exporter) and run by ORT with the same threads.
+Layers: the depthwise shapes of mobilenet_v2 / efficientnet_b0 at 224 and at 128, stride 1 and stride 2
+(the rule takes every stride-2 one whose padded rows split evenly into two column phases). Run on an idle
+machine. Each op is exported once to ONNX (torch's dynamo exporter) and run by ORT with the same threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -24,8 +22,11 @@ import torch.nn as nn
 LAYERS = [  # channels, map size, kernel, stride, activation
     (32, 112, 3, 1, "relu6"), (144, 56, 3, 1, "relu6"), (192, 28, 3, 1, "relu6"), (384, 14, 3, 1, "relu6"),
     (576, 14, 3, 1, "relu6"), (960, 7, 3, 1, "relu6"), (240, 28, 5, 1, "silu"), (480, 14, 3, 1, "silu"),
-    (672, 14, 5, 1, "silu"), (1152, 7, 5, 1, "silu"), (96, 112, 3, 2, "relu6"), (144, 56, 3, 2, "relu6"),
+    (672, 14, 5, 1, "silu"), (1152, 7, 5, 1, "silu"),
+    (96, 112, 3, 2, "relu6"), (144, 56, 3, 2, "relu6"), (192, 28, 3, 2, "relu6"), (576, 14, 3, 2, "relu6"),
     (144, 56, 5, 2, "silu"), (672, 28, 5, 2, "silu"),
+    (96, 64, 3, 2, "relu6"), (144, 32, 3, 2, "relu6"), (96, 64, 3, 2, "silu"), (240, 16, 3, 2, "silu"),
+    (144, 32, 5, 2, "silu"), (672, 16, 5, 2, "silu"),  # the same networks at 128x128
 ]
 ACTS = {"relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 
@@ -41,25 +42,12 @@ class DW(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _time(fn, repeat: int) -> float:
-    fn()
-    number = max(1, int(0.05 / max(_once(fn), 1e-6)))
-    return min(_once(fn, number) for _ in range(repeat)) * 1e6
-
-
-def _once(fn, number: int = 1) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--stride", type=int, choices=(1, 2), help="only the layers of this stride")
     args = ap.parse_args()
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import tvm
     from tvm import relax
 
@@ -68,28 +56,38 @@ def main() -> None:
     from unsparse_tvm.peers import export_onnx, onnxruntime_call
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.target import make_target
+    from unsparse_tvm.timing import call_timer, round_robin, set_threads
 
+    set_threads(args.threads)
     torch.set_num_threads(args.threads)
     target = make_target("llvm")
-    print(f"{'layer':28s} {'ours us':>9s} {'fallback us':>12s} {'ORT us':>9s}  ORT/ours")
+    print(f"{target.attrs.get('mcpu')}, {args.threads} thread(s); us per call, median of {args.repeat} alternating rounds")
+    print(f"{'layer':28s} {'ours us':>9s} {'fallback us':>12s} {'ORT us':>9s}  fallback/ours  ORT/ours")
     for c, h, k, s, act in LAYERS:
+        if args.stride and s != args.stride:
+            continue
         model = DW(c, k, s, act).eval()
+        model.bn.running_mean.uniform_(-0.2, 0.2)
         x = torch.randn(1, c, h, h)
         with torch.no_grad():
             ep = torch.export.export(model, (x,))
-        times = {}
+            ref = model(x).numpy()
+        xt = tvm.runtime.tensor(x.numpy())
+        timers = {}
         for name, rule in (("ours", True), ("fallback", False)):
             mod, names = import_program(ep)  # what `compile` builds (TVM dense), with or without the rule
             ex = compile_module(mod, target, build_pipeline(target, sparse=False, names=names, depthwise_rule=rule))
-            vm = relax.VirtualMachine(ex, tvm.cpu())
-            xt = tvm.runtime.tensor(x.numpy())
-            times[name] = _time(lambda: vm["main"](xt), args.repeat)
+            fn = relax.VirtualMachine(ex, tvm.cpu())["main"]
+            y = fn(xt)
+            y = (y if hasattr(y, "numpy") else y[0]).numpy()  # an exported program's main returns a tuple
+            assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max(), f"{name} differs from PyTorch"
+            timers[name] = call_timer(lambda fn=fn: fn(xt))
         with tempfile.TemporaryDirectory() as d:
-            ort = onnxruntime_call(export_onnx(ep, x, d), x.numpy(), args.threads)
-            times["ort"] = _time(ort, args.repeat)
+            timers["ort"] = call_timer(onnxruntime_call(export_onnx(ep, x, d), x.numpy(), args.threads))
+            us = {n: v * 1e3 for n, v in round_robin(timers, args.repeat, 10).items()}
         label = f"dw c{c} {h}x{h} k{k} s{s} {act}"
-        print(f"{label:28s} {times['ours']:9.1f} {times['fallback']:12.1f} {times['ort']:9.1f}  "
-              f"{times['ort'] / times['ours']:.2f}x", flush=True)
+        print(f"{label:28s} {us['ours']:9.1f} {us['fallback']:12.1f} {us['ort']:9.1f}  "
+              f"{us['fallback'] / us['ours']:13.2f}x {us['ort'] / us['ours']:8.2f}x", flush=True)
 
 
 if __name__ == "__main__":

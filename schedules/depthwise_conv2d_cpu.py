@@ -93,10 +93,10 @@ def stride_of(sch: s_tir.Schedule) -> tuple[int, int]:
     return ((padded - kw) // (width - 1) if width > 1 else 1), padded
 
 
-# Stride-2 layers, TVM's fallback -> this rule's phase split, one thread, AVX2 Zen 3 (benchmarks/
-# depthwise_stride2.py, 14 mobilenet_v2 / efficientnet_b0 shapes): 1.16-3.86x faster, e.g. 3x3s with 96
-# channels on 112x112 895 -> 412 us, 144 on 56x56 220 -> 148, 192 on 28x28 152 -> 132; 5x5 672 on 16x16
-# 437 -> 113. (While the copy was vectorised by TVM, a lane-by-lane gather, the split lost to the fallback
+# Stride-2 layers, TVM's fallback -> this rule's phase split, one thread, AVX2 Zen 3 (benchmarks/dw_layers.py
+# --stride 2, 12 mobilenet_v2 / efficientnet_b0 shapes at 224 and 128, two runs): 1.2-4.2x faster, e.g.
+# 3x3s with 96 channels on 112x112 545 -> 307 us, 144 on 32x32 145 -> 61; 5x5 672 on 16x16 455 -> 140;
+# one layer within noise (192 on 28x28: 0.89x in one run, 1.25x in the other). (While the copy was vectorised by TVM, a lane-by-lane gather, the split lost to the fallback
 # on most 3x3s, 0.6-0.95x, and was taken only from 4 taps per padded element.)
 
 

@@ -125,7 +125,7 @@ def test_stride2_phase_planes_are_built_with_shuffles(mcpu):
     """The stride-2 column-phase copy reads each padded row with contiguous vector loads and deinterleaves
     them with shuffles (LLVM, from the unrolled phase loop), for AVX2 and AVX-512 code alike: compiled and
     read, not run. Vectorised by TVM, each strided read was gathered lane by lane (a vinsertps per lane),
-    which made the phase split lose to TVM's fallback on 3x3s (benchmarks/depthwise_stride2.py)."""
+    which made the phase split lose to TVM's fallback on 3x3s (benchmarks/dw_layers.py --stride 2)."""
     import re
 
     import tvm
