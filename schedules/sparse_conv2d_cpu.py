@@ -13,6 +13,7 @@ from tvm.target import Target
 
 from unsparse_tvm.hostcpu import l2_bytes
 from unsparse_tvm.ops import names
+from unsparse_tvm.target import runnable_here
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
                       flat_epilogue, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
@@ -35,9 +36,16 @@ class Config:
                             # where the input outgrows L2 and each row uses it little (spatial_outer_pays)
 
 
-# An input past L2 is streamed from L3 by every row tile. The L2 is the compiling machine's (normally the one
-# that runs the code, as `run` checks); 2 MB (the core the rule was first fitted on) where the system does not say.
-L2_INPUT_BYTES = l2_bytes() or 2 << 20
+# An input past L2 is streamed from L3 by every row tile. 2 MB: the core the rule was first fitted on (a Xeon VM).
+DEFAULT_L2_BYTES = 2 << 20
+# The tuning space's bar (space() has no target; the search runs where the code is measured): this machine's L2.
+L2_INPUT_BYTES = l2_bytes() or DEFAULT_L2_BYTES
+
+
+def l2_input_bytes(target: Target) -> int:
+    """The L2 of the CPU the code will run on, as the calibration decides (cost.calibration.rates_for):
+    this machine's (Linux sysfs) where it executes the target's code, else DEFAULT_L2_BYTES."""
+    return (runnable_here(target) is None and l2_bytes()) or DEFAULT_L2_BYTES
 
 
 def _input_bytes(func: tirx.PrimFunc) -> int:
@@ -46,7 +54,7 @@ def _input_bytes(func: tirx.PrimFunc) -> int:
     return 4 * cx * rows * cols
 
 
-def spatial_outer_pays(input_bytes: int, row_entries: int, channels: int) -> bool:
+def spatial_outer_pays(input_bytes: int, row_entries: int, channels: int, l2: int) -> bool:
     """Row tiles outermost re-read the whole padded input once per tile; past L2 that is a stream from L3
     each time, which only pays off where each row has many entries per input channel to spend it on.
     Measured one thread (rocketlake, 90%): 1x1 convs on 56x56 (3.2 MB of input, ~0.1 entries per row
@@ -54,7 +62,7 @@ def spatial_outer_pays(input_bytes: int, row_entries: int, channels: int) -> boo
     224x224 (13 MB, ~1 entry per channel) 14.7 -> 17.3 ms (ell), so that one keeps its rows outermost;
     at 1.6 MB (256x512 1x1 on 28x28) and below either order is within 4% there (a 2 MB L2). On a Zen 3 core
     (512 KB L2), the inputs of 0.8-1.6 MB gain too: resnet50 90% end to end 1.03-1.04x one thread."""
-    return input_bytes > L2_INPUT_BYTES and 2 * row_entries < channels
+    return input_bytes > l2 and 2 * row_entries < channels
 
 
 
@@ -63,7 +71,8 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     lanes, registers = cpu_vector_lanes(target)
     cx = int(func.attrs["unsparse.pad_shape"][0])
     width = extents(sch, sch.get_loops(sch.get_sblock("conv")))[3]  # entries per row (hyb: its ell part)
-    outer = cfg.spatial_outer > 0 or (cfg.spatial_outer == 0 and spatial_outer_pays(_input_bytes(func), width, cx))
+    outer = cfg.spatial_outer > 0 or (cfg.spatial_outer == 0 and
+                                      spatial_outer_pays(_input_bytes(func), width, cx, l2_input_bytes(target)))
     _schedule(sch, func, cfg.tile_k, domain_lanes(func, cfg.vec or lanes), cfg.unroll, clamp=True, k_inner=cfg.k_inner,
               accumulators=registers // 2, spatial_outer=outer)
 

@@ -198,3 +198,20 @@ def test_l2_size_is_read_from_sysfs(tmp_path, monkeypatch):
     hostcpu.l2_bytes.cache_clear()
     assert hostcpu.l2_bytes() == 512 << 10
     hostcpu.l2_bytes.cache_clear()
+
+
+def test_the_loop_order_uses_this_l2_only_for_code_that_runs_here(monkeypatch):
+    """As the calibration: this machine's L2 decides the sparse conv's loop order only where this CPU executes
+    the target's code; code for another CPU model gets the 2 MB the rule was fitted with."""
+    import tvm
+
+    from unsparse_tvm.schedules import sparse_conv2d_cpu
+    from unsparse_tvm.target import llvm_target_dict, runnable_here
+
+    monkeypatch.setattr(sparse_conv2d_cpu, "l2_bytes", lambda: 512 << 10)
+    assert sparse_conv2d_cpu.l2_input_bytes(tvm.target.Target(llvm_target_dict())) == 512 << 10
+    foreign = next((m for m in ("sapphirerapids", "skylake-avx512")
+                    if runnable_here(tvm.target.Target(llvm_target_dict(m)))), None)
+    if foreign is None:
+        pytest.skip("this CPU runs every candidate's code")
+    assert sparse_conv2d_cpu.l2_input_bytes(tvm.target.Target(llvm_target_dict(foreign))) == 2 << 20

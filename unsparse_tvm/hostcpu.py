@@ -86,15 +86,20 @@ def l2_bytes() -> int | None:
     """This CPU's level-2 cache per core in bytes (Linux sysfs), None where the system does not say.
     Cores differ (256 KB on Haswell, 512 KB on Zen 3, 1 MB on Zen 4 and Skylake-SP, 2 MB on Sapphire
     Rapids), and the CPU schedules' loop order depends on whether an input fits (schedules.sparse_conv2d_cpu)."""
+    units = {"K": 1 << 10, "M": 1 << 20}
     for index in sorted(glob.glob(os.path.join(_CACHE_SYSFS, "index*"))):
         try:
-            level, kind, size = (open(os.path.join(index, f)).read().strip() for f in ("level", "type", "size"))
+            level, kind, size = (_read(os.path.join(index, f)) for f in ("level", "type", "size"))
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20}
         if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit() and size[-1] in units:
             return int(size[:-1]) * units[size[-1]]
     return None
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
 
 
 def missing_features(needed) -> list[str]:
