@@ -10,7 +10,7 @@ from tvm import relax
 
 from unsparse_tvm.ops.formats import ConvGeometry
 
-from ._util import ChainRewriter, Epilogue, const_array, is_op, match_epilogue, shape_of, users_of
+from ._util import ChainRewriter, Epilogue, const_array, dtype_of, is_op, match_epilogue, shape_of, users_of
 
 
 def conv_geometry(call: relax.Call, weight: np.ndarray) -> ConvGeometry | None:
@@ -44,6 +44,26 @@ def subsampled(builder: relax.BlockBuilder, x: relax.Expr, geo: ConvGeometry) ->
     """x[:, :, ::sh, ::sw] for the conv strided_pointwise rewrote (geo: the conv as written)."""
     return builder.emit(relax.op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[geo.h, geo.w],
                                                strides=list(geo.stride)))
+
+
+def channel_gate(expr: relax.Expr, geo: ConvGeometry, var2val: dict, counts: dict, chains: dict):
+    """(x, g, sigmoid) where a 1x1 stride-1 conv's input `expr` is x * g or x * sigmoid(g), g [N or 1, C, 1, 1]
+    and x a map larger than 1x1 (squeeze-excitation's output, the project conv's input: efficientnet,
+    mobilenet_v3), the product and the sigmoid used by nothing else and not the end of another layer's
+    fused chain (`chains`: a SiLU on a 1x1 map, x * sigmoid(x), is its conv's epilogue); the sparse conv then
+    scales its weights instead (ops.sparse.gate_stage). None for anything else."""
+    pointwise = (geo.r, geo.s) == (1, 1) and geo.stride == (1, 1) and geo.dilation == (1, 1) and not any(geo.padding)
+    if not pointwise or geo.h * geo.w == 1 or not isinstance(expr, relax.Var) or counts.get(expr, 0) != 1 \
+            or expr in chains or not is_op(var2val.get(expr), "relax.multiply"):
+        return None
+    full, gate = (geo.n, geo.c, geo.h, geo.w), {(geo.n, geo.c, 1, 1), (1, geo.c, 1, 1)}
+    a, b = var2val[expr].args
+    for x, g in ((a, b), (b, a)):
+        if shape_of(x) == full and shape_of(g) in gate and dtype_of(g) == "float32" and not x.same_as(g):
+            if isinstance(g, relax.Var) and counts.get(g, 0) == 1 and is_op(var2val.get(g), "relax.sigmoid"):
+                return x, var2val[g].args[0], True
+            return x, g, False
+    return None
 
 
 def unsupported_reason(call: relax.Call, weight: np.ndarray) -> str | None:

@@ -28,7 +28,10 @@ class _Lowerer(ConvChainRewriter):
         op = partial(sparse_ops.dense_conv2d, geo=geo, **flags)  # call_te only passes TE-able kwargs
         call = self.builder_.call_te(op, self.visit_expr(conv.args[0]), relax.const(weight), *extra,
                                      primfunc_name_hint=names.DENSE_CONV2D)
-        mark(self.builder_, call, {"op": names.DENSE_CONV2D, "unsparse.pad_shape": geo.pad_shape})
+        target = tvm.target.Target.current(allow_none=True)
+        strided = geo.stride != (1, 1) and target is not None and target.kind.name == "llvm"
+        mark(self.builder_, call, {"op": names.DENSE_CONV2D, "unsparse.pad_shape": geo.pad_shape,
+                                   **({names.STRIDE: list(geo.stride)} if strided else {})})  # its phase planes
         return call
 
 

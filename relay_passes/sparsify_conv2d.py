@@ -15,10 +15,10 @@ from tvm.ir import IRModule
 
 from unsparse_tvm.ops import sparse as sparse_ops
 from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows
-from unsparse_tvm.ops.names import ROW_LENGTHS, sparse_op
+from unsparse_tvm.ops.names import ROW_LENGTHS, STRIDE, sparse_op
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
 
-from ._conv_match import ConvChainRewriter, strided_pointwise, subsampled, unsupported_reason
+from ._conv_match import ConvChainRewriter, channel_gate, strided_pointwise, subsampled, unsupported_reason
 from ._quant import layer_entry, quant_conv, record_bytes
 from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts
 from .layers import LayerDecision, LayerNames
@@ -55,10 +55,13 @@ class _Sparsifier(ConvChainRewriter):
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
-        x = self.visit_expr(conv.args[0])
+        entry = layer_entry(self.quant, name)
+        # x * g feeding a 1x1 conv (squeeze-excitation): the rows scale their weights by g instead (llvm, fp32)
+        gate = channel_gate(conv.args[0], geo, self.var2val, self.counts, self.plans) \
+            if self.target_kind == "llvm" and entry is None and rows.fmt in ("ell", "hyb") else None
+        x = self.visit_expr(conv.args[0] if gate is None else gate[0])
         x = x if run is geo else subsampled(self.builder_, x, geo)
-        quantised = quant_conv(self.builder_, x, rows, weight, run, layer_entry(self.quant, name), extra, flags,
-                               self.target_kind)
+        quantised = quant_conv(self.builder_, x, rows, weight, run, entry, extra, flags, self.target_kind)
         if quantised is not None:
             call, q, qgeo = quantised
             kind = sparse_op("conv2d", rows)
@@ -70,6 +73,9 @@ class _Sparsifier(ConvChainRewriter):
             x = self.builder_.emit(relax.op.reshape(x, [ours.n, ours.c * ours.h * ours.w]))
         if ours.overlap and flags["has_residual"]:  # the overlapped epilogue is flat (ops.sparse.output_shape)
             extra[-1] = self.builder_.emit(relax.op.reshape(extra[-1], sparse_ops.output_shape(ours)))
+        if gate is not None:  # the last operand (ops.sparse.sparse_conv2d)
+            extra.append(self.visit_expr(gate[1]))
+            flags.update(has_gate=True, gate_sigmoid=gate[2])
         args = [x, *rows_consts(rows, lengths=self.target_kind == "llvm")]
         op = partial(sparse_ops.sparse_conv2d, geo=ours, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
@@ -77,9 +83,12 @@ class _Sparsifier(ConvChainRewriter):
         # the schedules' vectors divide these (schedules/_common.domain_lanes)
         attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else
                  {"unsparse.row_domain": ours.ow} if ours.row_domain else {})
-        attrs.update({ROW_LENGTHS: 1} if self.target_kind == "llvm" else {})
+        if self.target_kind == "llvm":  # row lengths (schedules/row_extents); the pad stage's phase planes
+            attrs.update({ROW_LENGTHS: 1}, **({STRIDE: list(ours.stride)} if ours.stride != (1, 1) else {}))
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape, **attrs})
         record_sparse(decision, rows, ep)
+        if gate is not None:
+            decision.fused = "+".join(filter(None, ["gate", decision.fused]))
         record_bytes(decision, rows, None, weight)
         if ours.overlap:
             return self.builder_.emit(relax.op.reshape(call, [ours.n, ours.k, ours.oh, ours.ow]))

@@ -8,7 +8,7 @@ from typing import Callable
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from unsparse_tvm.ops.names import op_of
+from unsparse_tvm.ops.names import STRIDE, op_of
 
 class ScheduleRule(dl.ScheduleRule):
     """One hand-written schedule for some unsparse operators (ops/names.py) on one target kind: a TVM dlight
@@ -122,6 +122,17 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
     block = sch.get_sblock("pad_flat")
     x_shape = [int(v) for v in sch.get(block).reads[0].source.shape]
     n, i = sch.get_loops(block)
+    attrs = sch.mod["main"].attrs
+    sh, sw = (int(v) for v in (attrs[STRIDE] if attrs is not None and STRIDE in attrs else (1, 1)))  # passes mark it
+    if len(x_shape) == 4 and (sh, sw) != (1, 1) and rows % (sh * sw) == 0:
+        # phase planes [c, ph, pw, hq, wq]: for each source row, the column phases innermost and unrolled and
+        # the columns left to LLVM, which loads the row with contiguous vectors and deinterleaves them with
+        # shuffles into the planes (split this way, no index div/mod is left either)
+        ci, ph, pw, hh, ww = sch.split(i, [c, sh, sw, rows // (sh * sw), cols])
+        sch.reorder(ci, ph, hh, ww, pw)
+        sch.parallel(sch.fuse(n, ci))
+        sch.unroll(pw)
+        return
     ci, row, col = sch.split(i, [c, rows, cols])
     sch.parallel(sch.fuse(n, ci))
     if len(x_shape) == 4 and rows * cols == x_shape[2] * x_shape[3]:

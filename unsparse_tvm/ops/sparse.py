@@ -15,7 +15,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from .formats import ConvGeometry
-from .fast_math import fast_silu
+from .fast_math import fast_sigmoid, fast_silu
 
 F32_ZERO = tirx.const(0.0, "float32")
 
@@ -75,12 +75,30 @@ def output_shape(geo: ConvGeometry) -> tuple:
     return (geo.n, geo.k, geo.oh, geo.ow)
 
 
-def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry, name: str) -> te.Tensor:
+def gate_stage(g: te.Tensor, sigmoid: bool) -> te.Tensor:
+    """[N, C] per-image channel scales from a gate g [N or 1, C, 1, 1] (squeeze-excitation's), through the
+    sigmoid where the graph had one: computed once per call, before the rows read it."""
+    return te.compute((g.shape[0], g.shape[1]),
+                      lambda n, c: fast_sigmoid(g[n, c, 0, 0]) if sigmoid else g[n, c, 0, 0], name="gate")
+
+
+def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry, name: str,
+              gate: te.Tensor | None = None) -> te.Tensor:
     rows, width = data.shape
     j = te.reduce_axis((0, width), name="j")
+
+    def weight(n, k):
+        """The weight of entry j of row k; with a gate (a 1x1 conv's input scaled per channel, x * g), the
+        weight times its input channel's scale: W (g x) = (W diag(g)) x, one multiply per stored weight
+        instead of a pass over the whole input."""
+        if gate is None:
+            return data[k, j]
+        channel = tirx.min(tirx.floordiv(widen_offset(off[k, j]), geo.channel_plane), geo.c - 1)
+        return data[k, j] * gate[n if int(gate.shape[0]) > 1 else 0, channel]
+
     return te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(data[k, j] * xf[n, widen_offset(off[k, j]) + read_position(geo, q)], axis=j),
+        lambda n, k, q: te.sum(weight(n, k) * xf[n, widen_offset(off[k, j]) + read_position(geo, q)], axis=j),
         name=name,
     )
 
@@ -126,15 +144,20 @@ def epilogue_stage(acc, shape, bias, residual, relu: bool, relu_max: float | Non
 
 def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
                   fmt: str, has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None,
-                  silu: bool = False) -> te.Tensor:
-    """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual]; fmt "vellV"
-    takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q])."""
+                  silu: bool = False, has_gate: bool = False, gate_sigmoid: bool = False) -> te.Tensor:
+    """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual] + [gate];
+    fmt "vellV" takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q]). A gate
+    [N or 1, C, 1, 1] (ell/hyb 1x1 stride-1 convs) scales the input's channels, through a sigmoid with
+    gate_sigmoid: the conv of x * sigmoid(g), squeeze-excitation's output, without that product."""
     rest = list(rest)
     ovf = [rest.pop(0) for _ in range(3)] if fmt == "hyb" else None
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
+    gate = gate_stage(rest.pop(0), gate_sigmoid) if has_gate else None
     xf = x if len(x.shape) == 2 else pad_flat(x, geo)  # 2-D: the pass gave the flat view (geo.input_is_flat)
     if fmt.startswith("vell"):
+        if gate is not None:
+            raise ValueError("a channel gate is folded into ell/hyb rows only, not grouped (vell) ones")
         conv = _grouped_conv(xf, data, off, geo)
         v = int(data.shape[2])
 
@@ -142,10 +165,10 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
             return _read_flat(geo, idx, lambda q: conv[idx[0], idx[1] // v, idx[1] % v, q])
 
         return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)
-    conv = _row_conv(xf, data, off, geo, "conv")
+    conv = _row_conv(xf, data, off, geo, "conv", gate)
     if ovf is not None:
         ovf_data, ovf_off, slot = ovf
-        conv_ovf = _row_conv(xf, ovf_data, ovf_off, geo, "conv_ovf")
+        conv_ovf = _row_conv(xf, ovf_data, ovf_off, geo, "conv_ovf", gate)
 
         def acc(*idx):
             extra = _at(conv_ovf, geo, idx, tirx.max(slot[idx[1]], 0))
