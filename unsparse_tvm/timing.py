@@ -37,8 +37,16 @@ def call_timer(fn, sync=None):
     return measure
 
 
-def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0) -> dict[str, float]:
-    """Median ms per call of each contender, measured in alternating rounds after a warm-up."""
+# Seconds before each batch where contenders run several threads: TVM's pool workers spin (sched_yield,
+# TVM_THREAD_POOL_SPIN_COUNT = 300000 by default) for a good part of that after each call, and on two
+# cores one spinning worker halves the next contender's machine: ONNX Runtime on two threads measured 7.8
+# ms right after our model, 2.4-2.9 ms with the workers asleep (benchmarks/thread_pools.py; docs/results.md).
+MULTI_THREAD_PAUSE_S = 0.2
+
+
+def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0, pause: float = 0.01) -> dict[str, float]:
+    """Median ms per call of each contender, measured in alternating rounds after a warm-up, `pause` seconds
+    of idle before each batch (MULTI_THREAD_PAUSE_S where the contenders run thread pools)."""
     numbers = {}
     for name, measure in contenders.items():
         measure(2)  # warm-up (first-call allocations, thread pool start)
@@ -49,7 +57,7 @@ def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0) -> di
         for name, measure in contenders.items():
             # let the other runtime's worker threads go idle (TVM's pool and PyTorch's OpenMP threads
             # both spin after a call and would steal this contender's cores), then one untimed call
-            time.sleep(0.01)
+            time.sleep(pause)
             measure(1)
             samples[name].append(measure(numbers[name]))
     return {name: statistics.median(v) for name, v in samples.items()}
