@@ -100,3 +100,25 @@ def test_bench_rejects_bad_thread_counts_and_peers():
     for args in (["--threads", "0"], ["--threads", "a,b"], ["--peers", "tensorrt"]):
         proc = cli("bench", "smallcnn", *args, check=False)
         assert_proc_one_line_error(proc)
+
+
+def test_round_robin_alternates_and_waits_the_pause_before_each_batch(monkeypatch):
+    """Each round times every contender once, in turn, after `pause` seconds of idle (bench passes
+    timing.MULTI_THREAD_PAUSE_S on more than one thread: TVM's spinning pool slowed the runtime timed next)."""
+    from unsparse_tvm import timing
+
+    sleeps, order = [], []
+    monkeypatch.setattr(timing.time, "sleep", sleeps.append)
+
+    def contender(name, ms):
+        def measure(number):
+            order.append((name, number))
+            return ms
+        return measure
+
+    got = timing.round_robin({"a": contender("a", 2.0), "b": contender("b", 5.0)}, repeat=3, pause=0.2)
+    assert got == {"a": 2.0, "b": 5.0}
+    assert sleeps == [0.2] * 6
+    rounds = order[4:]  # after the warm-up: measure(2), then measure(1) to size each one's batch
+    assert rounds == [("a", 1), ("a", 10), ("b", 1), ("b", 4)] * 3  # an untimed call, then 20 ms worth
+    assert timing.MULTI_THREAD_PAUSE_S >= 0.1
