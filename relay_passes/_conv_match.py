@@ -66,10 +66,19 @@ def channel_gate(expr: relax.Expr, geo: ConvGeometry, var2val: dict, counts: dic
     return None
 
 
-def unsupported_reason(call: relax.Call, weight: np.ndarray) -> str | None:
-    """Why a conv2d stays dense whatever its sparsity (one distinct reason each), or None."""
+def is_depthwise(call: relax.Call, weight: np.ndarray) -> bool:
+    """A depthwise conv2d: one input channel per group and one output channel per input channel."""
+    xshape = shape_of(call.args[0])
+    groups = int(call.attrs.groups)
+    return groups > 1 and weight.shape[:2] == (groups, 1) and xshape is not None and len(xshape) == 4 \
+        and xshape[1] == groups
+
+
+def unsupported_reason(call: relax.Call, weight: np.ndarray, depthwise: bool = False) -> str | None:
+    """Why a conv2d stays dense whatever its sparsity (one distinct reason each), or None; `depthwise`:
+    whether depthwise convs are supported (the llvm kernel takes them as block-diagonal rows)."""
     a = call.attrs
-    if int(a.groups) != 1:
+    if int(a.groups) != 1 and not (depthwise and is_depthwise(call, weight)):
         return f"grouped conv, groups={int(a.groups)}"
     layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
     if layouts != ("NCHW", "OIHW", "NCHW"):

@@ -2,7 +2,10 @@
 beats the dense kernel's (unsparse_tvm.cost.model), or where sparsity >= threshold if one is given.
 
 The bias add, a residual add and the ReLU that follow the conv are fused into the same kernel.
-Grouped/depthwise convs and non-float32 convs stay dense. Every conv gets a LayerDecision.
+Depthwise convs go sparse on llvm as block-diagonal rows (a channel's nonzero taps, offsets into its own
+plane: ops.formats.depthwise_weight_rows), priced against the dense depthwise kernel; other grouped convs,
+and depthwise ones on cuda or with quantised weights, stay dense, as do non-float32 convs. Every conv gets a
+LayerDecision.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm.ops import sparse as sparse_ops
-from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows
+from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows, depthwise_weight_rows
 from unsparse_tvm.ops.names import ROW_LENGTHS, STRIDE, sparse_op
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
 
@@ -39,23 +42,23 @@ class _Sparsifier(ConvChainRewriter):
         decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "dense",
                                  nnz=int((weight != 0).sum()), input_shape=[geo.n, geo.c, geo.h, geo.w] if geo else [])
         self.report.append(decision)
-        reason = unsupported_reason(conv, weight)
+        entry = layer_entry(self.quant, name)
+        reason = unsupported_reason(conv, weight, depthwise=self.target_kind == "llvm" and entry is None)
+        depthwise = reason is None and int(conv.attrs.groups) > 1
         record_bytes(decision, None, None, weight)
         if reason is not None or geo is None:
-            decision.keep_dense(reason or "unsupported conv2d")
-            return None
+            return decision.keep_dense(reason or "unsupported conv2d")
         # the conv as the kernel runs it (on llvm, where the fallback schedules the slice)
         run = (strided_pointwise(geo) if self.target_kind == "llvm" else None) or geo
         # the fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap; the
         # output map itself where its rows are whole vectors, see with_row_domain)
         lanes = self.cost.lanes
         ours = run.with_overlap(lanes).with_row_domain(lanes) if self.target_kind == "llvm" else run
-        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours),
-                             lambda rows: self.cost.conv(ours, rows))
+        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours, depthwise),
+                             lambda rows: self.cost.conv(ours, rows, depthwise=depthwise))
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
-        entry = layer_entry(self.quant, name)
         # x * g feeding a 1x1 conv (squeeze-excitation): the rows scale their weights by g instead (llvm, fp32)
         gate = channel_gate(conv.args[0], geo, self.var2val, self.counts, self.plans) \
             if self.target_kind == "llvm" and entry is None and rows.fmt in ("ell", "hyb") else None
@@ -95,8 +98,8 @@ class _Sparsifier(ConvChainRewriter):
         return call
 
 
-    def pack(self, weight, geo):
-        return pack_conv_rows(weight, geo, self.fmt, self.cost)
+    def pack(self, weight, geo, depthwise: bool = False):
+        return depthwise_weight_rows(weight, geo) if depthwise else pack_conv_rows(weight, geo, self.fmt, self.cost)
 
 
 def pack_conv_rows(weight, geo, fmt: str | None, cost: CostModel):

@@ -1,5 +1,6 @@
 """Property-based check of the operators on llvm against PyTorch (hypothesis): random conv2d and linear
-configurations (shapes, strides, padding, dilation, sparsity, format, epilogue) must all match.
+configurations (shapes, strides, padding, dilation, depthwise or not, sparsity, format, epilogue) must all
+match.
 Kept small (a couple of dozen compiles) so that it runs in well under a minute."""
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def conv_configs(draw):
     pad = tuple(draw(st.integers(0, 2)) for _ in range(4))  # top, left, bottom, right
     h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
     assume(h + pad[0] + pad[2] >= dil[0] * (r - 1) + 1 and w + pad[1] + pad[3] >= dil[1] * (s - 1) + 1)
-    return dict(n=n, c=c, k=k, r=r, s=s, stride=stride, dil=dil, pad=pad, h=h, w=w,
+    depthwise = draw(st.booleans())  # k == c, one input channel each: block-diagonal rows
+    k = c if depthwise else k
+    return dict(n=n, c=c, k=k, r=r, s=s, stride=stride, dil=dil, pad=pad, h=h, w=w, groups=c if depthwise else 1,
                 sparsity=draw(st.floats(0.5, 0.98)), fmt=draw(st.sampled_from([None, "ell", "hyb"])),
                 bias=draw(st.booleans()), relu=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
@@ -36,17 +39,18 @@ def conv_configs(draw):
 def test_random_sparse_conv2d_matches_torch(cfg, llvm):
     rng = np.random.default_rng(cfg["seed"])
     k, c, r, s = cfg["k"], cfg["c"], cfg["r"], cfg["s"]
-    weight = sparse_weight((k, c, r, s), cfg["sparsity"], rng)
+    groups = cfg["groups"]
+    weight = sparse_weight((k, c // groups, r, s), cfg["sparsity"], rng)
     if not (weight == 0).any():  # tiny layers: make sure it is sparse enough for the threshold below
         weight.reshape(-1)[0] = 0.0
     bias = rng.standard_normal(k).astype(np.float32) if cfg["bias"] else None
     x = rng.standard_normal((cfg["n"], c, cfg["h"], cfg["w"])).astype(np.float32)
     spec = LayerSpec("conv2d", x.shape, weight, bias, cfg["relu"],
                      {"strides": list(cfg["stride"]), "padding": list(cfg["pad"]), "dilation": list(cfg["dil"]),
-                      "groups": 1})
+                      "groups": groups})
     y, report = run_layer(spec, llvm, threshold=0.0, fmt=cfg["fmt"], x=x)
-    assert report[0].decision == "sparse"
-    ref = torch_conv(x, weight, bias, cfg["stride"], cfg["pad"], cfg["dil"], relu=cfg["relu"])
+    assert report[0].decision == "sparse", report[0].label
+    ref = torch_conv(x, weight, bias, cfg["stride"], cfg["pad"], cfg["dil"], groups, relu=cfg["relu"])
     assert y.shape == ref.shape
     assert rel_err(y, ref) < 1e-5 or np.abs(y - ref).max() < 1e-5
 

@@ -69,8 +69,10 @@ class LayerCost:
         return self.sparse_us < self.dense_us
 
 
-def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86Rates = BUILTIN) -> LayerCost:
-    """Predicted dense and sparse time (us) of one conv layer (x86: at `rates`)."""
+def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86Rates = BUILTIN,
+              depthwise: bool = False) -> LayerCost:
+    """Predicted dense and sparse time (us) of one conv layer (x86: at `rates`); `depthwise` (x86): the
+    conv is depthwise (depthwise_cost)."""
     positions = geo.n * geo.q_extent
     if target_kind == "cuda":
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
@@ -80,6 +82,8 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
         sparse = predict_sparse(geo, np.full(rows.data.shape[0], width), Knobs(group=rows.group), CUDA_GPU).seconds
         sparse *= CUDA_GPU.grouped_rows_factor if rows.group > 1 else 1.0  # the dense side's measured shortfall
         return LayerCost(dense * 1e6, sparse * 1e6)
+    if depthwise:
+        return depthwise_cost(geo, rows, rates)
     out = geo.n * geo.k * geo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
              + output_passes(geo, "dense") * out / rates.output)
@@ -93,6 +97,26 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     # 9.4 MB, 470-500 us measured, 280 us from the FMA rate, 460 us at the calibrated 20 GB/s
     dense = max(dense, 4 * geo.k * geo.c * geo.r * geo.s / rates.dram_bytes_s)
     sparse = max(sparse, fp32_nbytes(rows) / rates.dram_bytes_s)
+    return LayerCost(dense * 1e6, sparse * 1e6)
+
+
+# Depthwise convs (x86): both kernels' time is mostly per element (the padded input copied, the epilogue's
+# BN + SiLU on every output) and per channel, not per multiply-add. Fitted (non-negative least squares) to
+# efficientnet_b0@128's 12 depthwise shapes at 90%, each with BN + SiLU, both kernels timed per layer
+# (benchmarks/so_profile.py --layers, one thread, a 2-vCPU Zen 4): seconds per padded input element, per
+# output element and per channel, and the dense kernel's multiply-add rate. Not yet measured by `calibrate`.
+DW_SPARSE_INPUT_S, DW_SPARSE_OUTPUT_S, DW_SPARSE_CHANNEL_S = 0.24e-9, 0.23e-9, 7e-9
+DW_DENSE_FMA_S, DW_DENSE_OUTPUT_S, DW_DENSE_CHANNEL_S = 1 / 54e9, 0.42e-9, 55e-9
+
+
+def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTIN) -> LayerCost:
+    """Predicted time (us) of a depthwise conv (k == c, one input channel each) on the dense depthwise
+    kernel and on the sparse one (its rows: ops.formats.depthwise_weight_rows)."""
+    channels = geo.n * geo.c
+    out = channels * geo.oh * geo.ow
+    dense = geo.r * geo.s * out * DW_DENSE_FMA_S + out * DW_DENSE_OUTPUT_S + channels * DW_DENSE_CHANNEL_S
+    sparse = (channels * geo.hp * geo.wp * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S
+              + channels * DW_SPARSE_CHANNEL_S + rows.nnz * geo.n * geo.oh * geo.ow / rates.ell)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 
@@ -138,8 +162,8 @@ class CostModel:
     rates: X86Rates = BUILTIN
     lanes: int = 16                # float32 lanes of the llvm target's vector register (16 AVX-512, 8 AVX2)
 
-    def conv(self, geo: ConvGeometry, rows: SparseRows) -> LayerCost:
-        return conv_cost(geo, rows, self.kind, self.rates)
+    def conv(self, geo: ConvGeometry, rows: SparseRows, depthwise: bool = False) -> LayerCost:
+        return conv_cost(geo, rows, self.kind, self.rates, depthwise)
 
     def linear(self, batch: int, shape: tuple[int, int], rows: SparseRows) -> LayerCost:
         return linear_cost(batch, shape, rows, self.kind, self.rates)

@@ -1,0 +1,103 @@
+"""Pruned depthwise convs on the sparse kernel (llvm): a channel's nonzero taps as one ELL row of the
+block-diagonal weight (ops.formats.depthwise_weight_rows), BN, activation and residual fused as for any
+sparse conv; checked against PyTorch over strides, dilation, 3x3/5x5/7x7, odd sizes, batch > 1, an empty
+and a dense channel. Priced against the dense depthwise kernel, and kept dense on cuda."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+
+
+class DWBlock(nn.Module):
+    def __init__(self, c: int, k: int, stride: int, dilation: int, act: nn.Module, residual: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, k, stride, dilation * (k // 2), dilation, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.act, self.residual = act, residual
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))  # [N, C, OH, OW]
+        return y + x if self.residual else y
+
+
+def _pruned(c, k, stride, dilation, act, residual, sparsity, seed) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    m = DWBlock(c, k, stride, dilation, act, residual).eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.2, 0.2, generator=g)
+        m.bn.running_var.uniform_(0.5, 1.5, generator=g)
+        m.conv.weight.mul_((torch.rand(m.conv.weight.shape, generator=g) >= sparsity).float())
+        m.conv.weight[0].zero_()            # an empty channel: its output is the epilogue of the bias alone
+        m.conv.weight[1].normal_(generator=g)  # a dense channel: every tap stored
+    return m
+
+
+def _compile(model: nn.Module, x: torch.Tensor, target, threshold: float | None):
+    """(output, the conv's LayerDecision) of the model through our pipeline (threshold None: by cost)."""
+    import tvm
+    from tvm import relax
+
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    mod, names = import_program(torch.export.export(model, (x,)))
+    report: list = []
+    ex = tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target, threshold=threshold, names=names,
+                                                                       report=report))
+    y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))
+    (decision,) = [d for d in report if d.op == "conv2d"]
+    return (y if hasattr(y, "numpy") else y[0]).numpy(), decision
+
+
+CASES = [  # channels, kernel, stride, dilation, activation, residual, input size, batch
+    (16, 3, 1, 1, nn.SiLU(), False, 29, 1),     # odd size
+    (24, 3, 2, 1, nn.ReLU6(), False, 32, 2),    # stride 2 (phase planes), batch 2
+    (32, 5, 2, 1, nn.SiLU(), False, 17, 1),     # 5x5 stride 2 on an odd map
+    (16, 3, 1, 2, nn.ReLU(), True, 14, 1),      # dilation 2, residual
+    (8, 7, 1, 1, nn.Identity(), False, 9, 3),   # 7x7, no activation, batch 3
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{c[0]}k{c[1]}s{c[2]}d{c[3]}n{c[6]}b{c[7]}" for c in CASES])
+def test_pruned_depthwise_runs_sparse_and_matches_torch(case, llvm):
+    c, k, stride, dilation, act, residual, size, batch = case
+    seed = int(np.random.default_rng().integers(1 << 30))
+    model = _pruned(c, k, stride, dilation, act, residual, 0.9, seed)
+    x = torch.randn(batch, c, size, size)
+    y, decision = _compile(model, x, llvm, threshold=0.5)
+    assert (decision.decision, decision.format) == ("sparse", "ell"), decision.label
+    assert decision.nnz == int((model.conv.weight != 0).sum())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert rel_err(y, ref) < 1e-5, f"seed {seed}"
+
+
+def test_depthwise_is_priced_against_the_depthwise_kernel(llvm):
+    """By predicted time (no threshold): 95% pruned goes sparse, and the dense side is the depthwise
+    kernel's (cost.model.depthwise_cost: R*S multiply-adds per output), not a full conv's C*R*S, which
+    would make every depthwise conv look worth running sparse."""
+    from unsparse_tvm.cost.model import BUILTIN
+
+    x = torch.randn(1, 96, 32, 32)
+    _, d = _compile(_pruned(96, 3, 1, 1, nn.SiLU(), False, 0.95, 0), x, llvm, threshold=None)
+    assert d.decision == "sparse" and d.sparse_us < d.dense_us, d
+    full_conv_us = 96 * 96 * 9 * 32 * 32 / BUILTIN.dense_conv * 1e6
+    assert d.dense_us < full_conv_us / 10, d
+
+
+def test_cuda_keeps_depthwise_dense(cuda):
+    from unsparse_tvm.cost.model import CostModel
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.relay_passes.fold_batchnorm import FoldBatchNormIntoConv
+    from unsparse_tvm.relay_passes.sparsify_conv2d import SparsifyConv2d
+
+    model = _pruned(16, 3, 1, 1, nn.ReLU(), False, 0.9, 0)
+    mod, names = import_program(torch.export.export(model, (torch.randn(1, 16, 8, 8),)))
+    report: list = []
+    with cuda:
+        SparsifyConv2d(0.5, names, report, None, CostModel("cuda"))(FoldBatchNormIntoConv(names)(mod))
+    (decision,) = report
+    assert decision.label == "dense (grouped conv, groups=16)"
