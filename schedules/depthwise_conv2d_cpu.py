@@ -100,9 +100,17 @@ def stride_of(sch: s_tir.Schedule) -> tuple[int, int]:
 # on most 3x3s, 0.6-0.95x, and was taken only from 4 taps per padded element.)
 
 
+# ... but on 16-lane code (AVX-512, Zen 4) the 3x3s on maps of 16 or less ran about 2x slower than the
+# fallback (240 channels on 16x16: 103 vs 47 us; 576 on 14x14: 199 vs 97), where the AVX2 code of the same
+# layers beat it (40 vs 48, 64 vs 78; dw_layers.py --stride 2, UNSPARSE_MCPU=haswell); the 5x5s on 16x16
+# still gained 2.6x. Those 3x3s go to the fallback on 16-lane targets.
+SMALL_PADDED_ROW = 18
+
+
 def supports(sch: s_tir.Schedule) -> bool:
     """Whether the rule takes this conv: stride 1, or stride 2 where its padded input can be stored as two
-    column-phase planes (even width, a padding block to re-lay out)."""
+    column-phase planes (even width, a padding block to re-lay out), except 3x3s on small maps in
+    16-lane code (above)."""
     stride, padded = stride_of(sch)
     if not fits(_width(sch)):
         return False
@@ -110,7 +118,11 @@ def supports(sch: s_tir.Schedule) -> bool:
         return True
     conv = sch.get_sblock(conv_block(sch))
     pads = _pads(sch, conv)  # the layout to transform
-    return stride == 2 and padded % 2 == 0 and bool(pads)
+    if stride != 2 or padded % 2 or not pads:
+        return False
+    target = Target.current(allow_none=True)
+    small_3x3 = extents(sch, sch.get_loops(conv))[6] == 3 and padded <= SMALL_PADDED_ROW
+    return not (small_3x3 and target is not None and cpu_vector_lanes(target)[0] >= 16)
 
 
 def _spatial(sch: s_tir.Schedule, block) -> bool:
