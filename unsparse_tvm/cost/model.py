@@ -107,6 +107,9 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
 # output element and per channel, and the dense kernel's multiply-add rate. Not yet measured by `calibrate`.
 DW_SPARSE_INPUT_S, DW_SPARSE_OUTPUT_S, DW_SPARSE_CHANNEL_S = 0.24e-9, 0.23e-9, 7e-9
 DW_DENSE_FMA_S, DW_DENSE_OUTPUT_S, DW_DENSE_CHANNEL_S = 1 / 54e9, 0.42e-9, 55e-9
+# the dense kernel's strided convs: their residuals over that fit, per padded input element (its phase planes;
+# 0.06-0.27 ns on the four stride-2 shapes, measured after the 3x3s on small maps went to the fallback)
+DW_DENSE_STRIDED_INPUT_S = 0.1e-9
 
 
 def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTIN) -> LayerCost:
@@ -115,6 +118,8 @@ def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTI
     channels = geo.n * geo.c
     out = channels * geo.oh * geo.ow
     dense = geo.r * geo.s * out * DW_DENSE_FMA_S + out * DW_DENSE_OUTPUT_S + channels * DW_DENSE_CHANNEL_S
+    if geo.stride != (1, 1):
+        dense += channels * geo.hp * geo.wp * DW_DENSE_STRIDED_INPUT_S
     sparse = (channels * geo.hp * geo.wp * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S
               + channels * DW_SPARSE_CHANNEL_S + rows.nnz * geo.n * geo.oh * geo.ow / rates.ell)
     return LayerCost(dense * 1e6, sparse * 1e6)
