@@ -30,7 +30,8 @@ from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, peer_callables, pla
 from .peers_deepsparse import ready as deepsparse_ready
 from .target import make_target, require_runnable
 from .bench_layers import bench_layers, choice_summary
-from .timing import MULTI_THREAD_PAUSE_S, call_timer, round_robin, set_threads, vm_timer, warn_if_busy
+from .timing import (MULTI_THREAD_PAUSE_S, SINGLE_THREAD_PAUSE_S, call_timer, round_robin, set_threads, vm_timer,
+                     warn_if_busy)
 from .tuning.database import open_database
 
 
@@ -169,7 +170,7 @@ def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, ca
                     timed[name] = call.measure if hasattr(call, "measure") else call_timer(call)
             warn_if_busy()
             print(f"timing end to end with {n} thread(s) ({repeat} rounds)")
-            pause = MULTI_THREAD_PAUSE_S if n > 1 else 0.01  # until the other pools' workers sleep
+            pause = MULTI_THREAD_PAUSE_S if n > 1 else SINGLE_THREAD_PAUSE_S  # until the other pools' workers sleep
             by_threads[str(n)] = {f"{k}_ms": v for k, v in round_robin(timed, repeat, pause=pause).items()}
     return by_threads
 

@@ -42,9 +42,11 @@ def call_timer(fn, sync=None):
 # cores one spinning worker halves the next contender's machine: ONNX Runtime on two threads measured 7.8
 # ms right after our model, 2.4-2.9 ms with the workers asleep (benchmarks/thread_pools.py; docs/results.md).
 MULTI_THREAD_PAUSE_S = 0.2
+SINGLE_THREAD_PAUSE_S = 0.01  # one thread: only PyTorch's and TVM's last call to let settle
 
 
-def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0, pause: float = 0.01) -> dict[str, float]:
+def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0,
+                pause: float = SINGLE_THREAD_PAUSE_S) -> dict[str, float]:
     """Median ms per call of each contender, measured in alternating rounds after a warm-up, `pause` seconds
     of idle before each batch (MULTI_THREAD_PAUSE_S where the contenders run thread pools)."""
     numbers = {}

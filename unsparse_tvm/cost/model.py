@@ -116,12 +116,12 @@ def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTI
     """Predicted time (us) of a depthwise conv (k == c, one input channel each) on the dense depthwise
     kernel and on the sparse one (its rows: ops.formats.depthwise_weight_rows)."""
     channels = geo.n * geo.c
-    out = channels * geo.oh * geo.ow
+    inp, out = channels * geo.hp * geo.wp, channels * geo.oh * geo.ow  # padded input, output elements
     dense = geo.r * geo.s * out * DW_DENSE_FMA_S + out * DW_DENSE_OUTPUT_S + channels * DW_DENSE_CHANNEL_S
     if geo.stride != (1, 1):
-        dense += channels * geo.hp * geo.wp * DW_DENSE_STRIDED_INPUT_S
-    sparse = (channels * geo.hp * geo.wp * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S
-              + channels * DW_SPARSE_CHANNEL_S + rows.nnz * geo.n * geo.oh * geo.ow / rates.ell)
+        dense += inp * DW_DENSE_STRIDED_INPUT_S
+    sparse = (inp * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S + channels * DW_SPARSE_CHANNEL_S
+              + rows.nnz * geo.n * geo.oh * geo.ow / rates.ell)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
 

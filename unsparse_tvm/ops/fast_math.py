@@ -53,12 +53,17 @@ def fast_exp2(y: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Let(y0, y, tirx.Select(y0 > _f32(_Y_MAX), _f32(float("inf")), value))
 
 
+def _one_plus_exp_neg(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """1 + exp(-x), the denominator sigmoid and SiLU share."""
+    return _f32(1.0) + fast_exp2(x * _f32(-_LOG2E))
+
+
 def fast_sigmoid(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """1 / (1 + exp(-x)) on fast_exp2."""
-    return _f32(1.0) / (_f32(1.0) + fast_exp2(x * _f32(-_LOG2E)))
+    return _f32(1.0) / _one_plus_exp_neg(x)
 
 
 def fast_silu(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """SiLU (swish): x * sigmoid(x) as x / (1 + exp(-x)), x computed once."""
     v = _float_var("v")
-    return tirx.Let(v, x, v / (_f32(1.0) + fast_exp2(v * _f32(-_LOG2E))))
+    return tirx.Let(v, x, v / _one_plus_exp_neg(v))
