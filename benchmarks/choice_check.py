@@ -66,7 +66,7 @@ def predict(row: dict, rates) -> tuple[float, float]:
     """(dense us, sparse us) of a measured row under `rates` (layer_cost, with the row's own packing)."""
     from types import SimpleNamespace
 
-    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.cost.model import conv_cost, linear_cost
 
     n, c, h, w = row["input"] if row["op"] == "conv2d" else (*row["input"], 1, 1)

@@ -10,8 +10,8 @@ What goes in (benchmarks/gpu_kit/README.md has the details):
   knobs, and at a grid of knob points on each distinct layer geometry at the grid sparsities. Kernels
   take the sparse arrays (data, off [, ovf_data, ovf_off, ovf_slot], bias) as arguments, so no weights
   travel: the runner regenerates the seeded model, prunes, folds and packs it (copies of unsparse_tvm's
-  models.py, reference.py and ops/formats.py travel instead, in kitlib/). Many kernels per module, one
-  nvcc call per module.
+  models.py, reference.py, ops/formats.py and ops/geometry.py travel instead, in kitlib/). Many kernels per
+  module, one nvcc call per module.
 - whole models, sparse (per sparsity, default threshold) and TVM dense, per batch: Relax VM modules whose
   weight constants were lifted into parameters; the manifest says which layer array each parameter is.
 - the TVM runtime: libtvm_runtime(.so, _cuda.so), the python `tvm` package without the compiler, and the

@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch
 
-from unsparse_tvm.ops.formats import ConvGeometry
+from unsparse_tvm.ops.geometry import ConvGeometry
 from unsparse_tvm.models import build_model
 from unsparse_tvm.cost.gpu import H200, H200_FITTED, Knobs, layer_table
 

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 from tvm import relax
 
-from unsparse_tvm.ops.formats import ConvGeometry
+from unsparse_tvm.ops.geometry import ConvGeometry
 
 from ._util import ChainRewriter, Epilogue, const_array, dtype_of, is_op, match_epilogue, shape_of, users_of
 

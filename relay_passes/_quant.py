@@ -12,7 +12,8 @@ import numpy as np
 from tvm import relax
 
 from unsparse_tvm.ops import sparse_quant as quant_ops
-from unsparse_tvm.ops.formats import ConvGeometry, SparseRows
+from unsparse_tvm.ops.formats import SparseRows
+from unsparse_tvm.ops.geometry import ConvGeometry
 from unsparse_tvm.ops.names import sparse_op
 from unsparse_tvm.ops.quant_formats import QuantGeometry, QuantRows, encode, fp32_nbytes
 from unsparse_tvm.ops.sparse_quant import QSpec

@@ -136,8 +136,12 @@ class _Int8Rewriter(ConvChainRewriter):
         # a strided conv whose output rows are whole vectors (resnet's stem: 112 of its phase planes' 115):
         # computed over the output map itself, read at pitch Wq (ConvGeometry.with_row_domain), the epilogue
         # in the write-back (resnet50 95% channel4: 7.30 -> 7.13 ms). Not at stride 1: vgg16-cifar's 32- and
-        # 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood)
-        return (geo.with_row_domain(self.lanes) if tuple(geo.stride) != (1, 1) else geo), (1, 1)
+        # 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood). A stride-1 4x4 map:
+        # its input as patches (ConvGeometry.with_patches), one aligned 64-byte load per weight quad where the
+        # padded plane took three unaligned 8-lane loads
+        if tuple(geo.stride) != (1, 1):
+            return geo.with_row_domain(self.lanes), (1, 1)
+        return geo.with_patches(self.lanes), (1, 1)
 
     def rewrite(self, conv, weight, geo, ep):
         taken = self.act_of(conv, weight, geo)
@@ -166,9 +170,10 @@ class _Int8Rewriter(ConvChainRewriter):
                                                   relax.TensorType(shape, "uint8")))
         args = [x] + [relax.const(a) for a in (rows.data, off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
-        pad_shape = [rows.pad_quads, run.stride[0] * run.stride[1] * run.hq, run.wq]
+        pad_shape = [rows.pad_quads, *run.pad_shape[1:]]  # a plane's rows, or (patches) the patches' rows
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape,
                                    **({"unsparse.row_domain": run.ow} if run.row_domain else {}),
+                                   **({"unsparse.patches": 1} if run.patches else {}),
                                    **({names.ROW_LENGTHS: 1} if self.kind == "llvm" else {})})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused

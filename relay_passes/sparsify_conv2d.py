@@ -50,10 +50,7 @@ class _Sparsifier(ConvChainRewriter):
             return decision.keep_dense(reason or "unsupported conv2d")
         # the conv as the kernel runs it (on llvm, where the fallback schedules the slice)
         run = (strided_pointwise(geo) if self.target_kind == "llvm" else None) or geo
-        # the fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap; the
-        # output map itself where its rows are whole vectors, see with_row_domain)
-        lanes = self.cost.lanes
-        ours = run.with_overlap(lanes).with_row_domain(lanes) if self.target_kind == "llvm" else run
+        ours = self.flat_domain(run, depthwise or entry is not None)
         rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours, depthwise),
                              lambda rows: self.cost.conv(ours, rows, depthwise=depthwise))
         if rows is None:
@@ -84,8 +81,8 @@ class _Sparsifier(ConvChainRewriter):
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
         # the schedules' vectors divide these (schedules/_common.domain_lanes)
-        attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else
-                 {"unsparse.row_domain": ours.ow} if ours.row_domain else {})
+        attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else {"unsparse.row_domain": ours.ow}
+                 if ours.row_domain else {"unsparse.patches": 1} if ours.patches else {})
         if self.target_kind == "llvm":  # row lengths (schedules/row_extents); the pad stage's phase planes
             attrs.update({ROW_LENGTHS: 1}, **({STRIDE: list(ours.stride)} if ours.stride != (1, 1) else {}))
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape, **attrs})
@@ -97,6 +94,18 @@ class _Sparsifier(ConvChainRewriter):
             return self.builder_.emit(relax.op.reshape(call, [ours.n, ours.k, ours.oh, ours.ow]))
         return call
 
+
+    def flat_domain(self, run, plane: bool):
+        """The fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap; the
+        output map itself where its rows are whole vectors, or half of one (8x8 under AVX-512), see
+        with_row_domain; a 4x4 map's input as patches, see with_patches). `plane` (depthwise rows, quantised
+        weights) keeps the padded plane at whole vectors: a depthwise conv reads each input position for one
+        row only, so a copy would not pay; quantised rows encode offsets into the plane (ops.quant_formats)."""
+        if self.target_kind != "llvm":
+            return run
+        lanes = self.cost.lanes
+        ours = run.with_overlap(lanes).with_row_domain(lanes, narrow=not plane)
+        return ours if plane else ours.with_patches(lanes)
 
     def pack(self, weight, geo, depthwise: bool = False):
         return depthwise_weight_rows(weight, geo) if depthwise else pack_conv_rows(weight, geo, self.fmt, self.cost)

@@ -119,6 +119,9 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
     the flat view of its input (ConvGeometry.input_is_flat) has no copy to schedule."""
     if not has_block(sch, "pad_flat"):
         return
+    if has_block(sch, "pad_plane"):
+        _schedule_patches(sch, c, rows, cols)
+        return
     block = sch.get_sblock("pad_flat")
     x_shape = [int(v) for v in sch.get(block).reads[0].source.shape]
     n, i = sch.get_loops(block)
@@ -139,6 +142,18 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
         _vectorize_rows(sch, row, col, rows, cols)
     elif len(x_shape) == 4 and cols < x_shape[3] and cols <= PAD_UNROLL:
         sch.unroll(col)  # a strided conv's phase rows (narrower than the input), see PAD_UNROLL
+
+
+def _schedule_patches(sch: s_tir.Schedule, c: int, rows: int, ow: int) -> None:
+    """An input stored as patches (ops.sparse._patches, pad shape [C, R*S*OH, OW]): per channel (in parallel)
+    its padded plane, then its taps' slices of it, each output row one explicit vector of OW lanes."""
+    block = sch.get_sblock("pad_flat")
+    n, i = sch.get_loops(block)
+    ci, _, x = sch.split(i, [c, rows, ow])
+    par = sch.fuse(n, ci)
+    sch.parallel(par)
+    sch.compute_at(sch.get_sblock("pad_plane"), par)
+    sch.vectorize(x)
 
 
 def _vectorize_rows(sch: s_tir.Schedule, row, col, rows: int, cols: int) -> None:
@@ -247,6 +262,12 @@ def domain_attr(func: tirx.PrimFunc, name: str) -> int:
     unsparse.row_domain (its output row length); 0 where unset."""
     key = f"unsparse.{name}"
     return int(func.attrs[key]) if key in func.attrs else 0
+
+
+def rows_are_domain(func: tirx.PrimFunc) -> bool:
+    """Whether a conv's flat domain is its output map q = y*OW + x whatever its input pitch: a row domain
+    (ConvGeometry.with_row_domain) or an input stored as patches (with_patches); for flat_epilogue."""
+    return domain_attr(func, "row_domain") > 0 or domain_attr(func, "patches") > 0
 
 
 def domain_lanes(func: tirx.PrimFunc, vec: int) -> int:

@@ -16,8 +16,8 @@ from unsparse_tvm.ops import names
 from unsparse_tvm.target import runnable_here
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
-                      flat_epilogue, has_block, largest_divisor, place_decode, pow2_divisor, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu, vectorize_flat)
+                      flat_epilogue, has_block, largest_divisor, place_decode, pow2_divisor, rows_are_domain,
+                      sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, vectorize_flat)
 
 OP = names.SPARSE_CONV2D
 
@@ -157,7 +157,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     if has_block(sch, "gate"):  # a folded squeeze-excitation gate (ops.sparse.gate_stage): its C scales once
         vectorize_flat(sch, sch.get_loops(sch.get_sblock("gate"))[-1], 8)
     overlap = domain_attr(func, "overlap")
-    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, domain_attr(func, "row_domain") > 0)
+    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, rows_are_domain(func))
     _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)

@@ -16,7 +16,7 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
-                      flat_epilogue, largest_divisor, place_decode, pow2_divisor, sample_choice,
+                      flat_epilogue, largest_divisor, place_decode, pow2_divisor, rows_are_domain, sample_choice,
                       schedule_epilogue_cpu, schedule_pad_cpu)
 
 OP = names.SPARSE_CONV2D_GROUPED
@@ -60,7 +60,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> 
     cx, rows, cols = (int(d) for d in func.attrs["unsparse.pad_shape"])
     schedule_pad_cpu(sch, cx, rows, cols)
     overlap = domain_attr(func, "overlap")
-    flat = not overlap and flat_epilogue(sch, "conv", cols, domain_attr(func, "row_domain") > 0)
+    flat = not overlap and flat_epilogue(sch, "conv", cols, rows_are_domain(func))
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
     n, g, v, q, j = sch.get_loops(block)

@@ -15,7 +15,8 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, extents, flat_epilogue, has_block,
-                      largest_divisor, pow2_divisor, sample_choice, schedule_epilogue_cpu, vectorize_flat)
+                      largest_divisor, pow2_divisor, rows_are_domain, sample_choice, schedule_epilogue_cpu,
+                      vectorize_flat)
 from .x86_int8 import int8_kind, intrin
 
 OP = names.SPARSE_CONV2D_INT8
@@ -68,14 +69,16 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, unroll, k_inner,
               clamp: bool) -> None:
     quads, rows, cols = (int(x) for x in func.attrs["unsparse.pad_shape"])
-    if has_block(sch, "pad_q"):  # else the input arrives in quads (int8_ops.quad_relay)
+    if has_block(sch, "pad_patch"):
+        _schedule_patches(sch, quads, rows, cols)
+    elif has_block(sch, "pad_q"):  # else the input arrives in quads (int8_ops.quad_relay)
         n, i, v = sch.get_loops(sch.get_sblock("pad_q"))
         ci, _, _ = sch.split(i, [quads, rows, cols])
         sch.parallel(sch.fuse(n, ci))
         sch.vectorize(v)
     # the output is the flat domain: a pointwise conv whose map is whole vectors (re-indexed), or a wide one
     wide = len(sch.get_loops(sch.get_sblock("epilogue"))) == 3
-    flat = wide or flat_epilogue(sch, "conv", cols, domain_attr(func, "row_domain") > 0)  # see _schedule_epilogue
+    flat = wide or flat_epilogue(sch, "conv", cols, rows_are_domain(func))  # see _schedule_epilogue
 
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
@@ -105,6 +108,19 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     sch.unroll(qu)
     sch.unroll(kii)
     _schedule_epilogue(sch, target, par, flat, cols)
+
+
+def _schedule_patches(sch: s_tir.Schedule, quads: int, rows: int, ow: int) -> None:
+    """Patches (int8_ops._quad_patches, pad shape [Cq, R*S*OH, OW]): per channel quad (in parallel) its padded
+    plane of quads, then its taps' rows cut from it, each one vector of OW words."""
+    n, i, v = sch.get_loops(sch.get_sblock("pad_patch"))
+    ci, _, x = sch.split(i, [quads, rows, ow])
+    par = sch.fuse(n, ci)
+    sch.parallel(par)
+    sch.vectorize(sch.fuse(x, v))
+    plane = sch.get_sblock("pad_q")
+    sch.compute_at(plane, par)
+    sch.vectorize(sch.get_loops(plane)[-1])
 
 
 def _schedule_epilogue(sch: s_tir.Schedule, target: Target, par, flat: bool, cols: int) -> None:

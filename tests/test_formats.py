@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from unsparse_tvm.ops.formats import HYB_MIN_SAVING, ConvGeometry, choose_format, conv_weight_rows, dense_weight_rows, to_sparse_rows
+from unsparse_tvm.ops.formats import HYB_MIN_SAVING, choose_format, conv_weight_rows, dense_weight_rows, to_sparse_rows
+from unsparse_tvm.ops.geometry import ConvGeometry
 
 
 def unpack(rows, ncols, col_of_offset):

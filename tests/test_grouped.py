@@ -120,7 +120,7 @@ def test_grouped_conv_cuda_space_points_on_pocl(seed, pocl):  # noqa: F811
 
 
 def test_conv_weight_rows_pick_grouped_for_vector_pruned_layers():
-    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.ops.geometry import ConvGeometry
 
     rng = np.random.default_rng(5)
     geo = ConvGeometry(1, 8, 10, 10, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from conftest import assert_one_line_error, cpu_target, sparse_weight
 from unsparse_tvm.cli import main
-from unsparse_tvm.ops.formats import ConvGeometry
+from unsparse_tvm.ops.geometry import ConvGeometry
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 from unsparse_tvm.target import kernel_target, target_cpu_features
 from unsparse_tvm.testing.isa import skip_unless_runs_here
@@ -48,6 +48,9 @@ CASES = [
     (1, 16, 14, 14, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 0.9),   # 1x1 on 14x14: 12 vectors of 16 and a tail of 4
     (2, 8, 16, 16, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.8),     # rows of 16 in rows of 18: a row domain
     (1, 4, 32, 32, 8, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 0.9),     # stem-like 7x7/2, rows of 16 in 19: row domain
+    (2, 16, 4, 4, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.8),     # 4x4, batch 2: input as patches
+    (1, 6, 4, 4, 8, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 0.7),       # patches, 5x5, C not a multiple of 4
+    (1, 8, 4, 4, 8, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 0.9),       # patches, dilation 2
 ]
 
 
@@ -69,8 +72,10 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
 
     target = cpu_target(mcpu)
     sub = geo.stride if subsample else (1, 1)
-    # as the pass: a strided 1x1 on its subsampled input, or output rows of whole vectors as the domain
-    geo = strided_pointwise(geo) if subsample else geo.with_row_domain(cpu_vector_lanes(target)[0])
+    # a strided 1x1 on its subsampled input, output rows of whole vectors as the domain (the pass: strided convs
+    # only; here stride 1 too), or a 4x4 map's patches (the pass: stride 1)
+    lanes = cpu_vector_lanes(target)[0]
+    geo = strided_pointwise(geo) if subsample else geo.with_row_domain(lanes).with_patches(lanes)
     wq, wscale = quantize_weight(weight)
     rows = conv_quad_rows(wq, geo)
     comp, out_scale = epilogue_consts(wq, wscale, act)
@@ -81,8 +86,9 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     out = int8_ops.sparse_conv2d_int8(*holders, geo=geo, act=act, quads=rows.pad_quads, has_bias=bias is not None,
                                          has_residual=residual is not None, relu=relu, subsample=sub)
     func = te.create_prim_func(holders + [out]).with_attr("unsparse.op", "sparse_conv2d_int8").with_attr(
-        "unsparse.pad_shape", [rows.pad_quads, geo.stride[0] * geo.stride[1] * geo.hq, geo.wq])
+        "unsparse.pad_shape", [rows.pad_quads, *geo.pad_shape[1:]])
     func = func.with_attr("unsparse.row_domain", geo.ow) if geo.row_domain else func
+    func = func.with_attr("unsparse.patches", 1) if geo.patches else func
     with target:
         sch = rule_for("sparse_conv2d_int8", "llvm").apply(func, target)
     mod = tvm.IRModule({"main": trim_row_loops(sch.mod["main"])})  # the loop over quads ends at the rows' lengths

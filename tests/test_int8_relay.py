@@ -21,7 +21,7 @@ def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
     import tvm
     from tvm import te
 
-    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads
     from unsparse_tvm.ops.sparse_int8 import pad_quantize, quad_relay
     from unsparse_tvm.relay_passes._conv_match import strided_pointwise

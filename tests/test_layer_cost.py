@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import sparse_weight
-from unsparse_tvm.ops.formats import ConvGeometry, conv_weight_rows, dense_weight_rows
+from unsparse_tvm.ops.formats import conv_weight_rows, dense_weight_rows
+from unsparse_tvm.ops.geometry import ConvGeometry
 from unsparse_tvm.cost.model import conv_cost, linear_cost
 
 GEO = ConvGeometry(1, 64, 16, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))

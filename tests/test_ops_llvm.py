@@ -259,7 +259,7 @@ def test_epilogue_fuses_exactly_where_the_cost_model_says(r, stride, pad, size, 
     pointwise convs included (a 14x14 map strided to 7x7 has q_extent 56 > 49: not fused), and a padded 3x3
     whose output rows are whole vectors (16x16: its row domain, with_row_domain)."""
     from unsparse_tvm.single_layer import layer_module
-    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.schedules import cpu_vector_lanes
 

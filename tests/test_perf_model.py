@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from unsparse_tvm.ops.formats import ConvGeometry
+from unsparse_tvm.ops.geometry import ConvGeometry
 from unsparse_tvm.cost.gpu import H200, Knobs, magnitude_row_nnz, predict_cudnn, predict_sparse
 
 GEO = ConvGeometry(1, 256, 28, 28, 256, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))

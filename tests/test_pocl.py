@@ -288,7 +288,7 @@ def test_cuda_epilogue_fuses_exactly_where_the_output_is_flat(r, stride, pad, si
     """The CUDA schedule writes bias, residual and ReLU from each thread's accumulators (no "epilogue"
     kernel: one launch and one output pass fewer) exactly where ConvGeometry.flat_output holds and the
     format is not hyb, as cost.gpu.predict_sparse counts launches; the result on PoCL equals PyTorch."""
-    from unsparse_tvm.ops.formats import ConvGeometry
+    from unsparse_tvm.ops.geometry import ConvGeometry
 
     rng = np.random.default_rng(1)
     weight = sparse_weight((32, 16, r, r), 0.9, rng, empty_rows=2, dense_rows=2)

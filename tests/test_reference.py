@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
 from unsparse_tvm import reference
-from unsparse_tvm.ops.formats import ConvGeometry, compact_offsets, conv_weight_rows
+from unsparse_tvm.ops.formats import compact_offsets, conv_weight_rows
+from unsparse_tvm.ops.geometry import ConvGeometry
 
 
 def test_rel_error_is_max_abs_difference_over_max_abs_reference():
@@ -92,7 +93,8 @@ def test_the_gpu_kit_ships_this_module_with_what_it_imports_and_refuses_tvm(monk
     from gpu_kit_build import scaffold
 
     shipped = scaffold.kitlib_sources()
-    assert set(shipped) == {"reference.py", "models.py", "errors.py", os.path.join("ops", "formats.py")}
+    assert set(shipped) == {"reference.py", "models.py", "errors.py", os.path.join("ops", "formats.py"),
+                            os.path.join("ops", "geometry.py")}
     assert shipped["reference.py"] == open(reference.__file__).read()  # copied as is: one definition
     monkeypatch.setattr(scaffold, "KITLIB_MODULES", (*scaffold.KITLIB_MODULES, "parallel_build"))
     with pytest.raises(SystemExit, match="parallel_build.py imports tvm"):

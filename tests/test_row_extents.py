@@ -8,7 +8,7 @@ import pytest
 
 from conftest import sparse_weight
 from test_int8 import QUANTUM_SHARE, build_int8_conv, run_built
-from unsparse_tvm.ops.formats import ConvGeometry
+from unsparse_tvm.ops.geometry import ConvGeometry
 from unsparse_tvm.ops.int8_formats import ActQuant, QuadRows, epilogue_consts, torch_reference
 from unsparse_tvm.testing.isa import skip_unless_runs_here
 

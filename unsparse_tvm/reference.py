@@ -118,7 +118,7 @@ def operand_arrays(rows) -> dict:
 def conv_geometry(input_shape, weight_shape, attrs: dict):
     """formats.ConvGeometry of an NCHW conv2d: input [N, C, H, W], weight [K, C, R, S] and the layer's
     attrs (strides, padding (top, left, bottom, right), dilation), as single_layer.LayerSpec holds them."""
-    from .ops.formats import ConvGeometry
+    from .ops.geometry import ConvGeometry
 
     n, c, h, w = input_shape
     k, _, r, s = weight_shape

@@ -70,7 +70,7 @@ def layer_flops(spec: LayerSpec) -> tuple[float, float]:
     nnz = int(np.count_nonzero(spec.weight))
     if spec.op == "dense":
         return 2.0 * spec.input_shape[0] * spec.weight.size, 2.0 * spec.input_shape[0] * nnz
-    from .ops.formats import ConvGeometry
+    from .ops.geometry import ConvGeometry
 
     n, c, h, w = spec.input_shape
     k, _, r, s = spec.weight.shape

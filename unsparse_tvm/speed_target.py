@@ -36,7 +36,8 @@ TOLERANCE = 0.10        # a measured speedup within 10% of the request is a hit
 
 def _predict(spec, weight: np.ndarray, cost) -> tuple[float, float]:
     """(dense us, sparse us) of one layer with this (masked) weight, as the compile would pack and cost it."""
-    from .ops.formats import ConvGeometry, HYB_MIN_SAVING, dense_weight_rows
+    from .ops.formats import HYB_MIN_SAVING, dense_weight_rows
+    from .ops.geometry import ConvGeometry
     from .relay_passes.sparsify_conv2d import pack_conv_rows
 
     if spec.op == "conv2d":

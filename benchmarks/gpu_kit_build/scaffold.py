@@ -20,7 +20,7 @@ RUNNER_DIR = os.path.join(HERE, "gpu_kit")
 
 # unsparse_tvm's modules the runner uses (reference.py's own imports follow them), copied into kitlib/ at
 # the same paths: the package's relative imports work unchanged, with no compiler and no TVM
-KITLIB_MODULES = ("reference", "models", "errors", "ops.formats")
+KITLIB_MODULES = ("reference", "models", "errors", "ops.formats", "ops.geometry")
 
 
 def kitlib_sources() -> dict[str, str]:

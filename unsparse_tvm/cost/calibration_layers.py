@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from ..ops.formats import ConvGeometry
+from ..ops.geometry import ConvGeometry
 from .model import BUILTIN, X86Rates
 from ..single_layer import LayerSpec, layer_module
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from ..ops.formats import HYB_MIN_SAVING, ConvGeometry, best_split, choose_format, offsets_fit_16_bits
+from ..ops.formats import HYB_MIN_SAVING, best_split, choose_format, offsets_fit_16_bits
+from ..ops.geometry import ConvGeometry
 
 
 @dataclass(frozen=True)

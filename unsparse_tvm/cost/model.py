@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ops.formats import ConvGeometry, SparseRows
+from ..ops.formats import SparseRows
+from ..ops.geometry import ConvGeometry
 from ..ops.quant_formats import fp32_nbytes
 from .gpu import H200_FITTED, Knobs, predict_sparse
 

@@ -20,10 +20,11 @@ sparse convolutions", ICLR 2017).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .geometry import ConvGeometry
 
 # hyb only where it saves at least this share of ell's padded size, per target kind. x86: its overflow
 # stage is a short second loop, and going from 25% to 5% made vgg16-cifar and ResNet-18 ~9% faster end to
@@ -183,162 +184,6 @@ def offsets_with_lengths(data: np.ndarray, off: np.ndarray) -> np.ndarray:
     nonzero = data != 0
     lengths = (nonzero.any(axis=2) if nonzero.ndim == 3 else nonzero).sum(axis=1).astype(off.dtype)
     return np.concatenate([off, lengths[:, None]], axis=1)
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Static shape facts of one NCHW/OIHW conv2d, and the flat padded-input layout the kernel reads.
-
-    The padded input is stored split into its sh x sw *phases* (space-to-depth: padded row h' goes to
-    phase h' % sh, row h' // sh; columns likewise), each phase a plane of Hq x Wq. Tap (c, r, s) of
-    output (y, x) then reads phase ((r*dh) % sh, (s*dw) % sw) at row y + (r*dh) // sh, column
-    x + (s*dw) // sw: every conv, strided or not, is a stride-1 walk over a phase plane, so outputs
-    q = y*Wq + x read contiguous input (one vector load, not a strided gather). Stride 1 is the
-    plain padded image (one phase, Hq = Hp, Wq = Wp)."""
-
-    n: int
-    c: int
-    h: int
-    w: int
-    k: int
-    r: int
-    s: int
-    stride: tuple[int, int]
-    padding: tuple[int, int, int, int]  # top, left, bottom, right
-    dilation: tuple[int, int]
-    overlap: int = 0  # lanes L: the flat domain's last vectors read the map's last L positions (with_overlap)
-    row_domain: bool = False  # the flat domain is the output map itself, q = y*OW + x (with_row_domain)
-
-    @property
-    def hp(self) -> int:
-        return self.h + self.padding[0] + self.padding[2]
-
-    @property
-    def wp(self) -> int:
-        return self.w + self.padding[1] + self.padding[3]
-
-    @property
-    def oh(self) -> int:
-        return (self.hp - self.dilation[0] * (self.r - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def ow(self) -> int:
-        return (self.wp - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
-
-    @property
-    def hq(self) -> int:
-        """Rows of one phase plane."""
-        return -(-self.hp // self.stride[0])
-
-    @property
-    def wq(self) -> int:
-        """Columns of one phase plane: the row pitch of the flat output domain."""
-        return -(-self.wp // self.stride[1])
-
-    @property
-    def channel_plane(self) -> int:
-        """Flat size of one input channel: its sh*sw phase planes."""
-        return self.stride[0] * self.stride[1] * self.hq * self.wq
-
-    @property
-    def pad_shape(self) -> list[int]:
-        """[channels, rows, columns] the flat padded input splits into (for the pad stage's schedule)."""
-        return [self.pad_channels, self.stride[0] * self.stride[1] * self.hq, self.wq]
-
-    def with_overlap(self, lanes: int) -> "ConvGeometry":
-        """For a pointwise stride-1 conv whose map is not whole vectors of `lanes` (14x14 = 12.25 vectors of 16):
-        the same conv with its flat domain in whole vectors whose last ones are shifted back to end at the
-        map's last position, so that they overlap the one before instead of reading past the input. Its
-        input is then read in place, not copied with a trailing zero channel. resnet50 at 90%, one thread,
-        in the whole model: 256x1024 on 14x14 307 -> 257 us, 1024x256 333 -> 315, 512x2048 on 7x7 323 ->
-        300; 0.6 ms of 21.5 in all. The positions covered twice are computed twice and read once
-        (read_split). Unchanged otherwise."""
-        positions = self.oh * self.ow
-        pointwise = (self.r, self.s) == (1, 1) and self.stride == (1, 1) and not any(self.padding)
-        if not pointwise or positions % lanes == 0 or positions < lanes:
-            return self
-        return dataclasses.replace(self, overlap=lanes)
-
-    def with_row_domain(self, lanes: int) -> "ConvGeometry":
-        """A conv whose rows carry thrown-away columns (Wq > OW: padding, or the stem's phase planes) but whose
-        output rows are whole vectors of `lanes` (the stem's 112, vgg's 32 and 224): the same conv with its
-        flat domain the output map itself, row y read at pitch Wq (each vector stays inside one row: one
-        contiguous load). Nothing is computed to be thrown away, and the output is the flat domain
-        (flat_output), so the epilogue joins the accumulators' write-back instead of a pass over sums
-        written out and read back. Unchanged otherwise."""
-        if self.overlap or self.wq == self.ow or self.ow % lanes:
-            return self
-        return dataclasses.replace(self, row_domain=True)
-
-    @property
-    def read_split(self) -> tuple[int, int]:
-        """(S, D) of an overlapped domain: output position p < S is flat index p, a later one p + D."""
-        lanes, positions = self.overlap, self.oh * self.ow
-        split = ((positions - lanes) // lanes + 1) * lanes  # the first vector that would run past the map
-        return split, split - (positions - lanes)
-
-    @property
-    def q_extent(self) -> int:
-        """Size of the flat extended output domain q = y*Wq + x (columns x >= OW are computed and thrown
-        away, so that small images still fill whole vectors), rounded up to 8 lanes (an AVX2 register;
-        AVX-512 schedules use 16 where it divides). Not 16: a 2x2 map's 8 positions would pay for 16.
-        Past 8 vectors of 16, rounded up further (by at most 56 lanes) until the vector count has a
-        divisor in 2..6, so that register tiles of several vectors fit it exactly (56x56: 3248 -> 3264,
-        whose 204 vectors split by 4, where 203 = 7 x 29 would leave one vector per tile). Except a map
-        with no thrown-away columns of 7k whole vectors (a 1x1 on 28x28: 784, 49 vectors): rounded up it
-        lost its fused epilogue and its input view, and with tiles of 7 vectors it ran 15-35% faster
-        (one thread, 90%: 128x512 389 -> 252 us, 512x128 367 -> 272, 512x256 635 -> 540)."""
-        if self.row_domain:
-            return self.oh * self.ow
-        if self.overlap:  # whole vectors over the map, rounded as below for tiles of several vectors
-            v = -(-self.oh * self.ow // self.overlap)
-            while v > 8 and not any(v % u == 0 for u in range(2, 7)):
-                v += 1
-            return v * self.overlap
-        q = -(-self.oh * self.wq // 8) * 8
-        if self.wq == self.ow and q == self.oh * self.ow and q % (7 * 16) == 0:
-            return q  # a map of exactly 7k whole vectors (28x28): tiles of 7, and the epilogue fuses (flat_output)
-        while q > 128 and not (q % 16 == 0 and any((q // 16) % u == 0 for u in range(2, 7))):
-            q += 8
-        return q
-
-    @property
-    def flat_output(self) -> bool:
-        """Whether the output is exactly the flat domain (no thrown-away columns, Wq == OW, and q_extent ==
-        OH*OW: pointwise convs, strided ones included, whose maps fill whole vectors): the x86 schedules
-        then fuse the epilogue into the accumulators' write-back (schedules/_common.flat_epilogue tests
-        the same on the PrimFunc)."""
-        return self.row_domain or (self.wq == self.ow and self.q_extent == self.oh * self.ow)
-
-    @property
-    def input_is_flat(self) -> bool:
-        """Whether the flat padded input is the input itself, [N, C*H*W] (stride 1, no padding, no extended
-        read past the last channel): the operator then takes that view of it instead of copying it."""
-        return self.stride == (1, 1) and not any(self.padding) and self.pad_channels == self.c
-
-    @property
-    def pad_channels(self) -> int:
-        """Channels of the flat padded input: C, plus zero channels so extended reads stay in bounds."""
-        # how far past a column offset the domain reads: an overlapped one no further than the map, a row
-        # domain to its last row's last output column
-        reach = self.oh * self.ow if self.overlap else (self.oh - 1) * self.wq + self.ow if self.row_domain \
-            else self.q_extent
-        last = int(self.column_offsets().max()) + reach - 1
-        return max(self.c, last // self.channel_plane + 1)
-
-    def tap_offset(self, c, r, s):
-        """Flat offset of tap (c, r, s) for output q = 0; ints or TE expressions."""
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        row, col = r * dh, s * dw
-        if sh == 1 and sw == 1:  # keep the stride-1 index free of div/mod
-            return c * self.channel_plane + row * self.wq + col
-        phase = (row % sh) * sw + col % sw
-        return (c * (sh * sw) + phase) * (self.hq * self.wq) + (row // sh) * self.wq + col // sw
-
-    def column_offsets(self) -> np.ndarray:
-        """Flat padded-input offset of every weight column (c, r, s) in OIHW order."""
-        c, r, s = np.meshgrid(np.arange(self.c), np.arange(self.r), np.arange(self.s), indexing="ij")
-        return self.tap_offset(c, r, s).reshape(-1).astype(np.int64)
 
 
 def conv_weight_rows(weight: np.ndarray, geo: ConvGeometry, fmt: str | None = None,

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import ConvGeometry, offsets_with_lengths
+from .formats import offsets_with_lengths
+from .geometry import ConvGeometry
 
 QUAD = 4
 
@@ -96,7 +97,9 @@ def quad_channels(c: int) -> int:
 
 
 def pad_quads(geo: ConvGeometry) -> int:
-    """Channel quads of the flat input: every stored offset + q_extent - 1 stays inside it."""
+    """Channel quads of the flat input: every stored offset + q_extent - 1 stays inside it (patches: exactly)."""
+    if geo.patches:
+        return quad_channels(geo.c)
     taps = [geo.tap_offset(0, r, s) for r in range(geo.r) for s in range(geo.s)]
     reach = (geo.oh - 1) * geo.wq + geo.ow if geo.row_domain else geo.q_extent  # a row domain: its last row's end
     last = (quad_channels(geo.c) - 1) * geo.channel_plane + max(taps) + reach - 1
@@ -111,7 +114,7 @@ def conv_quad_rows(wq: np.ndarray, geo: ConvGeometry) -> QuadRows:
     wp[:, :c] = wq
     quads = wp.reshape(k, cq, QUAD, r, s).transpose(0, 1, 3, 4, 2).reshape(k, cq * r * s, QUAD)  # [K, Cq*R*S, 4]
     ci, ri, si = np.meshgrid(np.arange(cq), np.arange(r), np.arange(s), indexing="ij")
-    offsets = (ci * geo.channel_plane + geo.tap_offset(0, ri, si)).reshape(-1).astype(np.int32)
+    offsets = geo.tap_offset(ci, ri, si).reshape(-1).astype(np.int32)  # channel quad ci as a channel
     data, off, stored = _ell_quads(quads, offsets)
     return QuadRows(data, off, stored, int((wq != 0).sum()), pad_quads(geo))
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats import ConvGeometry, SparseRows, compact_offsets
+from .formats import SparseRows, compact_offsets
+from .geometry import ConvGeometry
 
 FIT_RTOL = 1e-5          # decoded weights must equal the compiled ones within this (float rounding)
 

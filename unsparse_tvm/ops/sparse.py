@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .formats import ConvGeometry
+from .geometry import ConvGeometry
 from .fast_math import fast_sigmoid, fast_silu
 
 F32_ZERO = tirx.const(0.0, "float32")
@@ -25,6 +25,8 @@ def pad_flat(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     schedules split the flat axis back into (c, phase*Hq + row, column)."""
     (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
     phase_plane = geo.hq * geo.wq
+    if geo.patches:
+        return _patches(x, geo)
 
     def value(n, i):
         c, rest = i // geo.channel_plane, i % geo.channel_plane
@@ -39,9 +41,34 @@ def pad_flat(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     return te.compute((geo.n, geo.pad_channels * geo.channel_plane), value, name="pad_flat")
 
 
+def _patches(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
+    """[N, C, H, W] -> [N, C*R*S*Q]: per input channel and tap, the Q = OH*OW input values that tap reads for
+    outputs q = y*OW + x, zero where it reads padding (ConvGeometry.with_patches). Cut from the zero-padded
+    plane ("pad_plane"), so the copy has no bounds test and each output row is one contiguous slice."""
+    (sh, sw), (dh, dw), (pt, pl, _, _) = geo.stride, geo.dilation, geo.padding
+
+    def padded(n, c, h, w):
+        inside = tirx.all(h >= pt, h < geo.h + pt, w >= pl, w < geo.w + pl)
+        return tirx.if_then_else(inside, x[n, c, h - pt, w - pl], F32_ZERO)
+
+    plane = te.compute((geo.n, geo.c, geo.hp, geo.wp), padded, name="pad_plane")
+
+    def value(n, i):
+        c, tap, q = i // geo.channel_plane, i % geo.channel_plane // geo.q_extent, i % geo.q_extent
+        return plane[n, c, q // geo.ow * sh + tap // geo.s * dh, q % geo.ow * sw + tap % geo.s * dw]
+
+    return te.compute((geo.n, geo.c * geo.channel_plane), value, name="pad_flat")
+
+
 def widen_offset(offset: tirx.PrimExpr) -> tirx.PrimExpr:
     """A stored offset as int32 (formats.compact_offsets may have stored it as uint16)."""
     return offset if offset.dtype == "int32" else offset.astype("int32")
+
+
+def flat_offset(geo: ConvGeometry, offset: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A stored offset as a flat input position (ConvGeometry.offset_unit: patches store patch numbers)."""
+    unit = geo.offset_unit
+    return widen_offset(offset) * unit if unit > 1 else widen_offset(offset)
 
 
 def read_position(geo: ConvGeometry, q):
@@ -61,7 +88,7 @@ def _read_flat(geo: ConvGeometry, idx, read):
     epilogue is flat, (n, k, p) -> the first flat index that computed p (ConvGeometry.read_split; both reads
     stay in bounds, so the select vectorises)."""
     if not geo.overlap:
-        return read(idx[2] * (geo.ow if geo.row_domain else geo.wq) + idx[3])
+        return read(idx[2] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + idx[3])
     split, shift = geo.read_split
     p = idx[2]
     return tirx.Select(p < split, read(p), read(p + shift))
@@ -98,7 +125,7 @@ def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry,
 
     return te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(weight(n, k) * xf[n, widen_offset(off[k, j]) + read_position(geo, q)], axis=j),
+        lambda n, k, q: te.sum(weight(n, k) * xf[n, flat_offset(geo, off[k, j]) + read_position(geo, q)], axis=j),
         name=name,
     )
 
@@ -110,7 +137,8 @@ def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeome
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
         (geo.n, groups, v, geo.q_extent),
-        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, widen_offset(off[g, j]) + read_position(geo, q)], axis=j),
+        lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, flat_offset(geo, off[g, j]) + read_position(geo, q)],
+                                  axis=j),
         name="conv",
     )
 

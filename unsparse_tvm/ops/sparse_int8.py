@@ -11,11 +11,13 @@ lanes along q and the quad v innermost, so it tensorizes to vpdpbusd / vpmaddubs
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import te, tirx
 
-from .formats import ConvGeometry
-from .int8_formats import QUAD, ActQuant
-from .sparse import read_position, widen_offset
+from .geometry import ConvGeometry
+from .int8_formats import QUAD, ActQuant, quad_channels
+from .sparse import flat_offset, read_position
 
 F32_ZERO = tirx.const(0.0, "float32")
 
@@ -48,6 +50,20 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
         return tirx.if_then_else(inside, q, tirx.const(act.zero_point, "uint8"))
 
     return te.compute((geo.n, quads * geo.channel_plane, QUAD), value, name="pad_q")
+
+
+def _quad_patches(plane: te.Tensor, geo: ConvGeometry) -> te.Tensor:
+    """The quads of the padded plane (pad_quantize at geo without patches; stride 1) cut into geo's patches
+    (ConvGeometry.with_patches): per channel quad and tap, the Q = OH*OW quads it reads, [N, Cq*R*S*Q, 4];
+    each output row is a contiguous slice of a plane row (OW words)."""
+    (dh, dw), pitch = geo.dilation, geo.wq
+
+    def value(n, i, v):
+        c, tap, q = i // geo.channel_plane, i % geo.channel_plane // geo.q_extent, i % geo.q_extent
+        row, col = q // geo.ow + tap // geo.s * dh, q % geo.ow + tap % geo.s * dw
+        return plane[n, (c * geo.hq + row) * pitch + col, v]
+
+    return te.compute((geo.n, quad_channels(geo.c) * geo.channel_plane, QUAD), value, name="pad_patch")
 
 
 def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
@@ -104,19 +120,24 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
-    xq = x if len(x.shape) == 3 else pad_quantize(x, geo, act, quads, subsample)  # 3-D: quad_relay's output
+    if len(x.shape) == 3:  # quad_relay's output
+        xq = x
+    elif geo.patches:
+        xq = _quad_patches(pad_quantize(x, dataclasses.replace(geo, patches=False), act, quads, subsample), geo)
+    else:
+        xq = pad_quantize(x, geo, act, quads, subsample)
     rows, width = int(data.shape[0]), int(data.shape[1])
     j = te.reduce_axis((0, width), name="j")
     v = te.reduce_axis((0, QUAD), name="v")
     conv = te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(xq[n, widen_offset(off[k, j]) + read_position(geo, q), v].astype("int32")
+        lambda n, k, q: te.sum(xq[n, flat_offset(geo, off[k, j]) + read_position(geo, q), v].astype("int32")
                                * data[k, j, v].astype("int32"), axis=[j, v]),
         name="conv",
     )
 
     def value(n, k, *yx):  # (y, x), or the flat q of a wide output
-        q = yx[0] if wide else yx[0] * (geo.ow if geo.row_domain else geo.wq) + yx[1]
+        q = yx[0] if wide else yx[0] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + yx[1]
         val = (conv[n, k, q] - comp[k]).astype("float32") * out_scale[k]
         if bias is not None:
             val = val + bias[k]

@@ -1,0 +1,101 @@
+"""Small maps' flat domains (ops.geometry): a 4x4 map's input stored as patches (with_patches), an 8x8 map's
+rows as half vectors under AVX-512 (with_row_domain(narrow=True)). Numerics against PyTorch on the native
+and the AVX2 code paths, and which domain the pass picks, read from the scheduled IR."""
+
+import re
+
+import numpy as np
+import pytest
+
+from conftest import case_rng, rel_err, run_layer, sparse_weight, torch_conv
+from unsparse_tvm.ops.geometry import ConvGeometry
+from unsparse_tvm.single_layer import LayerSpec
+
+# (N, C, H, W, K, R, S, stride, padding, dilation, sparsity): outputs of 16 positions (patches) or 8-wide rows
+CASES = [
+    (2, 16, 4, 4, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),   # vgg16-cifar's 4x4 block, batch 2
+    (1, 8, 8, 8, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 0.8),    # strided to 4x4: patches of stride-2 taps
+    (1, 6, 4, 4, 8, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 0.7),     # 5x5 on 4x4: most taps read padding
+    (1, 8, 4, 4, 8, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 0.9),     # dilation 2
+    (1, 5, 3, 7, 8, 2, 3, (1, 1), (0, 1, 1, 0), (1, 1), 0.8),     # a 3x6 output (18 positions): keeps its plane
+    (1, 8, 2, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),     # 2x8: 16 positions in 8-wide rows
+    (2, 12, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),   # 8x8: half-vector rows under AVX-512
+]
+
+
+@pytest.fixture(scope="module")
+def haswell():
+    import tvm
+
+    from unsparse_tvm.target import llvm_target_dict
+
+    return tvm.target.Target(llvm_target_dict("haswell"))
+
+
+def _domain(case, lanes: int, depthwise: bool = False) -> ConvGeometry:
+    n, c, h, w, k, r, s, stride, pad, dil, _ = case
+    geo = ConvGeometry(n, c, h, w, k, r, s, stride, pad, dil)
+    geo = geo.with_overlap(lanes).with_row_domain(lanes, narrow=not depthwise)
+    return geo if depthwise else geo.with_patches(lanes)
+
+
+def _spec(case, weight):
+    n, c, h, w, _, _, _, stride, pad, dil, _ = case
+    return LayerSpec("conv2d", (n, c, h, w), weight, None, True,
+                     {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}")
+@pytest.mark.parametrize("fmt", [None, "ell", "hyb", "vell4"])
+@pytest.mark.parametrize("path", ["native", "avx2"])
+def test_small_maps_match_torch(case, fmt, path, llvm, haswell):
+    n, c, h, w, k, r, s, stride, pad, dil, sp = case
+    rng = case_rng(case, fmt, path)
+    weight = sparse_weight((k, c, r, s), sp, rng, empty_rows=k // 8, dense_rows=1)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    y, report = run_layer(_spec(case, weight), llvm if path == "native" else haswell, threshold=0.0, fmt=fmt, x=x)
+    assert report[0].decision == "sparse"
+    assert rel_err(y, torch_conv(x, weight, None, stride, pad, dil, relu=True)) < 1e-5
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_which_maps_get_which_domain(lanes):
+    """Patches for 16-position maps with several taps (at both widths), half-vector rows for 8-wide maps
+    only where a row is half a vector; 1x1 convs, 8x8 maps at 16 lanes and depthwise convs never copy
+    patches; a depthwise conv keeps whole-vector rows."""
+    patches = [_domain(c, lanes).patches for c in CASES]
+    assert patches == [True, True, True, True, False, False, False]
+    assert _domain(CASES[-1], lanes).row_domain                       # 8 wide: half of 16, or all of 8
+    assert _domain(CASES[5], lanes).row_domain and not _domain(CASES[5], lanes).patches
+    assert not _domain(CASES[0], lanes, depthwise=True).patches
+    assert _domain(CASES[-1], lanes, depthwise=True).row_domain == (lanes == 8)
+    one = ConvGeometry(1, 16, 4, 4, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+    assert not one.with_patches(lanes).patches
+
+
+def test_patch_offsets_address_the_tap_slices():
+    """Every column's offset is its patch number (channel-major, taps in (r, s) order), a patch being 16
+    positions: the flat input holds exactly C*R*S patches, so every read of a 16-position vector stays
+    inside it, and 512 channels' offsets still fit 16 bits."""
+    geo = _domain(CASES[0], 16)
+    offs = geo.column_offsets().reshape(16, 9)
+    assert (offs == np.arange(16 * 9).reshape(16, 9)).all() and geo.offset_unit == 16
+    big = _domain((1, 512, 4, 4, 512, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9), 16)
+    assert big.column_offsets().max() < 1 << 16 <= big.column_offsets().max() * big.offset_unit
+    assert geo.pad_channels * geo.channel_plane == 16 * 9 * 16 and geo.flat_output and geo.q_extent == 16
+
+
+def test_the_patch_copy_has_no_bounds_test_and_stores_whole_rows(llvm):
+    """The copy is cut from the per-channel padded plane (computed inside the channel loop): the patch
+    stage's innermost loop is an OW-lane vector, and the plane alone tests bounds."""
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.single_layer import layer_module
+
+    weight = sparse_weight((32, 16, 3, 3), 0.9, np.random.default_rng(3), dense_rows=1)
+    mod = build_pipeline(llvm, threshold=0.5, stop_after="schedule")(layer_module(_spec(CASES[0], weight)))
+    func = mod["sparse_conv2d"]
+    assert "unsparse.patches" in func.attrs
+    text = func.script()
+    assert re.search(r'T\.vectorized\([^\n]*\):\s*\n\s*with T\.sblock\("pad_flat"\)', text)
+    pad_flat = text[text.index('T.sblock("pad_flat")'):]
+    assert "T.if_then_else" not in pad_flat[:pad_flat.index("T.sblock", 10)]
