@@ -11,7 +11,7 @@ from tvm.ir import IRModule
 from tvm.ir import GenericConst, Op
 
 from unsparse_tvm.cost.model import CostModel
-from unsparse_tvm.ops.formats import compact_offsets
+from unsparse_tvm.ops.formats import compact_offsets, interleave_rows
 from unsparse_tvm.ops.names import OP_ATTR
 from unsparse_tvm.reference import operand_arrays
 
@@ -231,13 +231,16 @@ def fused_label(ep: Epilogue) -> str:
     return "+".join(parts)
 
 
-def rows_consts(rows, lengths: bool = False) -> list[relax.Expr]:
+def rows_consts(rows, lengths: bool = False, interleave: int = 0) -> list[relax.Expr]:
     """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]
     (reference.operand_arrays, which the GPU kit packs with too); lengths: each row's (group's) stored
-    entries as off's last column (schedules/row_extents ends the row loops there)."""
+    entries as off's last column (schedules/row_extents ends the row loops there); interleave T (ell, hyb's
+    main part): data and off stored by row tiles of T rows (formats.interleave_rows)."""
     arrays = operand_arrays(rows)
     if lengths:
         arrays["off"] = compact_offsets(rows.off_with_lengths())
+    if interleave:
+        arrays["data"], arrays["off"] = (interleave_rows(arrays[k], interleave) for k in ("data", "off"))
     return [relax.const(a) for a in arrays.values()]
 
 

@@ -19,9 +19,10 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
-from unsparse_tvm.ops.formats import compact_offsets
+from unsparse_tvm.ops.formats import compact_offsets, interleave_rows
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules import cpu_vector_lanes
+from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
@@ -32,6 +33,7 @@ OP = names.SPARSE_CONV2D_INT8
 CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn it off to compare)
 CHAIN_SHARED = True  # an output several int8 convs read (and nothing else) goes uint8 too
 CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
+INTERLEAVE = True  # llvm: quad rows stored by register tiles (formats.interleave_rows); tests turn it off
 WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
@@ -168,12 +170,19 @@ class _Int8Rewriter(ConvChainRewriter):
             shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
             x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
                                                   relax.TensorType(shape, "uint8")))
-        args = [x] + [relax.const(a) for a in (rows.data, off, comp, out_scale)]
+        tile = interleave_tile(geo.k, run.q_extent, self.lanes) if self.kind == "llvm" and INTERLEAVE else 0
+        data = rows.data
+        if tile:  # a row tile's quads side by side (formats.interleave_rows), as SparsifyConv2d stores fp32 rows
+            k, width, _ = data.shape
+            data = np.ascontiguousarray(data.reshape(k // tile, tile, width, QUAD).transpose(0, 2, 1, 3))
+            off = interleave_rows(off, tile)
+        args = [x] + [relax.const(a) for a in (data, off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, *run.pad_shape[1:]]  # a plane's rows, or (patches) the patches' rows
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape,
                                    **({"unsparse.row_domain": run.ow} if run.row_domain else {}),
                                    **({"unsparse.patches": 1} if run.patches else {}),
+                                   **({"unsparse.interleave": tile} if tile else {}),
                                    **({names.ROW_LENGTHS: 1} if self.kind == "llvm" else {})})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused

@@ -10,6 +10,7 @@ LayerDecision.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import tvm
@@ -20,11 +21,16 @@ from unsparse_tvm.ops import sparse as sparse_ops
 from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows, depthwise_weight_rows
 from unsparse_tvm.ops.names import ROW_LENGTHS, STRIDE, sparse_op
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
+from unsparse_tvm.schedules._common import pow2_divisor
+from unsparse_tvm.schedules.sparse_conv2d_cpu import interleave_tile
 
 from ._conv_match import ConvChainRewriter, channel_gate, strided_pointwise, subsampled, unsupported_reason
 from ._quant import layer_entry, quant_conv, record_bytes
 from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts
 from .layers import LayerDecision, LayerNames
+
+
+INTERLEAVE = True  # llvm ell/hyb rows stored by register tiles (formats.interleave_rows); tests turn it off
 
 
 @relax.expr_functor.mutator
@@ -76,7 +82,8 @@ class _Sparsifier(ConvChainRewriter):
         if gate is not None:  # the last operand (ops.sparse.sparse_conv2d)
             extra.append(self.visit_expr(gate[1]))
             flags.update(has_gate=True, gate_sigmoid=gate[2])
-        args = [x, *rows_consts(rows, lengths=self.target_kind == "llvm")]
+        tile = self.interleave(ours, rows)
+        args = [x, *rows_consts(rows, lengths=self.target_kind == "llvm", interleave=tile)]
         op = partial(sparse_ops.sparse_conv2d, geo=ours, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
@@ -85,6 +92,8 @@ class _Sparsifier(ConvChainRewriter):
                  if ours.row_domain else {"unsparse.patches": 1} if ours.patches else {})
         if self.target_kind == "llvm":  # row lengths (schedules/row_extents); the pad stage's phase planes
             attrs.update({ROW_LENGTHS: 1}, **({STRIDE: list(ours.stride)} if ours.stride != (1, 1) else {}))
+        if tile:
+            attrs["unsparse.interleave"] = tile
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape, **attrs})
         record_sparse(decision, rows, ep)
         if gate is not None:
@@ -106,6 +115,15 @@ class _Sparsifier(ConvChainRewriter):
         lanes = self.cost.lanes
         ours = run.with_overlap(lanes).with_row_domain(lanes, narrow=not plane)
         return ours if plane else ours.with_patches(lanes)
+
+    def interleave(self, geo, rows) -> int:
+        """llvm, ell and hyb rows: the register tile's rows (schedules.sparse_conv2d_cpu.interleave_tile), by
+        which their entries are stored side by side; else 0 (row after row)."""
+        if self.target_kind != "llvm" or rows.fmt not in ("ell", "hyb") or not INTERLEAVE:
+            return 0
+        lanes = self.cost.lanes
+        vec = math.gcd(lanes, geo.overlap) if geo.overlap else pow2_divisor(geo.ow, lanes) if geo.row_domain else lanes
+        return interleave_tile(geo.k, geo.q_extent, vec, 2 * lanes)
 
     def pack(self, weight, geo, depthwise: bool = False):
         return depthwise_weight_rows(weight, geo) if depthwise else pack_conv_rows(weight, geo, self.fmt, self.cost)

@@ -50,7 +50,7 @@ def _extent(loop: tirx.For) -> tirx.PrimExpr | None:
     if realize is None:
         return None
     width = int(loop.extent)
-    off = next((r.source for r in realize.block.reads if len(r.source.shape) == 2
+    off = next((r.source for r in realize.block.reads if len(r.source.shape) in (2, 3) and r.source.scope() == "global"
                 and r.source.dtype in ("int32", "uint16") and int(r.source.shape[1]) == width + 1), None)
     if off is None:
         return None
@@ -67,7 +67,13 @@ def _extent(loop: tirx.For) -> tirx.PrimExpr | None:
     for point in itertools.product(*(range(int(ext)) for _, ext in used)):
         values = {var: tirx.const(p, str(var.ty.dtype)) for (var, _), p in zip(used, point)}
         row = analyzer.simplify(_substitute(k, values))
-        lengths.append(tirx.Cast("int32", tirx.BufferLoad(off, [row, tirx.const(width, str(row.ty.dtype))])))
+        last = tirx.const(width, str(row.ty.dtype))
+        if len(off.shape) == 3:  # rows interleaved by tiles of T (formats.interleave_rows): [K/T, L + 1, T]
+            tile = tirx.const(int(off.shape[2]), str(row.ty.dtype))
+            index = [analyzer.simplify(tirx.floordiv(row, tile)), last, analyzer.simplify(tirx.floormod(row, tile))]
+        else:
+            index = [row, last]
+        lengths.append(tirx.Cast("int32", tirx.BufferLoad(off, index)))
     return functools.reduce(tirx.Max, lengths)
 
 

@@ -73,8 +73,8 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     width = extents(sch, sch.get_loops(sch.get_sblock("conv")))[3]  # entries per row (hyb: its ell part)
     outer = cfg.spatial_outer > 0 or (cfg.spatial_outer == 0 and
                                       spatial_outer_pays(_input_bytes(func), width, cx, l2_input_bytes(target)))
-    _schedule(sch, func, cfg.tile_k, domain_lanes(func, cfg.vec or lanes), cfg.unroll, clamp=True, k_inner=cfg.k_inner,
-              accumulators=registers // 2, spatial_outer=outer)
+    _schedule(sch, func, cfg.tile_k, domain_lanes(func, cfg.vec or lanes), cfg.unroll, clamp=True,
+              k_inner=cfg.k_inner or domain_attr(func, "interleave"), accumulators=registers // 2, spatial_outer=outer)
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -95,7 +95,9 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     orders = (False, True) if _input_bytes(func) > L2_INPUT_BYTES else (False,)
     spaces = []
     for vec in [v for v in (16, 8) if inner % v == 0 and domain_lanes(func, v) == v]:  # q_extent: 8k
-        for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:
+        # rows stored by tiles of T (unsparse.interleave, the pass) are read in that order only with k_inner T
+        tile = domain_attr(func, "interleave")
+        for k_inner in ([tile] if tile else [d for d in (1, 2, 4, 8, 16) if rows % d == 0]):
             tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
             tiles = [t for t in tiles if t >= 4] or tiles
             unrolls = [u for u in range(1, 9) if (inner // vec) % u == 0]
@@ -115,6 +117,16 @@ def _pow2_at_least(n: int) -> int:
     while v < n:
         v *= 2
     return v
+
+
+def interleave_tile(rows: int, q_extent: int, vec: int, registers: int) -> int:
+    """The rows the default schedule interleaves in its register tile (what _schedule_rows picks at the Config
+    defaults, vec the domain's lanes): the tile by which the pass stores a layer's rows (formats.interleave_rows)."""
+    cfg = Config()
+    tile_k = largest_divisor(rows, cfg.tile_k)
+    vec = pow2_divisor(q_extent, vec)
+    unroll = largest_divisor(q_extent // vec, min(8, registers // 2))
+    return largest_divisor(tile_k, _pow2_at_least(-(-(registers // 2) // unroll)))
 
 
 def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulators=16, spatial_outer=False):

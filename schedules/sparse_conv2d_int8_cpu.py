@@ -39,7 +39,16 @@ def _lanes(target: Target, q_extent: int) -> int:
 
 
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
-    _schedule(sch, func, target, cfg.tile_k, cfg.unroll, cfg.k_inner, clamp=True)
+    _schedule(sch, func, target, cfg.tile_k, cfg.unroll, cfg.k_inner or domain_attr(func, "interleave"), clamp=True)
+
+
+def interleave_tile(rows: int, q_extent: int, lanes: int) -> int:
+    """The rows the default schedule interleaves (the clamp below, at the Config defaults; lanes: the target's
+    int8 vector lanes): the tile by which the pass stores a layer's quad rows (formats.interleave_rows)."""
+    cfg = Config()
+    tile_k = largest_divisor(rows, cfg.tile_k)
+    unroll = largest_divisor(q_extent // pow2_divisor(q_extent, lanes), 8)
+    return largest_divisor(tile_k, max(1, -(-16 // unroll)))
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -55,7 +64,8 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     rows, inner = ext[1], ext[2]
     lanes = _lanes(target, inner)
     spaces = []
-    for k_inner in [d for d in (1, 2, 4) if rows % d == 0]:
+    tile = domain_attr(func, "interleave")  # rows stored by tiles of T (the pass): read in that order only with T
+    for k_inner in ([tile] if tile else [d for d in (1, 2, 4) if rows % d == 0]):
         tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
         unrolls = [u for u in range(1, 9) if (inner // lanes) % u == 0 and k_inner * u <= 24]
         if not unrolls:
@@ -103,7 +113,8 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     # channel4, one thread: 7.78 -> 7.53 ms). On AVX2 the whole-width vector ran faster (11.4 vs 12.0 ms)
     wb = sch.get_loops(acc)[-1]
     sch.vectorize(sch.split(wb, [None, lanes])[1] if lanes >= 16 else wb)
-    offsets = [r.source.dtype for r in sch.get(block).reads if len(r.source.shape) == 2]  # off[K, L]
+    offsets = [r.source.dtype for r in sch.get(block).reads  # off (not the int32 accumulators)
+               if r.source.dtype in ("int32", "uint16") and r.source.scope() == "global"]
     sch.tensorize(qv, intrin(int8_kind(target), lanes, str(offsets[0])))
     sch.unroll(qu)
     sch.unroll(kii)

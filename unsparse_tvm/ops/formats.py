@@ -214,6 +214,14 @@ def dense_weight_rows(weight: np.ndarray, fmt: str | None = None,
     return to_sparse_rows(weight, np.arange(weight.shape[1]), fmt, min_saving)
 
 
+def interleave_rows(a: np.ndarray, tile: int) -> np.ndarray:
+    """[K, L] -> [K/tile, L, tile]: a row tile's entries j side by side, so that a kernel stepping through
+    its rows' entries together (the register tile's rows) reads two streams (weights, offsets) instead of two
+    per row."""
+    k, width = a.shape
+    return np.ascontiguousarray(a.reshape(k // tile, tile, width).transpose(0, 2, 1))
+
+
 def offsets_fit_16_bits(off: np.ndarray) -> bool:
     """Whether every offset of an array fits a uint16 (what compact_offsets stores)."""
     return bool(off.size) and off.min() >= 0 and off.max() < 1 << 16

@@ -111,21 +111,27 @@ def gate_stage(g: te.Tensor, sigmoid: bool) -> te.Tensor:
 
 def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry, name: str,
               gate: te.Tensor | None = None) -> te.Tensor:
-    rows, width = data.shape
+    """conv[n, k, q] = sum_j data[k, j] * xf[n, off[k, j] + q]; data and off [K, L], or interleaved by
+    row tiles of T rows ([K/T, L, T], formats.interleave_rows): entry j of row k at [k // T, j, k % T]."""
+    tile = int(data.shape[2]) if len(data.shape) == 3 else 0
+    rows, width = (int(data.shape[0]) * tile, int(data.shape[1])) if tile else data.shape
     j = te.reduce_axis((0, width), name="j")
+
+    def at(t, k):
+        return t[k // tile, j, k % tile] if tile else t[k, j]
 
     def weight(n, k):
         """The weight of entry j of row k; with a gate (a 1x1 conv's input scaled per channel, x * g), the
         weight times its input channel's scale: W (g x) = (W diag(g)) x, one multiply per stored weight
         instead of a pass over the whole input."""
         if gate is None:
-            return data[k, j]
-        channel = tirx.min(tirx.floordiv(widen_offset(off[k, j]), geo.channel_plane), geo.c - 1)
-        return data[k, j] * gate[n if int(gate.shape[0]) > 1 else 0, channel]
+            return at(data, k)
+        channel = tirx.min(tirx.floordiv(widen_offset(at(off, k)), geo.channel_plane), geo.c - 1)
+        return at(data, k) * gate[n if int(gate.shape[0]) > 1 else 0, channel]
 
     return te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(weight(n, k) * xf[n, flat_offset(geo, off[k, j]) + read_position(geo, q)], axis=j),
+        lambda n, k, q: te.sum(weight(n, k) * xf[n, flat_offset(geo, at(off, k)) + read_position(geo, q)], axis=j),
         name=name,
     )
 

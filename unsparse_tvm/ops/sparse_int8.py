@@ -126,13 +126,19 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
         xq = _quad_patches(pad_quantize(x, dataclasses.replace(geo, patches=False), act, quads, subsample), geo)
     else:
         xq = pad_quantize(x, geo, act, quads, subsample)
-    rows, width = int(data.shape[0]), int(data.shape[1])
+    # data [K, L, 4] and off [K, L (+1)], or interleaved by row tiles of T ([K/T, L, T, 4], [K/T, L (+1), T])
+    tile = int(data.shape[2]) if len(data.shape) == 4 else 0
+    rows, width = int(data.shape[0]) * max(tile, 1), int(data.shape[1])
     j = te.reduce_axis((0, width), name="j")
     v = te.reduce_axis((0, QUAD), name="v")
+
+    def entry(t, k, *quad):
+        return t[(k // tile, j, k % tile, *quad) if tile else (k, j, *quad)]
+
     conv = te.compute(
         (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(xq[n, flat_offset(geo, off[k, j]) + read_position(geo, q), v].astype("int32")
-                               * data[k, j, v].astype("int32"), axis=[j, v]),
+        lambda n, k, q: te.sum(xq[n, flat_offset(geo, entry(off, k)) + read_position(geo, q), v].astype("int32")
+                               * entry(data, k, v).astype("int32"), axis=[j, v]),
         name="conv",
     )
 
