@@ -10,7 +10,6 @@ LayerDecision.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import tvm
@@ -21,7 +20,6 @@ from unsparse_tvm.ops import sparse as sparse_ops
 from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows, depthwise_weight_rows
 from unsparse_tvm.ops.names import ROW_LENGTHS, STRIDE, sparse_op
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
-from unsparse_tvm.schedules._common import pow2_divisor
 from unsparse_tvm.schedules.sparse_conv2d_cpu import interleave_tile
 
 from ._conv_match import ConvChainRewriter, channel_gate, strided_pointwise, subsampled, unsupported_reason
@@ -121,9 +119,7 @@ class _Sparsifier(ConvChainRewriter):
         which their entries are stored side by side; else 0 (row after row)."""
         if self.target_kind != "llvm" or rows.fmt not in ("ell", "hyb") or not INTERLEAVE:
             return 0
-        lanes = self.cost.lanes
-        vec = math.gcd(lanes, geo.overlap) if geo.overlap else pow2_divisor(geo.ow, lanes) if geo.row_domain else lanes
-        return interleave_tile(geo.k, geo.q_extent, vec, 2 * lanes)
+        return interleave_tile(geo.k, geo.q_extent, self.cost.lanes, geo.overlap, geo.ow if geo.row_domain else 0)
 
     def pack(self, weight, geo, depthwise: bool = False):
         return depthwise_weight_rows(weight, geo) if depthwise else pack_conv_rows(weight, geo, self.fmt, self.cost)

@@ -6,6 +6,7 @@ accumulated in registers over the row's nonzeros; parallel over (batch, output-c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
@@ -119,10 +120,12 @@ def _pow2_at_least(n: int) -> int:
     return v
 
 
-def interleave_tile(rows: int, q_extent: int, vec: int, registers: int) -> int:
+def interleave_tile(rows: int, q_extent: int, lanes: int, overlap: int = 0, row: int = 0) -> int:
     """The rows the default schedule interleaves in its register tile (what _schedule_rows picks at the Config
-    defaults, vec the domain's lanes): the tile by which the pass stores a layer's rows (formats.interleave_rows)."""
-    cfg = Config()
+    defaults for `lanes`, with an overlapped domain's or a row domain's lanes as domain_lanes narrows them):
+    the tile by which the pass stores a layer's rows (formats.interleave_rows)."""
+    cfg, registers = Config(), 2 * lanes  # AVX-512: 32 registers of 16 lanes; AVX2: 16 of 8
+    vec = math.gcd(lanes, overlap) if overlap else pow2_divisor(row, lanes) if row else lanes
     tile_k = largest_divisor(rows, cfg.tile_k)
     vec = pow2_divisor(q_extent, vec)
     unroll = largest_divisor(q_extent // vec, min(8, registers // 2))
