@@ -172,7 +172,7 @@ class _Int8Rewriter(ConvChainRewriter):
                                                   relax.TensorType(shape, "uint8")))
         tile = interleave_tile(geo.k, run.q_extent, self.lanes) if self.kind == "llvm" and INTERLEAVE else 0
         data = rows.data
-        if tile:  # a row tile's quads side by side (formats.interleave_rows), as SparsifyConv2d stores fp32 rows
+        if tile > 1:  # a row tile's quads side by side (formats.interleave_rows), as SparsifyConv2d stores fp32 rows
             k, width, _ = data.shape
             data = np.ascontiguousarray(data.reshape(k // tile, tile, width, QUAD).transpose(0, 2, 1, 3))
             off = interleave_rows(off, tile)
@@ -182,7 +182,7 @@ class _Int8Rewriter(ConvChainRewriter):
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape,
                                    **({"unsparse.row_domain": run.ow} if run.row_domain else {}),
                                    **({"unsparse.patches": 1} if run.patches else {}),
-                                   **({"unsparse.interleave": tile} if tile else {}),
+                                   **({"unsparse.interleave": tile} if tile > 1 else {}),
                                    **({names.ROW_LENGTHS: 1} if self.kind == "llvm" else {})})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused

@@ -119,7 +119,8 @@ class _Sparsifier(ConvChainRewriter):
         which their entries are stored side by side; else 0 (row after row)."""
         if self.target_kind != "llvm" or rows.fmt not in ("ell", "hyb") or not INTERLEAVE:
             return 0
-        return interleave_tile(geo.k, geo.q_extent, self.cost.lanes, geo.overlap, geo.ow if geo.row_domain else 0)
+        tile = interleave_tile(geo.k, geo.q_extent, self.cost.lanes, geo.overlap, geo.ow if geo.row_domain else 0)
+        return tile if tile > 1 else 0  # one row at a time: the rows are already in that order
 
     def pack(self, weight, geo, depthwise: bool = False):
         return depthwise_weight_rows(weight, geo) if depthwise else pack_conv_rows(weight, geo, self.fmt, self.cost)
