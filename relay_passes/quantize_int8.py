@@ -34,6 +34,7 @@ CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn i
 CHAIN_SHARED = True  # an output several int8 convs read (and nothing else) goes uint8 too
 CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
 INTERLEAVE = True  # llvm: quad rows stored by register tiles (formats.interleave_rows); tests turn it off
+NARROW_ROWS = True  # llvm, AVX-512: a stride-1 8x8 map in rows of 8 lanes (ConvGeometry.with_row_domain)
 WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 
@@ -138,11 +139,15 @@ class _Int8Rewriter(ConvChainRewriter):
         # a strided conv whose output rows are whole vectors (resnet's stem: 112 of its phase planes' 115):
         # computed over the output map itself, read at pitch Wq (ConvGeometry.with_row_domain), the epilogue
         # in the write-back (resnet50 95% channel4: 7.30 -> 7.13 ms). Not at stride 1: vgg16-cifar's 32- and
-        # 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood). A stride-1 4x4 map:
-        # its input as patches (ConvGeometry.with_patches), one aligned 64-byte load per weight quad where the
-        # padded plane took three unaligned 8-lane loads
+        # 16-wide 3x3s ran 1.5-1.7x slower so (0.59 -> 0.66 ms in all; not understood). But an 8x8 map under
+        # AVX-512 in rows of 8 lanes, as the fp32 kernel runs it: 8 half-width vpdpbusd per quad where the
+        # padded plane took 5 full ones (vgg16-cifar channel4 90%: 0.590 -> 0.532 ms one thread, 0.360 ->
+        # 0.329 two). A stride-1 4x4 map: its input as patches (ConvGeometry.with_patches), one aligned
+        # 64-byte load per weight quad where the padded plane took three unaligned 8-lane loads
         if tuple(geo.stride) != (1, 1):
             return geo.with_row_domain(self.lanes), (1, 1)
+        if NARROW_ROWS and 2 * geo.ow == self.lanes == 16:
+            return geo.with_row_domain(self.lanes, narrow=True), (1, 1)
         return geo.with_patches(self.lanes), (1, 1)
 
     def rewrite(self, conv, weight, geo, ep):
@@ -170,7 +175,8 @@ class _Int8Rewriter(ConvChainRewriter):
             shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
             x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
                                                   relax.TensorType(shape, "uint8")))
-        tile = interleave_tile(geo.k, run.q_extent, self.lanes) if self.kind == "llvm" and INTERLEAVE else 0
+        tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
+            if self.kind == "llvm" and INTERLEAVE else 0
         data = rows.data
         if tile > 1:  # a row tile's quads side by side (formats.interleave_rows), as SparsifyConv2d stores fp32 rows
             k, width, _ = data.shape

@@ -42,12 +42,14 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     _schedule(sch, func, target, cfg.tile_k, cfg.unroll, cfg.k_inner or domain_attr(func, "interleave"), clamp=True)
 
 
-def interleave_tile(rows: int, q_extent: int, lanes: int) -> int:
+def interleave_tile(rows: int, q_extent: int, lanes: int, row: int = 0) -> int:
     """The rows the default schedule interleaves (the clamp below, at the Config defaults; lanes: the target's
-    int8 vector lanes): the tile by which the pass stores a layer's quad rows (formats.interleave_rows)."""
+    int8 vector lanes, narrowed to a row domain's row as the schedule does): the tile by which the pass
+    stores a layer's quad rows (formats.interleave_rows)."""
     cfg = Config()
     tile_k = largest_divisor(rows, cfg.tile_k)
-    unroll = largest_divisor(q_extent // pow2_divisor(q_extent, lanes), 8)
+    lanes = pow2_divisor(q_extent, pow2_divisor(row, lanes) if row else lanes)
+    unroll = largest_divisor(q_extent // lanes, 8)
     return largest_divisor(tile_k, max(1, -(-16 // unroll)))
 
 
@@ -95,6 +97,8 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     n, k, q, j, v = sch.get_loops(block)
     ext = extents(sch, [n, k, q, j, v])
     lanes = _lanes(target, ext[2])
+    if domain_attr(func, "row_domain"):  # a row domain's vectors stay inside one output row
+        lanes = pow2_divisor(domain_attr(func, "row_domain"), lanes)
     if clamp:
         tile_k = largest_divisor(ext[1], tile_k)
         unroll = largest_divisor(ext[2] // lanes, unroll or 8)

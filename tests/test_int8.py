@@ -72,10 +72,10 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
 
     target = cpu_target(mcpu)
     sub = geo.stride if subsample else (1, 1)
-    # a strided 1x1 on its subsampled input, output rows of whole vectors as the domain (the pass: strided convs
-    # only; here stride 1 too), or a 4x4 map's patches (the pass: stride 1)
+    # a strided 1x1 on its subsampled input, output rows of whole vectors (or, 8 wide, half vectors) as the
+    # domain (the pass: strided convs and 8x8 maps; here stride 1 too), or a 4x4 map's patches (the pass: stride 1)
     lanes = cpu_vector_lanes(target)[0]
-    geo = strided_pointwise(geo) if subsample else geo.with_row_domain(lanes).with_patches(lanes)
+    geo = strided_pointwise(geo) if subsample else geo.with_row_domain(lanes, narrow=True).with_patches(lanes)
     wq, wscale = quantize_weight(weight)
     rows = conv_quad_rows(wq, geo)
     comp, out_scale = epilogue_consts(wq, wscale, act)
