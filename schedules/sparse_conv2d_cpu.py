@@ -96,9 +96,9 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     orders = (False, True) if _input_bytes(func) > L2_INPUT_BYTES else (False,)
     spaces = []
     for vec in [v for v in (16, 8) if inner % v == 0 and domain_lanes(func, v) == v]:  # q_extent: 8k
-        # rows stored by tiles of T (unsparse.interleave, the pass) are read in that order only with k_inner T
-        tile = domain_attr(func, "interleave")
-        for k_inner in ([tile] if tile else [d for d in (1, 2, 4, 8, 16) if rows % d == 0]):
+        # rows stored by tiles of T (unsparse.interleave) are read in storage order with k_inner T, the default;
+        # the search may still find another k_inner faster, so every one stays in the space
+        for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:
             tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
             tiles = [t for t in tiles if t >= 4] or tiles
             unrolls = [u for u in range(1, 9) if (inner // vec) % u == 0]

@@ -66,8 +66,8 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     rows, inner = ext[1], ext[2]
     lanes = _lanes(target, inner)
     spaces = []
-    tile = domain_attr(func, "interleave")  # rows stored by tiles of T (the pass): read in that order only with T
-    for k_inner in ([tile] if tile else [d for d in (1, 2, 4) if rows % d == 0]):
+    tile = domain_attr(func, "interleave")  # rows stored by tiles of T (the pass): T, the default, is in the space
+    for k_inner in sorted({d for d in (1, 2, 4, tile) if d and rows % d == 0}):
         tiles = [k_inner * m for m in range(1, 32 // k_inner + 1) if rows % (k_inner * m) == 0]
         unrolls = [u for u in range(1, 9) if (inner // lanes) % u == 0 and k_inner * u <= 24]
         if not unrolls:
