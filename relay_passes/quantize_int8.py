@@ -179,9 +179,7 @@ class _Int8Rewriter(ConvChainRewriter):
             if self.kind == "llvm" and INTERLEAVE else 0
         data = rows.data
         if tile > 1:  # a row tile's quads side by side (formats.interleave_rows), as SparsifyConv2d stores fp32 rows
-            k, width, _ = data.shape
-            data = np.ascontiguousarray(data.reshape(k // tile, tile, width, QUAD).transpose(0, 2, 1, 3))
-            off = interleave_rows(off, tile)
+            data, off = interleave_rows(data, tile), interleave_rows(off, tile)
         args = [x] + [relax.const(a) for a in (data, off, comp, out_scale)]
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, *run.pad_shape[1:]]  # a plane's rows, or (patches) the patches' rows

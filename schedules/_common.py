@@ -275,7 +275,11 @@ def domain_lanes(func: tirx.PrimFunc, vec: int) -> int:
     (attribute unsparse.overlap = L, ConvGeometry.with_overlap) a divisor of L, which keeps every vector
     inside one shifted group of L lanes; in a row domain (unsparse.row_domain = OW, with_row_domain) a
     divisor of the output row: either way every vector is one contiguous load."""
-    overlap, row = domain_attr(func, "overlap"), domain_attr(func, "row_domain")
+    return lanes_of_domain(vec, domain_attr(func, "overlap"), domain_attr(func, "row_domain"))
+
+
+def lanes_of_domain(vec: int, overlap: int = 0, row: int = 0) -> int:
+    """domain_lanes from the domain itself: an overlapped domain's lanes L (gcd), a row domain's row of OW."""
     return math.gcd(vec, overlap) if overlap else pow2_divisor(row, vec) if row else vec
 
 

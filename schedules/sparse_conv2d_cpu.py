@@ -6,7 +6,6 @@ accumulated in registers over the row's nonzeros; parallel over (batch, output-c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
@@ -17,8 +16,8 @@ from unsparse_tvm.ops import names
 from unsparse_tvm.target import runnable_here
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
-                      flat_epilogue, has_block, largest_divisor, place_decode, pow2_divisor, rows_are_domain,
-                      sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, vectorize_flat)
+                      flat_epilogue, has_block, lanes_of_domain, largest_divisor, place_decode, pow2_divisor,
+                      rows_are_domain, sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, vectorize_flat)
 
 OP = names.SPARSE_CONV2D
 
@@ -124,12 +123,18 @@ def interleave_tile(rows: int, q_extent: int, lanes: int, overlap: int = 0, row:
     """The rows the default schedule interleaves in its register tile (what _schedule_rows picks at the Config
     defaults for `lanes`, with an overlapped domain's or a row domain's lanes as domain_lanes narrows them):
     the tile by which the pass stores a layer's rows (formats.interleave_rows)."""
-    cfg, registers = Config(), 2 * lanes  # AVX-512: 32 registers of 16 lanes; AVX2: 16 of 8
-    vec = math.gcd(lanes, overlap) if overlap else pow2_divisor(row, lanes) if row else lanes
-    tile_k = largest_divisor(rows, cfg.tile_k)
+    cfg = Config()
+    accumulators = lanes  # half the registers: AVX-512's 32 of 16 lanes, AVX2's 16 of 8 (schedule())
+    return _clamp(rows, q_extent, cfg.tile_k, lanes_of_domain(lanes, overlap, row), cfg.unroll, cfg.k_inner,
+                  accumulators)[3]
+
+
+def _clamp(rows: int, q_extent: int, tile_k: int, vec: int, unroll: int, k_inner: int, accumulators: int) -> tuple:
+    """The knobs fitted to a stage's extents, defaults where a knob is 0: (tile_k, vec, unroll, k_inner)."""
+    tile_k = largest_divisor(rows, tile_k)
     vec = pow2_divisor(q_extent, vec)
-    unroll = largest_divisor(q_extent // vec, min(8, registers // 2))
-    return largest_divisor(tile_k, _pow2_at_least(-(-(registers // 2) // unroll)))
+    unroll = largest_divisor(q_extent // vec, unroll or min(8, accumulators))
+    return tile_k, vec, unroll, largest_divisor(tile_k, k_inner or _pow2_at_least(-(-accumulators // unroll)))
 
 
 def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulators=16, spatial_outer=False):
@@ -143,10 +148,7 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulator
     loops = sch.get_loops(block)
     ext = extents(sch, loops)
     if clamp:
-        tile_k = largest_divisor(ext[1], tile_k)
-        vec = pow2_divisor(ext[2], vec)
-        unroll = largest_divisor(ext[2] // vec, unroll or min(8, accumulators))
-        k_inner = largest_divisor(tile_k, k_inner or _pow2_at_least(-(-accumulators // unroll)))
+        tile_k, vec, unroll, k_inner = _clamp(ext[1], ext[2], tile_k, vec, unroll, k_inner, accumulators)
     n, k, q, j = loops
     ko, ki = sch.split(k, [None, tile_k])
     kio, kii = sch.split(ki, [None, k_inner])

@@ -15,8 +15,8 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, extents, flat_epilogue, has_block,
-                      largest_divisor, pow2_divisor, rows_are_domain, sample_choice, schedule_epilogue_cpu,
-                      vectorize_flat)
+                      lanes_of_domain, largest_divisor, pow2_divisor, rows_are_domain, sample_choice,
+                      schedule_epilogue_cpu, vectorize_flat)
 from .x86_int8 import int8_kind, intrin
 
 OP = names.SPARSE_CONV2D_INT8
@@ -47,10 +47,15 @@ def interleave_tile(rows: int, q_extent: int, lanes: int, row: int = 0) -> int:
     int8 vector lanes, narrowed to a row domain's row as the schedule does): the tile by which the pass
     stores a layer's quad rows (formats.interleave_rows)."""
     cfg = Config()
-    tile_k = largest_divisor(rows, cfg.tile_k)
-    lanes = pow2_divisor(q_extent, pow2_divisor(row, lanes) if row else lanes)
-    unroll = largest_divisor(q_extent // lanes, 8)
-    return largest_divisor(tile_k, max(1, -(-16 // unroll)))
+    return _clamp(rows, q_extent, pow2_divisor(q_extent, lanes_of_domain(lanes, row=row)), cfg.tile_k, cfg.unroll,
+                  cfg.k_inner)[2]
+
+
+def _clamp(rows: int, q_extent: int, lanes: int, tile_k: int, unroll: int, k_inner: int) -> tuple:
+    """The knobs fitted to the conv's extents, defaults where a knob is 0: (tile_k, unroll, k_inner)."""
+    tile_k = largest_divisor(rows, tile_k)
+    unroll = largest_divisor(q_extent // lanes, unroll or 8)
+    return tile_k, unroll, largest_divisor(tile_k, k_inner or max(1, -(-16 // unroll)))
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -96,13 +101,9 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     acc = sch.cache_write(block, 0, "local")
     n, k, q, j, v = sch.get_loops(block)
     ext = extents(sch, [n, k, q, j, v])
-    lanes = _lanes(target, ext[2])
-    if domain_attr(func, "row_domain"):  # a row domain's vectors stay inside one output row
-        lanes = pow2_divisor(domain_attr(func, "row_domain"), lanes)
+    lanes = lanes_of_domain(_lanes(target, ext[2]), row=domain_attr(func, "row_domain"))  # vectors inside a row
     if clamp:
-        tile_k = largest_divisor(ext[1], tile_k)
-        unroll = largest_divisor(ext[2] // lanes, unroll or 8)
-        k_inner = largest_divisor(tile_k, k_inner or max(1, -(-16 // unroll)))
+        tile_k, unroll, k_inner = _clamp(ext[1], ext[2], lanes, tile_k, unroll, k_inner)
     ko, ki = sch.split(k, [None, tile_k])
     kio, kii = sch.split(ki, [None, k_inner])
     qo, qu, qv = sch.split(q, [None, unroll, lanes])

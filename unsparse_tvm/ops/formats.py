@@ -215,11 +215,11 @@ def dense_weight_rows(weight: np.ndarray, fmt: str | None = None,
 
 
 def interleave_rows(a: np.ndarray, tile: int) -> np.ndarray:
-    """[K, L] -> [K/tile, L, tile]: a row tile's entries j side by side, so that a kernel stepping through
-    its rows' entries together (the register tile's rows) reads two streams (weights, offsets) instead of two
-    per row."""
-    k, width = a.shape
-    return np.ascontiguousarray(a.reshape(k // tile, tile, width).transpose(0, 2, 1))
+    """[K, L, ...] -> [K/tile, L, tile, ...]: a row tile's entries j side by side, so that a kernel stepping
+    through its rows' entries together (the register tile's rows) reads two streams (weights, offsets)
+    instead of two per row (trailing axes, an int8 quad's 4 weights, stay together)."""
+    k, width, *rest = a.shape
+    return np.ascontiguousarray(np.swapaxes(a.reshape(k // tile, tile, width, *rest), 1, 2))
 
 
 def offsets_fit_16_bits(off: np.ndarray) -> bool:

@@ -65,6 +65,12 @@ def widen_offset(offset: tirx.PrimExpr) -> tirx.PrimExpr:
     return offset if offset.dtype == "int32" else offset.astype("int32")
 
 
+def row_entry(t: te.Tensor, k, j, tile: int, *rest):
+    """Entry j of row k of sparse rows stored in order ([K, L, ...], tile 0) or by row tiles of `tile` rows
+    ([K/T, L, T, ...], formats.interleave_rows); `rest` indexes trailing axes (an int8 quad's weight)."""
+    return t[(k // tile, j, k % tile, *rest) if tile else (k, j, *rest)]
+
+
 def flat_offset(geo: ConvGeometry, offset: tirx.PrimExpr) -> tirx.PrimExpr:
     """A stored offset as a flat input position (ConvGeometry.offset_unit: patches store patch numbers)."""
     unit = geo.offset_unit
@@ -114,11 +120,11 @@ def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry,
     """conv[n, k, q] = sum_j data[k, j] * xf[n, off[k, j] + q]; data and off [K, L], or interleaved by
     row tiles of T rows ([K/T, L, T], formats.interleave_rows): entry j of row k at [k // T, j, k % T]."""
     tile = int(data.shape[2]) if len(data.shape) == 3 else 0
-    rows, width = (int(data.shape[0]) * tile, int(data.shape[1])) if tile else data.shape
+    rows, width = int(data.shape[0]) * max(tile, 1), int(data.shape[1])
     j = te.reduce_axis((0, width), name="j")
 
     def at(t, k):
-        return t[k // tile, j, k % tile] if tile else t[k, j]
+        return row_entry(t, k, j, tile)
 
     def weight(n, k):
         """The weight of entry j of row k; with a gate (a 1x1 conv's input scaled per channel, x * g), the

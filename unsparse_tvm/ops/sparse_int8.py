@@ -17,7 +17,7 @@ from tvm import te, tirx
 
 from .geometry import ConvGeometry
 from .int8_formats import QUAD, ActQuant, quad_channels
-from .sparse import flat_offset, read_position
+from .sparse import flat_offset, read_position, row_entry
 
 F32_ZERO = tirx.const(0.0, "float32")
 
@@ -133,7 +133,7 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
     v = te.reduce_axis((0, QUAD), name="v")
 
     def entry(t, k, *quad):
-        return t[(k // tile, j, k % tile, *quad) if tile else (k, j, *quad)]
+        return row_entry(t, k, j, tile, *quad)
 
     conv = te.compute(
         (geo.n, rows, geo.q_extent),
