@@ -154,3 +154,36 @@ def test_what_it_cannot_take_runs_eagerly_with_one_warning(case, reason):
             ref = conv(x)
     assert len(got) == 1 and reason in got[0] and "runs eagerly" in got[0], got
     assert torch.allclose(y, ref)
+
+
+@pytest.mark.parametrize("drop", [True, False])  # False: the negative control, Dynamo's own guards
+def test_weight_guards_are_dropped_but_mode_and_input_guards_stay(drop, monkeypatch):
+    from unsparse_tvm import dynamo
+
+    if not drop:
+        monkeypatch.setattr(dynamo, "_drop_weight_guards", lambda: 0)
+    model = _prune(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)))
+    entries = []
+
+    def spy(found):  # sees the guards Dynamo is about to install, after the backend ran
+        entries.extend(found)
+        return [True] * len(found)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="unsparse", dynamic=False,
+                             options={"calibrate": False, "guard_filter_fn": spy})
+    x, x2 = torch.randn(1, 3, 8, 8), torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        y, y2 = compiled(x), compiled(x2)  # the input's own guard stays: a new shape compiles anew
+        assert _rel(y, model(x)) < 1e-4 and _rel(y2, model(x2)) < 1e-4
+    on_weights = [e for e in entries if e.orig_guard.source.is_unspecialized_nn_module()
+                  and e.guard_type == "TENSOR_MATCH"]
+    assert (not on_weights) if drop else len(on_weights) >= 8  # 2 convs weight + bias, BN weight, bias, mean, var
+    assert any(e.guard_type == "TENSOR_MATCH" and not e.orig_guard.source.is_unspecialized_nn_module()
+               for e in entries)
+    model.train()  # the `training` attribute's guard stays: train mode recompiles, and falls back to eager
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            compiled(x)
+    assert any("training mode" in str(w.message) for w in caught if issubclass(w.category, UnsparseFallback))
