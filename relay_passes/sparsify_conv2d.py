@@ -87,7 +87,7 @@ class _Sparsifier(ConvChainRewriter):
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
         # the schedules' vectors divide these (schedules/_common.domain_lanes)
         attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else {"unsparse.row_domain": ours.ow}
-                 if ours.row_domain else {"unsparse.patches": 1} if ours.patches else {})
+                 if ours.row_domain else {"unsparse.patches": ours.images} if ours.patches else {})
         if self.target_kind == "llvm":  # row lengths (schedules/row_extents); the pad stage's phase planes
             attrs.update({ROW_LENGTHS: 1}, **({STRIDE: list(ours.stride)} if ours.stride != (1, 1) else {}))
         if tile:
@@ -112,7 +112,7 @@ class _Sparsifier(ConvChainRewriter):
             return run
         lanes = self.cost.lanes
         ours = run.with_overlap(lanes).with_row_domain(lanes, narrow=not plane)
-        return ours if plane else ours.with_patches(lanes)
+        return ours if plane else ours.with_patches(lanes, fold_images=True)
 
     def interleave(self, geo, rows) -> int:
         """llvm, ell and hyb rows: the register tile's rows (schedules.sparse_conv2d_cpu.interleave_tile), by

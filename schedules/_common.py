@@ -249,11 +249,15 @@ def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int, row_domain: bool = 
     on a 64x64 map, 1-2 nonzeros a row, where the stores are the work: 0.118 -> 0.095 ms). False, and
     nothing changed, elsewhere."""
     ep = sch.get_sblock("epilogue")
-    _, _, oh, ow = extents(sch, sch.get_loops(ep))
-    q = int(sch.get(sch.get_sblock(conv)).writes[0].source.shape[-1])  # [N, K, Q] or grouped [N, G, V, Q]
-    if (cols != ow and not row_domain) or q != oh * ow:  # a row domain's rows are OW long whatever Wq
+    n, _, oh, ow = extents(sch, sch.get_loops(ep))
+    shape = sch.get(sch.get_sblock(conv)).writes[0].source.shape  # [N, K, Q] or grouped [N, G, V, Q]
+    m, q = n // int(shape[0]), int(shape[-1])  # m images side by side in patches (ConvGeometry.images)
+    if (cols != ow and not row_domain) or q != m * oh * ow:  # a row domain's rows are OW long whatever Wq
         return False
-    sch.transform_block_layout(ep, lambda n, k, y, x: (n, k, y * ow + x))
+    if m > 1:
+        sch.transform_block_layout(ep, lambda n, k, y, x: (n // m, k, n % m * (oh * ow) + y * ow + x))
+    else:
+        sch.transform_block_layout(ep, lambda n, k, y, x: (n, k, y * ow + x))
     return True
 
 

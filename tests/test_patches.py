@@ -21,6 +21,13 @@ CASES = [
     (1, 8, 2, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),     # 2x8: 16 positions in 8-wide rows
     (2, 12, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),   # 8x8: half-vector rows under AVX-512
 ]
+# batch > 1 on maps under a vector: the pass stores several images' patches side by side (geometry.images)
+FOLDED = [
+    (8, 16, 2, 2, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),   # vgg16-cifar's 2x2 block, batch 8: 32 lanes
+    (4, 8, 4, 3, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 0.8),    # strided to 2x2, batch 4: 16 lanes
+    (2, 6, 2, 2, 8, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 0.7),     # dilation 2 on 2x2, batch 2: 8 lanes
+    (6, 5, 1, 3, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),     # a 1x3 map, batch 6: 18 positions, no patches
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +39,11 @@ def haswell():
     return tvm.target.Target(llvm_target_dict("haswell"))
 
 
-def _domain(case, lanes: int, depthwise: bool = False) -> ConvGeometry:
+def _domain(case, lanes: int, depthwise: bool = False, fold: bool = False) -> ConvGeometry:
     n, c, h, w, k, r, s, stride, pad, dil, _ = case
     geo = ConvGeometry(n, c, h, w, k, r, s, stride, pad, dil)
     geo = geo.with_overlap(lanes).with_row_domain(lanes, narrow=not depthwise)
-    return geo if depthwise else geo.with_patches(lanes)
+    return geo if depthwise else geo.with_patches(lanes, fold_images=fold)
 
 
 def _spec(case, weight):
@@ -45,7 +52,7 @@ def _spec(case, weight):
                      {"strides": list(stride), "padding": list(pad), "dilation": list(dil), "groups": 1})
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}")
+@pytest.mark.parametrize("case", CASES + FOLDED, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}")
 @pytest.mark.parametrize("fmt", [None, "ell", "hyb", "vell4"])
 @pytest.mark.parametrize("path", ["native", "avx2"])
 def test_small_maps_match_torch(case, fmt, path, llvm, haswell):
@@ -99,3 +106,58 @@ def test_the_patch_copy_has_no_bounds_test_and_stores_whole_rows(llvm):
     assert re.search(r'T\.vectorized\([^\n]*\):\s*\n\s*with T\.sblock\("pad_flat"\)', text)
     pad_flat = text[text.index('T.sblock("pad_flat")'):]
     assert "T.if_then_else" not in pad_flat[:pad_flat.index("T.sblock", 10)]
+
+
+def test_images_side_by_side_where_a_map_is_under_a_vector():
+    """Batch > 1: the largest divisor of N whose images' patches fit 32 positions (8 of a 2x2 map, 2 of a
+    4x4), only where that fills whole 8-lane vectors; the conv stage's batch axis shrinks by as much, and
+    offsets stay patch numbers (one patch: all images' positions for one tap)."""
+    geos = [_domain(c, 16, fold=True) for c in FOLDED]
+    assert [(g.patches, g.images, g.q_extent, g.batch) for g in geos] == [
+        (True, 8, 32, 1), (True, 4, 16, 1), (True, 2, 8, 1), (False, 1, geos[3].q_extent, 6)]
+    four = _domain(CASES[0], 16, fold=True)
+    assert (four.images, four.q_extent, four.batch, four.pad_shape) == (2, 32, 1, [16, 9 * 2 * 4, 4])
+    assert _domain(CASES[0], 16).images == 1  # without fold_images (the int8 kernels' patches)
+    assert (geos[0].column_offsets() == np.arange(16 * 9)).all() and geos[0].offset_unit == 32
+
+
+def test_the_pass_stores_images_side_by_side_and_the_epilogue_joins_the_write_back(llvm):
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.single_layer import layer_module
+
+    weight = sparse_weight((24, 16, 3, 3), 0.9, np.random.default_rng(5), dense_rows=1)
+    mod = build_pipeline(llvm, threshold=0.0, fmt="ell", stop_after="schedule")(layer_module(_spec(FOLDED[0], weight)))
+    func = mod["sparse_conv2d"]
+    assert int(func.attrs["unsparse.patches"]) == 8
+    text = func.script()
+    assert 'T.sblock("epilogue")' not in text  # inlined into the accumulators' write-back (flat_epilogue)
+
+
+def test_a_residual_block_with_images_side_by_side_matches_torch():
+    """A whole model through the public API at batch 8 on a 2x2 map: two sparse 3x3 convs with folded
+    batch-norm, a residual add and ReLUs (the epilogue's reads of the side-by-side images)."""
+    import torch
+    import torch.nn as nn
+
+    import unsparse_tvm
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(24, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(24)
+
+        def forward(self, x):  # [8, 24, 2, 2]
+            return torch.relu(self.bn(self.b(torch.relu(self.a(x)))) + x)
+
+    torch.manual_seed(case_rng("residual-folded").integers(1 << 30))
+    model = unsparse_tvm.prune(Block(), 0.85)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 24, 2, 2)
+    compiled = unsparse_tvm.compile(model.eval(), example_input=x, threshold=0.0)
+    with torch.no_grad():
+        ref = model(x)
+    assert float((compiled(x) - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert sum(d["decision"] == "sparse" for d in compiled.report) == 2

@@ -74,7 +74,7 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
               depthwise: bool = False) -> LayerCost:
     """Predicted dense and sparse time (us) of one conv layer (x86: at `rates`); `depthwise` (x86): the
     conv is depthwise (depthwise_cost)."""
-    positions = geo.n * geo.q_extent
+    positions = geo.batch * geo.q_extent  # images side by side in patches share one domain (geo.images)
     if target_kind == "cuda":
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
                                Knobs(group=8 if geo.k % 8 == 0 else 1), CUDA_GPU).seconds * CUDA_GPU.grouped_rows_factor
@@ -85,7 +85,7 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
         return LayerCost(dense * 1e6, sparse * 1e6)
     if depthwise:
         return depthwise_cost(geo, rows, rates)
-    out = geo.n * geo.k * geo.q_extent
+    out = geo.batch * geo.k * geo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
              + output_passes(geo, "dense") * out / rates.output)
     sparse = (rows.padded_size * positions / rates.fma_rate(rows.fmt)
@@ -137,7 +137,7 @@ def unfused_epilogue_us(geo: ConvGeometry, rates: X86Rates = BUILTIN) -> float:
     Where the epilogue could fuse (ConvGeometry.flat_output), this is what hyb pays over ell. resnet50's
     1x1 convs on 56x56 (0.8-3.2 MB of output), one thread: hyb 206 / 678 us, ell 126 / 391 us for 64x64 /
     256x64, where conv_cost alone predicted hyb the faster (87 / 348 against 109 / 497 us)."""
-    out = geo.n * geo.k * geo.q_extent
+    out = geo.batch * geo.k * geo.q_extent
     if 4 * out <= L2_OUTPUT_BYTES:
         return 0.0
     return 2 * (4 * out / rates.dram_bytes_s - out / rates.output) * 1e6

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PATCH_MAX_POSITIONS = 16  # ConvGeometry.with_patches: maps up to 4x4
+PATCH_MAX_BATCH_POSITIONS = 32  # with_patches(fold_images=True): 8 images of a 2x2 map in one patch, 2 of a 4x4
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ConvGeometry:
     overlap: int = 0  # lanes L: the flat domain's last vectors read the map's last L positions (with_overlap)
     row_domain: bool = False  # the flat domain is the output map itself, q = y*OW + x (with_row_domain)
     patches: bool = False  # the input is stored as one patch per tap, q = y*OW + x (with_patches)
+    images: int = 1  # patches of this many images side by side, q = i*OH*OW + y*OW + x (with_patches)
 
     @property
     def hp(self) -> int:
@@ -51,6 +53,11 @@ class ConvGeometry:
     @property
     def ow(self) -> int:
         return (self.wp - self.dilation[1] * (self.s - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def batch(self) -> int:
+        """Extent of the conv stage's batch axis: N, or N / images where images share one patch."""
+        return self.n // self.images
 
     @property
     def hq(self) -> int:
@@ -73,7 +80,7 @@ class ConvGeometry:
     def pad_shape(self) -> list[int]:
         """[channels, rows, columns] the flat padded input splits into (for the pad stage's schedule)."""
         if self.patches:  # q_extent == OH*OW: one row per output row and tap
-            return [self.pad_channels, self.r * self.s * self.oh, self.ow]
+            return [self.pad_channels, self.r * self.s * self.images * self.oh, self.ow]
         return [self.pad_channels, self.stride[0] * self.stride[1] * self.hq, self.wq]
 
     def with_overlap(self, lanes: int) -> "ConvGeometry":
@@ -104,7 +111,7 @@ class ConvGeometry:
             return self
         return dataclasses.replace(self, row_domain=True)
 
-    def with_patches(self, lanes: int) -> "ConvGeometry":
+    def with_patches(self, lanes: int, fold_images: bool = False) -> "ConvGeometry":
         """A small map (at most PATCH_MAX_POSITIONS outputs, OH*OW a multiple of 8) of a conv with several taps:
         the same conv with its input stored as one patch per (c, r, s), the OH*OW input positions that tap
         reads, zero where it reads padding (im2col without the matrix product). Each stored weight then reads
@@ -113,11 +120,17 @@ class ConvGeometry:
         runs unaligned 64-byte loads at about half speed). The copy is R*S times the input, paid once and
         read by every row; written to L2 it costs ~13 us for 512 channels, so larger maps (8x8: 590 KB for
         256 channels) keep their plane. vgg16-cifar's 512x512 3x3 on 4x4 at 90%, one thread: 214 -> 159 us.
-        Unchanged otherwise."""
+        fold_images (batch > 1): the patches of several images side by side (`images`, the largest divisor
+        of N up to PATCH_MAX_BATCH_POSITIONS positions), so that a 2x2 map, 4 positions, fills whole vectors
+        (8 images: 32 lanes) and each loaded weight and offset feeds several images. Unchanged otherwise."""
         positions = self.oh * self.ow
-        if self.overlap or self.row_domain or self.r * self.s == 1 or positions % 8 or positions > PATCH_MAX_POSITIONS:
+        if self.overlap or self.row_domain or self.r * self.s == 1 or positions > PATCH_MAX_POSITIONS:
             return self
-        return dataclasses.replace(self, patches=True)
+        fits = [m for m in range(1, self.n + 1) if self.n % m == 0 and m * positions <= PATCH_MAX_BATCH_POSITIONS]
+        images = max(fits, default=1) if fold_images else 1
+        if images * positions % 8:
+            return self
+        return dataclasses.replace(self, patches=True, images=images)
 
     @property
     def read_split(self) -> tuple[int, int]:
@@ -138,7 +151,7 @@ class ConvGeometry:
         lost its fused epilogue and its input view, and with tiles of 7 vectors it ran 15-35% faster
         (one thread, 90%: 128x512 389 -> 252 us, 512x128 367 -> 272, 512x256 635 -> 540)."""
         if self.row_domain or self.patches:
-            return self.oh * self.ow
+            return self.images * self.oh * self.ow
         if self.overlap:  # whole vectors over the map, rounded as below for tiles of several vectors
             v = -(-self.oh * self.ow // self.overlap)
             while v > 8 and not any(v % u == 0 for u in range(2, 7)):

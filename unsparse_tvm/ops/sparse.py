@@ -52,12 +52,15 @@ def _patches(x: te.Tensor, geo: ConvGeometry) -> te.Tensor:
         return tirx.if_then_else(inside, x[n, c, h - pt, w - pl], F32_ZERO)
 
     plane = te.compute((geo.n, geo.c, geo.hp, geo.wp), padded, name="pad_plane")
+    per_image = geo.oh * geo.ow
 
     def value(n, i):
         c, tap, q = i // geo.channel_plane, i % geo.channel_plane // geo.q_extent, i % geo.q_extent
+        if geo.images > 1:  # images side by side (ConvGeometry.images): patch position q of image n*m + q // OH*OW
+            n, q = n * geo.images + q // per_image, q % per_image
         return plane[n, c, q // geo.ow * sh + tap // geo.s * dh, q % geo.ow * sw + tap % geo.s * dw]
 
-    return te.compute((geo.n, geo.c * geo.channel_plane), value, name="pad_flat")
+    return te.compute((geo.batch, geo.c * geo.channel_plane), value, name="pad_flat")
 
 
 def widen_offset(offset: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -90,14 +93,19 @@ def read_position(geo: ConvGeometry, q):
 
 
 def _read_flat(geo: ConvGeometry, idx, read):
-    """read(q) at the flat index of output idx: (n, k, y, x) -> y*Wq + x; in an overlapped domain, whose
-    epilogue is flat, (n, k, p) -> the first flat index that computed p (ConvGeometry.read_split; both reads
-    stay in bounds, so the select vectorises)."""
+    """read(n, q) at the conv stage's image and flat index of output idx: (n, k, y, x) -> n, y*Wq + x (images
+    side by side in patches: n // m, (n % m)*OH*OW + y*OW + x); in an overlapped domain, whose epilogue is
+    flat, (n, k, p) -> the first flat index that computed p (ConvGeometry.read_split; both reads stay in
+    bounds, so the select vectorises)."""
+    n = idx[0]
     if not geo.overlap:
-        return read(idx[2] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + idx[3])
+        q = idx[2] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + idx[3]
+        if geo.images > 1:
+            n, q = n // geo.images, n % geo.images * (geo.oh * geo.ow) + q
+        return read(n, q)
     split, shift = geo.read_split
     p = idx[2]
-    return tirx.Select(p < split, read(p), read(p + shift))
+    return tirx.Select(p < split, read(n, p), read(n, p + shift))
 
 
 def output_shape(geo: ConvGeometry) -> tuple:
@@ -136,7 +144,7 @@ def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry,
         return at(data, k) * gate[n if int(gate.shape[0]) > 1 else 0, channel]
 
     return te.compute(
-        (geo.n, rows, geo.q_extent),
+        (geo.batch, rows, geo.q_extent),
         lambda n, k, q: te.sum(weight(n, k) * xf[n, flat_offset(geo, at(off, k)) + read_position(geo, q)], axis=j),
         name=name,
     )
@@ -148,7 +156,7 @@ def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeome
     groups, width, v = data.shape
     j = te.reduce_axis((0, width), name="j")
     return te.compute(
-        (geo.n, groups, v, geo.q_extent),
+        (geo.batch, groups, v, geo.q_extent),
         lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, flat_offset(geo, off[g, j]) + read_position(geo, q)],
                                   axis=j),
         name="conv",
@@ -158,7 +166,7 @@ def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeome
 def _at(t: te.Tensor, geo: ConvGeometry, idx, k=None):
     """Element idx (output index, see _read_flat) of a "conv" stage, at row k if given."""
     row = idx[1] if k is None else k
-    return _read_flat(geo, idx, lambda q: t[idx[0], row, q])
+    return _read_flat(geo, idx, lambda n, q: t[n, row, q])
 
 
 def epilogue_stage(acc, shape, bias, residual, relu: bool, relu_max: float | None = None,
@@ -202,7 +210,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         v = int(data.shape[2])
 
         def acc(*idx):
-            return _read_flat(geo, idx, lambda q: conv[idx[0], idx[1] // v, idx[1] % v, q])
+            return _read_flat(geo, idx, lambda n, q: conv[n, idx[1] // v, idx[1] % v, q])
 
         return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)
     conv = _row_conv(xf, data, off, geo, "conv", gate)
