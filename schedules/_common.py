@@ -187,6 +187,16 @@ def tile_rows(sch: s_tir.Schedule, block, per_task: int, inner: int, *, reductio
     return acc, group, row, loops[reduction], loops[lanes]
 
 
+def split_row_tile(sch: s_tir.Schedule, rows, q, tile: int, inner: int, unroll: int, lanes: int) -> tuple:
+    """A CPU register tile's splits: rows (or groups) in tasks of `tile`, `inner` of them interleaved inside
+    the nonzero loop; the flat domain q in steps of `unroll` vectors of `lanes`. Returns (rows outer, tile
+    outer, interleaved, q outer, unrolled, lanes) for the rule to order."""
+    ko, ki = sch.split(rows, [None, tile])
+    kio, kii = sch.split(ki, [None, inner])
+    qo, qu, qv = sch.split(q, [None, unroll, lanes])
+    return ko, kio, kii, qo, qu, qv
+
+
 def finish_register_tile(sch: s_tir.Schedule, block, acc, at, vector, unrolled: list, reduction) -> None:
     """A CPU register tile: its write-back (`acc`, the cache_write block) placed at loop `at`, the `vector`
     loop vectorised and the `unrolled` loops unrolled; its init (zeroing) split off the reduction at loop

@@ -17,7 +17,8 @@ from unsparse_tvm.target import runnable_here
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
                       flat_epilogue, has_block, lanes_of_domain, largest_divisor, place_decode, pow2_divisor,
-                      rows_are_domain, sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, vectorize_flat)
+                      rows_are_domain, sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile,
+                      vectorize_flat)
 
 OP = names.SPARSE_CONV2D
 
@@ -150,9 +151,7 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulator
     if clamp:
         tile_k, vec, unroll, k_inner = _clamp(ext[1], ext[2], tile_k, vec, unroll, k_inner, accumulators)
     n, k, q, j = loops
-    ko, ki = sch.split(k, [None, tile_k])
-    kio, kii = sch.split(ki, [None, k_inner])
-    qo, qu, qv = sch.split(q, [None, unroll, vec])  # q_extent is a multiple of 8
+    ko, kio, kii, qo, qu, qv = split_row_tile(sch, k, q, tile_k, k_inner, unroll, vec)  # q_extent: a multiple of 8
     if spatial_outer:
         sch.reorder(n, qo, ko, kio, j, kii, qu, qv)
         par = sch.fuse(n, qo)

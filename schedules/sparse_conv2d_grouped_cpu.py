@@ -17,7 +17,7 @@ from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
                       flat_epilogue, largest_divisor, place_decode, pow2_divisor, rows_are_domain, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu)
+                      schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile)
 
 OP = names.SPARSE_CONV2D_GROUPED
 
@@ -28,6 +28,9 @@ class Config:
     vec: int = 0      # lanes of the output axis; 0 = one vector register of the target (16 AVX-512, 8 AVX2)
     unroll: int = 0   # vectors per group and offset; 0 = the most that keeps V x unroll accumulators within
                       # 3/4 of the vector registers (the rest: the input vectors and the broadcast weight)
+    g_inner: int = 0  # groups interleaved inside the nonzero loop: more independent FMA chains where a group's
+                      # tile is a vector or two (a 4x4 or 2x2 map: V = 4 chains, each FMA waiting on the last);
+                      # 0 = as many as keep g_inner x V x unroll within 3/4 of the registers
 
 
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
@@ -37,26 +40,30 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     vec = pow2_divisor(q, domain_lanes(func, cfg.vec or lanes))  # the flat domain is a multiple of 8
     unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers * 3 // 4 // v))
     tile_g = largest_divisor(groups, cfg.tile_g or max(1, 16 // v))
-    _schedule(sch, func, tile_g, vec, unroll)
+    g_inner = largest_divisor(tile_g, cfg.g_inner or max(1, registers * 3 // 4 // (v * unroll)))
+    _schedule(sch, func, tile_g, vec, unroll, g_inner)
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
-    """One design space per vector width; tile_g and unroll drawn from exact divisors, the register tile
-    V x unroll kept within 4..24 accumulators where the loops allow."""
+    """One design space per vector width and g_inner; tile_g (a multiple of g_inner) and unroll drawn from
+    exact divisors, the register tile g_inner x V x unroll kept within 4..24 accumulators where the loops
+    allow."""
     func = sch.mod["main"]
     _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     spaces = []
     for vec in [w for w in (16, 8) if q % w == 0 and domain_lanes(func, w) == w]:
-        unrolls = [u for u in range(1, 9) if (q // vec) % u == 0]
-        unrolls = [u for u in unrolls if 4 <= v * u <= 24] or [u for u in unrolls if v * u <= 24] or [1]
-        tiles = [t for t in range(1, min(groups, 32) + 1) if groups % t == 0]
-        s = sch.copy()
-        _schedule(s, func, sample_choice(s, tiles), vec, sample_choice(s, unrolls))
-        spaces.append(s)
+        for g_inner in [d for d in (1, 2, 4) if groups % d == 0 and (d == 1 or d * v * 2 <= 24)]:
+            chains = g_inner * v
+            unrolls = [u for u in range(1, 9) if (q // vec) % u == 0]
+            unrolls = [u for u in unrolls if 4 <= chains * u <= 24] or [u for u in unrolls if chains * u <= 24] or [1]
+            tiles = [t for t in range(g_inner, min(groups, 32) + 1, g_inner) if groups % t == 0]
+            s = sch.copy()
+            _schedule(s, func, sample_choice(s, tiles), vec, sample_choice(s, unrolls), g_inner)
+            spaces.append(s)
     return spaces
 
 
-def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> None:
+def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll, g_inner: int = 1) -> None:
     cx, rows, cols = (int(d) for d in func.attrs["unsparse.pad_shape"])
     schedule_pad_cpu(sch, cx, rows, cols)
     overlap = domain_attr(func, "overlap")
@@ -64,12 +71,11 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll) -> 
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
     n, g, v, q, j = sch.get_loops(block)
-    go, gi = sch.split(g, [None, tile_g])
-    qo, qu, qv = sch.split(q, [None, unroll, vec])
-    sch.reorder(n, go, qo, gi, j, v, qu, qv)
+    go, gio, gii, qo, qu, qv = split_row_tile(sch, g, q, tile_g, g_inner, unroll, vec)
+    sch.reorder(n, go, qo, gio, j, gii, v, qu, qv)
     par = sch.fuse(n, go)
     sch.parallel(par)
-    finish_register_tile(sch, block, acc, gi, qv, [qu, v], j)
+    finish_register_tile(sch, block, acc, gio, qv, [qu, v, gii], j)
     place_decode(sch, "conv", par, extents(sch, [qo])[0])  # quantised weights (te_quant_ops)
     schedule_epilogue_cpu(sch, flat, overlap)  # flat: bias/residual/ReLU in the accumulators' write-back
 

@@ -16,7 +16,7 @@ from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, extents, flat_epilogue, has_block,
                       lanes_of_domain, largest_divisor, pow2_divisor, rows_are_domain, sample_choice,
-                      schedule_epilogue_cpu, vectorize_flat)
+                      schedule_epilogue_cpu, split_row_tile, vectorize_flat)
 from .x86_int8 import int8_kind, intrin
 
 OP = names.SPARSE_CONV2D_INT8
@@ -104,9 +104,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     lanes = lanes_of_domain(_lanes(target, ext[2]), row=domain_attr(func, "row_domain"))  # vectors inside a row
     if clamp:
         tile_k, unroll, k_inner = _clamp(ext[1], ext[2], lanes, tile_k, unroll, k_inner)
-    ko, ki = sch.split(k, [None, tile_k])
-    kio, kii = sch.split(ki, [None, k_inner])
-    qo, qu, qv = sch.split(q, [None, unroll, lanes])
+    ko, kio, kii, qo, qu, qv = split_row_tile(sch, k, q, tile_k, k_inner, unroll, lanes)
     sch.reorder(n, ko, qo, kio, j, kii, qu, qv, v)
     par = sch.fuse(n, ko)
     sch.parallel(par)

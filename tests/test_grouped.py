@@ -77,6 +77,54 @@ def test_grouped_conv_llvm_matches_torch(case, llvm):
     assert rel_err(y, ref) < 1e-5
 
 
+SMALL = [  # small maps, where a group's tile is a vector or two: several groups interleaved (Config.g_inner)
+    (2, 16, 4, 4, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),  # 4x4, batch 2 (patches side by side)
+    (1, 12, 2, 2, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),  # 2x2: one 8-lane vector over the padded plane
+    (1, 8, 7, 5, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8),   # strided to 4x3, odd sizes, V = 8
+]
+
+
+@pytest.mark.parametrize("case", SMALL, ids=case_id)
+@pytest.mark.parametrize("g_inner", [0, 1, 2, 4])
+@pytest.mark.parametrize("path", ["native", "avx2"])
+def test_grouped_conv_with_groups_interleaved_matches_torch(case, g_inner, path, llvm):
+    import tvm
+
+    from unsparse_tvm.ops import names
+    from unsparse_tvm.schedules.sparse_conv2d_grouped_cpu import Config
+    from unsparse_tvm.target import llvm_target_dict
+
+    target = llvm if path == "native" else tvm.target.Target(llvm_target_dict("haswell"))
+    spec, x, ref, v = grouped_case(case, seed=7)
+    y, report = run_layer(spec, target, threshold=0.5, x=x,
+                          configs={names.SPARSE_CONV2D_GROUPED: Config(g_inner=g_inner)})
+    assert report[0].format == f"vell{v}" and rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("lanes, groups_inside", [(16, 4), (8, 2)])
+def test_small_maps_interleave_groups_by_default(lanes, groups_inside):
+    """On a 4x4 map (AVX-512: one 16-lane vector per group; AVX2: two of 8) and a 2x2 map, the default tile
+    puts several groups inside the nonzero loop, as many as 3/4 of the registers hold as accumulators."""
+    import tvm
+    from tvm import s_tir
+
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.single_layer import layer_module
+    from unsparse_tvm.target import llvm_target_dict
+
+    target = tvm.target.Target(llvm_target_dict("znver4" if lanes == 16 else "haswell"))
+    spec = grouped_case(SMALL[1])[0]
+    mod = build_pipeline(target, threshold=0.5, stop_after="schedule")(layer_module(spec))
+    func = mod["sparse_conv2d_grouped"]
+    sch = s_tir.Schedule(func)
+    loops = sch.get_loops(sch.get_sblock("conv_update"))
+    extents = [sch.get(lp).extent for lp in loops]
+    # [..., j (the nonzeros: it ends at the tile's longest row, schedules/row_extents), groups inside, V,
+    # unroll, lanes]: the loop after j runs the interleaved groups
+    j = max(i for i, e in enumerate(extents) if not isinstance(e, tvm.tirx.IntImm))
+    assert [int(e) for e in extents[j + 1:]] == [groups_inside, 4, 1, 8]
+
+
 def test_grouped_format_forced_with_a_dense_group(llvm):
     """A fully dense group makes every group as wide (ELL's padding): auto picks hyb, forced vell is exact."""
     rng = np.random.default_rng(6)
