@@ -42,7 +42,9 @@ def end_to_end(paths: list[str], rounds: int) -> None:
         print(f"{ms:9.3f} ms  {p}")
 
 
-def layers(path: str, runs: int) -> None:
+def _instrumented(path: str):
+    """(meta, run): run() is one inference of the module at `path`, returning each kernel call's
+    (name, seconds) as the Relax VM's instrument hook saw it."""
     import tvm
     from tvm import relax
 
@@ -63,22 +65,44 @@ def layers(path: str, runs: int) -> None:
 
     vm["main"](x)
     vm.set_instrument(instrument)
-    per_run = []
-    for _ in range(runs):
-        calls = []
+
+    def run() -> list[tuple[str, float]]:
+        calls.clear()
         vm["main"](x)
-        per_run.append(calls)
-    names = [n for n, _ in per_run[0]]
-    median = [sorted(run[i][1] for run in per_run)[runs // 2] * 1e3 for i in range(len(names))]
-    ours = iter(layer for layer in meta.get("layers", []) if layer["decision"] == "sparse")
-    print(f"{path}: {sum(median):.3f} ms in {len(names)} calls (median of {runs} runs)")
-    for name, ms in zip(names, median):
-        label = ""
-        if name.startswith(("sparse_conv2d", "sparse_dense")):
-            layer = next(ours, None)
-            label = "" if layer is None else f"{layer['name']} {layer['shape']} in {layer['input_shape']} {layer['format']}"
-        if ms >= MIN_MS:
-            print(f"{ms:8.3f} ms  {name:24s} {label}")
+        return list(calls)
+
+    return meta, run
+
+
+def layers(paths: list[str], runs: int) -> None:
+    """Each kernel call's median time over `runs` inferences per module, the modules taking turns run by run
+    (alternating, as the end-to-end rounds: this VM's speed drifts), then, for several modules, their sparse
+    layers side by side."""
+    modules = [_instrumented(p) for p in paths]
+    per_run: list[list] = [[] for _ in paths]
+    for _ in range(runs):
+        for i, (_, run) in enumerate(modules):
+            per_run[i].append(run())
+    table = []
+    for path, (meta, _), module_runs in zip(paths, modules, per_run):
+        names = [n for n, _ in module_runs[0]]
+        median = [sorted(run[i][1] for run in module_runs)[runs // 2] * 1e3 for i in range(len(names))]
+        ours = iter(layer for layer in meta.get("layers", []) if layer["decision"] == "sparse")
+        print(f"{path}: {sum(median):.3f} ms in {len(names)} calls (median of {runs} runs)")
+        rows = []
+        for name, ms in zip(names, median):
+            label = ""
+            if name.startswith(("sparse_conv2d", "sparse_dense")):
+                layer = next(ours, None)
+                label = "" if layer is None else f"{layer['name']} {layer['shape']} in {layer['input_shape']} {layer['format']}"
+                rows.append((label or name, ms))
+            if ms >= MIN_MS:
+                print(f"{ms:8.3f} ms  {name:24s} {label}")
+        table.append(rows)
+    if len(paths) > 1 and all(len(t) == len(table[0]) for t in table):
+        print("sparse layers side by side (ms, modules in the order given):")
+        for i, (label, _) in enumerate(table[0]):
+            print("  " + "  ".join(f"{t[i][1]:7.3f}" for t in table) + f"  {label}")
 
 
 def main() -> None:
@@ -94,8 +118,7 @@ def main() -> None:
     set_threads(args.threads)
     end_to_end(args.modules, args.rounds)
     if args.layers:
-        for p in args.modules:
-            layers(p, args.runs)
+        layers(args.modules, args.runs)
 
 
 if __name__ == "__main__":
