@@ -101,10 +101,11 @@ def test_grouped_conv_with_groups_interleaved_matches_torch(case, g_inner, path,
     assert report[0].format == f"vell{v}" and rel_err(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("lanes, groups_inside", [(16, 4), (8, 2)])
-def test_small_maps_interleave_groups_by_default(lanes, groups_inside):
-    """On a 4x4 map (AVX-512: one 16-lane vector per group; AVX2: two of 8) and a 2x2 map, the default tile
-    puts several groups inside the nonzero loop, as many as 3/4 of the registers hold as accumulators."""
+@pytest.mark.parametrize("lanes, channels, groups_inside", [(16, 128, 4), (8, 128, 2), (16, 12, 1)])
+def test_small_maps_interleave_groups_by_default(lanes, channels, groups_inside):
+    """On a 2x2 map (one 8-lane vector per group) the default tile puts several groups inside the nonzero
+    loop, as many as 3/4 of the registers hold as accumulators, where the groups are long (128 channels:
+    ~230 entries); short ones (12 channels: ~22) are not interleaved (each tile would run to its longest)."""
     import tvm
     from tvm import s_tir
 
@@ -113,7 +114,7 @@ def test_small_maps_interleave_groups_by_default(lanes, groups_inside):
     from unsparse_tvm.target import llvm_target_dict
 
     target = tvm.target.Target(llvm_target_dict("znver4" if lanes == 16 else "haswell"))
-    spec = grouped_case(SMALL[1])[0]
+    spec = grouped_case((1, channels, 2, 2, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4))[0]
     mod = build_pipeline(target, threshold=0.5, stop_after="schedule")(layer_module(spec))
     func = mod["sparse_conv2d_grouped"]
     sch = s_tir.Schedule(func)
