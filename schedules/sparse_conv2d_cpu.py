@@ -32,11 +32,17 @@ class Config:
                        # divisor of the row's vectors up to 8 (a 5- or 7-vector row stays in registers)
     k_inner: int = 0   # rows interleaved inside the nonzero loop: independent FMA chains where a row's
                        # output tile is only a vector or two; 0 = enough rows for half the vector registers
-                       # in accumulators (16 of AVX-512's 32, 8 of AVX2's 16: the rest hold inputs, weights)
+                       # in accumulators (16 of AVX-512's 32, 8 of AVX2's 16: the rest hold inputs, weights),
+                       # at most MAX_DEFAULT_ROWS
     spatial_outer: int = 0  # 1: every row tile inside each spatial chunk, -1: row tiles outside; 0 = inside
                             # where the input outgrows L2 and each row uses it little (spatial_outer_pays)
 
 
+# The default k_inner's ceiling. Eight independent FMA chains cover an FMA's latency times its throughput (4 x 2
+# on Intel's 512-bit units, 4 x 1 on Zen 4's), and a taller tile runs each of its rows to the longest one's
+# length. It binds on rows of one vector (4x4 and 2x2 maps with AVX-512), which took 16 rows before. vgg16-cifar,
+# one thread, Xeon (rocketlake) VM, row order on: 80% 3.88 -> 3.50 ms, 90% and 95% level (1.756/1.760, 0.933/0.930).
+MAX_DEFAULT_ROWS = 8
 # An input past L2 is streamed from L3 by every row tile. 2 MB: the core the rule was first fitted on (a Xeon VM).
 DEFAULT_L2_BYTES = 2 << 20
 # The tuning space's bar (space() has no target; the search runs where the code is measured): this machine's L2.
@@ -135,7 +141,8 @@ def _clamp(rows: int, q_extent: int, tile_k: int, vec: int, unroll: int, k_inner
     tile_k = largest_divisor(rows, tile_k)
     vec = pow2_divisor(q_extent, vec)
     unroll = largest_divisor(q_extent // vec, unroll or min(8, accumulators))
-    return tile_k, vec, unroll, largest_divisor(tile_k, k_inner or _pow2_at_least(-(-accumulators // unroll)))
+    chains = min(MAX_DEFAULT_ROWS, _pow2_at_least(-(-accumulators // unroll)))
+    return tile_k, vec, unroll, largest_divisor(tile_k, k_inner or chains)
 
 
 def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulators=16, spatial_outer=False):
@@ -173,7 +180,9 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     if has_block(sch, "gate"):  # a folded squeeze-excitation gate (ops.sparse.gate_stage): its C scales once
         vectorize_flat(sch, sch.get_loops(sch.get_sblock("gate"))[-1], 8)
     overlap = domain_attr(func, "overlap")
-    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, rows_are_domain(func))
+    # rows stored in length order (formats.length_order) are read back by an index: no write-back to fuse into
+    flat = not hyb and not overlap and not domain_attr(func, "row_order") and flat_epilogue(sch, "conv", cols,
+                                                                                            rows_are_domain(func))
     _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)

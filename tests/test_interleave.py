@@ -79,3 +79,54 @@ def test_int8_quad_rows_interleaved_compute_the_same_bits(size, llvm, monkeypatc
     assert np.array_equal(outs[0], outs[1])
     ref = model(x).detach().numpy()
     assert np.abs(outs[0] - ref).max() <= 0.05 * np.abs(ref).max()  # int8 against fp32: quantisation error only
+
+
+def test_length_order_sorts_where_tiles_run_fewer_entries():
+    from unsparse_tvm.ops.formats import inverse_order, length_order
+
+    lengths = np.array([9, 1, 8, 2, 7, 3, 6, 4])                       # tiles of 2 run 9+8+7+6 = 30 of 40
+    order = length_order(lengths, 2)
+    assert list(lengths[order]) == [1, 2, 3, 4, 6, 7, 8, 9]            # sorted tiles run 2+4+7+9 = 22 of 40
+    row_of = inverse_order(order)
+    assert row_of.dtype == np.int32 and all(order[row_of[k]] == k for k in range(8))
+    assert length_order(np.array([5, 5, 4, 4, 3, 3]), 2) is None       # already grouped: nothing to save
+    assert length_order(np.array([50, 49, 50, 49]), 2, min_saving=0.02) is None  # 1% saved: under the bar
+
+
+@pytest.mark.parametrize("size,batch,fmt", [(4, 1, "ell"), (2, 8, "ell"), (4, 3, "ell"), (32, 1, "ell"),
+                                            (4, 1, "hyb"), (2, 2, "hyb")])
+def test_rows_sorted_by_length_compute_the_same_bits(size, batch, fmt, llvm, monkeypatch):
+    """ell rows (hyb: its main rows; the overflow rows stay in channel order) on small maps (4x4, 2x2; at
+    batch 8 several images a patch) stored sorted by length, the epilogue reading each output channel from its
+    stored row: the same bits as rows in order, the bias in output-channel order; a 32x32 map keeps its order
+    (its fused epilogue is worth more)."""
+    from unsparse_tvm.relay_passes import build_pipeline, sparsify_conv2d
+    from unsparse_tvm.single_layer import layer_module
+
+    rng = np.random.default_rng(size * 10 + batch)
+    weight = sparse_weight((64, 16, 3, 3), 0.85, rng, empty_rows=6, dense_rows=3)
+    bias = rng.standard_normal(64).astype(np.float32)
+    x = rng.standard_normal((batch, 16, size, size)).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, bias, True,
+                     {"strides": [1, 1], "padding": [1] * 4, "dilation": [1, 1], "groups": 1})
+    func = build_pipeline(llvm, threshold=0.5, fmt=fmt, stop_after="sparsify")(layer_module(spec))["sparse_conv2d"]
+    assert ("unsparse.row_order" in func.attrs) == (size <= 4)
+    assert func.attrs["unsparse.fmt"] == fmt
+    y, _ = run_layer(spec, llvm, threshold=0.5, fmt=fmt, x=x)
+    monkeypatch.setattr(sparsify_conv2d, "ROW_ORDER", False)
+    y_in_order, _ = run_layer(spec, llvm, threshold=0.5, fmt=fmt, x=x)
+    assert np.array_equal(y, y_in_order)
+    assert rel_err(y, torch_conv(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), relu=True)) < 1e-5
+
+
+def test_default_register_tile_takes_at_most_eight_rows():
+    """The default k_inner (the rows a register tile interleaves, and the pass's storage tile) fills half the
+    vector registers with accumulators, but with no more than MAX_DEFAULT_ROWS rows: AVX-512 rows of one
+    vector (4x4 patches, 2x2 maps) took 16 and ran each tile to its longest of 16 rows."""
+    from unsparse_tvm.schedules.sparse_conv2d_cpu import MAX_DEFAULT_ROWS, interleave_tile
+
+    assert MAX_DEFAULT_ROWS == 8
+    assert interleave_tile(512, 16, 16) == 8  # AVX-512, one vector per row: capped (16 accumulators)
+    assert interleave_tile(512, 8, 8) == 8    # AVX2, one vector: 8 accumulators
+    assert interleave_tile(512, 64, 16) == 4  # four vectors per row: 4 rows x 4 vectors
+    assert interleave_tile(4, 16, 16) == 4    # no more rows than the layer has

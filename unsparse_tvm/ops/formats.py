@@ -222,6 +222,28 @@ def interleave_rows(a: np.ndarray, tile: int) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(a.reshape(k // tile, tile, width, *rest), 1, 2))
 
 
+ROW_ORDER_MIN_SAVING = 0.02  # length_order: sort only where the tiles then run at least 2% fewer entries
+
+
+def length_order(lengths: np.ndarray, tile: int, min_saving: float = ROW_ORDER_MIN_SAVING) -> np.ndarray | None:
+    """The rows sorted by stored length (stable), for tiles of `tile` rows that each run to their longest row
+    (schedules/row_extents): None unless that saves at least `min_saving` of the entries the tiles run.
+    vgg16-cifar at 90%, 16-row tiles: 7-12% of the entries were padding in row order, 0.3-1.2% sorted."""
+    def entries(lens: np.ndarray) -> int:
+        return int(lens.reshape(-1, tile).max(axis=1).sum()) * tile
+
+    order = np.argsort(lengths, kind="stable")
+    before = entries(lengths)
+    return order if before and before - entries(lengths[order]) >= min_saving * before else None
+
+
+def inverse_order(order: np.ndarray) -> np.ndarray:
+    """row_of[k]: the stored row that holds row k of a permutation `order` (stored row i is row order[i])."""
+    row_of = np.empty(len(order), np.int32)
+    row_of[order] = np.arange(len(order), dtype=np.int32)
+    return row_of
+
+
 def offsets_fit_16_bits(off: np.ndarray) -> bool:
     """Whether every offset of an array fits a uint16 (what compact_offsets stores)."""
     return bool(off.size) and off.min() >= 0 and off.max() < 1 << 16

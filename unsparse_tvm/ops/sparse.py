@@ -192,8 +192,10 @@ def epilogue_stage(acc, shape, bias, residual, relu: bool, relu_max: float | Non
 
 def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
                   fmt: str, has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None,
-                  silu: bool = False, has_gate: bool = False, gate_sigmoid: bool = False) -> te.Tensor:
-    """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual] + [gate];
+                  silu: bool = False, has_gate: bool = False, gate_sigmoid: bool = False,
+                  has_row_order: bool = False) -> te.Tensor:
+    """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual] + [gate] + [row_of]
+    (ell rows stored in another order, formats.length_order: output channel k is stored row row_of[k]);
     fmt "vellV" takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q]). A gate
     [N or 1, C, 1, 1] (ell/hyb 1x1 stride-1 convs) scales the input's channels, through a sigmoid with
     gate_sigmoid: the conv of x * sigmoid(g), squeeze-excitation's output, without that product."""
@@ -202,6 +204,11 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
     gate = gate_stage(rest.pop(0), gate_sigmoid) if has_gate else None
+    row_of = rest.pop(0) if has_row_order else None
+
+    def stored(idx):
+        """The stored row of output idx's channel (None: rows in order)."""
+        return None if row_of is None else row_of[idx[1]]
     xf = x if len(x.shape) == 2 else pad_flat(x, geo)  # 2-D: the pass gave the flat view (geo.input_is_flat)
     if fmt.startswith("vell"):
         if gate is not None:
@@ -218,12 +225,12 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         ovf_data, ovf_off, slot = ovf
         conv_ovf = _row_conv(xf, ovf_data, ovf_off, geo, "conv_ovf", gate)
 
-        def acc(*idx):
+        def acc(*idx):  # the overflow rows stay in output-channel order (slot[k]); the main rows may be sorted
             extra = _at(conv_ovf, geo, idx, tirx.max(slot[idx[1]], 0))
-            return _at(conv, geo, idx) + tirx.if_then_else(slot[idx[1]] >= 0, extra, F32_ZERO)
+            return _at(conv, geo, idx, stored(idx)) + tirx.if_then_else(slot[idx[1]] >= 0, extra, F32_ZERO)
     else:
         def acc(*idx):
-            return _at(conv, geo, idx)
+            return _at(conv, geo, idx, stored(idx))
 
     return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)
 
