@@ -122,3 +122,61 @@ def test_round_robin_alternates_and_waits_the_pause_before_each_batch(monkeypatc
     rounds = order[4:]  # after the warm-up: measure(2), then measure(1) to size each one's batch
     assert rounds == [("a", 1), ("a", 10), ("b", 1), ("b", 4)] * 3  # an untimed call, then 20 ms worth
     assert timing.MULTI_THREAD_PAUSE_S >= 0.1
+
+
+def test_peers_are_held_to_avx2_only_where_our_code_is_avx2_on_an_avx512_host(monkeypatch):
+    """--peer-isa auto: an AVX2 build of ours on an AVX-512 CPU meets AVX2 peers (oneDNN's cap set); an AVX-512
+    build, an AVX2-only CPU or --peer-isa native leave the peers alone; a cap the user set is kept."""
+    import os
+
+    from unsparse_tvm.errors import UnsparseError
+    from unsparse_tvm.peers import ONEDNN_ISA, hold_to_avx2
+
+    monkeypatch.delenv(ONEDNN_ISA, raising=False)
+    for mode, ours, host in (("auto", True, True), ("auto", False, False), ("native", False, True)):
+        assert hold_to_avx2(mode, ours, host) is None
+        assert ONEDNN_ISA not in os.environ
+    line = hold_to_avx2("auto", False, True)
+    assert "OpenVINO" in line and os.environ[ONEDNN_ISA] == "AVX2"
+    monkeypatch.setenv(ONEDNN_ISA, "AVX512_CORE")
+    assert "AVX512_CORE" in hold_to_avx2("avx2", True, True)  # the user's own cap wins
+    with pytest.raises(UnsparseError, match="--peer-isa"):
+        hold_to_avx2("sse", False, True)
+
+
+_OV_KERNELS = """
+import numpy as np, onnx, sys
+from onnx import TensorProto, helper, numpy_helper
+from unsparse_tvm.peers import openvino_call
+w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32), "w")
+g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 16, 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 16, 16])], [w])
+onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), sys.argv[1])
+call = openvino_call(sys.argv[1], np.ones((1, 16, 16, 16), np.float32), 1)
+print("KERNELS", call.kernels)
+"""
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None, reason="needs the peers extra")
+def test_openvino_names_its_kernels_and_the_avx2_cap_reaches_them(tmp_path):
+    """The cap hold_to_avx2 sets does change what OpenVINO runs (each in a fresh process: oneDNN reads it
+    once), and openvino_call reports it from the runtime model; without the cap, on an AVX-512 CPU, the
+    kernels are not AVX2 ones (the negative control)."""
+    import os
+    import subprocess
+    import sys
+
+    from unsparse_tvm.hostcpu import host_features
+    from unsparse_tvm.peers import ONEDNN_ISA
+
+    def kernels(**env) -> str:
+        base = {k: v for k, v in os.environ.items() if k != ONEDNN_ISA}
+        out = subprocess.run([sys.executable, "-c", _OV_KERNELS, str(tmp_path / "c.onnx")], env={**base, **env},
+                             capture_output=True, text=True, check=True).stdout
+        return next(line for line in out.splitlines() if line.startswith("KERNELS")).split(" ", 1)[1]
+
+    held = kernels(**{ONEDNN_ISA: "AVX2"})
+    assert "avx2" in held and "x1" in held, held
+    if "avx512f" in host_features():
+        assert "avx2" not in kernels(), "without the cap an AVX-512 CPU should run wider kernels"

@@ -26,9 +26,10 @@ from .reference import rel_error, usable_cores
 from .frontend import program_input_shape, read_quantization
 from .models import example_input
 from .outputs import check_output, write_text
-from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, peer_callables, plain_module
+from .hostcpu import host_features
+from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, hold_to_avx2, peer_callables, plain_module
 from .peers_deepsparse import ready as deepsparse_ready
-from .target import make_target, require_runnable
+from .target import make_target, require_runnable, target_cpu_features
 from .bench_layers import bench_layers, choice_summary
 from .timing import (MULTI_THREAD_PAUSE_S, SINGLE_THREAD_PAUSE_S, call_timer, round_robin, set_threads, vm_timer,
                      warn_if_busy)
@@ -59,13 +60,19 @@ class _Run:
 def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, sparsity: float | None = None,
           threshold: float | None = None, batch: int | None = None, repeat: int = 20, layers: bool = True,
           tuning_log: str | None = None, seed: int = 0, threads: list[int] | None = None,
-          peers: list[str] | None = None, calibrate: bool = True) -> dict:
+          peers: list[str] | None = None, calibrate: bool = True, peer_isa: str = "auto") -> dict:
     """End to end (and per layer) in one process, alternating rounds: unsparse vs TVM dense vs PyTorch eager
-    (and tuned records, and the `peers` runtimes), once per thread count in `threads` (default: all cores)."""
+    (and tuned records, and the `peers` runtimes), once per thread count in `threads` (default: all cores).
+    peer_isa: "auto" holds the peers to AVX2 where our code is AVX2 on an AVX-512 host (peers.hold_to_avx2)."""
     if repeat < 1:
         raise UnsparseError(f"--repeat must be at least 1, got {repeat}")
     target = make_target(target_name, arch)
     require_runnable(target, "bench")
+    # before any oneDNN primitive of this process (PyTorch's convs included) reads the cap
+    held = None if target_name == "cuda" else hold_to_avx2(peer_isa, "avx512f" in target_cpu_features(target),
+                                                          "avx512f" in host_features())
+    if held:
+        print(held)
     # before the model is even loaded: a bad log is found in a second, not after two compiles
     database = open_database(tuning_log, target) if tuning_log is not None else None
     gpu = target_name == "cuda"
@@ -86,9 +93,10 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     if peers is None and ranges:  # int8 execution meets int8 runtimes by default
         peers = [p for p in INT8_PEERS if p != "deepsparse_int8" or deepsparse_ready()]
     threads = threads or [usable_cores()]
-    by_threads = _time_threads(run, contenders, peers if not gpu else None, threads, repeat, ref, errors,
-                               _calibration_samples(run.quant, run.x.shape) if ranges else None)
+    by_threads, kernels = _time_threads(run, contenders, peers if not gpu else None, threads, repeat, ref, errors,
+                                        _calibration_samples(run.quant, run.x.shape) if ranges else None)
     result = _result(run, model, sparsity, by_threads, threads, errors, weight_bytes)
+    result.update(peers_held_to_avx2=bool(held), peer_kernels=kernels)
     if layers:
         # one thread for the per-layer table: with two, TVM's and PyTorch's pools spin against each other
         # between these short calls (PyTorch's layers measured 5-50x slower, whatever their size)
@@ -152,8 +160,8 @@ def _check(outputs: dict, ref) -> dict:
 
 def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, calibration) -> dict:
     """Per thread count: the peers built (each checked against PyTorch), then every contender timed in
-    alternating rounds; ms by contender."""
-    by_threads = {}
+    alternating rounds; (ms by contender by thread count, {peer: the kernels it reports running})."""
+    by_threads, kernels = {}, {}
     with tempfile.TemporaryDirectory(prefix="unsparse-peers-") as onnx_dir:  # one ONNX export for every count
         for n in threads:
             set_threads(n)
@@ -168,11 +176,14 @@ def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, ca
                               f"{errors[name]:.2e}, more than {limit:g})")
                         continue
                     timed[name] = call.measure if hasattr(call, "measure") else call_timer(call)
+                    if getattr(call, "kernels", "") and name not in kernels:  # which code it runs (AMX, AVX2...)
+                        kernels[name] = call.kernels
+                        print(f"  {name} runs its convolutions with {call.kernels}")
             warn_if_busy()
             print(f"timing end to end with {n} thread(s) ({repeat} rounds)")
             pause = MULTI_THREAD_PAUSE_S if n > 1 else SINGLE_THREAD_PAUSE_S  # until the other pools' workers sleep
             by_threads[str(n)] = {f"{k}_ms": v for k, v in round_robin(timed, repeat, pause=pause).items()}
-    return by_threads
+    return by_threads, kernels
 
 
 def _result(run: _Run, model, sparsity, by_threads, threads, errors, weight_bytes) -> dict:

@@ -19,6 +19,7 @@ from .cli_compress import COMMANDS as COMPRESS_COMMANDS
 from .cli_compress import add_batch, command_parser
 from .cli_text import MODEL_HELP, TEXTS
 from .errors import UnsparseError
+from .peers import PEER_ISAS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +131,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "openvino,torch_compile, and ours through torch.compile(backend=\"unsparse\"): "
                         "unsparse_torch_compile, timed beside unsparse_api, the same model through "
                         "unsparse_tvm.compile; needs pip install -e \".[peers]\")")
+    p.add_argument("--peer-isa", choices=PEER_ISAS, default="auto",
+                   help="auto (default): where our code is AVX2 on an AVX-512 CPU (UNSPARSE_MCPU=haswell), hold the "
+                        "peers that allow it (OpenVINO, PyTorch's convs) to AVX2 too; native: never; avx2: always")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -140,7 +144,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     bench_command(args.model, args.target, args.arch, sparsity=args.sparsity, threshold=args.threshold,
                   batch=args.batch, repeat=args.repeat, layers=not args.no_layers, tuning_log=args.tuning_log,
                   json_path=args.json, overwrite=args.force, threads=args.threads, peers=args.peers,
-                  calibrate=not args.no_calibrate)
+                  calibrate=not args.no_calibrate, peer_isa=args.peer_isa)
     return 0
 
 

@@ -4,7 +4,9 @@ Each contender is built once, checked against PyTorch eager, and timed by bench'
 
 Fairness: the same ExportedProgram for everyone (exported to ONNX once, with torch.onnx's dynamo
 exporter); every runtime gets the same thread count; OpenVINO is held to f32 (on CPUs with AVX-512 BF16
-it would otherwise run bf16 and not compute the same thing).
+it would otherwise run bf16 and not compute the same thing). Where our code is AVX2 on an AVX-512 host
+(`UNSPARSE_MCPU=haswell`), the peers that allow it run AVX2 too (`hold_to_avx2`); OpenVINO's runtime model
+says which kernels it chose (on an AMX CPU its int8 convs are AMX ones), and bench prints them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ INT8_PEERS = ("onnxruntime_int8", "openvino_int8", "deepsparse_int8")  # what an
 OURS = ("unsparse_torch_compile", "unsparse_api")
 INT8_TOLERANCE = 0.1  # max relative error vs fp32 PyTorch of an int8 runtime: quantisation error, not a bug
 EXTRA_HINT = 'pip install -e ".[peers]"'
+PEER_ISAS = ("auto", "native", "avx2")
+# oneDNN's cap on the instruction set it dispatches to: read at its first primitive, by OpenVINO's CPU plugin
+# and by PyTorch's convolutions alike (checked: OpenVINO then runs brgconv_avx2 / jit_avx2_I8 kernels)
+ONEDNN_ISA = "ONEDNN_MAX_CPU_ISA"
+
+
+def hold_to_avx2(mode: str, ours_avx512: bool, host_avx512: bool) -> str | None:
+    """Peers held to AVX2 where our code is AVX2 on an AVX-512 host (mode "auto"), or always ("avx2"):
+    compare like with like. Sets ONEDNN_ISA for the rest of the process (oneDNN reads it once) unless the
+    user set it. Returns the line to print, or None where nothing is held."""
+    if mode not in PEER_ISAS:
+        from .errors import UnsparseError
+
+        raise UnsparseError(f"--peer-isa must be one of {', '.join(PEER_ISAS)}, got {mode!r}")
+    if mode == "native" or not host_avx512 or (mode == "auto" and ours_avx512):
+        return None
+    os.environ.setdefault(ONEDNN_ISA, "AVX2")
+    return (f"peers held to {os.environ[ONEDNN_ISA]} like our code: OpenVINO and PyTorch's convolutions "
+            f"({ONEDNN_ISA}={os.environ[ONEDNN_ISA]}); ONNX Runtime, torch.compile's own kernels and DeepSparse "
+            "have no such switch and run this CPU's widest code")
 
 
 def fastest_peer(times: dict[str, float], kind: str) -> tuple[str, float] | None:
@@ -126,7 +148,26 @@ def openvino_call(path: str, x_np: np.ndarray, threads: int):
     model = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                                                   "INFERENCE_PRECISION_HINT": "f32"})
     request, out = model.create_infer_request(), model.output(0)
-    return lambda: request.infer({0: x_np})[out]
+
+    def call():
+        return request.infer({0: x_np})[out]
+    call.kernels = openvino_kernels(model)
+    return call
+
+
+def openvino_kernels(model) -> str:
+    """The kernels a compiled OpenVINO model runs its convolutions with, counted ("brgconv_avx2_f32 x17, ..."),
+    from its runtime model; "" where that cannot be read."""
+    counts: dict[str, int] = {}
+    try:
+        for op in model.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) == "Convolution":
+                kind = info["primitiveType"].astype(str)
+                counts[kind] = counts.get(kind, 0) + 1
+    except Exception:  # an OpenVINO without these runtime attributes: nothing to report, the timing stands
+        return ""
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def plain_module(ep):
