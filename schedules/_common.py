@@ -297,6 +297,15 @@ def lanes_of_domain(vec: int, overlap: int = 0, row: int = 0) -> int:
     return math.gcd(vec, overlap) if overlap else pow2_divisor(row, vec) if row else vec
 
 
+# The x86 rules' default k_inner ceiling (rows interleaved in a register tile). Eight independent FMA chains
+# cover an FMA's latency times its throughput (4 x 2 on Intel's 512-bit units, 4 x 1 on Zen 4's), and a taller
+# tile runs each of its rows to the longest one's length. It binds on rows of one vector (4x4 and 2x2 maps with
+# AVX-512, int8's 2x2 maps), which took 16 rows before. One thread, Xeon (rocketlake) VM, vgg16-cifar with rows
+# sorted: 80% 3.88 -> 3.50 ms, 90% and 95% level (1.756/1.760, 0.933/0.930); int8 channel4 90% 0.639 -> 0.604 ms
+# (2x2 layers 50 -> 38 us), 95% 0.424 -> 0.408, AVX2 code 1.054 -> 1.027.
+MAX_DEFAULT_ROWS = 8
+
+
 def cpu_vector_lanes(target) -> tuple[int, int]:
     """(float32 lanes of one vector register, vector registers) of an llvm target: AVX-512's 16 x 32 where
     the target has it, AVX2's 8 x 16 otherwise (read from the target, never assumed)."""

@@ -15,10 +15,10 @@ from unsparse_tvm.hostcpu import l2_bytes
 from unsparse_tvm.ops import names
 from unsparse_tvm.target import runnable_here
 
-from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
-                      flat_epilogue, has_block, lanes_of_domain, largest_divisor, place_decode, pow2_divisor,
-                      rows_are_domain, sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile,
-                      vectorize_flat)
+from ._common import (MAX_DEFAULT_ROWS, ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents,
+                      finish_register_tile, flat_epilogue, has_block, lanes_of_domain, largest_divisor, place_decode,
+                      pow2_divisor, rows_are_domain, sample_choice, schedule_epilogue_cpu, schedule_pad_cpu,
+                      split_row_tile, vectorize_flat)
 
 OP = names.SPARSE_CONV2D
 
@@ -38,11 +38,6 @@ class Config:
                             # where the input outgrows L2 and each row uses it little (spatial_outer_pays)
 
 
-# The default k_inner's ceiling. Eight independent FMA chains cover an FMA's latency times its throughput (4 x 2
-# on Intel's 512-bit units, 4 x 1 on Zen 4's), and a taller tile runs each of its rows to the longest one's
-# length. It binds on rows of one vector (4x4 and 2x2 maps with AVX-512), which took 16 rows before. vgg16-cifar,
-# one thread, Xeon (rocketlake) VM, row order on: 80% 3.88 -> 3.50 ms, 90% and 95% level (1.756/1.760, 0.933/0.930).
-MAX_DEFAULT_ROWS = 8
 # An input past L2 is streamed from L3 by every row tile. 2 MB: the core the rule was first fitted on (a Xeon VM).
 DEFAULT_L2_BYTES = 2 << 20
 # The tuning space's bar (space() has no target; the search runs where the code is measured): this machine's L2.

@@ -130,3 +130,7 @@ def test_default_register_tile_takes_at_most_eight_rows():
     assert interleave_tile(512, 8, 8) == 8    # AVX2, one vector: 8 accumulators
     assert interleave_tile(512, 64, 16) == 4  # four vectors per row: 4 rows x 4 vectors
     assert interleave_tile(4, 16, 16) == 4    # no more rows than the layer has
+    from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile as int8_tile
+
+    assert int8_tile(512, 8, 16) == 8         # int8, a 2x2 map's one vector of 8 words: capped (was 16)
+    assert int8_tile(512, 64, 16) == 4        # four vectors a row: 16 accumulators in 4 rows
