@@ -19,12 +19,13 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
-from unsparse_tvm.ops.formats import compact_offsets, interleave_rows
+from unsparse_tvm.ops.formats import compact_offsets, interleave_rows, inverse_order, length_order
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
+from . import sparsify_conv2d
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
 from ._util import const_array, dtype_of, fused_label, is_op, mark, shape_of
 from .layers import LayerDecision, LayerNames
@@ -177,22 +178,36 @@ class _Int8Rewriter(ConvChainRewriter):
                                                   relax.TensorType(shape, "uint8")))
         tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
             if self.kind == "llvm" and INTERLEAVE else 0
-        data = rows.data
+        data, order = rows.data, self.row_order(rows, run, tile, ep)
+        if order is not None:  # comp and out_scale stay in output-channel order: the epilogue indexes them by k
+            data, off = data[order], off[order]
+            extra.append(relax.const(inverse_order(order)))
         if tile > 1:  # a row tile's quads side by side (formats.interleave_rows), as SparsifyConv2d stores fp32 rows
             data, off = interleave_rows(data, tile), interleave_rows(off, tile)
         args = [x] + [relax.const(a) for a in (data, off, comp, out_scale)]
-        call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=OP)
+        call = self.builder_.call_te(partial(op, has_row_order=order is not None), *args, *extra,
+                                     primfunc_name_hint=OP)
         pad_shape = [rows.pad_quads, *run.pad_shape[1:]]  # a plane's rows, or (patches) the patches' rows
         mark(self.builder_, call, {"op": OP, "unsparse.fmt": FORMAT, "unsparse.pad_shape": pad_shape,
                                    **({"unsparse.row_domain": run.ow} if run.row_domain else {}),
                                    **({"unsparse.patches": 1} if run.patches else {}),
                                    **({"unsparse.interleave": tile} if tile > 1 else {}),
+                                   **({names.ROW_ORDER: 1} if order is not None else {}),
                                    **({names.ROW_LENGTHS: 1} if self.kind == "llvm" else {})})
         fused = fused_label(ep) + ("+requant" if out_act is not None else "")
         fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
                                          (comp, out_scale), off))
         return call
+
+    def row_order(self, rows, run, tile: int, ep):
+        """Small maps' quad rows sorted by their stored quads (formats.length_order), as SparsifyConv2d sorts
+        fp32 rows; None where they stay in order (no tile, a larger map, or a wide output, whose epilogue is
+        the accumulators' write-back)."""
+        if tile <= 1 or not sparsify_conv2d.ROW_ORDER or run.oh * run.ow > sparsify_conv2d.ROW_ORDER_MAX_POSITIONS \
+                or ep.last in self.wide:
+            return None
+        return length_order(rows.off_with_lengths()[:, -1], tile)
 
 
 def _relays(run, geo) -> bool:

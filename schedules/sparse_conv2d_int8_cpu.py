@@ -96,7 +96,8 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
         sch.vectorize(v)
     # the output is the flat domain: a pointwise conv whose map is whole vectors (re-indexed), or a wide one
     wide = len(sch.get_loops(sch.get_sblock("epilogue"))) == 3
-    flat = wide or flat_epilogue(sch, "conv", cols, rows_are_domain(func))  # see _schedule_epilogue
+    # rows stored in length order are read back by an index: no write-back to fuse into (see _schedule_epilogue)
+    flat = wide or (not domain_attr(func, "row_order") and flat_epilogue(sch, "conv", cols, rows_are_domain(func)))
 
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
@@ -122,7 +123,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     sch.tensorize(qv, intrin(int8_kind(target), lanes, str(offsets[0])))
     sch.unroll(qu)
     sch.unroll(kii)
-    _schedule_epilogue(sch, target, par, flat, cols)
+    _schedule_epilogue(sch, target, par, flat, cols, ordered=bool(domain_attr(func, "row_order")))
 
 
 def _schedule_patches(sch: s_tir.Schedule, quads: int, rows: int, ow: int) -> None:
@@ -138,16 +139,17 @@ def _schedule_patches(sch: s_tir.Schedule, quads: int, rows: int, ow: int) -> No
     sch.vectorize(sch.get_loops(plane)[-1])
 
 
-def _schedule_epilogue(sch: s_tir.Schedule, target: Target, par, flat: bool, cols: int) -> None:
+def _schedule_epilogue(sch: s_tir.Schedule, target: Target, par, flat: bool, cols: int, ordered: bool) -> None:
     """flat: dequantise, bias, residual, ReLU (and requantise) in the accumulators' write-back, as the fp32
     kernel does: the int32 sums are not written out and read back (resnet50's 256x64 1x1s on 56x56, whose
-    3.2 MB of sums made them the slowest int8 layers). Else a pass of its own: see below."""
+    3.2 MB of sums made them the slowest int8 layers). Else a pass of its own: see below; rows stored sorted
+    (ordered: the sums read at row_of[k], which no region pattern matches) always in a pass of its own."""
     if flat:
         schedule_epilogue_cpu(sch, True)
         return
     ep = sch.get_sblock("epilogue")
     ow = extents(sch, sch.get_loops(ep))[3]
-    if ow != cols:
+    if ow != cols or ordered:
         schedule_epilogue_cpu(sch, False)
         return
     # a pointwise conv whose map is not whole vectors (14x14, 7x7: Wq == OW, q_extent > OH*OW): its epilogue

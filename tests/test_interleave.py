@@ -44,12 +44,9 @@ def test_interleaved_rows_compute_what_rows_in_order_compute(size, fmt, llvm, mo
     assert rel_err(y, torch_conv(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), relu=True)) < 1e-5
 
 
-@pytest.mark.parametrize("size", [16, 8, 4])
-def test_int8_quad_rows_interleaved_compute_the_same_bits(size, llvm, monkeypatch):
-    """int8 quad rows stored by row tiles: a compiled int8 model (convs on a 16x16, 8x8 or 4x4 map, the last
-    as patches) gives the same bits as with its rows stored in order, and the trimmed loops still end at each
-    tile's longest row (rows of very different lengths: some empty). The 16x16 case once crashed: the loop
-    trimming took the accumulators' local buffer for the offsets where its second extent matched L + 1."""
+def _int8_chain_both_ways(size: int, llvm, monkeypatch, switch: str) -> None:
+    """A compiled int8 chain 8 -> 32 -> 48 on a size x size map (batch 2, 85% sparse, three empty rows), with
+    the pass's `switch` on and off: the same bits, and within quantisation error of PyTorch."""
     import torch
     import tvm
     from torch import nn
@@ -70,8 +67,8 @@ def test_int8_quad_rows_interleaved_compute_the_same_bits(size, llvm, monkeypatc
     ranges = calibrate(model, calibration_batches(shape, None, 2, 16))["layers"]
     x = torch.randn(*shape)
     outs = []
-    for interleave in (True, False):
-        monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.INTERLEAVE", interleave)
+    for on in (True, False):
+        monkeypatch.setattr(switch, on)
         compiled = compile_program(export_program(model, shape), llvm, threshold=0.5, activations=ranges)
         assert [r.format for r in compiled.report] == ["int8q4", "int8q4"]
         vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
@@ -79,6 +76,29 @@ def test_int8_quad_rows_interleaved_compute_the_same_bits(size, llvm, monkeypatc
     assert np.array_equal(outs[0], outs[1])
     ref = model(x).detach().numpy()
     assert np.abs(outs[0] - ref).max() <= 0.05 * np.abs(ref).max()  # int8 against fp32: quantisation error only
+
+
+@pytest.mark.parametrize("size", [16, 8, 4])
+def test_int8_quad_rows_interleaved_compute_the_same_bits(size, llvm, monkeypatch):
+    """int8 quad rows stored by row tiles: a compiled int8 model (convs on a 16x16, 8x8 or 4x4 map, the last
+    as patches) gives the same bits as with its rows stored in order, and the trimmed loops still end at each
+    tile's longest row (rows of very different lengths: some empty). The 16x16 case once crashed: the loop
+    trimming took the accumulators' local buffer for the offsets where its second extent matched L + 1."""
+    _int8_chain_both_ways(size, llvm, monkeypatch, "unsparse_tvm.relay_passes.quantize_int8.INTERLEAVE")
+
+
+@pytest.mark.parametrize("size", [4, 2])
+def test_int8_quad_rows_sorted_by_length_compute_the_same_bits(size, llvm, monkeypatch):
+    """int8 quad rows on small maps stored sorted by their stored quads (the epilogue reading output channel k
+    from stored row row_of[k], comp and scales by k): the same bits as rows in order; the sort did happen."""
+    from unsparse_tvm.relay_passes import quantize_int8
+
+    sorted_layers = []
+    real = quantize_int8.length_order
+    monkeypatch.setattr(quantize_int8, "length_order", lambda *a, **k: sorted_layers.append(real(*a, **k))
+                        or sorted_layers[-1])
+    _int8_chain_both_ways(size, llvm, monkeypatch, "unsparse_tvm.relay_passes.sparsify_conv2d.ROW_ORDER")
+    assert any(order is not None for order in sorted_layers)
 
 
 def test_length_order_sorts_where_tiles_run_fewer_entries():

@@ -109,8 +109,9 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
                        *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
                        has_residual: bool, relu: bool, out_act: ActQuant | None = None,
                        subsample: tuple[int, int] = (1, 1), res_act: ActQuant | None = None,
-                       wide: bool = False) -> te.Tensor:
-    """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual]. x is fp32,
+                       wide: bool = False, has_row_order: bool = False) -> te.Tensor:
+    """int8 sparse direct conv2d with a dequantising fp32 epilogue. rest = [bias] + [residual] + [row_of]
+    (rows stored in another order, formats.length_order: output channel k is stored row row_of[k]). x is fp32,
     or uint8 already quantised in `act`; out_act: the epilogue requantises its fp32 result to uint8 in the
     next layer's quantisation (that layer's pad-stage arithmetic, so the network's result is the same);
     subsample: see pad_quantize; res_act: the residual is uint8 in this quantisation (a block output that
@@ -120,6 +121,7 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
     rest = list(rest)
     bias = rest.pop(0) if has_bias else None
     residual = rest.pop(0) if has_residual else None
+    row_of = rest.pop(0) if has_row_order else None
     if len(x.shape) == 3:  # quad_relay's output
         xq = x
     elif geo.patches:
@@ -144,7 +146,7 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
 
     def value(n, k, *yx):  # (y, x), or the flat q of a wide output
         q = yx[0] if wide else yx[0] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + yx[1]
-        val = (conv[n, k, q] - comp[k]).astype("float32") * out_scale[k]
+        val = (conv[n, k if row_of is None else row_of[k], q] - comp[k]).astype("float32") * out_scale[k]
         if bias is not None:
             val = val + bias[k]
         if residual is not None:
