@@ -234,7 +234,8 @@ def fused_label(ep: Epilogue) -> str:
 def rows_consts(rows, lengths: bool = False, interleave: int = 0, order: np.ndarray | None = None) -> list[relax.Expr]:
     """The constant operands of a sparse operator for a SparseRows: data, off [, ovf_data, ovf_off, slot]
     (reference.operand_arrays, which the GPU kit packs with too); lengths: each row's (group's) stored
-    entries as off's last column (schedules/row_extents ends the row loops there); order (ell): the rows
+    entries as off's last column (schedules/row_extents ends the row loops there); order (ell, hyb's main
+    part): the rows
     stored in that order (formats.length_order); interleave T (ell, hyb's main part): data and off stored by
     row tiles of T rows (formats.interleave_rows)."""
     arrays = operand_arrays(rows)

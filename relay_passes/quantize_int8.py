@@ -19,7 +19,7 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
-from unsparse_tvm.ops.formats import compact_offsets, interleave_rows, inverse_order, length_order
+from unsparse_tvm.ops.formats import compact_offsets, interleave_rows, inverse_order
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
@@ -178,7 +178,10 @@ class _Int8Rewriter(ConvChainRewriter):
                                                   relax.TensorType(shape, "uint8")))
         tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
             if self.kind == "llvm" and INTERLEAVE else 0
-        data, order = rows.data, self.row_order(rows, run, tile, ep)
+        # small maps: quad rows sorted by length, as SparsifyConv2d sorts fp32 rows; not a wide output (its
+        # epilogue is the accumulators' write-back, which an index read would take apart)
+        data = rows.data
+        order = None if ep.last in self.wide else sparsify_conv2d.sorted_rows(data, tile, run.oh * run.ow)
         if order is not None:  # comp and out_scale stay in output-channel order: the epilogue indexes them by k
             data, off = data[order], off[order]
             extra.append(relax.const(inverse_order(order)))
@@ -199,15 +202,6 @@ class _Int8Rewriter(ConvChainRewriter):
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
                                          (comp, out_scale), off))
         return call
-
-    def row_order(self, rows, run, tile: int, ep):
-        """Small maps' quad rows sorted by their stored quads (formats.length_order), as SparsifyConv2d sorts
-        fp32 rows; None where they stay in order (no tile, a larger map, or a wide output, whose epilogue is
-        the accumulators' write-back)."""
-        if tile <= 1 or not sparsify_conv2d.ROW_ORDER or run.oh * run.ow > sparsify_conv2d.ROW_ORDER_MAX_POSITIONS \
-                or ep.last in self.wide:
-            return None
-        return length_order(rows.off_with_lengths()[:, -1], tile)
 
 
 def _relays(run, geo) -> bool:

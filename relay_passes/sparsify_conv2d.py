@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm.ops import sparse as sparse_ops
-from unsparse_tvm.ops.formats import HYB_MIN_SAVING, conv_weight_rows, depthwise_weight_rows, inverse_order, length_order
+from unsparse_tvm.ops.formats import (HYB_MIN_SAVING, conv_weight_rows, depthwise_weight_rows, inverse_order,
+                                      length_order, stored_lengths)
 from unsparse_tvm.ops.names import ROW_LENGTHS, STRIDE, sparse_op
 from unsparse_tvm.ops.names import ROW_ORDER as ROW_ORDER_ATTR
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
@@ -35,6 +37,15 @@ ROW_ORDER = True  # llvm interleaved ell/hyb rows stored sorted by length where 
 # joins the write-back, a pass over the output that a large map pays for (vgg16-cifar's first conv, 64 rows of
 # 2.7 entries on 32x32: 0.018 -> 0.022 ms; its 4x4 layers, tiles of 16: 0.174 -> 0.163)
 ROW_ORDER_MAX_POSITIONS = 16
+
+
+def sorted_rows(data: np.ndarray, tile: int, positions: int) -> np.ndarray | None:
+    """The order to store a layer's rows in (formats.length_order: by stored length, for register tiles of
+    `tile` rows), where ROW_ORDER allows it on a map of `positions` outputs; None: rows stay in order. The
+    fp32 pass asks for ell and hyb's main rows, QuantizeInt8 for int8 quad rows."""
+    if not ROW_ORDER or tile <= 1 or positions > ROW_ORDER_MAX_POSITIONS:
+        return None
+    return length_order(stored_lengths(data), tile)
 
 
 @relax.expr_functor.mutator
@@ -87,8 +98,7 @@ class _Sparsifier(ConvChainRewriter):
             extra.append(self.visit_expr(gate[1]))
             flags.update(has_gate=True, gate_sigmoid=gate[2])
         tile = self.interleave(ours, rows)
-        order = length_order((rows.data != 0).sum(axis=1), tile) \
-            if tile and ours.oh * ours.ow <= ROW_ORDER_MAX_POSITIONS and ROW_ORDER else None  # ell, hyb's main rows
+        order = sorted_rows(rows.data, tile, ours.oh * ours.ow)  # ell, hyb's main rows
         args = [x, *rows_consts(rows, lengths=self.target_kind == "llvm", interleave=tile, order=order)]
         if order is not None:  # the epilogue reads output channel k from stored row row_of[k] (the last operand)
             extra.append(relax.const(inverse_order(order)))

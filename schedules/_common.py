@@ -258,16 +258,15 @@ def flat_epilogue(sch: s_tir.Schedule, conv: str, cols: int, row_domain: bool = 
     from registers, instead of [N, K, Q] sums written, read back and written again (mobilenet's 96x16 1x1
     on a 64x64 map, 1-2 nonzeros a row, where the stores are the work: 0.118 -> 0.095 ms). False, and
     nothing changed, elsewhere."""
+    if domain_attr(sch.mod["main"], "row_order"):  # rows stored sorted: the epilogue reads them by an index
+        return False
     ep = sch.get_sblock("epilogue")
     n, _, oh, ow = extents(sch, sch.get_loops(ep))
     shape = sch.get(sch.get_sblock(conv)).writes[0].source.shape  # [N, K, Q] or grouped [N, G, V, Q]
     m, q = n // int(shape[0]), int(shape[-1])  # m images side by side in patches (ConvGeometry.images)
     if (cols != ow and not row_domain) or q != m * oh * ow:  # a row domain's rows are OW long whatever Wq
         return False
-    if m > 1:
-        sch.transform_block_layout(ep, lambda n, k, y, x: (n // m, k, n % m * (oh * ow) + y * ow + x))
-    else:
-        sch.transform_block_layout(ep, lambda n, k, y, x: (n, k, y * ow + x))
+    sch.transform_block_layout(ep, lambda n, k, y, x: (n // m, k, n % m * (oh * ow) + y * ow + x))
     return True
 
 
@@ -275,7 +274,7 @@ def domain_attr(func: tirx.PrimFunc, name: str) -> int:
     """A conv's flat-domain attribute (relay_passes/sparsify_conv2d): unsparse.overlap (its lanes) or
     unsparse.row_domain (its output row length); 0 where unset."""
     key = f"unsparse.{name}"
-    return int(func.attrs[key]) if key in func.attrs else 0
+    return int(func.attrs[key]) if func.attrs is not None and key in func.attrs else 0
 
 
 def rows_are_domain(func: tirx.PrimFunc) -> bool:

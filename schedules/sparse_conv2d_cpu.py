@@ -175,9 +175,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, cla
     if has_block(sch, "gate"):  # a folded squeeze-excitation gate (ops.sparse.gate_stage): its C scales once
         vectorize_flat(sch, sch.get_loops(sch.get_sblock("gate"))[-1], 8)
     overlap = domain_attr(func, "overlap")
-    # rows stored in length order (formats.length_order) are read back by an index: no write-back to fuse into
-    flat = not hyb and not overlap and not domain_attr(func, "row_order") and flat_epilogue(sch, "conv", cols,
-                                                                                            rows_are_domain(func))
+    flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, rows_are_domain(func))
     _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)
     if hyb:
         _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)

@@ -96,8 +96,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
         sch.vectorize(v)
     # the output is the flat domain: a pointwise conv whose map is whole vectors (re-indexed), or a wide one
     wide = len(sch.get_loops(sch.get_sblock("epilogue"))) == 3
-    # rows stored in length order are read back by an index: no write-back to fuse into (see _schedule_epilogue)
-    flat = wide or (not domain_attr(func, "row_order") and flat_epilogue(sch, "conv", cols, rows_are_domain(func)))
+    flat = wide or flat_epilogue(sch, "conv", cols, rows_are_domain(func))  # see _schedule_epilogue
 
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")

@@ -91,11 +91,11 @@ def test_int8_quad_rows_interleaved_compute_the_same_bits(size, llvm, monkeypatc
 def test_int8_quad_rows_sorted_by_length_compute_the_same_bits(size, llvm, monkeypatch):
     """int8 quad rows on small maps stored sorted by their stored quads (the epilogue reading output channel k
     from stored row row_of[k], comp and scales by k): the same bits as rows in order; the sort did happen."""
-    from unsparse_tvm.relay_passes import quantize_int8
+    from unsparse_tvm.relay_passes import sparsify_conv2d
 
     sorted_layers = []
-    real = quantize_int8.length_order
-    monkeypatch.setattr(quantize_int8, "length_order", lambda *a, **k: sorted_layers.append(real(*a, **k))
+    real = sparsify_conv2d.length_order
+    monkeypatch.setattr(sparsify_conv2d, "length_order", lambda *a, **k: sorted_layers.append(real(*a, **k))
                         or sorted_layers[-1])
     _int8_chain_both_ways(size, llvm, monkeypatch, "unsparse_tvm.relay_passes.sparsify_conv2d.ROW_ORDER")
     assert any(order is not None for order in sorted_layers)

@@ -177,13 +177,17 @@ def to_sparse_rows(matrix: np.ndarray, col_offset: np.ndarray, fmt: str | None =
     return SparseRows("hyb", data, off, int(row_nnz.sum()), (k, ncols), ovf_data, ovf_off, slot, row_nnz)
 
 
-def offsets_with_lengths(data: np.ndarray, off: np.ndarray) -> np.ndarray:
-    """off [K, L + 1]: the offsets and, last, each row's stored entries, where its zero padding starts;
-    schedules/row_extents ends the kernels' row loops there. data is [K, L] (ell, hyb), [G, L, V] (vellV's row
-    groups) or [K, L, 4] (int8 quads): a stored entry is nonzero somewhere along the last axis, padding last."""
+def stored_lengths(data: np.ndarray) -> np.ndarray:
+    """Each row's stored entries, where its zero padding starts. data is [K, L] (ell, hyb), [G, L, V] (vellV's
+    row groups) or [K, L, 4] (int8 quads): a stored entry is nonzero somewhere along the last axis."""
     nonzero = data != 0
-    lengths = (nonzero.any(axis=2) if nonzero.ndim == 3 else nonzero).sum(axis=1).astype(off.dtype)
-    return np.concatenate([off, lengths[:, None]], axis=1)
+    return (nonzero.any(axis=2) if nonzero.ndim == 3 else nonzero).sum(axis=1)
+
+
+def offsets_with_lengths(data: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """off [K, L + 1]: the offsets and, last, each row's stored entries (stored_lengths);
+    schedules/row_extents ends the kernels' row loops there."""
+    return np.concatenate([off, stored_lengths(data).astype(off.dtype)[:, None]], axis=1)
 
 
 def conv_weight_rows(weight: np.ndarray, geo: ConvGeometry, fmt: str | None = None,

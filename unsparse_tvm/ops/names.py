@@ -9,7 +9,8 @@ from __future__ import annotations
 OP_ATTR = "unsparse.op"      # the PrimFunc attribute that carries the name
 SCHEDULED = "tirx.is_scheduled"  # TVM's own mark: a scheduled PrimFunc (dlight and our rules leave it alone)
 ROW_LENGTHS = "unsparse.row_lengths"  # int8 conv: its offsets off[K, L + 1] end with each row's stored quads
-ROW_ORDER = "unsparse.row_order"  # llvm ell conv: rows stored sorted by length, output channel k at row row_of[k]
+ROW_ORDER = "unsparse.row_order"  # llvm conv (ell, hyb's main rows, int8 quads): rows stored sorted by length,
+                                  # output channel k at stored row row_of[k]
 STRIDE = "unsparse.stride"   # llvm, a strided conv: [sh, sw], the phase planes its pad stage builds
 
 SPARSE_CONV2D = "sparse_conv2d"
