@@ -62,12 +62,15 @@ def measure(model: str, sparsity: float, threads: int, repeat: int) -> list[dict
     return out
 
 
-def predict(row: dict, rates) -> tuple[float, float]:
-    """(dense us, sparse us) of a measured row under `rates` (layer_cost, with the row's own packing)."""
+def predict(row: dict, rates, lanes: int = 16) -> tuple[float, float]:
+    """(dense us, sparse us) of a measured row under `rates` (layer_cost, with the row's own packing), each
+    kernel at its own domain as the pass costs it (relay_passes.sparsify_conv2d.kernel_geometry) for a target
+    of `lanes` float32 lanes."""
     from types import SimpleNamespace
 
+    from unsparse_tvm.cost.model import CostModel, linear_cost
     from unsparse_tvm.ops.geometry import ConvGeometry
-    from unsparse_tvm.cost.model import conv_cost, linear_cost
+    from unsparse_tvm.relay_passes.sparsify_conv2d import kernel_geometry
 
     n, c, h, w = row["input"] if row["op"] == "conv2d" else (*row["input"], 1, 1)
     a = row["attrs"]
@@ -75,13 +78,15 @@ def predict(row: dict, rates) -> tuple[float, float]:
     # the packing's sizes, for the weight-traffic floor: values, and offsets as the kernels store them (uint16
     # where every offset into the padded input fits, formats.compact_offsets)
     span = c * (h + pad[0] + pad[2]) * (w + pad[1] + pad[3])
-    rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"], data=np.empty(row["padded"], np.float32),
+    rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"], nnz=row["nnz"], data=np.empty(row["padded"], np.float32),
                            off=np.empty(row["padded"], np.uint16 if span < 1 << 16 else np.int32), ovf_data=None,
                            ovf_off=None, ovf_slot=None, group=int(row["fmt"][4:]) if row["fmt"].startswith("vell") else 1)
     if row["op"] == "conv2d":
         k, _, r, s = row["weight"]
         geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
-        cost = conv_cost(geo, rows, "llvm", rates)
+        model = CostModel("llvm", rates, lanes)
+        depthwise = a.get("groups", 1) > 1  # the pass takes depthwise convs only (depthwise_cost)
+        cost = model.conv(kernel_geometry(geo, model, plane=depthwise), rows, depthwise, dense_geo=geo)
     else:
         cost = linear_cost(row["input"][0], tuple(row["weight"]), rows, "llvm", rates)
     return cost.dense_us, cost.sparse_us
@@ -89,11 +94,16 @@ def predict(row: dict, rates) -> tuple[float, float]:
 
 def evaluate(runs: list[dict], rates) -> list[dict]:
     """Per run: layers right (within 10% of the faster kernel), the misses, and the chosen kernels' total."""
+    from tvm.target import Target
+
+    from unsparse_tvm.schedules import cpu_vector_lanes
+
     summary = []
     for run in runs:
         chosen_total, best_total, misses = 0.0, 0.0, []
+        lanes = cpu_vector_lanes(Target({"kind": "llvm", "mcpu": run["mcpu"]}))[0]
         for row in run["layers"]:
-            dense_us, sparse_us = predict(row, rates)
+            dense_us, sparse_us = predict(row, rates, lanes)
             chose = "sparse" if sparse_us < dense_us else "dense"
             t = {"sparse": row["sparse_ms"], "dense": row["dense_ms"]}
             regret = t[chose] / min(t.values())

@@ -55,7 +55,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     if sparse:
         # per layer: sparse where predicted faster than dense (threshold None), or sparsity >= threshold
         # formats (hyb's bar), costs and the flat domain's vectors (ConvGeometry.with_overlap) depend on the target
-        cost = CostModel(target.kind.name, rates or BUILTIN, cpu_vector_lanes(target)[0] if is_cpu else 16)
+        cost = cost_model(target, rates)
         phases.append(("sparsify", [SparsifyConv2d(threshold, names, report, fmt, cost, quant),
                                     SparsifyDense(threshold, names, report, fmt, cost, quant)]))
     # Phase 3: dense convs become the direct-conv operator with our x86 / CUDA schedule
@@ -83,6 +83,13 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     # Phase 6: TVM's lowering to the Relax VM
     phases.append(("lower", backend.dataflow_lower_passes(target) + backend.finalize_passes(target)))
     return phases
+
+
+def cost_model(target: Target, rates: X86Rates | None = None) -> CostModel:
+    """The cost model the sparsify passes ask for `target`: its kind, the x86 rates (default built-in) and the
+    float32 lanes of its vector register (its flat domains' vectors)."""
+    is_cpu = target.kind.name == "llvm"
+    return CostModel(target.kind.name, rates or BUILTIN, cpu_vector_lanes(target)[0] if is_cpu else 16)
 
 
 def build_pipeline(target: Target, *, database=None, stop_after: str | None = None, **kwargs) -> tvm.transform.Pass:

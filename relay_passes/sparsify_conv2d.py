@@ -73,7 +73,7 @@ class _Sparsifier(ConvChainRewriter):
         run = (strided_pointwise(geo) if self.target_kind == "llvm" else None) or geo
         ours = self.flat_domain(run, depthwise or entry is not None)
         rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours, depthwise),
-                             lambda rows: self.cost.conv(ours, rows, depthwise=depthwise))
+                             lambda rows: self.cost.conv(ours, rows, depthwise=depthwise, dense_geo=geo))
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
@@ -123,11 +123,7 @@ class _Sparsifier(ConvChainRewriter):
         with_row_domain; a 4x4 map's input as patches, see with_patches). `plane` (depthwise rows, quantised
         weights) keeps the padded plane at whole vectors: a depthwise conv reads each input position for one
         row only, so a copy would not pay; quantised rows encode offsets into the plane (ops.quant_formats)."""
-        if self.target_kind != "llvm":
-            return run
-        lanes = self.cost.lanes
-        ours = run.with_overlap(lanes).with_row_domain(lanes, narrow=not plane)
-        return ours if plane else ours.with_patches(lanes, fold_images=True)
+        return kernel_geometry(run, self.cost, plane)
 
     def kernel_attrs(self, ours, tile: int, row_order: bool) -> dict:
         """The PrimFunc attributes the schedules read: the flat domain (their vectors divide it, see
@@ -153,6 +149,15 @@ class _Sparsifier(ConvChainRewriter):
 
     def pack(self, weight, geo, depthwise: bool = False):
         return depthwise_weight_rows(weight, geo) if depthwise else pack_conv_rows(weight, geo, self.fmt, self.cost)
+
+
+def kernel_geometry(run, cost: CostModel, plane: bool = False):
+    """The conv `run` as the fp32 sparse kernel runs it on cost's target (see _Sparsifier.flat_domain)."""
+    if cost.kind != "llvm":
+        return run
+    run = strided_pointwise(run) or run  # a strided 1x1 runs at stride 1 on the subsampled input (llvm)
+    ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not plane)
+    return ours if plane else ours.with_patches(cost.lanes, fold_images=True)
 
 
 def pack_conv_rows(weight, geo, fmt: str | None, cost: CostModel):

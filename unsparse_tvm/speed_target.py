@@ -38,14 +38,15 @@ def _predict(spec, weight: np.ndarray, cost) -> tuple[float, float]:
     """(dense us, sparse us) of one layer with this (masked) weight, as the compile would pack and cost it."""
     from .ops.formats import HYB_MIN_SAVING, dense_weight_rows
     from .ops.geometry import ConvGeometry
-    from .relay_passes.sparsify_conv2d import pack_conv_rows
+    from .relay_passes.sparsify_conv2d import kernel_geometry, pack_conv_rows
 
     if spec.op == "conv2d":
         n, c, h, w = spec.input_shape
         k, _, r, s = weight.shape
         a = spec.attrs
         geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
-        lc = cost.conv(geo, pack_conv_rows(weight, geo, None, cost))
+        ours = kernel_geometry(geo, cost)  # as the pass costs it: the sparse kernel's domain, the dense one's
+        lc = cost.conv(ours, pack_conv_rows(weight, ours, None, cost), dense_geo=geo)
     else:
         lc = cost.linear(spec.input_shape[0], tuple(weight.shape), dense_weight_rows(weight, None, HYB_MIN_SAVING[cost.kind]))
     return lc.dense_us, lc.sparse_us
@@ -174,7 +175,7 @@ def _setup(module, ep, example_shape, patterns, data, threads: int, repeat: int,
     from .compress.config import PruneConfig, sensitivity_scan
     from .compress.masks import prunable_parameters
     from .cost.calibration import rates_for
-    from .cost.model import CostModel
+    from .relay_passes.pipeline import cost_model
     from .models import example_input
     from .target import make_target, require_runnable
 
@@ -188,7 +189,7 @@ def _setup(module, ep, example_shape, patterns, data, threads: int, repeat: int,
         curves = {p: sensitivity_scan(module, layers, data, PruneConfig(method=p)) for p in patterns}
     with torch.no_grad():
         program = torch.export.export(module.eval(), (torch.randn(*example_shape),))
-    plans = plan_layers(module, ep, program, CostModel("llvm", rates), patterns, curves)
+    plans = plan_layers(module, ep, program, cost_model(target, rates), patterns, curves)
     dense = compile_program(program, target, sparse=False)
     dense_timer = vm_timer(dense.executable, tvm.cpu(), example_input(example_shape).numpy())[0]
     set_threads(threads)

@@ -31,7 +31,9 @@ from ..hostcpu import host_features
 from ..reference import usable_cores
 from .model import BUILTIN, X86Rates
 
-FORMAT = 2  # 2: new dense linear and dense conv schedules (2026-12-03); files of format 1 timed the old ones
+# 2: new dense linear and dense conv schedules (2026-12-03); files of format 1 timed the old ones.
+# 3: the dense conv's pointwise rate of its own, ell fitted to 3x3s only (calibration_layers; 2026-12-05)
+FORMAT = 3
 MODE_ENV = "UNSPARSE_CALIBRATION"    # "off": the built-in rates, as --no-calibrate
 CACHE_ENV = "UNSPARSE_CACHE_DIR"     # default: $XDG_CACHE_HOME/unsparse-tvm, else ~/.cache/unsparse-tvm
 BUSY_CORES = 0.5                     # other processes using more than half a core on average: a busy machine

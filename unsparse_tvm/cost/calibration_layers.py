@@ -7,9 +7,14 @@ feed (layer_cost.conv_cost) is linear in the inverse rates:
 
     t = FMAs / rate(kernel) + passes * outputs / output_rate      (floored at passes * 4 * outputs / DRAM)
 
-so the fit is: the ell rate and the output rate together from three ell layers of different FMA/output
-balance (least squares on relative error), then each other kernel's rate from its layer with the output
-term taken off, DRAM from an output larger than any cache, the linear kernels from one GEMV each.
+so the fit is: the per-call cost from a layer of almost no work, taken off every layer; the output rate
+from three ell layers of different FMA/output balance (least squares); then each kernel's rate from its
+layer with the output term taken off (ell's and the dense conv's from a 3x3, the dense pointwise rate from a
+1x1), DRAM from an output larger than any cache, the linear kernels from one GEMV each. (Until format 3 the
+ell rate came out of that least squares too, where a 1x1 at 97% that runs twice the 3x3s' FMA rate pulled it
+up, and the dense rate was the harmonic mean of a 3x3 and a small 1x1: on the Xeon ell looked faster per FMA
+than the dense 3x3 (79 against 74 G/s, where vgg16-cifar's layers measure 40-60 against 110), and at 50%
+every vgg16-cifar layer went sparse, 0.80x TVM dense end to end.)
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from ..single_layer import LayerSpec, layer_module
 # name: (kernel (dense or a sparse format), [N, C, H, W] or [N, in], weight shape, sparsity, padding, pattern)
 LAYERS = {
     "dense_3x3":  ("dense", (1, 64, 16, 16), (64, 64, 3, 3), 0.0, 1, None),
-    "dense_1x1":  ("dense", (1, 128, 16, 16), (64, 128, 1, 1), 0.0, 0, None),
+    "dense_1x1":  ("dense", (1, 256, 28, 28), (128, 256, 1, 1), 0.0, 0, None),   # resnet50's middle: 0.8 MB in
     "ell_3x3":    ("ell", (1, 128, 16, 16), (128, 128, 3, 3), 0.9, 1, None),
     "ell_1x1":    ("ell", (1, 256, 32, 32), (64, 256, 1, 1), 0.97, 0, None),     # flat epilogue, output-heavy
-    "ell_out":    ("ell", (1, 32, 32, 32), (64, 32, 3, 3), 0.97, 1, None),       # unfused epilogue, output-heavy
+    "ell_out":    ("ell", (1, 32, 30, 30), (64, 32, 3, 3), 0.97, 1, None),       # unfused epilogue (30 wide: no row
+                                                                                  # domain), output-heavy
     "hyb_3x3":    ("hyb", (1, 128, 16, 16), (128, 128, 3, 3), 0.9, 1, "long_rows"),
     "vell_3x3":   ("vell4", (1, 128, 16, 16), (128, 128, 3, 3), 0.9, 1, "vector4"),
     "dram":       ("ell", (1, 3, 256, 256), (32, 3, 3, 3), 0.9, 1, None),        # 8 MB of output, 3 passes
+    "call":       ("ell", (1, 8, 8, 8), (8, 8, 1, 1), 0.5, 0, None),             # almost no work: the per-call cost
     "dense_linear": ("dense", (1, 1024), (1024, 1024), 0.0, 0, None),
     "sparse_linear": ("ell", (1, 1024), (1024, 1024), 0.9, 0, None),
 }
@@ -78,14 +85,18 @@ def measure_layers(target, threads: int, *, log=print) -> list[dict]:
         vm["main"](x)
         timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=7, min_repeat_ms=40)
         seconds = float(np.median(timer(x).results))
-        row = {"layer": name, "kernel": kind, **_terms(spec, report[0] if report else None, kind), "seconds": seconds}
+        row = {"layer": name, "kernel": kind, **_terms(spec, report[0] if report else None, kind, target),
+               "seconds": seconds}
         out.append(row)
         log(f"  [{i + 1}/{len(LAYERS)}] {name:14s} {seconds * 1e3:8.3f} ms")
     return out
 
 
-def _terms(spec: LayerSpec, decision, kind: str) -> dict:
-    """The model's work terms of one layer (layer_cost.conv_cost's, per unit inverse rate)."""
+def _terms(spec: LayerSpec, decision, kind: str, target) -> dict:
+    """The model's work terms of one layer (cost.model.conv_cost's, per unit inverse rate): a sparse kernel at
+    its own flat domain (relay_passes.sparsify_conv2d.kernel_geometry), the dense one at the padded plane."""
+    from ..relay_passes.pipeline import cost_model
+    from ..relay_passes.sparsify_conv2d import kernel_geometry
     from .model import output_passes
 
     if spec.op == "dense":
@@ -94,45 +105,61 @@ def _terms(spec: LayerSpec, decision, kind: str) -> dict:
     n, c, h, w = spec.input_shape
     k, _, r, s = spec.weight.shape
     geo = ConvGeometry(n, c, h, w, k, r, s, (1, 1), tuple(spec.attrs["padding"]), (1, 1))
+    if kind != "dense":
+        geo = kernel_geometry(geo, cost_model(target))
     entries = k * c * r * s if kind == "dense" else decision.padded
     fmt = "dense" if kind == "dense" else decision.format
-    return {"fmas": entries * n * geo.q_extent, "outputs": n * k * geo.q_extent, "passes": output_passes(geo, fmt)}
+    return {"fmas": entries * geo.batch * geo.q_extent, "outputs": geo.batch * k * geo.q_extent,
+            "passes": output_passes(geo, fmt)}
+
+
+def by_name(rows: list[dict], name: str) -> dict:
+    return next(r for r in rows if r["layer"] == name)
 
 
 def fit_rates(rows: list[dict]) -> tuple[X86Rates, list[dict]]:
     """X86Rates from measure_layers' rows (see the module docstring), and each row's fitted prediction."""
-    by = {r["layer"]: r for r in rows}
+    # every call costs the VM's call and the thread pool's fork and join, whatever it computes (on the Xeon
+    # ~10 us on two threads): the same for a layer's dense and sparse kernels, so no choice depends on it, but
+    # left in, it inflated the output term of the small layers here 3x. Taken off every layer first.
+    call = by_name(rows, "call")["seconds"]
+    work = [{**r, "seconds": max(r["seconds"] - call, 0.25 * r["seconds"])} for r in rows]
+    by = {r["layer"]: r for r in work}
     out_work = lambda r: r["passes"] * r["outputs"]
-    # ell and output together: rows [fmas, passes*outputs] / t, so each layer counts by its relative error
+    # the output rate: least squares over three ell layers of different FMA/output balance (rows [fmas,
+    # passes*outputs] / t, so each counts by its relative error); the ell rate then from the 3x3 alone, like
+    # every other kernel's (the 1x1 at 97%, whose 1024-position rows run twice the 3x3s' FMA rate, would
+    # pull it above what the 3x3s run)
     ells = [by[n] for n in ("ell_3x3", "ell_1x1", "ell_out")]
     a = np.array([[r["fmas"], out_work(r)] for r in ells], float) / np.array([[r["seconds"]] for r in ells])
-    inv_ell, inv_out = np.linalg.lstsq(a, np.ones(len(ells)), rcond=None)[0]
-    inv_out = max(inv_out, 0.0)
-    inv_ell = max(inv_ell, 0.25 * min(r["seconds"] / r["fmas"] for r in ells))
+    inv_out = max(np.linalg.lstsq(a, np.ones(len(ells)), rcond=None)[0][1], 0.0)
 
     def kernel_rate(r: dict) -> float:
         """FMAs over the time left once the output passes are taken off (at least a quarter of it)."""
         left = max(r["seconds"] - out_work(r) * inv_out, 0.25 * r["seconds"])
         return r["fmas"] / left
 
-    dense = [kernel_rate(by[n]) for n in ("dense_3x3", "dense_1x1")]
     dram_row = by["dram"]
     rates = dataclasses.replace(
-        BUILTIN, ell=1.0 / inv_ell, output=1.0 / inv_out if inv_out > 0 else BUILTIN.output,
+        BUILTIN, ell=kernel_rate(by["ell_3x3"]), output=1.0 / inv_out if inv_out > 0 else BUILTIN.output,
         hyb=kernel_rate(by["hyb_3x3"]), vell=kernel_rate(by["vell_3x3"]),
-        dense_conv=float(len(dense) / sum(1 / d for d in dense)),  # the harmonic mean: the time-weighted rate
+        dense_conv=kernel_rate(by["dense_3x3"]), dense_pointwise=kernel_rate(by["dense_1x1"]),
         dram_bytes_s=4 * out_work(dram_row) / dram_row["seconds"],
         dense_linear=by["dense_linear"]["fmas"] / by["dense_linear"]["seconds"],
         sparse_linear=by["sparse_linear"]["fmas"] / by["sparse_linear"]["seconds"], source="calibrated")
-    fit = []
-    for r in rows:
-        if r["passes"] == 0:
-            rate = rates.dense_linear if r["kernel"] == "dense" else rates.sparse_linear
-            predicted = r["fmas"] / rate
-        else:
-            rate = rates.dense_conv if r["kernel"] == "dense" else rates.fma_rate(r["kernel"])
-            predicted = r["fmas"] / rate + out_work(r) / rates.output
-            if 4 * r["outputs"] > rates.cache_bytes:
-                predicted = max(predicted, 4 * out_work(r) / rates.dram_bytes_s)
-        fit.append({**r, "predicted_seconds": predicted})
-    return rates, fit
+    # the "call" layer is the per-call cost by definition (its own few FMAs are in it)
+    return rates, [{**r, "predicted_seconds": call + (r["layer"] != "call") * _predicted(r, rates)} for r in rows]
+
+
+def _predicted(r: dict, rates: X86Rates) -> float:
+    """A calibration layer's time under `rates` without the per-call cost (cost.model.conv_cost's terms)."""
+    if r["passes"] == 0:
+        return r["fmas"] / (rates.dense_linear if r["kernel"] == "dense" else rates.sparse_linear)
+    if r["kernel"] == "dense":
+        rate = rates.dense_pointwise if r["layer"] == "dense_1x1" else rates.dense_conv
+    else:
+        rate = rates.fma_rate(r["kernel"])
+    predicted = r["fmas"] / rate + r["passes"] * r["outputs"] / rates.output
+    if 4 * r["outputs"] > rates.cache_bytes:
+        predicted = max(predicted, 4 * r["passes"] * r["outputs"] / rates.dram_bytes_s)
+    return predicted

@@ -32,6 +32,9 @@ class X86Rates:
     `bench` on the 2-vCPU machines, both threads: docs/results.md)."""
 
     dense_conv: float = 55e9     # the dense direct conv
+    # ... of a 1x1 conv: no taps to reuse each input load across, and the reducing ones (resnet50's 256->64 on
+    # 56x56, measured 33 GFMA/s against 110 for its 3x3s, both threads of the Xeon) re-read inputs past L2
+    dense_pointwise: float = 55e9
     ell: float = 26e9            # ungrouped sparse rows: an input load and a weight broadcast per FMA
     hyb: float = 26e9
     vell: float = 52e9           # grouped rows: one input load per V FMAs
@@ -56,6 +59,9 @@ class X86Rates:
     def fma_rate(self, fmt: str) -> float:
         return self.vell if fmt.startswith("vell") else getattr(self, fmt)
 
+    def dense_rate(self, geo: ConvGeometry) -> float:
+        return self.dense_pointwise if geo.r * geo.s == 1 else self.dense_conv
+
 
 BUILTIN = X86Rates()
 
@@ -71,9 +77,11 @@ class LayerCost:
 
 
 def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86Rates = BUILTIN,
-              depthwise: bool = False) -> LayerCost:
+              depthwise: bool = False, dense_geo: ConvGeometry | None = None, lanes: int = 0) -> LayerCost:
     """Predicted dense and sparse time (us) of one conv layer (x86: at `rates`); `depthwise` (x86): the
-    conv is depthwise (depthwise_cost)."""
+    conv is depthwise (depthwise_cost). `geo` is the conv as the sparse kernel runs it (its flat domain:
+    patches, row domain, overlap), `dense_geo` as the dense kernel runs it (the plain padded plane; default
+    `geo`); `lanes` (x86): the target's float32 vector lanes, the least a stored weight's FMA costs."""
     positions = geo.batch * geo.q_extent  # images side by side in patches share one domain (geo.images)
     if target_kind == "cuda":
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
@@ -85,13 +93,19 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
         return LayerCost(dense * 1e6, sparse * 1e6)
     if depthwise:
         return depthwise_cost(geo, rows, rates)
-    out = geo.batch * geo.k * geo.q_extent
-    dense = (geo.k * geo.c * geo.r * geo.s * positions / rates.dense_conv
-             + output_passes(geo, "dense") * out / rates.output)
-    sparse = (rows.padded_size * positions / rates.fma_rate(rows.fmt)
+    dgeo = dense_geo or geo
+    out, dense_out = geo.batch * geo.k * geo.q_extent, dgeo.batch * dgeo.k * dgeo.q_extent
+    dense = (geo.k * geo.c * geo.r * geo.s * dgeo.batch * dgeo.q_extent / rates.dense_rate(dgeo)
+             + output_passes(dgeo, "dense") * dense_out / rates.output)
+    # each stored weight's FMA is a whole vector however few lanes the domain fills: a 2x2 map's 8 positions
+    # under AVX-512 run one 8-lane FMA per weight at a 16-lane one's cost (vgg16-cifar's 512x512 3x3 at 50%,
+    # two threads, Xeon: 0.385 ms sparse against 0.286 dense, where 8 positions per weight predicted sparse)
+    per_weight = geo.batch * max(geo.q_extent, lanes)
+    sparse = (rows.padded_size * per_weight / rates.fma_rate(rows.fmt)
               + output_passes(geo, rows.fmt) * out / rates.output)
-    if 4 * out > rates.cache_bytes:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
-        dense = max(dense, output_passes(geo, "dense") * 4 * out / rates.dram_bytes_s)
+    if 4 * dense_out > rates.cache_bytes:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
+        dense = max(dense, output_passes(dgeo, "dense") * 4 * dense_out / rates.dram_bytes_s)
+    if 4 * out > rates.cache_bytes:
         sparse = max(sparse, output_passes(geo, rows.fmt) * 4 * out / rates.dram_bytes_s)
     # the weights stream in once per inference (a model's weights outgrow the caches): on small maps, where
     # each weight meets few outputs, that is the floor. vgg16-cifar's 512x512 3x3 on a 2x2 map, one thread:
@@ -168,8 +182,10 @@ class CostModel:
     rates: X86Rates = BUILTIN
     lanes: int = 16                # float32 lanes of the llvm target's vector register (16 AVX-512, 8 AVX2)
 
-    def conv(self, geo: ConvGeometry, rows: SparseRows, depthwise: bool = False) -> LayerCost:
-        return conv_cost(geo, rows, self.kind, self.rates, depthwise)
+    def conv(self, geo: ConvGeometry, rows: SparseRows, depthwise: bool = False,
+             dense_geo: ConvGeometry | None = None) -> LayerCost:
+        """geo: the conv as the sparse kernel runs it; dense_geo: as the dense one does (default geo)."""
+        return conv_cost(geo, rows, self.kind, self.rates, depthwise, dense_geo, self.lanes if self.kind == "llvm" else 0)
 
     def linear(self, batch: int, shape: tuple[int, int], rows: SparseRows) -> LayerCost:
         return linear_cost(batch, shape, rows, self.kind, self.rates)
