@@ -32,7 +32,8 @@ from ..reference import usable_cores
 from .model import BUILTIN, X86Rates
 
 # 2: new dense linear and dense conv schedules (2026-12-03); files of format 1 timed the old ones.
-# 3: the dense conv's pointwise rate of its own, ell fitted to 3x3s only (calibration_layers; 2026-12-05)
+# 3: the dense conv's pointwise rate of its own, ell fitted to 3x3s only, the per-call cost taken off, the
+#    sparse layers' terms at their kernel's own domain (calibration_layers; 2026-12-05)
 FORMAT = 3
 MODE_ENV = "UNSPARSE_CALIBRATION"    # "off": the built-in rates, as --no-calibrate
 CACHE_ENV = "UNSPARSE_CACHE_DIR"     # default: $XDG_CACHE_HOME/unsparse-tvm, else ~/.cache/unsparse-tvm

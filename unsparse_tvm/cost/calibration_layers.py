@@ -37,7 +37,7 @@ LAYERS = {
                                                                                   # domain), output-heavy
     "hyb_3x3":    ("hyb", (1, 128, 16, 16), (128, 128, 3, 3), 0.9, 1, "long_rows"),
     "vell_3x3":   ("vell4", (1, 128, 16, 16), (128, 128, 3, 3), 0.9, 1, "vector4"),
-    "dram":       ("ell", (1, 3, 256, 256), (32, 3, 3, 3), 0.9, 1, None),        # 8 MB of output, 3 passes
+    "dram":       ("ell", (1, 3, 256, 256), (32, 3, 3, 3), 0.9, 1, None),        # 8 MB of output
     "call":       ("ell", (1, 8, 8, 8), (8, 8, 1, 1), 0.5, 0, None),             # almost no work: the per-call cost
     "dense_linear": ("dense", (1, 1024), (1024, 1024), 0.0, 0, None),
     "sparse_linear": ("ell", (1, 1024), (1024, 1024), 0.9, 0, None),
@@ -120,8 +120,9 @@ def by_name(rows: list[dict], name: str) -> dict:
 def fit_rates(rows: list[dict]) -> tuple[X86Rates, list[dict]]:
     """X86Rates from measure_layers' rows (see the module docstring), and each row's fitted prediction."""
     # every call costs the VM's call and the thread pool's fork and join, whatever it computes (on the Xeon
-    # ~10 us on two threads): the same for a layer's dense and sparse kernels, so no choice depends on it, but
-    # left in, it inflated the output term of the small layers here 3x. Taken off every layer first.
+    # 1.2-1.4 us on two threads, small there; more where a pool wakes slowly): the same for a layer's dense
+    # and sparse kernels, so no choice depends on it, but left in, it counts as FMAs or outputs of the
+    # smallest layers. Taken off every layer first.
     call = by_name(rows, "call")["seconds"]
     work = [{**r, "seconds": max(r["seconds"] - call, 0.25 * r["seconds"])} for r in rows]
     by = {r["layer"]: r for r in work}
