@@ -3,7 +3,7 @@ and the sparse kernel in the format the pass would pack), both timed in alternat
 count, and the cost model's choice read against the two times.
 
     python benchmarks/choice_check.py vgg16-cifar --sparsities 0.8,0.9,0.95 --threads 1 -o out.json
-    python benchmarks/choice_check.py --evaluate out.json [--rates built-in|calibrated|FILE.json]
+    python benchmarks/choice_check.py --evaluate out.json [--rates built-in|calibrated|FILE.json] [--layers]
 
 The measurements do not depend on the cost model, so one file evaluates any set of rates: `--evaluate`
 prints, per (model, sparsity), how many layers each rate set chose within 10% of the faster kernel, the
@@ -92,6 +92,21 @@ def predict(row: dict, rates, lanes: int = 16) -> tuple[float, float]:
     return cost.dense_us, cost.sparse_us
 
 
+def layer_table(run: dict, rates, lanes: int) -> list[str]:
+    """One line per layer: measured sparse / dense us and their ratio, the prediction's, and MISS where the
+    prediction picks the kernel that is more than 10% slower."""
+    lines = []
+    for row in run["layers"]:
+        dense_us, sparse_us = predict(row, rates, lanes)
+        sparse_ms, dense_ms = row["sparse_ms"], row["dense_ms"]
+        chose_sparse, sparse_faster = sparse_us < dense_us, sparse_ms < dense_ms
+        miss = chose_sparse != sparse_faster and max(sparse_ms, dense_ms) / min(sparse_ms, dense_ms) > CHOICE_TOLERANCE
+        lines.append(f"    {row['name']:24s} {row['fmt']:5s} measured {sparse_ms * 1e3:8.1f} / {dense_ms * 1e3:8.1f} us "
+                     f"({sparse_ms / dense_ms:5.2f})  predicted {sparse_us:8.1f} / {dense_us:8.1f} us "
+                     f"({sparse_us / dense_us:5.2f}){'  MISS' if miss else ''}")
+    return lines
+
+
 def evaluate(runs: list[dict], rates) -> list[dict]:
     """Per run: layers right (within 10% of the faster kernel), the misses, and the chosen kernels' total."""
     from tvm.target import Target
@@ -114,7 +129,7 @@ def evaluate(runs: list[dict], rates) -> list[dict]:
         summary.append({"model": run["model"], "sparsity": run["sparsity"], "mcpu": run["mcpu"],
                         "layers": len(run["layers"]), "right": len(run["layers"]) - len(misses),
                         "misses": sorted(misses, key=lambda m: -m[3]), "chosen_ms": chosen_total,
-                        "best_ms": best_total})
+                        "best_ms": best_total, "table": layer_table(run, rates, lanes)})
     return summary
 
 
@@ -142,6 +157,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("-o", "--output", help="JSON file of the measurements (appended to, per model and sparsity)")
     ap.add_argument("--evaluate", help="a JSON file written by this script: evaluate rates against it")
+    ap.add_argument("--layers", action="store_true",
+                    help="with --evaluate: each layer's measured and predicted sparse / dense times (sparse first)")
     ap.add_argument("--rates", action="append", default=None,
                     help="built-in, calibrated (this CPU's cached calibration), or a calibration file; repeatable")
     args = ap.parse_args()
@@ -153,6 +170,8 @@ def main() -> None:
             for s in evaluate(runs, rates):
                 print(f"  {s['model']:12s} {s['sparsity']:<5} {s['mcpu']:16s} right {s['right']:2d}/{s['layers']:2d}  "
                       f"chosen {s['chosen_ms']:8.3f} ms (best {s['best_ms']:8.3f})  misses: {s['misses'][:4]}")
+                if args.layers:
+                    print("\n".join(s["table"]))
         return
     from unsparse_tvm.target import make_target
 
