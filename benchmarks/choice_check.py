@@ -78,7 +78,8 @@ def predict(row: dict, rates, lanes: int = 16) -> tuple[float, float]:
     # the packing's sizes, for the weight-traffic floor: values, and offsets as the kernels store them (uint16
     # where every offset into the padded input fits, formats.compact_offsets)
     span = c * (h + pad[0] + pad[2]) * (w + pad[1] + pad[3])
-    rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"], nnz=row["nnz"], data=np.empty(row["padded"], np.float32),
+    rows = SimpleNamespace(fmt=row["fmt"], padded_size=row["padded"], nnz=row["nnz"],
+                           data=np.empty(row["padded"], np.float32),
                            off=np.empty(row["padded"], np.uint16 if span < 1 << 16 else np.int32), ovf_data=None,
                            ovf_off=None, ovf_slot=None, group=int(row["fmt"][4:]) if row["fmt"].startswith("vell") else 1)
     if row["op"] == "conv2d":
@@ -100,7 +101,8 @@ def layer_table(run: dict, rates, lanes: int) -> list[str]:
         dense_us, sparse_us = predict(row, rates, lanes)
         sparse_ms, dense_ms = row["sparse_ms"], row["dense_ms"]
         chose_sparse, sparse_faster = sparse_us < dense_us, sparse_ms < dense_ms
-        miss = chose_sparse != sparse_faster and max(sparse_ms, dense_ms) / min(sparse_ms, dense_ms) > CHOICE_TOLERANCE
+        regret = max(sparse_ms, dense_ms) / min(sparse_ms, dense_ms)
+        miss = chose_sparse != sparse_faster and regret > CHOICE_TOLERANCE
         lines.append(f"    {row['name']:24s} {row['fmt']:5s} measured {sparse_ms * 1e3:8.1f} / {dense_ms * 1e3:8.1f} us "
                      f"({sparse_ms / dense_ms:5.2f})  predicted {sparse_us:8.1f} / {dense_us:8.1f} us "
                      f"({sparse_us / dense_us:5.2f}){'  MISS' if miss else ''}")

@@ -66,7 +66,8 @@ def main() -> None:
         for name, kw in variants.items():
             torch._dynamo.reset()
             f = torch.compile(lambda t: t + 1, backend=noop) if kw is None else torch.compile(plain_module(ep), **kw)
-            f(x), f(x)
+            for _ in range(2):  # compile, then one warm call
+                f(x)
             print(f"{name:30s} warm {_median_us(lambda: f(x)):6.1f} us   cold {_median_us(lambda: f(x), flush):6.1f} us")
 
 

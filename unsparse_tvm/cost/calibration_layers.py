@@ -113,17 +113,13 @@ def _terms(spec: LayerSpec, decision, kind: str, target) -> dict:
             "passes": output_passes(geo, fmt)}
 
 
-def by_name(rows: list[dict], name: str) -> dict:
-    return next(r for r in rows if r["layer"] == name)
-
-
 def fit_rates(rows: list[dict]) -> tuple[X86Rates, list[dict]]:
     """X86Rates from measure_layers' rows (see the module docstring), and each row's fitted prediction."""
     # every call costs the VM's call and the thread pool's fork and join, whatever it computes (on the Xeon
     # 1.2-1.4 us on two threads, small there; more where a pool wakes slowly): the same for a layer's dense
     # and sparse kernels, so no choice depends on it, but left in, it counts as FMAs or outputs of the
     # smallest layers. Taken off every layer first.
-    call = by_name(rows, "call")["seconds"]
+    call = next(r["seconds"] for r in rows if r["layer"] == "call")
     work = [{**r, "seconds": max(r["seconds"] - call, 0.25 * r["seconds"])} for r in rows]
     by = {r["layer"]: r for r in work}
     out_work = lambda r: r["passes"] * r["outputs"]

@@ -82,7 +82,6 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     conv is depthwise (depthwise_cost). `geo` is the conv as the sparse kernel runs it (its flat domain:
     patches, row domain, overlap), `dense_geo` as the dense kernel runs it (the plain padded plane; default
     `geo`); `lanes` (x86): the target's float32 vector lanes, the least a stored weight's FMA costs."""
-    positions = geo.batch * geo.q_extent  # images side by side in patches share one domain (geo.images)
     if target_kind == "cuda":
         dense = predict_sparse(geo, np.full(geo.k // 8 if geo.k % 8 == 0 else geo.k, geo.c * geo.r * geo.s),
                                Knobs(group=8 if geo.k % 8 == 0 else 1), CUDA_GPU).seconds * CUDA_GPU.grouped_rows_factor
@@ -100,7 +99,7 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     # each stored weight's FMA is a whole vector however few lanes the domain fills: a 2x2 map's 8 positions
     # under AVX-512 run one 8-lane FMA per weight at a 16-lane one's cost (vgg16-cifar's 512x512 3x3 at 50%,
     # two threads, Xeon: 0.385 ms sparse against 0.286 dense, where 8 positions per weight predicted sparse)
-    per_weight = geo.batch * max(geo.q_extent, lanes)
+    per_weight = geo.batch * max(geo.q_extent, lanes)  # images side by side in patches share one domain
     sparse = (rows.padded_size * per_weight / rates.fma_rate(rows.fmt)
               + output_passes(geo, rows.fmt) * out / rates.output)
     if 4 * dense_out > rates.cache_bytes:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)
@@ -185,7 +184,7 @@ class CostModel:
     def conv(self, geo: ConvGeometry, rows: SparseRows, depthwise: bool = False,
              dense_geo: ConvGeometry | None = None) -> LayerCost:
         """geo: the conv as the sparse kernel runs it; dense_geo: as the dense one does (default geo)."""
-        return conv_cost(geo, rows, self.kind, self.rates, depthwise, dense_geo, self.lanes if self.kind == "llvm" else 0)
+        return conv_cost(geo, rows, self.kind, self.rates, depthwise, dense_geo, self.lanes)  # cuda: lanes unused
 
     def linear(self, batch: int, shape: tuple[int, int], rows: SparseRows) -> LayerCost:
         return linear_cost(batch, shape, rows, self.kind, self.rates)
