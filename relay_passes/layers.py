@@ -21,6 +21,7 @@ class LayerNames:
 
     def __init__(self, named: dict[str, np.ndarray] | None = None):
         self._names: dict[str, str] = {}
+        self.dropped: dict[str, tuple[int, int]] = {}  # depthwise layer -> (channels dropped, channels): DropDeadChannels
         for name, arr in (named or {}).items():
             self.add(name, arr)
         self._count = 0

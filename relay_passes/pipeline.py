@@ -15,6 +15,7 @@ from unsparse_tvm.cost.model import BUILTIN, CostModel, X86Rates
 
 from .apply_tuning_records import ApplyTuningRecords
 from .canonical_clip import CanonicalizeClip
+from .drop_dead_channels import DropDeadChannels
 from .fast_sigmoid import FastSigmoid
 from .vector_max_pool import VectorMaxPool
 from .layers import LayerNames
@@ -44,7 +45,10 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     phases = []
     # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away, clips that
     # an importer wrote as TE max/min calls (ONNX's Clip) back to relax.clip for the epilogue matchers
-    phases.append(("cleanup", [FoldBatchNormIntoConv(names), relax.transform.FoldConstant(), CanonicalizeClip()]))
+    cleanup = [FoldBatchNormIntoConv(names), relax.transform.FoldConstant(), CanonicalizeClip()]
+    if sparse:  # channels whose depthwise filters are all zero leave their blocks (the dense baseline keeps them)
+        cleanup.append(DropDeadChannels(names))
+    phases.append(("cleanup", cleanup))
     # Phase 1b: int8 execution of the calibrated convs (before the fp32 substitution takes them)
     if activations:
         int8 = [QuantizeInt8Conv2d(activations, target, names, report)]
