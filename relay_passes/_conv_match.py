@@ -66,6 +66,18 @@ def channel_gate(expr: relax.Expr, geo: ConvGeometry, var2val: dict, counts: dic
     return None
 
 
+def channel_gather(expr: relax.Expr, var2val: dict, counts: dict) -> tuple[relax.Expr, np.ndarray] | None:
+    """(x, idx) where `expr` is take(x, idx, axis=1) with constant integer indices, used once (DropDeadChannels'
+    gather before a depthwise conv, which the sparse kernel folds into its rows' offsets); else None."""
+    value = var2val.get(expr) if isinstance(expr, relax.Var) else None
+    if not is_op(value, "relax.take") or counts.get(expr, 0) != 1 or int(value.attrs.axis) != 1:
+        return None
+    idx = const_array(value.args[1])
+    if idx is None or idx.ndim != 1 or idx.dtype.kind not in "iu":
+        return None
+    return value.args[0], idx.astype(np.int64)
+
+
 def is_depthwise(call: relax.Call, weight: np.ndarray) -> bool:
     """A depthwise conv2d: one input channel per group and one output channel per input channel."""
     xshape = shape_of(call.args[0])

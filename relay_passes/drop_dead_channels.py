@@ -58,9 +58,9 @@ def _conv_out(call: relax.Call, weight: np.ndarray, data: relax.Expr) -> relax.C
 
 @relax.expr_functor.mutator
 class _Dropper(FunctionRewriter):
-    def __init__(self, mod: IRModule, names: LayerNames | None):
+    def __init__(self, mod: IRModule, names: LayerNames | None, gather: bool):
         super().__init__(mod)
-        self.names = names
+        self.names, self.gather = names, gather
         self.replace: dict = {}  # binding var -> function of nothing returning its new value
 
     def prepare(self, func: relax.Function) -> None:
@@ -86,37 +86,52 @@ class _Dropper(FunctionRewriter):
     def _plan(self, dw_var, dw, wd: np.ndarray, chains: dict, users: dict) -> None:
         dead = ~wd.reshape(wd.shape[0], -1).any(axis=1)
         expand = chains.get(dw.args[0])
-        if not dead.any() or dead.all() or expand is None or self.counts.get(dw.args[0], 0) != 1:
-            return
         out = shape_of(dw_var)
-        if out is None:
+        if not dead.any() or dead.all() or expand is None or self.counts.get(dw.args[0], 0) != 1 or out is None:
             return
-        d_ep = match_epilogue(dw_var, out[1], 1, out, self.var2val, users, self.counts, False, set(), True)
-        p_var = users.get(d_ep.last)
-        project = self.var2val.get(p_var)
-        if self.counts.get(d_ep.last, 0) != 1 or not is_op(project, "relax.nn.conv2d") \
-                or not project.args[0].same_as(d_ep.last) or int(project.attrs.groups) != 1:
-            return
-        wp = const_array(project.args[1])
-        if wp is None or wp.shape[2:] != (1, 1) or any(int(p) for p in project.attrs.padding):
-            return
-        p_out = shape_of(p_var)
-        if p_out is None:
-            return
-        p_ep = match_epilogue(p_var, p_out[1], 1, p_out, self.var2val, users, self.counts, False, set(), False)
         live = np.flatnonzero(~dead)
+        d_ep = match_epilogue(dw_var, out[1], 1, out, self.var2val, users, self.counts, False, set(), True)
+        project = self._project(d_ep, users)
+        if project is None and not self.gather:
+            return
+        e_var, e_ep = expand
+        self._replace_conv(e_var, lambda w: w[live])
+        self._replace_bias(e_var, e_ep, users, live)
+        name = None if self.names is None else \
+            self.names.known(wd) or f"depthwise{len(self.names.dropped) + len(self.names.gathered) + 1}"
+        if project is None:  # the depthwise conv keeps its channels, reading the live ones through a gather
+            idx = np.zeros(wd.shape[0], np.int64)
+            idx[live] = np.arange(live.size)  # a dead channel reads live channel 0, times its zero taps
+            self.replace[dw_var] = lambda: self._gathered(dw, idx)
+            if self.names is not None:
+                self.names.gathered[name] = (int(dead.sum()), int(dead.size))
+            return
+        p_var, p_ep, wp = project
         bd = d_ep.bias if d_ep.bias is not None else np.zeros(wd.shape[0], np.float32)
         fold = wp[:, dead, 0, 0].astype(np.float64) @ _activation(d_ep, bd[dead].astype(np.float64))
         block = _Block(live, fold.astype(np.float32))
-        e_var, e_ep = expand
-        self._replace_conv(e_var, lambda w: w[block.live])
-        self._replace_bias(e_var, e_ep, users, block.live)
         self._replace_conv(dw_var, lambda w: w[block.live])
         self._replace_bias(dw_var, d_ep, users, block.live)
         self._replace_project(p_var, p_ep, users, block)
         if self.names is not None:
-            name = self.names.known(wd) or f"depthwise{len(self.names.dropped) + 1}"
             self.names.dropped[name] = (int(dead.sum()), int(dead.size))
+
+    def _project(self, d_ep: Epilogue, users: dict):
+        """(var, epilogue, weight) of the 1x1 project conv that is the depthwise chain's only user, else None."""
+        p_var = users.get(d_ep.last)
+        project = self.var2val.get(p_var)
+        if self.counts.get(d_ep.last, 0) != 1 or not is_op(project, "relax.nn.conv2d") \
+                or not project.args[0].same_as(d_ep.last) or int(project.attrs.groups) != 1:
+            return None
+        wp, p_out = const_array(project.args[1]), shape_of(p_var)
+        if wp is None or wp.shape[2:] != (1, 1) or any(int(p) for p in project.attrs.padding) or p_out is None:
+            return None
+        p_ep = match_epilogue(p_var, p_out[1], 1, p_out, self.var2val, users, self.counts, False, set(), False)
+        return p_var, p_ep, wp
+
+    def _gathered(self, dw: relax.Call, idx: np.ndarray) -> relax.Call:
+        x = self.builder_.emit(relax.op.take(self.visit_expr(dw.args[0]), relax.const(idx), axis=1))
+        return relax.Call(dw.op, [x, dw.args[1]], dw.attrs)
 
     def _replace_conv(self, var, cut) -> None:
         call = self.var2val[var]
@@ -151,11 +166,13 @@ class _Dropper(FunctionRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="DropDeadChannels")
 class DropDeadChannels:
-    """Shrink inverted residual blocks to the channels their depthwise convs do not zero out entirely; what
-    was dropped is recorded in `names.dropped` (depthwise layer name -> (dropped, channels))."""
+    """Shrink inverted residual blocks to the channels their depthwise convs do not zero out entirely, recorded
+    in `names.dropped` (depthwise layer name -> (dropped, channels)); with `gather` (where the sparse depthwise
+    kernel can read a gathered input: llvm, fp32 weights), a block whose depthwise output has other uses loses
+    the dead channels from its expand conv only (`names.gathered`)."""
 
-    def __init__(self, names: LayerNames | None = None):
-        self.names = names
+    def __init__(self, names: LayerNames | None = None, gather: bool = False):
+        self.names, self.gather = names, gather
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        return _Dropper(mod, self.names).run(mod)
+        return _Dropper(mod, self.names, self.gather).run(mod)

@@ -21,7 +21,9 @@ class LayerNames:
 
     def __init__(self, named: dict[str, np.ndarray] | None = None):
         self._names: dict[str, str] = {}
-        self.dropped: dict[str, tuple[int, int]] = {}  # depthwise layer -> (channels dropped, channels): DropDeadChannels
+        # DropDeadChannels: depthwise layer -> (channels dropped, channels), from the whole block / from the expand only
+        self.dropped: dict[str, tuple[int, int]] = {}
+        self.gathered: dict[str, tuple[int, int]] = {}
         for name, arr in (named or {}).items():
             self.add(name, arr)
         self._count = 0

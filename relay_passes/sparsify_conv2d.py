@@ -10,6 +10,7 @@ LayerDecision.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -25,9 +26,10 @@ from unsparse_tvm.ops.names import ROW_ORDER as ROW_ORDER_ATTR
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
 from unsparse_tvm.schedules.sparse_conv2d_cpu import interleave_tile
 
-from ._conv_match import ConvChainRewriter, channel_gate, strided_pointwise, subsampled, unsupported_reason
+from ._conv_match import (ConvChainRewriter, channel_gate, channel_gather, strided_pointwise, subsampled,
+                          unsupported_reason)
 from ._quant import layer_entry, quant_conv, record_bytes
-from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts
+from ._util import SparsifyPass, choose_sparse, mark, record_sparse, rows_consts, shape_of
 from .layers import LayerDecision, LayerNames
 
 
@@ -69,10 +71,10 @@ class _Sparsifier(ConvChainRewriter):
         record_bytes(decision, None, None, weight)
         if reason is not None or geo is None:
             return decision.keep_dense(reason or "unsupported conv2d")
-        # the conv as the kernel runs it (on llvm, where the fallback schedules the slice)
-        run = (strided_pointwise(geo) if self.target_kind == "llvm" else None) or geo
+        pointwise, run, gather = self.kernel_input(conv, geo, depthwise)
         ours = self.flat_domain(run, depthwise or entry is not None)
-        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours, depthwise),
+        channels = gather[1] if gather is not None else None
+        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours, depthwise, channels),
                              lambda rows: self.cost.conv(ours, rows, depthwise=depthwise, dense_geo=geo))
         if rows is None:
             return None
@@ -80,16 +82,11 @@ class _Sparsifier(ConvChainRewriter):
         # x * g feeding a 1x1 conv (squeeze-excitation): the rows scale their weights by g instead (llvm, fp32)
         gate = channel_gate(conv.args[0], geo, self.var2val, self.counts, self.plans) \
             if self.target_kind == "llvm" and entry is None and rows.fmt in ("ell", "hyb") else None
-        x = self.visit_expr(conv.args[0] if gate is None else gate[0])
-        x = x if run is geo else subsampled(self.builder_, x, geo)
+        x = self.visit_expr(gather[0] if gather is not None else conv.args[0] if gate is None else gate[0])
+        x = x if pointwise is None else subsampled(self.builder_, x, geo)
         quantised = quant_conv(self.builder_, x, rows, weight, run, entry, extra, flags, self.target_kind)
         if quantised is not None:
-            call, q, qgeo = quantised
-            kind = sparse_op("conv2d", rows)
-            mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": qgeo.pad_shape})
-            record_sparse(decision, rows, ep)
-            record_bytes(decision, rows, q, weight)
-            return call
+            return self.finish_quantised(quantised, rows, weight, decision, ep)
         if ours.input_is_flat:  # a view, where the pad stage would copy it (on cuda: one kernel fewer)
             x = self.builder_.emit(relax.op.reshape(x, [ours.n, ours.c * ours.h * ours.w]))
         if ours.overlap and flags["has_residual"]:  # the overlapped epilogue is flat (ops.sparse.output_shape)
@@ -116,6 +113,27 @@ class _Sparsifier(ConvChainRewriter):
             return self.builder_.emit(relax.op.reshape(call, [ours.n, ours.k, ours.oh, ours.ow]))
         return call
 
+
+    def kernel_input(self, conv, geo, depthwise: bool) -> tuple:
+        """(the strided 1x1's stride-1 geometry or None, the conv as the kernel runs it, the channel gather it
+        reads through or None): on llvm a strided 1x1 runs on its input subsampled first (the fallback schedules
+        the slice), and a depthwise conv on a channel gather (DropDeadChannels) reads the gathered channels in
+        place, its rows' offsets remapped."""
+        pointwise = strided_pointwise(geo) if self.target_kind == "llvm" else None
+        run = pointwise or geo
+        gather = channel_gather(conv.args[0], self.var2val, self.counts) if depthwise else None
+        if gather is not None:
+            run = dataclasses.replace(run, c=shape_of(gather[0])[1])
+        return pointwise, run, gather
+
+    def finish_quantised(self, quantised, rows, weight, decision, ep) -> relax.Expr:
+        """The weight-quantised kernel's call (relay_passes/_quant.quant_conv), marked and reported."""
+        call, q, qgeo = quantised
+        mark(self.builder_, call, {"op": sparse_op("conv2d", rows), "unsparse.fmt": rows.fmt,
+                                   "unsparse.pad_shape": qgeo.pad_shape})
+        record_sparse(decision, rows, ep)
+        record_bytes(decision, rows, q, weight)
+        return call
 
     def flat_domain(self, run, plane: bool):
         """The fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap; the
@@ -147,8 +165,10 @@ class _Sparsifier(ConvChainRewriter):
         tile = interleave_tile(geo.k, geo.q_extent, self.cost.lanes, geo.overlap, geo.ow if geo.row_domain else 0)
         return tile if tile > 1 else 0  # one row at a time: the rows are already in that order
 
-    def pack(self, weight, geo, depthwise: bool = False):
-        return depthwise_weight_rows(weight, geo) if depthwise else pack_conv_rows(weight, geo, self.fmt, self.cost)
+    def pack(self, weight, geo, depthwise: bool = False, channels=None):
+        if depthwise:
+            return depthwise_weight_rows(weight, geo, channels)
+        return pack_conv_rows(weight, geo, self.fmt, self.cost)
 
 
 def kernel_geometry(run, cost: CostModel, plane: bool = False):

@@ -34,6 +34,7 @@ class Compiled:
     inputs: list | None = None  # {"name", "shape", "dtype"} of the input; None: "x", input_shape, float32
     threshold: float | None = None     # what chose the sparse layers: this sparsity, or (None) predicted time
     dropped: dict = field(default_factory=dict)  # depthwise layer -> (channels dropped, channels), DropDeadChannels
+    gathered: dict = field(default_factory=dict)  # the same, dropped from the expand conv only
 
     @property
     def input_specs(self) -> list[dict]:
@@ -63,7 +64,7 @@ def compile_relax(mod, names, target, input_shape: tuple[int, ...], outputs: lis
     with building_for(target):  # the arch nvcc compiles for, should TVM call it while building
         executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
     return Compiled(executable, target, tuple(input_shape), outputs, report, time.perf_counter() - start, inputs,
-                    options.get("threshold"), dict(names.dropped))
+                    options.get("threshold"), dict(names.dropped), dict(names.gathered))
 
 
 def compile_onnx(path: str, target, *, batch: int | None = None, log=print, **options) -> Compiled:
@@ -105,10 +106,12 @@ def format_decisions(report: list, threshold: float | None) -> str:
 
 def print_report(compiled: Compiled) -> None:
     print(format_decisions(compiled.report, compiled.threshold))
-    if compiled.dropped:
-        dropped, total = (sum(v[i] for v in compiled.dropped.values()) for i in (0, 1))
-        print(f"dead channels: {dropped} of {total} depthwise channels had all-zero filters and left their blocks "
-              f"({len(compiled.dropped)} blocks: expand, depthwise and project convs shrunk, constants folded)")
+    for found, what in ((compiled.dropped, "left their blocks (expand, depthwise and project convs shrunk)"),
+                        (compiled.gathered, "left their expand convs (the depthwise output has other uses)")):
+        if found:
+            dropped, total = (sum(v[i] for v in found.values()) for i in (0, 1))
+            print(f"dead channels: {dropped} of {total} depthwise channels in {len(found)} blocks had all-zero "
+                  f"filters and {what}")
 
 
 def metadata(compiled: Compiled, *, model: str) -> dict:
@@ -130,6 +133,7 @@ def metadata(compiled: Compiled, *, model: str) -> dict:
         "threshold": compiled.threshold,
         "sparse_layers": sum(1 for r in compiled.report if r.decision == "sparse"),
         "dead_channels": {name: list(v) for name, v in compiled.dropped.items()},
+        "dead_channels_expand_only": {name: list(v) for name, v in compiled.gathered.items()},
         "layers": [r.as_dict() for r in compiled.report],
         "tvm_version": tvm.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -127,14 +127,18 @@ DW_DENSE_STRIDED_INPUT_S = 0.1e-9
 
 
 def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTIN) -> LayerCost:
-    """Predicted time (us) of a depthwise conv (k == c, one input channel each) on the dense depthwise
-    kernel and on the sparse one (its rows: ops.formats.depthwise_weight_rows)."""
-    channels = geo.n * geo.c
+    """Predicted time (us) of a depthwise conv (one input channel per output channel) on the dense depthwise
+    kernel and on the sparse one (its rows: ops.formats.depthwise_weight_rows). geo.c < geo.k: the input is
+    gathered from geo.c channels (DropDeadChannels), which the sparse kernel reads in place and the dense one
+    gets copied out to all geo.k first."""
+    channels = geo.n * geo.k
     inp, out = channels * geo.hp * geo.wp, channels * geo.oh * geo.ow  # padded input, output elements
     dense = geo.r * geo.s * out * DW_DENSE_FMA_S + out * DW_DENSE_OUTPUT_S + channels * DW_DENSE_CHANNEL_S
     if geo.stride != (1, 1):
         dense += inp * DW_DENSE_STRIDED_INPUT_S
-    sparse = (inp * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S + channels * DW_SPARSE_CHANNEL_S
+    if geo.c < geo.k:  # the gather's copy, at the sparse kernel's cost of copying an input element
+        dense += channels * geo.h * geo.w * DW_SPARSE_INPUT_S
+    sparse = (inp * geo.c / geo.k * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S + channels * DW_SPARSE_CHANNEL_S
               + rows.nnz * geo.n * geo.oh * geo.ow / rates.ell)
     return LayerCost(dense * 1e6, sparse * 1e6)
 

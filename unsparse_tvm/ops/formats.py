@@ -197,18 +197,19 @@ def conv_weight_rows(weight: np.ndarray, geo: ConvGeometry, fmt: str | None = No
     return to_sparse_rows(weight.reshape(k, -1), geo.column_offsets(), fmt, min_saving)
 
 
-def depthwise_weight_rows(weight: np.ndarray, geo: ConvGeometry) -> SparseRows:
+def depthwise_weight_rows(weight: np.ndarray, geo: ConvGeometry, channels: np.ndarray | None = None) -> SparseRows:
     """ELL rows of a depthwise conv's weight [C, 1, R, S] (groups == C == K): row k holds channel k's
-    nonzero taps, offsets into channel k's plane of `geo`'s padded input. It is the block-diagonal
-    [C, C*R*S] matrix the sparse conv takes, packed without building it (efficientnet's 1152-channel 5x5:
-    133 MB dense)."""
+    nonzero taps, offsets into channel k's plane of `geo`'s padded input (or into channel channels[k]'s: the
+    input gathered, its channels remapped, DropDeadChannels). It is the block-diagonal [C, C*R*S] matrix the
+    sparse conv takes, packed without building it (efficientnet's 1152-channel 5x5: 133 MB dense)."""
     k = weight.shape[0]
     taps = weight.reshape(k, -1)                                  # [K, R*S]
     cols = geo.column_offsets().reshape(geo.c, -1)                # [C, R*S] offsets of channel c's taps
+    src = np.arange(k) if channels is None else np.asarray(channels)  # the input channel row k reads
     nz = [np.flatnonzero(taps[i]) for i in range(k)]
     row_nnz = np.array([len(z) for z in nz], np.int64)
-    data, off = _pack([cols[i, z].astype(np.int32) for i, z in enumerate(nz)], [taps[i, z] for i, z in enumerate(nz)],
-                      int(row_nnz.max(initial=0)))
+    data, off = _pack([cols[src[i], z].astype(np.int32) for i, z in enumerate(nz)],
+                      [taps[i, z] for i, z in enumerate(nz)], int(row_nnz.max(initial=0)))
     return SparseRows("ell", data, off, int(row_nnz.sum()), (k, geo.c * taps.shape[1]), row_nnz=row_nnz)
 
 
