@@ -107,7 +107,14 @@ PAD_VECTOR = 16  # lanes of the pad copy's explicit vector loop (a power of two 
 PAD_UNROLL = 64
 
 
-def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
+def fork_join(sch: s_tir.Schedule, loop, parallel: bool = True) -> None:
+    """`loop` across the thread pool, or left serial: a parallel loop costs a fork and a join through TVM's
+    pool on every call, even on one thread (a small kernel pays more for them than it gains)."""
+    if parallel:
+        sch.parallel(loop)
+
+
+def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int, parallel: bool = True) -> None:
     """Flat padded input: split i back into (channel, phase row, column) so the index div/mod fold away,
     parallel over channels.
 
@@ -116,11 +123,12 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
     scatters, slower than the sparse conv it feeds (resnet50's 256->64 1x1 on 56x56: 1.4 ms -> 0.36 ms
     for the whole operator; its strided 256->512: 2.9 -> 1.2 ms). A padded copy stays scalar: its
     bounds test per lane made the vector loop slower (a 3x3 on 56x56: 0.57 -> 0.95 ms). An operator given
-    the flat view of its input (ConvGeometry.input_is_flat) has no copy to schedule."""
+    the flat view of its input (ConvGeometry.input_is_flat) has no copy to schedule. parallel=False: the
+    channel loop runs serially (a small kernel, see fork_join)."""
     if not has_block(sch, "pad_flat"):
         return
     if has_block(sch, "pad_plane"):
-        _schedule_patches(sch, c, rows, cols)
+        _schedule_patches(sch, c, rows, cols, parallel)
         return
     block = sch.get_sblock("pad_flat")
     x_shape = [int(v) for v in sch.get(block).reads[0].source.shape]
@@ -133,25 +141,25 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int) -> None:
         # shuffles into the planes (split this way, no index div/mod is left either)
         ci, ph, pw, hh, ww = sch.split(i, [c, sh, sw, rows // (sh * sw), cols])
         sch.reorder(ci, ph, hh, ww, pw)
-        sch.parallel(sch.fuse(n, ci))
+        fork_join(sch, sch.fuse(n, ci), parallel)
         sch.unroll(pw)
         return
     ci, row, col = sch.split(i, [c, rows, cols])
-    sch.parallel(sch.fuse(n, ci))
+    fork_join(sch, sch.fuse(n, ci), parallel)
     if len(x_shape) == 4 and rows * cols == x_shape[2] * x_shape[3]:
         _vectorize_rows(sch, row, col, rows, cols)
     elif len(x_shape) == 4 and cols < x_shape[3] and cols <= PAD_UNROLL:
         sch.unroll(col)  # a strided conv's phase rows (narrower than the input), see PAD_UNROLL
 
 
-def _schedule_patches(sch: s_tir.Schedule, c: int, rows: int, ow: int) -> None:
+def _schedule_patches(sch: s_tir.Schedule, c: int, rows: int, ow: int, parallel: bool = True) -> None:
     """An input stored as patches (ops.sparse._patches, pad shape [C, R*S*OH, OW]): per channel (in parallel)
     its padded plane, then its taps' slices of it, each output row one explicit vector of OW lanes."""
     block = sch.get_sblock("pad_flat")
     n, i = sch.get_loops(block)
     ci, _, x = sch.split(i, [c, rows, ow])
     par = sch.fuse(n, ci)
-    sch.parallel(par)
+    fork_join(sch, par, parallel)
     sch.compute_at(sch.get_sblock("pad_plane"), par)
     sch.vectorize(x)
 
@@ -217,7 +225,7 @@ def finish_register_tile(sch: s_tir.Schedule, block, acc, at, vector, unrolled: 
     sch.vectorize(write_back)
 
 
-def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False, overlap: int = 0) -> None:
+def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False, overlap: int = 0, parallel: bool = True) -> None:
     """Crop + bias + residual + ReLU. flat (flat_epilogue re-indexed it): inlined into the accumulators'
     write-back. Else in its own parallel loop over (batch, channel), the flat domain's index map y*Wq + x
     being not invertible for reverse_compute_at (and hyb having two producers), with explicit vectors as
@@ -227,20 +235,20 @@ def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False, overlap: int 
         sch.reverse_compute_inline(sch.get_sblock("epilogue"))
         return
     if overlap:
-        _overlap_epilogue(sch, overlap)
+        _overlap_epilogue(sch, overlap, parallel)
         return
     n, k, y, x = sch.get_loops(sch.get_sblock("epilogue"))
-    sch.parallel(sch.fuse(n, k))
+    fork_join(sch, sch.fuse(n, k), parallel)
     _vectorize_rows(sch, y, x, *extents(sch, [y, x]))
 
 
-def _overlap_epilogue(sch: s_tir.Schedule, lanes: int) -> None:
+def _overlap_epilogue(sch: s_tir.Schedule, lanes: int, parallel: bool = True) -> None:
     """The epilogue of an overlapped flat domain (ConvGeometry.with_overlap; no thrown-away columns) over
     the flat output p = y*OW + x (ops.sparse.output_shape), in whole vectors of `lanes` up to the last one and
     a short vector for the rest (loop_partition): over (y, x), a 14x14 map ran in 4-lane vectors with 64-bit
     vector divisions by OW (the index simplifier left them), slower than no overlap at all."""
     n, k, p = sch.get_loops(sch.get_sblock("epilogue"))  # flat: ops.sparse.output_shape
-    sch.parallel(sch.fuse(n, k))
+    fork_join(sch, sch.fuse(n, k), parallel)
     vectorize_flat(sch, p, lanes)
 
 

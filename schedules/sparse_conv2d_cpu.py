@@ -16,9 +16,9 @@ from unsparse_tvm.ops import names
 from unsparse_tvm.target import runnable_here
 
 from ._common import (MAX_DEFAULT_ROWS, ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents,
-                      finish_register_tile, flat_epilogue, has_block, lanes_of_domain, largest_divisor, place_decode,
-                      pow2_divisor, rows_are_domain, sample_choice, schedule_epilogue_cpu, schedule_pad_cpu,
-                      split_row_tile, vectorize_flat)
+                      finish_register_tile, flat_epilogue, fork_join, has_block, lanes_of_domain, largest_divisor,
+                      place_decode, pow2_divisor, rows_are_domain, sample_choice, schedule_epilogue_cpu,
+                      schedule_pad_cpu, split_row_tile, vectorize_flat)
 
 OP = names.SPARSE_CONV2D
 
@@ -68,15 +68,24 @@ def spatial_outer_pays(input_bytes: int, row_entries: int, channels: int, l2: in
 
 
 
+# A kernel of fewer multiply-adds than this (stored entries x positions) runs without a parallel loop: its fork
+# and join through TVM's pool cost more than a second core gains, on one thread too. The sparse conv rule
+# alone, 90%, Xeon, so_profile.py A/B (ms, one thread / two): mobilenet_v2@128 0.712 / 0.741 -> 0.616 / 0.623
+# (34 of its 51 convs), efficientnet_b0@128 1.546 / 1.463 -> 1.492 / 1.343, vgg16-cifar level (1.586 / 1.036
+# -> 1.584 / 1.041); at 1M, efficientnet lost at two threads (1.588) and at 4M vgg16-cifar did (1.546).
+SERIAL_FMAS = 200_000
+
+
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     lanes, registers = cpu_vector_lanes(target)
     cx = int(func.attrs["unsparse.pad_shape"][0])
-    width = extents(sch, sch.get_loops(sch.get_sblock("conv")))[3]  # entries per row (hyb: its ell part)
+    ext = extents(sch, sch.get_loops(sch.get_sblock("conv")))  # n, rows, positions, entries per row (hyb: ell's)
     outer = cfg.spatial_outer > 0 or (cfg.spatial_outer == 0 and
-                                      spatial_outer_pays(_input_bytes(func), width, cx, l2_input_bytes(target)))
+                                      spatial_outer_pays(_input_bytes(func), ext[3], cx, l2_input_bytes(target)))
     _schedule(sch, func, cfg.tile_k, domain_lanes(func, cfg.vec or lanes), cfg.unroll, clamp=True,
-              k_inner=cfg.k_inner or domain_attr(func, "interleave"), accumulators=registers // 2, spatial_outer=outer)
+              k_inner=cfg.k_inner or domain_attr(func, "interleave"), accumulators=registers // 2, spatial_outer=outer,
+              parallel=ext[0] * ext[1] * ext[2] * ext[3] >= SERIAL_FMAS)
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -140,7 +149,8 @@ def _clamp(rows: int, q_extent: int, tile_k: int, vec: int, unroll: int, k_inner
     return tile_k, vec, unroll, largest_divisor(tile_k, k_inner or chains)
 
 
-def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulators=16, spatial_outer=False):
+def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulators=16, spatial_outer=False,
+                   parallel=True):
     """Schedule one reduction stage ("conv" or "conv_ovf", loops [n, k, q, j]); returns its parallel loop.
 
     Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes.
@@ -160,7 +170,7 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulator
     else:
         sch.reorder(n, ko, qo, kio, j, kii, qu, qv)
         par = sch.fuse(n, ko)
-    sch.parallel(par)
+    fork_join(sch, par, parallel)
     finish_register_tile(sch, block, acc, kio, qv, [qu, kii], j)
     # hyb's overflow rows are few and short: their decode stays inline (a decode stage is ~7 KB of code)
     place_decode(sch, name, par, extents(sch, [qo])[0] if name == "conv" and not spatial_outer else 0)
@@ -168,18 +178,18 @@ def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulator
 
 
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_k, vec, unroll, clamp: bool,
-              k_inner: int = 1, accumulators: int = 16, spatial_outer: bool = False) -> None:
+              k_inner: int = 1, accumulators: int = 16, spatial_outer: bool = False, parallel: bool = True) -> None:
     cx, rows, cols = (int(v) for v in func.attrs["unsparse.pad_shape"])
     hyb = has_block(sch, "conv_ovf")  # ask before decompose_reduction renames it "conv_ovf_update"
-    schedule_pad_cpu(sch, cx, rows, cols)
+    schedule_pad_cpu(sch, cx, rows, cols, parallel)
     if has_block(sch, "gate"):  # a folded squeeze-excitation gate (ops.sparse.gate_stage): its C scales once
         vectorize_flat(sch, sch.get_loops(sch.get_sblock("gate"))[-1], 8)
     overlap = domain_attr(func, "overlap")
     flat = not hyb and not overlap and flat_epilogue(sch, "conv", cols, rows_are_domain(func))
-    _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)
+    _schedule_rows(sch, "conv", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer, parallel)
     if hyb:
-        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer)
-    schedule_epilogue_cpu(sch, flat, overlap)  # flat: bias/residual/ReLU in the accumulators' write-back
+        _schedule_rows(sch, "conv_ovf", tile_k, vec, unroll, clamp, k_inner, accumulators, spatial_outer, parallel)
+    schedule_epilogue_cpu(sch, flat, overlap, parallel)  # flat: bias/residual/ReLU in the accumulators' write-back
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

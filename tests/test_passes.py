@@ -290,3 +290,22 @@ def test_pointwise_convs_on_14x14_overlap_their_last_vectors_and_read_the_input_
     assert {r.name: r.fused for r in compiled.report} == {"a": "bias+relu", "b": "bias+residual+relu"}
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
     assert rel_err(y, ep.module()(x).detach().numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("serial_fmas", [200_000, 0], ids=["small kernel serial", "control: threshold 0"])
+def test_small_sparse_convs_have_no_parallel_loop(serial_fmas, llvm, monkeypatch):
+    """A conv of fewer multiply-adds than SERIAL_FMAS (here 8x8 3x3 on 6x6: ~5 k) is scheduled without a
+    parallel loop (its pad copy, rows and epilogue); with the threshold at 0 the same conv forks as before.
+    Numerics are the other tests' (every small conv in them now runs serially)."""
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+    from unsparse_tvm.schedules import sparse_conv2d_cpu
+
+    monkeypatch.setattr(sparse_conv2d_cpu, "SERIAL_FMAS", serial_fmas)
+    ep, _ = _prepared(ResBlock(), (2, 8, 6, 6))
+    mod, names = import_program(ep)
+    with llvm:
+        scheduled = build_pipeline(llvm, names=names, threshold=0.7, stop_after="schedule")(mod)
+    kernels = [f.script() for gv, f in scheduled.functions_items() if gv.name_hint.startswith("sparse_conv2d")]
+    assert len(kernels) == 2
+    assert all(("T.parallel" in k) == (serial_fmas == 0) for k in kernels)
