@@ -86,15 +86,18 @@ def test_threshold_decides_per_layer(threshold, expected, llvm):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_nothing_left_unscheduled_on_llvm(sparse, llvm):
+def test_nothing_left_unscheduled_on_llvm(sparse, llvm, monkeypatch):
     """Every PrimFunc leaving the schedule phase is scheduled, sparse or dense (pool, linear, add too)."""
     from tvm import tirx
 
     from unsparse_tvm.frontend import import_program
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.ops.names import is_scheduled
+    from unsparse_tvm.schedules import sparse_conv2d_cpu
 
     from conftest import pruned_program
+
+    monkeypatch.setattr(sparse_conv2d_cpu, "SERIAL_FMAS", 0)  # smallcnn's convs are small enough to run serially
 
     mod, names = import_program(pruned_program("smallcnn"))
     with llvm:
