@@ -10,14 +10,14 @@ hidden width shrinks to its live channels (exact, up to float rounding of the fo
 
 At 90% unstructured sparsity 0.9^9 = 39% of a 3x3 depthwise conv's filters are all zero (mobilenet_v2@128
 pruned by `prune --sparsity 0.9`: 2770 of 7136), so expand, depthwise and project each lose that share of
-their work; a 5x5 one loses 7%. A block whose depthwise output also feeds something else (efficientnet's
-squeeze-excitation) is left alone: there the dead channel is scaled by a gate computed per image.
+their work; a 5x5 one loses 7%. Where the depthwise output also feeds something else (efficientnet's
+squeeze-excitation), the dead channel reaches the project conv scaled by a gate computed per image, which no
+constant bias carries: there (with `gather`) only the expand conv drops it, and the depthwise conv reads the
+live channels through a take along the channel axis that SparsifyConv2d folds into its rows' offsets.
 Only the sparse pipeline runs it: TVM's dense baseline computes what the dense runtimes compute.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -27,12 +27,6 @@ from tvm.ir import IRModule
 from ._conv_match import is_depthwise
 from ._util import Epilogue, FunctionRewriter, const_array, is_op, match_epilogue, shape_of, users_of
 from .layers import LayerNames
-
-
-@dataclass
-class _Block:
-    live: np.ndarray          # the hidden channels kept
-    fold: np.ndarray          # [K], added to the project conv's bias
 
 
 def _activation(ep: Epilogue, v: np.ndarray) -> np.ndarray:
@@ -109,10 +103,9 @@ class _Dropper(FunctionRewriter):
         p_var, p_ep, wp = project
         bd = d_ep.bias if d_ep.bias is not None else np.zeros(wd.shape[0], np.float32)
         fold = wp[:, dead, 0, 0].astype(np.float64) @ _activation(d_ep, bd[dead].astype(np.float64))
-        block = _Block(live, fold.astype(np.float32))
-        self._replace_conv(dw_var, lambda w: w[block.live])
-        self._replace_bias(dw_var, d_ep, users, block.live)
-        self._replace_project(p_var, p_ep, users, block)
+        self._replace_conv(dw_var, lambda w: w[live])
+        self._replace_bias(dw_var, d_ep, users, live)
+        self._replace_project(p_var, p_ep, users, live, fold.astype(np.float32))
         if self.names is not None:
             self.names.dropped[name] = (int(dead.sum()), int(dead.size))
 
@@ -147,15 +140,17 @@ class _Dropper(FunctionRewriter):
             bias = ep.bias[live].reshape(1, -1, 1, 1)
             self.replace[add] = lambda: relax.op.add(self.visit_expr(var), relax.const(bias))
 
-    def _replace_project(self, var, ep: Epilogue, users: dict, block: _Block) -> None:
-        self._replace_conv(var, lambda w: w[:, block.live])
+    def _replace_project(self, var, ep: Epilogue, users: dict, live: np.ndarray, fold: np.ndarray) -> None:
+        """The project conv over the live channels; `fold` ([K], the dead channels' constant contribution)
+        joins its bias, or becomes one."""
+        self._replace_conv(var, lambda w: w[:, live])
         conv = self.replace[var]
         if ep.bias is not None:
-            bias = (ep.bias + block.fold).reshape(1, -1, 1, 1)
+            bias = (ep.bias + fold).reshape(1, -1, 1, 1)
             self.replace[users[var]] = lambda: relax.op.add(self.visit_expr(var), relax.const(bias))
-        else:  # a bias of its own now: the dead channels' constant contribution
-            fold = block.fold.reshape(1, -1, 1, 1)
-            self.replace[var] = lambda: relax.op.add(self.builder_.emit(conv()), relax.const(fold))
+        else:
+            self.replace[var] = lambda: relax.op.add(self.builder_.emit(conv()),
+                                                     relax.const(fold.reshape(1, -1, 1, 1)))
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         new = self.replace.get(binding.var)

@@ -151,7 +151,8 @@ def _clamp(rows: int, q_extent: int, tile_k: int, vec: int, unroll: int, k_inner
 
 def _schedule_rows(sch, name, tile_k, vec, unroll, clamp, k_inner=1, accumulators=16, spatial_outer=False,
                    parallel=True):
-    """Schedule one reduction stage ("conv" or "conv_ovf", loops [n, k, q, j]); returns its parallel loop.
+    """Schedule one reduction stage ("conv" or "conv_ovf", loops [n, k, q, j]); returns its outer loop, parallel
+    unless `parallel` is False (a small kernel, SERIAL_FMAS).
 
     Register tile per step of the nonzero loop j: k_inner rows x unroll vectors of vec lanes.
     With clamp (apply), the knobs are fitted to the extents; without (space), they arrive sampled

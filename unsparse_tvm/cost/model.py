@@ -138,7 +138,8 @@ def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTI
         dense += inp * DW_DENSE_STRIDED_INPUT_S
     if geo.c < geo.k:  # the gather's copy, at the sparse kernel's cost of copying an input element
         dense += channels * geo.h * geo.w * DW_SPARSE_INPUT_S
-    sparse = (inp * geo.c / geo.k * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S + channels * DW_SPARSE_CHANNEL_S
+    read = geo.n * geo.c * geo.hp * geo.wp  # the padded input the sparse kernel copies: its own channels
+    sparse = (read * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S + channels * DW_SPARSE_CHANNEL_S
               + rows.nnz * geo.n * geo.oh * geo.ow / rates.ell)
     return LayerCost(dense * 1e6, sparse * 1e6)
 
