@@ -136,7 +136,9 @@ class _Sparsifier(ConvChainRewriter):
         return call
 
     def flat_domain(self, run, plane: bool):
-        """The fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap; the
+        """The fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap, its input
+        copied at a channel pitch of whole vectors where H*W would split most loads, see with_aligned_channels; a
+        strided conv's phase rows at a pitch of whole vectors, see with_aligned_rows; the
         output map itself where its rows are whole vectors, or half of one (8x8 under AVX-512), see
         with_row_domain; a 4x4 map's input as patches, see with_patches). `plane` (depthwise rows, quantised
         weights) keeps the padded plane at whole vectors: a depthwise conv reads each input position for one
@@ -177,7 +179,9 @@ def kernel_geometry(run, cost: CostModel, plane: bool = False):
         return run
     run = strided_pointwise(run) or run  # a strided 1x1 runs at stride 1 on the subsampled input (llvm)
     ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not plane)
-    return ours if plane else ours.with_patches(cost.lanes, fold_images=True)
+    if plane:
+        return ours
+    return ours.with_patches(cost.lanes, fold_images=True).with_aligned_channels(cost.lanes).with_aligned_rows(cost.lanes)
 
 
 def pack_conv_rows(weight, geo, fmt: str | None, cost: CostModel):

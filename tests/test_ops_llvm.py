@@ -150,29 +150,37 @@ def _vector_stages(spec, llvm) -> set[str]:
     return set(re.findall(r'T\.vectorized\([^\n]*\):\s*\n\s*with T\.sblock\("(\w+)"\)', text))
 
 
-@pytest.mark.parametrize("r,pad,size,copy", [(1, 0, 2, "vector"), (3, 1, 16, "scalar"), (1, 0, 16, "none"),
-                                               (1, 0, 14, "none")])
-def test_input_copy_is_a_vector_loop_only_where_unpadded(r, pad, size, copy, llvm):
+@pytest.mark.parametrize("r,pad,size,copy,mcpu", [(1, 0, 2, "vector", None), (3, 1, 16, "scalar", None),
+                                                    (1, 0, 16, "none", None), (1, 0, 14, "none", "haswell"),
+                                                    (1, 0, 14, "aligned", "skylake-avx512")])
+def test_input_copy_is_a_vector_loop_only_where_unpadded(r, pad, size, copy, mcpu, llvm):
     """Left to LLVM, the unpadded (1x1) input copy and the hyb epilogue were vectorised across rows with
     gathers and scatters, several times slower than the conv: both are explicit vector loops now (a 1x1 on
     a 2x2 map, smaller than a vector, still copies its input). A padded copy stays scalar (a per-lane bounds
     test made it slower). A 1x1 whose flat domain is exactly its map (16x16), or whose last vectors overlap
-    inside it (14x14, ConvGeometry.with_overlap), reads a view of its input: no copy at all."""
+    inside it (14x14, ConvGeometry.with_overlap), reads a view of its input: no copy at all, unless its
+    channel pitch splits most vector loads across cache lines (196 floats under AVX-512: 3 in 4), where it
+    copies the input at a pitch of whole vectors (with_aligned_channels; scheduled only, any host)."""
+    from conftest import cpu_target
+
+    target = cpu_target(mcpu) if mcpu else llvm
     rng = np.random.default_rng(0)
     weight = sparse_weight((32, 16, r, r), 0.9, rng, dense_rows=2)
     spec = LayerSpec("conv2d", (1, 16, size, size), weight, None, True,
                      {"strides": [1, 1], "padding": [pad] * 4, "dilation": [1, 1], "groups": 1})
-    stages = _vector_stages(spec, llvm)
-    assert "epilogue" in stages or copy == "none"  # (a flat 1x1 in ell fuses it into the write-back)
+    stages = _vector_stages(spec, target)
+    assert "epilogue" in stages or copy in ("none", "aligned")  # (a flat 1x1 in ell fuses it into the write-back)
     assert ("pad_flat" in stages) == (copy == "vector")
-    if copy == "none":
+    if copy in ("none", "aligned"):
         from unsparse_tvm.single_layer import layer_module
         from unsparse_tvm.relay_passes import build_pipeline
 
-        substituted = build_pipeline(llvm, threshold=0.5, stop_after="sparsify")(layer_module(spec))
-        assert "R.reshape" in substituted.script()  # a view at run time (the VM's reshape builtin)
-        scheduled = build_pipeline(llvm, threshold=0.5, stop_after="schedule")(layer_module(spec))
-        assert 'T.sblock("pad_flat")' not in scheduled["sparse_conv2d"].script()
+        substituted = build_pipeline(target, threshold=0.5, stop_after="sparsify")(layer_module(spec))
+        assert ("R.reshape(x," in substituted.script()) == (copy == "none")  # a view at run time (the VM's reshape)
+        scheduled = build_pipeline(target, threshold=0.5, stop_after="schedule")(layer_module(spec))["sparse_conv2d"]
+        assert ('T.sblock("pad_flat")' in scheduled.script()) == (copy == "aligned")
+        if copy == "aligned":  # 16 channels at a pitch of 13 vectors of 16
+            assert [int(v) for v in scheduled.attrs["unsparse.pad_shape"]] == [16, 1, 208]
 
 
 @pytest.mark.parametrize("stride,unrolled", [(2, True), (1, False)])
@@ -331,3 +339,81 @@ def test_strided_pad_builds_phase_planes_with_shuffles(mcpu, sparse, monkeypatch
     count = [sum(op in shuffles for op in o) for o in (ops, before)]  # haswell: 28 vs 7, skylake-avx512: 12 vs 4
     assert count[0] >= 8 and count[0] >= 2 * count[1], count
     assert "vinsertps" not in ops  # the gather lane by lane (4 on haswell before)
+
+
+@pytest.mark.parametrize("size,batch,fmt", [(7, 1, "hyb"), (7, 3, "ell"), (14, 2, "hyb"), (13, 1, "vell4"),
+                                             (5, 2, "ell"), (12, 1, None)])
+def test_aligned_channel_pitch_matches_pytorch(size, batch, fmt, llvm):
+    """A 1x1 on a map that is not whole vectors (with_overlap) whose channel pitch H*W would split most vector
+    loads (ConvGeometry.with_aligned_channels) reads a copy of its input at a pitch of whole vectors; the zeros
+    between channels are never read. Against PyTorch on this host's ISA (the copy is made where the rule says:
+    7x7 and 13x13 under AVX2 and AVX-512, 14x14 and 5x5 under AVX-512 only; 12x12 = 9 vectors of 16, none), with
+    batch, empty and dense rows, grouped rows; control: the rule itself, and a pitch that is left alone."""
+    from unsparse_tvm.ops.geometry import SPLIT_LOADS, ConvGeometry, split_loads
+    from unsparse_tvm.cost.model import CostModel
+    from unsparse_tvm.relay_passes.sparsify_conv2d import kernel_geometry
+    from unsparse_tvm.schedules import cpu_vector_lanes
+
+    rng = case_rng("aligned", size, batch, fmt)
+    weight = sparse_weight((48, 40, 1, 1), 0.85, rng, empty_rows=3, dense_rows=2)
+    bias = rng.standard_normal(48).astype(np.float32)
+    spec = LayerSpec("conv2d", (batch, 40, size, size), weight, bias, True,
+                     {"strides": [1, 1], "padding": [0] * 4, "dilation": [1, 1], "groups": 1})
+    x = rng.standard_normal(spec.input_shape).astype(np.float32)
+    y, report = run_layer(spec, llvm, threshold=0.5, fmt=fmt, x=x)
+    assert report[0].decision == "sparse"
+    assert rel_err(y, torch_conv(x, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), relu=True)) < 1e-5
+    cost = CostModel("llvm", lanes=cpu_vector_lanes(llvm)[0])
+    geo = kernel_geometry(ConvGeometry(batch, 40, size, size, 48, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)), cost)
+    positions = size * size
+    aligned = positions % cost.lanes and positions > cost.lanes and split_loads(positions, cost.lanes) >= SPLIT_LOADS
+    assert geo.align == (cost.lanes if aligned else 0)
+    if aligned:
+        assert geo.channel_plane % cost.lanes == 0 and geo.channel_plane > positions and not geo.input_is_flat
+        assert all(int(o) % cost.lanes == 0 for o in geo.column_offsets())
+
+
+def test_split_loads_counts_loads_across_cache_lines():
+    """The share of channel pitches' vector loads that cross a 64-byte line: under AVX-512 every unaligned one
+    (196 floats: 3 in 4), under AVX2 those starting in a line's last 32 bytes (196: 1 in 4; 49: 7 in 16)."""
+    from unsparse_tvm.ops.geometry import split_loads
+
+    assert split_loads(196, 16) == 0.75 and split_loads(196, 8) == 0.25
+    assert split_loads(49, 16) == 15 / 16 and split_loads(49, 8) == 7 / 16
+    assert split_loads(784, 16) == split_loads(3136, 8) == 0.0
+
+
+@pytest.mark.parametrize("size,stride,dilation,batch,fmt", [(28, (2, 2), (1, 1), 1, "hyb"), (57, (2, 2), (1, 1), 2, "ell"),
+                                                            (28, (2, 1), (1, 1), 1, "ell"), (30, (2, 2), (2, 2), 1, "hyb"),
+                                                            (14, (2, 2), (1, 1), 3, "vell4")])
+def test_aligned_phase_rows_match_pytorch(size, stride, dilation, batch, fmt, llvm):
+    """A strided 3x3 whose phase rows are not whole vectors runs at a row pitch rounded up to them where that
+    adds at most an eighth (ConvGeometry.with_aligned_rows: 28x28 at stride 2, planes 15 -> 16 wide; 57x57, 29
+    -> 32); the columns added are zeros whose outputs are thrown away. Against PyTorch with batch, dilation, a
+    stride of (2, 1), grouped rows; control: a 14x14 map's planes, 8 wide, keep their pitch under AVX-512."""
+    from unsparse_tvm.cost.model import CostModel
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.relay_passes.sparsify_conv2d import kernel_geometry
+    from unsparse_tvm.schedules import cpu_vector_lanes
+
+    rng = case_rng("aligned rows", size, stride, dilation, batch, fmt)
+    weight = sparse_weight((32, 12, 3, 3), 0.85, rng, empty_rows=2, dense_rows=2)
+    bias = rng.standard_normal(32).astype(np.float32)
+    pad = (dilation[0], dilation[1], dilation[0], dilation[1])
+    spec = LayerSpec("conv2d", (batch, 12, size, size), weight, bias, True,
+                     {"strides": list(stride), "padding": list(pad), "dilation": list(dilation), "groups": 1})
+    x = rng.standard_normal(spec.input_shape).astype(np.float32)
+    y, report = run_layer(spec, llvm, threshold=0.5, fmt=fmt, x=x)
+    assert report[0].decision == "sparse"
+    assert rel_err(y, torch_conv(x, weight, bias, stride, pad, dilation, relu=True)) < 1e-5
+    lanes = cpu_vector_lanes(llvm)[0]
+    plain = ConvGeometry(batch, 12, size, size, 32, 3, 3, stride, pad, dilation)
+    geo = kernel_geometry(plain, CostModel("llvm", lanes=lanes))
+    wide = -(-plain.wq // lanes) * lanes
+    assert geo.pitch == (lanes if wide != plain.wq and 8 * (wide - plain.wq) <= plain.wq else 0)
+    assert geo.wq == (wide if geo.pitch else plain.wq)
+    if (size, lanes) == (14, 16):
+        assert geo.pitch == 0  # control: 8 -> 16 would double the domain
+    if geo.pitch and stride == (2, 2) and dilation == (1, 1):  # taps s = 0, 1 start on whole vectors
+        offsets = geo.column_offsets().reshape(12, 3, 3)
+        assert (offsets[:, :, :2] % lanes == 0).all() and (offsets[:, :, 2] % lanes == 1).all()

@@ -12,6 +12,16 @@ PATCH_MAX_POSITIONS = 16  # ConvGeometry.with_patches: maps up to 4x4
 PATCH_MAX_BATCH_POSITIONS = 32  # with_patches(fold_images=True): 8 images of a 2x2 map in one patch, 2 of a 4x4
 
 
+SPLIT_LOADS = 0.4  # ConvGeometry.with_aligned_channels: the share of split vector loads that pays for a copy
+CACHE_LINE = 64
+
+
+def split_loads(pitch: int, lanes: int) -> float:
+    """The share of channels c whose vector load of `lanes` floats at c * pitch crosses a cache line."""
+    starts = [c * pitch * 4 % CACHE_LINE for c in range(CACHE_LINE)]
+    return sum(s + 4 * lanes > CACHE_LINE for s in starts) / len(starts)
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Static shape facts of one NCHW/OIHW conv2d, and the flat padded-input layout the kernel reads.
@@ -37,6 +47,8 @@ class ConvGeometry:
     row_domain: bool = False  # the flat domain is the output map itself, q = y*OW + x (with_row_domain)
     patches: bool = False  # the input is stored as one patch per tap, q = y*OW + x (with_patches)
     images: int = 1  # patches of this many images side by side, q = i*OH*OW + y*OW + x (with_patches)
+    align: int = 0  # lanes L: an overlapped domain's channel pitch rounded up to whole vectors (with_aligned_channels)
+    pitch: int = 0  # lanes L: a strided conv's phase rows at a pitch of whole vectors (with_aligned_rows)
 
     @property
     def hp(self) -> int:
@@ -66,28 +78,33 @@ class ConvGeometry:
 
     @property
     def wq(self) -> int:
-        """Columns of one phase plane: the row pitch of the flat output domain."""
-        return -(-self.wp // self.stride[1])
+        """Columns of one phase plane: the row pitch of the flat output domain (with_aligned_rows: whole vectors)."""
+        w = -(-self.wp // self.stride[1])
+        return -(-w // self.pitch) * self.pitch if self.pitch else w
 
     @property
     def channel_plane(self) -> int:
         """Flat size of one input channel: its sh*sw phase planes (with_patches: its R*S patches)."""
         if self.patches:
             return self.r * self.s * self.q_extent
-        return self.stride[0] * self.stride[1] * self.hq * self.wq
+        plane = self.stride[0] * self.stride[1] * self.hq * self.wq
+        return -(-plane // self.align) * self.align if self.align else plane
 
     @property
     def pad_shape(self) -> list[int]:
         """[channels, rows, columns] the flat padded input splits into (for the pad stage's schedule)."""
         if self.patches:  # q_extent == OH*OW: one row per output row and tap
             return [self.pad_channels, self.r * self.s * self.images * self.oh, self.ow]
+        if self.align:  # a channel's plane and the zeros that round it up to whole vectors
+            return [self.pad_channels, 1, self.channel_plane]
         return [self.pad_channels, self.stride[0] * self.stride[1] * self.hq, self.wq]
 
     def with_overlap(self, lanes: int) -> "ConvGeometry":
         """For a pointwise stride-1 conv whose map is not whole vectors of `lanes` (14x14 = 12.25 vectors of 16):
         the same conv with its flat domain in whole vectors whose last ones are shifted back to end at the
         map's last position, so that they overlap the one before instead of reading past the input. Its
-        input is then read in place, not copied with a trailing zero channel. resnet50 at 90%, one thread,
+        input is then read in place, not copied with a trailing zero channel (but see with_aligned_channels).
+        resnet50 at 90%, one thread,
         in the whole model: 256x1024 on 14x14 307 -> 257 us, 1024x256 333 -> 315, 512x2048 on 7x7 323 ->
         300; 0.6 ms of 21.5 in all. The positions covered twice are computed twice and read once
         (read_split). Unchanged otherwise."""
@@ -131,6 +148,36 @@ class ConvGeometry:
         if images * positions % 8:
             return self
         return dataclasses.replace(self, patches=True, images=images)
+
+    def with_aligned_channels(self, lanes: int) -> "ConvGeometry":
+        """An overlapped domain (with_overlap) whose channel pitch, the map's H*W, splits most vector loads across
+        two cache lines: the same conv with its input copied at a pitch of whole vectors (zeros between
+        channels), so that every stored weight's loads but the overlapping last vector are aligned. Unaligned
+        64-byte loads run at about half speed on a Xeon and on Zen 4 (7 FMAs per broadcast weight, from L2:
+        1.8x slower, benchmarks/split_loads.c). resnet50's 1x1s at 90%, one thread, copy included (Xeon, AVX-512): 256x1024 on 14x14
+        284 -> 260 us, 1024x256 356 -> 301, 512x2048 on 7x7 307 -> 269, 2048x512 313 -> 274. Under AVX2 a
+        32-byte load splits only where it starts in a line's last 32 bytes: a 14x14 map's pitch splits a
+        quarter of them, and the copy did not pay (256x1024: 269 -> 291 us), a 7x7's 7 of 16 (294 -> 239), so
+        the copy is made where at least SPLIT_LOADS of the loads split. Unchanged otherwise."""
+        if not self.overlap or split_loads(self.oh * self.ow, lanes) < SPLIT_LOADS:
+            return self
+        return dataclasses.replace(self, align=lanes)
+
+    def with_aligned_rows(self, lanes: int) -> "ConvGeometry":
+        """A strided conv with several taps on its phase planes (not pointwise: those run subsampled) whose row
+        pitch Wq is not whole vectors of `lanes`: the same conv with Wq rounded up to them where that adds at
+        most an eighth (the extra columns are zero and computed to be thrown away). A stride-2 3x3's taps then
+        start at column 0 of their phase row for s = 0, 1 (aligned) and at column 1 for s = 2, where with a
+        pitch of 29 or 15 nearly every vector load split across two cache lines. One thread, 90%, Xeon
+        (AVX-512): 128x128 on 56x56 (planes 29 -> 32 wide) 0.804 -> 0.748 ms, 256x256 on 28x28 (15 -> 16) 0.698 ->
+        0.553; 512x512 on 14x14 keeps its 8 (16 would double the domain). Stride-1 convs gained nothing from
+        it (a third of their taps aligned: 64x64 on 56x56 0.590 -> 0.588). Unchanged otherwise."""
+        wq = self.wq
+        wide = -(-wq // lanes) * lanes
+        if self.stride == (1, 1) or (self.r, self.s) == (1, 1) or self.overlap or self.row_domain or self.patches \
+                or wide == wq or 8 * (wide - wq) > wq:
+            return self
+        return dataclasses.replace(self, pitch=lanes)
 
     @property
     def read_split(self) -> tuple[int, int]:
@@ -176,7 +223,8 @@ class ConvGeometry:
     def input_is_flat(self) -> bool:
         """Whether the flat padded input is the input itself, [N, C*H*W] (stride 1, no padding, no extended
         read past the last channel): the operator then takes that view of it instead of copying it."""
-        return self.stride == (1, 1) and not any(self.padding) and self.pad_channels == self.c and not self.patches
+        return (self.stride == (1, 1) and not any(self.padding) and self.pad_channels == self.c and not self.patches
+                and not self.align)
 
     @property
     def pad_channels(self) -> int:
