@@ -181,7 +181,8 @@ def kernel_geometry(run, cost: CostModel, plane: bool = False):
     ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not plane)
     if plane:
         return ours
-    return ours.with_patches(cost.lanes, fold_images=True).with_aligned_channels(cost.lanes).with_aligned_rows(cost.lanes)
+    ours = ours.with_patches(cost.lanes, fold_images=True)
+    return ours.with_aligned_channels(cost.lanes).with_aligned_rows(cost.lanes)
 
 
 def pack_conv_rows(weight, geo, fmt: str | None, cost: CostModel):

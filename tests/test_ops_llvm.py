@@ -383,9 +383,9 @@ def test_split_loads_counts_loads_across_cache_lines():
     assert split_loads(784, 16) == split_loads(3136, 8) == 0.0
 
 
-@pytest.mark.parametrize("size,stride,dilation,batch,fmt", [(28, (2, 2), (1, 1), 1, "hyb"), (57, (2, 2), (1, 1), 2, "ell"),
-                                                            (28, (2, 1), (1, 1), 1, "ell"), (30, (2, 2), (2, 2), 1, "hyb"),
-                                                            (14, (2, 2), (1, 1), 3, "vell4")])
+@pytest.mark.parametrize("size,stride,dilation,batch,fmt", [
+    (28, (2, 2), (1, 1), 1, "hyb"), (57, (2, 2), (1, 1), 2, "ell"), (28, (2, 1), (1, 1), 1, "ell"),
+    (30, (2, 2), (2, 2), 1, "hyb"), (14, (2, 2), (1, 1), 3, "vell4")])
 def test_aligned_phase_rows_match_pytorch(size, stride, dilation, batch, fmt, llvm):
     """A strided 3x3 whose phase rows are not whole vectors runs at a row pitch rounded up to them where that
     adds at most an eighth (ConvGeometry.with_aligned_rows: 28x28 at stride 2, planes 15 -> 16 wide; 57x57, 29

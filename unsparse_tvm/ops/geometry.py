@@ -16,6 +16,11 @@ SPLIT_LOADS = 0.4  # ConvGeometry.with_aligned_channels: the share of split vect
 CACHE_LINE = 64
 
 
+def _round_up(n: int, m: int) -> int:
+    """n rounded up to a multiple of m (m = 0: n)."""
+    return -(-n // m) * m if m else n
+
+
 def split_loads(pitch: int, lanes: int) -> float:
     """The share of channels c whose vector load of `lanes` floats at c * pitch crosses a cache line."""
     starts = [c * pitch * 4 % CACHE_LINE for c in range(CACHE_LINE)]
@@ -79,16 +84,14 @@ class ConvGeometry:
     @property
     def wq(self) -> int:
         """Columns of one phase plane: the row pitch of the flat output domain (with_aligned_rows: whole vectors)."""
-        w = -(-self.wp // self.stride[1])
-        return -(-w // self.pitch) * self.pitch if self.pitch else w
+        return _round_up(-(-self.wp // self.stride[1]), self.pitch)
 
     @property
     def channel_plane(self) -> int:
         """Flat size of one input channel: its sh*sw phase planes (with_patches: its R*S patches)."""
         if self.patches:
             return self.r * self.s * self.q_extent
-        plane = self.stride[0] * self.stride[1] * self.hq * self.wq
-        return -(-plane // self.align) * self.align if self.align else plane
+        return _round_up(self.stride[0] * self.stride[1] * self.hq * self.wq, self.align)
 
     @property
     def pad_shape(self) -> list[int]:
@@ -104,10 +107,9 @@ class ConvGeometry:
         the same conv with its flat domain in whole vectors whose last ones are shifted back to end at the
         map's last position, so that they overlap the one before instead of reading past the input. Its
         input is then read in place, not copied with a trailing zero channel (but see with_aligned_channels).
-        resnet50 at 90%, one thread,
-        in the whole model: 256x1024 on 14x14 307 -> 257 us, 1024x256 333 -> 315, 512x2048 on 7x7 323 ->
-        300; 0.6 ms of 21.5 in all. The positions covered twice are computed twice and read once
-        (read_split). Unchanged otherwise."""
+        resnet50 at 90%, one thread, in the whole model: 256x1024 on 14x14 307 -> 257 us, 1024x256 333 -> 315,
+        512x2048 on 7x7 323 -> 300; 0.6 ms of 21.5 in all. The positions covered twice are computed twice and
+        read once (read_split). Unchanged otherwise."""
         positions = self.oh * self.ow
         pointwise = (self.r, self.s) == (1, 1) and self.stride == (1, 1) and not any(self.padding)
         if not pointwise or positions % lanes == 0 or positions < lanes:
@@ -154,11 +156,11 @@ class ConvGeometry:
         two cache lines: the same conv with its input copied at a pitch of whole vectors (zeros between
         channels), so that every stored weight's loads but the overlapping last vector are aligned. Unaligned
         64-byte loads run at about half speed on a Xeon and on Zen 4 (7 FMAs per broadcast weight, from L2:
-        1.8x slower, benchmarks/split_loads.c). resnet50's 1x1s at 90%, one thread, copy included (Xeon, AVX-512): 256x1024 on 14x14
-        284 -> 260 us, 1024x256 356 -> 301, 512x2048 on 7x7 307 -> 269, 2048x512 313 -> 274. Under AVX2 a
-        32-byte load splits only where it starts in a line's last 32 bytes: a 14x14 map's pitch splits a
-        quarter of them, and the copy did not pay (256x1024: 269 -> 291 us), a 7x7's 7 of 16 (294 -> 239), so
-        the copy is made where at least SPLIT_LOADS of the loads split. Unchanged otherwise."""
+        1.8x slower, benchmarks/split_loads.c). resnet50's 1x1s at 90%, one thread, copy included (Xeon,
+        AVX-512): 256x1024 on 14x14 284 -> 260 us, 1024x256 356 -> 301, 512x2048 on 7x7 307 -> 269, 2048x512
+        313 -> 274. Under AVX2 a 32-byte load splits only where it starts in a line's last 32 bytes: a 14x14
+        map's pitch splits a quarter of them, and the copy did not pay (256x1024: 269 -> 291 us), a 7x7's 7 of
+        16 (294 -> 239), so the copy is made where at least SPLIT_LOADS of the loads split. Unchanged otherwise."""
         if not self.overlap or split_loads(self.oh * self.ow, lanes) < SPLIT_LOADS:
             return self
         return dataclasses.replace(self, align=lanes)
@@ -172,8 +174,7 @@ class ConvGeometry:
         (AVX-512): 128x128 on 56x56 (planes 29 -> 32 wide) 0.804 -> 0.748 ms, 256x256 on 28x28 (15 -> 16) 0.698 ->
         0.553; 512x512 on 14x14 keeps its 8 (16 would double the domain). Stride-1 convs gained nothing from
         it (a third of their taps aligned: 64x64 on 56x56 0.590 -> 0.588). Unchanged otherwise."""
-        wq = self.wq
-        wide = -(-wq // lanes) * lanes
+        wq, wide = self.wq, _round_up(self.wq, lanes)
         if self.stride == (1, 1) or (self.r, self.s) == (1, 1) or self.overlap or self.row_domain or self.patches \
                 or wide == wq or 8 * (wide - wq) > wq:
             return self
@@ -204,7 +205,7 @@ class ConvGeometry:
             while v > 8 and not any(v % u == 0 for u in range(2, 7)):
                 v += 1
             return v * self.overlap
-        q = -(-self.oh * self.wq // 8) * 8
+        q = _round_up(self.oh * self.wq, 8)
         if self.wq == self.ow and q == self.oh * self.ow and q % (7 * 16) == 0:
             return q  # a map of exactly 7k whole vectors (28x28): tiles of 7, and the epilogue fuses (flat_output)
         while q > 128 and not (q % 16 == 0 and any((q // 16) % u == 0 for u in range(2, 7))):
