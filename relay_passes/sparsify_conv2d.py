@@ -75,7 +75,8 @@ class _Sparsifier(ConvChainRewriter):
         ours = self.flat_domain(run, depthwise or entry is not None)
         channels = gather[1] if gather is not None else None
         rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours, depthwise, channels),
-                             lambda rows: self.cost.conv(ours, rows, depthwise=depthwise, dense_geo=geo))
+                             lambda rows: self.cost.conv(row_lane_geometry(ours, rows, self.cost), rows,
+                                                         depthwise=depthwise, dense_geo=geo))
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
@@ -87,6 +88,9 @@ class _Sparsifier(ConvChainRewriter):
         quantised = quant_conv(self.builder_, x, rows, weight, run, entry, extra, flags, self.target_kind)
         if quantised is not None:
             return self.finish_quantised(quantised, rows, weight, decision, ep)
+        lanes = row_lane_geometry(ours, rows, self.cost)
+        if lanes is not ours:  # its offsets count in patches: packed again
+            ours, rows = lanes, pack_conv_rows(weight, lanes, rows.fmt, self.cost)
         if ours.input_is_flat:  # a view, where the pad stage would copy it (on cuda: one kernel fewer)
             x = self.builder_.emit(relax.op.reshape(x, [ours.n, ours.c * ours.h * ours.w]))
         if ours.overlap and flags["has_residual"]:  # the overlapped epilogue is flat (ops.sparse.output_shape)
@@ -151,6 +155,8 @@ class _Sparsifier(ConvChainRewriter):
         phase planes, the rows' storage tile and order."""
         attrs = ({"unsparse.overlap": ours.overlap} if ours.overlap else {"unsparse.row_domain": ours.ow}
                  if ours.row_domain else {"unsparse.patches": ours.images} if ours.patches else {})
+        if ours.row_lanes:
+            attrs["unsparse.row_lanes"] = ours.row_lanes
         if self.target_kind == "llvm":
             attrs.update({ROW_LENGTHS: 1}, **({STRIDE: list(ours.stride)} if ours.stride != (1, 1) else {}))
         if tile:
@@ -183,6 +189,14 @@ def kernel_geometry(run, cost: CostModel, plane: bool = False):
         return ours
     ours = ours.with_patches(cost.lanes, fold_images=True)
     return ours.with_aligned_channels(cost.lanes).with_aligned_rows(cost.lanes)
+
+
+def row_lane_geometry(geo, rows, cost: CostModel):
+    """llvm, grouped rows (vellV) on a map smaller than a vector: the conv with row lanes
+    (ConvGeometry.with_row_lanes), whose rows must be packed for it; else geo itself."""
+    if cost.kind != "llvm" or not rows.fmt.startswith("vell"):
+        return geo
+    return geo.with_row_lanes(cost.lanes, int(rows.data.shape[2]))
 
 
 def pack_conv_rows(weight, geo, fmt: str | None, cost: CostModel):

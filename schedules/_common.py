@@ -152,16 +152,22 @@ def schedule_pad_cpu(sch: s_tir.Schedule, c: int, rows: int, cols: int, parallel
         sch.unroll(col)  # a strided conv's phase rows (narrower than the input), see PAD_UNROLL
 
 
+PATCH_UNROLL_ROWS = 36  # patches' rows (taps x output rows) unrolled up to a 3x3 on 4x4: each row's tap and output row
+                        # then constants, where a loop over them divided by 6 (a 2x2 map) twice per 2-float row
+
+
 def _schedule_patches(sch: s_tir.Schedule, c: int, rows: int, ow: int, parallel: bool = True) -> None:
     """An input stored as patches (ops.sparse._patches, pad shape [C, R*S*OH, OW]): per channel (in parallel)
     its padded plane, then its taps' slices of it, each output row one explicit vector of OW lanes."""
     block = sch.get_sblock("pad_flat")
     n, i = sch.get_loops(block)
-    ci, _, x = sch.split(i, [c, rows, ow])
+    ci, row, x = sch.split(i, [c, rows, ow])
     par = sch.fuse(n, ci)
     fork_join(sch, par, parallel)
     sch.compute_at(sch.get_sblock("pad_plane"), par)
     sch.vectorize(x)
+    if rows <= PATCH_UNROLL_ROWS:
+        sch.unroll(row)
 
 
 def _vectorize_rows(sch: s_tir.Schedule, row, col, rows: int, cols: int) -> None:

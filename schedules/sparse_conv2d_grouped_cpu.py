@@ -3,7 +3,8 @@
 The V rows of a group share their offsets, so per stored offset the kernel loads `unroll` contiguous input
 vectors once and multiplies each by the V rows' weights (broadcasts): a register tile of V x unroll
 accumulators for 1 + V + unroll loads, against ~2 loads per FMA for ungrouped rows. Parallel over
-(batch, tiles of groups); the row tile's weights stay in L1 while it walks the whole flat domain.
+(batch, tiles of groups); the row tile's weights stay in L1 while it walks the whole flat domain. On a map
+smaller than a vector (2x2), row lanes instead: a vector spans positions x a group's rows (_schedule_row_lanes).
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from unsparse_tvm.ops import names
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
                       flat_epilogue, largest_divisor, place_decode, pow2_divisor, rows_are_domain, sample_choice,
                       schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile)
+from .x86_row_lanes import intrin as row_lanes_intrin
 
 OP = names.SPARSE_CONV2D_GROUPED
 # Entries per group (the format's width) from which the default interleaves groups: a tile of g groups runs to
 # its longest (schedules/row_extents), 5-8% more entries with 4 groups of 115-230 (vgg16-cifar vector-4 at 95%:
 # its 512x256 3x3 on 4x4, 139 wide, 0.029 -> 0.031 ms with 4 groups; 260-wide layers level or faster)
 MIN_INTERLEAVED_WIDTH = 192
+# Row lanes (ConvGeometry.with_row_lanes): the default interleaves groups up to half the vector registers in
+# accumulators (16 of AVX-512's 32: 16 groups of one vector; AVX2's 8: 4 groups of two), in tasks of up to 32
+# groups (at least 4 tasks where that leaves a whole interleaved tile each).
+# vgg16-cifar's 512x512 3x3 on 2x2 at 90% vector-4, one thread, old kernel 0.053 ms: AVX-512 4 / 8 / 16 groups
+# 0.050 / 0.043 / 0.038 (tasks of 8, 8, 32); AVX2 code 2 / 4 / 8 groups 0.056 / 0.049 / 0.053 (16 accumulators spill)
+ROW_LANE_TILE = 32
 
 
 @dataclass
@@ -41,6 +49,13 @@ class Config:
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
     """The schedule at the knobs cfg (defaults fitted to the shapes where a knob is 0 or too large)."""
     lanes, registers = cpu_vector_lanes(target)
+    if domain_attr(func, "row_lanes"):
+        _, groups, positions, v, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+        chains = row_lane_groups(groups, positions, v, lanes)
+        tile_g = largest_divisor(groups, cfg.tile_g or max(chains, min(ROW_LANE_TILE, groups // 4)))
+        g_inner = largest_divisor(tile_g, cfg.g_inner or chains)
+        _schedule_row_lanes(sch, func, lanes, tile_g, g_inner)
+        return
     _, groups, v, q, width = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     vec = pow2_divisor(q, domain_lanes(func, cfg.vec or lanes))  # the flat domain is a multiple of 8
     unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers * 3 // 4 // v))
@@ -55,6 +70,8 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     exact divisors, the register tile g_inner x V x unroll kept within 4..24 accumulators where the loops
     allow."""
     func = sch.mod["main"]
+    if domain_attr(func, "row_lanes"):
+        return _row_lane_space(sch, func)
     _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     spaces = []
     for vec in [w for w in (16, 8) if q % w == 0 and domain_lanes(func, w) == w]:
@@ -65,6 +82,21 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
             tiles = [t for t in range(g_inner, min(groups, 32) + 1, g_inner) if groups % t == 0]
             s = sch.copy()
             _schedule(s, func, sample_choice(s, tiles), vec, sample_choice(s, unrolls), g_inner)
+            spaces.append(s)
+    return spaces
+
+
+def _row_lane_space(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[s_tir.Schedule]:
+    """Row lanes: one design space per vector width (16 or 8 lanes, as the other spaces: the target is not
+    known here) and g_inner (up to 24 accumulators); tile_g a multiple of g_inner up to 64 groups."""
+    _, groups, positions, v, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
+    spaces = []
+    for lanes in [w for w in (16, 8) if w % v == 0 and positions % (w // v) == 0 and positions < w]:
+        vectors = positions * v // lanes
+        for g_inner in [d for d in (2, 4, 8, 16) if groups % d == 0 and d * vectors <= 24]:
+            tiles = [t for t in range(g_inner, min(groups, 64) + 1, g_inner) if groups % t == 0]
+            s = sch.copy()
+            _schedule_row_lanes(s, func, lanes, sample_choice(s, tiles), g_inner)
             spaces.append(s)
     return spaces
 
@@ -84,6 +116,45 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll, g_i
     finish_register_tile(sch, block, acc, gio, qv, [qu, v, gii], j)
     place_decode(sch, "conv", par, extents(sch, [qo])[0])  # quantised weights (te_quant_ops)
     schedule_epilogue_cpu(sch, flat, overlap)  # flat: bias/residual/ReLU in the accumulators' write-back
+
+
+def row_lane_groups(groups: int, positions: int, v: int, lanes: int) -> int:
+    """Row lanes' default groups interleaved (g_inner): accumulators up to half the vector registers (AVX-512 32
+    of 16 lanes, AVX2 16 of 8), at positions * V / lanes per group, a divisor of the groups. (Their weights
+    stored side by side by this many (formats.interleave_rows: one stream, not 16), vgg16-cifar's 2x2 layers
+    ran level in the model, 0.056 -> 0.056 ms (AVX2 code 0.062 -> 0.064), the weights streaming from L3 either
+    way; not kept. Their offsets side by side too, LLVM loaded 16 as one vector and took it apart lane by lane
+    on the shuffle port the FMAs' input shuffles need: 0.038 -> 0.050 ms alone.)"""
+    registers = 32 if lanes == 16 else 16
+    return largest_divisor(groups, max(1, registers // 2 // max(1, positions * v // lanes)))
+
+
+def _schedule_row_lanes(sch: s_tir.Schedule, func: tirx.PrimFunc, lanes: int, tile_g: int, g_inner: int) -> None:
+    """Row lanes (ConvGeometry.with_row_lanes; the conv stage [N, G, Q, V]): per stored entry, each vector of
+    P positions x V rows one tensorized FMA (x86_row_lanes), g_inner groups interleaved for independent FMA
+    chains, tile_g groups a parallel task. The epilogue runs in its own loop (its reads transpose [Q, V]
+    back to channels: 8 KB for 512 channels)."""
+    cx, rows, cols = (int(d) for d in func.attrs["unsparse.pad_shape"])
+    schedule_pad_cpu(sch, cx, rows, cols)
+    block = sch.get_sblock("conv")
+    acc = sch.cache_write(block, 0, "local")
+    n, g, q, r, j = sch.get_loops(block)
+    v = extents(sch, [r])[0]
+    p = lanes // v  # positions per vector
+    go, gi = sch.split(g, [None, tile_g])
+    gio, gii = sch.split(gi, [None, g_inner])
+    qo, qi = sch.split(q, [None, p])
+    sch.reorder(n, go, gio, j, gii, qo, qi, r)
+    sch.parallel(sch.fuse(n, go))
+    sch.reverse_compute_at(acc, gio)
+    init = sch.decompose_reduction(block, j)
+    sch.vectorize(sch.split(sch.fuse(*sch.get_loops(init)[-2:]), [None, lanes])[1])
+    sch.vectorize(sch.split(sch.fuse(*sch.get_loops(acc)[-2:]), [None, lanes])[1])
+    offsets = [b.source.dtype for b in sch.get(block).reads if b.source.dtype in ("int32", "uint16")]
+    sch.tensorize(qi, row_lanes_intrin(p, v, str(offsets[0])))
+    sch.unroll(qo)
+    sch.unroll(gii)
+    schedule_epilogue_cpu(sch)
 
 
 RULE = ScheduleRule((OP,), "llvm", Config, schedule, space)

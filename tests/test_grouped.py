@@ -4,7 +4,7 @@ produces) stored once per group; the format, its choice, and the kernels on llvm
 import numpy as np
 import pytest
 
-from conftest import rel_err, run_layer, sparse_weight, torch_conv
+from conftest import cli, rel_err, run_layer, sparse_weight, torch_conv
 from test_pocl import check
 from unsparse_tvm.ops.formats import choose_group, conv_weight_rows, to_sparse_rows
 from unsparse_tvm.single_layer import LayerSpec, layer_module
@@ -79,8 +79,12 @@ def test_grouped_conv_llvm_matches_torch(case, llvm):
 
 SMALL = [  # small maps, where a group's tile is a vector or two: several groups interleaved (Config.g_inner)
     (2, 16, 4, 4, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),  # 4x4, batch 2 (patches side by side)
-    (1, 12, 2, 2, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),  # 2x2: one 8-lane vector over the padded plane
-    (1, 8, 7, 5, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8),   # strided to 4x3, odd sizes, V = 8
+    (1, 12, 2, 2, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),  # 2x2: row lanes (4 positions x 4 rows, AVX2 2 x 4)
+    (1, 8, 7, 5, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8),   # strided to 4x3, odd sizes, V = 8 (AVX-512 row lanes)
+    (3, 8, 2, 2, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),   # 2x2, batch 3: row lanes image by image
+    (1, 8, 4, 4, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 2),   # strided to 2x2, V = 2 (row lanes on AVX2 only)
+    (1, 8, 1, 2, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),   # a 1x2 map (row lanes on AVX2 only)
+    (1, 8, 2, 2, 16, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 4),   # dilation 2 on 2x2
 ]
 
 
@@ -101,29 +105,57 @@ def test_grouped_conv_with_groups_interleaved_matches_torch(case, g_inner, path,
     assert report[0].format == f"vell{v}" and rel_err(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("lanes, channels, groups_inside", [(16, 128, 4), (8, 128, 2), (16, 12, 1)])
-def test_small_maps_interleave_groups_by_default(lanes, channels, groups_inside):
-    """On a 2x2 map (one 8-lane vector per group) the default tile puts several groups inside the nonzero
-    loop, as many as 3/4 of the registers hold as accumulators, where the groups are long (128 channels:
-    ~230 entries); short ones (12 channels: ~22) are not interleaved (each tile would run to its longest)."""
+def scheduled(lanes: int, case) -> "tvm.tirx.PrimFunc":
+    """The grouped conv of `case` as the default rule schedules it for AVX-512 (lanes 16) or AVX2 code."""
     import tvm
-    from tvm import s_tir
 
     from unsparse_tvm.relay_passes import build_pipeline
     from unsparse_tvm.single_layer import layer_module
     from unsparse_tvm.target import llvm_target_dict
 
     target = tvm.target.Target(llvm_target_dict("znver4" if lanes == 16 else "haswell"))
-    spec = grouped_case((1, channels, 2, 2, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4))[0]
-    mod = build_pipeline(target, threshold=0.5, stop_after="schedule")(layer_module(spec))
-    func = mod["sparse_conv2d_grouped"]
+    spec = grouped_case(case)[0]
+    return build_pipeline(target, threshold=0.5, stop_after="schedule")(layer_module(spec))["sparse_conv2d_grouped"]
+
+
+@pytest.mark.parametrize("lanes, channels, inner", [(16, 128, [4, 4, 1, 16]), (8, 128, [1, 4, 2, 8]),
+                                                     (16, 12, [1, 4, 1, 16])])
+def test_small_maps_interleave_groups_by_default(lanes, channels, inner):
+    """On a 4x4 map (one 16-lane vector per group, or two of 8) the default tile puts several groups inside the
+    nonzero loop, as many as 3/4 of the registers hold as accumulators, where the groups are long (128
+    channels: ~460 entries); short ones (12 channels: ~43) are not interleaved (each tile would run to its
+    longest), nor are AVX2's two vectors per group (8 accumulators already)."""
+    import tvm
+    from tvm import s_tir
+
+    func = scheduled(lanes, (1, channels, 4, 4, 48, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4))
     sch = s_tir.Schedule(func)
     loops = sch.get_loops(sch.get_sblock("conv_update"))
     extents = [sch.get(lp).extent for lp in loops]
     # [..., j (the nonzeros: it ends at the tile's longest row, schedules/row_extents), groups inside, V,
     # unroll, lanes]: the loop after j runs the interleaved groups
     j = max(i for i, e in enumerate(extents) if not isinstance(e, tvm.tirx.IntImm))
-    assert [int(e) for e in extents[j + 1:]] == [groups_inside, 4, 1, 8]
+    assert [int(e) for e in extents[j + 1:]] == inner
+
+
+@pytest.mark.parametrize("lanes, inner", [(16, [16, 1]), (8, [4, 2])])
+def test_maps_under_a_vector_run_row_lanes(lanes, inner):
+    """A 2x2 map (4 positions) of 4-row groups: the conv stage is [N, G, Q, V] (ConvGeometry.with_row_lanes),
+    its update one tensorized vector of lanes / 4 positions x 4 rows (x86_row_lanes: a shuffle of one weight
+    load and one of the input, no scalar body left), half the registers' worth of groups interleaved after
+    the nonzero loop (16 groups of one vector; AVX2: 4 of two)."""
+    import tvm
+    from tvm import s_tir
+
+    func = scheduled(lanes, (1, 64, 2, 2, 128, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4))
+    assert int(func.attrs["unsparse.row_lanes"]) == 4
+    sch = s_tir.Schedule(func)
+    assert [int(d) for d in sch.get(sch.get_sblock("conv_init")).writes[0].source.shape] == [1, 32, 4, 4]
+    assert not [b for b in ("conv_update",) if f'sblock("{b}")' in func.script()]  # replaced by the intrinsic
+    extents = [sch.get(lp).extent for lp in sch.get_loops(sch.get_sblock("conv_update_o"))]
+    j = max(i for i, e in enumerate(extents) if not isinstance(e, tvm.tirx.IntImm))
+    assert [int(e) for e in extents[j + 1:]] == inner
+    assert "T.Shuffle" in func.script() and f"float32x{lanes}" in func.script()
 
 
 def test_grouped_format_forced_with_a_dense_group(llvm):
@@ -216,3 +248,37 @@ def test_grouped_tasks_are_tuned_and_their_spaces_build(llvm):
         for seed in (1, 2):
             for space in rule_for(task.op, "llvm").space(s_tir.Schedule(task.mod, seed=seed)):
                 tvm.tirx.build(space.mod, target=llvm)
+
+
+def test_row_lane_record_replays_in_a_fresh_process(tmp_path, llvm):
+    """A tuning record of a row-lane kernel names its tensor intrinsic; compiling with the log in a process that
+    never scheduled one (so never registered it) still applies the record (tuning.database.replay registers
+    what a trace names), and the design space's every point replays."""
+    import itertools
+
+    import torch
+    from tvm import s_tir
+
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.tuning import extract_tasks, write_record
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 128, 3, padding=1)
+    with torch.no_grad():
+        conv.weight *= torch.repeat_interleave(torch.rand(32, 64, 3, 3) < 0.1, 4, dim=0)
+    ep = torch.export.export(conv.eval(), (torch.randn(1, 64, 2, 2),))
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    task = next(t for t in extract_tasks(ep, llvm, threshold=0.0) if t.op == "sparse_conv2d_grouped")
+    spaces = rule_for(task.op, "llvm").space(s_tir.Schedule(task.mod))
+    assert spaces and all("row_lanes" in str(s.trace) for s in spaces)
+    for space in spaces:  # every knob combination replays (the evolutionary search mutates them)
+        knobs = [i for i in space.trace.insts if i.kind.name == "SampleCategorical"]
+        for combo in itertools.product(*[range(len(i.attrs[0])) for i in knobs]):
+            t = space.trace
+            for inst, d in zip(knobs, combo):
+                t = t.with_decision(inst, d, remove_postproc=True)
+            t.apply_to_schedule(s_tir.Schedule(task.mod), remove_postproc=True)
+    write_record(str(tmp_path / "log"), task.mod, spaces[0].trace, [1e-7], llvm)
+    out = cli("compile", tmp_path / "m.pt2", "--threshold", "0", "--tuning-log", tmp_path / "log", "-o",
+              tmp_path / "m.so")  # a fresh process
+    assert "1 of 1 tunable layers" in out.stdout, out.stdout + out.stderr

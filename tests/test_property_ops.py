@@ -68,3 +68,44 @@ def test_random_sparse_linear_matches_torch(n, i, o, sparsity, fmt, bias, relu, 
     ref = x @ weight.T + (b if b is not None else 0)
     ref = np.maximum(ref, 0) if relu else ref
     assert rel_err(y, ref) < 1e-5 or np.abs(y - ref).max() < 1e-5
+
+
+@st.composite
+def grouped_configs(draw):
+    """Vector-pruned convs (V output channels share each zero pattern) on output maps up to 4x4, where the grouped
+    kernel takes row lanes (a map under one vector, ConvGeometry.with_row_lanes) or interleaves groups."""
+    v = draw(st.sampled_from([2, 4, 8]))
+    r, s = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 2, 3]))
+    stride, dil = (draw(st.integers(1, 2)), draw(st.integers(1, 2))), (draw(st.integers(1, 2)), 1)
+    pad = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    oh, ow = draw(st.integers(1, 4)), draw(st.integers(1, 4))  # the output map; the input size follows
+    h = (oh - 1) * stride[0] + dil[0] * (r - 1) + 1 - pad[0] - pad[2] + draw(st.integers(0, stride[0] - 1))
+    w = (ow - 1) * stride[1] + dil[1] * (s - 1) + 1 - pad[1] - pad[3] + draw(st.integers(0, stride[1] - 1))
+    assume(h >= 1 and w >= 1)
+    return dict(n=draw(st.integers(1, 3)), c=draw(st.integers(2, 12)), k=v * draw(st.integers(2, 6)), v=v, r=r, s=s,
+                stride=stride, dil=dil, pad=pad, h=h, w=w, sparsity=draw(st.floats(0.5, 0.9)),
+                path=draw(st.sampled_from(["native", "avx2"])), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(cfg=grouped_configs())
+def test_random_grouped_conv2d_matches_torch(cfg, llvm):
+    import tvm
+
+    from unsparse_tvm.target import llvm_target_dict
+
+    rng = np.random.default_rng(cfg["seed"])
+    k, c, v = cfg["k"], cfg["c"], cfg["v"]
+    keep = rng.random((k // v, c, cfg["r"], cfg["s"])) >= cfg["sparsity"]
+    keep.reshape(-1)[0] = True  # at least one nonzero
+    weight = rng.standard_normal((k, c, cfg["r"], cfg["s"])).astype(np.float32) * np.repeat(keep, v, axis=0)
+    bias = rng.standard_normal(k).astype(np.float32)
+    x = rng.standard_normal((cfg["n"], c, cfg["h"], cfg["w"])).astype(np.float32)
+    spec = LayerSpec("conv2d", x.shape, weight, bias, True,
+                     {"strides": list(cfg["stride"]), "padding": list(cfg["pad"]), "dilation": list(cfg["dil"]),
+                      "groups": 1})
+    target = llvm if cfg["path"] == "native" else tvm.target.Target(llvm_target_dict("haswell"))
+    y, report = run_layer(spec, target, threshold=0.0, fmt=f"vell{v}", x=x)
+    assert report[0].decision == "sparse" and report[0].format == f"vell{v}", report[0].label
+    ref = torch_conv(x, weight, bias, cfg["stride"], cfg["pad"], cfg["dil"], relu=True)
+    assert rel_err(y, ref) < 1e-5 or np.abs(y - ref).max() < 1e-5

@@ -38,7 +38,7 @@ def _predict(spec, weight: np.ndarray, cost) -> tuple[float, float]:
     """(dense us, sparse us) of one layer with this (masked) weight, as the compile would pack and cost it."""
     from .ops.formats import HYB_MIN_SAVING, dense_weight_rows
     from .ops.geometry import ConvGeometry
-    from .relay_passes.sparsify_conv2d import kernel_geometry, pack_conv_rows
+    from .relay_passes.sparsify_conv2d import kernel_geometry, pack_conv_rows, row_lane_geometry
 
     if spec.op == "conv2d":
         n, c, h, w = spec.input_shape
@@ -46,7 +46,8 @@ def _predict(spec, weight: np.ndarray, cost) -> tuple[float, float]:
         a = spec.attrs
         geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
         ours = kernel_geometry(geo, cost)  # as the pass costs it: the sparse kernel's domain, the dense one's
-        lc = cost.conv(ours, pack_conv_rows(weight, ours, None, cost), dense_geo=geo)
+        rows = pack_conv_rows(weight, ours, None, cost)
+        lc = cost.conv(row_lane_geometry(ours, rows, cost), rows, dense_geo=geo)
     else:
         lc = cost.linear(spec.input_shape[0], tuple(weight.shape), dense_weight_rows(weight, None, HYB_MIN_SAVING[cost.kind]))
     return lc.dense_us, lc.sparse_us

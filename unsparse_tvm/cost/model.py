@@ -99,7 +99,9 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     # each stored weight's FMA is a whole vector however few lanes the domain fills: a 2x2 map's 8 positions
     # under AVX-512 run one 8-lane FMA per weight at a 16-lane one's cost (vgg16-cifar's 512x512 3x3 at 50%,
     # two threads, Xeon: 0.385 ms sparse against 0.286 dense, where 8 positions per weight predicted sparse)
-    per_weight = geo.batch * max(geo.q_extent, lanes)  # images side by side in patches share one domain
+    # (row lanes fill every lane: a vector holds lanes / V positions of V rows, ConvGeometry.with_row_lanes).
+    # Images side by side in patches share one domain.
+    per_weight = geo.batch * (geo.q_extent if geo.row_lanes else max(geo.q_extent, lanes))
     sparse = (rows.padded_size * per_weight / rates.fma_rate(rows.fmt)
               + output_passes(geo, rows.fmt) * out / rates.output)
     if 4 * dense_out > rates.cache_bytes:  # memory-bound floor; a tie goes to dense (sparse_wins is strict)

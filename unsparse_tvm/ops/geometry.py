@@ -54,6 +54,7 @@ class ConvGeometry:
     images: int = 1  # patches of this many images side by side, q = i*OH*OW + y*OW + x (with_patches)
     align: int = 0  # lanes L: an overlapped domain's channel pitch rounded up to whole vectors (with_aligned_channels)
     pitch: int = 0  # lanes L: a strided conv's phase rows at a pitch of whole vectors (with_aligned_rows)
+    row_lanes: int = 0  # V: grouped rows' vectors span positions x the group's V rows (with_row_lanes)
 
     @property
     def hp(self) -> int:
@@ -150,6 +151,20 @@ class ConvGeometry:
         if images * positions % 8:
             return self
         return dataclasses.replace(self, patches=True, images=images)
+
+    def with_row_lanes(self, lanes: int, v: int) -> "ConvGeometry":
+        """Grouped rows (vellV) on a map of fewer positions than a vector (a 2x2 map, 4 positions): the same
+        conv with its input as patches (with_patches) and each vector of `lanes` spanning lanes / V positions
+        x the group's V rows (ops.sparse._grouped_conv's [N, G, Q, V] stage): per stored entry and vector one
+        16-byte weight load, one input load, one shuffle and one FMA whose lanes are all useful, where a
+        vector of positions took V broadcast weights and V FMAs with lanes - 4 of their lanes thrown away
+        (AVX-512: 12 of 16). Unchanged where the map fills a vector, has one tap, or does not split into whole
+        vectors this way."""
+        positions = self.oh * self.ow
+        if (self.patches or self.overlap or self.row_domain or self.r * self.s == 1 or lanes % v
+                or positions >= lanes or positions % (lanes // v)):
+            return self
+        return dataclasses.replace(self, patches=True, images=1, row_lanes=v)
 
     def with_aligned_channels(self, lanes: int) -> "ConvGeometry":
         """An overlapped domain (with_overlap) whose channel pitch, the map's H*W, splits most vector loads across

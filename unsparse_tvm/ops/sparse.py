@@ -152,9 +152,15 @@ def _row_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry,
 
 def _grouped_conv(xf: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     """Grouped rows (vellV): conv[n, g, v, q] = sum_j data[g, j, v] * xf[n, off[g, j] + q]; the V rows of a
-    group share each offset, so one input load feeds V products."""
+    group share each offset, so one input load feeds V products. With row lanes conv[n, g, q, v]."""
     groups, width, v = data.shape
     j = te.reduce_axis((0, width), name="j")
+    if geo.row_lanes:  # [N, G, Q, V]: a vector spans positions x the group's rows (ConvGeometry.with_row_lanes)
+        return te.compute(
+            (geo.batch, groups, geo.q_extent, v),
+            lambda n, g, q, r: te.sum(data[g, j, r] * xf[n, flat_offset(geo, off[g, j]) + q], axis=j),
+            name="conv",
+        )
     return te.compute(
         (geo.batch, groups, v, geo.q_extent),
         lambda n, g, r, q: te.sum(data[g, j, r] * xf[n, flat_offset(geo, off[g, j]) + read_position(geo, q)],
@@ -217,6 +223,8 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         v = int(data.shape[2])
 
         def acc(*idx):
+            if geo.row_lanes:
+                return _read_flat(geo, idx, lambda n, q: conv[n, idx[1] // v, q, idx[1] % v])
             return _read_flat(geo, idx, lambda n, q: conv[n, idx[1] // v, idx[1] % v, q])
 
         return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)

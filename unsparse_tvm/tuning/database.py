@@ -8,6 +8,7 @@ only a compile with --tuning-log needs it).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -31,6 +32,9 @@ def replay(r: Record, mod, workload=None):
     from tvm import s_tir
     from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
 
+    from unsparse_tvm.schedules.x86_row_lanes import register_named
+
+    register_named(json.dumps(r.trace))  # tensor intrinsics it names, registered on first use
     try:
         rec = TuningRecord.from_json([r.trace, r.run_secs, r.target, r.args_info], workload or Workload(mod))
         rec.trace.apply_to_schedule(s_tir.Schedule(mod), remove_postproc=False)
