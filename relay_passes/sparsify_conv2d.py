@@ -187,7 +187,7 @@ def kernel_geometry(run, cost: CostModel, plane: bool = False):
     ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not plane)
     if plane:
         return ours
-    ours = ours.with_patches(cost.lanes, fold_images=True)
+    ours = ours.with_patches(cost.lanes, fold_images=True, whole=4)
     return ours.with_aligned_channels(cost.lanes).with_aligned_rows(cost.lanes)
 
 

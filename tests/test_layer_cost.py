@@ -99,13 +99,14 @@ def _vgg_layer(size: int, sparsity: float, lanes: int = 16):
 
 
 def test_a_weight_on_a_map_smaller_than_a_vector_costs_a_whole_vector():
-    """A 2x2 map's 8 flat positions run one 8-lane FMA per stored weight under AVX-512, no cheaper than a
-    16-lane one: at 50% the sparse 512x512 3x3 there measured 0.385 ms against the dense kernel's 0.286 (two
-    threads, Xeon), where counting 8 positions predicted it the faster. At 90% it still goes sparse."""
+    """A 2x2 map's 4 positions (its input as patches) run one 4-lane FMA per stored weight under AVX-512, no
+    cheaper than a 16-lane one: at 50% the sparse 512x512 3x3 there measured 0.385 ms against the dense kernel's
+    0.286 (two threads, Xeon; then 8 lanes over the padded plane), where counting its positions predicted it the
+    faster. At 90% it still goes sparse."""
     half, ours = _vgg_layer(2, 0.5)
-    assert ours.q_extent == 8 and not half.sparse_wins
+    assert ours.patches and ours.q_extent == 4 and not half.sparse_wins
     assert _vgg_layer(2, 0.9)[0].sparse_wins
-    # on an 8-lane target the same 8 positions fill the vector: each weight's FMA is priced as before
+    # on an 8-lane target a weight's FMA is a vector of 8 lanes: priced at half AVX-512's
     assert _vgg_layer(2, 0.5, lanes=8)[0].sparse_us < half.sparse_us
 
 

@@ -20,6 +20,8 @@ CASES = [
     (1, 5, 3, 7, 8, 2, 3, (1, 1), (0, 1, 1, 0), (1, 1), 0.8),     # a 3x6 output (18 positions): keeps its plane
     (1, 8, 2, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),     # 2x8: 16 positions in 8-wide rows
     (2, 12, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),   # 8x8: half-vector rows under AVX-512
+    (1, 16, 2, 2, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 0.9),   # 2x2: 4 positions, one 4-lane vector
+    (1, 8, 7, 5, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 0.8),    # strided to 4x3: 12 positions, 3 vectors of 4
 ]
 # batch > 1 on maps under a vector: the pass stores several images' patches side by side (geometry.images)
 FOLDED = [
@@ -43,7 +45,7 @@ def _domain(case, lanes: int, depthwise: bool = False, fold: bool = False) -> Co
     n, c, h, w, k, r, s, stride, pad, dil, _ = case
     geo = ConvGeometry(n, c, h, w, k, r, s, stride, pad, dil)
     geo = geo.with_overlap(lanes).with_row_domain(lanes, narrow=not depthwise)
-    return geo if depthwise else geo.with_patches(lanes, fold_images=fold)
+    return geo if depthwise else geo.with_patches(lanes, fold_images=fold, whole=4)  # as the fp32 pass does
 
 
 def _spec(case, weight):
@@ -67,15 +69,17 @@ def test_small_maps_match_torch(case, fmt, path, llvm, haswell):
 
 @pytest.mark.parametrize("lanes", [16, 8])
 def test_which_maps_get_which_domain(lanes):
-    """Patches for 16-position maps with several taps (at both widths), half-vector rows for 8-wide maps
+    """Patches for maps of 4, 12 or 16 positions with several taps (at both widths: the fp32 kernels' vectors
+    may be 4 lanes), half-vector rows for 8-wide maps
     only where a row is half a vector; 1x1 convs, 8x8 maps at 16 lanes and depthwise convs never copy
     patches; a depthwise conv keeps whole-vector rows."""
     patches = [_domain(c, lanes).patches for c in CASES]
-    assert patches == [True, True, True, True, False, False, False]
-    assert _domain(CASES[-1], lanes).row_domain                       # 8 wide: half of 16, or all of 8
+    assert patches == [True, True, True, True, False, False, False, True, True]
+    assert _domain(CASES[7], lanes).q_extent == 4 and _domain(CASES[8], lanes).q_extent == 12
+    assert _domain(CASES[6], lanes).row_domain                        # 8 wide: half of 16, or all of 8
     assert _domain(CASES[5], lanes).row_domain and not _domain(CASES[5], lanes).patches
     assert not _domain(CASES[0], lanes, depthwise=True).patches
-    assert _domain(CASES[-1], lanes, depthwise=True).row_domain == (lanes == 8)
+    assert _domain(CASES[6], lanes, depthwise=True).row_domain == (lanes == 8)
     one = ConvGeometry(1, 16, 4, 4, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
     assert not one.with_patches(lanes).patches
 
@@ -118,6 +122,8 @@ def test_images_side_by_side_where_a_map_is_under_a_vector():
     four = _domain(CASES[0], 16, fold=True)
     assert (four.images, four.q_extent, four.batch, four.pad_shape) == (2, 32, 1, [16, 9 * 2 * 4, 4])
     assert _domain(CASES[0], 16).images == 1  # without fold_images (the int8 kernels' patches)
+    two = ConvGeometry(*CASES[7][:10])
+    assert not two.with_patches(16).patches and two.with_patches(16, whole=4).patches  # int8's: whole vectors of 8
     assert (geos[0].column_offsets() == np.arange(16 * 9)).all() and geos[0].offset_unit == 32
 
 

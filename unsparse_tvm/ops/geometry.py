@@ -131,8 +131,8 @@ class ConvGeometry:
             return self
         return dataclasses.replace(self, row_domain=True)
 
-    def with_patches(self, lanes: int, fold_images: bool = False) -> "ConvGeometry":
-        """A small map (at most PATCH_MAX_POSITIONS outputs, OH*OW a multiple of 8) of a conv with several taps:
+    def with_patches(self, lanes: int, fold_images: bool = False, whole: int = 8) -> "ConvGeometry":
+        """A small map (at most PATCH_MAX_POSITIONS outputs, OH*OW a multiple of `whole`) of a conv with several taps:
         the same conv with its input stored as one patch per (c, r, s), the OH*OW input positions that tap
         reads, zero where it reads padding (im2col without the matrix product). Each stored weight then reads
         whole aligned vectors over exactly the map, where the padded plane's rows carried thrown-away
@@ -142,13 +142,16 @@ class ConvGeometry:
         256 channels) keep their plane. vgg16-cifar's 512x512 3x3 on 4x4 at 90%, one thread: 214 -> 159 us.
         fold_images (batch > 1): the patches of several images side by side (`images`, the largest divisor
         of N up to PATCH_MAX_BATCH_POSITIONS positions), so that a 2x2 map, 4 positions, fills whole vectors
-        (8 images: 32 lanes) and each loaded weight and offset feeds several images. Unchanged otherwise."""
+        (8 images: 32 lanes) and each loaded weight and offset feeds several images. whole = 4 (the fp32
+        kernels): a 2x2 map's 4 positions too, one aligned 4-lane vector per stored weight where the padded
+        plane's 8 lanes held 4 thrown away and split a cache line 7 times in 16 (512x512 3x3 at 90%, one
+        thread: 0.103 -> 0.087 ms, AVX2 code 0.107 -> 0.098). Unchanged otherwise."""
         positions = self.oh * self.ow
         if self.overlap or self.row_domain or self.r * self.s == 1 or positions > PATCH_MAX_POSITIONS:
             return self
         fits = [m for m in range(1, self.n + 1) if self.n % m == 0 and m * positions <= PATCH_MAX_BATCH_POSITIONS]
         images = max(fits, default=1) if fold_images else 1
-        if images * positions % 8:
+        if images * positions % whole:
             return self
         return dataclasses.replace(self, patches=True, images=images)
 
@@ -157,11 +160,12 @@ class ConvGeometry:
         conv with its input as patches (with_patches) and each vector of `lanes` spanning lanes / V positions
         x the group's V rows (ops.sparse._grouped_conv's [N, G, Q, V] stage): per stored entry and vector one
         16-byte weight load, one input load, one shuffle and one FMA whose lanes are all useful, where a
-        vector of positions took V broadcast weights and V FMAs with lanes - 4 of their lanes thrown away
-        (AVX-512: 12 of 16). Unchanged where the map fills a vector, has one tap, or does not split into whole
-        vectors this way."""
+        vector of positions took V broadcast weights and V FMAs of 8 lanes over the padded plane, half of them
+        thrown away. vgg16-cifar's 512x512 3x3 on 2x2 at 90% vector-4, one thread, alone: 0.053 -> 0.038 ms
+        (AVX2 code 0.055 -> 0.049). Unchanged where the map fills a vector, has one tap, or does not split into
+        whole vectors this way."""
         positions = self.oh * self.ow
-        if (self.patches or self.overlap or self.row_domain or self.r * self.s == 1 or lanes % v
+        if (self.images > 1 or self.overlap or self.row_domain or self.r * self.s == 1 or lanes % v
                 or positions >= lanes or positions % (lanes // v)):
             return self
         return dataclasses.replace(self, patches=True, images=1, row_lanes=v)
@@ -255,7 +259,11 @@ class ConvGeometry:
     @property
     def offset_unit(self) -> int:
         """Flat input positions per unit of a stored offset: a patch (Q positions, always whole patches apart,
-        so 512 channels' 4608 patches still fit 16-bit offsets, where 73728 positions would not); else 1."""
+        so 512 channels' 4608 patches still fit 16-bit offsets, where 73728 positions would not); else 1.
+        (Positions where they fit 16 bits, scaled by 4 bytes in the load's address instead of by a shift, were
+        slower on a 2x2 map's 512x512 3x3 at 90%: the shift made LLVM load a row tile's 8 offsets as one vector
+        and extract them, 17 loads per 8 stored weights instead of 24, the loads being the bound: 0.087 ->
+        0.091-0.103 ms native, level on AVX2 code.)"""
         return self.q_extent if self.patches else 1
 
     def tap_offset(self, c, r, s):
