@@ -312,6 +312,12 @@ def domain_lanes(func: tirx.PrimFunc, vec: int) -> int:
     return lanes_of_domain(vec, domain_attr(func, "overlap"), domain_attr(func, "row_domain"))
 
 
+def vector_widths(func: tirx.PrimFunc, q: int) -> list[int]:
+    """The vector widths a design space may use over a flat domain of q positions: 16 and 8 where they divide
+    it and the domain allows them (domain_lanes), else 4 (a 2x2 map's patches: 4 or 12 positions)."""
+    return [v for v in (16, 8) if q % v == 0 and domain_lanes(func, v) == v] or [4] * (q % 4 == 0)
+
+
 def lanes_of_domain(vec: int, overlap: int = 0, row: int = 0) -> int:
     """domain_lanes from the domain itself: an overlapped domain's lanes L (gcd), a row domain's row of OW."""
     return math.gcd(vec, overlap) if overlap else pow2_divisor(row, vec) if row else vec

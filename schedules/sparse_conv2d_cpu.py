@@ -18,7 +18,7 @@ from unsparse_tvm.target import runnable_here
 from ._common import (MAX_DEFAULT_ROWS, ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents,
                       finish_register_tile, flat_epilogue, fork_join, has_block, lanes_of_domain, largest_divisor,
                       place_decode, pow2_divisor, rows_are_domain, sample_choice, schedule_epilogue_cpu,
-                      schedule_pad_cpu, split_row_tile, vectorize_flat)
+                      schedule_pad_cpu, split_row_tile, vector_widths, vectorize_flat)
 
 OP = names.SPARSE_CONV2D
 
@@ -105,7 +105,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
     rows, inner = ext[1], ext[2]
     orders = (False, True) if _input_bytes(func) > L2_INPUT_BYTES else (False,)
     spaces = []
-    for vec in [v for v in (16, 8) if inner % v == 0 and domain_lanes(func, v) == v]:  # q_extent: 8k
+    for vec in vector_widths(func, inner):
         # rows stored by tiles of T (unsparse.interleave) are read in storage order with k_inner T, the default;
         # the search may still find another k_inner faster, so every one stays in the space
         for k_inner in [d for d in (1, 2, 4, 8, 16) if rows % d == 0]:

@@ -18,7 +18,7 @@ from unsparse_tvm.ops import names
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
                       flat_epilogue, largest_divisor, place_decode, pow2_divisor, rows_are_domain, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile)
+                      schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile, vector_widths)
 from .x86_row_lanes import intrin as row_lanes_intrin
 
 OP = names.SPARSE_CONV2D_GROUPED
@@ -57,7 +57,7 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
         _schedule_row_lanes(sch, func, lanes, tile_g, g_inner)
         return
     _, groups, v, q, width = extents(sch, sch.get_loops(sch.get_sblock("conv")))
-    vec = pow2_divisor(q, domain_lanes(func, cfg.vec or lanes))  # the flat domain is a multiple of 8
+    vec = pow2_divisor(q, domain_lanes(func, cfg.vec or lanes))  # the flat domain: 8k positions (patches: 4k)
     unroll = largest_divisor(q // vec, cfg.unroll or max(1, registers * 3 // 4 // v))
     tile_g = largest_divisor(groups, cfg.tile_g or max(1, 16 // v))
     chains = max(1, registers * 3 // 4 // (v * unroll)) if width >= MIN_INTERLEAVED_WIDTH else 1
@@ -74,7 +74,7 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
         return _row_lane_space(sch, func)
     _, groups, v, q, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     spaces = []
-    for vec in [w for w in (16, 8) if q % w == 0 and domain_lanes(func, w) == w]:
+    for vec in vector_widths(func, q):
         for g_inner in [d for d in (1, 2, 4) if groups % d == 0 and (d == 1 or d * v * 2 <= 24)]:
             chains = g_inner * v
             unrolls = [u for u in range(1, 9) if (q // vec) % u == 0]

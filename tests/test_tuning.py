@@ -388,6 +388,23 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["native", "avx2"])
+def test_every_sparse_workload_of_vgg16_cifar_has_a_design_space(mcpu):
+    """MetaSchedule refuses a task without design spaces (EvolutionarySearch: "design_spaces.empty()"): every
+    sparse kernel of vgg16-cifar, whose 2x2 maps run 4-lane vectors (patches), must have one per target."""
+    from tvm import s_tir
+
+    from conftest import cpu_target
+    from unsparse_tvm.schedules import rule_for
+    from unsparse_tvm.tuning import extract_tasks
+
+    target = cpu_target(mcpu)
+    tasks = extract_tasks(pruned_program("vgg16-cifar"), target, threshold=0.0)
+    assert len(tasks) >= 13
+    empty = [t.name for t in tasks if not rule_for(t.op, "llvm").space(s_tir.Schedule(t.mod))]
+    assert not empty
+
+
 @pytest.mark.parametrize("sparsity", [0.9, None], ids=["sparse", "dense"])
 def test_every_point_of_the_design_spaces_replays(llvm, sparsity):
     """The search mutates decisions and replays traces: every combination of every design space's
