@@ -144,8 +144,8 @@ class ConvGeometry:
         of N up to PATCH_MAX_BATCH_POSITIONS positions), so that a 2x2 map, 4 positions, fills whole vectors
         (8 images: 32 lanes) and each loaded weight and offset feeds several images. whole = 4 (the fp32
         kernels): a 2x2 map's 4 positions too, one aligned 4-lane vector per stored weight where the padded
-        plane's 8 lanes held 4 thrown away and split a cache line 7 times in 16 (512x512 3x3 at 90%, one
-        thread: 0.103 -> 0.087 ms, AVX2 code 0.107 -> 0.098). Unchanged otherwise."""
+        plane's 8 lanes held 4 thrown away (512x512 3x3 at 90%, one thread: 0.103 -> 0.087 ms, AVX2 code
+        0.107 -> 0.098). Unchanged otherwise."""
         positions = self.oh * self.ow
         if self.overlap or self.row_domain or self.r * self.s == 1 or positions > PATCH_MAX_POSITIONS:
             return self
