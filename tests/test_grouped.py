@@ -282,3 +282,34 @@ def test_row_lane_record_replays_in_a_fresh_process(tmp_path, llvm):
     out = cli("compile", tmp_path / "m.pt2", "--threshold", "0", "--tuning-log", tmp_path / "log", "-o",
               tmp_path / "m.so")  # a fresh process
     assert "1 of 1 tunable layers" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_vector_pruned_residual_block_on_2x2_matches_torch():
+    """A whole model through the public API on a 2x2 map with vector-4 pruning: two grouped 3x3 convs in row
+    lanes (ConvGeometry.with_row_lanes), folded batch-norm, a residual add and ReLUs in their epilogues."""
+    import torch
+    import torch.nn as nn
+
+    import unsparse_tvm
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(32)
+
+        def forward(self, x):  # [1, 32, 2, 2]
+            return torch.relu(self.bn(self.b(torch.relu(self.a(x)))) + x)
+
+    torch.manual_seed(int(np.random.default_rng(11).integers(1 << 30)))
+    model = unsparse_tvm.prune(Block(), 0.8, method="vector", vector_size=4)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 32, 2, 2)
+    compiled = unsparse_tvm.compile(model.eval(), example_input=x, threshold=0.0)
+    with torch.no_grad():
+        ref = model(x)
+    assert float((compiled(x) - ref).abs().max() / ref.abs().max()) < 1e-5
+    sparse = [d for d in compiled.report if d["decision"] == "sparse"]
+    assert [d["format"] for d in sparse] == ["vell4", "vell4"] and any("residual" in d["fused"] for d in sparse)
