@@ -88,9 +88,9 @@ class _Sparsifier(ConvChainRewriter):
         quantised = quant_conv(self.builder_, x, rows, weight, run, entry, extra, flags, self.target_kind)
         if quantised is not None:
             return self.finish_quantised(quantised, rows, weight, decision, ep)
-        lanes = row_lane_geometry(ours, rows, self.cost)
-        if lanes is not ours:  # its offsets count in patches: packed again
-            ours, rows = lanes, pack_conv_rows(weight, lanes, rows.fmt, self.cost)
+        lane_geo = row_lane_geometry(ours, rows, self.cost)
+        if lane_geo is not ours:  # its offsets count in patches: packed again
+            ours, rows = lane_geo, pack_conv_rows(weight, lane_geo, rows.fmt, self.cost)
         if ours.input_is_flat:  # a view, where the pad stage would copy it (on cuda: one kernel fewer)
             x = self.builder_.emit(relax.op.reshape(x, [ours.n, ours.c * ours.h * ours.w]))
         if ours.overlap and flags["has_residual"]:  # the overlapped epilogue is flat (ops.sparse.output_shape)

@@ -96,10 +96,10 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
     out, dense_out = geo.batch * geo.k * geo.q_extent, dgeo.batch * dgeo.k * dgeo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * dgeo.batch * dgeo.q_extent / rates.dense_rate(dgeo)
              + output_passes(dgeo, "dense") * dense_out / rates.output)
-    # each stored weight's FMA is a whole vector however few lanes the domain fills: a 2x2 map's 8 positions
-    # under AVX-512 run one 8-lane FMA per weight at a 16-lane one's cost (vgg16-cifar's 512x512 3x3 at 50%,
-    # two threads, Xeon: 0.385 ms sparse against 0.286 dense, where 8 positions per weight predicted sparse)
-    # (row lanes fill every lane: a vector holds lanes / V positions of V rows, ConvGeometry.with_row_lanes).
+    # each stored weight's FMA is a whole vector however few lanes the domain fills: a 2x2 map's positions (4 in
+    # patches, 8 over the padded plane) under AVX-512 cost a 16-lane FMA per weight (vgg16-cifar's 512x512 3x3 at
+    # 50%, two threads, Xeon: 0.385 ms sparse against 0.286 dense, where 8 positions per weight predicted sparse);
+    # row lanes fill every lane (a vector holds lanes / V positions of V rows, ConvGeometry.with_row_lanes).
     # Images side by side in patches share one domain.
     per_weight = geo.batch * (geo.q_extent if geo.row_lanes else max(geo.q_extent, lanes))
     sparse = (rows.padded_size * per_weight / rates.fma_rate(rows.fmt)
