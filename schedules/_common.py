@@ -97,6 +97,13 @@ def extents(sch: s_tir.Schedule, loops) -> list[int]:
     return [int(sch.get(l).extent) for l in loops]
 
 
+def offset_dtype(sch: s_tir.Schedule, block) -> str:
+    """The stored offsets' dtype (int32, or uint16: formats.compact_offsets) a conv update block reads: the
+    global int32/uint16 buffer, not int32 accumulators. Tensor intrinsics are registered per offset dtype."""
+    return next(str(r.source.dtype) for r in sch.get(block).reads
+                if r.source.dtype in ("int32", "uint16") and r.source.scope() == "global")
+
+
 PAD_VECTOR = 16  # lanes of the pad copy's explicit vector loop (a power of two dividing a row, >= 4)
 
 

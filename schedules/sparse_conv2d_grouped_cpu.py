@@ -15,10 +15,11 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from unsparse_tvm.ops import names
+from unsparse_tvm.ops.geometry import row_lanes_fit
 
 from ._common import (ScheduleRule, cpu_vector_lanes, domain_attr, domain_lanes, extents, finish_register_tile,
-                      flat_epilogue, largest_divisor, place_decode, pow2_divisor, rows_are_domain, sample_choice,
-                      schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile, vector_widths)
+                      flat_epilogue, largest_divisor, offset_dtype, place_decode, pow2_divisor, rows_are_domain,
+                      sample_choice, schedule_epilogue_cpu, schedule_pad_cpu, split_row_tile, vector_widths)
 from .x86_row_lanes import intrin as row_lanes_intrin
 
 OP = names.SPARSE_CONV2D_GROUPED
@@ -30,7 +31,11 @@ MIN_INTERLEAVED_WIDTH = 192
 # accumulators (16 of AVX-512's 32: 16 groups of one vector; AVX2's 8: 4 groups of two), in tasks of up to 32
 # groups (at least 4 tasks where that leaves a whole interleaved tile each).
 # vgg16-cifar's 512x512 3x3 on 2x2 at 90% vector-4, one thread, old kernel 0.053 ms: AVX-512 4 / 8 / 16 groups
-# 0.050 / 0.043 / 0.038 (tasks of 8, 8, 32); AVX2 code 2 / 4 / 8 groups 0.056 / 0.049 / 0.053 (16 accumulators spill)
+# 0.050 / 0.043 / 0.038 (tasks of 8, 8, 32); AVX2 code 2 / 4 / 8 groups 0.056 / 0.049 / 0.053 (16 accumulators spill).
+# Not kept: the interleaved groups' weights stored side by side (formats.interleave_rows: one stream, not 16),
+# level in the model, 0.056 -> 0.056 ms (AVX2 code 0.062 -> 0.064), the weights streaming from L3 either way;
+# their offsets side by side too, which LLVM loaded as one vector and took apart lane by lane on the shuffle
+# port the FMAs' input shuffles need: 0.038 -> 0.050 ms alone.
 ROW_LANE_TILE = 32
 
 
@@ -51,7 +56,8 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
     lanes, registers = cpu_vector_lanes(target)
     if domain_attr(func, "row_lanes"):
         _, groups, positions, v, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
-        chains = row_lane_groups(groups, positions, v, lanes)
+        # accumulators up to half the registers, positions * V / lanes a group (see ROW_LANE_TILE)
+        chains = max(1, registers // 2 // (positions * v // lanes))
         tile_g = largest_divisor(groups, cfg.tile_g or max(chains, min(ROW_LANE_TILE, groups // 4)))
         g_inner = largest_divisor(tile_g, cfg.g_inner or chains)
         _schedule_row_lanes(sch, func, lanes, tile_g, g_inner)
@@ -91,7 +97,7 @@ def _row_lane_space(sch: s_tir.Schedule, func: tirx.PrimFunc) -> list[s_tir.Sche
     known here) and g_inner (up to 24 accumulators); tile_g a multiple of g_inner up to 64 groups."""
     _, groups, positions, v, _ = extents(sch, sch.get_loops(sch.get_sblock("conv")))
     spaces = []
-    for lanes in [w for w in (16, 8) if w % v == 0 and positions % (w // v) == 0 and positions < w]:
+    for lanes in [w for w in (16, 8) if row_lanes_fit(positions, w, v)]:
         vectors = positions * v // lanes
         for g_inner in [d for d in (2, 4, 8, 16) if groups % d == 0 and d * vectors <= 24]:
             tiles = [t for t in range(g_inner, min(groups, 64) + 1, g_inner) if groups % t == 0]
@@ -118,17 +124,6 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, tile_g, vec, unroll, g_i
     schedule_epilogue_cpu(sch, flat, overlap)  # flat: bias/residual/ReLU in the accumulators' write-back
 
 
-def row_lane_groups(groups: int, positions: int, v: int, lanes: int) -> int:
-    """Row lanes' default groups interleaved (g_inner): accumulators up to half the vector registers (AVX-512 32
-    of 16 lanes, AVX2 16 of 8), at positions * V / lanes per group, a divisor of the groups. (Their weights
-    stored side by side by this many (formats.interleave_rows: one stream, not 16), vgg16-cifar's 2x2 layers
-    ran level in the model, 0.056 -> 0.056 ms (AVX2 code 0.062 -> 0.064), the weights streaming from L3 either
-    way; not kept. Their offsets side by side too, LLVM loaded 16 as one vector and took it apart lane by lane
-    on the shuffle port the FMAs' input shuffles need: 0.038 -> 0.050 ms alone.)"""
-    registers = 32 if lanes == 16 else 16
-    return largest_divisor(groups, max(1, registers // 2 // max(1, positions * v // lanes)))
-
-
 def _schedule_row_lanes(sch: s_tir.Schedule, func: tirx.PrimFunc, lanes: int, tile_g: int, g_inner: int) -> None:
     """Row lanes (ConvGeometry.with_row_lanes; the conv stage [N, G, Q, V]): per stored entry, each vector of
     P positions x V rows one tensorized FMA (x86_row_lanes), g_inner groups interleaved for independent FMA
@@ -150,8 +145,7 @@ def _schedule_row_lanes(sch: s_tir.Schedule, func: tirx.PrimFunc, lanes: int, ti
     init = sch.decompose_reduction(block, j)
     sch.vectorize(sch.split(sch.fuse(*sch.get_loops(init)[-2:]), [None, lanes])[1])
     sch.vectorize(sch.split(sch.fuse(*sch.get_loops(acc)[-2:]), [None, lanes])[1])
-    offsets = [b.source.dtype for b in sch.get(block).reads if b.source.dtype in ("int32", "uint16")]
-    sch.tensorize(qi, row_lanes_intrin(p, v, str(offsets[0])))
+    sch.tensorize(qi, row_lanes_intrin(p, v, offset_dtype(sch, block)))
     sch.unroll(qo)
     sch.unroll(gii)
     schedule_epilogue_cpu(sch)

@@ -15,8 +15,8 @@ from tvm.target import Target
 from unsparse_tvm.ops import names
 
 from ._common import (MAX_DEFAULT_ROWS, ScheduleRule, cpu_vector_lanes, domain_attr, extents, flat_epilogue,
-                      has_block, lanes_of_domain, largest_divisor, pow2_divisor, rows_are_domain, sample_choice,
-                      schedule_epilogue_cpu, split_row_tile, vectorize_flat)
+                      has_block, lanes_of_domain, largest_divisor, offset_dtype, pow2_divisor, rows_are_domain,
+                      sample_choice, schedule_epilogue_cpu, split_row_tile, vectorize_flat)
 from .x86_int8 import int8_kind, intrin
 
 OP = names.SPARSE_CONV2D_INT8
@@ -117,9 +117,7 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     # channel4, one thread: 7.78 -> 7.53 ms). On AVX2 the whole-width vector ran faster (11.4 vs 12.0 ms)
     wb = sch.get_loops(acc)[-1]
     sch.vectorize(sch.split(wb, [None, lanes])[1] if lanes >= 16 else wb)
-    offsets = [r.source.dtype for r in sch.get(block).reads  # off (not the int32 accumulators)
-               if r.source.dtype in ("int32", "uint16") and r.source.scope() == "global"]
-    sch.tensorize(qv, intrin(int8_kind(target), lanes, str(offsets[0])))
+    sch.tensorize(qv, intrin(int8_kind(target), lanes, offset_dtype(sch, block)))
     sch.unroll(qu)
     sch.unroll(kii)
     _schedule_epilogue(sch, target, par, flat, cols, ordered=bool(domain_attr(func, "row_order")))

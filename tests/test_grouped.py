@@ -4,7 +4,7 @@ produces) stored once per group; the format, its choice, and the kernels on llvm
 import numpy as np
 import pytest
 
-from conftest import cli, rel_err, run_layer, sparse_weight, torch_conv
+from conftest import cli, rel_err, residual_block_matches_torch, run_layer, sparse_weight, torch_conv
 from test_pocl import check
 from unsparse_tvm.ops.formats import choose_group, conv_weight_rows, to_sparse_rows
 from unsparse_tvm.single_layer import LayerSpec, layer_module
@@ -287,29 +287,6 @@ def test_row_lane_record_replays_in_a_fresh_process(tmp_path, llvm):
 def test_a_vector_pruned_residual_block_on_2x2_matches_torch():
     """A whole model through the public API on a 2x2 map with vector-4 pruning: two grouped 3x3 convs in row
     lanes (ConvGeometry.with_row_lanes), folded batch-norm, a residual add and ReLUs in their epilogues."""
-    import torch
-    import torch.nn as nn
-
-    import unsparse_tvm
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(32)
-
-        def forward(self, x):  # [1, 32, 2, 2]
-            return torch.relu(self.bn(self.b(torch.relu(self.a(x)))) + x)
-
-    torch.manual_seed(int(np.random.default_rng(11).integers(1 << 30)))
-    model = unsparse_tvm.prune(Block(), 0.8, method="vector", vector_size=4)
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(1, 32, 2, 2)
-    compiled = unsparse_tvm.compile(model.eval(), example_input=x, threshold=0.0)
-    with torch.no_grad():
-        ref = model(x)
-    assert float((compiled(x) - ref).abs().max() / ref.abs().max()) < 1e-5
-    sparse = [d for d in compiled.report if d["decision"] == "sparse"]
+    report = residual_block_matches_torch((1, 32, 2, 2), "residual-vector4", 0.8, method="vector", vector_size=4)
+    sparse = [d for d in report if d["decision"] == "sparse"]
     assert [d["format"] for d in sparse] == ["vell4", "vell4"] and any("residual" in d["fused"] for d in sparse)

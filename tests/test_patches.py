@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import case_rng, rel_err, run_layer, sparse_weight, torch_conv
+from conftest import case_rng, rel_err, residual_block_matches_torch, run_layer, sparse_weight, torch_conv
 from unsparse_tvm.ops.geometry import ConvGeometry
 from unsparse_tvm.single_layer import LayerSpec
 
@@ -144,28 +144,5 @@ def test_the_pass_stores_images_side_by_side_and_the_epilogue_joins_the_write_ba
 def test_a_residual_block_with_images_side_by_side_matches_torch():
     """A whole model through the public API at batch 8 on a 2x2 map: two sparse 3x3 convs with folded
     batch-norm, a residual add and ReLUs (the epilogue's reads of the side-by-side images)."""
-    import torch
-    import torch.nn as nn
-
-    import unsparse_tvm
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(24, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(24)
-
-        def forward(self, x):  # [8, 24, 2, 2]
-            return torch.relu(self.bn(self.b(torch.relu(self.a(x)))) + x)
-
-    torch.manual_seed(case_rng("residual-folded").integers(1 << 30))
-    model = unsparse_tvm.prune(Block(), 0.85)
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(8, 24, 2, 2)
-    compiled = unsparse_tvm.compile(model.eval(), example_input=x, threshold=0.0)
-    with torch.no_grad():
-        ref = model(x)
-    assert float((compiled(x) - ref).abs().max() / ref.abs().max()) < 1e-5
-    assert sum(d["decision"] == "sparse" for d in compiled.report) == 2
+    report = residual_block_matches_torch((8, 24, 2, 2), "residual-folded", 0.85)
+    assert sum(d["decision"] == "sparse" for d in report) == 2

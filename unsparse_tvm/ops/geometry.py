@@ -21,6 +21,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m if m else n
 
 
+def row_lanes_fit(positions: int, lanes: int, v: int) -> bool:
+    """Whether vectors of `lanes` split into whole lanes / V positions x V rows over a map of fewer positions
+    than a vector (ConvGeometry.with_row_lanes)."""
+    return lanes % v == 0 and positions < lanes and positions % (lanes // v) == 0
+
+
 def split_loads(pitch: int, lanes: int) -> float:
     """The share of channels c whose vector load of `lanes` floats at c * pitch crosses a cache line."""
     starts = [c * pitch * 4 % CACHE_LINE for c in range(CACHE_LINE)]
@@ -164,9 +170,8 @@ class ConvGeometry:
         thrown away. vgg16-cifar's 512x512 3x3 on 2x2 at 90% vector-4, one thread, alone: 0.053 -> 0.038 ms
         (AVX2 code 0.055 -> 0.049). Unchanged where the map fills a vector, has one tap, or does not split into
         whole vectors this way."""
-        positions = self.oh * self.ow
-        if (self.images > 1 or self.overlap or self.row_domain or self.r * self.s == 1 or lanes % v
-                or positions >= lanes or positions % (lanes // v)):
+        if (self.images > 1 or self.overlap or self.row_domain or self.r * self.s == 1
+                or not row_lanes_fit(self.oh * self.ow, lanes, v)):
             return self
         return dataclasses.replace(self, patches=True, images=1, row_lanes=v)
 
