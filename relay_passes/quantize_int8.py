@@ -35,6 +35,7 @@ CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn i
 CHAIN_SHARED = True  # an output several int8 convs read (and nothing else) goes uint8 too
 CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
 INTERLEAVE = True  # llvm: quad rows stored by register tiles (formats.interleave_rows); tests turn it off
+QUAD_RELAY_STRIDED = True  # llvm: a strided conv's uint8 input into phase planes of quads by a byte shuffle
 NARROW_ROWS = True  # llvm, AVX-512: a stride-1 8x8 map in rows of 8 lanes (ConvGeometry.with_row_domain)
 WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
@@ -176,6 +177,12 @@ class _Int8Rewriter(ConvChainRewriter):
             shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
             x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
                                                   relax.TensorType(shape, "uint8")))
+        elif self.kind == "llvm" and dtype_of(x) == "uint8" and _relays_strided(run, geo, sub, shape_of(x)):
+            relay = int8_ops.quad_relay_strided(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point)
+            if relay is not None:
+                shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
+                x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
+                                                      relax.TensorType(shape, "uint8")))
         tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
             if self.kind == "llvm" and INTERLEAVE else 0
         # small maps: quad rows sorted by length, as SparsifyConv2d sorts fp32 rows; not a wide output (its
@@ -211,6 +218,16 @@ def _relays(run, geo) -> bool:
     last step loads up to column s*OW - 1, so the row must be whole steps of s (else it reads past the end)."""
     return (tuple(run.stride) == (1, 1) and geo.c % QUAD == 0 and run.w >= 16
             and (tuple(geo.stride) == (1, 1) or run.w * geo.stride[1] == geo.w))
+
+
+def _relays_strided(run, geo, sub, x_shape) -> bool:
+    """Whether a strided conv's uint8 input [N, C, H, W] goes into its phase planes of quads through
+    int8_ops.quad_relay_strided (it may still decline: phase planes under 8 positions wide): equal strides,
+    several taps, read at its own stride (not a subsampled 1x1), C a multiple of 4. QUAD_RELAY_STRIDED off:
+    the pad stage, which inserts one byte at a time (tests compare the two)."""
+    return (QUAD_RELAY_STRIDED and tuple(run.stride) == tuple(geo.stride) and geo.stride[0] == geo.stride[1] > 1
+            and tuple(sub) == (1, 1) and geo.r * geo.s > 1 and geo.c % QUAD == 0 and not run.patches
+            and x_shape is not None and len(x_shape) == 4)
 
 
 def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:

@@ -43,6 +43,51 @@ def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
     np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+@pytest.mark.parametrize("n,c,h,w,stride,pad,zp", [
+    (1, 8, 56, 56, 2, (1, 1, 1, 1), 128),   # resnet's 3x3/2 on 56x56: steps of 16, one phase loads a byte early
+    (2, 12, 28, 28, 2, (1, 1, 1, 1), 3),    # batch 2, 14-wide phase planes: steps of 8, a trailing quad
+    (1, 8, 33, 40, 2, (1, 1, 1, 1), 7),     # odd rows, a last step shifted back
+    (1, 8, 56, 56, 2, (0, 1, 2, 0), 5),     # asymmetric padding
+    (1, 16, 20, 70, 2, (1, 1, 1, 1), 0),    # rows of three steps, four channel quads
+    (2, 8, 14, 14, 2, (1, 1, 1, 1), 11),    # 7-wide phase planes (resnet's 3x3/2 on 14x14): steps of 4
+])
+def test_quad_relay_strided_is_the_pad_stage(n, c, h, w, stride, pad, zp, llvm):
+    """The strided relay writes the phase planes the int8 conv's pad stage writes for a uint8 input."""
+    import tvm
+    from tvm import te
+
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads
+    from unsparse_tvm.ops.sparse_int8 import pad_quantize, quad_relay_strided
+
+    geo = ConvGeometry(n, c, h, w, 4, 3, 3, (stride, stride), pad, (1, 1))
+    quads, act = pad_quads(geo), ActQuant(0.1, zp, 255)
+    x = np.random.default_rng(c + w).integers(0, 256, (n, c, h, w)).astype(np.uint8)
+    xt = te.placeholder((n, c, h, w), "uint8", name="x")
+    want_mod = tvm.compile(te.create_prim_func([xt, pad_quantize(xt, geo, act, quads)]), target=llvm)
+    relay = quad_relay_strided(x.shape, geo, quads, zp)
+    got_mod = tvm.compile(tvm.IRModule({"main": relay.with_attr("global_symbol", "main")}), target=llvm)
+    shape = (n, quads * geo.channel_plane, 4)
+    want, got = (tvm.runtime.tensor(np.full(shape, 99, np.uint8)) for _ in range(2))
+    want_mod["main"](tvm.runtime.tensor(x), want)
+    got_mod["main"](tvm.runtime.tensor(x), got)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_quad_relay_strided_declines_narrow_phase_planes():
+    """Phase planes under 4 positions wide (a 3x3/2 on 6x6: 3) keep the pad stage, as does a stride whose
+    last step would have to load more than a byte early to stay inside the input row (3 on 48: 2 bytes)."""
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.sparse_int8 import quad_relay_strided
+
+    geo = ConvGeometry(1, 8, 6, 6, 4, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1))
+    assert quad_relay_strided((1, 8, 6, 6), geo, 2, 0) is None
+    assert quad_relay_strided((1, 8, 8, 8), ConvGeometry(1, 8, 8, 8, 4, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1)),
+                              2, 0) is not None
+    assert quad_relay_strided((1, 4, 48, 48), ConvGeometry(1, 4, 48, 48, 4, 3, 3, (3, 3), (1, 1, 1, 1), (1, 1)),
+                              1, 0) is None
+
+
 class Fork(nn.Module):
     """The stem's output read by two int8 convs (a strided 1x1 and a strided 3x3, as resnet's downsample and
     conv2), their sum by a padded 3x3, whose output only a 1x1 reads: all uint8 between layers, the 3x3 and
@@ -70,9 +115,10 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     model = Fork().eval()
     shape = (2, 3, 32, 32)
     ranges = int8_ready(model, shape, 0.7)
-    relays = []
-    real_relay = int8_ops.quad_relay
+    relays, strided = [], []
+    real_relay, real_strided = int8_ops.quad_relay, int8_ops.quad_relay_strided
     monkeypatch.setattr(int8_ops, "quad_relay", lambda *a: relays.append(a) or real_relay(*a))  # a: its arguments
+    monkeypatch.setattr(int8_ops, "quad_relay_strided", lambda *a: strided.append(a) or real_strided(*a))
 
     def build():
         report, run = compile_int8(model, shape, ranges, llvm)
@@ -82,11 +128,13 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     assert fused["stem"] == "bias+relu+requant"  # read by `down` and `conv` only: uint8 for both
     assert fused["conv"].endswith("+requant")  # read by `last` only
     # x shape, subsample, pitch: `down` (every 2nd of 32), `mid` (padded), `last` (mid's wide output, rows
-    # 18 apart); not `conv` (a strided 3x3, not computed at stride 1)
+    # 18 apart); not `conv` (a strided 3x3, not computed at stride 1): its phase planes by the strided relay
     assert sorted((tuple(a[0]), a[4], a[5]) for a in relays) == [
         ((2, 16, 16, 16), (1, 1), 0), ((2, 16, 32, 32), (2, 2), 0), ((2, 16, int(relays[-1][0][2])), (1, 1), 18)]
+    assert [tuple(a[0]) for a in strided] == [(2, 16, 32, 32)]
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_SHARED", False)
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8._relays", lambda *a: False)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.QUAD_RELAY_STRIDED", False)
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.WIDE_OUTPUTS", False)
     fused_plain, plain = build()
     assert fused_plain["stem"] == "bias+relu"

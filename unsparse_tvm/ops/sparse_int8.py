@@ -105,6 +105,76 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
     return relay.without_attr("global_symbol")  # the module names each (one per layer shape)
 
 
+def _phase_rows(run: ConvGeometry, step: int) -> list[tuple] | None:
+    """Per phase plane (ph, pw) of a strided conv: (first plane row, rows, first plane column, columns, first
+    input row, first input column, lead) of the part that reads the input, or None where a phase has fewer
+    columns than one step, or its last step's load would pass the input row's end even starting `lead` <= 1
+    bytes early (see quad_relay_strided)."""
+    (s, _), (pt, pl) = run.stride, run.padding[:2]
+    out = []
+    for ph in range(s):
+        for pw in range(s):
+            h0, w0 = max(0, -(-(pt - ph) // s)), max(0, -(-(pl - pw) // s))
+            h1, w1 = min(run.hq - 1, (run.h - 1 + pt - ph) // s), min(run.wq - 1, (run.w - 1 + pl - pw) // s)
+            x0 = w0 * s + pw - pl
+            lead = max(0, x0 + s * (w1 - w0 + 1) - run.w)
+            if w1 - w0 + 1 < step or lead > min(1, x0):
+                return None
+            out.append((h0, h1 - h0 + 1, w0, w1 - w0 + 1, h0 * s + ph - pt, x0, lead))
+    return out
+
+
+def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int) -> tirx.PrimFunc | None:
+    """quad_relay for a strided conv (stride s in both axes, several taps): uint8 x [N, C, H, W] -> its s*s
+    phase planes of quads, [N, quads * channel_plane, 4], as pad_quantize lays them out. Each phase plane row
+    is every s-th byte of an input row: per step 16 (or 8, or 4) positions, 4 channel rows of 16s bytes in, one
+    shuffle picking every s-th byte of each and interleaving them, one store. Where the pad stage inserted
+    one byte at a time (resnet50's 128-channel 3x3/2 on 56x56). None where a phase plane is narrower than 4
+    positions (_phase_rows); requires C % 4 == 0 and equal strides."""
+    from tvm.script import tirx as T
+
+    n, c, h, w = x_shape
+    (s, sw), cq, hw = run.stride, c // QUAD, h * w
+    step = next((st for st in (16, 8, 4) if _phase_rows(run, st)), 4)
+    rows = _phase_rows(run, step)
+    if rows is None or s != sw or c % QUAD:
+        return None
+    phase, plane, span = run.hq * run.wq, run.channel_plane, step * s
+    picks = [[v * span + t * s + lead for t in range(step) for v in range(QUAD)] for lead in (0, 1)]
+    zp = tirx.const(zero_point, "uint8")
+
+    def per_phase(p, i):  # field i of phase p's row (a constant per phase, chosen by p)
+        expr = tirx.const(rows[-1][i], "int32")
+        for k in range(len(rows) - 2, -1, -1):
+            expr = tirx.Select(p == k, tirx.const(rows[k][i], "int32"), expr)
+        return expr
+
+    @T.prim_func(s_tir=True)
+    def relay(x: T.Buffer((n, c, h, w), "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+        with T.sblock("root"):
+            qf = T.decl_buffer((n * quads * plane * QUAD,), "uint8", data=q.data)
+            xf = T.decl_buffer((n * c * hw,), "uint8", data=x.data)
+            for b in T.parallel(n * quads):  # (image, channel quad): the zero point first, then the rows
+                for k in range((plane * QUAD + 63) // 64):
+                    qf[T.Ramp(b * plane * QUAD + T.min(k * 64, plane * QUAD - 64), 1, 64)] = T.Broadcast(zp, 64)
+                if b % quads < cq:
+                    for p in range(s * s):
+                        for y, k in T.grid(per_phase(p, 1), (per_phase(p, 3) + step - 1) // step):
+                            x0 = T.min(k * step, per_phase(p, 3) - step)
+                            src = ((b // quads * cq + b % quads) * QUAD * hw + (per_phase(p, 4) + y * s) * w
+                                   + per_phase(p, 5) + x0 * s - per_phase(p, 6))
+                            dst = (b * plane + p * phase + (per_phase(p, 0) + y) * run.wq + per_phase(p, 2) + x0) * QUAD
+                            if per_phase(p, 6) == 0:
+                                qf[T.Ramp(dst, 1, step * QUAD)] = T.Shuffle(
+                                    [xf[T.Ramp(src + v * hw, 1, span)] for v in range(QUAD)], picks[0])
+                            else:
+                                qf[T.Ramp(dst, 1, step * QUAD)] = T.Shuffle(
+                                    [xf[T.Ramp(src + v * hw, 1, span)] for v in range(QUAD)], picks[1])
+
+    return relay.without_attr("global_symbol")
+
+
 def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
                        *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
                        has_residual: bool, relu: bool, out_act: ActQuant | None = None,
