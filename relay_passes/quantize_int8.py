@@ -171,18 +171,16 @@ class _Int8Rewriter(ConvChainRewriter):
         # a layer's offsets fit
         off = compact_offsets(rows.off_with_lengths()) if self.kind == "llvm" else rows.off
         x = self.visit_expr(conv.args[0])
+        relay = None  # a uint8 input into quads by a byte shuffle, where the pad stage would insert bytes
         if self.kind == "llvm" and dtype_of(x) == "uint8" and _relays(run, geo):
             relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point, sub,
                                         self.wide.get(conv.args[0], 0))
+        elif self.kind == "llvm" and dtype_of(x) == "uint8" and _relays_strided(run, geo, sub, shape_of(x)):
+            relay = int8_ops.quad_relay_strided(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point)
+        if relay is not None:
             shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
             x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
                                                   relax.TensorType(shape, "uint8")))
-        elif self.kind == "llvm" and dtype_of(x) == "uint8" and _relays_strided(run, geo, sub, shape_of(x)):
-            relay = int8_ops.quad_relay_strided(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point)
-            if relay is not None:
-                shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
-                x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
-                                                      relax.TensorType(shape, "uint8")))
         tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
             if self.kind == "llvm" and INTERLEAVE else 0
         # small maps: quad rows sorted by length, as SparsifyConv2d sorts fp32 rows; not a wide output (its
@@ -222,7 +220,7 @@ def _relays(run, geo) -> bool:
 
 def _relays_strided(run, geo, sub, x_shape) -> bool:
     """Whether a strided conv's uint8 input [N, C, H, W] goes into its phase planes of quads through
-    int8_ops.quad_relay_strided (it may still decline: phase planes under 8 positions wide): equal strides,
+    int8_ops.quad_relay_strided (it may still decline: phase planes under 4 positions wide): equal strides,
     several taps, read at its own stride (not a subsampled 1x1), C a multiple of 4. QUAD_RELAY_STRIDED off:
     the pad stage, which inserts one byte at a time (tests compare the two)."""
     return (QUAD_RELAY_STRIDED and tuple(run.stride) == tuple(geo.stride) and geo.stride[0] == geo.stride[1] > 1

@@ -256,7 +256,7 @@ def schedule_epilogue_cpu(sch: s_tir.Schedule, flat: bool = False, overlap: int 
     n, k, y, x = sch.get_loops(sch.get_sblock("epilogue"))
     fork_join(sch, sch.fuse(n, k), parallel)
     rows, cols = extents(sch, [y, x])
-    if cols >= 4 and pow2_divisor(cols, PAD_VECTOR) < 4:  # 14- or 7-wide rows: vectors and a short one, see below
+    if cols >= 4 and pow2_divisor(cols, PAD_VECTOR) < 4:  # 14- or 7-wide rows: vectors and a short one (above)
         vectorize_flat(sch, x, 1 << (min(cols, PAD_VECTOR).bit_length() - 1))
         return
     _vectorize_rows(sch, y, x, rows, cols)

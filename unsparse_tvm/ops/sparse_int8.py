@@ -135,9 +135,13 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
 
     n, c, h, w = x_shape
     (s, sw), cq, hw = run.stride, c // QUAD, h * w
-    step = next((st for st in (16, 8, 4) if _phase_rows(run, st)), 4)
-    rows = _phase_rows(run, step)
-    if rows is None or s != sw or c % QUAD:
+    if s != sw or c % QUAD:
+        return None
+    for step in (16, 8, 4):  # the widest step every phase plane has room for
+        rows = _phase_rows(run, step)
+        if rows is not None:
+            break
+    else:
         return None
     phase, plane, span = run.hq * run.wq, run.channel_plane, step * s
     picks = [[v * span + t * s + lead for t in range(step) for v in range(QUAD)] for lead in (0, 1)]
@@ -148,6 +152,10 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
         for k in range(len(rows) - 2, -1, -1):
             expr = tirx.Select(p == k, tirx.const(rows[k][i], "int32"), expr)
         return expr
+
+    def picked(xf, src, lead: int):  # every s-th byte of 4 channel rows from src, interleaved (lead: see _phase_rows)
+        return tirx.Shuffle([tirx.BufferLoad(xf, [tirx.Ramp(src + v * hw, 1, span)]) for v in range(QUAD)],
+                            picks[lead])
 
     @T.prim_func(s_tir=True)
     def relay(x: T.Buffer((n, c, h, w), "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
@@ -165,12 +173,10 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
                             src = ((b // quads * cq + b % quads) * QUAD * hw + (per_phase(p, 4) + y * s) * w
                                    + per_phase(p, 5) + x0 * s - per_phase(p, 6))
                             dst = (b * plane + p * phase + (per_phase(p, 0) + y) * run.wq + per_phase(p, 2) + x0) * QUAD
-                            if per_phase(p, 6) == 0:
-                                qf[T.Ramp(dst, 1, step * QUAD)] = T.Shuffle(
-                                    [xf[T.Ramp(src + v * hw, 1, span)] for v in range(QUAD)], picks[0])
+                            if per_phase(p, 6) == 0:  # the shuffle's picks are constants: one branch per lead
+                                qf[T.Ramp(dst, 1, step * QUAD)] = picked(xf, src, 0)
                             else:
-                                qf[T.Ramp(dst, 1, step * QUAD)] = T.Shuffle(
-                                    [xf[T.Ramp(src + v * hw, 1, span)] for v in range(QUAD)], picks[1])
+                                qf[T.Ramp(dst, 1, step * QUAD)] = picked(xf, src, 1)
 
     return relay.without_attr("global_symbol")
 
