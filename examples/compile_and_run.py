@@ -38,10 +38,12 @@ y = model(x)                                                  # torch in, torch 
 print(f"max relative error vs PyTorch: {float((y - ref).abs().max() / ref.abs().max()):.2e}")
 print(f"time per call: {model.benchmark()['median_ms']:.3f} ms")
 
-so = model.save(os.path.join(tempfile.mkdtemp(), "model.so"))  # one file, weights inside
+work = tempfile.TemporaryDirectory(prefix="unsparse-example-")  # removed at the end: save where you keep files
+so = model.save(os.path.join(work.name, "model.so"))          # one file, weights inside
 deployed = unsparse_tvm.load(so)                              # TVM runtime only, as `unsparse-tvm run`
 print(f"{deployed}: same output: {bool((deployed(x) == y).all())}")
 
 if args.cuda:
     gpu = unsparse_tvm.compile(net, "cuda", example_input=x, arch="sm_90")
     print(f"CUDA module: {gpu.save(os.path.join(os.path.dirname(so), 'model_sm90.so'))}")
+work.cleanup()

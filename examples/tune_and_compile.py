@@ -29,13 +29,13 @@ args = parser.parse_args()
 
 SHAPES = {"smallcnn": (1, 1, 8, 8), "vgg16-cifar": (1, 3, 32, 32), "resnet18": (1, 3, 224, 224)}  # batch 1
 
-work = tempfile.mkdtemp(prefix="unsparse-")
-pruned = os.path.join(work, "pruned.pt2")
+work = tempfile.TemporaryDirectory(prefix="unsparse-example-")  # removed at the end; --log-dir keeps the records
+pruned = os.path.join(work.name, "pruned.pt2")
 net = unsparse_tvm.prune(args.model, args.sparsity)                # built-in name -> pruned nn.Module
 x = SHAPES[args.model]
 torch.export.save(torch.export.export(net, (torch.randn(*x),)), pruned)  # the same weights for tune and compile
 
-log_dir = args.log_dir or os.path.join(work, "log")
+log_dir = args.log_dir or os.path.join(work.name, "log")
 result = unsparse_tvm.tune(pruned, log_dir, args.trials)          # appends records to log_dir
 print(result.table())
 
@@ -49,4 +49,6 @@ for _ in range(5):                                                 # alternating
         rounds[name].append(model.benchmark(number=10, repeat=3)["median_ms"])
 ms = {k: statistics.median(v) for k, v in rounds.items()}
 print(f"default knobs {ms['default knobs']:.3f} ms, tuned {ms['tuned']:.3f} ms: "
-      f"{ms['default knobs'] / ms['tuned']:.2f}x (records in {log_dir})")
+      f"{ms['default knobs'] / ms['tuned']:.2f}x")
+print(f"records in {log_dir}" if args.log_dir else "records removed with the temporary folder: --log-dir keeps them")
+work.cleanup()

@@ -11,9 +11,13 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def _run(script: str, *args: str, cwd) -> str:
+    sys_tmp = cwd / "tmp"  # the script's system temp folder: an example cleans up after itself
+    sys_tmp.mkdir()
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
+                          text=True, timeout=600, cwd=cwd, env={**os.environ, "TMPDIR": str(sys_tmp)})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    left = [f for f in os.listdir(sys_tmp) if not f.startswith("torchinductor_")]  # torch's cache, kept by design
+    assert left == [], f"{script} left {left} in the temp folder"
     return proc.stdout
 
 

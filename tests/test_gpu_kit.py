@@ -83,10 +83,13 @@ def test_tiny_kit_builds_within_the_limit(tiny_kit):
 
 @needs_nvcc
 def test_tiny_kit_dry_run(tiny_kit, tmp_path):
-    out = tmp_path / "out"
+    out, sys_tmp = tmp_path / "out", tmp_path / "tmp"
+    sys_tmp.mkdir()
     p = subprocess.run([sys.executable, str(tiny_kit / "run.py"), "--dry-run", str(out), "--repeat", "3",
-                        "--warmup", "1"], capture_output=True, text=True, timeout=600)
+                        "--warmup", "1"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TMPDIR": str(sys_tmp)})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [f for f in os.listdir(sys_tmp) if not f.startswith("torchinductor_")] == []  # unpacked runtime removed
     files = os.listdir(out)
     assert files == ["gpu_kit_results.json"]          # written atomically: no temporary file left
     r = json.loads((out / "gpu_kit_results.json").read_text())

@@ -4,6 +4,7 @@ corrupt logs, and the errors users see."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -35,7 +36,9 @@ def tiny_log() -> str:
     from unsparse_tvm.target import make_target
     from unsparse_tvm.tuning import tune
 
-    path = os.path.join(tempfile.mkdtemp(prefix="unsparse-tiny-log-"), "log")
+    folder = tempfile.mkdtemp(prefix="unsparse-tiny-log-")
+    atexit.register(shutil.rmtree, folder, True)  # the session's; tests copy it into their own tmp_path
+    path = os.path.join(folder, "log")
     res = tune(pruned_program("smallcnn"), make_target("llvm"), path, TINY_TRIALS, options=QUIET)
     assert res.new_trials == TINY_TRIALS and not res.interrupted
     return path
@@ -123,7 +126,10 @@ def test_kill_keeps_records_and_resumes(tmp_path):
     path = str(tmp_path / "log")
     cmd = [sys.executable, "-m", "unsparse_tvm.cli", "tune", "smallcnn", "--sparsity", "0.9", "--trials", "12",
            "--log-dir", path, "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sys_tmp = tmp_path / "tmp"  # the run's system temp folder: whatever it puts there must go with it
+    sys_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(sys_tmp)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 300  # a loaded 2-core CI machine: the first batch can take minutes
         while time.time() < deadline and proc.poll() is None:
@@ -138,10 +144,12 @@ def test_kill_keeps_records_and_resumes(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert "resume" in err
+    assert _ours(sys_tmp) == [], "a killed tune left its candidates behind"
     done = len(record_lines(path))
     assert 1 <= done < 12 and read_log(path).corrupt == 0
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr
+    assert _ours(sys_tmp) == []
     # the rerun measures what the budget has left (12 - done), less what a task whose design space runs dry
     # leaves unspent: how the budget splits follows the measured default times, so that is not a constant
     new = int(re.search(r"(\d+) new trials", rerun.stdout).group(1))
@@ -149,6 +157,11 @@ def test_kill_keeps_records_and_resumes(tmp_path):
     assert 1 <= new <= 12 - done and len(record_lines(path)) == done + new and log.corrupt == 0
     keys = [(r.workload, json.dumps(r.trace[1])) for r in log.records]
     assert len(set(keys)) == len(keys), "the rerun measured no point the killed run had measured"
+
+
+def _ours(folder) -> list[str]:
+    """What a run left in its temp folder, less PyTorch's compile cache (kept across runs by design)."""
+    return [f for f in os.listdir(folder) if not f.startswith("torchinductor_")]
 
 
 def _distinct_record_log(tmp_path, llvm, target=None):

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,7 +235,12 @@ def main(argv=None):
         ap.error("--repeat must be at least 50 on the GPU")
     if args.dry_run:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    r = Run(KIT, args.outdir, args).run()
+    run = Run(KIT, args.outdir, args)
+    try:
+        r = run.run()
+    finally:  # the unpacked runtime and modules (already loaded: removing the files is safe on Linux)
+        if getattr(run, "work", None):
+            shutil.rmtree(run.work, ignore_errors=True)
     s = r["summary"]
     print(json.dumps(s))
     return 0 if not r["errors"] else 1

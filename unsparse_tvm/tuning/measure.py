@@ -57,8 +57,9 @@ class RealArguments:
         return repeated
 
 
-def _build_one(mod, target) -> str:
-    """Build one candidate and export it as a tar (the runner or the RPC server links it)."""
+def _build_one(mod, target, workdir: str) -> str:
+    """Build one candidate and export it as a tar (the runner or the RPC server links it), in a folder of
+    its own under the run's `workdir`."""
     import tvm
     from tvm.support.tar import tar
 
@@ -67,7 +68,7 @@ def _build_one(mod, target) -> str:
 
     mod = TrimRowLoops()(mod)  # as compile builds it: int8 loops at the rows' lengths, for kernel_target
     rt_mod = tvm.tirx.build(mod, target=kernel_target(target, mod))
-    path = os.path.join(tempfile.mkdtemp(prefix="unsparse-cand-"), "mod." + tar.output_format)
+    path = os.path.join(tempfile.mkdtemp(dir=workdir), "mod." + tar.output_format)
     try:
         rt_mod.export_library(path, fcompile=tar)
     except BaseException:  # the caller gets no path to remove: the folder goes here
@@ -84,6 +85,9 @@ class Builder:
         from tvm.support.popen_pool import PopenPoolExecutor
 
         self.workers, self.timeout = workers, timeout_sec
+        # every candidate of the run lies under one folder that close() removes: a build worker killed at
+        # its timeout, or a run ended by Ctrl-C, leaves no tar behind in the system's temp folder
+        self.workdir = tempfile.mkdtemp(prefix="unsparse-cand-")
         self.pool = PopenPoolExecutor(max_workers=workers, timeout=timeout_sec)
         self.batches = 0
 
@@ -94,8 +98,8 @@ class Builder:
         if self.batches % 25 == 0:  # popen workers leak memory over many builds: recycle them
             self.pool.shutdown()
             self.pool = PopenPoolExecutor(max_workers=self.workers, timeout=self.timeout)
-        out = []
-        for res in self.pool.map_with_error_catching(lambda m: _build_one(m, target), mods):
+        out, workdir = [], self.workdir  # the lambda is pickled for the workers: a str, not self and its pool
+        for res in self.pool.map_with_error_catching(lambda m: _build_one(m, target, workdir), mods):
             if res.status == StatusKind.COMPLETE:
                 out.append((res.value, None))
             elif res.status == StatusKind.TIMEOUT:
@@ -106,6 +110,7 @@ class Builder:
 
     def close(self):
         self.pool.shutdown(wait=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def last_line(err) -> str:
