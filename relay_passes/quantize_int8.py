@@ -101,11 +101,9 @@ class _Int8Rewriter(ConvChainRewriter):
             shared = len(acts) > 1
             if counts.get(src, 0) != len(acts) or any(a != acts[0] for a in acts) or (shared and not CHAIN_SHARED):
                 continue
+            # through a max pool too (resnet's stem): with nearbyint vectorised (ops.sparse_int8) the stem's uint8
+            # write-back costs what its fp32 one did, and the pool, the relay and both readers run on bytes
             pooled = _max_pool_input(src, var2val, counts)
-            if pooled is not None and shared:
-                # resnet's stem: TVM's uint8 max pool ran 1.10 ms (fp32: 0.22); with VectorMaxPool's uint8 kernel
-                # (0.06) the model still lost, 5.49 -> 5.79 ms: the stem's requantising write-back 0.28 -> 0.72
-                continue
             if pooled is not None:
                 src = pooled
                 if not isinstance(src, relax.Var) or counts.get(src, 0) != 1:

@@ -179,3 +179,70 @@ def test_a_row_domain_producer_is_not_also_wide(llvm):
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
     assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+class PooledFork(nn.Module):
+    """resnet's start: a strided 7x7 stem, its 3x3/2 max pool, read by a block's first 1x1 and its downsample."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+        self.c1, self.c2, self.down = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        p = nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2, 1)
+        y = torch.relu(self.c2(torch.relu(self.c1(p))) + self.down(p))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_the_stem_writes_uint8_through_its_max_pool(llvm, monkeypatch):
+    """The stem's output, pooled and then read by two int8 convs, travels as uint8: the stem requantises, the
+    vector max pool runs on bytes (64-wide rows: whole 32-byte vectors), and the result is the same integers."""
+    import unsparse_tvm.relay_passes.vector_max_pool as vmp
+
+    torch.manual_seed(2)
+    model = PooledFork().eval()
+    shape = (1, 3, 128, 128)
+    ranges = int8_ready(model, shape, 0.7)
+    pools = []
+    real_pool = vmp.max_pool_3x3s2
+    monkeypatch.setattr(vmp, "max_pool_3x3s2", lambda *a: pools.append(a[1]) or real_pool(*a))  # a[1]: dtype
+    report, run = compile_int8(model, shape, ranges, llvm)
+    assert {r.name: r.fused for r in report}["stem"] == "bias+relu+requant" and pools == ["uint8"]
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_SHARED", False)
+    pools.clear()
+    plain_report, plain = compile_int8(model, shape, ranges, llvm)
+    assert {r.name: r.fused for r in plain_report}["stem"] == "bias+relu" and pools == ["float32"]
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))  # a max pool commutes with the (monotone) quantisation
+    from test_int8 import _int8_reference
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
+
+    exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+def test_quantising_loops_stay_vectors(llvm):
+    """ops.sparse_int8.quantize in a vectorised loop lowers to vector code (TVM 0.27 left nearbyint out of
+    its vectorisable ops, so such loops came back scalar), rounding half to even and clamping as torch does."""
+    import tvm
+    from tvm import s_tir, te, tirx
+
+    from unsparse_tvm.ops.int8_formats import ActQuant
+    from unsparse_tvm.ops.sparse_int8 import quantize
+
+    act = ActQuant(0.5, 3, 255)
+    a = te.placeholder((64,), "float32", name="a")
+    sch = s_tir.Schedule(te.create_prim_func([a, te.compute((64,), lambda i: quantize(a[i], act), name="q")]))
+    _, inner = sch.split(sch.get_loops(sch.get_sblock("q"))[0], [4, 16])
+    sch.vectorize(inner)
+    lowered = tvm.ir.transform.Sequential([
+        s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(), tirx.transform.VectorizeLoop(True)])(sch.mod).script()
+    assert "T.nearbyint(a_1[T.Ramp(" in lowered and "uint8x16" in lowered and "_s in range" not in lowered, lowered
+    x = np.array([0.25, 0.75, 1.25, -1.25, -1.75, 126.0, 200.0, -9.0] * 8, dtype=np.float32)  # ties at x/0.5 = .5
+    y = tvm.runtime.tensor(np.zeros(64, np.uint8))
+    tvm.compile(sch.mod, target=llvm)["main"](tvm.runtime.tensor(x), y)
+    want = np.clip(np.round(x / 0.5) + 3, 0, 255).astype(np.uint8)  # numpy rounds half to even
+    np.testing.assert_array_equal(y.numpy(), want)
