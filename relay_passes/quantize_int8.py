@@ -170,7 +170,8 @@ class _Int8Rewriter(ConvChainRewriter):
         off = compact_offsets(rows.off_with_lengths()) if self.kind == "llvm" else rows.off
         x = self.visit_expr(conv.args[0])
         relay = None  # a uint8 input into quads by a byte shuffle, where the pad stage would insert bytes
-        if self.kind == "llvm" and dtype_of(x) == "uint8" and _relays(run, geo):
+        if self.kind == "llvm" and dtype_of(x) == "uint8" and (_relays(run, geo) or (
+                conv.args[0] not in self.wide and geo.c % QUAD == 0 and int8_ops.flat_plane(shape_of(x), run, sub))):
             relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point, sub,
                                         self.wide.get(conv.args[0], 0))
         elif self.kind == "llvm" and dtype_of(x) == "uint8" and _relays_strided(run, geo, sub, shape_of(x)):

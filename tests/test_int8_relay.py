@@ -15,6 +15,8 @@ from conftest import compile_int8, int8_ready
     (1, 8, 33, 34, 1, 2, (0, 0, 0, 0), 3),     # a strided 1x1's input: every other row and column
     (2, 8, 17, 16, 3, 1, (1, 1, 1, 1), 128),   # a padded 3x3: zero-point borders, a trailing quad
     (1, 12, 7, 20, 3, 1, (0, 2, 1, 0), 7),     # asymmetric padding
+    (1, 8, 14, 14, 1, 1, (0, 0, 0, 0), 5),     # rows under 16 positions: a 1x1's plane relayed as one row
+    (2, 12, 7, 7, 1, 1, (0, 0, 0, 0), 128),    # 49 positions: three steps and one shifted back
 ])
 def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
     """The relay writes what the int8 conv's pad stage writes for a uint8 input (TE, built on its own)."""

@@ -80,13 +80,23 @@ def _quad_patches(plane: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     return te.compute((geo.n, quad_channels(geo.c) * geo.channel_plane, QUAD), value, name="pad_patch")
 
 
+def flat_plane(x_shape: tuple, run: ConvGeometry, subsample: tuple[int, int] = (1, 1), pitch: int = 0) -> bool:
+    """Whether a uint8 x [N, C, H, W] and the quads of the stride-1 conv `run` lay each channel's positions out
+    alike (no padding, no subsampling, no patches, x's rows back to back): quad_relay then runs each plane as
+    one row, which needs 16 positions in all rather than in each row."""
+    return (len(x_shape) == 4 and tuple(subsample) == (1, 1) and pitch in (0, int(x_shape[3]))
+            and not run.patches and run.hq * run.wq == run.h * run.w == int(x_shape[2]) * int(x_shape[3])
+            and run.wq == run.w and run.h * run.w >= 16)
+
+
 def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
                subsample: tuple[int, int] = (1, 1), pitch: int = 0) -> tirx.PrimFunc:
     """uint8 x [N, C, H, W] (the previous layer requantised it) -> pad_quantize's quad layout for the
     stride-1 conv `run`: [N, quads * Hq*Wq, 4], padding and trailing quads at the zero point, input row y
     read at x row y*sy, column x at x*sx (a strided 1x1 read in place). Per step 16 positions of 4 channel
     planes, one byte shuffle (LLVM: vpunpck*) into one 64-byte store; a row's last step is shifted back to
-    end at the row's end (it rewrites a few positions with the same bytes), so W >= 16. Each plane is first
+    end at the row's end (it rewrites a few positions with the same bytes), so W >= 16, or H*W >= 16 where
+    x's plane is laid out as the quads' (flat_plane: then the plane is one row). Each plane is first
     filled with the zero point the same way. The pad stage relays these bytes one vpinsrb at a time (256
     channels on 56x56: ~160 us; this: 41 us). C % 4 == 0. A 3-D x [N, C, P] is a producer's wide output
     (sparse_conv2d_int8's `wide`): its rows `pitch` apart in a plane of P."""
@@ -98,6 +108,10 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
     plane, wq, span = run.hq * run.wq, run.wq, 16 * sx
     pick = [v * span + t * sx for t in range(16) for v in range(QUAD)]  # lane 4t + v <- plane v, position t
     zp, padded = tirx.const(zero_point, "uint8"), plane != run.h * run.w
+    rows, cols = run.h, run.w
+    if flat_plane(x_shape, run, subsample, pitch):  # x's plane is q's: one row of H*W positions (14x14, 7x7 too)
+        rows, cols, wq = 1, run.h * run.w, run.h * run.w
+    assert cols >= 16, (x_shape, cols)
 
     @T.prim_func(s_tir=True)  # a root block: Relax analyses (AnnotateTIROpPattern) expect one
     def relay(x: T.Buffer(x_dims, "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
@@ -110,8 +124,8 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
                     for k in range((plane * QUAD + 63) // 64):
                         qf[T.Ramp(b * plane * QUAD + T.min(k * 64, plane * QUAD - 64), 1, 64)] = T.Broadcast(zp, 64)
                 if b % quads < cq:
-                    for y, k in T.grid(run.h, (run.w + 15) // 16):
-                        x0 = T.min(k * 16, run.w - 16)
+                    for y, k in T.grid(rows, (cols + 15) // 16):
+                        x0 = T.min(k * 16, cols - 16)
                         src = (b // quads * cq + b % quads) * QUAD * h * w + y * sy * pitch + x0 * sx
                         qf[T.Ramp((b * plane + (y + pt) * wq + pl + x0) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
                             [xf[T.Ramp(src + v * h * w, 1, span)] for v in range(QUAD)], pick)
