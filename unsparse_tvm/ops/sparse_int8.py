@@ -80,11 +80,11 @@ def _quad_patches(plane: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     return te.compute((geo.n, quad_channels(geo.c) * geo.channel_plane, QUAD), value, name="pad_patch")
 
 
-def flat_plane(x_shape: tuple, run: ConvGeometry, subsample: tuple[int, int] = (1, 1), pitch: int = 0) -> bool:
+def flat_plane(x_shape: tuple | None, run: ConvGeometry, subsample: tuple[int, int] = (1, 1), pitch: int = 0) -> bool:
     """Whether a uint8 x [N, C, H, W] and the quads of the stride-1 conv `run` lay each channel's positions out
     alike (no padding, no subsampling, no patches, x's rows back to back): quad_relay then runs each plane as
     one row, which needs 16 positions in all rather than in each row."""
-    return (len(x_shape) == 4 and tuple(subsample) == (1, 1) and pitch in (0, int(x_shape[3]))
+    return (x_shape is not None and len(x_shape) == 4 and tuple(subsample) == (1, 1) and pitch in (0, int(x_shape[3]))
             and not run.patches and run.hq * run.wq == run.h * run.w == int(x_shape[2]) * int(x_shape[3])
             and run.wq == run.w and run.h * run.w >= 16)
 
