@@ -520,3 +520,25 @@ def test_committed_gpu_log_replays_on_its_workloads():
     for r in log.records[::7]:  # a sample: each replay parses the workload's module
         mod = mods.setdefault(r.workload, log.workloads[r.workload].module())
         assert replay(r, mod) is not None, f"record of workload {r.workload} no longer replays"
+
+
+def test_tasks_of_silu_epilogues_are_extracted(llvm):
+    """A conv whose epilogue is the fast SiLU (efficientnet's blocks) binds its terms with Let, for which TVM's
+    FLOP estimate has no rule: `tune` failed with a traceback; its weight now comes from the nonzero weights."""
+    import torch
+    import torch.nn as nn
+
+    from unsparse_tvm.models import export_program
+    from unsparse_tvm.tuning import extract_tasks
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 16, 1), nn.SiLU()).eval()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Conv2d):
+                m.weight[torch.rand_like(m.weight) < 0.9] = 0
+    tasks = extract_tasks(export_program(model, (1, 8, 16, 16)), llvm, threshold=0.5)
+    assert len(tasks) == 2 and all(t.flops > 0 for t in tasks)
+    nonzeros = int((model[0].weight != 0).sum())
+    first = next(t for t in tasks if int(t.mod["main"].params[-1].shape[1]) == 32)
+    assert first.flops == 2 * nonzeros * 16 * 16  # multiply-adds of the nonzeros at every output position

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..frontend import import_program
 from ..relay_passes import build_pipeline
 from ..relay_passes.apply_tuning_records import call_sites
@@ -42,6 +44,28 @@ class Task:
         return f"{self.name} ({self.op}, {self.calls} call{'s' if self.calls > 1 else ''}, {self.flops / 1e6:.1f} MFLOP)"
 
 
+def _estimate_flops(wl) -> float:
+    """TVM's FLOP estimate of a workload, or 0 where it has no rule for an expression in it: Let, which the
+    fast sigmoid and SiLU epilogues bind their terms with (efficientnet's layers; `tune` failed on them)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(wl))
+    except Exception:  # tvm.error.InternalError: "Do not have a default for prim.Let"
+        return 0.0
+
+
+def _flops_from_weights(task: Task) -> float:
+    """2 x the nonzero weights x the output positions per channel: the multiply-adds of a sparse layer, from
+    its first call site's arrays (the largest constant is its weights), where TVM gave no estimate."""
+    arrays = [a for a in task.args if a is not None and a.dtype.kind in "fi"]
+    out = [int(d) for d in task.mod["main"].params[-1].shape]  # the output buffer (params are buffers here)
+    if not arrays or len(out) < 2:
+        return 0.0
+    weights = max(arrays, key=lambda a: a.size)
+    return 2.0 * float(np.count_nonzero(weights)) * float(np.prod(out)) / out[1]
+
+
 def normalize(func):
     """The IRModule MetaSchedule keys a PrimFunc by (tune_context._normalize_mod: noalias, "main")."""
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
@@ -66,8 +90,6 @@ def extract_tasks(ep, target, *, threshold: float | None = None, include_dense: 
     import tvm_ffi
     from tvm import tirx
     from tvm.ir import GenericConst
-    from tvm.s_tir.analysis import estimate_tir_flops
-
 
     mod, names = import_program(ep)
     mod = build_pipeline(target, threshold=threshold, names=names, fmt=fmt, rates=rates, stop_after="legalize")(mod)
@@ -82,8 +104,7 @@ def extract_tasks(ep, target, *, threshold: float | None = None, include_dense: 
         task = tasks.get(key)
         if task is None or not tvm_ffi.structural_equal(task.mod, wl):
             key = key if task is None else f"{key}:{gv.name_hint}"  # a hash collision: keep both apart
-            task = tasks[key] = Task(gv.name_hint, op_of(func), wl, [], 0, float(estimate_tir_flops(wl)),
-                                     structural_hash(wl))
+            task = tasks[key] = Task(gv.name_hint, op_of(func), wl, [], 0, _estimate_flops(wl), structural_hash(wl))
         by_gv[gv.name_hint] = task
     for gv, args in call_sites(mod):
         task = by_gv.get(gv.name_hint)
@@ -93,4 +114,6 @@ def extract_tasks(ep, target, *, threshold: float | None = None, include_dense: 
         if not task.args:  # the first call site supplies the real index arrays
             consts = [a.value.numpy() if isinstance(a, GenericConst) else None for a in args]
             task.args = consts + [None] * (len(task.mod["main"].params) - len(consts))
+            if not task.flops:
+                task.flops = _flops_from_weights(task)
     return sorted((t for t in tasks.values() if t.calls), key=lambda t: -t.weight)
