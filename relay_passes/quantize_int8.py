@@ -170,8 +170,7 @@ class _Int8Rewriter(ConvChainRewriter):
         off = compact_offsets(rows.off_with_lengths()) if self.kind == "llvm" else rows.off
         x = self.visit_expr(conv.args[0])
         relay = None  # a uint8 input into quads by a byte shuffle, where the pad stage would insert bytes
-        if self.kind == "llvm" and dtype_of(x) == "uint8" and (_relays(run, geo) or (
-                conv.args[0] not in self.wide and geo.c % QUAD == 0 and int8_ops.flat_plane(shape_of(x), run, sub))):
+        if self.kind == "llvm" and dtype_of(x) == "uint8" and _relays(run, geo, shape_of(x), sub):
             relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point, sub,
                                         self.wide.get(conv.args[0], 0))
         elif self.kind == "llvm" and dtype_of(x) == "uint8" and _relays_strided(run, geo, sub, shape_of(x)):
@@ -208,13 +207,17 @@ class _Int8Rewriter(ConvChainRewriter):
         return call
 
 
-def _relays(run, geo) -> bool:
+def _relays(run, geo, x_shape=None, sub=(1, 1)) -> bool:
     """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
     its pad stage (llvm): a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
     subsampled input), C a multiple of 4, input rows of at least one 16-position step; a subsampled row's
-    last step loads up to column s*OW - 1, so the row must be whole steps of s (else it reads past the end)."""
-    return (tuple(run.stride) == (1, 1) and geo.c % QUAD == 0 and run.w >= 16
-            and (tuple(geo.stride) == (1, 1) or run.w * geo.stride[1] == geo.w))
+    last step loads up to column s*OW - 1, so the row must be whole steps of s (else it reads past the end).
+    Given x's shape, also a plane laid out as the quads' of 16 positions or more in all (int8_ops.flat_plane:
+    14x14 and 7x7 1x1s; never a wide 3-D input)."""
+    if tuple(run.stride) != (1, 1) or geo.c % QUAD:
+        return False
+    return ((run.w >= 16 and (tuple(geo.stride) == (1, 1) or run.w * geo.stride[1] == geo.w))
+            or int8_ops.flat_plane(x_shape, run, sub))
 
 
 def _relays_strided(run, geo, sub, x_shape) -> bool:

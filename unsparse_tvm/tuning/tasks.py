@@ -47,11 +47,12 @@ class Task:
 def _estimate_flops(wl) -> float:
     """TVM's FLOP estimate of a workload, or 0 where it has no rule for an expression in it: Let, which the
     fast sigmoid and SiLU epilogues bind their terms with (efficientnet's layers; `tune` failed on them)."""
+    import tvm
     from tvm.s_tir.analysis import estimate_tir_flops
 
     try:
         return float(estimate_tir_flops(wl))
-    except Exception:  # tvm.error.InternalError: "Do not have a default for prim.Let"
+    except tvm.error.InternalError:  # "Do not have a default for prim.Let"
         return 0.0
 
 
