@@ -87,7 +87,7 @@ def predict(row: dict, rates, lanes: int = 16) -> tuple[float, float]:
         geo = ConvGeometry(n, c, h, w, k, r, s, tuple(a["strides"]), tuple(a["padding"]), tuple(a["dilation"]))
         model = CostModel("llvm", rates, lanes)
         depthwise = a.get("groups", 1) > 1  # the pass takes depthwise convs only (depthwise_cost)
-        cost = model.conv(kernel_geometry(geo, model, plane=depthwise), rows, depthwise, dense_geo=geo)
+        cost = model.conv(kernel_geometry(geo, model, depthwise=depthwise), rows, depthwise, dense_geo=geo)
     else:
         cost = linear_cost(row["input"][0], tuple(row["weight"]), rows, "llvm", rates)
     return cost.dense_us, cost.sparse_us

@@ -21,7 +21,8 @@ from tvm.ir import IRModule
 from unsparse_tvm.ops import sparse as sparse_ops
 from unsparse_tvm.ops.formats import (HYB_MIN_SAVING, conv_weight_rows, depthwise_weight_rows, inverse_order,
                                       length_order, stored_lengths)
-from unsparse_tvm.ops.names import ROW_LENGTHS, STRIDE, sparse_op
+from unsparse_tvm.ops.names import PHASE_PLANES, ROW_LENGTHS, STRIDE, sparse_op
+from unsparse_tvm.ops.phase_planes import phase_planes, phase_rows, phase_split
 from unsparse_tvm.ops.names import ROW_ORDER as ROW_ORDER_ATTR
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
 from unsparse_tvm.schedules.sparse_conv2d_cpu import interleave_tile
@@ -72,11 +73,11 @@ class _Sparsifier(ConvChainRewriter):
         if reason is not None or geo is None:
             return decision.keep_dense(reason or "unsupported conv2d")
         pointwise, run, gather = self.kernel_input(conv, geo, depthwise)
-        ours = self.flat_domain(run, depthwise or entry is not None)
         channels = gather[1] if gather is not None else None
-        rows = choose_sparse(decision, sparsity, self.threshold, lambda: self.pack(weight, ours, depthwise, channels),
+        split, ours, dense_geo, pack = self.kernel_plan(run, geo, weight, depthwise, entry is not None, channels)
+        rows = choose_sparse(decision, sparsity, self.threshold, pack,
                              lambda rows: self.cost.conv(row_lane_geometry(ours, rows, self.cost), rows,
-                                                         depthwise=depthwise, dense_geo=geo))
+                                                         depthwise=depthwise, dense_geo=dense_geo))
         if rows is None:
             return None
         extra, flags = self.epilogue_args(ep)
@@ -85,6 +86,7 @@ class _Sparsifier(ConvChainRewriter):
             if self.target_kind == "llvm" and entry is None and rows.fmt in ("ell", "hyb") else None
         x = self.visit_expr(gather[0] if gather is not None else conv.args[0] if gate is None else gate[0])
         x = x if pointwise is None else subsampled(self.builder_, x, geo)
+        x = x if split is None else self.phase_input(x, split, ours)
         quantised = quant_conv(self.builder_, x, rows, weight, run, entry, extra, flags, self.target_kind)
         if quantised is not None:
             return self.finish_quantised(quantised, rows, weight, decision, ep)
@@ -139,15 +141,35 @@ class _Sparsifier(ConvChainRewriter):
         record_bytes(decision, rows, q, weight)
         return call
 
-    def flat_domain(self, run, plane: bool):
+    def kernel_plan(self, run, geo, weight, depthwise: bool, quantised: bool, channels) -> tuple:
+        """(the phase split of a strided depthwise conv or None, the conv as the kernel runs it, as the dense
+        kernel's price sees it, the packer of its rows): a strided depthwise conv whose nonzeros read few of
+        its phase planes runs on those alone (ops.phase_planes), a stride-1 conv over them."""
+        ours = self.flat_domain(run, quantised, depthwise)
+        split = phase_split(weight, run, channels) if depthwise and self.target_kind == "llvm" else None
+        if split is None:
+            return None, ours, ours if depthwise else geo, lambda: self.pack(weight, ours, depthwise, channels)
+        phased = self.flat_domain(split.geometry(), False, True)
+        split = split.with_planes(phased.pad_channels)  # zero planes where the flat domain reads past the last
+        return split, phased, ours, lambda: phase_rows(weight, split, phased, channels)
+
+    def phase_input(self, x, split, ours) -> relax.Expr:
+        """The used phase planes of x, flat [N, P*Hq*Wq] (ops.phase_planes), an operator of its own."""
+        call = self.builder_.call_te(partial(phase_planes, geo=split.source), x, relax.const(split.planes),
+                                     primfunc_name_hint=PHASE_PLANES)
+        mark(self.builder_, call, {"op": PHASE_PLANES, "unsparse.planes": [len(split.planes), split.source.hq, split.source.wq]})
+        return self.builder_.emit(call)
+
+    def flat_domain(self, run, plane: bool, depthwise: bool = False):
         """The fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap, its input
         copied at a channel pitch of whole vectors where H*W would split most loads, see with_aligned_channels; a
         strided conv's phase rows at a pitch of whole vectors, see with_aligned_rows; the
-        output map itself where its rows are whole vectors, or half of one (8x8 under AVX-512), see
-        with_row_domain; a 4x4 map's input as patches, see with_patches). `plane` (depthwise rows, quantised
-        weights) keeps the padded plane at whole vectors: a depthwise conv reads each input position for one
-        row only, so a copy would not pay; quantised rows encode offsets into the plane (ops.quant_formats)."""
-        return kernel_geometry(run, self.cost, plane)
+        output map itself where its rows are whole vectors, or half of one (8x8 under AVX-512; any row of 8k
+        for depthwise rows), see with_row_domain; a 4x4 map's input as patches, see with_patches). `plane`
+        (quantised weights) and `depthwise` keep the padded plane at whole vectors: a depthwise conv reads each
+        input position for one row only, so a copy would not pay; quantised rows encode offsets into the plane
+        (ops.quant_formats)."""
+        return kernel_geometry(run, self.cost, plane, depthwise)
 
     def kernel_attrs(self, ours, tile: int, row_order: bool) -> dict:
         """The PrimFunc attributes the schedules read: the flat domain (their vectors divide it, see
@@ -179,13 +201,18 @@ class _Sparsifier(ConvChainRewriter):
         return pack_conv_rows(weight, geo, self.fmt, self.cost)
 
 
-def kernel_geometry(run, cost: CostModel, plane: bool = False):
+def kernel_geometry(run, cost: CostModel, plane: bool = False, depthwise: bool = False):
     """The conv `run` as the fp32 sparse kernel runs it on cost's target (see _Sparsifier.flat_domain)."""
     if cost.kind != "llvm":
         return run
     run = strided_pointwise(run) or run  # a strided 1x1 runs at stride 1 on the subsampled input (llvm)
-    ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not plane)
-    if plane:
+    ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not (plane or depthwise))
+    if depthwise and cost.lanes >= 16:
+        # rows of half a vector too (56 wide under AVX-512: 8-lane vectors), where the pass over sums written and
+        # read back would cost more than the narrow FMAs: a depthwise row has one to three of them per position
+        # (efficientnet_b0's 144 x 56x56 3x3 at 90%, one thread, Xeon: 0.340 -> 0.225 ms; 5.53 -> 5.38 ms in all)
+        ours = ours.with_row_domain(cost.lanes // 2)
+    if plane or depthwise:
         return ours
     ours = ours.with_patches(cost.lanes, fold_images=True, whole=4)
     return ours.with_aligned_channels(cost.lanes).with_aligned_rows(cost.lanes)

@@ -55,6 +55,27 @@ def test_random_sparse_conv2d_matches_torch(cfg, llvm):
     assert rel_err(y, ref) < 1e-5 or np.abs(y - ref).max() < 1e-5
 
 
+@st.composite
+def strided_depthwise_configs(draw):
+    """Strided depthwise convs, which run on the phase planes their nonzeros read (ops.phase_planes) where
+    those are few: odd and even filters, one or both axes strided, asymmetric padding, batch > 1."""
+    r, s = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = draw(st.sampled_from([(2, 2), (3, 3), (2, 1), (1, 3), (3, 2)]))
+    pad = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    assume(h + pad[0] + pad[2] >= r and w + pad[1] + pad[3] >= s)
+    c = draw(st.integers(1, 16))
+    return dict(n=draw(st.integers(1, 3)), c=c, k=c, r=r, s=s, stride=stride, dil=(1, 1), pad=pad, h=h, w=w,
+                groups=c, sparsity=draw(st.floats(0.5, 0.98)), fmt="ell", bias=draw(st.booleans()),
+                relu=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(cfg=strided_depthwise_configs())
+def test_random_strided_depthwise_matches_torch(cfg, llvm):
+    test_random_sparse_conv2d_matches_torch.hypothesis.inner_test(cfg, llvm)
+
+
 @settings(max_examples=15, **SETTINGS)
 @given(n=st.integers(1, 3), i=st.integers(1, 64), o=st.integers(1, 32), sparsity=st.floats(0.5, 0.98),
        fmt=st.sampled_from([None, "ell", "hyb"]), bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))

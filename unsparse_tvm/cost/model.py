@@ -91,7 +91,7 @@ def conv_cost(geo: ConvGeometry, rows: SparseRows, target_kind: str, rates: X86R
         sparse *= CUDA_GPU.grouped_rows_factor if rows.group > 1 else 1.0  # the dense side's measured shortfall
         return LayerCost(dense * 1e6, sparse * 1e6)
     if depthwise:
-        return depthwise_cost(geo, rows, rates)
+        return depthwise_cost(geo, rows, rates, dense_geo)
     dgeo = dense_geo or geo
     out, dense_out = geo.batch * geo.k * geo.q_extent, dgeo.batch * dgeo.k * dgeo.q_extent
     dense = (geo.k * geo.c * geo.r * geo.s * dgeo.batch * dgeo.q_extent / rates.dense_rate(dgeo)
@@ -128,18 +128,22 @@ DW_DENSE_FMA_S, DW_DENSE_OUTPUT_S, DW_DENSE_CHANNEL_S = 1 / 54e9, 0.42e-9, 55e-9
 DW_DENSE_STRIDED_INPUT_S = 0.1e-9
 
 
-def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTIN) -> LayerCost:
+def depthwise_cost(geo: ConvGeometry, rows: SparseRows, rates: X86Rates = BUILTIN,
+                   dense_geo: ConvGeometry | None = None) -> LayerCost:
     """Predicted time (us) of a depthwise conv (one input channel per output channel) on the dense depthwise
     kernel and on the sparse one (its rows: ops.formats.depthwise_weight_rows). geo.c < geo.k: the input is
     gathered from geo.c channels (DropDeadChannels), which the sparse kernel reads in place and the dense one
-    gets copied out to all geo.k first."""
-    channels = geo.n * geo.k
-    inp, out = channels * geo.hp * geo.wp, channels * geo.oh * geo.ow  # padded input, output elements
-    dense = geo.r * geo.s * out * DW_DENSE_FMA_S + out * DW_DENSE_OUTPUT_S + channels * DW_DENSE_CHANNEL_S
-    if geo.stride != (1, 1):
+    gets copied out to all geo.k first. dense_geo (default geo): the conv as the dense kernel sees it, where
+    the sparse one runs on the phase planes its nonzeros read (ops.phase_planes: geo is then the stride-1
+    conv over them, and its copy is of those planes)."""
+    d = dense_geo or geo
+    channels = d.n * d.k
+    inp, out = channels * d.hp * d.wp, channels * d.oh * d.ow  # padded input, output elements
+    dense = d.r * d.s * out * DW_DENSE_FMA_S + out * DW_DENSE_OUTPUT_S + channels * DW_DENSE_CHANNEL_S
+    if d.stride != (1, 1):
         dense += inp * DW_DENSE_STRIDED_INPUT_S
-    if geo.c < geo.k:  # the gather's copy, at the sparse kernel's cost of copying an input element
-        dense += channels * geo.h * geo.w * DW_SPARSE_INPUT_S
+    if d.c < d.k:  # the gather's copy, at the sparse kernel's cost of copying an input element
+        dense += channels * d.h * d.w * DW_SPARSE_INPUT_S
     read = geo.n * geo.c * geo.hp * geo.wp  # the padded input the sparse kernel copies: its own channels
     sparse = (read * DW_SPARSE_INPUT_S + out * DW_SPARSE_OUTPUT_S + channels * DW_SPARSE_CHANNEL_S
               + rows.nnz * geo.n * geo.oh * geo.ow / rates.ell)

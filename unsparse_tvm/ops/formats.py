@@ -207,10 +207,15 @@ def depthwise_weight_rows(weight: np.ndarray, geo: ConvGeometry, channels: np.nd
     cols = geo.column_offsets().reshape(geo.c, -1)                # [C, R*S] offsets of channel c's taps
     src = np.arange(k) if channels is None else np.asarray(channels)  # the input channel row k reads
     nz = [np.flatnonzero(taps[i]) for i in range(k)]
-    row_nnz = np.array([len(z) for z in nz], np.int64)
-    data, off = _pack([cols[src[i], z].astype(np.int32) for i, z in enumerate(nz)],
-                      [taps[i, z] for i, z in enumerate(nz)], int(row_nnz.max(initial=0)))
-    return SparseRows("ell", data, off, int(row_nnz.sum()), (k, geo.c * taps.shape[1]), row_nnz=row_nnz)
+    return pack_rows([cols[src[i], z].astype(np.int32) for i, z in enumerate(nz)],
+                     [taps[i, z] for i, z in enumerate(nz)], (k, geo.c * taps.shape[1]))
+
+
+def pack_rows(offs: list[np.ndarray], vals: list[np.ndarray], shape: tuple[int, int]) -> SparseRows:
+    """ELL rows from each row's offsets and values (the rows' lengths as they are)."""
+    row_nnz = np.array([len(v) for v in vals], np.int64)
+    data, off = _pack(offs, vals, int(row_nnz.max(initial=0)))
+    return SparseRows("ell", data, off, int(row_nnz.sum()), shape, row_nnz=row_nnz)
 
 
 def dense_weight_rows(weight: np.ndarray, fmt: str | None = None,

@@ -21,6 +21,7 @@ SPARSE_DENSE_GROUPED = "sparse_dense_grouped"
 SPARSE_DENSE_INT8 = "sparse_dense_int8"
 DENSE_CONV2D = "dense_conv2d"                     # the layers left dense: our direct conv
 DEPTHWISE_CONV2D = "depthwise_conv2d"             # TVM's grouped/depthwise convs, tagged for our rule
+PHASE_PLANES = "phase_planes"                     # a strided depthwise conv's used phase planes (ops/phase_planes)
 
 
 def sparse_op(kind: str, rows) -> str:

@@ -1,0 +1,99 @@
+"""A strided depthwise conv on only the phase planes its nonzeros read (llvm).
+
+A stride-2 conv's kernel reads its zero-padded input split into sh x sw phase planes per channel
+(geometry.ConvGeometry), and the pad stage copies all of them. A pruned depthwise filter keeps one or two
+of its 9 or 25 taps, so most of those planes are never read: efficientnet_b0's 3x3/2 on 96 x 112x112 at 90%
+reads 75 of its 216. Here the used planes alone are copied, by an operator of their own ("phase_planes",
+[N, P, Hq, Wq]), and the conv runs on them as a stride-1, unpadded conv with a ceil(R/sh) x ceil(S/sw)
+filter: row k's tap (r, s) reads plane (channel of k, phase (r % sh, s % sw)) at (r // sh, s // sw). The
+kernel then reads that copy in place (ConvGeometry.input_is_flat), rows, flat domain and fused epilogue
+as any other conv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from tvm import te, tirx
+
+from .formats import SparseRows, pack_rows
+from .geometry import ConvGeometry
+
+# split only where at most this share of the phase planes is read: with every plane read the copy is the
+# pad stage's, as a kernel of its own
+PHASE_SPLIT_MAX_SHARE = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSplit:
+    """A strided depthwise conv as a stride-1 conv over its used phase planes."""
+
+    source: ConvGeometry  # the conv as written (its input [N, C, H, W], stride, padding)
+    planes: np.ndarray    # int32 [P]: plane p is phase planes[p] % (sh*sw) of channel planes[p] // (sh*sw);
+                          # a code of C * sh * sw is a plane of zeros (the flat domain's reads past the last)
+
+    def geometry(self, planes: int | None = None) -> ConvGeometry:
+        """The stride-1, unpadded conv over `planes` planes (default: this split's) of Hq x Wq."""
+        (sh, sw), g = self.source.stride, self.source
+        return ConvGeometry(g.n, len(self.planes) if planes is None else planes, g.hq, g.wq, g.k,
+                            -(-g.r // sh), -(-g.s // sw), (1, 1), (0, 0, 0, 0), (1, 1))
+
+    def with_planes(self, count: int) -> "PhaseSplit":
+        """The same split with zero planes appended up to `count` (ConvGeometry.pad_channels of the conv as run)."""
+        sh, sw = self.source.stride
+        extra = np.full(count - len(self.planes), self.source.c * sh * sw, np.int32)
+        return dataclasses.replace(self, planes=np.concatenate([self.planes, extra]))
+
+
+def phase_split(weight: np.ndarray, geo: ConvGeometry, channels: np.ndarray | None = None) -> PhaseSplit | None:
+    """The split of a strided depthwise conv (weight [K, 1, R, S]; row k reads input channel channels[k], or
+    k) onto the phase planes its nonzeros read; None where the conv is not strided, is dilated, or reads
+    more than PHASE_SPLIT_MAX_SHARE of its planes."""
+    (sh, sw), k = geo.stride, weight.shape[0]
+    if (sh, sw) == (1, 1) or geo.dilation != (1, 1) or geo.r * geo.s == 1:
+        return None
+    src = np.arange(k) if channels is None else np.asarray(channels)
+    row, r, s = np.nonzero(weight.reshape(k, geo.r, geo.s))
+    used = np.unique(src[row] * (sh * sw) + (r % sh) * sw + s % sw).astype(np.int32)
+    split = PhaseSplit(geo, used)
+    run = split.geometry()
+    if len(used) == 0 or len(used) > PHASE_SPLIT_MAX_SHARE * geo.c * sh * sw or (run.oh, run.ow) != (geo.oh, geo.ow):
+        return None
+    return split
+
+
+def phase_rows(weight: np.ndarray, split: PhaseSplit, run: ConvGeometry,
+               channels: np.ndarray | None = None) -> SparseRows:
+    """ELL rows of the depthwise weight [K, 1, R, S] over the split's planes, offsets into `run`'s flat input
+    (the stride-1 conv as the kernel runs it: its flat domain, its plane pitch)."""
+    (sh, sw), k = split.source.stride, weight.shape[0]
+    src = np.arange(k) if channels is None else np.asarray(channels)
+    taps = weight.reshape(k, split.source.r, split.source.s)
+    rank = {int(code): p for p, code in enumerate(split.planes)}
+    offs, vals = [], []
+    for i in range(k):
+        r, s = np.nonzero(taps[i])
+        planes = np.array([rank[int(src[i]) * sh * sw + (a % sh) * sw + b % sw] for a, b in zip(r, s)], np.int64)
+        off = np.array([run.tap_offset(p, a // sh, b // sw) for p, a, b in zip(planes, r, s)], np.int64)
+        order = np.argsort(off, kind="stable")  # ascending addresses
+        offs.append(off[order].astype(np.int32))
+        vals.append(taps[i][r, s][order])
+    return pack_rows(offs, vals, (k, run.c * run.r * run.s))
+
+
+def phase_planes(x: te.Tensor, planes: te.Tensor, geo: ConvGeometry) -> te.Tensor:
+    """[N, C, H, W] -> [N, P*Hq*Wq]: plane p the phase planes[p] % (sh*sw) of channel planes[p] // (sh*sw) of
+    the zero-padded input (geo: the conv as written), zeros for a code of C * sh * sw; flat, as the sparse
+    conv reads it."""
+    (sh, sw), (pt, pl, _, _) = geo.stride, geo.padding
+    plane = geo.hq * geo.wq
+
+    def value(n, i):
+        code = planes[i // plane]
+        c, phase, hh, ww = code // (sh * sw), code % (sh * sw), i % plane // geo.wq, i % geo.wq
+        h, w = hh * sh + phase // sw - pt, ww * sw + phase % sw - pl
+        inside = tirx.all(c < geo.c, h >= 0, h < geo.h, w >= 0, w < geo.w)
+        return tirx.if_then_else(inside, x[n, tirx.min(c, geo.c - 1), h, w], tirx.const(0.0, "float32"))
+
+    return te.compute((geo.n, int(planes.shape[0]) * plane), value, name="phase_planes")
