@@ -207,11 +207,12 @@ def kernel_geometry(run, cost: CostModel, plane: bool = False, depthwise: bool =
         return run
     run = strided_pointwise(run) or run  # a strided 1x1 runs at stride 1 on the subsampled input (llvm)
     ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not (plane or depthwise))
-    if depthwise and cost.lanes >= 16:
-        # rows of half a vector too (56 wide under AVX-512: 8-lane vectors), where the pass over sums written and
-        # read back would cost more than the narrow FMAs: a depthwise row has one to three of them per position
-        # (efficientnet_b0's 144 x 56x56 3x3 at 90%, one thread, Xeon: 0.340 -> 0.225 ms; 5.53 -> 5.38 ms in all)
-        ours = ours.with_row_domain(cost.lanes // 2)
+    if depthwise:
+        # rows of whole 4-lane vectors too (56 wide under AVX-512: 8 lanes; 28 wide: 4), where the pass over sums
+        # written and read back would cost more than the narrow FMAs: a depthwise row has one to three of them per
+        # position. efficientnet_b0 at 90%, one thread, Xeon: its 144 x 56x56 3x3 0.340 -> 0.225 ms, 5.53 -> 5.38
+        # ms in all; on AVX2 code its 240 x 28x28 5x5 0.228 -> 0.193, 6.04 -> 6.00 ms (AVX-512, 4 lanes: level)
+        ours = ours.with_row_domain(4)
     if plane or depthwise:
         return ours
     ours = ours.with_patches(cost.lanes, fold_images=True, whole=4)
