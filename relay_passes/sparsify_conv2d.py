@@ -86,7 +86,7 @@ class _Sparsifier(ConvChainRewriter):
             if self.target_kind == "llvm" and entry is None and rows.fmt in ("ell", "hyb") else None
         x = self.visit_expr(gather[0] if gather is not None else conv.args[0] if gate is None else gate[0])
         x = x if pointwise is None else subsampled(self.builder_, x, geo)
-        x = x if split is None else self.phase_input(x, split, ours)
+        x = x if split is None else self.phase_input(x, split)
         quantised = quant_conv(self.builder_, x, rows, weight, run, entry, extra, flags, self.target_kind)
         if quantised is not None:
             return self.finish_quantised(quantised, rows, weight, decision, ep)
@@ -153,19 +153,20 @@ class _Sparsifier(ConvChainRewriter):
         split = split.with_planes(phased.pad_channels)  # zero planes where the flat domain reads past the last
         return split, phased, ours, lambda: phase_rows(weight, split, phased, channels)
 
-    def phase_input(self, x, split, ours) -> relax.Expr:
+    def phase_input(self, x, split) -> relax.Expr:
         """The used phase planes of x, flat [N, P*Hq*Wq] (ops.phase_planes), an operator of its own."""
         call = self.builder_.call_te(partial(phase_planes, geo=split.source), x, relax.const(split.planes),
                                      primfunc_name_hint=PHASE_PLANES)
-        mark(self.builder_, call, {"op": PHASE_PLANES, "unsparse.planes": [len(split.planes), split.source.hq, split.source.wq]})
+        shape = [len(split.planes), split.source.hq, split.source.wq]  # what schedules/phase_planes_cpu splits
+        mark(self.builder_, call, {"op": PHASE_PLANES, "unsparse.planes": shape})
         return self.builder_.emit(call)
 
     def flat_domain(self, run, plane: bool, depthwise: bool = False):
         """The fp32 kernel's flat domain (llvm: whole vectors over a 14x14 or 7x7 map, see with_overlap, its input
         copied at a channel pitch of whole vectors where H*W would split most loads, see with_aligned_channels; a
         strided conv's phase rows at a pitch of whole vectors, see with_aligned_rows; the
-        output map itself where its rows are whole vectors, or half of one (8x8 under AVX-512; any row of 8k
-        for depthwise rows), see with_row_domain; a 4x4 map's input as patches, see with_patches). `plane`
+        output map itself where its rows are whole vectors, or half of one (8x8 under AVX-512; for depthwise
+        rows any row of whole 4-lane vectors), see with_row_domain; a 4x4 map's input as patches, see with_patches). `plane`
         (quantised weights) and `depthwise` keep the padded plane at whole vectors: a depthwise conv reads each
         input position for one row only, so a copy would not pay; quantised rows encode offsets into the plane
         (ops.quant_formats)."""

@@ -21,9 +21,9 @@ from . import (
 )
 from ._common import ScheduleRule, cpu_vector_lanes
 
-_ALL = (dense_conv2d_cpu, depthwise_conv2d_cpu, dense_conv2d_cuda, phase_planes_cpu, sparse_conv2d_cpu, sparse_conv2d_cuda,
-        sparse_conv2d_grouped_cpu, sparse_conv2d_int8_cpu, sparse_conv2d_int8_cuda, sparse_dense_cpu,
-        sparse_dense_cuda, sparse_dense_grouped_cpu, sparse_dense_int8_cpu)
+_ALL = (dense_conv2d_cpu, depthwise_conv2d_cpu, dense_conv2d_cuda, phase_planes_cpu, sparse_conv2d_cpu,
+        sparse_conv2d_cuda, sparse_conv2d_grouped_cpu, sparse_conv2d_int8_cpu, sparse_conv2d_int8_cuda,
+        sparse_dense_cpu, sparse_dense_cuda, sparse_dense_grouped_cpu, sparse_dense_int8_cpu)
 # (op attribute, target kind) -> rule; a rule may serve several ops (rows and grouped rows on CUDA)
 RULES: dict[tuple[str, str], ScheduleRule] = {(op, m.RULE.target_kind): m.RULE for m in _ALL for op in m.RULE.ops}
 

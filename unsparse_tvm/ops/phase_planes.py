@@ -35,11 +35,11 @@ class PhaseSplit:
     planes: np.ndarray    # int32 [P]: plane p is phase planes[p] % (sh*sw) of channel planes[p] // (sh*sw);
                           # a code of C * sh * sw is a plane of zeros (the flat domain's reads past the last)
 
-    def geometry(self, planes: int | None = None) -> ConvGeometry:
-        """The stride-1, unpadded conv over `planes` planes (default: this split's) of Hq x Wq."""
+    def geometry(self) -> ConvGeometry:
+        """The stride-1, unpadded conv over this split's planes of Hq x Wq."""
         (sh, sw), g = self.source.stride, self.source
-        return ConvGeometry(g.n, len(self.planes) if planes is None else planes, g.hq, g.wq, g.k,
-                            -(-g.r // sh), -(-g.s // sw), (1, 1), (0, 0, 0, 0), (1, 1))
+        return ConvGeometry(g.n, len(self.planes), g.hq, g.wq, g.k, -(-g.r // sh), -(-g.s // sw), (1, 1),
+                            (0, 0, 0, 0), (1, 1))
 
     def with_planes(self, count: int) -> "PhaseSplit":
         """The same split with zero planes appended up to `count` (ConvGeometry.pad_channels of the conv as run)."""
