@@ -7,7 +7,9 @@ import tvm
 from tvm import relax
 from tvm.ir import Op
 
-from unsparse_tvm.ops.names import is_scheduled, op_of
+from unsparse_tvm.ops.names import DENSE_TUNED_OPS, TUNED_OPS, is_scheduled, op_of
+
+TUNABLE = TUNED_OPS + DENSE_TUNED_OPS  # a copy (phase_planes) or TVM's depthwise conv has no records to apply
 
 
 def call_sites(mod) -> list[tuple[object, list]]:
@@ -27,11 +29,11 @@ def call_sites(mod) -> list[tuple[object, list]]:
 
 
 def ApplyTuningRecords(database):  # noqa: N802 (a pass, named like TVM's)
-    """MetaScheduleApplyDatabase, counting which of our operators (kernels, call sites) it scheduled
+    """MetaScheduleApplyDatabase, counting which of our tunable operators (kernels, call sites) it scheduled
     into `database.stats` when the database is ours (open_database)."""
     @tvm.transform.module_pass(opt_level=0, name="ApplyTuningRecords")
     def _apply(mod, _ctx):
-        ours = {gv.name_hint for gv, f in mod.functions_items() if op_of(f) is not None and not is_scheduled(f)}
+        ours = {gv.name_hint for gv, f in mod.functions_items() if op_of(f) in TUNABLE and not is_scheduled(f)}
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         applied = {gv.name_hint for gv, f in mod.functions_items() if gv.name_hint in ours and is_scheduled(f)}
         calls: dict[str, int] = {}

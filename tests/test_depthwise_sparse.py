@@ -169,3 +169,23 @@ def test_depthwise_rows_of_part_of_a_vector_join_the_write_back(mcpu, size, join
     (func,) = [f for f in out.functions.values() if op_of(f) == SPARSE_CONV2D]
     assert ("unsparse.row_domain" in func.attrs) == joined
     assert ('sblock("epilogue' in func.script()) != joined  # a pass of its own (maybe partitioned: epilogue_i30)
+
+
+def test_a_tuning_log_counts_no_phase_plane_copy(tmp_path, llvm):
+    """`compile --tuning-log` reports how many tunable layers its records scheduled: the phase-plane copy before
+    a strided depthwise conv (no knobs, never tuned) is not one of them, so a log covering the conv says 1 of 1
+    (it said 1 of 2: every unsparse operator was counted)."""
+    import unsparse_tvm
+    from unsparse_tvm.tuning import open_database
+
+    x = torch.randn(1, 48, 40, 40)
+    model = _pruned(48, 3, 2, 1, nn.SiLU(), False, 0.9, 0)
+    assert len(_phase_plane_counts(model, x, llvm)) == 1
+    unsparse_tvm.tune(model, str(tmp_path), 2, example_input=x, threshold=0.0)
+    db = open_database(str(tmp_path), llvm)
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    mod, names = import_program(torch.export.export(model, (x,)))
+    build_pipeline(llvm, threshold=0.0, names=names, database=db, stop_after="schedule")(mod)
+    assert (db.stats["layers"], db.stats["layers_applied"]) == (1, 1), db.summary()

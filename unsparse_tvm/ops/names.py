@@ -23,6 +23,12 @@ DENSE_CONV2D = "dense_conv2d"                     # the layers left dense: our d
 DEPTHWISE_CONV2D = "depthwise_conv2d"             # TVM's grouped/depthwise convs, tagged for our rule
 PHASE_PLANES = "phase_planes"                     # a strided depthwise conv's used phase planes (ops/phase_planes)
 
+# the operators `tune` searches (tuning/tasks; the dense conv only with --include-dense), and the ones a tuning
+# log's records can schedule (relay_passes/apply_tuning_records counts those); a copy or TVM's own depthwise
+# conv is neither
+TUNED_OPS = (SPARSE_CONV2D, SPARSE_CONV2D_GROUPED, SPARSE_DENSE, SPARSE_DENSE_GROUPED)
+DENSE_TUNED_OPS = (DENSE_CONV2D,)
+
 
 def sparse_op(kind: str, rows) -> str:
     """The operator name for a conv2d or dense layer packed as `rows` (formats.SparseRows): grouped rows

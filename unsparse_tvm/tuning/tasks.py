@@ -20,9 +20,6 @@ from ..schedules import rule_for
 from ..ops import names
 from ..ops.names import op_of
 
-TUNED_OPS = (names.SPARSE_CONV2D, names.SPARSE_CONV2D_GROUPED, names.SPARSE_DENSE, names.SPARSE_DENSE_GROUPED)
-DENSE_OPS = (names.DENSE_CONV2D,)
-
 
 @dataclass
 class Task:
@@ -81,7 +78,7 @@ def structural_hash(mod) -> str:
 
 
 def tuned_ops(target_kind: str, include_dense: bool = False) -> tuple[str, ...]:
-    ops = TUNED_OPS + (DENSE_OPS if include_dense else ())
+    ops = names.TUNED_OPS + (names.DENSE_TUNED_OPS if include_dense else ())
     return tuple(op for op in ops if rule_for(op, target_kind) is not None and hasattr(rule_for(op, target_kind), "space"))
 
 
