@@ -166,10 +166,10 @@ class _Sparsifier(ConvChainRewriter):
         copied at a channel pitch of whole vectors where H*W would split most loads, see with_aligned_channels; a
         strided conv's phase rows at a pitch of whole vectors, see with_aligned_rows; the
         output map itself where its rows are whole vectors, or half of one (8x8 under AVX-512; for depthwise
-        rows any row of whole 4-lane vectors), see with_row_domain; a 4x4 map's input as patches, see with_patches). `plane`
-        (quantised weights) and `depthwise` keep the padded plane at whole vectors: a depthwise conv reads each
-        input position for one row only, so a copy would not pay; quantised rows encode offsets into the plane
-        (ops.quant_formats)."""
+        rows any row of whole 4-lane vectors), see with_row_domain; a 4x4 map's input as patches, see
+        with_patches). `plane` (quantised weights) and `depthwise` keep the padded plane at whole vectors: a
+        depthwise conv reads each input position for one row only, so a copy would not pay; quantised rows
+        encode offsets into the plane (ops.quant_formats)."""
         return kernel_geometry(run, self.cost, plane, depthwise)
 
     def kernel_attrs(self, ours, tile: int, row_order: bool) -> dict:
@@ -207,13 +207,13 @@ def kernel_geometry(run, cost: CostModel, plane: bool = False, depthwise: bool =
     if cost.kind != "llvm":
         return run
     run = strided_pointwise(run) or run  # a strided 1x1 runs at stride 1 on the subsampled input (llvm)
-    ours = run.with_overlap(cost.lanes).with_row_domain(cost.lanes, narrow=not (plane or depthwise))
-    if depthwise:
-        # rows of whole 4-lane vectors too (56 wide under AVX-512: 8 lanes; 28 wide: 4), where the pass over sums
-        # written and read back would cost more than the narrow FMAs: a depthwise row has one to three of them per
-        # position. efficientnet_b0 at 90%, one thread, Xeon: its 144 x 56x56 3x3 0.340 -> 0.225 ms, 5.53 -> 5.38
-        # ms in all; on AVX2 code its 240 x 28x28 5x5 0.228 -> 0.193, 6.04 -> 6.00 ms (AVX-512, 4 lanes: level)
-        ours = ours.with_row_domain(4)
+    # depthwise rows: a row domain wherever the output rows are whole 4-lane vectors (56 wide under AVX-512: 8
+    # lanes; 28 wide: 4), where the pass over sums written and read back would cost more than the narrow FMAs: a
+    # depthwise row has one to three of them per position. efficientnet_b0 at 90%, one thread, Xeon: its 144 x
+    # 56x56 3x3 0.340 -> 0.225 ms, 5.53 -> 5.38 ms in all; on AVX2 code its 240 x 28x28 5x5 0.228 -> 0.193, 6.04 ->
+    # 6.00 ms (AVX-512, 4 lanes: level)
+    row_lanes = 4 if depthwise else cost.lanes
+    ours = run.with_overlap(cost.lanes).with_row_domain(row_lanes, narrow=not (plane or depthwise))
     if plane or depthwise:
         return ours
     ours = ours.with_patches(cost.lanes, fold_images=True, whole=4)

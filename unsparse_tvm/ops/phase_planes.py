@@ -52,12 +52,10 @@ def phase_split(weight: np.ndarray, geo: ConvGeometry, channels: np.ndarray | No
     """The split of a strided depthwise conv (weight [K, 1, R, S]; row k reads input channel channels[k], or
     k) onto the phase planes its nonzeros read; None where the conv is not strided, is dilated, or reads
     more than PHASE_SPLIT_MAX_SHARE of its planes."""
-    (sh, sw), k = geo.stride, weight.shape[0]
+    sh, sw = geo.stride
     if (sh, sw) == (1, 1) or geo.dilation != (1, 1) or geo.r * geo.s == 1:
         return None
-    src = np.arange(k) if channels is None else np.asarray(channels)
-    row, r, s = np.nonzero(weight.reshape(k, geo.r, geo.s))
-    used = np.unique(src[row] * (sh * sw) + (r % sh) * sw + s % sw).astype(np.int32)
+    used = np.unique(_taps(weight, geo, channels)[3]).astype(np.int32)
     split = PhaseSplit(geo, used)
     run = split.geometry()
     if len(used) == 0 or len(used) > PHASE_SPLIT_MAX_SHARE * geo.c * sh * sw or (run.oh, run.ow) != (geo.oh, geo.ow):
@@ -65,23 +63,28 @@ def phase_split(weight: np.ndarray, geo: ConvGeometry, channels: np.ndarray | No
     return split
 
 
+def _taps(weight: np.ndarray, geo: ConvGeometry, channels: np.ndarray | None) -> tuple:
+    """(row, r, s, plane code) of every nonzero tap of a depthwise weight [K, 1, R, S], in row order; the code of
+    a plane is channel * sh*sw + phase, row k reading input channel channels[k] (or k)."""
+    (sh, sw), k = geo.stride, weight.shape[0]
+    src = np.arange(k) if channels is None else np.asarray(channels)
+    row, r, s = np.nonzero(weight.reshape(k, geo.r, geo.s))
+    return row, r, s, src[row] * (sh * sw) + (r % sh) * sw + s % sw
+
+
 def phase_rows(weight: np.ndarray, split: PhaseSplit, run: ConvGeometry,
                channels: np.ndarray | None = None) -> SparseRows:
     """ELL rows of the depthwise weight [K, 1, R, S] over the split's planes, offsets into `run`'s flat input
-    (the stride-1 conv as the kernel runs it: its flat domain, its plane pitch)."""
+    (the stride-1 conv as the kernel runs it: its flat domain, its plane pitch), each row's in ascending order."""
     (sh, sw), k = split.source.stride, weight.shape[0]
-    src = np.arange(k) if channels is None else np.asarray(channels)
-    taps = weight.reshape(k, split.source.r, split.source.s)
-    rank = {int(code): p for p, code in enumerate(split.planes)}
-    offs, vals = [], []
-    for i in range(k):
-        r, s = np.nonzero(taps[i])
-        planes = np.array([rank[int(src[i]) * sh * sw + (a % sh) * sw + b % sw] for a, b in zip(r, s)], np.int64)
-        off = np.array([run.tap_offset(p, a // sh, b // sw) for p, a, b in zip(planes, r, s)], np.int64)
-        order = np.argsort(off, kind="stable")  # ascending addresses
-        offs.append(off[order].astype(np.int32))
-        vals.append(taps[i][r, s][order])
-    return pack_rows(offs, vals, (k, run.c * run.r * run.s))
+    row, r, s, code = _taps(weight, split.source, channels)
+    plane = np.searchsorted(split.planes, code)  # the planes are sorted codes (zero planes last, the largest)
+    off = run.tap_offset(plane, r // sh, s // sw).astype(np.int64)
+    order = np.lexsort((off, row))  # by row, then address
+    row, off, vals = row[order], off[order], weight.reshape(k, -1)[row[order], (r * split.source.s + s)[order]]
+    bounds = np.searchsorted(row, np.arange(k + 1))
+    return pack_rows([off[a:b].astype(np.int32) for a, b in zip(bounds[:-1], bounds[1:])],
+                     [vals[a:b] for a, b in zip(bounds[:-1], bounds[1:])], (k, run.c * run.r * run.s))
 
 
 def phase_planes(x: te.Tensor, planes: te.Tensor, geo: ConvGeometry) -> te.Tensor:
