@@ -27,6 +27,7 @@ from unsparse_tvm.ops.names import ROW_ORDER as ROW_ORDER_ATTR
 from unsparse_tvm.cost.model import CostModel, unfused_epilogue_us
 from unsparse_tvm.schedules.sparse_conv2d_cpu import interleave_tile
 
+from ._expand_planes import PLANES_MIN_POSITIONS, expandable, planes_expand, planes_pay
 from ._conv_match import (ConvChainRewriter, channel_gate, channel_gather, strided_pointwise, subsampled,
                           unsupported_reason)
 from ._quant import layer_entry, quant_conv, record_bytes
@@ -59,6 +60,7 @@ class _Sparsifier(ConvChainRewriter):
         self.threshold, self.names, self.report, self.fmt = threshold, names, report, fmt
         self.cost, self.target_kind = cost, cost.kind
         self.quant = None
+        self.expands: dict = {}  # chain end -> (conv, weight, geo, epilogue, decision) of a sparse fp32 1x1 conv
 
     def rewrite(self, conv, weight, geo, ep):
         sparsity = float((weight == 0).sum()) / weight.size
@@ -86,7 +88,9 @@ class _Sparsifier(ConvChainRewriter):
             if self.target_kind == "llvm" and entry is None and rows.fmt in ("ell", "hyb") else None
         x = self.visit_expr(gather[0] if gather is not None else conv.args[0] if gate is None else gate[0])
         x = x if pointwise is None else subsampled(self.builder_, x, geo)
-        x = x if split is None else self.phase_input(x, split)
+        if split is not None:  # the planes it reads: written by the conv before it, or copied from its input
+            planes = self.expand_planes(conv, gather, split)
+            x = planes if planes is not None else self.phase_input(x, split)
         quantised = quant_conv(self.builder_, x, rows, weight, run, entry, extra, flags, self.target_kind)
         if quantised is not None:
             return self.finish_quantised(quantised, rows, weight, decision, ep)
@@ -100,25 +104,35 @@ class _Sparsifier(ConvChainRewriter):
         if gate is not None:  # the last operand (ops.sparse.sparse_conv2d)
             extra.append(self.visit_expr(gate[1]))
             flags.update(has_gate=True, gate_sigmoid=gate[2])
+        call = self.emit_rows(x, rows, ours, extra, flags)
+        record_sparse(decision, rows, ep)
+        if gate is not None:
+            decision.fused = "+".join(filter(None, ["gate", decision.fused]))
+        record_bytes(decision, rows, None, weight)
+        if gate is None and self.target_kind == "llvm" and rows.fmt in ("ell", "hyb") and expandable(geo, ep):
+            self.expands[ep.last] = (conv, weight, geo, ep, decision)  # its planes may be all a depthwise reads
+        if ours.overlap:
+            return self.builder_.emit(relax.op.reshape(call, [ours.n, ours.k, ours.oh, ours.ow]))
+        return call
+
+    def emit_rows(self, x, rows, ours, extra: list, flags: dict, bounds: np.ndarray | None = None) -> relax.Expr:
+        """The sparse conv's call on input x (rows packed for `ours`), marked for the schedules; `bounds`: each
+        output channel's rows and columns inside the map (ops.sparse.epilogue_stage), 0 elsewhere."""
         tile = self.interleave(ours, rows)
         order = sorted_rows(rows.data, tile, ours.oh * ours.ow)  # ell, hyb's main rows
         args = [x, *rows_consts(rows, lengths=self.target_kind == "llvm", interleave=tile, order=order)]
-        if order is not None:  # the epilogue reads output channel k from stored row row_of[k] (the last operand)
+        if order is not None:  # the epilogue reads output channel k from stored row row_of[k]
             extra.append(relax.const(inverse_order(order)))
             flags["has_row_order"] = True
+        if bounds is not None:  # the last operand
+            extra.append(relax.const(bounds))
+            flags["has_bounds"] = True
         op = partial(sparse_ops.sparse_conv2d, geo=ours, fmt=rows.fmt, **flags)  # call_te only passes TE-able kwargs
         kind = sparse_op("conv2d", rows)  # grouped rows: their own rules
         call = self.builder_.call_te(op, *args, *extra, primfunc_name_hint=kind)
         mark(self.builder_, call, {"op": kind, "unsparse.fmt": rows.fmt, "unsparse.pad_shape": ours.pad_shape,
                                    **self.kernel_attrs(ours, tile, order is not None)})
-        record_sparse(decision, rows, ep)
-        if gate is not None:
-            decision.fused = "+".join(filter(None, ["gate", decision.fused]))
-        record_bytes(decision, rows, None, weight)
-        if ours.overlap:
-            return self.builder_.emit(relax.op.reshape(call, [ours.n, ours.k, ours.oh, ours.ow]))
         return call
-
 
     def kernel_input(self, conv, geo, depthwise: bool) -> tuple:
         """(the strided 1x1's stride-1 geometry or None, the conv as the kernel runs it, the channel gather it
@@ -152,6 +166,30 @@ class _Sparsifier(ConvChainRewriter):
         phased = self.flat_domain(split.geometry(), False, True)
         split = split.with_planes(phased.pad_channels)  # zero planes where the flat domain reads past the last
         return split, phased, ours, lambda: phase_rows(weight, split, phased, channels)
+
+    def expand_planes(self, conv, gather, split) -> relax.Expr | None:
+        """Where the split depthwise conv's input is a sparse 1x1 conv's output that nothing else reads, its
+        phase planes, [N, P*Hq*Wq], computed by that conv on its own input's phase planes (_expand_planes.py):
+        the conv as rewritten before is left unused. None otherwise."""
+        src = gather[0] if gather is not None else conv.args[0]
+        made = self.expands.get(src) if self.counts.get(src, 0) == 1 else None
+        if made is None:
+            return None
+        expand, weight, geo, ep, decision = made
+        plan = planes_expand(weight, ep.bias, geo, split) if geo.h * geo.w >= PLANES_MIN_POSITIONS else None
+        if plan is None:
+            return None
+        rows = pack_conv_rows(plan.weight, plan.geo, self.fmt, self.cost)
+        fused_us, unfused_us = planes_pay(plan, rows, decision.sparse_us, self.cost)
+        if fused_us >= unfused_us:
+            return None
+        x = self.phase_input(self.visit_expr(expand.args[0]), plan.inputs)
+        extra, flags = self.epilogue_args(dataclasses.replace(ep, bias=plan.bias))
+        call = self.builder_.emit(self.emit_rows(x, rows, plan.geo, extra, flags, plan.bounds))
+        record_sparse(decision, rows, ep)
+        decision.fused = "+".join(filter(None, [decision.fused, "planes"]))
+        record_bytes(decision, rows, None, weight)
+        return self.builder_.emit(relax.op.reshape(call, [plan.geo.n, plan.geo.k * plan.geo.oh * plan.geo.ow]))
 
     def phase_input(self, x, split) -> relax.Expr:
         """The used phase planes of x, flat [N, P*Hq*Wq] (ops.phase_planes), an operator of its own."""

@@ -176,31 +176,43 @@ def _at(t: te.Tensor, geo: ConvGeometry, idx, k=None):
 
 
 def epilogue_stage(acc, shape, bias, residual, relu: bool, relu_max: float | None = None,
-              silu: bool = False) -> te.Tensor:
+              silu: bool = False, bounds: te.Tensor | None = None) -> te.Tensor:
     """Bias, residual, then the activation: ReLU, capped at relu_max where set (clip(0, M), ReLU6), or
-    SiLU (x * sigmoid(x), on te_math's vectorising exp)."""
+    SiLU (x * sigmoid(x), on te_math's vectorising exp); with bounds [K, 4] (an expand conv computing phase
+    planes, relay_passes/_expand_planes.py) 0 outside output channel k's rows [b0, b1) and columns [b2, b3)."""
     def value(*idx):
-        v = acc(*idx)
-        if bias is not None:
-            v = v + bias[idx[1]]
-        if residual is not None:
-            v = v + residual[idx]
-        if relu:
-            v = tirx.max(v, F32_ZERO)
-        if relu_max is not None:
-            v = tirx.min(v, tirx.const(relu_max, "float32"))
-        if silu:
-            v = fast_silu(v)
-        return v
+        v = _activated(acc, idx, bias, residual, relu, relu_max, silu)
+        if bounds is None:
+            return v
+        k, y, x = idx[1], idx[2], idx[3]
+        inside = tirx.all(y >= bounds[k, 0], y < bounds[k, 1], x >= bounds[k, 2], x < bounds[k, 3])
+        return tirx.Select(inside, v, F32_ZERO)  # a select: if_then_else with a vector condition scalarises
 
     return te.compute(shape, value, name="epilogue")
+
+
+def _activated(acc, idx, bias, residual, relu: bool, relu_max: float | None, silu: bool):
+    """Output idx's sum plus bias and residual, through the activation."""
+    v = acc(*idx)
+    if bias is not None:
+        v = v + bias[idx[1]]
+    if residual is not None:
+        v = v + residual[idx]
+    if relu:
+        v = tirx.max(v, F32_ZERO)
+    if relu_max is not None:
+        v = tirx.min(v, tirx.const(relu_max, "float32"))
+    if silu:
+        v = fast_silu(v)
+    return v
 
 
 def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
                   fmt: str, has_bias: bool, has_residual: bool, relu: bool, relu_max: float | None = None,
                   silu: bool = False, has_gate: bool = False, gate_sigmoid: bool = False,
-                  has_row_order: bool = False) -> te.Tensor:
+                  has_row_order: bool = False, has_bounds: bool = False) -> te.Tensor:
     """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual] + [gate] + [row_of]
+    + [bounds] (output channel k's valid rows and columns, the rest 0: see epilogue_stage)
     (ell rows stored in another order, formats.length_order: output channel k is stored row row_of[k]);
     fmt "vellV" takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q]). A gate
     [N or 1, C, 1, 1] (ell/hyb 1x1 stride-1 convs) scales the input's channels, through a sigmoid with
@@ -211,6 +223,9 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
     residual = rest.pop(0) if has_residual else None
     gate = gate_stage(rest.pop(0), gate_sigmoid) if has_gate else None
     row_of = rest.pop(0) if has_row_order else None
+    bounds = rest.pop(0) if has_bounds else None
+    if bounds is not None and geo.overlap:
+        raise ValueError("output bounds need the [N, K, OH, OW] epilogue, not an overlapped domain's flat one")
 
     def stored(idx):
         """The stored row of output idx's channel (None: rows in order)."""
@@ -227,7 +242,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
                 return _read_flat(geo, idx, lambda n, q: conv[n, idx[1] // v, q, idx[1] % v])
             return _read_flat(geo, idx, lambda n, q: conv[n, idx[1] // v, idx[1] % v, q])
 
-        return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)
+        return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu, bounds)
     conv = _row_conv(xf, data, off, geo, "conv", gate)
     if ovf is not None:
         ovf_data, ovf_off, slot = ovf
@@ -240,7 +255,7 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
         def acc(*idx):
             return _at(conv, geo, idx, stored(idx))
 
-    return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu)
+    return epilogue_stage(acc, output_shape(geo), bias, residual, relu, relu_max, silu, bounds)
 
 
 def dense_conv2d(x: te.Tensor, weight: te.Tensor, *rest: te.Tensor, geo: ConvGeometry,
