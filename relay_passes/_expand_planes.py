@@ -4,8 +4,8 @@ A mobile block's expand (a 1x1 conv, then its activation) writes a map of K x H 
 depthwise conv after it reads as phase planes; split (ops/phase_planes.py), it reads only P of the K*sh*sw
 planes, which an operator of their own copies out. Each plane (channel c, phase (a, b)) is the expand's
 channel c at every sh-th row and sw-th column from (a - pt, b - pl): the same 1x1 conv on its input's phase
-plane (a, b). So the expand runs on its input's phase planes (C*sh*sw of them, copied by the same operator:
-a narrow input, 16 or 24 channels where its output has 96 or 144) as a 1x1 conv with P output planes, row p
+plane (a, b). So the expand runs on its input's phase planes (C per phase the planes use, copied by the same
+operator: a narrow input, 16 or 24 channels where its output has 96 or 144) as a 1x1 conv with P output planes, row p
 holding channel c's weights at the input planes of phase (a, b). It then computes P planes of Hq x Wq
 instead of K maps of H x W (efficientnet_b0's 16 -> 96 before its 3x3/2 at 90%: 75 planes of 57x57 against
 54 channels of 112x112, 36%), and the wide copy is gone. Positions of a plane in the depthwise's padding must

@@ -212,8 +212,8 @@ def sparse_conv2d(x: te.Tensor, data: te.Tensor, off: te.Tensor, *rest: te.Tenso
                   silu: bool = False, has_gate: bool = False, gate_sigmoid: bool = False,
                   has_row_order: bool = False, has_bounds: bool = False) -> te.Tensor:
     """Direct sparse conv2d. rest = [ovf_data, ovf_off, ovf_slot] (hyb) + [bias] + [residual] + [gate] + [row_of]
-    + [bounds] (output channel k's valid rows and columns, the rest 0: see epilogue_stage)
-    (ell rows stored in another order, formats.length_order: output channel k is stored row row_of[k]);
+    (ell rows stored in another order, formats.length_order: output channel k is stored row row_of[k]) + [bounds]
+    (output channel k's rows and columns inside the map, 0 elsewhere: see epilogue_stage);
     fmt "vellV" takes grouped data [G, L, V] and off [G, L] (its "conv" stage is [N, G, V, Q]). A gate
     [N or 1, C, 1, 1] (ell/hyb 1x1 stride-1 convs) scales the input's channels, through a sigmoid with
     gate_sigmoid: the conv of x * sigmoid(g), squeeze-excitation's output, without that product."""
