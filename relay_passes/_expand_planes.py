@@ -47,8 +47,7 @@ class PlanesExpand:
 def expandable(geo: ConvGeometry | None, ep: Epilogue) -> bool:
     """Whether a conv with this geometry and epilogue can write phase planes: a plain 1x1 conv, stride 1, no
     padding, its chain without a residual (its activation maps 0 to 0: ReLU, ReLU6, SiLU or none)."""
-    return geo is not None and (geo.r, geo.s) == (1, 1) and geo.stride == (1, 1) and not any(geo.padding) \
-        and geo.dilation == (1, 1) and ep.residual is None
+    return geo is not None and geo.pointwise and geo.dilation == (1, 1) and ep.residual is None
 
 
 def planes_expand(weight: np.ndarray, bias: np.ndarray | None, geo: ConvGeometry,

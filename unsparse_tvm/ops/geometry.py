@@ -109,6 +109,11 @@ class ConvGeometry:
             return [self.pad_channels, 1, self.channel_plane]
         return [self.pad_channels, self.stride[0] * self.stride[1] * self.hq, self.wq]
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv at stride 1 without padding: output position q reads input position q of each channel."""
+        return (self.r, self.s) == (1, 1) and self.stride == (1, 1) and not any(self.padding)
+
     def with_overlap(self, lanes: int) -> "ConvGeometry":
         """For a pointwise stride-1 conv whose map is not whole vectors of `lanes` (14x14 = 12.25 vectors of 16):
         the same conv with its flat domain in whole vectors whose last ones are shifted back to end at the
@@ -118,8 +123,7 @@ class ConvGeometry:
         512x2048 on 7x7 323 -> 300; 0.6 ms of 21.5 in all. The positions covered twice are computed twice and
         read once (read_split). Unchanged otherwise."""
         positions = self.oh * self.ow
-        pointwise = (self.r, self.s) == (1, 1) and self.stride == (1, 1) and not any(self.padding)
-        if not pointwise or positions % lanes == 0 or positions < lanes:
+        if not self.pointwise or positions % lanes == 0 or positions < lanes:
             return self
         return dataclasses.replace(self, overlap=lanes)
 
