@@ -18,6 +18,15 @@ def test_bench_peers_and_threads_write_every_contender(tmp_path):
         assert all(v > 0 for v in e.values())
     assert r["max_rel_error_vs_torch"]["onnxruntime"] < 1e-3 and r["max_rel_error_vs_torch"]["openvino"] < 1e-3
     assert "unsparse vs the fastest fp32 peer" in proc.stdout
+    for n, e in r["by_threads"].items():  # every round kept; the medians are theirs; ours paired with the fastest
+        rounds = r["rounds"][n]
+        assert set(rounds) == set(e) and all(len(v) == 3 for v in rounds.values())
+        assert all(sorted(v)[1] == e[k] for k, v in rounds.items())
+        best = min(("onnxruntime_ms", "openvino_ms"), key=e.get)
+        (name, p), = r["paired"][n].items()
+        assert name == f"unsparse_vs_{best[:-3]}" and p["rounds"] == 3
+        assert p["q1"] <= p["median"] <= p["q3"]
+    assert "round by round: median" in proc.stdout
 
 
 def test_torch_compile_row_is_compared_with_the_api_call(tmp_path):
@@ -122,6 +131,30 @@ def test_round_robin_alternates_and_waits_the_pause_before_each_batch(monkeypatc
     rounds = order[4:]  # after the warm-up: measure(2), then measure(1) to size each one's batch
     assert rounds == [("a", 1), ("a", 10), ("b", 1), ("b", 4)] * 3  # an untimed call, then 20 ms worth
     assert timing.MULTI_THREAD_PAUSE_S >= 0.1
+
+
+def test_paired_ratio_compares_round_by_round():
+    """A machine that slows down mid-run: each round's ratio is 4 but one contender's median falls in the slow
+    rounds and the other's in the fast ones, so the ratio of the medians says 5.2."""
+    from unsparse_tvm.bench import paired_to_peers
+    from unsparse_tvm.timing import paired_ratio
+
+    ours, peer = [1.0, 1.0, 1.0, 1.3, 1.3], [4.0, 4.0, 5.2, 5.2, 5.2]
+    assert sorted(peer)[2] / sorted(ours)[2] == pytest.approx(5.2)
+    got = paired_ratio(peer, ours)
+    assert got["median"] == pytest.approx(4.0) and got["rounds"] == 5
+    assert got["q1"] == pytest.approx(4.0) and got["q3"] == pytest.approx(4.0)
+    wide = paired_ratio([2.0, 3.0, 4.0, 5.0], [1.0] * 4)
+    assert (wide["q1"], wide["median"], wide["q3"]) == pytest.approx((2.75, 3.5, 4.25))
+    with pytest.raises(ValueError):
+        paired_ratio([], [])
+    # like with like: ours fp32 against the fastest fp32 peer, int8 execution against the fastest int8 one
+    rounds = {"unsparse_ms": ours, "openvino_ms": peer, "onnxruntime_ms": [9.0] * 5,
+              "unsparse_int8_ms": [0.5] * 5, "onnxruntime_int8_ms": [2.0] * 5, "openvino_int8_ms": [3.0] * 5}
+    medians = {k: sorted(v)[2] for k, v in rounds.items()}
+    paired = paired_to_peers(medians, rounds)
+    assert set(paired) == {"unsparse_vs_openvino", "unsparse_int8_vs_onnxruntime_int8"}
+    assert paired["unsparse_int8_vs_onnxruntime_int8"]["median"] == pytest.approx(4.0)
 
 
 def test_peers_are_held_to_avx2_only_where_our_code_is_avx2_on_an_avx512_host(monkeypatch):

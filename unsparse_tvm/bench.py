@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 import platform
+import statistics
 import tempfile
 
 import numpy as np
@@ -31,8 +32,8 @@ from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, hold_to_avx2, peer_
 from .peers_deepsparse import ready as deepsparse_ready
 from .target import make_target, require_runnable, target_cpu_features
 from .bench_layers import bench_layers, choice_summary
-from .timing import (MULTI_THREAD_PAUSE_S, SINGLE_THREAD_PAUSE_S, call_timer, round_robin, set_threads, vm_timer,
-                     warn_if_busy)
+from .timing import (MULTI_THREAD_PAUSE_S, SINGLE_THREAD_PAUSE_S, call_timer, paired_ratio, round_robin_samples,
+                     set_threads, vm_timer, warn_if_busy)
 from .tuning.database import open_database
 
 
@@ -93,10 +94,12 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     if peers is None and ranges:  # int8 execution meets int8 runtimes by default
         peers = [p for p in INT8_PEERS if p != "deepsparse_int8" or deepsparse_ready()]
     threads = threads or [usable_cores()]
-    by_threads, kernels = _time_threads(run, contenders, peers if not gpu else None, threads, repeat, ref, errors,
-                                        _calibration_samples(run.quant, run.x.shape) if ranges else None)
+    calibration = _calibration_samples(run.quant, run.x.shape) if ranges else None
+    by_threads, kernels, rounds = _time_threads(run, contenders, peers if not gpu else None, threads, repeat, ref,
+                                                errors, calibration)
     result = _result(run, model, sparsity, by_threads, threads, errors, weight_bytes)
-    result.update(peers_held_to_avx2=bool(held), peer_kernels=kernels)
+    result.update(peers_held_to_avx2=bool(held), peer_kernels=kernels, rounds=rounds,
+                  paired={n: paired_to_peers(by_threads[n], rounds[n]) for n in by_threads})
     if layers:
         # one thread for the per-layer table: with two, TVM's and PyTorch's pools spin against each other
         # between these short calls (PyTorch's layers measured 5-50x slower, whatever their size)
@@ -160,8 +163,9 @@ def _check(outputs: dict, ref) -> dict:
 
 def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, calibration) -> dict:
     """Per thread count: the peers built (each checked against PyTorch), then every contender timed in
-    alternating rounds; (ms by contender by thread count, {peer: the kernels it reports running})."""
-    by_threads, kernels = {}, {}
+    alternating rounds; (median ms by contender by thread count, {peer: the kernels it reports running}, every
+    round's ms by contender by thread count)."""
+    by_threads, kernels, rounds = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="unsparse-peers-") as onnx_dir:  # one ONNX export for every count
         for n in threads:
             set_threads(n)
@@ -182,8 +186,20 @@ def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, ca
             warn_if_busy()
             print(f"timing end to end with {n} thread(s) ({repeat} rounds)")
             pause = MULTI_THREAD_PAUSE_S if n > 1 else SINGLE_THREAD_PAUSE_S  # until the other pools' workers sleep
-            by_threads[str(n)] = {f"{k}_ms": v for k, v in round_robin(timed, repeat, pause=pause).items()}
-    return by_threads, kernels
+            rounds[str(n)] = {f"{k}_ms": v for k, v in round_robin_samples(timed, repeat, pause=pause).items()}
+            by_threads[str(n)] = {k: statistics.median(v) for k, v in rounds[str(n)].items()}
+    return by_threads, kernels, rounds
+
+
+def paired_to_peers(medians: dict[str, float], rounds: dict[str, list[float]]) -> dict[str, dict]:
+    """Ours against the fastest peer of the same precision (by median, as print_result names it), round by
+    round (timing.paired_ratio): {"unsparse_vs_openvino": {"median", "q1", "q3", "rounds"}, ...}."""
+    paired = {}
+    for mine, kind in (("unsparse_ms", "fp32"), ("unsparse_int8_ms", "int8")):
+        found = fastest_peer(medians, kind)
+        if found and mine in rounds:
+            paired[f"{mine[:-3]}_vs_{found[0][:-3]}"] = paired_ratio(rounds[found[0]], rounds[mine])
+    return paired
 
 
 def _result(run: _Run, model, sparsity, by_threads, threads, errors, weight_bytes) -> dict:
@@ -265,7 +281,11 @@ def print_result(r: dict) -> None:
             for mine, kind in (("unsparse_ms", "fp32"), ("unsparse_int8_ms", "int8")):  # like with like
                 found = fastest_peer(e, kind)
                 if found and mine in e:
-                    print(f"  {mine[:-3]} vs the fastest {kind} peer ({found[0][:-3]}): {found[1] / e[mine]:.2f}x")
+                    p = r.get("paired", {}).get(n, {}).get(f"{mine[:-3]}_vs_{found[0][:-3]}")
+                    rounds = (f" (round by round: median {p['median']:.2f}x, middle half {p['q1']:.2f}-{p['q3']:.2f}x"
+                              f" of {p['rounds']})") if p else ""
+                    print(f"  {mine[:-3]} vs the fastest {kind} peer ({found[0][:-3]}): "
+                          f"{found[1] / e[mine]:.2f}x{rounds}")
             if "unsparse_torch_compile_ms" in e and "unsparse_api_ms" in e:  # Dynamo's cost per call
                 print(f"  torch.compile(backend=\"unsparse\") vs the same model through unsparse_tvm.compile: "
                       f"{e['unsparse_torch_compile_ms'] / e['unsparse_api_ms']:.2f}x")

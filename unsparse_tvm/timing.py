@@ -49,6 +49,14 @@ def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0,
                 pause: float = SINGLE_THREAD_PAUSE_S) -> dict[str, float]:
     """Median ms per call of each contender, measured in alternating rounds after a warm-up, `pause` seconds
     of idle before each batch (MULTI_THREAD_PAUSE_S where the contenders run thread pools)."""
+    samples = round_robin_samples(contenders, repeat, min_batch_ms, pause)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def round_robin_samples(contenders: dict, repeat: int, min_batch_ms: float = 20.0,
+                        pause: float = SINGLE_THREAD_PAUSE_S) -> dict[str, list[float]]:
+    """round_robin's measurements, round by round: {contender: [ms per call in round 1, 2, ...]}, so that two
+    contenders can be compared round by round (paired_ratio)."""
     numbers = {}
     for name, measure in contenders.items():
         measure(2)  # warm-up (first-call allocations, thread pool start)
@@ -62,7 +70,19 @@ def round_robin(contenders: dict, repeat: int, min_batch_ms: float = 20.0,
             time.sleep(pause)
             measure(1)
             samples[name].append(measure(numbers[name]))
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
+
+
+def paired_ratio(slower: list[float], faster: list[float]) -> dict[str, float]:
+    """How many times faster `faster` ran than `slower`, round by round (their ms of the same rounds): the
+    median and the middle half (quartiles) of the per-round ratios. Two contenders of one round ran seconds
+    apart, so a drift of the machine's speed over the minutes of a run (this VM's speed moves by 10-30% from
+    hour to hour) cancels in each round's ratio, where the ratio of the two medians mixes rounds."""
+    ratios = sorted(s / f for s, f in zip(slower, faster))
+    if not ratios:
+        raise ValueError("paired_ratio needs at least one round")
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "rounds": len(ratios)}
 
 
 def vm_timer(executable, dev, x_np, gpu: bool = False, arch: str | None = None):
