@@ -40,6 +40,10 @@ def test_torch_compile_row_is_compared_with_the_api_call(tmp_path):
     assert r["max_rel_error_vs_torch"]["unsparse_api"] < 1e-4
     assert r["max_rel_error_vs_torch"]["unsparse_torch_compile"] < 1e-4
     assert 'torch.compile(backend="unsparse") vs the same model through unsparse_tvm.compile' in proc.stdout
+    paired = r["paired"]["1"]["unsparse_api_vs_unsparse_torch_compile"]  # torch.compile's time over the API's
+    rounds = r["rounds"]["1"]
+    ratios = sorted(t / a for t, a in zip(rounds["unsparse_torch_compile_ms"], rounds["unsparse_api_ms"]))
+    assert paired["rounds"] == 3 and paired["median"] == pytest.approx(ratios[1])
 
 
 def test_the_torch_rows_run_the_program_as_a_plain_module():

@@ -192,14 +192,21 @@ def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, ca
 
 
 def paired_to_peers(medians: dict[str, float], rounds: dict[str, list[float]]) -> dict[str, dict]:
-    """Ours against the fastest peer of the same precision (by median, as print_result names it), round by
-    round (timing.paired_ratio): {"unsparse_vs_openvino": {"median", "q1", "q3", "rounds"}, ...}."""
-    paired = {}
-    for mine, kind in (("unsparse_ms", "fp32"), ("unsparse_int8_ms", "int8")):
-        found = fastest_peer(medians, kind)
-        if found and mine in rounds:
-            paired[f"{mine[:-3]}_vs_{found[0][:-3]}"] = paired_ratio(rounds[found[0]], rounds[mine])
-    return paired
+    """Ours against the fastest peer of the same precision (by median, as print_result names it), and the API
+    call against torch.compile of the same model, round by round (timing.paired_ratio): {"A_vs_B": {"median",
+    "q1", "q3", "rounds"}}, how many times faster A ran than B, e.g. "unsparse_vs_openvino"."""
+    pairs = [(mine, found[0]) for mine, kind in (("unsparse_ms", "fp32"), ("unsparse_int8_ms", "int8"))
+             if mine in rounds and (found := fastest_peer(medians, kind))]
+    pairs.append(("unsparse_api_ms", "unsparse_torch_compile_ms"))  # Dynamo's cost per call
+    return {f"{a[:-3]}_vs_{b[:-3]}": paired_ratio(rounds[b], rounds[a])
+            for a, b in pairs if a in rounds and b in rounds}
+
+
+def _by_round(r: dict, n: str, a: str, b: str) -> str:
+    """" (round by round: ...)" for the pair a_vs_b of thread count n, where the run kept its rounds."""
+    p = r.get("paired", {}).get(n, {}).get(f"{a}_vs_{b}")
+    return (f" (round by round: median {p['median']:.2f}x, middle half {p['q1']:.2f}-{p['q3']:.2f}x of {p['rounds']})"
+            if p else "")
 
 
 def _result(run: _Run, model, sparsity, by_threads, threads, errors, weight_bytes) -> dict:
@@ -281,14 +288,12 @@ def print_result(r: dict) -> None:
             for mine, kind in (("unsparse_ms", "fp32"), ("unsparse_int8_ms", "int8")):  # like with like
                 found = fastest_peer(e, kind)
                 if found and mine in e:
-                    p = r.get("paired", {}).get(n, {}).get(f"{mine[:-3]}_vs_{found[0][:-3]}")
-                    rounds = (f" (round by round: median {p['median']:.2f}x, middle half {p['q1']:.2f}-{p['q3']:.2f}x"
-                              f" of {p['rounds']})") if p else ""
                     print(f"  {mine[:-3]} vs the fastest {kind} peer ({found[0][:-3]}): "
-                          f"{found[1] / e[mine]:.2f}x{rounds}")
+                          f"{found[1] / e[mine]:.2f}x{_by_round(r, n, mine[:-3], found[0][:-3])}")
             if "unsparse_torch_compile_ms" in e and "unsparse_api_ms" in e:  # Dynamo's cost per call
                 print(f"  torch.compile(backend=\"unsparse\") vs the same model through unsparse_tvm.compile: "
-                      f"{e['unsparse_torch_compile_ms'] / e['unsparse_api_ms']:.2f}x")
+                      f"{e['unsparse_torch_compile_ms'] / e['unsparse_api_ms']:.2f}x"
+                      f"{_by_round(r, n, 'unsparse_api', 'unsparse_torch_compile')}")
             print(efficiency_line(r, e))
     e = r["end_to_end"]
     if r["layers"]:
