@@ -1,7 +1,9 @@
 """The markdown table of `bench --json` files: one row per file and thread count, ms per inference for every
 contender the run timed ("unsparse" of a quantised model: its weight-quantised kernels, fp32
 arithmetic; "unsparse fp32": the same zeros with fp32 weights; "unsparse int8": int8 execution), and ours against the fastest peer of the same precision (fp32 runtimes for an
-fp32 model, int8 runtimes for an int8 one), as the README and docs/results.md print them.
+fp32 model, int8 runtimes for an int8 one), as the README and docs/results.md print them, and where the run kept
+its rounds (bench since 2026-12-06) the same comparison round by round: the median and middle half of the
+per-round ratios (timing.paired_ratio).
 
     python benchmarks/results_table.py benchmarks/results/2026-12-03-xeon/*.json
 """
@@ -33,7 +35,9 @@ def rows(paths: list[str]) -> tuple[list[str], list[list[str]]]:
             ours_key = "unsparse_int8_ms" if "unsparse_int8_ms" in times else "unsparse_ms"
             found = fastest_peer(times, "int8" if ours_key == "unsparse_int8_ms" else "fp32")
             ratio = f"**{found[1] / times[ours_key]:.2f}x**" if found else "-"
-            out.append([name, threads] + [f"{times[k]:.2f}" if k in times else "" for k in keys] + [ratio])
+            p = d.get("paired", {}).get(threads, {}).get(f"{ours_key[:-3]}_vs_{found[0][:-3]}") if found else None
+            rounds = f"{p['median']:.2f}x [{p['q1']:.2f}-{p['q3']:.2f}]" if p else "-"
+            out.append([name, threads] + [f"{times[k]:.2f}" if k in times else "" for k in keys] + [ratio, rounds])
     return [dict(COLUMNS)[k] for k in keys], out
 
 
@@ -41,8 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+")
     heads, table = rows(ap.parse_args().files)
-    print("| run | threads | " + " | ".join(heads) + " | vs fastest peer |")
-    print("|---" * (len(heads) + 3) + "|")
+    print("| run | threads | " + " | ".join(heads) + " | vs fastest peer | round by round |")
+    print("|---" * (len(heads) + 4) + "|")
     for row in table:
         print("| " + " | ".join(row) + " |")
 
