@@ -28,6 +28,18 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+// every register tile of int32 sums (KI rows x U vectors of 16): zeroed, `...` run over the tile's entries, stored
+#define INT8_TILES(out, ...)                                                                                   \
+    for (int r0 = 0; r0 < k; r0 += KI)                                                                        \
+        for (int ch = 0; ch < chunks; ch++) {                                                                 \
+            __m512i acc[KI][U];                                                                               \
+            for (int a = 0; a < KI; a++)                                                                      \
+                for (int u = 0; u < U; u++) acc[a][u] = _mm512_setzero_si512();                                \
+            __VA_ARGS__                                                                                       \
+            for (int a = 0; a < KI; a++)                                                                      \
+                for (int u = 0; u < U; u++) _mm512_store_si512(out + (size_t)(r0 + a) * q + ch * 16 * U + 16 * u, acc[a][u]); \
+        }
+
 static int run(int c, int k, int h) {
     int w = h, pitch = w + 2, plane = (h + 2) * pitch;
     int q = ((h * pitch + 16 * U - 1) / (16 * U)) * (16 * U), chunks = q / (16 * U);  // extended domain y*pitch + x
@@ -105,11 +117,7 @@ static int run(int c, int k, int h) {
         double t = now() - t0;
         if (t < best[0]) best[0] = t;
         t0 = now();
-        for (int r0 = 0; r0 < k; r0 += KI)
-            for (int ch = 0; ch < chunks; ch++) {
-                __m512i acc[KI][U];
-                for (int a = 0; a < KI; a++)
-                    for (int u = 0; u < U; u++) acc[a][u] = _mm512_setzero_si512();
+        INT8_TILES(oi, {
                 for (int j = 0; j < per; j += 4)
                     for (int a = 0; a < KI; a++) {
                         const int8_t *g = wb + (r0 + a) * per + j;
@@ -125,17 +133,11 @@ static int run(int c, int k, int h) {
                             acc[a][u] = _mm512_dpbusd_epi32(acc[a][u], _mm512_permutexvar_epi8(perm, v), b);
                         }
                     }
-                for (int a = 0; a < KI; a++)
-                    for (int u = 0; u < U; u++) _mm512_store_si512(oi + (size_t)(r0 + a) * q + ch * 16 * U + 16 * u, acc[a][u]);
-            }
+        })
         t = now() - t0;
         if (t < best[1]) best[1] = t;
         t0 = now();
-        for (int r0 = 0; r0 < k; r0 += KI)
-            for (int ch = 0; ch < chunks; ch++) {
-                __m512i acc[KI][U];
-                for (int a = 0; a < KI; a++)
-                    for (int u = 0; u < U; u++) acc[a][u] = _mm512_setzero_si512();
+        INT8_TILES(oq, {
                 for (int e = 0; e < nq[r0]; e++)
                     for (int a = 0; a < KI; a++) {
                         __m512i b = _mm512_set1_epi32(qw[(r0 + a) * nq_max + e]);
@@ -143,9 +145,7 @@ static int run(int c, int k, int h) {
                         for (int u = 0; u < U; u++)
                             acc[a][u] = _mm512_dpbusd_epi32(acc[a][u], _mm512_loadu_si512(p + 64 * u), b);
                     }
-                for (int a = 0; a < KI; a++)
-                    for (int u = 0; u < U; u++) _mm512_store_si512(oq + (size_t)(r0 + a) * q + ch * 16 * U + 16 * u, acc[a][u]);
-            }
+        })
         t = now() - t0;
         if (t < best[2]) best[2] = t;
     }
