@@ -15,7 +15,8 @@
 //              row's input inserted (row lanes for ungrouped rows)
 //   aligned    a stride-1 3x3 on 32x32 (64 -> 64 channels) and 16x16 (128 -> 128) at 90%, two output rows x 2
 //              or 4 vectors: the padded plane (pitch W+2, most loads split across two cache lines) vs three
-//              copies shifted by a column each at pitch W (every load aligned; the copies not counted)
+//              copies shifted by a column each at pitch W (every load aligned; the copies not counted); here
+//              the weight is one constant held in a register, so only the input loads differ
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>

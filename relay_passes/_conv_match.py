@@ -52,8 +52,8 @@ def channel_gate(expr: relax.Expr, geo: ConvGeometry, var2val: dict, counts: dic
     mobilenet_v3), the product and the sigmoid used by nothing else and not the end of another layer's
     fused chain (`chains`: a SiLU on a 1x1 map, x * sigmoid(x), is its conv's epilogue); the sparse conv then
     scales its weights instead (ops.sparse.gate_stage). None for anything else."""
-    if not (geo.pointwise and geo.dilation == (1, 1)) or geo.h * geo.w == 1 or not isinstance(expr, relax.Var) or counts.get(expr, 0) != 1 \
-            or expr in chains or not is_op(var2val.get(expr), "relax.multiply"):
+    if not (geo.pointwise and geo.dilation == (1, 1)) or geo.h * geo.w == 1 or not isinstance(expr, relax.Var) \
+            or counts.get(expr, 0) != 1 or expr in chains or not is_op(var2val.get(expr), "relax.multiply"):
         return None
     full, gate = (geo.n, geo.c, geo.h, geo.w), {(geo.n, geo.c, 1, 1), (1, geo.c, 1, 1)}
     a, b = var2val[expr].args
