@@ -187,3 +187,47 @@ def test_weight_guards_are_dropped_but_mode_and_input_guards_stay(drop, monkeypa
         with torch.no_grad():
             compiled(x)
     assert any("training mode" in str(w.message) for w in caught if issubclass(w.category, UnsparseFallback))
+
+
+def _recompiles(fn):
+    """(fn's result, how many UnsparseRecompile warnings it gave)."""
+    from unsparse_tvm.dynamo import UnsparseRecompile
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            y = fn()
+    return y, sum(issubclass(w.category, UnsparseRecompile) for w in caught)
+
+
+def _small(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return _prune(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)), 0.8)
+
+
+def test_each_instance_and_each_weight_change_gets_its_own_compiled_graph():
+    """Dynamo shares one graph between modules of the same class and structure (the weights are its arguments),
+    but ours holds them as constants: another instance, a replaced weight or one written in place
+    (load_state_dict) must not run the first instance's weights."""
+    torch._dynamo.reset()
+    a, b = _small(0), _small(1)
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(4))
+    fa = torch.compile(a, backend="unsparse", options={"calibrate": False})
+    fb = torch.compile(b, backend="unsparse", options={"calibrate": False})
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert _rel(ya, yb) > 0.1  # the two instances' outputs differ, so sharing would show
+    got, n = _recompiles(lambda: (fa(x), fa(x)))
+    assert n == 0 and all(_rel(g, ya) < 1e-4 for g in got)  # the same weights: no recompile
+    got, n = _recompiles(lambda: fb(x))
+    assert n == 1 and _rel(got, yb) < 1e-4
+    got, n = _recompiles(lambda: fa(x))  # both sets stay compiled
+    assert n == 0 and _rel(got, ya) < 1e-4
+    a.load_state_dict(_small(2).state_dict())  # written in place: same tensors, new versions
+    got, n = _recompiles(lambda: fa(x))
+    with torch.no_grad():
+        assert n == 1 and _rel(got, a(x)) < 1e-4 and _rel(got, ya) > 0.1
+    a[2].weight = nn.Parameter(torch.zeros_like(a[2].weight))  # replaced
+    got, n = _recompiles(lambda: fa(x))
+    with torch.no_grad():
+        assert n == 1 and _rel(got, a(x)) < 1e-4

@@ -2,8 +2,9 @@
 
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so the name works once the
 package is installed. Inference only, float32, static shapes: the graph's parameters and buffers are
-bound as constants (what the sparsify passes need to see the zeros), so weights changed after the first
-call need `torch._dynamo.reset()`. A graph break gives several graphs, each compiled on its own. Anything
+bound as constants (what the sparsify passes need to see the zeros): a call with other weights (another
+instance of the module, a weight replaced, or written in place as `load_state_dict` does) compiles the
+graph again for them, with an UnsparseRecompile warning. A graph break gives several graphs, each compiled on its own. Anything
 this backend cannot take (training mode, several inputs, dynamic shapes, non-float32 tensors, an
 operator the compiler refuses) runs eagerly instead, with one warning naming the reason.
 
@@ -25,6 +26,10 @@ TRAINING_OPS = {"batch_norm", "dropout", "dropout1d", "dropout2d", "alpha_dropou
 
 class UnsparseFallback(UserWarning):
     """A graph torch.compile(backend="unsparse") runs eagerly, and why."""
+
+
+class UnsparseRecompile(UserWarning):
+    """A compiled graph called with weights other than those compiled in: compiled again for them."""
 
 
 def _is_constant(node, example) -> bool:
@@ -65,41 +70,90 @@ class _Bound(nn.Module):
         return self.gm(*args)
 
 
-def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: dict):
-    from .api import CompileOptions, compile
-
+def _split(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[list[int], int]:
+    """(the placeholders holding the module's weights, the one real input's), or UnsparseError saying why not."""
     why = _training_reason(gm)
     if why:
         raise UnsparseError(why)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    constants, inputs = {}, []
+    constants, inputs = [], []
     for i, (node, ex) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(ex, torch.Tensor):
             raise UnsparseError(f"input {node.name} is not a tensor ({type(ex).__name__}: dynamic shapes are not "
                                 "supported; torch.compile(..., dynamic=False))")
-        (constants.__setitem__(i, ex) if _is_constant(node, ex) else inputs.append(i))
+        (constants if _is_constant(node, ex) else inputs).append(i)
     if len(inputs) != 1:
         raise UnsparseError(f"the graph has {len(inputs)} tensor inputs; unsparse compiles graphs with one")
-    x = example_inputs[inputs[0]]
-    bad = [str(t.dtype) for t in (x, *constants.values()) if t.is_floating_point() and t.dtype != torch.float32]
+    return constants, inputs[0]
+
+
+def _build(gm: torch.fx.GraphModule, args: list, constants: list[int], slot: int, opts):
+    """unsparse_tvm.compile of the graph with args[i] (i in constants) bound as constants."""
+    from .api import compile
+
+    x = args[slot]
+    bad = [str(args[i].dtype) for i in constants if args[i].is_floating_point() and args[i].dtype != torch.float32]
     if bad or x.dtype != torch.float32:
         raise UnsparseError(f"the graph holds {bad[0] if bad else x.dtype} tensors; unsparse compiles float32 only")
-    bound = _Bound(gm, constants, len(placeholders)).eval()
+    bound = _Bound(gm, {i: args[i] for i in constants}, len(args)).eval()
     with torch.no_grad():
         ep = torch.export.export(bound, (x.detach(),))
+    return compile(ep, options=opts)
+
+
+class _Weighted:
+    """The compiled graph for each set of weights it has been called with.
+
+    The weights are compiled in as constants, yet Dynamo shares one compiled graph between every module of the
+    same class and structure (with `inline_inbuilt_nn_modules` the weights are graph arguments, not guarded by
+    identity), and a user may replace or modify a weight after the first call. So each call's weights are
+    known by their tensors' identity and version counter (which in-place writes bump); other weights compile
+    anew, like a Dynamo recompile, at most `LIMIT` sets kept (Dynamo's own cache_size_limit is 8)."""
+
+    LIMIT = 8
+
+    def __init__(self, gm, constants: list[int], slot: int, opts, model, example_inputs: list):
+        self.gm, self.constants, self.slot, self.opts = gm, constants, slot, opts
+        self.models = {self._key(example_inputs): (model, [example_inputs[i] for i in constants])}
+
+    def _key(self, args) -> tuple:
+        return tuple([(id(args[i]), args[i]._version) for i in self.constants])
+
+    def __call__(self, *args):
+        key = self._key(args)
+        entry = self.models.get(key)
+        if entry is None:
+            entry = self._recompile(args, key)
+        outs = entry[0](args[self.slot])
+        return list(outs) if isinstance(outs, tuple) else [outs]
+
+    def _recompile(self, args, key):
+        warnings.warn(f"unsparse backend: the weights differ from those compiled ({len(self.models)} set(s) so far: "
+                      "another instance of the module, or weights replaced or written); compiling for these",
+                      UnsparseRecompile, stacklevel=3)
+        try:
+            model = _build(self.gm, list(args), self.constants, self.slot, self.opts)
+        except Exception as err:  # noqa: BLE001  as at the first compile: what cannot be compiled runs eagerly
+            warnings.warn(f"unsparse backend: {err}; this graph runs eagerly", UnsparseFallback, stacklevel=3)
+            model = lambda x, a=list(args): self.gm(*[x if i == self.slot else t for i, t in enumerate(a)])  # noqa: E731
+        if len(self.models) >= self.LIMIT:
+            self.models.pop(next(iter(self.models)))  # the oldest set
+        # the tensors are kept with their model, so their ids (the key) cannot be reused by new tensors
+        self.models[key] = (model, [args[i] for i in self.constants])
+        return self.models[key]
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: dict):
+    from .api import CompileOptions
+
+    constants, slot = _split(gm, example_inputs)
     try:
         opts = CompileOptions(**options)
     except TypeError as err:
         raise UnsparseError(f"unknown option: {err}") from None
-    model = compile(ep, options=opts)
+    model = _build(gm, list(example_inputs), constants, slot, opts)
     _drop_weight_guards()
-    slot = inputs[0]
-
-    def run(*args):
-        outs = model(args[slot])
-        return list(outs) if isinstance(outs, tuple) else [outs]
-
-    return run
+    return _Weighted(gm, constants, slot, opts, model, example_inputs)
 
 
 def _on_weights(guard) -> bool:
@@ -113,8 +167,8 @@ def _drop_weight_guards() -> int:
     """Drop Dynamo's shape/dtype guards on the module's parameters and buffers for a graph compiled here.
 
     The compiled graph holds the weights as constants and never reads the tensors Dynamo passes it, so a
-    guard on them protects nothing (a weight replaced by one of the same shape was never caught either: the
-    module docstring's "weights are frozen at the first call"), yet checking ~100 of them is most of
+    guard on their shape protects nothing (`_Weighted` knows the weights by identity and version instead,
+    which a weight of the same shape would pass), yet checking ~100 of them is most of
     Dynamo's per-call cost: on vgg16-cifar at 90%, 1.115x -> 1.077x the API call with a no-op backend.
     Guards on the modules' other attributes (`training`, hooks, submodule types) stay, so model.train()
     still recompiles and falls back to eager. Uses Dynamo's tracing context (torch._guards), so on a torch
