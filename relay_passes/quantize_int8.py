@@ -19,13 +19,14 @@ from tvm.target import Target
 
 from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
+from unsparse_tvm.ops import sparse_int8_gathered as gathered_ops
 from unsparse_tvm.ops.formats import compact_offsets, interleave_rows, inverse_order
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
 from unsparse_tvm.schedules.x86_int8 import act_qmax
 
-from . import sparsify_conv2d
+from . import _gathered_int8, sparsify_conv2d
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
 from ._util import const_array, dtype_of, fused_label, is_op, mark, shape_of
 from .layers import LayerDecision, LayerNames
@@ -39,6 +40,8 @@ QUAD_RELAY_STRIDED = True  # llvm: a strided conv's uint8 input into phase plane
 NARROW_ROWS = True  # llvm, AVX-512: a stride-1 8x8 map in rows of 8 lanes (ConvGeometry.with_row_domain)
 WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
+GATHERED = True  # llvm with VNNI and VBMI: stride-1 layers whose quads hold few nonzeros run gathered quads
+GATHERED_FORMAT = "int8g4"  # (_gathered_int8, ops.sparse_int8_gathered; design.md item 38)
 
 
 def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr | None:
@@ -63,6 +66,7 @@ class _Int8Rewriter(ConvChainRewriter):
     allow_act = False  # the int8 epilogue requantises after a plain ReLU; a ReLU6 or SiLU stays its own op
     kind = "llvm"  # the target kind (Int8LayerPass sets it)
     lanes = 16  # and the int8 kernel's vector lanes
+    gather = False  # and whether it runs gathered_conv (AVX-512 VNNI and VBMI)
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
@@ -150,6 +154,12 @@ class _Int8Rewriter(ConvChainRewriter):
             return geo.with_row_domain(self.lanes, narrow=True), (1, 1)
         return geo.with_patches(self.lanes), (1, 1)
 
+    def gathered_geometry(self, weight: np.ndarray, geo):
+        """The geometry a gathered kernel runs the conv at, or None where it keeps its quads."""
+        if not (GATHERED and self.gather and geo is not None):
+            return None
+        return _gathered_int8.geometry(weight, geo)
+
     def rewrite(self, conv, weight, geo, ep):
         taken = self.act_of(conv, weight, geo)
         if taken is None:
@@ -157,6 +167,9 @@ class _Int8Rewriter(ConvChainRewriter):
         name, act = taken
         out_act = self.out_act.get(ep.last)
         res_act = self.res_act.get(ep.residual) if isinstance(ep.residual, relax.Var) else None
+        ggeo = self.gathered_geometry(weight, geo) if ep.last not in self.wide else None
+        if ggeo is not None:
+            return self.rewrite_gathered(conv, weight, geo, ggeo, ep, name, act, out_act, res_act)
         run, sub = self.kernel_geometry(geo)
         wq, wscale = quantize_weight(weight)
         rows = conv_quad_rows(wq, run)
@@ -207,6 +220,16 @@ class _Int8Rewriter(ConvChainRewriter):
         return call
 
 
+    def rewrite_gathered(self, conv, weight, geo, run, ep, name, act, out_act, res_act):
+        """The layer as gathered quads (relay_passes._gathered_int8), its report row."""
+        call, rows, consts = _gathered_int8.emit(self, conv, weight, geo, run, ep, act, out_act, res_act)
+        fused = fused_label(ep) + ("+requant" if out_act is not None else "")
+        fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
+        self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
+                                         consts, rows.off, fmt=GATHERED_FORMAT))
+        return call
+
+
 def _relays(run, geo, x_shape=None, sub=(1, 1)) -> bool:
     """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
     its pad stage (llvm): a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
@@ -248,7 +271,8 @@ def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
         if src_in not in rw.out_act and _max_pool_input(src_in, rw.var2val, rw.counts) not in rw.out_act:
             continue
         pgeo, cgeo = (conv_geometry(c, const_array(c.args[1])) for c in (pconv, cconv))
-        if pgeo is None or cgeo is None:
+        if pgeo is None or cgeo is None or any(rw.gathered_geometry(const_array(c.args[1]), g) is not None
+                                               for c, g in ((pconv, pgeo), (cconv, cgeo))):
             continue
         prun = rw.kernel_geometry(pgeo)[0]
         if not prun.flat_output and _relays(rw.kernel_geometry(cgeo)[0], cgeo):  # flat: already in the write-back
@@ -289,10 +313,10 @@ def _uint8_residuals(rw: _Int8Rewriter) -> dict:
 
 
 def int8_decision(name: str, kind: str, weight: np.ndarray, rows, input_shape: list, fused: str,
-                  consts: tuple, off: np.ndarray | None = None) -> LayerDecision:
+                  consts: tuple, off: np.ndarray | None = None, fmt: str = FORMAT) -> LayerDecision:
     """The report's row for a layer run int8 (its quads, their offsets as stored, the bytes its consts take)."""
     sparsity = float((weight == 0).sum()) / weight.size
-    decision = LayerDecision(name, kind, list(weight.shape), round(sparsity, 4), "sparse", FORMAT, rows.nnz,
+    decision = LayerDecision(name, kind, list(weight.shape), round(sparsity, 4), "sparse", fmt, rows.nnz,
                              rows.padded_size, input_shape, fused)
     record_int8(decision, rows, *consts, off=off)
     return decision
@@ -307,12 +331,13 @@ class Int8LayerPass:
     def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
         self.ranges, self.qmax, self.kind = dict(ranges), act_qmax(target), target.kind.name
         self.lanes = cpu_vector_lanes(target)[0] if self.kind == "llvm" else 0  # the int8 kernel's vector
+        self.gather = gathered_ops.gathers(target)
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         rewriter = self.rewriter(mod, self.ranges, self.names, self.report, self.qmax)
-        rewriter.kind, rewriter.lanes = self.kind, self.lanes
+        rewriter.kind, rewriter.lanes, rewriter.gather = self.kind, self.lanes, self.gather
         return rewriter.run(mod)
 
 

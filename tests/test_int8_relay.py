@@ -113,6 +113,8 @@ class Fork(nn.Module):
 def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     import unsparse_tvm.ops.sparse_int8 as int8_ops
 
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the quads' relays, on any host
+
     torch.manual_seed(1)
     model = Fork().eval()
     shape = (2, 3, 32, 32)

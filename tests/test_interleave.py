@@ -47,6 +47,7 @@ def test_interleaved_rows_compute_what_rows_in_order_compute(size, fmt, llvm, mo
 def _int8_chain_both_ways(size: int, llvm, monkeypatch, switch: str) -> None:
     """A compiled int8 chain 8 -> 32 -> 48 on a size x size map (batch 2, 85% sparse, three empty rows), with
     the pass's `switch` on and off: the same bits, and within quantisation error of PyTorch."""
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the quads' rows, on any host
     import torch
     import tvm
     from torch import nn

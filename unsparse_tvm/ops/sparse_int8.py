@@ -248,6 +248,16 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
         name="conv",
     )
 
+    return int8_epilogue(conv, comp, out_scale, bias, residual, row_of, geo=geo, relu=relu, out_act=out_act,
+                         res_act=res_act, wide=wide)
+
+
+def int8_epilogue(conv: te.Tensor, comp: te.Tensor, out_scale: te.Tensor, bias: te.Tensor | None,
+                  residual: te.Tensor | None, row_of: te.Tensor | None, *, geo: ConvGeometry, relu: bool,
+                  out_act: ActQuant | None, res_act: ActQuant | None, wide: bool = False) -> te.Tensor:
+    """The int8 convs' epilogue over their int32 sums conv [N, K, q] (flat domain of geo): float32(conv - comp[k])
+    * out_scale[k] (+ bias) (+ residual, uint8 in res_act or fp32) (ReLU), requantised to out_act where given;
+    cropped to [N, K, OH, OW], or (wide) the flat domain itself."""
     def value(n, k, *yx):  # (y, x), or the flat q of a wide output
         q = yx[0] if wide else yx[0] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + yx[1]
         val = (conv[n, k if row_of is None else row_of[k], q] - comp[k]).astype("float32") * out_scale[k]

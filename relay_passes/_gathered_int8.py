@@ -1,0 +1,84 @@
+"""QuantizeInt8Conv2d's gathered-quads layers (ops.sparse_int8_gathered, design.md item 38): which layers take them
+and the kernels a layer becomes.
+
+The quads hold 4 adjacent input channels of one tap, so on unstructured masks a stored quad carries ~1.15 nonzeros;
+gathered quads take any 4 nonzeros of a row per vpdpbusd. A layer becomes two kernels (its input into uint8 patches
+or padded planes; the gathered conv with the epilogue in its write-back) or, on the padded planes, whose domain
+carries thrown-away columns, three (the epilogue after it, as sparse_int8.int8_epilogue).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from unsparse_tvm.ops import sparse_int8 as int8_ops
+from unsparse_tvm.ops import gathered_inputs
+from unsparse_tvm.ops import sparse_int8_gathered as gathered_ops
+from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, epilogue_consts, quantize_weight
+
+from ._util import dtype_of, mark, shape_of
+
+# Gathered quads where the stored quads hold fewer nonzeros than this on average: per group of 4 nonzeros and 16
+# positions the kernel costs about twice a stored quad's dot product (its 4 loads and the interleave), so it pays
+# where a quad holds under 2 (unstructured 90%: 1.16; channel4 pruning: 4).
+MAX_FILL = 2.0
+# On the padded planes, maps of at least 16x16 (vgg16-cifar's 32x32 layer 0.145 -> 0.087 ms, 16x16 0.126 -> 0.102);
+# 8x8 maps were level with the quads' 8-lane rows (0.115 -> 0.121); 2x2 and 4x4 maps go as patches. Not 1x1s,
+# whose quads write their epilogue in the write-back (resnet50's 64x64 on 56x56: 61 us, gathered + epilogue 117)
+MIN_POSITIONS = 256
+
+
+def geometry(weight: np.ndarray, geo):
+    """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2 or 4x4 map's patches), or None
+    where the layer keeps its quads: a strided conv, a 1x1, an 8x8-ish map, or quads that hold MAX_FILL or more
+    nonzeros."""
+    if tuple(geo.stride) != (1, 1):
+        return None
+    k, c = weight.shape[:2]
+    padded = np.zeros((k, -(-c // QUAD) * QUAD, *weight.shape[2:]), bool)
+    padded[:, :c] = weight != 0
+    quads = padded.reshape(k, -1, QUAD, *weight.shape[2:]).any(axis=2).sum()
+    if not quads or padded.sum() >= MAX_FILL * quads:
+        return None
+    positions = geo.oh * geo.ow
+    if positions == gathered_ops.TINY and geo.k % (2 * gathered_ops.TINY):
+        return None  # tiny_conv runs row tiles in pairs
+    if positions in (gathered_ops.TINY, gathered_ops.LANES):  # 2x2 and 4x4 maps as patches
+        run = geo.with_patches(gathered_ops.LANES, whole=positions)
+        return run if run.patches and gathered_inputs.patches_fit(run) else None
+    return geo if positions >= MIN_POSITIONS and geo.r * geo.s > 1 else None
+
+
+def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: ActQuant | None,
+         res_act: ActQuant | None):
+    """The layer's kernels, emitted through the rewriter `rw`: (the output, its GatheredRows, (comp, out_scale))."""
+    wq, wscale = quantize_weight(weight)
+    comp, out_scale = epilogue_consts(wq, wscale, act)
+    extra, flags = rw.epilogue_args(ep)
+    shape = gathered_ops.plan(run)
+    rows = gathered_ops.gathered_rows(wq, run, shape.tile)
+    x = rw.visit_expr(conv.args[0])
+    length = shape.input_length(run)
+    pad = (gathered_inputs.pad_patches(tuple(shape_of(x)), dtype_of(x), run, act) if run.patches
+           else gathered_inputs.pad_planes(tuple(shape_of(x)), dtype_of(x), run, act, shape.channels))
+    flat = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(pad, "pad_planes"), [x],
+                                           relax.TensorType([geo.n, length], "uint8")))
+    bias = extra.pop(0) if flags["has_bias"] else relax.const(np.zeros(geo.k, np.float32))
+    residual = extra.pop(0) if flags["has_residual"] else None
+    # a patches layer's domain is its output map: the epilogue in the kernel's write-back, unless a residual
+    out = gathered_ops.WriteBack(run.patches and residual is None, flags["relu"], out_act)
+    dims = [geo.n, geo.k, geo.oh, geo.ow] if out.fused else [geo.n, geo.k, shape.q]
+    kernel = gathered_ops.gathered_conv(geo.n, length, rows, shape.q, shape.unroll, out, tuple(dims))
+    consts = [relax.const(a) for a in (rows.data, rows.off, rows.glen, comp, out_scale)]
+    call = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(kernel, "sparse_conv2d_gathered"),
+                                           [flat, *consts, bias], relax.TensorType(dims, out.dtype)))
+    if not out.fused:
+        call = rw.builder_.call_te(
+            lambda s, c, o, b, *r: int8_ops.int8_epilogue(
+                s, c, o, b, r[0] if residual is not None else None, None,
+                geo=run, relu=flags["relu"], out_act=out_act, res_act=res_act),
+            call, relax.const(comp), relax.const(out_scale), bias, *[a for a in (residual,) if a is not None],
+            primfunc_name_hint="epilogue_int8")
+        mark(rw.builder_, call, {"op": "epilogue_int8"})  # its own kernel: fused with the next pad it ran scalar
+    return call, rows, (comp, out_scale)

@@ -1,0 +1,107 @@
+"""Gathered quads (relay_passes/_gathered_int8.py, ops.sparse_int8_gathered): the layers whose quads hold few
+nonzeros take any 4 nonzeros of a row per vpdpbusd. The same integers as the quads, so the same outputs bit for
+bit; run where the host has AVX-512 VNNI and VBMI, compiled and read as assembly elsewhere."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import compile_int8, cpu_target, int8_ready
+
+
+def _gathers_here() -> bool:
+    from unsparse_tvm.hostcpu import host_features
+
+    return {"avx512vnni", "avx512vbmi"} <= set(host_features())
+
+
+class SmallMaps(nn.Module):
+    """Every gathered path: a 16x16 map on its padded planes (the epilogue a kernel of its own), 4x4 maps as
+    patches (the epilogue in the write-back, uint8 between them), 2x2 maps (tiny_conv) with a residual add
+    (the epilogue after the conv) and one with a float32 output, and layers that keep their quads (a strided
+    conv, an 8-channel 2x2 layer whose K is not a multiple of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 32, 3, padding=1)                # 16x16: padded planes
+        self.b = nn.Conv2d(32, 32, 3, padding=1)               # 4x4 patches, after a 4x4 max pool
+        self.c = nn.Conv2d(32, 64, 3, padding=2, dilation=2)   # 4x4 patches, dilated
+        self.d = nn.Conv2d(64, 64, 3, padding=1)               # 2x2 tiny, residual
+        self.e = nn.Conv2d(64, 16, 3, padding=1)               # 2x2 tiny, float32 out
+        self.s = nn.Conv2d(16, 12, 3, stride=2, padding=1)     # strided: quads
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):                                               # x [N, 8, 16, 16]
+        y = torch.relu(self.a(x))                                       # [N, 32, 16, 16]
+        y = nn.functional.max_pool2d(y, 4)                              # [N, 32, 4, 4]
+        y = torch.relu(self.c(torch.relu(self.b(y))))                   # [N, 64, 4, 4]
+        y = nn.functional.max_pool2d(y, 2)                              # [N, 64, 2, 2]
+        y = torch.relu(self.d(y) + y)
+        y = self.s(self.e(y))                                           # [N, 12, 1, 1]
+        return self.fc(y.flatten(1))
+
+
+def _formats(report) -> dict:
+    return {r.name: r.format for r in report}
+
+
+@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
+    from test_int8 import _int8_reference
+
+    torch.manual_seed(7 + batch)
+    model = SmallMaps().eval()
+    shape = (batch, 8, 16, 16)
+    ranges = int8_ready(model, shape, 0.85)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    assert _formats(report) == {"a": "int8g4", "b": "int8g4", "c": "int8g4", "d": "int8g4", "e": "int8g4",
+                                "s": "int8q4", "fc": "int8q4"}
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the negative control
+    plain_report, plain = compile_int8(model, shape, ranges, llvm)
+    assert set(_formats(plain_report).values()) == {"int8q4"}
+    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+def test_gathered_layers_keep_their_quads_where_quads_fill():
+    """channel4-style weights (whole quads of 4 channels) keep the quads: a gathered group would hold the same 4."""
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.relay_passes import _gathered_int8
+
+    geo = ConvGeometry(1, 64, 4, 4, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    w = np.random.default_rng(0).standard_normal((64, 64, 3, 3)).astype(np.float32)
+    quads = w.reshape(64, 16, 4, 3, 3)
+    quads[np.random.default_rng(1).random((64, 16, 1, 3, 3)).repeat(4, axis=2) < 0.9] = 0
+    assert _gathered_int8.geometry(w, geo) is None
+    scattered = np.where(np.random.default_rng(2).random(w.shape) < 0.9, 0, w + 1)  # a quad holds ~1.15
+    assert _gathered_int8.geometry(scattered, geo).patches
+
+
+def test_gathered_kernels_compile_to_gathers_for_znver4():
+    """On any host: the kernels built for Zen 4 use the instructions they are written for."""
+    import tvm
+
+    from unsparse_tvm.ops import sparse_int8_gathered as g
+    from unsparse_tvm.ops.gathered_inputs import pad_patches
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant
+
+    rng = np.random.default_rng(3)
+    for h in (2, 4):
+        geo = ConvGeometry(1, 64, h, h, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)).with_patches(16, whole=h * h)
+        wq = np.where(rng.random((64, 64, 3, 3)) < 0.1, rng.integers(-127, 128, (64, 64, 3, 3)), 0).astype(np.int8)
+        plan = g.plan(geo)
+        rows = g.gathered_rows(wq, geo, plan.tile)
+        out = g.WriteBack(True, True, ActQuant(0.1, 0, 255))
+        conv = g.gathered_conv(1, plan.input_length(geo), rows, plan.q, plan.unroll, out)
+        pad = pad_patches((1, 64, h, h), "uint8", geo, ActQuant(0.1, 0, 255))
+        mod = tvm.IRModule({"conv": conv.with_attr("global_symbol", "conv"),
+                            "pad": pad.with_attr("global_symbol", "pad")})
+        asm = tvm.compile(mod, target=cpu_target("znver4")).mod.inspect_source("asm")
+        assert "vpdpbusd" in asm and ("vpgatherdd" in asm) == (h == 2)
+        assert "vpermb" in asm or "vpermt2b" in asm or "vpshufb" in asm

@@ -1,0 +1,104 @@
+"""The input stage of the gathered-quads int8 kernels (sparse_int8_gathered): the layer's input as uint8 in its
+quantisation, laid out as the gathered conv reads it: the padded planes (pad_planes) or, for a 2x2 or 4x4 map, one
+patch per (tap, channel) (pad_patches)."""
+
+from __future__ import annotations
+
+from tvm import tirx
+
+from .geometry import ConvGeometry
+from .int8_formats import ActQuant
+from .sparse_int8_gathered import LANES, TINY
+
+
+def _as_bytes(v, x_dtype: str, act: ActQuant, lanes: int):
+    """`lanes` input values as uint8 in `act`: quantised from float32 in vector arithmetic, or already uint8."""
+    from tvm.script import tirx as T
+
+    if x_dtype == "uint8":
+        return v
+    q = T.nearbyint(v * T.float32(act.inv_scale)) + T.float32(act.zero_point)
+    top, zero = T.Broadcast(T.float32(act.qmax), lanes), T.Broadcast(T.float32(0), lanes)
+    return T.Cast(f"uint8x{lanes}", T.max(T.min(q, top), zero))
+
+
+def pad_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, channels: int) -> tirx.PrimFunc:
+    """x [N, C, H, W] (float32, quantised here; or uint8 already in `act`) -> uint8 [N, channels * plane]: per
+    channel its stride-1 padded plane [Hq, Wq], the zero point outside the image and in the channels past C
+    (patches: pad_patches). Per (image,
+    channel) the plane is filled with the zero point in vectors, then each input row goes in as one vector of W
+    (quantised in vector arithmetic): a TE stage with the padding as a per-byte condition ran scalar."""
+    from tvm.script import tirx as T
+
+    n, c, h, w = (int(d) for d in x_shape)
+    (dh, dw), (pt, pl, _, _) = geo.dilation, geo.padding
+    plane = geo.channel_plane
+    zp = T.uint8(act.zero_point)
+
+    def row(v):  # one input row as bytes in `act`
+        return _as_bytes(v, x_dtype, act, w)
+
+    pstep = min(64, plane)  # the zero point filled in vectors of up to 64 bytes
+    pfill = -(-plane // pstep)
+
+    @T.prim_func(s_tir=True)
+    def pad(x: T.Buffer((n, c, h, w), x_dtype), out: T.Buffer((n, channels * plane), "uint8")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+        with T.sblock("root"):
+            xf = T.decl_buffer((n * c * h * w,), x_dtype, data=x.data)
+            of = T.decl_buffer((n * channels * plane,), "uint8", data=out.data)
+            for b in T.parallel(n * channels):  # (image, channel)
+                for k in range(pfill):
+                    of[T.Ramp(b * plane + T.min(k * pstep, plane - pstep), 1, pstep)] = T.Broadcast(zp, pstep)
+                if b % channels < c:
+                    for y in range(h):
+                        of[T.Ramp(b * plane + (y + pt) * geo.wq + pl, 1, w)] = row(
+                            xf[T.Ramp(((b // channels * c + b % channels) * h + y) * w, 1, w)])
+
+    return pad.without_attr("global_symbol")
+
+
+def patches_fit(geo: ConvGeometry) -> bool:
+    """Whether pad_patches takes the layer: a map of Q = OH*OW positions (4 or 16) whose input map is the same
+    size (3x3 with padding 1, stride 1), and whole 64-byte vectors of channels."""
+    q = geo.oh * geo.ow
+    return q in (TINY, LANES) and geo.h * geo.w == q and geo.c * q % 64 == 0
+
+
+def pad_patches(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant) -> tirx.PrimFunc:
+    """x [N, C, H, W] (float32, quantised here; or uint8 in `act`) -> uint8 [N, R*S*C*Q], the patches tap-major:
+    patch (tap, c) at (tap * C + c) * Q, the Q = H*W input bytes tap (r, s) reads for each output position, the
+    zero point where it reads padding (patches_fit). Per image and 64 bytes of input (64/Q channels), each tap's
+    patches are one byte shuffle of those 64 bytes and the zero point: 9 vector stores, where the padded plane
+    cut into channel-major patches ran 16-21 us for 512 channels on a 2x2 or 4x4 map."""
+    from tvm.script import tirx as T
+
+    n, c, h, w = (int(d) for d in x_shape)
+    (dh, dw), (pt, pl, _, _) = geo.dilation, geo.padding
+    q, taps, chunks = h * w, geo.r * geo.s, c * h * w // 64
+
+    def source(tap: int, at: int) -> int:  # byte `at` of a chunk's patch `tap`: its input byte, or 64 (the zero point)
+        y, x = divmod(at % q, w)
+        yy, xx = y + tap // geo.s * dh - pt, x + tap % geo.s * dw - pl
+        return at - at % q + yy * w + xx if 0 <= yy < h and 0 <= xx < w else 64
+
+    patterns = [[source(tap, at) for at in range(64)] for tap in range(taps)]
+    zp = T.Broadcast(T.uint8(act.zero_point), 64)
+
+    def patch(v, tap, first: int = 0):  # the shuffle of patch `tap` (a Select chain the loop's unrolling folds)
+        shuffled = T.Shuffle([v[T.Ramp(0, 1, 64)], zp], patterns[first])
+        return shuffled if first == taps - 1 else T.Select(tap == first, shuffled, patch(v, tap, first + 1))
+
+    @T.prim_func(s_tir=True)
+    def pad(x: T.Buffer((n, c, h, w), x_dtype), out: T.Buffer((n, taps * c * q), "uint8")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+        with T.sblock("root"):
+            xf = T.decl_buffer((n * c * q,), x_dtype, data=x.data)
+            of = T.decl_buffer((n * taps * c * q,), "uint8", data=out.data)
+            for b in T.parallel(n * chunks):  # (image, 64 bytes of channels)
+                v = T.decl_buffer((64,), "uint8", scope="local")
+                v[T.Ramp(0, 1, 64)] = _as_bytes(xf[T.Ramp(b * 64, 1, 64)], x_dtype, act, 64)
+                for tap in T.unroll(taps):
+                    of[T.Ramp((b // chunks * taps + tap) * c * q + b % chunks * 64, 1, 64)] = patch(v, tap)
+
+    return pad.without_attr("global_symbol")

@@ -1,0 +1,252 @@
+"""int8 for scattered nonzeros: any 4 nonzeros of a row in one `vpdpbusd` ("gathered quads", design.md items 37-38).
+
+The quad kernels (sparse_int8) store 4 adjacent input channels per 32-bit word, so one vpdpbusd takes the 4 weights
+a row has at those channels and tap; on unstructured 90% masks a stored quad holds 1.16 nonzeros, and int8 ran
+1.2x our fp32 rows. Here the input is one byte per position and each row's nonzeros are grouped by 4 whatever their
+channels and taps. Per group and 16 output positions the kernel loads the 16 bytes each of the 4 nonzeros reads
+(4 loads of 16 bytes), puts them side by side and interleaves them so that lane i holds position i of all 4 (LLVM:
+3 inserts and one `vpermb`, AVX-512 VBMI), then one vpdpbusd with the group's 4 weights as one broadcast dword. A
+byte per position per nonzero is read where fp32 reads 4, and every dot product is full. A layer runs as:
+  input     gathered_inputs: x (fp32, quantised; or uint8 already in this layer's quantisation) -> uint8, as the
+            padded planes [N, C', Hq, Wq], or for a 2x2 or 4x4 map one patch of OH*OW bytes per (tap, channel)
+  conv      gathered_conv: [N, K, Q], Q the flat domain (y*Wq + x rounded up to whole register tiles; patches:
+            exactly the output map, so there the epilogue is applied in the write-back: WriteBack)
+  epilogue  on the padded planes: sparse_int8.int8_epilogue (dequantise, bias, residual, ReLU, requantise),
+            cropped to [N, K, OH, OW]
+A 2x2 map (4 positions) puts 4 rows x 4 positions in a vector and gathers each group's 4-byte patches with one
+vpgatherdd (gathered_conv, unroll 0). Needs AVX-512 VNNI and VBMI (`gathers`); stride 1 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+
+from .geometry import ConvGeometry
+from .int8_formats import ActQuant
+
+GROUP = 4  # nonzeros per dot product (vpdpbusd sums 4 byte products per 32-bit lane)
+LANES = 16  # output positions per vector (int32 lanes of a zmm)
+MAX_ACCUMULATORS = 8  # rows x vectors held in registers per tile (with 4 inputs, the weights and the index)
+TINY = 4  # a 2x2 map's positions: tiny_conv's 16 lanes are 4 rows x 4 positions
+
+
+@dataclass
+class GatheredRows:
+    """A layer's rows for gathered_conv: by register tiles of `tile` rows, each row's nonzeros in groups of 4."""
+
+    data: np.ndarray  # int8 [K/T, G, T, 4]: group g of row t*T + r (zero weights pad a row's last group)
+    off: np.ndarray   # [K/T, G, T, 4] flat input positions of each weight (int32, uint16 where they fit)
+    glen: np.ndarray  # int32 [K/T]: the groups each tile runs (its longest row's)
+    tile: int
+    nnz: int
+    stored: int       # weights the tiles run (groups x 4 x rows), padding included
+    unit: int = 1     # off counts this many bytes (a patch's length: the offsets then fit uint16 where bytes would not)
+
+    @property
+    def padded_size(self) -> int:
+        return self.stored
+
+
+@dataclass(frozen=True)
+class GatheredPlan:
+    """The shapes of one gathered layer: register tile (rows x vectors), the conv's flat domain Q, the channels
+    of the padded input (trailing ones at the zero point, so that every read of q + 15 stays inside)."""
+
+    tile: int
+    unroll: int
+    q: int
+    channels: int
+
+    def input_length(self, geo: ConvGeometry) -> int:
+        return self.channels * geo.channel_plane
+
+
+@dataclass(frozen=True)
+class WriteBack:
+    """What a gathered kernel writes: its int32 sums (`fused` False: sparse_int8.int8_epilogue runs after it), or
+    the epilogue applied in registers (a patches layer without a residual, whose domain is the output map):
+    float32(sum - comp[k]) * out_scale[k] + bias[k], ReLU, requantised to out_act (uint8) or float32, in the
+    epilogue's order of operations, so the outputs are bit for bit its own."""
+
+    fused: bool = False
+    relu: bool = False
+    out_act: ActQuant | None = None
+
+    @property
+    def dtype(self) -> str:
+        return "int32" if not self.fused else "uint8" if self.out_act is not None else "float32"
+
+    def value(self, acc, comp, scale, bias, lanes: int):
+        """The `lanes` values written for int32 sums acc, with comp, scale and bias already per lane."""
+        from tvm.script import tirx as T
+
+        if not self.fused:
+            return acc
+        val = T.Cast(f"float32x{lanes}", acc - comp) * scale + bias
+        if self.relu:
+            val = T.max(val, T.Broadcast(T.float32(0), lanes))
+        if self.out_act is None:
+            return val
+        act = self.out_act
+        q = T.nearbyint(val * T.Broadcast(T.float32(act.inv_scale), lanes)) + T.Broadcast(
+            T.float32(act.zero_point), lanes)
+        return T.Cast(f"uint8x{lanes}", T.max(T.min(q, T.Broadcast(T.float32(act.qmax), lanes)),
+                                              T.Broadcast(T.float32(0), lanes)))
+
+
+def plan(geo: ConvGeometry) -> GatheredPlan:
+    """Vectors per row tile: up to 4 (the flat domain rounded up to them, so at most 3 vectors thrown away), and
+    rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
+    positions as patches: tiny_conv's tiles of 4 rows (unroll 0)."""
+    positions = geo.q_extent if geo.patches else geo.oh * geo.wq
+    if geo.patches and positions == TINY:
+        return GatheredPlan(TINY, 0, TINY, geo.c)
+    vectors = -(-positions // LANES)
+    unroll = 4 if vectors >= 8 else 2 if vectors >= 2 else 1
+    tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= MAX_ACCUMULATORS)
+    q = -(-vectors // unroll) * unroll * LANES
+    reach = int(geo.column_offsets().max()) * geo.offset_unit + q  # bytes past the last stored offset read
+    return GatheredPlan(tile, unroll, q, max(geo.c, -(-reach // geo.channel_plane)))
+
+
+def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
+    """An int8 OIHW weight as rows of groups of 4 nonzeros (in input order: channel, then tap), by tiles."""
+    k = wq.shape[0]
+    flat = wq.reshape(k, -1)
+    offsets = geo.column_offsets() * geo.offset_unit  # flat input position of column (c, r, s) for output 0
+    if geo.patches:  # pad_patches' layout: patch (tap, c) at (tap * C + c) * Q
+        col = np.arange(flat.shape[1])
+        offsets = (col % (geo.r * geo.s) * geo.c + col // (geo.r * geo.s)) * geo.offset_unit
+    cols = [np.flatnonzero(flat[row]) for row in range(k)]
+    groups = max(max((-(-len(c) // GROUP) for c in cols), default=1), 1)
+    data = np.zeros((k, groups * GROUP), np.int8)
+    off = np.zeros((k, groups * GROUP), np.int64)
+    for row, c in enumerate(cols):
+        data[row, : len(c)], off[row, : len(c)] = flat[row, c], offsets[c]
+    lengths = np.array([-(-len(c) // GROUP) for c in cols]).reshape(k // tile, tile)
+
+    def tiled(a: np.ndarray) -> np.ndarray:  # [K, G*4] -> [K/T, G, T, 4]
+        return np.ascontiguousarray(a.reshape(k // tile, tile, groups, GROUP).transpose(0, 2, 1, 3))
+
+    glen = np.maximum(lengths.max(axis=1), 0).astype(np.int32)
+    unit = geo.offset_unit  # a patch (whole patches apart): offsets that fit 16 bits where positions would not
+    off = tiled(off) // unit
+    off = off.astype(np.uint16) if off.max(initial=0) < 1 << 16 else off.astype(np.int32)
+    return GatheredRows(tiled(data), off, glen, tile, int((wq != 0).sum()), int(glen.sum()) * tile * GROUP, unit)
+
+
+# a 2x2 map's tiles (unroll 0): in 128-bit lane l, byte (position p, nonzero v) <- the gather's (v, p); row r's 4
+# weights in each dword of lane r; the epilogue's constants of row r in lane r's 4 dwords
+TRANSPOSE = [lane * 16 + v * 4 + p for lane in range(4) for p in range(4) for v in range(4)]
+SPREAD = [r * 4 + v for r in range(4) for _ in range(4) for v in range(4)]
+SPREAD_ROWS = [r for r in range(TINY) for _ in range(TINY)]
+
+
+PICK = [LANES * v + i for i in range(LANES) for v in range(GROUP)]  # lane i, byte v <- weight v, position i
+
+
+def _gathered_inputs(xf, off, start, unit: int, at):
+    """uint8x64: the 16 bytes from `start` each of a group's 4 nonzeros reads (offsets off[at..at+3] x unit),
+    interleaved so that lane i holds position i of all 4."""
+    from tvm.script import tirx as T
+
+    return T.Shuffle([xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, LANES)] for v in range(GROUP)], PICK)
+
+
+def _quad_weights(df, at):
+    """int8x64: a group's 4 weights as one dword in every lane."""
+    from tvm.script import tirx as T
+
+    return T.reinterpret(T.Broadcast(T.reinterpret(df[T.Ramp(at, 1, GROUP)], dtype="int32"), LANES), dtype="int8x64")
+
+
+def _tiny_inputs(xf, off, start, at):
+    """uint8x64: the 16 patches a tile of 4 rows' group reads (one vpgatherdd), transposed per 128-bit lane."""
+    from tvm.script import tirx as T
+
+    gather = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.mask.gather.dpi.512")
+    patches = T.call_llvm_pure_intrin("int32x16", gather, T.Broadcast(T.int32(0), 16), T.address_of(xf[start]),
+                                      T.Cast("int32x16", off[T.Ramp(at, 1, 16)]), T.Broadcast(T.bool(True), 16),
+                                      T.int32(TINY))
+    return T.Shuffle([T.reinterpret(patches, dtype="uint8x64")], TRANSPOSE)
+
+
+def _lane_consts(bufs, row, tiny: bool) -> list:
+    """The epilogue's constants per lane: row `row`'s in all 16 (tiny: rows row..row+3's, 4 lanes each), + lanes."""
+    from tvm.script import tirx as T
+
+    if tiny:
+        return [T.Shuffle([buf[T.Ramp(row, 1, TINY)]] * TINY, SPREAD_ROWS) for buf in bufs] + [16]
+    return [T.Broadcast(buf[row], LANES) for buf in bufs] + [LANES]
+
+
+def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out: WriteBack = WriteBack(),
+                  out_shape: tuple | None = None) -> tirx.PrimFunc:
+    """conv[n, k, p] = sum of row k's int32(x[n, off + p]) * int32(w), p < q (x: [N, length]), written as `out`
+    says (comp, scale, bias: the epilogue's). unroll 0: a 2x2 map's tiles of 4 rows x 4 positions (module doc)."""
+    from tvm.script import tirx as T
+
+    tiles, groups, tile, _ = (int(d) for d in rows.data.shape)
+    k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
+    chunks, acc_len = (1, 32) if tiny else (q // (LANES * unroll), tile * unroll * LANES)
+    vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+
+    @T.prim_func(s_tir=True)
+    def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer((tiles, groups, tile, GROUP), "int8"),
+               off: T.Buffer((tiles, groups, tile, GROUP), off_dtype), glen: T.Buffer((tiles,), "int32"),
+               comp: T.Buffer((k,), "int32"), scale: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
+               conv: T.Buffer(out_shape or (n, k, q), out.dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+        with T.sblock("root"):
+            xf = T.decl_buffer((n * length,), "uint8", data=xp.data)
+            df = T.decl_buffer((tiles * groups * tile * GROUP,), "int8", data=data.data)
+            of = T.decl_buffer((tiles * groups * tile * GROUP,), off_dtype, data=off.data)
+            cf = T.decl_buffer((n * k * q,), out.dtype, data=conv.data)
+            if tiny:
+                for b in T.parallel(n * pairs):  # (image, pair of row tiles)
+                    acc = T.decl_buffer((acc_len,), "int32", scope="local")
+                    for h in T.unroll(2):
+                        acc[T.Ramp(h * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
+                    for j in range(T.max(glen[b % pairs * 2], glen[b % pairs * 2 + 1])):
+                        for h in T.unroll(2):
+                            acc[T.Ramp(h * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                vpdpbusd, acc[T.Ramp(h * 16, 1, 16)],
+                                _tiny_inputs(xf, of, b // pairs * length, ((b % pairs * 2 + h) * groups + j) * 16),
+                                T.Shuffle([df[T.Ramp(((b % pairs * 2 + h) * groups + j) * 16, 1, 16)]] * 4, SPREAD),
+                                dtype="int32x16")
+                    for h in T.unroll(2):
+                        cf[T.Ramp((b // pairs * k + (b % pairs * 2 + h) * TINY) * TINY, 1, 16)] = out.value(
+                            acc[T.Ramp(h * 16, 1, 16)],
+                            *_lane_consts((comp, scale, bias), (b % pairs * 2 + h) * TINY, True))
+            else:
+                for b in T.parallel(n * tiles):  # (image, row tile)
+                    for ch in range(chunks):
+                        acc = T.decl_buffer((acc_len,), "int32", scope="local")
+                        for i in T.unroll(tile * unroll):
+                            acc[T.Ramp(i * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+                        for j in range(glen[b % tiles]):
+                            for r in T.unroll(tile):
+                                for u in T.unroll(unroll):
+                                    at = T.Ramp((r * unroll + u) * LANES, 1, LANES)
+                                    acc[at] = T.call_llvm_pure_intrin(vpdpbusd, acc[at], _gathered_inputs(
+                                        xf, of, b // tiles * length + (ch * unroll + u) * LANES, rows.unit,
+                                        ((b % tiles * groups + j) * tile + r) * GROUP), _quad_weights(
+                                        df, ((b % tiles * groups + j) * tile + r) * GROUP), dtype="int32x16")
+                        for r in T.unroll(tile):
+                            for u in T.unroll(unroll):
+                                row = b % tiles * tile + r
+                                cf[T.Ramp((b // tiles * k + row) * q + (ch * unroll + u) * LANES, 1, LANES)] = \
+                                    out.value(acc[T.Ramp((r * unroll + u) * LANES, 1, LANES)],
+                                              *_lane_consts((comp, scale, bias), row, False))
+
+    return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
+
+
+def gathers(target) -> bool:
+    """Whether the llvm target has what gathered_conv's instructions need: AVX-512 VNNI and VBMI (vpermb)."""
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(["avx512vnni", "avx512vbmi"], target))
