@@ -9,6 +9,8 @@ carries thrown-away columns, three (the epilogue after it, as sparse_int8.int8_e
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from tvm import relax
 
@@ -24,15 +26,16 @@ from ._util import dtype_of, mark, shape_of
 # where a quad holds under 2 (unstructured 90%: 1.16; channel4 pruning: 4).
 MAX_FILL = 2.0
 # On the padded planes, maps of at least 16x16 (vgg16-cifar's 32x32 layer 0.145 -> 0.087 ms, 16x16 0.126 -> 0.102);
-# 8x8 maps were level with the quads' 8-lane rows (0.115 -> 0.121); 2x2 and 4x4 maps go as patches. Not 1x1s,
-# whose quads write their epilogue in the write-back (resnet50's 64x64 on 56x56: 61 us, gathered + epilogue 117)
+# 2x2, 4x4 and 8x8 maps as patches (an 8x8 on its padded planes was level with the quads' 8-lane rows, 0.115 ->
+# 0.121 ms; as patches 0.113 -> 0.091). Not 1x1s, whose quads write their epilogue in the write-back (resnet50's
+# 64x64 on 56x56: 61 us, gathered + epilogue 117)
 MIN_POSITIONS = 256
 
 
 def geometry(weight: np.ndarray, geo):
-    """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2 or 4x4 map's patches), or None
-    where the layer keeps its quads: a strided conv, a 1x1, an 8x8-ish map, or quads that hold MAX_FILL or more
-    nonzeros."""
+    """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2, 4x4 or 8x8 map's patches), or
+    None where the layer keeps its quads: a strided conv, a 1x1, a map between 8x8 and 16x16, or quads that hold
+    MAX_FILL or more nonzeros."""
     if tuple(geo.stride) != (1, 1):
         return None
     k, c = weight.shape[:2]
@@ -44,9 +47,9 @@ def geometry(weight: np.ndarray, geo):
     positions = geo.oh * geo.ow
     if positions == gathered_ops.TINY and geo.k % (2 * gathered_ops.TINY):
         return None  # tiny_conv runs row tiles in pairs
-    if positions in (gathered_ops.TINY, gathered_ops.LANES):  # 2x2 and 4x4 maps as patches
-        run = geo.with_patches(gathered_ops.LANES, whole=positions)
-        return run if run.patches and gathered_inputs.patches_fit(run) else None
+    if positions in (gathered_ops.TINY, gathered_ops.LANES, 64):  # 2x2, 4x4 and 8x8 maps as patches
+        run = dataclasses.replace(geo, patches=True, images=1)
+        return run if geo.r * geo.s > 1 and gathered_inputs.patches_fit(run) else None
     return geo if positions >= MIN_POSITIONS and geo.r * geo.s > 1 else None
 
 

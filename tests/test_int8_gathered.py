@@ -17,14 +17,15 @@ def _gathers_here() -> bool:
 
 
 class SmallMaps(nn.Module):
-    """Every gathered path: a 16x16 map on its padded planes (the epilogue a kernel of its own), 4x4 maps as
-    patches (the epilogue in the write-back, uint8 between them), 2x2 maps (tiny_conv) with a residual add
+    """Every gathered path: a 16x16 map on its padded planes (the epilogue a kernel of its own), 8x8 and 4x4 maps
+    as patches (the epilogue in the write-back, uint8 between them), 2x2 maps (tiny_conv) with a residual add
     (the epilogue after the conv) and one with a float32 output, and layers that keep their quads (a strided
     conv, an 8-channel 2x2 layer whose K is not a multiple of 8)."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(8, 32, 3, padding=1)                # 16x16: padded planes
+        self.p = nn.Conv2d(32, 32, 3, padding=1)               # 8x8 patches
         self.b = nn.Conv2d(32, 32, 3, padding=1)               # 4x4 patches, after a 4x4 max pool
         self.c = nn.Conv2d(32, 64, 3, padding=2, dilation=2)   # 4x4 patches, dilated
         self.d = nn.Conv2d(64, 64, 3, padding=1)               # 2x2 tiny, residual
@@ -34,7 +35,8 @@ class SmallMaps(nn.Module):
 
     def forward(self, x):                                               # x [N, 8, 16, 16]
         y = torch.relu(self.a(x))                                       # [N, 32, 16, 16]
-        y = nn.functional.max_pool2d(y, 4)                              # [N, 32, 4, 4]
+        y = torch.relu(self.p(nn.functional.max_pool2d(y, 2)))          # [N, 32, 8, 8]
+        y = nn.functional.max_pool2d(y, 2)                              # [N, 32, 4, 4]
         y = torch.relu(self.c(torch.relu(self.b(y))))                   # [N, 64, 4, 4]
         y = nn.functional.max_pool2d(y, 2)                              # [N, 64, 2, 2]
         y = torch.relu(self.d(y) + y)
@@ -57,7 +59,7 @@ def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
     shape = (batch, 8, 16, 16)
     ranges = int8_ready(model, shape, 0.85)
     report, run = compile_int8(model, shape, ranges, llvm)
-    assert _formats(report) == {"a": "int8g4", "b": "int8g4", "c": "int8g4", "d": "int8g4", "e": "int8g4",
+    assert _formats(report) == {"a": "int8g4", "p": "int8g4", "b": "int8g4", "c": "int8g4", "d": "int8g4", "e": "int8g4",
                                 "s": "int8q4", "fc": "int8q4"}
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the negative control
     plain_report, plain = compile_int8(model, shape, ranges, llvm)
@@ -84,6 +86,8 @@ def test_gathered_layers_keep_their_quads_where_quads_fill():
 
 def test_gathered_kernels_compile_to_gathers_for_znver4():
     """On any host: the kernels built for Zen 4 use the instructions they are written for."""
+    import dataclasses
+
     import tvm
 
     from unsparse_tvm.ops import sparse_int8_gathered as g
@@ -92,8 +96,8 @@ def test_gathered_kernels_compile_to_gathers_for_znver4():
     from unsparse_tvm.ops.int8_formats import ActQuant
 
     rng = np.random.default_rng(3)
-    for h in (2, 4):
-        geo = ConvGeometry(1, 64, h, h, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)).with_patches(16, whole=h * h)
+    for h in (2, 4, 8):
+        geo = dataclasses.replace(ConvGeometry(1, 64, h, h, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), patches=True)
         wq = np.where(rng.random((64, 64, 3, 3)) < 0.1, rng.integers(-127, 128, (64, 64, 3, 3)), 0).astype(np.int8)
         plan = g.plan(geo)
         rows = g.gathered_rows(wq, geo, plan.tile)

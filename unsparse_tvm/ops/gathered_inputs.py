@@ -59,10 +59,10 @@ def pad_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, c
 
 
 def patches_fit(geo: ConvGeometry) -> bool:
-    """Whether pad_patches takes the layer: a map of Q = OH*OW positions (4 or 16) whose input map is the same
-    size (3x3 with padding 1, stride 1), and whole 64-byte vectors of channels."""
+    """Whether pad_patches takes the layer: a map of Q = OH*OW positions (4, 16 or 64: a 64-byte vector holds whole
+    channels) whose input map is the same size (3x3 with padding 1, stride 1), and whole vectors of channels."""
     q = geo.oh * geo.ow
-    return q in (TINY, LANES) and geo.h * geo.w == q and geo.c * q % 64 == 0
+    return q in (TINY, LANES, 64) and geo.h * geo.w == q and geo.c * q % 64 == 0
 
 
 def pad_patches(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant) -> tirx.PrimFunc:

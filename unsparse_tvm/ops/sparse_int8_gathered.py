@@ -8,7 +8,7 @@ channels and taps. Per group and 16 output positions the kernel loads the 16 byt
 3 inserts and one `vpermb`, AVX-512 VBMI), then one vpdpbusd with the group's 4 weights as one broadcast dword. A
 byte per position per nonzero is read where fp32 reads 4, and every dot product is full. A layer runs as:
   input     gathered_inputs: x (fp32, quantised; or uint8 already in this layer's quantisation) -> uint8, as the
-            padded planes [N, C', Hq, Wq], or for a 2x2 or 4x4 map one patch of OH*OW bytes per (tap, channel)
+            padded planes [N, C', Hq, Wq], or for a 2x2, 4x4 or 8x8 map one patch of OH*OW bytes per (tap, channel)
   conv      gathered_conv: [N, K, Q], Q the flat domain (y*Wq + x rounded up to whole register tiles; patches:
             exactly the output map, so there the epilogue is applied in the write-back: WriteBack)
   epilogue  on the padded planes: sparse_int8.int8_epilogue (dequantise, bias, residual, ReLU, requantise),
