@@ -13,8 +13,8 @@ byte per position per nonzero is read where fp32 reads 4, and every dot product 
             exactly the output map, so there the epilogue is applied in the write-back: WriteBack)
   epilogue  on the padded planes: sparse_int8.int8_epilogue (dequantise, bias, residual, ReLU, requantise),
             cropped to [N, K, OH, OW]
-A 2x2 map (4 positions) puts 4 rows x 4 positions in a vector and gathers each group's 4-byte patches with one
-vpgatherdd (gathered_conv, unroll 0). Needs AVX-512 VNNI and VBMI (`gathers`); stride 1 only.
+A 2x2 map (4 positions) puts 4 rows x 4 positions in a vector, each group's 16 four-byte patches loaded one by
+one (gathered_conv, unroll 0). Needs AVX-512 VNNI and VBMI (`gathers`); stride 1 only.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
     return GatheredRows(tiled(data), off, glen, tile, int((wq != 0).sum()), int(glen.sum()) * tile * GROUP, unit)
 
 
-# a 2x2 map's tiles (unroll 0): in 128-bit lane l, byte (position p, nonzero v) <- the gather's (v, p); row r's 4
+# a 2x2 map's tiles (unroll 0): in 128-bit lane l, byte (position p, nonzero v) <- the loaded (v, p); row r's 4
 # weights in each dword of lane r; the epilogue's constants of row r in lane r's 4 dwords
 TRANSPOSE = [lane * 16 + v * 4 + p for lane in range(4) for p in range(4) for v in range(4)]
 SPREAD = [r * 4 + v for r in range(4) for _ in range(4) for v in range(4)]
@@ -163,15 +163,22 @@ def _quad_weights(df, at):
     return T.reinterpret(T.Broadcast(T.reinterpret(df[T.Ramp(at, 1, GROUP)], dtype="int32"), LANES), dtype="int8x64")
 
 
-def _tiny_inputs(xf, off, start, at):
-    """uint8x64: the 16 patches a tile of 4 rows' group reads (one vpgatherdd), transposed per 128-bit lane."""
+def _tiny_inputs(xi, off, start, at):
+    """uint8x64: the 16 four-byte patches a tile of 4 rows' group reads (xi: the input as int32), transposed per
+    128-bit lane. 16 scalar loads: one `vpgatherdd` of them ran 94 us where these run 63 (512x512 3x3 at 90% on
+    2x2, alone; Zen 4's gathers take about 12 cycles, its loads 3 a cycle)."""
     from tvm.script import tirx as T
 
-    gather = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.mask.gather.dpi.512")
-    patches = T.call_llvm_pure_intrin("int32x16", gather, T.Broadcast(T.int32(0), 16), T.address_of(xf[start]),
-                                      T.Cast("int32x16", off[T.Ramp(at, 1, 16)]), T.Broadcast(T.bool(True), 16),
-                                      T.int32(TINY))
+    patches = T.Shuffle([xi[start + T.Cast("int32", off[at + i])] for i in range(16)], list(range(16)))
     return T.Shuffle([T.reinterpret(patches, dtype="uint8x64")], TRANSPOSE)
+
+
+def _dot(acc, x, w):
+    """acc + the 4-byte dot products of x (uint8) and w (int8) per int32 lane: one vpdpbusd."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc, x, w,
+                                   dtype="int32x16")
 
 
 def _lane_consts(bufs, row, tiny: bool) -> list:
@@ -192,7 +199,6 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
     tiles, groups, tile, _ = (int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
     chunks, acc_len = (1, 32) if tiny else (q // (LANES * unroll), tile * unroll * LANES)
-    vpdpbusd = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
 
     @T.prim_func(s_tir=True)
     def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer((tiles, groups, tile, GROUP), "int8"),
@@ -202,6 +208,7 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
         with T.sblock("root"):
             xf = T.decl_buffer((n * length,), "uint8", data=xp.data)
+            xi = T.decl_buffer((n * length // TINY,), "int32", data=xp.data)  # tiny: a patch is a dword
             df = T.decl_buffer((tiles * groups * tile * GROUP,), "int8", data=data.data)
             of = T.decl_buffer((tiles * groups * tile * GROUP,), off_dtype, data=off.data)
             cf = T.decl_buffer((n * k * q,), out.dtype, data=conv.data)
@@ -212,11 +219,10 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                         acc[T.Ramp(h * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
                     for j in range(T.max(glen[b % pairs * 2], glen[b % pairs * 2 + 1])):
                         for h in T.unroll(2):
-                            acc[T.Ramp(h * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                vpdpbusd, acc[T.Ramp(h * 16, 1, 16)],
-                                _tiny_inputs(xf, of, b // pairs * length, ((b % pairs * 2 + h) * groups + j) * 16),
-                                T.Shuffle([df[T.Ramp(((b % pairs * 2 + h) * groups + j) * 16, 1, 16)]] * 4, SPREAD),
-                                dtype="int32x16")
+                            acc[T.Ramp(h * 16, 1, 16)] = _dot(
+                                acc[T.Ramp(h * 16, 1, 16)],
+                                _tiny_inputs(xi, of, b // pairs * length // TINY, ((b % pairs * 2 + h) * groups + j) * 16),
+                                T.Shuffle([df[T.Ramp(((b % pairs * 2 + h) * groups + j) * 16, 1, 16)]] * 4, SPREAD))
                     for h in T.unroll(2):
                         cf[T.Ramp((b // pairs * k + (b % pairs * 2 + h) * TINY) * TINY, 1, 16)] = out.value(
                             acc[T.Ramp(h * 16, 1, 16)],
@@ -231,10 +237,10 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                             for r in T.unroll(tile):
                                 for u in T.unroll(unroll):
                                     at = T.Ramp((r * unroll + u) * LANES, 1, LANES)
-                                    acc[at] = T.call_llvm_pure_intrin(vpdpbusd, acc[at], _gathered_inputs(
+                                    acc[at] = _dot(acc[at], _gathered_inputs(
                                         xf, of, b // tiles * length + (ch * unroll + u) * LANES, rows.unit,
                                         ((b % tiles * groups + j) * tile + r) * GROUP), _quad_weights(
-                                        df, ((b % tiles * groups + j) * tile + r) * GROUP), dtype="int32x16")
+                                        df, ((b % tiles * groups + j) * tile + r) * GROUP))
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
                                 row = b % tiles * tile + r
