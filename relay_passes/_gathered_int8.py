@@ -32,17 +32,21 @@ MAX_FILL = 2.0
 MIN_POSITIONS = 256
 
 
-def geometry(weight: np.ndarray, geo):
-    """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2, 4x4 or 8x8 map's patches), or
-    None where the layer keeps its quads: a strided conv, a 1x1, a map between 8x8 and 16x16, or quads that hold
-    MAX_FILL or more nonzeros."""
-    if tuple(geo.stride) != (1, 1):
-        return None
+def quad_fill(weight: np.ndarray) -> float:
+    """Nonzeros per stored int8 quad (4 adjacent input channels of one tap): 4 for channel4 pruning, ~1.15 for
+    unstructured 90% (inf for an all-zero weight: nothing to store, nothing to gain)."""
     k, c = weight.shape[:2]
     padded = np.zeros((k, -(-c // QUAD) * QUAD, *weight.shape[2:]), bool)
     padded[:, :c] = weight != 0
     quads = padded.reshape(k, -1, QUAD, *weight.shape[2:]).any(axis=2).sum()
-    if not quads or padded.sum() >= MAX_FILL * quads:
+    return float(padded.sum()) / quads if quads else float("inf")
+
+
+def geometry(weight: np.ndarray, geo):
+    """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2, 4x4 or 8x8 map's patches), or
+    None where the layer keeps its quads: a strided conv, a 1x1, a map between 8x8 and 16x16, or quads that hold
+    MAX_FILL or more nonzeros."""
+    if tuple(geo.stride) != (1, 1) or quad_fill(weight) >= MAX_FILL:
         return None
     positions = geo.oh * geo.ow
     if positions == gathered_ops.TINY and geo.k % (2 * gathered_ops.TINY):

@@ -9,6 +9,7 @@ the quad rows of a dense layer are simply full.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import numpy as np
@@ -24,7 +25,7 @@ from unsparse_tvm.ops.formats import compact_offsets, interleave_rows, inverse_o
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
-from unsparse_tvm.schedules.x86_int8 import act_qmax
+from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
 
 from . import _gathered_int8, sparsify_conv2d
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
@@ -42,6 +43,10 @@ WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is writ
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 GATHERED = True  # llvm with VNNI and VBMI: stride-1 layers whose quads hold few nonzeros run gathered quads
 GATHERED_FORMAT = "int8g4"  # (_gathered_int8, ops.sparse_int8_gathered; design.md item 38)
+# llvm without VNNI (AVX2's vpmaddubsw): a conv whose quads would hold under 2 nonzeros stays fp32; there its int8
+# ran 0.49-0.95x the fp32 kernel (vgg16-cifar unstructured 90%: 2.25 against 1.80 ms end to end). The test suite
+# turns it off (UNSPARSE_INT8_EVERY_LAYER=1: its int8 tests use scattered weights on every host)
+SCATTERED_FP32 = os.environ.get("UNSPARSE_INT8_EVERY_LAYER") != "1"
 
 
 def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr | None:
@@ -67,6 +72,7 @@ class _Int8Rewriter(ConvChainRewriter):
     kind = "llvm"  # the target kind (Int8LayerPass sets it)
     lanes = 16  # and the int8 kernel's vector lanes
     gather = False  # and whether it runs gathered_conv (AVX-512 VNNI and VBMI)
+    pmadd = False  # and whether its int8 is AVX2's (no VNNI: SCATTERED_FP32)
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
@@ -75,6 +81,9 @@ class _Int8Rewriter(ConvChainRewriter):
         """(layer name, input quantisation) of a conv this pass takes, else None."""
         name = self.names.known(weight)
         if name is None or name not in self.ranges or geo is None or unsupported_reason(conv, weight) is not None:
+            return None
+        if SCATTERED_FP32 and self.pmadd and (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL:
+            self.names.fp32_int8[name] = round(fill, 3)
             return None
         return name, ActQuant.from_range(*self.ranges[name], self.qmax)
 
@@ -332,12 +341,13 @@ class Int8LayerPass:
         self.ranges, self.qmax, self.kind = dict(ranges), act_qmax(target), target.kind.name
         self.lanes = cpu_vector_lanes(target)[0] if self.kind == "llvm" else 0  # the int8 kernel's vector
         self.gather = gathered_ops.gathers(target)
+        self.pmadd = self.kind == "llvm" and int8_kind(target) == "pmadd"
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         rewriter = self.rewriter(mod, self.ranges, self.names, self.report, self.qmax)
-        rewriter.kind, rewriter.lanes, rewriter.gather = self.kind, self.lanes, self.gather
+        rewriter.kind, rewriter.lanes, rewriter.gather, rewriter.pmadd = self.kind, self.lanes, self.gather, self.pmadd
         return rewriter.run(mod)
 
 

@@ -607,7 +607,7 @@ def test_int8_layers_show_their_precision_and_bytes(tmp_path, capsys):
 
     assert main(["quantize", "smallcnn", "--activations", "int8", "--dataset", "random", "-o", str(tmp_path / "q.pt2")]) == 0
     assert main(["compile", str(tmp_path / "q.pt2"), "-o", str(tmp_path / "q.so")]) == 0
-    int8 = [l for l in read_metadata(str(tmp_path / "q.so"))["layers"] if l["format"] == "int8q4"]
+    int8 = [l for l in read_metadata(str(tmp_path / "q.so"))["layers"] if l["format"] in ("int8q4", "int8g4")]
     kinds = ("int8/16-bit off", "int8/32-bit off")  # conv offsets as uint16 where a layer's fit
     assert int8 and all(l["precision"] in kinds and l["weight_bytes"] > 0 for l in int8)
     assert all(l["precision"] == "int8/16-bit off" for l in int8 if l["op"] == "conv2d")

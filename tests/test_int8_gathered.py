@@ -51,9 +51,12 @@ def _formats(report) -> dict:
 @pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
+    from unsparse_tvm.ops.sparse_int8_gathered import gathers
     from unsparse_tvm.schedules.x86_int8 import act_qmax
     from test_int8 import _int8_reference
 
+    if not gathers(llvm):
+        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
     torch.manual_seed(7 + batch)
     model = SmallMaps().eval()
     shape = (batch, 8, 16, 16)
@@ -109,3 +112,42 @@ def test_gathered_kernels_compile_to_gathers_for_znver4():
         asm = tvm.compile(mod, target=cpu_target("znver4")).mod.inspect_source("asm")
         assert "vpdpbusd" in asm and "vpgatherdd" not in asm  # 2x2: scalar loads beat Zen 4's gathers
         assert ("vpinsrd" in asm) == (h == 2) and ("vpermb" in asm or "vpermt2b" in asm or "vpshufb" in asm)
+
+
+def test_without_vnni_scattered_convs_stay_fp32_and_say_so(monkeypatch, capsys):
+    """AVX2 code (no VNNI): a conv whose int8 quads would hold under 2 nonzeros runs fp32 (there its int8 ran
+    0.49-0.95x fp32), named in one note; quads that fill (channel4) still run int8. Compiled for Haswell on any
+    host, run where the host has AVX2."""
+    from unsparse_tvm.build import compile_program, print_report
+    from unsparse_tvm.hostcpu import host_features
+    from unsparse_tvm.models import export_program
+
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.SCATTERED_FP32", True)  # the suite turns it off
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 36, 4)).eval()
+    shape = (1, 8, 6, 6)
+    int8_ready(model, shape, 0.85)
+    with torch.no_grad():  # the second conv in whole quads of 4 input channels (channel4): it stays int8
+        w = model[2].weight
+        quads = (torch.rand(16, 4, 1, 3, 3) < 0.3).expand(16, 4, 4, 3, 3).reshape(16, 16, 3, 3)
+        w.copy_(w.abs().add(0.1) * quads.float())
+    from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+
+    ranges = calibrate(model, calibration_batches(shape, None, 2, 16))["layers"]
+    compiled = compile_program(export_program(model, shape), cpu_target("haswell"), threshold=0.5,
+                               activations=ranges)
+    formats = _formats(compiled.report)
+    assert formats["0"] != "int8q4" and formats["2"] == "int8q4", formats
+    assert list(compiled.fp32_int8) == ["0"] and compiled.fp32_int8["0"] < 2
+    print_report(compiled)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "(0)" in notes[0] and "without VNNI" in notes[0]
+    if "avx2" in host_features():
+        import tvm
+        from tvm import relax
+
+        x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+        y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))[0].numpy()
+        ref = model(torch.from_numpy(x)).detach().numpy()
+        assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max()  # int8 in the second conv: quantisation error

@@ -35,6 +35,7 @@ class Compiled:
     threshold: float | None = None     # what chose the sparse layers: this sparsity, or (None) predicted time
     dropped: dict = field(default_factory=dict)  # depthwise layer -> (channels dropped, channels), DropDeadChannels
     gathered: dict = field(default_factory=dict)  # the same, dropped from the expand conv only
+    fp32_int8: dict = field(default_factory=dict)  # layer with an int8 range run fp32 -> its quads' fill (no VNNI)
 
     @property
     def input_specs(self) -> list[dict]:
@@ -64,7 +65,7 @@ def compile_relax(mod, names, target, input_shape: tuple[int, ...], outputs: lis
     with building_for(target):  # the arch nvcc compiles for, should TVM call it while building
         executable = compile_module(mod, target, pipeline)  # tvm.compile, kernels built on every core
     return Compiled(executable, target, tuple(input_shape), outputs, report, time.perf_counter() - start, inputs,
-                    options.get("threshold"), dict(names.dropped), dict(names.gathered))
+                    options.get("threshold"), dict(names.dropped), dict(names.gathered), dict(names.fp32_int8))
 
 
 def compile_onnx(path: str, target, *, batch: int | None = None, log=print, **options) -> Compiled:
@@ -112,6 +113,11 @@ def print_report(compiled: Compiled) -> None:
             dropped, total = (sum(v[i] for v in found.values()) for i in (0, 1))
             print(f"dead channels: {dropped} of {total} depthwise channels in {len(found)} blocks had all-zero "
                   f"filters and {what}")
+    if compiled.fp32_int8:
+        fills = compiled.fp32_int8.values()
+        print(f"note: {len(fills)} layer(s) with an int8 range run fp32 ({', '.join(compiled.fp32_int8)}): their "
+              f"int8 quads would hold {min(fills):.2f}-{max(fills):.2f} of 4 nonzeros, and without VNNI fp32 runs such "
+              "layers faster; prune --method channel4 fills the quads")
 
 
 def metadata(compiled: Compiled, *, model: str) -> dict:
@@ -134,6 +140,7 @@ def metadata(compiled: Compiled, *, model: str) -> dict:
         "sparse_layers": sum(1 for r in compiled.report if r.decision == "sparse"),
         "dead_channels": {name: list(v) for name, v in compiled.dropped.items()},
         "dead_channels_expand_only": {name: list(v) for name, v in compiled.gathered.items()},
+        "int8_left_fp32": dict(compiled.fp32_int8),
         "layers": [r.as_dict() for r in compiled.report],
         "tvm_version": tvm.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
