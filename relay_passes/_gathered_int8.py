@@ -50,7 +50,7 @@ def geometry(weight: np.ndarray, geo):
         return None
     positions = geo.oh * geo.ow
     if positions == gathered_ops.TINY and geo.k % (2 * gathered_ops.TINY):
-        return None  # tiny_conv runs row tiles in pairs
+        return None  # a 2x2 map's tiles of 4 rows run in pairs
     if positions in (gathered_ops.TINY, gathered_ops.LANES, 64):  # 2x2, 4x4 and 8x8 maps as patches
         run = dataclasses.replace(geo, patches=True, images=1)
         return run if geo.r * geo.s > 1 and gathered_inputs.patches_fit(run) else None

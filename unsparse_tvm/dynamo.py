@@ -4,9 +4,10 @@ Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so 
 package is installed. Inference only, float32, static shapes: the graph's parameters and buffers are
 bound as constants (what the sparsify passes need to see the zeros): a call with other weights (another
 instance of the module, a weight replaced, or written in place as `load_state_dict` does) compiles the
-graph again for them, with an UnsparseRecompile warning. A graph break gives several graphs, each compiled on its own. Anything
-this backend cannot take (training mode, several inputs, dynamic shapes, non-float32 tensors, an
-operator the compiler refuses) runs eagerly instead, with one warning naming the reason.
+graph again for them, with an UnsparseRecompile warning. A graph break gives several graphs, each
+compiled on its own. Anything this backend cannot take (training mode, several inputs, dynamic shapes,
+non-float32 tensors, an operator the compiler refuses) runs eagerly instead, with one warning naming the
+reason.
 
 Options: `torch.compile(m, backend="unsparse", options={"target": "llvm", "threshold": 0.5, ...})`,
 the fields of unsparse_tvm.CompileOptions.
@@ -135,7 +136,8 @@ class _Weighted:
             model = _build(self.gm, list(args), self.constants, self.slot, self.opts)
         except Exception as err:  # noqa: BLE001  as at the first compile: what cannot be compiled runs eagerly
             warnings.warn(f"unsparse backend: {err}; this graph runs eagerly", UnsparseFallback, stacklevel=3)
-            model = lambda x, a=list(args): self.gm(*[x if i == self.slot else t for i, t in enumerate(a)])  # noqa: E731
+            def model(x, a=list(args)):  # the graph itself, eagerly
+                return self.gm(*[x if i == self.slot else t for i, t in enumerate(a)])
         if len(self.models) >= self.LIMIT:
             self.models.pop(next(iter(self.models)))  # the oldest set
         # the tensors are kept with their model, so their ids (the key) cannot be reused by new tensors

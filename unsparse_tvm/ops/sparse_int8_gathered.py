@@ -30,7 +30,7 @@ from .int8_formats import ActQuant
 GROUP = 4  # nonzeros per dot product (vpdpbusd sums 4 byte products per 32-bit lane)
 LANES = 16  # output positions per vector (int32 lanes of a zmm)
 MAX_ACCUMULATORS = 8  # rows x vectors held in registers per tile (with 4 inputs, the weights and the index)
-TINY = 4  # a 2x2 map's positions: tiny_conv's 16 lanes are 4 rows x 4 positions
+TINY = 4  # a 2x2 map's positions: gathered_conv's unroll-0 vectors are 4 rows x 4 positions
 
 
 @dataclass
@@ -38,7 +38,7 @@ class GatheredRows:
     """A layer's rows for gathered_conv: by register tiles of `tile` rows, each row's nonzeros in groups of 4."""
 
     data: np.ndarray  # int8 [K/T, G, T, 4]: group g of row t*T + r (zero weights pad a row's last group)
-    off: np.ndarray   # [K/T, G, T, 4] flat input positions of each weight (int32, uint16 where they fit)
+    off: np.ndarray   # [K/T, G, T, 4] each weight's flat input position, in units (uint16 where they fit, else int32)
     glen: np.ndarray  # int32 [K/T]: the groups each tile runs (its longest row's)
     tile: int
     nnz: int
@@ -100,7 +100,7 @@ class WriteBack:
 def plan(geo: ConvGeometry) -> GatheredPlan:
     """Vectors per row tile: up to 4 (the flat domain rounded up to them, so at most 3 vectors thrown away), and
     rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
-    positions as patches: tiny_conv's tiles of 4 rows (unroll 0)."""
+    positions as patches: tiles of 4 rows x 4 positions (unroll 0)."""
     positions = geo.q_extent if geo.patches else geo.oh * geo.wq
     if geo.patches and positions == TINY:
         return GatheredPlan(TINY, 0, TINY, geo.c)
@@ -219,9 +219,8 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                         acc[T.Ramp(h * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
                     for j in range(T.max(glen[b % pairs * 2], glen[b % pairs * 2 + 1])):
                         for h in T.unroll(2):
-                            acc[T.Ramp(h * 16, 1, 16)] = _dot(
-                                acc[T.Ramp(h * 16, 1, 16)],
-                                _tiny_inputs(xi, of, b // pairs * length // TINY, ((b % pairs * 2 + h) * groups + j) * 16),
+                            acc[T.Ramp(h * 16, 1, 16)] = _dot(acc[T.Ramp(h * 16, 1, 16)], _tiny_inputs(
+                                xi, of, b // pairs * length // TINY, ((b % pairs * 2 + h) * groups + j) * 16),
                                 T.Shuffle([df[T.Ramp(((b % pairs * 2 + h) * groups + j) * 16, 1, 16)]] * 4, SPREAD))
                     for h in T.unroll(2):
                         cf[T.Ramp((b // pairs * k + (b % pairs * 2 + h) * TINY) * TINY, 1, 16)] = out.value(
