@@ -222,8 +222,7 @@ class _Int8Rewriter(ConvChainRewriter):
                                    **({"unsparse.interleave": tile} if tile > 1 else {}),
                                    **({names.ROW_ORDER: 1} if order is not None else {}),
                                    **({names.ROW_LENGTHS: 1} if self.kind == "llvm" else {})})
-        fused = fused_label(ep) + ("+requant" if out_act is not None else "")
-        fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
+        fused = _int8_fused(ep, out_act, res_act)
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
                                          (comp, out_scale), off))
         return call
@@ -232,8 +231,7 @@ class _Int8Rewriter(ConvChainRewriter):
     def rewrite_gathered(self, conv, weight, geo, run, ep, name, act, out_act, res_act):
         """The layer as gathered quads (relay_passes._gathered_int8), its report row."""
         call, rows, consts = _gathered_int8.emit(self, conv, weight, geo, run, ep, act, out_act, res_act)
-        fused = fused_label(ep) + ("+requant" if out_act is not None else "")
-        fused = fused.replace("residual", "residual(uint8)") if res_act is not None else fused
+        fused = _int8_fused(ep, out_act, res_act)
         self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused,
                                          consts, rows.off, fmt=GATHERED_FORMAT))
         return call
@@ -319,6 +317,13 @@ def _uint8_residuals(rw: _Int8Rewriter) -> dict:
                 and rw.act_of(pconv, pweight, conv_geometry(pconv, pweight)) is not None:
             out[src] = acts[0]
     return out
+
+
+def _int8_fused(ep, out_act: ActQuant | None, res_act: ActQuant | None) -> str:
+    """The report's fused column of an int8 conv: its epilogue, "+requant" where it writes uint8, and a uint8
+    residual marked so."""
+    fused = fused_label(ep) + ("+requant" if out_act is not None else "")
+    return fused.replace("residual", "residual(uint8)") if res_act is not None else fused
 
 
 def int8_decision(name: str, kind: str, weight: np.ndarray, rows, input_shape: list, fused: str,

@@ -8,18 +8,12 @@ from tvm import tirx
 
 from .geometry import ConvGeometry
 from .int8_formats import ActQuant
-from .sparse_int8_gathered import LANES, TINY
+from .sparse_int8_gathered import LANES, TINY, quantize_lanes
 
 
 def _as_bytes(v, x_dtype: str, act: ActQuant, lanes: int):
     """`lanes` input values as uint8 in `act`: quantised from float32 in vector arithmetic, or already uint8."""
-    from tvm.script import tirx as T
-
-    if x_dtype == "uint8":
-        return v
-    q = T.nearbyint(v * T.float32(act.inv_scale)) + T.float32(act.zero_point)
-    top, zero = T.Broadcast(T.float32(act.qmax), lanes), T.Broadcast(T.float32(0), lanes)
-    return T.Cast(f"uint8x{lanes}", T.max(T.min(q, top), zero))
+    return v if x_dtype == "uint8" else quantize_lanes(v, act, lanes)
 
 
 def pad_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, channels: int) -> tirx.PrimFunc:

@@ -88,13 +88,17 @@ class WriteBack:
         val = T.Cast(f"float32x{lanes}", acc - comp) * scale + bias
         if self.relu:
             val = T.max(val, T.Broadcast(T.float32(0), lanes))
-        if self.out_act is None:
-            return val
-        act = self.out_act
-        q = T.nearbyint(val * T.Broadcast(T.float32(act.inv_scale), lanes)) + T.Broadcast(
-            T.float32(act.zero_point), lanes)
-        return T.Cast(f"uint8x{lanes}", T.max(T.min(q, T.Broadcast(T.float32(act.qmax), lanes)),
-                                              T.Broadcast(T.float32(0), lanes)))
+        return val if self.out_act is None else quantize_lanes(val, self.out_act, lanes)
+
+
+def quantize_lanes(v, act: ActQuant, lanes: int):
+    """uint8x`lanes` of float32x`lanes` v in `act`: sparse_int8.quantize's arithmetic (round half to even,
+    clamped in float) on a vector expression."""
+    from tvm.script import tirx as T
+
+    q = T.nearbyint(v * T.Broadcast(T.float32(act.inv_scale), lanes)) + T.Broadcast(T.float32(act.zero_point), lanes)
+    top, zero = T.Broadcast(T.float32(act.qmax), lanes), T.Broadcast(T.float32(0), lanes)
+    return T.Cast(f"uint8x{lanes}", T.max(T.min(q, top), zero))
 
 
 def plan(geo: ConvGeometry) -> GatheredPlan:
