@@ -24,7 +24,7 @@ class LayerNames:
         # DropDeadChannels: depthwise layer -> (channels dropped, channels), from the whole block / from the expand only
         self.dropped: dict[str, tuple[int, int]] = {}
         self.gathered: dict[str, tuple[int, int]] = {}
-        # QuantizeInt8Conv2d: layers with a calibrated int8 range left to the fp32 passes (SCATTERED_FP32) ->
+        # QuantizeInt8Conv2d/Dense: layers with a calibrated int8 range left to the fp32 passes (SCATTERED_FP32) ->
         # the nonzeros their int8 quads would have held
         self.fp32_int8: dict[str, float] = {}
         for name, arr in (named or {}).items():

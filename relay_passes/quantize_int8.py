@@ -44,8 +44,9 @@ FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 GATHERED = True  # llvm with VNNI and VBMI: stride-1 layers whose quads hold few nonzeros run gathered quads
 GATHERED_FORMAT = "int8g4"  # (_gathered_int8, ops.sparse_int8_gathered; design.md item 38)
 # llvm without VNNI (AVX2's vpmaddubsw): a conv whose quads would hold under 2 nonzeros stays fp32; there its int8
-# ran 0.49-0.95x the fp32 kernel (vgg16-cifar unstructured 90%: 2.25 against 1.80 ms end to end). The test suite
-# turns it off (UNSPARSE_INT8_EVERY_LAYER=1: its int8 tests use scattered weights on every host)
+# ran 0.49-0.95x the fp32 kernel (vgg16-cifar unstructured 90%: 2.25 against 1.80 ms end to end). A linear layer
+# so on every CPU (quantize_int8_dense). The test suite turns it off (UNSPARSE_INT8_EVERY_LAYER=1: its int8 tests
+# use scattered weights on every host)
 SCATTERED_FP32 = os.environ.get("UNSPARSE_INT8_EVERY_LAYER") != "1"
 
 

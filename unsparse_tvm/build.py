@@ -35,7 +35,7 @@ class Compiled:
     threshold: float | None = None     # what chose the sparse layers: this sparsity, or (None) predicted time
     dropped: dict = field(default_factory=dict)  # depthwise layer -> (channels dropped, channels), DropDeadChannels
     gathered: dict = field(default_factory=dict)  # the same, dropped from the expand conv only
-    fp32_int8: dict = field(default_factory=dict)  # layer with an int8 range run fp32 -> its quads' fill (no VNNI)
+    fp32_int8: dict = field(default_factory=dict)  # layer with an int8 range run fp32 -> its quads' fill
 
     @property
     def input_specs(self) -> list[dict]:
@@ -116,8 +116,8 @@ def print_report(compiled: Compiled) -> None:
     if compiled.fp32_int8:
         fills = compiled.fp32_int8.values()
         print(f"note: {len(fills)} layer(s) with an int8 range run fp32 ({', '.join(compiled.fp32_int8)}): their "
-              f"int8 quads would hold {min(fills):.2f}-{max(fills):.2f} of 4 nonzeros, and without VNNI fp32 runs such "
-              "layers faster; prune --method channel4 fills the quads")
+              f"int8 quads would hold {min(fills):.2f}-{max(fills):.2f} of 4 nonzeros, where fp32 runs faster (linear "
+              "layers; convs without VNNI); prune --method channel4 fills the quads")
 
 
 def metadata(compiled: Compiled, *, model: str) -> dict:
