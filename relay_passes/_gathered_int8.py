@@ -65,17 +65,22 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     extra, flags = rw.epilogue_args(ep)
     shape = gathered_ops.plan(run)
     rows = gathered_ops.gathered_rows(wq, run, shape.tile)
-    x = rw.visit_expr(conv.args[0])
+    flat = rw.visit_expr(conv.args[0])
     length = shape.input_length(run)
-    pad = (gathered_inputs.pad_patches(tuple(shape_of(x)), dtype_of(x), run, act) if run.patches
-           else gathered_inputs.pad_planes(tuple(shape_of(x)), dtype_of(x), run, act, shape.channels))
-    flat = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(pad, "pad_planes"), [x],
-                                           relax.TensorType([geo.n, length], "uint8")))
+    if len(shape_of(flat)) != 2:  # else the producer wrote these padded planes (into_planes)
+        pad = (gathered_inputs.pad_patches(tuple(shape_of(flat)), dtype_of(flat), run, act) if run.patches
+               else gathered_inputs.pad_planes(tuple(shape_of(flat)), dtype_of(flat), run, act, shape.channels))
+        flat = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(pad, "pad_planes"), [flat],
+                                               relax.TensorType([geo.n, length], "uint8")))
+    assert [int(d) for d in shape_of(flat)] == [geo.n, length]
     bias = extra.pop(0) if flags["has_bias"] else relax.const(np.zeros(geo.k, np.float32))
     residual = extra.pop(0) if flags["has_residual"] else None
-    # a patches layer's domain is its output map: the epilogue in the kernel's write-back, unless a residual
-    out = gathered_ops.WriteBack(run.patches and residual is None, flags["relu"], out_act)
-    dims = [geo.n, geo.k, geo.oh, geo.ow] if out.fused else [geo.n, geo.k, shape.q]
+    into = rw.planes.get(ep.last)
+    # a patches layer's domain is its output map: the epilogue in the kernel's write-back, unless a residual; a
+    # padded-planes layer's into the next one's planes where into_planes found it
+    out = gathered_ops.WriteBack((run.patches or into is not None) and residual is None, flags["relu"], out_act, into)
+    dims = ([geo.n, into.channels * into.plane] if into is not None else
+            [geo.n, geo.k, geo.oh, geo.ow] if out.fused else [geo.n, geo.k, shape.q])
     kernel = gathered_ops.gathered_conv(geo.n, length, rows, shape.q, shape.unroll, out, tuple(dims))
     consts = [relax.const(a) for a in (rows.data, rows.off, rows.glen, comp, out_scale)]
     call = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(kernel, "sparse_conv2d_gathered"),
@@ -89,3 +94,31 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
             primfunc_name_hint="epilogue_int8")
         mark(rw.builder_, call, {"op": "epilogue_int8"})  # its own kernel: fused with the next pad it ran scalar
     return call, rows, (comp, out_scale)
+
+
+def into_planes(rw, readers: dict) -> dict:
+    """Chained outputs (uint8) of a padded-planes gathered layer that one padded-planes gathered layer reads, with
+    nothing between (vgg's 3x3 pairs on 32x32 and 16x16): the producer writes them into the consumer's planes
+    (IntoPlanes), its epilogue in the write-back. {var: IntoPlanes}."""
+    from ._conv_match import conv_geometry
+    from ._util import const_array
+
+    out = {}
+    for src, act in rw.out_act.items():
+        convs, producer = readers.get(src, []), rw.plans.get(src)
+        if len(convs) != 1 or producer is None or producer[1].residual is not None or src in rw.res_act:
+            continue
+        pconv, cconv = producer[0], convs[0][0]
+        if not cconv.args[0].same_as(src):
+            continue
+        pw, cw = const_array(pconv.args[1]), const_array(cconv.args[1])
+        pgeo, cgeo = conv_geometry(pconv, pw), conv_geometry(cconv, cw)
+        prun, crun = (rw.gathered_geometry(w, g) if g is not None else None for w, g in ((pw, pgeo), (cw, cgeo)))
+        if prun is None or crun is None or prun.patches or crun.patches or prun.wq != crun.wq or prun.n != crun.n:
+            continue
+        pt, pl = crun.padding[:2]
+        into = gathered_ops.IntoPlanes(pt * crun.wq + pl, crun.channel_plane, gathered_ops.plan(crun).channels,
+                                       prun.oh, prun.ow, prun.wq)
+        if into.fits(gathered_ops.plan(prun).q, prun.k):
+            out[src] = into
+    return out

@@ -43,6 +43,7 @@ WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is writ
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 GATHERED = True  # llvm with VNNI and VBMI: stride-1 layers whose quads hold few nonzeros run gathered quads
 GATHERED_FORMAT = "int8g4"  # (_gathered_int8, ops.sparse_int8_gathered; design.md item 38)
+INTO_PLANES = True  # a gathered padded-planes layer writes uint8 into the next one's planes (design.md item 40)
 # llvm without VNNI (AVX2's vpmaddubsw): a conv whose quads would hold under 2 nonzeros stays fp32; there its int8
 # ran 0.49-0.95x the fp32 kernel (vgg16-cifar unstructured 90%: 2.25 against 1.80 ms end to end). A linear layer
 # so on every CPU (quantize_int8_dense). The test suite turns it off (UNSPARSE_INT8_EVERY_LAYER=1: its int8 tests
@@ -97,7 +98,7 @@ class _Int8Rewriter(ConvChainRewriter):
         (_uint8_residuals, `self.res_act`: a quantised residual, so not bit-exact), and outputs that one
         relaying conv reads are written wide (_wide_outputs, `self.wide`)."""
         super().plan(func)
-        self.out_act, self.res_act, self.wide, self.dead = {}, {}, {}, set()
+        self.out_act, self.res_act, self.wide, self.dead, self.planes = {}, {}, {}, set(), {}
         if not CHAIN_UINT8:
             return
         var2val, counts = self.var2val, self.counts
@@ -135,6 +136,9 @@ class _Int8Rewriter(ConvChainRewriter):
         self.dead = {v for _, ep in self.plans.values() if ep.residual in self.res_act for v in ep.absorbed}
         # nor would a conv reading a wide output (3-D) as re-emitted on the way to its chain's end
         self.dead |= {v for c, ep in self.plans.values() if c.args[0] in self.wide for v in ep.absorbed}
+        # or the padded planes a gathered producer wrote (2-D)
+        self.planes = _gathered_int8.into_planes(self, readers) if INTO_PLANES and GATHERED and self.gather else {}
+        self.dead |= {v for c, ep in self.plans.values() if c.args[0] in self.planes for v in ep.absorbed}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var not in self.dead:

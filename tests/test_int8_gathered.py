@@ -72,6 +72,54 @@ def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
     assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
+class PlanesChain(nn.Module):
+    """Two padded-planes layers in a row (an 18x18 map: the domain's thrown-away lanes spill onto the next plane's
+    padding), then one whose planes are laid out otherwise (dilated: a wider pitch), which its producer cannot
+    write into."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 24, 3, padding=1)
+        self.b = nn.Conv2d(24, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=2, dilation=2)
+        self.fc = nn.Linear(16 * 9 * 9, 10)
+
+    def forward(self, x):                                           # x [N, 8, 18, 18]
+        y = torch.relu(self.b(torch.relu(self.a(x))))               # [N, 16, 18, 18]
+        y = nn.functional.max_pool2d(torch.relu(self.c(y)), 2)      # [N, 16, 9, 9]
+        return self.fc(y.flatten(1))
+
+
+@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_padded_planes_written_into_the_next_layers_planes(batch, llvm, monkeypatch):
+    """A padded-planes layer writes straight into the next one's planes (IntoPlanes; design.md item 40): the
+    same outputs bit for bit as its epilogue pass and the next pad stage (INTO_PLANES off, the control), and
+    only where the two planes' layouts agree."""
+    from unsparse_tvm.ops.sparse_int8_gathered import gathers
+    from unsparse_tvm.relay_passes import _gathered_int8
+
+    if not gathers(llvm):
+        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
+    found = []
+    real = _gathered_int8.into_planes
+    monkeypatch.setattr(_gathered_int8, "into_planes", lambda rw, readers: found.append(real(rw, readers)) or found[-1])
+    torch.manual_seed(11 + batch)
+    model = PlanesChain().eval()
+    shape = (batch, 8, 18, 18)
+    ranges = int8_ready(model, shape, 0.85)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    assert _formats(report) == {**dict.fromkeys("abc", "int8g4"), "fc": "int8q4"}
+    assert [len(f) for f in found] == [1]  # a -> b only
+    (into,) = found[0].values()
+    assert (into.wq, into.oh, into.ow, into.shift) == (20, 18, 18, 21)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.INTO_PLANES", False)
+    _, plain = compile_int8(model, shape, ranges, llvm)
+    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    assert np.abs(run(x)).max() > 0
+
+
 def test_gathered_layers_keep_their_quads_where_quads_fill():
     """channel4-style weights (whole quads of 4 channels) keep the quads: a gathered group would hold the same 4."""
     from unsparse_tvm.ops.geometry import ConvGeometry

@@ -74,6 +74,7 @@ class WriteBack:
     fused: bool = False
     relu: bool = False
     out_act: ActQuant | None = None
+    into: "IntoPlanes | None" = None  # uint8 straight into the next gathered layer's padded planes
 
     @property
     def dtype(self) -> str:
@@ -89,6 +90,26 @@ class WriteBack:
         if self.relu:
             val = T.max(val, T.Broadcast(T.float32(0), lanes))
         return val if self.out_act is None else quantize_lanes(val, self.out_act, lanes)
+
+
+@dataclass(frozen=True)
+class IntoPlanes:
+    """A padded-planes layer's uint8 outputs written where the next gathered layer's input stage would put them:
+    output position p (= y*Wq + x, the two layers' pitch alike) at `shift` + p of its channel's `plane`, then the
+    zero point over what is padding there (the thrown-away columns, the rows around the map, the `channels` past
+    K). Its epilogue pass and the next layer's pad stage go (design.md item 40)."""
+
+    shift: int     # pt * Wq + pl: where the consumer's plane puts input (0, 0)
+    plane: int     # the consumer's channel_plane
+    channels: int  # the consumer's padded channels (GatheredPlan.channels)
+    oh: int
+    ow: int
+    wq: int
+
+    def fits(self, q: int, k: int) -> bool:
+        """Whether a domain of q positions, K rows, writes within the buffer and spills (thrown-away lanes past
+        the plane) only onto the next plane's leading padding."""
+        return self.shift + q - self.plane <= self.shift and self.channels > k
 
 
 def quantize_lanes(v, act: ActQuant, lanes: int):
@@ -200,22 +221,22 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
     says (comp, scale, bias: the epilogue's). unroll 0: a 2x2 map's tiles of 4 rows x 4 positions (module doc)."""
     from tvm.script import tirx as T
 
-    tiles, groups, tile, _ = (int(d) for d in rows.data.shape)
+    wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
     chunks, acc_len = (1, 32) if tiny else (q // (LANES * unroll), tile * unroll * LANES)
+    pitch, plane, at0, padding = _layout(out, q, k, tile, tiles)  # row r of image i at (i * pitch + r) * plane + at0
 
     @T.prim_func(s_tir=True)
-    def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer((tiles, groups, tile, GROUP), "int8"),
-               off: T.Buffer((tiles, groups, tile, GROUP), off_dtype), glen: T.Buffer((tiles,), "int32"),
-               comp: T.Buffer((k,), "int32"), scale: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
-               conv: T.Buffer(out_shape or (n, k, q), out.dtype)):
+    def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"), off: T.Buffer(wshape, off_dtype),
+               glen: T.Buffer((tiles,), "int32"), comp: T.Buffer((k,), "int32"), scale: T.Buffer((k,), "float32"),
+               bias: T.Buffer((k,), "float32"), conv: T.Buffer(out_shape or (n, k, q), out.dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
         with T.sblock("root"):
             xf = T.decl_buffer((n * length,), "uint8", data=xp.data)
             xi = T.decl_buffer((n * length // TINY,), "int32", data=xp.data)  # tiny: a patch is a dword
             df = T.decl_buffer((tiles * groups * tile * GROUP,), "int8", data=data.data)
             of = T.decl_buffer((tiles * groups * tile * GROUP,), off_dtype, data=off.data)
-            cf = T.decl_buffer((n * k * q,), out.dtype, data=conv.data)
+            cf = T.decl_buffer((n * pitch * plane,), out.dtype, data=conv.data)
             if tiny:
                 for b in T.parallel(n * pairs):  # (image, pair of row tiles)
                     acc = T.decl_buffer((acc_len,), "int32", scope="local")
@@ -247,11 +268,53 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
                                 row = b % tiles * tile + r
-                                cf[T.Ramp((b // tiles * k + row) * q + (ch * unroll + u) * LANES, 1, LANES)] = \
-                                    out.value(acc[T.Ramp((r * unroll + u) * LANES, 1, LANES)],
-                                              *_lane_consts((comp, scale, bias), row, False))
+                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * LANES, 1,
+                                          LANES)] = out.value(acc[T.Ramp((r * unroll + u) * LANES, 1, LANES)],
+                                                              *_lane_consts((comp, scale, bias), row, False))
+                    if padding is not None:  # the zero point over the padding, after the tile's rows went in
+                        padding(cf, b)
 
     return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
+
+
+def _layout(out: WriteBack, q: int, k: int, tile: int, tiles: int) -> tuple:
+    """(pitch, plane, at0, padding) of gathered_conv's output: row r of image i at (i * pitch + r) * plane + at0;
+    padding the macro that writes the zero point where the output is the next layer's padded planes, else None."""
+    if out.into is None:
+        return k, q, 0, None
+    return out.into.channels, out.into.plane, out.into.shift, _planes_padding(out, q, k, tile, tiles)
+
+
+def _planes_padding(out: WriteBack, q: int, k: int, tile: int, tiles: int):
+    """A macro for gathered_conv's write-back into the next layer's planes (cf flat, b the (image, row tile)):
+    the zero point over each of the tile's planes' padding, and the image's planes past K after its last tile.
+    After the rows' own stores, so that the thrown-away lanes written there are overwritten."""
+    from tvm.script import tirx as T
+
+    into = out.into
+    assert into.fits(q, k) and out.out_act is not None and tile * tiles == k
+    zp, pitch, plane, shift = T.uint8(out.out_act.zero_point), into.channels, into.plane, into.shift
+    gap = into.wq - into.ow  # a row's thrown-away columns: its right padding and the next row's left
+    tail_at = shift + (into.oh - 1) * into.wq + into.ow  # past the last output: the bottom padding
+    tail = max(plane, shift + q) - tail_at  # and the thrown-away lanes, onto the next plane's head
+    pstep = min(64, plane)
+    pfill = -(-plane // pstep)
+
+    @T.macro
+    def padding(cf, b):
+        for r in range(tile):
+            base = (b // tiles * pitch + b % tiles * tile + r) * plane
+            cf[T.Ramp(base, 1, shift)] = T.Broadcast(zp, shift)
+            for y in range(into.oh - 1):
+                cf[T.Ramp(base + shift + y * into.wq + into.ow, 1, gap)] = T.Broadcast(zp, gap)
+            cf[T.Ramp(base + tail_at, 1, tail)] = T.Broadcast(zp, tail)
+        if b % tiles == tiles - 1:  # the consumer's channels past K: all zero point
+            for c in range(pitch - k):
+                for i in range(pfill):
+                    cf[T.Ramp((b // tiles * pitch + k + c) * plane + T.min(i * pstep, plane - pstep), 1, pstep)] = \
+                        T.Broadcast(zp, pstep)
+
+    return padding
 
 
 def gathers(target) -> bool:
