@@ -68,7 +68,7 @@ class _Sparsifier(ConvChainRewriter):
         decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "dense",
                                  nnz=int((weight != 0).sum()), input_shape=[geo.n, geo.c, geo.h, geo.w] if geo else [])
         self.report.append(decision)
-        entry = layer_entry(self.quant, name)
+        entry = layer_entry(self.quant, name, self.names.fp32_int8)
         reason = unsupported_reason(conv, weight, depthwise=self.target_kind == "llvm" and entry is None)
         depthwise = reason is None and int(conv.attrs.groups) > 1
         record_bytes(decision, None, None, weight)
