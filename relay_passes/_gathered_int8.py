@@ -25,11 +25,17 @@ from ._util import dtype_of, mark, shape_of
 # positions the kernel costs about twice a stored quad's dot product (its 4 loads and the interleave), so it pays
 # where a quad holds under 2 (unstructured 90%: 1.16; channel4 pruning: 4).
 MAX_FILL = 2.0
-# On the padded planes, maps of at least 16x16 (vgg16-cifar's 32x32 layer 0.145 -> 0.087 ms, 16x16 0.126 -> 0.102);
-# 2x2, 4x4 and 8x8 maps as patches (an 8x8 on its padded planes was level with the quads' 8-lane rows, 0.115 ->
-# 0.121 ms; as patches 0.113 -> 0.091). Not 1x1s, whose quads write their epilogue in the write-back (resnet50's
-# 64x64 on 56x56: 61 us, gathered + epilogue 117)
-MIN_POSITIONS = 256
+# On the padded planes, 3x3s on maps of at least 7x7 (vgg16-cifar's 32x32 layer 0.145 -> 0.087 ms, 16x16 0.126 ->
+# 0.102; resnet50 unstructured's 7x7s 0.49-0.51 -> 0.30-0.31, its 14x14s 0.36 -> 0.35); 2x2, 4x4 and 8x8 maps as
+# patches (an 8x8 on its padded planes was level with the quads' 8-lane rows, 0.115 -> 0.121 ms; as patches 0.113
+# -> 0.091)
+MIN_POSITIONS = 49
+# 1x1s (stride 1) where the gathered kernel's gain covers the input stage and the epilogue pass it adds (the quads
+# write theirs in the write-back): maps up to 28x28 that reduce channels by 2 or more, and maps under 8x8
+# (resnet50 unstructured 90%, with pad and epilogue, ms: 1024 -> 256 on 14x14 0.237 -> 0.173, 1024 -> 512 on 14x14
+# 0.446 -> 0.328, 512 -> 128 on 28x28 0.180 -> 0.160, 512 -> 2048 on 7x7 0.288 -> 0.227; not 256 -> 1024 on 14x14,
+# 0.233 -> 0.282, nor any on 56x56: 64 -> 256 0.297 -> 0.408, 256 -> 128 0.323 -> 0.336)
+MAX_POINTWISE_POSITIONS = 784
 
 
 def quad_fill(weight: np.ndarray) -> float:
@@ -44,8 +50,8 @@ def quad_fill(weight: np.ndarray) -> float:
 
 def geometry(weight: np.ndarray, geo):
     """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2, 4x4 or 8x8 map's patches), or
-    None where the layer keeps its quads: a strided conv, a 1x1, a map between 8x8 and 16x16, or quads that hold
-    MAX_FILL or more nonzeros."""
+    None where the layer keeps its quads: a strided conv, a 1x1 other than MAX_POINTWISE_POSITIONS says, a map under
+    7x7 other than 2x2 and 4x4, or quads that hold MAX_FILL or more nonzeros."""
     if tuple(geo.stride) != (1, 1) or quad_fill(weight) >= MAX_FILL:
         return None
     positions = geo.oh * geo.ow
@@ -54,7 +60,10 @@ def geometry(weight: np.ndarray, geo):
     if positions in (gathered_ops.TINY, gathered_ops.LANES, 64):  # 2x2, 4x4 and 8x8 maps as patches
         run = dataclasses.replace(geo, patches=True, images=1)
         return run if geo.r * geo.s > 1 and gathered_inputs.patches_fit(run) else None
-    return geo if positions >= MIN_POSITIONS and geo.r * geo.s > 1 else None
+    if geo.r * geo.s == 1:
+        reduces = geo.c >= 2 * geo.k and positions <= MAX_POINTWISE_POSITIONS
+        return geo if reduces or positions < 64 else None
+    return geo if positions >= MIN_POSITIONS else None
 
 
 def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: ActQuant | None,

@@ -72,6 +72,49 @@ def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
     assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
+class Pointwise(nn.Module):
+    """Which 1x1s and small maps go gathered (_gathered_int8.geometry): a 1x1 that reduces channels on a 14x14 map
+    and any 1x1 on a 7x7 (gathered: input stage and epilogue pass), one that expands on 14x14 (quads); 3x3s on
+    14x14 and 7x7 padded planes; a 7x7 1x1 with a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(64, 16, 1)                   # 14x14, 64 -> 16: gathered
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)           # 14x14 3x3: gathered planes
+        self.expand = nn.Conv2d(16, 64, 1)                   # 14x14, 16 -> 64: quads
+        self.small = nn.Conv2d(64, 32, 3, padding=1)         # 7x7 3x3: gathered planes
+        self.widen = nn.Conv2d(32, 32, 1)                    # 7x7 1x1 + residual: gathered, epilogue pass
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):                                                        # x [N, 64, 14, 14]
+        y = torch.relu(self.expand(torch.relu(self.mid(torch.relu(self.reduce(x))))))  # [N, 64, 14, 14]
+        y = torch.relu(self.small(nn.functional.max_pool2d(y, 2)))               # [N, 32, 7, 7]
+        y = torch.relu(self.widen(y) + y)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pointwise_and_small_maps_gathered_are_the_quads_integers(batch, llvm, monkeypatch):
+    from unsparse_tvm.ops.sparse_int8_gathered import gathers
+
+    if not gathers(llvm):
+        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
+    torch.manual_seed(3 + batch)
+    model = Pointwise().eval()
+    shape = (batch, 64, 14, 14)
+    ranges = int8_ready(model, shape, 0.85)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    formats = _formats(report)
+    assert formats == {**dict.fromkeys(("reduce", "mid", "small", "widen"), "int8g4"), "expand": "int8q4",
+                       "fc": "int8q4"}, formats
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the negative control
+    _, plain = compile_int8(model, shape, ranges, llvm)
+    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    assert np.abs(run(x)).max() > 0
+
+
 class PlanesChain(nn.Module):
     """Two padded-planes layers in a row (an 18x18 map: the domain's thrown-away lanes spill onto the next plane's
     padding), then one whose planes are laid out otherwise (dilated: a wider pitch), which its producer cannot
