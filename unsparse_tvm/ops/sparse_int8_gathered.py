@@ -123,7 +123,7 @@ def quantize_lanes(v, act: ActQuant, lanes: int):
 
 
 def plan(geo: ConvGeometry) -> GatheredPlan:
-    """Vectors per row tile: up to 4 (the flat domain rounded up to them, so at most 3 vectors thrown away), and
+    """Vectors per row tile: 4, or 2 where pairs throw fewer away (the flat domain rounded up to them), and
     rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
     positions as patches: tiles of 4 rows x 4 positions (unroll 0)."""
     positions = geo.q_extent if geo.patches else geo.oh * geo.wq
@@ -131,6 +131,8 @@ def plan(geo: ConvGeometry) -> GatheredPlan:
         return GatheredPlan(TINY, 0, TINY, geo.c)
     vectors = -(-positions // LANES)
     unroll = 4 if vectors >= 8 else 2 if vectors >= 2 else 1
+    if unroll == 4 and -(-vectors // 2) * 2 < -(-vectors // 4) * 4:  # fewer thrown-away vectors by pairs: 14x14's
+        unroll = 2  # 3x3 (14 vectors, not 16) 0.35 -> 0.30 ms
     tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= MAX_ACCUMULATORS)
     q = -(-vectors // unroll) * unroll * LANES
     reach = int(geo.column_offsets().max()) * geo.offset_unit + q  # bytes past the last stored offset read
