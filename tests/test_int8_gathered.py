@@ -158,8 +158,11 @@ def test_padded_planes_written_into_the_next_layers_planes(batch, llvm, monkeypa
     assert (into.wq, into.oh, into.ow, into.shift) == (20, 18, 18, 21)
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.INTO_PLANES", False)
     _, plain = compile_int8(model, shape, ranges, llvm)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # and the quads' integers
+    _, quads = compile_int8(model, shape, ranges, llvm)
     x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(run(x), plain(x))
+    np.testing.assert_array_equal(run(x), quads(x))  # (18x18: 4 vectors a tile, sparse_int8_gathered.UNPACKED)
     assert np.abs(run(x)).max() > 0
 
 
@@ -202,6 +205,10 @@ def test_gathered_kernels_compile_to_gathers_for_znver4():
         asm = tvm.compile(mod, target=cpu_target("znver4")).mod.inspect_source("asm")
         assert "vpdpbusd" in asm and "vpgatherdd" not in asm  # 2x2: scalar loads beat Zen 4's gathers
         assert ("vpinsrd" in asm) == (h == 2) and ("vpermb" in asm or "vpermt2b" in asm or "vpshufb" in asm)
+        # 8x8: 4 vectors a tile, each nonzero's 64 bytes interleaved by unpacks (UNPACKED)
+        conv_asm = tvm.compile(tvm.IRModule({"conv": conv.with_attr("global_symbol", "conv")}),
+                               target=cpu_target("znver4")).mod.inspect_source("asm")
+        assert (plan.unroll == 4) == (h == 8) and ("vpunpcklbw" in conv_asm and "vpunpckhwd" in conv_asm) == (h == 8)
 
 
 def test_without_vnni_scattered_convs_stay_fp32_and_say_so(monkeypatch, capsys):

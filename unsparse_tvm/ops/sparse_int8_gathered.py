@@ -33,6 +33,10 @@ LANES = 16  # output positions per vector (int32 lanes of a zmm)
 # resnet50's 7x7 layers in 8-row tiles, 0.237 -> 0.194 ms (1x1 2048 -> 512), 0.310 -> 0.277 (3x3); end to end
 # resnet50 unstructured int8 15.02 -> 14.67 ms, vgg16-cifar 1.012 -> 0.997
 MAX_ACCUMULATORS = 16
+# 4 vectors a tile, each nonzero's 64 bytes in one load, interleaved by unpacks (_unpacked_inputs): vgg16-cifar's
+# 32x32 3x3 0.086 -> 0.067 ms, resnet50's 56x56 3x3s 0.27-0.30 -> 0.21-0.23, where 16-byte loads put side by side
+# and a vpermb took 4 loads and 4 shuffles a vector
+UNPACKED = True
 TINY = 4  # a 2x2 map's positions: gathered_conv's unroll-0 vectors are 4 rows x 4 positions
 
 
@@ -126,16 +130,16 @@ def quantize_lanes(v, act: ActQuant, lanes: int):
 
 
 def plan(geo: ConvGeometry) -> GatheredPlan:
-    """Vectors per row tile: 4, or 2 where pairs throw fewer away (the flat domain rounded up to them), and
+    """Vectors per row tile: 4 where the domain has them (rounded up to whole tiles), else 2 or 1, and
     rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
     positions as patches: tiles of 4 rows x 4 positions (unroll 0)."""
     positions = geo.q_extent if geo.patches else geo.oh * geo.wq
     if geo.patches and positions == TINY:
         return GatheredPlan(TINY, 0, TINY, geo.c)
     vectors = -(-positions // LANES)
-    unroll = 4 if vectors >= 8 else 2 if vectors >= 2 else 1
-    if unroll == 4 and -(-vectors // 2) * 2 < -(-vectors // 4) * 4:  # fewer thrown-away vectors by pairs: 14x14's
-        unroll = 2  # 3x3 (14 vectors, not 16) 0.35 -> 0.30 ms
+    # 4 wherever there are 4 (UNPACKED), even where pairs would throw fewer away: 2 a tile ran a 14x14 3x3 in 0.35 ms
+    # as 14 vectors, not 16, but 4 unpacked run it in 0.24 (an 8x8 map 0.099 -> 0.072, a 7x7 3x3 0.285 -> 0.210)
+    unroll = 4 if vectors >= 4 and UNPACKED else 2 if vectors >= 2 else 1
     tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= MAX_ACCUMULATORS)
     q = -(-vectors // unroll) * unroll * LANES
     reach = int(geo.column_offsets().max()) * geo.offset_unit + q  # bytes past the last stored offset read
@@ -176,6 +180,35 @@ SPREAD_ROWS = [r for r in range(TINY) for _ in range(TINY)]
 
 
 PICK = [LANES * v + i for i in range(LANES) for v in range(GROUP)]  # lane i, byte v <- weight v, position i
+
+
+# unroll 4 (UNPACKED): each of a group's 4 nonzeros loads its 64 bytes at once, and two rounds of byte and word
+# unpacks (per 128-bit lane, as vpunpck*bw / *wd) interleave them: vector a then holds, in lane 4L + j, position
+# 16L + 4a + j of all 4 nonzeros; the write-back takes 128-bit block u of the 4 accumulators back to positions
+# 16u .. 16u + 15 (FROM_UNPACKED)
+_LO8, _HI8 = ([src * 64 + 16 * lane + i for lane in range(4) for i in half for src in range(2)]
+              for half in (range(8), range(8, 16)))
+_LO16, _HI16 = ([src * 64 + 16 * lane + 2 * i + b
+                 for lane in range(4) for i in half for src in range(2) for b in range(2)]
+                for half in (range(4), range(4, 8)))
+FROM_UNPACKED = [[a * LANES + 4 * u + j for a in range(4) for j in range(4)] for u in range(4)]
+
+
+def _unpacked_inputs(xf, off, start, unit: int, at, u: int):
+    """uint8x64: vector u of a group's 4 nonzeros' 64 bytes from `start`, interleaved (UNPACKED's lane order)."""
+    from tvm.script import tirx as T
+
+    x = [xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, 4 * LANES)] for v in range(GROUP)]
+    vec = [T.Shuffle([T.Shuffle([x[0], x[1]], first), T.Shuffle([x[2], x[3]], first)], second)
+           for first in (_LO8, _HI8) for second in (_LO16, _HI16)]
+    return _pick(u, vec)
+
+
+def _pick(u, options: list):
+    """options[u] for an unrolled loop's u (a Select chain its unrolling folds)."""
+    from tvm.script import tirx as T
+
+    return options[-1] if len(options) == 1 else T.Select(u == 0, options[0], _pick(u - 1, options[1:]))
 
 
 def _gathered_inputs(xf, off, start, unit: int, at):
@@ -229,7 +262,7 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
     wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
     chunks, acc_len = (1, 32) if tiny else (q // (LANES * unroll), tile * unroll * LANES)
-    pitch, plane, at0, padding = _layout(out, q, k, tile, tiles)  # row r of image i at (i * pitch + r) * plane + at0
+    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll)
 
     @T.prim_func(s_tir=True)
     def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"), off: T.Buffer(wshape, off_dtype),
@@ -266,20 +299,32 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                             for r in T.unroll(tile):
                                 for u in T.unroll(unroll):
                                     at = T.Ramp((r * unroll + u) * LANES, 1, LANES)
-                                    acc[at] = _dot(acc[at], _gathered_inputs(
-                                        xf, of, b // tiles * length + (ch * unroll + u) * LANES, rows.unit,
-                                        ((b % tiles * groups + j) * tile + r) * GROUP), _quad_weights(
+                                    acc[at] = _dot(acc[at], inputs(
+                                        xf, of, b // tiles * length + ch * unroll * LANES, rows.unit,
+                                        ((b % tiles * groups + j) * tile + r) * GROUP, u), _quad_weights(
                                         df, ((b % tiles * groups + j) * tile + r) * GROUP))
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
                                 row = b % tiles * tile + r
                                 cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * LANES, 1,
-                                          LANES)] = out.value(acc[T.Ramp((r * unroll + u) * LANES, 1, LANES)],
-                                                              *_lane_consts((comp, scale, bias), row, False))
+                                          LANES)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
+                                                                                             row, False))
                     if padding is not None:  # the zero point over the padding, after the tile's rows went in
                         padding(cf, b)
 
     return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
+
+
+def _loads(unroll: int) -> tuple:
+    """(inputs, sums): vector u of a group's gathered inputs (xf, off, start of the chunk, unit, at, u), and
+    accumulator (r, u)'s sums in position order (acc, r, u): UNPACKED's for unroll 4, else 16 bytes a load."""
+    from tvm.script import tirx as T
+
+    if unroll == 4 and UNPACKED:
+        return _unpacked_inputs, lambda acc, r, u: _pick(u, [T.Shuffle(
+            [acc[T.Ramp((r * 4 + a) * LANES, 1, LANES)] for a in range(4)], order) for order in FROM_UNPACKED])
+    return (lambda xf, off, start, unit, at, u: _gathered_inputs(xf, off, start + u * LANES, unit, at),
+            lambda acc, r, u: acc[T.Ramp((r * unroll + u) * LANES, 1, LANES)])
 
 
 def _layout(out: WriteBack, q: int, k: int, tile: int, tiles: int) -> tuple:
