@@ -159,6 +159,10 @@ def test_paired_ratio_compares_round_by_round():
     paired = paired_to_peers(medians, rounds)
     assert set(paired) == {"unsparse_vs_openvino", "unsparse_int8_vs_onnxruntime_int8"}
     assert paired["unsparse_int8_vs_onnxruntime_int8"]["median"] == pytest.approx(4.0)
+    # and int8 execution against the same model's fp32 sparse kernels, where the run timed both
+    rounds["unsparse_fp32_ms"] = [0.8, 0.8, 0.9, 0.9, 1.0]
+    paired = paired_to_peers({k: sorted(v)[2] for k, v in rounds.items()}, rounds)
+    assert paired["unsparse_int8_vs_unsparse_fp32"]["median"] == pytest.approx(1.8)
 
 
 def test_peers_are_held_to_avx2_only_where_our_code_is_avx2_on_an_avx512_host(monkeypatch):

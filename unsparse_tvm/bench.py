@@ -193,11 +193,13 @@ def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, ca
 
 def paired_to_peers(medians: dict[str, float], rounds: dict[str, list[float]]) -> dict[str, dict]:
     """Ours against the fastest peer of the same precision (by median, as print_result names it), and the API
-    call against torch.compile of the same model, round by round (timing.paired_ratio): {"A_vs_B": {"median",
-    "q1", "q3", "rounds"}}, how many times faster A ran than B, e.g. "unsparse_vs_openvino"."""
+    call against torch.compile of the same model, and int8 execution against the fp32 sparse model, round by round
+    (timing.paired_ratio): {"A_vs_B": {"median", "q1", "q3", "rounds"}}, how many times faster A ran than B, e.g.
+    "unsparse_vs_openvino"."""
     pairs = [(mine, found[0]) for mine, kind in (("unsparse_ms", "fp32"), ("unsparse_int8_ms", "int8"))
              if mine in rounds and (found := fastest_peer(medians, kind))]
     pairs.append(("unsparse_api_ms", "unsparse_torch_compile_ms"))  # Dynamo's cost per call
+    pairs.append(("unsparse_int8_ms", "unsparse_fp32_ms"))  # what int8 execution buys over our fp32 kernels
     return {f"{a[:-3]}_vs_{b[:-3]}": paired_ratio(rounds[b], rounds[a])
             for a, b in pairs if a in rounds and b in rounds}
 
@@ -290,6 +292,9 @@ def print_result(r: dict) -> None:
                 if found and mine in e:
                     print(f"  {mine[:-3]} vs the fastest {kind} peer ({found[0][:-3]}): "
                           f"{found[1] / e[mine]:.2f}x{_by_round(r, n, mine[:-3], found[0][:-3])}")
+            if "unsparse_int8_ms" in e and "unsparse_fp32_ms" in e:  # the same sparse model, fp32 weights
+                print(f"  unsparse_int8 vs our fp32 sparse kernels: {e['unsparse_fp32_ms'] / e['unsparse_int8_ms']:.2f}x"
+                      f"{_by_round(r, n, 'unsparse_int8', 'unsparse_fp32')}")
             if "unsparse_torch_compile_ms" in e and "unsparse_api_ms" in e:  # Dynamo's cost per call
                 print(f"  torch.compile(backend=\"unsparse\") vs the same model through unsparse_tvm.compile: "
                       f"{e['unsparse_torch_compile_ms'] / e['unsparse_api_ms']:.2f}x"
