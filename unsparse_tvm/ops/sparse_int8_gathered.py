@@ -24,20 +24,20 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import tirx
 
+from .gathered_vectors import (GROUP, SPREAD, SPREAD_ROWS, TINY, dot, gathered_inputs, quad_weights, tiny_inputs,
+                               unpacked_inputs, unpacked_sums)
 from .geometry import ConvGeometry
 from .int8_formats import ActQuant
 
-GROUP = 4  # nonzeros per dot product (vpdpbusd sums 4 byte products per 32-bit lane)
-LANES = 16  # output positions per vector (int32 lanes of a zmm)
+LANES = 16  # output positions per vector (int32 lanes of a zmm; AVX2's pmadd kernels: 8, a ymm)
 # rows x vectors held in registers per tile, of 32 zmm (with 4 inputs, the weights and the index): 16, not 8, ran
 # resnet50's 7x7 layers in 8-row tiles, 0.237 -> 0.194 ms (1x1 2048 -> 512), 0.310 -> 0.277 (3x3); end to end
 # resnet50 unstructured int8 15.02 -> 14.67 ms, vgg16-cifar 1.012 -> 0.997
 MAX_ACCUMULATORS = 16
-# 4 vectors a tile, each nonzero's 64 bytes in one load, interleaved by unpacks (_unpacked_inputs): vgg16-cifar's
+# 4 vectors a tile, each nonzero's 64 bytes in one load, interleaved by unpacks (gathered_vectors): vgg16-cifar's
 # 32x32 3x3 0.086 -> 0.067 ms, resnet50's 56x56 3x3s 0.27-0.30 -> 0.21-0.23, where 16-byte loads put side by side
 # and a vpermb took 4 loads and 4 shuffles a vector
 UNPACKED = True
-TINY = 4  # a 2x2 map's positions: gathered_conv's unroll-0 vectors are 4 rows x 4 positions
 
 
 @dataclass
@@ -129,19 +129,19 @@ def quantize_lanes(v, act: ActQuant, lanes: int):
     return T.Cast(f"uint8x{lanes}", T.max(T.min(q, top), zero))
 
 
-def plan(geo: ConvGeometry) -> GatheredPlan:
+def plan(geo: ConvGeometry, lanes: int = LANES) -> GatheredPlan:
     """Vectors per row tile: 4 where the domain has them (rounded up to whole tiles), else 2 or 1, and
     rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
     positions as patches: tiles of 4 rows x 4 positions (unroll 0)."""
     positions = geo.q_extent if geo.patches else geo.oh * geo.wq
     if geo.patches and positions == TINY:
         return GatheredPlan(TINY, 0, TINY, geo.c)
-    vectors = -(-positions // LANES)
+    vectors = -(-positions // lanes)
     # 4 wherever there are 4 (UNPACKED), even where pairs would throw fewer away: 2 a tile ran a 14x14 3x3 in 0.35 ms
     # as 14 vectors, not 16, but 4 unpacked run it in 0.24 (an 8x8 map 0.099 -> 0.072, a 7x7 3x3 0.285 -> 0.210)
     unroll = 4 if vectors >= 4 and UNPACKED else 2 if vectors >= 2 else 1
     tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= MAX_ACCUMULATORS)
-    q = -(-vectors // unroll) * unroll * LANES
+    q = -(-vectors // unroll) * unroll * lanes
     reach = int(geo.column_offsets().max()) * geo.offset_unit + q  # bytes past the last stored offset read
     return GatheredPlan(tile, unroll, q, max(geo.c, -(-reach // geo.channel_plane)))
 
@@ -172,97 +172,26 @@ def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
     return GatheredRows(tiled(data), off, glen, tile, int((wq != 0).sum()), int(glen.sum()) * tile * GROUP, unit)
 
 
-# a 2x2 map's tiles (unroll 0): in 128-bit lane l, byte (position p, nonzero v) <- the loaded (v, p); row r's 4
-# weights in each dword of lane r; the epilogue's constants of row r in lane r's 4 dwords
-TRANSPOSE = [lane * 16 + v * 4 + p for lane in range(4) for p in range(4) for v in range(4)]
-SPREAD = [r * 4 + v for r in range(4) for _ in range(4) for v in range(4)]
-SPREAD_ROWS = [r for r in range(TINY) for _ in range(TINY)]
-
-
-PICK = [LANES * v + i for i in range(LANES) for v in range(GROUP)]  # lane i, byte v <- weight v, position i
-
-
-# unroll 4 (UNPACKED): each of a group's 4 nonzeros loads its 64 bytes at once, and two rounds of byte and word
-# unpacks (per 128-bit lane, as vpunpck*bw / *wd) interleave them: vector a then holds, in lane 4L + j, position
-# 16L + 4a + j of all 4 nonzeros; the write-back takes 128-bit block u of the 4 accumulators back to positions
-# 16u .. 16u + 15 (FROM_UNPACKED)
-_LO8, _HI8 = ([src * 64 + 16 * lane + i for lane in range(4) for i in half for src in range(2)]
-              for half in (range(8), range(8, 16)))
-_LO16, _HI16 = ([src * 64 + 16 * lane + 2 * i + b
-                 for lane in range(4) for i in half for src in range(2) for b in range(2)]
-                for half in (range(4), range(4, 8)))
-FROM_UNPACKED = [[a * LANES + 4 * u + j for a in range(4) for j in range(4)] for u in range(4)]
-
-
-def _unpacked_inputs(xf, off, start, unit: int, at, u: int):
-    """uint8x64: vector u of a group's 4 nonzeros' 64 bytes from `start`, interleaved (UNPACKED's lane order)."""
-    from tvm.script import tirx as T
-
-    x = [xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, 4 * LANES)] for v in range(GROUP)]
-    vec = [T.Shuffle([T.Shuffle([x[0], x[1]], first), T.Shuffle([x[2], x[3]], first)], second)
-           for first in (_LO8, _HI8) for second in (_LO16, _HI16)]
-    return _pick(u, vec)
-
-
-def _pick(u, options: list):
-    """options[u] for an unrolled loop's u (a Select chain its unrolling folds)."""
-    from tvm.script import tirx as T
-
-    return options[-1] if len(options) == 1 else T.Select(u == 0, options[0], _pick(u - 1, options[1:]))
-
-
-def _gathered_inputs(xf, off, start, unit: int, at):
-    """uint8x64: the 16 bytes from `start` each of a group's 4 nonzeros reads (offsets off[at..at+3] x unit),
-    interleaved so that lane i holds position i of all 4."""
-    from tvm.script import tirx as T
-
-    return T.Shuffle([xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, LANES)] for v in range(GROUP)], PICK)
-
-
-def _quad_weights(df, at):
-    """int8x64: a group's 4 weights as one dword in every lane."""
-    from tvm.script import tirx as T
-
-    return T.reinterpret(T.Broadcast(T.reinterpret(df[T.Ramp(at, 1, GROUP)], dtype="int32"), LANES), dtype="int8x64")
-
-
-def _tiny_inputs(xi, off, start, at):
-    """uint8x64: the 16 four-byte patches a tile of 4 rows' group reads (xi: the input as int32), transposed per
-    128-bit lane. 16 scalar loads: one `vpgatherdd` of them ran 94 us where these run 63 (512x512 3x3 at 90% on
-    2x2, alone; Zen 4's gathers take about 12 cycles, its loads 3 a cycle)."""
-    from tvm.script import tirx as T
-
-    patches = T.Shuffle([xi[start + T.Cast("int32", off[at + i])] for i in range(16)], list(range(16)))
-    return T.Shuffle([T.reinterpret(patches, dtype="uint8x64")], TRANSPOSE)
-
-
-def _dot(acc, x, w):
-    """acc + the 4-byte dot products of x (uint8) and w (int8) per int32 lane: one vpdpbusd."""
-    from tvm.script import tirx as T
-
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc, x, w,
-                                   dtype="int32x16")
-
-
-def _lane_consts(bufs, row, tiny: bool) -> list:
-    """The epilogue's constants per lane: row `row`'s in all 16 (tiny: rows row..row+3's, 4 lanes each), + lanes."""
+def _lane_consts(bufs, row, tiny: bool, lanes: int = LANES) -> list:
+    """The epilogue's constants per lane: row `row`'s in all lanes (tiny: rows row..row+3's, 4 lanes each), + lanes."""
     from tvm.script import tirx as T
 
     if tiny:
         return [T.Shuffle([buf[T.Ramp(row, 1, TINY)]] * TINY, SPREAD_ROWS) for buf in bufs] + [16]
-    return [T.Broadcast(buf[row], LANES) for buf in bufs] + [LANES]
+    return [T.Broadcast(buf[row], lanes) for buf in bufs] + [lanes]
 
 
 def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out: WriteBack = WriteBack(),
-                  out_shape: tuple | None = None) -> tirx.PrimFunc:
+                  out_shape: tuple | None = None, lanes: int = LANES, kind: str = "vnni") -> tirx.PrimFunc:
     """conv[n, k, p] = sum of row k's int32(x[n, off + p]) * int32(w), p < q (x: [N, length]), written as `out`
-    says (comp, scale, bias: the epilogue's). unroll 0: a 2x2 map's tiles of 4 rows x 4 positions (module doc)."""
+    says (comp, scale, bias: the epilogue's). unroll 0: a 2x2 map's tiles of 4 rows x 4 positions (module doc).
+    lanes 8, kind "pmadd": AVX2 (unroll 4 only)."""
     from tvm.script import tirx as T
 
     wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
-    chunks, acc_len = (1, 32) if tiny else (q // (LANES * unroll), tile * unroll * LANES)
-    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll)
+    chunks, acc_len = (1, 32) if tiny else (q // (lanes * unroll), tile * unroll * lanes)
+    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, lanes)
 
     @T.prim_func(s_tir=True)
     def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"), off: T.Buffer(wshape, off_dtype),
@@ -282,7 +211,7 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                         acc[T.Ramp(h * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
                     for j in range(T.max(glen[b % pairs * 2], glen[b % pairs * 2 + 1])):
                         for h in T.unroll(2):
-                            acc[T.Ramp(h * 16, 1, 16)] = _dot(acc[T.Ramp(h * 16, 1, 16)], _tiny_inputs(
+                            acc[T.Ramp(h * 16, 1, 16)] = dot(acc[T.Ramp(h * 16, 1, 16)], tiny_inputs(
                                 xi, of, b // pairs * length // TINY, ((b % pairs * 2 + h) * groups + j) * 16),
                                 T.Shuffle([df[T.Ramp(((b % pairs * 2 + h) * groups + j) * 16, 1, 16)]] * 4, SPREAD))
                     for h in T.unroll(2):
@@ -294,37 +223,38 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                     for ch in range(chunks):
                         acc = T.decl_buffer((acc_len,), "int32", scope="local")
                         for i in T.unroll(tile * unroll):
-                            acc[T.Ramp(i * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+                            acc[T.Ramp(i * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
                         for j in range(glen[b % tiles]):
                             for r in T.unroll(tile):
                                 for u in T.unroll(unroll):
-                                    at = T.Ramp((r * unroll + u) * LANES, 1, LANES)
-                                    acc[at] = _dot(acc[at], inputs(
-                                        xf, of, b // tiles * length + ch * unroll * LANES, rows.unit,
-                                        ((b % tiles * groups + j) * tile + r) * GROUP, u), _quad_weights(
-                                        df, ((b % tiles * groups + j) * tile + r) * GROUP))
+                                    at = T.Ramp((r * unroll + u) * lanes, 1, lanes)
+                                    acc[at] = dot(acc[at], inputs(
+                                        xf, of, b // tiles * length + ch * unroll * lanes, rows.unit,
+                                        ((b % tiles * groups + j) * tile + r) * GROUP, u), quad_weights(
+                                        df, ((b % tiles * groups + j) * tile + r) * GROUP, lanes), lanes, kind)
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
                                 row = b % tiles * tile + r
-                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * LANES, 1,
-                                          LANES)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
-                                                                                             row, False))
+                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * lanes, 1,
+                                          lanes)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
+                                                                                             row, False, lanes))
                     if padding is not None:  # the zero point over the padding, after the tile's rows went in
                         padding(cf, b)
 
     return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
 
 
-def _loads(unroll: int) -> tuple:
+def _loads(unroll: int, lanes: int) -> tuple:
     """(inputs, sums): vector u of a group's gathered inputs (xf, off, start of the chunk, unit, at, u), and
-    accumulator (r, u)'s sums in position order (acc, r, u): UNPACKED's for unroll 4, else 16 bytes a load."""
+    accumulator (r, u)'s sums in position order (acc, r, u): unpacked for unroll 4 (UNPACKED), else `lanes` bytes a
+    load put side by side."""
     from tvm.script import tirx as T
 
     if unroll == 4 and UNPACKED:
-        return _unpacked_inputs, lambda acc, r, u: _pick(u, [T.Shuffle(
-            [acc[T.Ramp((r * 4 + a) * LANES, 1, LANES)] for a in range(4)], order) for order in FROM_UNPACKED])
-    return (lambda xf, off, start, unit, at, u: _gathered_inputs(xf, off, start + u * LANES, unit, at),
-            lambda acc, r, u: acc[T.Ramp((r * unroll + u) * LANES, 1, LANES)])
+        return (lambda xf, off, start, unit, at, u: unpacked_inputs(xf, off, start, unit, at, u, lanes),
+                lambda acc, r, u: unpacked_sums(acc, r, u, lanes))
+    return (lambda xf, off, start, unit, at, u: gathered_inputs(xf, off, start + u * lanes, unit, at, lanes),
+            lambda acc, r, u: acc[T.Ramp((r * unroll + u) * lanes, 1, lanes)])
 
 
 def _layout(out: WriteBack, q: int, k: int, tile: int, tiles: int) -> tuple:

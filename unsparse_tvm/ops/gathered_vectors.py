@@ -1,0 +1,110 @@
+"""The vectors of the gathered-quads kernel (sparse_int8_gathered.gathered_conv): a group's 4 nonzeros' input bytes
+interleaved so that each 32-bit lane holds one position of all 4, the group's weights as one dword in every lane,
+and the dot product that sums them into int32 lanes: one `vpdpbusd` (AVX-512 VNNI, 16 lanes), or `vpmaddubsw` +
+`vpmaddwd` (AVX2, 8 lanes; u8 x s8 pairs into a saturating i16, so the activations use 7 bits there:
+schedules.x86_int8.act_qmax)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+GROUP = 4  # nonzeros per dot product (4 byte products per 32-bit lane)
+TINY = 4  # a 2x2 map's positions: gathered_conv's unroll-0 vectors are 4 rows x 4 positions
+
+# a 2x2 map's tiles (unroll 0, 16 lanes): in 128-bit lane l, byte (position p, nonzero v) <- the loaded (v, p); row
+# r's 4 weights in each dword of lane r; the epilogue's constants of row r in lane r's 4 dwords
+TRANSPOSE = [lane * 16 + v * 4 + p for lane in range(4) for p in range(4) for v in range(4)]
+SPREAD = [r * 4 + v for r in range(4) for _ in range(4) for v in range(4)]
+SPREAD_ROWS = [r for r in range(TINY) for _ in range(TINY)]
+
+
+@cache
+def unpack_patterns(lanes: int) -> tuple:
+    """(lo8, hi8, lo16, hi16): the byte and word unpacks (per 128-bit block, as vpunpck{l,h}bw / {l,h}wd) of two
+    vectors of 4 x `lanes` bytes, as shuffle indices into their concatenation."""
+    n, blocks = 4 * lanes, lanes // 4
+    lo8, hi8 = ([src * n + 16 * b + i for b in range(blocks) for i in half for src in range(2)]
+                for half in (range(8), range(8, 16)))
+    lo16, hi16 = ([src * n + 16 * b + 2 * i + k
+                   for b in range(blocks) for i in half for src in range(2) for k in range(2)]
+                  for half in (range(4), range(4, 8)))
+    return lo8, hi8, lo16, hi16
+
+
+@cache
+def from_unpacked(lanes: int) -> list:
+    """Per output vector u (positions u*lanes ..), the shuffle of the 4 unpacked accumulators that puts its lanes in
+    position order: unpacked vector a holds position 16B + 4a + j in lane 4B + j (B: its 128-bit block)."""
+    def source(pos: int) -> int:
+        block, a, j = pos // 16, pos % 16 // 4, pos % 4
+        return a * lanes + 4 * block + j
+
+    return [[source(u * lanes + t) for t in range(lanes)] for u in range(4)]
+
+
+def pick(u, options: list):
+    """options[u] for an unrolled loop's u (a Select chain its unrolling folds)."""
+    from tvm.script import tirx as T
+
+    return options[-1] if len(options) == 1 else T.Select(u == 0, options[0], pick(u - 1, options[1:]))
+
+
+def unpacked_inputs(xf, off, start, unit: int, at, u, lanes: int):
+    """uint8 x 4*lanes: vector u of a group's 4 nonzeros' 4*lanes bytes from `start` (each nonzero's in one load),
+    interleaved by two rounds of unpacks (from_unpacked's lane order)."""
+    from tvm.script import tirx as T
+
+    lo8, hi8, lo16, hi16 = unpack_patterns(lanes)
+    x = [xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, 4 * lanes)] for v in range(GROUP)]
+    vec = [T.Shuffle([T.Shuffle([x[0], x[1]], first), T.Shuffle([x[2], x[3]], first)], second)
+           for first in (lo8, hi8) for second in (lo16, hi16)]
+    return pick(u, vec)
+
+
+def unpacked_sums(acc, r, u, lanes: int):
+    """Accumulator (row r, vector u) of unpacked_inputs' sums, its lanes in position order."""
+    from tvm.script import tirx as T
+
+    return pick(u, [T.Shuffle([acc[T.Ramp((r * 4 + a) * lanes, 1, lanes)] for a in range(4)], order)
+                    for order in from_unpacked(lanes)])
+
+
+def gathered_inputs(xf, off, start, unit: int, at, lanes: int):
+    """uint8 x 4*lanes: the `lanes` bytes from `start` each of a group's 4 nonzeros reads (offsets off[at..at+3] x
+    unit), interleaved so that lane i holds position i of all 4 (VBMI's vpermb)."""
+    from tvm.script import tirx as T
+
+    order = [lanes * v + i for i in range(lanes) for v in range(GROUP)]
+    return T.Shuffle([xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, lanes)] for v in range(GROUP)], order)
+
+
+def quad_weights(df, at, lanes: int):
+    """int8 x 4*lanes: a group's 4 weights as one dword in every lane."""
+    from tvm.script import tirx as T
+
+    return T.reinterpret(T.Broadcast(T.reinterpret(df[T.Ramp(at, 1, GROUP)], dtype="int32"), lanes),
+                         dtype=f"int8x{4 * lanes}")
+
+
+def tiny_inputs(xi, off, start, at):
+    """uint8x64: the 16 four-byte patches a tile of 4 rows' group reads (xi: the input as int32), transposed per
+    128-bit lane. 16 scalar loads: one `vpgatherdd` of them ran 94 us where these run 63 (512x512 3x3 at 90% on
+    2x2, alone; Zen 4's gathers take about 12 cycles, its loads 3 a cycle)."""
+    from tvm.script import tirx as T
+
+    patches = T.Shuffle([xi[start + T.Cast("int32", off[at + i])] for i in range(16)], list(range(16)))
+    return T.Shuffle([T.reinterpret(patches, dtype="uint8x64")], TRANSPOSE)
+
+
+def dot(acc, x, w, lanes: int = 16, kind: str = "vnni"):
+    """acc + the 4-byte dot products of x (uint8) and w (int8) per int32 lane: one vpdpbusd (vnni), or vpmaddubsw +
+    vpmaddwd by ones (pmadd, AVX2's 8 lanes)."""
+    from tvm.script import tirx as T
+
+    if kind == "vnni":
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"), acc, x,
+                                       w, dtype=f"int32x{lanes}")
+    assert lanes == 8, "pmadd: AVX2's 256-bit form"
+    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), x, w, dtype="int16x16")
+    return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
+                                         T.Broadcast(T.int16(1), 16), dtype="int32x8")
