@@ -52,9 +52,11 @@ def geometry(weight: np.ndarray, geo):
     """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2, 4x4 or 8x8 map's patches), or
     None where the layer keeps its quads: a strided conv, a 1x1 other than MAX_POINTWISE_POSITIONS says, a map under
     7x7 other than 2x2 and 4x4, or quads that hold MAX_FILL or more nonzeros."""
-    if tuple(geo.stride) != (1, 1) or quad_fill(weight) >= MAX_FILL:
+    if tuple(geo.stride) not in ((1, 1), (2, 2)) or quad_fill(weight) >= MAX_FILL:
         return None
     positions = geo.oh * geo.ow
+    if tuple(geo.stride) == (2, 2):  # on phase planes (gathered_inputs.pad_phase_planes): resnet's stem and 3x3s
+        return geo if geo.r * geo.s > 1 and positions >= MIN_POSITIONS and not (geo.align or geo.pitch) else None
     if positions == gathered_ops.TINY and geo.k % (2 * gathered_ops.TINY):
         return None  # a 2x2 map's tiles of 4 rows run in pairs
     if positions in (gathered_ops.TINY, gathered_ops.LANES, 64):  # 2x2, 4x4 and 8x8 maps as patches
@@ -78,6 +80,8 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     length = shape.input_length(run)
     if len(shape_of(flat)) != 2:  # else the producer wrote these padded planes (into_planes)
         pad = (gathered_inputs.pad_patches(tuple(shape_of(flat)), dtype_of(flat), run, act) if run.patches
+               else gathered_inputs.pad_phase_planes(tuple(shape_of(flat)), dtype_of(flat), run, act, shape.channels)
+               if tuple(run.stride) != (1, 1)
                else gathered_inputs.pad_planes(tuple(shape_of(flat)), dtype_of(flat), run, act, shape.channels))
         flat = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(pad, "pad_planes"), [flat],
                                                relax.TensorType([geo.n, length], "uint8")))
@@ -85,15 +89,20 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     bias = extra.pop(0) if flags["has_bias"] else relax.const(np.zeros(geo.k, np.float32))
     residual = extra.pop(0) if flags["has_residual"] else None
     into = rw.planes.get(ep.last)
-    # a patches layer's domain is its output map: the epilogue in the kernel's write-back, unless a residual; a
-    # padded-planes layer's into the next one's planes where into_planes found it
-    out = gathered_ops.WriteBack((run.patches or into is not None) and residual is None, flags["relu"], out_act, into)
+    # the epilogue in the kernel's write-back, unless a residual: a patches layer's domain is its output map; a
+    # padded-planes layer's goes into the next one's planes where into_planes found them, else cropped after
+    out = gathered_ops.WriteBack(residual is None, flags["relu"], out_act, into)
+    cropped = out.fused and not run.patches and into is None
     dims = ([geo.n, into.channels * into.plane] if into is not None else
-            [geo.n, geo.k, geo.oh, geo.ow] if out.fused else [geo.n, geo.k, shape.q])
+            [geo.n, geo.k, geo.oh, geo.ow] if out.fused and not cropped else [geo.n, geo.k, shape.q])
     kernel = gathered_ops.gathered_conv(geo.n, length, rows, shape.q, shape.unroll, out, tuple(dims))
     consts = [relax.const(a) for a in (rows.data, rows.off, rows.glen, comp, out_scale)]
     call = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(kernel, "sparse_conv2d_gathered"),
                                            [flat, *consts, bias], relax.TensorType(dims, out.dtype)))
+    if cropped:
+        crop = gathered_ops.crop_domain(geo.n, geo.k, shape.q, geo.oh, geo.ow, run.wq, out.dtype)
+        call = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(crop, "crop_domain"), [call],
+                                               relax.TensorType([geo.n, geo.k, geo.oh, geo.ow], out.dtype)))
     if not out.fused:
         call = rw.builder_.call_te(
             lambda s, c, o, b, *r: int8_ops.int8_epilogue(
@@ -123,7 +132,8 @@ def into_planes(rw, readers: dict) -> dict:
         pw, cw = const_array(pconv.args[1]), const_array(cconv.args[1])
         pgeo, cgeo = conv_geometry(pconv, pw), conv_geometry(cconv, cw)
         prun, crun = (rw.gathered_geometry(w, g) if g is not None else None for w, g in ((pw, pgeo), (cw, cgeo)))
-        if prun is None or crun is None or prun.patches or crun.patches or prun.wq != crun.wq or prun.n != crun.n:
+        if (prun is None or crun is None or prun.patches or crun.patches or prun.wq != crun.wq or prun.n != crun.n
+                or tuple(prun.stride) != (1, 1) or tuple(crun.stride) != (1, 1)):
             continue
         pt, pl = crun.padding[:2]
         into = gathered_ops.IntoPlanes(pt * crun.wq + pl, crun.channel_plane, gathered_ops.plan(crun).channels,

@@ -115,6 +115,42 @@ def test_pointwise_and_small_maps_gathered_are_the_quads_integers(batch, llvm, m
     assert np.abs(run(x)).max() > 0
 
 
+class Strided(nn.Module):
+    """Stride-2 layers on phase planes (gathered_inputs.pad_phase_planes): a 7x7 stem on an odd-sized float32
+    input, a 3x3 reading its uint8 output, then a stride-1 3x3 whose epilogue is cropped from its domain."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 7, stride=2, padding=3)  # 37x37 -> 19x19
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)  # 19x19 -> 10x10
+        self.mid = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):                                                     # x [N, 3, 37, 37]
+        y = torch.relu(self.down(torch.relu(self.stem(x))))                   # [N, 32, 10, 10]
+        return self.fc(torch.relu(self.mid(y)).mean((2, 3)))
+
+
+@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_strided_layers_gathered_are_the_quads_integers(batch, llvm, monkeypatch):
+    from unsparse_tvm.ops.sparse_int8_gathered import gathers
+
+    if not gathers(llvm):
+        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
+    torch.manual_seed(21 + batch)
+    model = Strided().eval()
+    shape = (batch, 3, 37, 37)
+    ranges = int8_ready(model, shape, 0.85)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    assert _formats(report) == {**dict.fromkeys(("stem", "down", "mid"), "int8g4"), "fc": "int8q4"}
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the negative control
+    _, plain = compile_int8(model, shape, ranges, llvm)
+    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    assert np.abs(run(x)).max() > 0
+
+
 class PlanesChain(nn.Module):
     """Two padded-planes layers in a row (an 18x18 map: the domain's thrown-away lanes spill onto the next plane's
     padding), then one whose planes are laid out otherwise (dilated: a wider pitch), which its producer cannot
@@ -312,3 +348,30 @@ def test_layers_left_fp32_run_fp32_kernels_not_the_weight_quantised_ones(monkeyp
         with torch.no_grad():
             ref = net(x)
         assert float((model(x) - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("c, h, w, k, pad, dtype", [(3, 15, 17, 7, 3, "float32"), (8, 16, 16, 3, 1, "uint8"),
+                                                    (5, 9, 10, 3, 1, "float32")])
+def test_phase_planes_hold_the_padded_input_by_phase(c, h, w, k, pad, dtype):
+    """pad_phase_planes against numpy: padded input (y, x) at plane (y % 2, x % 2), row y // 2, column x // 2, the
+    zero point elsewhere and in the channel past C; odd sizes; float32 quantised in it, or uint8 relayed."""
+    import tvm
+
+    from unsparse_tvm.ops.gathered_inputs import pad_phase_planes
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant
+
+    geo = ConvGeometry(1, c, h, w, 4, k, k, (2, 2), (pad,) * 4, (1, 1))
+    act, channels = ActQuant(0.05, 3, 255), c + 1
+    f = pad_phase_planes((1, c, h, w), dtype, geo, act, channels)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=cpu_target(None))
+    rng = np.random.default_rng(c)
+    x = ((rng.standard_normal((1, c, h, w)) * 3).astype(np.float32) if dtype == "float32"
+         else rng.integers(0, 256, (1, c, h, w)).astype(np.uint8))
+    out = tvm.runtime.tensor(np.zeros((1, channels * geo.channel_plane), np.uint8))
+    lib["main"](tvm.runtime.tensor(x), out)
+    q = x if dtype == "uint8" else np.clip(np.round(x / 0.05) + 3, 0, 255).astype(np.uint8)
+    padded = np.full((channels, geo.hq * 2, geo.wq * 2), 3, np.uint8)
+    padded[:c, pad:pad + h, pad:pad + w] = q[0]
+    want = np.stack([padded[:, py::2, px::2] for py in range(2) for px in range(2)], axis=1)
+    np.testing.assert_array_equal(out.numpy().reshape(channels, 4, geo.hq, geo.wq), want)

@@ -16,22 +16,15 @@ def _as_bytes(v, x_dtype: str, act: ActQuant, lanes: int):
     return v if x_dtype == "uint8" else quantize_lanes(v, act, lanes)
 
 
-def pad_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, channels: int) -> tirx.PrimFunc:
-    """x [N, C, H, W] (float32, quantised here; or uint8 already in `act`) -> uint8 [N, channels * plane]: per
-    channel its stride-1 padded plane [Hq, Wq], the zero point outside the image and in the channels past C
-    (patches: pad_patches). Per (image,
-    channel) the plane is filled with the zero point in vectors, then each input row goes in as one vector of W
-    (quantised in vector arithmetic): a TE stage with the padding as a per-byte condition ran scalar."""
+def _planes(x_shape: tuple, x_dtype: str, act: ActQuant, channels: int, plane: int, put_row) -> tirx.PrimFunc:
+    """The padded-planes input stage: per (image, channel) its plane of `plane` bytes filled with the zero point
+    in vectors (and the channels past C left so), then put_row(of, row, b, y) writes input row y (`row`: its W
+    values as bytes in `act`, quantised in vector arithmetic: a TE stage with the padding as a per-byte condition
+    ran scalar)."""
     from tvm.script import tirx as T
 
     n, c, h, w = (int(d) for d in x_shape)
-    (dh, dw), (pt, pl, _, _) = geo.dilation, geo.padding
-    plane = geo.channel_plane
     zp = T.uint8(act.zero_point)
-
-    def row(v):  # one input row as bytes in `act`
-        return _as_bytes(v, x_dtype, act, w)
-
     pstep = min(64, plane)  # the zero point filled in vectors of up to 64 bytes
     pfill = -(-plane // pstep)
 
@@ -46,10 +39,50 @@ def pad_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, c
                     of[T.Ramp(b * plane + T.min(k * pstep, plane - pstep), 1, pstep)] = T.Broadcast(zp, pstep)
                 if b % channels < c:
                     for y in range(h):
-                        of[T.Ramp(b * plane + (y + pt) * geo.wq + pl, 1, w)] = row(
-                            xf[T.Ramp(((b // channels * c + b % channels) * h + y) * w, 1, w)])
+                        put_row(of, _as_bytes(xf[T.Ramp(((b // channels * c + b % channels) * h + y) * w, 1, w)],
+                                              x_dtype, act, w), b, y)
 
     return pad.without_attr("global_symbol")
+
+
+def pad_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, channels: int) -> tirx.PrimFunc:
+    """x [N, C, H, W] (float32, quantised here; or uint8 already in `act`) -> uint8 [N, channels * plane]: per
+    channel its stride-1 padded plane [Hq, Wq], the zero point outside the image and in the channels past C
+    (patches: pad_patches); each input row goes in as one vector of W."""
+    from tvm.script import tirx as T
+
+    w, (pt, pl, _, _), plane = int(x_shape[3]), geo.padding, geo.channel_plane
+
+    @T.macro
+    def put_row(of, row, b, y):
+        of[T.Ramp(b * plane + (y + pt) * geo.wq + pl, 1, w)] = row
+
+    return _planes(x_shape, x_dtype, act, channels, plane, put_row)
+
+
+def pad_phase_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, channels: int) -> tirx.PrimFunc:
+    """A stride-2 conv's input as pad_planes writes a stride-1 one, in phase planes: x [N, C, H, W] -> uint8
+    [N, channels * plane], per channel its 4 planes [Hq, Wq] (ConvGeometry.tap_offset's layout: padded input
+    (y, x) at plane (y % 2, x % 2), row y // 2, column x // 2). Each input row, one vector, is split into its two
+    column phases by a byte shuffle each."""
+    from tvm.script import tirx as T
+
+    w, (sh, sw), (pt, pl, _, _) = int(x_shape[3]), geo.stride, geo.padding
+    plane, phase = geo.channel_plane, geo.hq * geo.wq
+    assert (sh, sw) == (2, 2) and plane == 4 * phase
+    cols = [[x for x in range(w) if (x + pl) % 2 == px] for px in range(2)]  # the input columns of column phase px
+
+    @T.macro
+    def put_phase(of, row, b, y, px):  # px a Python int: its columns are a Python list
+        of[T.Ramp(b * plane + ((y + pt) % 2 * 2 + px) * phase + (y + pt) // 2 * geo.wq + (cols[px][0] + pl) // 2,
+                  1, len(cols[px]))] = T.Shuffle([row], cols[px])
+
+    @T.macro
+    def put_row(of, row, b, y):
+        put_phase(of, row, b, y, 0)
+        put_phase(of, row, b, y, 1)
+
+    return _planes(x_shape, x_dtype, act, channels, plane, put_row)
 
 
 def patches_fit(geo: ConvGeometry) -> bool:

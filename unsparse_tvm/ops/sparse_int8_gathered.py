@@ -183,15 +183,15 @@ def _lane_consts(bufs, row, tiny: bool, lanes: int = LANES) -> list:
 
 def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out: WriteBack = WriteBack(),
                   out_shape: tuple | None = None, lanes: int = LANES, kind: str = "vnni") -> tirx.PrimFunc:
-    """conv[n, k, p] = sum of row k's int32(x[n, off + p]) * int32(w), p < q (x: [N, length]), written as `out`
-    says (comp, scale, bias: the epilogue's). unroll 0: a 2x2 map's tiles of 4 rows x 4 positions (module doc).
-    lanes 8, kind "pmadd": AVX2 (unroll 4 only)."""
+    """conv[n, k, p] = sum of row k's x[n, off + p] * w, p < q (x: [N, length]), written as `out` says (comp, scale,
+    bias: the epilogue's); unroll 0: a 2x2 map's 4 rows x 4 positions (module doc); lanes, kind: dot's."""
     from tvm.script import tirx as T
 
     wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
     chunks, acc_len = (1, 32) if tiny else (q // (lanes * unroll), tile * unroll * lanes)
     (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, lanes)
+    group = lambda b, j, r: ((b % tiles * groups + j) * tile + r) * GROUP  # noqa: E731  tile b's group j, row r
 
     @T.prim_func(s_tir=True)
     def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"), off: T.Buffer(wshape, off_dtype),
@@ -228,10 +228,9 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                             for r in T.unroll(tile):
                                 for u in T.unroll(unroll):
                                     at = T.Ramp((r * unroll + u) * lanes, 1, lanes)
-                                    acc[at] = dot(acc[at], inputs(
-                                        xf, of, b // tiles * length + ch * unroll * lanes, rows.unit,
-                                        ((b % tiles * groups + j) * tile + r) * GROUP, u), quad_weights(
-                                        df, ((b % tiles * groups + j) * tile + r) * GROUP, lanes), lanes, kind)
+                                    acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * lanes,
+                                                                  rows.unit, group(b, j, r), u),
+                                                  quad_weights(df, group(b, j, r), lanes), lanes, kind)
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
                                 row = b % tiles * tile + r
@@ -255,6 +254,25 @@ def _loads(unroll: int, lanes: int) -> tuple:
                 lambda acc, r, u: unpacked_sums(acc, r, u, lanes))
     return (lambda xf, off, start, unit, at, u: gathered_inputs(xf, off, start + u * lanes, unit, at, lanes),
             lambda acc, r, u: acc[T.Ramp((r * unroll + u) * lanes, 1, lanes)])
+
+
+def crop_domain(n: int, k: int, q: int, oh: int, ow: int, wq: int, dtype: str) -> tirx.PrimFunc:
+    """[N, K, q] (a padded-planes layer's outputs over its domain, the epilogue applied in the write-back) ->
+    [N, K, OH, OW]: row y's OW outputs from y * Wq, one vector copy a row. Where the kernel wrote int32 sums for
+    an epilogue pass, that pass moved 4 bytes a position twice (resnet50's stem: 3.3 MB)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def crop(x: T.Buffer((n, k, q), dtype), out: T.Buffer((n, k, oh, ow), dtype)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+        with T.sblock("root"):
+            xf = T.decl_buffer((n * k * q,), dtype, data=x.data)
+            of = T.decl_buffer((n * k * oh * ow,), dtype, data=out.data)
+            for b in T.parallel(n * k):  # (image, channel)
+                for y in range(oh):
+                    of[T.Ramp((b * oh + y) * ow, 1, ow)] = xf[T.Ramp(b * q + y * wq, 1, ow)]
+
+    return crop.without_attr("global_symbol")
 
 
 def _layout(out: WriteBack, q: int, k: int, tile: int, tiles: int) -> tuple:
