@@ -24,3 +24,26 @@ def test_pruned_quantised_pt2_compiles_runs_and_matches(method, scheme, tmp_path
     with torch.no_grad():
         ref = torch.export.load(str(quant)).module()(torch.from_numpy(x)).numpy()
     assert rel_err(np.load(tmp_path / "y.npy"), ref) < 1e-4
+
+
+def test_quantised_depthwise_convs_run_sparse_on_their_values():
+    """There is no weight-quantised depthwise kernel: on llvm a quantised depthwise conv runs the sparse fp32 kernel
+    on its (dequantised) values, where it ran dense; the expand conv keeps its quantised weights."""
+    import torch
+    import torch.nn as nn
+
+    import unsparse_tvm
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+                        nn.Conv2d(32, 16, 1)).eval()
+    net = unsparse_tvm.prune(net, 0.8)
+    x = torch.randn(1, 8, 12, 12)
+    unsparse_tvm.quantize(net, "int8", example_input=x)
+    model = unsparse_tvm.compile(net, example_input=x, threshold=0.5)
+    rows = {r["name"]: r for r in model.report}
+    assert rows["2"]["decision"] == "sparse" and rows["2"]["precision"] == "fp32", rows["2"]
+    assert rows["0"]["precision"] != "fp32", rows["0"]
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert rel_err(model(x.numpy()), ref) < 1e-4
