@@ -43,6 +43,11 @@ class LayerNames:
         if name is not None:
             self._names[fingerprint(new)] = name
 
+    def rank(self) -> dict[str, int]:
+        """Each layer name's place in the order the weights were named (the model's parameter order: for the
+        models here, the order its layers run in)."""
+        return {name: i for i, name in enumerate(dict.fromkeys(self._names.values()))}
+
     def known(self, arr: np.ndarray) -> str | None:
         """The layer's PyTorch name if the weight is known, else None (name_of would number an unknown one,
         and a pass that sees the layer later would number it again)."""
