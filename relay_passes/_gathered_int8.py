@@ -62,9 +62,9 @@ def geometry(weight: np.ndarray, geo):
     if positions in (gathered_ops.TINY, gathered_ops.LANES, 64):  # 2x2, 4x4 and 8x8 maps as patches
         run = dataclasses.replace(geo, patches=True, images=1)
         return run if geo.r * geo.s > 1 and gathered_inputs.patches_fit(run) else None
-    if geo.r * geo.s == 1:
+    if geo.r * geo.s == 1:  # (not below 7x7: a squeeze-excitation's 1x1s on a 1x1 map stay quads)
         reduces = geo.c >= 2 * geo.k and positions <= MAX_POINTWISE_POSITIONS
-        return geo if reduces or positions < 64 else None
+        return geo if positions >= MIN_POSITIONS and (reduces or positions < 64) else None
     return geo if positions >= MIN_POSITIONS else None
 
 

@@ -27,6 +27,8 @@ class LayerNames:
         # QuantizeInt8Conv2d/Dense: layers with a calibrated int8 range left to the fp32 passes (SCATTERED_FP32) ->
         # the nonzeros their int8 quads would have held
         self.fp32_int8: dict[str, float] = {}
+        # and those left fp32 because a ReLU6 (clip) or a SiLU follows them (QUANTIZE_CAPPED) -> which
+        self.capped_int8: dict[str, str] = {}
         for name, arr in (named or {}).items():
             self.add(name, arr)
         self._count = 0
@@ -42,6 +44,10 @@ class LayerNames:
         name = self._names.get(fingerprint(old))
         if name is not None:
             self._names[fingerprint(new)] = name
+
+    def left_fp32(self) -> set[str]:
+        """The layers with an int8 range that the int8 passes left to the fp32 ones (either reason)."""
+        return set(self.fp32_int8) | set(self.capped_int8)
 
     def rank(self) -> dict[str, int]:
         """Each layer name's place in the order the weights were named (the model's parameter order: for the

@@ -68,7 +68,7 @@ class _Sparsifier(ConvChainRewriter):
         decision = LayerDecision(name, "conv2d", list(weight.shape), round(sparsity, 4), "dense",
                                  nnz=int((weight != 0).sum()), input_shape=[geo.n, geo.c, geo.h, geo.w] if geo else [])
         self.report.append(decision)
-        entry = layer_entry(self.quant, name, self.names.fp32_int8)
+        entry = layer_entry(self.quant, name, self.names.left_fp32())
         if entry is not None and self.target_kind == "llvm" and int(conv.attrs.groups) > 1:
             # quantised depthwise weights: their values on the sparse fp32 kernel, where they ran dense
             # (mobilenet_v2@224 90% int8 weights: 2.64 -> 2.41 ms; with int8 activations 2.78 -> 2.48)

@@ -43,7 +43,7 @@ class _Sparsifier(DenseChainRewriter):
         if rows is None:
             return None
         quantised = quant_dense(self.builder_, self.visit_expr(call.args[0]), rows, weight,
-                                layer_entry(self.quant, decision.name, self.names.fp32_int8), ep.bias, ep.relu)
+                                layer_entry(self.quant, decision.name, self.names.left_fp32()), ep.bias, ep.relu)
         if quantised is not None:
             new, q = quantised
             kind = sparse_op("dense", rows)

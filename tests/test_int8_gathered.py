@@ -115,6 +115,28 @@ def test_pointwise_and_small_maps_gathered_are_the_quads_integers(batch, llvm, m
     assert np.abs(run(x)).max() > 0
 
 
+@pytest.mark.parametrize("hw", [1, 4])
+def test_pointwise_convs_on_small_maps_keep_their_quads(hw, llvm):
+    """A 1x1 on a map under 7x7 (a squeeze-excitation's on its pooled 1x1 map; a 4x4) keeps the quads: the
+    gathered kernel's planes would be a position or a few (its input stage failed to build on a 1-byte plane)."""
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.relay_passes import _gathered_int8
+
+    w = np.where(np.random.default_rng(hw).random((8, 32, 1, 1)) < 0.9, 0, 1.0).astype(np.float32)
+    geo = ConvGeometry(1, 32, hw, hw, 8, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+    assert _gathered_int8.geometry(w, geo) is None
+    torch.manual_seed(hw)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(hw), nn.Conv2d(32, 8, 1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * hw * hw, 4)).eval()
+    shape = (1, 8, 8, 8)
+    ranges = int8_ready(model, shape, 0.85)
+    report, run = compile_int8(model, shape, ranges, llvm)  # builds
+    assert _formats(report)["3"] == "int8q4"
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 class Strided(nn.Module):
     """Stride-2 layers on phase planes (gathered_inputs.pad_phase_planes): a 7x7 stem on an odd-sized float32
     input, a 3x3 reading its uint8 output, then a stride-1 3x3 whose epilogue is cropped from its domain."""

@@ -36,6 +36,7 @@ class Compiled:
     dropped: dict = field(default_factory=dict)  # depthwise layer -> (channels dropped, channels), DropDeadChannels
     gathered: dict = field(default_factory=dict)  # the same, dropped from the expand conv only
     fp32_int8: dict = field(default_factory=dict)  # layer with an int8 range run fp32 -> its quads' fill
+    fp32_capped: dict = field(default_factory=dict)  # the same, for its ReLU6 or SiLU -> which
 
     @property
     def input_specs(self) -> list[dict]:
@@ -69,7 +70,8 @@ def compile_relax(mod, names, target, input_shape: tuple[int, ...], outputs: lis
     rank = names.rank()
     report.sort(key=lambda d: rank.get(d.name, len(rank)))
     return Compiled(executable, target, tuple(input_shape), outputs, report, time.perf_counter() - start, inputs,
-                    options.get("threshold"), dict(names.dropped), dict(names.gathered), dict(names.fp32_int8))
+                    options.get("threshold"), dict(names.dropped), dict(names.gathered), dict(names.fp32_int8),
+                    dict(names.capped_int8))
 
 
 def compile_onnx(path: str, target, *, batch: int | None = None, log=print, **options) -> Compiled:
@@ -122,6 +124,11 @@ def print_report(compiled: Compiled) -> None:
         print(f"note: {len(fills)} layer(s) with an int8 range run fp32 ({', '.join(compiled.fp32_int8)}): their "
               f"int8 quads would hold {min(fills):.2f}-{max(fills):.2f} of 4 nonzeros, where fp32 runs faster (linear "
               "layers; convs without VNNI); prune --method channel4 fills the quads")
+    if compiled.fp32_capped:
+        acts = "/".join(sorted(set(compiled.fp32_capped.values())))
+        print(f"note: {len(compiled.fp32_capped)} conv(s) with an int8 range run fp32 "
+              f"({', '.join(compiled.fp32_capped)}): a {acts} follows them, which the int8 epilogue does not "
+              "apply, and fp32 fuses it")
 
 
 def metadata(compiled: Compiled, *, model: str) -> dict:
@@ -145,6 +152,7 @@ def metadata(compiled: Compiled, *, model: str) -> dict:
         "dead_channels": {name: list(v) for name, v in compiled.dropped.items()},
         "dead_channels_expand_only": {name: list(v) for name, v in compiled.gathered.items()},
         "int8_left_fp32": dict(compiled.fp32_int8),
+        "int8_left_fp32_for_activation": dict(compiled.fp32_capped),
         "layers": [r.as_dict() for r in compiled.report],
         "tvm_version": tvm.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
