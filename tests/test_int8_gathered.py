@@ -48,26 +48,37 @@ def _formats(report) -> dict:
     return {r.name: r.format for r in report}
 
 
-@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
-@pytest.mark.parametrize("batch", [1, 2])
-def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
+def _gathered_and_quads(model, shape, llvm, monkeypatch, gathered: tuple, seed: int):
+    """Compile `model` int8 with gathered quads and without (GATHERED off: the negative control); check which
+    layers went gathered (the rest int8q4) and that both give the same outputs bit for bit on a seeded input.
+    Returns (run, ranges, x) for further checks; skips where the target cannot run gathered kernels."""
     from unsparse_tvm.ops.sparse_int8_gathered import gathers
-    from unsparse_tvm.schedules.x86_int8 import act_qmax
-    from test_int8 import _int8_reference
 
     if not gathers(llvm):
         pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
-    torch.manual_seed(7 + batch)
-    model = SmallMaps().eval()
-    shape = (batch, 8, 16, 16)
     ranges = int8_ready(model, shape, 0.85)
     report, run = compile_int8(model, shape, ranges, llvm)
-    assert _formats(report) == {**dict.fromkeys("apbcde", "int8g4"), "s": "int8q4", "fc": "int8q4"}
-    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the negative control
+    formats = _formats(report)
+    assert formats == {name: "int8g4" if name in gathered else "int8q4" for name in formats}, formats
+    assert set(gathered) <= set(formats)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)
     plain_report, plain = compile_int8(model, shape, ranges, llvm)
     assert set(_formats(plain_report).values()) == {"int8q4"}
-    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(run(x), plain(x))
+    assert np.abs(run(x)).max() > 0
+    return run, ranges, x
+
+
+@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
+    from test_int8 import _int8_reference
+
+    torch.manual_seed(7 + batch)
+    model = SmallMaps().eval()  # the strided conv and the linear layer keep their quads
+    run, ranges, x = _gathered_and_quads(model, (batch, 8, 16, 16), llvm, monkeypatch, tuple("apbcde"), batch)
     exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
     assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
 
@@ -96,23 +107,9 @@ class Pointwise(nn.Module):
 @pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_pointwise_and_small_maps_gathered_are_the_quads_integers(batch, llvm, monkeypatch):
-    from unsparse_tvm.ops.sparse_int8_gathered import gathers
-
-    if not gathers(llvm):
-        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
-    torch.manual_seed(3 + batch)
-    model = Pointwise().eval()
-    shape = (batch, 64, 14, 14)
-    ranges = int8_ready(model, shape, 0.85)
-    report, run = compile_int8(model, shape, ranges, llvm)
-    formats = _formats(report)
-    assert formats == {**dict.fromkeys(("reduce", "mid", "small", "widen"), "int8g4"), "expand": "int8q4",
-                       "fc": "int8q4"}, formats
-    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the negative control
-    _, plain = compile_int8(model, shape, ranges, llvm)
-    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
-    np.testing.assert_array_equal(run(x), plain(x))
-    assert np.abs(run(x)).max() > 0
+    torch.manual_seed(3 + batch)  # the expanding 1x1 and the linear layer keep their quads
+    _gathered_and_quads(Pointwise().eval(), (batch, 64, 14, 14), llvm, monkeypatch,
+                        ("reduce", "mid", "small", "widen"), batch)
 
 
 @pytest.mark.parametrize("hw", [1, 4])
@@ -156,21 +153,8 @@ class Strided(nn.Module):
 @pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_strided_layers_gathered_are_the_quads_integers(batch, llvm, monkeypatch):
-    from unsparse_tvm.ops.sparse_int8_gathered import gathers
-
-    if not gathers(llvm):
-        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
     torch.manual_seed(21 + batch)
-    model = Strided().eval()
-    shape = (batch, 3, 37, 37)
-    ranges = int8_ready(model, shape, 0.85)
-    report, run = compile_int8(model, shape, ranges, llvm)
-    assert _formats(report) == {**dict.fromkeys(("stem", "down", "mid"), "int8g4"), "fc": "int8q4"}
-    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the negative control
-    _, plain = compile_int8(model, shape, ranges, llvm)
-    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
-    np.testing.assert_array_equal(run(x), plain(x))
-    assert np.abs(run(x)).max() > 0
+    _gathered_and_quads(Strided().eval(), (batch, 3, 37, 37), llvm, monkeypatch, ("stem", "down", "mid"), batch)
 
 
 class PlanesChain(nn.Module):
