@@ -80,8 +80,6 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     length = shape.input_length(run)
     if len(shape_of(flat)) != 2:  # else the producer wrote these padded planes (into_planes)
         pad = (gathered_inputs.pad_patches(tuple(shape_of(flat)), dtype_of(flat), run, act) if run.patches
-               else gathered_inputs.pad_phase_planes(tuple(shape_of(flat)), dtype_of(flat), run, act, shape.channels)
-               if tuple(run.stride) != (1, 1)
                else gathered_inputs.pad_planes(tuple(shape_of(flat)), dtype_of(flat), run, act, shape.channels))
         flat = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(pad, "pad_planes"), [flat],
                                                relax.TensorType([geo.n, length], "uint8")))

@@ -19,12 +19,12 @@ from unsparse_tvm.ops.quant_formats import QuantGeometry, QuantRows, encode, fp3
 from unsparse_tvm.ops.sparse_quant import QSpec
 
 
-def layer_entry(quant: dict | None, name: str, fp32_int8: set | dict | None = None) -> dict | None:
+def layer_entry(quant: dict | None, name: str, left_fp32: set | None = None) -> dict | None:
     """The layer's entry in unsparse_quant.json (keys are parameter names, `features.0.weight`). None for a layer
-    the int8 passes left fp32 for speed (LayerNames.fp32_int8): it runs the fp32 kernel on its weights' int8 values
+    the int8 passes left fp32 for speed (LayerNames.left_fp32): it runs the fp32 kernel on its weights' int8 values
     (the same values as floats): with AVX2 code the weight-quantised kernels ran vgg16-cifar unstructured 90%'s such
     layers in 1.95 ms, the fp32 ones in 1.73 (fp32 weights: 1.74)."""
-    if not quant or name in (fp32_int8 or {}):
+    if not quant or name in (left_fp32 or ()):
         return None
     layers = quant.get("layers", {})
     return layers.get(f"{name}.weight", layers.get(name))

@@ -27,7 +27,7 @@ class LayerNames:
         # QuantizeInt8Conv2d/Dense: layers with a calibrated int8 range left to the fp32 passes (SCATTERED_FP32) ->
         # the nonzeros their int8 quads would have held
         self.fp32_int8: dict[str, float] = {}
-        # and those left fp32 because a ReLU6 (clip) or a SiLU follows them (QUANTIZE_CAPPED) -> which
+        # and those left fp32 because a ReLU6 (clip) or a SiLU follows them (CAPPED_FP32) -> which
         self.capped_int8: dict[str, str] = {}
         for name, arr in (named or {}).items():
             self.add(name, arr)

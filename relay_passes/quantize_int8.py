@@ -53,7 +53,7 @@ SCATTERED_FP32 = os.environ.get("UNSPARSE_INT8_EVERY_LAYER") != "1"
 # only, so in int8 the activation ran as an op of its own and the fp32 passes' fusions were lost (mobilenet_v2's
 # expand conv on its depthwise's planes: 0.083 ms fp32, 0.256 int8 + 0.120 for its ReLU6). UNSPARSE_INT8_EVERY_LAYER=1
 # turns this off too (the suite's int8 tests put ReLU6s after int8 convs)
-QUANTIZE_CAPPED = not SCATTERED_FP32
+CAPPED_FP32 = SCATTERED_FP32
 
 
 def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr | None:
@@ -80,7 +80,7 @@ class _Int8Rewriter(ConvChainRewriter):
     lanes = 16  # and the int8 kernel's vector lanes
     gather = False  # and whether it runs gathered_conv (AVX-512 VNNI and VBMI)
     pmadd = False  # and whether its int8 is AVX2's (no VNNI: SCATTERED_FP32)
-    capped: dict = {}  # plan(): the convs a ReLU6 or SiLU follows (QUANTIZE_CAPPED), never mutated
+    capped: dict = {}  # plan(): the convs a ReLU6 or SiLU follows (CAPPED_FP32), never mutated
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
@@ -108,7 +108,7 @@ class _Int8Rewriter(ConvChainRewriter):
         relaying conv reads are written wide (_wide_outputs, `self.wide`)."""
         super().plan(func)
         self.out_act, self.res_act, self.wide, self.dead, self.planes = {}, {}, {}, set(), {}
-        self.capped = {} if QUANTIZE_CAPPED else _capped_convs(self, func)
+        self.capped = _capped_convs(self, func) if CAPPED_FP32 else {}
         if not CHAIN_UINT8:
             return
         var2val, counts = self.var2val, self.counts
@@ -253,7 +253,7 @@ class _Int8Rewriter(ConvChainRewriter):
 
 
 def _capped_convs(rw: _Int8Rewriter, func: relax.Function) -> dict:
-    """{name: "ReLU6" or "SiLU"} of the convs such an activation follows (QUANTIZE_CAPPED)."""
+    """{name: "ReLU6" or "SiLU"} of the convs such an activation follows (CAPPED_FP32)."""
     users, out = users_of(func), {}
     for block in func.body.blocks:
         for b in block.bindings:

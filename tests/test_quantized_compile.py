@@ -59,7 +59,7 @@ def test_convs_a_relu6_follows_stay_fp32_on_their_values(monkeypatch, capsys):
     import unsparse_tvm
     from unsparse_tvm.build import print_report
 
-    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.QUANTIZE_CAPPED", False)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CAPPED_FP32", True)
     torch.manual_seed(6)
     net = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU6(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()).eval()
     with torch.no_grad():  # whole quads (channel4-like): the int8 rules for scattered nonzeros stay out of the way

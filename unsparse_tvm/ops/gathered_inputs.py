@@ -47,10 +47,12 @@ def _planes(x_shape: tuple, x_dtype: str, act: ActQuant, channels: int, plane: i
 
 def pad_planes(x_shape: tuple, x_dtype: str, geo: ConvGeometry, act: ActQuant, channels: int) -> tirx.PrimFunc:
     """x [N, C, H, W] (float32, quantised here; or uint8 already in `act`) -> uint8 [N, channels * plane]: per
-    channel its stride-1 padded plane [Hq, Wq], the zero point outside the image and in the channels past C
-    (patches: pad_patches); each input row goes in as one vector of W."""
+    channel its padded plane [Hq, Wq] (a stride-2 conv's: its phase planes, pad_phase_planes), the zero point
+    outside the image and in the channels past C (patches: pad_patches); each input row goes in as one vector of W."""
     from tvm.script import tirx as T
 
+    if tuple(geo.stride) != (1, 1):
+        return pad_phase_planes(x_shape, x_dtype, geo, act, channels)
     w, (pt, pl, _, _), plane = int(x_shape[3]), geo.padding, geo.channel_plane
 
     @T.macro

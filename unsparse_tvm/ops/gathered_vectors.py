@@ -1,8 +1,6 @@
 """The vectors of the gathered-quads kernel (sparse_int8_gathered.gathered_conv): a group's 4 nonzeros' input bytes
 interleaved so that each 32-bit lane holds one position of all 4, the group's weights as one dword in every lane,
-and the dot product that sums them into int32 lanes: one `vpdpbusd` (AVX-512 VNNI, 16 lanes), or `vpmaddubsw` +
-`vpmaddwd` (AVX2, 8 lanes; u8 x s8 pairs into a saturating i16, so the activations use 7 bits there:
-schedules.x86_int8.act_qmax)."""
+and the dot product that sums them into int32 lanes: one `vpdpbusd` (AVX-512 VNNI)."""
 
 from __future__ import annotations
 
@@ -96,15 +94,9 @@ def tiny_inputs(xi, off, start, at):
     return T.Shuffle([T.reinterpret(patches, dtype="uint8x64")], TRANSPOSE)
 
 
-def dot(acc, x, w, lanes: int = 16, kind: str = "vnni"):
-    """acc + the 4-byte dot products of x (uint8) and w (int8) per int32 lane: one vpdpbusd (vnni), or vpmaddubsw +
-    vpmaddwd by ones (pmadd, AVX2's 8 lanes)."""
+def dot(acc, x, w, lanes: int = 16):
+    """acc + the 4-byte dot products of x (uint8) and w (int8) per int32 lane: one vpdpbusd."""
     from tvm.script import tirx as T
 
-    if kind == "vnni":
-        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"), acc, x,
-                                       w, dtype=f"int32x{lanes}")
-    assert lanes == 8, "pmadd: AVX2's 256-bit form"
-    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), x, w, dtype="int16x16")
-    return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
-                                         T.Broadcast(T.int16(1), 16), dtype="int32x8")
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"), acc, x, w,
+                                   dtype=f"int32x{lanes}")

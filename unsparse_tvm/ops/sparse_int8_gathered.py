@@ -29,7 +29,7 @@ from .gathered_vectors import (GROUP, SPREAD, SPREAD_ROWS, TINY, dot, gathered_i
 from .geometry import ConvGeometry
 from .int8_formats import ActQuant
 
-LANES = 16  # output positions per vector (int32 lanes of a zmm; AVX2's pmadd kernels: 8, a ymm)
+LANES = 16  # output positions per vector (int32 lanes of a zmm)
 # rows x vectors held in registers per tile, of 32 zmm (with 4 inputs, the weights and the index): 16, not 8, ran
 # resnet50's 7x7 layers in 8-row tiles, 0.237 -> 0.194 ms (1x1 2048 -> 512), 0.310 -> 0.277 (3x3); end to end
 # resnet50 unstructured int8 15.02 -> 14.67 ms, vgg16-cifar 1.012 -> 0.997
@@ -115,8 +115,9 @@ class IntoPlanes:
 
     def fits(self, q: int, k: int) -> bool:
         """Whether a domain of q positions, K rows, writes within the buffer and spills (thrown-away lanes past
-        the plane) only onto the next plane's leading padding."""
-        return self.shift + q - self.plane <= self.shift and self.channels > k
+        the plane, shift + q - plane of them) only onto the next plane's leading padding (shift bytes): q <= plane,
+        and a plane past K for the last row's spill."""
+        return q <= self.plane and self.channels > k
 
 
 def quantize_lanes(v, act: ActQuant, lanes: int):
@@ -129,19 +130,19 @@ def quantize_lanes(v, act: ActQuant, lanes: int):
     return T.Cast(f"uint8x{lanes}", T.max(T.min(q, top), zero))
 
 
-def plan(geo: ConvGeometry, lanes: int = LANES) -> GatheredPlan:
+def plan(geo: ConvGeometry) -> GatheredPlan:
     """Vectors per row tile: 4 where the domain has them (rounded up to whole tiles), else 2 or 1, and
     rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
     positions as patches: tiles of 4 rows x 4 positions (unroll 0)."""
     positions = geo.q_extent if geo.patches else geo.oh * geo.wq
     if geo.patches and positions == TINY:
         return GatheredPlan(TINY, 0, TINY, geo.c)
-    vectors = -(-positions // lanes)
+    vectors = -(-positions // LANES)
     # 4 wherever there are 4 (UNPACKED), even where pairs would throw fewer away: 2 a tile ran a 14x14 3x3 in 0.35 ms
     # as 14 vectors, not 16, but 4 unpacked run it in 0.24 (an 8x8 map 0.099 -> 0.072, a 7x7 3x3 0.285 -> 0.210)
     unroll = 4 if vectors >= 4 and UNPACKED else 2 if vectors >= 2 else 1
     tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= MAX_ACCUMULATORS)
-    q = -(-vectors // unroll) * unroll * lanes
+    q = -(-vectors // unroll) * unroll * LANES
     reach = int(geo.column_offsets().max()) * geo.offset_unit + q  # bytes past the last stored offset read
     return GatheredPlan(tile, unroll, q, max(geo.c, -(-reach // geo.channel_plane)))
 
@@ -182,15 +183,15 @@ def _lane_consts(bufs, row, tiny: bool, lanes: int = LANES) -> list:
 
 
 def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out: WriteBack = WriteBack(),
-                  out_shape: tuple | None = None, lanes: int = LANES, kind: str = "vnni") -> tirx.PrimFunc:
+                  out_shape: tuple | None = None) -> tirx.PrimFunc:
     """conv[n, k, p] = sum of row k's x[n, off + p] * w, p < q (x: [N, length]), written as `out` says (comp, scale,
-    bias: the epilogue's); unroll 0: a 2x2 map's 4 rows x 4 positions (module doc); lanes, kind: dot's."""
+    bias: the epilogue's); unroll 0: a 2x2 map's 4 rows x 4 positions (module doc)."""
     from tvm.script import tirx as T
 
     wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
-    chunks, acc_len = (1, 32) if tiny else (q // (lanes * unroll), tile * unroll * lanes)
-    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, lanes)
+    chunks, acc_len = (1, 32) if tiny else (q // (LANES * unroll), tile * unroll * LANES)
+    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, LANES)
     group = lambda b, j, r: ((b % tiles * groups + j) * tile + r) * GROUP  # noqa: E731  tile b's group j, row r
 
     @T.prim_func(s_tir=True)
@@ -223,20 +224,20 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                     for ch in range(chunks):
                         acc = T.decl_buffer((acc_len,), "int32", scope="local")
                         for i in T.unroll(tile * unroll):
-                            acc[T.Ramp(i * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+                            acc[T.Ramp(i * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
                         for j in range(glen[b % tiles]):
                             for r in T.unroll(tile):
                                 for u in T.unroll(unroll):
-                                    at = T.Ramp((r * unroll + u) * lanes, 1, lanes)
-                                    acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * lanes,
+                                    at = T.Ramp((r * unroll + u) * LANES, 1, LANES)
+                                    acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * LANES,
                                                                   rows.unit, group(b, j, r), u),
-                                                  quad_weights(df, group(b, j, r), lanes), lanes, kind)
+                                                  quad_weights(df, group(b, j, r), LANES), LANES)
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
                                 row = b % tiles * tile + r
-                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * lanes, 1,
-                                          lanes)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
-                                                                                             row, False, lanes))
+                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * LANES, 1,
+                                          LANES)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
+                                                                                             row, False, LANES))
                     if padding is not None:  # the zero point over the padding, after the tile's rows went in
                         padding(cf, b)
 
