@@ -163,8 +163,9 @@ class _Dropper(FunctionRewriter):
 class DropDeadChannels:
     """Shrink inverted residual blocks to the channels their depthwise convs do not zero out entirely, recorded
     in `names.dropped` (depthwise layer name -> (dropped, channels)); with `gather` (where the sparse depthwise
-    kernel can read a gathered input: llvm, fp32 weights), a block whose depthwise output has other uses loses
-    the dead channels from its expand conv only (`names.gathered`)."""
+    kernel can read a gathered input: llvm, where a quantised model's depthwise convs also run the fp32 kernel, on
+    their weights' values), a block whose depthwise output has other uses loses the dead channels from its expand
+    conv only (`names.gathered`)."""
 
     def __init__(self, names: LayerNames | None = None, gather: bool = False):
         self.names, self.gather = names, gather

@@ -47,7 +47,7 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     # an importer wrote as TE max/min calls (ONNX's Clip) back to relax.clip for the epilogue matchers
     cleanup = [FoldBatchNormIntoConv(names), relax.transform.FoldConstant(), CanonicalizeClip()]
     if sparse:  # channels whose depthwise filters are all zero leave their blocks (the dense baseline keeps them)
-        cleanup.append(DropDeadChannels(names, gather=is_cpu and not quant))
+        cleanup.append(DropDeadChannels(names, gather=is_cpu))
     phases.append(("cleanup", cleanup))
     # Phase 1b: int8 execution of the calibrated convs (before the fp32 substitution takes them)
     if activations:

@@ -28,8 +28,9 @@ from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
 from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
 
 from . import _gathered_int8, sparsify_conv2d
+from ._int8_left_fp32 import capped_convs, fed_fp32, max_pool_input
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
-from ._util import const_array, dtype_of, fused_label, is_op, mark, match_epilogue, shape_of, users_of
+from ._util import const_array, dtype_of, fused_label, mark, shape_of
 from .layers import LayerDecision, LayerNames
 
 OP = names.SPARSE_CONV2D_INT8
@@ -54,23 +55,12 @@ SCATTERED_FP32 = os.environ.get("UNSPARSE_INT8_EVERY_LAYER") != "1"
 # expand conv on its depthwise's planes: 0.083 ms fp32, 0.256 int8 + 0.120 for its ReLU6). UNSPARSE_INT8_EVERY_LAYER=1
 # turns this off too (the suite's int8 tests put ReLU6s after int8 convs)
 CAPPED_FP32 = SCATTERED_FP32
-
-
-def _max_pool_input(src: relax.Var, var2val: dict, counts: dict) -> relax.Expr | None:
-    """The input of the max pool `src` comes from, or None. The PyTorch importer writes a max pool as
-    (max_pool2d(x), zeros_like(...))[0] (the second field for the indices): seen through."""
-    value = var2val.get(src)
-    if isinstance(value, relax.TupleGetItem) and value.index == 0 and counts.get(value.tuple_value, 0) == 1:
-        tup = var2val.get(value.tuple_value)
-        if not isinstance(tup, relax.Tuple) or not isinstance(tup.fields[0], relax.Var):
-            return None
-        pool = tup.fields[0]
-        zeros = [f for f in tup.fields[1:] if isinstance(f, relax.Var) and is_op(var2val.get(f), "relax.zeros_like")]
-        consts = [f for f in tup.fields[1:] if const_array(f) is not None]  # zeros_like, folded
-        if len(zeros) + len(consts) != len(tup.fields) - 1 or counts.get(pool, 0) != 1 + len(zeros):
-            return None  # the pool's value goes somewhere else too
-        value = var2val.get(pool)
-    return value.args[0] if is_op(value, "relax.nn.max_pool2d") else None
+# llvm with VNNI: a conv whose quads would hold under 2 nonzeros, that the gathered kernel does not take and whose
+# input no int8 conv writes (it would quantise an fp32 input) stays fp32 too: mobile networks' project convs after
+# their fp32 depthwise (mobilenet_v2@224 unstructured 90%, ms, fp32 -> int8 quads: 16x20 on 112x112 0.047 -> 0.100,
+# 24x88 on 56x56 0.049 -> 0.105; resnet50's quads on 56x56, fed uint8 by the int8 conv before them, ran faster
+# than fp32: 64x256 0.274 -> 0.153)
+FED_FP32 = SCATTERED_FP32
 
 
 @relax.expr_functor.mutator
@@ -81,6 +71,7 @@ class _Int8Rewriter(ConvChainRewriter):
     gather = False  # and whether it runs gathered_conv (AVX-512 VNNI and VBMI)
     pmadd = False  # and whether its int8 is AVX2's (no VNNI: SCATTERED_FP32)
     capped: dict = {}  # plan(): the convs a ReLU6 or SiLU follows (CAPPED_FP32), never mutated
+    fed_fp32: frozenset = frozenset()  # plan(): scattered quads on an fp32 input (FED_FP32)
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
@@ -93,7 +84,8 @@ class _Int8Rewriter(ConvChainRewriter):
         if name in self.capped:
             self.names.capped_int8[name] = self.capped[name]
             return None
-        if SCATTERED_FP32 and self.pmadd and (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL:
+        if SCATTERED_FP32 and (self.pmadd or name in self.fed_fp32) and \
+                (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL:
             self.names.fp32_int8[name] = round(fill, 3)
             return None
         return name, ActQuant.from_range(*self.ranges[name], self.qmax)
@@ -108,7 +100,8 @@ class _Int8Rewriter(ConvChainRewriter):
         relaying conv reads are written wide (_wide_outputs, `self.wide`)."""
         super().plan(func)
         self.out_act, self.res_act, self.wide, self.dead, self.planes = {}, {}, {}, set(), {}
-        self.capped = _capped_convs(self, func) if CAPPED_FP32 else {}
+        self.capped = capped_convs(self, func) if CAPPED_FP32 else {}
+        self.fed_fp32 = fed_fp32(self) if FED_FP32 and self.gather else frozenset()
         if not CHAIN_UINT8:
             return
         var2val, counts = self.var2val, self.counts
@@ -128,7 +121,7 @@ class _Int8Rewriter(ConvChainRewriter):
                 continue
             # through a max pool too (resnet's stem): with nearbyint vectorised (ops.sparse_int8) the stem's uint8
             # write-back costs what its fp32 one did, and the pool, the relay and both readers run on bytes
-            pooled = _max_pool_input(src, var2val, counts)
+            pooled = max_pool_input(src, var2val, counts)
             if pooled is not None:
                 src = pooled
                 if not isinstance(src, relax.Var) or counts.get(src, 0) != 1:
@@ -252,21 +245,6 @@ class _Int8Rewriter(ConvChainRewriter):
         return call
 
 
-def _capped_convs(rw: _Int8Rewriter, func: relax.Function) -> dict:
-    """{name: "ReLU6" or "SiLU"} of the convs such an activation follows (CAPPED_FP32)."""
-    users, out = users_of(func), {}
-    for block in func.body.blocks:
-        for b in block.bindings:
-            weight = const_array(b.value.args[1]) if is_op(b.value, "relax.nn.conv2d") else None
-            shape = shape_of(b.var) if weight is not None else None
-            if shape is None or (name := rw.names.known(weight)) is None:
-                continue
-            ep = match_epilogue(b.var, shape[1], 1, shape, rw.var2val, users, rw.counts, True, set(), True)
-            if ep.relu_max is not None or ep.silu:
-                out[name] = "SiLU" if ep.silu else "ReLU6"
-    return out
-
-
 def _relays(run, geo, x_shape=None, sub=(1, 1)) -> bool:
     """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
     its pad stage (llvm): a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
@@ -305,7 +283,7 @@ def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
         # a producer reading fp32 (vgg's first conv) ran its wide write-back 2.7x slower than conv + epilogue
         # pass (LLVM gathered the accumulators back from a stack buffer; not understood): it keeps its pass
         src_in = pconv.args[0]
-        if src_in not in rw.out_act and _max_pool_input(src_in, rw.var2val, rw.counts) not in rw.out_act:
+        if src_in not in rw.out_act and max_pool_input(src_in, rw.var2val, rw.counts) not in rw.out_act:
             continue
         pgeo, cgeo = (conv_geometry(c, const_array(c.args[1])) for c in (pconv, cconv))
         if pgeo is None or cgeo is None or any(rw.gathered_geometry(const_array(c.args[1]), g) is not None

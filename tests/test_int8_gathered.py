@@ -381,3 +381,46 @@ def test_phase_planes_hold_the_padded_input_by_phase(c, h, w, k, pad, dtype):
     padded[:c, pad:pad + h, pad:pad + w] = q[0]
     want = np.stack([padded[:, py::2, px::2] for py in range(2) for px in range(2)], axis=1)
     np.testing.assert_array_equal(out.numpy().reshape(channels, 4, geo.hq, geo.wq), want)
+
+
+def test_scattered_quads_on_an_fp32_input_stay_fp32(monkeypatch, capsys):
+    """With VNNI: a scattered 1x1 (quads under 2 nonzeros) that the gathered kernel does not take (a 32x32 map)
+    stays fp32 where its input comes from an fp32 layer (here a depthwise conv, as mobile networks' project convs:
+    mobilenet_v2's ran 2x slower int8), named in the note; the same kind of conv fed uint8 by an int8 conv stays
+    int8. Compiled for Zen 4 on any host; run and checked against PyTorch where the host has VNNI and VBMI."""
+    from unsparse_tvm.build import compile_program, print_report
+    from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+    from unsparse_tvm.models import export_program
+
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.SCATTERED_FP32", True)  # the suite turns it off
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.FED_FP32", True)
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),      # whole quads: int8
+                          nn.Conv2d(32, 16, 1), nn.ReLU(),                # scattered, fed uint8 by 0: int8
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),  # depthwise: fp32
+                          nn.Conv2d(16, 8, 1), nn.ReLU()).eval()          # scattered, fed fp32: fp32
+    shape = (1, 8, 32, 32)
+    with torch.no_grad():
+        quads = (torch.rand(32, 2, 1, 3, 3) < 0.3).expand(32, 2, 4, 3, 3).reshape(32, 8, 3, 3)
+        model[0].weight.mul_(quads.float())
+        for i in (2, 6):
+            model[i].weight.mul_((torch.rand_like(model[i].weight) < 0.12).float())
+    ranges = calibrate(model, calibration_batches(shape, None, 2, 16))["layers"]
+    compiled = compile_program(export_program(model, shape), cpu_target("znver4"), threshold=0.5, activations=ranges)
+    formats = _formats(compiled.report)
+    assert formats["0"] == "int8q4" and formats["2"] == "int8q4", formats
+    assert not formats["6"].startswith("int8") and list(compiled.fp32_int8) == ["6"], (formats, compiled.fp32_int8)
+    print_report(compiled)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:") and "(6)" in line]
+    assert len(notes) == 1 and "on an fp32 input" in notes[0], notes
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.FED_FP32", False)  # the negative control
+    control = compile_program(export_program(model, shape), cpu_target("znver4"), threshold=0.5, activations=ranges)
+    assert _formats(control.report)["6"] == "int8q4" and not control.fp32_int8
+    if _gathers_here():
+        import tvm
+        from tvm import relax
+
+        x = np.random.default_rng(12).standard_normal(shape).astype(np.float32)
+        y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))[0].numpy()
+        ref = model(torch.from_numpy(x)).detach().numpy()
+        assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max()
