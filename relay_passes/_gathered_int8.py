@@ -19,6 +19,7 @@ from unsparse_tvm.ops import gathered_inputs
 from unsparse_tvm.ops import sparse_int8_gathered as gathered_ops
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, epilogue_consts, quantize_weight
 
+from ._conv_match import channel_gate
 from ._util import dtype_of, mark, shape_of
 
 # Gathered quads where the stored quads hold fewer nonzeros than this on average: per group of 4 nonzeros and 16
@@ -36,6 +37,7 @@ MIN_POSITIONS = 49
 # 0.446 -> 0.328, 512 -> 128 on 28x28 0.180 -> 0.160, 512 -> 2048 on 7x7 0.288 -> 0.227; not 256 -> 1024 on 14x14,
 # 0.233 -> 0.282, nor any on 56x56: 64 -> 256 0.297 -> 0.408, 256 -> 128 0.323 -> 0.336)
 MAX_POINTWISE_POSITIONS = 784
+GATE = True  # a squeeze-excitation's gate applied in the 1x1's pad stage (emit); tests turn it off to compare
 
 
 def quad_fill(weight: np.ndarray) -> float:
@@ -76,12 +78,21 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     extra, flags = rw.epilogue_args(ep)
     shape = gathered_ops.plan(run)
     rows = gathered_ops.gathered_rows(wq, run, shape.tile)
-    flat = rw.visit_expr(conv.args[0])
+    # a squeeze-excitation's x * g feeding a 1x1: the pad stage quantises x * g itself (the product's own pass
+    # and its fp32 output spared: efficientnet_b0@224's gathered project convs)
+    gate = channel_gate(conv.args[0], geo, rw.var2val, rw.counts, rw.plans) if GATE and not run.patches else None
+    gate = gate if gate is not None and dtype_of(gate[0]) == "float32" else None
+    flat = rw.visit_expr(conv.args[0] if gate is None else gate[0])
     length = shape.input_length(run)
+    assert gate is None or len(shape_of(flat)) == 4  # a product is no producer's padded planes
     if len(shape_of(flat)) != 2:  # else the producer wrote these padded planes (into_planes)
+        gates = [rw.visit_expr(gate[1])] if gate is not None else []
+        if gate is not None and gate[2]:  # x * sigmoid(g): the sigmoid as its own small op ([N or 1, C, 1, 1])
+            gates = [rw.builder_.emit(relax.op.sigmoid(gates[0]))]
         pad = (gathered_inputs.pad_patches(tuple(shape_of(flat)), dtype_of(flat), run, act) if run.patches
-               else gathered_inputs.pad_planes(tuple(shape_of(flat)), dtype_of(flat), run, act, shape.channels))
-        flat = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(pad, "pad_planes"), [flat],
+               else gathered_inputs.pad_planes(tuple(shape_of(flat)), dtype_of(flat), run, act, shape.channels,
+                                               int(shape_of(gates[0])[0]) if gates else None))
+        flat = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(pad, "pad_planes"), [flat, *gates],
                                                relax.TensorType([geo.n, length], "uint8")))
     assert [int(d) for d in shape_of(flat)] == [geo.n, length]
     bias = extra.pop(0) if flags["has_bias"] else relax.const(np.zeros(geo.k, np.float32))

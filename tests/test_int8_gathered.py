@@ -424,3 +424,48 @@ def test_scattered_quads_on_an_fp32_input_stay_fp32(monkeypatch, capsys):
         y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))[0].numpy()
         ref = model(torch.from_numpy(x)).detach().numpy()
         assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+class Gated(nn.Module):
+    """A squeeze-excitation gate, x * sigmoid(fc(mean(x))), feeding a gathered 1x1 that reduces channels on 14x14."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 64, 3, padding=1)
+        self.fc = nn.Conv2d(64, 64, 1)
+        self.project = nn.Conv2d(64, 16, 1)
+
+    def forward(self, x):                                        # x [N, 16, 14, 14]
+        y = torch.relu(self.conv(x))                             # [N, 64, 14, 14]
+        g = torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))  # [N, 64, 1, 1]
+        return torch.relu(self.project(y * g))                   # [N, 16, 14, 14]
+
+
+@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gate_applied_in_the_pad_stage(batch, llvm, monkeypatch):
+    """The gate's product is computed in the gathered 1x1's pad stage (_gathered_int8.GATE), no pass of its own:
+    the same outputs bit for bit as with the product computed first (the negative control), a per-image gate at
+    batch 2, and within int8's error of PyTorch."""
+    import tvm
+
+    from unsparse_tvm.frontend import import_program
+    from unsparse_tvm.models import export_program
+    from unsparse_tvm.relay_passes import build_pipeline
+
+    torch.manual_seed(21 + batch)
+    model = Gated().eval()
+    shape = (batch, 16, 14, 14)
+    ranges = int8_ready(model, shape, 0.85)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    assert _formats(report)["project"] == "int8g4", _formats(report)
+    mod, names = import_program(export_program(model, shape))
+    with llvm:
+        int8 = build_pipeline(llvm, names=names, activations=ranges, stop_after="int8")(mod).script()
+    assert "R.multiply" not in int8 and int8.count("R.sigmoid") == 1
+    monkeypatch.setattr("unsparse_tvm.relay_passes._gathered_int8.GATE", False)
+    _, plain = compile_int8(model, shape, ranges, llvm)
+    x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - ref).max() <= 0.05 * np.abs(ref).max() and np.abs(ref).max() > 0
