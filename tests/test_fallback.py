@@ -20,7 +20,8 @@ def _mean_func(c, hw, n=1):
     return te.create_prim_func([x, y])
 
 
-@pytest.mark.parametrize("c,hw,n,vector", [(24, 16, 1, True), (40, 8, 2, True), (16, 7, 1, False), (8, 3, 1, False)])
+@pytest.mark.parametrize("c,hw,n,vector", [(24, 16, 1, True), (40, 8, 2, True), (16, 7, 1, True), (8, 14, 2, True),
+                                            (8, 3, 1, False), (4, 17, 1, False)])  # 49 = 7 x 7 lanes; 289 = 17 x 17
 def test_global_average_pool_sums_in_vector_lanes_where_the_map_allows(c, hw, n, vector, llvm):
     import tvm
 
