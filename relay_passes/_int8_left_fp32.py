@@ -58,8 +58,8 @@ def fed_fp32(rw) -> frozenset:
         pooled = max_pool_input(conv.args[0], rw.var2val, rw.counts)
         src = conv.args[0] if pooled is None else pooled
         producer = rw.plans.get(src)
-        if producer is None or rw.act_of(producer[0], const_array(producer[0].args[1]),
-                                         conv_geometry(producer[0], const_array(producer[0].args[1]))) is None:
+        pweight = None if producer is None else const_array(producer[0].args[1])
+        if producer is None or rw.act_of(producer[0], pweight, conv_geometry(producer[0], pweight)) is None:
             out.add(name)
             rw.fed_fp32 = frozenset(out)  # its readers ask act_of about it
     return frozenset(out)
