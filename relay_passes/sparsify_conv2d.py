@@ -91,7 +91,7 @@ class _Sparsifier(ConvChainRewriter):
         gate = channel_gate(conv.args[0], geo, self.var2val, self.counts, self.plans) \
             if self.target_kind == "llvm" and entry is None and rows.fmt in ("ell", "hyb") else None
         x = self.visit_expr(gather[0] if gather is not None else conv.args[0] if gate is None else gate[0])
-        x = x if pointwise is None else subsampled(self.builder_, x, geo)
+        x = x if pointwise is None else subsampled(self.builder_, x, geo, self.target_kind == "llvm")
         if split is not None:  # the planes it reads: written by the conv before it, or copied from its input
             planes = self.expand_planes(conv, gather, split)
             x = planes if planes is not None else self.phase_input(x, split)
