@@ -42,12 +42,12 @@ def capped_convs(rw, func: relax.Function) -> dict:
     return out
 
 
-def fed_fp32(rw) -> frozenset:
+def fed_fp32(rw) -> set:
     """The names of the scattered convs (quads under MAX_FILL) that the gathered kernel does not take and whose
     input (through a max pool, as the chaining sees it) is not written by a conv that runs int8 (FED_FP32). The
-    chains in binding order, so a producer is decided before its readers."""
-    out: set = set()
-    rw.fed_fp32 = frozenset()
+    chains in binding order, so a producer is decided before its readers: the set is rw.fed_fp32 as it fills, which
+    act_of reads."""
+    out = rw.fed_fp32 = set()
     for conv, _ in rw.plans.values():
         weight = const_array(conv.args[1])
         geo = conv_geometry(conv, weight)
@@ -61,5 +61,4 @@ def fed_fp32(rw) -> frozenset:
         pweight = None if producer is None else const_array(producer[0].args[1])
         if producer is None or rw.act_of(producer[0], pweight, conv_geometry(producer[0], pweight)) is None:
             out.add(name)
-            rw.fed_fp32 = frozenset(out)  # its readers ask act_of about it
-    return frozenset(out)
+    return out

@@ -71,7 +71,7 @@ class _Int8Rewriter(ConvChainRewriter):
     gather = False  # and whether it runs gathered_conv (AVX-512 VNNI and VBMI)
     pmadd = False  # and whether its int8 is AVX2's (no VNNI: SCATTERED_FP32)
     capped: dict = {}  # plan(): the convs a ReLU6 or SiLU follows (CAPPED_FP32), never mutated
-    fed_fp32: frozenset = frozenset()  # plan(): scattered quads on an fp32 input (FED_FP32)
+    fed_fp32: frozenset | set = frozenset()  # plan(): scattered quads on an fp32 input (FED_FP32)
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax

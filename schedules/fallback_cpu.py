@@ -173,7 +173,7 @@ def _vector_reduction(sch: s_tir.Schedule, block) -> bool:
         return False
     red_ext = math.prod(extents(sch, loops[spatial:]))
     # the widest divisor up to a register's lanes, not only powers of 2: a 7x7 map's 49 in vectors of 7 and a
-    # 14x14's 196 of 14 (efficientnet_b0's squeeze-excitation means over 1152 channels of 7x7: 21 -> 5 us)
+    # 14x14's 196 of 14 (efficientnet_b0's squeeze-excitation means over 1152 channels of 7x7: 21 -> 7 us)
     lanes = next((d for d in range(REDUCE_LANES, 3, -1) if red_ext % d == 0), 0)
     if lanes < 4 or red_ext < 2 * lanes:
         return False

@@ -31,18 +31,16 @@ def _planes(x_shape: tuple, x_dtype: str, act: ActQuant, channels: int, plane: i
     pstep = min(64, plane)  # the zero point filled in vectors of up to 64 bytes
     pfill = -(-plane // pstep)
 
+    def row(v, gain):  # an input row as bytes, scaled by the channel's gain first where there is one
+        return _as_bytes(v if gain is None else v * tirx.Broadcast(gain, w), x_dtype, act, w)
+
     @T.macro
     def fill(xf, of, b, gain):  # gain: None, or the channel's scale
         for k in range(pfill):
             of[T.Ramp(b * plane + T.min(k * pstep, plane - pstep), 1, pstep)] = T.Broadcast(zp, pstep)
         if b % channels < c:
-            for y in range(h):  # (the row inline: bound to a name, it went through a workspace buffer)
-                if gain is None:
-                    put_row(of, _as_bytes(xf[T.Ramp(((b // channels * c + b % channels) * h + y) * w, 1, w)],
-                                          x_dtype, act, w), b, y)
-                else:
-                    put_row(of, _as_bytes(xf[T.Ramp(((b // channels * c + b % channels) * h + y) * w, 1, w)]
-                                          * T.Broadcast(gain, w), x_dtype, act, w), b, y)
+            for y in range(h):  # (the row an inline expression: bound to a name, it went through a workspace buffer)
+                put_row(of, row(xf[T.Ramp(((b // channels * c + b % channels) * h + y) * w, 1, w)], gain), b, y)
 
     if gate is None:
         @T.prim_func(s_tir=True)
