@@ -100,7 +100,7 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     into = rw.planes.get(ep.last)
     # the epilogue in the kernel's write-back, unless a residual: a patches layer's domain is its output map; a
     # padded-planes layer's goes into the next one's planes where into_planes found them, else cropped after
-    out = gathered_ops.WriteBack(residual is None, flags["relu"], out_act, into)
+    out = gathered_ops.WriteBack(residual is None, flags["relu"], out_act, into, act.zero_point == 0)
     cropped = out.fused and not run.patches and into is None
     dims = ([geo.n, into.channels * into.plane] if into is not None else
             [geo.n, geo.k, geo.oh, geo.ow] if out.fused and not cropped else [geo.n, geo.k, shape.q])
@@ -116,7 +116,7 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
         call = rw.builder_.call_te(
             lambda s, c, o, b, *r: int8_ops.int8_epilogue(
                 s, c, o, b, r[0] if residual is not None else None, None,
-                geo=run, relu=flags["relu"], out_act=out_act, res_act=res_act),
+                geo=run, relu=flags["relu"], out_act=out_act, res_act=res_act, comp_zero=act.zero_point == 0),
             call, relax.const(comp), relax.const(out_scale), bias, *[a for a in (residual,) if a is not None],
             primfunc_name_hint="epilogue_int8")
         mark(rw.builder_, call, {"op": "epilogue_int8"})  # its own kernel: fused with the next pad it ran scalar

@@ -27,7 +27,7 @@ from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
 from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
 
-from . import _gathered_int8, sparsify_conv2d
+from . import _gathered_int8, _quad_inputs, sparsify_conv2d
 from ._int8_left_fp32 import capped_convs, fed_fp32, max_pool_input
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
 from ._util import const_array, dtype_of, fused_label, mark, shape_of
@@ -38,7 +38,6 @@ CHAIN_UINT8 = True  # int8 convs feeding int8 convs exchange uint8 (tests turn i
 CHAIN_SHARED = True  # an output several int8 convs read (and nothing else) goes uint8 too
 CHAIN_RESIDUALS = True  # llvm: block outputs that only int8 convs and their residual adds read go uint8 too
 INTERLEAVE = True  # llvm: quad rows stored by register tiles (formats.interleave_rows); tests turn it off
-QUAD_RELAY_STRIDED = True  # llvm: a strided conv's uint8 input into phase planes of quads by a byte shuffle
 NARROW_ROWS = True  # llvm, AVX-512: a stride-1 8x8 map in rows of 8 lanes (ConvGeometry.with_row_domain)
 WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
@@ -199,16 +198,9 @@ class _Int8Rewriter(ConvChainRewriter):
         # a layer's offsets fit
         off = compact_offsets(rows.off_with_lengths()) if self.kind == "llvm" else rows.off
         x = self.visit_expr(conv.args[0])
-        relay = None  # a uint8 input into quads by a byte shuffle, where the pad stage would insert bytes
-        if self.kind == "llvm" and dtype_of(x) == "uint8" and _relays(run, geo, shape_of(x), sub):
-            relay = int8_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point, sub,
+        if self.kind == "llvm":  # a relay's byte shuffle where the pad stage would write byte by byte
+            x = _quad_inputs.conv_input(self.builder_, x, geo, run, sub, act, rows.pad_quads,
                                         self.wide.get(conv.args[0], 0))
-        elif self.kind == "llvm" and dtype_of(x) == "uint8" and _relays_strided(run, geo, sub, shape_of(x)):
-            relay = int8_ops.quad_relay_strided(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point)
-        if relay is not None:
-            shape = [geo.n, rows.pad_quads * run.channel_plane, QUAD]
-            x = self.builder_.emit(relax.call_tir(self.builder_.add_func(relay, "quad_relay"), [x],
-                                                  relax.TensorType(shape, "uint8")))
         tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
             if self.kind == "llvm" and INTERLEAVE else 0
         # small maps: quad rows sorted by length, as SparsifyConv2d sorts fp32 rows; not a wide output (its
@@ -245,29 +237,6 @@ class _Int8Rewriter(ConvChainRewriter):
         return call
 
 
-def _relays(run, geo, x_shape=None, sub=(1, 1)) -> bool:
-    """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
-    its pad stage (llvm): a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
-    subsampled input), C a multiple of 4, input rows of at least one 16-position step; a subsampled row's
-    last step loads up to column s*OW - 1, so the row must be whole steps of s (else it reads past the end).
-    Given x's shape, also a plane laid out as the quads' of 16 positions or more in all (int8_ops.flat_plane:
-    14x14 and 7x7 1x1s; never a wide 3-D input)."""
-    if tuple(run.stride) != (1, 1) or geo.c % QUAD:
-        return False
-    return ((run.w >= 16 and (tuple(geo.stride) == (1, 1) or run.w * geo.stride[1] == geo.w))
-            or int8_ops.flat_plane(x_shape, run, sub))
-
-
-def _relays_strided(run, geo, sub, x_shape) -> bool:
-    """Whether a strided conv's uint8 input [N, C, H, W] goes into its phase planes of quads through
-    int8_ops.quad_relay_strided (it may still decline: phase planes under 4 positions wide): equal strides,
-    several taps, read at its own stride (not a subsampled 1x1), C a multiple of 4. QUAD_RELAY_STRIDED off:
-    the pad stage, which inserts one byte at a time (tests compare the two)."""
-    return (QUAD_RELAY_STRIDED and tuple(run.stride) == tuple(geo.stride) and geo.stride[0] == geo.stride[1] > 1
-            and tuple(sub) == (1, 1) and geo.r * geo.s > 1 and geo.c % QUAD == 0 and not run.patches
-            and x_shape is not None and len(x_shape) == 4)
-
-
 def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
     """Chained outputs (uint8, one int8 conv reading them) that the consumer's quad_relay can read in the
     producer's flat domain, thrown-away columns included: the producer writes [N, K, q_extent] from its
@@ -280,17 +249,19 @@ def _wide_outputs(rw: _Int8Rewriter, readers: dict) -> dict:
         if len(convs) != 1 or producer is None or producer[1].residual is not None:
             continue
         pconv, cconv = producer[0], convs[0][0]
-        # a producer reading fp32 (vgg's first conv) ran its wide write-back 2.7x slower than conv + epilogue
-        # pass (LLVM gathered the accumulators back from a stack buffer; not understood): it keeps its pass
-        src_in = pconv.args[0]
-        if src_in not in rw.out_act and max_pool_input(src_in, rw.var2val, rw.counts) not in rw.out_act:
-            continue
         pgeo, cgeo = (conv_geometry(c, const_array(c.args[1])) for c in (pconv, cconv))
         if pgeo is None or cgeo is None or any(rw.gathered_geometry(const_array(c.args[1]), g) is not None
                                                for c, g in ((pconv, pgeo), (cconv, cgeo))):
             continue
-        prun = rw.kernel_geometry(pgeo)[0]
-        if not prun.flat_output and _relays(rw.kernel_geometry(cgeo)[0], cgeo):  # flat: already in the write-back
+        prun, psub = rw.kernel_geometry(pgeo)
+        # a producer whose pad stage quantised fp32 (vgg's first conv before QUANTIZE_FIRST) ran its wide
+        # write-back 2.7x slower than conv + epilogue pass (LLVM gathered the accumulators back from a stack
+        # buffer; not understood): it keeps its pass. Quantised first, it runs wide like any (0.021 -> 0.016 ms)
+        src_in = pconv.args[0]
+        if (src_in not in rw.out_act and max_pool_input(src_in, rw.var2val, rw.counts) not in rw.out_act
+                and not _quad_inputs.quantized_first(prun, pgeo, psub, shape_of(src_in))):
+            continue
+        if not prun.flat_output and _quad_inputs.relays(rw.kernel_geometry(cgeo)[0], cgeo):  # flat: in the write-back
             out[src] = prun.wq
     return out
 

@@ -90,6 +90,44 @@ def test_quad_relay_strided_declines_narrow_phase_planes():
                               1, 0) is None
 
 
+@pytest.mark.parametrize("n,c,h,w,k,stride,pad,zp", [
+    (1, 3, 32, 32, 3, 1, (1, 1, 1, 1), 128),   # vgg16-cifar's stem: 3 channels, a quad's 4th at the zero point
+    (2, 3, 40, 36, 7, 2, (3, 3, 3, 3), 128),   # resnet50's 7x7/2 stem (smaller): phase planes, batch 2
+    (1, 5, 18, 17, 3, 1, (0, 1, 2, 0), 0),     # 5 channels: one quad and one of 1 + 3 padding, asymmetric pads
+    (1, 4, 33, 34, 1, 2, (0, 0, 0, 0), 7),     # a strided 1x1: every other row and column read in place
+])
+def test_quantize_first_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
+    """An fp32 input quantised to uint8 planes (channels padded to quads) and relayed: the bytes the int8
+    conv's pad stage writes when it quantises the fp32 input itself."""
+    import tvm
+    from tvm import te
+
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads, quad_channels
+    from unsparse_tvm.ops.sparse_int8 import pad_quantize, quad_relay, quad_relay_strided, quantize_channels
+    from unsparse_tvm.relay_passes._conv_match import strided_pointwise
+
+    geo = ConvGeometry(n, c, h, w, 4, k, k, (stride, stride), pad, (1, 1))
+    run = strided_pointwise(geo) if k == 1 and stride > 1 else geo
+    sub = (stride, stride) if run is not geo else (1, 1)
+    quads, act, c4 = pad_quads(run), ActQuant(0.015, zp, 255), quad_channels(c) * 4
+    x = (np.random.default_rng(c + w).standard_normal((n, c, h, w)) * 1.5).astype(np.float32)  # some clamped
+    xt = te.placeholder((n, c, h, w), "float32", name="x")
+    want_mod = tvm.compile(te.create_prim_func([xt, pad_quantize(xt, run, act, quads, sub)]), target=llvm)
+    planes_mod = tvm.compile(te.create_prim_func([xt, quantize_channels(xt, act, c4)]), target=llvm)
+    relay = (quad_relay((n, c4, h, w), run, quads, zp, sub) if run.stride == (1, 1)
+             else quad_relay_strided((n, c4, h, w), run, quads, zp))
+    relay_mod = tvm.compile(tvm.IRModule({"main": relay.with_attr("global_symbol", "main")}), target=llvm)
+    shape = (n, quads * run.channel_plane, 4)
+    want, got = (tvm.runtime.tensor(np.full(shape, 99, np.uint8)) for _ in range(2))
+    planes = tvm.runtime.tensor(np.zeros((n, c4, h, w), np.uint8))
+    want_mod["main"](tvm.runtime.tensor(x), want)
+    planes_mod["main"](tvm.runtime.tensor(x), planes)
+    relay_mod["main"](planes, got)
+    assert (planes.numpy()[:, c:] == zp).all() and {0, 255} <= set(np.unique(planes.numpy()[:, :c]))
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 class Fork(nn.Module):
     """The stem's output read by two int8 convs (a strided 1x1 and a strided 3x3, as resnet's downsample and
     conv2), their sum by a padded 3x3, whose output only a 1x1 reads: all uint8 between layers, the 3x3 and
@@ -131,14 +169,17 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     fused, run = build()
     assert fused["stem"] == "bias+relu+requant"  # read by `down` and `conv` only: uint8 for both
     assert fused["conv"].endswith("+requant")  # read by `last` only
-    # x shape, subsample, pitch: `down` (every 2nd of 32), `mid` (padded), `last` (mid's wide output, rows
-    # 18 apart); not `conv` (a strided 3x3, not computed at stride 1): its phase planes by the strided relay
+    # x shape, subsample, pitch: the stem (its fp32 input quantised first, 3 channels padded to a quad),
+    # `down` (every 2nd of 32), `mid` (padded), `last` (mid's wide output, rows 18 apart); not `conv` (a
+    # strided 3x3, not computed at stride 1): its phase planes by the strided relay
+    wide = [a for a in relays if len(a[0]) == 3]
     assert sorted((tuple(a[0]), a[4], a[5]) for a in relays) == [
-        ((2, 16, 16, 16), (1, 1), 0), ((2, 16, 32, 32), (2, 2), 0), ((2, 16, int(relays[-1][0][2])), (1, 1), 18)]
+        ((2, 4, 32, 32), (1, 1), 0), ((2, 16, 16, 16), (1, 1), 0), ((2, 16, 32, 32), (2, 2), 0),
+        ((2, 16, int(wide[0][0][2])), (1, 1), 18)]
     assert [tuple(a[0]) for a in strided] == [(2, 16, 32, 32)]
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_SHARED", False)
-    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8._relays", lambda *a: False)
-    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.QUAD_RELAY_STRIDED", False)
+    monkeypatch.setattr("unsparse_tvm.relay_passes._quad_inputs.relays", lambda *a: False)
+    monkeypatch.setattr("unsparse_tvm.relay_passes._quad_inputs.QUAD_RELAY_STRIDED", False)
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.WIDE_OUTPUTS", False)
     fused_plain, plain = build()
     assert fused_plain["stem"] == "bias+relu"
@@ -181,6 +222,46 @@ def test_a_row_domain_producer_is_not_also_wide(llvm):
     report, run = compile_int8(model, shape, ranges, llvm)
     assert {r.name: r.fused for r in report}["down"] == "bias+relu+requant"
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+class StemChain(nn.Module):
+    """vgg's start: a 3x3 stem on the fp32 input, its output read by one padded 3x3 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.mid(torch.relu(self.stem(x)))).mean(dim=(2, 3)))
+
+
+def test_a_stem_quantised_first_relays_and_writes_wide(llvm, monkeypatch):
+    """The stem's fp32 input is quantised to 4 uint8 planes and relayed; its output, which only `mid` reads,
+    is then written wide (rows of 34) for mid's relay. QUANTIZE_FIRST off: the stem's pad stage quantises
+    and its output is cropped by an epilogue pass. The same integers either way, and PyTorch's."""
+    import unsparse_tvm.ops.sparse_int8 as int8_ops
+    from test_int8 import _int8_reference
+    from unsparse_tvm.schedules.x86_int8 import act_qmax
+
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the quads, on any host
+    torch.manual_seed(3)
+    model = StemChain().eval()
+    shape = (2, 3, 32, 32)
+    ranges = int8_ready(model, shape, 0.7)
+    relays = []
+    real_relay = int8_ops.quad_relay
+    monkeypatch.setattr(int8_ops, "quad_relay", lambda *a: relays.append(a) or real_relay(*a))
+    _, run = compile_int8(model, shape, ranges, llvm)
+    assert sorted((tuple(a[0]), a[5]) for a in relays) == [((2, 4, 32, 32), 0), ((2, 16, 32 * 34), 34)]
+    monkeypatch.setattr("unsparse_tvm.relay_passes._quad_inputs.QUANTIZE_FIRST", False)
+    relays.clear()
+    _, plain = compile_int8(model, shape, ranges, llvm)
+    assert [tuple(a[0]) for a in relays] == [(2, 16, 32, 32)]
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
     exact = _int8_reference(model, ranges, act_qmax(llvm))(torch.from_numpy(x)).detach().numpy()
     assert np.abs(run(x) - exact).max() <= 1e-4 * np.abs(exact).max()
 
@@ -250,3 +331,61 @@ def test_quantising_loops_stay_vectors(llvm):
     tvm.compile(sch.mod, target=llvm)["main"](tvm.runtime.tensor(x), y)
     want = np.clip(np.round(x / 0.5) + 3, 0, 255).astype(np.uint8)  # numpy rounds half to even
     np.testing.assert_array_equal(y.numpy(), want)
+
+
+@pytest.mark.parametrize("zp", [0, 3, 128])
+def test_a_relu_as_the_quantising_clamp(zp, llvm):
+    """quantize(v, act, relu=True), the int8 epilogues' ReLU folded into the clamp at the zero point, gives the
+    bytes of quantize(max(v, 0), act) (ties, -0.0, values past both ends), in the conv epilogue's vector loops
+    and in the gathered kernels' write-back (quantize_lanes)."""
+    import tvm
+    from tvm import te, tirx
+
+    from unsparse_tvm.ops.int8_formats import ActQuant
+    from unsparse_tvm.ops.sparse_int8 import quantize
+    from unsparse_tvm.ops.sparse_int8_gathered import quantize_lanes
+    from tvm.script import tirx as T
+
+    act = ActQuant(0.5, zp, 255)
+    x = np.array([0.25, 0.75, -0.25, -0.0, 1.25, -1.25, -1.75, 126.0, 200.0, -9.0, 0.0, 1e-30, -1e-30, -3e38,
+                  3e38, 64.25] * 4, dtype=np.float32)
+    a = te.placeholder((64,), "float32", name="a")
+
+    def run(fn):
+        out = tvm.runtime.tensor(np.zeros(64, np.uint8))
+        tvm.compile(te.create_prim_func([a, te.compute((64,), lambda i: fn(a[i]), name="q")]), target=llvm)["main"](
+            tvm.runtime.tensor(x), out)
+        return out.numpy()
+
+    want = run(lambda v: quantize(tirx.max(v, tirx.const(0.0, "float32")), act))
+    np.testing.assert_array_equal(run(lambda v: quantize(v, act, relu=True)), want)
+    assert (want == np.clip(np.round(np.maximum(x, 0) / 0.5) + zp, 0, 255)).all()
+
+    @T.prim_func(s_tir=True)
+    def lanes(xb: T.Buffer((64,), "float32"), yb: T.Buffer((64,), "uint8")):
+        for i in range(4):
+            yb[T.Ramp(i * 16, 1, 16)] = quantize_lanes(xb[T.Ramp(i * 16, 1, 16)], act, 16, True)
+
+    out = tvm.runtime.tensor(np.zeros(64, np.uint8))
+    tvm.compile(lanes, target=llvm)["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_the_epilogue_skips_comp_after_a_relu():
+    """An int8 conv whose input zero point is 0 (its input after a ReLU) has comp = zp * row sums = 0: its
+    epilogue does not read comp; with zp 128 (a symmetric input) it does."""
+    from tvm import te
+
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant
+    from unsparse_tvm.ops.sparse_int8 import sparse_conv2d_int8
+
+    geo = ConvGeometry(1, 8, 16, 16, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+    for zp, reads in ((0, False), (128, True)):
+        x = te.placeholder((1, 8, 16, 16), "float32", name="x")
+        data, off = te.placeholder((4, 5, 4), "int8", name="data"), te.placeholder((4, 5), "int32", name="off")
+        comp, scale = te.placeholder((4,), "int32", name="comp"), te.placeholder((4,), "float32", name="scale")
+        out = sparse_conv2d_int8(x, data, off, comp, scale, geo=geo, act=ActQuant(0.1, zp, 255), quads=3,
+                                 has_bias=False, has_residual=False, relu=True, out_act=ActQuant(0.2, 0, 255))
+        script = te.create_prim_func([x, data, off, comp, scale, out]).script()
+        assert ("comp[" in script) == reads, script

@@ -36,11 +36,13 @@ def _vectorizable_nearbyint() -> None:
 _vectorizable_nearbyint()
 
 
-def quantize(value, act: ActQuant):
+def quantize(value, act: ActQuant, relu: bool = False):
     """uint8 of an fp32 value: round half to even (nearbyint, as torch.round), clamped in float so that
-    huge values cannot wrap."""
+    huge values cannot wrap. relu: of max(value, 0), as the clamp at the zero point instead of a max before
+    (the same bytes: value * inv_scale <= 0 rounds to at most 0 and lands at zp or below; one op less)."""
     q = tirx.nearbyint(value * tirx.const(act.inv_scale, "float32")) + tirx.const(float(act.zero_point), "float32")
-    return tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), F32_ZERO).astype("uint8")
+    low = tirx.const(float(act.zero_point), "float32") if relu else F32_ZERO
+    return tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), low).astype("uint8")
 
 
 def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
@@ -64,6 +66,19 @@ def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
         return tirx.if_then_else(inside, q, tirx.const(act.zero_point, "uint8"))
 
     return te.compute((geo.n, quads * geo.channel_plane, QUAD), value, name="pad_q")
+
+
+def quantize_channels(x: te.Tensor, act: ActQuant, channels: int) -> te.Tensor:
+    """fp32 x [N, C, H, W] -> uint8 [N, channels, H, W] in `act`, channels past C at the zero point: what the pad
+    stage computes for a conv with an fp32 input, as planes a quad_relay interleaves (a pad stage that
+    quantises gathers its 4 channels lane by lane and ran scalar)."""
+    n, c, h, w = (int(d) for d in x.shape)
+
+    def value(b, k, y, i):
+        q = quantize(x[b, tirx.min(k, c - 1), y, i], act)
+        return q if channels == c else tirx.if_then_else(k < c, q, tirx.const(act.zero_point, "uint8"))
+
+    return te.compute((n, channels, h, w), value, name="quantize_q")
 
 
 def _quad_patches(plane: te.Tensor, geo: ConvGeometry) -> te.Tensor:
@@ -249,26 +264,29 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
     )
 
     return int8_epilogue(conv, comp, out_scale, bias, residual, row_of, geo=geo, relu=relu, out_act=out_act,
-                         res_act=res_act, wide=wide)
+                         res_act=res_act, wide=wide, comp_zero=act.zero_point == 0)
 
 
 def int8_epilogue(conv: te.Tensor, comp: te.Tensor, out_scale: te.Tensor, bias: te.Tensor | None,
                   residual: te.Tensor | None, row_of: te.Tensor | None, *, geo: ConvGeometry, relu: bool,
-                  out_act: ActQuant | None, res_act: ActQuant | None, wide: bool = False) -> te.Tensor:
+                  out_act: ActQuant | None, res_act: ActQuant | None, wide: bool = False,
+                  comp_zero: bool = False) -> te.Tensor:
     """The int8 convs' epilogue over their int32 sums conv [N, K, q] (flat domain of geo): float32(conv - comp[k])
     * out_scale[k] (+ bias) (+ residual, uint8 in res_act or fp32) (ReLU), requantised to out_act where given;
-    cropped to [N, K, OH, OW], or (wide) the flat domain itself."""
+    cropped to [N, K, OH, OW], or (wide) the flat domain itself. comp_zero: the input's zero point is 0 (after a
+    ReLU), so comp is all zeros and not subtracted."""
     def value(n, k, *yx):  # (y, x), or the flat q of a wide output
         q = yx[0] if wide else yx[0] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + yx[1]
-        val = (conv[n, k if row_of is None else row_of[k], q] - comp[k]).astype("float32") * out_scale[k]
+        acc = conv[n, k if row_of is None else row_of[k], q]
+        val = (acc if comp_zero else acc - comp[k]).astype("float32") * out_scale[k]
         if bias is not None:
             val = val + bias[k]
         if residual is not None:
             r = residual[n, k, yx[0], yx[1]]
             val = val + (dequantize(r, res_act) if res_act is not None else r)
-        if relu:
-            val = tirx.max(val, F32_ZERO)
-        return quantize(val, out_act) if out_act is not None else val
+        if out_act is not None:
+            return quantize(val, out_act, relu)
+        return tirx.max(val, F32_ZERO) if relu else val
 
     shape = (geo.n, geo.k, geo.q_extent) if wide else (geo.n, geo.k, geo.oh, geo.ow)
     return te.compute(shape, value, name="epilogue")

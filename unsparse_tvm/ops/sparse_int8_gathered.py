@@ -82,6 +82,7 @@ class WriteBack:
     relu: bool = False
     out_act: ActQuant | None = None
     into: "IntoPlanes | None" = None  # uint8 straight into the next gathered layer's padded planes
+    comp_zero: bool = False  # the input's zero point is 0: comp is all zeros and not subtracted
 
     @property
     def dtype(self) -> str:
@@ -93,10 +94,10 @@ class WriteBack:
 
         if not self.fused:
             return acc
-        val = T.Cast(f"float32x{lanes}", acc - comp) * scale + bias
-        if self.relu:
-            val = T.max(val, T.Broadcast(T.float32(0), lanes))
-        return val if self.out_act is None else quantize_lanes(val, self.out_act, lanes)
+        val = T.Cast(f"float32x{lanes}", acc if self.comp_zero else acc - comp) * scale + bias
+        if self.out_act is not None:  # a ReLU as the clamp at the zero point (sparse_int8.quantize)
+            return quantize_lanes(val, self.out_act, lanes, self.relu)
+        return T.max(val, T.Broadcast(T.float32(0), lanes)) if self.relu else val
 
 
 @dataclass(frozen=True)
@@ -120,14 +121,14 @@ class IntoPlanes:
         return q <= self.plane and self.channels > k
 
 
-def quantize_lanes(v, act: ActQuant, lanes: int):
+def quantize_lanes(v, act: ActQuant, lanes: int, relu: bool = False):
     """uint8x`lanes` of float32x`lanes` v in `act`: sparse_int8.quantize's arithmetic (round half to even,
-    clamped in float) on a vector expression."""
+    clamped in float; relu: clamped at the zero point) on a vector expression."""
     from tvm.script import tirx as T
 
     q = T.nearbyint(v * T.Broadcast(T.float32(act.inv_scale), lanes)) + T.Broadcast(T.float32(act.zero_point), lanes)
-    top, zero = T.Broadcast(T.float32(act.qmax), lanes), T.Broadcast(T.float32(0), lanes)
-    return T.Cast(f"uint8x{lanes}", T.max(T.min(q, top), zero))
+    top, low = T.Broadcast(T.float32(act.qmax), lanes), T.Broadcast(T.float32(act.zero_point if relu else 0), lanes)
+    return T.Cast(f"uint8x{lanes}", T.max(T.min(q, top), low))
 
 
 def plan(geo: ConvGeometry) -> GatheredPlan:
