@@ -11,6 +11,7 @@ from tvm.target import Target
 
 from unsparse_tvm.schedules import cpu_vector_lanes, fallback_cpu, rules
 from unsparse_tvm.schedules.row_extents import TrimRowLoops
+from unsparse_tvm.schedules.small_loops import SerialSmallLoops
 from unsparse_tvm.cost.model import BUILTIN, CostModel, X86Rates
 
 from .apply_tuning_records import ApplyTuningRecords
@@ -79,7 +80,8 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
         schedule.append(TagGroupedConv())
     schedule.append(dl.ApplyDefaultSchedule(*rules(target.kind.name, configs)))  # schedules/: ours
     if is_cpu:  # the int8 convs' loops end at their rows' lengths (tuned or not); then the generic fallback
-        schedule += [TrimRowLoops(), dl.ApplyDefaultSchedule(fallback_cpu.RULE)]
+        # and parallel loops over little work run on one thread (a second one's launch costs more)
+        schedule += [TrimRowLoops(), dl.ApplyDefaultSchedule(fallback_cpu.RULE), SerialSmallLoops()]
     else:
         schedule.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
