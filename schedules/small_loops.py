@@ -62,8 +62,8 @@ def serial_small_loops(func: tirx.PrimFunc, limit: int = MAX_STATEMENTS) -> tirx
 class SerialSmallLoops:
     """serial_small_loops on every PrimFunc of the module."""
 
-    def __init__(self, limit: int = MAX_STATEMENTS):
-        self.limit = limit
+    def __init__(self, limit: int | None = None):
+        self.limit = MAX_STATEMENTS if limit is None else limit  # read when the pipeline is built (tests set it)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mod = mod.clone()

@@ -21,12 +21,19 @@ import pytest
 
 from conftest import assert_one_line_error, pruned_program, sparse_weight
 from unsparse_tvm.errors import UnsparseError
-from unsparse_tvm.schedules.row_extents import trim_row_loops
+from unsparse_tvm.schedules.row_extents import trim_row_loops as _trim
+from unsparse_tvm.schedules.small_loops import serial_small_loops
 from unsparse_tvm.tuning.log import RECORD_FILE, read_log
 from unsparse_tvm.tuning.search import SearchOptions
 from unsparse_tvm.tuning.state import trace_key
 
 QUIET = SearchOptions(progress=False)  # no progress lines in test output
+
+
+def trim_row_loops(func):
+    """As the pipeline leaves a scheduled kernel: row loops at their rows' lengths, small parallel loops serial."""
+    return serial_small_loops(_trim(func))
+
 
 TINY_TRIALS = 4
 

@@ -64,9 +64,11 @@ def _build_one(mod, target, workdir: str) -> str:
     from tvm.support.tar import tar
 
     from unsparse_tvm.schedules.row_extents import TrimRowLoops
+    from unsparse_tvm.schedules.small_loops import SerialSmallLoops
     from unsparse_tvm.target import kernel_target
 
-    mod = TrimRowLoops()(mod)  # as compile builds it: int8 loops at the rows' lengths, for kernel_target
+    # as compile builds it: int8 loops at the rows' lengths, small parallel loops serial, for kernel_target
+    mod = SerialSmallLoops()(TrimRowLoops()(mod))
     rt_mod = tvm.tirx.build(mod, target=kernel_target(target, mod))
     path = os.path.join(tempfile.mkdtemp(dir=workdir), "mod." + tar.output_format)
     try:
