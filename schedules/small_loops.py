@@ -5,8 +5,8 @@ threads on the Zen 4 this was measured on (0.05 us with one), more than half of 
 ~1.6 us alone saves by splitting. An inference of vgg16-cifar's int8 model ran 47 parallel loops, among them
 its max pools on 4x4 and 2x2 maps, the linear layers' quantising of 512 inputs, a flatten. After the
 schedules (ours, tuning records' and the fallback), a parallel loop that runs fewer than
-MAX_STATEMENTS statements in all becomes serial: a vectorised loop's statement counts once, an unrolled or
-serial loop's once per iteration, a loop of an extent not known at compile time (the sparse kernels' row
+MAX_STATEMENTS statements in all becomes serial: a vectorised loop's statement counts once per 16 lanes, an
+unrolled or serial loop's once per iteration, a loop of an extent not known at compile time (the sparse kernels' row
 loops) as more than any threshold. One thread is unaffected (the loops' code is the same; only the launch goes).
 """
 
@@ -28,10 +28,10 @@ def statements(stmt: tirx.Stmt) -> float:
     """Executions of the leaf statements (stores, calls) under `stmt`; inf where a loop's extent is not a
     constant."""
     if isinstance(stmt, tirx.For):
-        if stmt.kind == tirx.ForKind.VECTORIZED:
-            return statements(stmt.body)
         if not isinstance(stmt.extent, tirx.IntImm):
             return math.inf
+        if stmt.kind == tirx.ForKind.VECTORIZED:  # one statement a 16-lane vector (LLVM splits wider ones)
+            return -(-int(stmt.extent) // 16) * statements(stmt.body)
         return int(stmt.extent) * statements(stmt.body)
     if isinstance(stmt, tirx.SeqStmt):
         return sum(statements(s) for s in stmt.seq)

@@ -359,7 +359,8 @@ def test_a_relu_as_the_quantising_clamp(zp, llvm):
 
     want = run(lambda v: quantize(tirx.max(v, tirx.const(0.0, "float32")), act))
     np.testing.assert_array_equal(run(lambda v: quantize(v, act, relu=True)), want)
-    assert (want == np.clip(np.round(np.maximum(x, 0) / 0.5) + zp, 0, 255)).all()
+    with np.errstate(over="ignore"):  # 3e38 / 0.5 is inf in float32, clipped to 255 as the kernels clamp it
+        assert (want == np.clip(np.round(np.maximum(x, 0) / 0.5) + zp, 0, 255)).all()
 
     @T.prim_func(s_tir=True)
     def lanes(xb: T.Buffer((64,), "float32"), yb: T.Buffer((64,), "uint8")):

@@ -14,7 +14,7 @@ def loops(a: T.Buffer((64, 64), "float32"), n: T.Buffer((1,), "int32"), b: T.Buf
     for i in T.parallel(64):  # 4096: stays parallel
         for j in range(64):
             b[i, j] = b[i, j] * T.float32(2)
-    for i in T.parallel(8):  # 8 vector statements: serial
+    for i in T.parallel(8):  # 8 x 4 16-lane vector statements: serial
         for j in T.vectorized(64):
             b[i, j] = b[i, j] + a[i, j]
     for i in T.parallel(2):  # a loop whose extent is read at run time inside: as many as it may be, parallel
@@ -49,12 +49,12 @@ def test_small_parallel_loops_become_serial(llvm):
 
     from unsparse_tvm.schedules.small_loops import SerialSmallLoops, statements
 
-    assert [statements(loop) for loop in _outer_loops(loops)] == [64, 4096, 8, float("inf")]
+    assert [statements(loop) for loop in _outer_loops(loops)] == [64, 4096, 32, float("inf")]
     mod = tvm.IRModule({"main": loops})
     after = SerialSmallLoops()(mod)
     assert _kinds(loops) == [True, True, True, True]
     assert _kinds(after["main"]) == [False, True, False, True]
-    assert _kinds(SerialSmallLoops(limit=5)(mod)["main"]) == [True, True, True, True]  # 8 >= 5: all stay
+    assert _kinds(SerialSmallLoops(limit=5)(mod)["main"]) == [True, True, True, True]  # 32 and 64 >= 5: all stay
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     outs = []
     for m in (mod, after):
