@@ -9,6 +9,13 @@ import torch.nn as nn
 from conftest import compile_int8, int8_ready
 
 
+def _record_calls(monkeypatch, module, name: str, pick=lambda a: a) -> list:
+    """Calls of module.name from now on, each as pick(its arguments), the real function still run."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(pick(a)) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("n,c,h,w,k,stride,pad,zp", [
     (1, 8, 16, 16, 1, 1, (0, 0, 0, 0), 0),     # a 1x1: one 16-position step per row
     (2, 12, 9, 18, 1, 1, (0, 0, 0, 0), 128),   # batch 2, rows of 18: the second step shifted back
@@ -157,10 +164,8 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     model = Fork().eval()
     shape = (2, 3, 32, 32)
     ranges = int8_ready(model, shape, 0.7)
-    relays, strided = [], []
-    real_relay, real_strided = int8_ops.quad_relay, int8_ops.quad_relay_strided
-    monkeypatch.setattr(int8_ops, "quad_relay", lambda *a: relays.append(a) or real_relay(*a))  # a: its arguments
-    monkeypatch.setattr(int8_ops, "quad_relay_strided", lambda *a: strided.append(a) or real_strided(*a))
+    relays = _record_calls(monkeypatch, int8_ops, "quad_relay")  # each call's arguments
+    strided = _record_calls(monkeypatch, int8_ops, "quad_relay_strided")
 
     def build():
         report, run = compile_int8(model, shape, ranges, llvm)
@@ -251,9 +256,7 @@ def test_a_stem_quantised_first_relays_and_writes_wide(llvm, monkeypatch):
     model = StemChain().eval()
     shape = (2, 3, 32, 32)
     ranges = int8_ready(model, shape, 0.7)
-    relays = []
-    real_relay = int8_ops.quad_relay
-    monkeypatch.setattr(int8_ops, "quad_relay", lambda *a: relays.append(a) or real_relay(*a))
+    relays = _record_calls(monkeypatch, int8_ops, "quad_relay")
     _, run = compile_int8(model, shape, ranges, llvm)
     assert sorted((tuple(a[0]), a[5]) for a in relays) == [((2, 4, 32, 32), 0), ((2, 16, 32 * 34), 34)]
     monkeypatch.setattr("unsparse_tvm.relay_passes._quad_inputs.QUANTIZE_FIRST", False)
@@ -290,9 +293,7 @@ def test_the_stem_writes_uint8_through_its_max_pool(llvm, monkeypatch):
     model = PooledFork().eval()
     shape = (1, 3, 128, 128)
     ranges = int8_ready(model, shape, 0.7)
-    pools = []
-    real_pool = vmp.max_pool_3x3s2
-    monkeypatch.setattr(vmp, "max_pool_3x3s2", lambda *a: pools.append(a[1]) or real_pool(*a))  # a[1]: dtype
+    pools = _record_calls(monkeypatch, vmp, "max_pool_3x3s2", lambda a: a[1])  # a[1]: the dtype
     report, run = compile_int8(model, shape, ranges, llvm)
     assert {r.name: r.fused for r in report}["stem"] == "bias+relu+requant" and pools == ["uint8"]
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.CHAIN_SHARED", False)
