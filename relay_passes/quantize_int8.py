@@ -22,7 +22,7 @@ from unsparse_tvm.ops import names
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops import sparse_int8_gathered as gathered_ops
 from unsparse_tvm.ops.formats import compact_offsets, interleave_rows, inverse_order
-from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
+from unsparse_tvm.ops.int8_formats import ActQuant, conv_quad_rows, epilogue_consts, quantize_weight, record_int8
 from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
 from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
@@ -30,7 +30,7 @@ from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
 from . import _gathered_int8, _quad_inputs, sparsify_conv2d
 from ._int8_left_fp32 import capped_convs, fed_fp32, max_pool_input
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
-from ._util import const_array, dtype_of, fused_label, mark, shape_of
+from ._util import const_array, fused_label, mark, shape_of
 from .layers import LayerDecision, LayerNames
 
 OP = names.SPARSE_CONV2D_INT8
