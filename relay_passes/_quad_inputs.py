@@ -51,7 +51,7 @@ def quantized_first(run, geo, sub, x_shape) -> bool:
         return False
     qgeo, ushape = _padded(geo, x_shape)
     return relays(run, qgeo, ushape, sub) or (relays_strided(run, qgeo, sub, ushape)
-                                              and int8_ops.quad_relay_strided(ushape, run, 1, 0) is not None)
+                                              and int8_ops.strided_relay_step(run) is not None)
 
 
 def _padded(geo, x_shape) -> tuple:

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import assert_one_line_error, pruned_program, sparse_weight
 from unsparse_tvm.errors import UnsparseError
-from unsparse_tvm.schedules.row_extents import trim_row_loops as _trim
+from unsparse_tvm.schedules.row_extents import trim_row_loops
 from unsparse_tvm.schedules.small_loops import serial_small_loops
 from unsparse_tvm.tuning.log import RECORD_FILE, read_log
 from unsparse_tvm.tuning.search import SearchOptions
@@ -30,9 +30,9 @@ from unsparse_tvm.tuning.state import trace_key
 QUIET = SearchOptions(progress=False)  # no progress lines in test output
 
 
-def trim_row_loops(func):
-    """As the pipeline leaves a scheduled kernel: row loops at their rows' lengths, small parallel loops serial."""
-    return serial_small_loops(_trim(func))
+def as_pipeline_leaves(func):
+    """A scheduled kernel as the pipeline leaves it: row loops at their rows' lengths, small parallel loops serial."""
+    return serial_small_loops(trim_row_loops(func))
 
 
 TINY_TRIALS = 4
@@ -190,7 +190,7 @@ def _distinct_record_log(tmp_path, llvm, target=None):
     write_record(path, task.mod, trace, [1e-7], target or llvm)
     sch = s_tir.Schedule(task.mod)
     trace.apply_to_schedule(sch, remove_postproc=False)
-    return path, task, trim_row_loops(sch.mod["main"])  # as the pipeline leaves it: row loops at their lengths
+    return path, task, as_pipeline_leaves(sch.mod["main"])
 
 
 def _scheduled(ep, target, database):
@@ -210,7 +210,7 @@ def test_record_is_applied_at_compile_time(tmp_path, llvm):
     from unsparse_tvm.tuning import open_database
 
     path, task, expected = _distinct_record_log(tmp_path, llvm)
-    default = trim_row_loops(rule_for(task.op, "llvm").apply(task.mod["main"], llvm).mod["main"])
+    default = as_pipeline_leaves(rule_for(task.op, "llvm").apply(task.mod["main"], llvm).mod["main"])
     assert not tvm_ffi.structural_equal(expected.body, default.body, map_free_vars=True)
     db = open_database(path, llvm)
     mod = _scheduled(pruned_program("smallcnn"), llvm, db)
@@ -241,7 +241,7 @@ def test_record_of_another_target_is_never_applied(tmp_path, llvm, capsys):
 
     # this target's own workload of the layer (its rows' storage tile follows the target's lanes)
     own = next(t for t in extract_tasks(pruned_program("smallcnn"), llvm) if t.name == task.name)
-    default = trim_row_loops(rule_for(task.op, "llvm").apply(own.mod["main"], llvm).mod["main"])
+    default = as_pipeline_leaves(rule_for(task.op, "llvm").apply(own.mod["main"], llvm).mod["main"])
     assert tvm_ffi.structural_equal(mod[task.name].body, default.body, map_free_vars=True)
     assert db.stats["kernels_applied"] == 0
     # ... while the same log does apply to the target it was recorded for

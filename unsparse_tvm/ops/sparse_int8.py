@@ -167,6 +167,12 @@ def _phase_rows(run: ConvGeometry, step: int) -> list[tuple] | None:
     return out
 
 
+def strided_relay_step(run: ConvGeometry) -> int | None:
+    """The positions quad_relay_strided moves per step for `run`: the widest of 16, 8, 4 every phase plane has
+    room for, or None where it declines (_phase_rows)."""
+    return next((step for step in (16, 8, 4) if _phase_rows(run, step) is not None), None)
+
+
 def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int) -> tirx.PrimFunc | None:
     """quad_relay for a strided conv (stride s in both axes, several taps): uint8 x [N, C, H, W] -> its s*s
     phase planes of quads, [N, quads * channel_plane, 4], as pad_quantize lays them out. Each phase plane row
@@ -178,14 +184,10 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
 
     n, c, h, w = x_shape
     (s, sw), cq, hw = run.stride, c // QUAD, h * w
-    if s != sw or c % QUAD:
+    step = strided_relay_step(run)
+    if s != sw or c % QUAD or step is None:
         return None
-    for step in (16, 8, 4):  # the widest step every phase plane has room for
-        rows = _phase_rows(run, step)
-        if rows is not None:
-            break
-    else:
-        return None
+    rows = _phase_rows(run, step)
     phase, plane, span = run.hq * run.wq, run.channel_plane, step * s
     picks = [[v * span + t * s + lead for t in range(step) for v in range(QUAD)] for lead in (0, 1)]
     zp = tirx.const(zero_point, "uint8")
