@@ -15,6 +15,7 @@ the fields of unsparse_tvm.CompileOptions.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn as nn
 
 from .errors import UnsparseError
 
+_VERSION = operator.attrgetter("_version")  # a tensor's version counter, bumped by in-place writes
 TRAINING_OPS = {"batch_norm", "dropout", "dropout1d", "dropout2d", "alpha_dropout", "feature_alpha_dropout"}
 
 
@@ -71,8 +73,9 @@ class _Bound(nn.Module):
         return self.gm(*args)
 
 
-def _split(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[list[int], int]:
-    """(the placeholders holding the module's weights, the one real input's), or UnsparseError saying why not."""
+def _split(gm: torch.fx.GraphModule, example_inputs: list) -> int:
+    """The one real input's placeholder (every other one holds a weight of the module), or UnsparseError saying
+    why not."""
     why = _training_reason(gm)
     if why:
         raise UnsparseError(why)
@@ -85,14 +88,14 @@ def _split(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[list[int], i
         (constants if _is_constant(node, ex) else inputs).append(i)
     if len(inputs) != 1:
         raise UnsparseError(f"the graph has {len(inputs)} tensor inputs; unsparse compiles graphs with one")
-    return constants, inputs[0]
+    return inputs[0]
 
 
-def _build(gm: torch.fx.GraphModule, args: list, constants: list[int], slot: int, opts):
-    """unsparse_tvm.compile of the graph with args[i] (i in constants) bound as constants."""
+def _build(gm: torch.fx.GraphModule, args: list, slot: int, opts):
+    """unsparse_tvm.compile of the graph with every argument but args[slot] bound as a constant."""
     from .api import compile
 
-    x = args[slot]
+    x, constants = args[slot], [i for i in range(len(args)) if i != slot]
     bad = [str(args[i].dtype) for i in constants if args[i].is_floating_point() and args[i].dtype != torch.float32]
     if bad or x.dtype != torch.float32:
         raise UnsparseError(f"the graph holds {bad[0] if bad else x.dtype} tensors; unsparse compiles float32 only")
@@ -113,49 +116,63 @@ class _Weighted:
 
     LIMIT = 8
 
-    def __init__(self, gm, constants: list[int], slot: int, opts, model, example_inputs: list):
-        self.gm, self.constants, self.slot, self.opts = gm, constants, slot, opts
-        self.models = {self._key(example_inputs): (model, [example_inputs[i] for i in constants])}
+    def __init__(self, gm, slot: int, opts, model, example_inputs: list):
+        self.gm, self.slot, self.opts = gm, slot, opts  # every argument but args[slot] is a weight (_split)
+        weights = self._weights(example_inputs)
+        self.last = self._entry(model, weights)
+        self.models = {self._key(weights): self.last}
 
-    def _key(self, args) -> tuple:
-        return tuple([(id(args[i]), args[i]._version) for i in self.constants])
+    def _weights(self, args) -> tuple:
+        return tuple(args[:self.slot]) + tuple(args[self.slot + 1:])
+
+    @staticmethod
+    def _key(weights) -> tuple:
+        return tuple(zip(map(id, weights), map(_VERSION, weights)))
+
+    @staticmethod
+    def _entry(model, weights) -> tuple:
+        # the tensors are kept with their model, so their ids (the key) cannot be reused by new tensors
+        return model, weights, list(map(_VERSION, weights))
 
     def __call__(self, *args):
-        key = self._key(args)
-        entry = self.models.get(key)
-        if entry is None:
-            entry = self._recompile(args, key)
-        outs = entry[0](args[self.slot])
+        weights = self._weights(args)
+        model, known, versions = self.last
+        # the last set's tensors and versions compared in C loops (map): run cache-cold after every inference,
+        # a Python loop over ~80 weights cost ~2% of vgg16-cifar's call (docs/results.md, 2026-12-06 17:40)
+        if not (all(map(operator.is_, weights, known)) and list(map(_VERSION, weights)) == versions):
+            key = self._key(weights)
+            self.last = self.models.get(key) or self._recompile(args, weights, key)
+            model = self.last[0]
+        outs = model(args[self.slot])
         return list(outs) if isinstance(outs, tuple) else [outs]
 
-    def _recompile(self, args, key):
+    def _recompile(self, args, weights, key) -> tuple:
         warnings.warn(f"unsparse backend: the weights differ from those compiled ({len(self.models)} set(s) so far: "
                       "another instance of the module, or weights replaced or written); compiling for these",
                       UnsparseRecompile, stacklevel=3)
         try:
-            model = _build(self.gm, list(args), self.constants, self.slot, self.opts)
+            model = _build(self.gm, list(args), self.slot, self.opts)
         except Exception as err:  # noqa: BLE001  as at the first compile: what cannot be compiled runs eagerly
             warnings.warn(f"unsparse backend: {err}; this graph runs eagerly", UnsparseFallback, stacklevel=3)
             def model(x, a=list(args)):  # the graph itself, eagerly
                 return self.gm(*[x if i == self.slot else t for i, t in enumerate(a)])
         if len(self.models) >= self.LIMIT:
             self.models.pop(next(iter(self.models)))  # the oldest set
-        # the tensors are kept with their model, so their ids (the key) cannot be reused by new tensors
-        self.models[key] = (model, [args[i] for i in self.constants])
+        self.models[key] = self._entry(model, weights)
         return self.models[key]
 
 
 def _compile(gm: torch.fx.GraphModule, example_inputs: list, options: dict):
     from .api import CompileOptions
 
-    constants, slot = _split(gm, example_inputs)
+    slot = _split(gm, example_inputs)
     try:
         opts = CompileOptions(**options)
     except TypeError as err:
         raise UnsparseError(f"unknown option: {err}") from None
-    model = _build(gm, list(example_inputs), constants, slot, opts)
+    model = _build(gm, list(example_inputs), slot, opts)
     _drop_weight_guards()
-    return _Weighted(gm, constants, slot, opts, model, example_inputs)
+    return _Weighted(gm, slot, opts, model, example_inputs)
 
 
 def _on_weights(guard) -> bool:
