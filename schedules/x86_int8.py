@@ -52,10 +52,12 @@ def _impl(lanes: int, dot, offset: str):
         with T.sblock("root"):
             T.reads(C[0:lanes], X[0:lanes, 0:4], O[0:1], W[0:4])
             T.writes(C[0:lanes])
-            xv = X.vload([0, 0], dtype=f"uint8x{lanes * 4}")
-            wv = T.reinterpret(T.broadcast(T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), lanes),
-                               dtype=f"int8x{lanes * 4}")
-            C[T.ramp(T.int32(0), 1, lanes)] = dot(C.vload([0], dtype=f"int32x{lanes}"), xv, wv)
+            # the operands as expressions: a name bound here became a local buffer that the kernels' parallel
+            # loops allocated from the workspace pool on every iteration (design.md item 53)
+            C[T.ramp(T.int32(0), 1, lanes)] = dot(
+                C.vload([0], dtype=f"int32x{lanes}"), X.vload([0, 0], dtype=f"uint8x{lanes * 4}"),
+                T.reinterpret(T.broadcast(T.reinterpret(W.vload([0], dtype="int8x4"), dtype="int32"), lanes),
+                              dtype=f"int8x{lanes * 4}"))
 
     return impl
 

@@ -3,7 +3,8 @@ module on one thread, which is most of a real network's compile time (densenet12
 ~90% of `compile`). Here, for llvm targets, the kernels are split into a few modules built in threads
 (TVM's FFI releases the GIL, and each LLVM module has its own context), imported into the first, and
 their object files are written in threads too. The result is the executable `tvm.compile` would make
-(same Relax pipeline, same VM link), except that each kernel is built for target.kernel_target; CUDA targets
+(same Relax pipeline, same VM link), except that each kernel is built for target.kernel_target and lowered
+with tir_pipeline's small buffers on the stack; CUDA targets
 take TVM's own path, UNSPARSE_BUILD_JOBS=1 builds in one thread.
 
 This follows `tvm.relax.vm_build.build` / `Module.export_library` of TVM 0.27 (pinned) step by step.
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import tvm
 from tvm import relax
 
+from . import tir_pipeline
 from .reference import usable_cores
 from .target import kernel_target
 
@@ -73,7 +75,7 @@ def _parts(tir_mod: tvm.IRModule, target, n: int) -> list[tuple[tvm.IRModule, ob
 
 
 def _build(tir_mod: tvm.IRModule, target):
-    return tvm.tirx.build(tir_mod, target=target)
+    return tvm.tirx.build(tir_mod, target=target, pipeline=tir_pipeline.pipeline())  # small buffers on the stack
 
 
 def export_library(executable: relax.Executable, path: str, workspace: str) -> None:

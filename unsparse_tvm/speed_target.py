@@ -318,6 +318,7 @@ def layer_times(program, threads: int, repeat: int = 7) -> dict[str, float]:
 
     from .timing import round_robin, set_threads, vm_timer
     from .cost.calibration import rates_for
+    from .parallel_build import compile_module
     from .relay_passes import build_pipeline
     from .single_layer import extract_layers, layer_module
     from .target import make_target
@@ -330,7 +331,7 @@ def layer_times(program, threads: int, repeat: int = 7) -> dict[str, float]:
     for spec in specs:
         report: list = []
         pipeline = build_pipeline(target, names=names, report=report, rates=rates)
-        ex = tvm.compile(layer_module(spec), target=target, relax_pipeline=pipeline)
+        ex = compile_module(layer_module(spec), target, pipeline)  # as compile builds it
         x = np.random.default_rng(0).standard_normal(spec.input_shape).astype(np.float32)
         ms = round_robin({"layer": vm_timer(ex, tvm.cpu(), x)[0]}, repeat, min_batch_ms=5.0)["layer"]
         times[names.name_of(spec.weight, spec.op) + ".weight"] = round(ms * 1e3, 2)

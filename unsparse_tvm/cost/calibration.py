@@ -63,12 +63,17 @@ def cpu_model_name() -> str:
         return platform.processor() or platform.machine()
 
 
+# bumped when the kernels the rates are measured on change speed for every layer (2: small buffers on the stack,
+# tir_pipeline): rates measured on the older code no longer describe what compile builds
+KERNELS = 2
+
+
 def identity(target, threads: int) -> dict:
     """What a calibration is valid for: this CPU (model name, extensions), the code path (LLVM mcpu and
-    mattr of the target) and the thread count."""
+    mattr of the target), the thread count and the kernels' generation (KERNELS)."""
     mattr = sorted(str(a) for a in target.attrs["mattr"]) if "mattr" in target.attrs else []
     return {"cpu_model": cpu_model_name(), "cpu_features": sorted(host_features()),
-            "mcpu": str(target.attrs["mcpu"]), "mattr": mattr, "threads": threads}
+            "mcpu": str(target.attrs["mcpu"]), "mattr": mattr, "threads": threads, "kernels": KERNELS}
 
 
 def cache_path(ident: dict) -> str:

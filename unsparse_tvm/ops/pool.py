@@ -27,6 +27,20 @@ def max_pool_3x3s2(shape: tuple[int, int, int, int], dtype: str, lanes: int) -> 
     even = [2 * i for i in range(lanes)]
     odd = [2 * i + 1 for i in range(lanes)]
 
+    # every quantity below an expression, not a name bound in the script: TVMScript makes a bound name a buffer,
+    # which the parallel loop allocated from the workspace pool (one scalar or vector each, every iteration)
+    def x0(k):  # the first column of a row pass's k-th vector (the last one shifted back to end at the row's end)
+        return tirx.min(k * lanes, w - lanes)
+
+    def row(xf, b, y, k):  # `lanes` columns of input row y (a row inside the image) of channel b
+        return xf[T.Ramp(b * h * w + x0(k) + y * w, 1, lanes)]
+
+    def o0(k):  # the first output column of the column pass's k-th vector
+        return tirx.min(k * lanes, ow - lanes)
+
+    def picks(rows, b, k, start: int, pick: list):  # lanes `pick` of the two vectors at row-buffer column 2*o0 + start
+        return T.Shuffle([rows[T.Ramp(b * span + 2 * o0(k) + start, 1, 2 * lanes)]], pick)
+
     @T.prim_func(s_tir=True)  # a root block: Relax analyses (AnnotateTIROpPattern) expect one
     def pool(x: T.Buffer((n, c, h, w), dtype), y: T.Buffer((n, c, oh, ow), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
@@ -35,22 +49,15 @@ def max_pool_3x3s2(shape: tuple[int, int, int, int], dtype: str, lanes: int) -> 
             yf = T.decl_buffer((n * c * oh * ow,), dtype, data=y.data)
             rows = T.sblock_alloc_buffer((n * c * span,), dtype)  # one row buffer per (image, channel) task
             for b in T.parallel(n * c):
-                r = b * span
                 for oy in range(oh):
                     for k in range((span + lanes - 1) // lanes):  # all lowest first (padding columns)
-                        rows[T.Ramp(r + T.min(k * lanes, span - lanes), 1, lanes)] = T.Broadcast(low, lanes)
-                    top = T.max(2 * oy - 1, 0)  # the rows inside the image (padding rows add nothing)
-                    bottom = T.min(2 * oy + 1, h - 1)
-                    for k in range((w + lanes - 1) // lanes):
-                        x0 = T.min(k * lanes, w - lanes)
-                        base = b * h * w + x0
-                        m = T.max(xf[T.Ramp(base + top * w, 1, lanes)], xf[T.Ramp(base + (2 * oy) * w, 1, lanes)])
-                        rows[T.Ramp(r + 1 + x0, 1, lanes)] = T.max(m, xf[T.Ramp(base + bottom * w, 1, lanes)])
-                    for k in range((ow + lanes - 1) // lanes):
-                        o0 = T.min(k * lanes, ow - lanes)
-                        a = rows[T.Ramp(r + 2 * o0, 1, 2 * lanes)]      # columns 2*o0 - 1 ... (shifted by 1)
-                        nxt = rows[T.Ramp(r + 2 * o0 + 2, 1, 2 * lanes)]
-                        best = T.max(T.max(T.Shuffle([a], even), T.Shuffle([a], odd)), T.Shuffle([nxt], even))
-                        yf[T.Ramp(b * oh * ow + oy * ow + o0, 1, lanes)] = best
+                        rows[T.Ramp(b * span + T.min(k * lanes, span - lanes), 1, lanes)] = T.Broadcast(low, lanes)
+                    for k in range((w + lanes - 1) // lanes):  # the rows inside the image (padding rows add nothing)
+                        rows[T.Ramp(b * span + 1 + x0(k), 1, lanes)] = T.max(
+                            T.max(row(xf, b, T.max(2 * oy - 1, 0), k), row(xf, b, 2 * oy, k)),
+                            row(xf, b, T.min(2 * oy + 1, h - 1), k))
+                    for k in range((ow + lanes - 1) // lanes):  # columns 2*o0 - 1, 2*o0, 2*o0 + 1 (shifted by 1)
+                        yf[T.Ramp(b * oh * ow + oy * ow + o0(k), 1, lanes)] = T.max(
+                            T.max(picks(rows, b, k, 0, even), picks(rows, b, k, 0, odd)), picks(rows, b, k, 2, even))
 
     return pool.without_attr("global_symbol")

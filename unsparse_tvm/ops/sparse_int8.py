@@ -128,6 +128,14 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
         rows, cols, wq = 1, run.h * run.w, run.h * run.w
     assert cols >= 16, (x_shape, cols)
 
+    def x0(k):  # a step's first position (the last step shifted back to end at the row's end)
+        return tirx.min(k * 16, cols - 16)
+
+    def src(b, y, k):  # its first byte in channel plane 0 of quad b
+        return (b // quads * cq + b % quads) * QUAD * h * w + y * sy * pitch + x0(k) * sx
+
+    # (x0 and src as expressions, not names bound in the script: TVMScript makes a bound name a buffer, which
+    # the parallel loop allocated from the workspace pool twice per quad: 7x7 relays ran 2-3x slower)
     @T.prim_func(s_tir=True)  # a root block: Relax analyses (AnnotateTIROpPattern) expect one
     def relay(x: T.Buffer(x_dims, "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
@@ -140,10 +148,8 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
                         qf[T.Ramp(b * plane * QUAD + T.min(k * 64, plane * QUAD - 64), 1, 64)] = T.Broadcast(zp, 64)
                 if b % quads < cq:
                     for y, k in T.grid(rows, (cols + 15) // 16):
-                        x0 = T.min(k * 16, cols - 16)
-                        src = (b // quads * cq + b % quads) * QUAD * h * w + y * sy * pitch + x0 * sx
-                        qf[T.Ramp((b * plane + (y + pt) * wq + pl + x0) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
-                            [xf[T.Ramp(src + v * h * w, 1, span)] for v in range(QUAD)], pick)
+                        qf[T.Ramp((b * plane + (y + pt) * wq + pl + x0(k)) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
+                            [xf[T.Ramp(src(b, y, k) + v * h * w, 1, span)] for v in range(QUAD)], pick)
 
     return relay.without_attr("global_symbol")  # the module names each (one per layer shape)
 
@@ -202,6 +208,16 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
         return tirx.Shuffle([tirx.BufferLoad(xf, [tirx.Ramp(src + v * hw, 1, span)]) for v in range(QUAD)],
                             picks[lead])
 
+    def x0(p, k):  # a step's first position in phase p's row (expressions, not bound names: see quad_relay)
+        return tirx.min(k * step, per_phase(p, 3) - step)
+
+    def src(b, p, y, k):  # its first input byte in channel plane 0 of quad b
+        return ((b // quads * cq + b % quads) * QUAD * hw + (per_phase(p, 4) + y * s) * w + per_phase(p, 5)
+                + x0(p, k) * s - per_phase(p, 6))
+
+    def dst(b, p, y, k):  # its first byte in the phase planes
+        return (b * plane + p * phase + (per_phase(p, 0) + y) * run.wq + per_phase(p, 2) + x0(p, k)) * QUAD
+
     @T.prim_func(s_tir=True)
     def relay(x: T.Buffer((n, c, h, w), "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
@@ -214,14 +230,10 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
                 if b % quads < cq:
                     for p in range(s * s):
                         for y, k in T.grid(per_phase(p, 1), (per_phase(p, 3) + step - 1) // step):
-                            x0 = T.min(k * step, per_phase(p, 3) - step)
-                            src = ((b // quads * cq + b % quads) * QUAD * hw + (per_phase(p, 4) + y * s) * w
-                                   + per_phase(p, 5) + x0 * s - per_phase(p, 6))
-                            dst = (b * plane + p * phase + (per_phase(p, 0) + y) * run.wq + per_phase(p, 2) + x0) * QUAD
                             if per_phase(p, 6) == 0:  # the shuffle's picks are constants: one branch per lead
-                                qf[T.Ramp(dst, 1, step * QUAD)] = picked(xf, src, 0)
+                                qf[T.Ramp(dst(b, p, y, k), 1, step * QUAD)] = picked(xf, src(b, p, y, k), 0)
                             else:
-                                qf[T.Ramp(dst, 1, step * QUAD)] = picked(xf, src, 1)
+                                qf[T.Ramp(dst(b, p, y, k), 1, step * QUAD)] = picked(xf, src(b, p, y, k), 1)
 
     return relay.without_attr("global_symbol")
 

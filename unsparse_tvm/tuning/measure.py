@@ -67,9 +67,12 @@ def _build_one(mod, target, workdir: str) -> str:
     from unsparse_tvm.schedules.small_loops import SerialSmallLoops
     from unsparse_tvm.target import kernel_target
 
-    # as compile builds it: int8 loops at the rows' lengths, small parallel loops serial, for kernel_target
+    from unsparse_tvm.tir_pipeline import pipeline
+
+    # as compile builds it: int8 loops at the rows' lengths, small parallel loops serial, for kernel_target,
+    # small buffers on the stack
     mod = SerialSmallLoops()(TrimRowLoops()(mod))
-    rt_mod = tvm.tirx.build(mod, target=kernel_target(target, mod))
+    rt_mod = tvm.tirx.build(mod, target=kernel_target(target, mod), pipeline=pipeline())
     path = os.path.join(tempfile.mkdtemp(dir=workdir), "mod." + tar.output_format)
     try:
         rt_mod.export_library(path, fcompile=tar)

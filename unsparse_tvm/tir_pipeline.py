@@ -1,0 +1,75 @@
+"""The TIR lowering our CPU kernels are built with: TVM's own (s_tir), with small buffers kept on the stack.
+
+TVM 0.27's LowerTVMBuiltin keeps an allocation on the stack only where its scope is "global" and it is under
+1 KB; every other one, the "local" register tiles of the schedules (conv_local: 8 rows x 16 lanes) and each
+name a TVMScript kernel binds to a value (TVMScript makes it a one-element local buffer), becomes a
+TVMBackendAllocWorkspace / TVMBackendFreeWorkspace pair, and where it sits in a parallel loop, one pair
+every iteration. resnet50 95% channel4 int8 made ~5000 such calls per inference, vgg16-cifar's fp32 kernels
+~1000. SmallAllocsOnStack marks every constant-size allocation under 1 KB (TVM's own stack limit,
+runtime::kMaxStackAlloca) with LowerTVMBuiltin's `disable_lower_builtin`, so LLVM makes it a stack slot of
+the function (or of the parallel loop's lambda: one per thread, as the workspace was). Same code otherwise:
+outputs bit for bit (docs/design.md item 53)."""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+NAME = "unsparse"  # the pipeline's name for tvm.tirx.build(pipeline=...) and tvm.compile(tir_pipeline=...)
+MAX_STACK_BYTES = 1024  # TVM's runtime::kMaxStackAlloca: its own limit for a stack allocation
+DISABLE = "disable_lower_builtin"  # LowerTVMBuiltin leaves an allocation so annotated to LLVM (an alloca)
+
+
+def allocation_bytes(buffer: tirx.Buffer) -> int | None:
+    """The buffer's size in bytes, or None where a dimension is not a constant."""
+    size = 1
+    for dim in buffer.shape:
+        if not isinstance(dim, tirx.IntImm):
+            return None
+        size *= int(dim.value)
+    dtype = tvm.DataType(str(buffer.dtype))
+    return size * dtype.bits * dtype.lanes // 8
+
+
+def small_allocs_on_stack(func: tirx.PrimFunc, limit: int = MAX_STACK_BYTES) -> tirx.PrimFunc:
+    """func with each constant-size allocation of fewer than `limit` bytes marked to stay on the stack."""
+    def on_alloc(op: tirx.AllocBuffer) -> tirx.AllocBuffer:
+        size = allocation_bytes(op.buffer)
+        if size is None or size >= limit or DISABLE in op.annotations:
+            return op
+        return tirx.AllocBuffer(op.buffer, {**dict(op.annotations), DISABLE: tirx.IntImm("int32", 1)})
+
+    return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.AllocBuffer, on_alloc)], order="post"))
+
+
+@tvm.transform.module_pass(opt_level=0, name="SmallAllocsOnStack")
+class SmallAllocsOnStack:
+    """small_allocs_on_stack on every PrimFunc of a lowered host module (right before LowerTVMBuiltin)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = mod.clone()
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, tirx.PrimFunc):
+                mod.update_func(gv, small_allocs_on_stack(func))
+        return mod
+
+
+def _factory(**kwargs):
+    from tvm.tirx import compilation_pipeline as pipelines
+
+    lower, finalize_host, finalize_device = pipelines.PIPELINE_MAP["s_tir"](**kwargs)  # what "default" builds
+
+    def host() -> tvm.transform.Pass:
+        return tvm.transform.Sequential([SmallAllocsOnStack(), finalize_host()], name="unsparse_finalize_host")
+
+    return lower, host, finalize_device
+
+
+def pipeline() -> str:
+    """The registered name of this pipeline (registered on first use) for llvm builds."""
+    from tvm.tirx import compilation_pipeline as pipelines
+
+    if NAME not in pipelines.PIPELINE_MAP:
+        pipelines.register_tir_pipeline(NAME, _factory)
+    return NAME
