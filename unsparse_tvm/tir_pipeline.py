@@ -4,10 +4,11 @@ TVM 0.27's LowerTVMBuiltin keeps an allocation on the stack only where its scope
 1 KB; every other one, the "local" register tiles of the schedules (conv_local: 8 rows x 16 lanes; the
 depthwise and fp32 row tiles, 1-1.8 KB) and each name a TVMScript kernel binds to a value (TVMScript makes it
 a one-element local buffer), becomes a TVMBackendAllocWorkspace / TVMBackendFreeWorkspace pair, and where it
-sits in a parallel loop, one pair every iteration. resnet50 95% channel4 int8 made ~5000 such calls per
-inference. SmallAllocsOnStack marks every constant-size allocation under MAX_STACK_BYTES with LowerTVMBuiltin's
-`disable_lower_builtin`, so LLVM makes it a stack slot of the function (or of the parallel loop's lambda: one
-per thread, as the workspace was). Same code otherwise: outputs bit for bit (docs/design.md item 53).
+sits in a parallel loop, one pair every iteration: resnet50 95% channel4 int8 made 16358 such calls per
+inference, 579 now (benchmarks/workspace_calls.py). SmallAllocsOnStack marks every constant-size allocation
+under MAX_STACK_BYTES with LowerTVMBuiltin's `disable_lower_builtin`, so LLVM makes it a stack slot of the
+function (or of the parallel loop's lambda: one per thread, as the workspace was). Same code otherwise: outputs
+bit for bit (docs/design.md item 53).
 """
 
 from __future__ import annotations
