@@ -66,7 +66,6 @@ def _build_one(mod, target, workdir: str) -> str:
     from unsparse_tvm.schedules.row_extents import TrimRowLoops
     from unsparse_tvm.schedules.small_loops import SerialSmallLoops
     from unsparse_tvm.target import kernel_target
-
     from unsparse_tvm.tir_pipeline import pipeline
 
     # as compile builds it: int8 loops at the rows' lengths, small parallel loops serial, for kernel_target,
