@@ -33,8 +33,8 @@ def count(path: str, shim: str, runs: int = 10) -> float:
     """Calls per inference of the .so at `path` (this process has the shim preloaded)."""
     import ctypes
 
-    import numpy as np
     import tvm
+    from so_profile import _input  # next to this file: the seeded input so_profile times with
 
     from unsparse_tvm.runtime import load
     from unsparse_tvm.timing import set_threads
@@ -43,8 +43,7 @@ def count(path: str, shim: str, runs: int = 10) -> float:
     calls.restype = ctypes.c_long
     set_threads(1)
     vm, _dev, meta = load(path)
-    spec = meta["inputs"][0]
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"]))
+    x = tvm.runtime.tensor(_input(meta))
     vm["main"](x)  # warm-up: first-call allocations
     before = calls()
     for _ in range(runs):

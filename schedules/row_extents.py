@@ -21,7 +21,6 @@ import functools
 import itertools
 import math
 
-import tvm
 import tvm_ffi
 from tvm import s_tir, sym, tirx
 
@@ -111,14 +110,10 @@ def _substitute(expr, values: dict):
                                                                     if var.same_as(v)), v))])
 
 
-@tvm.transform.module_pass(opt_level=0, name="TrimRowLoops")
+@tirx.transform.prim_func_pass(opt_level=0, name="TrimRowLoops")
 class TrimRowLoops:
     """trim_row_loops on every sparse conv PrimFunc that stores its row lengths (an unscheduled one has no
     conv update block yet, so it stays as it is)."""
 
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mod = mod.clone()
-        for gv, func in list(mod.functions_items()):
-            if names.op_of(func) in TRIMMED and names.ROW_LENGTHS in func.attrs:
-                mod.update_func(gv, trim_row_loops(func))
-        return mod
+    def transform_function(self, func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+        return trim_row_loops(func) if names.op_of(func) in TRIMMED and names.ROW_LENGTHS in func.attrs else func

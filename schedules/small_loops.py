@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
@@ -58,16 +57,12 @@ def serial_small_loops(func: tirx.PrimFunc, limit: int = MAX_STATEMENTS) -> tirx
     return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, on_for)], order="post"))
 
 
-@tvm.transform.module_pass(opt_level=0, name="SerialSmallLoops")
+@tirx.transform.prim_func_pass(opt_level=0, name="SerialSmallLoops")
 class SerialSmallLoops:
     """serial_small_loops on every PrimFunc of the module."""
 
     def __init__(self, limit: int | None = None):
         self.limit = MAX_STATEMENTS if limit is None else limit  # read when the pipeline is built (tests set it)
 
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mod = mod.clone()
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc):
-                mod.update_func(gv, serial_small_loops(func, self.limit))
-        return mod
+    def transform_function(self, func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+        return serial_small_loops(func, self.limit)

@@ -46,16 +46,12 @@ def small_allocs_on_stack(func: tirx.PrimFunc, limit: int = MAX_STACK_BYTES) -> 
     return func.with_body(tvm_ffi.structural_map(func.body, [(tirx.AllocBuffer, on_alloc)], order="post"))
 
 
-@tvm.transform.module_pass(opt_level=0, name="SmallAllocsOnStack")
+@tirx.transform.prim_func_pass(opt_level=0, name="SmallAllocsOnStack")
 class SmallAllocsOnStack:
     """small_allocs_on_stack on every PrimFunc of a lowered host module (right before LowerTVMBuiltin)."""
 
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mod = mod.clone()
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc):
-                mod.update_func(gv, small_allocs_on_stack(func))
-        return mod
+    def transform_function(self, func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+        return small_allocs_on_stack(func)
 
 
 def _factory(**kwargs):
