@@ -27,6 +27,12 @@ from .formats import offsets_with_lengths
 from .geometry import ConvGeometry
 
 QUAD = 4
+# A float32 in [2^23, 2^24) has a unit of 1 in its last place, so y + ROUNDING_BIAS (|y| < 2^22) is y rounded to an
+# integer, half to even (IEEE's default rounding, as nearbyint and torch.round: the bias is even), and the float's
+# bits are the bias's plus that integer; the bias's low byte is 0, so the requantisation reads the result's low
+# byte (sparse_int8.quantize). 1.5 * 2^23 - 512, a multiple of 256 in 6 digits: TVM's OpenCL code prints float
+# constants to 7 significant digits, and printed so 1.5 * 2^23 itself came back as 12582910
+ROUNDING_BIAS = 12582400.0
 
 
 @dataclass(frozen=True)

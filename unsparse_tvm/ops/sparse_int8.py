@@ -16,7 +16,7 @@ import dataclasses
 from tvm import te, tirx
 
 from .geometry import ConvGeometry
-from .int8_formats import QUAD, ActQuant, quad_channels
+from .int8_formats import QUAD, ROUNDING_BIAS, ActQuant, quad_channels
 from .sparse import flat_offset, read_position, row_entry
 
 F32_ZERO = tirx.const(0.0, "float32")
@@ -37,12 +37,18 @@ _vectorizable_nearbyint()
 
 
 def quantize(value, act: ActQuant, relu: bool = False):
-    """uint8 of an fp32 value: round half to even (nearbyint, as torch.round), clamped in float so that
-    huge values cannot wrap. relu: of max(value, 0), as the clamp at the zero point instead of a max before
-    (the same bytes: value * inv_scale <= 0 rounds to at most 0 and lands at zp or below; one op less)."""
-    q = tirx.nearbyint(value * tirx.const(act.inv_scale, "float32")) + tirx.const(float(act.zero_point), "float32")
-    low = tirx.const(float(act.zero_point), "float32") if relu else F32_ZERO
-    return tirx.max(tirx.min(q, tirx.const(float(act.qmax), "float32")), low).astype("uint8")
+    """uint8 of an fp32 value: round half to even (as torch.round), clamped in float so that huge values cannot
+    wrap. relu: of max(value, 0), as the clamp at the zero point instead of a max before (the same bytes: value *
+    inv_scale <= 0 rounds to at most 0 and lands at zp or below; one op less). Clamped first (to integers, so the
+    rounding commutes), rounded by adding ROUNDING_BIAS (even: the sum's ties go to y's even neighbour), the
+    zero point added to the float's bits: their low byte is the result. One add where nearbyint and a
+    float-to-int conversion took two instructions a vector (vrndscaleps, vcvttps2dq); the bytes are nearbyint's."""
+    zp = act.zero_point
+    y = value * tirx.const(act.inv_scale, "float32")
+    y = tirx.max(tirx.min(y, tirx.const(float(act.qmax - zp), "float32")),
+                 tirx.const(float(0 if relu else -zp), "float32"))
+    bits = tirx.reinterpret("int32", y + tirx.const(ROUNDING_BIAS, "float32"))
+    return (bits + tirx.const(zp, "int32") if zp else bits).astype("uint8")
 
 
 def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
