@@ -27,7 +27,7 @@ from unsparse_tvm.schedules import cpu_vector_lanes
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
 from unsparse_tvm.schedules.x86_int8 import act_qmax, int8_kind
 
-from . import _gathered_int8, _quad_inputs, sparsify_conv2d
+from . import _gathered_int8, _paired_int8, _quad_inputs, sparsify_conv2d
 from ._int8_left_fp32 import capped_convs, fed_fp32, max_pool_input
 from ._conv_match import ConvChainRewriter, conv_geometry, strided_pointwise, unsupported_reason
 from ._util import const_array, fused_label, mark, shape_of
@@ -99,6 +99,7 @@ class _Int8Rewriter(ConvChainRewriter):
         relaying conv reads are written wide (_wide_outputs, `self.wide`)."""
         super().plan(func)
         self.out_act, self.res_act, self.wide, self.dead, self.planes = {}, {}, {}, set(), {}
+        self.pairs = {}
         self.capped = capped_convs(self, func) if CAPPED_FP32 else {}
         self.fed_fp32 = fed_fp32(self) if FED_FP32 and self.gather else frozenset()
         if not CHAIN_UINT8:
@@ -141,6 +142,9 @@ class _Int8Rewriter(ConvChainRewriter):
         # or the padded planes a gathered producer wrote (2-D)
         self.planes = _gathered_int8.into_planes(self, readers) if INTO_PLANES and GATHERED and self.gather else {}
         self.dead |= {v for c, ep in self.plans.values() if c.args[0] in self.planes for v in ep.absorbed}
+        # a residual conv paired with the conv adding it (_paired_int8) is emitted by that conv's rewrite
+        self.pairs = _paired_int8.plan(self) if _paired_int8.PAIRED and self.kind == "llvm" else {}
+        self.dead |= set(self.pairs.values())
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var not in self.dead:
@@ -183,6 +187,9 @@ class _Int8Rewriter(ConvChainRewriter):
         name, act = taken
         out_act = self.out_act.get(ep.last)
         res_act = self.res_act.get(ep.residual) if isinstance(ep.residual, relax.Var) else None
+        paired = self.rewrite_pair(conv, weight, geo, ep, name, act, out_act) if ep.last in self.pairs else None
+        if paired is not None:
+            return paired
         ggeo = self.gathered_geometry(weight, geo) if ep.last not in self.wide else None
         if ggeo is not None:
             return self.rewrite_gathered(conv, weight, geo, ggeo, ep, name, act, out_act, res_act)
@@ -227,6 +234,24 @@ class _Int8Rewriter(ConvChainRewriter):
                                          (comp, out_scale), off))
         return call
 
+
+    def rewrite_pair(self, conv, weight, geo, ep, name, act, out_act):
+        """The layer and its residual conv as one kernel (_paired_int8), their report rows; else None, the
+        residual conv emitted on its own first (its binding was left out for the pair)."""
+        res = self.pairs.pop(ep.last)
+        made = _paired_int8.emit(self, conv, weight, geo, ep, act, out_act)
+        pconv, pep = self.plans[res]
+        if made is None:
+            pweight = const_array(pconv.args[1])
+            self.set_var_remap(res, self.builder_.emit(self.rewrite(pconv, pweight, conv_geometry(pconv, pweight), pep)))
+            return None
+        call, (pweight, pgeo, prows, pconsts), (rows, consts) = made
+        pname = self.act_of(pconv, pweight, pgeo)[0]
+        self.report.append(int8_decision(pname, "conv2d", pweight, prows, [pgeo.n, pgeo.c, pgeo.h, pgeo.w],
+                                         _int8_fused(pep, None, None) + f" (paired with {name})", pconsts))
+        fused = _int8_fused(ep, out_act, None).replace("residual", "residual(paired)")
+        self.report.append(int8_decision(name, "conv2d", weight, rows, [geo.n, geo.c, geo.h, geo.w], fused, consts))
+        return call
 
     def rewrite_gathered(self, conv, weight, geo, run, ep, name, act, out_act, res_act):
         """The layer as gathered quads (relay_passes._gathered_int8), its report row."""

@@ -95,8 +95,9 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
         sch.parallel(sch.fuse(n, ci))
         sch.vectorize(v)
     # the output is the flat domain: a pointwise conv whose map is whole vectors (re-indexed), or a wide one
+    pair = domain_attr(func, "pair")  # two convs' rows, 2k + h, in one kernel (ops.sparse_int8.sparse_conv2d_int8_pair)
     wide = len(sch.get_loops(sch.get_sblock("epilogue"))) == 3
-    flat = wide or flat_epilogue(sch, "conv", cols, rows_are_domain(func))  # see _schedule_epilogue
+    flat = wide or (not pair and flat_epilogue(sch, "conv", cols, rows_are_domain(func)))  # see _schedule_epilogue
 
     block = sch.get_sblock("conv")
     acc = sch.cache_write(block, 0, "local")
@@ -120,7 +121,20 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     sch.tensorize(qv, intrin(int8_kind(target), lanes, offset_dtype(sch, block)))
     sch.unroll(qu)
     sch.unroll(kii)
+    if pair:
+        _schedule_pair_epilogue(sch, qo, lanes)
+        return
     _schedule_epilogue(sch, target, par, flat, cols, ordered=bool(domain_attr(func, "row_order")))
+
+
+def _schedule_pair_epilogue(sch: s_tir.Schedule, qo, lanes: int) -> None:
+    """A pair's epilogue reads two rows' sums per output, which no write-back can inline: over the flat output
+    p = y*OW + x, right after each step of the row tile's sums (qo), which are still in L1, in vectors."""
+    ep = sch.get_sblock("epilogue")
+    _, _, oh, ow = extents(sch, sch.get_loops(ep))
+    sch.transform_block_layout(ep, lambda n, k, y, x: (n, k, y * ow + x))
+    sch.reverse_compute_at(ep, qo)
+    vectorize_flat(sch, sch.get_loops(ep)[-1], lanes)
 
 
 def _schedule_patches(sch: s_tir.Schedule, quads: int, rows: int, ow: int) -> None:

@@ -2,6 +2,7 @@
 uint8 (relay_passes/quantize_int8.py, _uint8_residuals)."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -51,3 +52,42 @@ def test_block_outputs_travel_as_uint8_between_int8_convs(llvm, monkeypatch):
     assert not np.array_equal(y, y_plain)  # the residual really was quantised
     assert np.abs(y - y_plain).max() < 0.05 * scale
     assert np.abs(y - ref).max() < 0.1 * scale and np.abs(y_plain - ref).max() < 0.1 * scale
+
+
+class DownBlock(nn.Module):
+    """resnet's first block of a stage: conv3's output and the downsample's meet at the residual add."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 3, stride=stride, padding=1)
+        self.c3, self.ds = nn.Conv2d(8, 32, 1), nn.Conv2d(16, 32, 1, stride=stride)
+        self.head = nn.Conv2d(32, 12, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))) + self.ds(x))
+        return torch.relu(self.head(y)).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("stride,size,batch", [(1, 16, 1), (2, 32, 2), (1, 16, 2)])
+def test_residual_conv_paired_with_the_conv_adding_it(stride, size, batch, llvm, monkeypatch):
+    """conv3 and the downsample, pointwise on one output map, run as one kernel (relay_passes/_paired_int8): both
+    inputs relayed into one buffer, both sums added in the epilogue. The same bits as the two kernels (PAIRED off,
+    the negative control: no pair in its report), and within int8 tolerance of float32 PyTorch."""
+    torch.manual_seed(stride * 10 + batch)
+    model = DownBlock(stride).eval()
+    shape = (batch, 3, size, size)
+    ranges = int8_ready(model, shape, 0.6)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    fused = {r.name: r.fused for r in report}
+    pair = {fused["c3"], fused["ds"]}  # whichever conv's chain took the add
+    assert pair in ({"bias (paired with ds)", "bias+residual(paired)+relu+requant"},
+                    {"bias (paired with c3)", "bias+residual(paired)+relu+requant"}), fused
+    monkeypatch.setattr("unsparse_tvm.relay_passes._paired_int8.PAIRED", False)
+    plain_report, plain = compile_int8(model, shape, ranges, llvm)
+    assert not any("paired" in r.fused for r in plain_report)
+    x = torch.randn(*shape)
+    y, ref = run(x), model(x).detach().numpy()
+    np.testing.assert_array_equal(y, plain(x))
+    assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max()

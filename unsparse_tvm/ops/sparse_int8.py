@@ -111,7 +111,7 @@ def flat_plane(x_shape: tuple | None, run: ConvGeometry, subsample: tuple[int, i
 
 
 def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
-               subsample: tuple[int, int] = (1, 1), pitch: int = 0) -> tirx.PrimFunc:
+               subsample: tuple[int, int] = (1, 1), pitch: int = 0, into: tuple[int, int] = (0, 0)) -> tirx.PrimFunc:
     """uint8 x [N, C, H, W] (the previous layer requantised it) -> pad_quantize's quad layout for the
     stride-1 conv `run`: [N, quads * Hq*Wq, 4], padding and trailing quads at the zero point, input row y
     read at x row y*sy, column x at x*sx (a strided 1x1 read in place). Per step 16 positions of 4 channel
@@ -120,7 +120,9 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
     x's plane is laid out as the quads' (flat_plane: then the plane is one row). Each plane is first
     filled with the zero point the same way. The pad stage relays these bytes one vpinsrb at a time (256
     channels on 56x56: ~160 us; this: 41 us). C % 4 == 0. A 3-D x [N, C, P] is a producer's wide output
-    (sparse_conv2d_int8's `wide`): its rows `pitch` apart in a plane of P."""
+    (sparse_conv2d_int8's `wide`): its rows `pitch` apart in a plane of P. into (first, total): the quads go to
+    quads first.. of an output of `total` quads an image (a pair's joined input, sparse_conv2d_int8_pair), the
+    rest of which another relay writes."""
     from tvm.script import tirx as T
 
     n, c, h, w = x_shape if len(x_shape) == 4 else (*x_shape, 1)  # 3-D: h = P, w = 1; rows at `pitch`
@@ -137,24 +139,29 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
     def x0(k):  # a step's first position (the last step shifted back to end at the row's end)
         return tirx.min(k * 16, cols - 16)
 
+    first, total = into if into[1] else (0, quads)
+
+    def dst(b):  # quad b's first output position
+        return (b // quads * total + first + b % quads) * plane
+
     def src(b, y, k):  # its first byte in channel plane 0 of quad b
         return (b // quads * cq + b % quads) * QUAD * h * w + y * sy * pitch + x0(k) * sx
 
     # (x0 and src as expressions, not names bound in the script: TVMScript makes a bound name a buffer, which
     # the parallel loop allocated from the workspace pool twice per quad: 7x7 relays ran 2-3x slower)
     @T.prim_func(s_tir=True)  # a root block: Relax analyses (AnnotateTIROpPattern) expect one
-    def relay(x: T.Buffer(x_dims, "uint8"), q: T.Buffer((n, quads * plane, QUAD), "uint8")):
+    def relay(x: T.Buffer(x_dims, "uint8"), q: T.Buffer((n, total * plane, QUAD), "uint8")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
         with T.sblock("root"):
-            qf = T.decl_buffer((n * quads * plane * QUAD,), "uint8", data=q.data)
+            qf = T.decl_buffer((n * total * plane * QUAD,), "uint8", data=q.data)
             xf = T.decl_buffer((n * c * h * w,), "uint8", data=x.data)
             for b in T.parallel(n * quads):  # (image, channel quad)
                 if padded or b % quads >= cq:  # padding, or a trailing quad: the zero point first
                     for k in range((plane * QUAD + 63) // 64):
-                        qf[T.Ramp(b * plane * QUAD + T.min(k * 64, plane * QUAD - 64), 1, 64)] = T.Broadcast(zp, 64)
+                        qf[T.Ramp(dst(b) * QUAD + T.min(k * 64, plane * QUAD - 64), 1, 64)] = T.Broadcast(zp, 64)
                 if b % quads < cq:
                     for y, k in T.grid(rows, (cols + 15) // 16):
-                        qf[T.Ramp((b * plane + (y + pt) * wq + pl + x0(k)) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
+                        qf[T.Ramp((dst(b) + (y + pt) * wq + pl + x0(k)) * QUAD, 1, 16 * QUAD)] = T.Shuffle(
                             [xf[T.Ramp(src(b, y, k) + v * h * w, 1, span)] for v in range(QUAD)], pick)
 
     return relay.without_attr("global_symbol")  # the module names each (one per layer shape)
@@ -244,6 +251,26 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
     return relay.without_attr("global_symbol")
 
 
+def quad_sums(xq: te.Tensor, data: te.Tensor, off: te.Tensor, geo: ConvGeometry) -> te.Tensor:
+    """The int32 sums conv[n, k, q] of stored quad rows over the quads xq [N, P, 4] (the "conv" stage the
+    schedules tensorize). data [K, L, 4] and off [K, L (+1)], or interleaved by row tiles of T ([K/T, L, T, 4],
+    [K/T, L (+1), T])."""
+    tile = int(data.shape[2]) if len(data.shape) == 4 else 0
+    rows, width = int(data.shape[0]) * max(tile, 1), int(data.shape[1])
+    j = te.reduce_axis((0, width), name="j")
+    v = te.reduce_axis((0, QUAD), name="v")
+
+    def entry(t, k, *quad):
+        return row_entry(t, k, j, tile, *quad)
+
+    return te.compute(
+        (geo.n, rows, geo.q_extent),
+        lambda n, k, q: te.sum(xq[n, flat_offset(geo, entry(off, k)) + read_position(geo, q), v].astype("int32")
+                               * entry(data, k, v).astype("int32"), axis=[j, v]),
+        name="conv",
+    )
+
+
 def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
                        *rest: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int, has_bias: bool,
                        has_residual: bool, relu: bool, out_act: ActQuant | None = None,
@@ -267,21 +294,7 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
         xq = _quad_patches(pad_quantize(x, dataclasses.replace(geo, patches=False), act, quads, subsample), geo)
     else:
         xq = pad_quantize(x, geo, act, quads, subsample)
-    # data [K, L, 4] and off [K, L (+1)], or interleaved by row tiles of T ([K/T, L, T, 4], [K/T, L (+1), T])
-    tile = int(data.shape[2]) if len(data.shape) == 4 else 0
-    rows, width = int(data.shape[0]) * max(tile, 1), int(data.shape[1])
-    j = te.reduce_axis((0, width), name="j")
-    v = te.reduce_axis((0, QUAD), name="v")
-
-    def entry(t, k, *quad):
-        return row_entry(t, k, j, tile, *quad)
-
-    conv = te.compute(
-        (geo.n, rows, geo.q_extent),
-        lambda n, k, q: te.sum(xq[n, flat_offset(geo, entry(off, k)) + read_position(geo, q), v].astype("int32")
-                               * entry(data, k, v).astype("int32"), axis=[j, v]),
-        name="conv",
-    )
+    conv = quad_sums(xq, data, off, geo)
 
     return int8_epilogue(conv, comp, out_scale, bias, residual, row_of, geo=geo, relu=relu, out_act=out_act,
                          res_act=res_act, wide=wide, comp_zero=act.zero_point == 0)
@@ -310,6 +323,34 @@ def int8_epilogue(conv: te.Tensor, comp: te.Tensor, out_scale: te.Tensor, bias: 
 
     shape = (geo.n, geo.k, geo.q_extent) if wide else (geo.n, geo.k, geo.oh, geo.ow)
     return te.compute(shape, value, name="epilogue")
+
+
+def sparse_conv2d_int8_pair(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,
+                            bias: te.Tensor, res_bias: te.Tensor, *, geo: ConvGeometry, relu: bool,
+                            out_act: ActQuant | None, comp_zero: tuple[bool, bool]) -> te.Tensor:
+    """Two int8 pointwise convs over one flat output domain whose outputs a residual add joins (resnet's first
+    block of a stage: conv3 + downsample), as one kernel: x holds both inputs' quads, the residual conv's first
+    ([N, (QA + QB) * plane, 4]); stored row 2k + h is output channel k of the residual conv (h = 0, offsets into
+    the first part) or of this one (h = 1, into the second); conv [N, 2K, Q]. The epilogue computes both
+    values as int8_epilogue does (the residual conv's without ReLU, as it wrote its fp32 output before) and adds
+    them, then ReLU and requantisation: the same bits as the two kernels, without the residual's fp32 map
+    written and read back (3.2 MB each way at 56x56). comp, out_scale [2K] by stored row; comp_zero per half."""
+    conv = quad_sums(x, data, off, geo)
+    rows = int(conv.shape[1])
+
+    def half(n, k, h, q):
+        acc = conv[n, 2 * k + h, q]
+        val = (acc if comp_zero[h] else acc - comp[2 * k + h]).astype("float32") * out_scale[2 * k + h]
+        return val + (bias[k] if h else res_bias[k])
+
+    def value(n, k, y, x_):
+        q = y * geo.ow + x_
+        val = half(n, k, 1, q) + half(n, k, 0, q)
+        if out_act is not None:
+            return quantize(val, out_act, relu)
+        return tirx.max(val, F32_ZERO) if relu else val
+
+    return te.compute((geo.n, rows // 2, geo.oh, geo.ow), value, name="epilogue")
 
 
 def dequantize(u, act: ActQuant):
