@@ -97,7 +97,11 @@ def layers(paths: list[str], runs: int) -> None:
                 label, copy_ms = "(its phase planes, for the next layer)", copy_ms + ms
             elif name.startswith(("sparse_conv2d", "sparse_dense")):
                 layer = next(ours, None)
-                label = "" if layer is None else f"{layer['name']} {layer['shape']} in {layer['input_shape']} {layer['format']}"
+                paired = ""  # a residual conv paired with the next layer runs in that layer's kernel
+                if layer is not None and "(paired with" in layer.get("fused", ""):
+                    paired, layer = f" + {layer['name']}", next(ours, None)
+                label = "" if layer is None else \
+                    f"{layer['name']}{paired} {layer['shape']} in {layer['input_shape']} {layer['format']}"
                 rows.append((label or name, ms + copy_ms))
                 copy_ms = 0.0
             if ms >= MIN_MS:
