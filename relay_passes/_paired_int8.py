@@ -54,7 +54,8 @@ def _run(rw, conv):
     pointwise = (run.r, run.s) == (1, 1) and tuple(run.stride) == (1, 1) and not any(run.padding)
     # a flat output only: on 14x14 (q_extent 224 for 196 outputs) the epilogue after each step ran the pair slower
     # than the two kernels (resnet50 95% layer3.0, its downsample's input subsampled first: 0.323 -> 0.438 ms)
-    return run if pointwise and run.flat_output and not (run.row_domain or run.patches or run.overlap or run.align) else None
+    plain = not (run.row_domain or run.patches or run.overlap or run.align)
+    return run if pointwise and run.flat_output and plain else None
 
 
 def emit(rw, conv, weight: np.ndarray, geo, ep, act, out_act):
@@ -90,7 +91,8 @@ def emit(rw, conv, weight: np.ndarray, geo, ep, act, out_act):
     off = np.zeros((2 * k, width), np.int32)
     data[0::2, : prows.data.shape[1]], off[0::2, : prows.off.shape[1]] = prows.data, prows.off
     # the consumer's quads follow the residual conv's in the joined input
-    data[1::2, : rows.data.shape[1]], off[1::2, : rows.off.shape[1]] = rows.data, rows.off + prows.pad_quads * run.channel_plane
+    moved = rows.off + prows.pad_quads * run.channel_plane
+    data[1::2, : rows.data.shape[1]], off[1::2, : rows.off.shape[1]] = rows.data, moved
     off = compact_offsets(offsets_with_lengths(data, off))
     comp = np.stack([pconsts[0], consts[0]], axis=1).reshape(-1)         # [2K] by stored row
     out_scale = np.stack([pconsts[1], consts[1]], axis=1).reshape(-1)
@@ -102,7 +104,8 @@ def emit(rw, conv, weight: np.ndarray, geo, ep, act, out_act):
     call = rw.builder_.call_te(
         lambda *a: int8_ops.sparse_conv2d_int8_pair(*a, geo=run, relu=ep.relu, out_act=out_act,
                                                     comp_zero=(pact.zero_point == 0, act.zero_point == 0)),
-        joined, *[relax.const(a) for a in (data, off, comp, out_scale, *biases)], primfunc_name_hint=names.SPARSE_CONV2D_INT8)
+        joined, *[relax.const(a) for a in (data, off, comp, out_scale, *biases)],
+        primfunc_name_hint=names.SPARSE_CONV2D_INT8)
     pad_shape = [prows.pad_quads + rows.pad_quads, *run.pad_shape[1:]]
     mark(rw.builder_, call, {"op": names.SPARSE_CONV2D_INT8, "unsparse.fmt": "int8q4", "unsparse.pad_shape": pad_shape,
                              PAIR_ATTR: 1, names.ROW_LENGTHS: 1,

@@ -243,7 +243,8 @@ class _Int8Rewriter(ConvChainRewriter):
         pconv, pep = self.plans[res]
         if made is None:
             pweight = const_array(pconv.args[1])
-            self.set_var_remap(res, self.builder_.emit(self.rewrite(pconv, pweight, conv_geometry(pconv, pweight), pep)))
+            alone = self.rewrite(pconv, pweight, conv_geometry(pconv, pweight), pep)
+            self.set_var_remap(res, self.builder_.emit(alone))
             return None
         call, (pweight, pgeo, prows, pconsts), (rows, consts) = made
         pname = self.act_of(pconv, pweight, pgeo)[0]

@@ -91,3 +91,9 @@ def test_residual_conv_paired_with_the_conv_adding_it(stride, size, batch, llvm,
     y, ref = run(x), model(x).detach().numpy()
     np.testing.assert_array_equal(y, plain(x))
     assert np.abs(y - ref).max() < 0.1 * np.abs(ref).max()
+    # a planned pair whose kernel cannot be built (an input not relayed) emits the residual conv on its own
+    monkeypatch.setattr("unsparse_tvm.relay_passes._paired_int8.PAIRED", True)
+    monkeypatch.setattr("unsparse_tvm.relay_passes._paired_int8.emit", lambda *a: None)
+    apart_report, apart = compile_int8(model, shape, ranges, llvm)
+    assert not any("paired" in r.fused for r in apart_report) and {r.name for r in apart_report} >= {"c3", "ds"}
+    np.testing.assert_array_equal(apart(x), y)
