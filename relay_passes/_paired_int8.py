@@ -60,12 +60,12 @@ def _run(rw, conv):
 
 def emit(rw, conv, weight: np.ndarray, geo, ep, act, out_act):
     """The pair's kernel (conv: the consumer, its residual the other conv's chain), or None where either input does
-    not arrive as relayed quads (the caller then emits the two as before): (call, (the residual conv's weight,
-    geometry, QuadRows, consts), (this conv's QuadRows, consts)) for the report."""
+    not arrive as relayed quads (the caller then emits the two as before): (call, (the residual conv's name,
+    weight, geometry, QuadRows, consts), (this conv's QuadRows, consts)) for the report."""
     pconv, pep = rw.plans[ep.residual]
     pweight = const_array(pconv.args[1])
     pgeo = conv_geometry(pconv, pweight)
-    pact = rw.act_of(pconv, pweight, pgeo)[1]
+    pname, pact = rw.act_of(pconv, pweight, pgeo)
     halves = []
     for c, w, g, a in ((pconv, pweight, pgeo, pact), (conv, weight, geo, act)):
         run, sub = rw.kernel_geometry(g)
@@ -106,9 +106,9 @@ def emit(rw, conv, weight: np.ndarray, geo, ep, act, out_act):
                                                     comp_zero=(pact.zero_point == 0, act.zero_point == 0)),
         joined, *[relax.const(a) for a in (data, off, comp, out_scale, *biases)],
         primfunc_name_hint=names.SPARSE_CONV2D_INT8)
-    pad_shape = [prows.pad_quads + rows.pad_quads, *run.pad_shape[1:]]
+    pad_shape = [total, *run.pad_shape[1:]]
     mark(rw.builder_, call, {"op": names.SPARSE_CONV2D_INT8, "unsparse.fmt": "int8q4", "unsparse.pad_shape": pad_shape,
                              PAIR_ATTR: 1, names.ROW_LENGTHS: 1,
                              **({"unsparse.interleave": tile} if tile > 1 else {})})
-    return call, (pweight, pgeo, prows, pconsts), (rows, consts)
+    return call, (pname, pweight, pgeo, prows, pconsts), (rows, consts)
 

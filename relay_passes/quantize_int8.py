@@ -246,8 +246,7 @@ class _Int8Rewriter(ConvChainRewriter):
             alone = self.rewrite(pconv, pweight, conv_geometry(pconv, pweight), pep)
             self.set_var_remap(res, self.builder_.emit(alone))
             return None
-        call, (pweight, pgeo, prows, pconsts), (rows, consts) = made
-        pname = self.act_of(pconv, pweight, pgeo)[0]
+        call, (pname, pweight, pgeo, prows, pconsts), (rows, consts) = made
         self.report.append(int8_decision(pname, "conv2d", pweight, prows, [pgeo.n, pgeo.c, pgeo.h, pgeo.w],
                                          _int8_fused(pep, None, None) + f" (paired with {name})", pconsts))
         fused = _int8_fused(ep, out_act, None).replace("residual", "residual(paired)")

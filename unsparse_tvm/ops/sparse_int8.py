@@ -300,6 +300,13 @@ def sparse_conv2d_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.T
                          res_act=res_act, wide=wide, comp_zero=act.zero_point == 0)
 
 
+def dequantized(acc, comp: te.Tensor, out_scale: te.Tensor, k, comp_zero: bool = False):
+    """float32 of an int32 sum of output channel (or stored row) k: float32(acc - comp[k]) * out_scale[k]; comp_zero:
+    the input's zero point is 0 (after a ReLU), so comp is all zeros and not subtracted. Every int8 epilogue
+    computes it here, so that two kernels' values (a pair's halves) are the same bits as one's."""
+    return (acc if comp_zero else acc - comp[k]).astype("float32") * out_scale[k]
+
+
 def int8_epilogue(conv: te.Tensor, comp: te.Tensor, out_scale: te.Tensor, bias: te.Tensor | None,
                   residual: te.Tensor | None, row_of: te.Tensor | None, *, geo: ConvGeometry, relu: bool,
                   out_act: ActQuant | None, res_act: ActQuant | None, wide: bool = False,
@@ -310,8 +317,7 @@ def int8_epilogue(conv: te.Tensor, comp: te.Tensor, out_scale: te.Tensor, bias: 
     ReLU), so comp is all zeros and not subtracted."""
     def value(n, k, *yx):  # (y, x), or the flat q of a wide output
         q = yx[0] if wide else yx[0] * (geo.ow if geo.row_domain or geo.patches else geo.wq) + yx[1]
-        acc = conv[n, k if row_of is None else row_of[k], q]
-        val = (acc if comp_zero else acc - comp[k]).astype("float32") * out_scale[k]
+        val = dequantized(conv[n, k if row_of is None else row_of[k], q], comp, out_scale, k, comp_zero)
         if bias is not None:
             val = val + bias[k]
         if residual is not None:
@@ -338,9 +344,8 @@ def sparse_conv2d_int8_pair(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp:
     conv = quad_sums(x, data, off, geo)
     rows = int(conv.shape[1])
 
-    def half(n, k, h, q):
-        acc = conv[n, 2 * k + h, q]
-        val = (acc if comp_zero[h] else acc - comp[2 * k + h]).astype("float32") * out_scale[2 * k + h]
+    def half(n, k, h, q):  # stored row 2k + h's value, as int8_epilogue computes it
+        val = dequantized(conv[n, 2 * k + h, q], comp, out_scale, 2 * k + h, comp_zero[h])
         return val + (bias[k] if h else res_bias[k])
 
     def value(n, k, y, x_):
@@ -381,7 +386,7 @@ def sparse_dense_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Te
     )
 
     def value(n, o):
-        val = (conv[n, o] - comp[o]).astype("float32") * out_scale[o]
+        val = dequantized(conv[n, o], comp, out_scale, o)
         if bias is not None:
             val = val + bias[o]
         return tirx.max(val, F32_ZERO) if relu else val
