@@ -1,5 +1,5 @@
 """How an int8 quads conv's input reaches its quad layout (llvm): in the kernel's pad stage, which writes one
-byte at a time, or ahead of the kernel by a byte shuffle (ops.sparse_int8.quad_relay, quad_relay_strided)
+byte at a time, or ahead of the kernel by a byte shuffle (ops.quad_relay.quad_relay, quad_relay_strided)
 from uint8 planes [N, C, H, W]: a chained int8 producer's output, or an fp32 input quantised into such planes
 first (quantize_channels; a stem: vgg16-cifar's 3-channel 32x32, resnet50's 224x224 7x7/2)."""
 
@@ -10,6 +10,7 @@ from functools import partial
 
 from tvm import relax
 
+from unsparse_tvm.ops import quad_relay as relay_ops
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.int8_formats import QUAD, quad_channels
 
@@ -22,21 +23,21 @@ QUANTIZE_FIRST = True
 
 
 def relays(run, geo, x_shape=None, sub=(1, 1)) -> bool:
-    """Whether a conv's uint8 input goes into quads through int8_ops.quad_relay (a byte shuffle) instead of
+    """Whether a conv's uint8 input goes into quads through relay_ops.quad_relay (a byte shuffle) instead of
     its pad stage (llvm): a conv computed at stride 1 (a stride-1 conv, padded or not, or a strided 1x1 on its
     subsampled input), C a multiple of 4, input rows of at least one 16-position step; a subsampled row's
     last step loads up to column s*OW - 1, so the row must be whole steps of s (else it reads past the end).
-    Given x's shape, also a plane laid out as the quads' of 16 positions or more in all (int8_ops.flat_plane:
+    Given x's shape, also a plane laid out as the quads' of 16 positions or more in all (relay_ops.flat_plane:
     14x14 and 7x7 1x1s; never a wide 3-D input)."""
     if tuple(run.stride) != (1, 1) or geo.c % QUAD:
         return False
     return ((run.w >= 16 and (tuple(geo.stride) == (1, 1) or run.w * geo.stride[1] == geo.w))
-            or int8_ops.flat_plane(x_shape, run, sub))
+            or relay_ops.flat_plane(x_shape, run, sub))
 
 
 def relays_strided(run, geo, sub, x_shape) -> bool:
     """Whether a strided conv's uint8 input [N, C, H, W] goes into its phase planes of quads through
-    int8_ops.quad_relay_strided (it may still decline: phase planes under 4 positions wide): equal strides,
+    relay_ops.quad_relay_strided (it may still decline: phase planes under 4 positions wide): equal strides,
     several taps, read at its own stride (not a subsampled 1x1), C a multiple of 4. QUAD_RELAY_STRIDED off:
     the pad stage, which inserts one byte at a time (tests compare the two)."""
     return (QUAD_RELAY_STRIDED and tuple(run.stride) == tuple(geo.stride) and geo.stride[0] == geo.stride[1] > 1
@@ -51,7 +52,7 @@ def quantized_first(run, geo, sub, x_shape) -> bool:
         return False
     qgeo, ushape = _padded(geo, x_shape)
     return relays(run, qgeo, ushape, sub) or (relays_strided(run, qgeo, sub, ushape)
-                                              and int8_ops.strided_relay_step(run) is not None)
+                                              and relay_ops.strided_relay_step(run) is not None)
 
 
 def _padded(geo, x_shape) -> tuple:
@@ -70,9 +71,9 @@ def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, q
     if dtype_of(x) != "uint8":
         return x
     if relays(run, geo, shape_of(x), sub):
-        relay = int8_ops.quad_relay(tuple(shape_of(x)), run, quads, act.zero_point, sub, pitch)
+        relay = relay_ops.quad_relay(tuple(shape_of(x)), run, quads, act.zero_point, sub, pitch)
     elif relays_strided(run, geo, sub, shape_of(x)):
-        relay = int8_ops.quad_relay_strided(tuple(shape_of(x)), run, quads, act.zero_point)
+        relay = relay_ops.quad_relay_strided(tuple(shape_of(x)), run, quads, act.zero_point)
     else:
         return x
     if relay is None:

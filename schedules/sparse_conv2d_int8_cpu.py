@@ -13,6 +13,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from unsparse_tvm.ops import names
+from unsparse_tvm.ops.geometry import MAP_SPLIT_POSITIONS
 
 from ._common import (MAX_DEFAULT_ROWS, ScheduleRule, cpu_vector_lanes, domain_attr, extents, flat_epilogue,
                       has_block, lanes_of_domain, largest_divisor, offset_dtype, pow2_divisor, rows_are_domain,
@@ -28,6 +29,8 @@ class Config:
     unroll: int = 0    # vectors accumulated per loaded weight quad; 0 = largest divisor up to 8
     k_inner: int = 0   # rows interleaved inside the quad loop; 0 = enough rows for ~16 accumulators, at most
                        # MAX_DEFAULT_ROWS (as the fp32 rule: vgg16-cifar channel4 90%'s 2x2 layers 50 -> 38 us)
+    map_parts: int = 2  # on maps of MAP_SPLIT_POSITIONS or more, parts of the map outermost in the parallel loop
+                        # (where its step count divides), so each thread writes and reads its own part of the map
 
 
 def _lanes(target: Target, q_extent: int) -> int:
@@ -40,7 +43,8 @@ def _lanes(target: Target, q_extent: int) -> int:
 
 
 def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Config) -> None:
-    _schedule(sch, func, target, cfg.tile_k, cfg.unroll, cfg.k_inner or domain_attr(func, "interleave"), clamp=True)
+    _schedule(sch, func, target, cfg.tile_k, cfg.unroll, cfg.k_inner or domain_attr(func, "interleave"), clamp=True,
+              cfg_parts=cfg.map_parts)
 
 
 def interleave_tile(rows: int, q_extent: int, lanes: int, row: int = 0) -> int:
@@ -85,11 +89,11 @@ def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
 
 
 def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, unroll, k_inner,
-              clamp: bool) -> None:
+              clamp: bool, cfg_parts: int = Config.map_parts) -> None:
     quads, rows, cols = (int(x) for x in func.attrs["unsparse.pad_shape"])
     if has_block(sch, "pad_patch"):
         _schedule_patches(sch, quads, rows, cols)
-    elif has_block(sch, "pad_q"):  # else the input arrives in quads (int8_ops.quad_relay)
+    elif has_block(sch, "pad_q"):  # else the input arrives in quads (ops.quad_relay)
         n, i, v = sch.get_loops(sch.get_sblock("pad_q"))
         ci, _, _ = sch.split(i, [quads, rows, cols])
         sch.parallel(sch.fuse(n, ci))
@@ -107,8 +111,14 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     if clamp:
         tile_k, unroll, k_inner = _clamp(ext[1], ext[2], lanes, tile_k, unroll, k_inner)
     ko, kio, kii, qo, qu, qv = split_row_tile(sch, k, q, tile_k, k_inner, unroll, lanes)
-    sch.reorder(n, ko, qo, kio, j, kii, qu, qv, v)
-    par = sch.fuse(n, ko)
+    parts = cfg_parts if ext[2] >= MAP_SPLIT_POSITIONS and extents(sch, [qo])[0] % cfg_parts == 0 else 1
+    if parts > 1:  # the map's parts outermost: thread t takes part t (TVM hands each thread a contiguous range
+        qp, qo = sch.split(qo, [parts, None])  # of the parallel loop), as the relays and the pool split theirs
+        sch.reorder(n, qp, ko, qo, kio, j, kii, qu, qv, v)
+        par = sch.fuse(n, qp, ko)
+    else:
+        sch.reorder(n, ko, qo, kio, j, kii, qu, qv, v)
+        par = sch.fuse(n, ko)
     sch.parallel(par)
     sch.reverse_compute_at(acc, kio)
     init = sch.decompose_reduction(block, j)

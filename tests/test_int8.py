@@ -54,10 +54,11 @@ CASES = [
 ]
 
 
-def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsample=False, compact=True):
+def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsample=False, compact=True, config=None):
     """Build int8_ops.sparse_conv2d_int8 with the x86 rule for `mcpu`: (lib, arrays, out shape, wq, wscale, target).
     subsample: a strided 1x1 geo built as the pass does on llvm (stride 1, every s-th input read in place);
-    compact: offsets stored as uint16 where they fit, as the pass does on llvm (else int32)."""
+    compact: offsets stored as uint16 where they fit, as the pass does on llvm (else int32); config: the rule's
+    knobs (default its Config())."""
     from unsparse_tvm.ops.formats import compact_offsets
 
     import tvm
@@ -90,7 +91,7 @@ def build_int8_conv(x, weight, bias, residual, relu, geo, act, mcpu=None, subsam
     func = func.with_attr("unsparse.row_domain", geo.ow) if geo.row_domain else func
     func = func.with_attr("unsparse.patches", 1) if geo.patches else func
     with target:
-        sch = rule_for("sparse_conv2d_int8", "llvm").apply(func, target)
+        sch = rule_for("sparse_conv2d_int8", "llvm").with_config(config).apply(func, target)
     mod = tvm.IRModule({"main": trim_row_loops(sch.mod["main"])})  # the loop over quads ends at the rows' lengths
     lib = tvm.compile(mod, target=kernel_target(target, mod))  # what compile builds it for
     lib.scheduled = mod["main"].script()  # for tests of the schedule's structure
@@ -377,6 +378,36 @@ def test_bench_times_int8_next_to_fp32_sparse(tmp_path, capsys):
     result = bench(str(quant), repeat=1, layers=False, threads=[1])
     assert {"unsparse_ms", "unsparse_int8_ms", "tvm_dense_ms", "torch_ms"} <= set(result["end_to_end"])
     assert result["max_rel_error_vs_torch"]["unsparse_int8"] < 0.1  # random input, calibrated on random inputs
+
+
+@pytest.mark.parametrize("n,h,w,r,pad", [(2, 32, 32, 1, 0), (1, 56, 56, 3, 1)])
+def test_int8_large_maps_run_their_parts_in_parallel(n, h, w, r, pad, llvm):
+    """A map of MAP_SPLIT_POSITIONS or more: its two parts outermost in the parallel loop (thread t computes and
+    writes part t of the map for every channel, as the relays and the pool split theirs), the same bits as the
+    channel split (map_parts=1), exact against the integer reference."""
+    import re
+
+    from unsparse_tvm.ops.geometry import MAP_SPLIT_POSITIONS
+    from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import Config
+
+    assert h * w >= MAP_SPLIT_POSITIONS
+    rng = np.random.default_rng(h + r)
+    k, c = 24, 8
+    weight = sparse_weight((k, c, r, r), 0.7, rng, empty_rows=2, dense_rows=1)
+    geo = ConvGeometry(n, c, h, w, k, r, r, (1, 1), (pad,) * 4, (1, 1))
+    x = np.abs(rng.standard_normal((n, c, h, w))).astype(np.float32)
+    act = ActQuant.from_range(0.0, float(x.max()), act_qmax(llvm))
+    bias = rng.standard_normal(k).astype(np.float32)
+    outs, tasks = [], []
+    for cfg in (Config(), Config(map_parts=1)):
+        lib, arrays, out_shape, wq, wscale, _ = build_int8_conv(x, weight, bias, None, True, geo, act, config=cfg)
+        tasks.append(int(re.search(r"for \w*k_0_fused in T\.parallel\((\d+)\)", lib.scheduled).group(1)))  # the conv's
+        outs.append(run_built(lib, arrays, out_shape))
+    assert tasks[0] == 2 * tasks[1]  # (image, part, row tile) against (image, row tile)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    ref = torch_reference(x, wq, wscale, act, bias, None, True, (1, 1), (pad,) * 4).numpy()
+    _, out_scale = epilogue_consts(wq, wscale, act)
+    assert (np.abs(outs[0] - ref) <= QUANTUM_SHARE * out_scale.reshape(1, -1, 1, 1)).all()
 
 
 def test_int8_design_space_points_are_exact(llvm):

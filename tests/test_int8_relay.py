@@ -1,4 +1,4 @@
-"""uint8 inputs into quads by a byte shuffle (int8_ops.quad_relay), and outputs that several int8 convs read
+"""uint8 inputs into quads by a byte shuffle (ops.quad_relay), and outputs that several int8 convs read
 travelling as uint8 (relay_passes/quantize_int8.py, CHAIN_SHARED): the same bytes, so the same result."""
 
 import numpy as np
@@ -24,6 +24,11 @@ def _record_calls(monkeypatch, module, name: str, pick=lambda a: a) -> list:
     (1, 12, 7, 20, 3, 1, (0, 2, 1, 0), 7),     # asymmetric padding
     (1, 8, 14, 14, 1, 1, (0, 0, 0, 0), 5),     # rows under 16 positions: a 1x1's plane relayed as one row
     (2, 12, 7, 7, 1, 1, (0, 0, 0, 0), 128),    # 49 positions: three steps and one shifted back
+    # maps of MAP_SPLIT_POSITIONS or more in two parts, one per thread: a flat plane's steps (odd count) ...
+    (2, 8, 37, 40, 1, 1, (0, 0, 0, 0), 3),
+    (1, 8, 32, 32, 1, 1, (0, 0, 0, 0), 0),
+    # ... and a padded plane's rows (odd count, asymmetric padding, a trailing quad, batch 2)
+    (2, 12, 33, 34, 3, 1, (2, 1, 0, 1), 128),
 ])
 def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
     """The relay writes what the int8 conv's pad stage writes for a uint8 input (TE, built on its own)."""
@@ -32,7 +37,8 @@ def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
 
     from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads
-    from unsparse_tvm.ops.sparse_int8 import pad_quantize, quad_relay
+    from unsparse_tvm.ops.quad_relay import quad_relay
+    from unsparse_tvm.ops.sparse_int8 import pad_quantize
     from unsparse_tvm.relay_passes._conv_match import strided_pointwise
 
     geo = ConvGeometry(n, c, h, w, 4, k, k, (stride, stride), pad, (1, 1))
@@ -67,7 +73,8 @@ def test_quad_relay_strided_is_the_pad_stage(n, c, h, w, stride, pad, zp, llvm):
 
     from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads
-    from unsparse_tvm.ops.sparse_int8 import pad_quantize, quad_relay_strided
+    from unsparse_tvm.ops.quad_relay import quad_relay_strided
+    from unsparse_tvm.ops.sparse_int8 import pad_quantize
 
     geo = ConvGeometry(n, c, h, w, 4, 3, 3, (stride, stride), pad, (1, 1))
     quads, act = pad_quads(geo), ActQuant(0.1, zp, 255)
@@ -87,7 +94,7 @@ def test_quad_relay_strided_declines_narrow_phase_planes():
     """Phase planes under 4 positions wide (a 3x3/2 on 6x6: 3) keep the pad stage, as does a stride whose
     last step would have to load more than a byte early to stay inside the input row (3 on 48: 2 bytes)."""
     from unsparse_tvm.ops.geometry import ConvGeometry
-    from unsparse_tvm.ops.sparse_int8 import quad_relay_strided
+    from unsparse_tvm.ops.quad_relay import quad_relay_strided
 
     geo = ConvGeometry(1, 8, 6, 6, 4, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1))
     assert quad_relay_strided((1, 8, 6, 6), geo, 2, 0) is None
@@ -111,7 +118,8 @@ def test_quantize_first_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
 
     from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads, quad_channels
-    from unsparse_tvm.ops.sparse_int8 import pad_quantize, quad_relay, quad_relay_strided, quantize_channels
+    from unsparse_tvm.ops.quad_relay import quad_relay, quad_relay_strided
+    from unsparse_tvm.ops.sparse_int8 import pad_quantize, quantize_channels
     from unsparse_tvm.relay_passes._conv_match import strided_pointwise
 
     geo = ConvGeometry(n, c, h, w, 4, k, k, (stride, stride), pad, (1, 1))
@@ -156,7 +164,7 @@ class Fork(nn.Module):
 
 
 def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
-    import unsparse_tvm.ops.sparse_int8 as int8_ops
+    import unsparse_tvm.ops.quad_relay as relay_ops
 
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # the quads' relays, on any host
 
@@ -164,8 +172,8 @@ def test_shared_uint8_outputs_and_the_relay_change_nothing(llvm, monkeypatch):
     model = Fork().eval()
     shape = (2, 3, 32, 32)
     ranges = int8_ready(model, shape, 0.7)
-    relays = _record_calls(monkeypatch, int8_ops, "quad_relay")  # each call's arguments
-    strided = _record_calls(monkeypatch, int8_ops, "quad_relay_strided")
+    relays = _record_calls(monkeypatch, relay_ops, "quad_relay")  # each call's arguments
+    strided = _record_calls(monkeypatch, relay_ops, "quad_relay_strided")
 
     def build():
         report, run = compile_int8(model, shape, ranges, llvm)
@@ -247,7 +255,7 @@ def test_a_stem_quantised_first_relays_and_writes_wide(llvm, monkeypatch):
     """The stem's fp32 input is quantised to 4 uint8 planes and relayed; its output, which only `mid` reads,
     is then written wide (rows of 34) for mid's relay. QUANTIZE_FIRST off: the stem's pad stage quantises
     and its output is cropped by an epilogue pass. The same integers either way, and PyTorch's."""
-    import unsparse_tvm.ops.sparse_int8 as int8_ops
+    import unsparse_tvm.ops.quad_relay as relay_ops
     from test_int8 import _int8_reference
     from unsparse_tvm.schedules.x86_int8 import act_qmax
 
@@ -256,7 +264,7 @@ def test_a_stem_quantised_first_relays_and_writes_wide(llvm, monkeypatch):
     model = StemChain().eval()
     shape = (2, 3, 32, 32)
     ranges = int8_ready(model, shape, 0.7)
-    relays = _record_calls(monkeypatch, int8_ops, "quad_relay")
+    relays = _record_calls(monkeypatch, relay_ops, "quad_relay")
     _, run = compile_int8(model, shape, ranges, llvm)
     assert sorted((tuple(a[0]), a[5]) for a in relays) == [((2, 4, 32, 32), 0), ((2, 16, 32 * 34), 34)]
     monkeypatch.setattr("unsparse_tvm.relay_passes._quad_inputs.QUANTIZE_FIRST", False)

@@ -80,7 +80,7 @@ def test_handwritten_kernels_allocate_nothing_per_iteration(kind, llvm):
     from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.ops.int8_formats import pad_quads
     from unsparse_tvm.ops.pool import max_pool_3x3s2
-    from unsparse_tvm.ops.sparse_int8 import quad_relay, quad_relay_strided
+    from unsparse_tvm.ops.quad_relay import quad_relay, quad_relay_strided
 
     if kind == "pool":
         func, allowed = max_pool_3x3s2((1, 8, 40, 40), "uint8", 16), 1

@@ -12,6 +12,13 @@ PATCH_MAX_POSITIONS = 16  # ConvGeometry.with_patches: maps up to 4x4
 PATCH_MAX_BATCH_POSITIONS = 32  # with_patches(fold_images=True): 8 images of a 2x2 map in one patch, 2 of a 4x4
 
 
+# Maps of at least this many positions are split across threads by position (the map's first half to the first
+# thread...), not by channel, in the int8 kernels, the byte relays and the 3x3/2 max pool: on the 2-vCPU Zen 4
+# VM a store to a line the other core had read cost ~9x one to a line only this core held (800 KB written in
+# halves: 40 us against 4.5; benchmarks/shared_writes.c), and a channel split makes every input shared (each
+# output channel reads all of them), so each later write into that memory paid it (resnet50 95% channel4 int8,
+# two threads: relays 2.6x their one-thread time in CPU time). 56x56 maps and up (a 28x28's 49 vectors do not halve).
+MAP_SPLIT_POSITIONS = 1024
 SPLIT_LOADS = 0.4  # ConvGeometry.with_aligned_channels: the share of split vector loads that pays for a copy
 CACHE_LINE = 64
 

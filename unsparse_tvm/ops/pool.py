@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from tvm import tirx
 
+from .geometry import MAP_SPLIT_POSITIONS
+
 
 def max_pool_3x3s2(shape: tuple[int, int, int, int], dtype: str, lanes: int) -> tirx.PrimFunc:
     """x [N, C, H, W] -> [N, C, OH, OW], OH = (H - 1) // 2 + 1 (padding 1 on each side, -inf / 0 for uint8,
@@ -41,23 +43,31 @@ def max_pool_3x3s2(shape: tuple[int, int, int, int], dtype: str, lanes: int) -> 
     def picks(rows, b, k, start: int, pick: list):  # lanes `pick` of the two vectors at row-buffer column 2*o0 + start
         return T.Shuffle([rows[T.Ramp(b * span + 2 * o0(k) + start, 1, 2 * lanes)]], pick)
 
+    # a large map in two parts of its output rows, thread t taking part t of every channel (MAP_SPLIT_POSITIONS)
+    parts, tasks = (2 if oh * ow >= MAP_SPLIT_POSITIONS else 1), n * c
+    part = -(-oh // parts)
+
+    def out_row(t, r):  # task t's r-th output row (the last part's surplus rows recompute its last row)
+        return T.min(t // tasks * part + r, oh - 1)
+
     @T.prim_func(s_tir=True)  # a root block: Relax analyses (AnnotateTIROpPattern) expect one
     def pool(x: T.Buffer((n, c, h, w), dtype), y: T.Buffer((n, c, oh, ow), dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         with T.sblock("root"):
             xf = T.decl_buffer((n * c * h * w,), dtype, data=x.data)
             yf = T.decl_buffer((n * c * oh * ow,), dtype, data=y.data)
-            rows = T.sblock_alloc_buffer((n * c * span,), dtype)  # one row buffer per (image, channel) task
-            for b in T.parallel(n * c):
-                for oy in range(oh):
+            rows = T.sblock_alloc_buffer((parts * tasks * span,), dtype)  # a row buffer per (part, image, channel)
+            for t in T.parallel(parts * tasks):
+                for r in range(part):
                     for k in range((span + lanes - 1) // lanes):  # all lowest first (padding columns)
-                        rows[T.Ramp(b * span + T.min(k * lanes, span - lanes), 1, lanes)] = T.Broadcast(low, lanes)
+                        rows[T.Ramp(t * span + T.min(k * lanes, span - lanes), 1, lanes)] = T.Broadcast(low, lanes)
                     for k in range((w + lanes - 1) // lanes):  # the rows inside the image (padding rows add nothing)
-                        rows[T.Ramp(b * span + 1 + x0(k), 1, lanes)] = T.max(
-                            T.max(row(xf, b, T.max(2 * oy - 1, 0), k), row(xf, b, 2 * oy, k)),
-                            row(xf, b, T.min(2 * oy + 1, h - 1), k))
+                        rows[T.Ramp(t * span + 1 + x0(k), 1, lanes)] = T.max(
+                            T.max(row(xf, t % tasks, T.max(2 * out_row(t, r) - 1, 0), k),
+                                  row(xf, t % tasks, 2 * out_row(t, r), k)),
+                            row(xf, t % tasks, T.min(2 * out_row(t, r) + 1, h - 1), k))
                     for k in range((ow + lanes - 1) // lanes):  # columns 2*o0 - 1, 2*o0, 2*o0 + 1 (shifted by 1)
-                        yf[T.Ramp(b * oh * ow + oy * ow + o0(k), 1, lanes)] = T.max(
-                            T.max(picks(rows, b, k, 0, even), picks(rows, b, k, 0, odd)), picks(rows, b, k, 2, even))
+                        yf[T.Ramp((t % tasks) * oh * ow + out_row(t, r) * ow + o0(k), 1, lanes)] = T.max(
+                            T.max(picks(rows, t, k, 0, even), picks(rows, t, k, 0, odd)), picks(rows, t, k, 2, even))
 
     return pool.without_attr("global_symbol")
