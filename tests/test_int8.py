@@ -380,7 +380,7 @@ def test_bench_times_int8_next_to_fp32_sparse(tmp_path, capsys):
     assert result["max_rel_error_vs_torch"]["unsparse_int8"] < 0.1  # random input, calibrated on random inputs
 
 
-@pytest.mark.parametrize("n,h,w,r,pad", [(2, 32, 32, 1, 0), (1, 56, 56, 3, 1)])
+@pytest.mark.parametrize("n,h,w,r,pad", [(2, 48, 48, 1, 0), (1, 56, 56, 3, 1)])
 def test_int8_large_maps_run_their_parts_in_parallel(n, h, w, r, pad, llvm):
     """A map of MAP_SPLIT_POSITIONS or more: its two parts outermost in the parallel loop (thread t computes and
     writes part t of the map for every channel, as the relays and the pool split theirs), the same bits as the

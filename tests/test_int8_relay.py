@@ -25,10 +25,10 @@ def _record_calls(monkeypatch, module, name: str, pick=lambda a: a) -> list:
     (1, 8, 14, 14, 1, 1, (0, 0, 0, 0), 5),     # rows under 16 positions: a 1x1's plane relayed as one row
     (2, 12, 7, 7, 1, 1, (0, 0, 0, 0), 128),    # 49 positions: three steps and one shifted back
     # maps of MAP_SPLIT_POSITIONS or more in two parts, one per thread: a flat plane's steps (odd count) ...
-    (2, 8, 37, 40, 1, 1, (0, 0, 0, 0), 3),
-    (1, 8, 32, 32, 1, 1, (0, 0, 0, 0), 0),
+    (2, 8, 45, 50, 1, 1, (0, 0, 0, 0), 3),
+    (1, 8, 64, 64, 1, 1, (0, 0, 0, 0), 0),
     # ... and a padded plane's rows (odd count, asymmetric padding, a trailing quad, batch 2)
-    (2, 12, 33, 34, 3, 1, (2, 1, 0, 1), 128),
+    (2, 12, 47, 46, 3, 1, (2, 1, 0, 1), 128),
 ])
 def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
     """The relay writes what the int8 conv's pad stage writes for a uint8 input (TE, built on its own)."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
     ((1, 4, 35, 35), "float32", 8),      # AVX2's 8 lanes, odd width: the last column pads on the right
     ((1, 5, 17, 33), "uint8", 16),
     ((2, 6, 66, 71), "uint8", 32),
+    ((2, 3, 97, 90), "uint8", 16),     # an output map in two parts, one per thread (odd rows: 49)
 ])
 def test_kernel_is_pytorchs_pool(shape, dtype, lanes, llvm):
     import tvm
