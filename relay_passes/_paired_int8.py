@@ -14,7 +14,7 @@ from unsparse_tvm.ops import quad_relay as relay_ops
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.formats import compact_offsets, interleave_rows, offsets_with_lengths
 from unsparse_tvm.ops.int8_formats import conv_quad_rows, epilogue_consts, quantize_weight
-from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile
+from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import interleave_tile, map_parts
 
 from . import _quad_inputs
 from ._conv_match import conv_geometry
@@ -80,9 +80,11 @@ def emit(rw, conv, weight: np.ndarray, geo, ep, act, out_act):
     # both inputs relayed into one buffer, the residual conv's quads first: the second relay writes in place
     total = prows.pad_quads + rows.pad_quads
     shape = relax.TensorType([geo.n, total * run.channel_plane, 4], "uint8")
-    first = relay_ops.quad_relay(tuple(shape_of(px)), run, prows.pad_quads, pact.zero_point, psub, ppitch, (0, total))
+    parts = map_parts(run.q_extent, rw.lanes)  # the planes split as the pair's kernel splits its map
+    first = relay_ops.quad_relay(tuple(shape_of(px)), run, prows.pad_quads, pact.zero_point, psub, ppitch, (0, total),
+                                 parts)
     second = relay_ops.quad_relay(tuple(shape_of(x)), run, rows.pad_quads, act.zero_point, sub, pitch,
-                                 (prows.pad_quads, total))
+                                  (prows.pad_quads, total), parts)
     joined = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(first, "quad_relay"), [px], shape))
     joined = rw.builder_.emit(relax.call_tir_inplace(rw.builder_.add_func(second, "quad_relay"), [x, joined], [1],
                                                      shape))

@@ -14,6 +14,8 @@ from unsparse_tvm.ops import quad_relay as relay_ops
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.int8_formats import QUAD, quad_channels
 
+from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import map_parts
+
 from ._util import dtype_of, shape_of
 
 QUAD_RELAY_STRIDED = True  # a strided conv's uint8 input into phase planes of quads by a byte shuffle
@@ -60,10 +62,11 @@ def _padded(geo, x_shape) -> tuple:
     return dataclasses.replace(geo, c=c4), (int(x_shape[0]), c4, int(x_shape[2]), int(x_shape[3]))
 
 
-def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, quads: int, pitch: int) -> relax.Expr:
+def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, quads: int, pitch: int,
+               lanes: int) -> relax.Expr:
     """x as the int8 conv reads it (llvm): its quads [N, quads * channel_plane, 4] by a relay where one takes
     it (an fp32 x quantised first), else x itself for the kernel's pad stage. pitch: a wide producer's row
-    pitch (0: x's own rows)."""
+    pitch (0: x's own rows); lanes: the target's int8 lanes (a relay splits its planes as the conv its map)."""
     if dtype_of(x) == "float32" and quantized_first(run, geo, sub, shape_of(x)):
         geo, _ = _padded(geo, shape_of(x))
         x = builder.emit_te(partial(int8_ops.quantize_channels, act=act, channels=geo.c), x,
@@ -71,7 +74,8 @@ def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, q
     if dtype_of(x) != "uint8":
         return x
     if relays(run, geo, shape_of(x), sub):
-        relay = relay_ops.quad_relay(tuple(shape_of(x)), run, quads, act.zero_point, sub, pitch)
+        relay = relay_ops.quad_relay(tuple(shape_of(x)), run, quads, act.zero_point, sub, pitch,
+                                     parts=map_parts(run.q_extent, lanes))
     elif relays_strided(run, geo, sub, shape_of(x)):
         relay = relay_ops.quad_relay_strided(tuple(shape_of(x)), run, quads, act.zero_point)
     else:

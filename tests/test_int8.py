@@ -388,7 +388,8 @@ def test_int8_large_maps_run_their_parts_in_parallel(n, h, w, r, pad, llvm):
     import re
 
     from unsparse_tvm.ops.geometry import MAP_SPLIT_POSITIONS
-    from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import Config
+    from unsparse_tvm.schedules import cpu_vector_lanes
+    from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import Config, map_parts
 
     assert h * w >= MAP_SPLIT_POSITIONS
     rng = np.random.default_rng(h + r)
@@ -404,6 +405,8 @@ def test_int8_large_maps_run_their_parts_in_parallel(n, h, w, r, pad, llvm):
         tasks.append(int(re.search(r"for \w*k_0_fused in T\.parallel\((\d+)\)", lib.scheduled).group(1)))  # the conv's
         outs.append(run_built(lib, arrays, out_shape))
     assert tasks[0] == 2 * tasks[1]  # (image, part, row tile) against (image, row tile)
+    assert map_parts(geo.q_extent, cpu_vector_lanes(llvm)[0]) == 2  # what the relay writing its input is told
+    assert map_parts(56 * 56, 8) == 1  # AVX2's 392 vectors of a 56x56 1x1 run in 49 steps: no halves
     np.testing.assert_array_equal(outs[0], outs[1])
     ref = torch_reference(x, wq, wscale, act, bias, None, True, (1, 1), (pad,) * 4).numpy()
     _, out_scale = epilogue_consts(wq, wscale, act)

@@ -12,7 +12,7 @@ from conftest import compile_int8, int8_ready
 def _record_calls(monkeypatch, module, name: str, pick=lambda a: a) -> list:
     """Calls of module.name from now on, each as pick(its arguments), the real function still run."""
     calls, real = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(pick(a)) or real(*a))
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(pick(a)) or real(*a, **kw))
     return calls
 
 
@@ -24,7 +24,7 @@ def _record_calls(monkeypatch, module, name: str, pick=lambda a: a) -> list:
     (1, 12, 7, 20, 3, 1, (0, 2, 1, 0), 7),     # asymmetric padding
     (1, 8, 14, 14, 1, 1, (0, 0, 0, 0), 5),     # rows under 16 positions: a 1x1's plane relayed as one row
     (2, 12, 7, 7, 1, 1, (0, 0, 0, 0), 128),    # 49 positions: three steps and one shifted back
-    # maps of MAP_SPLIT_POSITIONS or more in two parts, one per thread: a flat plane's steps (odd count) ...
+    # maps of MAP_SPLIT_POSITIONS or more in two parts (parts=2; smaller maps whole): a flat plane's steps ...
     (2, 8, 45, 50, 1, 1, (0, 0, 0, 0), 3),
     (1, 8, 64, 64, 1, 1, (0, 0, 0, 0), 0),
     # ... and a padded plane's rows (odd count, asymmetric padding, a trailing quad, batch 2)
@@ -48,7 +48,7 @@ def test_quad_relay_is_the_pad_stage(n, c, h, w, k, stride, pad, zp, llvm):
     x = np.random.default_rng(c + w).integers(0, 256, (n, c, h, w)).astype(np.uint8)
     xt = te.placeholder((n, c, h, w), "uint8", name="x")
     want_mod = tvm.compile(te.create_prim_func([xt, pad_quantize(xt, run, act, quads, sub)]), target=llvm)
-    got_mod = tvm.compile(tvm.IRModule({"main": quad_relay(x.shape, run, quads, zp, sub).with_attr(
+    got_mod = tvm.compile(tvm.IRModule({"main": quad_relay(x.shape, run, quads, zp, sub, parts=2).with_attr(
         "global_symbol", "main")}), target=llvm)
     shape = (n, quads * run.channel_plane, 4)
     want, got = (tvm.runtime.tensor(np.full(shape, 99, np.uint8)) for _ in range(2))

@@ -25,7 +25,7 @@ def test_kernel_is_pytorchs_pool(shape, dtype, lanes, llvm):
     x = (rng.standard_normal(shape) * 60).astype(np.float32)
     x = np.clip(x + 100, 0, 255).astype(np.uint8) if dtype == "uint8" else x - 50  # all-negative windows too
     ref = F.max_pool2d(torch.from_numpy(x.astype(np.float32)), 3, 2, 1).numpy().astype(dtype)
-    lib = tvm.compile(tvm.IRModule({"main": max_pool_3x3s2(shape, dtype, lanes).with_attr("global_symbol", "main")}),
+    lib = tvm.compile(tvm.IRModule({"main": max_pool_3x3s2(shape, dtype, lanes, 2).with_attr("global_symbol", "main")}),
                       target=llvm)
     y = tvm.runtime.tensor(np.full(ref.shape, 7, dtype))
     lib["main"](tvm.runtime.tensor(x), y)

@@ -25,8 +25,8 @@ def flat_plane(x_shape: tuple | None, run: ConvGeometry, subsample: tuple[int, i
 
 @dataclasses.dataclass(frozen=True)
 class _Parts:
-    """A relay's map in `count` parts, thread t taking part t of every plane as the kernels around it do
-    (MAP_SPLIT_POSITIONS; one part under it): a plane's rows (each part's map rows, and the padding rows above
+    """A relay's map in `count` parts, thread t taking part t of every plane as the conv reading it does
+    (MAP_SPLIT_POSITIONS and up): a plane's rows (each part's map rows, and the padding rows above
     them for its zero-point fill), or a flat plane's 16-position steps. Expressions of the task index t (part
     t // tasks), as quad_relay's script needs them."""
     count: int
@@ -39,14 +39,16 @@ class _Parts:
     map_rows: int
 
     @classmethod
-    def of(cls, run: ConvGeometry, rows: int, cols: int, wq: int, tasks: int) -> "_Parts":
-        count, steps, (pt, plane) = (2 if run.h * run.w >= MAP_SPLIT_POSITIONS else 1), (cols + 15) // 16, \
-            (run.padding[0], run.hq * run.wq)
+    def of(cls, run: ConvGeometry, rows: int, cols: int, wq: int, tasks: int, count: int) -> "_Parts":
+        steps, pt, plane = (cols + 15) // 16, run.padding[0], run.hq * run.wq
+        count = count if run.h * run.w >= MAP_SPLIT_POSITIONS else 1
         if rows == 1:  # flat: the steps in parts
             per = -(-steps // count)
-            return cls(count, tasks, 1, per, (*(min(i * per * 16, plane) for i in range(count)), plane), 1, True, 1)
+            edges = (*(min(i * per * 16, plane) for i in range(count)), plane)
+            return cls(count, tasks, 1, per, edges, 1, True, 1)
         per = -(-rows // count)
-        return cls(count, tasks, per, steps, (0, *(pt + i * per for i in range(1, count)), plane // wq), wq, False, rows)
+        edges = (0, *(pt + i * per for i in range(1, count)), plane // wq)
+        return cls(count, tasks, per, steps, edges, wq, False, rows)
 
     @property
     def widest(self) -> int:  # bytes of the largest part of a plane
@@ -66,18 +68,17 @@ class _Parts:
 
 
 def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
-               subsample: tuple[int, int] = (1, 1), pitch: int = 0, into: tuple[int, int] = (0, 0)) -> tirx.PrimFunc:
-    """uint8 x [N, C, H, W] (the previous layer requantised it) -> pad_quantize's quad layout for the
-    stride-1 conv `run`: [N, quads * Hq*Wq, 4], padding and trailing quads at the zero point, input row y
-    read at x row y*sy, column x at x*sx (a strided 1x1 read in place). Per step 16 positions of 4 channel
-    planes, one byte shuffle (LLVM: vpunpck*) into one 64-byte store; a row's last step is shifted back to
-    end at the row's end (it rewrites a few positions with the same bytes), so W >= 16, or H*W >= 16 where
-    x's plane is laid out as the quads' (flat_plane: then the plane is one row). Each plane is first
-    filled with the zero point the same way. The pad stage relays these bytes one vpinsrb at a time (256
-    channels on 56x56: ~160 us; this: 41 us). A large map in two parts, one per thread (_Parts). C % 4 == 0. A 3-D x [N, C, P] is a producer's wide output
-    (sparse_conv2d_int8's `wide`): its rows `pitch` apart in a plane of P. into (first, total): the quads go to
-    quads first.. of an output of `total` quads an image (a pair's joined input, sparse_conv2d_int8_pair), the
-    rest of which another relay writes."""
+               subsample: tuple[int, int] = (1, 1), pitch: int = 0, into: tuple[int, int] = (0, 0),
+               parts: int = 1) -> tirx.PrimFunc:
+    """uint8 x [N, C, H, W] (the previous layer requantised it) -> pad_quantize's quad layout for the stride-1
+    conv `run`: [N, quads * Hq*Wq, 4], padding and trailing quads at the zero point, input row y read at x row
+    y*sy, column x at x*sx (a strided 1x1 read in place). Per step 16 positions of 4 channel planes, one byte
+    shuffle (LLVM: vpunpck*) into one 64-byte store; a row's last step shifted back to end at the row's end, so
+    W >= 16, or H*W >= 16 where x's plane is laid out as the quads' (flat_plane: one row). Zero point first the
+    same way. (The pad stage: one vpinsrb a byte, 256 channels on 56x56 ~160 us; this 41.) C % 4 == 0. A 3-D x
+    [N, C, P]: a producer's wide output, rows `pitch` apart. into (first, total): into quads first.. of `total`
+    an image (a pair's joined input; another relay writes the rest). parts: a large map in parts, thread t
+    writing part t (_Parts), as the conv reading it splits its map (sparse_conv2d_int8_cpu.map_parts)."""
     from tvm.script import tirx as T
 
     n, c, h, w = x_shape if len(x_shape) == 4 else (*x_shape, 1)  # 3-D: h = P, w = 1; rows at `pitch`
@@ -94,14 +95,17 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
     def x0(k):  # a step's first position (the last step shifted back to end at the row's end)
         return tirx.min(k * 16, cols - 16)
 
-    first, total = into if into[1] else (0, quads)
-    part = _Parts.of(run, rows, cols, wq, n * quads)
+    (first, total), part = into if into[1] else (0, quads), _Parts.of(run, rows, cols, wq, n * quads, parts)
 
     def dst(b):  # quad b's first output position
         return (b // quads * total + first + b % quads) * plane
 
     def src(b, y, k):  # its first byte in channel plane 0 of quad b
         return (b // quads * cq + b % quads) * QUAD * h * w + y * sy * pitch + x0(k) * sx
+
+    def fill(t, k):  # task t's k-th 64 bytes of zero point in its part of its plane (the last shifted back)
+        first_byte, end = part.edge(t // part.tasks), part.edge(t // part.tasks + 1)
+        return dst(t % part.tasks) * QUAD + tirx.min(first_byte + k * 64, end - 64)
 
     # (x0 and src as expressions, not names bound in the script: TVMScript makes a bound name a buffer, which
     # the parallel loop allocated from the workspace pool twice per quad: 7x7 relays ran 2-3x slower)
@@ -114,9 +118,7 @@ def quad_relay(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int,
             for t in T.parallel(part.count * part.tasks):  # (part of the map, image, channel quad)
                 if padded or t % quads >= cq:  # padding, or a trailing quad: the zero point first (this part's)
                     for k in range((part.widest + 63) // 64):
-                        qf[T.Ramp(dst(t % part.tasks) * QUAD + T.min(part.edge(t // part.tasks) + k * 64,
-                                                                      part.edge(t // part.tasks + 1) - 64),
-                                  1, 64)] = T.Broadcast(zp, 64)
+                        qf[T.Ramp(fill(t, k), 1, 64)] = T.Broadcast(zp, 64)
                 if t % quads < cq:
                     for y, k in T.grid(part.rows, part.steps):
                         qf[T.Ramp((dst(t % part.tasks) + (part.row(t, y) + pt) * wq + pl + x0(part.step(t, k))) * QUAD,
