@@ -13,7 +13,6 @@ from tvm import relax
 from unsparse_tvm.ops import quad_relay as relay_ops
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.int8_formats import QUAD, quad_channels
-
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import map_parts
 
 from ._util import dtype_of, shape_of

@@ -49,7 +49,7 @@ class _Rewriter(FunctionRewriter):
             return call
         n, c, h, w = (int(d) for d in shape)
         # AVX-512: in two parts of the map, as the int8 kernels after it split 56x56 maps (AVX2's 49 steps do not
-        # halve: split alone, the relays and the pool ran 1-5% slower on two threads there)
+        # halve; the relays and the pool split alone ran 0.3-9.5% slower on two threads there)
         parts = 2 if self.lanes >= 16 else 1
         kernel = self.builder_.add_func(max_pool_3x3s2((n, c, h, w), dtype, lanes, parts), "max_pool_3x3s2")
         out = [n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1]

@@ -17,8 +17,8 @@ PATCH_MAX_BATCH_POSITIONS = 32  # with_patches(fold_images=True): 8 images of a 
 # VM a store to a line the other core had read cost ~9x one to a line only this core held (800 KB written in
 # halves: 40 us against 4.5; benchmarks/shared_writes.c), and a channel split makes every input shared (each
 # output channel reads all of them), so each later write into that memory paid it (resnet50 95% channel4 int8,
-# two threads: relays 2.6x their one-thread time in CPU time). 56x56 maps and up: a 28x28's 49 vectors do not halve,
-# and vgg16-cifar's 32x32 convs' 17 steps neither (its relay alone split ran 1-2% slower on two threads).
+# two threads: relays 2.6x their one-thread time in CPU time). 56x56 maps and up: a 28x28's 49 vectors do not
+# halve, nor do vgg16-cifar's 32x32 convs' 17 steps (its relay split alone ran 1-2% slower on two threads).
 MAP_SPLIT_POSITIONS = 2048
 SPLIT_LOADS = 0.4  # ConvGeometry.with_aligned_channels: the share of split vector loads that pays for a copy
 CACHE_LINE = 64
