@@ -48,9 +48,10 @@ class _Rewriter(FunctionRewriter):
         if not lanes:
             return call
         n, c, h, w = (int(d) for d in shape)
-        # AVX-512: in two parts of the map, as the int8 kernels after it split 56x56 maps (AVX2's 49 steps do not
-        # halve; the relays and the pool split alone ran 0.3-9.5% slower on two threads there)
-        parts = 2 if self.lanes >= 16 else 1
+        # uint8 under AVX-512: in two parts of the map, as the int8 kernels around it split 56x56 maps (AVX2's 49
+        # steps do not halve; the relays and the pool split alone ran 0.3-9.5% slower on two threads there). The
+        # fp32 kernels split by channel, so a float pool keeps to that
+        parts = 2 if self.lanes >= 16 and dtype == "uint8" else 1
         kernel = self.builder_.add_func(max_pool_3x3s2((n, c, h, w), dtype, lanes, parts), "max_pool_3x3s2")
         out = [n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1]
         return relax.call_tir(kernel, [call.args[0]], relax.TensorType(out, dtype))
