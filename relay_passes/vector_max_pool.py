@@ -11,6 +11,7 @@ import tvm
 from tvm import relax
 from tvm.ir import IRModule
 
+from unsparse_tvm.ops.geometry import MAP_SPLIT_POSITIONS
 from unsparse_tvm.ops.pool import max_pool_3x3s2
 
 from ._util import FunctionRewriter, dtype_of, is_op, shape_of
@@ -48,12 +49,12 @@ class _Rewriter(FunctionRewriter):
         if not lanes:
             return call
         n, c, h, w = (int(d) for d in shape)
-        # uint8 under AVX-512: in two parts of the map, as the int8 kernels around it split 56x56 maps (AVX2's 49
+        out = [n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1]
+        # a large uint8 map under AVX-512: in two parts, as the int8 kernels around it split 56x56 maps (AVX2's 49
         # steps do not halve; the relays and the pool split alone ran 0.3-9.5% slower on two threads there). The
         # fp32 kernels split by channel, so a float pool keeps to that
-        parts = 2 if self.lanes >= 16 and dtype == "uint8" else 1
-        kernel = self.builder_.add_func(max_pool_3x3s2((n, c, h, w), dtype, lanes, parts), "max_pool_3x3s2")
-        out = [n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1]
+        split = self.lanes >= 16 and dtype == "uint8" and out[2] * out[3] >= MAP_SPLIT_POSITIONS
+        kernel = self.builder_.add_func(max_pool_3x3s2((n, c, h, w), dtype, lanes, 2 if split else 1), "max_pool_3x3s2")
         return relax.call_tir(kernel, [call.args[0]], relax.TensorType(out, dtype))
 
 

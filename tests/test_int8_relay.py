@@ -24,7 +24,7 @@ def _record_calls(monkeypatch, module, name: str, pick=lambda a: a) -> list:
     (1, 12, 7, 20, 3, 1, (0, 2, 1, 0), 7),     # asymmetric padding
     (1, 8, 14, 14, 1, 1, (0, 0, 0, 0), 5),     # rows under 16 positions: a 1x1's plane relayed as one row
     (2, 12, 7, 7, 1, 1, (0, 0, 0, 0), 128),    # 49 positions: three steps and one shifted back
-    # maps of MAP_SPLIT_POSITIONS or more in two parts (parts=2; smaller maps whole): a flat plane's steps ...
+    # every map in two parts (parts=2, as map_parts asks for 56x56 maps and up); larger ones: a flat plane's steps ...
     (2, 8, 45, 50, 1, 1, (0, 0, 0, 0), 3),
     (1, 8, 64, 64, 1, 1, (0, 0, 0, 0), 0),
     # ... and a padded plane's rows (odd count, asymmetric padding, a trailing quad, batch 2)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .geometry import MAP_SPLIT_POSITIONS
-
 
 def max_pool_3x3s2(shape: tuple[int, int, int, int], dtype: str, lanes: int, parts: int = 1) -> tirx.PrimFunc:
     """x [N, C, H, W] -> [N, C, OH, OW], OH = (H - 1) // 2 + 1 (padding 1 on each side, -inf / 0 for uint8,
-    as max_pool2d pads); W >= lanes and OW >= lanes. parts: an output map of MAP_SPLIT_POSITIONS or more in parts
-    of its rows, thread t writing part t of every channel, as the kernels after it split theirs."""
+    as max_pool2d pads); W >= lanes and OW >= lanes. parts: the output map in parts of its rows, thread t
+    writing part t of every channel, as the kernels after it split theirs (relay_passes.vector_max_pool decides)."""
     from tvm.script import tirx as T
 
     n, c, h, w = shape
@@ -44,7 +42,7 @@ def max_pool_3x3s2(shape: tuple[int, int, int, int], dtype: str, lanes: int, par
     def picks(rows, b, k, start: int, pick: list):  # lanes `pick` of the two vectors at row-buffer column 2*o0 + start
         return T.Shuffle([rows[T.Ramp(b * span + 2 * o0(k) + start, 1, 2 * lanes)]], pick)
 
-    parts, tasks = (parts if oh * ow >= MAP_SPLIT_POSITIONS else 1), n * c
+    tasks = n * c
     part = -(-oh // parts)
 
     def out_row(t, r):  # task t's r-th output row (the last part's surplus rows recompute its last row)

@@ -10,7 +10,7 @@ import dataclasses
 
 from tvm import tirx
 
-from .geometry import MAP_SPLIT_POSITIONS, ConvGeometry
+from .geometry import ConvGeometry
 from .int8_formats import QUAD
 
 
@@ -26,7 +26,7 @@ def flat_plane(x_shape: tuple | None, run: ConvGeometry, subsample: tuple[int, i
 @dataclasses.dataclass(frozen=True)
 class _Parts:
     """A relay's map in `count` parts, thread t taking part t of every plane as the conv reading it does
-    (MAP_SPLIT_POSITIONS and up): a plane's rows (each part's map rows, and the padding rows above
+    (sparse_conv2d_int8_cpu.map_parts decides): a plane's rows (each part's map rows, and the padding rows above
     them for its zero-point fill), or a flat plane's 16-position steps. Expressions of the task index t (part
     t // tasks), as quad_relay's script needs them."""
     count: int
@@ -41,7 +41,6 @@ class _Parts:
     @classmethod
     def of(cls, run: ConvGeometry, rows: int, cols: int, wq: int, tasks: int, count: int) -> "_Parts":
         steps, pt, plane = (cols + 15) // 16, run.padding[0], run.hq * run.wq
-        count = count if run.h * run.w >= MAP_SPLIT_POSITIONS else 1
         if rows == 1:  # flat: the steps in parts
             per = -(-steps // count)
             edges = (*(min(i * per * 16, plane) for i in range(count)), plane)
