@@ -127,6 +127,14 @@ def report(one: list[dict], two: list[dict], top: int) -> None:
     for extra, name, alone, tasks, w in sorted(grown, reverse=True)[:top]:
         print(f"  +{extra * 1e6:6.1f} us  {name:28s} one thread {alone * 1e6:6.1f} us, two: tasks "
               f"{' / '.join(f'{t * 1e6:.1f}' for t in tasks)} us, launch {w * 1e6:.1f} us")
+    print("by kind of kernel (the layer number dropped): one thread's time, two threads' launches against half of it")
+    kinds: dict[str, list[float]] = {}
+    for a, b in zip(one, two):
+        k = kinds.setdefault(a["kernel"].rstrip("0123456789"), [0.0, 0.0, 0.0])
+        k[0], k[1], k[2] = k[0] + a["tasks"][0], k[1] + b["wall"], k[2] + b["tasks"][0] - b["tasks"][-1]
+    for name, (alone, w, first) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:28s} one thread {alone * 1e3:6.3f} ms, two {w * 1e3:6.3f} (half of one: {alone * 5e2:6.3f}); "
+              f"first task minus last {first * 1e3:+.3f}")
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ class _Int8Rewriter(ConvChainRewriter):
     kind = "llvm"  # the target kind (Int8LayerPass sets it)
     lanes = 16  # and the int8 kernel's vector lanes
     gather = False  # and whether it runs gathered_conv (AVX-512 VNNI and VBMI)
+    saturating = False  # and whether it converts and narrows in one instruction each (ActQuant.saturating)
     pmadd = False  # and whether its int8 is AVX2's (no VNNI: SCATTERED_FP32)
     capped: dict = {}  # plan(): the convs a ReLU6 or SiLU follows (CAPPED_FP32), never mutated
     fed_fp32: frozenset | set = frozenset()  # plan(): scattered quads on an fp32 input (FED_FP32)
@@ -87,7 +88,7 @@ class _Int8Rewriter(ConvChainRewriter):
                 (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL:
             self.names.fp32_int8[name] = round(fill, 3)
             return None
-        return name, ActQuant.from_range(*self.ranges[name], self.qmax)
+        return name, ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating)
 
     def plan(self, func: relax.Function) -> None:
         """The conv chains (ConvChainRewriter.plan), and which of them feed int8 convs only (one, possibly
@@ -351,12 +352,14 @@ class Int8LayerPass:
         self.lanes = cpu_vector_lanes(target)[0] if self.kind == "llvm" else 0  # the int8 kernel's vector
         self.gather = gathered_ops.gathers(target)
         self.pmadd = self.kind == "llvm" and int8_kind(target) == "pmadd"
+        self.saturating = self.kind == "llvm" and int8_kind(target) == "vnni"  # AVX-512: vcvtps2dq, vpmovusdb
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         rewriter = self.rewriter(mod, self.ranges, self.names, self.report, self.qmax)
         rewriter.kind, rewriter.lanes, rewriter.gather, rewriter.pmadd = self.kind, self.lanes, self.gather, self.pmadd
+        rewriter.saturating = self.saturating
         return rewriter.run(mod)
 
 

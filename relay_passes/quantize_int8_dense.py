@@ -27,6 +27,8 @@ OP = names.SPARSE_DENSE_INT8
 
 @relax.expr_functor.mutator
 class _Int8DenseRewriter(DenseChainRewriter):
+    saturating = False  # Int8LayerPass sets it (ActQuant.saturating)
+
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
         self.ranges, self.names, self.report, self.qmax = ranges, names, report, qmax
@@ -45,7 +47,7 @@ class _Int8DenseRewriter(DenseChainRewriter):
 
     def rewrite(self, call, weight, ep) -> relax.Expr | None:
         name = self.names.known(weight)
-        act = ActQuant.from_range(*self.ranges[name], self.qmax)
+        act = ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating)
         wq, wscale = quantize_weight(weight)
         rows = dense_quad_rows(wq)
         comp, out_scale = epilogue_consts(wq, wscale, act)

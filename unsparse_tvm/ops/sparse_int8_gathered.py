@@ -28,6 +28,7 @@ from .gathered_vectors import (GROUP, SPREAD, SPREAD_ROWS, TINY, dot, gathered_i
                                unpacked_inputs, unpacked_sums)
 from .geometry import ConvGeometry
 from .int8_formats import ROUNDING_BIAS, ActQuant
+from .sparse_int8 import saturated
 
 LANES = 16  # output positions per vector (int32 lanes of a zmm)
 # rows x vectors held in registers per tile, of 32 zmm (with 4 inputs, the weights and the index): 16, not 8, ran
@@ -129,6 +130,8 @@ def quantize_lanes(v, act: ActQuant, lanes: int, relu: bool = False):
 
     zp = act.zero_point
     y = v * T.Broadcast(T.float32(act.inv_scale), lanes)
+    if act.saturating and not zp:
+        return saturated(y, act.qmax, lambda e, t: T.call_llvm_pure_intrin(t, "llvm.lrint", e), tirx.const, lanes)
     top, low = T.Broadcast(T.float32(act.qmax - zp), lanes), T.Broadcast(T.float32(0 if relu else -zp), lanes)
     bits = T.reinterpret(f"int32x{lanes}", T.max(T.min(y, top), low) + T.Broadcast(T.float32(ROUNDING_BIAS), lanes))
     return T.Cast(f"uint8x{lanes}", bits + T.Broadcast(T.int32(zp), lanes) if zp else bits)
