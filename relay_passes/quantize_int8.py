@@ -352,7 +352,7 @@ class Int8LayerPass:
         self.lanes = cpu_vector_lanes(target)[0] if self.kind == "llvm" else 0  # the int8 kernel's vector
         self.gather = gathered_ops.gathers(target)
         self.pmadd = self.kind == "llvm" and int8_kind(target) == "pmadd"
-        self.saturating = self.kind == "llvm" and int8_kind(target) == "vnni"  # AVX-512: vcvtps2dq, vpmovusdb
+        self.saturating = self.kind == "llvm" and not self.pmadd  # VNNI (AVX-512): vcvtps2dq, vpmovusdb
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 

@@ -37,18 +37,17 @@ def test_saturating_quantize_gives_the_same_bytes(relu):
     from unsparse_tvm.ops.sparse_int8 import quantize
 
     plain, sat = ActQuant(0.5, 0, 255), ActQuant(0.5, 0, 255, saturating=True)
-    lib, target, asm = _build(lambda v: quantize(v, sat, relu), "cascadelake")
+    (plain_lib, target, plain_asm), (sat_lib, _, asm) = (
+        _build(lambda v, act=act: quantize(v, act, relu), "cascadelake") for act in (plain, sat))
     assert "vcvtps2dq" in asm and "vpmovusdb" in asm, asm
-    _, _, plain_asm = _build(lambda v: quantize(v, plain, relu), "cascadelake")
     assert "vpmovusdb" not in plain_asm and "vpmovdb" in plain_asm
     _, _, shifted = _build(lambda v: quantize(v, ActQuant(0.5, 3, 255, saturating=True), relu), "cascadelake")
     assert "vpmovusdb" not in shifted  # zp 3: the float clamp and the bias, as before
     skip_unless_runs_here(target)
     outs = []
-    for act in (plain, sat):
-        built, _, _ = _build(lambda v, act=act: quantize(v, act, relu), "cascadelake")
+    for lib in (plain_lib, sat_lib):
         out = tvm.runtime.tensor(np.zeros(64, np.uint8))
-        built["main"](tvm.runtime.tensor(EDGES), out)
+        lib["main"](tvm.runtime.tensor(EDGES), out)
         outs.append(out.numpy())
     with np.errstate(over="ignore"):
         want = np.clip(np.round(EDGES.astype(np.float64) / 0.5), 0, 255).astype(np.uint8)

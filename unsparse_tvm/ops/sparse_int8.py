@@ -47,28 +47,28 @@ def quantize(value, act: ActQuant, relu: bool = False):
     zp = act.zero_point
     y = value * tirx.const(act.inv_scale, "float32")
     if act.saturating and not zp:
-        return saturated(y, act.qmax, lambda v, t: tirx.call_llvm_pure_intrin(t, "llvm.lrint", v), tirx.const)
+        return saturated(y, act.qmax)
     y = tirx.max(tirx.min(y, tirx.const(float(act.qmax - zp), "float32")),
                  tirx.const(float(0 if relu else -zp), "float32"))
     bits = tirx.reinterpret("int32", y + tirx.const(ROUNDING_BIAS, "float32"))
     return (bits + tirx.const(zp, "int32") if zp else bits).astype("uint8")
 
 
-def saturated(y, qmax: int, lrint, const, lanes: int = 0):
+def saturated(y, qmax: int, lanes: int = 0):
     """uint8 of y (value * inv_scale) with a zero point of 0, where the target converts and narrows in one
     instruction each (ActQuant.saturating): max(y, 0), rounded half to even by llvm.lrint (vcvtps2dq), then
     min(qmax) in uint32 and narrowed (vpmovusdb: one instruction for both). A y past int32 converts to INT_MIN,
     which as uint32 is past qmax too, so it saturates as the float clamp does: the same bytes as quantize's other
-    path with one vector op less (resnet50's requantising write-backs: benchmarks/epilogue_ops.c). lrint, const:
-    TE's or TVMScript's (lanes: a vector expression's, 0 a scalar one)."""
+    path with one vector op less (resnet50's requantising write-backs: benchmarks/epilogue_ops.c). lanes: y's
+    (a TVMScript vector expression's), 0 for a scalar TE one."""
     def typed(dtype: str) -> str:
         return f"{dtype}x{lanes}" if lanes else dtype
 
     def bcast(v, dtype: str):
-        c = const(v, dtype)
+        c = tirx.const(v, dtype)
         return tirx.Broadcast(c, lanes) if lanes else c
 
-    r = lrint(tirx.max(y, bcast(0.0, "float32")), typed("int32"))
+    r = tirx.call_llvm_pure_intrin(typed("int32"), "llvm.lrint", tirx.max(y, bcast(0.0, "float32")))
     return tirx.min(r.astype(typed("uint32")), bcast(qmax, "uint32")).astype(typed("uint8"))
 
 

@@ -131,7 +131,7 @@ def quantize_lanes(v, act: ActQuant, lanes: int, relu: bool = False):
     zp = act.zero_point
     y = v * T.Broadcast(T.float32(act.inv_scale), lanes)
     if act.saturating and not zp:
-        return saturated(y, act.qmax, lambda e, t: T.call_llvm_pure_intrin(t, "llvm.lrint", e), tirx.const, lanes)
+        return saturated(y, act.qmax, lanes)
     top, low = T.Broadcast(T.float32(act.qmax - zp), lanes), T.Broadcast(T.float32(0 if relu else -zp), lanes)
     bits = T.reinterpret(f"int32x{lanes}", T.max(T.min(y, top), low) + T.Broadcast(T.float32(ROUNDING_BIAS), lanes))
     return T.Cast(f"uint8x{lanes}", bits + T.Broadcast(T.int32(zp), lanes) if zp else bits)
