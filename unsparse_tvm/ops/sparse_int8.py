@@ -36,40 +36,40 @@ def _vectorizable_nearbyint() -> None:
 _vectorizable_nearbyint()
 
 
-def quantize(value, act: ActQuant, relu: bool = False):
+def quantize(value, act: ActQuant, relu: bool = False, lanes: int = 0):
     """uint8 of an fp32 value: round half to even (as torch.round), clamped in float so that huge values cannot
     wrap. relu: of max(value, 0), as the clamp at the zero point instead of a max before (the same bytes: value *
     inv_scale <= 0 rounds to at most 0 and lands at zp or below; one op less). Clamped first (to integers, so the
     rounding commutes), rounded by adding ROUNDING_BIAS (even: the sum's ties go to y's even neighbour), the
     zero point added to the float's bits: their low byte is the result. One add where nearbyint and a
     float-to-int conversion took two instructions a vector (vrndscaleps, vcvttps2dq); the bytes are nearbyint's.
-    act.saturating with zp 0: see saturated."""
+    act.saturating with zp 0: see _saturated. lanes: value is a vector expression of that many lanes (a
+    TVMScript kernel's, sparse_int8_gathered.quantize_lanes), 0 a scalar TE one."""
+    def typed(dtype: str) -> str:
+        return f"{dtype}x{lanes}" if lanes else dtype
+
+    def const(v, dtype: str):
+        c = tirx.const(v, dtype)
+        return tirx.Broadcast(c, lanes) if lanes else c
+
     zp = act.zero_point
-    y = value * tirx.const(act.inv_scale, "float32")
+    y = value * const(act.inv_scale, "float32")
     if act.saturating and not zp:
-        return saturated(y, act.qmax)
-    y = tirx.max(tirx.min(y, tirx.const(float(act.qmax - zp), "float32")),
-                 tirx.const(float(0 if relu else -zp), "float32"))
-    bits = tirx.reinterpret("int32", y + tirx.const(ROUNDING_BIAS, "float32"))
-    return (bits + tirx.const(zp, "int32") if zp else bits).astype("uint8")
+        return _saturated(y, act.qmax, typed, const)
+    y = tirx.max(tirx.min(y, const(float(act.qmax - zp), "float32")), const(float(0 if relu else -zp), "float32"))
+    bits = tirx.reinterpret(typed("int32"), y + const(ROUNDING_BIAS, "float32"))
+    return (bits + const(zp, "int32") if zp else bits).astype(typed("uint8"))
 
 
-def saturated(y, qmax: int, lanes: int = 0):
+def _saturated(y, qmax: int, typed, const):
     """uint8 of y (value * inv_scale) with a zero point of 0, where the target converts and narrows in one
     instruction each (ActQuant.saturating): max(y, 0), rounded half to even by llvm.lrint (vcvtps2dq), then
     min(qmax) in uint32 and narrowed (vpmovusdb: one instruction for both). A y past int32 converts to INT_MIN,
     which as uint32 is past qmax too, so it saturates as the float clamp does: the same bytes as quantize's other
-    path with one vector op less (resnet50's requantising write-backs: benchmarks/epilogue_ops.c). lanes: y's
-    (a TVMScript vector expression's), 0 for a scalar TE one."""
-    def typed(dtype: str) -> str:
-        return f"{dtype}x{lanes}" if lanes else dtype
-
-    def bcast(v, dtype: str):
-        c = tirx.const(v, dtype)
-        return tirx.Broadcast(c, lanes) if lanes else c
-
-    r = tirx.call_llvm_pure_intrin(typed("int32"), "llvm.lrint", tirx.max(y, bcast(0.0, "float32")))
-    return tirx.min(r.astype(typed("uint32")), bcast(qmax, "uint32")).astype(typed("uint8"))
+    path with one vector op less (resnet50's requantising write-backs: benchmarks/epilogue_ops.c). typed, const:
+    quantize's, for y's lanes."""
+    r = tirx.call_llvm_pure_intrin(typed("int32"), "llvm.lrint", tirx.max(y, const(0.0, "float32")))
+    return tirx.min(r.astype(typed("uint32")), const(qmax, "uint32")).astype(typed("uint8"))
 
 
 def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,

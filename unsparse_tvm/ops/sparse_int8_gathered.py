@@ -27,8 +27,8 @@ from tvm import tirx
 from .gathered_vectors import (GROUP, SPREAD, SPREAD_ROWS, TINY, dot, gathered_inputs, quad_weights, tiny_inputs,
                                unpacked_inputs, unpacked_sums)
 from .geometry import ConvGeometry
-from .int8_formats import ROUNDING_BIAS, ActQuant
-from .sparse_int8 import saturated
+from .int8_formats import ActQuant
+from .sparse_int8 import quantize
 
 LANES = 16  # output positions per vector (int32 lanes of a zmm)
 # rows x vectors held in registers per tile, of 32 zmm (with 4 inputs, the weights and the index): 16, not 8, ran
@@ -123,18 +123,8 @@ class IntoPlanes:
 
 
 def quantize_lanes(v, act: ActQuant, lanes: int, relu: bool = False):
-    """uint8x`lanes` of float32x`lanes` v in `act`: sparse_int8.quantize's arithmetic (clamped in float, relu: at
-    the zero point; rounded half to even by adding ROUNDING_BIAS, the zero point added to the bits) on a vector
-    expression."""
-    from tvm.script import tirx as T
-
-    zp = act.zero_point
-    y = v * T.Broadcast(T.float32(act.inv_scale), lanes)
-    if act.saturating and not zp:
-        return saturated(y, act.qmax, lanes)
-    top, low = T.Broadcast(T.float32(act.qmax - zp), lanes), T.Broadcast(T.float32(0 if relu else -zp), lanes)
-    bits = T.reinterpret(f"int32x{lanes}", T.max(T.min(y, top), low) + T.Broadcast(T.float32(ROUNDING_BIAS), lanes))
-    return T.Cast(f"uint8x{lanes}", bits + T.Broadcast(T.int32(zp), lanes) if zp else bits)
+    """uint8x`lanes` of float32x`lanes` v in `act`: sparse_int8.quantize on a vector expression."""
+    return quantize(v, act, relu, lanes)
 
 
 def plan(geo: ConvGeometry) -> GatheredPlan:
