@@ -1,5 +1,5 @@
-"""Compiled modules side by side: end-to-end time in alternating rounds, and with --layers each kernel call's
-time (the Relax VM's instrument hook), labelled with the layer it runs.
+"""Compiled modules side by side: end-to-end time in alternating rounds (and each module's per-round ratio to the
+first), and with --layers each kernel call's time (the Relax VM's instrument hook), labelled with the layer it runs.
 
     python benchmarks/so_profile.py before.so after.so --threads 1 --rounds 13
     python benchmarks/so_profile.py model.so --layers
@@ -25,11 +25,15 @@ def _input(meta: dict) -> np.ndarray:
     return np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"])
 
 
-def end_to_end(paths: list[str], rounds: int) -> None:
+def end_to_end(paths: list[str], rounds: int, threads: int = 1) -> None:
+    """Each module's median ms over `rounds` alternating rounds (as `bench` times: a pause before each batch, longer
+    where thread pools run), and each later module's per-round ratio to the first (timing.paired_ratio: > 1, faster
+    than the first; quartiles in brackets), which the VM's drift between rounds does not move."""
     import tvm
 
     from unsparse_tvm.runtime import load
-    from unsparse_tvm.timing import round_robin, vm_timer
+    from unsparse_tvm.timing import (MULTI_THREAD_PAUSE_S, SINGLE_THREAD_PAUSE_S, paired_ratio, round_robin_samples,
+                                     vm_timer)
 
     timers, outs, x = {}, {}, None
     for p in paths:
@@ -39,8 +43,13 @@ def end_to_end(paths: list[str], rounds: int) -> None:
     ref = outs[paths[0]]
     for p in paths:
         print(f"{p}: max relative difference to {paths[0]}: {float(np.abs(outs[p] - ref).max() / np.abs(ref).max()):.1e}")
-    for p, ms in round_robin(timers, rounds).items():
-        print(f"{ms:9.3f} ms  {p}")
+    samples = round_robin_samples(timers, rounds, pause=MULTI_THREAD_PAUSE_S if threads > 1 else SINGLE_THREAD_PAUSE_S)
+    for p, ms in samples.items():
+        line = f"{float(np.median(ms)):9.3f} ms  {p}"
+        if p != paths[0]:
+            r = paired_ratio(samples[paths[0]], ms)
+            line += f"  ({paths[0]} / this, per round: {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}])"
+        print(line)
 
 
 def _instrumented(path: str):
@@ -124,7 +133,7 @@ def main() -> None:
     from unsparse_tvm.timing import set_threads
 
     set_threads(args.threads)
-    end_to_end(args.modules, args.rounds)
+    end_to_end(args.modules, args.rounds, args.threads)
     if args.layers:
         layers(args.modules, args.runs)
 

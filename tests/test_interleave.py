@@ -106,12 +106,33 @@ def test_length_order_sorts_where_tiles_run_fewer_entries():
     from unsparse_tvm.ops.formats import inverse_order, length_order
 
     lengths = np.array([9, 1, 8, 2, 7, 3, 6, 4])                       # tiles of 2 run 9+8+7+6 = 30 of 40
-    order = length_order(lengths, 2)
+    order = length_order(lengths, 2, parts=1)
     assert list(lengths[order]) == [1, 2, 3, 4, 6, 7, 8, 9]            # sorted tiles run 2+4+7+9 = 22 of 40
     row_of = inverse_order(order)
     assert row_of.dtype == np.int32 and all(order[row_of[k]] == k for k in range(8))
     assert length_order(np.array([5, 5, 4, 4, 3, 3]), 2) is None       # already grouped: nothing to save
     assert length_order(np.array([50, 49, 50, 49]), 2, min_saving=0.02) is None  # 1% saved: under the bar
+
+
+def test_length_order_keeps_each_part_of_the_rows_its_own():
+    """By default the rows are sorted within each half (formats.ROW_ORDER_PARTS), so that the thread computing
+    the first half of the stored rows computes the first half of the output channels; rows that do not split
+    into whole tiles per part are sorted whole. Fails if the sort crosses the halves."""
+    from unsparse_tvm.ops.formats import ROW_ORDER_PARTS, length_order
+
+    assert ROW_ORDER_PARTS == 2
+    lengths = np.array([9, 1, 8, 2, 7, 3, 6, 4])
+    order = length_order(lengths, 2)
+    assert sorted(order[:4]) == [0, 1, 2, 3] and sorted(order[4:]) == [4, 5, 6, 7]
+    assert list(lengths[order]) == [1, 2, 8, 9, 3, 4, 6, 7]            # tiles run 2+9+4+7 = 22 of 40, as sorted whole
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 60, 96)
+    order = length_order(lengths, 4, min_saving=0.0)
+    half = len(lengths) // 2
+    assert sorted(order[:half]) == list(range(half))
+    assert all(np.diff(lengths[order[:half]]) >= 0) and all(np.diff(lengths[order[half:]]) >= 0)
+    odd = np.array([5, 1, 4, 2, 3, 9])                                 # 6 rows: no halves of whole tiles of 2
+    assert list(odd[length_order(odd, 2, min_saving=0.0)]) == [1, 2, 3, 4, 5, 9]
 
 
 @pytest.mark.parametrize("size,batch,fmt", [(4, 1, "ell"), (2, 8, "ell"), (4, 3, "ell"), (32, 1, "ell"),
