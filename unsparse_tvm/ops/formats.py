@@ -251,9 +251,11 @@ def length_order(lengths: np.ndarray, tile: int, min_saving: float = ROW_ORDER_M
     def entries(lens: np.ndarray) -> int:
         return int(lens.reshape(-1, tile).max(axis=1).sum()) * tile
 
+    if not len(lengths):
+        return None
     size = len(lengths) // parts if parts > 1 and len(lengths) % (parts * tile) == 0 else len(lengths)
     order = np.concatenate([start + np.argsort(lengths[start:start + size], kind="stable")
-                            for start in range(0, len(lengths), size)]) if len(lengths) else np.arange(0)
+                            for start in range(0, len(lengths), size)])
     before = entries(lengths)
     return order if before and before - entries(lengths[order]) >= min_saving * before else None
 
