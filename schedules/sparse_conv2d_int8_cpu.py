@@ -29,6 +29,7 @@ class Config:
     unroll: int = 0    # vectors accumulated per loaded weight quad; 0 = largest divisor up to 8
     k_inner: int = 0   # rows interleaved inside the quad loop; 0 = enough rows for ~16 accumulators, at most
                        # MAX_DEFAULT_ROWS (as the fp32 rule: vgg16-cifar channel4 90%'s 2x2 layers 50 -> 38 us)
+                       # and what the registers hold (_tile_registers)
     map_parts: int = 2  # on maps of MAP_SPLIT_POSITIONS or more, parts of the map outermost in the parallel loop
                         # (where its step count divides), so each thread writes and reads its own part of the map
 
@@ -47,13 +48,21 @@ def schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, cfg: Conf
               cfg_parts=cfg.map_parts)
 
 
+def _tile_registers(target_lanes: int) -> int:
+    """The vector registers a register tile's accumulators may take: AVX-512's 32 (16 int32 lanes) or AVX2's 16
+    (8), less the 3 the quad loop holds besides them (the broadcast weight quad, a product, vpmaddwd's ones).
+    AVX2 code took 16 accumulators as AVX-512's did and LLVM kept 3-4 of them on the stack, a load and a store
+    each per quad (vgg16-cifar channel4 int8's 32x32 layers, 8 vectors x 2 rows)."""
+    return (32 if target_lanes >= 16 else 16) - 3
+
+
 def interleave_tile(rows: int, q_extent: int, lanes: int, row: int = 0) -> int:
     """The rows the default schedule interleaves (the clamp below, at the Config defaults; lanes: the target's
     int8 vector lanes, narrowed to a row domain's row as the schedule does): the tile by which the pass
     stores a layer's quad rows (formats.interleave_rows)."""
     cfg = Config()
     return _clamp(rows, q_extent, pow2_divisor(q_extent, lanes_of_domain(lanes, row=row)), cfg.tile_k, cfg.unroll,
-                  cfg.k_inner)[2]
+                  cfg.k_inner, _tile_registers(lanes))[2]
 
 
 def map_parts(q_extent: int, lanes: int) -> int:
@@ -73,11 +82,14 @@ def _parts(q_extent: int, steps: int, parts: int, lanes: int) -> int:
     return parts if lanes >= 16 and q_extent >= MAP_SPLIT_POSITIONS and steps % parts == 0 else 1
 
 
-def _clamp(rows: int, q_extent: int, lanes: int, tile_k: int, unroll: int, k_inner: int) -> tuple:
-    """The knobs fitted to the conv's extents, defaults where a knob is 0: (tile_k, unroll, k_inner)."""
+def _clamp(rows: int, q_extent: int, lanes: int, tile_k: int, unroll: int, k_inner: int,
+           registers: int = _tile_registers(16)) -> tuple:
+    """The knobs fitted to the conv's extents, defaults where a knob is 0: (tile_k, unroll, k_inner); the
+    default k_inner keeps the tile's accumulators within `registers` (_tile_registers)."""
     tile_k = largest_divisor(rows, tile_k)
     unroll = largest_divisor(q_extent // lanes, unroll or 8)
-    return tile_k, unroll, largest_divisor(tile_k, k_inner or min(MAX_DEFAULT_ROWS, max(1, -(-16 // unroll))))
+    rows_default = min(MAX_DEFAULT_ROWS, max(1, -(-16 // unroll)), max(1, registers // unroll))
+    return tile_k, unroll, largest_divisor(tile_k, k_inner or rows_default)
 
 
 def space(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
@@ -126,7 +138,8 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     ext = extents(sch, [n, k, q, j, v])
     lanes = lanes_of_domain(_lanes(target, ext[2]), row=domain_attr(func, "row_domain"))  # vectors inside a row
     if clamp:
-        tile_k, unroll, k_inner = _clamp(ext[1], ext[2], lanes, tile_k, unroll, k_inner)
+        tile_k, unroll, k_inner = _clamp(ext[1], ext[2], lanes, tile_k, unroll, k_inner,
+                                         _tile_registers(cpu_vector_lanes(target)[0]))
     ko, kio, kii, qo, qu, qv = split_row_tile(sch, k, q, tile_k, k_inner, unroll, lanes)
     parts = _parts(ext[2], extents(sch, [qo])[0], cfg_parts, lanes)
     if parts > 1:  # the map's parts outermost: thread t takes part t (TVM hands each thread a contiguous range

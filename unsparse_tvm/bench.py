@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import tvm
 
+from . import cpuid_avx2
 from .build import activation_ranges, compile_program
 from .cost.calibration import rates_for
 from .compress.prune import load_model_program
@@ -28,7 +29,7 @@ from .frontend import program_input_shape, read_quantization
 from .models import example_input
 from .outputs import check_output, write_text
 from .hostcpu import host_features
-from .peers import INT8_PEERS, INT8_TOLERANCE, fastest_peer, hold_to_avx2, peer_callables, plain_module
+from .peers import INT8_PEERS, INT8_TOLERANCE, OURS, fastest_peer, hold_to_avx2, peer_callables, plain_module
 from .peers_deepsparse import ready as deepsparse_ready
 from .target import make_target, require_runnable, target_cpu_features
 from .bench_layers import bench_layers, choice_summary
@@ -96,9 +97,10 @@ def bench(model: str, target_name: str = "llvm", arch: str | None = None, *, spa
     threads = threads or [usable_cores()]
     calibration = _calibration_samples(run.quant, run.x.shape) if ranges else None
     by_threads, kernels, rounds = _time_threads(run, contenders, peers if not gpu else None, threads, repeat, ref,
-                                                errors, calibration)
+                                                errors, calibration, hold=bool(held))
     result = _result(run, model, sparsity, by_threads, threads, errors, weight_bytes)
     result.update(peers_held_to_avx2=bool(held), peer_kernels=kernels, rounds=rounds,
+                  peers_cpuid_avx2=bool(held and peers and cpuid_avx2.unavailable() is None),
                   paired={n: paired_to_peers(by_threads[n], rounds[n]) for n in by_threads})
     if layers:
         # one thread for the per-layer table: with two, TVM's and PyTorch's pools spin against each other
@@ -161,34 +163,53 @@ def _check(outputs: dict, ref) -> dict:
     return errors
 
 
-def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, calibration) -> dict:
-    """Per thread count: the peers built (each checked against PyTorch), then every contender timed in
-    alternating rounds; (median ms by contender by thread count, {peer: the kernels it reports running}, every
-    round's ms by contender by thread count)."""
+def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, calibration,
+                  hold: bool = False) -> dict:
+    """Per thread count: the peers built (each checked against PyTorch; hold: while CPUID says AVX2, so that the
+    runtimes choosing their code by it run AVX2 too, cpuid_avx2), then every contender timed in alternating
+    rounds; (median ms by contender by thread count, {peer: the kernels it reports running}, every round's ms by
+    contender by thread count)."""
     by_threads, kernels, rounds = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="unsparse-peers-") as onnx_dir:  # one ONNX export for every count
         for n in threads:
             set_threads(n)
             timed = dict(contenders)
             if peers:
-                print(f"building the peers for {n} thread(s): {', '.join(peers)}")
-                for name, call in peer_callables(run.ep, run.x, n, peers, onnx_dir, calibration).items():
-                    errors[name] = rel_error(call(), ref)
-                    limit = INT8_TOLERANCE if name.endswith("_int8") else 1e-3
-                    if errors[name] > limit:  # one line, and the other peers still run
-                        print(f"skipping {name}: its output differs from PyTorch (max relative error "
-                              f"{errors[name]:.2e}, more than {limit:g})")
-                        continue
-                    timed[name] = call.measure if hasattr(call, "measure") else call_timer(call)
-                    if getattr(call, "kernels", "") and name not in kernels:  # which code it runs (AMX, AVX2...)
-                        kernels[name] = call.kernels
-                        print(f"  {name} runs its convolutions with {call.kernels}")
+                timed.update(_built_peers(run, peers, n, onnx_dir, calibration, ref, errors, kernels, hold))
             warn_if_busy()
             print(f"timing end to end with {n} thread(s) ({repeat} rounds)")
             pause = MULTI_THREAD_PAUSE_S if n > 1 else SINGLE_THREAD_PAUSE_S  # until the other pools' workers sleep
             rounds[str(n)] = {f"{k}_ms": v for k, v in round_robin_samples(timed, repeat, pause=pause).items()}
             by_threads[str(n)] = {k: statistics.median(v) for k, v in rounds[str(n)].items()}
     return by_threads, kernels, rounds
+
+
+def _built_peers(run: _Run, peers, n: int, onnx_dir: str, calibration, ref, errors: dict, kernels: dict,
+                 hold: bool) -> dict:
+    """The peers for n threads, each built and run once (checked against PyTorch), the runtimes under the CPUID
+    mask where `hold` (each picks its kernels as it starts; our own rows are built outside it): {peer: timer};
+    errors and kernels filled in."""
+    print(f"building the peers for {n} thread(s): {', '.join(peers)}")
+    timed = {}
+    for masked, group in ((False, [p for p in peers if p in OURS]), (hold, [p for p in peers if p not in OURS])):
+        if not group:
+            continue
+        with cpuid_avx2.held(masked) as why:
+            if masked:
+                print("  ONNX Runtime runs what CPUID reports, " + (
+                    f"which stays this CPU's: {why}" if why else "held to AVX2 (CPUID without AVX-512: cpuid_avx2)"))
+            for name, call in peer_callables(run.ep, run.x, n, group, onnx_dir, calibration).items():
+                errors[name] = rel_error(call(), ref)
+                limit = INT8_TOLERANCE if name.endswith("_int8") else 1e-3
+                if errors[name] > limit:  # one line, and the other peers still run
+                    print(f"skipping {name}: its output differs from PyTorch (max relative error "
+                          f"{errors[name]:.2e}, more than {limit:g})")
+                    continue
+                timed[name] = call.measure if hasattr(call, "measure") else call_timer(call)
+                if getattr(call, "kernels", "") and name not in kernels:  # which code it runs (AMX, AVX2...)
+                    kernels[name] = call.kernels
+                    print(f"  {name} runs its convolutions with {call.kernels}")
+    return timed
 
 
 def paired_to_peers(medians: dict[str, float], rounds: dict[str, list[float]]) -> dict[str, dict]:

@@ -1,0 +1,65 @@
+"""The int8 quads kernel's register tile fits the target's registers: AVX2 has 16, AVX-512 32 (design.md item 59).
+
+Assembly checks only: the AVX2 code is built, not run, so they hold on any host."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import cpu_target
+from unsparse_tvm.schedules._common import largest_divisor
+from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import _clamp, _tile_registers, interleave_tile
+
+# an accumulator kept on the stack: read back from it into a ymm/zmm register, or added to from it
+SPILL = re.compile(r"vmov\w+\s+-?\w*\(%rsp\),\s*%[yz]mm\d+|vpaddd\s+-?\w*\(%rsp\)")
+
+
+def _spills(monkeypatch, registers: int | None = None) -> int:
+    """Accumulator spills in the AVX2 build of a two-layer 64-channel 8x8 3x3 net pruned in channel quads
+    (vgg16-cifar's 8x8 layers: 8 vectors of 8 positions), compiled by the int8 pipeline; registers: what
+    _tile_registers says instead (29 for AVX2: the AVX-512 budget it took before)."""
+    import torch
+    import torch.nn as nn
+
+    from unsparse_tvm.build import compile_program
+    from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+    from unsparse_tvm.models import export_program
+
+    if registers is not None:
+        monkeypatch.setattr("unsparse_tvm.schedules.sparse_conv2d_int8_cpu._tile_registers", lambda lanes: registers)
+    torch.manual_seed(59)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
+    with torch.no_grad():
+        for conv in (model[0], model[2]):  # 90% of the 4-channel quads zero (prune --method channel4)
+            keep = torch.rand(64, 16, 1, 3, 3) < 0.1
+            conv.weight *= keep.expand(64, 16, 4, 3, 3).reshape(64, 64, 3, 3)
+    ranges = calibrate(model, calibration_batches((1, 64, 8, 8), None, 2, 4))["layers"]
+    compiled = compile_program(export_program(model, (1, 64, 8, 8)), cpu_target("haswell"), threshold=0.5,
+                               activations=ranges)
+    assert [r.format for r in compiled.report] == ["int8q4", "int8q4"]
+    libs = [compiled.executable.mod] + list(compiled.executable.mod.imports)
+    asm = "".join(m.inspect_source("asm") for m in libs if m.kind == "llvm")
+    assert "vpmaddubsw" in asm and "zmm" not in asm
+    return len(SPILL.findall(asm))
+
+
+def test_avx2_int8_tile_keeps_its_accumulators_in_registers(monkeypatch):
+    """AVX2 code at the default knobs: 8 vectors x 1 row, no accumulator on the stack. Negative control: the
+    AVX-512 budget (2 rows, 16 accumulators in 16 ymm registers) does spill."""
+    assert _spills(monkeypatch) == 0
+    assert _spills(monkeypatch, 29) > 0
+
+
+@pytest.mark.parametrize("unroll", range(1, 9))
+def test_default_rows_fit_the_registers_and_avx512_is_unchanged(unroll):
+    """rows x vectors within the registers left (13 on AVX2, 29 on AVX-512); AVX-512 takes what it took before
+    (enough rows for 16 accumulators, at most 8)."""
+    q = 8 * unroll * 16  # a map of whole steps of `unroll` vectors, 16 lanes or 8
+    for lanes, regs in ((8, 13), (16, 29)):
+        assert _tile_registers(lanes) == regs
+        _, u, rows = _clamp(64, q, lanes, 16, unroll, 0, regs)
+        assert u == unroll and rows * unroll <= regs
+    assert _clamp(64, q, 16, 16, unroll, 0, 29)[2] == largest_divisor(16, min(8, -(-16 // unroll)))
+    assert interleave_tile(64, 8 * 16 * 8, 8) == 1 and interleave_tile(64, 8 * 16 * 16, 16) == 2
