@@ -166,21 +166,20 @@ def test_paired_ratio_compares_round_by_round():
 
 
 def test_peers_are_held_to_avx2_only_where_our_code_is_avx2_on_an_avx512_host(monkeypatch):
-    """--peer-isa auto: an AVX2 build of ours on an AVX-512 CPU meets AVX2 peers (oneDNN's and DeepSparse's caps
-    set); an AVX-512 build, an AVX2-only CPU or --peer-isa native leave the peers alone; a cap the user set is
-    kept."""
+    """--peer-isa auto: an AVX2 build of ours on an AVX-512 CPU meets AVX2 peers (oneDNN's cap set; ONNX Runtime
+    and DeepSparse: test_cpuid_avx2); an AVX-512 build, an AVX2-only CPU or --peer-isa native leave the peers
+    alone; a cap the user set is kept."""
     import os
 
     from unsparse_tvm.errors import UnsparseError
-    from unsparse_tvm.peers import DEEPSPARSE_ISA, ONEDNN_ISA, hold_to_avx2
+    from unsparse_tvm.peers import ONEDNN_ISA, hold_to_avx2
 
     monkeypatch.delenv(ONEDNN_ISA, raising=False)
-    monkeypatch.delenv(DEEPSPARSE_ISA, raising=False)
     for mode, ours, host in (("auto", True, True), ("auto", False, False), ("native", False, True)):
         assert hold_to_avx2(mode, ours, host) is None
-        assert ONEDNN_ISA not in os.environ and DEEPSPARSE_ISA not in os.environ
+        assert ONEDNN_ISA not in os.environ
     line = hold_to_avx2("auto", False, True)
-    assert "OpenVINO" in line and os.environ[ONEDNN_ISA] == "AVX2" and os.environ[DEEPSPARSE_ISA] == "avx2"
+    assert "OpenVINO" in line and os.environ[ONEDNN_ISA] == "AVX2"
     monkeypatch.setenv(ONEDNN_ISA, "AVX512_CORE")
     assert "AVX512_CORE" in hold_to_avx2("avx2", True, True)  # the user's own cap wins
     with pytest.raises(UnsparseError, match="--peer-isa"):

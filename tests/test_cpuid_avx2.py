@@ -88,6 +88,49 @@ def test_onnxruntime_reads_its_cpu_through_the_mask(tmp_path):
     assert why == "None" and int(faults) > 0 and float(err) < 1e-3
 
 
+_GRANDCHILD = """
+import ctypes, faulthandler, os
+lib, r = ctypes.CDLL(os.environ["LD_PRELOAD"].split()[0]), (ctypes.c_uint32 * 4)()
+lib.unsparse_cpuid(7, 0, r)
+first = r[1]
+faulthandler.enable()  # a runtime's own SIGSEGV handler, installed after the shim's
+lib.unsparse_cpuid(7, 0, r)
+print("EBX", first, r[1], flush=True)
+ctypes.string_at(0)
+"""
+
+_PROCESSES = """
+import json, subprocess, sys
+from unsparse_tvm import cpuid_avx2 as c
+def flags():
+    return subprocess.run(["grep", "-c", "avx512", "/proc/cpuinfo"], capture_output=True, text=True).stdout.strip()
+with c.held() as why:
+    inside, child = flags(), subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True)
+print(json.dumps({"why": why, "inside": inside, "after": flags(), "rc": child.returncode, "out": child.stdout,
+                  "err": child.stderr[-300:]}))
+"""
+
+
+@needs_fault
+def test_processes_started_while_held_see_an_avx2_cpu():
+    """A process started under held() (DeepSparse's worker, its probe) preloads the shim: CPUID masked from its
+    start, /proc/cpuinfo without avx512 flags, and a SIGSEGV handler it installs later (faulthandler here) gets
+    the real faults behind the shim's, which still answers CPUID. Negative control: started after held(), a
+    process reads the CPU's own flags (avx512 ones on an AVX-512 host)."""
+    import json
+
+    from unsparse_tvm.hostcpu import host_features
+
+    run = _child(_PROCESSES, _GRANDCHILD)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.splitlines()[-1])
+    assert r["why"] is None and r["inside"] == "0"
+    assert (int(r["after"]) > 0) == ("avx512f" in host_features())
+    _, first, later = r["out"].split()
+    assert not int(first) & (1 << 16) and not int(later) & (1 << 16)
+    assert r["rc"] == -11 and "Segmentation fault" in r["err"]
+
+
 def test_where_cpuid_cannot_be_masked_it_says_why_and_masks_nothing(monkeypatch):
     """Not Linux x86-64: one line saying so, and held() yields it without touching CPUID; held(False) does
     nothing and yields None."""

@@ -196,7 +196,7 @@ def _built_peers(run: _Run, peers, n: int, onnx_dir: str, calibration, ref, erro
             continue
         with cpuid_avx2.held(masked) as why:
             if masked:
-                print("  ONNX Runtime runs what CPUID reports, " + (
+                print("  ONNX Runtime and DeepSparse run what CPUID and /proc/cpuinfo report, " + (
                     f"which stays this CPU's: {why}" if why else "held to AVX2 (CPUID without AVX-512: cpuid_avx2)"))
             for name, call in peer_callables(run.ep, run.x, n, group, onnx_dir, calibration).items():
                 errors[name] = rel_error(call(), ref)

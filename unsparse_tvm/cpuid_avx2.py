@@ -1,15 +1,17 @@
-"""ONNX Runtime held to AVX2 by what CPUID tells it: for `bench` on the AVX2 code path of an AVX-512 CPU.
+"""Peers held to AVX2 by what CPUID tells them: for `bench` on the AVX2 code path of an AVX-512 CPU.
 
-ONNX Runtime (its MLAS kernels) chooses its code by CPUID and has no switch to cap it (oneDNN, under OpenVINO and
-PyTorch's convolutions, has ONEDNN_MAX_CPU_ISA; DeepSparse NM_ARCH), so on an AVX-512 machine it ran VNNI kernels
-against our AVX2 code. Linux can make the CPUID instruction fault in one
-thread (`arch_prctl(ARCH_SET_CPUID, 0)`, where /proc/cpuinfo lists `cpuid_fault`); a SIGSEGV handler (the C shim
-below, compiled once into the cache) then answers it from a table read beforehand, with the AVX-512, AVX-VNNI and
-AMX bits cleared: what an AVX2-only CPU (Zen 2-3, Haswell-Skylake client) reports. A runtime reads CPUID when it
-starts, so only peers built while the mask is on are held (`held()`); threads they start inherit it, and the
-handler stays installed for them. XGETBV still reports the AVX-512 registers enabled, which runtimes only check
-next to CPUID's bits. Our own kernels are compiled before, for the target given; numpy and PyTorch read their CPU
-features at import, before any mask.
+ONNX Runtime (its MLAS kernels) and DeepSparse (its JIT: NM_ARCH only picks which of its builds loads, whose
+kernels were still `vpdpbusds zmm`) choose their code by CPUID and have no switch to cap it (oneDNN, under OpenVINO
+and PyTorch's convolutions, has ONEDNN_MAX_CPU_ISA), so on an AVX-512 machine they ran VNNI kernels against our
+AVX2 code. Linux can make the CPUID instruction fault in one thread (`arch_prctl(ARCH_SET_CPUID, 0)`, where
+/proc/cpuinfo lists `cpuid_fault`); a SIGSEGV handler (the C shim below, compiled once into the cache) then
+answers it from a table read beforehand, with the AVX-512, AVX-VNNI and AMX bits cleared: what an AVX2-only CPU
+(Zen 2-3, Haswell-Skylake client) reports. A runtime reads CPUID when it starts, so only peers built while the
+mask is on are held (`held()`); threads they start inherit it, and the handler stays installed for them. A
+process started meanwhile (DeepSparse's worker, and the probe it runs) preloads the shim, which masks it from its
+first instruction and keeps its handler first when the runtime installs its own (its crash reporter), passing it
+real faults. XGETBV still reports the AVX-512 registers enabled, which runtimes only check next to CPUID's bits.
+Our own kernels are compiled before, for the target given; numpy and PyTorch read their CPU features at import.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ import shutil
 import subprocess
 import tempfile
 
+MASK_ENV = "UNSPARSE_CPUID_AVX2"  # "1" in a process that preloads the shim: masked from its start
+
 SOURCE = r"""
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
+#include <dlfcn.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -40,7 +50,12 @@ typedef struct { uint32_t leaf, sub, r[4]; } Entry;
 static Entry table[ENTRIES];
 static int entries, installed;
 static long faults;
-static struct sigaction previous;
+static struct sigaction previous;  /* where a fault that is not CPUID goes */
+static int real_sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+  static int (*real)(int, const struct sigaction *, struct sigaction *);
+  if (!real) real = (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
+  return real(sig, act, old);
+}
 static void read_range(uint32_t first) {  /* leaves first..max as the CPU reports them, before any mask */
   uint32_t r[4];
   __cpuid_count(first, 0, r[0], r[1], r[2], r[3]);
@@ -83,7 +98,7 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     __atomic_fetch_add(&faults, 1, __ATOMIC_RELAXED);
     return;
   }
-  sigaction(SIGSEGV, &previous, 0);  /* a real fault: it happens again, under the handler that was there */
+  real_sigaction(SIGSEGV, &previous, 0);  /* a real fault: it happens again, under the handler that was there */
 }
 int unsparse_mask(void) {  /* this thread (and the threads it starts) sees CPUID without AVX-512: 0, or -1 */
   if (!installed) {
@@ -91,10 +106,85 @@ int unsparse_mask(void) {  /* this thread (and the threads it starts) sees CPUID
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv, sa.sa_flags = SA_SIGINFO;
-    if (sigaction(SIGSEGV, &sa, &previous)) return -1;
+    if (real_sigaction(SIGSEGV, &sa, &previous)) return -1;
     installed = 1;
   }
   return (int)syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0);
+}
+/* preloaded (LD_PRELOAD): a handler for SIGSEGV installed after ours takes the real faults, behind ours */
+int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+  if (sig != SIGSEGV || !installed) return real_sigaction(sig, act, old);
+  struct sigaction was = previous;
+  if (act) previous = *act;
+  if (old) *old = was;
+  return 0;
+}
+sighandler_t signal(int sig, sighandler_t handler) {
+  struct sigaction act, old;
+  memset(&act, 0, sizeof act);
+  act.sa_handler = handler, act.sa_flags = SA_RESTART;
+  return sigaction(sig, &act, &old) ? SIG_ERR : old.sa_handler;
+}
+/* preloaded and masked: /proc/cpuinfo as an AVX2-only CPU's, for runtimes that read their CPU there (hwloc) */
+static int masked_process;
+static const char *const hidden[] = {"avx512", "avx_vnni", "amx", "avx10", 0};
+static int cpuinfo_copy(void) {
+  static int (*real_open)(const char *, int, ...);
+  if (!real_open) real_open = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, "open");
+  int in = real_open("/proc/cpuinfo", O_RDONLY), out = memfd_create("cpuinfo", 0);
+  if (in < 0 || out < 0) return -1;
+  static char buf[1 << 20];
+  ssize_t n = 0, got;
+  while (n < (ssize_t)sizeof buf - 1 && (got = read(in, buf + n, sizeof buf - 1 - n)) > 0) n += got;
+  close(in);
+  buf[n] = 0;
+  for (char *line = buf; line && *line;) {  /* each line; on "flags" lines, every hidden word dropped */
+    char *end = strchr(line, '\n');
+    size_t len = end ? (size_t)(end - line) : strlen(line);
+    if (!strncmp(line, "flags", 5)) {
+      char *word = line;
+      while (word < line + len) {
+        char *stop = word;
+        while (stop < line + len && *stop != ' ') stop++;
+        int drop = 0;
+        for (int i = 0; hidden[i]; i++) drop |= !strncmp(word, hidden[i], strlen(hidden[i]));
+        if (!drop && write(out, word, stop - word + (stop < line + len)) < 0) return -1;
+        word = stop + 1;
+      }
+      if (write(out, "\n", 1) < 0) return -1;
+    } else if (write(out, line, len + (end != 0)) < 0) return -1;
+    line = end ? end + 1 : 0;
+  }
+  lseek(out, 0, SEEK_SET);
+  return out;
+}
+static int is_cpuinfo(const char *path) { return masked_process && path && !strcmp(path, "/proc/cpuinfo"); }
+int open(const char *path, int flags, ...) {
+  static int (*real)(const char *, int, ...);
+  if (!real) real = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, "open");
+  if (is_cpuinfo(path)) return cpuinfo_copy();
+  va_list ap; va_start(ap, flags); mode_t mode = va_arg(ap, mode_t); va_end(ap);
+  return real(path, flags, mode);
+}
+int openat(int dir, const char *path, int flags, ...) {
+  static int (*real)(int, const char *, int, ...);
+  if (!real) real = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, "openat");
+  if (is_cpuinfo(path)) return cpuinfo_copy();
+  va_list ap; va_start(ap, flags); mode_t mode = va_arg(ap, mode_t); va_end(ap);
+  return real(dir, path, flags, mode);
+}
+FILE *fopen(const char *path, const char *how) {
+  static FILE *(*real)(const char *, const char *);
+  if (!real) real = (FILE *(*)(const char *, const char *))dlsym(RTLD_NEXT, "fopen");
+  if (is_cpuinfo(path)) { int fd = cpuinfo_copy(); return fd < 0 ? 0 : fdopen(fd, how); }
+  return real(path, how);
+}
+int open64(const char *path, int flags, ...) __attribute__((alias("open")));
+int openat64(int dir, const char *path, int flags, ...) __attribute__((alias("openat")));
+FILE *fopen64(const char *path, const char *how) __attribute__((alias("fopen")));
+__attribute__((constructor)) static void from_environment(void) {
+  const char *mask = getenv("UNSPARSE_CPUID_AVX2");
+  if (mask && mask[0] == '1') masked_process = 1, unsparse_mask();
 }
 int unsparse_unmask(void) { return (int)syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1); }
 long unsparse_faults(void) { return faults; }
@@ -131,7 +221,8 @@ def shim_path() -> str:
             with open(src, "w") as f:
                 f.write(SOURCE)
             compiler = shutil.which("cc") or shutil.which("gcc")
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", lib, src], check=True, capture_output=True)
+            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", lib, src, "-ldl"], check=True,
+                           capture_output=True)
             os.replace(lib, path)
     return path
 
@@ -158,8 +249,9 @@ def faults() -> int:
 @contextlib.contextmanager
 def held(active: bool = True):
     """While inside, this thread (and the threads started meanwhile, e.g. a runtime's pool) sees CPUID without
-    AVX-512 (a process started meanwhile does not: exec clears the mask). Yields None, or the line saying why
-    nothing is masked (the runtime then runs this CPU's widest code). Not active: does nothing, yields None."""
+    AVX-512, and so does every process started meanwhile (exec clears the mask: they preload the shim, MASK_ENV
+    set). Yields None, or the line saying why nothing is masked (the runtime then runs this CPU's widest code).
+    Not active: does nothing, yields None."""
     why = unavailable() if active else "not asked"
     if why is None:
         try:
@@ -172,7 +264,15 @@ def held(active: bool = True):
     if why is not None:
         yield why if active else None
         return
+    before = {k: os.environ.get(k) for k in ("LD_PRELOAD", MASK_ENV)}
+    os.environ["LD_PRELOAD"] = " ".join(p for p in (shim_path(), before["LD_PRELOAD"]) if p)
+    os.environ[MASK_ENV] = "1"
     try:
         yield None
     finally:
         lib.unsparse_unmask()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

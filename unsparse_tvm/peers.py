@@ -32,9 +32,6 @@ PEER_ISAS = ("auto", "native", "avx2")
 # oneDNN's cap on the instruction set it dispatches to: read at its first primitive, by OpenVINO's CPU plugin
 # and by PyTorch's convolutions alike (checked: OpenVINO then runs brgconv_avx2 / jit_avx2_I8 kernels)
 ONEDNN_ISA = "ONEDNN_MAX_CPU_ISA"
-# DeepSparse's own cap (deepsparse.cpu.cpu_architecture): "avx2" loads its AVX2 build. Its own SIGSEGV handler
-# would take the CPUID faults of a mask (cpuid_avx2), and it reads the CPU in a child process (arch.bin) anyway
-DEEPSPARSE_ISA = "NM_ARCH"
 
 
 def hold_to_avx2(mode: str, ours_avx512: bool, host_avx512: bool) -> str | None:
@@ -48,10 +45,9 @@ def hold_to_avx2(mode: str, ours_avx512: bool, host_avx512: bool) -> str | None:
     if mode == "native" or not host_avx512 or (mode == "auto" and ours_avx512):
         return None
     os.environ.setdefault(ONEDNN_ISA, "AVX2")
-    os.environ.setdefault(DEEPSPARSE_ISA, "avx2")
     return (f"peers held to {os.environ[ONEDNN_ISA]} like our code: OpenVINO and PyTorch's convolutions "
-            f"({ONEDNN_ISA}={os.environ[ONEDNN_ISA]}), DeepSparse ({DEEPSPARSE_ISA}={os.environ[DEEPSPARSE_ISA]}), "
-            "ONNX Runtime by CPUID where Linux can mask it (cpuid_avx2); torch.compile's own kernels run this CPU's "
+            f"({ONEDNN_ISA}={os.environ[ONEDNN_ISA]}), ONNX Runtime and DeepSparse by a CPUID and /proc/cpuinfo "
+            "without AVX-512 where Linux can mask CPUID (cpuid_avx2); torch.compile's own kernels run this CPU's "
             "widest code")
 
 
