@@ -128,49 +128,53 @@ sighandler_t signal(int sig, sighandler_t handler) {
 /* preloaded and masked: /proc/cpuinfo as an AVX2-only CPU's, for runtimes that read their CPU there (hwloc) */
 static int masked_process;
 static const char *const hidden[] = {"avx512", "avx_vnni", "amx", "avx10", 0};
-static int cpuinfo_copy(void) {
+static int cpuinfo_copy(void) {  /* a memfd holding it, or -1 */
   static int (*real_open)(const char *, int, ...);
   if (!real_open) real_open = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, "open");
-  int in = real_open("/proc/cpuinfo", O_RDONLY), out = memfd_create("cpuinfo", 0);
-  if (in < 0 || out < 0) return -1;
-  static char buf[1 << 20];
-  ssize_t n = 0, got;
-  while (n < (ssize_t)sizeof buf - 1 && (got = read(in, buf + n, sizeof buf - 1 - n)) > 0) n += got;
-  close(in);
-  buf[n] = 0;
-  for (char *line = buf; line && *line;) {  /* each line; on "flags" lines, every hidden word dropped */
-    char *end = strchr(line, '\n');
-    size_t len = end ? (size_t)(end - line) : strlen(line);
-    if (!strncmp(line, "flags", 5)) {
-      char *word = line;
-      while (word < line + len) {
+  enum { SIZE = 1 << 20 };  /* /proc/cpuinfo of 256 cores */
+  char *buf = malloc(SIZE);
+  int in = real_open("/proc/cpuinfo", O_RDONLY), out = in < 0 ? -1 : memfd_create("cpuinfo", 0);
+  ssize_t n = 0, got, kept = 0;
+  if (buf && out >= 0) {
+    while (n < SIZE - 1 && (got = read(in, buf + n, SIZE - 1 - n)) > 0) n += got;
+    buf[n] = 0;
+    for (char *line = buf; *line;) {  /* compacted in place, a "flags" line's hidden words left out */
+      char *end = strchr(line, '\n'), *last = end ? end : line + strlen(line);
+      int flags = !strncmp(line, "flags", 5);
+      for (char *word = line; word < last;) {
         char *stop = word;
-        while (stop < line + len && *stop != ' ') stop++;
+        while (stop < last && *stop != ' ') stop++;
         int drop = 0;
-        for (int i = 0; hidden[i]; i++) drop |= !strncmp(word, hidden[i], strlen(hidden[i]));
-        if (!drop && write(out, word, stop - word + (stop < line + len)) < 0) return -1;
+        for (int i = 0; flags && hidden[i]; i++) drop |= !strncmp(word, hidden[i], strlen(hidden[i]));
+        ssize_t len = stop - word + (stop < last);  /* the word and its space */
+        if (!drop) memmove(buf + kept, word, len), kept += len;
         word = stop + 1;
       }
-      if (write(out, "\n", 1) < 0) return -1;
-    } else if (write(out, line, len + (end != 0)) < 0) return -1;
-    line = end ? end + 1 : 0;
+      if (end) buf[kept++] = '\n';
+      line = end ? end + 1 : last;
+    }
   }
-  lseek(out, 0, SEEK_SET);
-  return out;
+  if (in >= 0) close(in);
+  int ok = buf && out >= 0 && write(out, buf, kept) == kept && lseek(out, 0, SEEK_SET) == 0;
+  free(buf);
+  if (!ok && out >= 0) close(out);
+  return ok ? out : -1;
 }
 static int is_cpuinfo(const char *path) { return masked_process && path && !strcmp(path, "/proc/cpuinfo"); }
+#define MODE(flags, mode) mode_t mode = 0; if ((flags) & (O_CREAT | O_TMPFILE)) { \
+    va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }  /* passed only with these */
 int open(const char *path, int flags, ...) {
   static int (*real)(const char *, int, ...);
   if (!real) real = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, "open");
   if (is_cpuinfo(path)) return cpuinfo_copy();
-  va_list ap; va_start(ap, flags); mode_t mode = va_arg(ap, mode_t); va_end(ap);
+  MODE(flags, mode)
   return real(path, flags, mode);
 }
 int openat(int dir, const char *path, int flags, ...) {
   static int (*real)(int, const char *, int, ...);
   if (!real) real = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, "openat");
   if (is_cpuinfo(path)) return cpuinfo_copy();
-  va_list ap; va_start(ap, flags); mode_t mode = va_arg(ap, mode_t); va_end(ap);
+  MODE(flags, mode)
   return real(dir, path, flags, mode);
 }
 FILE *fopen(const char *path, const char *how) {
