@@ -190,11 +190,12 @@ def _time_threads(run: _Run, contenders, peers, threads, repeat, ref, errors, ca
 def _built_peers(run: _Run, peers, n: int, onnx_dir: str, calibration, ref, errors: dict, kernels: dict,
                  hold: bool) -> dict:
     """The peers for n threads, each built and run once (checked against PyTorch), the runtimes under the CPUID
-    mask where `hold` (each picks its kernels as it starts; our own rows are built outside it): {peer: timer};
-    errors and kernels filled in."""
+    mask where `hold` (each picks its kernels as it starts; our own rows and torch.compile's are built outside
+    it): {peer: timer}; errors and kernels filled in."""
     print(f"building the peers for {n} thread(s): {', '.join(peers)}")
     timed = {}
-    for masked, group in ((False, [p for p in peers if p in OURS]), (hold, [p for p in peers if p not in OURS])):
+    free = OURS + ("torch_compile",)  # not held: ours, and Inductor's kernels (its compiler would read CPUID)
+    for masked, group in ((False, [p for p in peers if p in free]), (hold, [p for p in peers if p not in free])):
         if not group:
             continue
         with cpuid_avx2.held(masked) as why:
