@@ -42,11 +42,11 @@ def test_host_features_follow_cpuid_where_cpuinfo_disagrees(monkeypatch):
              "AVX512F": False, "AVX512BW": False, "AVX512VNNI": False}
     real = {"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"}
     monkeypatch.setattr(hostcpu, "_numpy_cpu_features", lambda: cpuid)
-    monkeypatch.setattr(hostcpu, "_cpuinfo_flags", lambda: real)
+    monkeypatch.setattr(hostcpu, "cpuinfo_flags", lambda: real)
     hostcpu.host_features.cache_clear()
     try:
         assert hostcpu.host_features() == HASWELL
-        monkeypatch.setattr(hostcpu, "_cpuinfo_flags", lambda: real - {"avx512f", "avx512bw", "avx512_vnni"})
+        monkeypatch.setattr(hostcpu, "cpuinfo_flags", lambda: real - {"avx512f", "avx512bw", "avx512_vnni"})
         hostcpu.host_features.cache_clear()  # cpuinfo and CPUID agree: the unprobed avxvnni counts
         assert hostcpu.host_features() == HASWELL | {"avxvnni"}
     finally:

@@ -133,8 +133,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "unsparse_tvm.compile; needs pip install -e \".[peers]\")")
     p.add_argument("--peer-isa", choices=PEER_ISAS, default="auto",
                    help="auto (default): where our code is AVX2 on an AVX-512 CPU (UNSPARSE_MCPU=haswell), hold the "
-                        "peers to AVX2 too (OpenVINO and PyTorch's convs by ONEDNN_MAX_CPU_ISA, DeepSparse by NM_ARCH, "
-                        "ONNX Runtime by a CPUID without AVX-512 where Linux offers CPUID faulting); native: never; "
+                        "peers to AVX2 too (OpenVINO and PyTorch's convs by ONEDNN_MAX_CPU_ISA, ONNX Runtime and "
+                        "DeepSparse by a CPUID without AVX-512 where Linux offers CPUID faulting); native: never; "
                         "avx2: always")
 
 

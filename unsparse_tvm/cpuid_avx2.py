@@ -26,6 +26,8 @@ import shutil
 import subprocess
 import tempfile
 
+from .hostcpu import cpuinfo_flags
+
 MASK_ENV = "UNSPARSE_CPUID_AVX2"  # "1" in a process that preloads the shim: masked from its start
 
 SOURCE = r"""
@@ -200,12 +202,7 @@ def unavailable() -> str | None:
     """Why this process cannot mask CPUID (one line), or None where it can."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return "CPUID faulting is a Linux x86-64 feature"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    if "cpuid_fault" not in flags:
+    if "cpuid_fault" not in (cpuinfo_flags() or ()):
         return "this CPU or hypervisor offers no CPUID faulting (no cpuid_fault in /proc/cpuinfo)"
     if not (shutil.which("cc") or shutil.which("gcc")):
         return "no C compiler (cc) to build the CPUID shim"

@@ -56,7 +56,8 @@ def _numpy_cpu_features() -> dict[str, bool]:
     return dict(__cpu_features__)
 
 
-def _cpuinfo_flags() -> set[str] | None:
+def cpuinfo_flags() -> set[str] | None:
+    """The kernel's /proc/cpuinfo flags of this CPU (Linux), None where there is no such file."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -70,7 +71,7 @@ def _cpuinfo_flags() -> set[str] | None:
 @functools.cache
 def host_features() -> frozenset[str]:
     """The ISA_FEATURES this CPU executes, by LLVM's names."""
-    probed, flags = _numpy_cpu_features(), _cpuinfo_flags()
+    probed, flags = _numpy_cpu_features(), cpuinfo_flags()
     known = {llvm: bool(probed[np_name]) for llvm, (np_name, _) in ISA_FEATURES.items() if np_name in probed}
     # /proc/cpuinfo is trusted for the rest only where it describes the CPU that CPUID describes
     trusted = flags is not None and all((ISA_FEATURES[llvm][1] in flags) == has for llvm, has in known.items())
