@@ -12,6 +12,7 @@ from tvm import relax
 from tvm.ir import IRModule
 
 from unsparse_tvm.ops import names
+from unsparse_tvm.ops import sparse_dense_int8_lanes as lanes_ops
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops.int8_formats import ActQuant, dense_quad_rows, epilogue_consts, quantize_weight
 
@@ -23,6 +24,9 @@ from .layers import LayerNames
 from .quantize_int8 import FORMAT, Int8LayerPass, int8_decision
 
 OP = names.SPARSE_DENSE_INT8
+# llvm: output features in vector lanes (lanes_ops), not the TE operator's scalar schedule: resnet50's fc at 95%
+# channel4 0.051-0.054 -> 0.015 ms, vgg16-cifar's 512x512 at 90% 0.013-0.015 -> 0.004-0.008 (one thread, in the model)
+LANES = True
 
 
 @relax.expr_functor.mutator
@@ -37,10 +41,10 @@ class _Int8DenseRewriter(DenseChainRewriter):
         name = self.names.known(weight)
         if weight.dtype.name != "float32" or name not in self.ranges:
             return False
-        # at batch 1 the int8 linear has no positions to put in vector lanes: its scalar code multiplies a stored
-        # quad's 4 bytes, so on scattered nonzeros it loses to an fp32 FMA per nonzero (vgg16-cifar unstructured
-        # 90%, 512x512: 0.035 against 0.020 ms; channel4, 4 a quad: 0.016 against 0.022), on every CPU
-        if quantize_int8.SCATTERED_FP32 and (fill := quad_fill(weight)) < MAX_FILL:
+        # the TE operator's scalar code (LANES off) multiplies a stored quad's 4 bytes at a time, so on scattered
+        # nonzeros it lost to an fp32 FMA per nonzero (vgg16-cifar unstructured 90%, 512x512: 0.035 against 0.020
+        # ms); rows in lanes beat fp32 at any fill (0.010 against 0.017-0.018 ms, AVX-512 and AVX2 code alike)
+        if not LANES and quantize_int8.SCATTERED_FP32 and (fill := quad_fill(weight)) < MAX_FILL:
             self.names.fp32_int8[name] = round(fill, 3)
             return False
         return True
@@ -51,16 +55,35 @@ class _Int8DenseRewriter(DenseChainRewriter):
         wq, wscale = quantize_weight(weight)
         rows = dense_quad_rows(wq)
         comp, out_scale = epilogue_consts(wq, wscale, act)
-        args = [self.visit_expr(call.args[0])] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
-        if ep.bias is not None:
-            args.append(relax.const(ep.bias))
-        op = partial(int8_ops.sparse_dense_int8, act=act, quads=rows.pad_quads, has_bias=ep.bias is not None,
-                     relu=ep.relu)  # call_te only passes TE-able kwargs
-        new = self.builder_.call_te(op, *args, primfunc_name_hint=OP)
+        x = self.visit_expr(call.args[0])
+        if LANES and self.kind == "llvm":
+            new = self.rows_in_lanes(x, rows, act, comp, out_scale, ep)
+        else:
+            args = [x] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
+            if ep.bias is not None:
+                args.append(relax.const(ep.bias))
+            op = partial(int8_ops.sparse_dense_int8, act=act, quads=rows.pad_quads, has_bias=ep.bias is not None,
+                         relu=ep.relu)  # call_te only passes TE-able kwargs
+            new = self.builder_.call_te(op, *args, primfunc_name_hint=OP)
         mark(self.builder_, new, {"op": OP, "unsparse.fmt": FORMAT})
         self.report.append(int8_decision(name, "dense", weight, rows, list(shape_of(call.args[0])), fused_label(ep),
                                          (comp, out_scale)))
         return new
+
+    def rows_in_lanes(self, x, rows, act, comp, out_scale, ep) -> relax.Expr:
+        """The layer as lanes_ops.sparse_dense_int8_lanes: output features in vector lanes (AVX-512: 16 a
+        vpdpbusd, or vpmaddubsw + vpmaddwd in 16; AVX2: 8)."""
+        (batch, fin), fout = (int(d) for d in shape_of(x)), int(rows.data.shape[0])
+        lanes = 8 if self.lanes < 16 else 16
+        packed = lanes_ops.lane_rows(rows, lanes)
+        bias = ep.bias if ep.bias is not None else np.zeros(fout, np.float32)
+        kernel = lanes_ops.sparse_dense_int8_lanes(batch, fin, fout, rows.pad_quads, packed, act,
+                                                   "pmadd" if self.pmadd else "vnni", ep.relu)
+        consts = [packed.data, packed.off, packed.start,
+                  *(lanes_ops.padded(a, packed) for a in (comp, out_scale, bias.astype(np.float32))),
+                  lanes_ops.row_order(packed)]
+        return relax.call_tir(self.builder_.add_func(kernel, OP), [x, *map(relax.const, consts)],
+                              relax.TensorType([batch, fout], "float32"))
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Dense")
