@@ -21,6 +21,9 @@ QUAD_RELAY_STRIDED = True  # a strided conv's uint8 input into phase planes of q
 # an fp32 input quantised to uint8 planes, then relayed: its pad stage gathered 4 channels lane by lane and
 # quantised them one at a time (scalar): resnet50 95% channel4's stem 0.35 -> 0.26 ms with the two new kernels
 QUANTIZE_FIRST = True
+# a uint8 4x4 map's patches (a 4x4 3x3's input) by one byte permute per channel quad and tap (VBMI), where the pad
+# stages built each quad byte by byte (vgg16-cifar channel4's 512-channel 4x4 layers: 7.9 us each, one thread)
+QUAD_RELAY_PATCHES = True
 
 
 def relays(run, geo, x_shape=None, sub=(1, 1)) -> bool:
@@ -62,16 +65,22 @@ def _padded(geo, x_shape) -> tuple:
 
 
 def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, quads: int, pitch: int,
-               lanes: int) -> relax.Expr:
+               lanes: int, vbmi: bool = False) -> relax.Expr:
     """x as the int8 conv reads it (llvm): its quads [N, quads * channel_plane, 4] by a relay where one takes
     it (an fp32 x quantised first), else x itself for the kernel's pad stage. pitch: a wide producer's row
-    pitch (0: x's own rows); lanes: the target's int8 lanes (a relay splits its planes as the conv its map)."""
+    pitch (0: x's own rows); lanes: the target's int8 lanes (a relay splits its planes as the conv its map);
+    vbmi: the target permutes bytes across a 64-byte vector (a 4x4 map's patches in one vpermt2b a tap)."""
     if dtype_of(x) == "float32" and quantized_first(run, geo, sub, shape_of(x)):
         geo, _ = _padded(geo, shape_of(x))
         x = builder.emit_te(partial(int8_ops.quantize_channels, act=act, channels=geo.c), x,
                             primfunc_name_hint="quantize_q")
     if dtype_of(x) != "uint8":
         return x
+    if QUAD_RELAY_PATCHES and vbmi and relay_ops.relays_patches(shape_of(x), run):
+        relay = relay_ops.quad_relay_patches(tuple(shape_of(x)), run, quads, act.zero_point)
+        picks = relax.const(relay_ops.patch_picks(run, *(int(d) for d in shape_of(x)[2:])))
+        return builder.emit(relax.call_tir(builder.add_func(relay, "quad_relay_patches"), [x, picks],
+                                           relax.TensorType([geo.n, quads * run.channel_plane, QUAD], "uint8")))
     if relays(run, geo, shape_of(x), sub):
         relay = relay_ops.quad_relay(tuple(shape_of(x)), run, quads, act.zero_point, sub, pitch,
                                      parts=map_parts(run.q_extent, lanes))

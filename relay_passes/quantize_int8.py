@@ -208,7 +208,7 @@ class _Int8Rewriter(ConvChainRewriter):
         x = self.visit_expr(conv.args[0])
         if self.kind == "llvm":  # a relay's byte shuffle where the pad stage would write byte by byte
             x = _quad_inputs.conv_input(self.builder_, x, geo, run, sub, act, rows.pad_quads,
-                                        self.wide.get(conv.args[0], 0), self.lanes)
+                                        self.wide.get(conv.args[0], 0), self.lanes, self.gather)
         tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
             if self.kind == "llvm" and INTERLEAVE else 0
         # small maps: quad rows sorted by length, as SparsifyConv2d sorts fp32 rows; not a wide output (its

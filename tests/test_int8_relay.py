@@ -1,6 +1,8 @@
 """uint8 inputs into quads by a byte shuffle (ops.quad_relay), and outputs that several int8 convs read
 travelling as uint8 (relay_passes/quantize_int8.py, CHAIN_SHARED): the same bytes, so the same result."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,84 @@ def test_quad_relay_strided_is_the_pad_stage(n, c, h, w, stride, pad, zp, llvm):
     want_mod["main"](tvm.runtime.tensor(x), want)
     got_mod["main"](tvm.runtime.tensor(x), got)
     np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("n,c,k,pad,dilation,zp", [
+    (1, 8, 3, (1, 1, 1, 1), 1, 128),    # vgg16-cifar's 3x3s on 4x4, zero-point borders
+    (2, 12, 3, (1, 1, 1, 1), 1, 0),     # batch 2, a trailing quad (12 channels in 4 quads)
+    (1, 8, 3, (2, 2, 2, 2), 2, 7),      # dilation 2
+    (1, 8, 5, (2, 2, 2, 2), 1, 3),      # a 5x5: 25 taps
+])
+def test_quad_relay_patches_is_the_pad_stage(n, c, k, pad, dilation, zp, llvm):
+    """The patches relay writes the patches the int8 conv's pad stages write (a padded plane, cut per tap) for a
+    uint8 4x4 input. Built for AVX-512 VBMI (its byte permute) on any host, run where this CPU has it."""
+    import tvm
+    from tvm import te
+
+    from conftest import cpu_target
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads
+    from unsparse_tvm.ops.quad_relay import patch_picks, quad_relay_patches, relays_patches
+    from unsparse_tvm.ops.sparse_int8 import _quad_patches, pad_quantize
+    from unsparse_tvm.testing.isa import skip_unless_runs_here
+
+    geo = ConvGeometry(n, c, 4, 4, 8, k, k, (1, 1), pad, (dilation, dilation))
+    run = geo.with_patches(16)
+    assert run.patches and relays_patches((n, c, 4, 4), run)
+    quads, act = pad_quads(run), ActQuant(0.1, zp, 255)
+    x = np.random.default_rng(c + k).integers(0, 256, (n, c, 4, 4)).astype(np.uint8)
+    xt = te.placeholder((n, c, 4, 4), "uint8", name="x")
+    plane = pad_quantize(xt, dataclasses.replace(run, patches=False), act, quads)
+    want_mod = tvm.compile(te.create_prim_func([xt, _quad_patches(plane, run)]), target=llvm)
+    vbmi = cpu_target("icelake-server")
+    got_mod = tvm.compile(tvm.IRModule({"main": quad_relay_patches(x.shape, run, quads, zp).with_attr(
+        "global_symbol", "main")}), target=vbmi)
+    assert "vpermt2b" in got_mod.mod.inspect_source("asm") or "vpermi2b" in got_mod.mod.inspect_source("asm")
+    skip_unless_runs_here(vbmi)
+    shape = (n, quads * run.channel_plane, 4)
+    want, got = (tvm.runtime.tensor(np.full(shape, 99, np.uint8)) for _ in range(2))
+    want_mod["main"](tvm.runtime.tensor(x), want)
+    got_mod["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(patch_picks(run, 4, 4)), got)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_4x4_layers_take_their_patches_from_the_relay(monkeypatch):
+    """On a VBMI target the int8 3x3s on a 4x4 map whose input is an int8 layer's uint8 output take their patches
+    from quad_relay_patches; the outputs are bit for bit those of the kernels' own pad stages (the switch off)."""
+    import unsparse_tvm.ops.quad_relay as relay_ops
+    from conftest import cpu_target
+    from unsparse_tvm.testing.isa import skip_unless_runs_here
+
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # quads on any target
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 12, 3, padding=2, dilation=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(12 * 16, 5)).eval()
+    shape, target = (2, 8, 4, 4), cpu_target("icelake-server")
+    ranges = int8_ready(model, shape, 0.6)
+    calls = _record_calls(monkeypatch, relay_ops, "quad_relay_patches", lambda a: tuple(a[0]))
+    report, run = compile_int8(model, shape, ranges, target)
+    assert calls == [(2, 16, 4, 4), (2, 16, 4, 4)] and {r.format for r in report} == {"int8q4"}
+    monkeypatch.setattr("unsparse_tvm.relay_passes._quad_inputs.QUAD_RELAY_PATCHES", False)
+    _, plain = compile_int8(model, shape, ranges, target)
+    assert len(calls) == 2
+    skip_unless_runs_here(target)
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_quad_relay_patches_declines_other_maps():
+    """Only a 4x4 input and output map (16 bytes a channel, 16 positions a tap), C a multiple of 4."""
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.quad_relay import relays_patches
+
+    four = ConvGeometry(1, 8, 4, 4, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)).with_patches(16)
+    assert relays_patches((1, 8, 4, 4), four)
+    assert not relays_patches((1, 6, 4, 4), four)                       # channels not whole quads
+    valid = ConvGeometry(1, 8, 6, 6, 8, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1)).with_patches(16)   # 6x6 in, 4x4 out
+    assert valid.patches and not relays_patches((1, 8, 6, 6), valid)
 
 
 def test_quad_relay_strided_declines_narrow_phase_planes():

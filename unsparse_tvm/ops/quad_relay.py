@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 from tvm import tirx
 
 from .geometry import ConvGeometry
@@ -208,5 +209,67 @@ def quad_relay_strided(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
                                 qf[T.Ramp(dst(b, p, y, k), 1, step * QUAD)] = picked(xf, src(b, p, y, k), 0)
                             else:
                                 qf[T.Ramp(dst(b, p, y, k), 1, step * QUAD)] = picked(xf, src(b, p, y, k), 1)
+
+    return relay.without_attr("global_symbol")
+
+
+PATCH_PLANE = 16  # quad_relay_patches: a channel's input plane and its patches' positions (a 4x4 map)
+
+
+def relays_patches(x_shape: tuple | None, run: ConvGeometry) -> bool:
+    """Whether quad_relay_patches writes the patches of the stride-1 conv `run` (ConvGeometry.with_patches, one
+    image a patch) from uint8 x [N, C, H, W]: H*W and OH*OW both 16 (4 channels' planes in one 64-byte load, a
+    tap's 16 positions of them in one 64-byte store), C % 4 == 0."""
+    return (x_shape is not None and len(x_shape) == 4 and run.patches and run.images == 1
+            and tuple(run.stride) == (1, 1) and int(x_shape[2]) * int(x_shape[3]) == PATCH_PLANE
+            and run.oh * run.ow == run.q_extent == PATCH_PLANE and int(x_shape[1]) % QUAD == 0)
+
+
+def patch_picks(run: ConvGeometry, h: int, w: int) -> np.ndarray:
+    """[R*S, 64] uint8: per tap, the byte each of its 64 (position q, channel v) lanes takes from 4 channel planes
+    of h*w bytes side by side (v * 16 + y * w + x), or 64 (the zero point's vector) where the tap reads padding."""
+    (dh, dw), (pt, pl) = run.dilation, run.padding[:2]
+    picks = []
+    for tap in range(run.r * run.s):
+        lanes = []
+        for q in range(run.q_extent):
+            y, x = q // run.ow + tap // run.s * dh - pt, q % run.ow + tap % run.s * dw - pl
+            lanes += [v * PATCH_PLANE + y * w + x if 0 <= y < h and 0 <= x < w else QUAD * PATCH_PLANE
+                      for v in range(QUAD)]
+        picks.append(lanes)
+    return np.array(picks, np.uint8)
+
+
+def quad_relay_patches(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int) -> tirx.PrimFunc:
+    """uint8 x [N, C, H, W], H*W = 16 -> the patches of the stride-1 conv `run` as sparse_int8._quad_patches lays
+    them out ([N, quads * R*S*16, 4]: per channel quad and tap, the 16 output positions' input quads, the zero
+    point where the tap reads padding and in quads past C). Per channel quad one 64-byte load (4 channels' whole
+    planes) and per tap one byte permute of it and the zero point (AVX-512 VBMI's vpermt2b, its indices
+    patch_picks: the kernel's second argument, [R*S, 64]) and one 64-byte store, where the kernel's pad stage built
+    each quad byte by byte into a padded plane and cut the patches from it (vgg16-cifar's 512-channel 4x4 layers:
+    7.9 us each on one thread). relays_patches says where; VBMI targets only."""
+    from tvm.script import tirx as T
+
+    n, c, h, w = (int(d) for d in x_shape)
+    cq, taps, span = c // QUAD, run.r * run.s, QUAD * PATCH_PLANE
+    zp = tirx.const(zero_point, "uint8")
+    permute = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpermi2var.qi.512")
+
+    @T.prim_func(s_tir=True)
+    def relay(x: T.Buffer((n, c, h, w), "uint8"), picks: T.Buffer((taps, span), "uint8"),
+              q: T.Buffer((n, quads * taps * PATCH_PLANE, QUAD), "uint8")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+        with T.sblock("root"):
+            qf = T.decl_buffer((n * quads * taps * span,), "uint8", data=q.data)
+            xf = T.decl_buffer((n * c * h * w,), "uint8", data=x.data)
+            pf = T.decl_buffer((taps * span,), "uint8", data=picks.data)
+            for b in T.parallel(n * quads):  # (image, channel quad)
+                for tap in range(taps):
+                    if b % quads < cq:
+                        qf[T.Ramp((b * taps + tap) * span, 1, span)] = T.call_llvm_pure_intrin(
+                            permute, xf[T.Ramp((b // quads * cq + b % quads) * span, 1, span)],
+                            pf[T.Ramp(tap * span, 1, span)], T.Broadcast(zp, span), dtype=f"uint8x{span}")
+                    else:  # a trailing quad: the zero point
+                        qf[T.Ramp((b * taps + tap) * span, 1, span)] = T.Broadcast(zp, span)
 
     return relay.without_attr("global_symbol")
