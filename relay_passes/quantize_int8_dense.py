@@ -4,6 +4,7 @@ no CUDA rule for it: on cuda these layers stay fp32). As QuantizeInt8Conv2d, bef
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -57,7 +58,7 @@ class _Int8DenseRewriter(DenseChainRewriter):
         comp, out_scale = epilogue_consts(wq, wscale, act)
         x = self.visit_expr(call.args[0])
         if LANES and self.kind == "llvm":
-            new = self.rows_in_lanes(x, rows, act, comp, out_scale, ep)
+            new, rows = self.rows_in_lanes(x, rows, act, comp, out_scale, ep)  # the rows as stored, for the report
         else:
             args = [x] + [relax.const(a) for a in (rows.data, rows.off, comp, out_scale)]
             if ep.bias is not None:
@@ -70,9 +71,10 @@ class _Int8DenseRewriter(DenseChainRewriter):
                                          (comp, out_scale)))
         return new
 
-    def rows_in_lanes(self, x, rows, act, comp, out_scale, ep) -> relax.Expr:
+    def rows_in_lanes(self, x, rows, act, comp, out_scale, ep) -> tuple:
         """The layer as lanes_ops.sparse_dense_int8_lanes: output features in vector lanes (AVX-512: 16 a
-        vpdpbusd, or vpmaddubsw + vpmaddwd in 16; AVX2: 8)."""
+        vpdpbusd, or vpmaddubsw + vpmaddwd in 16; AVX2: 8). Returns (the call, rows with the data and offsets it
+        stores)."""
         (batch, fin), fout = (int(d) for d in shape_of(x)), int(rows.data.shape[0])
         lanes = 8 if self.lanes < 16 else 16
         packed = lanes_ops.lane_rows(rows, lanes)
@@ -82,8 +84,9 @@ class _Int8DenseRewriter(DenseChainRewriter):
         consts = [packed.data, packed.off, packed.start,
                   *(lanes_ops.padded(a, packed) for a in (comp, out_scale, bias.astype(np.float32))),
                   lanes_ops.row_order(packed)]
-        return relax.call_tir(self.builder_.add_func(kernel, OP), [x, *map(relax.const, consts)],
+        call = relax.call_tir(self.builder_.add_func(kernel, OP), [x, *map(relax.const, consts)],
                               relax.TensorType([batch, fout], "float32"))
+        return call, dataclasses.replace(rows, data=packed.data, off=packed.off)
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt8Dense")

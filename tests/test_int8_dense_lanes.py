@@ -119,6 +119,8 @@ def test_a_scattered_linear_layer_runs_int8_in_lanes(lanes_on, llvm, monkeypatch
         assert set(compiled.fp32_int8) == {"1", "3"} and "int8q4" not in formats.values(), formats
         return
     assert formats == {"1": "int8q4", "3": "int8q4"} and not compiled.fp32_int8, formats
+    first = next(d for d in compiled.report if d.name == "1")  # the report counts what the kernel stores
+    assert first.precision == "int8/16-bit off" and first.padded % (16 * 4) == 0
     skip_unless_runs_here(llvm)
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
     y = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x))[0].numpy()
