@@ -24,6 +24,9 @@ QUANTIZE_FIRST = True
 # a uint8 4x4 map's patches (a 4x4 3x3's input) by one byte permute per channel quad and tap (VBMI), where the pad
 # stages built each quad byte by byte (vgg16-cifar channel4's 512-channel 4x4 layers: 7.9 us each, one thread)
 QUAD_RELAY_PATCHES = True
+# a 2x2 map's padded plane of 16 quads by one byte shuffle per channel quad (any x86): its pad stage ran 2064
+# statements, a two-thread launch for 0.4 us of work (vgg16-cifar channel4's 2x2 layers)
+QUAD_RELAY_SMALL = True
 
 
 def relays(run, geo, x_shape=None, sub=(1, 1)) -> bool:
@@ -81,7 +84,9 @@ def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, q
         picks = relax.const(relay_ops.patch_picks(run, *(int(d) for d in shape_of(x)[2:])))
         return builder.emit(relax.call_tir(builder.add_func(relay, "quad_relay_patches"), [x, picks],
                                            relax.TensorType([geo.n, quads * run.channel_plane, QUAD], "uint8")))
-    if relays(run, geo, shape_of(x), sub):
+    if QUAD_RELAY_SMALL and relay_ops.relays_small_plane(shape_of(x), run):
+        relay = relay_ops.quad_relay_small_plane(tuple(shape_of(x)), run, quads, act.zero_point)
+    elif relays(run, geo, shape_of(x), sub):
         relay = relay_ops.quad_relay(tuple(shape_of(x)), run, quads, act.zero_point, sub, pitch,
                                      parts=map_parts(run.q_extent, lanes))
     elif relays_strided(run, geo, sub, shape_of(x)):

@@ -158,6 +158,59 @@ def test_4x4_layers_take_their_patches_from_the_relay(monkeypatch):
     assert np.abs(run(x) - ref).max() < 0.1 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("n,c,h,w,pad,zp", [
+    (1, 8, 2, 2, (1, 1, 1, 1), 128),    # vgg16-cifar's 3x3s on 2x2: a 4x4 padded plane
+    (2, 12, 2, 2, (1, 1, 1, 1), 0),     # batch 2, a trailing quad
+    (1, 8, 1, 2, (1, 1, 2, 1), 7),      # a 1x2 map padded to 4x4 (8 bytes of input a quad)
+])
+def test_quad_relay_small_plane_is_the_pad_stage(n, c, h, w, pad, zp, llvm):
+    """The small-plane relay writes the padded plane the int8 conv's pad stage writes for a uint8 input."""
+    import tvm
+    from tvm import te
+
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant, pad_quads
+    from unsparse_tvm.ops.quad_relay import quad_relay_small_plane, relays_small_plane
+    from unsparse_tvm.ops.sparse_int8 import pad_quantize
+
+    run = ConvGeometry(n, c, h, w, 8, 3, 3, (1, 1), pad, (1, 1))
+    assert relays_small_plane((n, c, h, w), run)
+    quads, act = pad_quads(run), ActQuant(0.1, zp, 255)
+    x = np.random.default_rng(c + h).integers(0, 256, (n, c, h, w)).astype(np.uint8)
+    xt = te.placeholder((n, c, h, w), "uint8", name="x")
+    want_mod = tvm.compile(te.create_prim_func([xt, pad_quantize(xt, run, act, quads)]), target=llvm)
+    got_mod = tvm.compile(tvm.IRModule({"main": quad_relay_small_plane(x.shape, run, quads, zp).with_attr(
+        "global_symbol", "main")}), target=llvm)
+    shape = (n, quads * run.channel_plane, 4)
+    want, got = (tvm.runtime.tensor(np.full(shape, 99, np.uint8)) for _ in range(2))
+    want_mod["main"](tvm.runtime.tensor(x), want)
+    got_mod["main"](tvm.runtime.tensor(x), got)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_2x2_layers_take_their_planes_from_the_relay(llvm, monkeypatch):
+    """An int8 3x3 on a 2x2 map whose input is an int8 layer's uint8 output takes its padded plane from
+    quad_relay_small_plane (any x86 target); the outputs are bit for bit those of its own pad stage (switch off)."""
+    import unsparse_tvm.ops.quad_relay as relay_ops
+
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # quads on any target
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 20, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(20 * 4, 5)).eval()
+    shape = (2, 8, 2, 2)
+    ranges = int8_ready(model, shape, 0.6)
+    calls = _record_calls(monkeypatch, relay_ops, "quad_relay_small_plane", lambda a: tuple(a[0]))
+    report, run = compile_int8(model, shape, ranges, llvm)
+    assert calls == [(2, 16, 2, 2)] and {r.format for r in report} == {"int8q4"}
+    monkeypatch.setattr("unsparse_tvm.relay_passes._quad_inputs.QUAD_RELAY_SMALL", False)
+    _, plain = compile_int8(model, shape, ranges, llvm)
+    assert len(calls) == 1
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(run(x) - ref).max() < 0.1 * np.abs(ref).max()
+
+
 def test_quad_relay_patches_declines_other_maps():
     """Only a 4x4 input and output map (16 bytes a channel, 16 positions a tap), C a multiple of 4."""
     from unsparse_tvm.ops.geometry import ConvGeometry

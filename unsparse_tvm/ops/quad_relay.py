@@ -273,3 +273,44 @@ def quad_relay_patches(x_shape: tuple, run: ConvGeometry, quads: int, zero_point
                         qf[T.Ramp((b * taps + tap) * span, 1, span)] = T.Broadcast(zp, span)
 
     return relay.without_attr("global_symbol")
+
+
+def relays_small_plane(x_shape: tuple | None, run: ConvGeometry) -> bool:
+    """Whether quad_relay_small_plane writes the padded plane of the stride-1 conv `run` from uint8 x [N, C, H, W]:
+    a plane of 16 positions (a 2x2 map padded to 4x4), 4 channels' maps in at most 16 bytes, C % 4 == 0."""
+    return (x_shape is not None and len(x_shape) == 4 and not run.patches and tuple(run.stride) == (1, 1)
+            and run.channel_plane == run.hq * run.wq == PATCH_PLANE and int(x_shape[1]) % QUAD == 0
+            and QUAD * int(x_shape[2]) * int(x_shape[3]) <= PATCH_PLANE and not run.row_domain)
+
+
+def quad_relay_small_plane(x_shape: tuple, run: ConvGeometry, quads: int, zero_point: int) -> tirx.PrimFunc:
+    """uint8 x [N, C, H, W] -> the padded plane of quads the stride-1 conv `run` reads, where it is 16 positions
+    (pad_quantize's layout, [N, quads * 16, 4]): per channel quad one load of its 4 channels' maps (4*H*W <= 16
+    bytes) and one byte shuffle of it and the zero point into the 64-byte plane, one store; trailing quads the zero
+    point. vgg16-cifar's 2x2 layers' pad stages built each quad byte by byte, 2064 statements: over the small-loop
+    limit, so a two-thread launch (1.4-3.6 us) for 0.4 us of work; this one runs serial (129 stores)."""
+    from tvm.script import tirx as T
+
+    n, c, h, w = (int(d) for d in x_shape)
+    cq, span, hw = c // QUAD, QUAD * PATCH_PLANE, h * w
+    (pt, pl), zp = run.padding[:2], tirx.const(zero_point, "uint8")
+    picks = []
+    for p in range(PATCH_PLANE):  # lane 4p + v: plane position p of channel v (past the input: the zero point)
+        y, x = p // run.wq - pt, p % run.wq - pl
+        picks += [v * hw + y * w + x if 0 <= y < h and 0 <= x < w else QUAD * hw for v in range(QUAD)]
+
+    @T.prim_func(s_tir=True)
+    def relay(x: T.Buffer((n, c, h, w), "uint8"), q: T.Buffer((n, quads * PATCH_PLANE, QUAD), "uint8")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+        with T.sblock("root"):
+            qf = T.decl_buffer((n * quads * span,), "uint8", data=q.data)
+            xf = T.decl_buffer((n * c * hw,), "uint8", data=x.data)
+            for b in T.parallel(n * quads):  # (image, channel quad)
+                if b % quads < cq:
+                    qf[T.Ramp(b * span, 1, span)] = T.Shuffle(
+                        [xf[T.Ramp((b // quads * cq + b % quads) * QUAD * hw, 1, QUAD * hw)],
+                         T.Broadcast(zp, span)], picks)  # (a shuffle picks at most the lanes it is given)
+                else:  # a trailing quad: the zero point
+                    qf[T.Ramp(b * span, 1, span)] = T.Broadcast(zp, span)
+
+    return relay.without_attr("global_symbol")
