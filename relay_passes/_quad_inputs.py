@@ -79,12 +79,12 @@ def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, q
                             primfunc_name_hint="quantize_q")
     if dtype_of(x) != "uint8":
         return x
+    args, name = [x], "quad_relay"
     if QUAD_RELAY_PATCHES and vbmi and relay_ops.relays_patches(shape_of(x), run):
         relay = relay_ops.quad_relay_patches(tuple(shape_of(x)), run, quads, act.zero_point)
-        picks = relax.const(relay_ops.patch_picks(run, *(int(d) for d in shape_of(x)[2:])))
-        return builder.emit(relax.call_tir(builder.add_func(relay, "quad_relay_patches"), [x, picks],
-                                           relax.TensorType([geo.n, quads * run.channel_plane, QUAD], "uint8")))
-    if QUAD_RELAY_SMALL and relay_ops.relays_small_plane(shape_of(x), run):
+        picks = relay_ops.patch_picks(run, *(int(d) for d in shape_of(x)[2:]))  # its byte permutes, an argument
+        args, name = [x, relax.const(picks)], "quad_relay_patches"
+    elif QUAD_RELAY_SMALL and relay_ops.relays_small_plane(shape_of(x), run):
         relay = relay_ops.quad_relay_small_plane(tuple(shape_of(x)), run, quads, act.zero_point)
     elif relays(run, geo, shape_of(x), sub):
         relay = relay_ops.quad_relay(tuple(shape_of(x)), run, quads, act.zero_point, sub, pitch,
@@ -96,4 +96,4 @@ def conv_input(builder: relax.BlockBuilder, x: relax.Expr, geo, run, sub, act, q
     if relay is None:
         return x
     shape = [geo.n, quads * run.channel_plane, QUAD]
-    return builder.emit(relax.call_tir(builder.add_func(relay, "quad_relay"), [x], relax.TensorType(shape, "uint8")))
+    return builder.emit(relax.call_tir(builder.add_func(relay, name), args, relax.TensorType(shape, "uint8")))

@@ -20,6 +20,8 @@ import functools
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from unsparse_tvm.ops.gathered_vectors import dot_product
+
 
 def _desc(lanes: int, offset: str):
     @T.prim_func(s_tir=True)
@@ -63,23 +65,11 @@ def _impl(lanes: int, dot, offset: str):
 
 
 def _vnni(lanes: int, offset: str):
-    # this LLVM declares vpdpbusd's byte operands as <4L x i8> (older ones: <L x i32>)
-    vpdpbusd = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{lanes * 32}")
-    return _impl(lanes, lambda c, x, w: T.call_llvm_pure_intrin(vpdpbusd, c, x, w, dtype=f"int32x{lanes}"), offset)
+    return _impl(lanes, dot_product("vnni", lanes), offset)
 
 
 def _pmadd(lanes: int, offset: str):
-    if lanes == 16:
-        madd_ub, madd_wd = "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"
-    else:
-        madd_ub, madd_wd = "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
-    ub, wd = T.llvm_lookup_intrinsic_id(madd_ub), T.llvm_lookup_intrinsic_id(madd_wd)
-
-    def dot(c, x, w):
-        pairs = T.call_llvm_pure_intrin(ub, x, w, dtype=f"int16x{lanes * 2}")  # saturating u8 x s8 pairs
-        return c + T.call_llvm_pure_intrin(wd, pairs, T.broadcast(T.int16(1), lanes * 2), dtype=f"int32x{lanes}")
-
-    return _impl(lanes, dot, offset)
+    return _impl(lanes, dot_product("pmadd", lanes), offset)
 
 
 @functools.cache

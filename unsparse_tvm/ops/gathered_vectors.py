@@ -1,6 +1,7 @@
 """The vectors of the gathered-quads kernel (sparse_int8_gathered.gathered_conv): a group's 4 nonzeros' input bytes
 interleaved so that each 32-bit lane holds one position of all 4, the group's weights as one dword in every lane,
-and the dot product that sums them into int32 lanes: one `vpdpbusd` (AVX-512 VNNI)."""
+and the dot product that sums them into int32 lanes: one `vpdpbusd` (AVX-512 VNNI); every int8 kernel's x86 dot
+product (`dot_product`)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,25 @@ def tiny_inputs(xi, off, start, at):
 
 def dot(acc, x, w, lanes: int = 16):
     """acc + the 4-byte dot products of x (uint8) and w (int8) per int32 lane: one vpdpbusd."""
+    return dot_product("vnni", lanes)(acc, x, w)
+
+
+def dot_product(kind: str, lanes: int):
+    """(acc, x, w) -> acc + the 4-byte dot products of u8 x and s8 w per int32 lane, as x86 computes them: `vnni`
+    one vpdpbusd (AVX-512 VNNI), `pmadd` vpmaddubsw + vpmaddwd (saturating u8 x s8 pairs, exact for activations
+    <= 127: schedules.x86_int8's module doc). Every int8 kernel's dot product (the tensor intrinsics, the gathered
+    and the linear kernels) is built here."""
     from tvm.script import tirx as T
 
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"), acc, x, w,
-                                   dtype=f"int32x{lanes}")
+    if kind == "vnni":  # this LLVM declares vpdpbusd's byte operands as <4L x i8> (older ones: <L x i32>)
+        op = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
+        return lambda acc, x, w: T.call_llvm_pure_intrin(op, acc, x, w, dtype=f"int32x{lanes}")
+    ub, wd = (("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512") if lanes == 16
+              else ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"))
+    ub, wd = T.llvm_lookup_intrinsic_id(ub), T.llvm_lookup_intrinsic_id(wd)
+
+    def pmadd(acc, x, w):
+        pairs = T.call_llvm_pure_intrin(ub, x, w, dtype=f"int16x{2 * lanes}")
+        return acc + T.call_llvm_pure_intrin(wd, pairs, T.broadcast(T.int16(1), 2 * lanes), dtype=f"int32x{lanes}")
+
+    return pmadd

@@ -15,6 +15,7 @@ import numpy as np
 from tvm import tirx
 
 from .formats import compact_offsets, interleave_rows
+from .gathered_vectors import dot_product
 from .int8_formats import QUAD, ActQuant, QuadRows
 from .sparse_int8 import quantize
 
@@ -93,25 +94,6 @@ def row_order(packed: LaneRows) -> np.ndarray:
     return packed.order if packed.order is not None else np.arange(packed.rows, dtype=np.int32)
 
 
-def _dot(kind: str, lanes: int):
-    """acc + the 4-byte dot products of u8 x and s8 w per int32 lane: vpdpbusd (vnni), or vpmaddubsw + vpmaddwd
-    (pmadd; activations <= 127, schedules.x86_int8's module doc)."""
-    from tvm.script import tirx as T
-
-    if kind == "vnni":
-        op = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
-        return lambda acc, x, w: T.call_llvm_pure_intrin(op, acc, x, w, dtype=f"int32x{lanes}")
-    ub, wd = (("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512") if lanes == 16
-              else ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"))
-    ub, wd = T.llvm_lookup_intrinsic_id(ub), T.llvm_lookup_intrinsic_id(wd)
-
-    def dot(acc, x, w):
-        pairs = T.call_llvm_pure_intrin(ub, x, w, dtype=f"int16x{2 * lanes}")
-        return acc + T.call_llvm_pure_intrin(wd, pairs, T.Broadcast(T.int16(1), 2 * lanes), dtype=f"int32x{lanes}")
-
-    return dot
-
-
 def sparse_dense_int8_lanes(n: int, fin: int, fout: int, quads: int, rows: LaneRows, act: ActQuant, kind: str,
                             relu: bool) -> tirx.PrimFunc:
     """out[n, o] = float32(sum_j x_q[n, off[o, j]] . w[o, j] - comp[o]) * out_scale[o] + bias[o] (ReLU): x [N, fin]
@@ -121,7 +103,7 @@ def sparse_dense_int8_lanes(n: int, fin: int, fout: int, quads: int, rows: LaneR
 
     entries, lanes, _ = (int(d) for d in rows.data.shape)
     tiles, k, off_dtype = rows.tiles, rows.rows, str(rows.off.dtype)
-    vec, dot = fin // QUANTIZE_LANES * QUANTIZE_LANES, _dot(kind, lanes)
+    vec, dot = fin // QUANTIZE_LANES * QUANTIZE_LANES, dot_product(kind, lanes)
     full = fout // lanes if rows.order is None else 0  # tiles stored as one vector of the output's features
     zp, fzero = tirx.const(act.zero_point, "uint8"), tirx.const(0.0, "float32")
 
