@@ -111,19 +111,7 @@ class CompiledModel:
 
     def __call__(self, x):
         """Run on one input (numpy array or torch tensor, float32, the compiled shape); the same kind back."""
-        import numpy as np
-
-        from .runtime import host_array
-
-        as_torch = _is_torch_tensor(x)
-        cpu = as_torch and x.device.type == "cpu"
-        arr = (x.detach() if cpu else x.detach().cpu()).numpy() if as_torch else np.asarray(x)  # CPU: a view
-        outs = [host_array(t) for t in self._caller()(arr)]
-        if as_torch:
-            import torch
-
-            outs = [torch.from_numpy(o) for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return (self._call or self._caller()).run(x)
 
     def benchmark(self, x=None, *, number: int = 10, repeat: int = 10) -> dict[str, float]:
         """Milliseconds per call (TVM's time_evaluator: `repeat` means of `number` calls): mean, median,

@@ -149,38 +149,74 @@ def check_finite(arr) -> None:
 class Caller:
     """A module's main function with what every call needs looked up once. Python run between two calls
     runs cache-cold (the model has streamed its weights through the caches): each step below cost 10-80 us
-    there, a few us warm, so a call does as little as it can (docs/results.md, "Python per call")."""
+    there, a few us warm, so a call does as little as it can: no imports, no attribute chains, numpy's and
+    TVM's functions bound here (docs/results.md, "Python per call")."""
 
     def __init__(self, vm, dev, meta: dict):
         import numpy as np
         import tvm
+        import tvm_ffi
 
         spec = meta["inputs"][0]
         self.meta, self.main, self.dev = meta, vm["main"], dev
         self.dtype, self.shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
         self.on_cpu = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-        self.from_dlpack, self.tensor = tvm.runtime.from_dlpack, tvm.runtime.tensor
+        self.from_dlpack, self.tensor = tvm_ffi.from_dlpack, tvm.runtime.tensor
+        self.ndarray, self.asarray, self.add_reduce, self.np_from_dlpack = (np.ndarray, np.asarray, np.add.reduce,
+                                                                            np.from_dlpack)
+        self.torch_type = self.from_numpy = None  # torch.Tensor and torch.from_numpy once a torch input is seen
         self.single = None  # does main return a one-tensor tuple (what torch.export programs give)? Seen once
+
+    def run(self, x):
+        """One input, a numpy array or a torch tensor (any device); the outputs as the same kind: one, or a tuple.
+        This module never imports torch: a torch tensor is known by its type's module."""
+        kind = type(x)
+        as_torch = kind is self.torch_type or (kind is not self.ndarray and self._torch_input(x))
+        if as_torch:
+            arr = (x.detach() if x.is_cpu else x.detach().cpu()).numpy()  # on the CPU: a view, no copy
+        else:
+            arr = x if kind is self.ndarray else self.asarray(x)
+        outs = [self.host_array(t) for t in self(arr)]
+        if as_torch:
+            outs = [self.from_numpy(o) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _torch_input(self, x) -> bool:
+        if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
+            return False
+        self.torch_type, self.from_numpy = type(x), sys.modules["torch"].from_numpy
+        return True
 
     def __call__(self, arr) -> list:
         """Every output as a TVM tensor, in order."""
-        if arr.dtype != self.dtype or arr.shape != self.shape:
+        if arr.dtype is not self.dtype or arr.shape != self.shape:  # dtype: numpy's builtin ones are singletons
             check_input(arr, self.meta)
-        check_finite(arr)
+        if not math.isfinite(self.add_reduce(arr, axis=None)):  # check_finite's first step, without its call
+            check_finite(arr)
         out = self.main(self.device_tensor(arr))
         if self.single is None:
             self.single = not hasattr(out, "numpy") and len(out) == 1 and hasattr(out[0], "numpy")
         return [out[0]] if self.single else _flatten(out)  # out[0]: 12 us cold where _flatten took 24
 
     def device_tensor(self, arr):
-        """The caller's own memory where TVM can take it (CPU, C-contiguous, 64-byte aligned, writable), else
-        a copy. The module only reads its input; a copy per call cost ~0.1-0.3 ms on a 224x224 input."""
-        if self.on_cpu and arr.flags.c_contiguous and arr.ctypes.data % 64 == 0:
+        """The caller's own memory where TVM can take it (CPU, C-contiguous, 64-byte aligned: DLPack's import
+        checks both and raises otherwise; writable), else a copy. The module only reads its input; a copy per
+        call cost ~0.1-0.3 ms on a 224x224 input."""
+        if self.on_cpu:
             try:
-                return self.from_dlpack(arr)
-            except (BufferError, RuntimeError, TypeError):  # read-only arrays, dtypes DLPack lacks
+                return self.from_dlpack(arr, require_alignment=64, require_contiguous=True)
+            except (BufferError, RuntimeError, TypeError):  # read-only arrays, dtypes DLPack lacks, misaligned
                 pass
         return self.tensor(arr, self.dev)
+
+    def host_array(self, t):
+        """One output as a numpy array of its own. A CPU tensor goes through DLPack and one copy (the copy: a
+        module may return a constant it keeps, which the caller must not be able to change); TVM's `.numpy()`
+        costs several times more Python (11 us warm, ~80 us after a 2 ms model: docs/results.md)."""
+        try:
+            return self.np_from_dlpack(t).copy()
+        except (BufferError, RuntimeError, TypeError):  # a GPU tensor, a dtype numpy's DLPack lacks
+            return t.numpy()
 
 
 def output_specs(meta: dict) -> list[dict] | None:
@@ -194,22 +230,10 @@ def _flatten(out) -> list:
     return [a for item in out for a in _flatten(item)]  # a tuple (torch.export programs return one)
 
 
-def host_array(t):
-    """One output as a numpy array of its own. A CPU tensor goes through DLPack and one copy (the copy:
-    a module may return a constant it keeps, which the caller must not be able to change); TVM's
-    `.numpy()` costs several times more Python, which runs cache-cold after a model has streamed its
-    weights (11 us warm, ~80 us after a 2 ms model: docs/results.md)."""
-    import numpy as np
-
-    try:
-        return np.from_dlpack(t).copy()
-    except (BufferError, RuntimeError, TypeError):  # a GPU tensor, a dtype numpy's DLPack lacks
-        return t.numpy()
-
-
 def run_outputs(vm, dev, meta: dict, arr) -> list:
     """Run the module's main function on one numpy array; every output, as numpy arrays, in order."""
-    return [host_array(t) for t in Caller(vm, dev, meta)(arr)]
+    call = Caller(vm, dev, meta)
+    return [call.host_array(t) for t in call(arr)]
 
 
 def run_array(vm, dev, meta: dict, arr):
