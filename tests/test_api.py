@@ -77,6 +77,12 @@ def test_every_kind_of_input_array_gives_the_same_answer_and_outputs_are_the_cal
     bad[0, 0, 0, 0] = np.inf
     with pytest.raises(UnsparseError, match="1 NaN/Inf value;"):
         model(bad)
+    for other in (torch.bfloat16, torch.float16, torch.float64, torch.int64):  # bfloat16: numpy has none
+        with pytest.raises(UnsparseError, match=rf"input dtype is {other}, the module expects float32 \(convert "
+                                                r"with x.to\(torch.float32\)\)"):
+            model(x.to(other))
+    with pytest.raises(UnsparseError, match="input dtype is float64"):
+        model(x.numpy().astype(np.float64))
 
 
 def test_save_then_load_runs_with_the_runtime_only(compiled, tmp_path):

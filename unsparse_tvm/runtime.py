@@ -164,7 +164,8 @@ class Caller:
         self.from_dlpack, self.tensor = tvm_ffi.from_dlpack, tvm.runtime.tensor
         self.ndarray, self.asarray, self.add_reduce, self.np_from_dlpack = (np.ndarray, np.asarray, np.add.reduce,
                                                                             np.from_dlpack)
-        self.torch_type = self.from_numpy = None  # torch.Tensor and torch.from_numpy once a torch input is seen
+        # torch.Tensor, torch.from_numpy and the input's torch dtype, once a torch input is seen
+        self.torch_type = self.from_numpy = self.torch_dtype = None
         self.single = None  # does main return a one-tensor tuple (what torch.export programs give)? Seen once
 
     def run(self, x):
@@ -173,6 +174,9 @@ class Caller:
         kind = type(x)
         as_torch = kind is self.torch_type or (kind is not self.ndarray and self._torch_input(x))
         if as_torch:
+            if x.dtype is not self.torch_dtype:  # numpy has no bfloat16: say it here, in torch's words
+                raise UnsparseError(f"input dtype is {x.dtype}, the module expects {self.dtype} (convert with "
+                                    f"x.to(torch.{self.dtype}))")
             arr = (x.detach() if x.is_cpu else x.detach().cpu()).numpy()  # on the CPU: a view, no copy
         else:
             arr = x if kind is self.ndarray else self.asarray(x)
@@ -184,7 +188,8 @@ class Caller:
     def _torch_input(self, x) -> bool:
         if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
             return False
-        self.torch_type, self.from_numpy = type(x), sys.modules["torch"].from_numpy
+        torch = sys.modules["torch"]
+        self.torch_type, self.from_numpy, self.torch_dtype = type(x), torch.from_numpy, getattr(torch, self.dtype.name)
         return True
 
     def __call__(self, arr) -> list:
