@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import UnsparseError
+from .runtime import is_torch_tensor
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,6 @@ class CompileOptions:
             check_fraction("threshold", self.threshold)
         if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
             raise UnsparseError(f"batch must be a whole number >= 1, got {self.batch!r}")
-
-
-def _is_torch_tensor(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
 
 
 class CompiledModel:
@@ -124,7 +121,7 @@ class CompiledModel:
             raise UnsparseError(f"number and repeat must be at least 1 (got {number}, {repeat})")
         spec = self.inputs[0]
         arr = (np.random.default_rng(0).standard_normal(spec["shape"]).astype(spec["dtype"]) if x is None
-               else (x.detach().cpu().numpy() if _is_torch_tensor(x) else np.asarray(x)))
+               else (x.detach().cpu().numpy() if is_torch_tensor(x) else np.asarray(x)))
         vm, dev = self._machine()
         ms = sorted(time_module(vm, dev, arr, number=number, repeat=repeat))
         return {"mean_ms": sum(ms) / len(ms), "median_ms": ms[len(ms) // 2], "min_ms": ms[0], "max_ms": ms[-1]}
@@ -172,7 +169,7 @@ def _program(model, example_input, batch: int | None):
     if isinstance(model, torch.nn.Module):
         if example_input is None:
             raise UnsparseError("compile(nn.Module) needs example_input=, a tensor of the input shape (batch included)")
-        if not _is_torch_tensor(example_input):
+        if not is_torch_tensor(example_input):
             import numpy as np
 
             example_input = torch.from_numpy(np.asarray(example_input))

@@ -146,6 +146,11 @@ def check_finite(arr) -> None:
                             "finite inputs only (they would not propagate NaN/Inf as PyTorch does)")
 
 
+def is_torch_tensor(x) -> bool:
+    """A torch tensor, known by its type's module: nothing here imports torch."""
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
+
+
 class Caller:
     """A module's main function with what every call needs looked up once. Python run between two calls
     runs cache-cold (the model has streamed its weights through the caches): each step below cost 10-80 us
@@ -186,7 +191,7 @@ class Caller:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _torch_input(self, x) -> bool:
-        if type(x).__module__.split(".")[0] != "torch" or not hasattr(x, "detach"):
+        if not is_torch_tensor(x):
             return False
         torch = sys.modules["torch"]
         self.torch_type, self.from_numpy, self.torch_dtype = type(x), torch.from_numpy, getattr(torch, self.dtype.name)
