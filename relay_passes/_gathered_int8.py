@@ -35,7 +35,8 @@ MIN_POSITIONS = 49
 # write theirs in the write-back): maps up to 28x28 that reduce channels by 2 or more, and maps under 8x8
 # (resnet50 unstructured 90%, with pad and epilogue, ms: 1024 -> 256 on 14x14 0.237 -> 0.173, 1024 -> 512 on 14x14
 # 0.446 -> 0.328, 512 -> 128 on 28x28 0.180 -> 0.160, 512 -> 2048 on 7x7 0.288 -> 0.227; not 256 -> 1024 on 14x14,
-# 0.233 -> 0.282, nor any on 56x56: 64 -> 256 0.297 -> 0.408, 256 -> 128 0.323 -> 0.336)
+# 0.233 -> 0.282, nor any on 56x56: 64 -> 256 0.297 -> 0.408, 256 -> 128 0.323 -> 0.336). On AVX2 (8 lanes, where
+# fp32 runs 8 lanes too and int8 would otherwise stay fp32) every stride-1 1x1 on 7x7 or more
 MAX_POINTWISE_POSITIONS = 784
 GATE = True  # a squeeze-excitation's gate applied in the 1x1's pad stage (emit); tests turn it off to compare
 
@@ -50,10 +51,11 @@ def quad_fill(weight: np.ndarray) -> float:
     return float(padded.sum()) / quads if quads else float("inf")
 
 
-def geometry(weight: np.ndarray, geo):
-    """The geometry a gathered kernel runs a conv at (the padded planes, or a 2x2, 4x4 or 8x8 map's patches), or
-    None where the layer keeps its quads: a strided conv, a 1x1 other than MAX_POINTWISE_POSITIONS says, a map under
-    7x7 other than 2x2 and 4x4, or quads that hold MAX_FILL or more nonzeros."""
+def geometry(weight: np.ndarray, geo, lanes: int = gathered_ops.LANES):
+    """The geometry a gathered kernel runs a conv at in vectors of `lanes` (the padded planes, or a 2x2, 4x4 or 8x8
+    map's patches), or None where the layer keeps its quads: a strided conv, a 1x1 other than
+    MAX_POINTWISE_POSITIONS says, a map under 7x7 other than 2x2 and 4x4, or quads that hold MAX_FILL or more
+    nonzeros."""
     if tuple(geo.stride) not in ((1, 1), (2, 2)) or quad_fill(weight) >= MAX_FILL:
         return None
     positions = geo.oh * geo.ow
@@ -66,6 +68,8 @@ def geometry(weight: np.ndarray, geo):
         return run if geo.r * geo.s > 1 and gathered_inputs.patches_fit(run) else None
     if geo.r * geo.s == 1:  # (not below 7x7: a squeeze-excitation's 1x1s on a 1x1 map stay quads)
         reduces = geo.c >= 2 * geo.k and positions <= MAX_POINTWISE_POSITIONS
+        if lanes != gathered_ops.LANES:  # AVX2: every one (resnet50 unstructured 90% int8, 1.041x [1.035-1.113])
+            return geo if positions >= MIN_POSITIONS else None
         return geo if positions >= MIN_POSITIONS and (reduces or positions < 64) else None
     return geo if positions >= MIN_POSITIONS else None
 
@@ -76,7 +80,7 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     wq, wscale = quantize_weight(weight)
     comp, out_scale = epilogue_consts(wq, wscale, act)
     extra, flags = rw.epilogue_args(ep)
-    shape = gathered_ops.plan(run)
+    shape = gathered_ops.plan(run, rw.gather)
     rows = gathered_ops.gathered_rows(wq, run, shape.tile)
     # a squeeze-excitation's x * g feeding a 1x1: the pad stage quantises x * g itself (the product's own pass
     # and its fp32 output spared: efficientnet_b0@224's gathered project convs)
@@ -104,7 +108,7 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     cropped = out.fused and not run.patches and into is None
     dims = ([geo.n, into.channels * into.plane] if into is not None else
             [geo.n, geo.k, geo.oh, geo.ow] if out.fused and not cropped else [geo.n, geo.k, shape.q])
-    kernel = gathered_ops.gathered_conv(geo.n, length, rows, shape.q, shape.unroll, out, tuple(dims))
+    kernel = gathered_ops.gathered_conv(geo.n, length, rows, shape.q, shape.unroll, out, tuple(dims), shape.lanes)
     consts = [relax.const(a) for a in (rows.data, rows.off, rows.glen, comp, out_scale)]
     call = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(kernel, "sparse_conv2d_gathered"),
                                            [flat, *consts, bias], relax.TensorType(dims, out.dtype)))
@@ -145,8 +149,8 @@ def into_planes(rw, readers: dict) -> dict:
                 or tuple(prun.stride) != (1, 1) or tuple(crun.stride) != (1, 1)):
             continue
         pt, pl = crun.padding[:2]
-        into = gathered_ops.IntoPlanes(pt * crun.wq + pl, crun.channel_plane, gathered_ops.plan(crun).channels,
-                                       prun.oh, prun.ow, prun.wq)
-        if into.fits(gathered_ops.plan(prun).q, prun.k):
+        into = gathered_ops.IntoPlanes(pt * crun.wq + pl, crun.channel_plane,
+                                       gathered_ops.plan(crun, rw.gather).channels, prun.oh, prun.ow, prun.wq)
+        if into.fits(gathered_ops.plan(prun, rw.gather).q, prun.k):
             out[src] = into
     return out

@@ -41,7 +41,7 @@ INTERLEAVE = True  # llvm: quad rows stored by register tiles (formats.interleav
 NARROW_ROWS = True  # llvm, AVX-512: a stride-1 8x8 map in rows of 8 lanes (ConvGeometry.with_row_domain)
 WIDE_OUTPUTS = True  # llvm: a chained output only a relaying conv reads is written in the producer's flat domain
 FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
-GATHERED = True  # llvm with VNNI and VBMI: stride-1 layers whose quads hold few nonzeros run gathered quads
+GATHERED = True  # llvm with VNNI and VBMI, or AVX2: layers whose quads hold few nonzeros run gathered quads
 GATHERED_FORMAT = "int8g4"  # (_gathered_int8, ops.sparse_int8_gathered; design.md item 38)
 INTO_PLANES = True  # a gathered padded-planes layer writes uint8 into the next one's planes (design.md item 40)
 # llvm without VNNI (AVX2's vpmaddubsw): a conv whose quads would hold under 2 nonzeros stays fp32; there its int8
@@ -67,7 +67,7 @@ class _Int8Rewriter(ConvChainRewriter):
     allow_act = False  # the int8 epilogue requantises after a plain ReLU; a ReLU6 or SiLU stays its own op
     kind = "llvm"  # the target kind (Int8LayerPass sets it)
     lanes = 16  # and the int8 kernel's vector lanes
-    gather = False  # and whether it runs gathered_conv (AVX-512 VNNI and VBMI)
+    gather = 0  # and the lanes it runs gathered_conv in (16: AVX-512 VNNI and VBMI, 8: AVX2; 0: none)
     saturating = False  # and whether it converts and narrows in one instruction each (ActQuant.saturating)
     pmadd = False  # and whether its int8 is AVX2's (no VNNI: SCATTERED_FP32)
     capped: dict = {}  # plan(): the convs a ReLU6 or SiLU follows (CAPPED_FP32), never mutated
@@ -84,8 +84,8 @@ class _Int8Rewriter(ConvChainRewriter):
         if name in self.capped:
             self.names.capped_int8[name] = self.capped[name]
             return None
-        if SCATTERED_FP32 and (self.pmadd or name in self.fed_fp32) and \
-                (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL:
+        if SCATTERED_FP32 and (self.pmadd and self.gathered_geometry(weight, geo) is None or name in self.fed_fp32) \
+                and (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL:
             self.names.fp32_int8[name] = round(fill, 3)
             return None
         return name, ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating)
@@ -179,7 +179,7 @@ class _Int8Rewriter(ConvChainRewriter):
         """The geometry a gathered kernel runs the conv at, or None where it keeps its quads."""
         if not (GATHERED and self.gather and geo is not None):
             return None
-        return _gathered_int8.geometry(weight, geo)
+        return _gathered_int8.geometry(weight, geo, self.gather)
 
     def rewrite(self, conv, weight, geo, ep):
         taken = self.act_of(conv, weight, geo)
@@ -208,7 +208,7 @@ class _Int8Rewriter(ConvChainRewriter):
         x = self.visit_expr(conv.args[0])
         if self.kind == "llvm":  # a relay's byte shuffle where the pad stage would write byte by byte
             x = _quad_inputs.conv_input(self.builder_, x, geo, run, sub, act, rows.pad_quads,
-                                        self.wide.get(conv.args[0], 0), self.lanes, self.gather)
+                                        self.wide.get(conv.args[0], 0), self.lanes, self.gather == gathered_ops.LANES)
         tile = interleave_tile(geo.k, run.q_extent, self.lanes, run.ow if run.row_domain else 0) \
             if self.kind == "llvm" and INTERLEAVE else 0
         # small maps: quad rows sorted by length, as SparsifyConv2d sorts fp32 rows; not a wide output (its
@@ -350,7 +350,7 @@ class Int8LayerPass:
     def __init__(self, ranges: dict, target: Target, names: LayerNames | None = None, report: list | None = None):
         self.ranges, self.qmax, self.kind = dict(ranges), act_qmax(target), target.kind.name
         self.lanes = cpu_vector_lanes(target)[0] if self.kind == "llvm" else 0  # the int8 kernel's vector
-        self.gather = gathered_ops.gathers(target)
+        self.gather = gathered_ops.gather_lanes(target)
         self.pmadd = self.kind == "llvm" and int8_kind(target) == "pmadd"
         self.saturating = self.kind == "llvm" and not self.pmadd  # VNNI (AVX-512): vcvtps2dq, vpmovusdb
         self.names = names if names is not None else LayerNames()

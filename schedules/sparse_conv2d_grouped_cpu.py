@@ -145,7 +145,7 @@ def _schedule_row_lanes(sch: s_tir.Schedule, func: tirx.PrimFunc, lanes: int, ti
     init = sch.decompose_reduction(block, j)
     sch.vectorize(sch.split(sch.fuse(*sch.get_loops(init)[-2:]), [None, lanes])[1])
     sch.vectorize(sch.split(sch.fuse(*sch.get_loops(acc)[-2:]), [None, lanes])[1])
-    sch.tensorize(qi, row_lanes_intrin(p, v, offset_dtype(sch, block)))
+    sch.tensorize(r if p == 1 else qi, row_lanes_intrin(p, v, offset_dtype(sch, block)))  # p 1: AVX2, v 8
     sch.unroll(qo)
     sch.unroll(gii)
     schedule_epilogue_cpu(sch)

@@ -19,6 +19,38 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 
+def _desc_one(v: int, offset: str):
+    """P = 1 (AVX2's 8 lanes over 8 rows): the position loop of extent 1 is not in the block being tensorized, so
+    the description has the row loop only."""
+    @T.prim_func(s_tir=True)
+    def desc(x: T.handle, o: T.handle, w: T.handle, c: T.handle) -> None:
+        X = T.match_buffer(x, (1,), "float32", offset_factor=1)
+        O = T.match_buffer(o, (1,), offset, offset_factor=1)  # noqa: E741 (the block's offset read)
+        W = T.match_buffer(w, (v,), "float32", offset_factor=1)
+        C = T.match_buffer(c, (v,), "float32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:v], W[0:v], X[0:1], O[0:1])
+            T.writes(C[0:v])
+            for r in T.serial(0, v):
+                with T.sblock("update"):
+                    vr = T.axis.remap("S", [r])
+                    T.reads(C[vr], W[vr], X[0], O[0])
+                    T.writes(C[vr])
+                    C[vr] = C[vr] + W[vr] * X[0]
+
+    @T.prim_func(s_tir=True)
+    def impl(X: T.Buffer((1,), "float32", offset_factor=1), O: T.Buffer((1,), offset, offset_factor=1),
+             W: T.Buffer((v,), "float32", offset_factor=1),
+             C: T.Buffer((v,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:v], W[0:v], X[0:1], O[0:1])
+            T.writes(C[0:v])
+            C.vstore([0], C.vload([0], dtype=f"float32x{v}") + W.vload([0], dtype=f"float32x{v}")
+                     * T.Broadcast(X[0], v))
+
+    return desc, impl
+
+
 def _desc(p: int, v: int, offset: str):
     @T.prim_func(s_tir=True)
     def desc(x: T.handle, o: T.handle, w: T.handle, c: T.handle) -> None:
@@ -65,7 +97,8 @@ def intrin(p: int, v: int, offset: str = "int32") -> str:
     """The registered name of the intrinsic for P positions x V rows and offsets stored as `offset` (int32 or
     uint16), registering it on first use (see x86_int8.intrin: TVMScript parsing is slow once torch is loaded)."""
     name = f"unsparse_f32_row_lanes_{p}x{v}_{offset}"
-    TensorIntrin.register(name, _desc(p, v, offset), _impl(p, v, offset), override=True)
+    TensorIntrin.register(name, *(_desc_one(v, offset) if p == 1 else (_desc(p, v, offset), _impl(p, v, offset))),
+                          override=True)
     return name
 
 

@@ -392,6 +392,7 @@ def test_bench_says_when_int8_execution_is_the_fp32_model(tmp_path, capsys, monk
     monkeypatch.delenv(ONEDNN_ISA, raising=False)  # bench holds the peers to AVX2 for its process: restored after
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.SCATTERED_FP32", True)  # conftest's default: off
     monkeypatch.setattr("unsparse_tvm.relay_passes._gathered_int8.MAX_FILL", 5.0)
+    monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.GATHERED", False)  # nor gathered (AVX2 has them)
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8_dense.LANES", False)  # its linear left fp32 too
     quant = tmp_path / "q.pt2"
     assert main(["prune", "smallcnn", "--sparsity", "0.9", "-o", str(tmp_path / "p.pt2")]) == 0

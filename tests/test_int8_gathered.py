@@ -1,6 +1,7 @@
 """Gathered quads (relay_passes/_gathered_int8.py, ops.sparse_int8_gathered): the layers whose quads hold few
-nonzeros take any 4 nonzeros of a row per vpdpbusd. The same integers as the quads, so the same outputs bit for
-bit; run where the host has AVX-512 VNNI and VBMI, compiled and read as assembly elsewhere."""
+nonzeros take any 4 nonzeros of a row per vpdpbusd (AVX2: vpmaddubsw + vpmaddwd). The same integers as the quads,
+so the same outputs bit for bit; run where the host has AVX-512 VNNI and VBMI or AVX2 without AVX-512, compiled
+and read as assembly elsewhere."""
 
 import numpy as np
 import pytest
@@ -11,9 +12,14 @@ from conftest import compile_int8, cpu_target, int8_ready
 
 
 def _gathers_here() -> bool:
+    """Whether the host runs the gathered kernels: AVX-512 VNNI and VBMI (16 lanes), or AVX2 without AVX-512 (8)."""
     from unsparse_tvm.hostcpu import host_features
 
-    return {"avx512vnni", "avx512vbmi"} <= set(host_features())
+    have = set(host_features())
+    return {"avx512vnni", "avx512vbmi"} <= have or ("avx2" in have and "avx512f" not in have)
+
+
+NOT_HERE = "the host runs no gathered kernel (AVX-512 without VNNI and VBMI; see the assembly tests)"
 
 
 class SmallMaps(nn.Module):
@@ -55,7 +61,7 @@ def _gathered_and_quads(model, shape, llvm, monkeypatch, gathered: tuple, seed: 
     from unsparse_tvm.ops.sparse_int8_gathered import gathers
 
     if not gathers(llvm):
-        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
+        pytest.skip("the target (UNSPARSE_MCPU) has AVX-512 without VNNI and VBMI: no gathered kernels")
     ranges = int8_ready(model, shape, 0.85)
     report, run = compile_int8(model, shape, ranges, llvm)
     formats = _formats(report)
@@ -70,7 +76,7 @@ def _gathered_and_quads(model, shape, llvm, monkeypatch, gathered: tuple, seed: 
     return run, ranges, x
 
 
-@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.skipif(not _gathers_here(), reason=NOT_HERE)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gathered_layers_are_the_quads_integers(batch, llvm, monkeypatch):
     from unsparse_tvm.schedules.x86_int8 import act_qmax
@@ -104,12 +110,14 @@ class Pointwise(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.skipif(not _gathers_here(), reason=NOT_HERE)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_pointwise_and_small_maps_gathered_are_the_quads_integers(batch, llvm, monkeypatch):
-    torch.manual_seed(3 + batch)  # the expanding 1x1 and the linear layer keep their quads
+    from unsparse_tvm.ops.sparse_int8_gathered import gather_lanes
+
+    torch.manual_seed(3 + batch)  # the expanding 1x1 (but on AVX2: every 1x1) and the linear layer keep their quads
     _gathered_and_quads(Pointwise().eval(), (batch, 64, 14, 14), llvm, monkeypatch,
-                        ("reduce", "mid", "small", "widen"), batch)
+                        ("reduce", "mid", "small", "widen") + (("expand",) if gather_lanes(llvm) == 8 else ()), batch)
 
 
 @pytest.mark.parametrize("hw", [1, 4])
@@ -150,7 +158,7 @@ class Strided(nn.Module):
         return self.fc(torch.relu(self.mid(y)).mean((2, 3)))
 
 
-@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.skipif(not _gathers_here(), reason=NOT_HERE)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_strided_layers_gathered_are_the_quads_integers(batch, llvm, monkeypatch):
     torch.manual_seed(21 + batch)
@@ -175,7 +183,7 @@ class PlanesChain(nn.Module):
         return self.fc(y.flatten(1))
 
 
-@pytest.mark.skipif(not _gathers_here(), reason="the host lacks AVX-512 VNNI or VBMI (see the assembly test)")
+@pytest.mark.skipif(not _gathers_here(), reason=NOT_HERE)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_padded_planes_written_into_the_next_layers_planes(batch, llvm, monkeypatch):
     """A padded-planes layer writes straight into the next one's planes (IntoPlanes; design.md item 40): the
@@ -185,7 +193,7 @@ def test_padded_planes_written_into_the_next_layers_planes(batch, llvm, monkeypa
     from unsparse_tvm.relay_passes import _gathered_int8
 
     if not gathers(llvm):
-        pytest.skip("the target (UNSPARSE_MCPU) lacks AVX-512 VNNI or VBMI")
+        pytest.skip("the target (UNSPARSE_MCPU) has AVX-512 without VNNI and VBMI: no gathered kernels")
     found = []
     real = _gathered_int8.into_planes
     monkeypatch.setattr(_gathered_int8, "into_planes", lambda rw, readers: found.append(real(rw, readers)) or found[-1])
@@ -253,6 +261,35 @@ def test_gathered_kernels_compile_to_gathers_for_znver4():
         assert (plan.unroll == 4) == (h == 8) and ("vpunpcklbw" in conv_asm and "vpunpckhwd" in conv_asm) == (h == 8)
 
 
+def test_gathered_kernels_compile_to_pair_multiply_adds_for_haswell():
+    """On any host: built for an AVX2-only CPU the kernels run in ymm (8 lanes) with vpmaddubsw + vpmaddwd for the
+    vpdpbusd, the 4 vectors' inputs interleaved by unpacks; no AVX-512 instruction (it would be SIGILL there)."""
+    import dataclasses
+
+    import tvm
+
+    from unsparse_tvm.ops import sparse_int8_gathered as g
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant
+
+    haswell = cpu_target("haswell")
+    assert g.gather_lanes(haswell) == 8 and g.gather_lanes(cpu_target("znver4")) == 16
+    assert g.gather_lanes(cpu_target("skylake-avx512")) == 0  # AVX-512 without VNNI keeps the quads
+    rng = np.random.default_rng(4)
+    for h, patches in ((4, True), (8, True), (16, False)):
+        geo = dataclasses.replace(ConvGeometry(1, 32, h, h, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), patches=patches)
+        wq = np.where(rng.random((16, 32, 3, 3)) < 0.1, rng.integers(-127, 128, (16, 32, 3, 3)), 0).astype(np.int8)
+        plan = g.plan(geo, 8)
+        rows = g.gathered_rows(wq, geo, plan.tile)
+        conv = g.gathered_conv(1, plan.input_length(geo), rows, plan.q, plan.unroll,
+                               g.WriteBack(patches, True, ActQuant(0.1, 0, 127) if patches else None), lanes=8)
+        asm = tvm.compile(tvm.IRModule({"conv": conv.with_attr("global_symbol", "conv")}),
+                          target=haswell).mod.inspect_source("asm")
+        assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "%ymm" in asm, h
+        assert "%zmm" not in asm and "vpdpbusd" not in asm and "vpermb" not in asm, h
+        assert (plan.unroll == 4) == (h != 4) and ("vpunpcklbw" in asm and "vpunpckhwd" in asm) == (h != 4), h
+
+
 def test_without_vnni_scattered_convs_stay_fp32_and_say_so(monkeypatch, capsys):
     """AVX2 code (no VNNI): a conv whose int8 quads would hold under 2 nonzeros runs fp32 (there its int8 ran
     0.49-0.95x fp32), named in one note; quads that fill (channel4) still run int8. Compiled for Haswell on any
@@ -303,12 +340,12 @@ def test_layers_left_fp32_run_fp32_kernels_not_the_weight_quantised_ones(monkeyp
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.SCATTERED_FP32", True)  # the suite turns it off
     torch.manual_seed(9)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(16 * 64, 10)).eval()
+                        nn.Flatten(), nn.Linear(16 * 36, 10)).eval()  # 6x6 maps: no gathered kernel takes them
     net = unsparse_tvm.prune(net, 0.9)
     with torch.no_grad():  # the second conv in whole quads of 4 input channels: it stays int8
         quads = (torch.rand(16, 4, 1, 3, 3) < 0.3).expand(16, 4, 4, 3, 3).reshape(16, 16, 3, 3)
         net[2].weight.copy_(net[2].weight.abs().add(0.1) * quads.float())
-    x = torch.randn(1, 3, 8, 8)
+    x = torch.randn(1, 3, 6, 6)
     unsparse_tvm.quantize(net, "int8", activations="int8", calibration_data="random", example_input=x)
     monkeypatch.setenv("UNSPARSE_MCPU", "haswell")
     model = unsparse_tvm.compile(net, example_input=x, threshold=0.5)
@@ -381,7 +418,9 @@ def test_scattered_quads_on_an_fp32_input_stay_fp32(monkeypatch, capsys):
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.FED_FP32", False)  # the negative control
     control = compile_program(export_program(model, shape), cpu_target("znver4"), threshold=0.5, activations=ranges)
     assert _formats(control.report)["6"] == "int8q4" and not control.fp32_int8
-    if _gathers_here():
+    from unsparse_tvm.target import runnable_here
+
+    if runnable_here(cpu_target("znver4")) is None:  # (None: this CPU runs Zen 4's code)
         import tvm
         from tvm import relax
 

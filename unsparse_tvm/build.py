@@ -123,7 +123,7 @@ def print_report(compiled: Compiled) -> None:
         fills = compiled.fp32_int8.values()
         print(f"note: {len(fills)} layer(s) with an int8 range run fp32 ({', '.join(compiled.fp32_int8)}): their "
               f"int8 quads would hold {min(fills):.2f}-{max(fills):.2f} of 4 nonzeros, where fp32 runs faster (convs "
-              "without VNNI, or on an fp32 input outside the gathered kernel's maps); prune --method channel4 fills "
+              "outside the gathered kernel's maps without VNNI, or on an fp32 input); prune --method channel4 fills "
               "the quads")
     if compiled.fp32_capped:
         acts = "/".join(sorted(set(compiled.fp32_capped.values())))

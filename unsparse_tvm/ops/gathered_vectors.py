@@ -1,7 +1,7 @@
 """The vectors of the gathered-quads kernel (sparse_int8_gathered.gathered_conv): a group's 4 nonzeros' input bytes
 interleaved so that each 32-bit lane holds one position of all 4, the group's weights as one dword in every lane,
-and the dot product that sums them into int32 lanes: one `vpdpbusd` (AVX-512 VNNI); every int8 kernel's x86 dot
-product (`dot_product`)."""
+and the dot product that sums them into int32 lanes: one `vpdpbusd` (AVX-512 VNNI; on AVX2 `vpmaddubsw` +
+`vpmaddwd`); every int8 kernel's x86 dot product (`dot_product`)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,30 @@ def gathered_inputs(xf, off, start, unit: int, at, lanes: int):
     return T.Shuffle([xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, lanes)] for v in range(GROUP)], order)
 
 
+@cache
+def paired_patterns(lanes: int) -> tuple:
+    """AVX2 (8 lanes), two vectors from 16 bytes a nonzero: (lo8, hi8, order). With A = (x0 | x2) and B = (x1 | x3)
+    (16-byte halves), lo8/hi8 are the byte unpacks per 128-bit block (vpunpck{l,h}bw: positions 0-7 / 8-15 as words
+    of nonzeros 0,1 in the low block, 2,3 in the high one) and order the one-input shuffle that makes dword i of
+    the result position i's 4 bytes (vpermq + vpshufb)."""
+    lo8, hi8, _, _ = unpack_patterns(lanes)
+    # an unpacked vector's byte (block b, position j, nonzero v % 2) at 16b + 2j + v % 2, nonzeros 2b, 2b + 1
+    order = [16 * (v // 2) + 2 * i + v % 2 for i in range(lanes) for v in range(GROUP)]
+    return lo8, hi8, order
+
+
+def paired_inputs(xf, off, start, unit: int, at, u, lanes: int):
+    """uint8 x 4*lanes: vector u (positions u*lanes ..) of a group's 4 nonzeros' 2*lanes bytes from `start` (each
+    nonzero's 16 in one load), lane i holding position u*lanes + i of all 4 (paired_patterns). LLVM's lowering of
+    gathered_inputs' one shuffle of four 8-byte loads took ~12 instructions a vector; this ~5."""
+    from tvm.script import tirx as T
+
+    lo8, hi8, order = paired_patterns(lanes)
+    x = [xf[T.Ramp(start + T.Cast("int32", off[at + v]) * unit, 1, 2 * lanes)] for v in range(GROUP)]
+    a, b = T.Shuffle([x[0], x[2]], list(range(4 * lanes))), T.Shuffle([x[1], x[3]], list(range(4 * lanes)))
+    return pick(u, [T.Shuffle([T.Shuffle([a, b], half)], order) for half in (lo8, hi8)])
+
+
 def quad_weights(df, at, lanes: int):
     """int8 x 4*lanes: a group's 4 weights as one dword in every lane."""
     from tvm.script import tirx as T
@@ -85,19 +109,23 @@ def quad_weights(df, at, lanes: int):
                          dtype=f"int8x{4 * lanes}")
 
 
-def tiny_inputs(xi, off, start, at):
-    """uint8x64: the 16 four-byte patches a tile of 4 rows' group reads (xi: the input as int32), transposed per
-    128-bit lane. 16 scalar loads: one `vpgatherdd` of them ran 94 us where these run 63 (512x512 3x3 at 90% on
-    2x2, alone; Zen 4's gathers take about 12 cycles, its loads 3 a cycle)."""
+def tiny_inputs(xi, off, start, at, lanes: int = 16):
+    """uint8 x 4*lanes: the `lanes` four-byte patches that lanes/4 rows' group reads (xi: the input as int32; 16
+    lanes: a tile of 4 rows, 8: half of one), transposed per 128-bit lane. 16 scalar loads: one `vpgatherdd` of
+    them ran 94 us where these run 63 (512x512 3x3 at 90% on 2x2, alone; Zen 4's gathers take about 12 cycles,
+    its loads 3 a cycle)."""
     from tvm.script import tirx as T
 
-    patches = T.Shuffle([xi[start + T.Cast("int32", off[at + i])] for i in range(16)], list(range(16)))
-    return T.Shuffle([T.reinterpret(patches, dtype="uint8x64")], TRANSPOSE)
+    patches = T.Shuffle([xi[start + T.Cast("int32", off[at + i])] for i in range(lanes)], list(range(lanes)))
+    return T.Shuffle([T.reinterpret(patches, dtype=f"uint8x{4 * lanes}")], TRANSPOSE[:4 * lanes])
 
 
-def dot(acc, x, w, lanes: int = 16):
-    """acc + the 4-byte dot products of x (uint8) and w (int8) per int32 lane: one vpdpbusd."""
-    return dot_product("vnni", lanes)(acc, x, w)
+def tiny_weights(df, at, lanes: int = 16):
+    """int8 x 4*lanes: the lanes/4 rows' group weights from `at` (4 a row), row r's 4 in each dword of 128-bit
+    lane r."""
+    from tvm.script import tirx as T
+
+    return T.Shuffle([df[T.Ramp(at, 1, lanes)]] * 4, SPREAD[:4 * lanes])
 
 
 def dot_product(kind: str, lanes: int):

@@ -14,7 +14,9 @@ byte per position per nonzero is read where fp32 reads 4, and every dot product 
   epilogue  on the padded planes: sparse_int8.int8_epilogue (dequantise, bias, residual, ReLU, requantise),
             cropped to [N, K, OH, OW]
 A 2x2 map (4 positions) puts 4 rows x 4 positions in a vector, each group's 16 four-byte patches loaded one by
-one (gathered_conv, unroll 0). Needs AVX-512 VNNI and VBMI (`gathers`); stride 1 only.
+one (gathered_conv, unroll 0). In zmm (16 lanes) with AVX-512 VNNI and VBMI; in ymm (8 lanes) on AVX2, with
+`vpmaddubsw` + `vpmaddwd` for the vpdpbusd, a 4x4 map's inputs by paired 16-byte loads and a 2x2 map's tiles in two
+vectors (design.md item 61): `gather_lanes`.
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import tirx
 
-from .gathered_vectors import (GROUP, SPREAD, SPREAD_ROWS, TINY, dot, gathered_inputs, quad_weights, tiny_inputs,
-                               unpacked_inputs, unpacked_sums)
+from .gathered_vectors import (GROUP, SPREAD_ROWS, TINY, dot_product, gathered_inputs, paired_inputs, quad_weights,
+                               tiny_inputs, tiny_weights, unpacked_inputs, unpacked_sums)
 from .geometry import ConvGeometry
 from .int8_formats import ActQuant
 from .sparse_int8 import quantize
 
-LANES = 16  # output positions per vector (int32 lanes of a zmm)
+LANES = 16  # output positions per vector (int32 lanes of a zmm); AVX2: 8 (gather_lanes)
 # rows x vectors held in registers per tile, of 32 zmm (with 4 inputs, the weights and the index): 16, not 8, ran
 # resnet50's 7x7 layers in 8-row tiles, 0.237 -> 0.194 ms (1x1 2048 -> 512), 0.310 -> 0.277 (3x3); end to end
 # resnet50 unstructured int8 15.02 -> 14.67 ms, vgg16-cifar 1.012 -> 0.997
 MAX_ACCUMULATORS = 16
+# AVX2 has 16 ymm, and its dot product a temporary more (the int16 pairs): 4 vectors a tile in one row (a row's 4
+# loads and 4 unpacked vectors take the rest; in 2-row tiles vgg16-cifar's 16x16 3x3s ran 0.089 / 0.169 ms, in
+# one 0.060 / 0.105, its stem 0.039 -> 0.029), 2 vectors in tiles of 4 rows (its 4x4 maps: 2 rows 0.218 ms, 4 0.182)
+MAX_ACCUMULATORS_YMM = {4: 4, 2: 8, 1: 8}  # by vectors a tile
 # 4 vectors a tile, each nonzero's 64 bytes in one load, interleaved by unpacks (gathered_vectors): vgg16-cifar's
 # 32x32 3x3 0.086 -> 0.067 ms, resnet50's 56x56 3x3s 0.27-0.30 -> 0.21-0.23, where 16-byte loads put side by side
 # and a vpermb took 4 loads and 4 shuffles a vector
@@ -67,6 +73,7 @@ class GatheredPlan:
     unroll: int
     q: int
     channels: int
+    lanes: int = LANES
 
     def input_length(self, geo: ConvGeometry) -> int:
         return self.channels * geo.channel_plane
@@ -127,21 +134,22 @@ def quantize_lanes(v, act: ActQuant, lanes: int, relu: bool = False):
     return quantize(v, act, relu, lanes)
 
 
-def plan(geo: ConvGeometry) -> GatheredPlan:
-    """Vectors per row tile: 4 where the domain has them (rounded up to whole tiles), else 2 or 1, and
+def plan(geo: ConvGeometry, lanes: int = LANES) -> GatheredPlan:
+    """Vectors of `lanes` per row tile: 4 where the domain has them (rounded up to whole tiles), else 2 or 1, and
     rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
     positions as patches: tiles of 4 rows x 4 positions (unroll 0)."""
     positions = geo.q_extent if geo.patches else geo.oh * geo.wq
     if geo.patches and positions == TINY:
-        return GatheredPlan(TINY, 0, TINY, geo.c)
-    vectors = -(-positions // LANES)
+        return GatheredPlan(TINY, 0, TINY, geo.c, lanes)
+    vectors = -(-positions // lanes)
     # 4 wherever there are 4 (UNPACKED), even where pairs would throw fewer away: 2 a tile ran a 14x14 3x3 in 0.35 ms
     # as 14 vectors, not 16, but 4 unpacked run it in 0.24 (an 8x8 map 0.099 -> 0.072, a 7x7 3x3 0.285 -> 0.210)
     unroll = 4 if vectors >= 4 and UNPACKED else 2 if vectors >= 2 else 1
-    tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= MAX_ACCUMULATORS)
-    q = -(-vectors // unroll) * unroll * LANES
+    most = MAX_ACCUMULATORS if lanes == LANES else MAX_ACCUMULATORS_YMM[unroll]
+    tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= most)
+    q = -(-vectors // unroll) * unroll * lanes
     reach = int(geo.column_offsets().max()) * geo.offset_unit + q  # bytes past the last stored offset read
-    return GatheredPlan(tile, unroll, q, max(geo.c, -(-reach // geo.channel_plane)))
+    return GatheredPlan(tile, unroll, q, max(geo.c, -(-reach // geo.channel_plane)), lanes)
 
 
 def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
@@ -171,25 +179,29 @@ def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
 
 
 def _lane_consts(bufs, row, tiny: bool, lanes: int = LANES) -> list:
-    """The epilogue's constants per lane: row `row`'s in all lanes (tiny: rows row..row+3's, 4 lanes each), + lanes."""
+    """The epilogue's constants per lane: row `row`'s in all lanes (tiny: rows row.. row+lanes/4-1's, 4 lanes
+    each), + lanes."""
     from tvm.script import tirx as T
 
-    if tiny:
-        return [T.Shuffle([buf[T.Ramp(row, 1, TINY)]] * TINY, SPREAD_ROWS) for buf in bufs] + [16]
+    if tiny:  # lanes // TINY rows, TINY positions each
+        return [T.Shuffle([buf[T.Ramp(row, 1, lanes // TINY)]] * TINY, SPREAD_ROWS[:lanes]) for buf in bufs] + [lanes]
     return [T.Broadcast(buf[row], lanes) for buf in bufs] + [lanes]
 
 
 def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out: WriteBack = WriteBack(),
-                  out_shape: tuple | None = None) -> tirx.PrimFunc:
+                  out_shape: tuple | None = None, lanes: int = LANES) -> tirx.PrimFunc:
     """conv[n, k, p] = sum of row k's x[n, off + p] * w, p < q (x: [N, length]), written as `out` says (comp, scale,
-    bias: the epilogue's); unroll 0: a 2x2 map's 4 rows x 4 positions (module doc)."""
+    bias: the epilogue's), in vectors of `lanes` int32 (16: vpdpbusd; 8: AVX2's pair of multiply-adds); unroll 0:
+    a 2x2 map's 4 rows x 4 positions (module doc)."""
     from tvm.script import tirx as T
 
     wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
-    chunks, acc_len = (1, 32) if tiny else (q // (LANES * unroll), tile * unroll * LANES)
-    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, LANES)
+    dot = dot_product("vnni" if lanes == LANES else "pmadd", lanes)
+    chunks, acc_len = q // max(lanes * unroll, 1), tile * unroll * lanes
+    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, lanes)
     group = lambda b, j, r: ((b % tiles * groups + j) * tile + r) * GROUP  # noqa: E731  tile b's group j, row r
+    tiny_pairs = _tiny_pairs(n, k, length, groups, pairs, lanes, out, dot) if tiny else None
 
     @T.prim_func(s_tir=True)
     def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"), off: T.Buffer(wshape, off_dtype),
@@ -203,42 +215,60 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
             of = T.decl_buffer((tiles * groups * tile * GROUP,), off_dtype, data=off.data)
             cf = T.decl_buffer((n * pitch * plane,), out.dtype, data=conv.data)
             if tiny:
-                for b in T.parallel(n * pairs):  # (image, pair of row tiles)
-                    acc = T.decl_buffer((acc_len,), "int32", scope="local")
-                    for h in T.unroll(2):
-                        acc[T.Ramp(h * 16, 1, 16)] = T.Broadcast(T.int32(0), 16)
-                    for j in range(T.max(glen[b % pairs * 2], glen[b % pairs * 2 + 1])):
-                        for h in T.unroll(2):
-                            acc[T.Ramp(h * 16, 1, 16)] = dot(acc[T.Ramp(h * 16, 1, 16)], tiny_inputs(
-                                xi, of, b // pairs * length // TINY, ((b % pairs * 2 + h) * groups + j) * 16),
-                                T.Shuffle([df[T.Ramp(((b % pairs * 2 + h) * groups + j) * 16, 1, 16)]] * 4, SPREAD))
-                    for h in T.unroll(2):
-                        cf[T.Ramp((b // pairs * k + (b % pairs * 2 + h) * TINY) * TINY, 1, 16)] = out.value(
-                            acc[T.Ramp(h * 16, 1, 16)],
-                            *_lane_consts((comp, scale, bias), (b % pairs * 2 + h) * TINY, True))
+                tiny_pairs(xi, df, of, glen, comp, scale, bias, cf)
             else:
                 for b in T.parallel(n * tiles):  # (image, row tile)
                     for ch in range(chunks):
                         acc = T.decl_buffer((acc_len,), "int32", scope="local")
                         for i in T.unroll(tile * unroll):
-                            acc[T.Ramp(i * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+                            acc[T.Ramp(i * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
                         for j in range(glen[b % tiles]):
                             for r in T.unroll(tile):
                                 for u in T.unroll(unroll):
-                                    at = T.Ramp((r * unroll + u) * LANES, 1, LANES)
-                                    acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * LANES,
+                                    at = T.Ramp((r * unroll + u) * lanes, 1, lanes)
+                                    acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * lanes,
                                                                   rows.unit, group(b, j, r), u),
-                                                  quad_weights(df, group(b, j, r), LANES), LANES)
+                                                  quad_weights(df, group(b, j, r), lanes))
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
                                 row = b % tiles * tile + r
-                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * LANES, 1,
-                                          LANES)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
-                                                                                             row, False, LANES))
+                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * lanes, 1,
+                                          lanes)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
+                                                                                             row, False, lanes))
                     if padding is not None:  # the zero point over the padding, after the tile's rows went in
                         padding(cf, b)
 
     return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
+
+
+def _tiny_pairs(n: int, k: int, length: int, groups: int, pairs: int, lanes: int, out: WriteBack, dot):
+    """gathered_conv's body for a 2x2 map (unroll 0), as a macro: per (image, pair of row tiles) 2 tiles of 4 rows x
+    4 positions, each 16 / lanes vectors (rows s*lanes/4.. in vector s), every group's 4 nonzeros per row."""
+    from tvm.script import tirx as T
+
+    halves = TINY * TINY // lanes  # vectors a tile takes (1 zmm, 2 ymm)
+    at = lambda h, s: T.Ramp((h * halves + s) * lanes, 1, lanes)  # noqa: E731  tile h's vector s in acc
+    entries = lambda b, h, j, s: ((b % pairs * 2 + h) * groups + j) * 16 + s * lanes  # noqa: E731  what it reads
+
+    @T.macro
+    def body(xi, df, of, glen, comp, scale, bias, cf):
+        for b in T.parallel(n * pairs):  # (image, pair of row tiles)
+            acc = T.decl_buffer((2 * TINY * TINY,), "int32", scope="local")
+            for i in T.unroll(2 * halves):
+                acc[T.Ramp(i * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+            for j in range(T.max(glen[b % pairs * 2], glen[b % pairs * 2 + 1])):
+                for h in T.unroll(2):
+                    for s in T.unroll(halves):
+                        acc[at(h, s)] = dot(acc[at(h, s)], tiny_inputs(xi, of, b // pairs * length // TINY,
+                                                                     entries(b, h, j, s), lanes),
+                                            tiny_weights(df, entries(b, h, j, s), lanes))
+            for h in T.unroll(2):
+                for s in T.unroll(halves):
+                    cf[T.Ramp((b // pairs * k + (b % pairs * 2 + h) * TINY) * TINY + s * lanes, 1, lanes)] = \
+                        out.value(acc[at(h, s)], *_lane_consts(
+                            (comp, scale, bias), (b % pairs * 2 + h) * TINY + s * lanes // TINY, True, lanes))
+
+    return body
 
 
 def _loads(unroll: int, lanes: int) -> tuple:
@@ -250,6 +280,9 @@ def _loads(unroll: int, lanes: int) -> tuple:
     if unroll == 4 and UNPACKED:
         return (lambda xf, off, start, unit, at, u: unpacked_inputs(xf, off, start, unit, at, u, lanes),
                 lambda acc, r, u: unpacked_sums(acc, r, u, lanes))
+    if unroll == 2 and lanes == 8:  # AVX2: 16 bytes a nonzero, unpacked and permuted into 2 vectors
+        return (lambda xf, off, start, unit, at, u: paired_inputs(xf, off, start, unit, at, u, lanes),
+                lambda acc, r, u: acc[T.Ramp((r * unroll + u) * lanes, 1, lanes)])
     return (lambda xf, off, start, unit, at, u: gathered_inputs(xf, off, start + u * lanes, unit, at, lanes),
             lambda acc, r, u: acc[T.Ramp((r * unroll + u) * lanes, 1, lanes)])
 
@@ -313,8 +346,20 @@ def _planes_padding(out: WriteBack, q: int, k: int, tile: int, tiles: int):
     return padding
 
 
-def gathers(target) -> bool:
-    """Whether the llvm target has what gathered_conv's instructions need: AVX-512 VNNI and VBMI (vpermb)."""
+def gather_lanes(target) -> int:
+    """The int32 lanes gathered_conv runs in on an llvm target: 16 with AVX-512 VNNI and VBMI (vpdpbusd; vpermb for
+    the interleaves that are not unpacks), 8 on AVX2 without AVX-512 (vpmaddubsw + vpmaddwd, activations <= 127:
+    schedules.x86_int8), else 0 (no gathered kernels: AVX-512 without VNNI keeps the quads)."""
     from tvm.target import codegen
 
-    return target.kind.name == "llvm" and bool(codegen.target_has_features(["avx512vnni", "avx512vbmi"], target))
+    if target.kind.name != "llvm":
+        return 0
+    if codegen.target_has_features(["avx512vnni", "avx512vbmi"], target):
+        return LANES
+    avx512 = codegen.target_has_features(["avx512f"], target)
+    return 8 if codegen.target_has_features(["avx2"], target) and not avx512 else 0
+
+
+def gathers(target) -> bool:
+    """Whether the llvm target runs gathered_conv (gather_lanes)."""
+    return gather_lanes(target) > 0
