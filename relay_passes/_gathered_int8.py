@@ -17,6 +17,7 @@ from tvm import relax
 from unsparse_tvm.ops import sparse_int8 as int8_ops
 from unsparse_tvm.ops import gathered_inputs
 from unsparse_tvm.ops import sparse_int8_gathered as gathered_ops
+from unsparse_tvm.ops.formats import choose_group
 from unsparse_tvm.ops.int8_formats import QUAD, ActQuant, epilogue_consts, quantize_weight
 
 from ._conv_match import channel_gate
@@ -54,10 +55,12 @@ def quad_fill(weight: np.ndarray) -> float:
 def geometry(weight: np.ndarray, geo, lanes: int = gathered_ops.LANES):
     """The geometry a gathered kernel runs a conv at in vectors of `lanes` (the padded planes, or a 2x2, 4x4 or 8x8
     map's patches), or None where the layer keeps its quads: a strided conv, a 1x1 other than
-    MAX_POINTWISE_POSITIONS says, a map under 7x7 other than 2x2 and 4x4, or quads that hold MAX_FILL or more
-    nonzeros."""
+    MAX_POINTWISE_POSITIONS says, a map under 7x7 other than 2x2 and 4x4, quads that hold MAX_FILL or more
+    nonzeros, or (8 lanes, AVX2) rows the fp32 passes store grouped."""
     if tuple(geo.stride) not in ((1, 1), (2, 2)) or quad_fill(weight) >= MAX_FILL:
         return None
+    if lanes != gathered_ops.LANES and choose_group(weight.reshape(geo.k, -1)) > 1:
+        return None  # AVX2: grouped rows (vector, block masks) run faster fp32 (vgg16-cifar vector-4 int8 0.904x)
     positions = geo.oh * geo.ow
     if tuple(geo.stride) == (2, 2):  # on phase planes (gathered_inputs.pad_phase_planes): resnet's stem and 3x3s
         return geo if geo.r * geo.s > 1 and positions >= MIN_POSITIONS and not (geo.align or geo.pitch) else None
