@@ -14,8 +14,6 @@ import torch
 from conftest import assert_one_line_error, assert_proc_one_line_error, cli, copy_vgg16_cifar_flow
 from unsparse_tvm.cli import main
 
-pytestmark = pytest.mark.xdist_group("vgg16_cifar_flow")  # one worker builds the shared fixtures (pyproject)
-
 
 @pytest.fixture(scope="module")
 def flow(vgg16_cifar_flow, tmp_path_factory):

@@ -13,8 +13,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("gpu_kit")  # one worker builds the shared fixtures (pyproject)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILDER = os.path.join(ROOT, "benchmarks", "gpu_kit.py")
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

@@ -17,8 +17,6 @@ import torch
 from conftest import cli, cli_here, copy_vgg16_cifar_flow, rel_err
 from unsparse_tvm.runtime import read_metadata
 
-pytestmark = pytest.mark.xdist_group("vgg16_cifar_flow")  # one worker builds the shared fixtures (pyproject)
-
 
 @pytest.fixture(scope="module")
 def quant_flow(vgg16_cifar_flow, tmp_path_factory):
