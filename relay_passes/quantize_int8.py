@@ -84,8 +84,9 @@ class _Int8Rewriter(ConvChainRewriter):
         if name in self.capped:
             self.names.capped_int8[name] = self.capped[name]
             return None
-        if SCATTERED_FP32 and (self.pmadd and self.gathered_geometry(weight, geo) is None or name in self.fed_fp32) \
-                and (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL:
+        # (the fill first: quads that fill never stay fp32, and need no gathered geometry worked out)
+        if SCATTERED_FP32 and (fill := _gathered_int8.quad_fill(weight)) < _gathered_int8.MAX_FILL and \
+                ((self.pmadd and self.gathered_geometry(weight, geo) is None) or name in self.fed_fp32):
             self.names.fp32_int8[name] = round(fill, 3)
             return None
         return name, ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating)

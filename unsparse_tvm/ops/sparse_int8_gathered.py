@@ -198,7 +198,7 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
     wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
     dot = dot_product("vnni" if lanes == LANES else "pmadd", lanes)
-    chunks, acc_len = q // max(lanes * unroll, 1), tile * unroll * lanes
+    chunks, acc_len = (0, 0) if tiny else (q // (lanes * unroll), tile * unroll * lanes)  # (tiny: _tiny_pairs')
     (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, lanes)
     group = lambda b, j, r: ((b % tiles * groups + j) * tile + r) * GROUP  # noqa: E731  tile b's group j, row r
     tiny_pairs = _tiny_pairs(n, k, length, groups, pairs, lanes, out, dot) if tiny else None
@@ -280,11 +280,11 @@ def _loads(unroll: int, lanes: int) -> tuple:
     if unroll == 4 and UNPACKED:
         return (lambda xf, off, start, unit, at, u: unpacked_inputs(xf, off, start, unit, at, u, lanes),
                 lambda acc, r, u: unpacked_sums(acc, r, u, lanes))
+    in_order = lambda acc, r, u: acc[T.Ramp((r * unroll + u) * lanes, 1, lanes)]  # noqa: E731
     if unroll == 2 and lanes == 8:  # AVX2: 16 bytes a nonzero, unpacked and permuted into 2 vectors
-        return (lambda xf, off, start, unit, at, u: paired_inputs(xf, off, start, unit, at, u, lanes),
-                lambda acc, r, u: acc[T.Ramp((r * unroll + u) * lanes, 1, lanes)])
+        return (lambda xf, off, start, unit, at, u: paired_inputs(xf, off, start, unit, at, u, lanes), in_order)
     return (lambda xf, off, start, unit, at, u: gathered_inputs(xf, off, start + u * lanes, unit, at, lanes),
-            lambda acc, r, u: acc[T.Ramp((r * unroll + u) * lanes, 1, lanes)])
+            in_order)
 
 
 def crop_domain(n: int, k: int, q: int, oh: int, ow: int, wq: int, dtype: str) -> tirx.PrimFunc:
