@@ -155,9 +155,11 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
     sch.vectorize(sch.get_loops(init)[-1])
     # the write-back (dequantise, epilogue, requantise where flat) in vectors of one register: left as one
     # vector of the whole tile width, LLVM emitted the uint8 requantisation in 8-lane pieces (resnet50 95%
-    # channel4, one thread: 7.78 -> 7.53 ms). On AVX2 the whole-width vector ran faster (11.4 vs 12.0 ms)
+    # channel4, one thread: 7.78 -> 7.53 ms). On AVX2 a whole-width vector of 8 registers ran faster (11.4 vs
+    # 12.0 ms), but one of 7 (int32x56: the 28x28, 14x14 and 7x7 maps' tiles) LLVM took apart lane by lane
+    # through the stack, ~84 vpextrd/vpinsrd a row tile (resnet50 95% channel4 on Zen 3: 1.31x one thread)
     wb = sch.get_loops(acc)[-1]
-    sch.vectorize(sch.split(wb, [None, lanes])[1] if lanes >= 16 else wb)
+    sch.vectorize(wb if _whole_write_back(lanes, extents(sch, [wb])[0]) else sch.split(wb, [None, lanes])[1])
     sch.tensorize(qv, intrin(int8_kind(target), lanes, offset_dtype(sch, block)))
     sch.unroll(qu)
     sch.unroll(kii)
@@ -165,6 +167,12 @@ def _schedule(sch: s_tir.Schedule, func: tirx.PrimFunc, target: Target, tile_k, 
         _schedule_pair_epilogue(sch, qo, lanes)
         return
     _schedule_epilogue(sch, target, par, flat, cols, ordered=bool(domain_attr(func, "row_order")))
+
+
+def _whole_write_back(lanes: int, width: int) -> bool:
+    """The register tile's write-back as one vector of its whole width (AVX2, a power of two) rather than
+    one register at a time (see _schedule)."""
+    return lanes < 16 and width & (width - 1) == 0
 
 
 def _schedule_pair_epilogue(sch: s_tir.Schedule, qo, lanes: int) -> None:
