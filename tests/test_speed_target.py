@@ -95,20 +95,25 @@ def test_a_model_with_nothing_to_prune_is_one_error():
         unsparse_tvm.prune(nn.Sequential(nn.ReLU()).eval(), speedup=2.0, example_input=torch.randn(1, 3, 4, 4))
 
 
-@pytest.mark.slow
-def test_cli_prunes_vgg16_cifar_for_2x_and_reports_every_layer(tmp_path):
-    """`prune vgg16-cifar --speedup 2 --threads 1`: the report holds, per layer, the chosen sparsity and
-    pattern, the predicted and the measured time, and the measured end-to-end speedup (within 10% of 2x)."""
+def test_cli_prunes_a_pt2_for_2x_and_reports_every_layer(tmp_path):
+    """`prune net.pt2 --speedup 2 --threads 1` (a reloaded program's module refuses eval(): this crashed with a
+    traceback): the report holds, per layer, the chosen sparsity and pattern, the predicted and the measured
+    time, and the measured end-to-end speedup (within 10% of 2x); the summary names the plan, not a sparsity of 0.
+    The same loop on vgg16-cifar (~100 s here) reached 1.92x and 2.12x in two runs (docs/results.md)."""
     import json
 
     from conftest import cli
 
-    proc = cli("prune", "vgg16-cifar", "--speedup", "2", "--threads", "1", "-o", tmp_path / "p.pt2",
+    torch.export.save(torch.export.export(_net(), (torch.randn(1, 16, 32, 32),)), tmp_path / "net.pt2")
+    proc = cli("prune", tmp_path / "net.pt2", "--speedup", "2", "--threads", "1", "-o", tmp_path / "p.pt2",
                "--report", tmp_path / "r.json")
-    speed = json.loads((tmp_path / "r.json").read_text())["speed"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    speed = report["speed"]
     assert speed["requested"] == 2.0 and speed["achieved"] >= 1.8, speed["rounds"]
     assert all(l["measured_us"] > 0 and l["predicted_us"] > 0 for l in speed["layers"])
     assert "speed: asked 2.00x over the dense model, measured" in proc.stdout
+    assert f"a per-layer plan, {report['config']['sparsity']:.3f} of the weights" in proc.stdout
+    assert report["config"]["sparsity"] > 0.3
 
 
 @pytest.mark.parametrize("args, message", [

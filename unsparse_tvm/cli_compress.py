@@ -4,6 +4,7 @@ turning the parsed arguments into one typed call (cli.py has the rest and `main`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from . import argtypes as types
 from .cli_text import MODEL_INPUT_HELP, TEXTS, WEIGHTS_HELP
@@ -123,6 +124,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         from .speed_target import format_speed
 
         print(format_speed(report["speed"]))
+        cfg = dataclasses.replace(cfg, sparsity=report["config"]["sparsity"],
+                                  layer_sparsity=report["config"]["layer_sparsity"])  # the plan's
     return _print_result(f"pruned {args.model}: {cfg.describe()}", report, args)
 
 

@@ -177,6 +177,7 @@ def _setup(module, ep, example_shape, patterns, data, threads: int, repeat: int,
     from .compress.masks import prunable_parameters
     from .cost.calibration import rates_for
     from .relay_passes.pipeline import cost_model
+    from .frontend import eval_mode
     from .models import example_input
     from .target import make_target, require_runnable
 
@@ -189,7 +190,7 @@ def _setup(module, ep, example_shape, patterns, data, threads: int, repeat: int,
         layers = prunable_parameters(module, ep)
         curves = {p: sensitivity_scan(module, layers, data, PruneConfig(method=p)) for p in patterns}
     with torch.no_grad():
-        program = torch.export.export(module.eval(), (torch.randn(*example_shape),))
+        program = torch.export.export(eval_mode(module), (torch.randn(*example_shape),))  # a .pt2's refuses eval()
     plans = plan_layers(module, ep, program, cost_model(target, rates), patterns, curves)
     dense = compile_program(program, target, sparse=False)
     dense_timer = vm_timer(dense.executable, tvm.cpu(), example_input(example_shape).numpy())[0]
@@ -266,9 +267,11 @@ def _rounds(module, ep, example_shape, setup: _Setup, requested, predicted_dense
 
 def _measure_plan(module, ep, example_shape, setup: _Setup, threads: int, repeat: int) -> tuple[float, float, float]:
     """The layers' chosen states applied to a copy of the module, compiled and timed against dense."""
+    from .frontend import eval_mode
+
     pruned = apply_plan(module, ep, setup.plans)
     with torch.no_grad():
-        sparse_ep = torch.export.export(pruned.eval(), (torch.randn(*example_shape),))
+        sparse_ep = torch.export.export(eval_mode(pruned), (torch.randn(*example_shape),))
     return _time_pair(sparse_ep, setup.dense_timer, setup.target, setup.rates, threads, repeat)
 
 

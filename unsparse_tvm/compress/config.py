@@ -107,6 +107,8 @@ class PruneConfig:
         extra = {"vector": f" V={self.vector_size}", "block": f" B={self.block_size}",
                  "mixed": f" V={self.vector_size} B={self.block_size}", "channel4": ""}.get(self.method, f" ({self.scope})")
         how = f"gradual over {self.epochs} epochs" if self.epochs else "one-shot"
+        if self.layer_sparsity:  # a speed target's plan: each layer its own sparsity (and pattern)
+            return f"a per-layer plan, {self.sparsity:.3f} of the weights, {how}"
         return f"{self.method}{extra} to {self.sparsity:g}, {how}"
 
 
