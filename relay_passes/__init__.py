@@ -6,6 +6,7 @@ from ._dense_match import find_layers
 from ._util import shape_of
 from .apply_tuning_records import ApplyTuningRecords
 from .fold_batchnorm import FoldBatchNormIntoConv
+from .fold_constant_arrays import FoldConstantArrays
 from .layers import LayerDecision, LayerNames
 from .lower_dense_conv2d import LowerDenseConv2d
 from .pipeline import build_pipeline, pipeline_phases
@@ -15,6 +16,7 @@ from .sparsify_dense import SparsifyDense
 __all__ = [
     "ApplyTuningRecords",
     "FoldBatchNormIntoConv",
+    "FoldConstantArrays",
     "LayerDecision",
     "LayerNames",
     "LowerDenseConv2d",

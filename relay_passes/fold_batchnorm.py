@@ -13,6 +13,7 @@ from tvm.ir import IRModule
 from unsparse_tvm.reference import fold_batchnorm
 
 from ._util import ChainRewriter, const_array, is_op
+from .fold_constant_arrays import FoldConstantArrays
 from .layers import LayerNames
 
 
@@ -66,5 +67,5 @@ class FoldBatchNormIntoConv:
         self.names = names
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
-        mod = relax.transform.FoldConstant()(mod)  # the importer reshapes conv biases: make them constants
+        mod = FoldConstantArrays()(mod)  # the importer reshapes conv biases: make them constants
         return _Folder(mod, self.names).run(mod)

@@ -338,8 +338,9 @@ def import_onnx(path: str, batch: int | None = None, *, input_shape=None, log=pr
         note(f"note: {path} is a QDQ-quantised model; its weights are dequantised and it runs as fp32 "
              "(activation QuantizeLinear/DequantizeLinear computed as written)")
 
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx  # deferred: TVM's compiler, ~3 s to import
+
+    from .relay_passes import FoldConstantArrays
 
     try:
         with warnings.catch_warnings():  # the checker's and the renaming warnings: said above, or harmless
@@ -351,5 +352,5 @@ def import_onnx(path: str, batch: int | None = None, *, input_shape=None, log=pr
     except Exception as err:  # the importer raises assorted errors; the first line says what
         raise UnsparseError(f"TVM's ONNX importer cannot convert {path}: {_first_line(err)}") from None
     check_static(mod, path)
-    mod = relax.transform.FoldConstant()(mod)  # DequantizeLinear of weights, reshaped biases: constants
+    mod = FoldConstantArrays()(mod)  # reshaped biases: constants (DequantizeLinear of weights: FoldConstant)
     return ImportedOnnx(mod, layer_names(model), spec, output_specs(mod, model), notes, qdq)
