@@ -21,7 +21,6 @@ from .fast_sigmoid import FastSigmoid
 from .vector_max_pool import VectorMaxPool
 from .layers import LayerNames
 from .fold_batchnorm import FoldBatchNormIntoConv
-from .fold_constant_arrays import FoldConstantArrays
 from .lower_dense_conv2d import LowerDenseConv2d
 from .quantize_int8 import QuantizeInt8Conv2d
 from .quantize_int8_dense import QuantizeInt8Dense
@@ -45,9 +44,9 @@ def pipeline_phases(target: Target, *, threshold: float | None = None, sparse: b
     is_cpu = target.kind.name == "llvm"
     backend = cpu_backend if is_cpu else cuda_backend
     phases = []
-    # Phase 1: clean the imported graph: batch norms into convs, weight transposes folded away, clips that
-    # an importer wrote as TE max/min calls (ONNX's Clip) back to relax.clip for the epilogue matchers
-    cleanup = [FoldBatchNormIntoConv(names), FoldConstantArrays(), CanonicalizeClip()]
+    # Phase 1: clean the imported graph: constants folded, then batch norms into convs (both FoldBatchNormIntoConv),
+    # clips that an importer wrote as TE max/min calls (ONNX's Clip) back to relax.clip for the epilogue matchers
+    cleanup = [FoldBatchNormIntoConv(names), CanonicalizeClip()]
     if sparse:  # channels whose depthwise filters are all zero leave their blocks (the dense baseline keeps them)
         cleanup.append(DropDeadChannels(names, gather=is_cpu))
     phases.append(("cleanup", cleanup))

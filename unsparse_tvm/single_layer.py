@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import tvm
 from tvm import relax
 
 from .frontend import import_program
-from .relay_passes import FoldBatchNormIntoConv, FoldConstantArrays, find_layers, shape_of
+from .relay_passes import FoldBatchNormIntoConv, find_layers, shape_of
 
 
 @dataclass
@@ -52,7 +51,7 @@ def extract_layers(ep) -> tuple[list[LayerSpec], object]:
     """Every conv2d and linear with a constant weight (relay_passes.find_layers, after batch-norm folding),
     with the bias and ReLU that follow it, and the LayerNames that name their (folded) weights."""
     mod, names = import_program(ep)
-    mod = tvm.transform.Sequential([FoldBatchNormIntoConv(names), FoldConstantArrays()])(mod)
+    mod = FoldBatchNormIntoConv(names)(mod)  # constants folded first (FoldConstantArrays), then batch norms
     layers = []
     for kind, call, weight, ep_ in find_layers(mod["main"]):
         attrs = {}
