@@ -40,6 +40,9 @@ MIN_POSITIONS = 49
 # fp32 runs 8 lanes too and int8 would otherwise stay fp32) every stride-1 1x1 on 7x7 or more
 MAX_POINTWISE_POSITIONS = 784
 GATE = True  # a squeeze-excitation's gate applied in the 1x1's pad stage (emit); tests turn it off to compare
+# AVX2: rows whose nonzeros share columns by groups (vector, block masks: formats.choose_group) run gathered with one
+# interleave per tile of such rows (GatheredRows.shared); off, they stay fp32 (per-row interleaves lost: 0.90x)
+SHARED_ROWS = True
 
 
 def quad_fill(weight: np.ndarray) -> float:
@@ -59,8 +62,8 @@ def geometry(weight: np.ndarray, geo, lanes: int = gathered_ops.LANES):
     nonzeros, or (8 lanes, AVX2) rows the fp32 passes store grouped."""
     if tuple(geo.stride) not in ((1, 1), (2, 2)) or quad_fill(weight) >= MAX_FILL:
         return None
-    if lanes != gathered_ops.LANES and choose_group(weight.reshape(geo.k, -1)) > 1:
-        return None  # AVX2: grouped rows (vector, block masks) run faster fp32 (vgg16-cifar vector-4 int8 0.904x)
+    if lanes != gathered_ops.LANES and not SHARED_ROWS and choose_group(weight.reshape(geo.k, -1)) > 1:
+        return None  # AVX2: grouped rows with an interleave per row ran slower than fp32 (vgg16-cifar vector-4 0.904x)
     positions = geo.oh * geo.ow
     if tuple(geo.stride) == (2, 2):  # on phase planes (gathered_inputs.pad_phase_planes): resnet's stem and 3x3s
         return geo if geo.r * geo.s > 1 and positions >= MIN_POSITIONS and not (geo.align or geo.pitch) else None
@@ -77,14 +80,24 @@ def geometry(weight: np.ndarray, geo, lanes: int = gathered_ops.LANES):
     return geo if positions >= MIN_POSITIONS else None
 
 
+def shared_group(weight: np.ndarray, geo, lanes: int) -> int:
+    """The rows by which a gathered layer's tiles share their columns (the group V of formats.choose_group: vector
+    and block masks), 0 where each row keeps its own: AVX2 (8 lanes) with SHARED_ROWS; AVX-512 VNNI unchanged."""
+    if lanes == gathered_ops.LANES or not SHARED_ROWS:
+        return 0
+    group = choose_group(weight.reshape(geo.k, -1))
+    return group if group > 1 else 0
+
+
 def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: ActQuant | None,
          res_act: ActQuant | None):
     """The layer's kernels, emitted through the rewriter `rw`: (the output, its GatheredRows, (comp, out_scale))."""
     wq, wscale = quantize_weight(weight)
     comp, out_scale = epilogue_consts(wq, wscale, act)
     extra, flags = rw.epilogue_args(ep)
-    shape = gathered_ops.plan(run, rw.gather)
-    rows = gathered_ops.gathered_rows(wq, run, shape.tile)
+    group = shared_group(weight, geo, rw.gather)
+    shape = gathered_ops.plan(run, rw.gather, group)
+    rows = gathered_ops.gathered_rows(wq, run, shape.tile, shared=bool(group) and group % shape.tile == 0)
     # a squeeze-excitation's x * g feeding a 1x1: the pad stage quantises x * g itself (the product's own pass
     # and its fp32 output spared: efficientnet_b0@224's gathered project convs)
     gate = channel_gate(conv.args[0], geo, rw.var2val, rw.counts, rw.plans) if GATE and not run.patches else None
@@ -152,8 +165,10 @@ def into_planes(rw, readers: dict) -> dict:
                 or tuple(prun.stride) != (1, 1) or tuple(crun.stride) != (1, 1)):
             continue
         pt, pl = crun.padding[:2]
-        into = gathered_ops.IntoPlanes(pt * crun.wq + pl, crun.channel_plane,
-                                       gathered_ops.plan(crun, rw.gather).channels, prun.oh, prun.ow, prun.wq)
-        if into.fits(gathered_ops.plan(prun, rw.gather).q, prun.k):
+        cplan, pplan = (gathered_ops.plan(r, rw.gather, shared_group(w, g, rw.gather))
+                        for r, w, g in ((crun, cw, cgeo), (prun, pw, pgeo)))
+        into = gathered_ops.IntoPlanes(pt * crun.wq + pl, crun.channel_plane, cplan.channels, prun.oh, prun.ow,
+                                       prun.wq)
+        if into.fits(pplan.q, prun.k):
             out[src] = into
     return out

@@ -54,7 +54,7 @@ def _formats(report) -> dict:
     return {r.name: r.format for r in report}
 
 
-def _gathered_and_quads(model, shape, llvm, monkeypatch, gathered: tuple, seed: int):
+def _gathered_and_quads(model, shape, llvm, monkeypatch, gathered: tuple, seed: int, ranges: dict | None = None):
     """Compile `model` int8 with gathered quads and without (GATHERED off: the negative control); check which
     layers went gathered (the rest int8q4) and that both give the same outputs bit for bit on a seeded input.
     Returns (run, ranges, x) for further checks; skips where the target cannot run gathered kernels."""
@@ -62,7 +62,7 @@ def _gathered_and_quads(model, shape, llvm, monkeypatch, gathered: tuple, seed: 
 
     if not gathers(llvm):
         pytest.skip("the target (UNSPARSE_MCPU) has AVX-512 without VNNI and VBMI: no gathered kernels")
-    ranges = int8_ready(model, shape, 0.85)
+    ranges = int8_ready(model, shape, 0.85) if ranges is None else ranges
     report, run = compile_int8(model, shape, ranges, llvm)
     formats = _formats(report)
     assert formats == {name: "int8g4" if name in gathered else "int8q4" for name in formats}, formats
@@ -230,9 +230,10 @@ def test_gathered_layers_keep_their_quads_where_quads_fill():
     assert _gathered_int8.geometry(scattered, geo).patches
 
 
-def test_grouped_rows_stay_fp32_on_avx2_only():
-    """Rows in groups (vector-4 masks: 4 output channels share each nonzero position) run the fp32 passes' grouped
-    kernels on AVX2, faster than gathered int8 there (vgg16-cifar vector-4: 0.904x); with VNNI they go gathered."""
+def test_grouped_rows_go_gathered_sharing_their_columns_on_avx2(monkeypatch):
+    """Rows in groups (vector-4 masks: 4 output channels share each nonzero position) go gathered everywhere; on
+    AVX2 their tiles share the columns (one interleave a tile: shared_group 4), scattered rows keep their own, and
+    VNNI is unchanged. SHARED_ROWS off: grouped rows stay fp32 on AVX2 (per-row interleaves ran 0.904x fp32)."""
     from unsparse_tvm.ops.geometry import ConvGeometry
     from unsparse_tvm.relay_passes import _gathered_int8
 
@@ -241,8 +242,73 @@ def test_grouped_rows_stay_fp32_on_avx2_only():
     w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32) + 2
     grouped = w * (rng.random((16, 1, 64, 3, 3)) < 0.1).repeat(4, axis=1).reshape(64, 64, 3, 3)
     scattered = w * (rng.random(w.shape) < 0.1)
+    for lanes in (8, 16):
+        assert _gathered_int8.geometry(grouped, geo, lanes) is not None
+        assert _gathered_int8.geometry(scattered, geo, lanes) is not None
+    assert _gathered_int8.shared_group(grouped, geo, 8) == 4
+    assert _gathered_int8.shared_group(grouped, geo, 16) == 0 and _gathered_int8.shared_group(scattered, geo, 8) == 0
+    monkeypatch.setattr(_gathered_int8, "SHARED_ROWS", False)
     assert _gathered_int8.geometry(grouped, geo, 8) is None and _gathered_int8.geometry(grouped, geo, 16) is not None
-    assert _gathered_int8.geometry(scattered, geo, 8) is not None
+    assert _gathered_int8.shared_group(grouped, geo, 8) == 0
+
+
+def _group_masked(model: nn.Module, seed: int) -> nn.Module:
+    """Each conv's weights under a vector-4 mask (convs a, b, d: 4 output channels share each kept position) or a
+    4x4 block mask (the others), about 85% zero, and one more weight in ten zeroed inside the kept groups (a tile's
+    rows then share columns where some of them hold zeros)."""
+    from unsparse_tvm.compress.masks import block_mask, vector_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and m.out_channels % 4 == 0:
+                mask = vector_mask(m.weight, 0.85, 4) if name in "abd" else block_mask(m.weight, 0.85, 4)
+                m.weight.mul_(mask * (torch.rand(m.weight.shape, generator=gen) > 0.1))
+    return model
+
+
+@pytest.mark.skipif(not _gathers_here(), reason=NOT_HERE)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_grouped_rows_gathered_are_the_quads_integers(batch, llvm, monkeypatch):
+    """Vector- and block-masked convs on every gathered path (padded planes, 8x8 and 4x4 patches, 2x2 tiles),
+    gathered with shared columns on AVX2: the quads' outputs bit for bit."""
+    torch.manual_seed(11 + batch)
+    model = _group_masked(SmallMaps().eval(), batch)
+    ranges = int8_ready(model, (batch, 8, 16, 16), 0.0)  # (zeroes nothing more: the masks are the pruning)
+    _gathered_and_quads(model, (batch, 8, 16, 16), llvm, monkeypatch, tuple("apbcde"), batch, ranges)
+
+
+def test_shared_rows_interleave_once_a_tile_for_haswell():
+    """On any host: built for Haswell, a tile of 2 rows sharing its columns interleaves each group's inputs once
+    (half the unpacks of the same tile with rows of their own), and reads row 0's offsets only: rows 1.. offsets
+    scrambled, the kernel is the same code."""
+    import dataclasses
+
+    import tvm
+
+    from unsparse_tvm.ops import sparse_int8_gathered as g
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant
+
+    rng = np.random.default_rng(6)
+    geo = dataclasses.replace(ConvGeometry(1, 32, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), patches=True)
+    keep = (rng.random((8, 1, 32, 3, 3)) < 0.15).repeat(2, axis=1).reshape(16, 32, 3, 3)
+    wq = np.where(keep, rng.integers(-127, 128, (16, 32, 3, 3)), 0).astype(np.int8)
+    plan = g.plan(geo, 8, shared=2)
+    assert (plan.tile, plan.unroll) == (2, 4)
+
+    def unpacks(shared: bool) -> int:
+        rows = g.gathered_rows(wq, geo, plan.tile, shared=shared)
+        conv = g.gathered_conv(1, plan.input_length(geo), rows, plan.q, plan.unroll,
+                               g.WriteBack(True, True, ActQuant(0.1, 0, 127)), lanes=8)
+        asm = tvm.compile(tvm.IRModule({"conv": conv.with_attr("global_symbol", "conv")}),
+                          target=cpu_target("haswell")).mod.inspect_source("asm")
+        return sum(asm.count(op) for op in ("vpunpcklbw", "vpunpckhbw", "vpunpcklwd", "vpunpckhwd"))
+
+    assert unpacks(False) == 2 * unpacks(True) > 0
+    rows = g.gathered_rows(wq, geo, plan.tile, shared=True)
+    assert rows.stored == rows.glen.sum() * 2 * 4 and rows.stored <= 4 * -(-rows.nnz // 4) + 2 * 4 * len(rows.glen)
+    assert (rows.off[:, :, 1] == rows.off[:, :, 0]).all()  # each row at its tile's columns
 
 
 def test_gathered_kernels_compile_to_gathers_for_znver4():

@@ -109,14 +109,15 @@ def quad_weights(df, at, lanes: int):
                          dtype=f"int8x{4 * lanes}")
 
 
-def tiny_inputs(xi, off, start, at, lanes: int = 16):
+def tiny_inputs(xi, off, start, at, lanes: int = 16, shared: bool = False):
     """uint8 x 4*lanes: the `lanes` four-byte patches that lanes/4 rows' group reads (xi: the input as int32; 16
     lanes: a tile of 4 rows, 8: half of one), transposed per 128-bit lane. 16 scalar loads: one `vpgatherdd` of
     them ran 94 us where these run 63 (512x512 3x3 at 90% on 2x2, alone; Zen 4's gathers take about 12 cycles,
-    its loads 3 a cycle)."""
+    its loads 3 a cycle). shared: the rows read row 0's 4 patches (GatheredRows.shared), 4 loads."""
     from tvm.script import tirx as T
 
-    patches = T.Shuffle([xi[start + T.Cast("int32", off[at + i])] for i in range(lanes)], list(range(lanes)))
+    patches = T.Shuffle([xi[start + T.Cast("int32", off[at + (i % GROUP if shared else i)])] for i in range(lanes)],
+                        list(range(lanes)))
     return T.Shuffle([T.reinterpret(patches, dtype=f"uint8x{4 * lanes}")], TRANSPOSE[:4 * lanes])
 
 

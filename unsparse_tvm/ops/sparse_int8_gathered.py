@@ -41,6 +41,9 @@ MAX_ACCUMULATORS = 16
 # loads and 4 unpacked vectors take the rest; in 2-row tiles vgg16-cifar's 16x16 3x3s ran 0.089 / 0.169 ms, in
 # one 0.060 / 0.105, its stem 0.039 -> 0.029), 2 vectors in tiles of 4 rows (its 4x4 maps: 2 rows 0.218 ms, 4 0.182)
 MAX_ACCUMULATORS_YMM = {4: 4, 2: 8, 1: 8}  # by vectors a tile
+# rows that share their nonzeros' columns (vector and block masks: GatheredRows.shared) interleave a group's inputs
+# once for the whole tile, so on AVX2 a tile holds more rows: 2 rows x 4 vectors, 4 x 2
+SHARED_ACCUMULATORS_YMM = {4: 8, 2: 8, 1: 8}
 # 4 vectors a tile, each nonzero's 64 bytes in one load, interleaved by unpacks (gathered_vectors): vgg16-cifar's
 # 32x32 3x3 0.086 -> 0.067 ms, resnet50's 56x56 3x3s 0.27-0.30 -> 0.21-0.23, where 16-byte loads put side by side
 # and a vpermb took 4 loads and 4 shuffles a vector
@@ -58,6 +61,7 @@ class GatheredRows:
     nnz: int
     stored: int       # weights the tiles run (groups x 4 x rows), padding included
     unit: int = 1     # off counts this many bytes (a patch's length: the offsets then fit uint16 where bytes would not)
+    shared: bool = False  # a tile's rows share their columns (each row's offsets are its tile's): read as row 0's
 
     @property
     def padded_size(self) -> int:
@@ -134,7 +138,7 @@ def quantize_lanes(v, act: ActQuant, lanes: int, relu: bool = False):
     return quantize(v, act, relu, lanes)
 
 
-def plan(geo: ConvGeometry, lanes: int = LANES) -> GatheredPlan:
+def plan(geo: ConvGeometry, lanes: int = LANES, shared: int = 0) -> GatheredPlan:
     """Vectors of `lanes` per row tile: 4 where the domain has them (rounded up to whole tiles), else 2 or 1, and
     rows to fill MAX_ACCUMULATORS; trailing zero channels to cover the last offset's reach. A map of TINY
     positions as patches: tiles of 4 rows x 4 positions (unroll 0)."""
@@ -145,15 +149,16 @@ def plan(geo: ConvGeometry, lanes: int = LANES) -> GatheredPlan:
     # 4 wherever there are 4 (UNPACKED), even where pairs would throw fewer away: 2 a tile ran a 14x14 3x3 in 0.35 ms
     # as 14 vectors, not 16, but 4 unpacked run it in 0.24 (an 8x8 map 0.099 -> 0.072, a 7x7 3x3 0.285 -> 0.210)
     unroll = 4 if vectors >= 4 and UNPACKED else 2 if vectors >= 2 else 1
-    most = MAX_ACCUMULATORS if lanes == LANES else MAX_ACCUMULATORS_YMM[unroll]
-    tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= most)
+    most = MAX_ACCUMULATORS if lanes == LANES else (SHARED_ACCUMULATORS_YMM if shared else MAX_ACCUMULATORS_YMM)[unroll]
+    tile = next(t for t in (8, 4, 2, 1) if geo.k % t == 0 and t * unroll <= most and (not shared or shared % t == 0))
     q = -(-vectors // unroll) * unroll * lanes
     reach = int(geo.column_offsets().max()) * geo.offset_unit + q  # bytes past the last stored offset read
     return GatheredPlan(tile, unroll, q, max(geo.c, -(-reach // geo.channel_plane)), lanes)
 
 
-def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
-    """An int8 OIHW weight as rows of groups of 4 nonzeros (in input order: channel, then tap), by tiles."""
+def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int, shared: bool = False) -> GatheredRows:
+    """An int8 OIHW weight as rows of groups of 4 nonzeros (in input order: channel, then tap), by tiles; shared:
+    each row at its tile's columns (the union of its rows' nonzeros; a row's zeros there stored too)."""
     k = wq.shape[0]
     flat = wq.reshape(k, -1)
     offsets = geo.column_offsets() * geo.offset_unit  # flat input position of column (c, r, s) for output 0
@@ -161,6 +166,8 @@ def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
         col = np.arange(flat.shape[1])
         offsets = (col % (geo.r * geo.s) * geo.c + col // (geo.r * geo.s)) * geo.offset_unit
     cols = [np.flatnonzero(flat[row]) for row in range(k)]
+    if shared:
+        cols = [np.flatnonzero(flat[row // tile * tile:row // tile * tile + tile].any(axis=0)) for row in range(k)]
     groups = max(max((-(-len(c) // GROUP) for c in cols), default=1), 1)
     data = np.zeros((k, groups * GROUP), np.int8)
     off = np.zeros((k, groups * GROUP), np.int64)
@@ -175,7 +182,8 @@ def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int) -> GatheredRows:
     unit = geo.offset_unit  # a patch (whole patches apart): offsets that fit 16 bits where positions would not
     off = tiled(off) // unit
     off = off.astype(np.uint16) if off.max(initial=0) < 1 << 16 else off.astype(np.int32)
-    return GatheredRows(tiled(data), off, glen, tile, int((wq != 0).sum()), int(glen.sum()) * tile * GROUP, unit)
+    return GatheredRows(tiled(data), off, glen, tile, int((wq != 0).sum()), int(glen.sum()) * tile * GROUP, unit,
+                        shared)
 
 
 def _lane_consts(bufs, row, tiny: bool, lanes: int = LANES) -> list:
@@ -201,7 +209,10 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
     chunks, acc_len = (0, 0) if tiny else (q // (lanes * unroll), tile * unroll * lanes)  # (tiny: _tiny_pairs')
     (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, lanes)
     group = lambda b, j, r: ((b % tiles * groups + j) * tile + r) * GROUP  # noqa: E731  tile b's group j, row r
-    tiny_pairs = _tiny_pairs(n, k, length, groups, pairs, lanes, out, dot) if tiny else None
+    # the offsets row r reads: row 0's where the rows share them (one interleave for the tile: LLVM merges the
+    # unrolled rows' identical loads and shuffles)
+    offsets = lambda b, j, r: group(b, j, 0 if rows.shared else r)  # noqa: E731
+    tiny_pairs = _tiny_pairs(n, k, length, groups, pairs, lanes, out, dot, rows.shared) if tiny else None
 
     @T.prim_func(s_tir=True)
     def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"), off: T.Buffer(wshape, off_dtype),
@@ -227,7 +238,7 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
                                 for u in T.unroll(unroll):
                                     at = T.Ramp((r * unroll + u) * lanes, 1, lanes)
                                     acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * lanes,
-                                                                  rows.unit, group(b, j, r), u),
+                                                                  rows.unit, offsets(b, j, r), u),
                                                   quad_weights(df, group(b, j, r), lanes))
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
@@ -241,7 +252,8 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
     return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
 
 
-def _tiny_pairs(n: int, k: int, length: int, groups: int, pairs: int, lanes: int, out: WriteBack, dot):
+def _tiny_pairs(n: int, k: int, length: int, groups: int, pairs: int, lanes: int, out: WriteBack, dot,
+                shared: bool = False):
     """gathered_conv's body for a 2x2 map (unroll 0), as a macro: per (image, pair of row tiles) 2 tiles of 4 rows x
     4 positions, each 16 / lanes vectors (rows s*lanes/4.. in vector s), every group's 4 nonzeros per row."""
     from tvm.script import tirx as T
@@ -260,7 +272,8 @@ def _tiny_pairs(n: int, k: int, length: int, groups: int, pairs: int, lanes: int
                 for h in T.unroll(2):
                     for s in T.unroll(halves):
                         acc[at(h, s)] = dot(acc[at(h, s)], tiny_inputs(xi, of, b // pairs * length // TINY,
-                                                                     entries(b, h, j, s), lanes),
+                                                                     entries(b, h, j, 0 if shared else s), lanes,
+                                                                     shared),
                                             tiny_weights(df, entries(b, h, j, s), lanes))
             for h in T.unroll(2):
                 for s in T.unroll(halves):
