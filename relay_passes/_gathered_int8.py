@@ -43,6 +43,9 @@ GATE = True  # a squeeze-excitation's gate applied in the 1x1's pad stage (emit)
 # AVX2: rows whose nonzeros share columns by groups (vector, block masks: formats.choose_group) run gathered with one
 # interleave per tile of such rows (GatheredRows.shared); off, they stay fp32 (per-row interleaves lost: 0.90x)
 SHARED_ROWS = True
+# a stride-1 1x1's rows written as its output map, a residual added in the write-back (gathered_writes.row_store):
+# off, they are written over the domain and cropped after, and a residual add is an epilogue pass over int32 sums
+MAP_ROWS = True
 
 
 def quad_fill(weight: np.ndarray) -> float:
@@ -118,16 +121,23 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     bias = extra.pop(0) if flags["has_bias"] else relax.const(np.zeros(geo.k, np.float32))
     residual = extra.pop(0) if flags["has_residual"] else None
     into = rw.planes.get(ep.last)
-    # the epilogue in the kernel's write-back, unless a residual: a patches layer's domain is its output map; a
-    # padded-planes layer's goes into the next one's planes where into_planes found them, else cropped after
-    out = gathered_ops.WriteBack(residual is None, flags["relu"], out_act, into, act.zero_point == 0)
-    cropped = out.fused and not run.patches and into is None
+    # the epilogue in the kernel's write-back: a patches layer's domain is its output map; a stride-1 1x1's rows are
+    # written as its map (positions: the domain cut at the map's end), a residual added there; a padded-planes
+    # layer's goes into the next one's planes where into_planes found them, else cropped after, and with a residual
+    # a pass of its own after the int32 sums
+    direct = MAP_ROWS and into is None and not run.patches and run.wq == run.ow and not any(run.padding) and \
+        tuple(run.stride) == (1, 1)
+    out = gathered_ops.WriteBack(residual is None or direct, flags["relu"], out_act, into, act.zero_point == 0,
+                                 run.oh * run.ow if direct else 0, residual is not None and direct,
+                                 res_act if residual is not None and dtype_of(residual) == "uint8" else None)
+    cropped = out.fused and not run.patches and into is None and not direct
     dims = ([geo.n, into.channels * into.plane] if into is not None else
             [geo.n, geo.k, geo.oh, geo.ow] if out.fused and not cropped else [geo.n, geo.k, shape.q])
     kernel = gathered_ops.gathered_conv(geo.n, length, rows, shape.q, shape.unroll, out, tuple(dims), shape.lanes)
     consts = [relax.const(a) for a in (rows.data, rows.off, rows.glen, comp, out_scale)]
     call = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(kernel, "sparse_conv2d_gathered"),
-                                           [flat, *consts, bias], relax.TensorType(dims, out.dtype)))
+                                           [flat, *consts, bias, *([residual] if out.residual else [])],
+                                           relax.TensorType(dims, out.dtype)))
     if cropped:
         crop = gathered_ops.crop_domain(geo.n, geo.k, shape.q, geo.oh, geo.ow, run.wq, out.dtype)
         call = rw.builder_.emit(relax.call_tir(rw.builder_.add_func(crop, "crop_domain"), [call],

@@ -216,6 +216,98 @@ def test_padded_planes_written_into_the_next_layers_planes(batch, llvm, monkeypa
     assert np.abs(run(x)).max() > 0
 
 
+class MapRows(nn.Module):
+    """Stride-1 1x1s gathered with their rows written as the output map: one adding the fp32 model input (c), one
+    without a residual (d), one adding a uint8 block output (e: s, which int8 convs read too; e expands, so with
+    VNNI it is gathered only under 64 positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(16, 64, 3, padding=1)
+        self.c = nn.Conv2d(64, 16, 1)
+        self.d = nn.Conv2d(64, 32, 1)
+        self.e = nn.Conv2d(32, 64, 1)
+
+    def forward(self, x):                                      # x [N, 16, H, W]
+        s = torch.relu(self.stem(x))                           # [N, 64, H, W]
+        z = torch.relu(self.c(s) + x)                          # [N, 16, H, W]
+        y = torch.relu(self.e(torch.relu(self.d(s))) + s)      # [N, 64, H, W]
+        return torch.cat([z.mean((2, 3)), y.mean((2, 3))], 1)  # [N, 80]
+
+
+@pytest.mark.skipif(not _gathers_here(), reason=NOT_HERE)
+@pytest.mark.parametrize("hw", [7, 10, 12, 16])
+def test_pointwise_rows_written_as_the_map_with_their_residuals(hw, llvm, monkeypatch):
+    """A gathered stride-1 1x1 writes its rows as the output map (no crop pass) and adds a residual in its
+    write-back (no epilogue pass): 49, 100, 144 and 256 positions (the domain past the map by a vector with 1 lane
+    in it, 4, none, or not at all), batch 2; the same outputs bit for bit as with the domain cropped and the
+    epilogue pass (MAP_ROWS off). (8x8 maps run as patches: their 1x1s keep the quads.)"""
+    from unsparse_tvm.ops import sparse_int8_gathered as g
+    from unsparse_tvm.relay_passes import _gathered_int8
+
+    writes, real = [], g.gathered_conv
+    monkeypatch.setattr(g, "gathered_conv", lambda *a, **kw: writes.append(a[5]) or real(*a, **kw))
+    torch.manual_seed(hw)
+    model, shape = MapRows().eval(), (2, 16, hw, hw)
+    ranges = int8_ready(model, shape, 0.85)
+    report, run = compile_int8(model, shape, ranges, llvm)
+    expand = g.gather_lanes(llvm) == 8 or hw * hw < 64  # (_gathered_int8.geometry's 1x1 rule)
+    gathered = {r.name for r in report if r.format == "int8g4"}
+    assert gathered == {"stem", "c", "d"} | ({"e"} if expand else set()), gathered
+    maps = [w for w in writes if w.positions]
+    assert len(maps) == 2 + expand and {w.positions for w in maps} == {hw * hw}
+    assert sorted(w.res_act is None for w in maps if w.residual) == [False] * expand + [True]  # uint8 (e), fp32 (c)
+    monkeypatch.setattr(_gathered_int8, "MAP_ROWS", False)
+    writes.clear()
+    _, plain = compile_int8(model, shape, ranges, llvm)
+    assert not any(w.positions for w in writes) and sum(not w.fused for w in writes) == 1 + expand
+    x = np.random.default_rng(hw).standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(run(x), plain(x))
+    assert np.abs(run(x)).max() > 0
+
+
+@pytest.mark.skipif(not _gathers_here(), reason=NOT_HERE)
+@pytest.mark.parametrize("hw, residual", [(7, "uint8"), (10, "float32"), (12, None)])
+def test_rows_written_as_the_map_stay_inside_their_rows(hw, residual, llvm):
+    """The kernel alone, its output a view into a larger buffer: rows written as the map (WriteBack.positions) end
+    at the map's end, nothing past the output is written (a whole vector across the end would spill 15, 4 or 16
+    positions into the next row and past the last one), and without a residual each row is the domain's row
+    (positions 0) cut at the map's end."""
+    import tvm
+
+    from unsparse_tvm.ops import sparse_int8_gathered as g
+    from unsparse_tvm.ops.geometry import ConvGeometry
+    from unsparse_tvm.ops.int8_formats import ActQuant
+
+    rng = np.random.default_rng(hw)
+    n, c, k, size = 2, 64, 16, hw * hw
+    geo = ConvGeometry(n, c, hw, hw, k, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1))
+    lanes = g.gather_lanes(llvm)
+    plan = g.plan(geo, lanes)
+    rows = g.gathered_rows(np.where(rng.random((k, c, 1, 1)) < 0.2, rng.integers(-127, 128, (k, c, 1, 1)), 0)
+                           .astype(np.int8), geo, plan.tile)
+    act, res_act = ActQuant(0.05, 0, 127), ActQuant(0.1, 3, 127) if residual == "uint8" else None
+    consts = [rng.integers(0, 128, (n, plan.input_length(geo))).astype(np.uint8), rows.data, rows.off, rows.glen,
+              rng.integers(-50, 50, k).astype(np.int32), rng.random(k).astype(np.float32) * 0.01,
+              rng.standard_normal(k).astype(np.float32)]
+    res = [(rng.integers(0, 128, (n, k, hw, hw)) if residual == "uint8" else rng.standard_normal((n, k, hw, hw)))
+           .astype(residual)] if residual else []
+
+    def run(out: "g.WriteBack", shape: tuple, guard: int = 0) -> np.ndarray:
+        kernel = g.gathered_conv(n, plan.input_length(geo), rows, plan.q, plan.unroll, out, shape, lanes)
+        f = tvm.compile(tvm.IRModule({"conv": kernel.with_attr("global_symbol", "conv")}), target=llvm)["conv"]
+        whole = tvm.runtime.tensor(np.full(int(np.prod(shape)) + guard, 77, np.uint8))
+        f(*(tvm.runtime.tensor(a) for a in consts + res), whole._create_view(shape, "uint8", 0))
+        return whole.numpy()
+
+    written = run(g.WriteBack(True, True, act, positions=size, residual=bool(res), res_act=res_act),
+                  (n, k, hw, hw), guard=256)
+    assert (written[n * k * size:] == 77).all(), "a row written past the output's end"
+    if not res:
+        domain = run(g.WriteBack(True, True, act), (n, k, plan.q)).reshape(n, k, plan.q)
+        np.testing.assert_array_equal(written[:n * k * size].reshape(n, k, size), domain[:, :, :size])
+
+
 def test_gathered_layers_keep_their_quads_where_quads_fill():
     """channel4-style weights (whole quads of 4 channels) keep the quads: a gathered group would hold the same 4."""
     from unsparse_tvm.ops.geometry import ConvGeometry

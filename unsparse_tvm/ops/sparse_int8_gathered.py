@@ -28,9 +28,8 @@ from tvm import tirx
 
 from .gathered_vectors import (GROUP, SPREAD_ROWS, TINY, dot_product, gathered_inputs, paired_inputs, quad_weights,
                                tiny_inputs, tiny_weights, unpacked_inputs, unpacked_sums)
+from .gathered_writes import IntoPlanes, WriteBack, crop_domain, quantize_lanes, row_store, write_layout
 from .geometry import ConvGeometry
-from .int8_formats import ActQuant
-from .sparse_int8 import quantize
 
 LANES = 16  # output positions per vector (int32 lanes of a zmm); AVX2: 8 (gather_lanes)
 # rows x vectors held in registers per tile, of 32 zmm (with 4 inputs, the weights and the index): 16, not 8, ran
@@ -81,61 +80,6 @@ class GatheredPlan:
 
     def input_length(self, geo: ConvGeometry) -> int:
         return self.channels * geo.channel_plane
-
-
-@dataclass(frozen=True)
-class WriteBack:
-    """What a gathered kernel writes: its int32 sums (`fused` False: sparse_int8.int8_epilogue runs after it), or
-    the epilogue applied in registers (a patches layer without a residual, whose domain is the output map):
-    float32(sum - comp[k]) * out_scale[k] + bias[k], ReLU, requantised to out_act (uint8) or float32, in the
-    epilogue's order of operations, so the outputs are bit for bit its own."""
-
-    fused: bool = False
-    relu: bool = False
-    out_act: ActQuant | None = None
-    into: "IntoPlanes | None" = None  # uint8 straight into the next gathered layer's padded planes
-    comp_zero: bool = False  # the input's zero point is 0: comp is all zeros and not subtracted
-
-    @property
-    def dtype(self) -> str:
-        return "int32" if not self.fused else "uint8" if self.out_act is not None else "float32"
-
-    def value(self, acc, comp, scale, bias, lanes: int):
-        """The `lanes` values written for int32 sums acc, with comp, scale and bias already per lane."""
-        from tvm.script import tirx as T
-
-        if not self.fused:
-            return acc
-        val = T.Cast(f"float32x{lanes}", acc if self.comp_zero else acc - comp) * scale + bias
-        if self.out_act is not None:  # a ReLU as the clamp at the zero point (sparse_int8.quantize)
-            return quantize_lanes(val, self.out_act, lanes, self.relu)
-        return T.max(val, T.Broadcast(T.float32(0), lanes)) if self.relu else val
-
-
-@dataclass(frozen=True)
-class IntoPlanes:
-    """A padded-planes layer's uint8 outputs written where the next gathered layer's input stage would put them:
-    output position p (= y*Wq + x, the two layers' pitch alike) at `shift` + p of its channel's `plane`, then the
-    zero point over what is padding there (the thrown-away columns, the rows around the map, the `channels` past
-    K). Its epilogue pass and the next layer's pad stage go (design.md item 40)."""
-
-    shift: int     # pt * Wq + pl: where the consumer's plane puts input (0, 0)
-    plane: int     # the consumer's channel_plane
-    channels: int  # the consumer's padded channels (GatheredPlan.channels)
-    oh: int
-    ow: int
-    wq: int
-
-    def fits(self, q: int, k: int) -> bool:
-        """Whether a domain of q positions, K rows, writes within the buffer and spills (thrown-away lanes past
-        the plane, shift + q - plane of them) only onto the next plane's leading padding (shift bytes): q <= plane,
-        and a plane past K for the last row's spill."""
-        return q <= self.plane and self.channels > k
-
-
-def quantize_lanes(v, act: ActQuant, lanes: int, relu: bool = False):
-    """uint8x`lanes` of float32x`lanes` v in `act`: sparse_int8.quantize on a vector expression."""
-    return quantize(v, act, relu, lanes)
 
 
 def plan(geo: ConvGeometry, lanes: int = LANES, shared: int = 0) -> GatheredPlan:
@@ -203,53 +147,81 @@ def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, 
     a 2x2 map's 4 rows x 4 positions (module doc)."""
     from tvm.script import tirx as T
 
-    wshape = tiles, groups, tile, _ = tuple(int(d) for d in rows.data.shape)
+    wshape = tiles, _, tile, _ = tuple(int(d) for d in rows.data.shape)
+    k, off_dtype, res_dtype = tiles * tile, str(rows.off.dtype), "float32" if out.res_act is None else "uint8"
+    main = _conv_body(n, length, rows, q, unroll, out, lanes)
+
+    if out.residual:  # the residual [N, K, positions] as one more input, read like the output (row_store)
+        @T.prim_func(s_tir=True)
+        def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"),
+                   off: T.Buffer(wshape, off_dtype), glen: T.Buffer((tiles,), "int32"), comp: T.Buffer((k,), "int32"),
+                   scale: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
+                   res: T.Buffer(out_shape, res_dtype), conv: T.Buffer(out_shape, out.dtype)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+            with T.sblock("root"):
+                rf = T.decl_buffer((n * k * out.positions,), res_dtype, data=res.data)
+                main(xp, data, off, conv, glen, comp, scale, bias, rf)
+    else:
+        @T.prim_func(s_tir=True)
+        def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"),
+                   off: T.Buffer(wshape, off_dtype), glen: T.Buffer((tiles,), "int32"), comp: T.Buffer((k,), "int32"),
+                   scale: T.Buffer((k,), "float32"), bias: T.Buffer((k,), "float32"),
+                   conv: T.Buffer(out_shape or (n, k, q), out.dtype)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
+            with T.sblock("root"):
+                main(xp, data, off, conv, glen, comp, scale, bias, None)
+
+    return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
+
+
+def _conv_body(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out: WriteBack, lanes: int):
+    """gathered_conv's body as a macro main(xp, data, off, conv, glen, comp, scale, bias, rf) (rf: the residual,
+    flat; None without one)."""
+    from tvm.script import tirx as T
+
+    tiles, groups, tile, _ = (int(d) for d in rows.data.shape)
     k, off_dtype, tiny, pairs = tiles * tile, str(rows.off.dtype), unroll == 0, tiles // 2
     dot = dot_product("vnni" if lanes == LANES else "pmadd", lanes)
     chunks, acc_len = (0, 0) if tiny else (q // (lanes * unroll), tile * unroll * lanes)  # (tiny: _tiny_pairs')
-    (pitch, plane, at0, padding), (inputs, sums) = _layout(out, q, k, tile, tiles), _loads(unroll, lanes)
+    (pitch, plane, at0, padding), (inputs, sums) = write_layout(out, q, k, tile, tiles), _loads(unroll, lanes)
+    store = row_store(out, q, lanes)
     group = lambda b, j, r: ((b % tiles * groups + j) * tile + r) * GROUP  # noqa: E731  tile b's group j, row r
     # the offsets row r reads: row 0's where the rows share them (one interleave for the tile: LLVM merges the
     # unrolled rows' identical loads and shuffles)
     offsets = lambda b, j, r: group(b, j, 0 if rows.shared else r)  # noqa: E731
     tiny_pairs = _tiny_pairs(n, k, length, groups, pairs, lanes, out, dot, rows.shared) if tiny else None
 
-    @T.prim_func(s_tir=True)
-    def kernel(xp: T.Buffer((n, length), "uint8"), data: T.Buffer(wshape, "int8"), off: T.Buffer(wshape, off_dtype),
-               glen: T.Buffer((tiles,), "int32"), comp: T.Buffer((k,), "int32"), scale: T.Buffer((k,), "float32"),
-               bias: T.Buffer((k,), "float32"), conv: T.Buffer(out_shape or (n, k, q), out.dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
-        with T.sblock("root"):
-            xf = T.decl_buffer((n * length,), "uint8", data=xp.data)
-            xi = T.decl_buffer((n * length // TINY,), "int32", data=xp.data)  # tiny: a patch is a dword
-            df = T.decl_buffer((tiles * groups * tile * GROUP,), "int8", data=data.data)
-            of = T.decl_buffer((tiles * groups * tile * GROUP,), off_dtype, data=off.data)
-            cf = T.decl_buffer((n * pitch * plane,), out.dtype, data=conv.data)
-            if tiny:
-                tiny_pairs(xi, df, of, glen, comp, scale, bias, cf)
-            else:
-                for b in T.parallel(n * tiles):  # (image, row tile)
-                    for ch in range(chunks):
-                        acc = T.decl_buffer((acc_len,), "int32", scope="local")
-                        for i in T.unroll(tile * unroll):
-                            acc[T.Ramp(i * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
-                        for j in range(glen[b % tiles]):
-                            for r in T.unroll(tile):
-                                for u in T.unroll(unroll):
-                                    at = T.Ramp((r * unroll + u) * lanes, 1, lanes)
-                                    acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * lanes,
-                                                                  rows.unit, offsets(b, j, r), u),
-                                                  quad_weights(df, group(b, j, r), lanes))
+    @T.macro
+    def main(xp, data, off, conv, glen, comp, scale, bias, rf):
+        xf = T.decl_buffer((n * length,), "uint8", data=xp.data)
+        xi = T.decl_buffer((n * length // TINY,), "int32", data=xp.data)  # tiny: a patch is a dword
+        df = T.decl_buffer((tiles * groups * tile * GROUP,), "int8", data=data.data)
+        of = T.decl_buffer((tiles * groups * tile * GROUP,), off_dtype, data=off.data)
+        cf = T.decl_buffer((n * pitch * plane,), out.dtype, data=conv.data)
+        if tiny:
+            tiny_pairs(xi, df, of, glen, comp, scale, bias, cf)
+        else:
+            for b in T.parallel(n * tiles):  # (image, row tile)
+                for ch in range(chunks):
+                    acc = T.decl_buffer((acc_len,), "int32", scope="local")
+                    for i in T.unroll(tile * unroll):
+                        acc[T.Ramp(i * lanes, 1, lanes)] = T.Broadcast(T.int32(0), lanes)
+                    for j in range(glen[b % tiles]):
                         for r in T.unroll(tile):
                             for u in T.unroll(unroll):
-                                row = b % tiles * tile + r
-                                cf[T.Ramp((b // tiles * pitch + row) * plane + at0 + (ch * unroll + u) * lanes, 1,
-                                          lanes)] = out.value(sums(acc, r, u), *_lane_consts((comp, scale, bias),
-                                                                                             row, False, lanes))
-                    if padding is not None:  # the zero point over the padding, after the tile's rows went in
-                        padding(cf, b)
+                                at = T.Ramp((r * unroll + u) * lanes, 1, lanes)
+                                acc[at] = dot(acc[at], inputs(xf, of, b // tiles * length + ch * unroll * lanes,
+                                                              rows.unit, offsets(b, j, r), u),
+                                              quad_weights(df, group(b, j, r), lanes))
+                    for r in T.unroll(tile):
+                        for u in T.unroll(unroll):
+                            store(cf, rf, (b // tiles * pitch + b % tiles * tile + r) * plane + at0,
+                                  (ch * unroll + u) * lanes, sums(acc, r, u),
+                                  *_lane_consts((comp, scale, bias), b % tiles * tile + r, False, lanes)[:3])
+                if padding is not None:  # the zero point over the padding, after the tile's rows went in
+                    padding(cf, b)
 
-    return kernel.without_attr("global_symbol")  # the module names each (one per layer shape)
+    return main
 
 
 def _tiny_pairs(n: int, k: int, length: int, groups: int, pairs: int, lanes: int, out: WriteBack, dot,
@@ -298,65 +270,6 @@ def _loads(unroll: int, lanes: int) -> tuple:
         return (lambda xf, off, start, unit, at, u: paired_inputs(xf, off, start, unit, at, u, lanes), in_order)
     return (lambda xf, off, start, unit, at, u: gathered_inputs(xf, off, start + u * lanes, unit, at, lanes),
             in_order)
-
-
-def crop_domain(n: int, k: int, q: int, oh: int, ow: int, wq: int, dtype: str) -> tirx.PrimFunc:
-    """[N, K, q] (a padded-planes layer's outputs over its domain, the epilogue applied in the write-back) ->
-    [N, K, OH, OW]: row y's OW outputs from y * Wq, one vector copy a row. Where the kernel wrote int32 sums for
-    an epilogue pass, that pass moved 4 bytes a position twice (resnet50's stem: 3.3 MB)."""
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def crop(x: T.Buffer((n, k, q), dtype), out: T.Buffer((n, k, oh, ow), dtype)):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})  # opaque: never fused
-        with T.sblock("root"):
-            xf = T.decl_buffer((n * k * q,), dtype, data=x.data)
-            of = T.decl_buffer((n * k * oh * ow,), dtype, data=out.data)
-            for b in T.parallel(n * k):  # (image, channel)
-                for y in range(oh):
-                    of[T.Ramp((b * oh + y) * ow, 1, ow)] = xf[T.Ramp(b * q + y * wq, 1, ow)]
-
-    return crop.without_attr("global_symbol")
-
-
-def _layout(out: WriteBack, q: int, k: int, tile: int, tiles: int) -> tuple:
-    """(pitch, plane, at0, padding) of gathered_conv's output: row r of image i at (i * pitch + r) * plane + at0;
-    padding the macro that writes the zero point where the output is the next layer's padded planes, else None."""
-    if out.into is None:
-        return k, q, 0, None
-    return out.into.channels, out.into.plane, out.into.shift, _planes_padding(out, q, k, tile, tiles)
-
-
-def _planes_padding(out: WriteBack, q: int, k: int, tile: int, tiles: int):
-    """A macro for gathered_conv's write-back into the next layer's planes (cf flat, b the (image, row tile)):
-    the zero point over each of the tile's planes' padding, and the image's planes past K after its last tile.
-    After the rows' own stores, so that the thrown-away lanes written there are overwritten."""
-    from tvm.script import tirx as T
-
-    into = out.into
-    assert into.fits(q, k) and out.out_act is not None and tile * tiles == k
-    zp, pitch, plane, shift = T.uint8(out.out_act.zero_point), into.channels, into.plane, into.shift
-    gap = into.wq - into.ow  # a row's thrown-away columns: its right padding and the next row's left
-    tail_at = shift + (into.oh - 1) * into.wq + into.ow  # past the last output: the bottom padding
-    tail = max(plane, shift + q) - tail_at  # and the thrown-away lanes, onto the next plane's head
-    pstep = min(64, plane)
-    pfill = -(-plane // pstep)
-
-    @T.macro
-    def padding(cf, b):
-        for r in range(tile):
-            base = (b // tiles * pitch + b % tiles * tile + r) * plane
-            cf[T.Ramp(base, 1, shift)] = T.Broadcast(zp, shift)
-            for y in range(into.oh - 1):
-                cf[T.Ramp(base + shift + y * into.wq + into.ow, 1, gap)] = T.Broadcast(zp, gap)
-            cf[T.Ramp(base + tail_at, 1, tail)] = T.Broadcast(zp, tail)
-        if b % tiles == tiles - 1:  # the consumer's channels past K: all zero point
-            for c in range(pitch - k):
-                for i in range(pfill):
-                    cf[T.Ramp((b // tiles * pitch + k + c) * plane + T.min(i * pstep, plane - pstep), 1, pstep)] = \
-                        T.Broadcast(zp, pstep)
-
-    return padding
 
 
 def gather_lanes(target) -> int:
