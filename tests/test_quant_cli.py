@@ -79,13 +79,13 @@ def test_bench_reports_weight_bytes_per_variant(tmp_path):
 
 @pytest.mark.slow
 def test_resnet18_quantised_so_sizes(tmp_path):
-    """ResNet-18 at 90%: int8 / 4-bit .so at most 58% / 52% of the fp32 sparse one (measured 56.5% /
-    49.9%; see the module docstring for why not 50% / 40% any more). The same CLI commands, in
-    this process (cli_here): the sizes are the point, not the process."""
+    """ResNet-18 at 90%: the int8 .so at most 58% of the fp32 sparse one (measured 56.5%; see the module
+    docstring for why not 50% any more; 4-bit's 52%, measured 49.9% here, is checked on vgg16-cifar above). The
+    same CLI commands, in this process (cli_here): the sizes are the point, not the process."""
     cli_here("prune", "resnet18", "--sparsity", 0.9, "-o", tmp_path / "r.pt2")
     cli_here("compile", tmp_path / "r.pt2", "--target", "llvm", "-o", tmp_path / "r.so")
     fp32 = (tmp_path / "r.so").stat().st_size
-    for scheme, ratio in (("int8", 0.58), ("kmeans4", 0.52)):
+    for scheme, ratio in (("int8", 0.58),):
         cli_here("quantize", tmp_path / "r.pt2", "--scheme", scheme, "-o", tmp_path / f"r-{scheme}.pt2")
         cli_here("compile", tmp_path / f"r-{scheme}.pt2", "--target", "llvm", "-o", tmp_path / f"r-{scheme}.so")
         assert (tmp_path / f"r-{scheme}.so").stat().st_size <= ratio * fp32, scheme
