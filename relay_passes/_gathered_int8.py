@@ -128,8 +128,7 @@ def emit(rw, conv, weight: np.ndarray, geo, run, ep, act: ActQuant, out_act: Act
     direct = MAP_ROWS and into is None and not run.patches and run.wq == run.ow and not any(run.padding) and \
         tuple(run.stride) == (1, 1)
     out = gathered_ops.WriteBack(residual is None or direct, flags["relu"], out_act, into, act.zero_point == 0,
-                                 run.oh * run.ow if direct else 0, residual is not None and direct,
-                                 res_act if residual is not None and dtype_of(residual) == "uint8" else None)
+                                 run.oh * run.ow if direct else 0, residual is not None and direct, res_act)
     cropped = out.fused and not run.patches and into is None and not direct
     dims = ([geo.n, into.channels * into.plane] if into is not None else
             [geo.n, geo.k, geo.oh, geo.ow] if out.fused and not cropped else [geo.n, geo.k, shape.q])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tvm import tirx
 
 from .int8_formats import ActQuant
-from .sparse_int8 import quantize
+from .sparse_int8 import dequantize, quantize
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,8 @@ class WriteBack:
         if not self.fused:
             return acc
         val = T.Cast(f"float32x{lanes}", acc if self.comp_zero else acc - comp) * scale + bias
-        if res is not None:  # sparse_int8.int8_epilogue's order: + (u - zp) * scale, then the ReLU or quantisation
-            val = val + (res if self.res_act is None else (T.Cast(f"float32x{lanes}", res) - T.Broadcast(
-                T.float32(float(self.res_act.zero_point)), lanes)) * T.Broadcast(T.float32(self.res_act.scale), lanes))
+        if res is not None:  # as sparse_int8.int8_epilogue adds it, before the ReLU or quantisation
+            val = val + (res if self.res_act is None else dequantize(res, self.res_act, lanes))
         if self.out_act is not None:  # a ReLU as the clamp at the zero point (sparse_int8.quantize)
             return quantize_lanes(val, self.out_act, lanes, self.relu)
         return T.max(val, T.Broadcast(T.float32(0), lanes)) if self.relu else val
@@ -97,22 +96,22 @@ def row_store(out: WriteBack, q: int, lanes: int):
     def cut_lanes(value):  # the tail's lanes of a vector value (one lane: a scalar)
         return T.Shuffle([value], list(range(tail)))
 
-    def whole(cf, rf, at, p, acc, comp, scale, bias):
+    def whole(rf, at, p, acc, comp, scale, bias):
         return out.value(acc, comp, scale, bias, lanes, res(rf, at + p, lanes))
 
     @T.macro
     def store(cf, rf, at, p, acc, comp, scale, bias):
-        cf[T.Ramp(at + p, 1, lanes)] = whole(cf, rf, at, p, acc, comp, scale, bias)
+        cf[T.Ramp(at + p, 1, lanes)] = whole(rf, at, p, acc, comp, scale, bias)
 
     @T.macro
     def cut(cf, rf, at, p, acc, comp, scale, bias):
         if p + lanes <= size:
-            cf[T.Ramp(at + p, 1, lanes)] = whole(cf, rf, at, p, acc, comp, scale, bias)
+            cf[T.Ramp(at + p, 1, lanes)] = whole(rf, at, p, acc, comp, scale, bias)
 
     @T.macro
     def cut_tail(cf, rf, at, p, acc, comp, scale, bias):
         if p + lanes <= size:
-            cf[T.Ramp(at + p, 1, lanes)] = whole(cf, rf, at, p, acc, comp, scale, bias)
+            cf[T.Ramp(at + p, 1, lanes)] = whole(rf, at, p, acc, comp, scale, bias)
         elif p < size:
             cf[T.Ramp(at + p, 1, tail) if tail > 1 else at + p] = cut_lanes(
                 out.value(acc, comp, scale, bias, lanes, res(rf, at + p, tail)))

@@ -229,9 +229,14 @@ def sparse_conv2d_int8_pair(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp:
     return te.compute((geo.n, rows // 2, geo.oh, geo.ow), value, name="epilogue")
 
 
-def dequantize(u, act: ActQuant):
-    """float32 of a uint8 value in `act`: (u - zp) * scale."""
-    return (u.astype("float32") - tirx.const(float(act.zero_point), "float32")) * tirx.const(act.scale, "float32")
+def dequantize(u, act: ActQuant, lanes: int = 0):
+    """float32 of a uint8 value in `act`: (u - zp) * scale. lanes: u is a vector expression of that many lanes (a
+    TVMScript kernel's write-back, gathered_writes.WriteBack), 0 a scalar TE one."""
+    def const(v: float):
+        c = tirx.const(v, "float32")
+        return tirx.Broadcast(c, lanes) if lanes else c
+
+    return (u.astype(f"float32x{lanes}" if lanes else "float32") - const(float(act.zero_point))) * const(act.scale)
 
 
 def sparse_dense_int8(x: te.Tensor, data: te.Tensor, off: te.Tensor, comp: te.Tensor, out_scale: te.Tensor,

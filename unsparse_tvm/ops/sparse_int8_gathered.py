@@ -132,12 +132,12 @@ def gathered_rows(wq: np.ndarray, geo: ConvGeometry, tile: int, shared: bool = F
 
 def _lane_consts(bufs, row, tiny: bool, lanes: int = LANES) -> list:
     """The epilogue's constants per lane: row `row`'s in all lanes (tiny: rows row.. row+lanes/4-1's, 4 lanes
-    each), + lanes."""
+    each)."""
     from tvm.script import tirx as T
 
     if tiny:  # lanes // TINY rows, TINY positions each
-        return [T.Shuffle([buf[T.Ramp(row, 1, lanes // TINY)]] * TINY, SPREAD_ROWS[:lanes]) for buf in bufs] + [lanes]
-    return [T.Broadcast(buf[row], lanes) for buf in bufs] + [lanes]
+        return [T.Shuffle([buf[T.Ramp(row, 1, lanes // TINY)]] * TINY, SPREAD_ROWS[:lanes]) for buf in bufs]
+    return [T.Broadcast(buf[row], lanes) for buf in bufs]
 
 
 def gathered_conv(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out: WriteBack = WriteBack(),
@@ -217,7 +217,7 @@ def _conv_body(n: int, length: int, rows: GatheredRows, q: int, unroll: int, out
                         for u in T.unroll(unroll):
                             store(cf, rf, (b // tiles * pitch + b % tiles * tile + r) * plane + at0,
                                   (ch * unroll + u) * lanes, sums(acc, r, u),
-                                  *_lane_consts((comp, scale, bias), b % tiles * tile + r, False, lanes)[:3])
+                                  *_lane_consts((comp, scale, bias), b % tiles * tile + r, False, lanes))
                 if padding is not None:  # the zero point over the padding, after the tile's rows went in
                     padding(cf, b)
 
@@ -251,7 +251,7 @@ def _tiny_pairs(n: int, k: int, length: int, groups: int, pairs: int, lanes: int
                 for s in T.unroll(halves):
                     cf[T.Ramp((b // pairs * k + (b % pairs * 2 + h) * TINY) * TINY + s * lanes, 1, lanes)] = \
                         out.value(acc[at(h, s)], *_lane_consts(
-                            (comp, scale, bias), (b % pairs * 2 + h) * TINY + s * lanes // TINY, True, lanes))
+                            (comp, scale, bias), (b % pairs * 2 + h) * TINY + s * lanes // TINY, True, lanes), lanes)
 
     return body
 
