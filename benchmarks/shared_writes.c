@@ -8,9 +8,11 @@ Two threads, pinned to CPUs 0 and 1, each write their half of an 800 KB buffer i
 and, with argument "nt", the same with non-temporal stores.
 
     cc -O2 -mavx512f -pthread -o shared_writes benchmarks/shared_writes.c && ./shared_writes [nt]
+    (-mavx2 instead of -mavx512f on an AVX2-only host)
 
 On the 2-vCPU Zen 4 VM (2026-12-07): shared 38-47 us, private 4.0-5.3 us per half; non-temporal 21-27 us in
-both (they go to memory). */
+both (they go to memory). On the 2-vCPU Zen 3 VM, AVX2 build (2026-12-08, 8 runs): shared 12.6-25.8 us,
+private 7.3-9.7; non-temporal 19-38 (design.md item 66). */
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <pthread.h>
@@ -42,11 +44,19 @@ static void read_range(const uint8_t *p, size_t from, size_t to) {
 }
 
 static void write_half(uint8_t *p, int t) {
+#ifdef __AVX512F__
   __m512i v = _mm512_set1_epi8((char)(t + 1));
   for (size_t i = t * SIZE / 2; i < (size_t)(t + 1) * SIZE / 2; i += 64) {
     if (nontemporal) _mm512_stream_si512((void *)(p + i), v);
     else _mm512_storeu_si512(p + i, v);
   }
+#else  /* AVX2 hosts (-mavx2): a 64-byte line in two 32-byte stores, as AVX2 code writes it */
+  __m256i v = _mm256_set1_epi8((char)(t + 1));
+  for (size_t i = t * SIZE / 2; i < (size_t)(t + 1) * SIZE / 2; i += 64) {
+    if (nontemporal) { _mm256_stream_si256((void *)(p + i), v); _mm256_stream_si256((void *)(p + i + 32), v); }
+    else { _mm256_storeu_si256((void *)(p + i), v); _mm256_storeu_si256((void *)(p + i + 32), v); }
+  }
+#endif
   if (nontemporal) _mm_sfence();
 }
 

@@ -66,8 +66,8 @@ def test_inspect_shows_stored_precision_and_bytes(quant_flow):
 def test_bench_reports_weight_bytes_per_variant(tmp_path):
     cli_here("prune", "smallcnn", "--sparsity", 0.9, "-o", tmp_path / "s.pt2")
     cli_here("quantize", tmp_path / "s.pt2", "--scheme", "int4", "-o", tmp_path / "s4.pt2")
-    out = tmp_path / "b.json"  # bench sets torch's thread count: a process of its own
-    text = cli("bench", tmp_path / "s4.pt2", "--target", "llvm", "--repeat", 3, "--json", out).stdout
+    out = tmp_path / "b.json"  # bench sets torch's thread count: a process of its own; one round: sizes, not times
+    text = cli("bench", tmp_path / "s4.pt2", "--target", "llvm", "--repeat", 1, "--json", out).stdout
     r = json.loads(out.read_text())
     assert r["quantization"] == "int4" and "unsparse_fp32_ms" in r["end_to_end"]
     wb = r["weight_bytes"]
