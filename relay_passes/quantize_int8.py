@@ -44,6 +44,7 @@ FORMAT = "int8q4"  # the report's format column: int8 weight quads (ELL rows)
 GATHERED = True  # llvm with VNNI and VBMI, or AVX2: layers whose quads hold few nonzeros run gathered quads
 GATHERED_FORMAT = "int8g4"  # (_gathered_int8, ops.sparse_int8_gathered; design.md item 38)
 INTO_PLANES = True  # a gathered padded-planes layer writes uint8 into the next one's planes (design.md item 40)
+PACKS = True  # llvm without VNNI: requantise by vcvtps2dq and saturating packs (ActQuant.packs; design.md item 67)
 # llvm without VNNI (AVX2's vpmaddubsw): a conv whose quads would hold under 2 nonzeros stays fp32; there its int8
 # ran 0.49-0.95x the fp32 kernel (vgg16-cifar unstructured 90%: 2.25 against 1.80 ms end to end). A linear layer
 # so on every CPU (quantize_int8_dense). The test suite turns it off (UNSPARSE_INT8_EVERY_LAYER=1: its int8 tests
@@ -69,6 +70,7 @@ class _Int8Rewriter(ConvChainRewriter):
     lanes = 16  # and the int8 kernel's vector lanes
     gather = 0  # and the lanes it runs gathered_conv in (16: AVX-512 VNNI and VBMI, 8: AVX2; 0: none)
     saturating = False  # and whether it converts and narrows in one instruction each (ActQuant.saturating)
+    packs = False  # and whether it narrows by saturating packs (ActQuant.packs)
     pmadd = False  # and whether its int8 is AVX2's (no VNNI: SCATTERED_FP32)
     capped: dict = {}  # plan(): the convs a ReLU6 or SiLU follows (CAPPED_FP32), never mutated
     fed_fp32: frozenset | set = frozenset()  # plan(): scattered quads on an fp32 input (FED_FP32)
@@ -89,7 +91,7 @@ class _Int8Rewriter(ConvChainRewriter):
                 ((self.pmadd and self.gathered_geometry(weight, geo) is None) or name in self.fed_fp32):
             self.names.fp32_int8[name] = round(fill, 3)
             return None
-        return name, ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating)
+        return name, ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating, self.packs)
 
     def plan(self, func: relax.Function) -> None:
         """The conv chains (ConvChainRewriter.plan), and which of them feed int8 convs only (one, possibly
@@ -354,13 +356,14 @@ class Int8LayerPass:
         self.gather = gathered_ops.gather_lanes(target)
         self.pmadd = self.kind == "llvm" and int8_kind(target) == "pmadd"
         self.saturating = self.kind == "llvm" and not self.pmadd  # VNNI (AVX-512): vcvtps2dq, vpmovusdb
+        self.packs = PACKS and self.pmadd  # no VNNI (AVX2): vcvtps2dq, packusdw + packuswb (ActQuant.packs)
         self.names = names if names is not None else LayerNames()
         self.report = report if report is not None else []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
         rewriter = self.rewriter(mod, self.ranges, self.names, self.report, self.qmax)
         rewriter.kind, rewriter.lanes, rewriter.gather, rewriter.pmadd = self.kind, self.lanes, self.gather, self.pmadd
-        rewriter.saturating = self.saturating
+        rewriter.saturating, rewriter.packs = self.saturating, self.packs
         return rewriter.run(mod)
 
 

@@ -33,6 +33,7 @@ LANES = True
 @relax.expr_functor.mutator
 class _Int8DenseRewriter(DenseChainRewriter):
     saturating = False  # Int8LayerPass sets it (ActQuant.saturating)
+    packs = False  # and this (ActQuant.packs)
 
     def __init__(self, mod: IRModule, ranges: dict, names: LayerNames, report: list, qmax: int):
         super().__init__(mod)
@@ -52,7 +53,7 @@ class _Int8DenseRewriter(DenseChainRewriter):
 
     def rewrite(self, call, weight, ep) -> relax.Expr | None:
         name = self.names.known(weight)
-        act = ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating)
+        act = ActQuant.from_range(*self.ranges[name], self.qmax, self.saturating, self.packs)
         wq, wscale = quantize_weight(weight)
         rows = dense_quad_rows(wq)
         comp, out_scale = epilogue_consts(wq, wscale, act)

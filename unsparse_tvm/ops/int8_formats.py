@@ -46,20 +46,25 @@ class ActQuant:
     # to even and narrows int32 to uint8 saturating, an instruction each (AVX-512: vcvtps2dq, vpmovusdb), so a zero
     # point of 0 quantises in 3 vector ops instead of 4 (sparse_int8.quantize)
     saturating: bool = False
+    # x86 without VNNI (AVX2 code): a float rounds to int32 half to even in one instruction (vcvtps2dq) and int32
+    # narrows to uint8 by saturating packs, which clamp at 0 for free: a zero point of 0 quantises in 2 vector ops
+    # instead of 5 (sparse_int8._packed)
+    packs: bool = False
 
     @property
     def inv_scale(self) -> float:
         return float(np.float32(1.0) / np.float32(self.scale))
 
     @staticmethod
-    def from_range(lo: float, hi: float, qmax: int = 255, saturating: bool = False) -> "ActQuant":
+    def from_range(lo: float, hi: float, qmax: int = 255, saturating: bool = False,
+                   packs: bool = False) -> "ActQuant":
         """Unsigned (zp 0) when the calibrated range is non-negative (after a ReLU), else symmetric around
         zp = (qmax + 1) / 2 (the u8/s8 trick: the shift is folded into comp)."""
         if lo >= 0.0:
-            return ActQuant(float(hi) / qmax if hi > 0 else 1.0, 0, qmax, saturating)
+            return ActQuant(float(hi) / qmax if hi > 0 else 1.0, 0, qmax, saturating, packs)
         zp = (qmax + 1) // 2
         amax = max(abs(float(lo)), abs(float(hi)))
-        return ActQuant(amax / (qmax - zp) if amax > 0 else 1.0, zp, qmax, saturating)
+        return ActQuant(amax / (qmax - zp) if amax > 0 else 1.0, zp, qmax, saturating, packs)
 
 
 def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

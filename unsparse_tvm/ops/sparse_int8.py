@@ -43,8 +43,8 @@ def quantize(value, act: ActQuant, relu: bool = False, lanes: int = 0):
     rounding commutes), rounded by adding ROUNDING_BIAS (even: the sum's ties go to y's even neighbour), the
     zero point added to the float's bits: their low byte is the result. One add where nearbyint and a
     float-to-int conversion took two instructions a vector (vrndscaleps, vcvttps2dq); the bytes are nearbyint's.
-    act.saturating with zp 0: see _saturated. lanes: value is a vector expression of that many lanes (a
-    TVMScript kernel's, sparse_int8_gathered.quantize_lanes), 0 a scalar TE one."""
+    act.saturating or act.packs with zp 0: see _saturated, _packed. lanes: value is a vector expression of that
+    many lanes (a TVMScript kernel's, sparse_int8_gathered.quantize_lanes), 0 a scalar TE one."""
     def typed(dtype: str) -> str:
         return f"{dtype}x{lanes}" if lanes else dtype
 
@@ -56,6 +56,8 @@ def quantize(value, act: ActQuant, relu: bool = False, lanes: int = 0):
     y = value * const(act.inv_scale, "float32")
     if act.saturating and not zp:
         return _saturated(y, act.qmax, typed, const)
+    if act.packs and not zp:
+        return _packed(y, act.qmax, typed, const)
     y = tirx.max(tirx.min(y, const(float(act.qmax - zp), "float32")), const(float(0 if relu else -zp), "float32"))
     bits = tirx.reinterpret(typed("int32"), y + const(ROUNDING_BIAS, "float32"))
     return (bits + const(zp, "int32") if zp else bits).astype(typed("uint8"))
@@ -70,6 +72,19 @@ def _saturated(y, qmax: int, typed, const):
     quantize's, for y's lanes."""
     r = tirx.call_llvm_pure_intrin(typed("int32"), "llvm.lrint", tirx.max(y, const(0.0, "float32")))
     return tirx.min(r.astype(typed("uint32")), const(qmax, "uint32")).astype(typed("uint8"))
+
+
+def _packed(y, qmax: int, typed, const):
+    """uint8 of y (value * inv_scale) with a zero point of 0 where int32 narrows by saturating packs
+    (ActQuant.packs: x86 without VNNI): min(y, qmax) in float (a y past int32 would convert to INT_MIN), rounded
+    half to even by llvm.lrint (vcvtps2dq), clamped to [0, 255] in int32, which LLVM emits as the packs alone
+    (the narrowing every write-back does anyway), so the clamp at 0 (a ReLU's, or round(y) < 0) costs nothing. The
+    same bytes as quantize's other path, 3 vector ops fewer a vector (Haswell code: vminps, vcmpltps, vandps,
+    vaddps, vandps -> vminps, vcvtps2dq). With zp > 0 LLVM adds zp after narrowing and keeps the clamp (vpmaxsd,
+    vpminsd): no fewer ops, so such tensors keep the other path. typed, const: quantize's."""
+    y = tirx.min(y, const(float(qmax), "float32"))
+    r = tirx.call_llvm_pure_intrin(typed("int32"), "llvm.lrint", y)
+    return tirx.max(tirx.min(r, const(255, "int32")), const(0, "int32")).astype(typed("uint8"))
 
 
 def pad_quantize(x: te.Tensor, geo: ConvGeometry, act: ActQuant, quads: int,
