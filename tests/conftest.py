@@ -78,6 +78,16 @@ def cpu_target(mcpu: str | None = None):
     return tvm.target.Target(llvm_target_dict(mcpu))
 
 
+def executable_asm(executable) -> str:
+    """The assembly of every llvm module of a Relax executable, imports of imports too (a parallel build links
+    several modules: the first level alone misses kernels)."""
+    libs, todo = [], [executable.mod]
+    while todo:
+        libs.append(todo.pop())
+        todo += list(libs[-1].imports)
+    return "".join(m.inspect_source("asm") for m in libs if m.kind == "llvm")
+
+
 @pytest.fixture(scope="session")
 def cuda():
     from unsparse_tvm.target import make_target

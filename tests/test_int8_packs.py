@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cpu_target
+from conftest import cpu_target, executable_asm
 from unsparse_tvm.hostcpu import host_features
 
 needs_avx2 = pytest.mark.skipif("avx2" not in host_features(), reason="this CPU does not execute AVX2 code")
@@ -107,11 +107,7 @@ def _net_asm_and_outputs(monkeypatch, packs: bool, x: np.ndarray):
     shape = (2, 64, 16, 16)
     ranges = calibrate(model, calibration_batches(shape, None, 2, 4))["layers"]
     compiled = compile_program(export_program(model, shape), cpu_target("haswell"), threshold=0.5, activations=ranges)
-    libs, todo = [], [compiled.executable.mod]
-    while todo:  # every module, imports of imports too (a parallel build links several)
-        libs.append(todo.pop())
-        todo += list(libs[-1].imports)
-    asm = "".join(m.inspect_source("asm") for m in libs if m.kind == "llvm")
+    asm = executable_asm(compiled.executable)
     out = None
     if "avx2" in host_features():
         vm = relax.VirtualMachine(compiled.executable, tvm.cpu())

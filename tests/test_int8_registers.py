@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import cpu_target
+from conftest import cpu_target, executable_asm
 from unsparse_tvm.schedules._common import largest_divisor
 from unsparse_tvm.schedules.sparse_conv2d_int8_cpu import _clamp, _tile_registers, interleave_tile
 
@@ -39,8 +39,7 @@ def _spills(monkeypatch, registers: int | None = None) -> int:
     compiled = compile_program(export_program(model, (1, 64, 8, 8)), cpu_target("haswell"), threshold=0.5,
                                activations=ranges)
     assert [r.format for r in compiled.report] == ["int8q4", "int8q4"]
-    libs = [compiled.executable.mod] + list(compiled.executable.mod.imports)
-    asm = "".join(m.inspect_source("asm") for m in libs if m.kind == "llvm")
+    asm = executable_asm(compiled.executable)
     assert "vpmaddubsw" in asm and "zmm" not in asm
     return len(SPILL.findall(asm))
 
@@ -86,8 +85,7 @@ def _write_back_lane_moves(map_hw: int) -> int:
     ranges = calibrate(model, calibration_batches(shape, None, 2, 4))["layers"]
     compiled = compile_program(export_program(model, shape), cpu_target("haswell"), threshold=0.5, activations=ranges)
     assert [r.format for r in compiled.report] == ["int8q4", "int8q4"]
-    libs = [compiled.executable.mod] + list(compiled.executable.mod.imports)
-    asm = "".join(m.inspect_source("asm") for m in libs if m.kind == "llvm")
+    asm = executable_asm(compiled.executable)
     return len(re.findall(r"\bvp(?:extr|insr)d\b", asm))
 
 
