@@ -81,6 +81,7 @@ def _net_asm_and_outputs(monkeypatch, packs: bool, x: np.ndarray):
 
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+    from unsparse_tvm.compress.channel_quads import channel_quad_mask
     from unsparse_tvm.models import export_program
 
     monkeypatch.setattr("unsparse_tvm.relay_passes.quantize_int8.PACKS", packs)
@@ -100,9 +101,8 @@ def _net_asm_and_outputs(monkeypatch, packs: bool, x: np.ndarray):
 
     model = Net().eval()
     with torch.no_grad():
-        for conv in (model.a, model.b):  # 90% of the channel quads zero (prune --method channel4)
-            keep = torch.rand(64, 16, 1, *conv.weight.shape[2:]) < 0.1
-            conv.weight *= keep.expand(-1, -1, 4, -1, -1).reshape(conv.weight.shape)
+        for conv in (model.a, model.b):  # 90% of the channel quads zero, as prune --method channel4 does
+            conv.weight *= channel_quad_mask(conv.weight, 0.9)
         model.c.weight *= (torch.rand(model.c.weight.shape) < 0.1).float()  # unstructured: quads of one
     shape = (2, 64, 16, 16)
     ranges = calibrate(model, calibration_batches(shape, None, 2, 4))["layers"]

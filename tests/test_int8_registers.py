@@ -25,6 +25,7 @@ def _spills(monkeypatch, registers: int | None = None) -> int:
 
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+    from unsparse_tvm.compress.channel_quads import channel_quad_mask
     from unsparse_tvm.models import export_program
 
     if registers is not None:
@@ -32,9 +33,8 @@ def _spills(monkeypatch, registers: int | None = None) -> int:
     torch.manual_seed(59)
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
     with torch.no_grad():
-        for conv in (model[0], model[2]):  # 90% of the 4-channel quads zero (prune --method channel4)
-            keep = torch.rand(64, 16, 1, 3, 3) < 0.1
-            conv.weight *= keep.expand(64, 16, 4, 3, 3).reshape(64, 64, 3, 3)
+        for conv in (model[0], model[2]):  # 90% of the 4-channel quads zero, as prune --method channel4 does
+            conv.weight *= channel_quad_mask(conv.weight, 0.9)
     ranges = calibrate(model, calibration_batches((1, 64, 8, 8), None, 2, 4))["layers"]
     compiled = compile_program(export_program(model, (1, 64, 8, 8)), cpu_target("haswell"), threshold=0.5,
                                activations=ranges)
@@ -72,15 +72,14 @@ def _write_back_lane_moves(map_hw: int) -> int:
 
     from unsparse_tvm.build import compile_program
     from unsparse_tvm.compress.calibrate import calibrate, calibration_batches
+    from unsparse_tvm.compress.channel_quads import channel_quad_mask
     from unsparse_tvm.models import export_program
 
     torch.manual_seed(61)
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 1), nn.ReLU())
     with torch.no_grad():
-        for conv in (model[0], model[2]):
-            taps = conv.weight.shape[2:]
-            keep = torch.rand(conv.out_channels, 16, 1, *taps) < 0.1
-            conv.weight *= keep.expand(-1, -1, 4, -1, -1).reshape(conv.weight.shape)
+        for conv in (model[0], model[2]):  # 90% of the 4-channel quads zero, as prune --method channel4 does
+            conv.weight *= channel_quad_mask(conv.weight, 0.9)
     shape = (1, 64, map_hw, map_hw)
     ranges = calibrate(model, calibration_batches(shape, None, 2, 4))["layers"]
     compiled = compile_program(export_program(model, shape), cpu_target("haswell"), threshold=0.5, activations=ranges)
